@@ -1,0 +1,131 @@
+# epmoe — one Makefile. `make demo`, `make test` (CPU suite, sanitizers included), `make test-gpu`,
+# `make bench-gpu`. CUDA is used when nvcc is found (announced below); CUDA=0 forces the CPU build.
+
+BUILD ?= build
+CC ?= cc
+PYTHON ?= python3
+NVCC ?= $(shell command -v nvcc 2>/dev/null)
+CUDA ?= $(if $(NVCC),1,0)
+ifeq ($(CUDA),1)
+CUDA_HOME ?= $(patsubst %/bin/nvcc,%,$(realpath $(NVCC)))
+endif
+# Hopper only: wgmma and FP8 tensor-core paths need the sm_90a target.
+CUDA_ARCH ?= -gencode arch=compute_90a,code=sm_90a
+
+VERSION := $(shell sed -n 's/^\#define EPMOE_VERSION_\(MAJOR\|MINOR\|PATCH\) \([0-9]*\)$$/\2/p' include/epmoe.h | paste -sd.)
+SONAME_MAJOR := $(firstword $(subst ., ,$(VERSION)))
+
+WARN := -Wall -Wextra -Wshadow -Wstrict-prototypes -Wmissing-prototypes -Wconversion -Wno-sign-conversion
+# -ffp-contract=off: the CPU references must not fuse multiply-adds the kernels keep separate.
+CFLAGS ?= -O2 -g
+CFLAGS += -std=c11 $(WARN) -fPIC -fvisibility=hidden -ffp-contract=off -Iinclude -Isrc -DEPMOE_HAVE_CUDA=$(CUDA)
+NVFLAGS ?= -O3 -lineinfo
+NVFLAGS += -std=c++17 $(CUDA_ARCH) -Xcompiler -fPIC,-fvisibility=hidden -Iinclude -Isrc -DEPMOE_HAVE_CUDA=1
+LDLIBS := -lm -lpthread
+ifeq ($(CUDA),1)
+# cudart linked statically: the library then loads on machines with only the driver.
+LDLIBS += -L$(CUDA_HOME)/lib64 -lcudart_static -ldl -lrt -lstdc++
+endif
+
+LIB_C := src/status.c src/format.c src/quant_args.c src/ref/quant_ref.c src/cuda_none.c
+LIB_CU := $(if $(filter 1,$(CUDA)),$(wildcard src/cuda/*.cu))
+LIB_OBJ := $(LIB_C:%.c=$(BUILD)/obj/%.o) $(LIB_CU:%.cu=$(BUILD)/obj/%.o)
+HEADERS := include/epmoe.h $(wildcard src/*.h src/cuda/*.cuh)
+
+CPU_TESTS := test_format test_quant
+ASAN := $(BUILD)/asan
+SANFLAGS := -fsanitize=address,undefined -fno-sanitize-recover=all -fno-omit-frame-pointer
+
+.DELETE_ON_ERROR:
+.PHONY: all lib demo test test-c test-asan test-python check-header check-symbols test-gpu bench-gpu gpu-suite clean info
+all: lib $(BUILD)/epmoe
+
+info:
+ifeq ($(CUDA),1)
+	@echo "✓ nvcc found ($(NVCC)): building CUDA kernels for sm_90a"
+else
+	@echo "✗ nvcc not found (or CUDA=0): CPU-only build, GPU entry points return EPMOE_ERR_UNSUPPORTED"
+endif
+
+lib: info $(BUILD)/libepmoe.a $(BUILD)/libepmoe.so
+
+$(BUILD)/obj/%.o: %.c $(HEADERS)
+	@mkdir -p $(dir $@)
+	$(CC) $(CFLAGS) -c $< -o $@
+
+$(BUILD)/obj/%.o: %.cu $(HEADERS)
+	@mkdir -p $(dir $@)
+	$(NVCC) $(NVFLAGS) -c $< -o $@
+
+$(BUILD)/libepmoe.a: $(LIB_OBJ)
+	@rm -f $@
+	ar rcs $@ $^
+
+$(BUILD)/libepmoe.so: $(LIB_OBJ)
+	$(CC) -shared -Wl,--no-undefined -Wl,-soname,libepmoe.so.$(SONAME_MAJOR) -o $@ $^ $(LDLIBS)
+
+# ---- CLI -----------------------------------------------------------------------------------
+$(BUILD)/epmoe: tools/epmoe.c $(BUILD)/libepmoe.a $(HEADERS)
+	$(CC) $(CFLAGS) -o $@ tools/epmoe.c $(BUILD)/libepmoe.a $(LDLIBS)
+
+demo: lib $(BUILD)/epmoe
+	./$(BUILD)/epmoe demo
+
+# ---- CPU tests -------------------------------------------------------------------------------
+$(BUILD)/tests/%: tests/%.c tests/test.h $(BUILD)/libepmoe.a
+	@mkdir -p $(dir $@)
+	$(CC) $(CFLAGS) -Wno-conversion -o $@ $< $(BUILD)/libepmoe.a $(LDLIBS)
+
+# The sanitized build is CPU-only (ASan and the CUDA runtime do not mix) and its own tree.
+$(ASAN)/tests/%: tests/%.c tests/test.h $(LIB_C) $(HEADERS)
+	@mkdir -p $(dir $@)
+	$(CC) $(filter-out -DEPMOE_HAVE_CUDA=%,$(CFLAGS)) -DEPMOE_HAVE_CUDA=0 -Wno-conversion $(SANFLAGS) -O1 \
+		-o $@ $< $(LIB_C) -lm -lpthread
+
+test-c: $(CPU_TESTS:%=$(BUILD)/tests/%)
+	@for t in $(CPU_TESTS); do echo "== $$t"; ./$(BUILD)/tests/$$t || exit 1; done
+
+test-asan: $(CPU_TESTS:%=$(ASAN)/tests/%)
+	@for t in $(CPU_TESTS); do echo "== $$t (ASan+UBSan, quick sweep)"; EPMOE_TEST_QUICK=1 ./$(ASAN)/tests/$$t || exit 1; done
+
+check-header:
+	@mkdir -p $(BUILD)
+	$(CC) -std=c11 -pedantic -Wall -Wextra -Werror -Iinclude -fsyntax-only -x c tests/header_only.c
+	$(CC) -std=c99 -pedantic -Wall -Wextra -Werror -Iinclude -fsyntax-only -x c tests/header_only.c
+	c++ -std=c++11 -pedantic -Wall -Wextra -Werror -Iinclude -fsyntax-only -x c++ tests/header_only.c
+
+check-symbols: $(BUILD)/libepmoe.so
+	@bad=$$(nm -D --defined-only $(BUILD)/libepmoe.so | awk '$$2 ~ /[TDBR]/ {print $$3}' | grep -v '^epmoe_' || true); \
+	if [ -n "$$bad" ]; then echo "exported non-epmoe_ symbols:"; echo "$$bad"; exit 1; fi; \
+	echo "check-symbols: only epmoe_* exported ($$(nm -D --defined-only $(BUILD)/libepmoe.so | grep -c ' T epmoe_') functions)"
+
+test-python: $(BUILD)/libepmoe.so
+	EPMOE_LIB=$(abspath $(BUILD)/libepmoe.so) $(PYTHON) -m pytest -q python/tests
+
+test: lib check-header check-symbols test-c test-asan test-python
+	@echo "make test: all CPU suites passed"
+
+# ---- GPU (H200): tests, benchmarks, the whole suite in one call ------------------------------
+GPU_TESTS := test_quant_gpu
+$(BUILD)/tests/gpu/%: tests/gpu/%.c tests/test.h $(BUILD)/libepmoe.a
+	@mkdir -p $(dir $@)
+	$(CC) $(CFLAGS) -Wno-conversion -I$(CUDA_HOME)/include -o $@ $< $(BUILD)/libepmoe.a $(LDLIBS)
+
+$(BUILD)/tests/gpu/%: tests/gpu/%.cu tests/test.h
+	@mkdir -p $(dir $@)
+	$(NVCC) $(NVFLAGS) -o $@ $<
+
+gpu-build: lib $(BUILD)/epmoe $(GPU_TESTS:%=$(BUILD)/tests/gpu/%) $(BUILD)/tests/gpu/fp8_exhaustive
+
+test-gpu: gpu-build
+	./$(BUILD)/tests/gpu/fp8_exhaustive
+	./$(BUILD)/tests/gpu/test_quant_gpu
+
+bench-gpu: lib
+	EPMOE_LIB=$(abspath $(BUILD)/libepmoe.so) $(PYTHON) bench/bench_quant.py
+
+gpu-suite: gpu-build
+	bash scripts/gpu_suite.sh
+
+clean:
+	rm -rf $(BUILD)

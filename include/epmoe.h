@@ -1,0 +1,165 @@
+/*
+** epmoe.h — the one public header of epmoe, a C library for the expert-parallel
+** Mixture-of-Experts layer (FP8 dispatch, W4A8 expert MLP, combine) on Hopper GPUs.
+**
+** Plain C11 (compiles with -std=c11 -pedantic and as C++). Every fallible call returns
+** an epmoe_status; epmoe_last_error() gives the detailed message of the calling thread's
+** last failure. GPU entry points (suffix _cuda) take a CUDA stream, never synchronize and
+** never allocate; CPU references (suffix _ref) are scalar, the specification and the
+** test oracle of the matching kernel, and produce the same bytes.
+*/
+#ifndef EPMOE_H
+#define EPMOE_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/* ---- version: the single source of truth (the Makefile parses these lines) ---------- */
+#define EPMOE_VERSION_MAJOR 0
+#define EPMOE_VERSION_MINOR 1
+#define EPMOE_VERSION_PATCH 0
+#define EPMOE_VERSION_CODE (EPMOE_VERSION_MAJOR * 10000 + EPMOE_VERSION_MINOR * 100 + EPMOE_VERSION_PATCH)
+
+#if defined(_WIN32)
+#define EPMOE_API
+#else
+#define EPMOE_API __attribute__((visibility("default")))
+#endif
+
+/* Same type as cudaStream_t (the runtime declares `typedef struct CUstream_st *cudaStream_t`),
+** so callers pass their stream directly while this header needs no CUDA headers. NULL is the
+** legacy default stream. */
+struct CUstream_st;
+typedef struct CUstream_st *epmoe_stream_t;
+
+/* ---- status ---------------------------------------------------------------------------- */
+typedef enum epmoe_status {
+    EPMOE_OK = 0,
+    EPMOE_ERR_INVALID_ARG = 1,  /* a shape, count or option is out of its documented range */
+    EPMOE_ERR_NULL_POINTER = 2, /* a required pointer is NULL */
+    EPMOE_ERR_MISALIGNED = 3,   /* a pointer lacks the documented alignment */
+    EPMOE_ERR_UNSUPPORTED = 4,  /* not available in this build or on this device */
+    EPMOE_ERR_OUT_OF_MEMORY = 5,
+    EPMOE_ERR_CUDA = 6,         /* a CUDA runtime call failed; see epmoe_last_error() */
+    EPMOE_ERR_NCCL = 7,         /* an NCCL call failed; see epmoe_last_error() */
+    EPMOE_ERR_TIMEOUT = 8,      /* a peer did not answer in time */
+    EPMOE_ERR_INTERNAL = 9      /* a bug in epmoe: please report it with the message */
+} epmoe_status;
+
+/* A fixed string naming the status, with a hint. Never NULL. */
+EPMOE_API const char *epmoe_status_str(epmoe_status s);
+/* The detailed message of the calling thread's last failed call ("" if none). */
+EPMOE_API const char *epmoe_last_error(void);
+/* EPMOE_VERSION_CODE of the library actually loaded. */
+EPMOE_API int epmoe_version(void);
+EPMOE_API const char *epmoe_version_string(void);
+/* Number of CUDA devices usable by this build (0 without CUDA or without a GPU). */
+EPMOE_API int epmoe_cuda_device_count(void);
+
+/* ---- formats ----------------------------------------------------------------------------
+** FP8 e4m3fn (OCP): bias 7, max ±448, no infinities, NaN = 0x7F/0xFF. Encoding rounds to
+** nearest even and saturates: finite |x| ≥ 448 and ±inf give ±448, NaN gives 0x7F. This is
+** what `cvt.rn.satfinite.e4m3x2.f32` does on Hopper, and the GPU kernels use that instruction.
+** bf16: round to nearest even; NaN stays NaN (quiet, sign and top payload bits kept). */
+#define EPMOE_FP8_E4M3_MAX 448.0f
+#define EPMOE_GROUP 128 /* channels per activation scale group (DeepSeek's 1x128) */
+
+EPMOE_API uint8_t epmoe_fp8_e4m3_from_float(float x);
+EPMOE_API float epmoe_fp8_e4m3_to_float(uint8_t v);
+EPMOE_API uint16_t epmoe_bf16_from_float(float x);
+EPMOE_API float epmoe_bf16_to_float(uint16_t v);
+/* Row conversions (CPU): n elements each. */
+EPMOE_API void epmoe_fp8_e4m3_from_float_row(const float *x, uint8_t *y, size_t n);
+EPMOE_API void epmoe_fp8_e4m3_to_float_row(const uint8_t *x, float *y, size_t n);
+EPMOE_API void epmoe_bf16_from_float_row(const float *x, uint16_t *y, size_t n);
+EPMOE_API void epmoe_bf16_to_float_row(const uint16_t *x, float *y, size_t n);
+
+/* UE8M0: an unsigned 8-bit power-of-two scale 2^(b-127); 0xFF is NaN. Encoding takes the
+** exponent field of a float that is a power of two (what DeepEP stores). */
+EPMOE_API uint8_t epmoe_ue8m0_from_float(float pow2_scale);
+EPMOE_API float epmoe_ue8m0_to_float(uint8_t b);
+
+/* int4 as shipped by W4AFP8 checkpoints: int8 [.., K/2], signed two's-complement nibbles,
+** element 2j in the low nibble of byte j and element 2j+1 in the high nibble.
+** pack: n values in [-8, 7] (n even) -> n/2 bytes; unpack: n/2 bytes -> n values. */
+EPMOE_API epmoe_status epmoe_int4_pack(const int8_t *vals, int64_t n, uint8_t *packed);
+EPMOE_API epmoe_status epmoe_int4_unpack(const uint8_t *packed, int64_t n, int8_t *vals);
+
+/* Where the per-128-group activation scales of an [M, K] FP8 tensor live (G = K/128 groups).
+**   F32_ROW    float [M, G]: (t, g) at t*G + g
+**   F32_MMAJOR float [G, M]: (t, g) at t + g*M   (DeepEP's "column-major for TMA" layout)
+**   UE8M0_ROW    bytes [M, P*4], P = ceil(G/4): (t, g) at byte t*P*4 + g
+**   UE8M0_MMAJOR int32 words [P, M], 4 groups per word: (t, g) at byte (g/4)*M*4 + t*4 + g%4
+** UE8M0 padding bytes (groups G..P*4-1) are written as 0. For a batch [E, M, K] each of the E
+** slabs holds one such block, contiguous, of epmoe_scale_bytes(fmt, M, K) bytes. */
+typedef enum epmoe_scale_fmt {
+    EPMOE_SCALE_F32_ROW = 0,
+    EPMOE_SCALE_F32_MMAJOR = 1,
+    EPMOE_SCALE_UE8M0_ROW = 2,
+    EPMOE_SCALE_UE8M0_MMAJOR = 3
+} epmoe_scale_fmt;
+
+/* Bytes of one [M, K] slab's scales in `fmt`; 0 for an invalid fmt, M < 0 or K % 128 != 0. */
+EPMOE_API size_t epmoe_scale_bytes(epmoe_scale_fmt fmt, int64_t M, int64_t K);
+/* Byte offset of scale (t, g) inside one slab (the one layout function of scale buffers). */
+EPMOE_API size_t epmoe_scale_offset(epmoe_scale_fmt fmt, int64_t M, int64_t K, int64_t t, int64_t g);
+
+/* ---- quantization ops -------------------------------------------------------------------
+** Shapes are given as sizes; tensors are dense row-major unless a scale layout says otherwise.
+** bf16 tensors are uint16_t bit patterns, fp8 tensors uint8_t. Device pointers for _cuda,
+** host pointers for _ref. Alignment (_cuda): bf16/fp8 data 16 bytes, f32 scales 4, UE8M0 4.
+** M = 0 (or E = 0) is valid and does nothing; pointers may then be NULL.
+**
+** Non-finite inputs (documented, identical on CPU and GPU): NaN elements are ignored by the
+** group amax and encode as NaN; an infinite element makes its group's scale +inf (UE8M0 0xFF),
+** so the group's finite elements encode as 0 and the infinite ones as NaN — the whole group
+** dequantizes to NaN. Per-tensor scales are read where they live (on the GPU for _cuda) and
+** are not validated: a zero scale sends every nonzero value to ±448 and 0 to NaN, on both. */
+
+/* Per-token-group cast (DeepEP's LL cast): bf16 x[M, K] -> fp8 q[M, K] + scales.
+** Per group of 128 channels: amax = max(|x|, 1e-4); scale_inv = amax * (1/448) is stored;
+** q = satfinite(x * (448 / amax)). With round_scale (required for UE8M0 formats), scale_inv is
+** rounded up to a power of two 2^ceil(log2(amax/448)) and q = satfinite(x * 2^-e). */
+EPMOE_API epmoe_status epmoe_cast_group_fp8_ref(const uint16_t *x, int64_t M, int64_t K, uint8_t *q,
+                                                void *scales, epmoe_scale_fmt fmt, int round_scale);
+EPMOE_API epmoe_status epmoe_cast_group_fp8_cuda(const uint16_t *x, int64_t M, int64_t K, uint8_t *q,
+                                                 void *scales, epmoe_scale_fmt fmt, int round_scale,
+                                                 epmoe_stream_t stream);
+
+/* Per-tensor cast: bf16 x[n] -> fp8 q[n] = satfinite(x * (1 / *scale)), the reciprocal taken
+** once in fp32. `scale` points to one float (device memory for _cuda: a static checkpoint
+** input scale, readable inside a CUDA graph). */
+EPMOE_API epmoe_status epmoe_cast_tensor_fp8_ref(const uint16_t *x, int64_t n, const float *scale, uint8_t *q);
+EPMOE_API epmoe_status epmoe_cast_tensor_fp8_cuda(const uint16_t *x, int64_t n, const float *scale, uint8_t *q,
+                                                  epmoe_stream_t stream);
+
+/* Group -> per-tensor requant (the op of SGLang PR #22316): for each expert e < E and row
+** t < min(masked_m[e], M): y[e, t, k] = satfinite((fp8(q[e, t, k]) * s[e](t, k/128)) * (1 / *out_scale)).
+** q, y: [E, M, K] fp8; scales: E slabs in `fmt`; masked_m: int32 [E] (device memory for
+** _cuda, read on the GPU, no host sync; negative counts as 0, above M as M). Rows at or past
+** masked_m[e] are never written. y may not alias q. */
+EPMOE_API epmoe_status epmoe_requant_fp8_ref(const uint8_t *q, const void *scales, epmoe_scale_fmt fmt,
+                                             const int32_t *masked_m, int64_t E, int64_t M, int64_t K,
+                                             const float *out_scale, uint8_t *y);
+EPMOE_API epmoe_status epmoe_requant_fp8_cuda(const uint8_t *q, const void *scales, epmoe_scale_fmt fmt,
+                                              const int32_t *masked_m, int64_t E, int64_t M, int64_t K,
+                                              const float *out_scale, uint8_t *y, epmoe_stream_t stream);
+
+/* Dequant: y[e, t, k] = fp8(q[e, t, k]) * s[e](t, k/128), in fp32, stored as fp32 or bf16.
+** Same shapes and masking as requant; masked_m may be NULL (every row). */
+typedef enum epmoe_dtype { EPMOE_F32 = 0, EPMOE_BF16 = 1, EPMOE_FP8_E4M3 = 2 } epmoe_dtype;
+EPMOE_API epmoe_status epmoe_dequant_fp8_ref(const uint8_t *q, const void *scales, epmoe_scale_fmt fmt,
+                                             const int32_t *masked_m, int64_t E, int64_t M, int64_t K,
+                                             epmoe_dtype out_dtype, void *y);
+EPMOE_API epmoe_status epmoe_dequant_fp8_cuda(const uint8_t *q, const void *scales, epmoe_scale_fmt fmt,
+                                              const int32_t *masked_m, int64_t E, int64_t M, int64_t K,
+                                              epmoe_dtype out_dtype, void *y, epmoe_stream_t stream);
+
+#ifdef __cplusplus
+}
+#endif
+#endif /* EPMOE_H */

@@ -1,0 +1,88 @@
+/*
+** cast_group.cu — per-token-group FP8 cast (DeepEP's LL cast): bf16 [M, K] -> fp8 [M, K]
+** + one scale per 128 channels, in any epmoe_scale_fmt. Spec: epmoe_cast_group_fp8_ref.
+**
+** A half-warp owns a group: each lane loads 16 bytes (8 bf16), the 16 lanes reduce the amax
+** with shuffles, and lane 0 of the half-warp stores the scale. Memory-bound: 3 bytes per element.
+*/
+#include "common.cuh"
+
+namespace {
+
+constexpr int kThreads = 256;
+
+template <int kFmt, bool kRound>
+__global__ void __launch_bounds__(kThreads) cast_group_kernel(const uint4 *__restrict__ x, int64_t M, int64_t G,
+                                                             uint2 *__restrict__ q, uint8_t *__restrict__ scales) {
+    const int64_t n_chunks = M * G * 16; /* 16 chunks of 8 values per group */
+    const int lane = threadIdx.x & 31;
+    const unsigned half_mask = 0xFFFFu << (lane & 16);
+    /* kThreads and the stride are multiples of 16, so a half-warp always iterates together. */
+    for (int64_t c = (int64_t)blockIdx.x * kThreads + threadIdx.x; c < n_chunks; c += (int64_t)gridDim.x * kThreads) {
+        const uint4 v = __ldcs(x + c);
+        const uint32_t w[4] = {v.x, v.y, v.z, v.w};
+        float f[8];
+#pragma unroll
+        for (int i = 0; i < 4; i++) {
+            f[2 * i] = bf16_lo(w[i]);
+            f[2 * i + 1] = bf16_hi(w[i]);
+        }
+        float amax = FMT_AMAX_FLOOR;
+#pragma unroll
+        for (int i = 0; i < 8; i++) amax = fmaxf(amax, fabsf(f[i])); /* fmaxf drops NaN, as the ref */
+#pragma unroll
+        for (int off = 8; off; off >>= 1) amax = fmaxf(amax, __shfl_xor_sync(half_mask, amax, off));
+        float mul, scale_inv;
+        fmt_group_scales(amax, kRound, &mul, &scale_inv);
+        uint2 out;
+        out.x = fp8x2_from_float(__fmul_rn(f[0], mul), __fmul_rn(f[1], mul)) |
+                (fp8x2_from_float(__fmul_rn(f[2], mul), __fmul_rn(f[3], mul)) << 16);
+        out.y = fp8x2_from_float(__fmul_rn(f[4], mul), __fmul_rn(f[5], mul)) |
+                (fp8x2_from_float(__fmul_rn(f[6], mul), __fmul_rn(f[7], mul)) << 16);
+        __stcs(q + c, out);
+        if ((lane & 15) == 0) {
+            const int64_t gi = c >> 4, t = gi / G, g = gi - t * G;
+            uint8_t *p = scales + fmt_scale_offset(kFmt, M, G, t, g);
+            if (fmt_scale_is_ue8m0(kFmt)) {
+                p[0] = fmt_ue8m0_from_float(scale_inv);
+                if (g == G - 1) /* zero the padding bytes of the last word */
+                    for (int64_t pad = G; pad % 4; pad++) scales[fmt_scale_offset(kFmt, M, G, t, pad)] = 0;
+            } else {
+                *reinterpret_cast<float *>(p) = scale_inv;
+            }
+        }
+    }
+}
+
+template <int kFmt, bool kRound>
+void launch(const uint16_t *x, int64_t M, int64_t G, uint8_t *q, void *scales, int sms, cudaStream_t stream) {
+    const int64_t n_chunks = M * G * 16;
+    const int64_t want = (n_chunks + kThreads - 1) / kThreads, cap = (int64_t)sms * 16;
+    const unsigned blocks = (unsigned)(want < cap ? want : cap);
+    cast_group_kernel<kFmt, kRound><<<blocks, kThreads, 0, stream>>>(
+        reinterpret_cast<const uint4 *>(x), M, G, reinterpret_cast<uint2 *>(q), static_cast<uint8_t *>(scales));
+}
+
+} // namespace
+
+extern "C" epmoe_status epmoe_cast_group_fp8_cuda(const uint16_t *x, int64_t M, int64_t K, uint8_t *q, void *scales,
+                                                  epmoe_scale_fmt fmt, int round_scale, epmoe_stream_t stream) {
+    static const char fn[] = "epmoe_cast_group_fp8_cuda";
+    EPMOE_CHECK(epmoe__check_cast_group(fn, x, M, K, q, scales, fmt, round_scale, 1));
+    if (M == 0) return EPMOE_OK;
+    int sms;
+    EPMOE_CHECK(epmoe__need_device(fn, &sms));
+    const int64_t G = K / FMT_GROUP;
+    /* The one place the variant is chosen. UE8M0 implies round_scale (checked above). */
+    switch (fmt) {
+    case EPMOE_SCALE_F32_ROW:
+        round_scale ? launch<0, true>(x, M, G, q, scales, sms, stream) : launch<0, false>(x, M, G, q, scales, sms, stream);
+        break;
+    case EPMOE_SCALE_F32_MMAJOR:
+        round_scale ? launch<1, true>(x, M, G, q, scales, sms, stream) : launch<1, false>(x, M, G, q, scales, sms, stream);
+        break;
+    case EPMOE_SCALE_UE8M0_ROW: launch<2, true>(x, M, G, q, scales, sms, stream); break;
+    case EPMOE_SCALE_UE8M0_MMAJOR: launch<3, true>(x, M, G, q, scales, sms, stream); break;
+    }
+    return epmoe__launched(fn);
+}

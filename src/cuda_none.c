@@ -1,0 +1,45 @@
+/*
+** cuda_none.c — the GPU entry points of a build without CUDA (no nvcc at build time): each
+** fails with EPMOE_ERR_UNSUPPORTED after the same argument checks as the real ones.
+*/
+#include "internal.h"
+
+#if !EPMOE_HAVE_CUDA
+
+static epmoe_status no_cuda(const char *fn) {
+    return epmoe__fail(EPMOE_ERR_UNSUPPORTED, "%s: this libepmoe was built without CUDA (rebuild with nvcc on PATH)", fn);
+}
+
+int epmoe_cuda_device_count(void) { return 0; }
+
+epmoe_status epmoe_cast_group_fp8_cuda(const uint16_t *x, int64_t M, int64_t K, uint8_t *q, void *scales,
+                                       epmoe_scale_fmt fmt, int round_scale, epmoe_stream_t stream) {
+    (void)stream;
+    EPMOE_CHECK(epmoe__check_cast_group(__func__, x, M, K, q, scales, fmt, round_scale, 1));
+    return no_cuda(__func__);
+}
+
+epmoe_status epmoe_cast_tensor_fp8_cuda(const uint16_t *x, int64_t n, const float *scale, uint8_t *q,
+                                        epmoe_stream_t stream) {
+    (void)stream;
+    EPMOE_CHECK(epmoe__check_cast_tensor(__func__, x, n, scale, q, 1));
+    return no_cuda(__func__);
+}
+
+epmoe_status epmoe_requant_fp8_cuda(const uint8_t *q, const void *scales, epmoe_scale_fmt fmt, const int32_t *masked_m,
+                                    int64_t E, int64_t M, int64_t K, const float *out_scale, uint8_t *y,
+                                    epmoe_stream_t stream) {
+    (void)stream;
+    EPMOE_CHECK(epmoe__check_rescale(__func__, 1, q, scales, fmt, masked_m, E, M, K, out_scale, EPMOE_FP8_E4M3, y, 1));
+    return no_cuda(__func__);
+}
+
+epmoe_status epmoe_dequant_fp8_cuda(const uint8_t *q, const void *scales, epmoe_scale_fmt fmt, const int32_t *masked_m,
+                                    int64_t E, int64_t M, int64_t K, epmoe_dtype out_dtype, void *y,
+                                    epmoe_stream_t stream) {
+    (void)stream;
+    EPMOE_CHECK(epmoe__check_rescale(__func__, 0, q, scales, fmt, masked_m, E, M, K, NULL, out_dtype, y, 1));
+    return no_cuda(__func__);
+}
+
+#endif

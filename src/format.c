@@ -1,0 +1,62 @@
+/* format.c — the exported face of format.h: scalar and row conversions, int4, scale layouts. */
+#include "format.h"
+#include "internal.h"
+
+uint8_t epmoe_fp8_e4m3_from_float(float x) { return fmt_fp8_from_float(x); }
+float epmoe_fp8_e4m3_to_float(uint8_t v) { return fmt_fp8_to_float(v); }
+uint16_t epmoe_bf16_from_float(float x) { return fmt_bf16_from_float(x); }
+float epmoe_bf16_to_float(uint16_t v) { return fmt_bf16_to_float(v); }
+uint8_t epmoe_ue8m0_from_float(float pow2_scale) { return fmt_ue8m0_from_float(pow2_scale); }
+float epmoe_ue8m0_to_float(uint8_t b) { return fmt_ue8m0_to_float(b); }
+
+void epmoe_fp8_e4m3_from_float_row(const float *x, uint8_t *y, size_t n) {
+    for (size_t i = 0; i < n; i++) y[i] = fmt_fp8_from_float(x[i]);
+}
+void epmoe_fp8_e4m3_to_float_row(const uint8_t *x, float *y, size_t n) {
+    for (size_t i = 0; i < n; i++) y[i] = fmt_fp8_to_float(x[i]);
+}
+void epmoe_bf16_from_float_row(const float *x, uint16_t *y, size_t n) {
+    for (size_t i = 0; i < n; i++) y[i] = fmt_bf16_from_float(x[i]);
+}
+void epmoe_bf16_to_float_row(const uint16_t *x, float *y, size_t n) {
+    for (size_t i = 0; i < n; i++) y[i] = fmt_bf16_to_float(x[i]);
+}
+
+static epmoe_status int4_check(const char *fn, const void *a, const void *b, int64_t n) {
+    if (n < 0 || n % 2) return epmoe__fail(EPMOE_ERR_INVALID_ARG, "%s: n = %lld must be even and >= 0", fn, (long long)n);
+    if (n && (!a || !b)) return epmoe__fail(EPMOE_ERR_NULL_POINTER, "%s: NULL buffer", fn);
+    return EPMOE_OK;
+}
+
+epmoe_status epmoe_int4_pack(const int8_t *vals, int64_t n, uint8_t *packed) {
+    EPMOE_CHECK(int4_check("epmoe_int4_pack", vals, packed, n));
+    for (int64_t i = 0; i < n; i++)
+        if (vals[i] < -8 || vals[i] > 7)
+            return epmoe__fail(EPMOE_ERR_INVALID_ARG, "epmoe_int4_pack: vals[%lld] = %d is outside [-8, 7]",
+                               (long long)i, vals[i]);
+    for (int64_t j = 0; j < n / 2; j++) packed[j] = fmt_int4_pair(vals[2 * j], vals[2 * j + 1]);
+    return EPMOE_OK;
+}
+
+epmoe_status epmoe_int4_unpack(const uint8_t *packed, int64_t n, int8_t *vals) {
+    EPMOE_CHECK(int4_check("epmoe_int4_unpack", packed, vals, n));
+    for (int64_t j = 0; j < n / 2; j++) {
+        vals[2 * j] = fmt_int4_lo(packed[j]);
+        vals[2 * j + 1] = fmt_int4_hi(packed[j]);
+    }
+    return EPMOE_OK;
+}
+
+static int scale_args_ok(epmoe_scale_fmt fmt, int64_t M, int64_t K) {
+    return (unsigned)fmt <= EPMOE_SCALE_UE8M0_MMAJOR && M >= 0 && K > 0 && K % FMT_GROUP == 0;
+}
+
+size_t epmoe_scale_bytes(epmoe_scale_fmt fmt, int64_t M, int64_t K) {
+    if (!scale_args_ok(fmt, M, K)) return 0;
+    return (size_t)fmt_scale_slab_bytes((int)fmt, M, K / FMT_GROUP);
+}
+
+size_t epmoe_scale_offset(epmoe_scale_fmt fmt, int64_t M, int64_t K, int64_t t, int64_t g) {
+    if (!scale_args_ok(fmt, M, K)) return 0;
+    return (size_t)fmt_scale_offset((int)fmt, M, K / FMT_GROUP, t, g);
+}

@@ -1,0 +1,53 @@
+/*
+** internal.h — what every epmoe source file shares and no caller sees: error reporting,
+** the check macros and argument validation shared by the CPU references and the CUDA entries
+** (so both reject the same inputs with the same status and message).
+*/
+#ifndef EPMOE_INTERNAL_H
+#define EPMOE_INTERNAL_H
+
+#include "epmoe.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+#define EPMOE_HIDDEN __attribute__((visibility("hidden")))
+
+/* Record a detailed message for epmoe_last_error() and return s. printf-style. */
+EPMOE_HIDDEN epmoe_status epmoe__fail(epmoe_status s, const char *fmt, ...)
+#if defined(__GNUC__)
+    __attribute__((format(printf, 2, 3)))
+#endif
+    ;
+
+#define EPMOE_CHECK(call)                                                                          \
+    do {                                                                                           \
+        epmoe_status st_ = (call);                                                                 \
+        if (st_ != EPMOE_OK) return st_;                                                           \
+    } while (0)
+
+/* Argument checks. `fn` names the public entry for the message; `device` adds the alignment
+** rules of the GPU kernels (16-byte vectors). Return EPMOE_OK or the failing status. */
+EPMOE_HIDDEN epmoe_status epmoe__check_cast_group(const char *fn, const void *x, int64_t M, int64_t K,
+                                                  const void *q, const void *scales, int fmt, int round_scale,
+                                                  int device);
+EPMOE_HIDDEN epmoe_status epmoe__check_cast_tensor(const char *fn, const void *x, int64_t n, const float *scale,
+                                                   const void *q, int device);
+/* requant (requant = 1: out is fp8, masked_m and out_scale required) and dequant
+** (requant = 0: out_dtype f32 or bf16, masked_m optional, out_scale unused). */
+EPMOE_HIDDEN epmoe_status epmoe__check_rescale(const char *fn, int requant, const void *q, const void *scales, int fmt,
+                                               const int32_t *masked_m, int64_t E, int64_t M, int64_t K,
+                                               const float *out_scale, int out_dtype, const void *y, int device);
+
+/* Rows of expert e that an op touches: min(max(masked_m[e], 0), M). */
+static inline int64_t epmoe__valid_rows(const int32_t *masked_m, int64_t e, int64_t M) {
+    if (!masked_m) return M;
+    int64_t r = masked_m[e];
+    return r < 0 ? 0 : (r > M ? M : r);
+}
+
+#ifdef __cplusplus
+}
+#endif
+#endif /* EPMOE_INTERNAL_H */
