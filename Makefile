@@ -66,7 +66,7 @@ $(BUILD)/libepmoe.so: $(LIB_OBJ)
 
 # ---- CLI -----------------------------------------------------------------------------------
 $(BUILD)/epmoe: tools/epmoe.c $(BUILD)/libepmoe.a $(HEADERS)
-	$(CC) $(CFLAGS) -o $@ tools/epmoe.c $(BUILD)/libepmoe.a $(LDLIBS)
+	$(CC) $(CFLAGS) $(if $(filter 1,$(CUDA)),-I$(CUDA_HOME)/include) -o $@ tools/epmoe.c $(BUILD)/libepmoe.a $(LDLIBS)
 
 demo: lib $(BUILD)/epmoe
 	./$(BUILD)/epmoe demo

@@ -16,6 +16,7 @@ namespace {
 constexpr int kThreads = 256;
 constexpr int kMaxExperts = 8192; /* prefix sums in shared memory: (E+1) int32 */
 constexpr int kUnroll = 4;        /* independent 16-byte loads in flight per thread */
+constexpr int kBlocksPerSm = 4;   /* resident at <= 64 registers: 1024 threads per SM, one wave */
 
 /* prefix[e] = sum of valid rows of experts < e, for e in [0, E]. Block-wide scan. */
 __device__ void scan_rows(const int32_t *__restrict__ masked_m, int E, int M, int *prefix) {
@@ -67,15 +68,12 @@ __device__ __forceinline__ float scale_load(const uint8_t *slab, int M, int G, i
     return __ldg(reinterpret_cast<const float *>(p));
 }
 
-template <int kOut> struct OutChunk; /* 16 results of one 16-byte input chunk */
-template <> struct OutChunk<EPMOE_FP8_E4M3> { uint4 v[1]; };
-template <> struct OutChunk<EPMOE_BF16> { uint4 v[2]; };
-template <> struct OutChunk<EPMOE_F32> { uint4 v[4]; };
+/* 32-bit words of output per 16-byte input chunk (16 values). */
+template <int kOut> __host__ __device__ constexpr int out_words() { return kOut == EPMOE_FP8_E4M3 ? 4 : kOut == EPMOE_BF16 ? 8 : 16; }
 
 template <int kOut>
-__device__ __forceinline__ void convert(const uint4 in, float s, float inv, OutChunk<kOut> &out) {
+__device__ __forceinline__ void convert(const uint4 in, float s, float inv, uint32_t (&o)[out_words<kOut>()]) {
     const uint32_t w[4] = {in.x, in.y, in.z, in.w};
-    uint32_t *o = reinterpret_cast<uint32_t *>(out.v);
 #pragma unroll
     for (int i = 0; i < 4; i++) {
         const float2 a = fp8x2_to_float(w[i]), b = fp8x2_to_float(w[i] >> 16);
@@ -96,7 +94,7 @@ __device__ __forceinline__ void convert(const uint4 in, float s, float inv, OutC
 }
 
 template <int kFmt, int kOut>
-__global__ void __launch_bounds__(kThreads) rescale_kernel(const uint4 *__restrict__ q, const uint8_t *__restrict__ scales,
+__global__ void __launch_bounds__(kThreads, kBlocksPerSm) rescale_kernel(const uint4 *__restrict__ q, const uint8_t *__restrict__ scales,
                                                           const int32_t *__restrict__ masked_m, int E, int M, int K,
                                                           const float *__restrict__ out_scale, uint4 *__restrict__ y) {
     extern __shared__ int prefix[];
@@ -106,7 +104,7 @@ __global__ void __launch_bounds__(kThreads) rescale_kernel(const uint4 *__restri
     const int64_t slab = fmt_scale_slab_bytes(kFmt, M, G);
     const int64_t units = (int64_t)prefix[E] * cpr;
     const int64_t stride = (int64_t)gridDim.x * kThreads;
-    constexpr int kOutVecs = sizeof(OutChunk<kOut>) / sizeof(uint4);
+    constexpr int kOutVecs = out_words<kOut>() / 4;
 
     for (int64_t u0 = (int64_t)blockIdx.x * kThreads + threadIdx.x; u0 < units; u0 += stride * kUnroll) {
         uint4 in[kUnroll];
@@ -130,10 +128,11 @@ __global__ void __launch_bounds__(kThreads) rescale_kernel(const uint4 *__restri
 #pragma unroll
         for (int j = 0; j < kUnroll; j++) {
             if (dst[j] < 0) continue;
-            OutChunk<kOut> o;
+            uint32_t o[out_words<kOut>()];
             convert<kOut>(in[j], s[j], inv, o);
 #pragma unroll
-            for (int i = 0; i < kOutVecs; i++) __stcs(y + dst[j] / 16 * kOutVecs + i, o.v[i]);
+            for (int i = 0; i < kOutVecs; i++)
+                __stcs(y + dst[j] / 16 * kOutVecs + i, make_uint4(o[4 * i], o[4 * i + 1], o[4 * i + 2], o[4 * i + 3]));
         }
     }
 }
@@ -148,7 +147,7 @@ epmoe_status launch(const char *fn, const uint8_t *q, const void *scales, int fm
     EPMOE_CHECK(epmoe__need_device(fn, &sms));
     /* Enough resident threads to cover the bandwidth-latency product, never more blocks than
     ** the upper bound of work (E*M rows) needs. */
-    const int64_t want = (E * M * (K / 16) + kThreads - 1) / kThreads, cap = (int64_t)sms * 8;
+    const int64_t want = (E * M * (K / 16) + kThreads - 1) / kThreads, cap = (int64_t)sms * kBlocksPerSm;
     const unsigned blocks = (unsigned)(want < cap ? want : cap);
     const size_t smem = (size_t)(E + 1) * sizeof(int);
     const uint4 *qv = reinterpret_cast<const uint4 *>(q);

@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# The whole GPU suite in one call (the device machine is leased by the minute): GPU tests, the
+# same under compute-sanitizer memcheck, the benchmarks; a short table last. Logs and JSON go
+# to $OUT (or build/gpu-out). Build first here (make gpu-build) and carry build/ along; set
+# EPMOE_SUITE="tests memcheck bench" to pick steps.
+set -u
+cd "$(dirname "$0")/.."
+OUT=${OUT:-build/gpu-out}
+mkdir -p "$OUT"
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+export EPMOE_LIB=$PWD/build/libepmoe.so PYTHONUNBUFFERED=1
+steps=${EPMOE_SUITE:-"tests memcheck bench"}
+summary=()
+
+run() { # name, command...
+    local name=$1; shift
+    local t0=$(date +%s.%N)
+    "$@" >"$OUT/$name.log" 2>&1
+    local rc=$?
+    local dt=$(awk "BEGIN{print $(date +%s.%N) - $t0}")
+    tail -n 4 "$OUT/$name.log" | sed "s/^/  [$name] /"
+    summary+=("$(printf '%-26s %-5s %6.1fs  %s' "$name" "$([ $rc = 0 ] && echo PASS || echo FAIL)" "$dt" "$(grep -E 'checks|mismatches|ERROR SUMMARY' "$OUT/$name.log" | tail -n 1 | cut -c1-70)")")
+    return $rc
+}
+
+nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm,clocks.mem,temperature.gpu --format=csv,noheader | sed 's/^/gpu: /'
+for s in $steps; do
+    case $s in
+    tests)
+        run fp8_exhaustive ./build/tests/gpu/fp8_exhaustive
+        run test_quant_gpu ./build/tests/gpu/test_quant_gpu ;;
+    memcheck)
+        EPMOE_TEST_QUICK=1 run memcheck_quant compute-sanitizer --tool memcheck --error-exitcode 3 ./build/tests/gpu/test_quant_gpu
+        EPMOE_TEST_QUICK=1 run racecheck_quant compute-sanitizer --tool racecheck --error-exitcode 3 ./build/tests/gpu/test_quant_gpu ;;
+    bench)
+        run bench_quant python3 bench/bench_quant.py
+        cat "$OUT/bench_quant.log" ;;
+    esac
+done
+echo
+echo "== GPU suite summary ($(date -u +%F), $(nvidia-smi --query-gpu=name --format=csv,noheader | head -n1))"
+printf '%s\n' "${summary[@]}"
