@@ -37,7 +37,7 @@ ASAN := $(BUILD)/asan
 SANFLAGS := -fsanitize=address,undefined -fno-sanitize-recover=all -fno-omit-frame-pointer
 
 .DELETE_ON_ERROR:
-.PHONY: all lib demo test test-c test-asan test-python check-header check-symbols test-gpu bench-gpu gpu-suite clean info
+.PHONY: dev-labs gpu-build all lib demo test test-c test-asan test-python check-header check-symbols test-gpu bench-gpu gpu-suite clean info
 all: lib $(BUILD)/epmoe
 
 info:
@@ -129,3 +129,11 @@ gpu-suite: gpu-build
 
 clean:
 	rm -rf $(BUILD)
+
+# ---- kernel labs (dev/): variants with their own main, never linked into the library ---------
+DEV_LABS := $(patsubst dev/cuda/%.cu,$(BUILD)/dev/%,$(wildcard dev/cuda/*.cu))
+$(BUILD)/dev/%: dev/cuda/%.cu $(BUILD)/libepmoe.a $(HEADERS)
+	@mkdir -p $(dir $@)
+	$(NVCC) $(NVFLAGS) -o $@ $< $(BUILD)/libepmoe.a
+
+dev-labs: $(DEV_LABS)
