@@ -115,7 +115,7 @@ $(BUILD)/tests/gpu/%: tests/gpu/%.cu tests/test.h
 	@mkdir -p $(dir $@)
 	$(NVCC) $(NVFLAGS) -o $@ $<
 
-gpu-build: lib $(BUILD)/epmoe $(GPU_TESTS:%=$(BUILD)/tests/gpu/%) $(BUILD)/tests/gpu/fp8_exhaustive
+gpu-build: lib $(BUILD)/epmoe $(GPU_TESTS:%=$(BUILD)/tests/gpu/%) $(BUILD)/tests/gpu/fp8_exhaustive dev-labs
 
 test-gpu: gpu-build
 	./$(BUILD)/tests/gpu/fp8_exhaustive

@@ -168,7 +168,9 @@ def main():
         print(f"{r['op']:10} {r['case']:26} {r['scales']:12} {rows:6d} {r['us']:8.2f} {r['GBps']:6.0f} "
               f"{100 * r['ceiling_ratio']:5.1f}% {r['copy_same_bytes_us']:8.2f} {anchor:9.2f} {r['speedup']:5.2f} "
               f"{diff:5d}")
-    bad = [r for r in res[1:] if r.get("byte_diff_vs_triton", 0) or r.get("byte_diff_vs_torch", 0) > 0
+    # Triton's kernel may round an element to the adjacent code (1/s and products differ by an ulp
+    # from IEEE fp32); anything further apart, a torch-cast difference or a touched row is a failure.
+    bad = [r for r in res[1:] if r.get("max_code_distance_vs_triton", 0) > 1 or r.get("byte_diff_vs_torch", 0) > 0
            or r.get("rows_past_masked_untouched") is False]
     if bad:
         print(f"MISMATCH in {len(bad)} cases")
