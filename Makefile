@@ -6,6 +6,7 @@ CC ?= cc
 PYTHON ?= python3
 NVCC ?= $(shell command -v nvcc 2>/dev/null)
 CUDA ?= $(if $(NVCC),1,0)
+NCCL ?= 0
 ifeq ($(CUDA),1)
 CUDA_HOME ?= $(patsubst %/bin/nvcc,%,$(realpath $(NVCC)))
 endif
@@ -18,7 +19,7 @@ SONAME_MAJOR := $(firstword $(subst ., ,$(VERSION)))
 WARN := -Wall -Wextra -Wshadow -Wstrict-prototypes -Wmissing-prototypes -Wconversion -Wno-sign-conversion
 # -ffp-contract=off: the CPU references must not fuse multiply-adds the kernels keep separate.
 CFLAGS ?= -O2 -g
-CFLAGS += -std=c11 $(WARN) -fPIC -fvisibility=hidden -ffp-contract=off -Iinclude -Isrc -DEPMOE_HAVE_CUDA=$(CUDA)
+CFLAGS += -std=c11 $(WARN) -fPIC -fvisibility=hidden -ffp-contract=off -Iinclude -Isrc -DEPMOE_HAVE_CUDA=$(CUDA) -DEPMOE_HAVE_NCCL=$(NCCL)
 NVFLAGS ?= -O3 -lineinfo
 NVFLAGS += -std=c++17 $(CUDA_ARCH) -Xcompiler -fPIC,-fvisibility=hidden -Iinclude -Isrc -DEPMOE_HAVE_CUDA=1
 LDLIBS := -lm -lpthread
@@ -27,12 +28,13 @@ ifeq ($(CUDA),1)
 LDLIBS += -L$(CUDA_HOME)/lib64 -lcudart_static -ldl -lrt -lstdc++
 endif
 
-LIB_C := src/status.c src/format.c src/quant_args.c src/ref/quant_ref.c src/cuda_none.c
+LIB_C := src/status.c src/format.c src/quant_args.c src/ref/quant_ref.c src/cuda_none.c \
+	src/ep/ep.c src/ep/ep_cpu.c src/ep/ep_ref.c
 LIB_CU := $(if $(filter 1,$(CUDA)),$(wildcard src/cuda/*.cu))
 LIB_OBJ := $(LIB_C:%.c=$(BUILD)/obj/%.o) $(LIB_CU:%.cu=$(BUILD)/obj/%.o)
-HEADERS := include/epmoe.h $(wildcard src/*.h src/cuda/*.cuh)
+HEADERS := include/epmoe.h $(wildcard src/*.h src/ep/*.h src/cuda/*.cuh)
 
-CPU_TESTS := test_format test_quant
+CPU_TESTS := test_format test_quant test_ep
 ASAN := $(BUILD)/asan
 SANFLAGS := -fsanitize=address,undefined -fno-sanitize-recover=all -fno-omit-frame-pointer
 

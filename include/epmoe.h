@@ -159,6 +159,135 @@ EPMOE_API epmoe_status epmoe_dequant_fp8_cuda(const uint8_t *q, const void *scal
                                               const int32_t *masked_m, int64_t E, int64_t M, int64_t K,
                                               epmoe_dtype out_dtype, void *y, epmoe_stream_t stream);
 
+
+/* ---- expert-parallel dispatch and combine ------------------------------------------------
+** One epmoe_ep per rank. Experts are split evenly: rank r owns experts [r*L, (r+1)*L), L = E/R.
+**
+** dispatch: every rank sends its tokens x[T, H] (bf16) to the ranks owning their top-k experts.
+** Each rank receives, per local expert le, rows [0, masked_m[le]) of recv_x[le, R*N, H] in a
+** fixed order — by source rank, then token index, then top-k position — so the result is
+** deterministic (DeepEP's order depends on atomics). FP8 wire: the sender casts each token once
+** (epmoe_cast_group_fp8 rules), the receiver gets fp8 rows plus per-128-group scales in
+** `scale_fmt` (one slab of M = R*N rows per local expert), or, with a per-tensor requant scale
+** set, fp8 rows at that scale and no group scales. BF16 wire: rows are the bf16 input, bit-exact.
+** Rows past masked_m[le] are not written. A token that names one expert in several top-k slots
+** reaches it once (so an expert never receives more than R*N rows); each of those slots gets
+** that expert's output row at combine.
+**
+** combine: each rank gets back out[t] = sum over valid top-k slots j of w[t, j] * y(t, j), where
+** y(t, j) is the expert output row that dispatch delivered for (t, j); fp32 accumulation, bf16
+** out; tokens with no valid slot get zeros. Two modes (epmoe_combine_mode):
+**   REDUCE_AT_OWNER   every expert row travels back; the owner sums in top-k order (bit-exact
+**                     against a sequential fp32 sum; weights are given to combine).
+**   REDUCE_AT_EXPERT  each expert rank sums its share of a token first (weights given to
+**                     dispatch) and sends one bf16 row per (token, rank): up to k/R' times fewer
+**                     bytes, one extra bf16 rounding per share (bounded in the tests).
+** dedup = 1 (default) sends each token once per destination rank and fans it out to its local
+** experts on the receiver; dedup = 0 sends one message per (token, expert), as DeepEP does.
+**
+** Ordering: calls are collective and in the same order on every rank. Each dispatch returns a
+** handle; combine takes it. The two most recent dispatches may be live at once (micro-batch
+** overlap); an older handle is rejected. Send and receive halves may be issued separately.
+** A peer that does not answer within timeout_ms gives EPMOE_ERR_TIMEOUT; the ep is then
+** failed (every later call fails fast) until it is destroyed. Ranks can be masked out (failed
+** ranks): their experts count as -1 and nothing is sent to or awaited from them. */
+typedef struct epmoe_ep epmoe_ep;
+typedef struct epmoe_cpu_world epmoe_cpu_world;
+struct ncclComm; /* same type as ncclComm_t */
+
+typedef enum epmoe_wire { EPMOE_WIRE_BF16 = 0, EPMOE_WIRE_FP8 = 1 } epmoe_wire;
+typedef enum epmoe_combine_mode { EPMOE_COMBINE_REDUCE_AT_OWNER = 0, EPMOE_COMBINE_REDUCE_AT_EXPERT = 1 } epmoe_combine_mode;
+typedef enum epmoe_backend {
+    EPMOE_BACKEND_CPU = 0,      /* ranks are threads of one process; host memory */
+    EPMOE_BACKEND_NCCL_LSA = 1  /* NCCL device API, NVLink load/store within a node */
+} epmoe_backend;
+
+typedef struct epmoe_ep_config {
+    size_t size;        /* sizeof(epmoe_ep_config): lets the library check the caller's ABI */
+    int num_ranks;      /* R */
+    int rank;
+    int max_tokens;     /* N: tokens per rank per dispatch; the same on every rank */
+    int hidden;         /* H: a positive multiple of 128 */
+    int num_experts;    /* E: a multiple of R */
+    int top_k;          /* 1..EPMOE_MAX_TOPK */
+    epmoe_wire wire;
+    epmoe_scale_fmt scale_fmt; /* FP8 wire: layout of the received group scales */
+    int round_scale;    /* FP8 wire: power-of-two scales (required by UE8M0 formats) */
+    int dedup;          /* 1: one message per (token, destination rank) */
+    epmoe_combine_mode combine_mode;
+    int timeout_ms;     /* how long to wait for a peer before EPMOE_ERR_TIMEOUT */
+} epmoe_ep_config;
+
+#define EPMOE_MAX_TOPK 16
+#define EPMOE_EP_CONFIG_INIT                                                                                        \
+    {sizeof(epmoe_ep_config), 1, 0, 128, 7168, 256, 8, EPMOE_WIRE_FP8, EPMOE_SCALE_F32_MMAJOR, 0, 1,                 \
+     EPMOE_COMBINE_REDUCE_AT_EXPERT, 10000}
+
+/* Sizes of everything an ep uses, from the config alone (call before creating anything). */
+typedef struct epmoe_ep_layout {
+    size_t recv_x_bytes;        /* caller's dispatch output: [L, R*N, H] fp8 or bf16 */
+    size_t recv_scales_bytes;   /* caller's dispatch output: L slabs of scale_fmt (FP8 wire) */
+    size_t masked_m_bytes;      /* [L] int32 */
+    size_t src_info_bytes;      /* [L, R*N] int32 (optional output) */
+    size_t expert_out_bytes;    /* combine input: [L, R*N, H] bf16 */
+    size_t out_bytes;           /* combine output: [N, H] bf16 */
+    size_t msg_bytes;           /* one dispatch message: header + payload (+ scales) */
+    size_t window_bytes;        /* the library's symmetric buffer per rank (both parities) */
+    size_t state_bytes;         /* the library's private per-rank state */
+} epmoe_ep_layout;
+EPMOE_API epmoe_status epmoe_ep_layout_query(const epmoe_ep_config *cfg, epmoe_ep_layout *out);
+
+/* CPU backend: a world of num_ranks ranks in this process; each rank's thread then calls
+** epmoe_ep_create_cpu with its rank (collective: all ranks must call it). */
+EPMOE_API epmoe_status epmoe_cpu_world_create(int num_ranks, epmoe_cpu_world **world);
+EPMOE_API void epmoe_cpu_world_destroy(epmoe_cpu_world *world);
+EPMOE_API epmoe_status epmoe_ep_create_cpu(epmoe_cpu_world *world, const epmoe_ep_config *cfg, epmoe_ep **ep);
+/* NCCL backend on the caller's communicator (one GPU per rank; collective). */
+EPMOE_API epmoe_status epmoe_ep_create_nccl(struct ncclComm *comm, const epmoe_ep_config *cfg, epmoe_ep **ep);
+/* Collective teardown; a failed ep (timeout) tears down without waiting for dead peers. */
+EPMOE_API epmoe_status epmoe_ep_destroy(epmoe_ep *ep);
+EPMOE_API epmoe_backend epmoe_ep_backend(const epmoe_ep *ep);
+/* Mark ranks inactive (active[r] = 0) from the next dispatch on; must be the same on every live rank. */
+EPMOE_API epmoe_status epmoe_ep_set_active_ranks(epmoe_ep *ep, const int *active);
+
+typedef struct epmoe_dispatch_args {
+    const uint16_t *x;          /* bf16 [T, H] */
+    const void *topk_idx;       /* [T, k] int32 or int64; -1 = no expert */
+    int topk_idx_bits;          /* 32 or 64 */
+    const float *topk_weights;  /* fp32 [T, k]: required for REDUCE_AT_EXPERT, else may be NULL */
+    int num_tokens;             /* T, 0 <= T <= N */
+    void *recv_x;               /* out: [L, R*N, H] fp8 or bf16 */
+    void *recv_scales;          /* out: FP8 wire with group scales: L slabs of scale_fmt */
+    int32_t *masked_m;          /* out: [L] rows received per local expert */
+    int32_t *recv_src_info;     /* out, optional: [L, R*N] source rank * N + token index */
+    const float *requant_scale; /* optional, FP8 wire: rows come out at this per-tensor scale */
+} epmoe_dispatch_args;
+
+typedef enum epmoe_phase { EPMOE_PHASE_BOTH = 3, EPMOE_PHASE_SEND = 1, EPMOE_PHASE_RECV = 2 } epmoe_phase;
+
+/* Dispatch; *handle identifies it for combine. PHASE_SEND then PHASE_RECV (same args) splits it. */
+EPMOE_API epmoe_status epmoe_dispatch(epmoe_ep *ep, const epmoe_dispatch_args *args, epmoe_phase phase,
+                                      uint32_t *handle, epmoe_stream_t stream);
+
+typedef struct epmoe_combine_args {
+    const uint16_t *expert_out; /* bf16 [L, R*N, H], rows as dispatch delivered them */
+    const float *topk_weights;  /* fp32 [T, k] of this rank's tokens: REDUCE_AT_OWNER (else NULL) */
+    uint16_t *out;              /* out: bf16 [T, H] */
+} epmoe_combine_args;
+EPMOE_API epmoe_status epmoe_combine(epmoe_ep *ep, uint32_t handle, const epmoe_combine_args *args, epmoe_phase phase,
+                                     epmoe_stream_t stream);
+
+/* Single-process reference of dispatch + combine over all ranks (the tests' oracle).
+** x[r], topk_idx[r] (int32), weights[r], T[r] per rank r; outputs per rank as in the args. */
+EPMOE_API epmoe_status epmoe_ep_dispatch_ref(const epmoe_ep_config *cfg, const uint16_t *const *x,
+                                             const int32_t *const *topk_idx, const int *num_tokens, const int *active,
+                                             void *const *recv_x, void *const *recv_scales, int32_t *const *masked_m,
+                                             int32_t *const *recv_src_info);
+/* out[r][t] = sum_j w[r][t,j] * expert_out[owner][le][row(r,t,j)] in fp32, top-k order. */
+EPMOE_API epmoe_status epmoe_ep_combine_ref(const epmoe_ep_config *cfg, const uint16_t *const *expert_out,
+                                            const int32_t *const *topk_idx, const float *const *topk_weights,
+                                            const int *num_tokens, const int *active, uint16_t *const *out);
+
 #ifdef __cplusplus
 }
 #endif

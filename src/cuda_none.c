@@ -43,3 +43,10 @@ epmoe_status epmoe_dequant_fp8_cuda(const uint8_t *q, const void *scales, epmoe_
 }
 
 #endif
+
+#if !EPMOE_HAVE_NCCL
+epmoe_status epmoe_ep_create_nccl(struct ncclComm *comm, const epmoe_ep_config *cfg, epmoe_ep **ep) {
+    (void)comm, (void)cfg, (void)ep;
+    return epmoe__fail(EPMOE_ERR_UNSUPPORTED, "epmoe_ep_create_nccl: this libepmoe was built without the NCCL backend");
+}
+#endif

@@ -1,0 +1,236 @@
+/*
+** ep.c — the EP front end: configuration checks, the layout query, call sequencing (handles,
+** send/receive halves, the two live calls) and argument checks common to every backend.
+*/
+#define _POSIX_C_SOURCE 200809L
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include "ep_internal.h"
+
+double epmoe__now_ms(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec * 1e3 + (double)ts.tv_nsec * 1e-6;
+}
+
+epmoe_status epmoe__ep_check_config(const char *fn, const epmoe_ep_config *c) {
+    if (!c) return epmoe__fail(EPMOE_ERR_NULL_POINTER, "%s: config is NULL", fn);
+    if (c->size != sizeof(epmoe_ep_config))
+        return epmoe__fail(EPMOE_ERR_INVALID_ARG, "%s: config.size = %zu, this library expects %zu (header/library mismatch; "
+                           "initialize with EPMOE_EP_CONFIG_INIT)", fn, c->size, sizeof(epmoe_ep_config));
+    if (c->num_ranks < 1 || c->rank < 0 || c->rank >= c->num_ranks)
+        return epmoe__fail(EPMOE_ERR_INVALID_ARG, "%s: rank %d of %d ranks", fn, c->rank, c->num_ranks);
+    if (c->max_tokens < 1 || c->max_tokens > (1 << 16))
+        return epmoe__fail(EPMOE_ERR_INVALID_ARG, "%s: max_tokens = %d must be in [1, 65536]", fn, c->max_tokens);
+    if (c->hidden <= 0 || c->hidden % FMT_GROUP || c->hidden > (1 << 16))
+        return epmoe__fail(EPMOE_ERR_INVALID_ARG, "%s: hidden = %d must be a positive multiple of 128 up to 65536", fn, c->hidden);
+    if (c->num_experts < c->num_ranks || c->num_experts % c->num_ranks || c->num_experts > 32767)
+        return epmoe__fail(EPMOE_ERR_INVALID_ARG, "%s: num_experts = %d must be a multiple of num_ranks = %d (at most 32767)",
+                           fn, c->num_experts, c->num_ranks);
+    if (c->top_k < 1 || c->top_k > EPMOE_MAX_TOPK)
+        return epmoe__fail(EPMOE_ERR_INVALID_ARG, "%s: top_k = %d must be in [1, %d]", fn, c->top_k, EPMOE_MAX_TOPK);
+    if (c->wire != EPMOE_WIRE_BF16 && c->wire != EPMOE_WIRE_FP8)
+        return epmoe__fail(EPMOE_ERR_INVALID_ARG, "%s: wire %d is not an epmoe_wire", fn, (int)c->wire);
+    if (c->wire == EPMOE_WIRE_FP8) {
+        if ((unsigned)c->scale_fmt > EPMOE_SCALE_UE8M0_MMAJOR)
+            return epmoe__fail(EPMOE_ERR_INVALID_ARG, "%s: scale_fmt %d is not an epmoe_scale_fmt", fn, (int)c->scale_fmt);
+        if (fmt_scale_is_ue8m0(c->scale_fmt) && !c->round_scale)
+            return epmoe__fail(EPMOE_ERR_INVALID_ARG, "%s: UE8M0 scales need round_scale = 1", fn);
+    }
+    if (c->combine_mode != EPMOE_COMBINE_REDUCE_AT_OWNER && c->combine_mode != EPMOE_COMBINE_REDUCE_AT_EXPERT)
+        return epmoe__fail(EPMOE_ERR_INVALID_ARG, "%s: combine_mode %d is not an epmoe_combine_mode", fn, (int)c->combine_mode);
+    if (c->combine_mode == EPMOE_COMBINE_REDUCE_AT_EXPERT && !c->dedup)
+        return epmoe__fail(EPMOE_ERR_INVALID_ARG, "%s: REDUCE_AT_EXPERT sums a token's share per rank and needs dedup = 1", fn);
+    if (c->timeout_ms < 1) return epmoe__fail(EPMOE_ERR_INVALID_ARG, "%s: timeout_ms = %d must be >= 1", fn, c->timeout_ms);
+    return EPMOE_OK;
+}
+
+int epmoe__ep_same_shape(const epmoe_ep_config *a, const epmoe_ep_config *b) {
+    return a->num_ranks == b->num_ranks && a->max_tokens == b->max_tokens && a->hidden == b->hidden &&
+           a->num_experts == b->num_experts && a->top_k == b->top_k && a->wire == b->wire &&
+           a->scale_fmt == b->scale_fmt && a->round_scale == b->round_scale && a->dedup == b->dedup &&
+           a->combine_mode == b->combine_mode;
+}
+
+static void dims_of(const epmoe_ep_config *c, ep_dims *d) {
+    ep_dims_init(d, c->num_ranks, c->rank, c->max_tokens, c->hidden, c->num_experts, c->top_k, c->wire == EPMOE_WIRE_FP8,
+                 c->dedup != 0, c->combine_mode == EPMOE_COMBINE_REDUCE_AT_EXPERT);
+}
+
+epmoe_status epmoe_ep_layout_query(const epmoe_ep_config *cfg, epmoe_ep_layout *out) {
+    EPMOE_CHECK(epmoe__ep_check_config("epmoe_ep_layout_query", cfg));
+    if (!out) return epmoe__fail(EPMOE_ERR_NULL_POINTER, "epmoe_ep_layout_query: out is NULL");
+    ep_dims d;
+    ep_window w;
+    dims_of(cfg, &d);
+    ep_window_layout(&d, &w);
+    const size_t rows = (size_t)d.L * (size_t)d.R * (size_t)d.N;
+    out->recv_x_bytes = rows * (size_t)d.H * (d.fp8 ? 1u : 2u);
+    out->recv_scales_bytes = d.fp8 ? (size_t)d.L * epmoe_scale_bytes(cfg->scale_fmt, (int64_t)d.R * d.N, d.H) : 0;
+    out->masked_m_bytes = (size_t)d.L * 4;
+    out->src_info_bytes = rows * 4;
+    out->expert_out_bytes = rows * (size_t)d.H * 2;
+    out->out_bytes = (size_t)d.N * (size_t)d.H * 2;
+    out->msg_bytes = (size_t)d.msg_bytes;
+    out->window_bytes = (size_t)w.total;
+    /* per call: topk [N, k], begin [L, R], n_msgs [R]; plus the staging of one payload */
+    out->state_bytes = 2 * ((size_t)d.N * d.k * 4 + (size_t)d.L * d.R * 4 + (size_t)d.R * 4 +
+                            (size_t)(d.R * d.slots * d.header_bytes)) + (size_t)d.payload_bytes;
+    return EPMOE_OK;
+}
+
+epmoe_status epmoe__ep_alloc(const epmoe_ep_config *cfg, epmoe_backend b, epmoe_ep **out) {
+    epmoe_ep *ep = calloc(1, sizeof *ep);
+    if (!ep) return epmoe__fail(EPMOE_ERR_OUT_OF_MEMORY, "epmoe_ep: out of memory");
+    ep->cfg = *cfg;
+    ep->backend = b;
+    dims_of(cfg, &ep->d);
+    ep_window_layout(&ep->d, &ep->w);
+    ep->active = malloc(sizeof(int) * (size_t)cfg->num_ranks);
+    for (int i = 0; i < 2; i++) {
+        ep->calls[i].topk = malloc(sizeof(int32_t) * (size_t)ep->d.N * (size_t)ep->d.k);
+        ep->calls[i].begin = malloc(sizeof(int32_t) * (size_t)ep->d.L * (size_t)ep->d.R);
+        ep->calls[i].n_msgs = malloc(sizeof(int32_t) * (size_t)ep->d.R);
+        ep->calls[i].hdrs = malloc((size_t)(ep->d.R * ep->d.slots * ep->d.header_bytes));
+        ep->calls[i].active = malloc(sizeof(int) * (size_t)ep->d.R);
+    }
+    if (!ep->active || !ep->calls[0].topk || !ep->calls[1].topk || !ep->calls[0].begin || !ep->calls[1].begin ||
+        !ep->calls[0].n_msgs || !ep->calls[1].n_msgs || !ep->calls[0].hdrs || !ep->calls[1].hdrs ||
+        !ep->calls[0].active || !ep->calls[1].active) {
+        epmoe__ep_free(ep);
+        return epmoe__fail(EPMOE_ERR_OUT_OF_MEMORY, "epmoe_ep: out of memory");
+    }
+    for (int r = 0; r < cfg->num_ranks; r++) ep->active[r] = 1;
+    *out = ep;
+    return EPMOE_OK;
+}
+
+void epmoe__ep_free(epmoe_ep *ep) {
+    if (!ep) return;
+    for (int i = 0; i < 2; i++)
+        free(ep->calls[i].topk), free(ep->calls[i].begin), free(ep->calls[i].n_msgs), free(ep->calls[i].hdrs),
+            free(ep->calls[i].active);
+    free(ep->active);
+    free(ep);
+}
+
+epmoe_status epmoe_ep_destroy(epmoe_ep *ep) {
+    if (!ep) return EPMOE_OK;
+    if (ep->ops && ep->ops->destroy) ep->ops->destroy(ep);
+    epmoe__ep_free(ep);
+    return EPMOE_OK;
+}
+
+epmoe_backend epmoe_ep_backend(const epmoe_ep *ep) { return ep->backend; }
+
+epmoe_status epmoe_ep_set_active_ranks(epmoe_ep *ep, const int *active) {
+    if (!ep || !active) return epmoe__fail(EPMOE_ERR_NULL_POINTER, "epmoe_ep_set_active_ranks: NULL argument");
+    if (!active[ep->cfg.rank])
+        return epmoe__fail(EPMOE_ERR_INVALID_ARG, "epmoe_ep_set_active_ranks: rank %d cannot mask itself out", ep->cfg.rank);
+    for (int r = 0; r < ep->cfg.num_ranks; r++) ep->active[r] = active[r] != 0;
+    return EPMOE_OK;
+}
+
+static epmoe_status usable(const char *fn, epmoe_ep *ep) {
+    if (!ep) return epmoe__fail(EPMOE_ERR_NULL_POINTER, "%s: ep is NULL", fn);
+    if (ep->failed)
+        return epmoe__fail(EPMOE_ERR_TIMEOUT, "%s: this ep failed earlier (a peer timed out); destroy it and create a new group", fn);
+    return EPMOE_OK;
+}
+
+static epmoe_status check_dispatch_args(const char *fn, const epmoe_ep *ep, const epmoe_dispatch_args *a, int send, int recv) {
+    if (!a) return epmoe__fail(EPMOE_ERR_NULL_POINTER, "%s: args is NULL", fn);
+    const epmoe_ep_config *c = &ep->cfg;
+    if (send) {
+        if (a->num_tokens < 0 || a->num_tokens > c->max_tokens)
+            return epmoe__fail(EPMOE_ERR_INVALID_ARG, "%s: num_tokens = %d exceeds max_tokens = %d (or is negative)", fn,
+                               a->num_tokens, c->max_tokens);
+        if (a->topk_idx_bits != 32 && a->topk_idx_bits != 64)
+            return epmoe__fail(EPMOE_ERR_INVALID_ARG, "%s: topk_idx_bits = %d must be 32 or 64", fn, a->topk_idx_bits);
+        if (a->num_tokens && (!a->x || !a->topk_idx))
+            return epmoe__fail(EPMOE_ERR_NULL_POINTER, "%s: x and topk_idx are required when num_tokens > 0", fn);
+        if (a->num_tokens && c->combine_mode == EPMOE_COMBINE_REDUCE_AT_EXPERT && !a->topk_weights)
+            return epmoe__fail(EPMOE_ERR_NULL_POINTER, "%s: REDUCE_AT_EXPERT needs topk_weights at dispatch", fn);
+    }
+    if (recv) {
+        if (!a->recv_x || !a->masked_m)
+            return epmoe__fail(EPMOE_ERR_NULL_POINTER, "%s: recv_x and masked_m are required", fn);
+        if (c->wire == EPMOE_WIRE_FP8 && !a->requant_scale && !a->recv_scales)
+            return epmoe__fail(EPMOE_ERR_NULL_POINTER, "%s: FP8 wire needs recv_scales (or a requant_scale)", fn);
+        if (c->wire == EPMOE_WIRE_BF16 && a->requant_scale)
+            return epmoe__fail(EPMOE_ERR_INVALID_ARG, "%s: requant_scale needs the FP8 wire", fn);
+    }
+    return EPMOE_OK;
+}
+
+epmoe_status epmoe_dispatch(epmoe_ep *ep, const epmoe_dispatch_args *a, epmoe_phase phase, uint32_t *handle,
+                            epmoe_stream_t stream) {
+    static const char fn[] = "epmoe_dispatch";
+    EPMOE_CHECK(usable(fn, ep));
+    if (!handle) return epmoe__fail(EPMOE_ERR_NULL_POINTER, "%s: handle is NULL", fn);
+    if (phase != EPMOE_PHASE_BOTH && phase != EPMOE_PHASE_SEND && phase != EPMOE_PHASE_RECV)
+        return epmoe__fail(EPMOE_ERR_INVALID_ARG, "%s: phase %d is not an epmoe_phase", fn, (int)phase);
+    const int send = phase & EPMOE_PHASE_SEND, recv = phase & EPMOE_PHASE_RECV;
+    EPMOE_CHECK(check_dispatch_args(fn, ep, a, send, recv));
+    ep_call *c;
+    if (send) {
+        c = &ep->calls[(ep->seq + 1) & 1];
+        if (c->seq && ((c->sent && !c->received) || (c->comb_sent && !c->comb_received)))
+            return epmoe__fail(EPMOE_ERR_INVALID_ARG, "%s: dispatch %u is still in flight (a half without its other "
+                               "half); a third call would overwrite its buffers", fn, c->seq);
+        memset(c, 0, offsetof(ep_call, topk));
+        c->seq = ++ep->seq;
+        c->T = a->num_tokens;
+        memcpy(c->active, ep->active, sizeof(int) * (size_t)ep->d.R);
+        epmoe_status st = ep->ops->dispatch_send(ep, a, c, stream);
+        if (st != EPMOE_OK) {
+            if (!ep->failed) /* rejected before anything was sent: the call never happened */
+                c->seq = 0, ep->seq--;
+            return st;
+        }
+        c->sent = 1;
+        *handle = c->seq;
+    } else {
+        c = &ep->calls[*handle & 1];
+        if (c->seq != *handle || !c->sent || c->received)
+            return epmoe__fail(EPMOE_ERR_INVALID_ARG, "%s: handle %u is not a sent, unreceived dispatch", fn, *handle);
+    }
+    if (recv) {
+        epmoe_status st = ep->ops->dispatch_recv(ep, a, c, stream);
+        if (st != EPMOE_OK) return st;
+        c->received = 1;
+    }
+    return EPMOE_OK;
+}
+
+epmoe_status epmoe_combine(epmoe_ep *ep, uint32_t handle, const epmoe_combine_args *a, epmoe_phase phase,
+                           epmoe_stream_t stream) {
+    static const char fn[] = "epmoe_combine";
+    EPMOE_CHECK(usable(fn, ep));
+    if (!a) return epmoe__fail(EPMOE_ERR_NULL_POINTER, "%s: args is NULL", fn);
+    if (phase != EPMOE_PHASE_BOTH && phase != EPMOE_PHASE_SEND && phase != EPMOE_PHASE_RECV)
+        return epmoe__fail(EPMOE_ERR_INVALID_ARG, "%s: phase %d is not an epmoe_phase", fn, (int)phase);
+    ep_call *c = &ep->calls[handle & 1];
+    if (!handle || c->seq != handle || !c->received)
+        return epmoe__fail(EPMOE_ERR_INVALID_ARG, "%s: handle %u is not one of the two most recent received dispatches "
+                           "(latest is %u)", fn, handle, ep->seq);
+    const int send = phase & EPMOE_PHASE_SEND, recv = phase & EPMOE_PHASE_RECV;
+    if (send) {
+        if (c->comb_sent) return epmoe__fail(EPMOE_ERR_INVALID_ARG, "%s: dispatch %u was already combined", fn, handle);
+        if (!a->expert_out) return epmoe__fail(EPMOE_ERR_NULL_POINTER, "%s: expert_out is NULL", fn);
+        EPMOE_CHECK(ep->ops->combine_send(ep, a, c, stream));
+        c->comb_sent = 1;
+    } else if (!c->comb_sent || c->comb_received) {
+        return epmoe__fail(EPMOE_ERR_INVALID_ARG, "%s: handle %u has no combine send awaiting its receive", fn, handle);
+    }
+    if (recv) {
+        if (c->T && !a->out) return epmoe__fail(EPMOE_ERR_NULL_POINTER, "%s: out is NULL", fn);
+        if (c->T && ep->cfg.combine_mode == EPMOE_COMBINE_REDUCE_AT_OWNER && !a->topk_weights)
+            return epmoe__fail(EPMOE_ERR_NULL_POINTER, "%s: REDUCE_AT_OWNER needs topk_weights at combine", fn);
+        EPMOE_CHECK(ep->ops->combine_recv(ep, a, c, stream));
+        c->comb_received = 1;
+    }
+    return EPMOE_OK;
+}

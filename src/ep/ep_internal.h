@@ -1,0 +1,59 @@
+/*
+** ep_internal.h — the epmoe_ep object shared by the EP front end (ep.c) and its backends
+** (ep_cpu.c, ep_nccl.cu). The front end validates and sequences calls; a backend moves bytes.
+*/
+#ifndef EPMOE_EP_INTERNAL_H
+#define EPMOE_EP_INTERNAL_H
+
+#include "../internal.h"
+#include "ep_layout.h"
+
+/* Host-side record of one dispatch (two live at once, indexed by the parity of its seq). */
+typedef struct ep_call {
+    uint32_t seq;         /* the dispatch's handle; 0 = none */
+    int sent, received;   /* dispatch halves done */
+    int comb_sent, comb_received;
+    int T;
+    int32_t *topk;        /* [N, k] ids as sent: -1 where none or the owner is inactive */
+    int32_t *begin;       /* [L, R] first row of (local expert, source) in the masked layout */
+    int32_t *n_msgs;      /* [R] messages received from each source */
+    uint8_t *hdrs;        /* [R, slots] received message headers, kept for combine */
+    int *active;          /* [R] the active ranks when the dispatch was sent */
+} ep_call;
+
+typedef struct ep_backend_ops {
+    epmoe_status (*dispatch_send)(epmoe_ep *ep, const epmoe_dispatch_args *a, ep_call *c, epmoe_stream_t s);
+    epmoe_status (*dispatch_recv)(epmoe_ep *ep, const epmoe_dispatch_args *a, ep_call *c, epmoe_stream_t s);
+    epmoe_status (*combine_send)(epmoe_ep *ep, const epmoe_combine_args *a, ep_call *c, epmoe_stream_t s);
+    epmoe_status (*combine_recv)(epmoe_ep *ep, const epmoe_combine_args *a, ep_call *c, epmoe_stream_t s);
+    void (*destroy)(epmoe_ep *ep);
+} ep_backend_ops;
+
+struct epmoe_ep {
+    epmoe_ep_config cfg;
+    ep_dims d;
+    ep_window w;
+    epmoe_backend backend;
+    const ep_backend_ops *ops;
+    uint32_t seq;     /* dispatches started */
+    int failed;       /* a peer timed out: every later call fails fast */
+    int *active;      /* [R] */
+    ep_call calls[2];
+    void *impl;       /* backend-private */
+};
+
+/* Validation of a config (also used by the layout query). */
+EPMOE_HIDDEN epmoe_status epmoe__ep_check_config(const char *fn, const epmoe_ep_config *cfg);
+/* Allocate and initialize the backend-independent parts; the backend fills ops/impl. */
+EPMOE_HIDDEN epmoe_status epmoe__ep_alloc(const epmoe_ep_config *cfg, epmoe_backend b, epmoe_ep **out);
+EPMOE_HIDDEN void epmoe__ep_free(epmoe_ep *ep);
+/* Two configs describe the same collective shape (everything but the rank). */
+EPMOE_HIDDEN int epmoe__ep_same_shape(const epmoe_ep_config *a, const epmoe_ep_config *b);
+/* Read expert id (t, j) of a topk_idx array of 32- or 64-bit integers. */
+static inline int64_t ep_topk_at(const void *idx, int bits, int64_t i) {
+    return bits == 64 ? ((const int64_t *)idx)[i] : ((const int32_t *)idx)[i];
+}
+/* Deadline helpers (monotonic clock, milliseconds). */
+EPMOE_HIDDEN double epmoe__now_ms(void);
+
+#endif

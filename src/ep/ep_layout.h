@@ -1,0 +1,125 @@
+/*
+** ep_layout.h — the shapes of expert-parallel dispatch/combine, defined once for the CPU
+** backend, the CUDA kernels and the reference: the dispatch message and the per-rank symmetric
+** window. ep_window_layout() is the one layout function; the size query is the same call.
+**
+** Dispatch message (one per (token, destination rank) with dedup, else per (token, expert)):
+**   header  int32 token, int32 n_entries, then n_entries x {int16 le, int16 j, int32 row, float w}
+**           (le: local expert on the destination, j: top-k slot, row: index among the rows this
+**           source sends to expert le, w: the top-k weight), padded to 16 bytes
+**   payload bf16 [H]  |  fp8 [H] + fp32 scale_inv [H/128]   (the sender's per-128-group cast)
+**
+** Window of one rank, for each parity p of the dispatch sequence number (two calls in flight):
+**   disp_msgs [p][src R][slot S] msg       S = N with dedup, N * min(k, L) without
+**   disp_meta [p][src R] { uint32 n_msgs, uint32 pad, uint32 pairs[L] } then uint64 seq flag
+**   comb_rows [p][...] bf16 [H]            REDUCE_AT_EXPERT: [dst rank R][token N]
+**                                          REDUCE_AT_OWNER:  [token N][slot k]
+**   comb_flag [p][src R] uint64 seq
+** and, outside the parities, ack [src R] uint64: the receiver writes into the sender's window
+** the last dispatch seq it has finished reading, and a sender waits for ack >= seq - 2 before
+** it reuses a parity's slots in that receiver (so a slow receiver is never overwritten).
+** Flags carry the sequence number of the call they complete, so nothing is ever reset: a
+** receiver waits for flag == seq (graph replays keep their own counters in device memory).
+*/
+#ifndef EPMOE_EP_LAYOUT_H
+#define EPMOE_EP_LAYOUT_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "../format.h"
+
+typedef struct ep_entry {
+    int16_t le; /* local expert on the destination rank */
+    int16_t j;  /* top-k slot */
+    int32_t row; /* row among those this source sends to expert le */
+    float w;    /* top-k weight */
+} ep_entry;
+
+typedef struct ep_header {
+    int32_t token;
+    int32_t n_entries;
+} ep_header;
+
+_Static_assert(sizeof(ep_entry) == 12, "ep_entry layout");
+_Static_assert(sizeof(ep_header) == 8, "ep_header layout");
+
+typedef struct ep_dims {
+    int R, rank, N, H, E, L, k;
+    int fp8, dedup, reduce_at_expert;
+    int64_t slots;        /* messages per (parity, source) */
+    int64_t header_bytes; /* padded to 16 */
+    int64_t payload_bytes;
+    int64_t msg_bytes;
+} ep_dims;
+
+typedef struct ep_window {
+    int64_t disp_msgs, disp_meta, comb_rows, comb_flag; /* offsets of parity 0 */
+    int64_t ack;                                        /* after both parities */
+    int64_t meta_stride;                                /* bytes per source in disp_meta */
+    int64_t comb_rows_count;                            /* rows per parity in comb_rows */
+    int64_t parity_bytes;                               /* parity 1 = parity 0 + this */
+    int64_t total;
+} ep_window;
+
+static inline int64_t ep_align(int64_t x, int64_t a) { return (x + a - 1) / a * a; }
+
+static inline void ep_dims_init(ep_dims *d, int R, int rank, int N, int H, int E, int k, int fp8, int dedup,
+                                int reduce_at_expert) {
+    d->R = R, d->rank = rank, d->N = N, d->H = H, d->E = E, d->L = E / R, d->k = k;
+    d->fp8 = fp8, d->dedup = dedup, d->reduce_at_expert = reduce_at_expert;
+    d->slots = dedup ? N : (int64_t)N * (k < d->L ? k : d->L);
+    d->header_bytes = ep_align((int64_t)sizeof(ep_header) + (int64_t)k * (int64_t)sizeof(ep_entry), 16);
+    d->payload_bytes = fp8 ? (int64_t)H + (int64_t)(H / FMT_GROUP) * 4 : (int64_t)H * 2;
+    d->msg_bytes = ep_align(d->header_bytes + d->payload_bytes, 16);
+}
+
+/* The one layout function of the window (offsets are for parity 0). */
+static inline void ep_window_layout(const ep_dims *d, ep_window *w) {
+    int64_t o = 0;
+    w->disp_msgs = o;
+    o += (int64_t)d->R * d->slots * d->msg_bytes;
+    w->disp_meta = o;
+    w->meta_stride = ep_align(8 + 4 * (int64_t)d->L + 8, 128); /* counts, then the flag, own line */
+    o += (int64_t)d->R * w->meta_stride;
+    w->comb_rows = o;
+    w->comb_rows_count = d->reduce_at_expert ? (int64_t)d->R * d->N : (int64_t)d->N * d->k;
+    o += ep_align(w->comb_rows_count * d->H * 2, 128);
+    w->comb_flag = o;
+    o += ep_align((int64_t)d->R * 128, 128); /* one 128-byte line per source flag */
+    w->parity_bytes = ep_align(o, 4096);
+    w->ack = 2 * w->parity_bytes;
+    w->total = w->ack + ep_align((int64_t)d->R * 128, 4096);
+}
+
+/* Addresses inside one window (base = that rank's window). */
+static inline uint8_t *ep_msg(uint8_t *base, const ep_dims *d, const ep_window *w, int p, int src, int64_t slot) {
+    return base + p * w->parity_bytes + w->disp_msgs + ((int64_t)src * d->slots + slot) * d->msg_bytes;
+}
+static inline uint32_t *ep_meta(uint8_t *base, const ep_window *w, int p, int src) {
+    return (uint32_t *)(base + p * w->parity_bytes + w->disp_meta + (int64_t)src * w->meta_stride);
+}
+/* the dispatch flag sits after the counts in the same meta block */
+static inline uint64_t *ep_disp_flag(uint8_t *base, const ep_dims *d, const ep_window *w, int p, int src) {
+    return (uint64_t *)((uint8_t *)ep_meta(base, w, p, src) + ep_align(8 + 4 * (int64_t)d->L, 8));
+}
+static inline uint16_t *ep_comb_row(uint8_t *base, const ep_dims *d, const ep_window *w, int p, int64_t row) {
+    return (uint16_t *)(base + p * w->parity_bytes + w->comb_rows + row * d->H * 2);
+}
+static inline uint64_t *ep_comb_flag(uint8_t *base, const ep_window *w, int p, int src) {
+    return (uint64_t *)(base + p * w->parity_bytes + w->comb_flag + (int64_t)src * 128);
+}
+
+/* The first top-k slot of a token naming the same expert as slot j (j if none): an expert
+** named twice receives the token once, and every slot naming it gets that one output row. */
+static inline int ep_first_slot(const int32_t *idx, int j) {
+    for (int jj = 0; jj < j; jj++)
+        if (idx[jj] == idx[j]) return jj;
+    return j;
+}
+
+static inline uint64_t *ep_ack(uint8_t *base, const ep_window *w, int src) {
+    return (uint64_t *)(base + w->ack + (int64_t)src * 128);
+}
+
+#endif
