@@ -6,10 +6,13 @@ CC ?= cc
 PYTHON ?= python3
 NVCC ?= $(shell command -v nvcc 2>/dev/null)
 CUDA ?= $(if $(NVCC),1,0)
-NCCL ?= 0
 ifeq ($(CUDA),1)
 CUDA_HOME ?= $(patsubst %/bin/nvcc,%,$(realpath $(NVCC)))
 endif
+# NCCL (headers and libnccl from the CUDA toolkit): the EP backend on GPUs. The device API must
+# run against the libnccl it was compiled with (see scripts/gpu_suite.sh for LD_LIBRARY_PATH).
+NCCL_HOME ?= $(CUDA_HOME)
+NCCL ?= $(if $(and $(filter 1,$(CUDA)),$(wildcard $(NCCL_HOME)/include/nccl_device.h)),1,0)
 # Hopper only: wgmma and FP8 tensor-core paths need the sm_90a target.
 CUDA_ARCH ?= -gencode arch=compute_90a,code=sm_90a
 
@@ -21,18 +24,22 @@ WARN := -Wall -Wextra -Wshadow -Wstrict-prototypes -Wmissing-prototypes -Wconver
 CFLAGS ?= -O2 -g
 CFLAGS += -std=c11 $(WARN) -fPIC -fvisibility=hidden -ffp-contract=off -Iinclude -Isrc -DEPMOE_HAVE_CUDA=$(CUDA) -DEPMOE_HAVE_NCCL=$(NCCL)
 NVFLAGS ?= -O3 -lineinfo
-NVFLAGS += -std=c++17 $(CUDA_ARCH) -Xcompiler -fPIC,-fvisibility=hidden -Iinclude -Isrc -DEPMOE_HAVE_CUDA=1
+NVFLAGS += -std=c++17 $(CUDA_ARCH) -Xcompiler -fPIC,-fvisibility=hidden -Iinclude -Isrc -DEPMOE_HAVE_CUDA=1 \
+	-DEPMOE_HAVE_NCCL=$(NCCL)
 LDLIBS := -lm -lpthread
 ifeq ($(CUDA),1)
 # cudart linked statically: the library then loads on machines with only the driver.
 LDLIBS += -L$(CUDA_HOME)/lib64 -lcudart_static -ldl -lrt -lstdc++
 endif
+ifeq ($(NCCL),1)
+LDLIBS := -L$(NCCL_HOME)/lib64 -Wl,-rpath,$(NCCL_HOME)/lib64 -lnccl $(LDLIBS)
+endif
 
 LIB_C := src/status.c src/format.c src/quant_args.c src/ref/quant_ref.c src/cuda_none.c \
 	src/ep/ep.c src/ep/ep_cpu.c src/ep/ep_ref.c
-LIB_CU := $(if $(filter 1,$(CUDA)),$(wildcard src/cuda/*.cu))
+LIB_CU := $(if $(filter 1,$(CUDA)),$(wildcard src/cuda/*.cu)) $(if $(filter 1,$(NCCL)),$(wildcard src/ep/*.cu))
 LIB_OBJ := $(LIB_C:%.c=$(BUILD)/obj/%.o) $(LIB_CU:%.cu=$(BUILD)/obj/%.o)
-HEADERS := include/epmoe.h $(wildcard src/*.h src/ep/*.h src/cuda/*.cuh)
+HEADERS := include/epmoe.h $(wildcard src/*.h src/ep/*.h src/ep/*.cuh src/cuda/*.cuh)
 
 CPU_TESTS := test_format test_quant test_ep
 ASAN := $(BUILD)/asan
@@ -47,6 +54,11 @@ ifeq ($(CUDA),1)
 	@echo "✓ nvcc found ($(NVCC)): building CUDA kernels for sm_90a"
 else
 	@echo "✗ nvcc not found (or CUDA=0): CPU-only build, GPU entry points return EPMOE_ERR_UNSUPPORTED"
+endif
+ifeq ($(NCCL),1)
+	@echo "✓ NCCL device API found ($(NCCL_HOME)): building the GPU EP backend"
+else
+	@echo "✗ NCCL device API not found (or NCCL=0): EP runs on the CPU backend only"
 endif
 
 lib: info $(BUILD)/libepmoe.a $(BUILD)/libepmoe.so
@@ -74,12 +86,12 @@ demo: lib $(BUILD)/epmoe
 	./$(BUILD)/epmoe demo
 
 # ---- CPU tests -------------------------------------------------------------------------------
-$(BUILD)/tests/%: tests/%.c tests/test.h $(BUILD)/libepmoe.a
+$(BUILD)/tests/%: tests/%.c tests/test.h tests/ep_common.h $(BUILD)/libepmoe.a
 	@mkdir -p $(dir $@)
 	$(CC) $(CFLAGS) -Wno-conversion -o $@ $< $(BUILD)/libepmoe.a $(LDLIBS)
 
 # The sanitized build is CPU-only (ASan and the CUDA runtime do not mix) and its own tree.
-$(ASAN)/tests/%: tests/%.c tests/test.h $(LIB_C) $(HEADERS)
+$(ASAN)/tests/%: tests/%.c tests/test.h tests/ep_common.h $(LIB_C) $(HEADERS)
 	@mkdir -p $(dir $@)
 	$(CC) $(filter-out -DEPMOE_HAVE_CUDA=%,$(CFLAGS)) -DEPMOE_HAVE_CUDA=0 -Wno-conversion $(SANFLAGS) -O1 \
 		-o $@ $< $(LIB_C) -lm -lpthread
@@ -108,23 +120,27 @@ test: lib check-header check-symbols test-c test-asan test-python
 	@echo "make test: all CPU suites passed"
 
 # ---- GPU (H200): tests, benchmarks, the whole suite in one call ------------------------------
-GPU_TESTS := test_quant_gpu
-$(BUILD)/tests/gpu/%: tests/gpu/%.c tests/test.h $(BUILD)/libepmoe.a
+GPU_TESTS := test_quant_gpu $(if $(filter 1,$(NCCL)),test_ep_gpu)
+$(BUILD)/tests/gpu/%: tests/gpu/%.c tests/test.h tests/ep_common.h $(BUILD)/libepmoe.a
 	@mkdir -p $(dir $@)
-	$(CC) $(CFLAGS) -Wno-conversion -I$(CUDA_HOME)/include -o $@ $< $(BUILD)/libepmoe.a $(LDLIBS)
+	$(CC) $(CFLAGS) -Wno-conversion -isystem $(CUDA_HOME)/include -o $@ $< $(BUILD)/libepmoe.a $(LDLIBS)
+
+$(BUILD)/bench/%: bench/%.c $(BUILD)/libepmoe.a $(HEADERS)
+	@mkdir -p $(dir $@)
+	$(CC) $(CFLAGS) -Wno-conversion -isystem $(CUDA_HOME)/include -o $@ $< $(BUILD)/libepmoe.a $(LDLIBS)
 
 $(BUILD)/tests/gpu/%: tests/gpu/%.cu tests/test.h
 	@mkdir -p $(dir $@)
 	$(NVCC) $(NVFLAGS) -o $@ $<
 
-gpu-build: lib $(BUILD)/epmoe $(GPU_TESTS:%=$(BUILD)/tests/gpu/%) $(BUILD)/tests/gpu/fp8_exhaustive dev-labs
+GPU_BENCH := $(if $(filter 1,$(NCCL)),$(BUILD)/bench/bench_ep)
+gpu-build: lib $(BUILD)/epmoe $(GPU_TESTS:%=$(BUILD)/tests/gpu/%) $(BUILD)/tests/gpu/fp8_exhaustive dev-labs $(GPU_BENCH)
 
 test-gpu: gpu-build
-	./$(BUILD)/tests/gpu/fp8_exhaustive
-	./$(BUILD)/tests/gpu/test_quant_gpu
+	EPMOE_SUITE=tests bash scripts/gpu_suite.sh
 
-bench-gpu: lib
-	EPMOE_LIB=$(abspath $(BUILD)/libepmoe.so) $(PYTHON) bench/bench_quant.py
+bench-gpu: gpu-build
+	EPMOE_SUITE=bench bash scripts/gpu_suite.sh
 
 gpu-suite: gpu-build
 	bash scripts/gpu_suite.sh

@@ -247,8 +247,13 @@ EPMOE_API epmoe_status epmoe_ep_create_nccl(struct ncclComm *comm, const epmoe_e
 /* Collective teardown; a failed ep (timeout) tears down without waiting for dead peers. */
 EPMOE_API epmoe_status epmoe_ep_destroy(epmoe_ep *ep);
 EPMOE_API epmoe_backend epmoe_ep_backend(const epmoe_ep *ep);
-/* Mark ranks inactive (active[r] = 0) from the next dispatch on; must be the same on every live rank. */
+/* Mark ranks inactive (active[r] = 0) from the next dispatch on; must be the same on every live
+** rank, and no call may be in flight (the GPU backend copies the set to the device). */
 EPMOE_API epmoe_status epmoe_ep_set_active_ranks(epmoe_ep *ep, const int *active);
+/* Errors the GPU kernels record without a host sync (a peer timed out, an expert id out of
+** range: those slots are sent as -1) surface here once the stream has run the failing kernel,
+** and at the next call. EPMOE_OK otherwise. */
+EPMOE_API epmoe_status epmoe_ep_poll(epmoe_ep *ep);
 
 typedef struct epmoe_dispatch_args {
     const uint16_t *x;          /* bf16 [T, H] */

@@ -9,6 +9,11 @@ OUT=${OUT:-build/gpu-out}
 mkdir -p "$OUT"
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 export EPMOE_LIB=$PWD/build/libepmoe.so PYTHONUNBUFFERED=1
+# NCCL's device API must run against the libnccl it was compiled with (2.28.9, the CUDA toolkit's
+# headers): on the H200 image that is torch's wheel, not the system 2.28.3.
+for d in /opt/torch/.venv/lib/python3.*/site-packages/nvidia/nccl/lib; do
+    [ -d "$d" ] && export LD_LIBRARY_PATH=$d${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
+done
 steps=${EPMOE_SUITE:-"tests memcheck bench"}
 summary=()
 
@@ -28,12 +33,15 @@ for s in $steps; do
     case $s in
     tests)
         run fp8_exhaustive ./build/tests/gpu/fp8_exhaustive
-        run test_quant_gpu ./build/tests/gpu/test_quant_gpu ;;
+        run test_quant_gpu ./build/tests/gpu/test_quant_gpu
+        [ -x build/tests/gpu/test_ep_gpu ] && run test_ep_gpu timeout 300 ./build/tests/gpu/test_ep_gpu ;;
     memcheck)
         EPMOE_TEST_QUICK=1 run memcheck_quant compute-sanitizer --tool memcheck --error-exitcode 3 ./build/tests/gpu/test_quant_gpu
         EPMOE_TEST_QUICK=1 run racecheck_quant compute-sanitizer --tool racecheck --error-exitcode 3 ./build/tests/gpu/test_quant_gpu ;;
     bench)
+        [ -x build/bench/bench_ep ] && run bench_ep timeout 300 ./build/bench/bench_ep --json "$OUT/bench_ep.json"
         run bench_quant python3 bench/bench_quant.py
+        [ -f "$OUT/bench_ep.log" ] && cat "$OUT/bench_ep.log"
         cat "$OUT/bench_quant.log" ;;
     esac
 done

@@ -130,7 +130,13 @@ epmoe_status epmoe_ep_set_active_ranks(epmoe_ep *ep, const int *active) {
     if (!active[ep->cfg.rank])
         return epmoe__fail(EPMOE_ERR_INVALID_ARG, "epmoe_ep_set_active_ranks: rank %d cannot mask itself out", ep->cfg.rank);
     for (int r = 0; r < ep->cfg.num_ranks; r++) ep->active[r] = active[r] != 0;
-    return EPMOE_OK;
+    return ep->ops && ep->ops->set_active ? ep->ops->set_active(ep) : EPMOE_OK;
+}
+
+epmoe_status epmoe_ep_poll(epmoe_ep *ep) {
+    if (!ep) return epmoe__fail(EPMOE_ERR_NULL_POINTER, "epmoe_ep_poll: ep is NULL");
+    if (ep->failed) return epmoe__fail(EPMOE_ERR_TIMEOUT, "epmoe_ep_poll: the group failed (a peer timed out)");
+    return ep->ops && ep->ops->poll ? ep->ops->poll(ep) : EPMOE_OK;
 }
 
 static epmoe_status usable(const char *fn, epmoe_ep *ep) {

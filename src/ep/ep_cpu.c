@@ -331,7 +331,8 @@ static void cpu_destroy(epmoe_ep *ep) {
     ep->impl = NULL;
 }
 
-static const ep_backend_ops cpu_ops = {cpu_dispatch_send, cpu_dispatch_recv, cpu_combine_send, cpu_combine_recv, cpu_destroy};
+static const ep_backend_ops cpu_ops = {cpu_dispatch_send, cpu_dispatch_recv, cpu_combine_send, cpu_combine_recv,
+                                       cpu_destroy, NULL, NULL};
 
 epmoe_status epmoe_ep_create_cpu(epmoe_cpu_world *w, const epmoe_ep_config *cfg, epmoe_ep **out) {
     static const char fn[] = "epmoe_ep_create_cpu";

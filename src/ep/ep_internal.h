@@ -8,6 +8,10 @@
 #include "../internal.h"
 #include "ep_layout.h"
 
+#ifdef __cplusplus
+extern "C" {
+#endif
+
 /* Host-side record of one dispatch (two live at once, indexed by the parity of its seq). */
 typedef struct ep_call {
     uint32_t seq;         /* the dispatch's handle; 0 = none */
@@ -27,6 +31,8 @@ typedef struct ep_backend_ops {
     epmoe_status (*combine_send)(epmoe_ep *ep, const epmoe_combine_args *a, ep_call *c, epmoe_stream_t s);
     epmoe_status (*combine_recv)(epmoe_ep *ep, const epmoe_combine_args *a, ep_call *c, epmoe_stream_t s);
     void (*destroy)(epmoe_ep *ep);
+    epmoe_status (*poll)(epmoe_ep *ep);       /* errors recorded asynchronously (may be NULL) */
+    epmoe_status (*set_active)(epmoe_ep *ep); /* push ep->active to the backend (may be NULL) */
 } ep_backend_ops;
 
 struct epmoe_ep {
@@ -56,4 +62,7 @@ static inline int64_t ep_topk_at(const void *idx, int bits, int64_t i) {
 /* Deadline helpers (monotonic clock, milliseconds). */
 EPMOE_HIDDEN double epmoe__now_ms(void);
 
+#ifdef __cplusplus
+}
+#endif
 #endif

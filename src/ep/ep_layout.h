@@ -29,6 +29,15 @@
 
 #include "../format.h"
 
+/* One definition for the CPU backend, the reference and the kernels. */
+#ifdef __CUDACC__
+#define EP_HD static __host__ __device__ __forceinline__
+#define EP_STATIC_ASSERT static_assert
+#else
+#define EP_HD static inline
+#define EP_STATIC_ASSERT _Static_assert
+#endif
+
 typedef struct ep_entry {
     int16_t le; /* local expert on the destination rank */
     int16_t j;  /* top-k slot */
@@ -41,8 +50,8 @@ typedef struct ep_header {
     int32_t n_entries;
 } ep_header;
 
-_Static_assert(sizeof(ep_entry) == 12, "ep_entry layout");
-_Static_assert(sizeof(ep_header) == 8, "ep_header layout");
+EP_STATIC_ASSERT(sizeof(ep_entry) == 12, "ep_entry layout");
+EP_STATIC_ASSERT(sizeof(ep_header) == 8, "ep_header layout");
 
 typedef struct ep_dims {
     int R, rank, N, H, E, L, k;
@@ -62,9 +71,9 @@ typedef struct ep_window {
     int64_t total;
 } ep_window;
 
-static inline int64_t ep_align(int64_t x, int64_t a) { return (x + a - 1) / a * a; }
+EP_HD int64_t ep_align(int64_t x, int64_t a) { return (x + a - 1) / a * a; }
 
-static inline void ep_dims_init(ep_dims *d, int R, int rank, int N, int H, int E, int k, int fp8, int dedup,
+EP_HD void ep_dims_init(ep_dims *d, int R, int rank, int N, int H, int E, int k, int fp8, int dedup,
                                 int reduce_at_expert) {
     d->R = R, d->rank = rank, d->N = N, d->H = H, d->E = E, d->L = E / R, d->k = k;
     d->fp8 = fp8, d->dedup = dedup, d->reduce_at_expert = reduce_at_expert;
@@ -75,7 +84,7 @@ static inline void ep_dims_init(ep_dims *d, int R, int rank, int N, int H, int E
 }
 
 /* The one layout function of the window (offsets are for parity 0). */
-static inline void ep_window_layout(const ep_dims *d, ep_window *w) {
+EP_HD void ep_window_layout(const ep_dims *d, ep_window *w) {
     int64_t o = 0;
     w->disp_msgs = o;
     o += (int64_t)d->R * d->slots * d->msg_bytes;
@@ -93,32 +102,32 @@ static inline void ep_window_layout(const ep_dims *d, ep_window *w) {
 }
 
 /* Addresses inside one window (base = that rank's window). */
-static inline uint8_t *ep_msg(uint8_t *base, const ep_dims *d, const ep_window *w, int p, int src, int64_t slot) {
+EP_HD uint8_t *ep_msg(uint8_t *base, const ep_dims *d, const ep_window *w, int p, int src, int64_t slot) {
     return base + p * w->parity_bytes + w->disp_msgs + ((int64_t)src * d->slots + slot) * d->msg_bytes;
 }
-static inline uint32_t *ep_meta(uint8_t *base, const ep_window *w, int p, int src) {
+EP_HD uint32_t *ep_meta(uint8_t *base, const ep_window *w, int p, int src) {
     return (uint32_t *)(base + p * w->parity_bytes + w->disp_meta + (int64_t)src * w->meta_stride);
 }
 /* the dispatch flag sits after the counts in the same meta block */
-static inline uint64_t *ep_disp_flag(uint8_t *base, const ep_dims *d, const ep_window *w, int p, int src) {
+EP_HD uint64_t *ep_disp_flag(uint8_t *base, const ep_dims *d, const ep_window *w, int p, int src) {
     return (uint64_t *)((uint8_t *)ep_meta(base, w, p, src) + ep_align(8 + 4 * (int64_t)d->L, 8));
 }
-static inline uint16_t *ep_comb_row(uint8_t *base, const ep_dims *d, const ep_window *w, int p, int64_t row) {
+EP_HD uint16_t *ep_comb_row(uint8_t *base, const ep_dims *d, const ep_window *w, int p, int64_t row) {
     return (uint16_t *)(base + p * w->parity_bytes + w->comb_rows + row * d->H * 2);
 }
-static inline uint64_t *ep_comb_flag(uint8_t *base, const ep_window *w, int p, int src) {
+EP_HD uint64_t *ep_comb_flag(uint8_t *base, const ep_window *w, int p, int src) {
     return (uint64_t *)(base + p * w->parity_bytes + w->comb_flag + (int64_t)src * 128);
 }
 
 /* The first top-k slot of a token naming the same expert as slot j (j if none): an expert
 ** named twice receives the token once, and every slot naming it gets that one output row. */
-static inline int ep_first_slot(const int32_t *idx, int j) {
+EP_HD int ep_first_slot(const int32_t *idx, int j) {
     for (int jj = 0; jj < j; jj++)
         if (idx[jj] == idx[j]) return jj;
     return j;
 }
 
-static inline uint64_t *ep_ack(uint8_t *base, const ep_window *w, int src) {
+EP_HD uint64_t *ep_ack(uint8_t *base, const ep_window *w, int src) {
     return (uint64_t *)(base + w->ack + (int64_t)src * 128);
 }
 

@@ -1,0 +1,237 @@
+/*
+** bench_ep.c — dispatch and combine on the GPUs of one node (one thread per GPU, NCCL device
+** API), side by side in the same run with NCCL's own all-to-all moving DeepEP-style payloads
+** (the anchor of shared/baselines/nccl_alltoall.py). Each iteration starts from an NCCL
+** all-reduce of one float on the same stream (aligns the ranks, as DeepEP's bench does), then
+** CUDA events around dispatch and around combine; medians over 200 iterations after 30 warm-ups.
+** Bandwidth is DeepEP's logical GB/s: valid (token, expert) selections x bytes per selection
+** (FP8: H + H/128*4 + 16; BF16: 2H + 16; combine: 2H), over the measured time.
+** Run on the GPU machine: ./build/bench/bench_ep  (prints a table; --json FILE writes it too)
+*/
+#define _POSIX_C_SOURCE 200809L
+#include <cuda_runtime_api.h>
+#include <nccl.h>
+#include <pthread.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "epmoe.h"
+
+#define CU(call)                                                                                                       \
+    do {                                                                                                               \
+        cudaError_t e_ = (call);                                                                                       \
+        if (e_ != cudaSuccess) {                                                                                       \
+            printf("CUDA error %s at %s:%d\n", cudaGetErrorString(e_), __FILE__, __LINE__);                           \
+            exit(2);                                                                                                   \
+        }                                                                                                              \
+    } while (0)
+#define NC(call)                                                                                                       \
+    do {                                                                                                               \
+        ncclResult_t r_ = (call);                                                                                      \
+        if (r_ != ncclSuccess) {                                                                                       \
+            printf("NCCL error %s at %s:%d\n", ncclGetErrorString(r_), __FILE__, __LINE__);                           \
+            exit(2);                                                                                                   \
+        }                                                                                                              \
+    } while (0)
+#define EP(call)                                                                                                       \
+    do {                                                                                                               \
+        epmoe_status s_ = (call);                                                                                      \
+        if (s_ != EPMOE_OK) {                                                                                          \
+            printf("epmoe error %s at %s:%d: %s\n", epmoe_status_str(s_), __FILE__, __LINE__, epmoe_last_error());    \
+            exit(2);                                                                                                   \
+        }                                                                                                              \
+    } while (0)
+
+enum { WARMUP = 30, ITERS = 200 };
+
+typedef struct {
+    const char *name;
+    int tokens, experts;
+    epmoe_wire wire;
+    int dedup;
+    epmoe_combine_mode mode;
+} bench_case;
+
+typedef struct {
+    int rank, R;
+    ncclUniqueId id;
+    const bench_case *bc;
+    double disp_us, comb_us, a2a_us;
+    long selections, link_msgs;
+    size_t window_bytes;
+} job;
+
+static int cmp_f(const void *a, const void *b) {
+    float x = *(const float *)a, y = *(const float *)b;
+    return (x > y) - (x < y);
+}
+
+static uint64_t rng_state;
+static uint64_t rnd(void) {
+    rng_state ^= rng_state << 13, rng_state ^= rng_state >> 7, rng_state ^= rng_state << 17;
+    return rng_state;
+}
+
+static void *run(void *arg) {
+    job *j = arg;
+    const bench_case *bc = j->bc;
+    CU(cudaSetDevice(j->rank));
+    ncclComm_t comm;
+    NC(ncclCommInitRank(&comm, j->R, j->id, j->rank));
+    epmoe_ep_config cfg = EPMOE_EP_CONFIG_INIT;
+    cfg.num_ranks = j->R, cfg.rank = j->rank, cfg.max_tokens = bc->tokens, cfg.hidden = 7168;
+    cfg.num_experts = bc->experts, cfg.top_k = 8, cfg.wire = bc->wire, cfg.dedup = bc->dedup, cfg.combine_mode = bc->mode;
+    epmoe_ep_layout lay;
+    EP(epmoe_ep_layout_query(&cfg, &lay));
+    j->window_bytes = lay.window_bytes + lay.state_bytes;
+    epmoe_ep *ep;
+    EP(epmoe_ep_create_nccl(comm, &cfg, &ep));
+    const int T = bc->tokens, H = cfg.hidden, k = cfg.top_k, E = bc->experts, L = E / j->R;
+    uint16_t *x = malloc((size_t)T * H * 2);
+    int32_t *idx = malloc((size_t)T * k * 4);
+    float *w = malloc((size_t)T * k * 4);
+    rng_state = 0x9E3779B97F4A7C15ull * (uint64_t)(j->rank + 1);
+    for (size_t i = 0; i < (size_t)T * H; i++) x[i] = epmoe_bf16_from_float((float)((int)(rnd() % 2001) - 1000) * 1e-3f);
+    j->selections = 0, j->link_msgs = 0;
+    for (int t = 0; t < T; t++) { /* k distinct experts, uniform (random routing, as DeepEP's bench) */
+        int ranks_hit[64] = {0};
+        for (int q = 0; q < k; q++) {
+            int e, dup;
+            do {
+                e = (int)(rnd() % (uint64_t)E);
+                dup = 0;
+                for (int p = 0; p < q; p++) dup |= idx[t * k + p] == e;
+            } while (dup);
+            idx[t * k + q] = e;
+            w[t * k + q] = 0.125f;
+            j->selections++;
+            if (!ranks_hit[e / L]++) j->link_msgs += (e / L) != j->rank;
+        }
+    }
+    void *dx, *didx, *dw, *rx, *rs, *dm, *eo, *out, *red;
+    CU(cudaMalloc(&dx, (size_t)T * H * 2));
+    CU(cudaMalloc(&didx, (size_t)T * k * 4));
+    CU(cudaMalloc(&dw, (size_t)T * k * 4));
+    CU(cudaMalloc(&rx, lay.recv_x_bytes));
+    CU(cudaMalloc(&rs, lay.recv_scales_bytes + 16));
+    CU(cudaMalloc(&dm, lay.masked_m_bytes));
+    CU(cudaMalloc(&eo, lay.expert_out_bytes));
+    CU(cudaMalloc(&out, lay.out_bytes));
+    CU(cudaMalloc(&red, 4));
+    CU(cudaMemcpy(dx, x, (size_t)T * H * 2, cudaMemcpyHostToDevice));
+    CU(cudaMemcpy(didx, idx, (size_t)T * k * 4, cudaMemcpyHostToDevice));
+    CU(cudaMemcpy(dw, w, (size_t)T * k * 4, cudaMemcpyHostToDevice));
+    CU(cudaMemset(eo, 0x3C, lay.expert_out_bytes));
+    cudaStream_t st;
+    CU(cudaStreamCreateWithFlags(&st, cudaStreamNonBlocking));
+    cudaEvent_t ev[3];
+    for (int i = 0; i < 3; i++) CU(cudaEventCreate(&ev[i]));
+    epmoe_dispatch_args a = {dx, didx, 32, dw, T, rx, rs, dm, NULL, NULL};
+    epmoe_combine_args ca = {eo, dw, out};
+    float *td = malloc(sizeof(float) * ITERS), *tc = malloc(sizeof(float) * ITERS), *ta = malloc(sizeof(float) * ITERS);
+    for (int it = 0; it < WARMUP + ITERS; it++) {
+        uint32_t h;
+        NC(ncclAllReduce(red, red, 1, ncclFloat, ncclSum, comm, st));
+        CU(cudaEventRecord(ev[0], st));
+        EP(epmoe_dispatch(ep, &a, EPMOE_PHASE_BOTH, &h, st));
+        CU(cudaEventRecord(ev[1], st));
+        EP(epmoe_combine(ep, h, &ca, EPMOE_PHASE_BOTH, st));
+        CU(cudaEventRecord(ev[2], st));
+        CU(cudaEventSynchronize(ev[2]));
+        if (it >= WARMUP) {
+            CU(cudaEventElapsedTime(&td[it - WARMUP], ev[0], ev[1]));
+            CU(cudaEventElapsedTime(&tc[it - WARMUP], ev[1], ev[2]));
+        }
+    }
+    EP(epmoe_ep_poll(ep));
+    /* anchor: NCCL all-to-all of the same selections, padded equally per peer (as the torch baseline) */
+    const size_t per_tok = bc->wire == EPMOE_WIRE_FP8 ? (size_t)H + H / 128 * 4 : (size_t)H * 2;
+    const size_t per_peer = (size_t)T * k / (size_t)j->R * per_tok;
+    void *sb, *rb;
+    CU(cudaMalloc(&sb, per_peer * j->R));
+    CU(cudaMalloc(&rb, per_peer * j->R));
+    for (int it = 0; it < WARMUP + ITERS; it++) {
+        NC(ncclAllReduce(red, red, 1, ncclFloat, ncclSum, comm, st));
+        CU(cudaEventRecord(ev[0], st));
+        NC(ncclGroupStart());
+        for (int p = 0; p < j->R; p++) {
+            NC(ncclSend((char *)sb + per_peer * p, per_peer, ncclUint8, p, comm, st));
+            NC(ncclRecv((char *)rb + per_peer * p, per_peer, ncclUint8, p, comm, st));
+        }
+        NC(ncclGroupEnd());
+        CU(cudaEventRecord(ev[1], st));
+        CU(cudaEventSynchronize(ev[1]));
+        if (it >= WARMUP) CU(cudaEventElapsedTime(&ta[it - WARMUP], ev[0], ev[1]));
+    }
+    qsort(td, ITERS, sizeof(float), cmp_f);
+    qsort(tc, ITERS, sizeof(float), cmp_f);
+    qsort(ta, ITERS, sizeof(float), cmp_f);
+    j->disp_us = td[ITERS / 2] * 1e3, j->comb_us = tc[ITERS / 2] * 1e3, j->a2a_us = ta[ITERS / 2] * 1e3;
+    EP(epmoe_ep_destroy(ep));
+    ncclCommDestroy(comm);
+    cudaFree(dx), cudaFree(didx), cudaFree(dw), cudaFree(rx), cudaFree(rs), cudaFree(dm), cudaFree(eo), cudaFree(out);
+    cudaFree(red), cudaFree(sb), cudaFree(rb);
+    free(x), free(idx), free(w), free(td), free(tc), free(ta);
+    return NULL;
+}
+
+int main(int argc, char **argv) {
+    int ngpu = 0;
+    CU(cudaGetDeviceCount(&ngpu));
+    const char *json = argc > 2 && !strcmp(argv[1], "--json") ? argv[2] : NULL;
+    FILE *jf = json ? fopen(json, "w") : NULL;
+    const bench_case cases[] = {
+        {"fp8 dedup reduce-at-expert", 128, 256, EPMOE_WIRE_FP8, 1, EPMOE_COMBINE_REDUCE_AT_EXPERT},
+        {"bf16 dedup reduce-at-expert", 128, 256, EPMOE_WIRE_BF16, 1, EPMOE_COMBINE_REDUCE_AT_EXPERT},
+        {"fp8 per-expert reduce-at-owner", 128, 256, EPMOE_WIRE_FP8, 0, EPMOE_COMBINE_REDUCE_AT_OWNER},
+        {"fp8 dedup reduce-at-owner", 128, 256, EPMOE_WIRE_FP8, 1, EPMOE_COMBINE_REDUCE_AT_OWNER},
+        {"fp8 dedup reduce-at-expert", 256, 256, EPMOE_WIRE_FP8, 1, EPMOE_COMBINE_REDUCE_AT_EXPERT},
+        {"bf16 dedup reduce-at-expert", 256, 256, EPMOE_WIRE_BF16, 1, EPMOE_COMBINE_REDUCE_AT_EXPERT},
+        {"fp8 dedup reduce-at-expert", 128, 384, EPMOE_WIRE_FP8, 1, EPMOE_COMBINE_REDUCE_AT_EXPERT},
+    };
+    int v;
+    ncclGetVersion(&v);
+    printf("bench_ep: %d GPU(s), NCCL %d, H 7168, top-8; medians of %d iterations\n", ngpu, v, ITERS);
+    printf("%-3s %-32s %5s %4s %10s %8s %10s %8s %10s %10s %9s\n", "R", "case", "tok", "E", "dispatch", "GB/s", "combine",
+           "GB/s", "nccl a2a", "link msgs", "buffer MB");
+    if (jf) fprintf(jf, "[\n");
+    int first = 1;
+    for (int R = ngpu; R >= 1; R = R == 1 ? 0 : 1) {
+        for (size_t c = 0; c < sizeof cases / sizeof cases[0]; c++) {
+            ncclUniqueId id;
+            NC(ncclGetUniqueId(&id));
+            job jobs[8];
+            pthread_t th[8];
+            for (int r = 0; r < R; r++) {
+                memset(&jobs[r], 0, sizeof jobs[r]);
+                jobs[r].rank = r, jobs[r].R = R, jobs[r].id = id, jobs[r].bc = &cases[c];
+                pthread_create(&th[r], NULL, run, &jobs[r]);
+            }
+            for (int r = 0; r < R; r++) pthread_join(th[r], NULL);
+            double d = 0, cm = 0, a2a = 0;
+            long sel = 0, msgs = 0;
+            for (int r = 0; r < R; r++) { /* the slowest rank is the collective's time */
+                if (jobs[r].disp_us > d) d = jobs[r].disp_us;
+                if (jobs[r].comb_us > cm) cm = jobs[r].comb_us;
+                if (jobs[r].a2a_us > a2a) a2a = jobs[r].a2a_us;
+                sel += jobs[r].selections, msgs += jobs[r].link_msgs;
+            }
+            const int H = 7168;
+            const double dbytes = (double)sel / R * (cases[c].wire == EPMOE_WIRE_FP8 ? H + H / 128 * 4 + 16 : 2 * H + 16);
+            const double cbytes = (double)sel / R * 2 * H;
+            printf("%-3d %-32s %5d %4d %8.2fus %8.1f %8.2fus %8.1f %8.2fus %10ld %9.1f\n", R, cases[c].name, cases[c].tokens,
+                   cases[c].experts, d, dbytes / d / 1e3, cm, cbytes / cm / 1e3, a2a, msgs / R,
+                   jobs[0].window_bytes / 1e6);
+            if (jf)
+                fprintf(jf, "%s {\"R\": %d, \"case\": \"%s\", \"tokens\": %d, \"experts\": %d, \"dispatch_us\": %.3f, "
+                            "\"dispatch_GBps\": %.2f, \"combine_us\": %.3f, \"combine_GBps\": %.2f, \"nccl_a2a_us\": %.3f, "
+                            "\"link_msgs_per_rank\": %ld, \"buffer_bytes\": %zu}\n",
+                        first ? "" : ",", R, cases[c].name, cases[c].tokens, cases[c].experts, d, dbytes / d / 1e3, cm,
+                        cbytes / cm / 1e3, a2a, msgs / R, jobs[0].window_bytes);
+            first = 0;
+        }
+    }
+    if (jf) fprintf(jf, "]\n"), fclose(jf);
+    return 0;
+}

@@ -1,0 +1,131 @@
+/*
+** ep_combine.cu — combine on the GPU: the send kernel returns expert outputs to the tokens'
+** ranks (REDUCE_AT_EXPERT: one weighted partial sum per (token, rank); REDUCE_AT_OWNER: every
+** row), the receive kernel sums them in a fixed order. Spec: ep_cpu.c's combine; fp32 math in
+** the same operation order (multiply, then add, each rounded), bf16 out.
+*/
+#include "ep_device.cuh"
+
+namespace epk {
+namespace {
+
+__device__ __forceinline__ void acc8_add(float (&acc)[8], uint4 v, float w) {
+    const uint32_t u[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+    for (int i = 0; i < 4; i++) {
+        acc[2 * i] = __fadd_rn(acc[2 * i], __fmul_rn(w, bf16_lo(u[i])));
+        acc[2 * i + 1] = __fadd_rn(acc[2 * i + 1], __fmul_rn(w, bf16_hi(u[i])));
+    }
+}
+
+__device__ __forceinline__ void acc8_add_plain(float (&acc)[8], uint4 v) {
+    const uint32_t u[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+    for (int i = 0; i < 4; i++) {
+        acc[2 * i] = __fadd_rn(acc[2 * i], bf16_lo(u[i]));
+        acc[2 * i + 1] = __fadd_rn(acc[2 * i + 1], bf16_hi(u[i]));
+    }
+}
+
+__device__ __forceinline__ uint4 pack8(const float (&acc)[8]) {
+    return make_uint4(bf16x2_from_float(acc[0], acc[1]), bf16x2_from_float(acc[2], acc[3]),
+                      bf16x2_from_float(acc[4], acc[5]), bf16x2_from_float(acc[6], acc[7]));
+}
+
+__global__ void __launch_bounds__(kThreads, 1) combine_send_kernel(Params p, const uint16_t *__restrict__ y, uint32_t seq) {
+    const ep_dims &d = p.d;
+    const int par = seq & 1, R = d.R, H = d.H, me = d.rank;
+    const int64_t M = (int64_t)R * d.N;
+    const CallState &st = p.st[par];
+    __shared__ int pre[1025];
+    __shared__ __align__(16) uint8_t hdr[256];
+    if (threadIdx.x == 0) {
+        pre[0] = 0;
+        for (int r = 0; r < R; r++) pre[r + 1] = pre[r] + (p.active[r] ? st.n_msgs[r] : 0);
+    }
+    __syncthreads();
+    const uint4 *yv = reinterpret_cast<const uint4 *>(y);
+    for (int m = blockIdx.x; m < pre[R]; m += gridDim.x) {
+        int src = 0;
+        while (pre[src + 1] <= m) src++;
+        const int i = m - pre[src];
+        const uint8_t *keep = st.hdrs + ((int64_t)src * d.slots + i) * d.header_bytes;
+        for (int c = threadIdx.x; c < d.header_bytes / 16; c += kThreads)
+            reinterpret_cast<uint4 *>(hdr)[c] = reinterpret_cast<const uint4 *>(keep)[c];
+        __syncthreads();
+        const ep_header h = *reinterpret_cast<const ep_header *>(hdr);
+        const ep_entry *ent = reinterpret_cast<const ep_entry *>(hdr + sizeof(ep_header));
+        uint8_t *peer = peer_base(p, src);
+        if (d.reduce_at_expert) {
+            uint4 *o = reinterpret_cast<uint4 *>(ep_comb_row(peer, &d, &p.w, par, (int64_t)me * d.N + h.token));
+            for (int c = threadIdx.x; c < H / 8; c += kThreads) {
+                float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+                for (int n = 0; n < h.n_entries; n++) { /* top-k order; a repeated expert counts twice */
+                    const int64_t row = st.begin[ent[n].le * R + src] + ent[n].row;
+                    acc8_add(acc, __ldg(yv + (ent[n].le * M + row) * (H / 8) + c), ent[n].w);
+                }
+                o[c] = pack8(acc);
+            }
+        } else {
+            for (int n = 0; n < h.n_entries; n++) {
+                const int64_t row = st.begin[ent[n].le * R + src] + ent[n].row;
+                uint4 *o = reinterpret_cast<uint4 *>(ep_comb_row(peer, &d, &p.w, par, (int64_t)h.token * d.k + ent[n].j));
+                for (int c = threadIdx.x; c < H / 8; c += kThreads) o[c] = __ldg(yv + (ent[n].le * M + row) * (H / 8) + c);
+            }
+        }
+        __syncthreads(); /* hdr is reused */
+    }
+    if (last_block_done(&p.counters[2]))
+        for (int r = threadIdx.x; r < R; r += kThreads)
+            if (p.active[r]) st_release(ep_comb_flag(peer_base(p, r), &p.w, par, me), seq);
+}
+
+__global__ void __launch_bounds__(kThreads, 1) combine_recv_kernel(Params p, const float *__restrict__ weights,
+                                                                uint16_t *__restrict__ out, int T, uint32_t seq) {
+    const ep_dims &d = p.d;
+    const int par = seq & 1, R = d.R, H = d.H, k = d.k, L = d.L;
+    __shared__ int bail;
+    uint8_t *mine = my_base(p);
+    if (threadIdx.x == 0) bail = 0;
+    __syncthreads();
+    for (int r = threadIdx.x; r < R; r += kThreads)
+        if (p.active[r] && !wait_at_least(p, ep_comb_flag(mine, &p.w, par, r), seq, r, 4)) bail = 1;
+    __syncthreads();
+    if (bail) return;
+    const int16_t *topk = p.st[par].topk;
+    for (int t = blockIdx.x; t < T; t += gridDim.x) {
+        const int16_t *tok = topk + (int64_t)t * k;
+        uint4 *o = reinterpret_cast<uint4 *>(out + (int64_t)t * H);
+        for (int c = threadIdx.x; c < H / 8; c += kThreads) {
+            float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+            if (d.reduce_at_expert) {
+                for (int r = 0; r < R; r++) { /* rank order: one partial per rank holding any expert */
+                    bool hit = false;
+                    for (int j = 0; j < k; j++) hit |= tok[j] >= 0 && tok[j] / L == r;
+                    if (hit) acc8_add_plain(acc, reinterpret_cast<const uint4 *>(ep_comb_row(mine, &d, &p.w, par, (int64_t)r * d.N + t))[c]);
+                }
+            } else {
+                for (int j = 0; j < k; j++)
+                    if (tok[j] >= 0)
+                        acc8_add(acc, reinterpret_cast<const uint4 *>(ep_comb_row(mine, &d, &p.w, par, (int64_t)t * k + j))[c],
+                                 __ldg(weights + (int64_t)t * k + j));
+            }
+            o[c] = pack8(acc);
+        }
+    }
+}
+
+} // namespace
+
+epmoe_status launch_combine_send(const Params &p, const epmoe_combine_args &a, uint32_t seq, int sms, cudaStream_t s) {
+    combine_send_kernel<<<sms, kThreads, 0, s>>>(p, a.expert_out, seq);
+    return epmoe__launched("epmoe_combine (send)");
+}
+
+epmoe_status launch_combine_recv(const Params &p, const epmoe_combine_args &a, uint32_t seq, int T, int sms,
+                                 cudaStream_t s) {
+    combine_recv_kernel<<<T < 1 ? 1 : T < sms ? T : sms, kThreads, 0, s>>>(p, a.topk_weights, a.out, T, seq);
+    return epmoe__launched("epmoe_combine (receive)");
+}
+
+} // namespace epk

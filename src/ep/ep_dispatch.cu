@@ -1,0 +1,325 @@
+/*
+** ep_dispatch.cu — dispatch on the GPU: the send kernel (plan, cast once, store each message
+** into the destination rank's window, publish counts and flags) and the receive kernel (wait,
+** prefix sums, fan each message out into the masked layout, acknowledge). Spec: the CPU
+** backend (ep_cpu.c) and the reference (ep_ref.c); same message format and row order.
+*/
+#include "ep_device.cuh"
+
+namespace epk {
+namespace {
+
+/* ---- the plan: row and message slot of every (token, slot), computed in shared memory ----
+** Rows of an expert come in (token, slot) order and message slots of a destination in token
+** order, so each is a stable counting rank: warps take contiguous ranges of entries, rank them
+** within the range with __match_any_sync, and add the counts of the earlier warps. Every block
+** computes the same plan, so no block waits for another. */
+struct Plan {
+    int16_t *idx, *row, *slot; /* [T*k] */
+    int *count;                /* [E + R]: rows per expert, then messages per destination */
+    int *warp_count;           /* [W, E + R] scratch */
+};
+
+__device__ __forceinline__ bool expert_first(const int16_t *tok, int j) {
+    for (int jj = 0; jj < j; jj++)
+        if (tok[jj] == tok[j]) return false;
+    return true;
+}
+
+/* The entry that opens this entry's message: the first slot going to the same destination
+** (dedup) or naming the same expert (one message per expert). */
+__device__ __forceinline__ int msg_opener(const int16_t *tok, int j, int L, int dedup) {
+    for (int jj = 0; jj < j; jj++)
+        if (dedup ? tok[jj] >= 0 && tok[jj] / L == tok[j] / L : tok[jj] == tok[j]) return jj;
+    return j;
+}
+
+__device__ void make_plan(const Params &p, const void *topk, int bits, int T, Plan pl) {
+    const ep_dims &d = p.d;
+    const int k = d.k, n = T * k, keys = d.E + d.R, W = kThreads / 32;
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    for (int i = threadIdx.x; i < n; i += kThreads) {
+        int64_t e = bits == 64 ? static_cast<const int64_t *>(topk)[i] : static_cast<const int32_t *>(topk)[i];
+        if (e < -1 || e >= d.E) {
+            set_error(p, kErrBadExpert, (int)(i / k), 0);
+            e = -1;
+        }
+        pl.idx[i] = (int16_t)(e >= 0 && p.active[e / d.L] ? e : -1);
+    }
+    for (int i = threadIdx.x; i < W * keys; i += kThreads) pl.warp_count[i] = 0;
+    __syncthreads();
+    const int span = ((n + W - 1) / W + 31) / 32 * 32;
+    int *mine = pl.warp_count + warp * keys;
+    for (int base = warp * span; base < min(n, (warp + 1) * span); base += 32) {
+        const int i = base + lane;
+        int ka = -1, kb = -1;
+        if (i < n && pl.idx[i] >= 0) {
+            const int16_t *tok = pl.idx + (i / k) * k;
+            const int j = i % k;
+            if (expert_first(tok, j)) ka = pl.idx[i];
+            if (msg_opener(tok, j, d.L, d.dedup) == j) kb = d.E + pl.idx[i] / d.L;
+        }
+        const unsigned lt = (1u << lane) - 1u;
+        const unsigned ma = __match_any_sync(0xFFFFFFFFu, ka), mb = __match_any_sync(0xFFFFFFFFu, kb);
+        const int base_a = ka >= 0 ? mine[ka] : 0, base_b = kb >= 0 ? mine[kb] : 0;
+        if (ka >= 0) pl.row[i] = (int16_t)(base_a + __popc(ma & lt));
+        if (kb >= 0) pl.slot[i] = (int16_t)(base_b + __popc(mb & lt));
+        __syncwarp();
+        if (ka >= 0 && !(ma & lt)) mine[ka] = base_a + __popc(ma); /* the group's lowest lane */
+        if (kb >= 0 && !(mb & lt)) mine[kb] = base_b + __popc(mb);
+        __syncwarp();
+    }
+    __syncthreads();
+    for (int key = threadIdx.x; key < keys; key += kThreads) { /* exclusive scan over warps */
+        int acc = 0;
+        for (int w = 0; w < W; w++) {
+            const int c = pl.warp_count[w * keys + key];
+            pl.warp_count[w * keys + key] = acc;
+            acc += c;
+        }
+        pl.count[key] = acc;
+    }
+    __syncthreads();
+    for (int i = threadIdx.x; i < n; i += kThreads) {
+        if (pl.idx[i] < 0) continue;
+        const int16_t *tok = pl.idx + (i / k) * k;
+        const int j = i % k, w = i / span;
+        if (expert_first(tok, j)) pl.row[i] = (int16_t)(pl.row[i] + pl.warp_count[w * keys + pl.idx[i]]);
+        if (msg_opener(tok, j, d.L, d.dedup) == j)
+            pl.slot[i] = (int16_t)(pl.slot[i] + pl.warp_count[w * keys + d.E + pl.idx[i] / d.L]);
+    }
+    __syncthreads();
+    for (int i = threadIdx.x; i < n; i += kThreads) { /* repeated slots share their opener's values */
+        if (pl.idx[i] < 0) continue;
+        const int16_t *tok = pl.idx + (i / k) * k;
+        const int j = i % k, t0 = (i / k) * k;
+        int f = j;
+        for (int jj = 0; jj < j && f == j; jj++)
+            if (tok[jj] == tok[j]) f = jj;
+        if (f < j) pl.row[i] = pl.row[t0 + f];
+        const int o = msg_opener(tok, j, d.L, d.dedup);
+        if (o < j) pl.slot[i] = pl.slot[t0 + o];
+    }
+    __syncthreads();
+}
+
+struct MsgRef {
+    uint8_t *at; /* the message in the destination's window */
+    int dst, opener;
+};
+
+__global__ void __launch_bounds__(kThreads, 1) dispatch_send_kernel(Params p, const uint16_t *__restrict__ x,
+                                                                 const void *topk, int bits, const float *weights, int T,
+                                                                 uint32_t seq) {
+    const ep_dims &d = p.d;
+    const int k = d.k, me = d.rank, par = seq & 1, L = d.L;
+    extern __shared__ __align__(16) uint8_t smem[];
+    Plan pl;
+    pl.count = reinterpret_cast<int *>(smem);
+    pl.warp_count = pl.count + d.E + d.R;
+    pl.idx = reinterpret_cast<int16_t *>(pl.warp_count + (kThreads / 32) * (d.E + d.R));
+    pl.row = pl.idx + d.N * k;
+    pl.slot = pl.row + d.N * k;
+    __shared__ MsgRef msgs[EPMOE_MAX_TOPK];
+    __shared__ int n_msgs, bail;
+
+    if (threadIdx.x == 0) {
+        bail = 0;
+        if (seq > 2) /* the receivers are done with the slots this parity carried last time */
+            for (int r = 0; r < d.R && !bail; r++)
+                if (p.active[r] && !wait_at_least(p, ep_ack(my_base(p), &p.w, r), seq - 2, r, 1)) bail = 1;
+    }
+    make_plan(p, topk, bits, T, pl);
+    if (bail) return;
+    if (blockIdx.x == 0)
+        for (int i = threadIdx.x; i < T * k; i += kThreads) p.st[par].topk[i] = pl.idx[i];
+
+    const int chunks = d.H / 8; /* 16-byte chunks of the bf16 row */
+    for (int t = blockIdx.x; t < T; t += gridDim.x) {
+        const int16_t *tok = pl.idx + t * k;
+        if (threadIdx.x == 0) {
+            int m = 0;
+            for (int j = 0; j < k; j++) {
+                if (tok[j] < 0 || msg_opener(tok, j, L, d.dedup) != j) continue;
+                const int dst = tok[j] / L;
+                msgs[m].dst = dst, msgs[m].opener = j;
+                msgs[m].at = ep_msg(peer_base(p, dst), &d, &p.w, par, me, pl.slot[t * k + j]);
+                m++;
+            }
+            n_msgs = m;
+        }
+        __syncthreads();
+        const int nm = n_msgs;
+        if (threadIdx.x < nm) { /* one thread writes each message's header */
+            const MsgRef mr = msgs[threadIdx.x];
+            ep_header h = {t, 0};
+            ep_entry *ent = reinterpret_cast<ep_entry *>(mr.at + sizeof(ep_header));
+            for (int j = mr.opener; j < k; j++) {
+                if (tok[j] < 0 || (d.dedup ? tok[j] / L != mr.dst : tok[j] != tok[mr.opener])) continue;
+                ep_entry e = {(int16_t)(tok[j] - mr.dst * L), (int16_t)j, pl.row[t * k + j],
+                              weights ? weights[(int64_t)t * k + j] : 0.0f};
+                ent[h.n_entries++] = e;
+            }
+            *reinterpret_cast<ep_header *>(mr.at) = h;
+        }
+        if (nm) {
+            const uint4 *xt = reinterpret_cast<const uint4 *>(x + (int64_t)t * d.H);
+            const int lane = threadIdx.x & 31;
+            const unsigned half_mask = 0xFFFFu << (lane & 16);
+            for (int c = threadIdx.x; c < chunks; c += kThreads) { /* a half-warp owns a 128-group */
+                const uint4 v = __ldg(xt + c);
+                if (!d.fp8) {
+                    for (int m = 0; m < nm; m++) *reinterpret_cast<uint4 *>(msgs[m].at + d.header_bytes + c * 16) = v;
+                    continue;
+                }
+                const uint32_t w[4] = {v.x, v.y, v.z, v.w};
+                float f[8], amax = FMT_AMAX_FLOOR;
+#pragma unroll
+                for (int i = 0; i < 4; i++) f[2 * i] = bf16_lo(w[i]), f[2 * i + 1] = bf16_hi(w[i]);
+#pragma unroll
+                for (int i = 0; i < 8; i++) amax = fmaxf(amax, fabsf(f[i]));
+#pragma unroll
+                for (int off = 8; off; off >>= 1) amax = fmaxf(amax, __shfl_xor_sync(half_mask, amax, off));
+                float mul, scale_inv;
+                fmt_group_scales(amax, p.round_scale, &mul, &scale_inv);
+                uint2 q;
+                q.x = fp8x2_from_float(__fmul_rn(f[0], mul), __fmul_rn(f[1], mul)) |
+                      (fp8x2_from_float(__fmul_rn(f[2], mul), __fmul_rn(f[3], mul)) << 16);
+                q.y = fp8x2_from_float(__fmul_rn(f[4], mul), __fmul_rn(f[5], mul)) |
+                      (fp8x2_from_float(__fmul_rn(f[6], mul), __fmul_rn(f[7], mul)) << 16);
+                for (int m = 0; m < nm; m++) {
+                    *reinterpret_cast<uint2 *>(msgs[m].at + d.header_bytes + c * 8) = q;
+                    if ((lane & 15) == 0)
+                        *reinterpret_cast<float *>(msgs[m].at + d.header_bytes + d.H + (c / 16) * 4) = scale_inv;
+                }
+            }
+        }
+        __syncthreads(); /* msgs[] is rewritten for the next token */
+    }
+    if (last_block_done(&p.counters[0]))
+        for (int r = threadIdx.x; r < d.R; r += kThreads) {
+            if (!p.active[r]) continue;
+            uint8_t *peer = peer_base(p, r);
+            uint32_t *meta = ep_meta(peer, &p.w, par, me);
+            meta[0] = (uint32_t)pl.count[d.E + r];
+            for (int le = 0; le < L; le++) meta[2 + le] = (uint32_t)pl.count[r * L + le];
+            st_release(ep_disp_flag(peer, &d, &p.w, par, me), seq);
+        }
+}
+
+__global__ void __launch_bounds__(kThreads, 1) dispatch_recv_kernel(Params p, epmoe_dispatch_args a, uint32_t seq) {
+    const ep_dims &d = p.d;
+    const int par = seq & 1, R = d.R, L = d.L, H = d.H, G = H / FMT_GROUP, me = d.rank;
+    const int64_t M = (int64_t)R * d.N;
+    extern __shared__ __align__(16) uint8_t smem[];
+    int *begin = reinterpret_cast<int *>(smem); /* [L, R] */
+    int *pre = begin + L * R;                   /* [R + 1] message prefix over sources */
+    uint8_t *hdr = smem + ep_align(4 * ((int64_t)L * R + R + 1), 16); /* one message header */
+    __shared__ int bail;
+    uint8_t *mine = my_base(p);
+    if (threadIdx.x == 0) bail = 0;
+    __syncthreads();
+    for (int r = threadIdx.x; r < R; r += kThreads)
+        if (p.active[r] && !wait_at_least(p, ep_disp_flag(mine, &d, &p.w, par, r), seq, r, 2)) bail = 1;
+    __syncthreads();
+    if (bail) return;
+    if (threadIdx.x == 0) {
+        pre[0] = 0;
+        for (int r = 0; r < R; r++) pre[r + 1] = pre[r] + (p.active[r] ? (int)ep_meta(mine, &p.w, par, r)[0] : 0);
+    }
+    for (int le = threadIdx.x; le < L; le += kThreads) {
+        int acc = 0;
+        for (int r = 0; r < R; r++) {
+            begin[le * R + r] = acc;
+            if (p.active[r]) acc += (int)ep_meta(mine, &p.w, par, r)[2 + le];
+        }
+        if (blockIdx.x == 0) a.masked_m[le] = acc;
+    }
+    __syncthreads();
+    if (blockIdx.x == 0) {
+        for (int i = threadIdx.x; i < L * R; i += kThreads) p.st[par].begin[i] = begin[i];
+        for (int r = threadIdx.x; r < R; r += kThreads) p.st[par].n_msgs[r] = pre[r + 1] - pre[r];
+    }
+    const float inv = a.requant_scale ? 1.0f / __ldg(a.requant_scale) : 1.0f;
+    const int fmt = p.scale_fmt;
+    for (int m = blockIdx.x; m < pre[R]; m += gridDim.x) {
+        int src = 0;
+        while (pre[src + 1] <= m) src++;
+        const int i = m - pre[src];
+        const uint8_t *msg = ep_msg(mine, &d, &p.w, par, src, i);
+        uint8_t *keep = p.st[par].hdrs + ((int64_t)src * d.slots + i) * d.header_bytes;
+        for (int c = threadIdx.x; c < d.header_bytes / 16; c += kThreads) {
+            const uint4 v = reinterpret_cast<const uint4 *>(msg)[c];
+            reinterpret_cast<uint4 *>(hdr)[c] = v;
+            reinterpret_cast<uint4 *>(keep)[c] = v;
+        }
+        __syncthreads();
+        const ep_header h = *reinterpret_cast<const ep_header *>(hdr);
+        const ep_entry *ent = reinterpret_cast<const ep_entry *>(hdr + sizeof(ep_header));
+        const uint8_t *payload = msg + d.header_bytes;
+        for (int n = 0; n < h.n_entries; n++) {
+            bool dup = false; /* a slot repeating an expert: its row is already placed */
+            for (int n2 = 0; n2 < n; n2++) dup |= ent[n2].le == ent[n].le && ent[n2].row == ent[n].row;
+            if (dup) continue;
+            const int le = ent[n].le;
+            const int64_t row = begin[le * R + src] + ent[n].row;
+            if (threadIdx.x == 0 && a.recv_src_info) a.recv_src_info[le * M + row] = src * d.N + h.token;
+            if (!d.fp8) {
+                uint4 *dst = static_cast<uint4 *>(a.recv_x) + (le * M + row) * (H / 8);
+                for (int c = threadIdx.x; c < H / 8; c += kThreads) dst[c] = reinterpret_cast<const uint4 *>(payload)[c];
+                continue;
+            }
+            uint4 *dst = static_cast<uint4 *>(a.recv_x) + (le * M + row) * (H / 16);
+            const float *sc = reinterpret_cast<const float *>(payload + H);
+            for (int c = threadIdx.x; c < H / 16; c += kThreads) {
+                uint4 v = reinterpret_cast<const uint4 *>(payload)[c];
+                if (a.requant_scale) { /* (q * s) * (1 / scale), as epmoe_requant_fp8 */
+                    const float s = sc[c / 8];
+                    uint32_t wv[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+                    for (int q = 0; q < 4; q++) {
+                        const float2 lo = fp8x2_to_float(wv[q]), hi = fp8x2_to_float(wv[q] >> 16);
+                        wv[q] = fp8x2_from_float(__fmul_rn(__fmul_rn(lo.x, s), inv), __fmul_rn(__fmul_rn(lo.y, s), inv)) |
+                                (fp8x2_from_float(__fmul_rn(__fmul_rn(hi.x, s), inv), __fmul_rn(__fmul_rn(hi.y, s), inv)) << 16);
+                    }
+                    v = make_uint4(wv[0], wv[1], wv[2], wv[3]);
+                }
+                dst[c] = v;
+            }
+            if (a.requant_scale) continue;
+            uint8_t *slab = static_cast<uint8_t *>(a.recv_scales) + le * fmt_scale_slab_bytes(fmt, M, G);
+            const int padded = fmt_scale_is_ue8m0(fmt) ? (G + 3) / 4 * 4 : G;
+            for (int g = threadIdx.x; g < padded; g += kThreads) {
+                uint8_t *o = slab + fmt_scale_offset(fmt, M, G, row, g);
+                if (!fmt_scale_is_ue8m0(fmt)) *reinterpret_cast<float *>(o) = sc[g];
+                else *o = g < G ? fmt_ue8m0_from_float(sc[g]) : 0;
+            }
+        }
+        __syncthreads(); /* hdr is reused */
+    }
+    if (last_block_done(&p.counters[1]))
+        for (int r = threadIdx.x; r < R; r += kThreads)
+            if (p.active[r]) st_release(ep_ack(peer_base(p, r), &p.w, me), seq);
+}
+
+} // namespace
+
+static int grid_for(int work, int sms) { return work < 1 ? 1 : work < sms ? work : sms; }
+
+epmoe_status launch_dispatch_send(const Params &p, const epmoe_dispatch_args &a, uint32_t seq, int sms, cudaStream_t s) {
+    const int keys = p.d.E + p.d.R;
+    const size_t smem = sizeof(int) * (size_t)(keys + (kThreads / 32) * keys) + 3 * sizeof(int16_t) * (size_t)p.d.N * p.d.k;
+    cudaFuncSetAttribute(dispatch_send_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
+    dispatch_send_kernel<<<grid_for(a.num_tokens, sms), kThreads, smem, s>>>(p, a.x, a.topk_idx, a.topk_idx_bits,
+                                                                            a.topk_weights, a.num_tokens, seq);
+    return epmoe__launched("epmoe_dispatch (send)");
+}
+
+epmoe_status launch_dispatch_recv(const Params &p, const epmoe_dispatch_args &a, uint32_t seq, int sms, cudaStream_t s) {
+    const size_t smem = (size_t)ep_align(4 * ((int64_t)p.d.L * p.d.R + p.d.R + 1), 16) + (size_t)p.d.header_bytes;
+    cudaFuncSetAttribute(dispatch_recv_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
+    dispatch_recv_kernel<<<sms, kThreads, smem, s>>>(p, a, seq);
+    return epmoe__launched("epmoe_dispatch (receive)");
+}
+
+} // namespace epk
