@@ -57,7 +57,7 @@ typedef struct {
     int rank, R;
     ncclUniqueId id;
     const bench_case *bc;
-    double disp_us, comb_us, a2a_us;
+    double disp_us, comb_us, a2a_us, disp_send_us, comb_send_us;
     long selections, link_msgs;
     size_t window_bytes;
 } job;
@@ -125,23 +125,30 @@ static void *run(void *arg) {
     CU(cudaMemset(eo, 0x3C, lay.expert_out_bytes));
     cudaStream_t st;
     CU(cudaStreamCreateWithFlags(&st, cudaStreamNonBlocking));
-    cudaEvent_t ev[3];
-    for (int i = 0; i < 3; i++) CU(cudaEventCreate(&ev[i]));
+    cudaEvent_t ev[5];
+    for (int i = 0; i < 5; i++) CU(cudaEventCreate(&ev[i]));
     epmoe_dispatch_args a = {dx, didx, 32, dw, T, rx, rs, dm, NULL, NULL};
     epmoe_combine_args ca = {eo, dw, out};
     float *td = malloc(sizeof(float) * ITERS), *tc = malloc(sizeof(float) * ITERS), *ta = malloc(sizeof(float) * ITERS);
-    for (int it = 0; it < WARMUP + ITERS; it++) {
+    float *tds = malloc(sizeof(float) * ITERS), *tcs = malloc(sizeof(float) * ITERS);
+    for (int it = 0; it < WARMUP + ITERS; it++) { /* halves issued separately: their times too */
         uint32_t h;
         NC(ncclAllReduce(red, red, 1, ncclFloat, ncclSum, comm, st));
         CU(cudaEventRecord(ev[0], st));
-        EP(epmoe_dispatch(ep, &a, EPMOE_PHASE_BOTH, &h, st));
+        EP(epmoe_dispatch(ep, &a, EPMOE_PHASE_SEND, &h, st));
         CU(cudaEventRecord(ev[1], st));
-        EP(epmoe_combine(ep, h, &ca, EPMOE_PHASE_BOTH, st));
+        EP(epmoe_dispatch(ep, &a, EPMOE_PHASE_RECV, &h, st));
         CU(cudaEventRecord(ev[2], st));
-        CU(cudaEventSynchronize(ev[2]));
+        EP(epmoe_combine(ep, h, &ca, EPMOE_PHASE_SEND, st));
+        CU(cudaEventRecord(ev[3], st));
+        EP(epmoe_combine(ep, h, &ca, EPMOE_PHASE_RECV, st));
+        CU(cudaEventRecord(ev[4], st));
+        CU(cudaEventSynchronize(ev[4]));
         if (it >= WARMUP) {
-            CU(cudaEventElapsedTime(&td[it - WARMUP], ev[0], ev[1]));
-            CU(cudaEventElapsedTime(&tc[it - WARMUP], ev[1], ev[2]));
+            CU(cudaEventElapsedTime(&td[it - WARMUP], ev[0], ev[2]));
+            CU(cudaEventElapsedTime(&tds[it - WARMUP], ev[0], ev[1]));
+            CU(cudaEventElapsedTime(&tc[it - WARMUP], ev[2], ev[4]));
+            CU(cudaEventElapsedTime(&tcs[it - WARMUP], ev[2], ev[3]));
         }
     }
     EP(epmoe_ep_poll(ep));
@@ -167,7 +174,11 @@ static void *run(void *arg) {
     qsort(td, ITERS, sizeof(float), cmp_f);
     qsort(tc, ITERS, sizeof(float), cmp_f);
     qsort(ta, ITERS, sizeof(float), cmp_f);
+    qsort(tds, ITERS, sizeof(float), cmp_f);
+    qsort(tcs, ITERS, sizeof(float), cmp_f);
     j->disp_us = td[ITERS / 2] * 1e3, j->comb_us = tc[ITERS / 2] * 1e3, j->a2a_us = ta[ITERS / 2] * 1e3;
+    j->disp_send_us = tds[ITERS / 2] * 1e3, j->comb_send_us = tcs[ITERS / 2] * 1e3;
+    free(tds), free(tcs);
     EP(epmoe_ep_destroy(ep));
     ncclCommDestroy(comm);
     cudaFree(dx), cudaFree(didx), cudaFree(dw), cudaFree(rx), cudaFree(rs), cudaFree(dm), cudaFree(eo), cudaFree(out);
@@ -193,8 +204,8 @@ int main(int argc, char **argv) {
     int v;
     ncclGetVersion(&v);
     printf("bench_ep: %d GPU(s), NCCL %d, H 7168, top-8; medians of %d iterations\n", ngpu, v, ITERS);
-    printf("%-3s %-32s %5s %4s %10s %8s %10s %8s %10s %10s %9s\n", "R", "case", "tok", "E", "dispatch", "GB/s", "combine",
-           "GB/s", "nccl a2a", "link msgs", "buffer MB");
+    printf("%-3s %-32s %5s %4s %10s %8s %8s %10s %8s %8s %10s %6s %9s\n", "R", "case", "tok", "E", "dispatch", "(send)",
+           "GB/s", "combine", "(send)", "GB/s", "nccl a2a", "msgs", "buffer MB");
     if (jf) fprintf(jf, "[\n");
     int first = 1;
     for (int R = ngpu; R >= 1; R = R == 1 ? 0 : 1) {
@@ -220,15 +231,16 @@ int main(int argc, char **argv) {
             const int H = 7168;
             const double dbytes = (double)sel / R * (cases[c].wire == EPMOE_WIRE_FP8 ? H + H / 128 * 4 + 16 : 2 * H + 16);
             const double cbytes = (double)sel / R * 2 * H;
-            printf("%-3d %-32s %5d %4d %8.2fus %8.1f %8.2fus %8.1f %8.2fus %10ld %9.1f\n", R, cases[c].name, cases[c].tokens,
-                   cases[c].experts, d, dbytes / d / 1e3, cm, cbytes / cm / 1e3, a2a, msgs / R,
-                   jobs[0].window_bytes / 1e6);
+            printf("%-3d %-32s %5d %4d %8.2fus %8.2f %8.1f %8.2fus %8.2f %8.1f %8.2fus %6ld %9.1f\n", R, cases[c].name,
+                   cases[c].tokens, cases[c].experts, d, jobs[0].disp_send_us, dbytes / d / 1e3, cm, jobs[0].comb_send_us,
+                   cbytes / cm / 1e3, a2a, msgs / R, jobs[0].window_bytes / 1e6);
             if (jf)
                 fprintf(jf, "%s {\"R\": %d, \"case\": \"%s\", \"tokens\": %d, \"experts\": %d, \"dispatch_us\": %.3f, "
                             "\"dispatch_GBps\": %.2f, \"combine_us\": %.3f, \"combine_GBps\": %.2f, \"nccl_a2a_us\": %.3f, "
-                            "\"link_msgs_per_rank\": %ld, \"buffer_bytes\": %zu}\n",
+                            "\"link_msgs_per_rank\": %ld, \"buffer_bytes\": %zu, \"dispatch_send_us\": %.3f, "
+                            "\"combine_send_us\": %.3f}\n",
                         first ? "" : ",", R, cases[c].name, cases[c].tokens, cases[c].experts, d, dbytes / d / 1e3, cm,
-                        cbytes / cm / 1e3, a2a, msgs / R, jobs[0].window_bytes);
+                        cbytes / cm / 1e3, a2a, msgs / R, jobs[0].window_bytes, jobs[0].disp_send_us, jobs[0].comb_send_us);
             first = 0;
         }
     }

@@ -56,21 +56,34 @@ __global__ void __launch_bounds__(kThreads, 1) combine_send_kernel(Params p, con
         const ep_header h = *reinterpret_cast<const ep_header *>(hdr);
         const ep_entry *ent = reinterpret_cast<const ep_entry *>(hdr + sizeof(ep_header));
         uint8_t *peer = peer_base(p, src);
+        const int ne = h.n_entries;
+        int64_t src_row[EPMOE_MAX_TOPK]; /* first 16-byte chunk of each entry's expert output row */
+#pragma unroll
+        for (int n = 0; n < EPMOE_MAX_TOPK; n++)
+            src_row[n] = n < ne ? ((int64_t)ent[n].le * M + st.begin[ent[n].le * R + src] + ent[n].row) * (H / 8) : 0;
         if (d.reduce_at_expert) {
             uint4 *o = reinterpret_cast<uint4 *>(ep_comb_row(peer, &d, &p.w, par, (int64_t)me * d.N + h.token));
             for (int c = threadIdx.x; c < H / 8; c += kThreads) {
+                uint4 v[EPMOE_MAX_TOPK]; /* all the token's rows in flight at once */
+#pragma unroll
+                for (int n = 0; n < EPMOE_MAX_TOPK; n++)
+                    if (n < ne) v[n] = __ldg(yv + src_row[n] + c);
                 float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-                for (int n = 0; n < h.n_entries; n++) { /* top-k order; a repeated expert counts twice */
-                    const int64_t row = st.begin[ent[n].le * R + src] + ent[n].row;
-                    acc8_add(acc, __ldg(yv + (ent[n].le * M + row) * (H / 8) + c), ent[n].w);
-                }
+#pragma unroll
+                for (int n = 0; n < EPMOE_MAX_TOPK; n++) /* top-k order; a repeated expert counts twice */
+                    if (n < ne) acc8_add(acc, v[n], ent[n].w);
                 o[c] = pack8(acc);
             }
         } else {
-            for (int n = 0; n < h.n_entries; n++) {
-                const int64_t row = st.begin[ent[n].le * R + src] + ent[n].row;
-                uint4 *o = reinterpret_cast<uint4 *>(ep_comb_row(peer, &d, &p.w, par, (int64_t)h.token * d.k + ent[n].j));
-                for (int c = threadIdx.x; c < H / 8; c += kThreads) o[c] = __ldg(yv + (ent[n].le * M + row) * (H / 8) + c);
+            for (int c = threadIdx.x; c < H / 8; c += kThreads) {
+                uint4 v[EPMOE_MAX_TOPK];
+#pragma unroll
+                for (int n = 0; n < EPMOE_MAX_TOPK; n++)
+                    if (n < ne) v[n] = __ldg(yv + src_row[n] + c);
+#pragma unroll
+                for (int n = 0; n < EPMOE_MAX_TOPK; n++)
+                    if (n < ne)
+                        reinterpret_cast<uint4 *>(ep_comb_row(peer, &d, &p.w, par, (int64_t)h.token * d.k + ent[n].j))[c] = v[n];
             }
         }
         __syncthreads(); /* hdr is reused */
@@ -93,25 +106,53 @@ __global__ void __launch_bounds__(kThreads, 1) combine_recv_kernel(Params p, con
     __syncthreads();
     if (bail) return;
     const int16_t *topk = p.st[par].topk;
+    __shared__ const uint4 *parts[EPMOE_MAX_TOPK]; /* the rows to sum, in the fixed order */
+    __shared__ float wts[EPMOE_MAX_TOPK];
+    __shared__ int nparts;
     for (int t = blockIdx.x; t < T; t += gridDim.x) {
         const int16_t *tok = topk + (int64_t)t * k;
-        uint4 *o = reinterpret_cast<uint4 *>(out + (int64_t)t * H);
-        for (int c = threadIdx.x; c < H / 8; c += kThreads) {
-            float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+        if (threadIdx.x == 0) {
+            int np = 0;
             if (d.reduce_at_expert) {
-                for (int r = 0; r < R; r++) { /* rank order: one partial per rank holding any expert */
-                    bool hit = false;
-                    for (int j = 0; j < k; j++) hit |= tok[j] >= 0 && tok[j] / L == r;
-                    if (hit) acc8_add_plain(acc, reinterpret_cast<const uint4 *>(ep_comb_row(mine, &d, &p.w, par, (int64_t)r * d.N + t))[c]);
+                for (int j = 0; j < k; j++) { /* ranks in ascending order, one partial per rank hit */
+                    if (tok[j] < 0) continue;
+                    const int r = tok[j] / L;
+                    bool seen = false;
+                    for (int q = 0; q < np; q++) seen |= parts[q] == reinterpret_cast<const uint4 *>(ep_comb_row(mine, &d, &p.w, par, (int64_t)r * d.N + t));
+                    if (seen) continue;
+                    int at = np++; /* insertion keeps rank order */
+                    const uint4 *row = reinterpret_cast<const uint4 *>(ep_comb_row(mine, &d, &p.w, par, (int64_t)r * d.N + t));
+                    while (at > 0 && parts[at - 1] > row) parts[at] = parts[at - 1], at--;
+                    parts[at] = row;
+                    wts[at] = 1.0f;
                 }
             } else {
                 for (int j = 0; j < k; j++)
-                    if (tok[j] >= 0)
-                        acc8_add(acc, reinterpret_cast<const uint4 *>(ep_comb_row(mine, &d, &p.w, par, (int64_t)t * k + j))[c],
-                                 __ldg(weights + (int64_t)t * k + j));
+                    if (tok[j] >= 0) {
+                        parts[np] = reinterpret_cast<const uint4 *>(ep_comb_row(mine, &d, &p.w, par, (int64_t)t * k + j));
+                        wts[np++] = __ldg(weights + (int64_t)t * k + j);
+                    }
             }
+            nparts = np;
+        }
+        __syncthreads();
+        const int np = nparts;
+        uint4 *o = reinterpret_cast<uint4 *>(out + (int64_t)t * H);
+        for (int c = threadIdx.x; c < H / 8; c += kThreads) {
+            uint4 v[EPMOE_MAX_TOPK];
+#pragma unroll
+            for (int q = 0; q < EPMOE_MAX_TOPK; q++)
+                if (q < np) v[q] = parts[q][c];
+            float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+#pragma unroll
+            for (int q = 0; q < EPMOE_MAX_TOPK; q++)
+                if (q < np) {
+                    if (d.reduce_at_expert) acc8_add_plain(acc, v[q]);
+                    else acc8_add(acc, v[q], wts[q]);
+                }
             o[c] = pack8(acc);
         }
+        __syncthreads(); /* parts[] is rewritten for the next token */
     }
 }
 

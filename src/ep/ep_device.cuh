@@ -19,6 +19,7 @@
 namespace epk {
 
 constexpr int kThreads = 256;
+constexpr int kBatch = 4;             /* 16-byte loads a thread keeps in flight before using them */
 constexpr int kMaxPlanEntries = 8192; /* N * k per rank: the plan lives in shared memory */
 
 /* Device-side state of one parity (one live dispatch). */

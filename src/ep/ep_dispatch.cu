@@ -166,31 +166,39 @@ __global__ void __launch_bounds__(kThreads, 1) dispatch_send_kernel(Params p, co
             const uint4 *xt = reinterpret_cast<const uint4 *>(x + (int64_t)t * d.H);
             const int lane = threadIdx.x & 31;
             const unsigned half_mask = 0xFFFFu << (lane & 16);
-            for (int c = threadIdx.x; c < chunks; c += kThreads) { /* a half-warp owns a 128-group */
-                const uint4 v = __ldg(xt + c);
-                if (!d.fp8) {
-                    for (int m = 0; m < nm; m++) *reinterpret_cast<uint4 *>(msgs[m].at + d.header_bytes + c * 16) = v;
-                    continue;
-                }
-                const uint32_t w[4] = {v.x, v.y, v.z, v.w};
-                float f[8], amax = FMT_AMAX_FLOOR;
+            for (int c0 = threadIdx.x; c0 < chunks; c0 += kThreads * kBatch) {
+                uint4 v[kBatch]; /* every load of the row in flight before the first use */
 #pragma unroll
-                for (int i = 0; i < 4; i++) f[2 * i] = bf16_lo(w[i]), f[2 * i + 1] = bf16_hi(w[i]);
+                for (int b = 0; b < kBatch; b++)
+                    if (c0 + b * kThreads < chunks) v[b] = __ldg(xt + c0 + b * kThreads);
 #pragma unroll
-                for (int i = 0; i < 8; i++) amax = fmaxf(amax, fabsf(f[i]));
+                for (int b = 0; b < kBatch; b++) {
+                    const int c = c0 + b * kThreads; /* a half-warp owns a 128-group: uniform test */
+                    if (c >= chunks) continue;
+                    if (!d.fp8) {
+                        for (int m = 0; m < nm; m++) *reinterpret_cast<uint4 *>(msgs[m].at + d.header_bytes + c * 16) = v[b];
+                        continue;
+                    }
+                    const uint32_t w[4] = {v[b].x, v[b].y, v[b].z, v[b].w};
+                    float f[8], amax = FMT_AMAX_FLOOR;
 #pragma unroll
-                for (int off = 8; off; off >>= 1) amax = fmaxf(amax, __shfl_xor_sync(half_mask, amax, off));
-                float mul, scale_inv;
-                fmt_group_scales(amax, p.round_scale, &mul, &scale_inv);
-                uint2 q;
-                q.x = fp8x2_from_float(__fmul_rn(f[0], mul), __fmul_rn(f[1], mul)) |
-                      (fp8x2_from_float(__fmul_rn(f[2], mul), __fmul_rn(f[3], mul)) << 16);
-                q.y = fp8x2_from_float(__fmul_rn(f[4], mul), __fmul_rn(f[5], mul)) |
-                      (fp8x2_from_float(__fmul_rn(f[6], mul), __fmul_rn(f[7], mul)) << 16);
-                for (int m = 0; m < nm; m++) {
-                    *reinterpret_cast<uint2 *>(msgs[m].at + d.header_bytes + c * 8) = q;
-                    if ((lane & 15) == 0)
-                        *reinterpret_cast<float *>(msgs[m].at + d.header_bytes + d.H + (c / 16) * 4) = scale_inv;
+                    for (int i = 0; i < 4; i++) f[2 * i] = bf16_lo(w[i]), f[2 * i + 1] = bf16_hi(w[i]);
+#pragma unroll
+                    for (int i = 0; i < 8; i++) amax = fmaxf(amax, fabsf(f[i]));
+#pragma unroll
+                    for (int off = 8; off; off >>= 1) amax = fmaxf(amax, __shfl_xor_sync(half_mask, amax, off));
+                    float mul, scale_inv;
+                    fmt_group_scales(amax, p.round_scale, &mul, &scale_inv);
+                    uint2 q;
+                    q.x = fp8x2_from_float(__fmul_rn(f[0], mul), __fmul_rn(f[1], mul)) |
+                          (fp8x2_from_float(__fmul_rn(f[2], mul), __fmul_rn(f[3], mul)) << 16);
+                    q.y = fp8x2_from_float(__fmul_rn(f[4], mul), __fmul_rn(f[5], mul)) |
+                          (fp8x2_from_float(__fmul_rn(f[6], mul), __fmul_rn(f[7], mul)) << 16);
+                    for (int m = 0; m < nm; m++) {
+                        *reinterpret_cast<uint2 *>(msgs[m].at + d.header_bytes + c * 8) = q;
+                        if ((lane & 15) == 0)
+                            *reinterpret_cast<float *>(msgs[m].at + d.header_bytes + d.H + (c / 16) * 4) = scale_inv;
+                    }
                 }
             }
         }
@@ -257,42 +265,52 @@ __global__ void __launch_bounds__(kThreads, 1) dispatch_recv_kernel(Params p, ep
         const ep_header h = *reinterpret_cast<const ep_header *>(hdr);
         const ep_entry *ent = reinterpret_cast<const ep_entry *>(hdr + sizeof(ep_header));
         const uint8_t *payload = msg + d.header_bytes;
+        /* the distinct rows this message fills: a slot repeating an expert shares its row */
+        int64_t rows[EPMOE_MAX_TOPK];
+        int nrows = 0;
         for (int n = 0; n < h.n_entries; n++) {
-            bool dup = false; /* a slot repeating an expert: its row is already placed */
+            bool dup = false;
             for (int n2 = 0; n2 < n; n2++) dup |= ent[n2].le == ent[n].le && ent[n2].row == ent[n].row;
             if (dup) continue;
-            const int le = ent[n].le;
-            const int64_t row = begin[le * R + src] + ent[n].row;
-            if (threadIdx.x == 0 && a.recv_src_info) a.recv_src_info[le * M + row] = src * d.N + h.token;
-            if (!d.fp8) {
-                uint4 *dst = static_cast<uint4 *>(a.recv_x) + (le * M + row) * (H / 8);
-                for (int c = threadIdx.x; c < H / 8; c += kThreads) dst[c] = reinterpret_cast<const uint4 *>(payload)[c];
-                continue;
-            }
-            uint4 *dst = static_cast<uint4 *>(a.recv_x) + (le * M + row) * (H / 16);
-            const float *sc = reinterpret_cast<const float *>(payload + H);
-            for (int c = threadIdx.x; c < H / 16; c += kThreads) {
-                uint4 v = reinterpret_cast<const uint4 *>(payload)[c];
-                if (a.requant_scale) { /* (q * s) * (1 / scale), as epmoe_requant_fp8 */
+            rows[nrows++] = (int64_t)ent[n].le * M + begin[ent[n].le * R + src] + ent[n].row; /* le * M + row */
+            if (threadIdx.x == 0 && a.recv_src_info) a.recv_src_info[rows[nrows - 1]] = src * d.N + h.token;
+        }
+        const int vec = d.fp8 ? H / 16 : H / 8; /* 16-byte chunks of the payload */
+        const float *sc = reinterpret_cast<const float *>(payload + H);
+        for (int c0 = threadIdx.x; c0 < vec; c0 += kThreads * kBatch) {
+            uint4 v[kBatch]; /* read once, written to every row */
+#pragma unroll
+            for (int b = 0; b < kBatch; b++)
+                if (c0 + b * kThreads < vec) v[b] = reinterpret_cast<const uint4 *>(payload)[c0 + b * kThreads];
+#pragma unroll
+            for (int b = 0; b < kBatch; b++) {
+                const int c = c0 + b * kThreads;
+                if (c >= vec) continue;
+                if (d.fp8 && a.requant_scale) { /* (q * s) * (1 / scale), as epmoe_requant_fp8 */
                     const float s = sc[c / 8];
-                    uint32_t wv[4] = {v.x, v.y, v.z, v.w};
+                    uint32_t wv[4] = {v[b].x, v[b].y, v[b].z, v[b].w};
 #pragma unroll
                     for (int q = 0; q < 4; q++) {
                         const float2 lo = fp8x2_to_float(wv[q]), hi = fp8x2_to_float(wv[q] >> 16);
                         wv[q] = fp8x2_from_float(__fmul_rn(__fmul_rn(lo.x, s), inv), __fmul_rn(__fmul_rn(lo.y, s), inv)) |
                                 (fp8x2_from_float(__fmul_rn(__fmul_rn(hi.x, s), inv), __fmul_rn(__fmul_rn(hi.y, s), inv)) << 16);
                     }
-                    v = make_uint4(wv[0], wv[1], wv[2], wv[3]);
+                    v[b] = make_uint4(wv[0], wv[1], wv[2], wv[3]);
                 }
-                dst[c] = v;
+                for (int n = 0; n < nrows; n++) static_cast<uint4 *>(a.recv_x)[rows[n] * vec + c] = v[b];
             }
-            if (a.requant_scale) continue;
-            uint8_t *slab = static_cast<uint8_t *>(a.recv_scales) + le * fmt_scale_slab_bytes(fmt, M, G);
+        }
+        if (d.fp8 && !a.requant_scale) {
+            const int64_t slab = fmt_scale_slab_bytes(fmt, M, G);
             const int padded = fmt_scale_is_ue8m0(fmt) ? (G + 3) / 4 * 4 : G;
             for (int g = threadIdx.x; g < padded; g += kThreads) {
-                uint8_t *o = slab + fmt_scale_offset(fmt, M, G, row, g);
-                if (!fmt_scale_is_ue8m0(fmt)) *reinterpret_cast<float *>(o) = sc[g];
-                else *o = g < G ? fmt_ue8m0_from_float(sc[g]) : 0;
+                const float s = g < G ? sc[g] : 0.0f;
+                for (int n = 0; n < nrows; n++) {
+                    const int64_t le = rows[n] / M, row = rows[n] % M;
+                    uint8_t *o = static_cast<uint8_t *>(a.recv_scales) + le * slab + fmt_scale_offset(fmt, M, G, row, g);
+                    if (!fmt_scale_is_ue8m0(fmt)) *reinterpret_cast<float *>(o) = s;
+                    else *o = g < G ? fmt_ue8m0_from_float(s) : 0;
+                }
             }
         }
         __syncthreads(); /* hdr is reused */
@@ -309,7 +327,7 @@ static int grid_for(int work, int sms) { return work < 1 ? 1 : work < sms ? work
 epmoe_status launch_dispatch_send(const Params &p, const epmoe_dispatch_args &a, uint32_t seq, int sms, cudaStream_t s) {
     const int keys = p.d.E + p.d.R;
     const size_t smem = sizeof(int) * (size_t)(keys + (kThreads / 32) * keys) + 3 * sizeof(int16_t) * (size_t)p.d.N * p.d.k;
-    cudaFuncSetAttribute(dispatch_send_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
+    if (smem > 48 * 1024) cudaFuncSetAttribute(dispatch_send_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
     dispatch_send_kernel<<<grid_for(a.num_tokens, sms), kThreads, smem, s>>>(p, a.x, a.topk_idx, a.topk_idx_bits,
                                                                             a.topk_weights, a.num_tokens, seq);
     return epmoe__launched("epmoe_dispatch (send)");
@@ -317,7 +335,7 @@ epmoe_status launch_dispatch_send(const Params &p, const epmoe_dispatch_args &a,
 
 epmoe_status launch_dispatch_recv(const Params &p, const epmoe_dispatch_args &a, uint32_t seq, int sms, cudaStream_t s) {
     const size_t smem = (size_t)ep_align(4 * ((int64_t)p.d.L * p.d.R + p.d.R + 1), 16) + (size_t)p.d.header_bytes;
-    cudaFuncSetAttribute(dispatch_recv_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
+    if (smem > 48 * 1024) cudaFuncSetAttribute(dispatch_recv_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
     dispatch_recv_kernel<<<sms, kThreads, smem, s>>>(p, a, seq);
     return epmoe__launched("epmoe_dispatch (receive)");
 }

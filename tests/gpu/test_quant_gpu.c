@@ -31,6 +31,7 @@ static void *dev_poisoned(size_t bytes) {
     void *p;
     CUDA_OK(cudaMalloc(&p, bytes + GUARD));
     CUDA_OK(cudaMemset(p, POISON, bytes + GUARD));
+    CUDA_OK(cudaDeviceSynchronize()); /* the kernels run on a non-blocking stream: order the memset first */
     return p;
 }
 
