@@ -125,9 +125,9 @@ $(BUILD)/tests/gpu/%: tests/gpu/%.c tests/test.h tests/ep_common.h $(BUILD)/libe
 	@mkdir -p $(dir $@)
 	$(CC) $(CFLAGS) -Wno-conversion -isystem $(CUDA_HOME)/include -o $@ $< $(BUILD)/libepmoe.a $(LDLIBS)
 
-$(BUILD)/bench/%: bench/%.c $(BUILD)/libepmoe.a $(HEADERS)
+$(BUILD)/bench/%: bench/%.cu $(BUILD)/libepmoe.a $(HEADERS)
 	@mkdir -p $(dir $@)
-	$(CC) $(CFLAGS) -Wno-conversion -isystem $(CUDA_HOME)/include -o $@ $< $(BUILD)/libepmoe.a $(LDLIBS)
+	$(NVCC) $(NVFLAGS) -o $@ $< $(BUILD)/libepmoe.a -lnccl -lpthread
 
 $(BUILD)/tests/gpu/%: tests/gpu/%.cu tests/test.h
 	@mkdir -p $(dir $@)

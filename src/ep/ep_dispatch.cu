@@ -15,24 +15,11 @@ namespace {
 ** within the range with __match_any_sync, and add the counts of the earlier warps. Every block
 ** computes the same plan, so no block waits for another. */
 struct Plan {
-    int16_t *idx, *row, *slot; /* [T*k] */
-    int *count;                /* [E + R]: rows per expert, then messages per destination */
-    int *warp_count;           /* [W, E + R] scratch */
+    int16_t *idx, *row, *slot, *dst; /* [T*k] */
+    uint8_t *first, *opener;         /* [T*k]: the slot naming the same expert first; the slot opening the message */
+    int *count;                      /* [E + R]: rows per expert, then messages per destination */
+    int *warp_count;                 /* [W, E + R] scratch */
 };
-
-__device__ __forceinline__ bool expert_first(const int16_t *tok, int j) {
-    for (int jj = 0; jj < j; jj++)
-        if (tok[jj] == tok[j]) return false;
-    return true;
-}
-
-/* The entry that opens this entry's message: the first slot going to the same destination
-** (dedup) or naming the same expert (one message per expert). */
-__device__ __forceinline__ int msg_opener(const int16_t *tok, int j, int L, int dedup) {
-    for (int jj = 0; jj < j; jj++)
-        if (dedup ? tok[jj] >= 0 && tok[jj] / L == tok[j] / L : tok[jj] == tok[j]) return jj;
-    return j;
-}
 
 __device__ void make_plan(const Params &p, const void *topk, int bits, int T, Plan pl) {
     const ep_dims &d = p.d;
@@ -48,16 +35,29 @@ __device__ void make_plan(const Params &p, const void *topk, int bits, int T, Pl
     }
     for (int i = threadIdx.x; i < W * keys; i += kThreads) pl.warp_count[i] = 0;
     __syncthreads();
+    for (int t = threadIdx.x; t < T; t += kThreads) { /* per token, once: destinations, repeats, openers */
+        const int16_t *tok = pl.idx + t * k;
+        for (int j = 0; j < k; j++) {
+            const int i = t * k + j;
+            pl.dst[i] = (int16_t)(tok[j] >= 0 ? tok[j] / d.L : -1);
+            int f = j, o = j;
+            for (int jj = j - 1; jj >= 0; jj--) {
+                if (tok[jj] == tok[j]) f = jj;
+                if (tok[jj] >= 0 && (d.dedup ? pl.dst[t * k + jj] == pl.dst[i] : tok[jj] == tok[j])) o = jj;
+            }
+            pl.first[i] = (uint8_t)f, pl.opener[i] = (uint8_t)o;
+        }
+    }
+    __syncthreads();
     const int span = ((n + W - 1) / W + 31) / 32 * 32;
     int *mine = pl.warp_count + warp * keys;
     for (int base = warp * span; base < min(n, (warp + 1) * span); base += 32) {
         const int i = base + lane;
         int ka = -1, kb = -1;
         if (i < n && pl.idx[i] >= 0) {
-            const int16_t *tok = pl.idx + (i / k) * k;
             const int j = i % k;
-            if (expert_first(tok, j)) ka = pl.idx[i];
-            if (msg_opener(tok, j, d.L, d.dedup) == j) kb = d.E + pl.idx[i] / d.L;
+            if (pl.first[i] == j) ka = pl.idx[i];
+            if (pl.opener[i] == j) kb = d.E + pl.dst[i];
         }
         const unsigned lt = (1u << lane) - 1u;
         const unsigned ma = __match_any_sync(0xFFFFFFFFu, ka), mb = __match_any_sync(0xFFFFFFFFu, kb);
@@ -82,23 +82,16 @@ __device__ void make_plan(const Params &p, const void *topk, int bits, int T, Pl
     __syncthreads();
     for (int i = threadIdx.x; i < n; i += kThreads) {
         if (pl.idx[i] < 0) continue;
-        const int16_t *tok = pl.idx + (i / k) * k;
         const int j = i % k, w = i / span;
-        if (expert_first(tok, j)) pl.row[i] = (int16_t)(pl.row[i] + pl.warp_count[w * keys + pl.idx[i]]);
-        if (msg_opener(tok, j, d.L, d.dedup) == j)
-            pl.slot[i] = (int16_t)(pl.slot[i] + pl.warp_count[w * keys + d.E + pl.idx[i] / d.L]);
+        if (pl.first[i] == j) pl.row[i] = (int16_t)(pl.row[i] + pl.warp_count[w * keys + pl.idx[i]]);
+        if (pl.opener[i] == j) pl.slot[i] = (int16_t)(pl.slot[i] + pl.warp_count[w * keys + d.E + pl.dst[i]]);
     }
     __syncthreads();
-    for (int i = threadIdx.x; i < n; i += kThreads) { /* repeated slots share their opener's values */
+    for (int i = threadIdx.x; i < n; i += kThreads) { /* repeated slots share their first slot's values */
         if (pl.idx[i] < 0) continue;
-        const int16_t *tok = pl.idx + (i / k) * k;
-        const int j = i % k, t0 = (i / k) * k;
-        int f = j;
-        for (int jj = 0; jj < j && f == j; jj++)
-            if (tok[jj] == tok[j]) f = jj;
-        if (f < j) pl.row[i] = pl.row[t0 + f];
-        const int o = msg_opener(tok, j, d.L, d.dedup);
-        if (o < j) pl.slot[i] = pl.slot[t0 + o];
+        const int t0 = i - i % k;
+        if (pl.first[i] != i % k) pl.row[i] = pl.row[t0 + pl.first[i]];
+        if (pl.opener[i] != i % k) pl.slot[i] = pl.slot[t0 + pl.opener[i]];
     }
     __syncthreads();
 }
@@ -120,6 +113,9 @@ __global__ void __launch_bounds__(kThreads, 1) dispatch_send_kernel(Params p, co
     pl.idx = reinterpret_cast<int16_t *>(pl.warp_count + (kThreads / 32) * (d.E + d.R));
     pl.row = pl.idx + d.N * k;
     pl.slot = pl.row + d.N * k;
+    pl.dst = pl.slot + d.N * k;
+    pl.first = reinterpret_cast<uint8_t *>(pl.dst + d.N * k);
+    pl.opener = pl.first + d.N * k;
     __shared__ MsgRef msgs[EPMOE_MAX_TOPK];
     __shared__ int n_msgs, bail;
 
@@ -140,8 +136,8 @@ __global__ void __launch_bounds__(kThreads, 1) dispatch_send_kernel(Params p, co
         if (threadIdx.x == 0) {
             int m = 0;
             for (int j = 0; j < k; j++) {
-                if (tok[j] < 0 || msg_opener(tok, j, L, d.dedup) != j) continue;
-                const int dst = tok[j] / L;
+                if (tok[j] < 0 || pl.opener[t * k + j] != j) continue;
+                const int dst = pl.dst[t * k + j];
                 msgs[m].dst = dst, msgs[m].opener = j;
                 msgs[m].at = ep_msg(peer_base(p, dst), &d, &p.w, par, me, pl.slot[t * k + j]);
                 m++;
@@ -155,7 +151,7 @@ __global__ void __launch_bounds__(kThreads, 1) dispatch_send_kernel(Params p, co
             ep_header h = {t, 0};
             ep_entry *ent = reinterpret_cast<ep_entry *>(mr.at + sizeof(ep_header));
             for (int j = mr.opener; j < k; j++) {
-                if (tok[j] < 0 || (d.dedup ? tok[j] / L != mr.dst : tok[j] != tok[mr.opener])) continue;
+                if (tok[j] < 0 || (d.dedup ? pl.dst[t * k + j] != mr.dst : tok[j] != tok[mr.opener])) continue;
                 ep_entry e = {(int16_t)(tok[j] - mr.dst * L), (int16_t)j, pl.row[t * k + j],
                               weights ? weights[(int64_t)t * k + j] : 0.0f};
                 ent[h.n_entries++] = e;
@@ -326,7 +322,7 @@ static int grid_for(int work, int sms) { return work < 1 ? 1 : work < sms ? work
 
 epmoe_status launch_dispatch_send(const Params &p, const epmoe_dispatch_args &a, uint32_t seq, int sms, cudaStream_t s) {
     const int keys = p.d.E + p.d.R;
-    const size_t smem = sizeof(int) * (size_t)(keys + (kThreads / 32) * keys) + 3 * sizeof(int16_t) * (size_t)p.d.N * p.d.k;
+    const size_t smem = sizeof(int) * (size_t)(keys + (kThreads / 32) * keys) + 10 * (size_t)p.d.N * p.d.k;
     if (smem > 48 * 1024) cudaFuncSetAttribute(dispatch_send_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
     dispatch_send_kernel<<<grid_for(a.num_tokens, sms), kThreads, smem, s>>>(p, a.x, a.topk_idx, a.topk_idx_bits,
                                                                             a.topk_weights, a.num_tokens, seq);

@@ -144,7 +144,7 @@ extern "C" epmoe_status epmoe_ep_create_nccl(struct ncclComm *comm, const epmoe_
         return epmoe__fail(EPMOE_ERR_UNSUPPORTED, "%s: NCCL's device API needs the runtime (%d) to match the headers "
                            "epmoe was built with (%d); put that libnccl first on LD_LIBRARY_PATH", fn, version, NCCL_VERSION_CODE);
     const int keys = cfg->num_experts + cfg->num_ranks;
-    const size_t send_smem = sizeof(int) * (size_t)keys * (1 + epk::kThreads / 32) + 6 * (size_t)cfg->max_tokens * cfg->top_k;
+    const size_t send_smem = sizeof(int) * (size_t)keys * (1 + epk::kThreads / 32) + 10 * (size_t)cfg->max_tokens * cfg->top_k;
     if ((int64_t)cfg->max_tokens * cfg->top_k > epk::kMaxPlanEntries || send_smem > 200 * 1024)
         return epmoe__fail(EPMOE_ERR_UNSUPPORTED, "%s: max_tokens * top_k = %d exceeds the GPU plan's %d entries (or too many "
                            "experts)", fn, cfg->max_tokens * cfg->top_k, epk::kMaxPlanEntries);

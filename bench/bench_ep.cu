@@ -6,6 +6,8 @@
 ** CUDA events around dispatch and around combine; medians over 200 iterations after 30 warm-ups.
 ** Bandwidth is DeepEP's logical GB/s: valid (token, expert) selections x bytes per selection
 ** (FP8: H + H/128*4 + 16; BF16: 2H + 16; combine: 2H), over the measured time.
+** The stream is first held by a 200 us spin kernel while the host enqueues the iteration, so
+** the events time the GPU's work, not the host's launch overhead (as DeepEP's sleep + barrier).
 ** Run on the GPU machine: ./build/bench/bench_ep  (prints a table; --json FILE writes it too)
 */
 #define _POSIX_C_SOURCE 200809L
@@ -17,6 +19,13 @@
 #include <string.h>
 
 #include "epmoe.h"
+
+/* Keeps the stream busy while the host enqueues the timed work behind it. */
+__global__ void spin(unsigned long long ns) {
+    unsigned long long t0, t;
+    asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t0));
+    do asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t)); while (t - t0 < ns);
+}
 
 #define CU(call)                                                                                                       \
     do {                                                                                                               \
@@ -74,7 +83,7 @@ static uint64_t rnd(void) {
 }
 
 static void *run(void *arg) {
-    job *j = arg;
+    job *j = (job *)arg;
     const bench_case *bc = j->bc;
     CU(cudaSetDevice(j->rank));
     ncclComm_t comm;
@@ -88,9 +97,9 @@ static void *run(void *arg) {
     epmoe_ep *ep;
     EP(epmoe_ep_create_nccl(comm, &cfg, &ep));
     const int T = bc->tokens, H = cfg.hidden, k = cfg.top_k, E = bc->experts, L = E / j->R;
-    uint16_t *x = malloc((size_t)T * H * 2);
-    int32_t *idx = malloc((size_t)T * k * 4);
-    float *w = malloc((size_t)T * k * 4);
+    uint16_t *x = (uint16_t *)malloc((size_t)T * H * 2);
+    int32_t *idx = (int32_t *)malloc((size_t)T * k * 4);
+    float *w = (float *)malloc((size_t)T * k * 4);
     rng_state = 0x9E3779B97F4A7C15ull * (uint64_t)(j->rank + 1);
     for (size_t i = 0; i < (size_t)T * H; i++) x[i] = epmoe_bf16_from_float((float)((int)(rnd() % 2001) - 1000) * 1e-3f);
     j->selections = 0, j->link_msgs = 0;
@@ -127,12 +136,14 @@ static void *run(void *arg) {
     CU(cudaStreamCreateWithFlags(&st, cudaStreamNonBlocking));
     cudaEvent_t ev[5];
     for (int i = 0; i < 5; i++) CU(cudaEventCreate(&ev[i]));
-    epmoe_dispatch_args a = {dx, didx, 32, dw, T, rx, rs, dm, NULL, NULL};
-    epmoe_combine_args ca = {eo, dw, out};
-    float *td = malloc(sizeof(float) * ITERS), *tc = malloc(sizeof(float) * ITERS), *ta = malloc(sizeof(float) * ITERS);
-    float *tds = malloc(sizeof(float) * ITERS), *tcs = malloc(sizeof(float) * ITERS);
+    epmoe_dispatch_args a = {(const uint16_t *)dx, didx, 32, (const float *)dw, T, rx, rs, (int32_t *)dm, NULL, NULL};
+    epmoe_combine_args ca = {(const uint16_t *)eo, (const float *)dw, (uint16_t *)out};
+    float *td = (float *)malloc(sizeof(float) * ITERS), *tc = (float *)malloc(sizeof(float) * ITERS);
+    float *ta = (float *)malloc(sizeof(float) * ITERS), *tds = (float *)malloc(sizeof(float) * ITERS);
+    float *tcs = (float *)malloc(sizeof(float) * ITERS);
     for (int it = 0; it < WARMUP + ITERS; it++) { /* halves issued separately: their times too */
         uint32_t h;
+        spin<<<1, 1, 0, st>>>(200000);
         NC(ncclAllReduce(red, red, 1, ncclFloat, ncclSum, comm, st));
         CU(cudaEventRecord(ev[0], st));
         EP(epmoe_dispatch(ep, &a, EPMOE_PHASE_SEND, &h, st));
@@ -159,6 +170,7 @@ static void *run(void *arg) {
     CU(cudaMalloc(&sb, per_peer * j->R));
     CU(cudaMalloc(&rb, per_peer * j->R));
     for (int it = 0; it < WARMUP + ITERS; it++) {
+        spin<<<1, 1, 0, st>>>(200000);
         NC(ncclAllReduce(red, red, 1, ncclFloat, ncclSum, comm, st));
         CU(cudaEventRecord(ev[0], st));
         NC(ncclGroupStart());
@@ -208,8 +220,11 @@ int main(int argc, char **argv) {
            "GB/s", "combine", "(send)", "GB/s", "nccl a2a", "msgs", "buffer MB");
     if (jf) fprintf(jf, "[\n");
     int first = 1;
-    for (int R = ngpu; R >= 1; R = R == 1 ? 0 : 1) {
-        for (size_t c = 0; c < sizeof cases / sizeof cases[0]; c++) {
+    /* EPMOE_BENCH_R=1 EPMOE_BENCH_CASES=1: one rank, the first case (for a profiler, which serializes kernels) */
+    const int only_r = getenv("EPMOE_BENCH_R") ? atoi(getenv("EPMOE_BENCH_R")) : 0;
+    const size_t ncases = getenv("EPMOE_BENCH_CASES") ? (size_t)atoi(getenv("EPMOE_BENCH_CASES")) : sizeof cases / sizeof cases[0];
+    for (int R = only_r ? only_r : ngpu; R >= 1; R = only_r || R == 1 ? 0 : 1) {
+        for (size_t c = 0; c < ncases; c++) {
             ncclUniqueId id;
             NC(ncclGetUniqueId(&id));
             job jobs[8];
