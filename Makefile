@@ -121,7 +121,7 @@ test: lib check-header check-symbols test-c test-asan test-python
 
 # ---- GPU (H200): tests, benchmarks, the whole suite in one call ------------------------------
 GPU_TESTS := test_quant_gpu $(if $(filter 1,$(NCCL)),test_ep_gpu)
-$(BUILD)/tests/gpu/%: tests/gpu/%.c tests/test.h tests/ep_common.h $(BUILD)/libepmoe.a
+$(BUILD)/tests/gpu/%: tests/gpu/%.c tests/test.h tests/ep_common.h tests/gpu/cuda_check.h $(BUILD)/libepmoe.a
 	@mkdir -p $(dir $@)
 	$(CC) $(CFLAGS) -Wno-conversion -isystem $(CUDA_HOME)/include -o $@ $< $(BUILD)/libepmoe.a $(LDLIBS)
 

@@ -7,21 +7,13 @@
 ** a masked rank. R = 1 and R = number of GPUs (2 on nvidia-h200-x2).
 */
 #define _POSIX_C_SOURCE 200809L
-#include <cuda_runtime_api.h>
+#include "cuda_check.h"
 #include <nccl.h>
 #include <pthread.h>
 #include <time.h>
 
 #include "../ep_common.h"
 
-#define CU(call)                                                                                                       \
-    do {                                                                                                               \
-        cudaError_t e_ = (call);                                                                                       \
-        if (e_ != cudaSuccess) {                                                                                       \
-            printf("CUDA error %s at %s:%d: %s\n", cudaGetErrorString(e_), __FILE__, __LINE__, #call);                \
-            exit(2);                                                                                                   \
-        }                                                                                                              \
-    } while (0)
 
 typedef struct {
     rank_io *io;
@@ -33,8 +25,8 @@ typedef struct {
 
 static void *dev_copy(const void *h, size_t n) {
     void *d;
-    CU(cudaMalloc(&d, n + 16));
-    if (h) CU(cudaMemcpy(d, h, n, cudaMemcpyHostToDevice));
+    CUDA_OK(cudaMalloc(&d, n + 16));
+    if (h) CUDA_OK(cudaMemcpy(d, h, n, cudaMemcpyHostToDevice));
     return d;
 }
 
@@ -46,7 +38,7 @@ static void *run_rank_gpu(void *arg) {
     cfg.rank = io->rank;
     const epmoe_ep_layout lay = job->lay;
     const int N = cfg.max_tokens, H = cfg.hidden, k = cfg.top_k;
-    CU(cudaSetDevice(io->rank));
+    CUDA_OK(cudaSetDevice(io->rank));
     ncclComm_t comm;
     if (ncclCommInitRank(&comm, cfg.num_ranks, job->id, io->rank) != ncclSuccess) {
         io->st_create = EPMOE_ERR_NCCL;
@@ -61,7 +53,7 @@ static void *run_rank_gpu(void *arg) {
     }
     if (sc->active) epmoe_ep_set_active_ranks(ep, sc->active);
     cudaStream_t st;
-    CU(cudaStreamCreateWithFlags(&st, cudaStreamNonBlocking));
+    CUDA_OK(cudaStreamCreateWithFlags(&st, cudaStreamNonBlocking));
     if (io->rank == sc->silent_rank) { /* joined, never dispatches; the others must not hang */
         struct timespec ts = {1, 0};
         nanosleep(&ts, NULL);
@@ -92,19 +84,19 @@ static void *run_rank_gpu(void *arg) {
                 io->st_dispatch = epmoe_dispatch(ep, &a, EPMOE_PHASE_BOTH, &handles[round], st);
             }
             if (io->st_dispatch) break;
-            CU(cudaStreamSynchronize(st));
-            CU(cudaMemcpy(io->recv_x[round], drx[round], lay.recv_x_bytes, cudaMemcpyDeviceToHost));
-            CU(cudaMemcpy(io->recv_s[round], drs[round], lay.recv_scales_bytes, cudaMemcpyDeviceToHost));
-            CU(cudaMemcpy(io->masked[round], dm[round], lay.masked_m_bytes, cudaMemcpyDeviceToHost));
-            CU(cudaMemcpy(io->src_info[round], dsi[round], lay.src_info_bytes, cudaMemcpyDeviceToHost));
+            CUDA_OK(cudaStreamSynchronize(st));
+            CUDA_OK(cudaMemcpy(io->recv_x[round], drx[round], lay.recv_x_bytes, cudaMemcpyDeviceToHost));
+            CUDA_OK(cudaMemcpy(io->recv_s[round], drs[round], lay.recv_scales_bytes, cudaMemcpyDeviceToHost));
+            CUDA_OK(cudaMemcpy(io->masked[round], dm[round], lay.masked_m_bytes, cudaMemcpyDeviceToHost));
+            CUDA_OK(cudaMemcpy(io->src_info[round], dsi[round], lay.src_info_bytes, cudaMemcpyDeviceToHost));
             make_expert_out(&cfg, io, round);
-            CU(cudaMemcpy(deo[round], io->expert_out[round], lay.expert_out_bytes, cudaMemcpyHostToDevice));
+            CUDA_OK(cudaMemcpy(deo[round], io->expert_out[round], lay.expert_out_bytes, cudaMemcpyHostToDevice));
             const int c = sc->split ? round - 1 : round; /* split: two dispatches live at once */
             if (c >= 0) {
                 epmoe_combine_args ca = {deo[c], dw[c], dout[c]};
                 io->st_combine = epmoe_combine(ep, handles[c], &ca, EPMOE_PHASE_BOTH, st);
-                CU(cudaStreamSynchronize(st));
-                CU(cudaMemcpy(io->out[c], dout[c], lay.out_bytes, cudaMemcpyDeviceToHost));
+                CUDA_OK(cudaStreamSynchronize(st));
+                CUDA_OK(cudaMemcpy(io->out[c], dout[c], lay.out_bytes, cudaMemcpyDeviceToHost));
             }
             if (io->st_combine) break;
         }
@@ -112,16 +104,16 @@ static void *run_rank_gpu(void *arg) {
             const int c = sc->rounds - 1;
             epmoe_combine_args ca = {deo[c], dw[c], dout[c]};
             io->st_combine = epmoe_combine(ep, handles[c], &ca, EPMOE_PHASE_BOTH, st);
-            CU(cudaStreamSynchronize(st));
-            CU(cudaMemcpy(io->out[c], dout[c], lay.out_bytes, cudaMemcpyDeviceToHost));
+            CUDA_OK(cudaStreamSynchronize(st));
+            CUDA_OK(cudaMemcpy(io->out[c], dout[c], lay.out_bytes, cudaMemcpyDeviceToHost));
         }
-        CU(cudaStreamSynchronize(st));
+        CUDA_OK(cudaStreamSynchronize(st));
         job->poll = epmoe_ep_poll(ep);
         if (io->st_dispatch || io->st_combine) snprintf(io->err, sizeof io->err, "%s", epmoe_last_error());
-        CU(cudaFree(d_rq));
+        CUDA_OK(cudaFree(d_rq));
     }
     if (ep) epmoe_ep_destroy(ep);
-    CU(cudaStreamDestroy(st));
+    CUDA_OK(cudaStreamDestroy(st));
     if (ep || sc->active) ncclCommDestroy(comm);
     return NULL;
 }

@@ -7,7 +7,7 @@
 ** CUDA graph replayed after masked_m changes on the device (no host sync, no re-capture).
 ** Runs under compute-sanitizer memcheck (EPMOE_TEST_QUICK=1 skips the largest shapes).
 */
-#include <cuda_runtime_api.h>
+#include "cuda_check.h"
 #include <time.h>
 
 #include "../test.h"
@@ -15,14 +15,6 @@
 #define GUARD 256 /* poisoned bytes after every device buffer */
 #define POISON 0xAB
 
-#define CUDA_OK(call)                                                                                                  \
-    do {                                                                                                               \
-        cudaError_t e_ = (call);                                                                                       \
-        if (e_ != cudaSuccess) {                                                                                       \
-            printf("CUDA error %s at %s:%d: %s\n", cudaGetErrorString(e_), __FILE__, __LINE__, #call);               \
-            exit(2);                                                                                                   \
-        }                                                                                                              \
-    } while (0)
 
 static cudaStream_t stream;
 static int quick;
