@@ -93,7 +93,8 @@ $(BUILD)/tests/%: tests/%.c tests/test.h tests/ep_common.h $(BUILD)/libepmoe.a
 # The sanitized build is CPU-only (ASan and the CUDA runtime do not mix) and its own tree.
 $(ASAN)/tests/%: tests/%.c tests/test.h tests/ep_common.h $(LIB_C) $(HEADERS)
 	@mkdir -p $(dir $@)
-	$(CC) $(filter-out -DEPMOE_HAVE_CUDA=%,$(CFLAGS)) -DEPMOE_HAVE_CUDA=0 -Wno-conversion $(SANFLAGS) -O1 \
+	$(CC) $(filter-out -DEPMOE_HAVE_CUDA=% -DEPMOE_HAVE_NCCL=%,$(CFLAGS)) -DEPMOE_HAVE_CUDA=0 -DEPMOE_HAVE_NCCL=0 \
+		-Wno-conversion $(SANFLAGS) -O1 \
 		-o $@ $< $(LIB_C) -lm -lpthread
 
 test-c: $(CPU_TESTS:%=$(BUILD)/tests/%)
