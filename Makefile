@@ -79,8 +79,9 @@ $(BUILD)/libepmoe.so: $(LIB_OBJ)
 	$(CC) -shared -Wl,--no-undefined -Wl,-soname,libepmoe.so.$(SONAME_MAJOR) -o $@ $^ $(LDLIBS)
 
 # ---- CLI -----------------------------------------------------------------------------------
-$(BUILD)/epmoe: tools/epmoe.c $(BUILD)/libepmoe.a $(HEADERS)
-	$(CC) $(CFLAGS) $(if $(filter 1,$(CUDA)),-I$(CUDA_HOME)/include) -o $@ tools/epmoe.c $(BUILD)/libepmoe.a $(LDLIBS)
+$(BUILD)/epmoe: tools/epmoe.c tools/demo_ep.c $(BUILD)/libepmoe.a $(HEADERS)
+	$(CC) $(CFLAGS) $(if $(filter 1,$(CUDA)),-isystem $(CUDA_HOME)/include) -o $@ tools/epmoe.c tools/demo_ep.c \
+		$(BUILD)/libepmoe.a $(LDLIBS)
 
 demo: lib $(BUILD)/epmoe
 	./$(BUILD)/epmoe demo

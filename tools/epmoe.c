@@ -4,7 +4,8 @@
 **   epmoe version
 ** Until the MoE layer lands, `demo` runs what exists: DeepSeek-R1's expert-parallel receive batch
 ** (8 ranks x 128 tokens, H = 7168) through the FP8 per-token-group cast, then through SGLang's
-** per-tensor requant, printing bytes, error against float64 and time for each path.
+** per-tensor requant, printing bytes, error against float64 and time for each path; then one
+** dispatch + combine over FP8 and over BF16 wire (demo_ep.c).
 */
 #define _POSIX_C_SOURCE 200809L
 #include <math.h>
@@ -17,6 +18,8 @@
 #if EPMOE_HAVE_CUDA
 #include <cuda_runtime_api.h>
 #endif
+
+int demo_ep(int use_gpu); /* demo_ep.c */
 
 static int usage(FILE *f) {
     fprintf(f, "usage: epmoe <command> [options]\n"
@@ -175,7 +178,6 @@ static int demo(int argc, char **argv) {
 #if EPMOE_HAVE_CUDA
     if (!force_cpu && epmoe_cuda_device_count() > 0 && demo_gpu(x, M, K, q, s, y, &out_scale, &t)) return 1;
 #else
-    (void)force_cpu;
 #endif
     FAIL_IF(epmoe_dequant_fp8_ref(q, s, EPMOE_SCALE_F32_ROW, NULL, 1, M, K, EPMOE_F32, deq));
     const double e_group = nmse(x, deq, n);
@@ -191,7 +193,10 @@ static int demo(int argc, char **argv) {
     printf("  FP8 wire: %.2f of the bf16 bytes; the per-tensor requant multiplies the error by %.1f\n", out_mb / in_mb,
            e_tensor / e_group);
     free(x), free(q), free(y), free(s), free(deq);
-    return 0;
+    if (demo_ep(!force_cpu) == 0) return 0;
+    if (force_cpu) return 1;
+    fprintf(stderr, "epmoe demo: the GPU EP backend is not usable here; running EP on the CPU backend instead\n");
+    return demo_ep(0);
 }
 
 int main(int argc, char **argv) {
