@@ -83,8 +83,11 @@ $(BUILD)/epmoe: tools/epmoe.c tools/demo_ep.c $(BUILD)/libepmoe.a $(HEADERS)
 	$(CC) $(CFLAGS) $(if $(filter 1,$(CUDA)),-isystem $(CUDA_HOME)/include) -o $@ tools/epmoe.c tools/demo_ep.c \
 		$(BUILD)/libepmoe.a $(LDLIBS)
 
+# NCCL's device API needs the libnccl it was compiled against; on the H200 image that is torch's
+# wheel (the system one is older). Prepended when present; elsewhere this is empty.
+NCCL_RUNTIME_DIR ?= $(firstword $(wildcard /opt/torch/.venv/lib/python3.*/site-packages/nvidia/nccl/lib))
 demo: lib $(BUILD)/epmoe
-	./$(BUILD)/epmoe demo
+	LD_LIBRARY_PATH=$(NCCL_RUNTIME_DIR)$${LD_LIBRARY_PATH:+:$$LD_LIBRARY_PATH} NCCL_NVLS_ENABLE=0 ./$(BUILD)/epmoe demo
 
 # ---- CPU tests -------------------------------------------------------------------------------
 $(BUILD)/tests/%: tests/%.c tests/test.h tests/ep_common.h $(BUILD)/libepmoe.a

@@ -120,23 +120,24 @@ static void *demo_rank_main(void *arg) {
         void *dm = to_dev(NULL, lay.masked_m_bytes), *deo = to_dev(NULL, lay.expert_out_bytes), *dout = to_dev(NULL, lay.out_bytes);
         epmoe_dispatch_args a = {dx, di, 32, dw, T, drx, drs, dm, NULL, NULL};
         epmoe_combine_args ca = {deo, NULL, dout};
-        cudaEvent_t e0, e1, e2;
-        cudaEventCreate(&e0), cudaEventCreate(&e1), cudaEventCreate(&e2);
+        cudaEvent_t ev[4];
+        for (int i = 0; i < 4; i++) cudaEventCreate(&ev[i]);
         for (int it = 0; it < 20; it++) { /* the last of 20 repeats is timed (the first ones warm up) */
-            cudaEventRecord(e0, 0);
+            cudaEventRecord(ev[0], 0);
             TRY(epmoe_dispatch(ep, &a, EPMOE_PHASE_BOTH, &hd, NULL));
+            cudaEventRecord(ev[1], 0);
             if (c->wire == EPMOE_WIRE_FP8)
                 TRY(epmoe_dequant_fp8_cuda(drx, drs, c->scale_fmt, dm, L, M, H, EPMOE_BF16, deo, NULL));
             else
                 cudaMemcpyAsync(deo, drx, lay.recv_x_bytes, cudaMemcpyDeviceToDevice, 0);
-            cudaEventRecord(e1, 0);
+            cudaEventRecord(ev[2], 0);
             TRY(epmoe_combine(ep, hd, &ca, EPMOE_PHASE_BOTH, NULL));
-            cudaEventRecord(e2, 0);
-            cudaEventSynchronize(e2);
+            cudaEventRecord(ev[3], 0);
+            cudaEventSynchronize(ev[3]);
         }
         float ms;
-        cudaEventElapsedTime(&ms, e0, e1), r->disp_us = ms * 1e3;
-        cudaEventElapsedTime(&ms, e1, e2), r->comb_us = ms * 1e3;
+        cudaEventElapsedTime(&ms, ev[0], ev[1]), r->disp_us = ms * 1e3;
+        cudaEventElapsedTime(&ms, ev[2], ev[3]), r->comb_us = ms * 1e3;
         TRY(epmoe_ep_poll(ep));
         cudaMemcpy(out, dout, lay.out_bytes, cudaMemcpyDeviceToHost);
         epmoe_ep_destroy(ep), ep = NULL;
