@@ -185,8 +185,10 @@ EPMOE_API epmoe_status epmoe_dequant_fp8_cuda(const uint8_t *q, const void *scal
 ** dedup = 1 (default) sends each token once per destination rank and fans it out to its local
 ** experts on the receiver; dedup = 0 sends one message per (token, expert), as DeepEP does.
 **
-** Ordering: calls are collective and in the same order on every rank. Each dispatch returns a
-** handle; combine takes it. The two most recent dispatches may be live at once (micro-batch
+** Ordering: calls are collective, in the same order on every rank, on one stream per ep; receives
+** follow dispatch order. Each dispatch returns a handle; combine takes it. GPU calls may be
+** captured in a CUDA graph: call numbers are counted on the device, so every replay is a new
+** dispatch/combine (capture whole dispatch + combine pairs). The two most recent dispatches may be live at once (micro-batch
 ** overlap); an older handle is rejected. Send and receive halves may be issued separately.
 ** A peer that does not answer within timeout_ms gives EPMOE_ERR_TIMEOUT; the ep is then
 ** failed (every later call fails fast) until it is destroyed. Ranks can be masked out (failed

@@ -204,9 +204,13 @@ epmoe_status epmoe_dispatch(epmoe_ep *ep, const epmoe_dispatch_args *a, epmoe_ph
             return epmoe__fail(EPMOE_ERR_INVALID_ARG, "%s: handle %u is not a sent, unreceived dispatch", fn, *handle);
     }
     if (recv) {
+        if (c->seq != ep->recv_seq + 1) /* the GPU counts receives: they come in dispatch order */
+            return epmoe__fail(EPMOE_ERR_INVALID_ARG, "%s: receive dispatch %u first (receives follow dispatch order)",
+                               fn, ep->recv_seq + 1);
         epmoe_status st = ep->ops->dispatch_recv(ep, a, c, stream);
         if (st != EPMOE_OK) return st;
         c->received = 1;
+        ep->recv_seq = c->seq;
     }
     return EPMOE_OK;
 }

@@ -32,8 +32,10 @@ __device__ __forceinline__ uint4 pack8(const float (&acc)[8]) {
                       bf16x2_from_float(acc[4], acc[5]), bf16x2_from_float(acc[6], acc[7]));
 }
 
-__global__ void __launch_bounds__(kThreads, 1) combine_send_kernel(Params p, const uint16_t *__restrict__ y, uint32_t seq) {
+__global__ void __launch_bounds__(kThreads, 1) combine_send_kernel(Params p, const uint16_t *__restrict__ y, uint32_t rel) {
     const ep_dims &d = p.d;
+    /* the dispatch being combined: `rel` calls before the latest received one (device count) */
+    const uint32_t seq = *reinterpret_cast<volatile unsigned *>(&p.seqs[1]) - rel;
     const int par = seq & 1, R = d.R, H = d.H, me = d.rank;
     const int64_t M = (int64_t)R * d.N;
     const CallState &st = p.st[par];
@@ -94,8 +96,9 @@ __global__ void __launch_bounds__(kThreads, 1) combine_send_kernel(Params p, con
 }
 
 __global__ void __launch_bounds__(kThreads, 1) combine_recv_kernel(Params p, const float *__restrict__ weights,
-                                                                uint16_t *__restrict__ out, int T, uint32_t seq) {
+                                                                uint16_t *__restrict__ out, int T, uint32_t rel) {
     const ep_dims &d = p.d;
+    const uint32_t seq = *reinterpret_cast<volatile unsigned *>(&p.seqs[1]) - rel;
     const int par = seq & 1, R = d.R, H = d.H, k = d.k, L = d.L;
     __shared__ int bail;
     uint8_t *mine = my_base(p);
@@ -158,14 +161,14 @@ __global__ void __launch_bounds__(kThreads, 1) combine_recv_kernel(Params p, con
 
 } // namespace
 
-epmoe_status launch_combine_send(const Params &p, const epmoe_combine_args &a, uint32_t seq, int sms, cudaStream_t s) {
-    combine_send_kernel<<<sms, kThreads, 0, s>>>(p, a.expert_out, seq);
+epmoe_status launch_combine_send(const Params &p, const epmoe_combine_args &a, uint32_t rel, int sms, cudaStream_t s) {
+    combine_send_kernel<<<sms, kThreads, 0, s>>>(p, a.expert_out, rel);
     return epmoe__launched("epmoe_combine (send)");
 }
 
-epmoe_status launch_combine_recv(const Params &p, const epmoe_combine_args &a, uint32_t seq, int T, int sms,
+epmoe_status launch_combine_recv(const Params &p, const epmoe_combine_args &a, uint32_t rel, int T, int sms,
                                  cudaStream_t s) {
-    combine_recv_kernel<<<T < 1 ? 1 : T < sms ? T : sms, kThreads, 0, s>>>(p, a.topk_weights, a.out, T, seq);
+    combine_recv_kernel<<<T < 1 ? 1 : T < sms ? T : sms, kThreads, 0, s>>>(p, a.topk_weights, a.out, T, rel);
     return epmoe__launched("epmoe_combine (receive)");
 }
 

@@ -37,6 +37,7 @@ struct Params {
     const int *active;        /* [R] device copy of the active set at dispatch */
     CallState st[2];
     unsigned *counters;       /* [4]: block-completion tickets of the four kernels */
+    unsigned *seqs;           /* [2]: dispatches sent, dispatches received (device-side, graph-safe) */
     int *error;               /* host-mapped: 0, or (code << 24 | peer << 8 | kernel) */
     unsigned long long timeout_ns;
     int round_scale, scale_fmt;
@@ -100,10 +101,12 @@ __device__ __forceinline__ bool last_block_done(unsigned *ticket) {
 }
 
 /* Launchers (ep_dispatch.cu, ep_combine.cu): kernels on the caller's stream, no host sync. */
-epmoe_status launch_dispatch_send(const Params &p, const epmoe_dispatch_args &a, uint32_t seq, int sms, cudaStream_t s);
-epmoe_status launch_dispatch_recv(const Params &p, const epmoe_dispatch_args &a, uint32_t seq, int sms, cudaStream_t s);
-epmoe_status launch_combine_send(const Params &p, const epmoe_combine_args &a, uint32_t seq, int sms, cudaStream_t s);
-epmoe_status launch_combine_recv(const Params &p, const epmoe_combine_args &a, uint32_t seq, int T, int sms,
+/* Call numbers are counted on the device, so a captured CUDA graph advances them on every replay;
+** combine names its dispatch by `rel`, how many receives ago it was (0 = the latest). */
+epmoe_status launch_dispatch_send(const Params &p, const epmoe_dispatch_args &a, int sms, cudaStream_t s);
+epmoe_status launch_dispatch_recv(const Params &p, const epmoe_dispatch_args &a, int sms, cudaStream_t s);
+epmoe_status launch_combine_send(const Params &p, const epmoe_combine_args &a, uint32_t rel, int sms, cudaStream_t s);
+epmoe_status launch_combine_recv(const Params &p, const epmoe_combine_args &a, uint32_t rel, int T, int sms,
                                  cudaStream_t s);
 
 } // namespace epk

@@ -102,9 +102,11 @@ struct MsgRef {
 };
 
 __global__ void __launch_bounds__(kThreads, 1) dispatch_send_kernel(Params p, const uint16_t *__restrict__ x,
-                                                                 const void *topk, int bits, const float *weights, int T,
-                                                                 uint32_t seq) {
+                                                                 const void *topk, int bits, const float *weights, int T) {
     const ep_dims &d = p.d;
+    /* The call's number lives on the device (graph replays advance it): every block reads it
+    ** here, and only the last block to finish, after all have started, moves it on. */
+    const uint32_t seq = *reinterpret_cast<volatile unsigned *>(&p.seqs[0]) + 1;
     const int k = d.k, me = d.rank, par = seq & 1, L = d.L;
     extern __shared__ __align__(16) uint8_t smem[];
     Plan pl;
@@ -200,7 +202,8 @@ __global__ void __launch_bounds__(kThreads, 1) dispatch_send_kernel(Params p, co
         }
         __syncthreads(); /* msgs[] is rewritten for the next token */
     }
-    if (last_block_done(&p.counters[0]))
+    if (last_block_done(&p.counters[0])) {
+        if (threadIdx.x == 0) p.seqs[0] = seq;
         for (int r = threadIdx.x; r < d.R; r += kThreads) {
             if (!p.active[r]) continue;
             uint8_t *peer = peer_base(p, r);
@@ -209,10 +212,12 @@ __global__ void __launch_bounds__(kThreads, 1) dispatch_send_kernel(Params p, co
             for (int le = 0; le < L; le++) meta[2 + le] = (uint32_t)pl.count[r * L + le];
             st_release(ep_disp_flag(peer, &d, &p.w, par, me), seq);
         }
+    }
 }
 
-__global__ void __launch_bounds__(kThreads, 1) dispatch_recv_kernel(Params p, epmoe_dispatch_args a, uint32_t seq) {
+__global__ void __launch_bounds__(kThreads, 1) dispatch_recv_kernel(Params p, epmoe_dispatch_args a) {
     const ep_dims &d = p.d;
+    const uint32_t seq = *reinterpret_cast<volatile unsigned *>(&p.seqs[1]) + 1; /* as in the send kernel */
     const int par = seq & 1, R = d.R, L = d.L, H = d.H, G = H / FMT_GROUP, me = d.rank;
     const int64_t M = (int64_t)R * d.N;
     extern __shared__ __align__(16) uint8_t smem[];
@@ -311,28 +316,30 @@ __global__ void __launch_bounds__(kThreads, 1) dispatch_recv_kernel(Params p, ep
         }
         __syncthreads(); /* hdr is reused */
     }
-    if (last_block_done(&p.counters[1]))
+    if (last_block_done(&p.counters[1])) {
+        if (threadIdx.x == 0) p.seqs[1] = seq;
         for (int r = threadIdx.x; r < R; r += kThreads)
             if (p.active[r]) st_release(ep_ack(peer_base(p, r), &p.w, me), seq);
+    }
 }
 
 } // namespace
 
 static int grid_for(int work, int sms) { return work < 1 ? 1 : work < sms ? work : sms; }
 
-epmoe_status launch_dispatch_send(const Params &p, const epmoe_dispatch_args &a, uint32_t seq, int sms, cudaStream_t s) {
+epmoe_status launch_dispatch_send(const Params &p, const epmoe_dispatch_args &a, int sms, cudaStream_t s) {
     const int keys = p.d.E + p.d.R;
     const size_t smem = sizeof(int) * (size_t)(keys + (kThreads / 32) * keys) + 10 * (size_t)p.d.N * p.d.k;
     if (smem > 48 * 1024) cudaFuncSetAttribute(dispatch_send_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
     dispatch_send_kernel<<<grid_for(a.num_tokens, sms), kThreads, smem, s>>>(p, a.x, a.topk_idx, a.topk_idx_bits,
-                                                                            a.topk_weights, a.num_tokens, seq);
+                                                                            a.topk_weights, a.num_tokens);
     return epmoe__launched("epmoe_dispatch (send)");
 }
 
-epmoe_status launch_dispatch_recv(const Params &p, const epmoe_dispatch_args &a, uint32_t seq, int sms, cudaStream_t s) {
+epmoe_status launch_dispatch_recv(const Params &p, const epmoe_dispatch_args &a, int sms, cudaStream_t s) {
     const size_t smem = (size_t)ep_align(4 * ((int64_t)p.d.L * p.d.R + p.d.R + 1), 16) + (size_t)p.d.header_bytes;
     if (smem > 48 * 1024) cudaFuncSetAttribute(dispatch_recv_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
-    dispatch_recv_kernel<<<sms, kThreads, smem, s>>>(p, a, seq);
+    dispatch_recv_kernel<<<sms, kThreads, smem, s>>>(p, a);
     return epmoe__launched("epmoe_dispatch (receive)");
 }
 

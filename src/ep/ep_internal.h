@@ -41,7 +41,8 @@ struct epmoe_ep {
     ep_window w;
     epmoe_backend backend;
     const ep_backend_ops *ops;
-    uint32_t seq;     /* dispatches started */
+    uint32_t seq;      /* dispatches started */
+    uint32_t recv_seq; /* dispatches received (in order) */
     int failed;       /* a peer timed out: every later call fails fast */
     int *active;      /* [R] */
     ep_call calls[2];

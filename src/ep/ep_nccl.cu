@@ -76,7 +76,8 @@ epmoe_status nccl_dispatch_send(epmoe_ep *ep, const epmoe_dispatch_args *a, ep_c
         EPMOE_CHECK(aligned("epmoe_dispatch", a->topk_idx, (unsigned)a->topk_idx_bits / 8, "topk_idx"));
     }
     NcclImpl *im = impl_of(ep);
-    return epk::launch_dispatch_send(im->params, *a, c->seq, im->sms, s);
+    (void)c;
+    return epk::launch_dispatch_send(im->params, *a, im->sms, s);
 }
 
 epmoe_status nccl_dispatch_recv(epmoe_ep *ep, const epmoe_dispatch_args *a, ep_call *c, epmoe_stream_t s) {
@@ -85,21 +86,22 @@ epmoe_status nccl_dispatch_recv(epmoe_ep *ep, const epmoe_dispatch_args *a, ep_c
     EPMOE_CHECK(aligned("epmoe_dispatch", a->masked_m, 4, "masked_m"));
     if (a->recv_scales) EPMOE_CHECK(aligned("epmoe_dispatch", a->recv_scales, 4, "recv_scales"));
     NcclImpl *im = impl_of(ep);
-    return epk::launch_dispatch_recv(im->params, *a, c->seq, im->sms, s);
+    (void)c;
+    return epk::launch_dispatch_recv(im->params, *a, im->sms, s);
 }
 
 epmoe_status nccl_combine_send(epmoe_ep *ep, const epmoe_combine_args *a, ep_call *c, epmoe_stream_t s) {
     EPMOE_CHECK(async_error(ep));
     EPMOE_CHECK(aligned("epmoe_combine", a->expert_out, 16, "expert_out"));
     NcclImpl *im = impl_of(ep);
-    return epk::launch_combine_send(im->params, *a, c->seq, im->sms, s);
+    return epk::launch_combine_send(im->params, *a, ep->recv_seq - c->seq, im->sms, s);
 }
 
 epmoe_status nccl_combine_recv(epmoe_ep *ep, const epmoe_combine_args *a, ep_call *c, epmoe_stream_t s) {
     EPMOE_CHECK(async_error(ep));
     if (c->T) EPMOE_CHECK(aligned("epmoe_combine", a->out, 16, "out"));
     NcclImpl *im = impl_of(ep);
-    return epk::launch_combine_recv(im->params, *a, c->seq, c->T, im->sms, s);
+    return epk::launch_combine_recv(im->params, *a, ep->recv_seq - c->seq, c->T, im->sms, s);
 }
 
 void nccl_destroy(epmoe_ep *ep) {
@@ -217,6 +219,7 @@ extern "C" epmoe_status epmoe_ep_create_nccl(struct ncclComm *comm, const epmoe_
         int *active = reinterpret_cast<int *>(base + 2 * per);
         im->params.active = active;
         im->params.counters = reinterpret_cast<unsigned *>(base + 2 * per + ep_align(4 * (int64_t)d.R, 256));
+        im->params.seqs = im->params.counters + 4;
         CUDA_TRY(cudaMemcpy(active, ep->active, sizeof(int) * (size_t)d.R, cudaMemcpyHostToDevice), "cudaMemcpy");
         CUDA_TRY(cudaHostAlloc(&im->error_host, sizeof(int), cudaHostAllocMapped), "cudaHostAlloc");
         *im->error_host = 0;
