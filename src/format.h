@@ -112,6 +112,13 @@ FMT_HD void fmt_group_scales(float amax, int round_scale, float *mul, float *sca
     *mul = fmt_f32_from_bits((uint32_t)(127 - e) << 23);
 }
 
+/* Group -> per-tensor requant of one fp8 value: (q * s) * inv, two fp32 roundings, then the cast
+** (SGLang PR #22316's arithmetic; inv = 1 / out_scale, taken once by the caller). */
+FMT_HD uint8_t fmt_requant(uint8_t q, float s, float inv) {
+    const float v = fmt_fp8_to_float(q) * s;
+    return fmt_fp8_from_float(v * inv);
+}
+
 /* ---- scale layouts (the one layout function of scale buffers; see epmoe.h) ----------- */
 
 FMT_HD int fmt_scale_is_ue8m0(int fmt) { return fmt == 2 || fmt == 3; }

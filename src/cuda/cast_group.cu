@@ -19,26 +19,8 @@ __global__ void __launch_bounds__(kThreads) cast_group_kernel(const uint4 *__res
     const unsigned half_mask = 0xFFFFu << (lane & 16);
     /* kThreads and the stride are multiples of 16, so a half-warp always iterates together. */
     for (int64_t c = (int64_t)blockIdx.x * kThreads + threadIdx.x; c < n_chunks; c += (int64_t)gridDim.x * kThreads) {
-        const uint4 v = __ldcs(x + c);
-        const uint32_t w[4] = {v.x, v.y, v.z, v.w};
-        float f[8];
-#pragma unroll
-        for (int i = 0; i < 4; i++) {
-            f[2 * i] = bf16_lo(w[i]);
-            f[2 * i + 1] = bf16_hi(w[i]);
-        }
-        float amax = FMT_AMAX_FLOOR;
-#pragma unroll
-        for (int i = 0; i < 8; i++) amax = fmaxf(amax, fabsf(f[i])); /* fmaxf drops NaN, as the ref */
-#pragma unroll
-        for (int off = 8; off; off >>= 1) amax = fmaxf(amax, __shfl_xor_sync(half_mask, amax, off));
-        float mul, scale_inv;
-        fmt_group_scales(amax, kRound, &mul, &scale_inv);
-        uint2 out;
-        out.x = fp8x2_from_float(__fmul_rn(f[0], mul), __fmul_rn(f[1], mul)) |
-                (fp8x2_from_float(__fmul_rn(f[2], mul), __fmul_rn(f[3], mul)) << 16);
-        out.y = fp8x2_from_float(__fmul_rn(f[4], mul), __fmul_rn(f[5], mul)) |
-                (fp8x2_from_float(__fmul_rn(f[6], mul), __fmul_rn(f[7], mul)) << 16);
+        float scale_inv;
+        const uint2 out = cast_chunk8(__ldcs(x + c), kRound, half_mask, &scale_inv);
         __stcs(q + c, out);
         if ((lane & 15) == 0) {
             const int64_t gi = c >> 4, t = gi / G, g = gi - t * G;

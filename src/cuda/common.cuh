@@ -55,3 +55,32 @@ static __device__ __forceinline__ float bf16_hi(uint32_t w) { return __uint_as_f
 static __device__ __forceinline__ uint32_t bf16x2_from_float(float a, float b) {
     return (uint32_t)fmt_bf16_from_float(a) | ((uint32_t)fmt_bf16_from_float(b) << 16);
 }
+
+/* Eight bf16 (one 16-byte chunk) -> eight fp8, DeepEP's per-128-group cast. The 16 lanes of a
+** half-warp hold one group and must call this together (half_mask names them); every lane gets
+** the group's scale_inv. Used by the cast kernel and by dispatch, so both give the same bytes. */
+static __device__ __forceinline__ uint2 cast_chunk8(uint4 v, int round_scale, unsigned half_mask, float *scale_inv) {
+    const uint32_t w[4] = {v.x, v.y, v.z, v.w};
+    float f[8], amax = FMT_AMAX_FLOOR;
+#pragma unroll
+    for (int i = 0; i < 4; i++) f[2 * i] = bf16_lo(w[i]), f[2 * i + 1] = bf16_hi(w[i]);
+#pragma unroll
+    for (int i = 0; i < 8; i++) amax = fmaxf(amax, fabsf(f[i])); /* fmaxf drops NaN, as the ref */
+#pragma unroll
+    for (int off = 8; off; off >>= 1) amax = fmaxf(amax, __shfl_xor_sync(half_mask, amax, off));
+    float mul;
+    fmt_group_scales(amax, round_scale, &mul, scale_inv);
+    uint2 q;
+    q.x = fp8x2_from_float(__fmul_rn(f[0], mul), __fmul_rn(f[1], mul)) |
+          (fp8x2_from_float(__fmul_rn(f[2], mul), __fmul_rn(f[3], mul)) << 16);
+    q.y = fp8x2_from_float(__fmul_rn(f[4], mul), __fmul_rn(f[5], mul)) |
+          (fp8x2_from_float(__fmul_rn(f[6], mul), __fmul_rn(f[7], mul)) << 16);
+    return q;
+}
+
+/* Four fp8 at group scale s -> four fp8 at 1/inv: fmt_requant per element, decoded by the instruction. */
+static __device__ __forceinline__ uint32_t requant_word(uint32_t w, float s, float inv) {
+    const float2 lo = fp8x2_to_float(w), hi = fp8x2_to_float(w >> 16);
+    return fp8x2_from_float(__fmul_rn(__fmul_rn(lo.x, s), inv), __fmul_rn(__fmul_rn(lo.y, s), inv)) |
+           (fp8x2_from_float(__fmul_rn(__fmul_rn(hi.x, s), inv), __fmul_rn(__fmul_rn(hi.y, s), inv)) << 16);
+}

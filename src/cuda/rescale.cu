@@ -76,12 +76,13 @@ __device__ __forceinline__ void convert(const uint4 in, float s, float inv, uint
     const uint32_t w[4] = {in.x, in.y, in.z, in.w};
 #pragma unroll
     for (int i = 0; i < 4; i++) {
-        const float2 a = fp8x2_to_float(w[i]), b = fp8x2_to_float(w[i] >> 16);
-        float r0 = __fmul_rn(a.x, s), r1 = __fmul_rn(a.y, s), r2 = __fmul_rn(b.x, s), r3 = __fmul_rn(b.y, s);
         if (kOut == EPMOE_FP8_E4M3) {
-            o[i] = fp8x2_from_float(__fmul_rn(r0, inv), __fmul_rn(r1, inv)) |
-                   (fp8x2_from_float(__fmul_rn(r2, inv), __fmul_rn(r3, inv)) << 16);
-        } else if (kOut == EPMOE_BF16) {
+            o[i] = requant_word(w[i], s, inv);
+            continue;
+        }
+        const float2 a = fp8x2_to_float(w[i]), b = fp8x2_to_float(w[i] >> 16);
+        const float r0 = __fmul_rn(a.x, s), r1 = __fmul_rn(a.y, s), r2 = __fmul_rn(b.x, s), r3 = __fmul_rn(b.y, s);
+        if (kOut == EPMOE_BF16) {
             o[2 * i] = bf16x2_from_float(r0, r1);
             o[2 * i + 1] = bf16x2_from_float(r2, r3);
         } else {

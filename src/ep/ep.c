@@ -139,10 +139,13 @@ epmoe_status epmoe_ep_poll(epmoe_ep *ep) {
     return ep->ops && ep->ops->poll ? ep->ops->poll(ep) : EPMOE_OK;
 }
 
-static epmoe_status usable(const char *fn, epmoe_ep *ep) {
+/* What every data-path call checks first: a live ep and a valid phase. */
+static epmoe_status usable(const char *fn, epmoe_ep *ep, epmoe_phase phase) {
     if (!ep) return epmoe__fail(EPMOE_ERR_NULL_POINTER, "%s: ep is NULL", fn);
     if (ep->failed)
         return epmoe__fail(EPMOE_ERR_TIMEOUT, "%s: this ep failed earlier (a peer timed out); destroy it and create a new group", fn);
+    if (phase != EPMOE_PHASE_BOTH && phase != EPMOE_PHASE_SEND && phase != EPMOE_PHASE_RECV)
+        return epmoe__fail(EPMOE_ERR_INVALID_ARG, "%s: phase %d is not an epmoe_phase", fn, (int)phase);
     return EPMOE_OK;
 }
 
@@ -174,10 +177,8 @@ static epmoe_status check_dispatch_args(const char *fn, const epmoe_ep *ep, cons
 epmoe_status epmoe_dispatch(epmoe_ep *ep, const epmoe_dispatch_args *a, epmoe_phase phase, uint32_t *handle,
                             epmoe_stream_t stream) {
     static const char fn[] = "epmoe_dispatch";
-    EPMOE_CHECK(usable(fn, ep));
+    EPMOE_CHECK(usable(fn, ep, phase));
     if (!handle) return epmoe__fail(EPMOE_ERR_NULL_POINTER, "%s: handle is NULL", fn);
-    if (phase != EPMOE_PHASE_BOTH && phase != EPMOE_PHASE_SEND && phase != EPMOE_PHASE_RECV)
-        return epmoe__fail(EPMOE_ERR_INVALID_ARG, "%s: phase %d is not an epmoe_phase", fn, (int)phase);
     const int send = phase & EPMOE_PHASE_SEND, recv = phase & EPMOE_PHASE_RECV;
     EPMOE_CHECK(check_dispatch_args(fn, ep, a, send, recv));
     ep_call *c;
@@ -218,10 +219,8 @@ epmoe_status epmoe_dispatch(epmoe_ep *ep, const epmoe_dispatch_args *a, epmoe_ph
 epmoe_status epmoe_combine(epmoe_ep *ep, uint32_t handle, const epmoe_combine_args *a, epmoe_phase phase,
                            epmoe_stream_t stream) {
     static const char fn[] = "epmoe_combine";
-    EPMOE_CHECK(usable(fn, ep));
+    EPMOE_CHECK(usable(fn, ep, phase));
     if (!a) return epmoe__fail(EPMOE_ERR_NULL_POINTER, "%s: args is NULL", fn);
-    if (phase != EPMOE_PHASE_BOTH && phase != EPMOE_PHASE_SEND && phase != EPMOE_PHASE_RECV)
-        return epmoe__fail(EPMOE_ERR_INVALID_ARG, "%s: phase %d is not an epmoe_phase", fn, (int)phase);
     ep_call *c = &ep->calls[handle & 1];
     if (!handle || c->seq != handle || !c->received)
         return epmoe__fail(EPMOE_ERR_INVALID_ARG, "%s: handle %u is not one of the two most recent received dispatches "

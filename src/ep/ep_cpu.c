@@ -183,11 +183,7 @@ static void place_row(const epmoe_ep *ep, const epmoe_dispatch_args *a, const ui
         for (int64_t g = 0; g < G; g++) {
             float sg;
             memcpy(&sg, payload + d->H + g * 4, 4);
-            for (int i = 0; i < FMT_GROUP; i++) {
-                float v = fmt_fp8_to_float(q[g * FMT_GROUP + i]) * sg;
-                v = v * inv;
-                y[g * FMT_GROUP + i] = fmt_fp8_from_float(v);
-            }
+            for (int i = 0; i < FMT_GROUP; i++) y[g * FMT_GROUP + i] = fmt_requant(q[g * FMT_GROUP + i], sg, inv);
         }
         return;
     }

@@ -177,21 +177,8 @@ __global__ void __launch_bounds__(kThreads, 1) dispatch_send_kernel(Params p, co
                         for (int m = 0; m < nm; m++) *reinterpret_cast<uint4 *>(msgs[m].at + d.header_bytes + c * 16) = v[b];
                         continue;
                     }
-                    const uint32_t w[4] = {v[b].x, v[b].y, v[b].z, v[b].w};
-                    float f[8], amax = FMT_AMAX_FLOOR;
-#pragma unroll
-                    for (int i = 0; i < 4; i++) f[2 * i] = bf16_lo(w[i]), f[2 * i + 1] = bf16_hi(w[i]);
-#pragma unroll
-                    for (int i = 0; i < 8; i++) amax = fmaxf(amax, fabsf(f[i]));
-#pragma unroll
-                    for (int off = 8; off; off >>= 1) amax = fmaxf(amax, __shfl_xor_sync(half_mask, amax, off));
-                    float mul, scale_inv;
-                    fmt_group_scales(amax, p.round_scale, &mul, &scale_inv);
-                    uint2 q;
-                    q.x = fp8x2_from_float(__fmul_rn(f[0], mul), __fmul_rn(f[1], mul)) |
-                          (fp8x2_from_float(__fmul_rn(f[2], mul), __fmul_rn(f[3], mul)) << 16);
-                    q.y = fp8x2_from_float(__fmul_rn(f[4], mul), __fmul_rn(f[5], mul)) |
-                          (fp8x2_from_float(__fmul_rn(f[6], mul), __fmul_rn(f[7], mul)) << 16);
+                    float scale_inv;
+                    const uint2 q = cast_chunk8(v[b], p.round_scale, half_mask, &scale_inv);
                     for (int m = 0; m < nm; m++) {
                         *reinterpret_cast<uint2 *>(msgs[m].at + d.header_bytes + c * 8) = q;
                         if ((lane & 15) == 0)
@@ -289,14 +276,8 @@ __global__ void __launch_bounds__(kThreads, 1) dispatch_recv_kernel(Params p, ep
                 if (c >= vec) continue;
                 if (d.fp8 && a.requant_scale) { /* (q * s) * (1 / scale), as epmoe_requant_fp8 */
                     const float s = sc[c / 8];
-                    uint32_t wv[4] = {v[b].x, v[b].y, v[b].z, v[b].w};
-#pragma unroll
-                    for (int q = 0; q < 4; q++) {
-                        const float2 lo = fp8x2_to_float(wv[q]), hi = fp8x2_to_float(wv[q] >> 16);
-                        wv[q] = fp8x2_from_float(__fmul_rn(__fmul_rn(lo.x, s), inv), __fmul_rn(__fmul_rn(lo.y, s), inv)) |
-                                (fp8x2_from_float(__fmul_rn(__fmul_rn(hi.x, s), inv), __fmul_rn(__fmul_rn(hi.y, s), inv)) << 16);
-                    }
-                    v[b] = make_uint4(wv[0], wv[1], wv[2], wv[3]);
+                    v[b] = make_uint4(requant_word(v[b].x, s, inv), requant_word(v[b].y, s, inv),
+                                      requant_word(v[b].z, s, inv), requant_word(v[b].w, s, inv));
                 }
                 for (int n = 0; n < nrows; n++) static_cast<uint4 *>(a.recv_x)[rows[n] * vec + c] = v[b];
             }

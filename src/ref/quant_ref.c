@@ -61,10 +61,9 @@ static epmoe_status rescale_ref(const char *fn, int requant, const uint8_t *q, c
             const int64_t row = (e * M + t) * K;
             for (int64_t k = 0; k < K; k++) {
                 const float s = fmt_scale_load(slab, fmt, M, G, t, k / FMT_GROUP);
-                float v = fmt_fp8_to_float(q[row + k]) * s;
+                const float v = fmt_fp8_to_float(q[row + k]) * s;
                 if (requant) {
-                    v = v * inv;
-                    ((uint8_t *)y)[row + k] = fmt_fp8_from_float(v);
+                    ((uint8_t *)y)[row + k] = fmt_requant(q[row + k], s, inv);
                 } else if (out_dtype == EPMOE_BF16) {
                     ((uint16_t *)y)[row + k] = fmt_bf16_from_float(v);
                 } else {
