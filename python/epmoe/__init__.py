@@ -1,110 +1,47 @@
-"""epmoe — thin ctypes binding of libepmoe (the C library is the whole implementation).
+"""epmoe — Python package over libepmoe (the C library is the whole implementation).
+
+    import epmoe
+    q, s = epmoe.cast_group_fp8(x_bf16)                  # numpy, torch, any DLPack tensor; no copies
+    with epmoe.CpuWorld(2) as world:                    # EP ranks as threads (the CPU backend)
+        outs = world.run(lambda g: step(g), epmoe.EpConfig(max_tokens=16, hidden=256, num_experts=8, top_k=2))
+    g = epmoe.nccl.create_group(cfg)                    # GPUs, next to torch.distributed
+
+Modules: `formats` (fp8/bf16/UE8M0/int4, quant ops), `ep` (EpConfig, CpuWorld, EpGroup), `nccl`
+(communicators from torch.distributed), `dlpack` (the DLPack bridge). Failed calls raise
+epmoe.Error subclasses carrying the library's message (epmoe_last_error()).
 
 The library is found through $EPMOE_LIB, next to this package (installed wheels), or in the
-repository's build/ folder. Arrays are numpy; GPU entry points take raw device pointers and a
-stream handle (ints), so torch tensors pass as `t.data_ptr()` without copies.
+repository's build/ folder.
 """
-import ctypes
-import os
+from . import dlpack
+from ._lib import (LIBRARY_PATH, CudaError, Error, InternalError, InvalidArgument, Misaligned, NcclError, NullPointer,
+                   OutOfMemory, Timeout, Unsupported, check, find_library, lib)
+from .dlpack import DLPackError, Tensor, as_tensor, dtype, from_dlpack
+from .ep import (REDUCE_AT_EXPERT, REDUCE_AT_OWNER, WIRE_BF16, WIRE_FP8, CpuWorld, Dispatch, EpConfig, EpGroup,
+                 EpLayout, combine_ref, dispatch_ref, layout_query)
+from .formats import (BF16, F32, FP8_E4M3, FP8_E4M3_MAX, GROUP, SCALE_F32_MMAJOR, SCALE_F32_ROW, SCALE_UE8M0_MMAJOR,
+                      SCALE_UE8M0_ROW, bf16_from_float, bf16_to_float, cast_group_fp8, cast_tensor_fp8,
+                      cuda_available, dequant_fp8, fp8_from_float, fp8_to_float, int4_pack, int4_unpack,
+                      requant_fp8, scale_bytes, scale_offset, scale_shape, ue8m0_from_float, ue8m0_to_float)
+from . import nccl  # noqa: E402  (imports torch only when its functions are called)
 
-import numpy as np
-
-__all__ = ["lib", "Error", "fp8_from_float", "fp8_to_float", "bf16_from_float", "bf16_to_float",
-           "SCALE_F32_ROW", "SCALE_F32_MMAJOR", "SCALE_UE8M0_ROW", "SCALE_UE8M0_MMAJOR",
-           "F32", "BF16", "FP8_E4M3"]
-
-SCALE_F32_ROW, SCALE_F32_MMAJOR, SCALE_UE8M0_ROW, SCALE_UE8M0_MMAJOR = 0, 1, 2, 3
-F32, BF16, FP8_E4M3 = 0, 1, 2
-
-
-def _find_library():
-    env = os.environ.get("EPMOE_LIB")
-    here = os.path.dirname(os.path.abspath(__file__))
-    for path in (env, os.path.join(here, "libepmoe.so"),
-                 os.path.join(here, "..", "..", "build", "libepmoe.so")):
-        if path and os.path.exists(path):
-            return os.path.abspath(path)
-    raise OSError("libepmoe.so not found: build it with `make lib` or set EPMOE_LIB")
-
-
-lib = ctypes.CDLL(_find_library())
-
-_p, _i64, _int, _sz = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_size_t
-_SIGNATURES = {
-    "epmoe_status_str": (ctypes.c_char_p, [_int]),
-    "epmoe_last_error": (ctypes.c_char_p, []),
-    "epmoe_version_string": (ctypes.c_char_p, []),
-    "epmoe_cuda_device_count": (_int, []),
-    "epmoe_fp8_e4m3_from_float_row": (None, [_p, _p, _sz]),
-    "epmoe_fp8_e4m3_to_float_row": (None, [_p, _p, _sz]),
-    "epmoe_bf16_from_float_row": (None, [_p, _p, _sz]),
-    "epmoe_bf16_to_float_row": (None, [_p, _p, _sz]),
-    "epmoe_scale_bytes": (_sz, [_int, _i64, _i64]),
-    "epmoe_cast_group_fp8_ref": (_int, [_p, _i64, _i64, _p, _p, _int, _int]),
-    "epmoe_cast_group_fp8_cuda": (_int, [_p, _i64, _i64, _p, _p, _int, _int, _p]),
-    "epmoe_cast_tensor_fp8_ref": (_int, [_p, _i64, _p, _p]),
-    "epmoe_cast_tensor_fp8_cuda": (_int, [_p, _i64, _p, _p, _p]),
-    "epmoe_requant_fp8_ref": (_int, [_p, _p, _int, _p, _i64, _i64, _i64, _p, _p]),
-    "epmoe_requant_fp8_cuda": (_int, [_p, _p, _int, _p, _i64, _i64, _i64, _p, _p, _p]),
-    "epmoe_dequant_fp8_ref": (_int, [_p, _p, _int, _p, _i64, _i64, _i64, _int, _p]),
-    "epmoe_dequant_fp8_cuda": (_int, [_p, _p, _int, _p, _i64, _i64, _i64, _int, _p, _p]),
-}
-for _name, (_res, _args) in _SIGNATURES.items():
-    _f = getattr(lib, _name)
-    _f.restype, _f.argtypes = _res, _args
-
-
-class Error(RuntimeError):
-    """A non-zero epmoe_status, with the library's detailed message."""
-
-    def __init__(self, status):
-        self.status = status
-        super().__init__(f"{lib.epmoe_status_str(status).decode()}: {lib.epmoe_last_error().decode()}")
-
-
-def check(status):
-    if status != 0:
-        raise Error(status)
+__version__ = lib.epmoe_version_string().decode()
 
 
 def version():
-    return lib.epmoe_version_string().decode()
+    """The version of the loaded libepmoe ("major.minor.patch")."""
+    return __version__
 
 
-def _ptr(a):
-    return a.ctypes.data_as(ctypes.c_void_p)
-
-
-def _convert(fn, x, in_dtype, out_dtype):
-    x = np.ascontiguousarray(x, dtype=in_dtype)
-    y = np.empty(x.shape, dtype=out_dtype)
-    fn(_ptr(x), _ptr(y), x.size)
-    return y
-
-
-def fp8_from_float(x):
-    """float32 array -> uint8 e4m3fn bytes (RNE, saturating, NaN -> 0x7F)."""
-    return _convert(lib.epmoe_fp8_e4m3_from_float_row, x, np.float32, np.uint8)
-
-
-def fp8_to_float(x):
-    return _convert(lib.epmoe_fp8_e4m3_to_float_row, x, np.uint8, np.float32)
-
-
-def bf16_from_float(x):
-    """float32 array -> uint16 bf16 bit patterns (RNE)."""
-    return _convert(lib.epmoe_bf16_from_float_row, x, np.float32, np.uint16)
-
-
-def bf16_to_float(x):
-    return _convert(lib.epmoe_bf16_to_float_row, x, np.uint16, np.float32)
-
-
-def cast_group_fp8(x_bf16, scale_fmt=SCALE_F32_ROW, round_scale=False):
-    """CPU reference of the per-token-group cast: uint16 [M, K] -> (uint8 [M, K], scale bytes)."""
-    x = np.ascontiguousarray(x_bf16, dtype=np.uint16)
-    M, K = x.shape
-    q = np.empty((M, K), dtype=np.uint8)
-    s = np.empty(max(lib.epmoe_scale_bytes(scale_fmt, M, K), 1), dtype=np.uint8)
-    check(lib.epmoe_cast_group_fp8_ref(_ptr(x), M, K, _ptr(q), _ptr(s), scale_fmt, int(round_scale)))
-    return q, s
+__all__ = [
+    "lib", "LIBRARY_PATH", "find_library", "version", "__version__", "check",
+    "Error", "InvalidArgument", "NullPointer", "Misaligned", "Unsupported", "OutOfMemory", "CudaError", "NcclError",
+    "Timeout", "InternalError", "DLPackError",
+    "Tensor", "from_dlpack", "as_tensor", "dtype", "dlpack",
+    "SCALE_F32_ROW", "SCALE_F32_MMAJOR", "SCALE_UE8M0_ROW", "SCALE_UE8M0_MMAJOR", "F32", "BF16", "FP8_E4M3", "GROUP",
+    "FP8_E4M3_MAX", "cuda_available", "fp8_from_float", "fp8_to_float", "bf16_from_float", "bf16_to_float",
+    "ue8m0_from_float", "ue8m0_to_float", "int4_pack", "int4_unpack", "scale_bytes", "scale_offset", "scale_shape",
+    "cast_group_fp8", "cast_tensor_fp8", "requant_fp8", "dequant_fp8",
+    "EpConfig", "EpLayout", "EpGroup", "Dispatch", "CpuWorld", "layout_query", "dispatch_ref", "combine_ref",
+    "WIRE_BF16", "WIRE_FP8", "REDUCE_AT_OWNER", "REDUCE_AT_EXPERT", "nccl",
+]

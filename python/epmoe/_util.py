@@ -1,0 +1,149 @@
+"""What every wrapper needs: checked tensor arguments, outputs (numpy on the host, torch on the
+GPU, or the caller's `out=`), the CUDA stream and device of a call, and torch only when present."""
+import contextlib
+import sys
+
+import numpy as np
+
+from . import _lib
+from .dlpack import CPU, CUDA, DLPackError, Tensor, as_tensor, dtype, require_contiguous
+
+
+def torch_or_none():
+    """The torch module if the process already imported it or can; None otherwise. torch is never
+    required for host memory, and a CUDA tensor can only come from a library the caller imported."""
+    mod = sys.modules.get("torch")
+    if mod is not None:
+        return mod
+    try:
+        import torch
+        return torch
+    except ImportError:
+        return None
+
+
+def device_of(obj):
+    """(device_type, id) of a tensor argument before importing it (to choose the stream first)."""
+    if isinstance(obj, Tensor):
+        return obj.device
+    f = getattr(obj, "__dlpack_device__", None)
+    return tuple(f()) if f else (CPU, 0)
+
+
+def stream_handle(stream):
+    """An int cudaStream_t from an int, a torch.cuda.Stream (or anything with .cuda_stream), or None."""
+    if stream is None:
+        return None
+    return int(getattr(stream, "cuda_stream", stream))
+
+
+def launch_stream(objs, stream):
+    """The stream a GPU call runs on: the caller's, else torch's current stream on the tensors'
+    device (what a torch user expects), else the legacy default stream (0). None for host calls."""
+    if stream is not None:
+        return stream_handle(stream)
+    for obj in objs:
+        if obj is None:
+            continue
+        dev = device_of(obj)
+        if dev[0] != CUDA:
+            continue
+        torch = sys.modules.get("torch")
+        if torch is not None and isinstance(obj, torch.Tensor):
+            return torch.cuda.current_stream(obj.device).cuda_stream
+        return 0
+    return None
+
+
+@contextlib.contextmanager
+def on_device(t):
+    """Make t's GPU the current one while a _cuda entry point launches (they use the current device).
+    Needs torch to switch devices; without it the current device must already be t's."""
+    torch = torch_or_none() if t.is_cuda else None
+    if torch is None or not t.is_cuda:
+        yield
+        return
+    with torch.cuda.device(t.device[1]):
+        yield
+
+
+def arg(obj, name, dtypes, *, ndim=None, stream=None, allow_none=False):
+    """Import one tensor argument and check what the C function needs: dtype, rank, contiguity."""
+    if obj is None:
+        if allow_none:
+            return None
+        raise TypeError(f"{name} is required")
+    try:
+        t = as_tensor(obj, stream=stream)
+    except DLPackError as e:
+        raise DLPackError(f"{name}: {e}") from None
+    allowed = [dtype(d) for d in dtypes]
+    if allowed and t.dtype not in allowed:
+        raise TypeError(f"{name}: dtype {t.dtype.name} is not accepted here; expected "
+                        f"{' or '.join(d.name for d in allowed)}")
+    if ndim is not None and t.ndim not in (ndim if isinstance(ndim, tuple) else (ndim,)):
+        raise ValueError(f"{name}: expected {ndim} dimensions, got shape {t.shape}")
+    require_contiguous(t, name)
+    return t
+
+
+def same_device(tensors, what):
+    """All tensor arguments of one call live on one device; returns it."""
+    present = [(n, t) for n, t in tensors if t is not None]
+    dev = present[0][1].device
+    for n, t in present[1:]:
+        if t.device != dev and not (t.is_host and present[0][1].is_host):
+            raise DLPackError(f"{what}: {n} is on {t.device_name} but {present[0][0]} on "
+                              f"{present[0][1].device_name}; every tensor of a call must be on one device")
+    return dev
+
+
+def empty(shape, dt, like, *, zero=False):
+    """A new output: numpy for host memory, torch on the GPU. Returns (object for the caller, Tensor)."""
+    dt = dtype(dt)
+    if like.is_host:
+        arr = (np.zeros if zero else np.empty)(shape, dtype=dt.storage)
+        natural = arr.dtype.name == dt.name
+        return arr, Tensor(arr.ctypes.data, arr.shape, dt, (CPU, 0), None, False, arr, arr if natural else None)
+    torch = torch_or_none()
+    if torch is None or not like.is_cuda:
+        raise _lib.error(_lib.ERR_UNSUPPORTED, f"cannot allocate an output on {like.device_name} without torch; "
+                         "pass out= tensors")
+    tt = (torch.zeros if zero else torch.empty)(shape, dtype=getattr(torch, dt.name),
+                                                 device=f"cuda:{like.device[1]}")
+    return tt, as_tensor(tt)
+
+
+def output(out, name, shape, dtypes, like, *, stream=None, zero=False):
+    """The caller's `out` checked against what the call writes, or a new tensor.
+    Returns (object to hand back, Tensor)."""
+    if out is None:
+        return empty(shape, dtypes[0], like, zero=zero)
+    t = arg(out, name, dtypes, stream=stream)
+    if t.shape != tuple(shape):
+        raise ValueError(f"{name}: expected shape {tuple(shape)}, got {t.shape}")
+    if t.readonly:
+        raise DLPackError(f"{name}: the tensor is read-only")
+    if t.device != like.device and not (t.is_host and like.is_host):
+        raise DLPackError(f"{name}: is on {t.device_name}, the inputs on {like.device_name}")
+    return out, t
+
+
+def raw_output(out, name, nbytes, like, *, stream=None, shape=None, dt=None, zero=False):
+    """A buffer whose layout the library defines (scale slabs): the caller's may be any contiguous
+    tensor of at least nbytes; a new one gets `shape` and `dt`."""
+    if out is None:
+        return empty(shape, dt, like, zero=zero)
+    t = arg(out, name, (), stream=stream)
+    if t.nbytes < nbytes:
+        raise ValueError(f"{name}: {t.nbytes} bytes, the call writes {nbytes}")
+    if t.readonly:
+        raise DLPackError(f"{name}: the tensor is read-only")
+    if t.device != like.device and not (t.is_host and like.is_host):
+        raise DLPackError(f"{name}: is on {t.device_name}, the inputs on {like.device_name}")
+    return out, t
+
+
+def ptr(t):
+    """The address for the C call (None for an absent optional tensor)."""
+    return None if t is None else (t.data_ptr or None)

@@ -1,0 +1,147 @@
+"""Independent numpy models of the formats and of EP dispatch/combine, written from the spec in
+include/epmoe.h and docs (ml_dtypes for the fp8 and bf16 roundings), never from the library."""
+import ml_dtypes
+import numpy as np
+
+F8 = ml_dtypes.float8_e4m3fn
+BF = ml_dtypes.bfloat16
+INV448 = np.float32(1.0) / np.float32(448.0)  # the fp32 constant 1.0f / 448
+
+
+def bf16_bits(f):
+    return np.asarray(f, dtype=np.float32).astype(BF).view(np.uint16)
+
+
+def bf16_value(bits):
+    return np.asarray(bits, dtype=np.uint16).view(BF).astype(np.float32)
+
+
+def fp8_sat(f):
+    """satfinite e4m3fn: round to nearest even, finite values beyond +-448 clamp to +-448."""
+    f = np.asarray(f, dtype=np.float32)
+    return np.clip(f, -448.0, 448.0).astype(np.float32).astype(F8).view(np.uint8)
+
+
+def fp8_value(q):
+    return np.asarray(q, dtype=np.uint8).view(F8).astype(np.float32)
+
+
+def group_cast(x_bits, round_scale=False):
+    """bf16 bits [M, K] -> (fp8 bytes [M, K], scale_inv float32 [M, K/128]) by the DeepEP LL rules."""
+    x = bf16_value(x_bits)
+    M, K = x.shape
+    g = x.reshape(M, K // 128, 128)
+    amax = np.maximum(np.abs(g).max(-1), np.float32(1e-4)).astype(np.float32)
+    if round_scale:
+        u = (amax * INV448).astype(np.float32).view(np.uint32)
+        e = ((u >> 23) & 0xFF).astype(np.int64) - 127 + ((u & 0x7FFFFF) != 0)
+        scale_inv = np.ldexp(np.float32(1.0), e).astype(np.float32)
+        mul = np.ldexp(np.float32(1.0), -e).astype(np.float32)
+    else:
+        scale_inv = (amax * INV448).astype(np.float32)
+        mul = (np.float32(448.0) / amax).astype(np.float32)
+    q = fp8_sat((g * mul[..., None]).astype(np.float32)).reshape(M, K)
+    return q, scale_inv
+
+
+def ue8m0(scale_inv):
+    """The exponent byte of power-of-two scales."""
+    return ((np.asarray(scale_inv, np.float32).view(np.uint32) >> 23) & 0xFF).astype(np.uint8)
+
+
+def scales_to_layout(scale_inv, fmt):
+    """scale_inv [M, G] as the bytes of one slab in format fmt (see epmoe_scale_fmt in epmoe.h)."""
+    M, G = scale_inv.shape
+    P = (G + 3) // 4
+    if fmt == 0:
+        return scale_inv.astype(np.float32).reshape(-1).view(np.uint8)
+    if fmt == 1:
+        return np.ascontiguousarray(scale_inv.T.astype(np.float32)).reshape(-1).view(np.uint8)
+    b = np.zeros((M, 4 * P), np.uint8)
+    b[:, :G] = ue8m0(scale_inv)
+    if fmt == 2:
+        return b.reshape(-1)
+    # M-major int32 words: byte (g/4)*M*4 + t*4 + g%4
+    return np.ascontiguousarray(b.reshape(M, P, 4).transpose(1, 0, 2)).reshape(-1)
+
+
+def scales_from_layout(buf, fmt, M, G):
+    """The inverse of scales_to_layout: float32 [M, G]."""
+    b = np.ascontiguousarray(buf).reshape(-1).view(np.uint8)
+    P = (G + 3) // 4
+    if fmt == 0:
+        return b[: M * G * 4].view(np.float32).reshape(M, G)
+    if fmt == 1:
+        return b[: M * G * 4].view(np.float32).reshape(G, M).T
+    if fmt == 2:
+        e = b[: M * 4 * P].reshape(M, 4 * P)[:, :G]
+    else:
+        e = b[: P * M * 4].reshape(P, M, 4).transpose(1, 0, 2).reshape(M, 4 * P)[:, :G]
+    return np.ldexp(np.float32(1.0), e.astype(np.int64) - 127).astype(np.float32)
+
+
+# ---- EP ------------------------------------------------------------------------------------------
+def ep_routing(cfg, idxs, active=None):
+    """The global routing table: rows[d][le] = [(src, t), ...] in the order an expert receives them
+    (by source rank, then token), each token at most once per expert."""
+    R, L = cfg.num_ranks, cfg.local_experts
+    act = [True] * R if active is None else [bool(a) for a in active]
+    rows = [[[] for _ in range(L)] for _ in range(R)]
+    for src in range(R):
+        if not act[src]:
+            continue
+        for t, experts in enumerate(np.asarray(idxs[src]).tolist()):
+            seen = set()
+            for e in experts:
+                if e < 0 or not act[e // L] or e in seen:
+                    continue
+                seen.add(e)
+                rows[e // L][e % L].append((src, t))
+    return rows
+
+
+def row_of(rows, cfg, src, t, e):
+    """Row index of (src, t) in expert e's slab."""
+    L = cfg.local_experts
+    return rows[e // L][e % L].index((src, t))
+
+
+def combine_owner(cfg, rows, idxs, ws, expert_outs, active=None):
+    """REDUCE_AT_OWNER: out[r][t] = sum_j w[t, j] * y(t, j), sequential fp32 in top-k order, one
+    bf16 rounding. Returns bf16 bits [T, H] per rank."""
+    R, L, H = cfg.num_ranks, cfg.local_experts, cfg.hidden
+    act = [True] * R if active is None else [bool(a) for a in active]
+    outs = []
+    for r in range(R):
+        idx, w = np.asarray(idxs[r]), np.asarray(ws[r], np.float32)
+        acc = np.zeros((idx.shape[0], H), np.float32)
+        for t in range(idx.shape[0]):
+            for j in range(idx.shape[1]):
+                e = int(idx[t, j])
+                if e < 0 or not act[e // L]:
+                    continue
+                y = bf16_value(expert_outs[e // L][e % L, row_of(rows, cfg, r, t, e)])
+                acc[t] = (acc[t] + (w[t, j] * y).astype(np.float32)).astype(np.float32)
+        outs.append(bf16_bits(acc))
+    return outs
+
+
+def combine_expert_bound(cfg, rows, idxs, ws, expert_outs, r, active=None):
+    """For REDUCE_AT_EXPERT (partial sums per expert rank, each rounded to bf16, then summed): the
+    exact value and the error bound of ep_common.h: u * (sum_d |p_d| + |got| + |want|) +
+    1e-6 * sum |terms|, u = 2^-8. Returns (exact float64 [T, H], sum_d |p_d|, sum |terms|)."""
+    R, L, H = cfg.num_ranks, cfg.local_experts, cfg.hidden
+    act = [True] * R if active is None else [bool(a) for a in active]
+    idx, w = np.asarray(idxs[r]), np.asarray(ws[r], np.float32)
+    T = idx.shape[0]
+    parts = np.zeros((R, T, H))
+    terms = np.zeros((T, H))
+    for t in range(T):
+        for j in range(idx.shape[1]):
+            e = int(idx[t, j])
+            if e < 0 or not act[e // L]:
+                continue
+            term = np.float64(w[t, j]) * bf16_value(expert_outs[e // L][e % L, row_of(rows, cfg, r, t, e)])
+            parts[e // L, t] += term
+            terms[t] += np.abs(term)
+    return parts.sum(0), np.abs(parts).sum(0), terms
