@@ -538,6 +538,7 @@ def plot(path, rows, res, shape):
     import matplotlib.pyplot as plt
 
     matplotlib.rcParams["svg.fonttype"] = "none"  # text stays text: a small SVG
+    matplotlib.rcParams["svg.hashsalt"] = "ep_model"  # fixed element ids: regenerating gives the same file
     R = [r["R"] for r in rows]
     fig, axes = plt.subplots(1, 3, figsize=(13, 4.8))
     for ax, op in zip(axes[:2], ("dispatch", "combine")):
