@@ -77,7 +77,8 @@ def scales_from_layout(buf, fmt, M, G):
         e = b[: M * 4 * P].reshape(M, 4 * P)[:, :G]
     else:
         e = b[: P * M * 4].reshape(P, M, 4).transpose(1, 0, 2).reshape(M, 4 * P)[:, :G]
-    return np.ldexp(np.float32(1.0), e.astype(np.int64) - 127).astype(np.float32)
+    with np.errstate(over="ignore"):  # rows past masked_m hold whatever was there: any exponent
+        return np.ldexp(np.float32(1.0), e.astype(np.int64) - 127).astype(np.float32)
 
 
 # ---- EP ------------------------------------------------------------------------------------------
@@ -113,6 +114,9 @@ def combine_owner(cfg, rows, idxs, ws, expert_outs, active=None):
     act = [True] * R if active is None else [bool(a) for a in active]
     outs = []
     for r in range(R):
+        if not act[r]:
+            outs.append(None)
+            continue
         idx, w = np.asarray(idxs[r]), np.asarray(ws[r], np.float32)
         acc = np.zeros((idx.shape[0], H), np.float32)
         for t in range(idx.shape[0]):

@@ -150,14 +150,18 @@ _api.PyCapsule_New.restype = ctypes.py_object
 _api.PyCapsule_New.argtypes = [ctypes.c_void_p, ctypes.c_char_p, ctypes.c_void_p]
 
 
+_DELETED = []  # addresses our test deleter was called with
+# One module-level callback: it outlives every crafted tensor, whatever order objects die in.
+_TEST_DELETER = dl._DELETER(lambda p: _DELETED.append(p))
+
+
 class Crafted:
-    """A hand-made producer: the struct, shape and storage stay alive with this object, and the
-    deleter (a ctypes callback: fine in a test, where nothing is pending when it runs) counts."""
+    """A hand-made producer. Its struct, shape and storage stay alive with this object; the deleter
+    (a ctypes callback: fine in a test, where no exception is pending when it runs) records calls."""
 
     def __init__(self, storage, shape, code, bits, *, versioned, major=1, offset=0, device=(dl.CPU, 0), flags=0):
-        self.storage, self.calls = storage, []
+        self.storage = storage
         self.shape = (ctypes.c_int64 * len(shape))(*shape)
-        self.deleter = dl._DELETER(lambda p: self.calls.append(p))
         m = (dl.DLManagedTensorVersioned if versioned else dl.DLManagedTensor)()
         if versioned:
             m.version.major, m.version.minor, m.flags = major, 0, flags
@@ -166,9 +170,14 @@ class Crafted:
         t.device.device_type, t.device.device_id = device
         t.ndim, t.shape, t.strides = len(shape), self.shape, None
         t.dtype.code, t.dtype.bits, t.dtype.lanes = code, bits, 1
-        m.deleter = ctypes.cast(self.deleter, ctypes.c_void_p).value
+        m.deleter = ctypes.cast(_TEST_DELETER, ctypes.c_void_p).value
         self.m = m
         self.name = b"dltensor_versioned" if versioned else b"dltensor"
+        _DELETED[:] = [p for p in _DELETED if p != ctypes.addressof(m)]
+
+    @property
+    def calls(self):
+        return [p for p in _DELETED if p == ctypes.addressof(self.m)]
 
     def capsule(self):
         return _api.PyCapsule_New(ctypes.addressof(self.m), self.name, None)

@@ -64,3 +64,148 @@ def test_errors_raise_with_message():
     x = np.zeros((1, 100), dtype=np.uint16)
     with pytest.raises(epmoe.Error, match="multiple of 128"):
         epmoe.cast_group_fp8(x)
+
+
+# ---- the quant ops through DLPack, against the numpy models of tests/models.py ------------------
+from models import bf16_value, fp8_sat, fp8_value, group_cast, scales_from_layout, scales_to_layout  # noqa: E402
+
+
+def _tokens(M, K, seed, outliers=False):
+    rng = np.random.default_rng(seed)
+    x = (rng.standard_normal((M, K)) * np.exp(rng.standard_normal((M, 1)) * 2)).astype(np.float32)
+    if outliers:
+        x[:, rng.integers(0, K, 4)] *= 300
+    return epmoe.bf16_from_float(x)
+
+
+@pytest.mark.parametrize("fmt", [epmoe.SCALE_F32_ROW, epmoe.SCALE_F32_MMAJOR, epmoe.SCALE_UE8M0_ROW,
+                                 epmoe.SCALE_UE8M0_MMAJOR])
+@pytest.mark.parametrize("M,K", [(1, 128), (5, 640), (33, 1024)])
+def test_cast_group_every_scale_format(fmt, M, K):
+    round_scale = fmt >= epmoe.SCALE_UE8M0_ROW
+    xb = _tokens(M, K, M + K + fmt, outliers=True)
+    q, s = epmoe.cast_group_fp8(xb, fmt, round_scale)
+    shape, dt = epmoe.scale_shape(fmt, M, K)
+    assert s.shape == shape and s.dtype == np.dtype(dt) and s.nbytes == epmoe.scale_bytes(fmt, M, K)
+    wq, ws = group_cast(xb, round_scale)
+    assert (q == wq).all()
+    assert (s.reshape(-1).view(np.uint8) == scales_to_layout(ws, fmt)).all()
+    # and the layout function of the library agrees with the model's decoding
+    assert (scales_from_layout(s, fmt, M, K // 128) == ws).all()
+    t, g = M - 1, K // 128 - 1
+    off = epmoe.scale_offset(fmt, M, K, t, g)
+    if fmt <= epmoe.SCALE_F32_MMAJOR:
+        assert s.reshape(-1).view(np.uint8)[off:off + 4].view(np.float32)[0] == ws[t, g]
+    else:
+        assert s.reshape(-1).view(np.uint8)[off] == epmoe.ue8m0_from_float(ws[t, g])
+
+
+def test_cast_group_writes_into_callers_buffers_without_copies():
+    xb = _tokens(4, 256, 1)
+    q = np.empty((4, 256), np.uint8)
+    s = np.empty(epmoe.scale_bytes(epmoe.SCALE_F32_MMAJOR, 4, 256), np.uint8)  # raw bytes are fine
+    q2, s2 = epmoe.cast_group_fp8(xb, "f32_mmajor", out=q, scales=s)
+    assert q2 is q and s2 is s
+    wq, ws = group_cast(xb)
+    assert (q == wq).all() and (s.view(np.float32).reshape(2, 4) == ws.T).all()
+    with pytest.raises(ValueError, match="bytes"):
+        epmoe.cast_group_fp8(xb, "f32_row", scales=np.empty(31, np.uint8))
+
+
+def test_cast_tensor_matches_model():
+    xb = _tokens(7, 384, 2, outliers=True)
+    for scale in (0.05, 1.0, 3.0):
+        q = epmoe.cast_tensor_fp8(xb, scale)
+        inv = np.float32(1.0) / np.float32(scale)
+        assert (q == fp8_sat(bf16_value(xb) * inv)).all()
+    q = epmoe.cast_tensor_fp8(xb, np.array([0.5], np.float32))  # a tensor scale, as on the GPU
+    assert (q == fp8_sat(bf16_value(xb) * np.float32(2.0))).all()
+
+
+@pytest.mark.parametrize("fmt", [0, 1, 2, 3])
+def test_requant_and_dequant_match_model_and_respect_masked_m(fmt):
+    E, M, K = 3, 9, 256
+    round_scale = fmt >= 2
+    qs, slabs, svals = [], [], []
+    for e in range(E):
+        q, s = epmoe.cast_group_fp8(_tokens(M, K, 10 + e, outliers=e == 1), fmt, round_scale)
+        qs.append(q)
+        slabs.append(s.reshape(-1).view(np.uint8))
+        svals.append(group_cast(_tokens(M, K, 10 + e, outliers=e == 1), round_scale)[1])
+    q = np.stack(qs)
+    scales = np.concatenate(slabs)
+    masked = np.array([M, 4, 0], np.int32)
+    deq_model = [fp8_value(q[e]) * np.repeat(svals[e], 128, axis=1) for e in range(E)]
+
+    y = epmoe.dequant_fp8(q, scales, fmt, masked)
+    for e in range(E):
+        m = masked[e]
+        assert (y[e, :m] == deq_model[e][:m]).all() and (y[e, m:] == 0).all()
+    yb = epmoe.dequant_fp8(q, scales, fmt, None, "bfloat16")
+    assert yb.dtype == np.uint16 and (bf16_value(yb) == np.stack(deq_model).astype(np.float32)
+                                      .astype(ml_dtypes.bfloat16).astype(np.float32)).all()
+
+    out_scale = 0.07
+    r = epmoe.requant_fp8(q, scales, fmt, masked, out_scale)
+    inv = np.float32(1.0) / np.float32(out_scale)
+    for e in range(E):
+        m = masked[e]
+        want = fp8_sat((deq_model[e] * inv).astype(np.float32))
+        assert (r[e, :m] == want[:m]).all() and (r[e, m:] == 0).all()
+
+
+def test_requant_errors_carry_the_library_message():
+    q = np.zeros((2, 4, 128), np.uint8)
+    s = np.ones(2 * 4, np.float32)
+    with pytest.raises(ValueError, match="2 int32 counts"):
+        epmoe.requant_fp8(q, s, 0, np.zeros(3, np.int32), 1.0)
+    with pytest.raises(ValueError, match="multiple of 128"):
+        epmoe.requant_fp8(np.zeros((2, 4, 100), np.uint8), s, 0, np.zeros(2, np.int32), 1.0)
+    with pytest.raises(epmoe.InvalidArgument) as info:
+        epmoe.requant_fp8(q, s, 7, np.zeros(2, np.int32), 1.0)  # not a scale format: the library says so
+    assert info.value.status == 1 and info.value.message
+
+
+def test_int4_pack_unpack_and_ue8m0():
+    rng = np.random.default_rng(3)
+    v = rng.integers(-8, 8, size=(4, 64)).astype(np.int8)
+    p = epmoe.int4_pack(v)
+    assert p.shape == (4, 32) and p.dtype == np.uint8
+    lo, hi = v[:, 0::2].astype(np.uint8) & 0xF, v[:, 1::2].astype(np.uint8) & 0xF
+    assert (p == (lo | (hi << 4))).all()  # element 2j in the low nibble of byte j
+    assert (epmoe.int4_unpack(p) == v).all()
+    v[2, 5] = 9
+    with pytest.raises(epmoe.InvalidArgument, match=r"vals\[133\] = 9 is outside \[-8, 7\]"):
+        epmoe.int4_pack(v)
+    with pytest.raises(ValueError, match="even"):
+        epmoe.int4_pack(np.zeros((2, 3), np.int8))
+    assert epmoe.ue8m0_from_float(0.25) == 125 and epmoe.ue8m0_to_float(125) == 0.25
+    assert np.isnan(epmoe.ue8m0_to_float(0xFF))
+
+
+def test_conversions_write_into_out_without_copies():
+    f = np.linspace(-500, 500, 1024, dtype=np.float32)
+    q = np.empty(1024, np.uint8)
+    assert epmoe.fp8_from_float(f, out=q) is q and (q == fp8_sat(f)).all()
+    b = np.empty(1024, np.uint16)
+    assert epmoe.bf16_from_float(f, out=b) is b
+    back = np.empty(1024, np.float32)
+    assert epmoe.bf16_to_float(b, out=back) is back and (back == bf16_value(b)).all()
+    assert (epmoe.fp8_from_float([1.0, 448.0, 1e9]) == [0x38, 0x7E, 0x7E]).all()  # lists are accepted
+
+
+def test_cuda_entry_point_without_gpu_reports_the_library_error():
+    if epmoe.cuda_available():
+        pytest.skip("a GPU is present")
+    # a CPU build answers EPMOE_ERR_UNSUPPORTED; a CUDA build on a machine without a GPU fails in CUDA
+    from test_dlpack import Crafted
+    from epmoe import dlpack as dl
+    # the producers must outlive the tensors (their structs and deleters live in them)
+    made = [Crafted(np.zeros((2, 128), np.uint16), (2, 128), 1, 16, versioned=False, device=(dl.CUDA, 0)),
+            Crafted(np.zeros((2, 128), np.uint8), (2, 128), 1, 8, versioned=False, device=(dl.CUDA, 0)),
+            Crafted(np.zeros(8, np.float32), (8,), 2, 32, versioned=False, device=(dl.CUDA, 0))]
+    x, q, s = (epmoe.from_dlpack(c.capsule()) for c in made)
+    with pytest.raises((epmoe.Unsupported, epmoe.CudaError)) as info:
+        epmoe.cast_group_fp8(x, out=q, scales=s)
+    assert info.value.message
+    del x, q, s
