@@ -11,6 +11,7 @@ the caller's own (zero-copy, any DLPack tensor).
 """
 import ctypes
 import dataclasses
+import sys
 import threading
 import warnings
 
@@ -18,7 +19,7 @@ import numpy as np
 
 from . import _lib
 from ._lib import check, lib
-from ._util import arg, launch_stream, on_device, output, ptr, raw_output, same_device
+from ._util import arg, on_device, output, ptr, raw_output, same_device, stream_handle
 from .dlpack import CPU, DLPackError, Tensor
 from .formats import SCALE_F32_MMAJOR, _fmt, scale_shape
 
@@ -290,11 +291,16 @@ class EpGroup:
             raise DLPackError(f"{what}: this group runs on cuda:{self.device[1]}; the tensors are on "
                               f"{present[0].device_name}")
 
-    def _stream(self, objs, stream):
+    def _stream(self, stream):
+        """The stream of a GPU call: the caller's, else torch's current stream on the group's GPU (so
+        the receive halves, which take no tensors, land on the same stream as the sends), else the
+        legacy default stream. None on the CPU backend."""
         if self.device[0] == CPU:
             return None
-        s = launch_stream(objs, stream)
-        return 0 if s is None else s
+        if stream is not None:
+            return stream_handle(stream)
+        torch = sys.modules.get("torch")
+        return torch.cuda.current_stream(self.device[1]).cuda_stream if torch is not None else 0
 
     def _like(self):
         """A placeholder Tensor on the group's device, to allocate outputs there."""
@@ -311,7 +317,7 @@ class EpGroup:
         recv_x, recv_scales, masked_m, src_info, whose memory is reused. Returns a Dispatch."""
         self._live()
         cfg = self.config
-        s = self._stream((x, topk_idx, topk_weights), stream)
+        s = self._stream(stream)
         xt = arg(x, "x", ("uint16", "bfloat16"), ndim=2, stream=s)
         T = xt.shape[0]
         if xt.shape[1] != cfg.hidden:
@@ -352,7 +358,7 @@ class EpGroup:
         self._own(d)
         if d.received:
             raise _lib.error(_lib.ERR_INVALID_ARG, f"dispatch {d.handle} was already received")
-        s = self._stream((), stream)
+        s = self._stream(stream)
         handle = ctypes.c_uint32(d.handle)
         with on_device(self._like()):
             check(lib.epmoe_dispatch(self._ep, ctypes.byref(d._args), PHASE_RECV, ctypes.byref(handle), s))
@@ -403,7 +409,7 @@ class EpGroup:
         cfg = self.config
         if not d.received:
             raise _lib.error(_lib.ERR_INVALID_ARG, f"combine: dispatch {d.handle} has not been received")
-        s = self._stream((expert_out, topk_weights), stream)
+        s = self._stream(stream)
         et = arg(expert_out, "expert_out", ("uint16", "bfloat16"), ndim=3, stream=s)
         if et.shape != (cfg.local_experts, cfg.rows, cfg.hidden):
             raise ValueError(f"combine: expert_out is {et.shape}, expected [{cfg.local_experts}, {cfg.rows}, "
@@ -438,7 +444,7 @@ class EpGroup:
         self._own(d)
         if d._combine is None:
             raise _lib.error(_lib.ERR_INVALID_ARG, f"combine_recv: dispatch {d.handle} has no combine send")
-        s = self._stream((), stream)
+        s = self._stream(stream)
         with on_device(self._like()):
             check(lib.epmoe_combine(self._ep, d.handle, ctypes.byref(d._combine[0]), PHASE_RECV, s))
         d.combined = True
