@@ -160,6 +160,91 @@ EPMOE_API epmoe_status epmoe_dequant_fp8_cuda(const uint8_t *q, const void *scal
                                               epmoe_dtype out_dtype, void *y, epmoe_stream_t stream);
 
 
+/* ---- W4A8 expert GEMM and MLP: int4 weights x fp8 activations -> bf16 (Hopper, sm_90a) -----
+** Weights arrive in the W4AFP8 checkpoint layout (int8 [E, N, K/2] of signed int4, even k in the
+** low nibble; scales [E, N, K/128], fp32 or bf16, group 128) and are repacked once, on the host,
+** into the layout the kernel reads: every thread's tensor-core fragment contiguous, each weight a
+** sign-magnitude nibble that becomes an exact fp8 e4m3 value in 3 integer ops per 8 weights.
+** The repack picks the encoding: SYM7 when no weight is -8 (checkpoints quantized with amax/7),
+** FULL (two more ops per 8 weights, all of -8..7) otherwise. Scales become fp32 [E, K/128, N]. */
+typedef enum epmoe_w4_encoding {
+    EPMOE_W4_AUTO = -1, /* repack input only: SYM7 if possible, else FULL */
+    EPMOE_W4_SYM7 = 0,  /* int4 in -7..7 */
+    EPMOE_W4_FULL = 1   /* int4 in -8..7 */
+} epmoe_w4_encoding;
+
+/* One repacked weight matrix [E, N, K]: N and K multiples of 128. Pointers on the device for
+** _cuda, on the host for _ref. */
+typedef struct epmoe_w4a8_weights {
+    int64_t E, N, K;
+    int encoding;          /* EPMOE_W4_SYM7 or EPMOE_W4_FULL, as returned by the repack */
+    const void *qweight;   /* epmoe_w4a8_repack_size() qweight_bytes, 16-byte aligned */
+    const float *scales;   /* fp32 [E, K/128, N], 16-byte aligned */
+} epmoe_w4a8_weights;
+
+EPMOE_API epmoe_status epmoe_w4a8_repack_size(int64_t E, int64_t N, int64_t K, size_t *qweight_bytes,
+                                              size_t *scale_bytes);
+/* Host to host. ckpt_w int8 [E, N, K/2]; ckpt_scales [E, N, K/group] of scale_dtype (EPMOE_F32 or
+** EPMOE_BF16); group must be 128. *encoding: in, EPMOE_W4_AUTO or the encoding wanted (SYM7
+** with a -8 present is an error); out, the encoding used. Non-finite or negative scales are
+** rejected. */
+EPMOE_API epmoe_status epmoe_w4a8_repack(const int8_t *ckpt_w, const void *ckpt_scales, epmoe_dtype scale_dtype,
+                                         int64_t group, int64_t E, int64_t N, int64_t K, void *qweight,
+                                         float *scales, int *encoding);
+/* The checkpoint values back from a repacked matrix (tests, tools): int4 w[e, n, k] and its
+** scale s[e, n, k/128]. */
+EPMOE_API epmoe_status epmoe_w4a8_unpack(const epmoe_w4a8_weights *w, int64_t e, int64_t n, int64_t k, int *value,
+                                         float *scale);
+
+/* Masked grouped GEMM: for every expert e and row m < masked_m[e] (read on the device: no host
+** sync, capturable in a CUDA graph; experts with no rows cost almost nothing),
+**   out[e, m, n] = sum_g sa(e, m, g) * sw[e, n, g] * sum_{k in group g} fp8(a[e, m, k]) * w[e, n, k]
+** Activation scales, one of:
+**   (a) a_scales != NULL: per-token 1x128 group scales, E slabs of a_scale_fmt (what dispatch
+**       delivers; no requant pass); each group's fp32 partial sum is scaled, then accumulated;
+**   (b) a_scales == NULL: one per-tensor scale, *a_tensor_scale (fp32 on the device).
+** Rows m >= masked_m[e] of out are not written. */
+typedef struct epmoe_w4a8_gemm_args {
+    epmoe_w4a8_weights w;
+    const uint8_t *a;            /* fp8 [E, M, K], 16-byte aligned */
+    int64_t M;                   /* rows per expert slab (M_max), >= 1 */
+    const int32_t *masked_m;     /* [E]: rows computed per expert (clamped to [0, M]) */
+    const void *a_scales;        /* mode (a) */
+    epmoe_scale_fmt a_scale_fmt; /* mode (a) */
+    const float *a_tensor_scale; /* mode (b) */
+    uint16_t *out;               /* bf16: (e, m, n) at out[e * out_expert_stride + m * out_row_stride + n] */
+    int64_t out_row_stride;      /* elements, >= N, even */
+    int64_t out_expert_stride;   /* elements, >= M * out_row_stride, even */
+    int64_t expected_m;          /* hint: typical rows per expert (0: derive from M); picks the tile */
+} epmoe_w4a8_gemm_args;
+EPMOE_API epmoe_status epmoe_w4a8_gemm_cuda(const epmoe_w4a8_gemm_args *args, epmoe_stream_t stream);
+/* fp64 accumulation over the dequantized operands, rounded once to bf16 (the tests' oracle). */
+EPMOE_API epmoe_status epmoe_w4a8_gemm_ref(const epmoe_w4a8_gemm_args *args);
+
+/* Expert MLP: out = W2 · fp8q(silu(gate) * up), [gate | up] = W13 · a, per expert, masked rows.
+** w13: N = 2I (rows [0, I) gate, [I, 2I) up), K = H; w2: N = H, K = I. GEMM1 writes bf16 into the
+** workspace; silu(gate)·up is computed in fp32 and quantized to fp8 — in mode (a) with fresh
+** per-token 1x128 group scales (epmoe_cast_group_fp8 rules), in mode (b) with the static
+** per-tensor scale *a2_tensor_scale (epmoe_cast_tensor_fp8 rules); GEMM2 writes out. */
+typedef struct epmoe_w4a8_mlp_args {
+    epmoe_w4a8_weights w13, w2;
+    const uint8_t *a;
+    int64_t M;
+    const int32_t *masked_m;
+    const void *a_scales;         /* mode (a) */
+    epmoe_scale_fmt a_scale_fmt;  /* mode (a) */
+    const float *a_tensor_scale;  /* mode (b): GEMM1 input scale */
+    const float *a2_tensor_scale; /* mode (b): GEMM2 input scale */
+    void *workspace;              /* epmoe_w4a8_mlp_workspace() bytes, 256-byte aligned */
+    size_t workspace_bytes;
+    uint16_t *out;
+    int64_t out_row_stride, out_expert_stride;
+    int64_t expected_m;
+} epmoe_w4a8_mlp_args;
+EPMOE_API size_t epmoe_w4a8_mlp_workspace(int64_t E, int64_t M, int64_t H, int64_t I);
+EPMOE_API epmoe_status epmoe_w4a8_mlp_cuda(const epmoe_w4a8_mlp_args *args, epmoe_stream_t stream);
+EPMOE_API epmoe_status epmoe_w4a8_mlp_ref(const epmoe_w4a8_mlp_args *args);
+
 /* ---- expert-parallel dispatch and combine ------------------------------------------------
 ** One epmoe_ep per rank. Experts are split evenly: rank r owns experts [r*L, (r+1)*L), L = E/R.
 **

@@ -42,6 +42,18 @@ epmoe_status epmoe_dequant_fp8_cuda(const uint8_t *q, const void *scales, epmoe_
     return no_cuda(__func__);
 }
 
+epmoe_status epmoe_w4a8_gemm_cuda(const epmoe_w4a8_gemm_args *args, epmoe_stream_t stream) {
+    (void)stream;
+    EPMOE_CHECK(epmoe__check_w4a8_gemm(__func__, args, 1));
+    return no_cuda(__func__);
+}
+
+epmoe_status epmoe_w4a8_mlp_cuda(const epmoe_w4a8_mlp_args *args, epmoe_stream_t stream) {
+    (void)stream;
+    EPMOE_CHECK(epmoe__check_w4a8_mlp(__func__, args, 1));
+    return no_cuda(__func__);
+}
+
 #endif
 
 #if !EPMOE_HAVE_NCCL

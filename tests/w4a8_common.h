@@ -1,0 +1,130 @@
+/*
+** w4a8_common.h — what the CPU and GPU tests of the W4A8 GEMM share: random checkpoint-format
+** weights and their repack, fp8 activations with group scales made by the library's cast, and
+** a naive oracle computed from the checkpoint arrays (not the repacked ones), in fp64, that
+** also returns the magnitude sum the tolerances scale with.
+**
+** Error model of a kernel output against the oracle (per element):
+**   |got - want| <= W4_TOL_BF16 * |want| + W4_TOL_SUM * sum_g |sa sw| sum_k |a w|
+** W4_TOL_BF16: the bf16 output rounding (half an ulp = 2^-9) with room for the fp32 rounding
+** before it. W4_TOL_SUM: the per-group tensor-core sum. Hopper's fp8 wgmma aligns and truncates
+** inside its accumulation (~14 bits kept, DeepSeek-V3 §3.3), once per k32 step; on an H200 the
+** worst element seen was 5.5e-4 * mag (2026-11-30, 2^-10.8), so 2^-9 leaves 3.5x margin, while a
+** wrong fragment, scale or row gives errors of order 0.1-1 in these units.
+*/
+#ifndef EPMOE_W4A8_COMMON_H
+#define EPMOE_W4A8_COMMON_H
+
+#include "test.h"
+
+#define W4_TOL_BF16 (1.0 / 256)
+#define W4_TOL_SUM (1.0 / 512)
+
+typedef struct w4_mat {
+    int64_t E, N, K;
+    int8_t *ckpt_w;  /* [E, N, K/2] packed int4 */
+    float *ckpt_s;   /* [E, N, K/128] */
+    void *qw;        /* repacked (host) */
+    float *sw;
+    int enc;
+} w4_mat;
+
+/* Weights uniform in [-7, 7] (or [-8, 7] with m8), scales around `scale`. */
+static void w4_mat_make(test_rng *r, w4_mat *w, int64_t E, int64_t N, int64_t K, int m8, double scale, int want_enc) {
+    w->E = E, w->N = N, w->K = K;
+    w->ckpt_w = malloc((size_t)(E * N * K / 2));
+    w->ckpt_s = malloc((size_t)(E * N * (K / 128)) * sizeof(float));
+    for (int64_t i = 0; i < E * N * K / 2; i++) {
+        int lo = (int)(rng_u64(r) % (m8 ? 16 : 15)) - (m8 ? 8 : 7), hi = (int)(rng_u64(r) % (m8 ? 16 : 15)) - (m8 ? 8 : 7);
+        w->ckpt_w[i] = (int8_t)(uint8_t)((lo & 0xF) | ((hi & 0xF) << 4));
+    }
+    for (int64_t i = 0; i < E * N * (K / 128); i++) w->ckpt_s[i] = (float)(scale * (0.5 + rng_uniform(r)));
+    size_t qb, sb;
+    epmoe_w4a8_repack_size(E, N, K, &qb, &sb);
+    w->qw = malloc(qb ? qb : 1);
+    w->sw = malloc(sb ? sb : 4);
+    w->enc = want_enc;
+    epmoe_status st = epmoe_w4a8_repack(w->ckpt_w, w->ckpt_s, EPMOE_F32, 128, E, N, K, w->qw, w->sw, &w->enc);
+    if (st != EPMOE_OK) {
+        printf("repack failed: %s\n", epmoe_last_error());
+        exit(2);
+    }
+}
+
+static void w4_mat_free(w4_mat *w) { free(w->ckpt_w), free(w->ckpt_s), free(w->qw), free(w->sw); }
+
+static int w4_ckpt_value(const w4_mat *w, int64_t e, int64_t n, int64_t k) {
+    const uint8_t b = (uint8_t)w->ckpt_w[((e * w->N + n) * w->K + k) / 2];
+    const int nib = (k & 1) ? b >> 4 : b & 0xF;
+    return nib >= 8 ? nib - 16 : nib;
+}
+
+/* Activations: bf16 gaussian tokens with per-token spread (x 2^U(-2,2)), optionally `outliers`
+** channels x200 (the DESIGN accuracy model), quantized per expert slab by the library's group cast into fmt. */
+typedef struct w4_acts {
+    int64_t E, M, K;
+    epmoe_scale_fmt fmt;
+    uint16_t *x;   /* bf16 [E, M, K] */
+    uint8_t *a;    /* fp8 [E, M, K] */
+    uint8_t *sa;   /* E slabs of fmt */
+    size_t slab;
+} w4_acts;
+
+static void w4_acts_make(test_rng *r, w4_acts *A, int64_t E, int64_t M, int64_t K, epmoe_scale_fmt fmt, int outliers) {
+    A->E = E, A->M = M, A->K = K, A->fmt = fmt;
+    A->x = malloc((size_t)(E * M * K) * 2 + 2);
+    A->a = malloc((size_t)(E * M * K) + 1);
+    A->slab = epmoe_scale_bytes(fmt, M, K);
+    A->sa = malloc(A->slab * (size_t)E + 4);
+    for (int64_t t = 0; t < E * M; t++) {
+        const double spread = pow(2.0, 4.0 * rng_uniform(r) - 2.0);
+        for (int64_t k = 0; k < K; k++) {
+            double v = rng_normal(r) * spread;
+            if (outliers && (k * 7919) % K < outliers) v *= 200.0;
+            A->x[t * K + k] = epmoe_bf16_from_float((float)v);
+        }
+    }
+    const int round = fmt >= EPMOE_SCALE_UE8M0_ROW;
+    for (int64_t e = 0; e < E && M > 0; e++)
+        epmoe_cast_group_fp8_ref(A->x + e * M * K, M, K, A->a + e * M * K, A->sa + A->slab * (size_t)e, fmt, round);
+}
+
+static void w4_acts_free(w4_acts *A) { free(A->x), free(A->a), free(A->sa); }
+
+static double w4_act_scale(const w4_acts *A, int64_t e, int64_t m, int64_t g) {
+    const uint8_t *p = A->sa + A->slab * (size_t)e + epmoe_scale_offset(A->fmt, A->M, A->K, m, g);
+    if (A->fmt >= EPMOE_SCALE_UE8M0_ROW) return epmoe_ue8m0_to_float(*p);
+    float s;
+    memcpy(&s, p, 4);
+    return s;
+}
+
+/* The oracle: out[e, m, n] in fp64 from the checkpoint arrays; tensor_scale > 0 selects mode (b)
+** (activation scales ignored). *mag gets sum_g |sa sw| sum_k |a w|. */
+static double w4_oracle(const w4_mat *w, const w4_acts *A, double tensor_scale, int64_t e, int64_t m, int64_t n,
+                        double *mag) {
+    const int64_t K = w->K, G = K / 128;
+    double acc = 0.0, abs_acc = 0.0;
+    for (int64_t g = 0; g < G; g++) {
+        double part = 0.0, apart = 0.0;
+        for (int64_t k = g * 128; k < (g + 1) * 128; k++) {
+            const double p = (double)epmoe_fp8_e4m3_to_float(A->a[(e * A->M + m) * K + k]) * w4_ckpt_value(w, e, n, k);
+            part += p;
+            apart += fabs(p);
+        }
+        const double s = (tensor_scale > 0 ? tensor_scale : w4_act_scale(A, e, m, g)) *
+                         (double)w->ckpt_s[(e * w->N + n) * G + g];
+        acc += s * part;
+        abs_acc += fabs(s) * apart;
+    }
+    *mag = abs_acc;
+    return acc;
+}
+
+/* Compare one output element with the oracle under the error model; NaN must match NaN. */
+static int w4_close(double got, double want, double mag) {
+    if (isnan(want) || isnan(got)) return isnan(want) && isnan(got);
+    return fabs(got - want) <= W4_TOL_BF16 * fabs(want) + W4_TOL_SUM * mag;
+}
+
+#endif
