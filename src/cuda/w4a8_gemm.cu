@@ -1,0 +1,343 @@
+/*
+** w4a8_gemm.cu — masked grouped GEMM, int4 weights x fp8 activations -> bf16, on Hopper wgmma.
+** Spec: epmoe_w4a8_gemm_ref. Weight layout and conversion: w4a8_layout.h.
+**
+** Swap-AB: weights are wgmma's A operand (64 rows per warpgroup, converted in registers), the
+** tokens of one expert are N (tile T = 8..128). A CTA of two warpgroups owns 128 weight rows x T
+** tokens; it walks K in 128-wide groups — one pipeline step each — and after the 4 wgmma of a
+** group promotes the fp32 partial into the fp32 result with the group's scales:
+**   acc += sw[n, g] * (sa[m, g] * partial)       (mode a, per-token 1x128 activation scales)
+**   acc += sw[n, g] * partial, x sa at the end   (mode b, one per-tensor activation scale)
+** so every product is exact and nothing is rounded twice. cp.async fills an S-stage ring of
+** {weights 8 KB, activations T x 128 B, 128 weight scales, T activation scales}.
+**
+** Work: persistent CTAs. Each reads masked_m on the device (CUDA-graph safe), counts m-tiles per
+** expert with a warp scan, and takes items (expert, n-tile, m-tile) strided by the grid, m-tiles
+** of one n-tile adjacent so a weight tile read twice is read from L2. The ring runs across item
+** boundaries: no pipeline drain per item. Empty experts contribute no items.
+*/
+#include "common.cuh"
+#include "w4a8_layout.h"
+#include "wgmma.cuh"
+
+namespace {
+
+constexpr int kThreads = 256;
+
+template <int T> struct Stage {
+    uint8_t w[2][kThreads][16]; /* the threads' fragments, [half][thread] (w4a8_layout.h) */
+    uint8_t a[8][T][16];        /* activations, K-major core matrices: 16-byte chunk c of token t */
+    float sw[W4_TILE_N];        /* weight scales of the tile's rows (2^9 folded in) */
+    uint32_t sa[T];             /* activation scale words: fp32 bits, or the UE8M0 word */
+};
+
+struct Problem {
+    const uint8_t *qw;
+    const float *sw;
+    const uint8_t *a;
+    const uint8_t *sa;
+    const float *sa_tensor;
+    const int32_t *masked_m;
+    uint16_t *out;
+    int64_t N, K, M, row_stride, expert_stride, sa_slab;
+    int E, NT, G, fmt, sms;
+};
+
+/* One work item: expert, token tile, weight tile, valid rows of the expert. */
+struct Item {
+    int e, mt, nt, rows;
+};
+
+template <int T>
+__device__ __forceinline__ Item find_item(const Problem &p, const int *prefix, int64_t w) {
+    const int t = (int)(w / p.NT);
+    int lo = 0, hi = p.E; /* largest e with prefix[e] <= t; prefix is non-decreasing */
+    while (hi - lo > 1) {
+        const int mid = (lo + hi) >> 1;
+        if (prefix[mid] <= t) lo = mid;
+        else hi = mid;
+    }
+    /* now prefix[lo] <= t < prefix[lo + 1]: expert lo has tiles (empty experts never match) */
+    Item it;
+    it.e = lo;
+    const int tiles = prefix[lo + 1] - prefix[lo];
+    const int local = (int)(w - (int64_t)prefix[lo] * p.NT);
+    it.nt = local / tiles;
+    it.mt = local - it.nt * tiles;
+    int r = __ldg(p.masked_m + lo);
+    it.rows = r < 0 ? 0 : (r > p.M ? (int)p.M : r);
+    return it;
+}
+
+/* The loads of one CTA, walking its items and their K groups in order. Pointers advance by a
+** constant per group, so a step costs a few adds; only an item change recomputes them. */
+template <int T, int kSa> struct Producer {
+    static constexpr int kActChunks = (T * 8 + kThreads - 1) / kThreads; /* 16-byte activation chunks per thread */
+    const uint8_t *w;
+    const uint8_t *a[kActChunks];
+    int abytes[kActChunks]; /* 16, or 0 for rows past masked_m (zero-filled, never read) */
+    const float *sw;
+    int g, item, t_sa, grid;      /* t_sa: this thread's token for the activation scale, or -1 */
+    const uint8_t *sa;      /* the 4-byte word holding scale (t_sa, g) */
+    int64_t sa_step;        /* bytes to the next group's word (UE8M0: every 4th group) */
+    Item it;
+
+    __device__ void start(const Problem &p, const int *prefix, int item_) {
+        const int tid = threadIdx.x; /* grid: set by the kernel before the first start */
+        item = item_;
+        g = 0;
+        it = find_item<T>(p, prefix, blockIdx.x + (int64_t)item * grid);
+        w = p.qw + (((int64_t)it.e * p.NT + it.nt) * p.G) * W4_TILE_BYTES;
+#pragma unroll
+        for (int i = 0; i < kActChunks; i++) {
+            const int c = tid + i * kThreads, t = c >> 3, ch = c & 7;
+            const int m = it.mt * T + t;
+            const bool ok = c < T * 8 && m < it.rows;
+            a[i] = ok ? p.a + ((int64_t)it.e * p.M + m) * p.K + ch * 16 : p.a;
+            abytes[i] = ok ? 16 : 0;
+        }
+        sw = p.sw + (int64_t)it.e * p.G * p.N + it.nt * W4_TILE_N;
+        t_sa = (kSa != 0 && tid >= 32 && tid < 32 + T && it.mt * T + tid - 32 < it.rows) ? tid - 32 : -1;
+        if (t_sa >= 0) {
+            const int64_t m = it.mt * T + t_sa;
+            sa = p.sa + p.sa_slab * it.e + (fmt_scale_offset(p.fmt, p.M, p.G, m, 0) & ~(int64_t)3);
+            /* the layouts of format.h: fp32 row / M-major, UE8M0 words of 4 groups row / M-major */
+            sa_step = (p.fmt == 0 || p.fmt == 2) ? 4 : 4 * p.M;
+        }
+    }
+
+    __device__ void issue(const Problem &p, Stage<T> &s, uint64_t *full) {
+        const int tid = threadIdx.x;
+        if (tid == 0) { /* the 8 KB weight tile and its 128 scales: two bulk copies */
+            mbar_expect_tx(full, W4_TILE_BYTES + W4_TILE_N * 4);
+            bulk_copy(&s.w[0][0][0], w, W4_TILE_BYTES, full);
+            bulk_copy(s.sw, sw, W4_TILE_N * 4, full);
+        }
+#pragma unroll
+        for (int i = 0; i < kActChunks; i++) {
+            const int c = tid + i * kThreads;
+            if (c < T * 8) cp_async16(&s.a[c & 7][c >> 3][0], a[i], abytes[i]);
+        }
+        if (t_sa >= 0) cp_async4(&s.sa[t_sa], sa, 4);
+        cp_async_arrive_noinc(full);
+    }
+
+    __device__ void advance(const Problem &p, const int *prefix) {
+        w += W4_TILE_BYTES;
+#pragma unroll
+        for (int i = 0; i < kActChunks; i++) a[i] += abytes[i] ? W4_GROUP : 0;
+        sw += p.N;
+        if (t_sa >= 0 && (kSa != 2 || (g & 3) == 3)) sa += sa_step;
+        if (++g == p.G) start(p, prefix, item + 1);
+    }
+};
+
+/* The consumer side of one step: convert the weight fragments and issue the 4 wgmma of a group. */
+template <int T, bool kFull>
+__device__ __forceinline__ void mma_step(const Stage<T> &s, float (&part)[T / 2]) {
+    const int tid = threadIdx.x;
+    const uint4 h0 = *reinterpret_cast<const uint4 *>(&s.w[0][tid][0]);
+    const uint4 h1 = *reinterpret_cast<const uint4 *>(&s.w[1][tid][0]);
+    const uint32_t q[8] = {h0.x, h0.y, h0.z, h0.w, h1.x, h1.y, h1.z, h1.w};
+    uint32_t a[4][4];
+#pragma unroll
+    for (int ks = 0; ks < 4; ks++) {
+        a[ks][0] = w4_word_to_fp8(q[2 * ks], 0, kFull);
+        a[ks][1] = w4_word_to_fp8(q[2 * ks], 1, kFull);
+        a[ks][2] = w4_word_to_fp8(q[2 * ks + 1], 0, kFull);
+        a[ks][3] = w4_word_to_fp8(q[2 * ks + 1], 1, kFull);
+#pragma unroll
+        for (int r = 0; r < 4; r++) reg_fence(a[ks][r]);
+    }
+#pragma unroll
+    for (int i = 0; i < T / 2; i++) reg_fence(part[i]);
+    wgmma_fence();
+#pragma unroll
+    for (int ks = 0; ks < 4; ks++) wgmma_rs<T>(part, a[ks], smem_desc(&s.a[2 * ks][0][0], T * 16, 128), ks);
+    wgmma_commit();
+}
+
+/* acc += sw[row] * (sa[col] * part) (mode a) or sw[row] * part (mode b), for a finished group. */
+template <int T, int kSa>
+__device__ __forceinline__ void promote(const Problem &p, const Stage<T> &s, int g, const float (&part)[T / 2],
+                                        float (&acc)[T / 2]) {
+    const int tid = threadIdx.x, lane = tid & 31, row = (tid >> 7) * 64 + ((tid >> 5) & 3) * 16 + (lane >> 2);
+    const float sw0 = s.sw[row], sw1 = s.sw[row + 8];
+#pragma unroll
+    for (int jj = 0; jj < T / 8; jj++)
+#pragma unroll
+        for (int c = 0; c < 2; c++) {
+            float x0 = part[jj * 4 + c], x1 = part[jj * 4 + 2 + c];
+            if (kSa != 0) {
+                const uint32_t wv = s.sa[jj * 8 + 2 * (lane & 3) + c];
+                const float sa =
+                    kSa == 2 ? fmt_ue8m0_to_float((uint8_t)(wv >> (8 * (g & 3)))) : __uint_as_float(wv);
+                x0 = __fmul_rn(x0, sa), x1 = __fmul_rn(x1, sa);
+            }
+            acc[jj * 4 + c] = fmaf(x0, sw0, acc[jj * 4 + c]);
+            acc[jj * 4 + 2 + c] = fmaf(x1, sw1, acc[jj * 4 + 2 + c]);
+        }
+}
+
+/* bf16 rows < masked_m of one finished item, then a fresh accumulator. */
+template <int T, int kSa>
+__device__ __forceinline__ void epilogue(const Problem &p, const Item &it, float (&acc)[T / 2]) {
+    const int tid = threadIdx.x, lane = tid & 31, row = (tid >> 7) * 64 + ((tid >> 5) & 3) * 16 + (lane >> 2);
+    const float ts = kSa != 0 ? 1.0f : __ldg(p.sa_tensor);
+    uint16_t *out = p.out + (int64_t)it.e * p.expert_stride + (int64_t)it.nt * W4_TILE_N + row;
+#pragma unroll
+    for (int jj = 0; jj < T / 8; jj++)
+#pragma unroll
+        for (int c = 0; c < 2; c++) {
+            const int m = it.mt * T + jj * 8 + 2 * (lane & 3) + c;
+            if (m < it.rows) {
+                out[m * p.row_stride] = fmt_bf16_from_float(__fmul_rn(acc[jj * 4 + c], ts));
+                out[m * p.row_stride + 8] = fmt_bf16_from_float(__fmul_rn(acc[jj * 4 + 2 + c], ts));
+            }
+            acc[jj * 4 + c] = 0.0f;
+            acc[jj * 4 + 2 + c] = 0.0f;
+        }
+}
+
+/* Per step j: wait for stage j's loads, start the loads of step j + S - 1 into the stage step
+** j - 1 used (free: its wgmma completed and its scales were read before this barrier), issue the
+** 4 wgmma of step j, wait, promote. Each warpgroup waits on its own wgmma: the tensor cores stay
+** busy through the other warpgroups on the SM (2 per CTA, 2-3 CTAs per SM at decode tiles).
+** (Two partial accumulators with wgmma.wait_group 1 would overlap within a warpgroup, but
+** ptxas then serializes every wgmma: C7514.) */
+template <int T, int kSa, bool kFull, int S>
+__global__ void __launch_bounds__(kThreads, T >= 128 ? 1 : 2) w4a8_gemm_kernel(Problem p) {
+    extern __shared__ __align__(128) uint8_t smem[];
+    Stage<T> *ring = reinterpret_cast<Stage<T> *>(smem);
+    uint64_t *full = reinterpret_cast<uint64_t *>(smem + S * sizeof(Stage<T>)); /* stage j landed */
+    int *prefix = reinterpret_cast<int *>(full + S); /* m-tiles before expert e */
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+
+    if (tid < S) mbar_init(&full[tid], kThreads + 1); /* every thread's cp.async + the bulk copies */
+    fence_proxy_async();
+    if (warp == 0) {
+        int carry = 0;
+        for (int base = 0; base < p.E; base += 32) {
+            const int e = base + lane;
+            int v = 0;
+            if (e < p.E) {
+                int r = __ldg(p.masked_m + e);
+                r = r < 0 ? 0 : (r > p.M ? (int)p.M : r);
+                v = (r + T - 1) / T;
+            }
+#pragma unroll
+            for (int off = 1; off < 32; off <<= 1) {
+                const int y = __shfl_up_sync(0xFFFFFFFFu, v, off);
+                if (lane >= off) v += y;
+            }
+            if (e < p.E) prefix[e + 1] = carry + v;
+            carry += __shfl_sync(0xFFFFFFFFu, v, 31);
+        }
+        if (lane == 0) prefix[0] = 0;
+    }
+    __syncthreads();
+    const int64_t items = (int64_t)prefix[p.E] * p.NT;
+    const int grid = gridDim.x;
+    if ((int64_t)blockIdx.x >= items || (int)blockIdx.x >= grid) return;
+    const int my_items = (int)((items - blockIdx.x + grid - 1) / grid);
+    const int steps = my_items * p.G;
+
+    Producer<T, kSa> prod;
+    prod.grid = grid;
+    prod.start(p, prefix, 0);
+    int issued = 0;
+#pragma unroll 1
+    for (; issued < S - 1; issued++) {
+        if (issued < steps) {
+            prod.issue(p, ring[issued % S], &full[issued % S]);
+            prod.advance(p, prefix);
+        }
+    }
+
+    float acc[T / 2], part[T / 2];
+#pragma unroll
+    for (int i = 0; i < T / 2; i++) acc[i] = 0.0f;
+    Item cit = find_item<T>(p, prefix, blockIdx.x);
+    int cg = 0, citem = 0;
+#pragma unroll 1
+    for (int j = 0; j < steps; j++) {
+        mbar_wait(&full[j % S], (uint32_t)(j / S) & 1u);
+        fence_proxy_async(); /* cp.async (generic proxy) wrote the activations wgmma reads */
+        __syncthreads();
+        if (issued < steps) {
+            prod.issue(p, ring[issued % S], &full[issued % S]);
+            prod.advance(p, prefix);
+        }
+        issued++;
+        const Stage<T> &s = ring[j % S];
+        mma_step<T, kFull>(s, part);
+        wgmma_wait<0>();
+#pragma unroll
+        for (int i = 0; i < T / 2; i++) reg_fence(part[i]);
+        promote<T, kSa>(p, s, cg, part, acc);
+        if (++cg == p.G) {
+            epilogue<T, kSa>(p, cit, acc);
+            cg = 0;
+            if (++citem < my_items) cit = find_item<T>(p, prefix, blockIdx.x + (int64_t)citem * grid);
+        }
+    }
+    cp_async_wait<0>(); /* (all waited through the barriers already; keeps the exit clean) */
+}
+
+template <int T, int kSa, bool kFull>
+epmoe_status launch(const char *fn, const Problem &p, int sms, cudaStream_t stream) {
+    constexpr int S = T <= 32 ? 6 : (T <= 64 ? 5 : 4);
+    auto kernel = w4a8_gemm_kernel<T, kSa, kFull, S>;
+    const size_t smem = S * (sizeof(Stage<T>) + sizeof(uint64_t)) + (size_t)(p.E + 1) * sizeof(int);
+    cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
+    int per_sm = 0;
+    if (err == cudaSuccess) err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, smem);
+    if (err != cudaSuccess || per_sm < 1)
+        return epmoe__fail(EPMOE_ERR_CUDA, "%s: cannot fit the T = %d kernel (%zu bytes of shared memory): %s", fn, T,
+                           smem, cudaGetErrorString(err));
+    Problem q = p;
+    q.sms = sms;
+    kernel<<<sms * per_sm, kThreads, smem, stream>>>(q);
+    return epmoe__launched(fn);
+}
+
+/* kSa: 0 per-tensor activation scale, 1 fp32 group scales, 2 UE8M0 group scales. */
+template <int T>
+epmoe_status pick_mode(const char *fn, const Problem &p, bool group, bool full, int sms, cudaStream_t stream) {
+    if (!group) return full ? launch<T, 0, true>(fn, p, sms, stream) : launch<T, 0, false>(fn, p, sms, stream);
+    if (fmt_scale_is_ue8m0(p.fmt))
+        return full ? launch<T, 2, true>(fn, p, sms, stream) : launch<T, 2, false>(fn, p, sms, stream);
+    return full ? launch<T, 1, true>(fn, p, sms, stream) : launch<T, 1, false>(fn, p, sms, stream);
+}
+
+} // namespace
+
+extern "C" epmoe_status epmoe_w4a8_gemm_cuda(const epmoe_w4a8_gemm_args *g, epmoe_stream_t stream) {
+    static const char fn[] = "epmoe_w4a8_gemm_cuda";
+    EPMOE_CHECK(epmoe__check_w4a8_gemm(fn, g, 1));
+    if (g->w.E == 0 || g->M == 0) return EPMOE_OK;
+    int sms;
+    EPMOE_CHECK(epmoe__need_device(fn, &sms));
+    Problem p;
+    p.qw = static_cast<const uint8_t *>(g->w.qweight);
+    p.sw = g->w.scales;
+    p.a = g->a;
+    p.sa = static_cast<const uint8_t *>(g->a_scales);
+    p.sa_tensor = g->a_tensor_scale;
+    p.masked_m = g->masked_m;
+    p.out = g->out;
+    p.N = g->w.N, p.K = g->w.K, p.M = g->M;
+    p.row_stride = g->out_row_stride, p.expert_stride = g->out_expert_stride;
+    p.E = (int)g->w.E, p.NT = (int)(g->w.N / W4_TILE_N), p.G = (int)(g->w.K / W4_GROUP);
+    p.fmt = g->a_scales ? (int)g->a_scale_fmt : 0;
+    p.sa_slab = g->a_scales ? fmt_scale_slab_bytes(p.fmt, p.M, p.G) : 0;
+    const bool group = g->a_scales != nullptr, full = g->w.encoding == EPMOE_W4_FULL;
+    /* The one place the token tile is chosen: the smallest that covers the expected rows. */
+    const int64_t em = g->expected_m > 0 ? g->expected_m : g->M;
+    cudaStream_t s = reinterpret_cast<cudaStream_t>(stream);
+    if (em <= 8) return pick_mode<8>(fn, p, group, full, sms, s);
+    if (em <= 16) return pick_mode<16>(fn, p, group, full, sms, s);
+    if (em <= 32) return pick_mode<32>(fn, p, group, full, sms, s);
+    if (em <= 64) return pick_mode<64>(fn, p, group, full, sms, s);
+    return pick_mode<128>(fn, p, group, full, sms, s);
+}
