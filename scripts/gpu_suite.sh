@@ -34,15 +34,20 @@ for s in $steps; do
     tests)
         run fp8_exhaustive ./build/tests/gpu/fp8_exhaustive
         run test_quant_gpu ./build/tests/gpu/test_quant_gpu
+        run test_w4a8_gpu ./build/tests/gpu/test_w4a8_gpu
         [ -x build/tests/gpu/test_ep_gpu ] && run test_ep_gpu timeout 300 ./build/tests/gpu/test_ep_gpu ;;
     memcheck)
         EPMOE_TEST_QUICK=1 run memcheck_quant compute-sanitizer --tool memcheck --error-exitcode 3 ./build/tests/gpu/test_quant_gpu
-        EPMOE_TEST_QUICK=1 run racecheck_quant compute-sanitizer --tool racecheck --error-exitcode 3 ./build/tests/gpu/test_quant_gpu ;;
+        EPMOE_TEST_QUICK=1 run racecheck_quant compute-sanitizer --tool racecheck --error-exitcode 3 ./build/tests/gpu/test_quant_gpu
+        EPMOE_TEST_QUICK=1 run memcheck_w4a8 compute-sanitizer --tool memcheck --error-exitcode 3 ./build/tests/gpu/test_w4a8_gpu
+        EPMOE_TEST_QUICK=1 run racecheck_w4a8 compute-sanitizer --tool racecheck --error-exitcode 3 ./build/tests/gpu/test_w4a8_gpu ;;
     bench)
         [ -x build/bench/bench_ep ] && run bench_ep timeout 300 ./build/bench/bench_ep --json "$OUT/bench_ep.json"
         run bench_quant python3 bench/bench_quant.py
+        run bench_w4a8 ./build/bench/bench_w4a8 --json "$OUT/bench_w4a8.json"
         [ -f "$OUT/bench_ep.log" ] && cat "$OUT/bench_ep.log"
-        cat "$OUT/bench_quant.log" ;;
+        cat "$OUT/bench_quant.log"
+        cat "$OUT/bench_w4a8.log" ;;
     esac
 done
 echo

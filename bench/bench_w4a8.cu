@@ -1,0 +1,337 @@
+/*
+** bench_w4a8.cu — the W4A8 expert GEMMs and MLP on one GPU, side by side in the same run with
+** cuBLAS BF16 and cuBLASLt FP8 (per-tensor scales) on the same shapes, per expert, captured in
+** one CUDA graph per GEMM (cuBLAS has no masked grouped FP8 GEMM). Also measured in the same
+** run: the HBM read ceiling (a streaming read kernel over 4 GiB) that the bandwidth targets use.
+**
+** Shapes: DeepSeek-R1 (H 7168, I 2048, 32 local experts) and Kimi-K2 (48 local experts); every
+** expert gets the same rows (masked_m = rows, M = rows). Weights are random bytes in the
+** repacked layout (every SYM7 code is a valid weight), scales random positive.
+** Timing: CUDA events around one launch (or graph), 5 warm-ups, median of 25. The weights of
+** all experts (727 MB int4 for DeepSeek) dwarf the 50 MB L2, so no flush is needed.
+** Metrics: GB/s over the weight bytes read (int4: N*K/2 + N*K/128*4 per expert; fp8 N*K;
+** bf16 2*N*K), TFLOP/s = 2 * rows * N * K * experts / time.
+** Run: ./build/bench/bench_w4a8 [--model deepseek-r1|kimi-k2|all] [--rows 1,8,32] [--json FILE]
+*/
+#include <cublasLt.h>
+#include <cublas_v2.h>
+#include <cuda_bf16.h>
+#include <cuda_runtime_api.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include <algorithm>
+#include <vector>
+
+#include "epmoe.h"
+
+#define CU(call)                                                                                                       \
+    do {                                                                                                               \
+        cudaError_t e_ = (call);                                                                                       \
+        if (e_ != cudaSuccess) {                                                                                       \
+            printf("CUDA error %s at %s:%d\n", cudaGetErrorString(e_), __FILE__, __LINE__);                           \
+            exit(2);                                                                                                   \
+        }                                                                                                              \
+    } while (0)
+#define EP(call)                                                                                                       \
+    do {                                                                                                               \
+        epmoe_status s_ = (call);                                                                                      \
+        if (s_ != EPMOE_OK) {                                                                                          \
+            printf("epmoe error %s at %s:%d: %s\n", epmoe_status_str(s_), __FILE__, __LINE__, epmoe_last_error());    \
+            exit(2);                                                                                                   \
+        }                                                                                                              \
+    } while (0)
+
+static cudaStream_t stream;
+
+/* Deterministic fill on the device: bytes with the given mask (fp8 activations never NaN). */
+__global__ void fill_bytes(uint8_t *p, size_t n, uint32_t seed, uint8_t mask) {
+    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x) {
+        uint32_t h = (uint32_t)i * 2654435761u ^ seed;
+        h ^= h >> 15, h *= 2246822519u, h ^= h >> 13;
+        p[i] = (uint8_t)h & mask;
+    }
+}
+__global__ void fill_f32(float *p, size_t n, float lo, float span) {
+    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x)
+        p[i] = lo + span * (float)((i * 2654435761u) % 1000u) / 1000.0f;
+}
+__global__ void fill_bf16(__nv_bfloat16 *p, size_t n) {
+    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x)
+        p[i] = __float2bfloat16(0.01f * (float)((int)((i * 2654435761u) % 201u) - 100));
+}
+__global__ void read_kernel(const uint4 *p, size_t n, uint32_t *sink) {
+    uint32_t x = 0;
+    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x) {
+        const uint4 v = __ldcs(p + i);
+        x ^= v.x ^ v.y ^ v.z ^ v.w;
+    }
+    if (x == 0x12345678u) *sink = x;
+}
+
+template <typename F> static double time_us(F &&f, int warm = 5, int iters = 25) {
+    cudaEvent_t a, b;
+    CU(cudaEventCreate(&a));
+    CU(cudaEventCreate(&b));
+    for (int i = 0; i < warm; i++) f();
+    std::vector<float> t;
+    for (int i = 0; i < iters; i++) {
+        CU(cudaEventRecord(a, stream));
+        f();
+        CU(cudaEventRecord(b, stream));
+        CU(cudaEventSynchronize(b));
+        float ms;
+        CU(cudaEventElapsedTime(&ms, a, b));
+        t.push_back(ms * 1000.0f);
+    }
+    cudaEventDestroy(a), cudaEventDestroy(b);
+    std::sort(t.begin(), t.end());
+    return t[t.size() / 2];
+}
+
+static double hbm_read_ceiling(void) {
+    const size_t bytes = (size_t)4 << 30;
+    uint4 *p;
+    uint32_t *sink;
+    CU(cudaMalloc(&p, bytes));
+    CU(cudaMalloc(&sink, 4));
+    CU(cudaMemset(p, 1, bytes));
+    int sms;
+    CU(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, 0));
+    const double us = time_us([&] { read_kernel<<<sms * 8, 512, 0, stream>>>(p, bytes / 16, sink); }, 2, 9);
+    cudaFree(p), cudaFree(sink);
+    return bytes / us / 1e3; /* GB/s */
+}
+
+/* One GEMM [E experts: rows x K] x [N x K]^T per expert through cuBLAS, captured in a graph. */
+struct Blas {
+    cublasHandle_t h;
+    cublasLtHandle_t lt;
+    void *ws;
+    size_t ws_bytes = 64u << 20;
+};
+
+static double bench_bf16(Blas &b, int E, int rows, int N, int K, const __nv_bfloat16 *w, const __nv_bfloat16 *x,
+                         __nv_bfloat16 *out) {
+    const float one = 1.0f, zero = 0.0f;
+    cudaGraph_t g;
+    cudaGraphExec_t ge;
+    CU(cudaStreamBeginCapture(stream, cudaStreamCaptureModeThreadLocal));
+    for (int e = 0; e < E; e++)
+        if (cublasGemmEx(b.h, CUBLAS_OP_T, CUBLAS_OP_N, N, rows, K, &one, w + (size_t)e * N * K, CUDA_R_16BF, K,
+                         x + (size_t)e * rows * K, CUDA_R_16BF, K, &zero, out + (size_t)e * rows * N, CUDA_R_16BF, N,
+                         CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT) != CUBLAS_STATUS_SUCCESS) {
+            cudaStreamEndCapture(stream, &g);
+            return -1;
+        }
+    CU(cudaStreamEndCapture(stream, &g));
+    CU(cudaGraphInstantiate(&ge, g, 0));
+    const double us = time_us([&] { CU(cudaGraphLaunch(ge, stream)); });
+    cudaGraphExecDestroy(ge), cudaGraphDestroy(g);
+    return us;
+}
+
+/* cuBLASLt FP8 (e4m3 x e4m3 -> bf16, fp32 accumulate, per-tensor scales = 1); -1 if unsupported. */
+static double bench_fp8(Blas &b, int E, int rows, int N, int K, const uint8_t *w, const uint8_t *x, __nv_bfloat16 *out) {
+    cublasLtMatmulDesc_t op;
+    cublasLtMatrixLayout_t la, lb, lc;
+    cublasOperation_t ta = CUBLAS_OP_T, tb = CUBLAS_OP_N;
+    cublasLtMatmulDescCreate(&op, CUBLAS_COMPUTE_32F, CUDA_R_32F);
+    cublasLtMatmulDescSetAttribute(op, CUBLASLT_MATMUL_DESC_TRANSA, &ta, sizeof ta);
+    cublasLtMatmulDescSetAttribute(op, CUBLASLT_MATMUL_DESC_TRANSB, &tb, sizeof tb);
+    cublasLtMatrixLayoutCreate(&la, CUDA_R_8F_E4M3, K, N, K);
+    cublasLtMatrixLayoutCreate(&lb, CUDA_R_8F_E4M3, K, rows, K);
+    cublasLtMatrixLayoutCreate(&lc, CUDA_R_16BF, N, rows, N);
+    cublasLtMatmulPreference_t pref;
+    cublasLtMatmulPreferenceCreate(&pref);
+    cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &b.ws_bytes, sizeof b.ws_bytes);
+    cublasLtMatmulHeuristicResult_t heur;
+    int found = 0;
+    double us = -1;
+    if (cublasLtMatmulAlgoGetHeuristic(b.lt, op, la, lb, lc, lc, pref, 1, &heur, &found) == CUBLAS_STATUS_SUCCESS && found) {
+        const float one = 1.0f, zero = 0.0f;
+        cudaGraph_t g;
+        cudaGraphExec_t ge;
+        CU(cudaStreamBeginCapture(stream, cudaStreamCaptureModeThreadLocal));
+        bool ok = true;
+        for (int e = 0; e < E && ok; e++)
+            ok = cublasLtMatmul(b.lt, op, &one, w + (size_t)e * N * K, la, x + (size_t)e * rows * K, lb, &zero,
+                                out + (size_t)e * rows * N, lc, out + (size_t)e * rows * N, lc, &heur.algo, b.ws,
+                                b.ws_bytes, stream) == CUBLAS_STATUS_SUCCESS;
+        CU(cudaStreamEndCapture(stream, &g));
+        if (ok) {
+            CU(cudaGraphInstantiate(&ge, g, 0));
+            us = time_us([&] { CU(cudaGraphLaunch(ge, stream)); });
+            cudaGraphExecDestroy(ge);
+        }
+        cudaGraphDestroy(g);
+    }
+    cublasLtMatmulPreferenceDestroy(pref);
+    cublasLtMatrixLayoutDestroy(la), cublasLtMatrixLayoutDestroy(lb), cublasLtMatrixLayoutDestroy(lc);
+    cublasLtMatmulDescDestroy(op);
+    return us;
+}
+
+struct Row {
+    const char *model, *what;
+    int E, rows, N, K;
+    double us, gbs, tflops;
+};
+static std::vector<Row> results;
+
+static void report(const char *model, const char *what, int E, int rows, int N, int K, double us, double wbytes) {
+    Row r = {model, what, E, rows, N, K, us, us > 0 ? wbytes / us / 1e3 : 0,
+             us > 0 ? 2.0 * rows * (double)N * K * E / us / 1e6 : 0};
+    results.push_back(r);
+    if (us > 0)
+        printf("%-12s %-26s E%-3d rows %-5d N %-5d K %-5d %9.1f us %8.0f GB/s %7.1f TFLOP/s\n", model, what, E, rows, N,
+               K, us, r.gbs, r.tflops);
+    else
+        printf("%-12s %-26s E%-3d rows %-5d N %-5d K %-5d   (not supported by the library)\n", model, what, E, rows, N, K);
+    fflush(stdout);
+}
+
+static void run_model(Blas &b, const char *model, int E, int H, int I, const std::vector<int> &rows_list) {
+    const int N1 = 2 * I, K1 = H, N2 = H, K2 = I;
+    size_t q13, s13, q2, s2;
+    EP(epmoe_w4a8_repack_size(E, N1, K1, &q13, &s13));
+    EP(epmoe_w4a8_repack_size(E, N2, K2, &q2, &s2));
+    uint8_t *w13, *w2;
+    float *sw13, *sw2;
+    CU(cudaMalloc(&w13, q13));
+    CU(cudaMalloc(&w2, q2));
+    CU(cudaMalloc(&sw13, s13));
+    CU(cudaMalloc(&sw2, s2));
+    fill_bytes<<<1024, 256, 0, stream>>>(w13, q13, 1, 0xFF);
+    fill_bytes<<<1024, 256, 0, stream>>>(w2, q2, 2, 0xFF);
+    fill_f32<<<1024, 256, 0, stream>>>(sw13, s13 / 4, 0.5f, 1.0f);
+    fill_f32<<<1024, 256, 0, stream>>>(sw2, s2 / 4, 0.5f, 1.0f);
+    const epmoe_w4a8_weights W13 = {E, N1, K1, EPMOE_W4_SYM7, w13, sw13}, W2 = {E, N2, K2, EPMOE_W4_SYM7, w2, sw2};
+    const double wb13 = (double)q13 + s13 / 2.0, wb2 = (double)q2 + s2 / 2.0; /* scales counted as bf16, as shipped */
+    /* baselines' weights: fp8 and bf16 copies of the same shapes (values irrelevant to speed) */
+    uint8_t *f13, *f2;
+    __nv_bfloat16 *b13, *b2;
+    CU(cudaMalloc(&f13, (size_t)E * N1 * K1));
+    CU(cudaMalloc(&f2, (size_t)E * N2 * K2));
+    CU(cudaMalloc(&b13, (size_t)E * N1 * K1 * 2));
+    CU(cudaMalloc(&b2, (size_t)E * N2 * K2 * 2));
+    fill_bytes<<<1024, 256, 0, stream>>>(f13, (size_t)E * N1 * K1, 3, 0x37);
+    fill_bytes<<<1024, 256, 0, stream>>>(f2, (size_t)E * N2 * K2, 4, 0x37);
+    fill_bf16<<<1024, 256, 0, stream>>>(b13, (size_t)E * N1 * K1);
+    fill_bf16<<<1024, 256, 0, stream>>>(b2, (size_t)E * N2 * K2);
+
+    for (int rows : rows_list) {
+        const int M = rows;
+        uint8_t *a, *a2;
+        float *sa;
+        __nv_bfloat16 *xb, *xb2, *ob;
+        uint16_t *out;
+        int32_t *masked;
+        void *ws;
+        const size_t wsb = epmoe_w4a8_mlp_workspace(E, M, H, I);
+        CU(cudaMalloc(&a, (size_t)E * M * H));
+        CU(cudaMalloc(&a2, (size_t)E * M * I));
+        CU(cudaMalloc(&sa, epmoe_scale_bytes(EPMOE_SCALE_F32_MMAJOR, M, H) * E));
+        CU(cudaMalloc(&xb, (size_t)E * M * H * 2));
+        CU(cudaMalloc(&xb2, (size_t)E * M * I * 2));
+        const int NMAX = N1 > N2 ? N1 : N2;
+        CU(cudaMalloc(&ob, (size_t)E * M * NMAX * 2));
+        CU(cudaMalloc(&out, (size_t)E * M * NMAX * 2));
+        CU(cudaMalloc(&masked, E * 4));
+        CU(cudaMalloc(&ws, wsb));
+        fill_bytes<<<1024, 256, 0, stream>>>(a, (size_t)E * M * H, 5, 0x37);
+        fill_bytes<<<1024, 256, 0, stream>>>(a2, (size_t)E * M * I, 6, 0x37);
+        fill_f32<<<1024, 256, 0, stream>>>(sa, epmoe_scale_bytes(EPMOE_SCALE_F32_MMAJOR, M, H) * E / 4, 0.01f, 0.02f);
+        fill_bf16<<<1024, 256, 0, stream>>>(xb, (size_t)E * M * H);
+        fill_bf16<<<1024, 256, 0, stream>>>(xb2, (size_t)E * M * I);
+        std::vector<int32_t> hm(E, rows);
+        CU(cudaMemcpy(masked, hm.data(), E * 4, cudaMemcpyHostToDevice));
+        CU(cudaStreamSynchronize(stream));
+
+        /* GEMM2's input scales: the same per-token group layout, I/128 groups */
+        float *sa2;
+        CU(cudaMalloc(&sa2, epmoe_scale_bytes(EPMOE_SCALE_F32_MMAJOR, M, I) * E));
+        fill_f32<<<1024, 256, 0, stream>>>(sa2, epmoe_scale_bytes(EPMOE_SCALE_F32_MMAJOR, M, I) * E / 4, 0.01f, 0.02f);
+        const float one = 1.0f;
+        float *done;
+        CU(cudaMalloc(&done, 4));
+        CU(cudaMemcpy(done, &one, 4, cudaMemcpyHostToDevice));
+
+        epmoe_w4a8_gemm_args g1 = {W13, a, M, masked, sa, EPMOE_SCALE_F32_MMAJOR, NULL, out, N1, (int64_t)M * N1, rows};
+        epmoe_w4a8_gemm_args g2 = {W2, a2, M, masked, sa2, EPMOE_SCALE_F32_MMAJOR, NULL, out, N2, (int64_t)M * N2, rows};
+        epmoe_w4a8_gemm_args g1b = g1;
+        g1b.a_scales = NULL, g1b.a_tensor_scale = done;
+        epmoe_w4a8_mlp_args mlp = {W13, W2, a, M, masked, sa, EPMOE_SCALE_F32_MMAJOR, NULL, NULL, ws, wsb, out, H,
+                                   (int64_t)M * H, rows};
+        const double t1 = time_us([&] { EP(epmoe_w4a8_gemm_cuda(&g1, stream)); });
+        const double t2 = time_us([&] { EP(epmoe_w4a8_gemm_cuda(&g2, stream)); });
+        const double t1b = time_us([&] { EP(epmoe_w4a8_gemm_cuda(&g1b, stream)); });
+        const double tm = time_us([&] { EP(epmoe_w4a8_mlp_cuda(&mlp, stream)); });
+        report(model, "w4a8 W13 (group scales)", E, rows, N1, K1, t1, wb13);
+        report(model, "w4a8 W13 (per-tensor)", E, rows, N1, K1, t1b, wb13);
+        report(model, "w4a8 W2 (group scales)", E, rows, N2, K2, t2, wb2);
+        report(model, "w4a8 W13+W2", E, rows, N1 + N2, 0, t1 + t2, wb13 + wb2);
+        report(model, "w4a8 MLP (one call)", E, rows, N1 + N2, 0, tm, wb13 + wb2);
+        const double f1 = bench_fp8(b, E, rows, N1, K1, f13, a, ob), f2t = bench_fp8(b, E, rows, N2, K2, f2, a2, ob);
+        report(model, "cuBLASLt FP8 W13", E, rows, N1, K1, f1, (double)E * N1 * K1);
+        report(model, "cuBLASLt FP8 W2", E, rows, N2, K2, f2t, (double)E * N2 * K2);
+        const double h1 = bench_bf16(b, E, rows, N1, K1, b13, xb, ob), h2 = bench_bf16(b, E, rows, N2, K2, b2, xb2, ob);
+        report(model, "cuBLAS BF16 W13", E, rows, N1, K1, h1, 2.0 * E * N1 * K1);
+        report(model, "cuBLAS BF16 W2", E, rows, N2, K2, h2, 2.0 * E * N2 * K2);
+        if (f1 > 0 && f2t > 0) report(model, "cuBLASLt FP8 W13+W2", E, rows, N1 + N2, 0, f1 + f2t, (double)E * (N1 * K1 + N2 * K2));
+        if (h1 > 0 && h2 > 0) report(model, "cuBLAS BF16 W13+W2", E, rows, N1 + N2, 0, h1 + h2, 2.0 * E * (N1 * K1 + N2 * K2));
+        printf("%-12s rows %-5d W13+W2: w4a8 %.1f us | FP8 %.2fx slower | BF16 %.2fx slower\n", model, rows, t1 + t2,
+               (f1 + f2t) / (t1 + t2), (h1 + h2) / (t1 + t2));
+        cudaFree(a), cudaFree(a2), cudaFree(sa), cudaFree(sa2), cudaFree(xb), cudaFree(xb2), cudaFree(ob), cudaFree(out);
+        cudaFree(masked), cudaFree(ws), cudaFree(done);
+    }
+    cudaFree(w13), cudaFree(w2), cudaFree(sw13), cudaFree(sw2), cudaFree(f13), cudaFree(f2), cudaFree(b13), cudaFree(b2);
+}
+
+int main(int argc, char **argv) {
+    const char *model = "all", *json = NULL, *rows_arg = "1,8,32,64,128,256,1024";
+    for (int i = 1; i < argc; i++) {
+        if (!strcmp(argv[i], "--model") && i + 1 < argc) model = argv[++i];
+        else if (!strcmp(argv[i], "--rows") && i + 1 < argc) rows_arg = argv[++i];
+        else if (!strcmp(argv[i], "--json") && i + 1 < argc) json = argv[++i];
+        else {
+            printf("usage: %s [--model deepseek-r1|kimi-k2|all] [--rows 1,8,32,...] [--json FILE]\n", argv[0]);
+            return strcmp(argv[i], "--help") ? 1 : 0;
+        }
+    }
+    std::vector<int> rows;
+    for (const char *p = rows_arg; *p;) {
+        rows.push_back(atoi(p));
+        while (*p && *p != ',') p++;
+        if (*p) p++;
+    }
+    CU(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
+    cudaDeviceProp prop;
+    CU(cudaGetDeviceProperties(&prop, 0));
+    const double ceiling = hbm_read_ceiling();
+    printf("bench_w4a8 on %s: HBM read ceiling %.0f GB/s (streaming read of 4 GiB, same run)\n", prop.name, ceiling);
+    Blas b;
+    cublasCreate(&b.h);
+    cublasLtCreate(&b.lt);
+    CU(cudaMalloc(&b.ws, b.ws_bytes));
+    cublasSetStream(b.h, stream);
+    cublasSetWorkspace(b.h, b.ws, b.ws_bytes);
+    if (!strcmp(model, "all") || !strcmp(model, "deepseek-r1")) run_model(b, "deepseek-r1", 32, 7168, 2048, rows);
+    if (!strcmp(model, "all") || !strcmp(model, "kimi-k2")) run_model(b, "kimi-k2", 48, 7168, 2048, rows);
+    if (json) {
+        FILE *f = fopen(json, "w");
+        if (f) {
+            fprintf(f, "{\"gpu\": \"%s\", \"hbm_read_gbs\": %.1f, \"results\": [\n", prop.name, ceiling);
+            for (size_t i = 0; i < results.size(); i++) {
+                const Row &r = results[i];
+                fprintf(f, "  {\"model\": \"%s\", \"what\": \"%s\", \"E\": %d, \"rows\": %d, \"N\": %d, \"K\": %d, \"us\": %.2f, "
+                           "\"gbs\": %.1f, \"tflops\": %.1f}%s\n",
+                        r.model, r.what, r.E, r.rows, r.N, r.K, r.us, r.gbs, r.tflops, i + 1 < results.size() ? "," : "");
+            }
+            fprintf(f, "]}\n");
+            fclose(f);
+        }
+    }
+    return 0;
+}
