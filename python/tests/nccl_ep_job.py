@@ -43,14 +43,17 @@ def model_expert_out(cfg, rows, xs, d):
     return y
 
 
-def check(g, cfg, seed, dev):
+def check(g, cfg, seed, dev, split=False):
     R, me = cfg.num_ranks, g.rank
     Ts = [cfg.max_tokens if r % 2 == 0 else cfg.max_tokens // 2 for r in range(R)]
     xs, idxs, ws = inputs(cfg, Ts, seed)
     rows = mdl.ep_routing(cfg, idxs)
     x = torch.from_numpy(xs[me]).view(torch.bfloat16).to(dev)
     idx, w = torch.from_numpy(idxs[me]).to(dev), torch.from_numpy(ws[me]).to(dev)
-    d = g.dispatch(x, idx, w)
+    if split:  # the halves, each on torch's current stream (the receive halves take no tensors)
+        d = g.dispatch_recv(g.dispatch_send(x, idx, w))
+    else:
+        d = g.dispatch(x, idx, w)
     assert isinstance(d.recv_x, torch.Tensor) and d.recv_x.device == dev
     torch.cuda.synchronize()
     masked = d.masked_m.cpu().numpy()
@@ -66,7 +69,11 @@ def check(g, cfg, seed, dev):
             assert (recv[le, :m] == exp).all(), f"rows of local expert {le}"
     eos = [model_expert_out(cfg, rows, xs, r) for r in range(R)]
     y = torch.from_numpy(eos[me].view(np.int16)).view(torch.bfloat16).to(dev)
-    out = g.combine(d, y)
+    if split:
+        g.combine_send(d, y)
+        out = g.combine_recv(d)
+    else:
+        out = g.combine(d, y)
     torch.cuda.synchronize()
     want = mdl.combine_owner(cfg, rows, idxs, ws, eos)[me]
     got = out.view(torch.int16).cpu().numpy().view(np.uint16)
@@ -86,6 +93,9 @@ def main():
         assert g.backend == "nccl_lsa" and g.rank == dist.get_rank(), g
         for rnd in range(3):  # several rounds: call numbers and window parities advance
             check(g, g.config, seed=100 * i + rnd, dev=dev)
+        side = torch.cuda.Stream(dev)
+        with torch.cuda.stream(side):  # split halves on a stream of the caller's
+            check(g, g.config, seed=100 * i + 50, dev=dev, split=True)
         g.close()
     dist.barrier()
     print(f"nccl_ep_job: ok (rank {dist.get_rank()} of {R}, nccl {epmoe.nccl.nccl_version()})", flush=True)
