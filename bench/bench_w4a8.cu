@@ -258,8 +258,13 @@ static void run_model(Blas &b, const char *model, int E, int H, int I, const std
         CU(cudaMalloc(&done, 4));
         CU(cudaMemcpy(done, &one, 4, cudaMemcpyHostToDevice));
 
-        epmoe_w4a8_gemm_args g1 = {W13, a, M, masked, sa, EPMOE_SCALE_F32_MMAJOR, NULL, out, N1, (int64_t)M * N1, rows};
-        epmoe_w4a8_gemm_args g2 = {W2, a2, M, masked, sa2, EPMOE_SCALE_F32_MMAJOR, NULL, out, N2, (int64_t)M * N2, rows};
+        const size_t gwsb = epmoe_w4a8_gemm_workspace();
+        void *gws;
+        CU(cudaMalloc(&gws, gwsb));
+        CU(cudaMemset(gws, 0, gwsb));
+        CU(cudaMemset(ws, 0, wsb));
+        epmoe_w4a8_gemm_args g1 = {W13, a, M, masked, sa, EPMOE_SCALE_F32_MMAJOR, NULL, out, N1, (int64_t)M * N1, rows, gws, gwsb};
+        epmoe_w4a8_gemm_args g2 = {W2, a2, M, masked, sa2, EPMOE_SCALE_F32_MMAJOR, NULL, out, N2, (int64_t)M * N2, rows, gws, gwsb};
         epmoe_w4a8_gemm_args g1b = g1;
         g1b.a_scales = NULL, g1b.a_tensor_scale = done;
         epmoe_w4a8_mlp_args mlp = {W13, W2, a, M, masked, sa, EPMOE_SCALE_F32_MMAJOR, NULL, NULL, ws, wsb, out, H,
@@ -284,7 +289,7 @@ static void run_model(Blas &b, const char *model, int E, int H, int I, const std
         printf("%-12s rows %-5d W13+W2: w4a8 %.1f us | FP8 %.2fx slower | BF16 %.2fx slower\n", model, rows, t1 + t2,
                (f1 + f2t) / (t1 + t2), (h1 + h2) / (t1 + t2));
         cudaFree(a), cudaFree(a2), cudaFree(sa), cudaFree(sa2), cudaFree(xb), cudaFree(xb2), cudaFree(ob), cudaFree(out);
-        cudaFree(masked), cudaFree(ws), cudaFree(done);
+        cudaFree(masked), cudaFree(ws), cudaFree(done), cudaFree(gws);
     }
     cudaFree(w13), cudaFree(w2), cudaFree(sw13), cudaFree(sw2), cudaFree(f13), cudaFree(f2), cudaFree(b13), cudaFree(b2);
 }

@@ -216,7 +216,12 @@ typedef struct epmoe_w4a8_gemm_args {
     int64_t out_row_stride;      /* elements, >= N, even */
     int64_t out_expert_stride;   /* elements, >= M * out_row_stride, even */
     int64_t expected_m;          /* hint: typical rows per expert (0: derive from M); picks the tile */
+    void *workspace;             /* _cuda: epmoe_w4a8_gemm_workspace() bytes, 256-byte aligned, zeroed once
+                                 ** after allocation (it holds a launch counter); one GEMM at a time */
+    size_t workspace_bytes;
 } epmoe_w4a8_gemm_args;
+/* Workspace of the GPU GEMM on the current device (stream-K partial tiles); 0 without CUDA. */
+EPMOE_API size_t epmoe_w4a8_gemm_workspace(void);
 EPMOE_API epmoe_status epmoe_w4a8_gemm_cuda(const epmoe_w4a8_gemm_args *args, epmoe_stream_t stream);
 /* fp64 accumulation over the dequantized operands, rounded once to bf16 (the tests' oracle). */
 EPMOE_API epmoe_status epmoe_w4a8_gemm_ref(const epmoe_w4a8_gemm_args *args);
@@ -235,7 +240,7 @@ typedef struct epmoe_w4a8_mlp_args {
     epmoe_scale_fmt a_scale_fmt;  /* mode (a) */
     const float *a_tensor_scale;  /* mode (b): GEMM1 input scale */
     const float *a2_tensor_scale; /* mode (b): GEMM2 input scale */
-    void *workspace;              /* epmoe_w4a8_mlp_workspace() bytes, 256-byte aligned */
+    void *workspace;              /* epmoe_w4a8_mlp_workspace() bytes, 256-byte aligned, zeroed once */
     size_t workspace_bytes;
     uint16_t *out;
     int64_t out_row_stride, out_expert_stride;

@@ -42,6 +42,8 @@ epmoe_status epmoe_dequant_fp8_cuda(const uint8_t *q, const void *scales, epmoe_
     return no_cuda(__func__);
 }
 
+size_t epmoe_w4a8_gemm_workspace(void) { return 0; }
+
 epmoe_status epmoe_w4a8_gemm_cuda(const epmoe_w4a8_gemm_args *args, epmoe_stream_t stream) {
     (void)stream;
     EPMOE_CHECK(epmoe__check_w4a8_gemm(__func__, args, 1));

@@ -41,12 +41,12 @@ EPMOE_HIDDEN epmoe_status epmoe__check_rescale(const char *fn, int requant, cons
                                                const float *out_scale, int out_dtype, const void *y, int device);
 
 /* W4A8 GEMM and MLP argument checks (w4a8.c) and the MLP workspace layout: byte offsets of
-** gate_up (bf16 [E, M, 2I]), inter (fp8 [E, M, I]) and inter_scales (f32 row-major [E, M, I/128]);
-** returns the total size. */
+** gate_up (bf16 [E, M, 2I]), inter (fp8 [E, M, I]), inter_scales (f32 row-major [E, M, I/128])
+** and the GEMMs' workspace; returns the total size. */
 EPMOE_HIDDEN epmoe_status epmoe__check_w4a8_gemm(const char *fn, const epmoe_w4a8_gemm_args *g, int device);
 EPMOE_HIDDEN epmoe_status epmoe__check_w4a8_mlp(const char *fn, const epmoe_w4a8_mlp_args *m, int device);
 EPMOE_HIDDEN size_t epmoe__mlp_layout(int64_t E, int64_t M, int64_t H, int64_t I, size_t *gate_up, size_t *inter,
-                                      size_t *inter_scales);
+                                      size_t *inter_scales, size_t *gemm);
 
 /* Rows of expert e that an op touches: min(max(masked_m[e], 0), M). */
 static inline int64_t epmoe__valid_rows(const int32_t *masked_m, int64_t e, int64_t M) {

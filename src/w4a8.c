@@ -166,9 +166,12 @@ epmoe_status epmoe__check_w4a8_gemm(const char *fn, const epmoe_w4a8_gemm_args *
 
 static size_t align256(size_t x) { return (x + 255u) & ~(size_t)255u; }
 
-size_t epmoe__mlp_layout(int64_t E, int64_t M, int64_t H, int64_t I, size_t *gate_up, size_t *inter, size_t *inter_scales) {
+size_t epmoe__mlp_layout(int64_t E, int64_t M, int64_t H, int64_t I, size_t *gate_up, size_t *inter, size_t *inter_scales,
+                         size_t *gemm) {
     (void)H;
     size_t off = 0;
+    *gemm = off; /* first: its launch counter stays put when M changes */
+    off = align256(off + epmoe_w4a8_gemm_workspace());
     *gate_up = off;
     off = align256(off + (size_t)(E * M * 2 * I) * 2); /* bf16 [E, M, 2I] */
     *inter = off;
@@ -180,8 +183,8 @@ size_t epmoe__mlp_layout(int64_t E, int64_t M, int64_t H, int64_t I, size_t *gat
 
 size_t epmoe_w4a8_mlp_workspace(int64_t E, int64_t M, int64_t H, int64_t I) {
     if (E < 0 || M < 0 || H <= 0 || I <= 0 || E > MAX_EXPERTS || M > MAX_DIM || I > MAX_DIM || H > MAX_DIM) return 0;
-    size_t a, b, c;
-    return epmoe__mlp_layout(E, M, H, I, &a, &b, &c);
+    size_t a, b, c, d;
+    return epmoe__mlp_layout(E, M, H, I, &a, &b, &c, &d);
 }
 
 epmoe_status epmoe__check_w4a8_mlp(const char *fn, const epmoe_w4a8_mlp_args *m, int device) {
@@ -274,14 +277,14 @@ epmoe_status epmoe_w4a8_mlp_ref(const epmoe_w4a8_mlp_args *m) {
     EPMOE_CHECK(epmoe__check_w4a8_mlp(fn, m, 0));
     const int64_t E = m->w13.E, M = m->M, H = m->w13.K, I = m->w2.K, G2 = I / W4_GROUP;
     if (E == 0 || M == 0) return EPMOE_OK;
-    size_t o_gu, o_in, o_sc;
-    epmoe__mlp_layout(E, M, H, I, &o_gu, &o_in, &o_sc);
+    size_t o_gu, o_in, o_sc, o_gemm;
+    epmoe__mlp_layout(E, M, H, I, &o_gu, &o_in, &o_sc, &o_gemm);
     uint16_t *gate_up = (uint16_t *)((uint8_t *)m->workspace + o_gu);
     uint8_t *inter = (uint8_t *)m->workspace + o_in;
     float *inter_scales = (float *)((uint8_t *)m->workspace + o_sc);
 
     epmoe_w4a8_gemm_args g1 = {m->w13, m->a, M, m->masked_m, m->a_scales, m->a_scale_fmt, m->a_tensor_scale,
-                               gate_up, 2 * I, M * 2 * I, m->expected_m};
+                               gate_up, 2 * I, M * 2 * I, m->expected_m, NULL, 0};
     EPMOE_CHECK(epmoe_w4a8_gemm_ref(&g1));
     uint16_t *y = malloc((size_t)I * 2);
     if (!y) return epmoe__fail(EPMOE_ERR_OUT_OF_MEMORY, "%s: no memory", fn);
@@ -302,6 +305,6 @@ epmoe_status epmoe_w4a8_mlp_ref(const epmoe_w4a8_mlp_args *m) {
     free(y);
     epmoe_w4a8_gemm_args g2 = {m->w2, inter, M, m->masked_m, m->a_scales ? (const void *)inter_scales : NULL,
                                EPMOE_SCALE_F32_ROW, m->a2_tensor_scale, m->out, m->out_row_stride, m->out_expert_stride,
-                               m->expected_m};
+                               m->expected_m, NULL, 0};
     return epmoe_w4a8_gemm_ref(&g2);
 }

@@ -41,6 +41,10 @@ struct Problem {
     uint16_t *out;
     int64_t N, K, M, row_stride, expert_stride, sa_slab;
     int E, NT, G, fmt, sms;
+    float *slots;    /* stream-K: one fp32 partial tile per CTA, [cta][T/2][256] */
+    uint32_t *flags; /* flag[cta] = epoch + 1 once its partial tile is in slots */
+    uint32_t *sync;  /* [0] epoch (+1 per launch), [1] CTAs done in this launch */
+    size_t slots_bytes;
 };
 
 /* One work item: expert, token tile, weight tile, valid rows of the expert. */
@@ -77,30 +81,31 @@ template <int T, int kSa> struct Producer {
     const uint8_t *a[kActChunks];
     int abytes[kActChunks]; /* 16, or 0 for rows past masked_m (zero-filled, never read) */
     const float *sw;
-    int g, item, t_sa, grid;      /* t_sa: this thread's token for the activation scale, or -1 */
+    int g, t_sa;
+    int64_t item;      /* t_sa: this thread's token for the activation scale, or -1 */
     const uint8_t *sa;      /* the 4-byte word holding scale (t_sa, g) */
     int64_t sa_step;        /* bytes to the next group's word (UE8M0: every 4th group) */
     Item it;
 
-    __device__ void start(const Problem &p, const int *prefix, int item_) {
-        const int tid = threadIdx.x; /* grid: set by the kernel before the first start */
+    __device__ void start(const Problem &p, const int *prefix, int64_t item_, int g0) {
+        const int tid = threadIdx.x;
         item = item_;
-        g = 0;
-        it = find_item<T>(p, prefix, blockIdx.x + (int64_t)item * grid);
-        w = p.qw + (((int64_t)it.e * p.NT + it.nt) * p.G) * W4_TILE_BYTES;
+        g = g0;
+        it = find_item<T>(p, prefix, item);
+        w = p.qw + (((int64_t)it.e * p.NT + it.nt) * p.G + g0) * W4_TILE_BYTES;
 #pragma unroll
         for (int i = 0; i < kActChunks; i++) {
             const int c = tid + i * kThreads, t = c >> 3, ch = c & 7;
             const int m = it.mt * T + t;
             const bool ok = c < T * 8 && m < it.rows;
-            a[i] = ok ? p.a + ((int64_t)it.e * p.M + m) * p.K + ch * 16 : p.a;
+            a[i] = ok ? p.a + ((int64_t)it.e * p.M + m) * p.K + g0 * W4_GROUP + ch * 16 : p.a;
             abytes[i] = ok ? 16 : 0;
         }
-        sw = p.sw + (int64_t)it.e * p.G * p.N + it.nt * W4_TILE_N;
+        sw = p.sw + ((int64_t)it.e * p.G + g0) * p.N + it.nt * W4_TILE_N;
         t_sa = (kSa != 0 && tid >= 32 && tid < 32 + T && it.mt * T + tid - 32 < it.rows) ? tid - 32 : -1;
         if (t_sa >= 0) {
             const int64_t m = it.mt * T + t_sa;
-            sa = p.sa + p.sa_slab * it.e + (fmt_scale_offset(p.fmt, p.M, p.G, m, 0) & ~(int64_t)3);
+            sa = p.sa + p.sa_slab * it.e + (fmt_scale_offset(p.fmt, p.M, p.G, m, g0) & ~(int64_t)3);
             /* the layouts of format.h: fp32 row / M-major, UE8M0 words of 4 groups row / M-major */
             sa_step = (p.fmt == 0 || p.fmt == 2) ? 4 : 4 * p.M;
         }
@@ -128,7 +133,7 @@ template <int T, int kSa> struct Producer {
         for (int i = 0; i < kActChunks; i++) a[i] += abytes[i] ? W4_GROUP : 0;
         sw += p.N;
         if (t_sa >= 0 && (kSa != 2 || (g & 3) == 3)) sa += sa_step;
-        if (++g == p.G) start(p, prefix, item + 1);
+        if (++g == p.G) start(p, prefix, item + 1, 0);
     }
 };
 
@@ -236,53 +241,108 @@ __global__ void __launch_bounds__(kThreads, T >= 128 ? 1 : 2) w4a8_gemm_kernel(P
         if (lane == 0) prefix[0] = 0;
     }
     __syncthreads();
-    const int64_t items = (int64_t)prefix[p.E] * p.NT;
-    const int grid = gridDim.x;
-    if ((int64_t)blockIdx.x >= items || (int)blockIdx.x >= grid) return;
-    const int my_items = (int)((items - blockIdx.x + grid - 1) / grid);
-    const int steps = my_items * p.G;
+    const int64_t items = (int64_t)prefix[p.E] * p.NT, total = items * p.G;
+    /* Stream-K: every CTA owns an equal range [s0, s1) of the flattened (item, group) steps, so
+    ** all stream the same weight bytes (whole items per CTA leave a partial last wave: 22% of the
+    ** SM time idle at decode). Ranges go to CTAs in reverse (range r to CTA grid-1-r), so an item
+    ** split between ranges r and r+1 is started (last groups) by the lower CTA, first thing in its
+    ** range, which leaves its fp32 partial in its slot; the higher CTA reaches the item's end last
+    ** and finishes it: partials added in range order (deterministic), bf16 rows written. A CTA only
+    ** ever waits for lower-numbered CTAs, which the hardware starts first, and by then they are
+    ** long past that point. */
+    const int grid = gridDim.x, r = grid - 1 - (int)blockIdx.x;
+    const uint32_t epoch = *reinterpret_cast<volatile uint32_t *>(p.sync);
+    const int64_t s0 = total * r / grid, s1 = total * (r + 1) / grid;
+    const int steps = (int)(s1 - s0);
 
-    Producer<T, kSa> prod;
-    prod.grid = grid;
-    prod.start(p, prefix, 0);
-    int issued = 0;
+    if (steps > 0) {
+        Producer<T, kSa> prod;
+        prod.start(p, prefix, s0 / p.G, (int)(s0 % p.G));
+        int issued = 0;
 #pragma unroll 1
-    for (; issued < S - 1; issued++) {
-        if (issued < steps) {
-            prod.issue(p, ring[issued % S], &full[issued % S]);
-            prod.advance(p, prefix);
+        for (; issued < S - 1; issued++) {
+            if (issued < steps) {
+                prod.issue(p, ring[issued % S], &full[issued % S]);
+                prod.advance(p, prefix);
+            }
         }
-    }
 
-    float acc[T / 2], part[T / 2];
+        float acc[T / 2], part[T / 2];
 #pragma unroll
-    for (int i = 0; i < T / 2; i++) acc[i] = 0.0f;
-    Item cit = find_item<T>(p, prefix, blockIdx.x);
-    int cg = 0, citem = 0;
+        for (int i = 0; i < T / 2; i++) acc[i] = 0.0f;
+        int64_t citem = s0 / p.G;
+        int cg = (int)(s0 % p.G);
+        bool head = cg != 0; /* the first item began in an earlier range: contribute, don't finish */
+        Item cit = find_item<T>(p, prefix, citem);
+        auto contribute = [&]() {
+            float *slot = p.slots + (int64_t)r * (T / 2) * kThreads;
+#pragma unroll
+            for (int i = 0; i < T / 2; i++) __stcg(slot + i * kThreads + tid, acc[i]), acc[i] = 0.0f;
+            __threadfence();
+            __syncthreads();
+            if (tid == 0) asm volatile("st.release.gpu.global.u32 [%0], %1;" ::"l"(p.flags + r), "r"(epoch + 1u) : "memory");
+            head = false;
+        };
 #pragma unroll 1
-    for (int j = 0; j < steps; j++) {
-        mbar_wait(&full[j % S], (uint32_t)(j / S) & 1u);
-        fence_proxy_async(); /* cp.async (generic proxy) wrote the activations wgmma reads */
-        __syncthreads();
-        if (issued < steps) {
-            prod.issue(p, ring[issued % S], &full[issued % S]);
-            prod.advance(p, prefix);
-        }
-        issued++;
-        const Stage<T> &s = ring[j % S];
-        mma_step<T, kFull>(s, part);
-        wgmma_wait<0>();
+        for (int j = 0; j < steps; j++) {
+            mbar_wait(&full[j % S], (uint32_t)(j / S) & 1u);
+            fence_proxy_async(); /* cp.async (generic proxy) wrote the activations wgmma reads */
+            __syncthreads();
+            if (issued < steps) {
+                prod.issue(p, ring[issued % S], &full[issued % S]);
+                prod.advance(p, prefix);
+            }
+            issued++;
+            const Stage<T> &s = ring[j % S];
+            mma_step<T, kFull>(s, part);
+            wgmma_wait<0>();
 #pragma unroll
-        for (int i = 0; i < T / 2; i++) reg_fence(part[i]);
-        promote<T, kSa>(p, s, cg, part, acc);
-        if (++cg == p.G) {
-            epilogue<T, kSa>(p, cit, acc);
-            cg = 0;
-            if (++citem < my_items) cit = find_item<T>(p, prefix, blockIdx.x + (int64_t)citem * grid);
+            for (int i = 0; i < T / 2; i++) reg_fence(part[i]);
+            promote<T, kSa>(p, s, cg, part, acc);
+            if (++cg == p.G) {
+                if (head) contribute();
+                else epilogue<T, kSa>(p, cit, acc);
+                cg = 0;
+                if (++citem < items) cit = find_item<T>(p, prefix, citem);
+            }
         }
+        if (cg != 0) {
+            if (head) {
+                contribute(); /* the whole range lies inside one item */
+            } else { /* the item continues in the next ranges: add their partials, then finish */
+                const int64_t end = (citem + 1) * p.G;
+                for (int q = r + 1; q < grid && total * q / grid < end; q++) {
+                    if (total * (q + 1) / grid == total * q / grid) continue; /* owns no step */
+                    if (tid == 0) {
+                        uint32_t f;
+                        do asm volatile("ld.acquire.gpu.global.u32 %0, [%1];" : "=r"(f) : "l"(p.flags + q) : "memory");
+                        while (f != epoch + 1u);
+                    }
+                    __syncthreads();
+                    const float *slot = p.slots + (int64_t)q * (T / 2) * kThreads;
+#pragma unroll
+                    for (int i = 0; i < T / 2; i++) acc[i] += __ldcg(slot + i * kThreads + tid);
+                }
+                epilogue<T, kSa>(p, cit, acc);
+            }
+        }
+        cp_async_wait<0>();
     }
-    cp_async_wait<0>(); /* (all waited through the barriers already; keeps the exit clean) */
+    /* the last CTA out moves the epoch on: the next launch's flags must not match this one's */
+    __syncthreads();
+    if (tid == 0 && atomicAdd(p.sync + 1, 1u) == (uint32_t)grid - 1u) {
+        p.sync[1] = 0;
+        __threadfence();
+        atomicAdd(p.sync, 1u);
+    }
 }
+
+/* Workspace: [sync: 2 words, 256 B][flags: one word per CTA][slots: (T/2) x 256 floats per CTA].
+** Bounds over every tile: at most kMaxCtasPerSm CTAs per SM and 64 KB of slots per SM (T = 128 at
+** 1 CTA/SM, T = 64 at 2: (T/2) * 256 * 4 bytes each). */
+constexpr int kMaxCtasPerSm = 8;
+constexpr size_t kSlotBytesPerSm = 64 * 1024;
+size_t flags_bytes(int sms) { return ((size_t)sms * kMaxCtasPerSm * 4 + 255) / 256 * 256; }
 
 template <int T, int kSa, bool kFull>
 epmoe_status launch(const char *fn, const Problem &p, int sms, cudaStream_t stream) {
@@ -292,11 +352,14 @@ epmoe_status launch(const char *fn, const Problem &p, int sms, cudaStream_t stre
     cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
     int per_sm = 0;
     if (err == cudaSuccess) err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, smem);
+    if (per_sm > kMaxCtasPerSm) per_sm = kMaxCtasPerSm;
     if (err != cudaSuccess || per_sm < 1)
         return epmoe__fail(EPMOE_ERR_CUDA, "%s: cannot fit the T = %d kernel (%zu bytes of shared memory): %s", fn, T,
                            smem, cudaGetErrorString(err));
     Problem q = p;
     q.sms = sms;
+    if ((size_t)sms * per_sm * (T / 2) * kThreads * sizeof(float) > p.slots_bytes)
+        return epmoe__fail(EPMOE_ERR_INTERNAL, "%s: stream-K slots for T = %d exceed the workspace", fn, T);
     kernel<<<sms * per_sm, kThreads, smem, stream>>>(q);
     return epmoe__launched(fn);
 }
@@ -312,13 +375,30 @@ epmoe_status pick_mode(const char *fn, const Problem &p, bool group, bool full, 
 
 } // namespace
 
+extern "C" size_t epmoe_w4a8_gemm_workspace(void) {
+    const int sms = epmoe__sm_count();
+    return sms > 0 ? 256 + flags_bytes(sms) + (size_t)sms * kSlotBytesPerSm : 0;
+}
+
 extern "C" epmoe_status epmoe_w4a8_gemm_cuda(const epmoe_w4a8_gemm_args *g, epmoe_stream_t stream) {
     static const char fn[] = "epmoe_w4a8_gemm_cuda";
     EPMOE_CHECK(epmoe__check_w4a8_gemm(fn, g, 1));
     if (g->w.E == 0 || g->M == 0) return EPMOE_OK;
     int sms;
     EPMOE_CHECK(epmoe__need_device(fn, &sms));
+    const size_t ws = epmoe_w4a8_gemm_workspace();
+    if (!g->workspace)
+        return epmoe__fail(EPMOE_ERR_NULL_POINTER, "%s: workspace is NULL (need epmoe_w4a8_gemm_workspace() = %zu bytes)", fn, ws);
+    if (((uintptr_t)g->workspace & 255u) != 0)
+        return epmoe__fail(EPMOE_ERR_MISALIGNED, "%s: workspace = %p is not 256-byte aligned", fn, g->workspace);
+    if (g->workspace_bytes < ws)
+        return epmoe__fail(EPMOE_ERR_INVALID_ARG, "%s: workspace_bytes = %zu, need epmoe_w4a8_gemm_workspace() = %zu", fn,
+                           g->workspace_bytes, ws);
     Problem p;
+    p.sync = static_cast<uint32_t *>(g->workspace);
+    p.flags = reinterpret_cast<uint32_t *>(static_cast<uint8_t *>(g->workspace) + 256);
+    p.slots = reinterpret_cast<float *>(static_cast<uint8_t *>(g->workspace) + 256 + flags_bytes(sms));
+    p.slots_bytes = ws - 256 - flags_bytes(sms);
     p.qw = static_cast<const uint8_t *>(g->w.qweight);
     p.sw = g->w.scales;
     p.a = g->a;

@@ -69,14 +69,16 @@ extern "C" epmoe_status epmoe_w4a8_mlp_cuda(const epmoe_w4a8_mlp_args *m, epmoe_
     EPMOE_CHECK(epmoe__check_w4a8_mlp(fn, m, 1));
     const int64_t E = m->w13.E, M = m->M, H = m->w13.K, I = m->w2.K;
     if (E == 0 || M == 0) return EPMOE_OK;
-    size_t o_gu, o_in, o_sc;
-    epmoe__mlp_layout(E, M, H, I, &o_gu, &o_in, &o_sc);
+    size_t o_gu, o_in, o_sc, o_gemm;
+    epmoe__mlp_layout(E, M, H, I, &o_gu, &o_in, &o_sc, &o_gemm);
+    void *gemm_ws = static_cast<uint8_t *>(m->workspace) + o_gemm;
+    const size_t gemm_bytes = epmoe_w4a8_gemm_workspace();
     uint16_t *gate_up = reinterpret_cast<uint16_t *>(static_cast<uint8_t *>(m->workspace) + o_gu);
     uint8_t *inter = static_cast<uint8_t *>(m->workspace) + o_in;
     float *inter_scales = reinterpret_cast<float *>(static_cast<uint8_t *>(m->workspace) + o_sc);
 
     const epmoe_w4a8_gemm_args g1 = {m->w13, m->a, M, m->masked_m, m->a_scales, m->a_scale_fmt, m->a_tensor_scale,
-                                     gate_up, 2 * I, M * 2 * I, m->expected_m};
+                                     gate_up, 2 * I, M * 2 * I, m->expected_m, gemm_ws, gemm_bytes};
     EPMOE_CHECK(epmoe_w4a8_gemm_cuda(&g1, stream));
     const dim3 grid((unsigned)((M + kRowsPerBlock - 1) / kRowsPerBlock), (unsigned)E);
     cudaStream_t s = reinterpret_cast<cudaStream_t>(stream);
@@ -88,6 +90,6 @@ extern "C" epmoe_status epmoe_w4a8_mlp_cuda(const epmoe_w4a8_mlp_args *m, epmoe_
     EPMOE_CHECK(epmoe__launched(fn));
     const epmoe_w4a8_gemm_args g2 = {m->w2, inter, M, m->masked_m, m->a_scales ? (const void *)inter_scales : nullptr,
                                      EPMOE_SCALE_F32_ROW, m->a2_tensor_scale, m->out, m->out_row_stride,
-                                     m->out_expert_stride, m->expected_m};
+                                     m->out_expert_stride, m->expected_m, gemm_ws, gemm_bytes};
     return epmoe_w4a8_gemm_cuda(&g2, stream);
 }

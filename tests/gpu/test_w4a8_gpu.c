@@ -20,6 +20,8 @@
 
 static cudaStream_t stream;
 static int quick;
+static void *gws; /* the GEMMs' workspace, zeroed once */
+static size_t gws_bytes;
 
 static void *dev_copy(const void *h, size_t bytes) {
     void *p;
@@ -134,7 +136,8 @@ static void run_case(test_rng *r, const gcase *c) {
     float *dts = dev_copy(&tsf, 4);
     const int64_t rs = c->N + 24, es = c->M * rs + 40;
     uint16_t *dout = dev_poisoned16(c->E * es);
-    epmoe_w4a8_gemm_args g = {dw.w, da, c->M, dm, c->mode == 4 ? NULL : dsa, fmt, dts, dout, rs, es, c->expected_m};
+    epmoe_w4a8_gemm_args g = {dw.w, da, c->M, dm, c->mode == 4 ? NULL : dsa, fmt, dts, dout, rs, es, c->expected_m,
+                              gws, gws_bytes};
     CHECK_STATUS(epmoe_w4a8_gemm_cuda(&g, stream), EPMOE_OK);
     CUDA_OK(cudaStreamSynchronize(stream));
     char what[160];
@@ -175,6 +178,26 @@ static void test_gemm_cases(test_rng *r) {
     }
 }
 
+/* The workspace is checked like every argument. */
+static void test_workspace_args(test_rng *r) {
+    w4_mat w;
+    w4_mat_make(r, &w, 1, 128, 128, 0, 0.01, EPMOE_W4_AUTO);
+    dev_w4 dw = dev_weights(&w);
+    uint8_t *da = dev_copy(NULL, 0);
+    int32_t one = 1, *dm = dev_copy(&one, 4);
+    float *dsa = dev_copy(NULL, 0);
+    uint16_t *dout = dev_poisoned16(128);
+    epmoe_w4a8_gemm_args g = {dw.w, da, 1, dm, dsa, EPMOE_SCALE_F32_ROW, NULL, dout, 128, 128, 0, NULL, gws_bytes};
+    CHECK_STATUS(epmoe_w4a8_gemm_cuda(&g, stream), EPMOE_ERR_NULL_POINTER);
+    g.workspace = (uint8_t *)gws + 16;
+    CHECK_STATUS(epmoe_w4a8_gemm_cuda(&g, stream), EPMOE_ERR_MISALIGNED);
+    g.workspace = gws, g.workspace_bytes = gws_bytes - 1;
+    CHECK_STATUS(epmoe_w4a8_gemm_cuda(&g, stream), EPMOE_ERR_INVALID_ARG);
+    cudaFree(da), cudaFree(dm), cudaFree(dsa), cudaFree(dout);
+    dev_weights_free(&dw);
+    w4_mat_free(&w);
+}
+
 /* Captured once; masked_m and the activations change on the device between replays. */
 static void test_graph(test_rng *r) {
     const int64_t E = 4, N = 256, K = 256, M = 48;
@@ -190,7 +213,7 @@ static void test_graph(test_rng *r) {
     CUDA_OK(cudaMalloc((void **)&dm, (size_t)E * 4));
     const int64_t rs = N, es = M * N;
     uint16_t *dout = dev_poisoned16(E * es);
-    epmoe_w4a8_gemm_args g = {dw.w, da, M, dm, dsa, EPMOE_SCALE_F32_MMAJOR, NULL, dout, rs, es, 32};
+    epmoe_w4a8_gemm_args g = {dw.w, da, M, dm, dsa, EPMOE_SCALE_F32_MMAJOR, NULL, dout, rs, es, 32, gws, gws_bytes};
     cudaGraph_t graph;
     cudaGraphExec_t exec;
     CUDA_OK(cudaStreamBeginCapture(stream, cudaStreamCaptureModeThreadLocal));
@@ -256,23 +279,25 @@ static void test_mlp(test_rng *r) {
         float *ds1 = dev_copy(&s1, 4), *ds2 = dev_copy(&s2, 4);
         void *dws;
         CUDA_OK(cudaMalloc(&dws, ws));
+        CUDA_OK(cudaMemset(dws, 0, ws));
         uint16_t *dout = dev_poisoned16(E * M * H);
         epmoe_w4a8_mlp_args dmargs = {d13.w, d2.w, da, M, dm, mode ? NULL : dsa, A.fmt, ds1, ds2, dws, ws, dout, H, M * H, 0};
         CHECK_STATUS(epmoe_w4a8_mlp_cuda(&dmargs, stream), EPMOE_OK);
         CUDA_OK(cudaStreamSynchronize(stream));
 
         uint16_t *got = malloc((size_t)(E * M * H) * 2);
-        uint8_t *gws = malloc(ws);
+        uint8_t *gwsh = malloc(ws);
         CUDA_OK(cudaMemcpy(got, dout, (size_t)(E * M * H) * 2, cudaMemcpyDeviceToHost));
-        CUDA_OK(cudaMemcpy(gws, dws, ws, cudaMemcpyDeviceToHost));
-        /* intermediate fp8 bytes: workspace offsets from the layout (gate_up bf16, then inter) */
-        const size_t o_in = ((size_t)(E * M * 2 * I) * 2 + 255) / 256 * 256;
+        CUDA_OK(cudaMemcpy(gwsh, dws, ws, cudaMemcpyDeviceToHost));
+        /* intermediate fp8 bytes: the workspace layout is [GEMM workspace][gate_up bf16][inter]... */
+        const size_t o_gu = (epmoe_w4a8_gemm_workspace() + 255) / 256 * 256;
+        const size_t o_in = o_gu + ((size_t)(E * M * 2 * I) * 2 + 255) / 256 * 256;
         long diff = 0, total = 0, touched = 0;
         double num = 0, den = 0;
         for (int64_t e = 0; e < E; e++)
             for (int64_t t = 0; t < M; t++) {
                 if (t < masked[e])
-                    for (int64_t j = 0; j < I; j++, total++) diff += gws[o_in + (e * M + t) * I + j] != hws[o_in + (e * M + t) * I + j];
+                    for (int64_t j = 0; j < I; j++, total++) diff += gwsh[o_in + (e * M + t) * I + j] != hws[o_in + (e * M + t) * I + j];
                 for (int64_t n = 0; n < H; n++) {
                     const int64_t i = (e * M + t) * H + n;
                     if (t >= masked[e]) {
@@ -290,7 +315,7 @@ static void test_mlp(test_rng *r) {
         const double bound = 0.125 * sqrt((double)diff / (double)total) + 1.0 / 512;
         CHECK(rel <= bound && den > 0, "MLP mode %d: rel. L2 %g above the bound %g", mode, rel, bound);
         CHECK(touched == 0, "MLP mode %d: %ld masked elements written", mode, touched);
-        free(got), free(gws), free(hws), free(href);
+        free(got), free(gwsh), free(hws), free(href);
         cudaFree(da), cudaFree(dsa), cudaFree(dm), cudaFree(ds1), cudaFree(ds2), cudaFree(dws), cudaFree(dout);
         w4_acts_free(&A);
     }
@@ -328,8 +353,8 @@ static void accuracy_case(test_rng *r, const w4_mat *w, int outliers, const char
     uint16_t *dout_a, *dout_b;
     CUDA_OK(cudaMalloc((void **)&dout_a, (size_t)(T * w->N) * 2));
     CUDA_OK(cudaMalloc((void **)&dout_b, (size_t)(T * w->N) * 2));
-    epmoe_w4a8_gemm_args ga = {dw.w, da, T, dm, dsa, A.fmt, NULL, dout_a, w->N, T * w->N, 0};
-    epmoe_w4a8_gemm_args gb = {dw.w, db, T, dm, NULL, A.fmt, dos, dout_b, w->N, T * w->N, 0};
+    epmoe_w4a8_gemm_args ga = {dw.w, da, T, dm, dsa, A.fmt, NULL, dout_a, w->N, T * w->N, 0, gws, gws_bytes};
+    epmoe_w4a8_gemm_args gb = {dw.w, db, T, dm, NULL, A.fmt, dos, dout_b, w->N, T * w->N, 0, gws, gws_bytes};
     CHECK_STATUS(epmoe_w4a8_gemm_cuda(&ga, stream), EPMOE_OK);
     CHECK_STATUS(epmoe_w4a8_gemm_cuda(&gb, stream), EPMOE_OK);
     CUDA_OK(cudaStreamSynchronize(stream)); /* the copies below run on the legacy stream */
@@ -393,6 +418,11 @@ int main(void) {
     printf("test_w4a8_gpu: seed %llu%s\n", (unsigned long long)seed, quick ? " (quick)" : "");
     test_rng r = {seed | 1};
     CUDA_OK(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
+    gws_bytes = epmoe_w4a8_gemm_workspace();
+    CHECK(gws_bytes > 0, "no GEMM workspace size on a GPU");
+    CUDA_OK(cudaMalloc(&gws, gws_bytes));
+    CUDA_OK(cudaMemset(gws, 0, gws_bytes));
+    test_workspace_args(&r);
     test_gemm_cases(&r);
     test_graph(&r);
     test_mlp(&r);
