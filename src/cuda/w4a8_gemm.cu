@@ -2,19 +2,19 @@
 ** w4a8_gemm.cu — masked grouped GEMM, int4 weights x fp8 activations -> bf16, on Hopper wgmma.
 ** Spec: epmoe_w4a8_gemm_ref. Weight layout and conversion: w4a8_layout.h.
 **
-** Swap-AB: weights are wgmma's A operand (64 rows per warpgroup, converted in registers), the
-** tokens of one expert are N (tile T = 8..128). A CTA of two warpgroups owns 128 weight rows x T
-** tokens; it walks K in 128-wide groups — one pipeline step each — and after the 4 wgmma of a
-** group promotes the fp32 partial into the fp32 result with the group's scales:
+** Swap-AB: weights are wgmma's A operand (64 rows per warpgroup, converted in registers: 3
+** integer ops per 8 weights), the tokens of one expert are N (tile T = 8..128, from expected_m).
+** A CTA of two warpgroups owns 128 weight rows x T tokens and walks K in 128-wide groups, one
+** pipeline step each; after the 4 wgmma of a group it promotes the fp32 partial with the scales:
 **   acc += sw[n, g] * (sa[m, g] * partial)       (mode a, per-token 1x128 activation scales)
 **   acc += sw[n, g] * partial, x sa at the end   (mode b, one per-tensor activation scale)
-** so every product is exact and nothing is rounded twice. cp.async fills an S-stage ring of
-** {weights 8 KB, activations T x 128 B, 128 weight scales, T activation scales}.
+** so every product is exact and nothing is rounded twice. Each step's stage is filled by two TMA
+** bulk copies (the 8 KB weight tile, its 128 scales) and cp.async (T x 128 activation bytes, T
+** activation scales) completing on one mbarrier; S stages in flight.
 **
-** Work: persistent CTAs. Each reads masked_m on the device (CUDA-graph safe), counts m-tiles per
-** expert with a warp scan, and takes items (expert, n-tile, m-tile) strided by the grid, m-tiles
-** of one n-tile adjacent so a weight tile read twice is read from L2. The ring runs across item
-** boundaries: no pipeline drain per item. Empty experts contribute no items.
+** Work: persistent CTAs. Each reads masked_m on the device (CUDA-graph safe) and counts m-tiles
+** per expert with a warp scan; items (expert, n-tile, m-tile; empty experts have none) x K groups
+** form one step sequence, split into equal ranges per CTA (stream-K, see the kernel).
 */
 #include "common.cuh"
 #include "w4a8_layout.h"
