@@ -79,8 +79,8 @@ $(BUILD)/libepmoe.so: $(LIB_OBJ)
 	$(CC) -shared -Wl,--no-undefined -Wl,-soname,libepmoe.so.$(SONAME_MAJOR) -o $@ $^ $(LDLIBS)
 
 # ---- CLI -----------------------------------------------------------------------------------
-$(BUILD)/epmoe: tools/epmoe.c tools/demo_ep.c $(BUILD)/libepmoe.a $(HEADERS)
-	$(CC) $(CFLAGS) $(if $(filter 1,$(CUDA)),-isystem $(CUDA_HOME)/include) -o $@ tools/epmoe.c tools/demo_ep.c \
+$(BUILD)/epmoe: tools/epmoe.c tools/demo_ep.c tools/demo_w4a8.c $(BUILD)/libepmoe.a $(HEADERS)
+	$(CC) $(CFLAGS) $(if $(filter 1,$(CUDA)),-isystem $(CUDA_HOME)/include) -o $@ tools/epmoe.c tools/demo_ep.c tools/demo_w4a8.c \
 		$(BUILD)/libepmoe.a $(LDLIBS)
 
 # NCCL's device API needs the libnccl it was compiled against; on the H200 image that is torch's

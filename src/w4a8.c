@@ -235,6 +235,7 @@ epmoe_status epmoe_w4a8_gemm_ref(const epmoe_w4a8_gemm_args *g) {
     const int full = g->w.encoding == EPMOE_W4_FULL;
     for (int64_t e = 0; e < E; e++) {
         const int64_t rows = epmoe__valid_rows(g->masked_m, e, M);
+        if (rows == 0) continue;
         for (int64_t m = 0; m < rows; m++)
             for (int64_t k = 0; k < K; k++) av[m * K + k] = fmt_fp8_to_float(g->a[(e * M + m) * K + k]);
         for (int64_t m = 0; m < rows; m++)

@@ -19,7 +19,8 @@
 #include <cuda_runtime_api.h>
 #endif
 
-int demo_ep(int use_gpu); /* demo_ep.c */
+int demo_ep(int use_gpu);   /* demo_ep.c */
+int demo_w4a8(int use_gpu); /* demo_w4a8.c */
 
 static int usage(FILE *f) {
     fprintf(f, "usage: epmoe <command> [options]\n"
@@ -193,6 +194,8 @@ static int demo(int argc, char **argv) {
     printf("  FP8 wire: %.2f of the bf16 bytes; the per-tensor requant multiplies the error by %.1f\n", out_mb / in_mb,
            e_tensor / e_group);
     free(x), free(q), free(y), free(s), free(deq);
+    const int gpu = !force_cpu && EPMOE_HAVE_CUDA && epmoe_cuda_device_count() > 0;
+    if (demo_w4a8(gpu)) return 1;
     if (demo_ep(!force_cpu) == 0) return 0;
     if (force_cpu) return 1;
     fprintf(stderr, "epmoe demo: the GPU EP backend is not usable here; running EP on the CPU backend instead\n");
