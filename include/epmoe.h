@@ -201,8 +201,31 @@ typedef enum epmoe_wire { EPMOE_WIRE_BF16 = 0, EPMOE_WIRE_FP8 = 1 } epmoe_wire;
 typedef enum epmoe_combine_mode { EPMOE_COMBINE_REDUCE_AT_OWNER = 0, EPMOE_COMBINE_REDUCE_AT_EXPERT = 1 } epmoe_combine_mode;
 typedef enum epmoe_backend {
     EPMOE_BACKEND_CPU = 0,      /* ranks are threads of one process; host memory */
-    EPMOE_BACKEND_NCCL_LSA = 1  /* NCCL device API, NVLink load/store within a node */
+    EPMOE_BACKEND_NCCL_LSA = 1, /* NCCL device API, NVLink load/store within a node */
+    EPMOE_BACKEND_NCCL_A2A = 2  /* fallback: padded NCCL send/recv of fixed-size slabs */
 } epmoe_backend;
+
+/* How an NCCL ep moves bytes (chosen at creation; every rank ends up on the same one):
+**   AUTO      the device API when every rank can use it, else the padded all-to-all. Under AUTO
+**             the environment variable EPMOE_EP_TRANSPORT = auto | device | alltoall decides.
+**   DEVICE    the device API only (EPMOE_BACKEND_NCCL_LSA); EPMOE_ERR_UNSUPPORTED where it is
+**             unavailable (libnccl not the version epmoe was built with, no symmetric memory,
+**             ranks on several nodes).
+**   ALLTOALL  the fallback (EPMOE_BACKEND_NCCL_A2A): the send half packs the same messages as the
+**             device API into one fixed-size slab per destination, counts in the slab's header,
+**             and exchanges the slabs with grouped ncclSend/ncclRecv on the caller's stream; the
+**             receive half unpacks them. Same results byte for byte (the same kernels pack and
+**             unpack), no host synchronization, any NCCL 2.7+ runtime. It moves the padded slabs,
+**             so it is slower. Differences: NCCL's exchange waits for every active peer's send
+**             half, so there is no EPMOE_ERR_TIMEOUT (epmoe_ep_poll reports NCCL's asynchronous
+**             errors instead); a captured CUDA graph (NCCL captures send/recv) replays with the
+**             buffers and the active set it was captured with, so replay whole dispatch + combine
+**             pairs while no other dispatch is live. */
+typedef enum epmoe_transport {
+    EPMOE_TRANSPORT_AUTO = 0,
+    EPMOE_TRANSPORT_DEVICE = 1,
+    EPMOE_TRANSPORT_ALLTOALL = 2
+} epmoe_transport;
 
 typedef struct epmoe_ep_config {
     size_t size;        /* sizeof(epmoe_ep_config): lets the library check the caller's ABI */
@@ -218,12 +241,15 @@ typedef struct epmoe_ep_config {
     int dedup;          /* 1: one message per (token, destination rank) */
     epmoe_combine_mode combine_mode;
     int timeout_ms;     /* how long to wait for a peer before EPMOE_ERR_TIMEOUT */
+    epmoe_transport transport; /* NCCL eps only (the CPU backend ignores it). A config of the
+                                  size before this field existed (offsetof(epmoe_ep_config,
+                                  transport)) is still accepted and means AUTO */
 } epmoe_ep_config;
 
 #define EPMOE_MAX_TOPK 16
 #define EPMOE_EP_CONFIG_INIT                                                                                        \
     {sizeof(epmoe_ep_config), 1, 0, 128, 7168, 256, 8, EPMOE_WIRE_FP8, EPMOE_SCALE_F32_MMAJOR, 0, 1,                 \
-     EPMOE_COMBINE_REDUCE_AT_EXPERT, 10000}
+     EPMOE_COMBINE_REDUCE_AT_EXPERT, 10000, EPMOE_TRANSPORT_AUTO}
 
 /* Sizes of everything an ep uses, from the config alone (call before creating anything). */
 typedef struct epmoe_ep_layout {
@@ -234,7 +260,10 @@ typedef struct epmoe_ep_layout {
     size_t expert_out_bytes;    /* combine input: [L, R*N, H] bf16 */
     size_t out_bytes;           /* combine output: [N, H] bf16 */
     size_t msg_bytes;           /* one dispatch message: header + payload (+ scales) */
-    size_t window_bytes;        /* the library's symmetric buffer per rank (both parities) */
+    size_t window_bytes;        /* the library's communication buffer per rank: the symmetric
+                                   window (device API, both parities), or the fallback's padded
+                                   send and receive slabs when the transport resolves to ALLTOALL
+                                   (cfg->transport, then EPMOE_EP_TRANSPORT, as at creation) */
     size_t state_bytes;         /* the library's private per-rank state */
 } epmoe_ep_layout;
 EPMOE_API epmoe_status epmoe_ep_layout_query(const epmoe_ep_config *cfg, epmoe_ep_layout *out);
@@ -244,8 +273,10 @@ EPMOE_API epmoe_status epmoe_ep_layout_query(const epmoe_ep_config *cfg, epmoe_e
 EPMOE_API epmoe_status epmoe_cpu_world_create(int num_ranks, epmoe_cpu_world **world);
 EPMOE_API void epmoe_cpu_world_destroy(epmoe_cpu_world *world);
 EPMOE_API epmoe_status epmoe_ep_create_cpu(epmoe_cpu_world *world, const epmoe_ep_config *cfg, epmoe_ep **ep);
-/* NCCL backend on the caller's communicator (one GPU per rank; collective). */
+/* NCCL backend on the caller's communicator (one GPU per rank; collective); cfg->transport
+** picks the device API or the padded all-to-all (epmoe_transport). */
 EPMOE_API epmoe_status epmoe_ep_create_nccl(struct ncclComm *comm, const epmoe_ep_config *cfg, epmoe_ep **ep);
+
 /* Collective teardown; a failed ep (timeout) tears down without waiting for dead peers. */
 EPMOE_API epmoe_status epmoe_ep_destroy(epmoe_ep *ep);
 EPMOE_API epmoe_backend epmoe_ep_backend(const epmoe_ep *ep);
