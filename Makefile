@@ -36,7 +36,7 @@ LDLIBS := -L$(NCCL_HOME)/lib64 -Wl,-rpath,$(NCCL_HOME)/lib64 -lnccl $(LDLIBS)
 endif
 
 LIB_C := src/status.c src/format.c src/quant_args.c src/ref/quant_ref.c src/cuda_none.c \
-	src/ep/ep.c src/ep/ep_cpu.c src/ep/ep_ref.c
+	src/ep/ep.c src/ep/ep_cpu.c src/ep/ep_ref.c src/ep/ep_launch.c
 LIB_CU := $(if $(filter 1,$(CUDA)),$(wildcard src/cuda/*.cu)) $(if $(filter 1,$(NCCL)),$(wildcard src/ep/*.cu))
 LIB_OBJ := $(LIB_C:%.c=$(BUILD)/obj/%.o) $(LIB_CU:%.cu=$(BUILD)/obj/%.o)
 HEADERS := include/epmoe.h $(wildcard src/*.h src/ep/*.h src/ep/*.cuh src/cuda/*.cuh)

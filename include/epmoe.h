@@ -274,8 +274,42 @@ EPMOE_API epmoe_status epmoe_cpu_world_create(int num_ranks, epmoe_cpu_world **w
 EPMOE_API void epmoe_cpu_world_destroy(epmoe_cpu_world *world);
 EPMOE_API epmoe_status epmoe_ep_create_cpu(epmoe_cpu_world *world, const epmoe_ep_config *cfg, epmoe_ep **ep);
 /* NCCL backend on the caller's communicator (one GPU per rank; collective); cfg->transport
-** picks the device API or the padded all-to-all (epmoe_transport). */
+** picks the device API or the padded all-to-all (epmoe_transport). The ep does not own comm. */
 EPMOE_API epmoe_status epmoe_ep_create_nccl(struct ncclComm *comm, const epmoe_ep_config *cfg, epmoe_ep **ep);
+
+/* ---- launching: one process per GPU (or one process driving every GPU, for tests) --------
+** The helpers below create the NCCL communicator themselves; the ep owns it, and
+** epmoe_ep_destroy destroys it (ncclCommAbort when the group failed). */
+#define EPMOE_NCCL_UNIQUE_ID_BYTES 128
+/* A fresh NCCL unique id (ncclGetUniqueId; needs no GPU): one rank makes it, all ranks use it. */
+EPMOE_API epmoe_status epmoe_nccl_unique_id(void *out);
+/* Rank `rank` of `size` on CUDA device `device`, which becomes current on the calling thread:
+** ncclCommInitRank with the 128-byte unique id, then epmoe_ep_create_nccl (both collective).
+** cfg->rank and cfg->num_ranks are replaced by rank and size. */
+EPMOE_API epmoe_status epmoe_ep_create_nccl_rank(const epmoe_ep_config *cfg, int rank, int size, const void *unique_id,
+                                                 int device, epmoe_ep **ep);
+/* This process's place in a launch, from the first of these sets that is present: torchrun's
+** RANK / WORLD_SIZE / LOCAL_RANK; Open MPI's OMPI_COMM_WORLD_RANK / _SIZE / _LOCAL_RANK; MPICH's
+** PMI_RANK / PMI_SIZE / MPI_LOCALRANKID. A missing local rank is the rank (one node). None set:
+** rank 0 of 1. A rank without its size, a non-number or rank >= size: EPMOE_ERR_INVALID_ARG
+** naming the variable. (Not Slurm's variables: a batch script's single process has them too.) */
+EPMOE_API epmoe_status epmoe_launch_env(int *rank, int *size, int *local_rank);
+/* The ep of this process in a launch (collective): epmoe_launch_env gives rank, size and the
+** device (the local rank), then epmoe_ep_create_nccl_rank. The unique id travels through a file,
+** since C has no TCP store: rank 0 writes it to $EPMOE_BOOTSTRAP_FILE (atomically; it fails if
+** the file exists, e.g. left by a crashed run) and deletes it once the communicator is up; the
+** other ranks poll for it (up to max(timeout_ms, 120 s)). The path must be visible to every rank
+** (a shared filesystem across nodes) and fresh for each job; tools/epmoe-launch sets it. The
+** i-th call in a process uses "<path>.<i>" for i > 0, so a job may create several groups.
+** Without EPMOE_BOOTSTRAP_FILE, NCCL_COMM_ID=<host>:<port> (NCCL's own rendezvous, the same id
+** on every rank) works too; a single rank needs neither. */
+EPMOE_API epmoe_status epmoe_ep_create_nccl_env(const epmoe_ep_config *cfg, epmoe_ep **ep);
+/* One process driving num_gpus GPUs (tests, single-node tools): eps[i] becomes rank i of
+** num_gpus on device devices[i] (devices NULL: device i). Creation runs one thread per GPU; call
+** and destroy each ep from its own thread too (a rank's calls may wait for its peers' calls).
+** On failure no ep is returned (those created are destroyed). */
+EPMOE_API epmoe_status epmoe_ep_create_nccl_local(const epmoe_ep_config *cfg, int num_gpus, const int *devices,
+                                                  epmoe_ep **eps);
 
 /* Collective teardown; a failed ep (timeout) tears down without waiting for dead peers. */
 EPMOE_API epmoe_status epmoe_ep_destroy(epmoe_ep *ep);

@@ -149,6 +149,7 @@ void epmoe__ep_free(epmoe_ep *ep) {
 epmoe_status epmoe_ep_destroy(epmoe_ep *ep) {
     if (!ep) return EPMOE_OK;
     if (ep->ops && ep->ops->destroy) ep->ops->destroy(ep);
+    if (ep->owned_comm) epmoe__ep_release_comm(ep); /* after the backend: its teardown uses the comm */
     epmoe__ep_free(ep);
     return EPMOE_OK;
 }

@@ -1,6 +1,6 @@
 /*
-** ep_nccl.cu — the NCCL backends of dispatch/combine, host side: an EP group on a communicator.
-** Two transports share the kernels (ep_dispatch.cu,
+** ep_nccl.cu — the NCCL backends of dispatch/combine, host side: an EP group on a communicator
+** and the launch helpers that create one. Two transports share the kernels (ep_dispatch.cu,
 ** ep_combine.cu), the device state and this file:
 **   device API (EPMOE_BACKEND_NCCL_LSA): a symmetric window (ncclMemAlloc +
 **     ncclCommWindowRegister) and a device communicator, which proves every rank is reachable
@@ -8,11 +8,13 @@
 **   padded all-to-all (EPMOE_BACKEND_NCCL_A2A), the fallback: kernels pack fixed-size slabs in
 **     one cudaMalloc buffer and grouped ncclSend/ncclRecv on the caller's stream move them.
 ** Ranks on other nodes need GIN (put + signal), which this build does not have: the device
-** API then counts as unavailable.
+** API then counts as unavailable. The environment and file parts of launching are ep_launch.c.
 */
 #include <cstring>
 
 #include "ep_device.cuh"
+
+static_assert(sizeof(ncclUniqueId) == EPMOE_NCCL_UNIQUE_ID_BYTES, "NCCL unique id size");
 
 namespace {
 
@@ -183,10 +185,14 @@ void nccl_destroy(epmoe_ep *ep) {
     int prev = -1;
     cudaGetDevice(&prev);
     cudaSetDevice(im->device); /* the ep's GPU, whichever thread tears it down */
-    /* A failed all-to-all may have an NCCL kernel waiting for a dead peer forever: leak the
-    ** slabs (cudaFree would wait for that kernel) and leave aborting the communicator to its
-    ** owner, the caller. */
-    const bool stuck = ep->failed && im->a2a;
+    /* A failed all-to-all may have an NCCL kernel waiting for a dead peer forever: abort the
+    ** communicator first if it is ours; if it is the caller's, leak the slabs (cudaFree would
+    ** wait for that kernel) and leave the abort to the caller. */
+    bool stuck = false;
+    if (ep->failed && im->a2a) {
+        if (ep->owned_comm) ncclCommAbort(ep->owned_comm), ep->owned_comm = nullptr;
+        else stuck = true;
+    }
     if (!stuck) {
         cudaDeviceSynchronize(); /* no kernel of ours may still touch the window or the slabs */
         if (!ep->failed && !im->a2a) { /* collective: a failed group leaks its window instead of hanging */
@@ -406,4 +412,45 @@ fail:
     ep->impl = nullptr;
     epmoe__ep_free(ep);
     return st;
+}
+
+/* ---- launch helpers: the ep owns the communicator they create ------------------------------ */
+
+extern "C" epmoe_status epmoe_nccl_unique_id(void *out) {
+    if (!out) return epmoe__fail(EPMOE_ERR_NULL_POINTER, "epmoe_nccl_unique_id: out is NULL");
+    ncclUniqueId id;
+    const ncclResult_t r = ncclGetUniqueId(&id);
+    if (r != ncclSuccess)
+        return epmoe__fail(EPMOE_ERR_NCCL, "epmoe_nccl_unique_id: ncclGetUniqueId failed: %s", ncclGetErrorString(r));
+    std::memcpy(out, &id, sizeof id);
+    return EPMOE_OK;
+}
+
+extern "C" epmoe_status epmoe_ep_create_nccl_rank(const epmoe_ep_config *cfg_in, int rank, int size, const void *unique_id,
+                                                  int device, epmoe_ep **out) {
+    static const char fn[] = "epmoe_ep_create_nccl_rank";
+    epmoe_ep_config cfg;
+    EPMOE_CHECK(epmoe__ep_rank_args(fn, cfg_in, rank, size, unique_id, out, &cfg));
+    cudaError_t e = cudaSetDevice(device);
+    if (e != cudaSuccess)
+        return epmoe__fail(EPMOE_ERR_CUDA, "%s: rank %d: cudaSetDevice(%d) failed: %s", fn, rank, device, cudaGetErrorString(e));
+    ncclUniqueId id;
+    std::memcpy(&id, unique_id, sizeof id);
+    ncclComm_t comm;
+    const ncclResult_t r = ncclCommInitRank(&comm, size, id, rank);
+    if (r != ncclSuccess)
+        return epmoe__fail(EPMOE_ERR_NCCL, "%s: rank %d of %d: ncclCommInitRank failed: %s", fn, rank, size, ncclGetErrorString(r));
+    const epmoe_status st = epmoe_ep_create_nccl(comm, &cfg, out);
+    if (st != EPMOE_OK) {
+        ncclCommAbort(comm); /* the peers may be gone or failing too: never wait for them */
+        return st;
+    }
+    (*out)->owned_comm = comm;
+    return EPMOE_OK;
+}
+
+extern "C" void epmoe__ep_release_comm(epmoe_ep *ep) {
+    if (ep->failed) ncclCommAbort(ep->owned_comm); /* a dead peer would never finish a clean teardown */
+    else ncclCommDestroy(ep->owned_comm);
+    ep->owned_comm = nullptr;
 }
