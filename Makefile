@@ -41,7 +41,7 @@ LIB_CU := $(if $(filter 1,$(CUDA)),$(wildcard src/cuda/*.cu)) $(if $(filter 1,$(
 LIB_OBJ := $(LIB_C:%.c=$(BUILD)/obj/%.o) $(LIB_CU:%.cu=$(BUILD)/obj/%.o)
 HEADERS := include/epmoe.h $(wildcard src/*.h src/ep/*.h src/ep/*.cuh src/cuda/*.cuh)
 
-CPU_TESTS := test_format test_quant test_ep
+CPU_TESTS := test_format test_quant test_ep test_launch
 ASAN := $(BUILD)/asan
 SANFLAGS := -fsanitize=address,undefined -fno-sanitize-recover=all -fno-omit-frame-pointer
 
