@@ -3,8 +3,7 @@
 # same under compute-sanitizer memcheck, the benchmarks; a short table last, then one PASS/FAIL
 # line (and the exit status). Logs and JSON go to $OUT (or build/gpu-out). Build first here
 # (make gpu-build) and carry build/ along; set EPMOE_SUITE="tests memcheck bench" to pick steps
-# ("fallback" alone runs only the all-to-all transport and launch-helper tests, which "tests"
-# includes).
+# ("ep" alone runs only the EP tests of "tests": both transports and the launch helpers).
 set -u
 cd "$(dirname "$0")/.."
 OUT=${OUT:-build/gpu-out}
@@ -33,16 +32,17 @@ run() { # name, command...
     return $rc
 }
 
-# The padded all-to-all fallback through the whole EP matrix (R = 1 and every GPU, one process),
-# the launch helpers in one process, and a launch of one process per GPU (at most 2) through
-# tools/epmoe-launch, once as creation chooses and once forced onto the fallback.
-fallback_tests() {
+# EP: the whole matrix (R = 1 and every GPU, one process) on the device API and on the padded
+# all-to-all fallback, the launch helpers in one process, and a launch of one process per GPU
+# (at most 2) through tools/epmoe-launch, once as creation chooses and once on the fallback.
+ep_tests() {
     if ! [ -x build/tests/gpu/test_ep_gpu ]; then
         summary+=("$(printf '%-26s %-5s' test_ep_gpu FAIL)  not built (make gpu-build with NCCL)")
         failed=$((failed + 1))
         return 1
     fi
     local np=$((ngpu < 2 ? 1 : 2))
+    run test_ep_gpu timeout 300 ./build/tests/gpu/test_ep_gpu
     run test_ep_gpu_alltoall timeout 300 ./build/tests/gpu/test_ep_gpu --transport alltoall
     run test_ep_gpu_local timeout 300 ./build/tests/gpu/test_ep_gpu --local
     run ep_launch_auto timeout 300 tools/epmoe-launch -n $np ./build/tests/gpu/test_ep_gpu --launched
@@ -56,12 +56,9 @@ for s in $steps; do
     tests)
         run fp8_exhaustive ./build/tests/gpu/fp8_exhaustive
         run test_quant_gpu ./build/tests/gpu/test_quant_gpu
-        if [ -x build/tests/gpu/test_ep_gpu ]; then
-            run test_ep_gpu timeout 300 ./build/tests/gpu/test_ep_gpu
-            fallback_tests
-        fi ;;
-    fallback)
-        fallback_tests ;;
+        [ -x build/tests/gpu/test_ep_gpu ] && ep_tests ;;
+    ep)
+        ep_tests ;;
     memcheck)
         EPMOE_TEST_QUICK=1 run memcheck_quant compute-sanitizer --tool memcheck --error-exitcode 3 ./build/tests/gpu/test_quant_gpu
         EPMOE_TEST_QUICK=1 run racecheck_quant compute-sanitizer --tool racecheck --error-exitcode 3 ./build/tests/gpu/test_quant_gpu ;;
