@@ -44,9 +44,10 @@ ep_tests() {
     local np=$((ngpu < 2 ? 1 : 2))
     run test_ep_gpu timeout 300 ./build/tests/gpu/test_ep_gpu
     run test_ep_gpu_alltoall timeout 300 ./build/tests/gpu/test_ep_gpu --transport alltoall
-    run test_ep_gpu_local timeout 300 ./build/tests/gpu/test_ep_gpu --local
-    run ep_launch_auto timeout 300 tools/epmoe-launch -n $np ./build/tests/gpu/test_ep_gpu --launched
-    run ep_launch_alltoall env EPMOE_EP_TRANSPORT=alltoall timeout 300 \
+    # a few scenarios each (seconds when healthy): shorter limits bound a hang's cost in device time
+    run test_ep_gpu_local timeout 180 ./build/tests/gpu/test_ep_gpu --local
+    run ep_launch_auto timeout 150 tools/epmoe-launch -n $np ./build/tests/gpu/test_ep_gpu --launched
+    run ep_launch_alltoall env EPMOE_EP_TRANSPORT=alltoall timeout 150 \
         tools/epmoe-launch -n $np ./build/tests/gpu/test_ep_gpu --launched --expect a2a
 }
 
