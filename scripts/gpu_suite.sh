@@ -45,10 +45,15 @@ ep_tests() {
     run test_ep_gpu timeout 300 ./build/tests/gpu/test_ep_gpu
     run test_ep_gpu_alltoall timeout 300 ./build/tests/gpu/test_ep_gpu --transport alltoall
     # a few scenarios each (seconds when healthy): shorter limits bound a hang's cost in device time
-    run test_ep_gpu_local timeout 180 ./build/tests/gpu/test_ep_gpu --local
-    run ep_launch_auto timeout 150 tools/epmoe-launch -n $np ./build/tests/gpu/test_ep_gpu --launched
+    run test_ep_gpu_local timeout 180 ./build/tests/gpu/test_ep_gpu --local --expect auto
+    run ep_launch_auto timeout 150 tools/epmoe-launch -n $np ./build/tests/gpu/test_ep_gpu --launched --expect auto
     run ep_launch_alltoall env EPMOE_EP_TRANSPORT=alltoall timeout 150 \
         tools/epmoe-launch -n $np ./build/tests/gpu/test_ep_gpu --launched --expect a2a
+    # the system libnccl is older than our headers (2.28.3 on the H200 image): AUTO must take the
+    # fallback by itself and never call the device API
+    local sys_nccl=/usr/lib/x86_64-linux-gnu
+    [ -e $sys_nccl/libnccl.so.2 ] && run ep_local_system_nccl env LD_LIBRARY_PATH=$sys_nccl:$LD_LIBRARY_PATH \
+        timeout 180 ./build/tests/gpu/test_ep_gpu --local --expect auto
 }
 
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm,clocks.mem,temperature.gpu --format=csv,noheader | sed 's/^/gpu: /'

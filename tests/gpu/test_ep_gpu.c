@@ -12,7 +12,8 @@
 **   tools/epmoe-launch -n 2 test_ep_gpu --launched [--transport ...]
 **       one rank per process via epmoe_ep_create_nccl_env; each process checks its own rank
 ** With --local and --launched the transport defaults to auto; --expect lsa|a2a checks which one
-** creation chose.
+** creation chose, --expect auto that AUTO chose right for this machine (one NVLink node): the
+** device API when libnccl is the version of the headers, else the fallback.
 */
 #define _POSIX_C_SOURCE 200809L
 #include "cuda_check.h"
@@ -23,7 +24,7 @@
 #include "../ep_common.h"
 
 static epmoe_transport g_transport = EPMOE_TRANSPORT_DEVICE;
-static int g_expect = -1; /* the epmoe_backend creation must choose; -1: any */
+static int g_expect = -1; /* the epmoe_backend creation must choose; -1: any; -2: AUTO's right choice */
 
 typedef struct {
     rank_io *io;
@@ -443,7 +444,7 @@ static int main_helpers(int launched) {
 }
 
 static int usage(void) {
-    printf("usage: test_ep_gpu [--transport auto|device|alltoall] [--local | --launched] [--expect lsa|a2a]\n");
+    printf("usage: test_ep_gpu [--transport auto|device|alltoall] [--local | --launched] [--expect lsa|a2a|auto]\n");
     return 2;
 }
 
@@ -464,6 +465,7 @@ int main(int argc, char **argv) {
             const char *b = argv[++i];
             if (!strcmp(b, "lsa")) g_expect = EPMOE_BACKEND_NCCL_LSA;
             else if (!strcmp(b, "a2a")) g_expect = EPMOE_BACKEND_NCCL_A2A;
+            else if (!strcmp(b, "auto")) g_expect = -2;
             else return usage();
         } else {
             return usage();
@@ -478,8 +480,9 @@ int main(int argc, char **argv) {
     }
     int v;
     ncclGetVersion(&v);
-    printf("test_ep_gpu: %d GPU(s), NCCL runtime %d, transport %s\n", ngpu, v,
+    printf("test_ep_gpu: %d GPU(s), NCCL runtime %d (headers %d), transport %s\n", ngpu, v, NCCL_VERSION_CODE,
            g_transport == EPMOE_TRANSPORT_ALLTOALL ? "alltoall" : g_transport ? "device" : "auto");
+    if (g_expect == -2) g_expect = v == NCCL_VERSION_CODE ? EPMOE_BACKEND_NCCL_LSA : EPMOE_BACKEND_NCCL_A2A;
     if (run_mode) return main_helpers(run_mode == 2);
     const int Rmax = ngpu < 8 ? ngpu : 8;
     char name[128];
