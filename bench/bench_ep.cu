@@ -1,6 +1,6 @@
 /*
-** bench_ep.c — dispatch and combine on the GPUs of one node (one thread per GPU, NCCL device
-** API), side by side in the same run with NCCL's own all-to-all moving DeepEP-style payloads
+** bench_ep.c — dispatch and combine on the GPUs of one node (one thread per GPU; NCCL device
+** API, and the padded all-to-all fallback in the cases marked "a2a"), side by side in the same run with NCCL's own all-to-all moving DeepEP-style payloads
 ** (the anchor of shared/baselines/nccl_alltoall.py). Each iteration starts from an NCCL
 ** all-reduce of one float on the same stream (aligns the ranks, as DeepEP's bench does), then
 ** CUDA events around dispatch and around combine; medians over 200 iterations after 30 warm-ups.
@@ -60,6 +60,7 @@ typedef struct {
     epmoe_wire wire;
     int dedup;
     epmoe_combine_mode mode;
+    epmoe_transport transport; /* named, never AUTO: a case must not measure a silent fallback */
 } bench_case;
 
 typedef struct {
@@ -91,6 +92,7 @@ static void *run(void *arg) {
     epmoe_ep_config cfg = EPMOE_EP_CONFIG_INIT;
     cfg.num_ranks = j->R, cfg.rank = j->rank, cfg.max_tokens = bc->tokens, cfg.hidden = 7168;
     cfg.num_experts = bc->experts, cfg.top_k = 8, cfg.wire = bc->wire, cfg.dedup = bc->dedup, cfg.combine_mode = bc->mode;
+    cfg.transport = bc->transport;
     epmoe_ep_layout lay;
     EP(epmoe_ep_layout_query(&cfg, &lay));
     j->window_bytes = lay.window_bytes + lay.state_bytes;
@@ -205,13 +207,15 @@ int main(int argc, char **argv) {
     const char *json = argc > 2 && !strcmp(argv[1], "--json") ? argv[2] : NULL;
     FILE *jf = json ? fopen(json, "w") : NULL;
     const bench_case cases[] = {
-        {"fp8 dedup reduce-at-expert", 128, 256, EPMOE_WIRE_FP8, 1, EPMOE_COMBINE_REDUCE_AT_EXPERT},
-        {"bf16 dedup reduce-at-expert", 128, 256, EPMOE_WIRE_BF16, 1, EPMOE_COMBINE_REDUCE_AT_EXPERT},
-        {"fp8 per-expert reduce-at-owner", 128, 256, EPMOE_WIRE_FP8, 0, EPMOE_COMBINE_REDUCE_AT_OWNER},
-        {"fp8 dedup reduce-at-owner", 128, 256, EPMOE_WIRE_FP8, 1, EPMOE_COMBINE_REDUCE_AT_OWNER},
-        {"fp8 dedup reduce-at-expert", 256, 256, EPMOE_WIRE_FP8, 1, EPMOE_COMBINE_REDUCE_AT_EXPERT},
-        {"bf16 dedup reduce-at-expert", 256, 256, EPMOE_WIRE_BF16, 1, EPMOE_COMBINE_REDUCE_AT_EXPERT},
-        {"fp8 dedup reduce-at-expert", 128, 384, EPMOE_WIRE_FP8, 1, EPMOE_COMBINE_REDUCE_AT_EXPERT},
+        {"fp8 dedup reduce-at-expert", 128, 256, EPMOE_WIRE_FP8, 1, EPMOE_COMBINE_REDUCE_AT_EXPERT, EPMOE_TRANSPORT_DEVICE},
+        {"bf16 dedup reduce-at-expert", 128, 256, EPMOE_WIRE_BF16, 1, EPMOE_COMBINE_REDUCE_AT_EXPERT, EPMOE_TRANSPORT_DEVICE},
+        {"fp8 per-expert reduce-at-owner", 128, 256, EPMOE_WIRE_FP8, 0, EPMOE_COMBINE_REDUCE_AT_OWNER, EPMOE_TRANSPORT_DEVICE},
+        {"fp8 dedup reduce-at-owner", 128, 256, EPMOE_WIRE_FP8, 1, EPMOE_COMBINE_REDUCE_AT_OWNER, EPMOE_TRANSPORT_DEVICE},
+        {"fp8 dedup reduce-at-expert", 256, 256, EPMOE_WIRE_FP8, 1, EPMOE_COMBINE_REDUCE_AT_EXPERT, EPMOE_TRANSPORT_DEVICE},
+        {"bf16 dedup reduce-at-expert", 256, 256, EPMOE_WIRE_BF16, 1, EPMOE_COMBINE_REDUCE_AT_EXPERT, EPMOE_TRANSPORT_DEVICE},
+        {"fp8 dedup reduce-at-expert", 128, 384, EPMOE_WIRE_FP8, 1, EPMOE_COMBINE_REDUCE_AT_EXPERT, EPMOE_TRANSPORT_DEVICE},
+        {"a2a fp8 dedup reduce-at-expert", 128, 256, EPMOE_WIRE_FP8, 1, EPMOE_COMBINE_REDUCE_AT_EXPERT, EPMOE_TRANSPORT_ALLTOALL},
+        {"a2a bf16 dedup reduce-at-expert", 128, 256, EPMOE_WIRE_BF16, 1, EPMOE_COMBINE_REDUCE_AT_EXPERT, EPMOE_TRANSPORT_ALLTOALL},
     };
     int v;
     ncclGetVersion(&v);
@@ -250,11 +254,12 @@ int main(int argc, char **argv) {
                    cases[c].tokens, cases[c].experts, d, jobs[0].disp_send_us, dbytes / d / 1e3, cm, jobs[0].comb_send_us,
                    cbytes / cm / 1e3, a2a, msgs / R, jobs[0].window_bytes / 1e6);
             if (jf)
-                fprintf(jf, "%s {\"R\": %d, \"case\": \"%s\", \"tokens\": %d, \"experts\": %d, \"dispatch_us\": %.3f, "
+                fprintf(jf, "%s {\"R\": %d, \"case\": \"%s\", \"transport\": \"%s\", \"tokens\": %d, \"experts\": %d, \"dispatch_us\": %.3f, "
                             "\"dispatch_GBps\": %.2f, \"combine_us\": %.3f, \"combine_GBps\": %.2f, \"nccl_a2a_us\": %.3f, "
                             "\"link_msgs_per_rank\": %ld, \"buffer_bytes\": %zu, \"dispatch_send_us\": %.3f, "
                             "\"combine_send_us\": %.3f}\n",
-                        first ? "" : ",", R, cases[c].name, cases[c].tokens, cases[c].experts, d, dbytes / d / 1e3, cm,
+                        first ? "" : ",", R, cases[c].name,
+                        cases[c].transport == EPMOE_TRANSPORT_ALLTOALL ? "alltoall" : "device", cases[c].tokens, cases[c].experts, d, dbytes / d / 1e3, cm,
                         cbytes / cm / 1e3, a2a, msgs / R, jobs[0].window_bytes, jobs[0].disp_send_us, jobs[0].comb_send_us);
             first = 0;
         }

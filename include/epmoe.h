@@ -291,8 +291,31 @@ typedef enum epmoe_wire { EPMOE_WIRE_BF16 = 0, EPMOE_WIRE_FP8 = 1 } epmoe_wire;
 typedef enum epmoe_combine_mode { EPMOE_COMBINE_REDUCE_AT_OWNER = 0, EPMOE_COMBINE_REDUCE_AT_EXPERT = 1 } epmoe_combine_mode;
 typedef enum epmoe_backend {
     EPMOE_BACKEND_CPU = 0,      /* ranks are threads of one process; host memory */
-    EPMOE_BACKEND_NCCL_LSA = 1  /* NCCL device API, NVLink load/store within a node */
+    EPMOE_BACKEND_NCCL_LSA = 1, /* NCCL device API, NVLink load/store within a node */
+    EPMOE_BACKEND_NCCL_A2A = 2  /* fallback: padded NCCL send/recv of fixed-size slabs */
 } epmoe_backend;
+
+/* How an NCCL ep moves bytes (chosen at creation; every rank ends up on the same one):
+**   AUTO      the device API when every rank can use it, else the padded all-to-all. Under AUTO
+**             the environment variable EPMOE_EP_TRANSPORT = auto | device | alltoall decides.
+**   DEVICE    the device API only (EPMOE_BACKEND_NCCL_LSA); EPMOE_ERR_UNSUPPORTED where it is
+**             unavailable (libnccl not the version epmoe was built with, no symmetric memory,
+**             ranks on several nodes).
+**   ALLTOALL  the fallback (EPMOE_BACKEND_NCCL_A2A): the send half packs the same messages as the
+**             device API into one fixed-size slab per destination, counts in the slab's header,
+**             and exchanges the slabs with grouped ncclSend/ncclRecv on the caller's stream; the
+**             receive half unpacks them. Same results byte for byte (the same kernels pack and
+**             unpack), no host synchronization, any NCCL 2.7+ runtime. It moves the padded slabs,
+**             so it is slower. Differences: NCCL's exchange waits for every active peer's send
+**             half, so there is no EPMOE_ERR_TIMEOUT (epmoe_ep_poll reports NCCL's asynchronous
+**             errors instead); a captured CUDA graph (NCCL captures send/recv) replays with the
+**             buffers and the active set it was captured with, so replay whole dispatch + combine
+**             pairs while no other dispatch is live. */
+typedef enum epmoe_transport {
+    EPMOE_TRANSPORT_AUTO = 0,
+    EPMOE_TRANSPORT_DEVICE = 1,
+    EPMOE_TRANSPORT_ALLTOALL = 2
+} epmoe_transport;
 
 typedef struct epmoe_ep_config {
     size_t size;        /* sizeof(epmoe_ep_config): lets the library check the caller's ABI */
@@ -308,12 +331,15 @@ typedef struct epmoe_ep_config {
     int dedup;          /* 1: one message per (token, destination rank) */
     epmoe_combine_mode combine_mode;
     int timeout_ms;     /* how long to wait for a peer before EPMOE_ERR_TIMEOUT */
+    epmoe_transport transport; /* NCCL eps only (the CPU backend ignores it). A config of the
+                                  size before this field existed (offsetof(epmoe_ep_config,
+                                  transport)) is still accepted and means AUTO */
 } epmoe_ep_config;
 
 #define EPMOE_MAX_TOPK 16
 #define EPMOE_EP_CONFIG_INIT                                                                                        \
     {sizeof(epmoe_ep_config), 1, 0, 128, 7168, 256, 8, EPMOE_WIRE_FP8, EPMOE_SCALE_F32_MMAJOR, 0, 1,                 \
-     EPMOE_COMBINE_REDUCE_AT_EXPERT, 10000}
+     EPMOE_COMBINE_REDUCE_AT_EXPERT, 10000, EPMOE_TRANSPORT_AUTO}
 
 /* Sizes of everything an ep uses, from the config alone (call before creating anything). */
 typedef struct epmoe_ep_layout {
@@ -324,7 +350,10 @@ typedef struct epmoe_ep_layout {
     size_t expert_out_bytes;    /* combine input: [L, R*N, H] bf16 */
     size_t out_bytes;           /* combine output: [N, H] bf16 */
     size_t msg_bytes;           /* one dispatch message: header + payload (+ scales) */
-    size_t window_bytes;        /* the library's symmetric buffer per rank (both parities) */
+    size_t window_bytes;        /* the library's communication buffer per rank: the symmetric
+                                   window (device API, both parities), or the fallback's padded
+                                   send and receive slabs when the transport resolves to ALLTOALL
+                                   (cfg->transport, then EPMOE_EP_TRANSPORT, as at creation) */
     size_t state_bytes;         /* the library's private per-rank state */
 } epmoe_ep_layout;
 EPMOE_API epmoe_status epmoe_ep_layout_query(const epmoe_ep_config *cfg, epmoe_ep_layout *out);
@@ -334,8 +363,44 @@ EPMOE_API epmoe_status epmoe_ep_layout_query(const epmoe_ep_config *cfg, epmoe_e
 EPMOE_API epmoe_status epmoe_cpu_world_create(int num_ranks, epmoe_cpu_world **world);
 EPMOE_API void epmoe_cpu_world_destroy(epmoe_cpu_world *world);
 EPMOE_API epmoe_status epmoe_ep_create_cpu(epmoe_cpu_world *world, const epmoe_ep_config *cfg, epmoe_ep **ep);
-/* NCCL backend on the caller's communicator (one GPU per rank; collective). */
+/* NCCL backend on the caller's communicator (one GPU per rank; collective); cfg->transport
+** picks the device API or the padded all-to-all (epmoe_transport). The ep does not own comm. */
 EPMOE_API epmoe_status epmoe_ep_create_nccl(struct ncclComm *comm, const epmoe_ep_config *cfg, epmoe_ep **ep);
+
+/* ---- launching: one process per GPU (or one process driving every GPU, for tests) --------
+** The helpers below create the NCCL communicator themselves; the ep owns it, and
+** epmoe_ep_destroy destroys it (ncclCommAbort when the group failed). */
+#define EPMOE_NCCL_UNIQUE_ID_BYTES 128
+/* A fresh NCCL unique id (ncclGetUniqueId; needs no GPU): one rank makes it, all ranks use it. */
+EPMOE_API epmoe_status epmoe_nccl_unique_id(void *out);
+/* Rank `rank` of `size` on CUDA device `device`, which becomes current on the calling thread:
+** ncclCommInitRank with the 128-byte unique id, then epmoe_ep_create_nccl (both collective).
+** cfg->rank and cfg->num_ranks are replaced by rank and size. */
+EPMOE_API epmoe_status epmoe_ep_create_nccl_rank(const epmoe_ep_config *cfg, int rank, int size, const void *unique_id,
+                                                 int device, epmoe_ep **ep);
+/* This process's place in a launch, from the first of these sets that is present: torchrun's
+** RANK / WORLD_SIZE / LOCAL_RANK; Open MPI's OMPI_COMM_WORLD_RANK / _SIZE / _LOCAL_RANK; MPICH's
+** PMI_RANK / PMI_SIZE / MPI_LOCALRANKID. A missing local rank is the rank (one node). None set:
+** rank 0 of 1. A rank without its size, a non-number or rank >= size: EPMOE_ERR_INVALID_ARG
+** naming the variable. (Not Slurm's variables: a batch script's single process has them too.) */
+EPMOE_API epmoe_status epmoe_launch_env(int *rank, int *size, int *local_rank);
+/* The ep of this process in a launch (collective): epmoe_launch_env gives rank, size and the
+** device (the local rank), then epmoe_ep_create_nccl_rank. The unique id travels through a file,
+** since C has no TCP store: rank 0 writes it to $EPMOE_BOOTSTRAP_FILE (atomically; it fails if
+** the file exists, e.g. left by a crashed run) and deletes it once the communicator is up; the
+** other ranks poll for it (up to max(timeout_ms, 120 s)). The path must be visible to every rank
+** (a shared filesystem across nodes) and fresh for each job; tools/epmoe-launch sets it. The
+** i-th call in a process uses "<path>.<i>" for i > 0, so a job may create several groups.
+** Without EPMOE_BOOTSTRAP_FILE, NCCL_COMM_ID=<host>:<port> (NCCL's own rendezvous, the same id
+** on every rank) works too; a single rank needs neither. */
+EPMOE_API epmoe_status epmoe_ep_create_nccl_env(const epmoe_ep_config *cfg, epmoe_ep **ep);
+/* One process driving num_gpus GPUs (tests, single-node tools): eps[i] becomes rank i of
+** num_gpus on device devices[i] (devices NULL: device i). Creation runs one thread per GPU; call
+** and destroy each ep from its own thread too (a rank's calls may wait for its peers' calls).
+** On failure no ep is returned (those created are destroyed). */
+EPMOE_API epmoe_status epmoe_ep_create_nccl_local(const epmoe_ep_config *cfg, int num_gpus, const int *devices,
+                                                  epmoe_ep **eps);
+
 /* Collective teardown; a failed ep (timeout) tears down without waiting for dead peers. */
 EPMOE_API epmoe_status epmoe_ep_destroy(epmoe_ep *ep);
 EPMOE_API epmoe_backend epmoe_ep_backend(const epmoe_ep *ep);

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The whole GPU suite in one call (the device machine is leased by the minute): GPU tests, the
-# same under compute-sanitizer memcheck, the benchmarks; a short table last. Logs and JSON go
-# to $OUT (or build/gpu-out). Build first here (make gpu-build) and carry build/ along; set
-# EPMOE_SUITE="tests memcheck bench" to pick steps.
+# same under compute-sanitizer memcheck, the benchmarks; a short table last, then one PASS/FAIL
+# line (and the exit status). Logs and JSON go to $OUT (or build/gpu-out). Build first here
+# (make gpu-build) and carry build/ along; set EPMOE_SUITE="tests memcheck bench" to pick steps
+# ("ep" alone runs only the EP tests of "tests": both transports and the launch helpers).
 set -u
 cd "$(dirname "$0")/.."
 OUT=${OUT:-build/gpu-out}
@@ -16,6 +17,8 @@ for d in /opt/torch/.venv/lib/python3.*/site-packages/nvidia/nccl/lib; do
 done
 steps=${EPMOE_SUITE:-"tests memcheck bench"}
 summary=()
+failed=0
+ngpu=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU')
 
 run() { # name, command...
     local name=$1; shift
@@ -25,7 +28,32 @@ run() { # name, command...
     local dt=$(awk "BEGIN{print $(date +%s.%N) - $t0}")
     tail -n 4 "$OUT/$name.log" | sed "s/^/  [$name] /"
     summary+=("$(printf '%-26s %-5s %6.1fs  %s' "$name" "$([ $rc = 0 ] && echo PASS || echo FAIL)" "$dt" "$(grep -E 'checks|mismatches|ERROR SUMMARY' "$OUT/$name.log" | tail -n 1 | cut -c1-70)")")
+    [ $rc = 0 ] || failed=$((failed + 1))
     return $rc
+}
+
+# EP: the whole matrix (R = 1 and every GPU, one process) on the device API and on the padded
+# all-to-all fallback, the launch helpers in one process, and a launch of one process per GPU
+# (at most 2) through tools/epmoe-launch, once as creation chooses and once on the fallback.
+ep_tests() {
+    if ! [ -x build/tests/gpu/test_ep_gpu ]; then
+        summary+=("$(printf '%-26s %-5s' test_ep_gpu FAIL)  not built (make gpu-build with NCCL)")
+        failed=$((failed + 1))
+        return 1
+    fi
+    local np=$((ngpu < 2 ? 1 : 2))
+    run test_ep_gpu timeout 300 ./build/tests/gpu/test_ep_gpu
+    run test_ep_gpu_alltoall timeout 300 ./build/tests/gpu/test_ep_gpu --transport alltoall
+    # a few scenarios each (seconds when healthy): shorter limits bound a hang's cost in device time
+    run test_ep_gpu_local timeout 180 ./build/tests/gpu/test_ep_gpu --local --expect auto
+    run ep_launch_auto timeout 150 tools/epmoe-launch -n $np ./build/tests/gpu/test_ep_gpu --launched --expect auto
+    run ep_launch_alltoall env EPMOE_EP_TRANSPORT=alltoall timeout 150 \
+        tools/epmoe-launch -n $np ./build/tests/gpu/test_ep_gpu --launched --expect a2a
+    # the system libnccl is older than our headers (2.28.3 on the H200 image): AUTO must take the
+    # fallback by itself and never call the device API
+    local sys_nccl=/usr/lib/x86_64-linux-gnu
+    [ -e $sys_nccl/libnccl.so.2 ] && run ep_local_system_nccl env LD_LIBRARY_PATH=$sys_nccl:$LD_LIBRARY_PATH \
+        timeout 180 ./build/tests/gpu/test_ep_gpu --local --expect auto
 }
 
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm,clocks.mem,temperature.gpu --format=csv,noheader | sed 's/^/gpu: /'
@@ -35,7 +63,9 @@ for s in $steps; do
         run fp8_exhaustive ./build/tests/gpu/fp8_exhaustive
         run test_quant_gpu ./build/tests/gpu/test_quant_gpu
         run test_w4a8_gpu ./build/tests/gpu/test_w4a8_gpu
-        [ -x build/tests/gpu/test_ep_gpu ] && run test_ep_gpu timeout 300 ./build/tests/gpu/test_ep_gpu ;;
+        [ -x build/tests/gpu/test_ep_gpu ] && ep_tests ;;
+    ep)
+        ep_tests ;;
     memcheck)
         EPMOE_TEST_QUICK=1 run memcheck_quant compute-sanitizer --tool memcheck --error-exitcode 3 ./build/tests/gpu/test_quant_gpu
         EPMOE_TEST_QUICK=1 run racecheck_quant compute-sanitizer --tool racecheck --error-exitcode 3 ./build/tests/gpu/test_quant_gpu
@@ -53,3 +83,9 @@ done
 echo
 echo "== GPU suite summary ($(date -u +%F), $(nvidia-smi --query-gpu=name --format=csv,noheader | head -n1))"
 printf '%s\n' "${summary[@]}"
+if [ "$failed" = 0 ]; then
+    echo "GPU suite ($steps): PASS (${#summary[@]} steps)"
+else
+    echo "GPU suite ($steps): FAIL ($failed of ${#summary[@]} steps failed; logs in $OUT)"
+fi
+[ "$failed" = 0 ]

@@ -3,6 +3,7 @@
 ** fails with EPMOE_ERR_UNSUPPORTED after the same argument checks as the real ones.
 */
 #include "internal.h"
+#include "ep/ep_internal.h"
 
 #if !EPMOE_HAVE_CUDA
 
@@ -59,8 +60,27 @@ epmoe_status epmoe_w4a8_mlp_cuda(const epmoe_w4a8_mlp_args *args, epmoe_stream_t
 #endif
 
 #if !EPMOE_HAVE_NCCL
+static epmoe_status no_nccl(const char *fn) {
+    return epmoe__fail(EPMOE_ERR_UNSUPPORTED, "%s: this libepmoe was built without the NCCL backend", fn);
+}
+
 epmoe_status epmoe_ep_create_nccl(struct ncclComm *comm, const epmoe_ep_config *cfg, epmoe_ep **ep) {
     (void)comm, (void)cfg, (void)ep;
-    return epmoe__fail(EPMOE_ERR_UNSUPPORTED, "epmoe_ep_create_nccl: this libepmoe was built without the NCCL backend");
+    return no_nccl(__func__);
 }
+
+epmoe_status epmoe_nccl_unique_id(void *out) {
+    if (!out) return epmoe__fail(EPMOE_ERR_NULL_POINTER, "epmoe_nccl_unique_id: out is NULL");
+    return no_nccl(__func__);
+}
+
+epmoe_status epmoe_ep_create_nccl_rank(const epmoe_ep_config *cfg_in, int rank, int size, const void *unique_id, int device,
+                                       epmoe_ep **ep) {
+    epmoe_ep_config cfg;
+    (void)device;
+    EPMOE_CHECK(epmoe__ep_rank_args(__func__, cfg_in, rank, size, unique_id, ep, &cfg));
+    return no_nccl(__func__);
+}
+
+void epmoe__ep_release_comm(epmoe_ep *ep) { (void)ep; } /* never reached: only NCCL eps own a comm */
 #endif

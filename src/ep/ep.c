@@ -15,11 +15,18 @@ double epmoe__now_ms(void) {
     return (double)ts.tv_sec * 1e3 + (double)ts.tv_nsec * 1e-6;
 }
 
+/* The config before `transport` was added: callers built against that header pass this size. */
+#define EP_CONFIG_SIZE_V0 offsetof(epmoe_ep_config, transport)
+
 epmoe_status epmoe__ep_check_config(const char *fn, const epmoe_ep_config *c) {
     if (!c) return epmoe__fail(EPMOE_ERR_NULL_POINTER, "%s: config is NULL", fn);
-    if (c->size != sizeof(epmoe_ep_config))
-        return epmoe__fail(EPMOE_ERR_INVALID_ARG, "%s: config.size = %zu, this library expects %zu (header/library mismatch; "
-                           "initialize with EPMOE_EP_CONFIG_INIT)", fn, c->size, sizeof(epmoe_ep_config));
+    if (c->size != sizeof(epmoe_ep_config) && c->size != EP_CONFIG_SIZE_V0)
+        return epmoe__fail(EPMOE_ERR_INVALID_ARG, "%s: config.size = %zu, this library expects %zu (or %zu) (header/library "
+                           "mismatch; initialize with EPMOE_EP_CONFIG_INIT)", fn, c->size, sizeof(epmoe_ep_config),
+                           (size_t)EP_CONFIG_SIZE_V0);
+    /* fields past the caller's size are never read: they are not in its struct */
+    if (c->size == sizeof(epmoe_ep_config) && (unsigned)c->transport > EPMOE_TRANSPORT_ALLTOALL)
+        return epmoe__fail(EPMOE_ERR_INVALID_ARG, "%s: transport %d is not an epmoe_transport", fn, (int)c->transport);
     if (c->num_ranks < 1 || c->rank < 0 || c->rank >= c->num_ranks)
         return epmoe__fail(EPMOE_ERR_INVALID_ARG, "%s: rank %d of %d ranks", fn, c->rank, c->num_ranks);
     if (c->max_tokens < 1 || c->max_tokens > (1 << 16))
@@ -47,6 +54,25 @@ epmoe_status epmoe__ep_check_config(const char *fn, const epmoe_ep_config *c) {
     return EPMOE_OK;
 }
 
+void epmoe__ep_config_copy(const epmoe_ep_config *in, epmoe_ep_config *out) {
+    memset(out, 0, sizeof *out); /* missing fields: 0 is their default (transport AUTO) */
+    memcpy(out, in, in->size < sizeof *out ? in->size : sizeof *out);
+    out->size = sizeof *out;
+}
+
+/* Read at every creation rather than cached once: creation is rare, and tests change it. */
+epmoe_status epmoe__ep_transport(const char *fn, const epmoe_ep_config *c, epmoe_transport *out) {
+    *out = c->size == sizeof(epmoe_ep_config) ? c->transport : EPMOE_TRANSPORT_AUTO;
+    if (*out != EPMOE_TRANSPORT_AUTO) return EPMOE_OK;
+    const char *v = getenv("EPMOE_EP_TRANSPORT");
+    if (!v || !*v || !strcmp(v, "auto")) return EPMOE_OK;
+    if (!strcmp(v, "device")) *out = EPMOE_TRANSPORT_DEVICE;
+    else if (!strcmp(v, "alltoall")) *out = EPMOE_TRANSPORT_ALLTOALL;
+    else
+        return epmoe__fail(EPMOE_ERR_INVALID_ARG, "%s: EPMOE_EP_TRANSPORT=%s: expected auto, device or alltoall", fn, v);
+    return EPMOE_OK;
+}
+
 int epmoe__ep_same_shape(const epmoe_ep_config *a, const epmoe_ep_config *b) {
     return a->num_ranks == b->num_ranks && a->max_tokens == b->max_tokens && a->hidden == b->hidden &&
            a->num_experts == b->num_experts && a->top_k == b->top_k && a->wire == b->wire &&
@@ -62,10 +88,14 @@ static void dims_of(const epmoe_ep_config *c, ep_dims *d) {
 epmoe_status epmoe_ep_layout_query(const epmoe_ep_config *cfg, epmoe_ep_layout *out) {
     EPMOE_CHECK(epmoe__ep_check_config("epmoe_ep_layout_query", cfg));
     if (!out) return epmoe__fail(EPMOE_ERR_NULL_POINTER, "epmoe_ep_layout_query: out is NULL");
+    epmoe_transport tr;
+    EPMOE_CHECK(epmoe__ep_transport("epmoe_ep_layout_query", cfg, &tr));
     ep_dims d;
     ep_window w;
+    ep_a2a a2a;
     dims_of(cfg, &d);
     ep_window_layout(&d, &w);
+    ep_a2a_layout(&d, &a2a);
     const size_t rows = (size_t)d.L * (size_t)d.R * (size_t)d.N;
     out->recv_x_bytes = rows * (size_t)d.H * (d.fp8 ? 1u : 2u);
     out->recv_scales_bytes = d.fp8 ? (size_t)d.L * epmoe_scale_bytes(cfg->scale_fmt, (int64_t)d.R * d.N, d.H) : 0;
@@ -74,7 +104,7 @@ epmoe_status epmoe_ep_layout_query(const epmoe_ep_config *cfg, epmoe_ep_layout *
     out->expert_out_bytes = rows * (size_t)d.H * 2;
     out->out_bytes = (size_t)d.N * (size_t)d.H * 2;
     out->msg_bytes = (size_t)d.msg_bytes;
-    out->window_bytes = (size_t)w.total;
+    out->window_bytes = (size_t)(tr == EPMOE_TRANSPORT_ALLTOALL ? a2a.total : w.total);
     /* per call: topk [N, k], begin [L, R], n_msgs [R]; plus the staging of one payload */
     out->state_bytes = 2 * ((size_t)d.N * d.k * 4 + (size_t)d.L * d.R * 4 + (size_t)d.R * 4 +
                             (size_t)(d.R * d.slots * d.header_bytes)) + (size_t)d.payload_bytes;
@@ -84,7 +114,7 @@ epmoe_status epmoe_ep_layout_query(const epmoe_ep_config *cfg, epmoe_ep_layout *
 epmoe_status epmoe__ep_alloc(const epmoe_ep_config *cfg, epmoe_backend b, epmoe_ep **out) {
     epmoe_ep *ep = calloc(1, sizeof *ep);
     if (!ep) return epmoe__fail(EPMOE_ERR_OUT_OF_MEMORY, "epmoe_ep: out of memory");
-    ep->cfg = *cfg;
+    epmoe__ep_config_copy(cfg, &ep->cfg);
     ep->backend = b;
     dims_of(cfg, &ep->d);
     ep_window_layout(&ep->d, &ep->w);
@@ -119,6 +149,7 @@ void epmoe__ep_free(epmoe_ep *ep) {
 epmoe_status epmoe_ep_destroy(epmoe_ep *ep) {
     if (!ep) return EPMOE_OK;
     if (ep->ops && ep->ops->destroy) ep->ops->destroy(ep);
+    if (ep->owned_comm) epmoe__ep_release_comm(ep); /* after the backend: its teardown uses the comm */
     epmoe__ep_free(ep);
     return EPMOE_OK;
 }
@@ -135,7 +166,8 @@ epmoe_status epmoe_ep_set_active_ranks(epmoe_ep *ep, const int *active) {
 
 epmoe_status epmoe_ep_poll(epmoe_ep *ep) {
     if (!ep) return epmoe__fail(EPMOE_ERR_NULL_POINTER, "epmoe_ep_poll: ep is NULL");
-    if (ep->failed) return epmoe__fail(EPMOE_ERR_TIMEOUT, "epmoe_ep_poll: the group failed (a peer timed out)");
+    if (ep->failed)
+        return epmoe__fail(EPMOE_ERR_TIMEOUT, "epmoe_ep_poll: the group failed (a peer timed out or the transport failed)");
     return ep->ops && ep->ops->poll ? ep->ops->poll(ep) : EPMOE_OK;
 }
 
@@ -143,7 +175,8 @@ epmoe_status epmoe_ep_poll(epmoe_ep *ep) {
 static epmoe_status usable(const char *fn, epmoe_ep *ep, epmoe_phase phase) {
     if (!ep) return epmoe__fail(EPMOE_ERR_NULL_POINTER, "%s: ep is NULL", fn);
     if (ep->failed)
-        return epmoe__fail(EPMOE_ERR_TIMEOUT, "%s: this ep failed earlier (a peer timed out); destroy it and create a new group", fn);
+        return epmoe__fail(EPMOE_ERR_TIMEOUT, "%s: this ep failed earlier (a peer timed out or the transport failed); "
+                           "destroy it and create a new group", fn);
     if (phase != EPMOE_PHASE_BOTH && phase != EPMOE_PHASE_SEND && phase != EPMOE_PHASE_RECV)
         return epmoe__fail(EPMOE_ERR_INVALID_ARG, "%s: phase %d is not an epmoe_phase", fn, (int)phase);
     return EPMOE_OK;

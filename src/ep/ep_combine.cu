@@ -2,7 +2,8 @@
 ** ep_combine.cu — combine on the GPU: the send kernel returns expert outputs to the tokens'
 ** ranks (REDUCE_AT_EXPERT: one weighted partial sum per (token, rank); REDUCE_AT_OWNER: every
 ** row), the receive kernel sums them in a fixed order. Spec: ep_cpu.c's combine; fp32 math in
-** the same operation order (multiply, then add, each rounded), bf16 out.
+** the same operation order (multiply, then add, each rounded), bf16 out. Under the padded
+** all-to-all the send kernel fills slabs that NCCL then moves (ep_device.cuh, out_comb_row).
 */
 #include "ep_device.cuh"
 
@@ -34,8 +35,8 @@ __device__ __forceinline__ uint4 pack8(const float (&acc)[8]) {
 
 __global__ void __launch_bounds__(kThreads, 1) combine_send_kernel(Params p, const uint16_t *__restrict__ y, uint32_t rel) {
     const ep_dims &d = p.d;
-    /* the dispatch being combined: `rel` calls before the latest received one (device count) */
-    const uint32_t seq = *reinterpret_cast<volatile unsigned *>(&p.seqs[1]) - rel;
+    /* the dispatch being combined: LSA, `rel` calls before the latest received one (device count) */
+    const uint32_t seq = call_seq(p, &p.seqs[1], 0u - rel);
     const int par = seq & 1, R = d.R, H = d.H, me = d.rank;
     const int64_t M = (int64_t)R * d.N;
     const CallState &st = p.st[par];
@@ -57,14 +58,13 @@ __global__ void __launch_bounds__(kThreads, 1) combine_send_kernel(Params p, con
         __syncthreads();
         const ep_header h = *reinterpret_cast<const ep_header *>(hdr);
         const ep_entry *ent = reinterpret_cast<const ep_entry *>(hdr + sizeof(ep_header));
-        uint8_t *peer = peer_base(p, src);
         const int ne = h.n_entries;
         int64_t src_row[EPMOE_MAX_TOPK]; /* first 16-byte chunk of each entry's expert output row */
 #pragma unroll
         for (int n = 0; n < EPMOE_MAX_TOPK; n++)
             src_row[n] = n < ne ? ((int64_t)ent[n].le * M + st.begin[ent[n].le * R + src] + ent[n].row) * (H / 8) : 0;
         if (d.reduce_at_expert) {
-            uint4 *o = reinterpret_cast<uint4 *>(ep_comb_row(peer, &d, &p.w, par, (int64_t)me * d.N + h.token));
+            uint4 *o = reinterpret_cast<uint4 *>(out_comb_row(p, par, src, h.token));
             for (int c = threadIdx.x; c < H / 8; c += kThreads) {
                 uint4 v[EPMOE_MAX_TOPK]; /* all the token's rows in flight at once */
 #pragma unroll
@@ -77,6 +77,8 @@ __global__ void __launch_bounds__(kThreads, 1) combine_send_kernel(Params p, con
                 o[c] = pack8(acc);
             }
         } else {
+            /* the token's k rows at its owner, one per top-k slot, are consecutive in both layouts */
+            uint4 *o = reinterpret_cast<uint4 *>(out_comb_row(p, par, src, (int64_t)h.token * d.k));
             for (int c = threadIdx.x; c < H / 8; c += kThreads) {
                 uint4 v[EPMOE_MAX_TOPK];
 #pragma unroll
@@ -84,13 +86,12 @@ __global__ void __launch_bounds__(kThreads, 1) combine_send_kernel(Params p, con
                     if (n < ne) v[n] = __ldg(yv + src_row[n] + c);
 #pragma unroll
                 for (int n = 0; n < EPMOE_MAX_TOPK; n++)
-                    if (n < ne)
-                        reinterpret_cast<uint4 *>(ep_comb_row(peer, &d, &p.w, par, (int64_t)h.token * d.k + ent[n].j))[c] = v[n];
+                    if (n < ne) o[(int64_t)ent[n].j * (H / 8) + c] = v[n];
             }
         }
         __syncthreads(); /* hdr is reused */
     }
-    if (last_block_done(&p.counters[2]))
+    if (!p.a2a && last_block_done(&p.counters[2])) /* a2a: the exchange follows on the stream */
         for (int r = threadIdx.x; r < R; r += kThreads)
             if (p.active[r]) st_release(ep_comb_flag(peer_base(p, r), &p.w, par, me), seq);
 }
@@ -98,14 +99,14 @@ __global__ void __launch_bounds__(kThreads, 1) combine_send_kernel(Params p, con
 __global__ void __launch_bounds__(kThreads, 1) combine_recv_kernel(Params p, const float *__restrict__ weights,
                                                                 uint16_t *__restrict__ out, int T, uint32_t rel) {
     const ep_dims &d = p.d;
-    const uint32_t seq = *reinterpret_cast<volatile unsigned *>(&p.seqs[1]) - rel;
+    const uint32_t seq = call_seq(p, &p.seqs[1], 0u - rel);
     const int par = seq & 1, R = d.R, H = d.H, k = d.k, L = d.L;
     __shared__ int bail;
-    uint8_t *mine = my_base(p);
     if (threadIdx.x == 0) bail = 0;
     __syncthreads();
-    for (int r = threadIdx.x; r < R; r += kThreads)
-        if (p.active[r] && !wait_at_least(p, ep_comb_flag(mine, &p.w, par, r), seq, r, 4)) bail = 1;
+    if (!p.a2a)
+        for (int r = threadIdx.x; r < R; r += kThreads)
+            if (p.active[r] && !wait_at_least(p, ep_comb_flag(my_base(p), &p.w, par, r), seq, r, 4)) bail = 1;
     __syncthreads();
     if (bail) return;
     const int16_t *topk = p.st[par].topk;
@@ -119,12 +120,12 @@ __global__ void __launch_bounds__(kThreads, 1) combine_recv_kernel(Params p, con
             if (d.reduce_at_expert) {
                 for (int j = 0; j < k; j++) { /* ranks in ascending order, one partial per rank hit */
                     if (tok[j] < 0) continue;
-                    const int r = tok[j] / L;
+                    const uint4 *row = reinterpret_cast<const uint4 *>(in_comb_row(p, par, tok[j] / L, t));
                     bool seen = false;
-                    for (int q = 0; q < np; q++) seen |= parts[q] == reinterpret_cast<const uint4 *>(ep_comb_row(mine, &d, &p.w, par, (int64_t)r * d.N + t));
+                    for (int q = 0; q < np; q++) seen |= parts[q] == row;
                     if (seen) continue;
-                    int at = np++; /* insertion keeps rank order */
-                    const uint4 *row = reinterpret_cast<const uint4 *>(ep_comb_row(mine, &d, &p.w, par, (int64_t)r * d.N + t));
+                    /* insertion by address keeps rank order: both layouts store ranks in ascending order */
+                    int at = np++;
                     while (at > 0 && parts[at - 1] > row) parts[at] = parts[at - 1], at--;
                     parts[at] = row;
                     wts[at] = 1.0f;
@@ -132,7 +133,7 @@ __global__ void __launch_bounds__(kThreads, 1) combine_recv_kernel(Params p, con
             } else {
                 for (int j = 0; j < k; j++)
                     if (tok[j] >= 0) {
-                        parts[np] = reinterpret_cast<const uint4 *>(ep_comb_row(mine, &d, &p.w, par, (int64_t)t * k + j));
+                        parts[np] = reinterpret_cast<const uint4 *>(in_comb_row(p, par, tok[j] / L, (int64_t)t * k + j));
                         wts[np++] = __ldg(weights + (int64_t)t * k + j);
                     }
             }

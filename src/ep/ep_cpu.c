@@ -358,7 +358,7 @@ epmoe_status epmoe_ep_create_cpu(epmoe_cpu_world *w, const epmoe_ep_config *cfg,
     ep->ops = &cpu_ops;
     pthread_mutex_lock(&w->mu);
     int taken = w->windows[cfg->rank] != NULL;
-    if (!taken) w->windows[cfg->rank] = window, w->cfgs[cfg->rank] = *cfg;
+    if (!taken) w->windows[cfg->rank] = window, epmoe__ep_config_copy(cfg, &w->cfgs[cfg->rank]);
     pthread_mutex_unlock(&w->mu);
     epmoe_status st = taken ? epmoe__fail(EPMOE_ERR_INVALID_ARG, "%s: rank %d was already created in this world", fn, cfg->rank)
                             : world_barrier(w, cfg->rank, cfg->timeout_ms, fn);

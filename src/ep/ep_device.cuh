@@ -1,12 +1,14 @@
 /*
-** ep_device.cuh — what the EP kernels share: the kernel parameter block, peer addressing over
-** the NCCL symmetric window (LSA: NVLink loads/stores into a peer's memory), the release/acquire
-** flags, timed waits, the block-completion counter, and the launchers ep_nccl.cu calls.
+** ep_device.cuh — what the EP kernels share: the kernel parameter block, where messages go and
+** come from under each transport, the release/acquire flags, timed waits, the block-completion
+** counter, and the launchers ep_nccl.cu calls.
 **
-** Protocol (ep_layout.h): payload stores are plain, weakly ordered stores into the peer's
-** window; the last block of a kernel to finish publishes each flag with st.release.sys after a
-** system fence, and a receiver reads it with ld.acquire.sys. Every wait gives up after the
-** configured timeout, records the first error in host-mapped memory and lets the kernel exit.
+** Protocol (ep_layout.h), device API (LSA): payload stores are plain, weakly ordered stores into
+** the peer's window; the last block of a kernel to finish publishes each flag with
+** st.release.sys after a system fence, and a receiver reads it with ld.acquire.sys. Every wait
+** gives up after the configured timeout, records the first error in host-mapped memory and lets
+** the kernel exit. Padded all-to-all (a2a): the same kernels store into the rank's own slabs;
+** NCCL send/recv issued on the same stream moves them, so stream order replaces the flags.
 */
 #pragma once
 
@@ -33,7 +35,11 @@ struct CallState {
 struct Params {
     ep_dims d;
     ep_window w;
-    ncclWindow_t win;
+    ncclWindow_t win;         /* LSA only */
+    int a2a;                  /* 1: the padded all-to-all transport; no window, flags or acks */
+    uint8_t *box;             /* a2a: the slab buffer (ep_a2a layout) */
+    ep_a2a x;
+    uint32_t host_seq;        /* a2a: the call's number, from the host (each launch sets it) */
     const int *active;        /* [R] device copy of the active set at dispatch */
     CallState st[2];
     unsigned *counters;       /* [4]: block-completion tickets of the four kernels */
@@ -50,6 +56,48 @@ __device__ __forceinline__ uint8_t *peer_base(const Params &p, int r) {
     return static_cast<uint8_t *>(ncclGetPeerPointer(p.win, 0, r));
 }
 __device__ __forceinline__ uint8_t *my_base(const Params &p) { return static_cast<uint8_t *>(ncclGetLocalPointer(p.win, 0)); }
+
+/* The call's number: a2a passes the host's (buffers of a captured graph are fixed at capture,
+** so its kernels must use the same parity); LSA counts on the device (graph replays advance
+** it): `counter` holds the last call done, `ahead` is 1 for the call starting now, or minus
+** how many receives ago combine's dispatch was. */
+__device__ __forceinline__ uint32_t call_seq(const Params &p, const unsigned *counter, uint32_t ahead) {
+    return p.a2a ? p.host_seq : *reinterpret_cast<const volatile unsigned *>(counter) + ahead;
+}
+
+/* ---- where messages go and come from: the one place the transports differ --------------
+** LSA: a sender stores into the destination's window, in its own slots there; a2a: into its
+** outbox slab for the destination (its inbox for itself), moved by the exchange. A receiver
+** reads its window or its inbox at the same per-source positions. Combine rows: `row` is the
+** token (REDUCE_AT_EXPERT) or token * k + slot (REDUCE_AT_OWNER). */
+__device__ __forceinline__ uint8_t *send_slab(const Params &p, int par, int dst) {
+    return ep_a2a_disp_slab(p.box, &p.d, &p.x, dst == p.d.rank, par, dst);
+}
+__device__ __forceinline__ uint8_t *out_msg(const Params &p, int par, int dst, int64_t slot) {
+    if (!p.a2a) return ep_msg(peer_base(p, dst), &p.d, &p.w, par, p.d.rank, slot);
+    return ep_a2a_msg(send_slab(p, par, dst), &p.d, &p.x, slot);
+}
+__device__ __forceinline__ uint32_t *out_meta(const Params &p, int par, int dst) {
+    if (!p.a2a) return ep_meta(peer_base(p, dst), &p.w, par, p.d.rank);
+    return reinterpret_cast<uint32_t *>(send_slab(p, par, dst));
+}
+__device__ __forceinline__ const uint8_t *in_msg(const Params &p, int par, int src, int64_t i) {
+    if (!p.a2a) return ep_msg(my_base(p), &p.d, &p.w, par, src, i);
+    return ep_a2a_msg(ep_a2a_disp_slab(p.box, &p.d, &p.x, 1, par, src), &p.d, &p.x, i);
+}
+__device__ __forceinline__ const uint32_t *in_meta(const Params &p, int par, int src) {
+    if (!p.a2a) return ep_meta(my_base(p), &p.w, par, src);
+    return reinterpret_cast<const uint32_t *>(ep_a2a_disp_slab(p.box, &p.d, &p.x, 1, par, src));
+}
+__device__ __forceinline__ uint16_t *out_comb_row(const Params &p, int par, int dst, int64_t row) {
+    if (!p.a2a)
+        return ep_comb_row(peer_base(p, dst), &p.d, &p.w, par, p.d.reduce_at_expert ? (int64_t)p.d.rank * p.d.N + row : row);
+    return ep_a2a_comb_row(ep_a2a_comb_slab(p.box, &p.d, &p.x, dst == p.d.rank, par, dst), &p.d, row);
+}
+__device__ __forceinline__ const uint16_t *in_comb_row(const Params &p, int par, int src, int64_t row) {
+    if (!p.a2a) return ep_comb_row(my_base(p), &p.d, &p.w, par, p.d.reduce_at_expert ? (int64_t)src * p.d.N + row : row);
+    return ep_a2a_comb_row(ep_a2a_comb_slab(p.box, &p.d, &p.x, 1, par, src), &p.d, row);
+}
 
 __device__ __forceinline__ void st_release(uint64_t *f, uint64_t v) {
     asm volatile("st.release.sys.global.u64 [%0], %1;" ::"l"(f), "l"(v) : "memory");

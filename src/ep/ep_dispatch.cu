@@ -104,9 +104,9 @@ struct MsgRef {
 __global__ void __launch_bounds__(kThreads, 1) dispatch_send_kernel(Params p, const uint16_t *__restrict__ x,
                                                                  const void *topk, int bits, const float *weights, int T) {
     const ep_dims &d = p.d;
-    /* The call's number lives on the device (graph replays advance it): every block reads it
-    ** here, and only the last block to finish, after all have started, moves it on. */
-    const uint32_t seq = *reinterpret_cast<volatile unsigned *>(&p.seqs[0]) + 1;
+    /* LSA: the call's number lives on the device (graph replays advance it): every block reads
+    ** it here, and only the last block to finish, after all have started, moves it on. */
+    const uint32_t seq = call_seq(p, &p.seqs[0], 1);
     const int k = d.k, me = d.rank, par = seq & 1, L = d.L;
     extern __shared__ __align__(16) uint8_t smem[];
     Plan pl;
@@ -123,7 +123,7 @@ __global__ void __launch_bounds__(kThreads, 1) dispatch_send_kernel(Params p, co
 
     if (threadIdx.x == 0) {
         bail = 0;
-        if (seq > 2) /* the receivers are done with the slots this parity carried last time */
+        if (!p.a2a && seq > 2) /* the receivers are done with the slots this parity carried last time */
             for (int r = 0; r < d.R && !bail; r++)
                 if (p.active[r] && !wait_at_least(p, ep_ack(my_base(p), &p.w, r), seq - 2, r, 1)) bail = 1;
     }
@@ -141,7 +141,7 @@ __global__ void __launch_bounds__(kThreads, 1) dispatch_send_kernel(Params p, co
                 if (tok[j] < 0 || pl.opener[t * k + j] != j) continue;
                 const int dst = pl.dst[t * k + j];
                 msgs[m].dst = dst, msgs[m].opener = j;
-                msgs[m].at = ep_msg(peer_base(p, dst), &d, &p.w, par, me, pl.slot[t * k + j]);
+                msgs[m].at = out_msg(p, par, dst, pl.slot[t * k + j]);
                 m++;
             }
             n_msgs = m;
@@ -190,21 +190,20 @@ __global__ void __launch_bounds__(kThreads, 1) dispatch_send_kernel(Params p, co
         __syncthreads(); /* msgs[] is rewritten for the next token */
     }
     if (last_block_done(&p.counters[0])) {
-        if (threadIdx.x == 0) p.seqs[0] = seq;
+        if (threadIdx.x == 0 && !p.a2a) p.seqs[0] = seq;
         for (int r = threadIdx.x; r < d.R; r += kThreads) {
             if (!p.active[r]) continue;
-            uint8_t *peer = peer_base(p, r);
-            uint32_t *meta = ep_meta(peer, &p.w, par, me);
+            uint32_t *meta = out_meta(p, par, r);
             meta[0] = (uint32_t)pl.count[d.E + r];
             for (int le = 0; le < L; le++) meta[2 + le] = (uint32_t)pl.count[r * L + le];
-            st_release(ep_disp_flag(peer, &d, &p.w, par, me), seq);
+            if (!p.a2a) st_release(ep_disp_flag(peer_base(p, r), &d, &p.w, par, me), seq);
         }
     }
 }
 
 __global__ void __launch_bounds__(kThreads, 1) dispatch_recv_kernel(Params p, epmoe_dispatch_args a) {
     const ep_dims &d = p.d;
-    const uint32_t seq = *reinterpret_cast<volatile unsigned *>(&p.seqs[1]) + 1; /* as in the send kernel */
+    const uint32_t seq = call_seq(p, &p.seqs[1], 1); /* as in the send kernel */
     const int par = seq & 1, R = d.R, L = d.L, H = d.H, G = H / FMT_GROUP, me = d.rank;
     const int64_t M = (int64_t)R * d.N;
     extern __shared__ __align__(16) uint8_t smem[];
@@ -212,22 +211,22 @@ __global__ void __launch_bounds__(kThreads, 1) dispatch_recv_kernel(Params p, ep
     int *pre = begin + L * R;                   /* [R + 1] message prefix over sources */
     uint8_t *hdr = smem + ep_align(4 * ((int64_t)L * R + R + 1), 16); /* one message header */
     __shared__ int bail;
-    uint8_t *mine = my_base(p);
     if (threadIdx.x == 0) bail = 0;
     __syncthreads();
-    for (int r = threadIdx.x; r < R; r += kThreads)
-        if (p.active[r] && !wait_at_least(p, ep_disp_flag(mine, &d, &p.w, par, r), seq, r, 2)) bail = 1;
+    if (!p.a2a) /* a2a: the exchange before this kernel on the stream has delivered everything */
+        for (int r = threadIdx.x; r < R; r += kThreads)
+            if (p.active[r] && !wait_at_least(p, ep_disp_flag(my_base(p), &d, &p.w, par, r), seq, r, 2)) bail = 1;
     __syncthreads();
     if (bail) return;
     if (threadIdx.x == 0) {
         pre[0] = 0;
-        for (int r = 0; r < R; r++) pre[r + 1] = pre[r] + (p.active[r] ? (int)ep_meta(mine, &p.w, par, r)[0] : 0);
+        for (int r = 0; r < R; r++) pre[r + 1] = pre[r] + (p.active[r] ? (int)in_meta(p, par, r)[0] : 0);
     }
     for (int le = threadIdx.x; le < L; le += kThreads) {
         int acc = 0;
         for (int r = 0; r < R; r++) {
             begin[le * R + r] = acc;
-            if (p.active[r]) acc += (int)ep_meta(mine, &p.w, par, r)[2 + le];
+            if (p.active[r]) acc += (int)in_meta(p, par, r)[2 + le];
         }
         if (blockIdx.x == 0) a.masked_m[le] = acc;
     }
@@ -242,7 +241,7 @@ __global__ void __launch_bounds__(kThreads, 1) dispatch_recv_kernel(Params p, ep
         int src = 0;
         while (pre[src + 1] <= m) src++;
         const int i = m - pre[src];
-        const uint8_t *msg = ep_msg(mine, &d, &p.w, par, src, i);
+        const uint8_t *msg = in_msg(p, par, src, i);
         uint8_t *keep = p.st[par].hdrs + ((int64_t)src * d.slots + i) * d.header_bytes;
         for (int c = threadIdx.x; c < d.header_bytes / 16; c += kThreads) {
             const uint4 v = reinterpret_cast<const uint4 *>(msg)[c];
@@ -297,7 +296,7 @@ __global__ void __launch_bounds__(kThreads, 1) dispatch_recv_kernel(Params p, ep
         }
         __syncthreads(); /* hdr is reused */
     }
-    if (last_block_done(&p.counters[1])) {
+    if (!p.a2a && last_block_done(&p.counters[1])) { /* a2a: the stream orders slab reuse */
         if (threadIdx.x == 0) p.seqs[1] = seq;
         for (int r = threadIdx.x; r < R; r += kThreads)
             if (p.active[r]) st_release(ep_ack(peer_base(p, r), &p.w, me), seq);

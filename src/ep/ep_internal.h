@@ -43,14 +43,30 @@ struct epmoe_ep {
     const ep_backend_ops *ops;
     uint32_t seq;      /* dispatches started */
     uint32_t recv_seq; /* dispatches received (in order) */
-    int failed;       /* a peer timed out: every later call fails fast */
+    int failed;       /* a peer timed out or the transport failed: every later call fails fast */
     int *active;      /* [R] */
     ep_call calls[2];
+    struct ncclComm *owned_comm; /* made by a launch helper: destroyed with the ep */
     void *impl;       /* backend-private */
 };
 
-/* Validation of a config (also used by the layout query). */
+/* Validation of a config (also used by the layout query). Accepts the size of this header's
+** config and the earlier one without `transport`. */
 EPMOE_HIDDEN epmoe_status epmoe__ep_check_config(const char *fn, const epmoe_ep_config *cfg);
+/* A checked config as this library's struct: the caller's `size` bytes, the rest defaulted. */
+EPMOE_HIDDEN void epmoe__ep_config_copy(const epmoe_ep_config *in, epmoe_ep_config *out);
+/* The transport a creation uses: cfg->transport, or under AUTO $EPMOE_EP_TRANSPORT. */
+EPMOE_HIDDEN epmoe_status epmoe__ep_transport(const char *fn, const epmoe_ep_config *cfg, epmoe_transport *out);
+/* The checks of epmoe_ep_create_nccl_rank, before anything touches NCCL or CUDA (ep_launch.c):
+** *cfg becomes the caller's config with rank and num_ranks replaced by rank and size. */
+EPMOE_HIDDEN epmoe_status epmoe__ep_rank_args(const char *fn, const epmoe_ep_config *in, int rank, int size,
+                                              const void *unique_id, epmoe_ep **ep, epmoe_ep_config *cfg);
+/* Destroy (a failed group: abort) the communicator the ep owns (ep_nccl.cu). */
+EPMOE_HIDDEN void epmoe__ep_release_comm(epmoe_ep *ep);
+/* The unique-id file of epmoe_ep_create_nccl_env (ep_launch.c): publish writes it atomically
+** and refuses an existing file; fetch polls for it and checks that it is for `size` ranks. */
+EPMOE_HIDDEN epmoe_status epmoe__bootstrap_publish(const char *path, const void *id, int size);
+EPMOE_HIDDEN epmoe_status epmoe__bootstrap_fetch(const char *path, void *id, int size, int timeout_ms);
 /* Allocate and initialize the backend-independent parts; the backend fills ops/impl. */
 EPMOE_HIDDEN epmoe_status epmoe__ep_alloc(const epmoe_ep_config *cfg, epmoe_backend b, epmoe_ep **out);
 EPMOE_HIDDEN void epmoe__ep_free(epmoe_ep *ep);

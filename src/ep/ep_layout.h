@@ -20,6 +20,7 @@
 ** it reuses a parity's slots in that receiver (so a slow receiver is never overwritten).
 ** Flags carry the sequence number of the call they complete, so nothing is ever reset: a
 ** receiver waits for flag == seq (graph replays keep their own counters in device memory).
+** The fallback transport's slabs (ep_a2a below) carry the same messages and counts.
 */
 #ifndef EPMOE_EP_LAYOUT_H
 #define EPMOE_EP_LAYOUT_H
@@ -129,6 +130,57 @@ EP_HD int ep_first_slot(const int32_t *idx, int j) {
 
 EP_HD uint64_t *ep_ack(uint8_t *base, const ep_window *w, int src) {
     return (uint64_t *)(base + w->ack + (int64_t)src * 128);
+}
+
+/* ---- the fallback transport: a padded all-to-all (EPMOE_BACKEND_NCCL_A2A) -----------------
+** The same messages and count block as the window, gathered per destination instead and moved
+** by NCCL send/recv of fixed-size slabs, each padded to the most one source can send, so no
+** count has to reach the host before the exchange:
+**   dispatch slab  { uint32 n_msgs, uint32 pad, uint32 pairs[L] } padded to 128, then msg [S]
+**   combine slab   bf16 rows [N] (REDUCE_AT_EXPERT: row = token) or
+**                  [N * k] (REDUCE_AT_OWNER: row = token * k + slot)
+** One device buffer per rank: disp_out [dst R] slab, disp_in [p][src R] slab, comb_out [dst R]
+** slab, comb_in [p][src R] slab. A rank writes its share for itself straight into its own inbox
+** (its outbox slab stays unused). The outboxes have one parity: the exchange that drains one
+** runs before the next pack on the ep's stream. The inboxes have two, as the window: a dispatch
+** is received (and combined) after the next one may have been sent. */
+typedef struct ep_a2a {
+    int64_t meta_bytes;           /* count block at the head of a dispatch slab */
+    int64_t disp_slab, comb_slab; /* bytes per peer */
+    int64_t disp_out, disp_in, comb_out, comb_in;
+    int64_t total;
+} ep_a2a;
+
+EP_HD void ep_a2a_layout(const ep_dims *d, ep_a2a *a) {
+    const int64_t R = d->R, comb_rows = d->reduce_at_expert ? (int64_t)d->N : (int64_t)d->N * d->k;
+    a->meta_bytes = ep_align(8 + 4 * (int64_t)d->L, 128);
+    a->disp_slab = ep_align(a->meta_bytes + d->slots * d->msg_bytes, 128);
+    a->comb_slab = ep_align(comb_rows * d->H * 2, 128);
+    int64_t o = 0;
+    a->disp_out = o;
+    o += R * a->disp_slab;
+    a->disp_in = o;
+    o += 2 * R * a->disp_slab;
+    a->comb_out = o;
+    o += R * a->comb_slab;
+    a->comb_in = o;
+    o += 2 * R * a->comb_slab;
+    a->total = o;
+}
+
+/* The slab of `peer` in the outbox (in = 0; p unused) or in parity p's inbox (in = 1). */
+EP_HD uint8_t *ep_a2a_disp_slab(uint8_t *box, const ep_dims *d, const ep_a2a *a, int in, int p, int peer) {
+    return box + (in ? a->disp_in + ((int64_t)p * d->R + peer) * a->disp_slab : a->disp_out + (int64_t)peer * a->disp_slab);
+}
+EP_HD uint8_t *ep_a2a_comb_slab(uint8_t *box, const ep_dims *d, const ep_a2a *a, int in, int p, int peer) {
+    return box + (in ? a->comb_in + ((int64_t)p * d->R + peer) * a->comb_slab : a->comb_out + (int64_t)peer * a->comb_slab);
+}
+/* Inside a dispatch slab: the count block is its head (same fields as ep_meta), then the messages. */
+EP_HD uint8_t *ep_a2a_msg(uint8_t *slab, const ep_dims *d, const ep_a2a *a, int64_t slot) {
+    return slab + a->meta_bytes + slot * d->msg_bytes;
+}
+EP_HD uint16_t *ep_a2a_comb_row(uint8_t *slab, const ep_dims *d, int64_t row) {
+    return (uint16_t *)(slab + row * d->H * 2);
 }
 
 #endif

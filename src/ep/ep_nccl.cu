@@ -1,36 +1,50 @@
 /*
-** ep_nccl.cu — the NCCL backend of dispatch/combine: an EP group on the caller's communicator.
-** Host side only: the symmetric window (ncclMemAlloc + ncclCommWindowRegister), the device
-** communicator (which proves every rank is reachable by NVLink load/store), the device state
-** and the launches. The kernels are in ep_dispatch.cu and ep_combine.cu.
-**
-** Within a node every peer is an LSA peer: messages are stored straight into its window. Ranks
-** on other nodes need GIN (put + signal), which this build does not have yet: creation then
-** fails with EPMOE_ERR_UNSUPPORTED rather than running a slower path silently.
+** ep_nccl.cu — the NCCL backends of dispatch/combine, host side: an EP group on a communicator
+** and the launch helpers that create one. Two transports share the kernels (ep_dispatch.cu,
+** ep_combine.cu), the device state and this file:
+**   device API (EPMOE_BACKEND_NCCL_LSA): a symmetric window (ncclMemAlloc +
+**     ncclCommWindowRegister) and a device communicator, which proves every rank is reachable
+**     by NVLink load/store; kernels store straight into peers' windows.
+**   padded all-to-all (EPMOE_BACKEND_NCCL_A2A), the fallback: kernels pack fixed-size slabs in
+**     one cudaMalloc buffer and grouped ncclSend/ncclRecv on the caller's stream move them.
+** Ranks on other nodes need GIN (put + signal), which this build does not have: the device
+** API then counts as unavailable. The environment and file parts of launching are ep_launch.c.
 */
 #include <cstring>
 
 #include "ep_device.cuh"
 
+static_assert(sizeof(ncclUniqueId) == EPMOE_NCCL_UNIQUE_ID_BYTES, "NCCL unique id size");
+
 namespace {
 
 struct NcclImpl {
     ncclComm_t comm;
-    void *win_buf;
+    int device;
+    bool a2a;
+    void *win_buf;    /* device API: the symmetric window */
     ncclWindow_t win;
     ncclDevComm dc;
+    void *box;        /* a2a: the slabs */
     epk::Params params;
     void *state;      /* device: per-parity call state, the active set, the tickets */
     int *error_host;  /* host-mapped: the first error a kernel hit */
     int sms;
 };
 
+/* ncclGetLastError arrived in NCCL 2.13; the fallback may run on an older libnccl. */
+const char *nccl_detail(ncclComm_t comm) {
+    int v = 0;
+    ncclGetVersion(&v);
+    return v >= 21300 ? ncclGetLastError(comm) : "no detail before NCCL 2.13";
+}
+
 #define NCCL_TRY(call, what)                                                                                           \
     do {                                                                                                               \
         ncclResult_t r_ = (call);                                                                                      \
         if (r_ != ncclSuccess) {                                                                                       \
             st = epmoe__fail(EPMOE_ERR_NCCL, "epmoe_ep_create_nccl: %s failed: %s (%s)", what, ncclGetErrorString(r_), \
-                             ncclGetLastError(comm));                                                                  \
+                             nccl_detail(comm));                                                                       \
             goto fail;                                                                                                 \
         }                                                                                                              \
     } while (0)
@@ -64,9 +78,60 @@ epmoe_status async_error(epmoe_ep *ep) {
                        "those slots were dropped", ep->cfg.rank, ep->cfg.num_experts, peer);
 }
 
+/* The fallback cannot time a peer out (NCCL's kernels wait for it), but NCCL reports what
+** it detects (a peer's process died, a network error) through the communicator. */
+epmoe_status poll_errors(epmoe_ep *ep) {
+    EPMOE_CHECK(async_error(ep));
+    NcclImpl *im = impl_of(ep);
+    ncclResult_t r = ncclSuccess;
+    if (im->a2a && ncclCommGetAsyncError(im->comm, &r) == ncclSuccess && r != ncclSuccess && r != ncclInProgress) {
+        ep->failed = 1;
+        return epmoe__fail(EPMOE_ERR_NCCL, "rank %d: the communicator reports %s (%s); the group is failed", ep->cfg.rank,
+                           ncclGetErrorString(r), nccl_detail(im->comm));
+    }
+    return EPMOE_OK;
+}
+
 epmoe_status aligned(const char *fn, const void *p, unsigned a, const char *name) {
     if ((uintptr_t)p % a) return epmoe__fail(EPMOE_ERR_MISALIGNED, "%s: %s = %p is not %u-byte aligned", fn, name, p, a);
     return EPMOE_OK;
+}
+
+/* The kernels' parameters for one call: the fallback passes the call's number from the host. */
+epk::Params params_for(const NcclImpl *im, const ep_call *c) {
+    epk::Params p = im->params;
+    p.host_seq = c->seq;
+    return p;
+}
+
+/* The padded all-to-all: slab r of `out` goes to rank r, whose slab `me` of `in` receives it
+** (a rank's own slab is already in its inbox: the kernel wrote it there). Fixed sizes, so
+** nothing waits for a count on the host; inactive ranks are skipped, so a failed rank does not
+** stall the others. A failure leaves the group in an unknown state: the ep is failed. */
+epmoe_status exchange(epmoe_ep *ep, const char *fn, uint8_t *out, uint8_t *in, int64_t slab, const int *active,
+                      cudaStream_t s) {
+    NcclImpl *im = impl_of(ep);
+    const int R = ep->d.R, me = ep->d.rank;
+    const size_t bytes = (size_t)slab;
+    int peers = 0;
+    for (int peer = 0; peer < R; peer++) peers += peer != me && active[peer];
+    if (!peers) return EPMOE_OK; /* one rank (or every other one masked out): nothing to move */
+    ncclResult_t r = ncclGroupStart();
+    if (r != ncclSuccess) goto fail;
+    for (int peer = 0; peer < R && r == ncclSuccess; peer++) {
+        if (peer == me || !active[peer]) continue;
+        r = ncclSend(out + (size_t)peer * bytes, bytes, ncclUint8, peer, im->comm, s);
+        if (r == ncclSuccess) r = ncclRecv(in + (size_t)peer * bytes, bytes, ncclUint8, peer, im->comm, s);
+    }
+    {
+        const ncclResult_t e = ncclGroupEnd(); /* always closed, even after a failed call inside */
+        if (r == ncclSuccess) r = e;
+    }
+    if (r == ncclSuccess) return EPMOE_OK;
+fail:
+    ep->failed = 1;
+    return epmoe__fail(EPMOE_ERR_NCCL, "%s: rank %d: the slab exchange failed: %s (%s); the group is failed", fn, ep->cfg.rank,
+                       ncclGetErrorString(r), nccl_detail(im->comm));
 }
 
 epmoe_status nccl_dispatch_send(epmoe_ep *ep, const epmoe_dispatch_args *a, ep_call *c, epmoe_stream_t s) {
@@ -76,8 +141,13 @@ epmoe_status nccl_dispatch_send(epmoe_ep *ep, const epmoe_dispatch_args *a, ep_c
         EPMOE_CHECK(aligned("epmoe_dispatch", a->topk_idx, (unsigned)a->topk_idx_bits / 8, "topk_idx"));
     }
     NcclImpl *im = impl_of(ep);
-    (void)c;
-    return epk::launch_dispatch_send(im->params, *a, im->sms, s);
+    const epk::Params p = params_for(im, c);
+    EPMOE_CHECK(epk::launch_dispatch_send(p, *a, im->sms, s));
+    if (!im->a2a) return EPMOE_OK;
+    uint8_t *box = static_cast<uint8_t *>(im->box);
+    const int par = (int)(c->seq & 1);
+    return exchange(ep, "epmoe_dispatch (send)", ep_a2a_disp_slab(box, &ep->d, &p.x, 0, 0, 0),
+                    ep_a2a_disp_slab(box, &ep->d, &p.x, 1, par, 0), p.x.disp_slab, c->active, s);
 }
 
 epmoe_status nccl_dispatch_recv(epmoe_ep *ep, const epmoe_dispatch_args *a, ep_call *c, epmoe_stream_t s) {
@@ -86,37 +156,57 @@ epmoe_status nccl_dispatch_recv(epmoe_ep *ep, const epmoe_dispatch_args *a, ep_c
     EPMOE_CHECK(aligned("epmoe_dispatch", a->masked_m, 4, "masked_m"));
     if (a->recv_scales) EPMOE_CHECK(aligned("epmoe_dispatch", a->recv_scales, 4, "recv_scales"));
     NcclImpl *im = impl_of(ep);
-    (void)c;
-    return epk::launch_dispatch_recv(im->params, *a, im->sms, s);
+    return epk::launch_dispatch_recv(params_for(im, c), *a, im->sms, s);
 }
 
 epmoe_status nccl_combine_send(epmoe_ep *ep, const epmoe_combine_args *a, ep_call *c, epmoe_stream_t s) {
     EPMOE_CHECK(async_error(ep));
     EPMOE_CHECK(aligned("epmoe_combine", a->expert_out, 16, "expert_out"));
     NcclImpl *im = impl_of(ep);
-    return epk::launch_combine_send(im->params, *a, ep->recv_seq - c->seq, im->sms, s);
+    const epk::Params p = params_for(im, c);
+    EPMOE_CHECK(epk::launch_combine_send(p, *a, ep->recv_seq - c->seq, im->sms, s));
+    if (!im->a2a) return EPMOE_OK;
+    uint8_t *box = static_cast<uint8_t *>(im->box);
+    const int par = (int)(c->seq & 1);
+    return exchange(ep, "epmoe_combine (send)", ep_a2a_comb_slab(box, &ep->d, &p.x, 0, 0, 0),
+                    ep_a2a_comb_slab(box, &ep->d, &p.x, 1, par, 0), p.x.comb_slab, c->active, s);
 }
 
 epmoe_status nccl_combine_recv(epmoe_ep *ep, const epmoe_combine_args *a, ep_call *c, epmoe_stream_t s) {
     EPMOE_CHECK(async_error(ep));
     if (c->T) EPMOE_CHECK(aligned("epmoe_combine", a->out, 16, "out"));
     NcclImpl *im = impl_of(ep);
-    return epk::launch_combine_recv(im->params, *a, ep->recv_seq - c->seq, c->T, im->sms, s);
+    return epk::launch_combine_recv(params_for(im, c), *a, ep->recv_seq - c->seq, c->T, im->sms, s);
 }
 
 void nccl_destroy(epmoe_ep *ep) {
     NcclImpl *im = impl_of(ep);
     if (!im) return;
-    cudaDeviceSynchronize(); /* no kernel of ours may still touch the window */
-    if (!ep->failed) {       /* collective: a failed group leaks its window instead of hanging */
-        ncclDevCommDestroy(im->comm, &im->dc);
-        ncclCommWindowDeregister(im->comm, im->win);
-        ncclMemFree(im->win_buf);
+    int prev = -1;
+    cudaGetDevice(&prev);
+    cudaSetDevice(im->device); /* the ep's GPU, whichever thread tears it down */
+    /* A failed all-to-all may have an NCCL kernel waiting for a dead peer forever: abort the
+    ** communicator first if it is ours; if it is the caller's, leak the slabs (cudaFree would
+    ** wait for that kernel) and leave the abort to the caller. */
+    bool stuck = false;
+    if (ep->failed && im->a2a) {
+        if (ep->owned_comm) ncclCommAbort(ep->owned_comm), ep->owned_comm = nullptr;
+        else stuck = true;
     }
-    cudaFree(im->state);
-    cudaFreeHost(im->error_host);
+    if (!stuck) {
+        cudaDeviceSynchronize(); /* no kernel of ours may still touch the window or the slabs */
+        if (!ep->failed && !im->a2a) { /* collective: a failed group leaks its window instead of hanging */
+            ncclDevCommDestroy(im->comm, &im->dc);
+            ncclCommWindowDeregister(im->comm, im->win);
+            ncclMemFree(im->win_buf);
+        }
+        if (im->box) cudaFree(im->box);
+        cudaFree(im->state);
+        cudaFreeHost(im->error_host);
+    }
     delete im;
     ep->impl = nullptr;
+    if (prev >= 0) cudaSetDevice(prev);
 }
 
 epmoe_status nccl_set_active(epmoe_ep *ep) {
@@ -127,14 +217,27 @@ epmoe_status nccl_set_active(epmoe_ep *ep) {
 }
 
 const ep_backend_ops nccl_ops = {nccl_dispatch_send, nccl_dispatch_recv, nccl_combine_send, nccl_combine_recv,
-                                 nccl_destroy, async_error, nccl_set_active};
+                                 nccl_destroy, poll_errors, nccl_set_active};
+
+/* What each rank tells the others at creation, so that all of them choose the same transport. */
+struct Hello {
+    epmoe_ep_config cfg;
+    int transport;  /* the rank's resolved epmoe_transport */
+    int device_ok;  /* its libnccl matches the headers and its window could be allocated */
+    int version;    /* its libnccl */
+};
 
 } // namespace
 
-extern "C" epmoe_status epmoe_ep_create_nccl(struct ncclComm *comm, const epmoe_ep_config *cfg, epmoe_ep **out) {
+extern "C" epmoe_status epmoe_ep_create_nccl(struct ncclComm *comm, const epmoe_ep_config *cfg_in, epmoe_ep **out) {
     static const char fn[] = "epmoe_ep_create_nccl";
     if (!comm || !out) return epmoe__fail(EPMOE_ERR_NULL_POINTER, "%s: comm and ep must not be NULL", fn);
-    EPMOE_CHECK(epmoe__ep_check_config(fn, cfg));
+    EPMOE_CHECK(epmoe__ep_check_config(fn, cfg_in));
+    epmoe_ep_config cfg_copy;
+    epmoe__ep_config_copy(cfg_in, &cfg_copy);
+    const epmoe_ep_config *cfg = &cfg_copy;
+    epmoe_transport want;
+    EPMOE_CHECK(epmoe__ep_transport(fn, cfg, &want));
     int nranks = 0, rank = 0, version = 0;
     if (ncclCommCount(comm, &nranks) != ncclSuccess || ncclCommUserRank(comm, &rank) != ncclSuccess)
         return epmoe__fail(EPMOE_ERR_NCCL, "%s: the communicator does not answer ncclCommCount/UserRank", fn);
@@ -142,9 +245,7 @@ extern "C" epmoe_status epmoe_ep_create_nccl(struct ncclComm *comm, const epmoe_
         return epmoe__fail(EPMOE_ERR_INVALID_ARG, "%s: config says rank %d of %d, the communicator rank %d of %d", fn,
                            cfg->rank, cfg->num_ranks, rank, nranks);
     ncclGetVersion(&version);
-    if (version != NCCL_VERSION_CODE)
-        return epmoe__fail(EPMOE_ERR_UNSUPPORTED, "%s: NCCL's device API needs the runtime (%d) to match the headers "
-                           "epmoe was built with (%d); put that libnccl first on LD_LIBRARY_PATH", fn, version, NCCL_VERSION_CODE);
+    /* the plan of the send kernel, which both transports use, lives in shared memory */
     const int keys = cfg->num_experts + cfg->num_ranks;
     const size_t send_smem = sizeof(int) * (size_t)keys * (1 + epk::kThreads / 32) + 10 * (size_t)cfg->max_tokens * cfg->top_k;
     if ((int64_t)cfg->max_tokens * cfg->top_k > epk::kMaxPlanEntries || send_smem > 200 * 1024)
@@ -154,51 +255,107 @@ extern "C" epmoe_status epmoe_ep_create_nccl(struct ncclComm *comm, const epmoe_
     epmoe_status st = EPMOE_OK;
     epmoe_ep *ep = nullptr;
     NcclImpl *im = nullptr;
-    epmoe_ep_config *all = nullptr;
-    void *dcfg = nullptr;
+    Hello *all = nullptr;
+    void *dhello = nullptr;
     cudaStream_t stream = nullptr;
-    bool registered = false, devcomm = false;
+    bool registered = false, devcomm = false, use_device = false, any_device = false, any_a2a = false;
+    int dev = 0, not_ok = -1;
     EPMOE_CHECK(epmoe__ep_alloc(cfg, EPMOE_BACKEND_NCCL_LSA, &ep));
     im = new NcclImpl();
     std::memset(im, 0, sizeof *im);
     im->comm = comm;
     ep->impl = im;
     {
-        /* Every rank must agree on the shape: gather the configs once, here. */
-        all = new epmoe_ep_config[nranks];
+        CUDA_TRY(cudaGetDevice(&dev), "cudaGetDevice");
+        im->device = dev;
+        /* The device API's calls exist only in a libnccl that matches our headers (an older one
+        ** lacks them, and its structs differ): never call them otherwise. */
+        Hello me;
+        std::memset(&me, 0, sizeof me);
+        me.cfg = *cfg, me.transport = want, me.version = version;
+        if (want != EPMOE_TRANSPORT_ALLTOALL && version == NCCL_VERSION_CODE)
+            me.device_ok = ncclMemAlloc(&im->win_buf, (size_t)ep->w.total) == ncclSuccess;
+        if (!me.device_ok) im->win_buf = nullptr;
+
+        /* Every rank must agree on the shape and on the transport: gather it all once, here. */
+        all = new Hello[nranks];
         CUDA_TRY(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking), "cudaStreamCreate");
-        CUDA_TRY(cudaMalloc(&dcfg, sizeof(epmoe_ep_config) * (size_t)(nranks + 1)), "cudaMalloc");
-        CUDA_TRY(cudaMemcpy(dcfg, cfg, sizeof *cfg, cudaMemcpyHostToDevice), "cudaMemcpy");
-        NCCL_TRY(ncclAllGather(dcfg, static_cast<epmoe_ep_config *>(dcfg) + 1, sizeof *cfg, ncclUint8, comm, stream), "ncclAllGather");
+        CUDA_TRY(cudaMalloc(&dhello, sizeof(Hello) * (size_t)(nranks + 1)), "cudaMalloc");
+        CUDA_TRY(cudaMemcpy(dhello, &me, sizeof me, cudaMemcpyHostToDevice), "cudaMemcpy");
+        NCCL_TRY(ncclAllGather(dhello, static_cast<Hello *>(dhello) + 1, sizeof me, ncclUint8, comm, stream), "ncclAllGather");
         CUDA_TRY(cudaStreamSynchronize(stream), "cudaStreamSynchronize");
-        CUDA_TRY(cudaMemcpy(all, static_cast<epmoe_ep_config *>(dcfg) + 1, sizeof *cfg * (size_t)nranks, cudaMemcpyDeviceToHost),
+        CUDA_TRY(cudaMemcpy(all, static_cast<Hello *>(dhello) + 1, sizeof me * (size_t)nranks, cudaMemcpyDeviceToHost),
                  "cudaMemcpy");
-        for (int r = 0; r < nranks; r++)
-            if (!epmoe__ep_same_shape(&all[r], cfg)) {
+        for (int r = 0; r < nranks; r++) {
+            if (!epmoe__ep_same_shape(&all[r].cfg, cfg)) {
                 st = epmoe__fail(EPMOE_ERR_INVALID_ARG, "%s: rank %d's config differs from rank %d's (max_tokens %d vs %d, "
                                  "hidden %d vs %d, experts %d vs %d, top_k %d vs %d, or the wire/mode fields)", fn, r, rank,
-                                 all[r].max_tokens, cfg->max_tokens, all[r].hidden, cfg->hidden, all[r].num_experts,
-                                 cfg->num_experts, all[r].top_k, cfg->top_k);
+                                 all[r].cfg.max_tokens, cfg->max_tokens, all[r].cfg.hidden, cfg->hidden,
+                                 all[r].cfg.num_experts, cfg->num_experts, all[r].cfg.top_k, cfg->top_k);
                 goto fail;
             }
-
-        NCCL_TRY(ncclMemAlloc(&im->win_buf, (size_t)ep->w.total), "ncclMemAlloc");
-        CUDA_TRY(cudaMemset(im->win_buf, 0, (size_t)ep->w.total), "cudaMemset");
-        NCCL_TRY(ncclCommWindowRegister(comm, im->win_buf, (size_t)ep->w.total, &im->win, NCCL_WIN_COLL_SYMMETRIC),
-                 "ncclCommWindowRegister");
-        registered = true;
-        ncclDevCommRequirements req;
-        std::memset(&req, 0, sizeof req);
-        if (ncclDevCommCreate(comm, &req, &im->dc) != ncclSuccess) {
-            st = epmoe__fail(EPMOE_ERR_UNSUPPORTED, "%s: NCCL's device API is unavailable here (%s): symmetric memory needs "
-                             "CUDA P2P between all GPUs and NCCL_CUMEM_ENABLE/NCCL_WIN_ENABLE", fn, ncclGetLastError(comm));
+            any_device |= all[r].transport == EPMOE_TRANSPORT_DEVICE;
+            any_a2a |= all[r].transport == EPMOE_TRANSPORT_ALLTOALL;
+            if (!all[r].device_ok && not_ok < 0) not_ok = r;
+        }
+        /* The same data on every rank, so the same decision everywhere. */
+        if (any_device && any_a2a) {
+            st = epmoe__fail(EPMOE_ERR_INVALID_ARG, "%s: some ranks ask for transport \"device\", others for \"alltoall\" "
+                             "(config.transport or EPMOE_EP_TRANSPORT)", fn);
             goto fail;
         }
-        devcomm = true;
-        if (im->dc.lsaSize != nranks) {
-            st = epmoe__fail(EPMOE_ERR_UNSUPPORTED, "%s: only %d of %d ranks are reachable by NVLink load/store; ranks on "
-                             "other nodes need the GIN transport, which this build does not have", fn, im->dc.lsaSize, nranks);
+        use_device = !any_a2a && not_ok < 0;
+        if (!use_device && any_device) {
+            const Hello &h = all[not_ok];
+            if (h.version != NCCL_VERSION_CODE)
+                st = epmoe__fail(EPMOE_ERR_UNSUPPORTED, "%s: transport \"device\": rank %d's NCCL runtime is %d, but the device "
+                                 "API needs the version epmoe was built with (%d); put that libnccl first on LD_LIBRARY_PATH, "
+                                 "or use transport \"auto\" for the all-to-all fallback", fn, not_ok, h.version, NCCL_VERSION_CODE);
+            else
+                st = epmoe__fail(EPMOE_ERR_UNSUPPORTED, "%s: transport \"device\": rank %d could not allocate its %lld-byte "
+                                 "window with ncclMemAlloc (cuMem)", fn, not_ok, (long long)ep->w.total);
             goto fail;
+        }
+        if (use_device) {
+            /* Collective steps: each fails on every rank alike (it depends on what all ranks
+            ** found out together), so all ranks still agree when AUTO falls back below. */
+            const char *why = nullptr;
+            ncclDevCommRequirements req;
+            std::memset(&req, 0, sizeof req);
+            CUDA_TRY(cudaMemset(im->win_buf, 0, (size_t)ep->w.total), "cudaMemset");
+            if (ncclCommWindowRegister(comm, im->win_buf, (size_t)ep->w.total, &im->win, NCCL_WIN_COLL_SYMMETRIC) != ncclSuccess) {
+                why = "ncclCommWindowRegister failed";
+            } else {
+                registered = true;
+                if (ncclDevCommCreate(comm, &req, &im->dc) != ncclSuccess) {
+                    why = "ncclDevCommCreate failed: symmetric memory needs CUDA P2P between all GPUs and "
+                          "NCCL_CUMEM_ENABLE/NCCL_WIN_ENABLE";
+                } else {
+                    devcomm = true;
+                    if (im->dc.lsaSize != nranks)
+                        why = "not every rank is reachable by NVLink load/store; ranks on other nodes need the GIN "
+                              "transport, which this build does not have";
+                }
+            }
+            if (why && any_device) {
+                st = epmoe__fail(EPMOE_ERR_UNSUPPORTED, "%s: transport \"device\": %s (lsaSize %d of %d ranks; %s)", fn, why,
+                                 devcomm ? im->dc.lsaSize : 0, nranks, nccl_detail(comm));
+                goto fail;
+            }
+            if (why) { /* AUTO: undo in reverse order, then the fallback */
+                if (devcomm) ncclDevCommDestroy(comm, &im->dc);
+                if (registered) ncclCommWindowDeregister(comm, im->win);
+                devcomm = registered = use_device = false;
+            }
+        }
+        if (!use_device) {
+            if (im->win_buf) ncclMemFree(im->win_buf);
+            im->win_buf = nullptr;
+            ep_a2a_layout(&ep->d, &im->params.x);
+            CUDA_TRY(cudaMalloc(&im->box, (size_t)im->params.x.total), "cudaMalloc (all-to-all slabs)");
+            CUDA_TRY(cudaMemset(im->box, 0, (size_t)im->params.x.total), "cudaMemset");
+            im->a2a = true;
+            ep->backend = EPMOE_BACKEND_NCCL_A2A;
         }
 
         /* device state: per parity topk [N,k] int16, begin [L,R], n_msgs [R], headers; active [R]; tickets [4] */
@@ -226,17 +383,17 @@ extern "C" epmoe_status epmoe_ep_create_nccl(struct ncclComm *comm, const epmoe_
         CUDA_TRY(cudaHostGetDevicePointer(&im->params.error, im->error_host, 0), "cudaHostGetDevicePointer");
         im->params.d = d;
         im->params.w = ep->w;
-        im->params.win = im->win;
+        im->params.win = use_device ? im->win : nullptr;
+        im->params.a2a = im->a2a;
+        im->params.box = static_cast<uint8_t *>(im->box);
         im->params.timeout_ns = (unsigned long long)cfg->timeout_ms * 1000000ull;
         im->params.round_scale = cfg->round_scale;
         im->params.scale_fmt = cfg->scale_fmt;
-        int dev = 0;
-        CUDA_TRY(cudaGetDevice(&dev), "cudaGetDevice");
         CUDA_TRY(cudaDeviceGetAttribute(&im->sms, cudaDevAttrMultiProcessorCount, dev), "cudaDeviceGetAttribute");
         CUDA_TRY(cudaDeviceSynchronize(), "cudaDeviceSynchronize");
     }
     ep->ops = &nccl_ops;
-    cudaFree(dcfg);
+    cudaFree(dhello);
     cudaStreamDestroy(stream);
     delete[] all;
     *out = ep;
@@ -245,13 +402,55 @@ fail:
     if (devcomm) ncclDevCommDestroy(comm, &im->dc);
     if (registered) ncclCommWindowDeregister(comm, im->win);
     if (im->win_buf) ncclMemFree(im->win_buf);
+    if (im->box) cudaFree(im->box);
     if (im->state) cudaFree(im->state);
     if (im->error_host) cudaFreeHost(im->error_host);
-    if (dcfg) cudaFree(dcfg);
+    if (dhello) cudaFree(dhello);
     if (stream) cudaStreamDestroy(stream);
     delete[] all;
     delete im;
     ep->impl = nullptr;
     epmoe__ep_free(ep);
     return st;
+}
+
+/* ---- launch helpers: the ep owns the communicator they create ------------------------------ */
+
+extern "C" epmoe_status epmoe_nccl_unique_id(void *out) {
+    if (!out) return epmoe__fail(EPMOE_ERR_NULL_POINTER, "epmoe_nccl_unique_id: out is NULL");
+    ncclUniqueId id;
+    const ncclResult_t r = ncclGetUniqueId(&id);
+    if (r != ncclSuccess)
+        return epmoe__fail(EPMOE_ERR_NCCL, "epmoe_nccl_unique_id: ncclGetUniqueId failed: %s", ncclGetErrorString(r));
+    std::memcpy(out, &id, sizeof id);
+    return EPMOE_OK;
+}
+
+extern "C" epmoe_status epmoe_ep_create_nccl_rank(const epmoe_ep_config *cfg_in, int rank, int size, const void *unique_id,
+                                                  int device, epmoe_ep **out) {
+    static const char fn[] = "epmoe_ep_create_nccl_rank";
+    epmoe_ep_config cfg;
+    EPMOE_CHECK(epmoe__ep_rank_args(fn, cfg_in, rank, size, unique_id, out, &cfg));
+    cudaError_t e = cudaSetDevice(device);
+    if (e != cudaSuccess)
+        return epmoe__fail(EPMOE_ERR_CUDA, "%s: rank %d: cudaSetDevice(%d) failed: %s", fn, rank, device, cudaGetErrorString(e));
+    ncclUniqueId id;
+    std::memcpy(&id, unique_id, sizeof id);
+    ncclComm_t comm;
+    const ncclResult_t r = ncclCommInitRank(&comm, size, id, rank);
+    if (r != ncclSuccess)
+        return epmoe__fail(EPMOE_ERR_NCCL, "%s: rank %d of %d: ncclCommInitRank failed: %s", fn, rank, size, ncclGetErrorString(r));
+    const epmoe_status st = epmoe_ep_create_nccl(comm, &cfg, out);
+    if (st != EPMOE_OK) {
+        ncclCommAbort(comm); /* the peers may be gone or failing too: never wait for them */
+        return st;
+    }
+    (*out)->owned_comm = comm;
+    return EPMOE_OK;
+}
+
+extern "C" void epmoe__ep_release_comm(epmoe_ep *ep) {
+    if (ep->failed) ncclCommAbort(ep->owned_comm); /* a dead peer would never finish a clean teardown */
+    else ncclCommDestroy(ep->owned_comm);
+    ep->owned_comm = nullptr;
 }

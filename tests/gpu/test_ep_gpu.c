@@ -1,10 +1,19 @@
 /*
-** test_ep_gpu.c — dispatch and combine on the GPUs (NCCL device API, one thread per GPU, one
-** process) against the single-process reference, with the same scenarios and checks as the
-** CPU backend's test (tests/ep_common.h): every output byte compared, rows past masked_m and
-** tokens past T checked untouched, REDUCE_AT_EXPERT within its error model. Also: a peer that
-** never dispatches (timeout recorded and reported by epmoe_ep_poll), an expert id out of range,
-** a masked rank. R = 1 and R = number of GPUs (2 on nvidia-h200-x2).
+** test_ep_gpu.c — dispatch and combine on the GPUs over NCCL against the single-process
+** reference, with the same scenarios and checks as the CPU backend's test (tests/ep_common.h):
+** every output byte compared, rows past masked_m and tokens past T checked untouched,
+** REDUCE_AT_EXPERT within its error model. Also: a peer that never dispatches (timeout recorded
+** and reported by epmoe_ep_poll), an expert id out of range, a masked rank, CUDA-graph replay.
+**
+**   test_ep_gpu [--transport device|alltoall]   one process, a thread per GPU, R = 1 and R = number
+**       of GPUs (2 on nvidia-h200-x2); the whole matrix over the NCCL device API (default) or the
+**       padded all-to-all fallback (each rank then made by epmoe_ep_create_nccl_rank)
+**   test_ep_gpu --local [--transport ...]       one process over every GPU via epmoe_ep_create_nccl_local
+**   tools/epmoe-launch -n 2 test_ep_gpu --launched [--transport ...]
+**       one rank per process via epmoe_ep_create_nccl_env; each process checks its own rank
+** With --local and --launched the transport defaults to auto; --expect lsa|a2a checks which one
+** creation chose, --expect auto that AUTO chose right for this machine (one NVLink node): the
+** device API when libnccl is the version of the headers, else the fallback.
 */
 #define _POSIX_C_SOURCE 200809L
 #include "cuda_check.h"
@@ -14,6 +23,8 @@
 
 #include "../ep_common.h"
 
+static epmoe_transport g_transport = EPMOE_TRANSPORT_DEVICE;
+static int g_expect = -1; /* the epmoe_backend creation must choose; -1: any; -2: AUTO's right choice */
 
 typedef struct {
     rank_io *io;
@@ -21,6 +32,9 @@ typedef struct {
     epmoe_ep_layout lay;
     int bad_expert; /* plant an out-of-range id on rank 0, round 0 */
     epmoe_status poll;
+    epmoe_backend backend;
+    epmoe_ep *ep;   /* made by a launch helper before the rank's thread starts (--local, --launched) */
+    int device;     /* ...and the GPU it lives on */
 } gpu_job;
 
 static void *dev_copy(const void *h, size_t n) {
@@ -30,27 +44,98 @@ static void *dev_copy(const void *h, size_t n) {
     return d;
 }
 
-static void *run_rank_gpu(void *arg) {
-    gpu_job *job = arg;
+/* Every round of the scenario on this rank's ep: dispatch (split halves when the scenario says
+** so), identity-ish experts on the host (make_expert_out), combine; outputs copied back. */
+static void run_rounds(epmoe_ep *ep, gpu_job *job, cudaStream_t st) {
     rank_io *io = job->io;
     const scenario *sc = io->sc;
     epmoe_ep_config cfg = sc->cfg;
     cfg.rank = io->rank;
     const epmoe_ep_layout lay = job->lay;
     const int N = cfg.max_tokens, H = cfg.hidden, k = cfg.top_k;
-    CUDA_OK(cudaSetDevice(io->rank));
-    ncclComm_t comm;
-    if (ncclCommInitRank(&comm, cfg.num_ranks, job->id, io->rank) != ncclSuccess) {
-        io->st_create = EPMOE_ERR_NCCL;
-        return NULL;
+    float requant_scale = 0.05f;
+    void *d_rq = dev_copy(&requant_scale, 4);
+    void *dx[8], *dtopk[8], *dw[8], *drx[8], *drs[8], *dm[8], *dsi[8], *deo[8], *dout[8];
+    int nalloc = 0;
+    uint32_t handles[8];
+    for (int round = 0; round < sc->rounds; round++) {
+        if (job->bad_expert && io->rank == 0 && round == 0) io->topk[0][1] = cfg.num_experts + 5;
+        dx[round] = dev_copy(io->x[round], (size_t)N * H * 2);
+        dtopk[round] = sc->idx64 ? dev_copy(io->topk64[round], (size_t)N * k * 8) : dev_copy(io->topk[round], (size_t)N * k * 4);
+        dw[round] = dev_copy(io->w[round], (size_t)N * k * 4);
+        drx[round] = dev_copy(io->recv_x[round], lay.recv_x_bytes); /* poisoned on the host */
+        drs[round] = dev_copy(io->recv_s[round], lay.recv_scales_bytes);
+        dm[round] = dev_copy(NULL, lay.masked_m_bytes);
+        dsi[round] = dev_copy(io->src_info[round], lay.src_info_bytes);
+        deo[round] = dev_copy(NULL, lay.expert_out_bytes);
+        dout[round] = dev_copy(io->out[round], lay.out_bytes);
+        nalloc = round + 1;
+        epmoe_dispatch_args a = {dx[round], dtopk[round], sc->idx64 ? 64 : 32, dw[round], sc->T[round][io->rank],
+                                 drx[round], drs[round], dm[round], dsi[round], sc->requant ? d_rq : NULL};
+        if (sc->split) {
+            io->st_dispatch = epmoe_dispatch(ep, &a, EPMOE_PHASE_SEND, &handles[round], st);
+            if (!io->st_dispatch) io->st_dispatch = epmoe_dispatch(ep, &a, EPMOE_PHASE_RECV, &handles[round], st);
+        } else {
+            io->st_dispatch = epmoe_dispatch(ep, &a, EPMOE_PHASE_BOTH, &handles[round], st);
+        }
+        if (io->st_dispatch) break;
+        CUDA_OK(cudaStreamSynchronize(st));
+        CUDA_OK(cudaMemcpy(io->recv_x[round], drx[round], lay.recv_x_bytes, cudaMemcpyDeviceToHost));
+        CUDA_OK(cudaMemcpy(io->recv_s[round], drs[round], lay.recv_scales_bytes, cudaMemcpyDeviceToHost));
+        CUDA_OK(cudaMemcpy(io->masked[round], dm[round], lay.masked_m_bytes, cudaMemcpyDeviceToHost));
+        CUDA_OK(cudaMemcpy(io->src_info[round], dsi[round], lay.src_info_bytes, cudaMemcpyDeviceToHost));
+        make_expert_out(&cfg, io, round);
+        CUDA_OK(cudaMemcpy(deo[round], io->expert_out[round], lay.expert_out_bytes, cudaMemcpyHostToDevice));
+        const int c = sc->split ? round - 1 : round; /* split: two dispatches live at once */
+        if (c >= 0) {
+            epmoe_combine_args ca = {deo[c], dw[c], dout[c]};
+            io->st_combine = epmoe_combine(ep, handles[c], &ca, EPMOE_PHASE_BOTH, st);
+            CUDA_OK(cudaStreamSynchronize(st));
+            CUDA_OK(cudaMemcpy(io->out[c], dout[c], lay.out_bytes, cudaMemcpyDeviceToHost));
+        }
+        if (io->st_combine) break;
     }
+    if (sc->split && !io->st_dispatch && !io->st_combine) {
+        const int c = sc->rounds - 1;
+        epmoe_combine_args ca = {deo[c], dw[c], dout[c]};
+        io->st_combine = epmoe_combine(ep, handles[c], &ca, EPMOE_PHASE_BOTH, st);
+        CUDA_OK(cudaStreamSynchronize(st));
+        CUDA_OK(cudaMemcpy(io->out[c], dout[c], lay.out_bytes, cudaMemcpyDeviceToHost));
+    }
+    CUDA_OK(cudaStreamSynchronize(st));
+    job->poll = epmoe_ep_poll(ep);
+    if (io->st_dispatch || io->st_combine) snprintf(io->err, sizeof io->err, "%s", epmoe_last_error());
+    CUDA_OK(cudaFree(d_rq));
+    for (int r = 0; r < nalloc; r++) {
+        void *bufs[] = {dx[r], dtopk[r], dw[r], drx[r], drs[r], dm[r], dsi[r], deo[r], dout[r]};
+        for (size_t b = 0; b < sizeof bufs / sizeof bufs[0]; b++) CUDA_OK(cudaFree(bufs[b]));
+    }
+}
+
+static void *run_rank_gpu(void *arg) {
+    gpu_job *job = arg;
+    rank_io *io = job->io;
+    const scenario *sc = io->sc;
+    epmoe_ep_config cfg = sc->cfg;
+    cfg.rank = io->rank;
+    ncclComm_t comm = NULL;
     epmoe_ep *ep = NULL;
-    io->st_create = epmoe_ep_create_nccl(comm, &cfg, &ep);
+    if (g_transport == EPMOE_TRANSPORT_ALLTOALL) { /* the launch helper: the ep owns its communicator */
+        io->st_create = epmoe_ep_create_nccl_rank(&cfg, io->rank, cfg.num_ranks, &job->id, io->rank, &ep);
+    } else {
+        CUDA_OK(cudaSetDevice(io->rank));
+        if (ncclCommInitRank(&comm, cfg.num_ranks, job->id, io->rank) != ncclSuccess) {
+            io->st_create = EPMOE_ERR_NCCL;
+            return NULL;
+        }
+        io->st_create = epmoe_ep_create_nccl(comm, &cfg, &ep);
+    }
     if (io->st_create != EPMOE_OK) {
         snprintf(io->err, sizeof io->err, "%s", epmoe_last_error());
-        ncclCommDestroy(comm);
+        if (comm) ncclCommDestroy(comm);
         return NULL;
     }
+    job->backend = epmoe_ep_backend(ep);
     if (sc->active) epmoe_ep_set_active_ranks(ep, sc->active);
     cudaStream_t st;
     CUDA_OK(cudaStreamCreateWithFlags(&st, cudaStreamNonBlocking));
@@ -60,61 +145,11 @@ static void *run_rank_gpu(void *arg) {
         job->poll = epmoe_ep_poll(ep);
         if (!sc->active) ep = NULL; /* a failed group's peer: leave without the collective teardown */
     } else {
-        float requant_scale = 0.05f;
-        void *d_rq = dev_copy(&requant_scale, 4);
-        void *dx[8], *dtopk[8], *dw[8], *drx[8], *drs[8], *dm[8], *dsi[8], *deo[8], *dout[8];
-        uint32_t handles[8];
-        for (int round = 0; round < sc->rounds; round++) {
-            if (job->bad_expert && io->rank == 0 && round == 0) io->topk[0][1] = cfg.num_experts + 5;
-            dx[round] = dev_copy(io->x[round], (size_t)N * H * 2);
-            dtopk[round] = sc->idx64 ? dev_copy(io->topk64[round], (size_t)N * k * 8) : dev_copy(io->topk[round], (size_t)N * k * 4);
-            dw[round] = dev_copy(io->w[round], (size_t)N * k * 4);
-            drx[round] = dev_copy(io->recv_x[round], lay.recv_x_bytes); /* poisoned on the host */
-            drs[round] = dev_copy(io->recv_s[round], lay.recv_scales_bytes);
-            dm[round] = dev_copy(NULL, lay.masked_m_bytes);
-            dsi[round] = dev_copy(io->src_info[round], lay.src_info_bytes);
-            deo[round] = dev_copy(NULL, lay.expert_out_bytes);
-            dout[round] = dev_copy(io->out[round], lay.out_bytes);
-            epmoe_dispatch_args a = {dx[round], dtopk[round], sc->idx64 ? 64 : 32, dw[round], sc->T[round][io->rank],
-                                     drx[round], drs[round], dm[round], dsi[round], sc->requant ? d_rq : NULL};
-            if (sc->split) {
-                io->st_dispatch = epmoe_dispatch(ep, &a, EPMOE_PHASE_SEND, &handles[round], st);
-                if (!io->st_dispatch) io->st_dispatch = epmoe_dispatch(ep, &a, EPMOE_PHASE_RECV, &handles[round], st);
-            } else {
-                io->st_dispatch = epmoe_dispatch(ep, &a, EPMOE_PHASE_BOTH, &handles[round], st);
-            }
-            if (io->st_dispatch) break;
-            CUDA_OK(cudaStreamSynchronize(st));
-            CUDA_OK(cudaMemcpy(io->recv_x[round], drx[round], lay.recv_x_bytes, cudaMemcpyDeviceToHost));
-            CUDA_OK(cudaMemcpy(io->recv_s[round], drs[round], lay.recv_scales_bytes, cudaMemcpyDeviceToHost));
-            CUDA_OK(cudaMemcpy(io->masked[round], dm[round], lay.masked_m_bytes, cudaMemcpyDeviceToHost));
-            CUDA_OK(cudaMemcpy(io->src_info[round], dsi[round], lay.src_info_bytes, cudaMemcpyDeviceToHost));
-            make_expert_out(&cfg, io, round);
-            CUDA_OK(cudaMemcpy(deo[round], io->expert_out[round], lay.expert_out_bytes, cudaMemcpyHostToDevice));
-            const int c = sc->split ? round - 1 : round; /* split: two dispatches live at once */
-            if (c >= 0) {
-                epmoe_combine_args ca = {deo[c], dw[c], dout[c]};
-                io->st_combine = epmoe_combine(ep, handles[c], &ca, EPMOE_PHASE_BOTH, st);
-                CUDA_OK(cudaStreamSynchronize(st));
-                CUDA_OK(cudaMemcpy(io->out[c], dout[c], lay.out_bytes, cudaMemcpyDeviceToHost));
-            }
-            if (io->st_combine) break;
-        }
-        if (sc->split && !io->st_dispatch && !io->st_combine) {
-            const int c = sc->rounds - 1;
-            epmoe_combine_args ca = {deo[c], dw[c], dout[c]};
-            io->st_combine = epmoe_combine(ep, handles[c], &ca, EPMOE_PHASE_BOTH, st);
-            CUDA_OK(cudaStreamSynchronize(st));
-            CUDA_OK(cudaMemcpy(io->out[c], dout[c], lay.out_bytes, cudaMemcpyDeviceToHost));
-        }
-        CUDA_OK(cudaStreamSynchronize(st));
-        job->poll = epmoe_ep_poll(ep);
-        if (io->st_dispatch || io->st_combine) snprintf(io->err, sizeof io->err, "%s", epmoe_last_error());
-        CUDA_OK(cudaFree(d_rq));
+        run_rounds(ep, job, st);
     }
     if (ep) epmoe_ep_destroy(ep);
     CUDA_OK(cudaStreamDestroy(st));
-    if (ep || sc->active) ncclCommDestroy(comm);
+    if (comm && (ep || sc->active)) ncclCommDestroy(comm);
     return NULL;
 }
 
@@ -131,6 +166,7 @@ typedef struct {
     epmoe_ep_config cfg;
     long bad_m, bad_rows, bad_out, reps;
     epmoe_status st;
+    epmoe_backend backend;
 } graph_job;
 
 /* Inputs of every rank for one replay (each thread builds all of them to compute the reference). */
@@ -154,6 +190,7 @@ static void *graph_rank(void *arg) {
     if (ncclCommInitRank(&comm, R, j->id, j->rank) != ncclSuccess) return j->st = EPMOE_ERR_NCCL, NULL;
     epmoe_ep *ep;
     if ((j->st = epmoe_ep_create_nccl(comm, &cfg, &ep)) != EPMOE_OK) return NULL;
+    j->backend = epmoe_ep_backend(ep);
     epmoe_ep_layout lay;
     epmoe_ep_layout_query(&cfg, &lay);
     void *dx = dev_copy(NULL, (size_t)N * H * 2), *di = dev_copy(NULL, (size_t)N * k * 4), *dw = dev_copy(NULL, (size_t)N * k * 4);
@@ -166,6 +203,16 @@ static void *graph_rank(void *arg) {
     cudaGraph_t graph;
     cudaGraphExec_t exec;
     uint32_t h;
+    if (j->backend == EPMOE_BACKEND_NCCL_A2A) {
+        /* one eager pair first (every id -1, nothing routed): NCCL connects its peers at the
+        ** first send/recv, a blocking host step better kept out of the capture */
+        CUDA_OK(cudaMemset(dx, 0, (size_t)N * H * 2));
+        CUDA_OK(cudaMemset(di, 0xFF, (size_t)N * k * 4));
+        epmoe_status w1 = epmoe_dispatch(ep, &a, EPMOE_PHASE_BOTH, &h, st);
+        epmoe_status w2 = w1 ? w1 : epmoe_combine(ep, h, &ca, EPMOE_PHASE_BOTH, st);
+        CUDA_OK(cudaStreamSynchronize(st));
+        if (w1 || w2) return j->st = w1 ? w1 : w2, NULL;
+    }
     CUDA_OK(cudaStreamBeginCapture(st, cudaStreamCaptureModeThreadLocal));
     epmoe_status s1 = epmoe_dispatch(ep, &a, EPMOE_PHASE_BOTH, &h, st);
     epmoe_status s2 = epmoe_dequant_fp8_cuda(drx, drs, cfg.scale_fmt, dm, L, M, H, EPMOE_BF16, deo, st);
@@ -227,6 +274,7 @@ static void test_graph_replay(int R) {
     epmoe_ep_config c = EPMOE_EP_CONFIG_INIT;
     c.num_ranks = R, c.max_tokens = 16, c.hidden = 256, c.num_experts = 4 * R, c.top_k = 4, c.timeout_ms = 5000;
     c.combine_mode = EPMOE_COMBINE_REDUCE_AT_OWNER;
+    c.transport = g_transport;
     pthread_t th[8];
     for (int r = 0; r < R; r++) {
         memset(&jobs[r], 0, sizeof jobs[r]);
@@ -234,20 +282,26 @@ static void test_graph_replay(int R) {
         pthread_create(&th[r], NULL, graph_rank, &jobs[r]);
     }
     for (int r = 0; r < R; r++) pthread_join(th[r], NULL);
-    for (int r = 0; r < R; r++)
+    for (int r = 0; r < R; r++) {
         CHECK(jobs[r].st == EPMOE_OK && jobs[r].reps == GRAPH_REPS && !jobs[r].bad_m && !jobs[r].bad_rows && !jobs[r].bad_out,
               "graph replay R=%d rank %d: status %d, %ld replays, wrong masked_m %ld, rows %ld, combine %ld", R, r,
               jobs[r].st, jobs[r].reps, jobs[r].bad_m, jobs[r].bad_rows, jobs[r].bad_out);
+        CHECK(jobs[r].st != EPMOE_OK || g_expect < 0 || (int)jobs[r].backend == g_expect, "graph replay R=%d rank %d: "
+              "backend %d, want %d", R, r, jobs[r].backend, g_expect);
+    }
     printf("  graph replay R=%d: %d replays of dispatch + expert + combine checked\n", R, GRAPH_REPS);
 }
 
-static void run_gpu(const scenario *sc, const char *name, int bad_expert, epmoe_status want_poll0) {
+static void run_gpu(const scenario *sc_in, const char *name, int bad_expert, epmoe_status want_poll0) {
+    scenario scx = *sc_in;
+    scx.cfg.transport = g_transport;
+    const scenario *sc = &scx;
     const int R = sc->cfg.num_ranks;
     epmoe_ep_layout lay;
     CHECK_STATUS(epmoe_ep_layout_query(&sc->cfg, &lay), EPMOE_OK);
     rank_io io[8];
     gpu_job jobs[8];
-    memset(io, 0, sizeof io);
+    memset(io, 0, sizeof io), memset(jobs, 0, sizeof jobs);
     io_alloc(sc, &lay, io, R);
     ncclUniqueId id;
     ncclGetUniqueId(&id);
@@ -257,7 +311,11 @@ static void run_gpu(const scenario *sc, const char *name, int bad_expert, epmoe_
         pthread_create(&th[r], NULL, run_rank_gpu, &jobs[r]);
     }
     for (int r = 0; r < R; r++) pthread_join(th[r], NULL);
-    for (int r = 0; r < R; r++) CHECK(io[r].st_create == EPMOE_OK, "%s rank %d: create failed: %s", name, r, io[r].err);
+    for (int r = 0; r < R; r++) {
+        CHECK(io[r].st_create == EPMOE_OK, "%s rank %d: create failed: %s", name, r, io[r].err);
+        CHECK(io[r].st_create != EPMOE_OK || g_expect < 0 || (int)jobs[r].backend == g_expect, "%s rank %d: backend %d, "
+              "want %d", name, r, jobs[r].backend, g_expect);
+    }
     /* an asynchronous error is reported once: by the next call, or by epmoe_ep_poll */
     const epmoe_status seen0 = jobs[0].poll ? jobs[0].poll : io[0].st_combine ? io[0].st_combine : io[0].st_dispatch;
     CHECK(seen0 == want_poll0, "%s: rank 0 reported %d, want %d", name, seen0, want_poll0);
@@ -266,14 +324,166 @@ static void run_gpu(const scenario *sc, const char *name, int bad_expert, epmoe_
     io_free(sc, io, R);
 }
 
-int main(void) {
+/* ---- through the launch helpers: --local (one process, every GPU) and --launched (one rank
+** per process). A few scenarios of different shapes, each on a new group. */
+static int scenario_count(void) { return 3; }
+static scenario helper_scenario(int i, int R, char *name, size_t n) {
+    scenario sc;
+    if (i == 0) { /* fp8, split halves with two live dispatches, duplicate experts */
+        sc = base(R, 13, 384, 4 * R, 4, EPMOE_WIRE_FP8);
+        sc.cfg.combine_mode = EPMOE_COMBINE_REDUCE_AT_OWNER, sc.route = ROUTE_DUPLICATES, sc.split = 1;
+    } else if (i == 1) { /* bf16, one message per expert, int64 ids, parities wrapping */
+        sc = base(R, 5, 128, 8 * R, 2, EPMOE_WIRE_BF16);
+        sc.cfg.dedup = 0, sc.cfg.combine_mode = EPMOE_COMBINE_REDUCE_AT_OWNER, sc.idx64 = 1, sc.rounds = 6;
+    } else { /* DeepSeek-R1 */
+        sc = base(R, 128, 7168, 256, 8, EPMOE_WIRE_FP8);
+        sc.rounds = 2;
+    }
+    sc.cfg.transport = g_transport;
+    sc.seed = (uint64_t)(200 + i);
+    snprintf(name, n, "%s R=%d %s", g_transport == EPMOE_TRANSPORT_ALLTOALL ? "alltoall" : g_transport ? "device" : "auto", R,
+             i == 0 ? "fp8 dedup/owner+split+dups" : i == 1 ? "bf16 per-expert/owner+int64, 6 rounds" : "fp8 DeepSeek-R1 shape");
+    return sc;
+}
+
+/* A process that ran only rank `me` checks it with check_scenario by giving the other ranks
+** the reference's outputs (every rank's inputs come from the seed, so the whole reference can
+** be computed here); the other ranks' expert outputs then follow from those rows, exactly as
+** the other processes computed them when they are right. */
+static void fill_others_from_reference(const scenario *sc, const epmoe_ep_layout *lay, rank_io *io, int me) {
+    const epmoe_ep_config *c = &sc->cfg;
+    const int R = c->num_ranks;
+    void *scratch_x = malloc(lay->recv_x_bytes), *scratch_s = malloc(lay->recv_scales_bytes + 1);
+    int32_t *scratch_m = malloc(lay->masked_m_bytes), *scratch_i = malloc(lay->src_info_bytes);
+    uint16_t *ro[8];
+    for (int round = 0; round < sc->rounds; round++) {
+        const uint16_t *xs[8], *eo[8];
+        const int32_t *ts[8];
+        const float *ws[8];
+        void *rx[8], *rs[8];
+        int32_t *rm[8], *ri[8];
+        int Ts[8];
+        for (int r = 0; r < R; r++) {
+            xs[r] = io[r].x[round], ts[r] = io[r].topk[round], ws[r] = io[r].w[round], Ts[r] = sc->T[round][r];
+            rx[r] = r == me ? scratch_x : io[r].recv_x[round], rs[r] = r == me ? scratch_s : io[r].recv_s[round];
+            rm[r] = r == me ? scratch_m : io[r].masked[round], ri[r] = r == me ? scratch_i : io[r].src_info[round];
+        }
+        CHECK_STATUS(epmoe_ep_dispatch_ref(c, xs, ts, Ts, NULL, rx, rs, rm, ri), EPMOE_OK);
+        for (int r = 0; r < R; r++) {
+            if (r != me) make_expert_out(c, &io[r], round);
+            eo[r] = io[r].expert_out[round];
+            ro[r] = malloc(lay->out_bytes + 2);
+        }
+        CHECK_STATUS(epmoe_ep_combine_ref(c, eo, ts, ws, Ts, NULL, ro), EPMOE_OK);
+        for (int r = 0; r < R; r++) {
+            if (r != me) memcpy(io[r].out[round], ro[r], (size_t)Ts[r] * c->hidden * 2);
+            free(ro[r]);
+        }
+    }
+    free(scratch_x), free(scratch_s), free(scratch_m), free(scratch_i);
+}
+
+static void *local_rank(void *arg) { /* the ep exists; this thread drives and destroys it */
+    gpu_job *job = arg;
+    CUDA_OK(cudaSetDevice(job->device));
+    cudaStream_t st;
+    CUDA_OK(cudaStreamCreateWithFlags(&st, cudaStreamNonBlocking));
+    job->backend = epmoe_ep_backend(job->ep);
+    run_rounds(job->ep, job, st);
+    epmoe_ep_destroy(job->ep);
+    CUDA_OK(cudaStreamDestroy(st));
+    return NULL;
+}
+
+static int main_helpers(int launched) {
+    int rank = 0, R = ngpu < 8 ? ngpu : 8, local = 0;
+    if (launched && epmoe_launch_env(&rank, &R, &local) != EPMOE_OK) {
+        printf("test_ep_gpu --launched: %s\n", epmoe_last_error());
+        return 1;
+    }
+    if (R > 8) R = 8; /* the scenarios' arrays */
+    printf("test_ep_gpu %s: rank %d of %d, GPU %d\n", launched ? "--launched" : "--local", rank, R, launched ? local : -1);
+    char name[160];
+    for (int i = 0; i < scenario_count(); i++) {
+        scenario sc = helper_scenario(i, R, name, sizeof name);
+        epmoe_ep_layout lay;
+        CHECK_STATUS(epmoe_ep_layout_query(&sc.cfg, &lay), EPMOE_OK);
+        rank_io io[8];
+        gpu_job jobs[8];
+        memset(io, 0, sizeof io), memset(jobs, 0, sizeof jobs);
+        io_alloc(&sc, &lay, io, R);
+        for (int r = 0; r < R; r++) jobs[r].io = &io[r], jobs[r].lay = lay, jobs[r].device = launched ? local : r;
+        epmoe_ep *eps[8] = {0};
+        epmoe_status st = launched ? epmoe_ep_create_nccl_env(&sc.cfg, &eps[rank]) : epmoe_ep_create_nccl_local(&sc.cfg, R, NULL, eps);
+        CHECK(st == EPMOE_OK, "%s: create: %s", name, epmoe_last_error());
+        if (st != EPMOE_OK) {
+            io_free(&sc, io, R);
+            break;
+        }
+        if (launched) {
+            jobs[rank].ep = eps[rank];
+            local_rank(&jobs[rank]);
+            fill_others_from_reference(&sc, &lay, io, rank);
+        } else {
+            pthread_t th[8];
+            for (int r = 0; r < R; r++) jobs[r].ep = eps[r], pthread_create(&th[r], NULL, local_rank, &jobs[r]);
+            for (int r = 0; r < R; r++) pthread_join(th[r], NULL);
+        }
+        const int first = launched ? rank : 0, last = launched ? rank : R - 1;
+        for (int r = first; r <= last; r++) {
+            CHECK(g_expect < 0 || (int)jobs[r].backend == g_expect, "%s rank %d: backend %d, want %d", name, r, jobs[r].backend,
+                  g_expect);
+            CHECK(jobs[r].poll == EPMOE_OK, "%s rank %d: poll %d", name, r, jobs[r].poll);
+        }
+        printf("  %-52s on %s\n", name, jobs[first].backend == EPMOE_BACKEND_NCCL_A2A ? "the all-to-all fallback"
+                                                                                      : "the device API (LSA)");
+        check_scenario(&sc, &lay, io, name);
+        io_free(&sc, io, R);
+    }
+    return test_report(launched ? "test_ep_gpu --launched" : "test_ep_gpu --local");
+}
+
+static int usage(void) {
+    printf("usage: test_ep_gpu [--transport auto|device|alltoall] [--local | --launched] [--expect lsa|a2a|auto]\n");
+    return 2;
+}
+
+int main(int argc, char **argv) {
+    int run_mode = 0; /* 0: a thread per GPU, the whole matrix; 1: --local; 2: --launched */
+    int transport_given = 0;
+    for (int i = 1; i < argc; i++) {
+        if (!strcmp(argv[i], "--local")) run_mode = 1;
+        else if (!strcmp(argv[i], "--launched")) run_mode = 2;
+        else if (!strcmp(argv[i], "--transport") && i + 1 < argc) {
+            const char *t = argv[++i];
+            transport_given = 1;
+            if (!strcmp(t, "auto")) g_transport = EPMOE_TRANSPORT_AUTO;
+            else if (!strcmp(t, "device")) g_transport = EPMOE_TRANSPORT_DEVICE;
+            else if (!strcmp(t, "alltoall")) g_transport = EPMOE_TRANSPORT_ALLTOALL;
+            else return usage();
+        } else if (!strcmp(argv[i], "--expect") && i + 1 < argc) {
+            const char *b = argv[++i];
+            if (!strcmp(b, "lsa")) g_expect = EPMOE_BACKEND_NCCL_LSA;
+            else if (!strcmp(b, "a2a")) g_expect = EPMOE_BACKEND_NCCL_A2A;
+            else if (!strcmp(b, "auto")) g_expect = -2;
+            else return usage();
+        } else {
+            return usage();
+        }
+    }
+    if (run_mode && !transport_given) g_transport = EPMOE_TRANSPORT_AUTO; /* the helpers' default: creation chooses */
+    if (!run_mode && g_transport == EPMOE_TRANSPORT_AUTO) return usage(); /* the matrix tests one named transport */
+    if (!run_mode && g_expect < 0) g_expect = g_transport == EPMOE_TRANSPORT_ALLTOALL ? EPMOE_BACKEND_NCCL_A2A : EPMOE_BACKEND_NCCL_LSA;
     if (cudaGetDeviceCount(&ngpu) != cudaSuccess || ngpu < 1) {
         printf("test_ep_gpu: no CUDA device\n");
         return 1;
     }
     int v;
     ncclGetVersion(&v);
-    printf("test_ep_gpu: %d GPU(s), NCCL runtime %d\n", ngpu, v);
+    printf("test_ep_gpu: %d GPU(s), NCCL runtime %d (headers %d), transport %s\n", ngpu, v, NCCL_VERSION_CODE,
+           g_transport == EPMOE_TRANSPORT_ALLTOALL ? "alltoall" : g_transport ? "device" : "auto");
+    if (g_expect == -2) g_expect = v == NCCL_VERSION_CODE ? EPMOE_BACKEND_NCCL_LSA : EPMOE_BACKEND_NCCL_A2A;
+    if (run_mode) return main_helpers(run_mode == 2);
     const int Rmax = ngpu < 8 ? ngpu : 8;
     char name[128];
     for (int R = 1; R <= Rmax; R += (Rmax > 1 ? Rmax - 1 : 1)) {
@@ -325,7 +535,10 @@ int main(void) {
         sc.cfg.timeout_ms = 200;
         sc.rounds = 1;
         sc.silent_rank = 1;
-        run_gpu(&sc, "gpu R=2 peer never dispatches", 0, EPMOE_ERR_TIMEOUT);
+        if (g_transport == EPMOE_TRANSPORT_ALLTOALL) /* NCCL's send/recv wait for a peer: no timeout to test */
+            printf("  %-44s skipped: the all-to-all fallback has no peer timeout\n", "gpu R=2 peer never dispatches");
+        else
+            run_gpu(&sc, "gpu R=2 peer never dispatches", 0, EPMOE_ERR_TIMEOUT);
     }
     test_graph_replay(1);
     if (ngpu >= 2) test_graph_replay(2);
