@@ -19,6 +19,7 @@
 #include <string.h>
 
 #include "epmoe.h"
+#include "bench_check.h"
 
 /* Keeps the stream busy while the host enqueues the timed work behind it. */
 __global__ void spin(unsigned long long ns) {
@@ -27,27 +28,11 @@ __global__ void spin(unsigned long long ns) {
     do asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t)); while (t - t0 < ns);
 }
 
-#define CU(call)                                                                                                       \
-    do {                                                                                                               \
-        cudaError_t e_ = (call);                                                                                       \
-        if (e_ != cudaSuccess) {                                                                                       \
-            printf("CUDA error %s at %s:%d\n", cudaGetErrorString(e_), __FILE__, __LINE__);                           \
-            exit(2);                                                                                                   \
-        }                                                                                                              \
-    } while (0)
 #define NC(call)                                                                                                       \
     do {                                                                                                               \
         ncclResult_t r_ = (call);                                                                                      \
         if (r_ != ncclSuccess) {                                                                                       \
             printf("NCCL error %s at %s:%d\n", ncclGetErrorString(r_), __FILE__, __LINE__);                           \
-            exit(2);                                                                                                   \
-        }                                                                                                              \
-    } while (0)
-#define EP(call)                                                                                                       \
-    do {                                                                                                               \
-        epmoe_status s_ = (call);                                                                                      \
-        if (s_ != EPMOE_OK) {                                                                                          \
-            printf("epmoe error %s at %s:%d: %s\n", epmoe_status_str(s_), __FILE__, __LINE__, epmoe_last_error());    \
             exit(2);                                                                                                   \
         }                                                                                                              \
     } while (0)

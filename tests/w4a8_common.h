@@ -127,4 +127,32 @@ static int w4_close(double got, double want, double mag) {
     return fabs(got - want) <= W4_TOL_BF16 * fabs(want) + W4_TOL_SUM * mag;
 }
 
+/* Compare a host copy of an output [E, M, rs] (expert stride es) with the oracle; elements past
+** masked_m or N must still hold W4_POISON16, the bf16 NaN no computation here produces. */
+#define W4_POISON16 0x7FBFu
+static void w4_check_out(const char *what, const w4_mat *w, const w4_acts *A, const int32_t *masked, double ts,
+                         const uint16_t *out, int64_t rs, int64_t es) {
+    const int64_t E = w->E, N = w->N, M = A->M;
+    long bad = 0, touched = 0, checked = 0;
+    for (int64_t e = 0; e < E; e++) {
+        const int64_t rows = masked[e] < 0 ? 0 : (masked[e] > M ? M : masked[e]);
+        for (int64_t m = 0; m < M; m++)
+            for (int64_t n = 0; n < rs; n++) {
+                const uint16_t got = out[e * es + m * rs + n];
+                if (m >= rows || n >= N) {
+                    touched += got != W4_POISON16;
+                    continue;
+                }
+                double mag;
+                const double want = w4_oracle(w, A, ts, e, m, n, &mag);
+                checked++;
+                if (!w4_close(epmoe_bf16_to_float(got), want, mag) && ++bad <= 4)
+                    printf("    %s: (e %lld, m %lld, n %lld) got %g want %g (mag %g)\n", what, (long long)e, (long long)m,
+                           (long long)n, epmoe_bf16_to_float(got), want, mag);
+            }
+    }
+    CHECK(bad == 0, "%s: %ld of %ld elements outside the error model", what, bad, checked);
+    CHECK(touched == 0, "%s: %ld elements past masked_m or N were written", what, touched);
+}
+
 #endif

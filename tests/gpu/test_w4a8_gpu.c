@@ -16,7 +16,7 @@
 
 #include "../w4a8_common.h"
 
-#define POISON16 0x7FBFu
+#define POISON16 W4_POISON16
 
 static cudaStream_t stream;
 static int quick;
@@ -60,29 +60,10 @@ static void dev_weights_free(dev_w4 *d) { cudaFree(d->qw), cudaFree(d->sw); }
 /* Check a device output [E, M, rs] against the oracle; untouched elements must keep the poison. */
 static void check_out(const char *what, const w4_mat *w, const w4_acts *A, const int32_t *masked, double ts,
                       const uint16_t *dout, int64_t rs, int64_t es) {
-    const int64_t E = w->E, N = w->N, M = A->M;
+    const int64_t E = w->E;
     uint16_t *out = malloc((size_t)(E * es) * 2);
     CUDA_OK(cudaMemcpy(out, dout, (size_t)(E * es) * 2, cudaMemcpyDeviceToHost));
-    long bad = 0, touched = 0, checked = 0;
-    for (int64_t e = 0; e < E; e++) {
-        const int64_t rows = masked[e] < 0 ? 0 : (masked[e] > M ? M : masked[e]);
-        for (int64_t m = 0; m < M; m++)
-            for (int64_t n = 0; n < rs; n++) {
-                const uint16_t got = out[e * es + m * rs + n];
-                if (m >= rows || n >= N) {
-                    touched += got != POISON16;
-                    continue;
-                }
-                double mag;
-                const double want = w4_oracle(w, A, ts, e, m, n, &mag);
-                checked++;
-                if (!w4_close(epmoe_bf16_to_float(got), want, mag) && ++bad <= 4)
-                    printf("    %s: (e %lld, m %lld, n %lld) got %g want %g (mag %g)\n", what, (long long)e, (long long)m,
-                           (long long)n, epmoe_bf16_to_float(got), want, mag);
-            }
-    }
-    CHECK(bad == 0, "%s: %ld of %ld elements outside the error model", what, bad, checked);
-    CHECK(touched == 0, "%s: %ld elements past masked_m or N were written", what, touched);
+    w4_check_out(what, w, A, masked, ts, out, rs, es);
     free(out);
 }
 
