@@ -450,6 +450,62 @@ EPMOE_API epmoe_status epmoe_ep_combine_ref(const epmoe_ep_config *cfg, const ui
                                             const int32_t *const *topk_idx, const float *const *topk_weights,
                                             const int *num_tokens, const int *active, uint16_t *const *out);
 
+/* ---- the MoE layer: dispatch -> expert MLP -> combine in one call ------------------------
+** A layer lives on one EP group (one per rank) and owns its buffers. The scheme decides what the
+** experts compute and which dispatch wire they can consume; the group's wire must be one of them
+** (there is no process-wide switch: an FP8 layer and a BF16 layer each use their own group):
+**   w4afp8  int4 g128 weights x fp8 activations (the W4A8 MLP): FP8 wire with 1x128 scales (the
+**           default; per-tensor compat mode requantizes at receive, inside dispatch) or BF16 wire
+**           (the layer casts to fp8 + 1x128 scales after receive)
+**   bf16, w8a8_fp8_block, w4a16: not built yet (EPMOE_ERR_UNSUPPORTED), see issue #5.
+** forward: no host synchronization; capturable in a CUDA graph (NCCL device-API groups). */
+typedef struct epmoe_layer epmoe_layer;
+typedef enum epmoe_scheme {
+    EPMOE_SCHEME_BF16 = 0,
+    EPMOE_SCHEME_W8A8_FP8_BLOCK = 1,
+    EPMOE_SCHEME_W4AFP8 = 2,
+    EPMOE_SCHEME_W4A16 = 3
+} epmoe_scheme;
+
+typedef struct epmoe_layer_config {
+    size_t size;             /* sizeof(epmoe_layer_config) */
+    epmoe_scheme scheme;
+    int64_t intermediate;    /* I: a positive multiple of 128 */
+    int per_tensor_act;      /* w4afp8: 0 = 1x128 activation scales (default), 1 = static per-tensor
+                                scales a1/a2 (SGLang's compat path; FP8 wire requantized at receive) */
+    int64_t expected_m;      /* rows per local expert the GEMM tiles are chosen for; 0 = N*R*k/E */
+} epmoe_layer_config;
+#define EPMOE_LAYER_CONFIG_INIT {sizeof(epmoe_layer_config), EPMOE_SCHEME_W4AFP8, 2048, 0, 0}
+
+/* The local experts' weights, where the group's memory is (device for NCCL groups, host for the
+** CPU backend); the layer keeps the pointers, not copies. */
+typedef struct epmoe_layer_weights {
+    epmoe_w4a8_weights w13;  /* [L, 2I, H], repacked */
+    epmoe_w4a8_weights w2;   /* [L, H, I], repacked */
+    const float *a1_scale;   /* per_tensor_act: fp32 scalars */
+    const float *a2_scale;
+} epmoe_layer_weights;
+
+/* The wire a scheme dispatches by default, and whether it can consume `wire` at all. */
+EPMOE_API epmoe_wire epmoe_scheme_default_wire(epmoe_scheme scheme);
+EPMOE_API int epmoe_scheme_accepts_wire(epmoe_scheme scheme, epmoe_wire wire);
+/* Create on a group (not collective; allocates the buffers: epmoe_layer_bytes() reports them). */
+EPMOE_API epmoe_status epmoe_layer_create(epmoe_ep *ep, const epmoe_layer_config *cfg, const epmoe_layer_weights *w,
+                                          epmoe_layer **layer);
+EPMOE_API size_t epmoe_layer_bytes(const epmoe_layer *layer);
+EPMOE_API void epmoe_layer_destroy(epmoe_layer *layer);
+/* out[T, H] bf16 = sum_j topk_weights[t, j] * MLP_{topk_idx[t, j]}(x[t]) over this rank's tokens
+** (collective over the group, like dispatch and combine). */
+EPMOE_API epmoe_status epmoe_layer_forward(epmoe_layer *layer, const uint16_t *x, const void *topk_idx,
+                                           int topk_idx_bits, const float *topk_weights, int num_tokens,
+                                           uint16_t *out, epmoe_stream_t stream);
+/* Single-process reference of the layer over all ranks (host memory): dispatch_ref, the MLP
+** reference per local expert, combine in fp32 in top-k order. w[r]: rank r's local experts. */
+EPMOE_API epmoe_status epmoe_layer_ref(const epmoe_ep_config *ep_cfg, const epmoe_layer_config *cfg,
+                                       const epmoe_layer_weights *w, const uint16_t *const *x,
+                                       const int32_t *const *topk_idx, const float *const *topk_weights,
+                                       const int *num_tokens, uint16_t *const *out);
+
 #ifdef __cplusplus
 }
 #endif

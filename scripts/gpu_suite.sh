@@ -63,6 +63,7 @@ for s in $steps; do
         run fp8_exhaustive ./build/tests/gpu/fp8_exhaustive
         run test_quant_gpu ./build/tests/gpu/test_quant_gpu
         run test_w4a8_gpu ./build/tests/gpu/test_w4a8_gpu
+        [ -x build/tests/gpu/test_layer_gpu ] && run test_layer_gpu timeout 300 ./build/tests/gpu/test_layer_gpu
         [ -x build/tests/gpu/test_ep_gpu ] && ep_tests ;;
     ep)
         ep_tests ;;

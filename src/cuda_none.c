@@ -45,6 +45,14 @@ epmoe_status epmoe_dequant_fp8_cuda(const uint8_t *q, const void *scales, epmoe_
 
 size_t epmoe_w4a8_gemm_workspace(void) { return 0; }
 
+epmoe_status epmoe__dev_alloc(const char *fn, size_t bytes, void **p) {
+    (void)bytes;
+    *p = NULL;
+    return no_cuda(fn);
+}
+
+void epmoe__dev_free(void *p) { (void)p; }
+
 epmoe_status epmoe_w4a8_gemm_cuda(const epmoe_w4a8_gemm_args *args, epmoe_stream_t stream) {
     (void)stream;
     EPMOE_CHECK(epmoe__check_w4a8_gemm(__func__, args, 1));

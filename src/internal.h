@@ -48,6 +48,10 @@ EPMOE_HIDDEN epmoe_status epmoe__check_w4a8_mlp(const char *fn, const epmoe_w4a8
 EPMOE_HIDDEN size_t epmoe__mlp_layout(int64_t E, int64_t M, int64_t H, int64_t I, size_t *gate_up, size_t *inter,
                                       size_t *inter_scales, size_t *gemm);
 
+/* Zeroed device memory on the current device, and its release (device.cu; CPU builds: UNSUPPORTED). */
+EPMOE_HIDDEN epmoe_status epmoe__dev_alloc(const char *fn, size_t bytes, void **p);
+EPMOE_HIDDEN void epmoe__dev_free(void *p);
+
 /* Rows of expert e that an op touches: min(max(masked_m[e], 0), M). */
 static inline int64_t epmoe__valid_rows(const int32_t *masked_m, int64_t e, int64_t M) {
     if (!masked_m) return M;

@@ -30,7 +30,7 @@ typedef struct w4_mat {
 } w4_mat;
 
 /* Weights uniform in [-7, 7] (or [-8, 7] with m8), scales around `scale`. */
-static void w4_mat_make(test_rng *r, w4_mat *w, int64_t E, int64_t N, int64_t K, int m8, double scale, int want_enc) {
+static inline void w4_mat_make(test_rng *r, w4_mat *w, int64_t E, int64_t N, int64_t K, int m8, double scale, int want_enc) {
     w->E = E, w->N = N, w->K = K;
     w->ckpt_w = malloc((size_t)(E * N * K / 2));
     w->ckpt_s = malloc((size_t)(E * N * (K / 128)) * sizeof(float));
@@ -51,9 +51,9 @@ static void w4_mat_make(test_rng *r, w4_mat *w, int64_t E, int64_t N, int64_t K,
     }
 }
 
-static void w4_mat_free(w4_mat *w) { free(w->ckpt_w), free(w->ckpt_s), free(w->qw), free(w->sw); }
+static inline void w4_mat_free(w4_mat *w) { free(w->ckpt_w), free(w->ckpt_s), free(w->qw), free(w->sw); }
 
-static int w4_ckpt_value(const w4_mat *w, int64_t e, int64_t n, int64_t k) {
+static inline int w4_ckpt_value(const w4_mat *w, int64_t e, int64_t n, int64_t k) {
     const uint8_t b = (uint8_t)w->ckpt_w[((e * w->N + n) * w->K + k) / 2];
     const int nib = (k & 1) ? b >> 4 : b & 0xF;
     return nib >= 8 ? nib - 16 : nib;
@@ -70,7 +70,7 @@ typedef struct w4_acts {
     size_t slab;
 } w4_acts;
 
-static void w4_acts_make(test_rng *r, w4_acts *A, int64_t E, int64_t M, int64_t K, epmoe_scale_fmt fmt, int outliers) {
+static inline void w4_acts_make(test_rng *r, w4_acts *A, int64_t E, int64_t M, int64_t K, epmoe_scale_fmt fmt, int outliers) {
     A->E = E, A->M = M, A->K = K, A->fmt = fmt;
     A->x = malloc((size_t)(E * M * K) * 2 + 2);
     A->a = malloc((size_t)(E * M * K) + 1);
@@ -89,9 +89,9 @@ static void w4_acts_make(test_rng *r, w4_acts *A, int64_t E, int64_t M, int64_t 
         epmoe_cast_group_fp8_ref(A->x + e * M * K, M, K, A->a + e * M * K, A->sa + A->slab * (size_t)e, fmt, round);
 }
 
-static void w4_acts_free(w4_acts *A) { free(A->x), free(A->a), free(A->sa); }
+static inline void w4_acts_free(w4_acts *A) { free(A->x), free(A->a), free(A->sa); }
 
-static double w4_act_scale(const w4_acts *A, int64_t e, int64_t m, int64_t g) {
+static inline double w4_act_scale(const w4_acts *A, int64_t e, int64_t m, int64_t g) {
     const uint8_t *p = A->sa + A->slab * (size_t)e + epmoe_scale_offset(A->fmt, A->M, A->K, m, g);
     if (A->fmt >= EPMOE_SCALE_UE8M0_ROW) return epmoe_ue8m0_to_float(*p);
     float s;
@@ -101,7 +101,7 @@ static double w4_act_scale(const w4_acts *A, int64_t e, int64_t m, int64_t g) {
 
 /* The oracle: out[e, m, n] in fp64 from the checkpoint arrays; tensor_scale > 0 selects mode (b)
 ** (activation scales ignored). *mag gets sum_g |sa sw| sum_k |a w|. */
-static double w4_oracle(const w4_mat *w, const w4_acts *A, double tensor_scale, int64_t e, int64_t m, int64_t n,
+static inline double w4_oracle(const w4_mat *w, const w4_acts *A, double tensor_scale, int64_t e, int64_t m, int64_t n,
                         double *mag) {
     const int64_t K = w->K, G = K / 128;
     double acc = 0.0, abs_acc = 0.0;
@@ -122,7 +122,7 @@ static double w4_oracle(const w4_mat *w, const w4_acts *A, double tensor_scale, 
 }
 
 /* Compare one output element with the oracle under the error model; NaN must match NaN. */
-static int w4_close(double got, double want, double mag) {
+static inline int w4_close(double got, double want, double mag) {
     if (isnan(want) || isnan(got)) return isnan(want) && isnan(got);
     return fabs(got - want) <= W4_TOL_BF16 * fabs(want) + W4_TOL_SUM * mag;
 }
@@ -130,7 +130,7 @@ static int w4_close(double got, double want, double mag) {
 /* Compare a host copy of an output [E, M, rs] (expert stride es) with the oracle; elements past
 ** masked_m or N must still hold W4_POISON16, the bf16 NaN no computation here produces. */
 #define W4_POISON16 0x7FBFu
-static void w4_check_out(const char *what, const w4_mat *w, const w4_acts *A, const int32_t *masked, double ts,
+static inline void w4_check_out(const char *what, const w4_mat *w, const w4_acts *A, const int32_t *masked, double ts,
                          const uint16_t *out, int64_t rs, int64_t es) {
     const int64_t E = w->E, N = w->N, M = A->M;
     long bad = 0, touched = 0, checked = 0;

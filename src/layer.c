@@ -1,0 +1,242 @@
+/*
+** layer.c — the MoE layer: dispatch -> expert MLP -> combine over one EP group, and its
+** single-process reference. The scheme decides the expert computation and the dispatch wires it
+** can consume (checked against the group's wire at creation, never switched process-wide).
+*/
+#include <stdlib.h>
+#include <string.h>
+
+#include "ep/ep_internal.h"
+#include "internal.h"
+
+struct epmoe_layer {
+    epmoe_ep *ep;
+    epmoe_layer_config cfg;
+    epmoe_layer_weights w;
+    int gpu;
+    int64_t L, M, H, I;
+    void *recv_x, *recv_scales, *q, *q_scales, *expert_out, *ws;
+    int32_t *masked_m;
+    size_t ws_bytes, bytes;
+};
+
+epmoe_wire epmoe_scheme_default_wire(epmoe_scheme scheme) {
+    return scheme == EPMOE_SCHEME_W4AFP8 || scheme == EPMOE_SCHEME_W8A8_FP8_BLOCK ? EPMOE_WIRE_FP8 : EPMOE_WIRE_BF16;
+}
+
+/* fp8 schemes quantize after receive when the wire is BF16; bf16-activation schemes must never
+** see an FP8 wire (it would quantize what their experts read in bf16: SGLang PR #22316's bug). */
+int epmoe_scheme_accepts_wire(epmoe_scheme scheme, epmoe_wire wire) {
+    if (wire == EPMOE_WIRE_BF16) return 1;
+    return wire == EPMOE_WIRE_FP8 && epmoe_scheme_default_wire(scheme) == EPMOE_WIRE_FP8;
+}
+
+static const char *scheme_name(int s) {
+    static const char *names[] = {"bf16", "w8a8_fp8_block", "w4afp8", "w4a16"};
+    return s >= 0 && s < 4 ? names[s] : "?";
+}
+
+static epmoe_status check_layer(const char *fn, const epmoe_ep_config *ec, const epmoe_layer_config *cfg,
+                                const epmoe_layer_weights *w) {
+    if (!cfg || !w) return epmoe__fail(EPMOE_ERR_NULL_POINTER, "%s: cfg or weights is NULL", fn);
+    if (cfg->size != sizeof(epmoe_layer_config))
+        return epmoe__fail(EPMOE_ERR_INVALID_ARG, "%s: cfg->size = %zu, this library's epmoe_layer_config has %zu bytes",
+                           fn, cfg->size, sizeof(epmoe_layer_config));
+    if (cfg->scheme < EPMOE_SCHEME_BF16 || cfg->scheme > EPMOE_SCHEME_W4A16)
+        return epmoe__fail(EPMOE_ERR_INVALID_ARG, "%s: scheme %d is not an epmoe_scheme", fn, cfg->scheme);
+    if (cfg->scheme != EPMOE_SCHEME_W4AFP8)
+        return epmoe__fail(EPMOE_ERR_UNSUPPORTED, "%s: scheme %s is not built yet (only w4afp8 is)", fn,
+                           scheme_name(cfg->scheme));
+    if (!epmoe_scheme_accepts_wire(cfg->scheme, ec->wire))
+        return epmoe__fail(EPMOE_ERR_INVALID_ARG, "%s: scheme %s cannot consume the group's %s wire", fn,
+                           scheme_name(cfg->scheme), ec->wire == EPMOE_WIRE_FP8 ? "FP8" : "BF16");
+    if (cfg->intermediate <= 0 || cfg->intermediate % 128)
+        return epmoe__fail(EPMOE_ERR_INVALID_ARG, "%s: intermediate = %lld must be a positive multiple of 128", fn,
+                           (long long)cfg->intermediate);
+    if (cfg->expected_m < 0) return epmoe__fail(EPMOE_ERR_INVALID_ARG, "%s: expected_m must be >= 0", fn);
+    const int64_t L = ec->num_experts / ec->num_ranks, H = ec->hidden, I = cfg->intermediate;
+    if (w->w13.E != L || w->w13.N != 2 * I || w->w13.K != H || w->w2.E != L || w->w2.N != H || w->w2.K != I)
+        return epmoe__fail(EPMOE_ERR_INVALID_ARG,
+                           "%s: weights w13 [%lld, %lld, %lld], w2 [%lld, %lld, %lld]; the group and config need "
+                           "[%lld, %lld, %lld] and [%lld, %lld, %lld]",
+                           fn, (long long)w->w13.E, (long long)w->w13.N, (long long)w->w13.K, (long long)w->w2.E,
+                           (long long)w->w2.N, (long long)w->w2.K, (long long)L, (long long)(2 * I), (long long)H,
+                           (long long)L, (long long)H, (long long)I);
+    if (cfg->per_tensor_act && (!w->a1_scale || !w->a2_scale))
+        return epmoe__fail(EPMOE_ERR_NULL_POINTER, "%s: per_tensor_act needs a1_scale and a2_scale", fn);
+    return EPMOE_OK;
+}
+
+static int64_t expected_rows(const epmoe_ep_config *ec, const epmoe_layer_config *cfg) {
+    if (cfg->expected_m > 0) return cfg->expected_m;
+    const int64_t m = (int64_t)ec->max_tokens * ec->num_ranks * ec->top_k / ec->num_experts;
+    return m > 0 ? m : 1;
+}
+
+/* The buffers of one rank: recv (x, scales, masked_m), the post-receive cast (BF16 wire), the
+** expert output and the MLP workspace. One layout for the layer and the reference. */
+typedef struct layer_sizes {
+    size_t recv_x, recv_scales, masked_m, q, q_scales, expert_out, ws;
+} layer_sizes;
+
+static epmoe_status sizes_of(const epmoe_ep_config *ec, const epmoe_layer_config *cfg, layer_sizes *z) {
+    epmoe_ep_layout lay;
+    EPMOE_CHECK(epmoe_ep_layout_query(ec, &lay));
+    const int64_t L = ec->num_experts / ec->num_ranks, M = (int64_t)ec->num_ranks * ec->max_tokens, H = ec->hidden;
+    z->recv_x = lay.recv_x_bytes;
+    z->recv_scales = lay.recv_scales_bytes;
+    z->masked_m = lay.masked_m_bytes;
+    const int cast = ec->wire == EPMOE_WIRE_BF16;
+    z->q = cast ? (size_t)(L * M * H) : 0;
+    z->q_scales = cast ? epmoe_scale_bytes(EPMOE_SCALE_F32_ROW, L * M, H) : 0;
+    z->expert_out = lay.expert_out_bytes;
+    z->ws = epmoe_w4a8_mlp_workspace(L, M, H, cfg->intermediate);
+    return EPMOE_OK;
+}
+
+/* The expert step on one rank's received rows: post-receive cast (BF16 wire), then the MLP. */
+static epmoe_status experts(const epmoe_ep_config *ec, const epmoe_layer_config *cfg, const epmoe_layer_weights *w,
+                            int gpu, void *recv_x, void *recv_scales, const int32_t *masked_m, void *q, void *q_scales,
+                            void *ws, size_t ws_bytes, uint16_t *expert_out, epmoe_stream_t stream) {
+    const int64_t L = ec->num_experts / ec->num_ranks, M = (int64_t)ec->num_ranks * ec->max_tokens, H = ec->hidden;
+    epmoe_w4a8_mlp_args m = {w->w13, w->w2, recv_x, M, masked_m, NULL, ec->scale_fmt, NULL, NULL, ws, ws_bytes,
+                             expert_out, H, M * H, expected_rows(ec, cfg)};
+    if (ec->wire == EPMOE_WIRE_BF16) {
+        m.a = q;
+        m.a_scale_fmt = EPMOE_SCALE_F32_ROW;
+        if (cfg->per_tensor_act)
+            EPMOE_CHECK(gpu ? epmoe_cast_tensor_fp8_cuda(recv_x, L * M * H, w->a1_scale, q, stream)
+                            : epmoe_cast_tensor_fp8_ref(recv_x, L * M * H, w->a1_scale, q));
+        else {
+            EPMOE_CHECK(gpu ? epmoe_cast_group_fp8_cuda(recv_x, L * M, H, q, q_scales, EPMOE_SCALE_F32_ROW, 0, stream)
+                            : epmoe_cast_group_fp8_ref(recv_x, L * M, H, q, q_scales, EPMOE_SCALE_F32_ROW, 0));
+            m.a_scales = q_scales;
+        }
+    } else if (!cfg->per_tensor_act) {
+        m.a_scales = recv_scales;
+    }
+    if (cfg->per_tensor_act) m.a_tensor_scale = w->a1_scale, m.a2_tensor_scale = w->a2_scale;
+    return gpu ? epmoe_w4a8_mlp_cuda(&m, stream) : epmoe_w4a8_mlp_ref(&m);
+}
+
+static void layer_free_buffers(epmoe_layer *y) {
+    void *bufs[] = {y->recv_x, y->recv_scales, y->masked_m, y->q, y->q_scales, y->expert_out, y->ws};
+    for (size_t i = 0; i < sizeof bufs / sizeof bufs[0]; i++) {
+        if (y->gpu) epmoe__dev_free(bufs[i]);
+        else free(bufs[i]);
+    }
+}
+
+epmoe_status epmoe_layer_create(epmoe_ep *ep, const epmoe_layer_config *cfg, const epmoe_layer_weights *w,
+                                epmoe_layer **out) {
+    static const char fn[] = "epmoe_layer_create";
+    if (!ep || !out) return epmoe__fail(EPMOE_ERR_NULL_POINTER, "%s: ep or layer is NULL", fn);
+    *out = NULL;
+    EPMOE_CHECK(check_layer(fn, &ep->cfg, cfg, w));
+    layer_sizes z;
+    EPMOE_CHECK(sizes_of(&ep->cfg, cfg, &z));
+    epmoe_layer *y = calloc(1, sizeof *y);
+    if (!y) return epmoe__fail(EPMOE_ERR_OUT_OF_MEMORY, "%s: no memory", fn);
+    y->ep = ep, y->cfg = *cfg, y->w = *w;
+    y->gpu = ep->backend != EPMOE_BACKEND_CPU;
+    y->L = ep->cfg.num_experts / ep->cfg.num_ranks, y->M = (int64_t)ep->cfg.num_ranks * ep->cfg.max_tokens;
+    y->H = ep->cfg.hidden, y->I = cfg->intermediate;
+    y->ws_bytes = z.ws;
+    const size_t sizes[] = {z.recv_x, z.recv_scales, z.masked_m, z.q, z.q_scales, z.expert_out, z.ws};
+    void **slots[] = {&y->recv_x, &y->recv_scales, (void **)&y->masked_m, &y->q, &y->q_scales, &y->expert_out, &y->ws};
+    for (size_t i = 0; i < sizeof sizes / sizeof sizes[0]; i++) {
+        epmoe_status st = EPMOE_OK;
+        if (y->gpu) st = epmoe__dev_alloc(fn, sizes[i], slots[i]); /* zeroed: the MLP workspace needs it */
+        else if (!(*slots[i] = calloc(1, sizes[i] ? (sizes[i] + 255) / 256 * 256 : 256)))
+            st = epmoe__fail(EPMOE_ERR_OUT_OF_MEMORY, "%s: no memory for %zu bytes", fn, sizes[i]);
+        if (st != EPMOE_OK) {
+            layer_free_buffers(y);
+            free(y);
+            return st;
+        }
+        y->bytes += sizes[i];
+    }
+    *out = y;
+    return EPMOE_OK;
+}
+
+size_t epmoe_layer_bytes(const epmoe_layer *layer) { return layer ? layer->bytes : 0; }
+
+void epmoe_layer_destroy(epmoe_layer *layer) {
+    if (!layer) return;
+    layer_free_buffers(layer);
+    free(layer);
+}
+
+epmoe_status epmoe_layer_forward(epmoe_layer *y, const uint16_t *x, const void *topk_idx, int topk_idx_bits,
+                                 const float *topk_weights, int num_tokens, uint16_t *out, epmoe_stream_t stream) {
+    static const char fn[] = "epmoe_layer_forward";
+    if (!y) return epmoe__fail(EPMOE_ERR_NULL_POINTER, "%s: layer is NULL", fn);
+    if (!topk_weights) return epmoe__fail(EPMOE_ERR_NULL_POINTER, "%s: topk_weights is NULL", fn);
+    const epmoe_ep_config *ec = &y->ep->cfg;
+    const int requant = ec->wire == EPMOE_WIRE_FP8 && y->cfg.per_tensor_act;
+    /* Per-tensor compat on the FP8 wire: dispatch itself requantizes at receive (no extra pass). */
+    const epmoe_dispatch_args d = {x, topk_idx, topk_idx_bits, topk_weights, num_tokens, y->recv_x,
+                                   requant ? NULL : y->recv_scales, y->masked_m, NULL,
+                                   requant ? y->w.a1_scale : NULL};
+    uint32_t h;
+    EPMOE_CHECK(epmoe_dispatch(y->ep, &d, EPMOE_PHASE_BOTH, &h, stream));
+    EPMOE_CHECK(experts(ec, &y->cfg, &y->w, y->gpu, y->recv_x, y->recv_scales, y->masked_m, y->q, y->q_scales, y->ws,
+                        y->ws_bytes, y->expert_out, stream));
+    const epmoe_combine_args c = {y->expert_out, ec->combine_mode == EPMOE_COMBINE_REDUCE_AT_OWNER ? topk_weights : NULL,
+                                  out};
+    return epmoe_combine(y->ep, h, &c, EPMOE_PHASE_BOTH, stream);
+}
+
+epmoe_status epmoe_layer_ref(const epmoe_ep_config *ec, const epmoe_layer_config *cfg, const epmoe_layer_weights *w,
+                             const uint16_t *const *x, const int32_t *const *topk_idx, const float *const *topk_weights,
+                             const int *num_tokens, uint16_t *const *out) {
+    static const char fn[] = "epmoe_layer_ref";
+    if (!ec || !w || !x || !topk_idx || !topk_weights || !num_tokens || !out)
+        return epmoe__fail(EPMOE_ERR_NULL_POINTER, "%s: a required argument is NULL", fn);
+    EPMOE_CHECK(epmoe__ep_check_config(fn, ec));
+    const int R = ec->num_ranks;
+    for (int r = 0; r < R; r++) EPMOE_CHECK(check_layer(fn, ec, cfg, &w[r]));
+    layer_sizes z;
+    EPMOE_CHECK(sizes_of(ec, cfg, &z));
+    const int64_t L = ec->num_experts / R, M = (int64_t)R * ec->max_tokens, H = ec->hidden;
+    void **bufs = calloc((size_t)R * 7, sizeof(void *));
+    epmoe_status st = bufs ? EPMOE_OK : epmoe__fail(EPMOE_ERR_OUT_OF_MEMORY, "%s: no memory", fn);
+    const size_t sizes[] = {z.recv_x, z.recv_scales, z.masked_m, z.q, z.q_scales, z.expert_out, z.ws};
+    for (int i = 0; st == EPMOE_OK && i < R * 7; i++)
+        if (!(bufs[i] = calloc(1, (sizes[i % 7] + 255) / 256 * 256)))
+            st = epmoe__fail(EPMOE_ERR_OUT_OF_MEMORY, "%s: no memory for %zu bytes", fn, sizes[i % 7]);
+    if (st == EPMOE_OK) {
+        void *recv_x[64], *recv_scales[64];
+        int32_t *masked[64];
+        uint16_t *eout[64];
+        if (R > 64) st = epmoe__fail(EPMOE_ERR_UNSUPPORTED, "%s: the reference handles up to 64 ranks", fn);
+        for (int r = 0; st == EPMOE_OK && r < R; r++) {
+            void **b = bufs + r * 7;
+            recv_x[r] = b[0], recv_scales[r] = b[1], masked[r] = b[2], eout[r] = b[5];
+        }
+        if (st == EPMOE_OK)
+            st = epmoe_ep_dispatch_ref(ec, x, topk_idx, num_tokens, NULL, recv_x, recv_scales, masked, NULL);
+        for (int r = 0; st == EPMOE_OK && r < R; r++) {
+            void **b = bufs + r * 7;
+            if (ec->wire == EPMOE_WIRE_FP8 && cfg->per_tensor_act) { /* what dispatch's requant produces */
+                uint8_t *t = malloc((size_t)(L * M * H));
+                st = t ? epmoe_requant_fp8_ref(recv_x[r], recv_scales[r], ec->scale_fmt, masked[r], L, M, H,
+                                               w[r].a1_scale, t)
+                       : epmoe__fail(EPMOE_ERR_OUT_OF_MEMORY, "%s: no memory", fn);
+                if (st == EPMOE_OK) memcpy(recv_x[r], t, (size_t)(L * M * H)); /* rows past masked_m: zeros */
+                free(t);
+            }
+            if (st == EPMOE_OK)
+                st = experts(ec, cfg, &w[r], 0, recv_x[r], recv_scales[r], masked[r], b[3], b[4], b[6], z.ws, eout[r],
+                             NULL);
+        }
+        if (st == EPMOE_OK)
+            st = epmoe_ep_combine_ref(ec, (const uint16_t *const *)eout, topk_idx, topk_weights, num_tokens, NULL, out);
+    }
+    if (bufs) {
+        for (int i = 0; i < R * 7; i++) free(bufs[i]);
+        free(bufs);
+    }
+    return st;
+}

@@ -1,0 +1,172 @@
+/*
+** test_layer_gpu.c — the MoE layer on the GPUs of one node (epmoe_ep_create_nccl_local, one thread
+** per GPU) against the single-process layer reference, at R = 1 and R = 2 (when two GPUs exist):
+** FP8 wire with 1x128 scales, the per-tensor compat mode (requant inside dispatch), the BF16 wire
+** with the cast after receive; both combine modes; a CUDA graph of the whole forward replayed.
+** An FP8-wire layer and a BF16-wire layer live in the same process (each on its own group): each
+** gives its own correct result — there is no process-wide wire switch (SGLang PR #22316's bug).
+*/
+#define _POSIX_C_SOURCE 200809L
+#include "cuda_check.h"
+#include <pthread.h>
+
+#include "../layer_common.h"
+
+typedef struct {
+    layer_case *c;
+    epmoe_ep *ep;
+    int rank, graph;
+    uint16_t *out; /* host copy of the output */
+    epmoe_status st;
+    char err[256];
+} gpu_job;
+
+static void *to_dev(const void *h, size_t n) {
+    void *d;
+    CUDA_OK(cudaMalloc(&d, n ? n : 16));
+    if (n) CUDA_OK(cudaMemcpy(d, h, n, cudaMemcpyHostToDevice));
+    return d;
+}
+
+static void *run_rank(void *arg) {
+    gpu_job *j = arg;
+    layer_case *c = j->c;
+    const int q = j->rank, H = c->ec.hidden, k = c->ec.top_k, N = c->ec.max_tokens;
+    CUDA_OK(cudaSetDevice(q));
+    cudaStream_t s;
+    CUDA_OK(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking));
+    size_t q13, s13, q2, s2;
+    epmoe_w4a8_repack_size(c->hw[q].w13.E, c->hw[q].w13.N, c->hw[q].w13.K, &q13, &s13);
+    epmoe_w4a8_repack_size(c->hw[q].w2.E, c->hw[q].w2.N, c->hw[q].w2.K, &q2, &s2);
+    epmoe_layer_weights w = c->hw[q];
+    w.w13.qweight = to_dev(c->hw[q].w13.qweight, q13), w.w13.scales = to_dev(c->hw[q].w13.scales, s13);
+    w.w2.qweight = to_dev(c->hw[q].w2.qweight, q2), w.w2.scales = to_dev(c->hw[q].w2.scales, s2);
+    w.a1_scale = to_dev(&c->a1, 4), w.a2_scale = to_dev(&c->a2, 4);
+    uint16_t *x = to_dev(c->x[q], (size_t)N * H * 2), *out;
+    int32_t *ids = to_dev(c->topk[q], (size_t)N * k * 4);
+    float *tw = to_dev(c->tw[q], (size_t)N * k * 4);
+    CUDA_OK(cudaMalloc((void **)&out, (size_t)N * H * 2));
+    epmoe_layer *layer = NULL;
+    j->st = epmoe_layer_create(j->ep, &c->lc, &w, &layer);
+    if (j->st == EPMOE_OK && !j->graph) {
+        for (int it = 0; it < 2 && j->st == EPMOE_OK; it++)
+            j->st = epmoe_layer_forward(layer, x, ids, 32, tw, c->T[q], out, s);
+    } else if (j->st == EPMOE_OK) { /* captured once, replayed 10 times */
+        cudaGraph_t g;
+        cudaGraphExec_t ge;
+        CUDA_OK(cudaStreamBeginCapture(s, cudaStreamCaptureModeThreadLocal));
+        j->st = epmoe_layer_forward(layer, x, ids, 32, tw, c->T[q], out, s);
+        CUDA_OK(cudaStreamEndCapture(s, &g));
+        if (j->st == EPMOE_OK) {
+            CUDA_OK(cudaGraphInstantiate(&ge, g, 0));
+            for (int it = 0; it < 10; it++) {
+                CUDA_OK(cudaMemsetAsync(out, 0xFF, (size_t)N * H * 2, s)); /* each replay must rewrite it */
+                CUDA_OK(cudaGraphLaunch(ge, s));
+            }
+            cudaGraphExecDestroy(ge);
+        }
+        cudaGraphDestroy(g);
+    }
+    CUDA_OK(cudaStreamSynchronize(s));
+    if (j->st == EPMOE_OK) j->st = epmoe_ep_poll(j->ep);
+    if (j->st != EPMOE_OK) snprintf(j->err, sizeof j->err, "%s", epmoe_last_error());
+    CUDA_OK(cudaMemcpy(j->out, out, (size_t)N * H * 2, cudaMemcpyDeviceToHost));
+    epmoe_layer_destroy(layer);
+    cudaFree(x), cudaFree(ids), cudaFree(tw), cudaFree(out);
+    cudaFree((void *)w.w13.qweight), cudaFree((void *)w.w13.scales), cudaFree((void *)w.w2.qweight);
+    cudaFree((void *)w.w2.scales), cudaFree((void *)w.a1_scale), cudaFree((void *)w.a2_scale);
+    cudaStreamDestroy(s);
+    return NULL;
+}
+
+typedef struct {
+    epmoe_ep *ep;
+} destroy_job;
+static void *destroy_rank(void *arg) {
+    destroy_job *d = arg;
+    epmoe_ep_destroy(d->ep);
+    return NULL;
+}
+
+/* Make the groups, run the layer on every rank, compare, tear down. */
+static void run_case(layer_case *c, int graph, const char *name) {
+    layer_case_make(c);
+    const int R = c->ec.num_ranks;
+    epmoe_ep *eps[LAYER_MAX_R];
+    epmoe_status st = epmoe_ep_create_nccl_local(&c->ec, R, NULL, eps);
+    CHECK(st == EPMOE_OK, "%s: creating the groups: %s", name, epmoe_last_error());
+    if (st != EPMOE_OK) {
+        layer_case_free(c);
+        return;
+    }
+    gpu_job jobs[LAYER_MAX_R];
+    pthread_t th[LAYER_MAX_R];
+    for (int q = 0; q < R; q++) {
+        jobs[q] = (gpu_job){c, eps[q], q, graph, malloc((size_t)c->ec.max_tokens * c->ec.hidden * 2), EPMOE_OK, ""};
+        pthread_create(&th[q], NULL, run_rank, &jobs[q]);
+    }
+    for (int q = 0; q < R; q++) pthread_join(th[q], NULL);
+    for (int q = 0; q < R; q++) {
+        CHECK(jobs[q].st == EPMOE_OK, "%s rank %d: %s", name, q, jobs[q].err);
+        if (jobs[q].st == EPMOE_OK) layer_check(c, q, jobs[q].out, LAYER_GPU_L2, name);
+        free(jobs[q].out);
+    }
+    destroy_job d[LAYER_MAX_R];
+    for (int q = 0; q < R; q++) d[q].ep = eps[q], pthread_create(&th[q], NULL, destroy_rank, &d[q]);
+    for (int q = 0; q < R; q++) pthread_join(th[q], NULL);
+    printf("  %-52s checked against the layer reference\n", name);
+    layer_case_free(c);
+}
+
+static layer_case base(int R, epmoe_wire wire, epmoe_combine_mode mode, int per_tensor, uint64_t seed) {
+    layer_case c;
+    memset(&c, 0, sizeof c);
+    /* DeepSeek-R1 hidden size, fewer experts and a smaller I to keep the reference quick */
+    const epmoe_ep_config ec = {sizeof(epmoe_ep_config), R, 0, 16, 7168, 8 * R, 4, wire, EPMOE_SCALE_F32_MMAJOR, 0, 1,
+                                mode, 10000, EPMOE_TRANSPORT_AUTO};
+    const epmoe_layer_config lc = {sizeof(epmoe_layer_config), EPMOE_SCHEME_W4AFP8, 256, per_tensor, 0};
+    c.ec = ec, c.lc = lc;
+    for (int q = 0; q < R; q++) c.T[q] = q ? 16 : 13; /* T = N on rank 1 */
+    c.seed = seed;
+    return c;
+}
+
+int main(void) {
+    int gpus = 0;
+    CUDA_OK(cudaGetDeviceCount(&gpus));
+    printf("test_layer_gpu: %d GPU(s)\n", gpus);
+    char name[128];
+    for (int R = 1; R <= (gpus >= 2 ? 2 : 1); R++)
+        for (int wire = 0; wire < 2; wire++)
+            for (int mode = 0; mode < 2; mode++)
+                for (int pt = 0; pt < 2; pt++) {
+                    if (mode == 0 && pt == 1 && wire == 0) continue; /* keep the run short; covered on CPU */
+                    layer_case c = base(R, (epmoe_wire)wire, (epmoe_combine_mode)mode, pt, 77u + (uint64_t)R * 8 + wire * 4 + mode * 2 + pt);
+                    snprintf(name, sizeof name, "R=%d %s wire, reduce at %s, %s", R, wire ? "FP8" : "BF16",
+                             mode ? "expert" : "owner", pt ? "per-tensor" : "1x128 scales");
+                    run_case(&c, 0, name);
+                }
+    /* the whole forward in a CUDA graph, replayed */
+    layer_case g = base(gpus >= 2 ? 2 : 1, EPMOE_WIRE_FP8, EPMOE_COMBINE_REDUCE_AT_EXPERT, 0, 991);
+    run_case(&g, 1, "graph: FP8 wire, reduce at expert, 10 replays");
+    /* An FP8 group and a BF16 group alive at once in this process, each checked. */
+    {
+        layer_case a = base(1, EPMOE_WIRE_FP8, EPMOE_COMBINE_REDUCE_AT_EXPERT, 0, 5),
+                   b = base(1, EPMOE_WIRE_BF16, EPMOE_COMBINE_REDUCE_AT_EXPERT, 0, 6);
+        layer_case_make(&a), layer_case_make(&b);
+        epmoe_ep *ea, *eb;
+        CHECK_STATUS(epmoe_ep_create_nccl_local(&a.ec, 1, NULL, &ea), EPMOE_OK);
+        CHECK_STATUS(epmoe_ep_create_nccl_local(&b.ec, 1, NULL, &eb), EPMOE_OK);
+        gpu_job ja = {&a, ea, 0, 0, malloc((size_t)16 * 7168 * 2), EPMOE_OK, ""};
+        gpu_job jb = {&b, eb, 0, 0, malloc((size_t)16 * 7168 * 2), EPMOE_OK, ""};
+        run_rank(&ja), run_rank(&jb), run_rank(&ja); /* interleaved: FP8, BF16, FP8 again */
+        CHECK(ja.st == EPMOE_OK && jb.st == EPMOE_OK, "two groups: %s / %s", ja.err, jb.err);
+        layer_check(&a, 0, ja.out, LAYER_GPU_L2, "FP8 layer next to a BF16 layer");
+        layer_check(&b, 0, jb.out, LAYER_GPU_L2, "BF16-wire layer next to an FP8 layer");
+        printf("  %-52s checked against the layer reference\n", "FP8-wire and BF16-wire layers in one process");
+        epmoe_ep_destroy(ea), epmoe_ep_destroy(eb);
+        free(ja.out), free(jb.out);
+        layer_case_free(&a), layer_case_free(&b);
+    }
+    return test_report("test_layer_gpu");
+}
