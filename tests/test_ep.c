@@ -96,9 +96,9 @@ static void run_scenario(const scenario *sc, const char *name) {
 }
 
 static void test_matrix(void) {
-    const int Rs[] = {1, 2, 3, 4};
+    const int Rs[] = {1, 2, 3, 4, 8}; /* 8: DeepSeek-R1 EP8 rank count (issue #6), on the CPU backend */
     char name[128];
-    for (int ri = 0; ri < 4; ri++) {
+    for (int ri = 0; ri < 5; ri++) {
         const int R = Rs[ri];
         for (int wire = 0; wire < 2; wire++)
             for (int mode = 0; mode < 3; mode++) { /* 0: dedup+expert, 1: dedup+owner, 2: per-expert+owner */
