@@ -281,7 +281,9 @@ extern "C" epmoe_status epmoe_ep_create_nccl(struct ncclComm *comm, const epmoe_
         all = new Hello[nranks];
         CUDA_TRY(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking), "cudaStreamCreate");
         CUDA_TRY(cudaMalloc(&dhello, sizeof(Hello) * (size_t)(nranks + 1)), "cudaMalloc");
-        CUDA_TRY(cudaMemcpy(dhello, &me, sizeof me, cudaMemcpyHostToDevice), "cudaMemcpy");
+        /* on `stream`, before the gather that reads it: a plain cudaMemcpy from pageable memory may
+        ** return before its DMA lands, on the legacy stream, which a non-blocking stream does not wait for */
+        CUDA_TRY(cudaMemcpyAsync(dhello, &me, sizeof me, cudaMemcpyHostToDevice, stream), "cudaMemcpyAsync");
         NCCL_TRY(ncclAllGather(dhello, static_cast<Hello *>(dhello) + 1, sizeof me, ncclUint8, comm, stream), "ncclAllGather");
         CUDA_TRY(cudaStreamSynchronize(stream), "cudaStreamSynchronize");
         CUDA_TRY(cudaMemcpy(all, static_cast<Hello *>(dhello) + 1, sizeof me * (size_t)nranks, cudaMemcpyDeviceToHost),

@@ -37,10 +37,17 @@ typedef struct {
     int device;     /* ...and the GPU it lives on */
 } gpu_job;
 
+/* Device copy of n host bytes (h = NULL: uninitialized), complete when this returns. A plain
+** cudaMemcpy from pageable memory may return before its DMA lands (CUDA's API synchronization
+** rules), and it runs on the legacy default stream, which the tests' cudaStreamNonBlocking
+** streams do not wait for: a kernel launched right after could read the old bytes. */
 static void *dev_copy(const void *h, size_t n) {
     void *d;
     CUDA_OK(cudaMalloc(&d, n + 16));
-    if (h) CUDA_OK(cudaMemcpy(d, h, n, cudaMemcpyHostToDevice));
+    if (h) {
+        CUDA_OK(cudaMemcpy(d, h, n, cudaMemcpyHostToDevice));
+        CUDA_OK(cudaStreamSynchronize(cudaStreamLegacy));
+    }
     return d;
 }
 
@@ -85,7 +92,8 @@ static void run_rounds(epmoe_ep *ep, gpu_job *job, cudaStream_t st) {
         CUDA_OK(cudaMemcpy(io->masked[round], dm[round], lay.masked_m_bytes, cudaMemcpyDeviceToHost));
         CUDA_OK(cudaMemcpy(io->src_info[round], dsi[round], lay.src_info_bytes, cudaMemcpyDeviceToHost));
         make_expert_out(&cfg, io, round);
-        CUDA_OK(cudaMemcpy(deo[round], io->expert_out[round], lay.expert_out_bytes, cudaMemcpyHostToDevice));
+        /* on the ep's stream, so combine reads it after it landed (see dev_copy) */
+        CUDA_OK(cudaMemcpyAsync(deo[round], io->expert_out[round], lay.expert_out_bytes, cudaMemcpyHostToDevice, st));
         const int c = sc->split ? round - 1 : round; /* split: two dispatches live at once */
         if (c >= 0) {
             epmoe_combine_args ca = {deo[c], dw[c], dout[c]};
@@ -206,8 +214,8 @@ static void *graph_rank(void *arg) {
     if (j->backend == EPMOE_BACKEND_NCCL_A2A) {
         /* one eager pair first (every id -1, nothing routed): NCCL connects its peers at the
         ** first send/recv, a blocking host step better kept out of the capture */
-        CUDA_OK(cudaMemset(dx, 0, (size_t)N * H * 2));
-        CUDA_OK(cudaMemset(di, 0xFF, (size_t)N * k * 4));
+        CUDA_OK(cudaMemsetAsync(dx, 0, (size_t)N * H * 2, st)); /* on st: a legacy-stream memset is not ordered with it */
+        CUDA_OK(cudaMemsetAsync(di, 0xFF, (size_t)N * k * 4, st));
         epmoe_status w1 = epmoe_dispatch(ep, &a, EPMOE_PHASE_BOTH, &h, st);
         epmoe_status w2 = w1 ? w1 : epmoe_combine(ep, h, &ca, EPMOE_PHASE_BOTH, st);
         CUDA_OK(cudaStreamSynchronize(st));
