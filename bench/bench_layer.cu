@@ -108,6 +108,7 @@ static void *run_rank(void *arg) {
     CU(cudaMemcpy(x, hx.data(), hx.size() * 2, cudaMemcpyHostToDevice));
     CU(cudaMemcpy(idx, hidx.data(), hidx.size() * 4, cudaMemcpyHostToDevice));
     CU(cudaMemcpy(tw, hw.data(), hw.size() * 4, cudaMemcpyHostToDevice));
+    CU(cudaDeviceSynchronize()); /* pageable copies may return before they land */
     /* the stages alone, on the bench's own buffers (the layer's are private); the BF16 wire
     ** stage "MLP" includes the cast after receive only in the layer row */
     uint8_t *q = NULL;

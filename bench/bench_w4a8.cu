@@ -232,7 +232,7 @@ static void run_model(Blas &b, const char *model, int E, int H, int I, const std
         fill_bf16<<<1024, 256, 0, stream>>>(xb2, (size_t)E * M * I);
         std::vector<int32_t> hm(E, rows);
         CU(cudaMemcpy(masked, hm.data(), E * 4, cudaMemcpyHostToDevice));
-        CU(cudaStreamSynchronize(stream));
+        CU(cudaDeviceSynchronize()); /* the copy and the fills on `stream` both landed */
 
         /* GEMM2's input scales: the same per-token group layout, I/128 groups */
         float *sa2;

@@ -25,6 +25,7 @@ static void *to_dev(const void *h, size_t n) {
     void *d;
     CUDA_OK(cudaMalloc(&d, n ? n : 16));
     if (n) CUDA_OK(cudaMemcpy(d, h, n, cudaMemcpyHostToDevice));
+    CUDA_OK(cudaDeviceSynchronize()); /* the copy may return before its DMA lands; the stream is non-blocking */
     return d;
 }
 

@@ -23,10 +23,13 @@ static int quick;
 static void *gws; /* the GEMMs' workspace, zeroed once */
 static size_t gws_bytes;
 
+/* cudaMemcpy from pageable memory may return before the DMA lands, and the kernels run on a
+** non-blocking stream that does not wait for the legacy one: synchronize the device first. */
 static void *dev_copy(const void *h, size_t bytes) {
     void *p;
     CUDA_OK(cudaMalloc(&p, bytes ? bytes : 16));
     if (bytes) CUDA_OK(cudaMemcpy(p, h, bytes, cudaMemcpyHostToDevice));
+    CUDA_OK(cudaDeviceSynchronize());
     return p;
 }
 
