@@ -9,8 +9,10 @@
 ** W4_TOL_BF16: the bf16 output rounding (half an ulp = 2^-9) with room for the fp32 rounding
 ** before it. W4_TOL_SUM: the per-group tensor-core sum. Hopper's fp8 wgmma aligns and truncates
 ** inside its accumulation (~14 bits kept, DeepSeek-V3 §3.3), once per k32 step; on an H200 the
-** worst element seen was 5.5e-4 * mag (2026-11-30, 2^-10.8), so 2^-9 leaves 3.5x margin, while a
-** wrong fragment, scale or row gives errors of order 0.1-1 in these units.
+** worst elements seen over many seeds were 2.3e-3 * mag (UE8M0 scales, K = 384; 2026-11-30), so
+** 2^-8 leaves 1.7x margin. A wrong fragment, scale or row is still far outside: it moves an output
+** by about its own size, and |out| ~ mag / sqrt(K) on random data (K = 7168: 0.015 mag, 4x the
+** bound); the accuracy test (NMSE within 5% of the fp64 model) is the fine check.
 */
 #ifndef EPMOE_W4A8_COMMON_H
 #define EPMOE_W4A8_COMMON_H
@@ -18,7 +20,7 @@
 #include "test.h"
 
 #define W4_TOL_BF16 (1.0 / 256)
-#define W4_TOL_SUM (1.0 / 512)
+#define W4_TOL_SUM (1.0 / 256)
 
 typedef struct w4_mat {
     int64_t E, N, K;
