@@ -20,7 +20,7 @@ extern "C" {
 
 /* ---- version: the single source of truth (the Makefile parses these lines) ---------- */
 #define EPMOE_VERSION_MAJOR 0
-#define EPMOE_VERSION_MINOR 1
+#define EPMOE_VERSION_MINOR 2
 #define EPMOE_VERSION_PATCH 0
 #define EPMOE_VERSION_CODE (EPMOE_VERSION_MAJOR * 10000 + EPMOE_VERSION_MINOR * 100 + EPMOE_VERSION_PATCH)
 
