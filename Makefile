@@ -46,7 +46,7 @@ ASAN := $(BUILD)/asan
 SANFLAGS := -fsanitize=address,undefined -fno-sanitize-recover=all -fno-omit-frame-pointer
 
 .DELETE_ON_ERROR:
-.PHONY: dev-labs gpu-build all lib demo test test-c test-asan test-python check-header check-symbols test-gpu bench-gpu gpu-suite clean info
+.PHONY: dev-labs gpu-build all lib demo test test-c test-asan test-python test-cli check-header check-symbols test-gpu bench-gpu gpu-suite clean info
 all: lib $(BUILD)/epmoe
 
 info:
@@ -79,8 +79,9 @@ $(BUILD)/libepmoe.so: $(LIB_OBJ)
 	$(CC) -shared -Wl,--no-undefined -Wl,-soname,libepmoe.so.$(SONAME_MAJOR) -o $@ $^ $(LDLIBS)
 
 # ---- CLI -----------------------------------------------------------------------------------
-$(BUILD)/epmoe: tools/epmoe.c tools/demo_ep.c tools/demo_w4a8.c $(BUILD)/libepmoe.a $(HEADERS)
-	$(CC) $(CFLAGS) $(if $(filter 1,$(CUDA)),-isystem $(CUDA_HOME)/include) -o $@ tools/epmoe.c tools/demo_ep.c tools/demo_w4a8.c \
+CLI_SRC := tools/epmoe.c tools/demo_ep.c tools/demo_w4a8.c tools/cli_layer.c
+$(BUILD)/epmoe: $(CLI_SRC) $(BUILD)/libepmoe.a $(HEADERS)
+	$(CC) $(CFLAGS) $(if $(filter 1,$(CUDA)),-isystem $(CUDA_HOME)/include) -o $@ $(CLI_SRC) \
 		$(BUILD)/libepmoe.a $(LDLIBS)
 
 # NCCL's device API needs the libnccl it was compiled against; on the H200 image that is torch's
@@ -118,12 +119,15 @@ check-symbols: $(BUILD)/libepmoe.so
 	if [ -n "$$bad" ]; then echo "exported non-epmoe_ symbols:"; echo "$$bad"; exit 1; fi; \
 	echo "check-symbols: only epmoe_* exported ($$(nm -D --defined-only $(BUILD)/libepmoe.so | grep -c ' T epmoe_') functions)"
 
+test-cli: $(BUILD)/epmoe
+	bash tests/test_cli.sh $(BUILD)/epmoe
+
 test-python: $(BUILD)/libepmoe.so
 	EPMOE_LIB=$(abspath $(BUILD)/libepmoe.so) $(PYTHON) -m pytest -q python/tests
 
 # CI has nvcc but no GPU: every .cu (library, GPU tests, labs, benchmarks) is compiled, none is run.
 COMPILE_GPU := $(if $(filter 1,$(CUDA)),gpu-build)
-test: lib check-header check-symbols $(COMPILE_GPU) test-c test-asan test-python
+test: lib check-header check-symbols $(COMPILE_GPU) test-c test-asan test-python test-cli
 	@echo "make test: all CPU suites passed$(if $(COMPILE_GPU), (and every CUDA source compiled))"
 
 # ---- GPU (H200): tests, benchmarks, the whole suite in one call ------------------------------

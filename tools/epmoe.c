@@ -21,12 +21,22 @@
 
 int demo_ep(int use_gpu);   /* demo_ep.c */
 int demo_w4a8(int use_gpu); /* demo_w4a8.c */
+int cmd_check(int argc, char **argv); /* cli_layer.c */
+int cmd_bench(int argc, char **argv);
 
 static int usage(FILE *f) {
     fprintf(f, "usage: epmoe <command> [options]\n"
                "  demo [--tokens N] [--cpu]  quantize a DeepSeek-R1 EP receive batch (N rows, default 1024, H 7168)\n"
                "                             on the GPU if one is present (or on the CPU with --cpu)\n"
-               "  version                    print the library version\n");
+               "  check [--model M] [--experts E] [--tokens N] [--wire fp8|bf16|both] [--cpu] [--json F]\n"
+               "                             the MoE layer's error against an fp64 model: FP8 vs BF16 wire x\n"
+               "                             1x128 vs per-tensor activation scales, gaussian and outlier tokens\n"
+               "  bench [--model M] [--experts E] [--tokens N] [--wire fp8|bf16|both] [--iters N] [--cpu] [--json F]\n"
+               "                             the layer and each stage alone (dispatch, expert MLP, combine):\n"
+               "                             median us, GB/s, TFLOP/s on the node's GPUs (else the CPU backend)\n"
+               "  version                    print the library version\n"
+               "  M: deepseek-r1 (default), kimi-k2, tiny (H 512, I 256, 16 experts, top-4: quick on a CPU);\n"
+               "  the scheme is w4afp8 (--scheme w4afp8; the other schemes are not built yet)\n");
     return f == stdout ? 0 : 2;
 }
 
@@ -205,6 +215,8 @@ static int demo(int argc, char **argv) {
 int main(int argc, char **argv) {
     if (argc < 2) return usage(stderr);
     if (!strcmp(argv[1], "demo")) return demo(argc - 2, argv + 2);
+    if (!strcmp(argv[1], "check")) return cmd_check(argc - 2, argv + 2);
+    if (!strcmp(argv[1], "bench")) return cmd_bench(argc - 2, argv + 2);
     if (!strcmp(argv[1], "version")) {
         printf("epmoe %s (CUDA devices: %d)\n", epmoe_version_string(), epmoe_cuda_device_count());
         return 0;

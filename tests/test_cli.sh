@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# test_cli.sh — the epmoe CLI as a user meets it: help, clear errors on bad flags (exit 2), and the
+# check and bench commands end to end on the CPU backend with the tiny model (JSON parsed back).
+set -u
+EPMOE=${1:-build/epmoe}
+fail=0
+expect() { # want_rc, description, command...
+    local want=$1 what=$2; shift 2
+    out=$("$@" 2>&1); rc=$?
+    if [ "$rc" != "$want" ]; then echo "  FAIL $what: exit $rc, want $want"; echo "$out" | tail -3; fail=1; fi
+}
+expect 0 "--help" "$EPMOE" --help
+expect 2 "no command" "$EPMOE"
+expect 2 "unknown command" "$EPMOE" frobnicate
+expect 2 "unknown model" "$EPMOE" bench --model gpt5
+expect 2 "bad --tokens" "$EPMOE" bench --tokens -3
+expect 2 "bad --wire" "$EPMOE" check --wire fp16
+expect 2 "unbuilt scheme" "$EPMOE" bench --scheme bf16
+expect 2 "experts not a multiple of ranks" "$EPMOE" check --model tiny --cpu --experts 3
+msg=$("$EPMOE" bench --model gpt5 2>&1)
+case "$msg" in *"unknown model 'gpt5'"*) ;; *) echo "  FAIL: the error does not name the bad value: $msg"; fail=1 ;; esac
+tmp=$(mktemp -d)
+expect 0 "check --model tiny --cpu" "$EPMOE" check --model tiny --cpu --json "$tmp/check.json"
+expect 0 "bench --model tiny --cpu" "$EPMOE" bench --model tiny --cpu --tokens 8 --iters 2 --json "$tmp/bench.json"
+python3 - "$tmp" <<'PY' || fail=1
+import json, sys, math
+d = sys.argv[1]
+c = json.load(open(f"{d}/check.json"))
+r = {(x["tokens"], x["wire"], x["act_scales"]): x["nmse"] for x in c["results"]}
+assert len(r) == 8, r
+for k, v in r.items():
+    assert math.isfinite(v) and 0 < v < 0.05, (k, v)  # fp8 noise: ~1e-3, never garbage
+# 1x128 group scales never lose to the per-tensor path on the same tokens
+for t in ("gaussian", "outliers"):
+    for w in ("fp8", "bf16"):
+        assert r[(t, w, "group")] <= r[(t, w, "per_tensor")] * 1.05, (t, w, r)
+b = json.load(open(f"{d}/bench.json"))
+st = {(x["wire"], x["stage"]) for x in b["results"]}
+assert st == {(w, s) for w in ("fp8", "bf16") for s in ("layer", "dispatch", "expert MLP", "combine")}, st
+assert all(x["us"] > 0 for x in b["results"])
+PY
+rm -rf "$tmp"
+[ $fail = 0 ] && echo "test_cli: all passed" || { echo "test_cli: FAILED"; exit 1; }

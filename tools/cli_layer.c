@@ -1,0 +1,595 @@
+/*
+** cli_layer.c — `epmoe check` and `epmoe bench`: the MoE layer (W4AFP8) on the best backend (the
+** node's GPUs over NCCL, one thread per GPU; else the CPU backend with ranks as threads).
+**   check: the layer's error against an fp64 model (exact int4 weights, unquantized activations
+**          and intermediate) for FP8 vs BF16 wire x 1x128 vs per-tensor activation scales, on
+**          gaussian tokens and on tokens with 8 outlier channels x200.
+**   bench: the layer forward and each stage alone (dispatch, expert MLP, combine): median us,
+**          GB/s over the weights the MLP reads, TFLOP/s; FP8 and/or BF16 wire; --json.
+*/
+#define _POSIX_C_SOURCE 200809L
+#include <math.h>
+#include <pthread.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "epmoe.h"
+#if EPMOE_HAVE_CUDA
+#include <cuda_runtime_api.h>
+#endif
+
+int cmd_check(int argc, char **argv);
+int cmd_bench(int argc, char **argv);
+
+typedef struct model {
+    const char *name;
+    int H, I, E, k;
+} model;
+static const model MODELS[] = {{"deepseek-r1", 7168, 2048, 256, 8}, {"kimi-k2", 7168, 2048, 384, 8}, {"tiny", 512, 256, 16, 4}};
+
+typedef struct opts {
+    const model *m;
+    int tokens, experts, cpu, iters, wires; /* wires: bit 0 FP8, bit 1 BF16 */
+    const char *json;
+} opts;
+
+static int parse(const char *cmd, int argc, char **argv, opts *o) {
+    for (int i = 0; i < argc; i++) {
+        const char *a = argv[i], *v = i + 1 < argc ? argv[i + 1] : NULL;
+        char *end = NULL;
+        if (!strcmp(a, "--cpu")) o->cpu = 1;
+        else if (!strcmp(a, "--model") && v) {
+            o->m = NULL;
+            for (size_t j = 0; j < sizeof MODELS / sizeof MODELS[0]; j++)
+                if (!strcmp(v, MODELS[j].name)) o->m = &MODELS[j];
+            if (!o->m) return fprintf(stderr, "epmoe %s: unknown model '%s' (deepseek-r1, kimi-k2, tiny)\n", cmd, v), 2;
+            i++;
+        } else if ((!strcmp(a, "--tokens") || !strcmp(a, "--experts") || !strcmp(a, "--iters")) && v) {
+            const long n = strtol(v, &end, 10);
+            if (*end || n < 1 || n > 4096) return fprintf(stderr, "epmoe %s: %s takes an integer in [1, 4096], got '%s'\n", cmd, a, v), 2;
+            if (!strcmp(a, "--tokens")) o->tokens = (int)n;
+            else if (!strcmp(a, "--experts")) o->experts = (int)n;
+            else o->iters = (int)n;
+            i++;
+        } else if (!strcmp(a, "--wire") && v) {
+            o->wires = !strcmp(v, "fp8") ? 1 : !strcmp(v, "bf16") ? 2 : !strcmp(v, "both") ? 3 : 0;
+            if (!o->wires) return fprintf(stderr, "epmoe %s: --wire takes fp8, bf16 or both, got '%s'\n", cmd, v), 2;
+            i++;
+        } else if (!strcmp(a, "--scheme") && v) {
+            if (strcmp(v, "w4afp8"))
+                return fprintf(stderr, "epmoe %s: scheme '%s' is not built yet (w4afp8 is)\n", cmd, v), 2;
+            i++;
+        } else if (!strcmp(a, "--json") && v) o->json = argv[++i];
+        else return fprintf(stderr, "epmoe %s: unknown or incomplete option '%s' (see epmoe --help)\n", cmd, a), 2;
+    }
+    return 0;
+}
+
+/* ---- ranks: a group per wire, one thread per rank -------------------------------------- */
+
+typedef struct rank_ctx rank_ctx;
+typedef void (*rank_fn)(rank_ctx *r);
+struct rank_ctx {
+    int rank, R, gpu;
+    epmoe_ep_config ec;
+    epmoe_cpu_world *world;
+    epmoe_ep *ep;
+    rank_fn fn;
+    void *job;          /* the command's per-rank data */
+    epmoe_status st;
+    char err[256];
+};
+
+static void *rank_main(void *arg) {
+    rank_ctx *r = arg;
+#if EPMOE_HAVE_CUDA
+    if (r->gpu) cudaSetDevice(r->rank);
+#endif
+    if (!r->gpu) {
+        epmoe_ep_config c = r->ec;
+        c.rank = r->rank;
+        r->st = epmoe_ep_create_cpu(r->world, &c, &r->ep);
+        if (r->st != EPMOE_OK) snprintf(r->err, sizeof r->err, "%s", epmoe_last_error());
+    }
+    if (r->st == EPMOE_OK) r->fn(r);
+    if (r->ep) epmoe_ep_destroy(r->ep);
+    r->ep = NULL;
+    return NULL;
+}
+
+/* Make the group (GPUs: in one call; CPU: each rank thread) and run fn on every rank. */
+static int run_ranks(rank_ctx *rs, int R, int gpu, epmoe_ep_config ec, rank_fn fn, void **jobs) {
+    epmoe_ep *eps[8] = {0};
+    epmoe_cpu_world *world = NULL;
+    ec.num_ranks = R;
+    if (gpu && epmoe_ep_create_nccl_local(&ec, R, NULL, eps) != EPMOE_OK)
+        return fprintf(stderr, "epmoe: creating the GPU group: %s\n", epmoe_last_error()), 1;
+    if (!gpu && epmoe_cpu_world_create(R, &world) != EPMOE_OK)
+        return fprintf(stderr, "epmoe: %s\n", epmoe_last_error()), 1;
+    pthread_t th[8];
+    for (int q = 0; q < R; q++) {
+        rank_ctx c = {q, R, gpu, ec, world, eps[q], fn, jobs[q], EPMOE_OK, ""};
+        rs[q] = c;
+        pthread_create(&th[q], NULL, rank_main, &rs[q]);
+    }
+    int bad = 0;
+    for (int q = 0; q < R; q++) pthread_join(th[q], NULL);
+    for (int q = 0; q < R; q++)
+        if (rs[q].st != EPMOE_OK) bad = 1, fprintf(stderr, "epmoe: rank %d: %s\n", q, rs[q].err);
+    if (world) epmoe_cpu_world_destroy(world);
+    return bad;
+}
+
+static int pick_ranks(const opts *o, int *gpu) {
+    int n = 0;
+#if EPMOE_HAVE_CUDA && EPMOE_HAVE_NCCL
+    if (!o->cpu) n = epmoe_cuda_device_count();
+#endif
+    *gpu = n > 0;
+    if (!n) return 2;
+    return n >= 8 ? 8 : (n >= 4 ? 4 : (n >= 2 ? 2 : 1));
+}
+
+static uint64_t rng_state = 0x2545F4914F6CDD1Dull;
+static double urand(void) { /* [0, 1) */
+    rng_state ^= rng_state << 13, rng_state ^= rng_state >> 7, rng_state ^= rng_state << 17;
+    return (double)(rng_state >> 11) / 9007199254740992.0;
+}
+static double nrand(void) { return sqrt(-2.0 * log(urand() + 1e-300)) * cos(6.283185307179586 * urand()); }
+
+/* Device or host copies of a rank's weights, as the layer wants them. */
+static int upload(int gpu, const void *h, size_t n, void **out) {
+#if EPMOE_HAVE_CUDA
+    if (gpu) {
+        if (cudaMalloc(out, n ? n : 16) != cudaSuccess) return 1;
+        return cudaMemcpy(*out, h, n, cudaMemcpyHostToDevice) != cudaSuccess;
+    }
+#endif
+    *out = malloc(n ? n : 16);
+    if (*out) memcpy(*out, h, n);
+    return *out == NULL;
+}
+static void release(int gpu, void *p) {
+#if EPMOE_HAVE_CUDA
+    if (gpu) {
+        cudaFree(p);
+        return;
+    }
+#endif
+    free(p);
+}
+
+/* ---- check ----------------------------------------------------------------------------- */
+
+typedef struct ckpt { /* one rank's experts in checkpoint form: int4 + fp32 group scales */
+    int8_t *w13, *w2;
+    float *s13, *s2;
+    epmoe_layer_weights lw; /* repacked, where the group's memory is */
+} ckpt;
+
+typedef struct check_job {
+    const opts *o;
+    ckpt *ck;
+    const uint16_t *x;
+    const int32_t *idx;
+    const float *tw;
+    uint16_t *out;
+    int per_tensor;
+    const float *a1, *a2; /* host values; copied where needed */
+} check_job;
+
+static void quantize(int64_t rows, int64_t K, int8_t *w, float *s) {
+    float v[128];
+    for (int64_t r = 0; r < rows; r++)
+        for (int64_t g = 0; g < K / 128; g++) {
+            float amax = 1e-12f;
+            for (int i = 0; i < 128; i++) v[i] = (float)((urand() * 2 - 1) * 0.02), amax = fmaxf(amax, fabsf(v[i]));
+            const float sc = amax / 7.0f; /* W4AFP8 checkpoints: amax/7, so no -8 */
+            s[r * (K / 128) + g] = sc;
+            for (int i = 0; i < 128; i += 2) {
+                const int lo = (int)lrintf(v[i] / sc), hi = (int)lrintf(v[i + 1] / sc);
+                w[(r * K + g * 128 + i) / 2] = (int8_t)(uint8_t)((lo & 0xF) | ((hi & 0xF) << 4));
+            }
+        }
+}
+
+static int make_ckpt(int gpu, int L, int H, int I, ckpt *c) {
+    const size_t n13 = (size_t)L * 2 * I * H, n2 = (size_t)L * H * I;
+    c->w13 = malloc(n13 / 2), c->w2 = malloc(n2 / 2);
+    c->s13 = malloc(n13 / 128 * 4), c->s2 = malloc(n2 / 128 * 4);
+    if (!c->w13 || !c->w2 || !c->s13 || !c->s2) return 1;
+    quantize((int64_t)L * 2 * I, H, c->w13, c->s13);
+    quantize((int64_t)L * H, I, c->w2, c->s2);
+    size_t q13, ss13, q2, ss2;
+    epmoe_w4a8_repack_size(L, 2 * I, H, &q13, &ss13);
+    epmoe_w4a8_repack_size(L, H, I, &q2, &ss2);
+    void *hq13 = malloc(q13), *hq2 = malloc(q2);
+    float *hs13 = malloc(ss13), *hs2 = malloc(ss2);
+    int e13 = EPMOE_W4_AUTO, e2 = EPMOE_W4_AUTO;
+    if (epmoe_w4a8_repack(c->w13, c->s13, EPMOE_F32, 128, L, 2 * I, H, hq13, hs13, &e13) ||
+        epmoe_w4a8_repack(c->w2, c->s2, EPMOE_F32, 128, L, H, I, hq2, hs2, &e2))
+        return fprintf(stderr, "epmoe check: repack: %s\n", epmoe_last_error()), 1;
+    void *d13, *ds13, *d2, *ds2;
+    if (upload(gpu, hq13, q13, &d13) || upload(gpu, hs13, ss13, &ds13) || upload(gpu, hq2, q2, &d2) ||
+        upload(gpu, hs2, ss2, &ds2))
+        return fprintf(stderr, "epmoe check: out of memory for the weights\n"), 1;
+    free(hq13), free(hq2), free(hs13), free(hs2);
+    const epmoe_layer_weights lw = {{L, 2 * I, H, e13, d13, ds13}, {L, H, I, e2, d2, ds2}, NULL, NULL};
+    c->lw = lw;
+    return 0;
+}
+
+static double nib(const int8_t *w, int64_t i) { /* int4 i of a packed array (even index: low nibble) */
+    const uint8_t b = (uint8_t)w[i / 2];
+    const int v = (i & 1) ? b >> 4 : b & 0xF;
+    return v >= 8 ? v - 16 : v;
+}
+
+static void check_rank(rank_ctx *r) {
+    check_job *j = r->job;
+    const int H = r->ec.hidden, T = r->ec.max_tokens, k = r->ec.top_k;
+    epmoe_layer_config lc = EPMOE_LAYER_CONFIG_INIT;
+    lc.intermediate = j->o->m->I, lc.per_tensor_act = j->per_tensor;
+    epmoe_layer_weights lw = j->ck[r->rank].lw;
+    void *a1 = NULL, *a2 = NULL, *x = NULL, *idx = NULL, *tw = NULL, *out = NULL;
+    int fail = upload(r->gpu, j->a1, 4, &a1) || upload(r->gpu, j->a2, 4, &a2) ||
+               upload(r->gpu, j->x + (size_t)r->rank * T * H, (size_t)T * H * 2, &x) ||
+               upload(r->gpu, j->idx + (size_t)r->rank * T * k, (size_t)T * k * 4, &idx) ||
+               upload(r->gpu, j->tw + (size_t)r->rank * T * k, (size_t)T * k * 4, &tw) ||
+               upload(r->gpu, j->out, (size_t)T * H * 2, &out);
+    epmoe_layer *layer = NULL;
+    lw.a1_scale = a1, lw.a2_scale = a2;
+    r->st = fail ? EPMOE_ERR_OUT_OF_MEMORY : epmoe_layer_create(r->ep, &lc, &lw, &layer);
+    if (r->st == EPMOE_OK) r->st = epmoe_layer_forward(layer, x, idx, 32, tw, T, out, NULL);
+#if EPMOE_HAVE_CUDA
+    if (r->gpu && r->st == EPMOE_OK) {
+        r->st = cudaDeviceSynchronize() == cudaSuccess ? epmoe_ep_poll(r->ep) : EPMOE_ERR_CUDA;
+        cudaMemcpy(j->out + (size_t)r->rank * T * H, out, (size_t)T * H * 2, cudaMemcpyDeviceToHost);
+    }
+#endif
+    if (!r->gpu && r->st == EPMOE_OK) memcpy(j->out + (size_t)r->rank * T * H, out, (size_t)T * H * 2);
+    if (r->st != EPMOE_OK) snprintf(r->err, sizeof r->err, "%s", epmoe_last_error());
+    epmoe_layer_destroy(layer);
+    release(r->gpu, a1), release(r->gpu, a2), release(r->gpu, x), release(r->gpu, idx), release(r->gpu, tw);
+    release(r->gpu, out);
+}
+
+int cmd_check(int argc, char **argv) {
+    opts o = {&MODELS[0], 8, 0, 0, 0, 3, NULL};
+    if (parse("check", argc, argv, &o)) return 2;
+    int gpu;
+    const int R = pick_ranks(&o, &gpu);
+    if (!gpu && o.m != &MODELS[2] && !o.experts)
+        fprintf(stderr, "epmoe check: CPU backend: the fp64 reference of full-size experts is slow; try --model tiny\n");
+    const int E = o.experts ? o.experts : 4 * R, H = o.m->H, I = o.m->I, T = o.tokens, k = o.m->k < E ? o.m->k : E;
+    if (E % R) return fprintf(stderr, "epmoe check: --experts %d is not a multiple of the %d ranks\n", E, R), 2;
+    if (T > 128) return fprintf(stderr, "epmoe check: --tokens must be <= 128 here\n"), 2;
+    const int L = E / R;
+    printf("epmoe check: %s layer shapes (H %d, I %d), %d experts, top-%d, %d tokens/rank, %d ranks on %s\n", o.m->name,
+           H, I, E, k, T, R, gpu ? "GPUs over NCCL" : "the CPU backend");
+    printf("  quantizing and repacking the weights (W4AFP8 checkpoint rules: int4, amax/7 per 128)...\n");
+    fflush(stdout);
+    ckpt ck[8];
+    for (int q = 0; q < R; q++)
+        if (make_ckpt(gpu, L, H, I, &ck[q])) return 1;
+    uint16_t *x = malloc((size_t)R * T * H * 2), *out = malloc((size_t)R * T * H * 2);
+    int32_t *idx = malloc((size_t)R * T * k * 4);
+    float *tw = malloc((size_t)R * T * k * 4);
+    double *truth = malloc((size_t)R * T * H * 8), *hbuf = malloc((size_t)2 * I * 8), *w13f = malloc((size_t)2 * I * H * 8);
+    double *w2f = malloc((size_t)H * I * 8), *y = malloc((size_t)I * 8);
+    if (!x || !out || !idx || !tw || !truth || !hbuf || !w13f || !w2f || !y) return fprintf(stderr, "epmoe check: out of memory\n"), 1;
+    FILE *jf = o.json ? fopen(o.json, "w") : NULL;
+    if (o.json && !jf) return fprintf(stderr, "epmoe check: cannot write %s\n", o.json), 1;
+    if (jf) fprintf(jf, "{\"model\": \"%s\", \"experts\": %d, \"tokens\": %d, \"ranks\": %d, \"results\": [", o.m->name, E, T, R);
+    printf("  %-10s %-5s %-14s %12s\n", "tokens", "wire", "act. scales", "NMSE vs fp64");
+    int first = 1;
+    for (int kind = 0; kind < 2; kind++) {
+        /* tokens with per-token spread; kind 1: 8 outlier channels x200 */
+        for (size_t i = 0; i < (size_t)R * T; i++) {
+            const double spread = pow(2.0, 2.0 * urand() - 1.0);
+            for (int h = 0; h < H; h++) {
+                double v = nrand() * spread;
+                if (kind && (h * 7919) % H < 8) v *= 200.0;
+                x[i * H + h] = epmoe_bf16_from_float((float)v);
+            }
+            for (int a = 0; a < k; a++) {
+                int e, dup;
+                do {
+                    e = (int)(urand() * E), dup = 0;
+                    for (int b = 0; b < a; b++) dup |= idx[i * k + b] == e;
+                } while (dup);
+                idx[i * k + a] = e, tw[i * k + a] = (float)(0.5 + urand()) / (float)k;
+            }
+        }
+        /* fp64 model, expert by expert (weights decoded once each); a2 = batch max of the
+        ** intermediate / 448 and a1 = batch amax / 448: ideal static per-tensor scales */
+        memset(truth, 0, (size_t)R * T * H * 8);
+        double amax1 = 0, amax2 = 0;
+        for (size_t i = 0; i < (size_t)R * T * H; i++) amax1 = fmax(amax1, fabs(epmoe_bf16_to_float(x[i])));
+        for (int e = 0; e < E; e++) {
+            const ckpt *c = &ck[e / L];
+            const int le = e % L;
+            int used = 0;
+            for (size_t i = 0; i < (size_t)R * T * k; i++) used |= idx[i] == e;
+            if (!used) continue;
+            for (int64_t n = 0; n < 2 * I; n++)
+                for (int64_t kk = 0; kk < H; kk++)
+                    w13f[n * H + kk] = nib(c->w13, ((int64_t)le * 2 * I + n) * H + kk) *
+                                       c->s13[((int64_t)le * 2 * I + n) * (H / 128) + kk / 128];
+            for (int64_t n = 0; n < H; n++)
+                for (int64_t kk = 0; kk < I; kk++)
+                    w2f[n * I + kk] = nib(c->w2, ((int64_t)le * H + n) * I + kk) * c->s2[((int64_t)le * H + n) * (I / 128) + kk / 128];
+            for (size_t i = 0; i < (size_t)R * T; i++)
+                for (int a = 0; a < k; a++) {
+                    if (idx[i * k + a] != e) continue;
+                    for (int n = 0; n < 2 * I; n++) {
+                        double acc = 0;
+                        for (int kk = 0; kk < H; kk++) acc += w13f[(size_t)n * H + kk] * epmoe_bf16_to_float(x[i * H + kk]);
+                        hbuf[n] = acc;
+                    }
+                    for (int n = 0; n < I; n++) y[n] = hbuf[n] / (1.0 + exp(-hbuf[n])) * hbuf[I + n], amax2 = fmax(amax2, fabs(y[n]));
+                    for (int n = 0; n < H; n++) {
+                        double acc = 0;
+                        for (int kk = 0; kk < I; kk++) acc += w2f[(size_t)n * I + kk] * y[kk];
+                        truth[i * H + n] += tw[i * k + a] * acc;
+                    }
+                }
+            if (isatty(STDOUT_FILENO)) printf("\r  fp64 model: expert %d of %d", e + 1, E), fflush(stdout);
+        }
+        if (isatty(STDOUT_FILENO)) printf("\r%60s\r", "");
+        const float a1 = (float)(amax1 / 448.0), a2 = (float)(amax2 / 448.0);
+        for (int wire = 0; wire < 2; wire++) {
+            if (!(o.wires & (1 << wire))) continue;
+            epmoe_ep_config ec = EPMOE_EP_CONFIG_INIT;
+            ec.max_tokens = T, ec.hidden = H, ec.num_experts = E, ec.top_k = k;
+            ec.wire = wire ? EPMOE_WIRE_BF16 : EPMOE_WIRE_FP8;
+            for (int pt = 0; pt < 2; pt++) {
+                check_job jobs[8];
+                void *jp[8];
+                for (int q = 0; q < R; q++) {
+                    check_job j = {&o, ck, x, idx, tw, out, pt, &a1, &a2};
+                    jobs[q] = j, jp[q] = &jobs[q];
+                }
+                rank_ctx rs[8];
+                if (run_ranks(rs, R, gpu, ec, check_rank, jp)) return 1;
+                double num = 0, den = 0;
+                for (size_t i = 0; i < (size_t)R * T * H; i++) {
+                    const double d = epmoe_bf16_to_float(out[i]) - truth[i];
+                    num += d * d, den += truth[i] * truth[i];
+                }
+                const double nmse = num / (den > 0 ? den : 1);
+                printf("  %-10s %-5s %-14s %12.3e\n", kind ? "outliers" : "gaussian", wire ? "BF16" : "FP8",
+                       pt ? "per-tensor" : "1x128 group", nmse);
+                if (jf)
+                    fprintf(jf, "%s\n  {\"tokens\": \"%s\", \"wire\": \"%s\", \"act_scales\": \"%s\", \"nmse\": %.4e}",
+                            first ? "" : ",", kind ? "outliers" : "gaussian", wire ? "bf16" : "fp8", pt ? "per_tensor" : "group", nmse);
+                first = 0;
+            }
+        }
+    }
+    if (jf) fprintf(jf, "\n]}\n"), fclose(jf);
+    printf("  (per-tensor scales: the batch amax / 448 of the layer input and of the intermediate, the best a\n"
+           "   static calibration can give; the NMSE is over every output element of every rank)\n");
+    for (int q = 0; q < R; q++) {
+        release(gpu, (void *)ck[q].lw.w13.qweight), release(gpu, (void *)ck[q].lw.w13.scales);
+        release(gpu, (void *)ck[q].lw.w2.qweight), release(gpu, (void *)ck[q].lw.w2.scales);
+        free(ck[q].w13), free(ck[q].w2), free(ck[q].s13), free(ck[q].s2);
+    }
+    free(x), free(out), free(idx), free(tw), free(truth), free(hbuf), free(w13f), free(w2f), free(y);
+    return 0;
+}
+
+/* ---- bench ----------------------------------------------------------------------------- */
+
+enum { STAGES = 4 };
+static const char *STAGE[STAGES] = {"layer", "dispatch", "expert MLP", "combine"};
+
+typedef struct bench_job {
+    const opts *o;
+    pthread_barrier_t *bar;
+    double us[STAGES]; /* this rank's medians */
+    long rows;         /* rows its MLP computed (sum of masked_m) */
+} bench_job;
+
+static double wall_us(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec * 1e6 + (double)ts.tv_nsec * 1e-3;
+}
+static int cmp_d(const void *a, const void *b) {
+    const double x = *(const double *)a, y = *(const double *)b;
+    return (x > y) - (x < y);
+}
+
+static void bench_rank(rank_ctx *r) {
+    bench_job *j = r->job;
+    const epmoe_ep_config *ec = &r->ec;
+    const int64_t H = ec->hidden, I = j->o->m->I, L = ec->num_experts / r->R, M = (int64_t)r->R * ec->max_tokens;
+    const int k = ec->top_k, T = j->o->tokens, gpu = r->gpu;
+    /* weights: a fixed byte pattern (every SYM7 code is a weight; speed does not depend on it) */
+    size_t q13, s13, q2, s2;
+    epmoe_w4a8_repack_size(L, 2 * I, H, &q13, &s13);
+    epmoe_w4a8_repack_size(L, H, I, &q2, &s2);
+    uint8_t *hq = malloc(q13 > q2 ? q13 : q2);
+    float *hs = malloc(s13 > s2 ? s13 : s2);
+    for (size_t i = 0; i < (q13 > q2 ? q13 : q2); i++) hq[i] = (uint8_t)(i * 2654435761u >> 24);
+    for (size_t i = 0; i < (s13 > s2 ? s13 : s2) / 4; i++) hs[i] = 1e-3f;
+    void *d13, *ds13, *d2, *ds2;
+    if (upload(gpu, hq, q13, &d13) || upload(gpu, hs, s13, &ds13) || upload(gpu, hq, q2, &d2) || upload(gpu, hs, s2, &ds2)) {
+        r->st = EPMOE_ERR_OUT_OF_MEMORY;
+        snprintf(r->err, sizeof r->err, "out of memory for the weights");
+        return;
+    }
+    free(hq), free(hs);
+    const epmoe_layer_weights w = {{L, 2 * I, H, EPMOE_W4_SYM7, d13, ds13}, {L, H, I, EPMOE_W4_SYM7, d2, ds2}, NULL, NULL};
+    /* inputs: tokens, k distinct uniformly routed experts */
+    uint16_t *hx = malloc((size_t)T * H * 2);
+    int32_t *hidx = malloc((size_t)T * k * 4);
+    float *htw = malloc((size_t)T * k * 4);
+    uint64_t s = 0x9E3779B97F4A7C15ull + (uint64_t)r->rank;
+    for (int64_t i = 0; i < T * H; i++) s ^= s << 13, s ^= s >> 7, s ^= s << 17, hx[i] = epmoe_bf16_from_float((float)((s >> 40) % 200) * 0.01f - 1);
+    for (int t = 0; t < T; t++)
+        for (int a = 0; a < k; a++) {
+            int e, dup;
+            do {
+                s ^= s << 13, s ^= s >> 7, s ^= s << 17;
+                e = (int)(s % (uint64_t)ec->num_experts), dup = 0;
+                for (int b = 0; b < a; b++) dup |= hidx[t * k + b] == e;
+            } while (dup);
+            hidx[t * k + a] = e, htw[t * k + a] = 1.0f / (float)k;
+        }
+    epmoe_ep_layout lay;
+    epmoe_ep_layout_query(ec, &lay);
+    const size_t wsb = epmoe_w4a8_mlp_workspace(L, M, H, I);
+    void *x, *idx, *tw, *out, *recv_x, *recv_s, *masked, *eout, *ws, *q = NULL, *qs = NULL;
+    void *zero_ws = calloc(1, wsb);
+    int fail = upload(gpu, hx, (size_t)T * H * 2, &x) || upload(gpu, hidx, (size_t)T * k * 4, &idx) ||
+               upload(gpu, htw, (size_t)T * k * 4, &tw) || upload(gpu, zero_ws, wsb, &ws);
+    free(zero_ws);
+    void *zeros = calloc(1, lay.expert_out_bytes > lay.recv_x_bytes ? lay.expert_out_bytes : lay.recv_x_bytes);
+    fail |= !zeros || upload(gpu, zeros, lay.recv_x_bytes, &recv_x) || upload(gpu, zeros, lay.recv_scales_bytes, &recv_s) ||
+            upload(gpu, zeros, lay.masked_m_bytes, &masked) || upload(gpu, zeros, lay.expert_out_bytes, &eout) ||
+            upload(gpu, zeros, lay.out_bytes, &out);
+    if (ec->wire == EPMOE_WIRE_BF16)
+        fail |= upload(gpu, zeros, (size_t)(L * M * H), &q) ||
+                upload(gpu, zeros, epmoe_scale_bytes(EPMOE_SCALE_F32_ROW, L * M, H), &qs);
+    free(zeros);
+    free(hx), free(hidx), free(htw);
+    epmoe_layer_config lc = EPMOE_LAYER_CONFIG_INIT;
+    lc.intermediate = I;
+    epmoe_layer *layer = NULL;
+    r->st = fail ? EPMOE_ERR_OUT_OF_MEMORY : epmoe_layer_create(r->ep, &lc, &w, &layer);
+    const epmoe_dispatch_args d = {x, idx, 32, tw, T, recv_x, recv_s, masked, NULL, NULL};
+    epmoe_w4a8_mlp_args m = {w.w13, w.w2, ec->wire == EPMOE_WIRE_FP8 ? recv_x : q, M, masked,
+                             ec->wire == EPMOE_WIRE_FP8 ? recv_s : qs,
+                             ec->wire == EPMOE_WIRE_FP8 ? ec->scale_fmt : EPMOE_SCALE_F32_ROW, NULL, NULL, ws, wsb, eout,
+                             H, M * H, 0};
+    const epmoe_combine_args c = {eout, NULL, out};
+    const int iters = j->o->iters ? j->o->iters : 30, warm = 5;
+    double *t[STAGES];
+    for (int st = 0; st < STAGES; st++) t[st] = malloc(sizeof(double) * (size_t)iters);
+#if EPMOE_HAVE_CUDA
+    cudaEvent_t e0, e1;
+    if (gpu) cudaEventCreate(&e0), cudaEventCreate(&e1);
+#endif
+    for (int it = 0; it < warm + iters && r->st == EPMOE_OK; it++)
+        for (int st = 0; st < STAGES && r->st == EPMOE_OK; st++) {
+            uint32_t h = 0;
+            if (st >= 2) r->st = epmoe_dispatch(r->ep, &d, EPMOE_PHASE_BOTH, &h, NULL); /* untimed setup */
+            if (r->st == EPMOE_OK && st == 2 && ec->wire == EPMOE_WIRE_BF16)
+                r->st = gpu ? epmoe_cast_group_fp8_cuda(recv_x, L * M, H, q, qs, EPMOE_SCALE_F32_ROW, 0, NULL)
+                            : epmoe_cast_group_fp8_ref(recv_x, L * M, H, q, qs, EPMOE_SCALE_F32_ROW, 0);
+#if EPMOE_HAVE_CUDA
+            if (gpu) cudaDeviceSynchronize();
+#endif
+            pthread_barrier_wait(j->bar);
+            double t0 = wall_us();
+#if EPMOE_HAVE_CUDA
+            if (gpu) cudaEventRecord(e0, NULL);
+#endif
+            if (r->st == EPMOE_OK) switch (st) {
+                case 0: r->st = epmoe_layer_forward(layer, x, idx, 32, tw, T, out, NULL); break;
+                case 1: r->st = epmoe_dispatch(r->ep, &d, EPMOE_PHASE_BOTH, &h, NULL); break;
+                case 2: r->st = gpu ? epmoe_w4a8_mlp_cuda(&m, NULL) : epmoe_w4a8_mlp_ref(&m); break;
+                case 3: r->st = epmoe_combine(r->ep, h, &c, EPMOE_PHASE_BOTH, NULL); break;
+                }
+            double us = wall_us() - t0;
+#if EPMOE_HAVE_CUDA
+            if (gpu) {
+                float ms = 0;
+                cudaEventRecord(e1, NULL);
+                cudaEventSynchronize(e1);
+                cudaEventElapsedTime(&ms, e0, e1);
+                us = ms * 1000.0;
+            }
+#endif
+            if (r->st == EPMOE_OK && (st == 1 || st == 2)) r->st = epmoe_combine(r->ep, h, &c, EPMOE_PHASE_BOTH, NULL);
+            if (it >= warm) t[st][it - warm] = us;
+        }
+    if (r->st == EPMOE_OK && gpu) r->st = epmoe_ep_poll(r->ep);
+    if (r->st != EPMOE_OK) snprintf(r->err, sizeof r->err, "%s", epmoe_last_error());
+    for (int st = 0; st < STAGES; st++) {
+        qsort(t[st], (size_t)iters, sizeof(double), cmp_d);
+        j->us[st] = t[st][iters / 2];
+        free(t[st]);
+    }
+    int32_t *hm = malloc((size_t)L * 4);
+#if EPMOE_HAVE_CUDA
+    if (gpu) cudaMemcpy(hm, masked, (size_t)L * 4, cudaMemcpyDeviceToHost);
+#endif
+    if (!gpu) memcpy(hm, masked, (size_t)L * 4);
+    j->rows = 0;
+    for (int64_t e = 0; e < L; e++) j->rows += hm[e];
+    free(hm);
+    epmoe_layer_destroy(layer);
+    void *bufs[] = {d13, ds13, d2, ds2, x, idx, tw, out, recv_x, recv_s, masked, eout, ws, q, qs};
+    for (size_t i = 0; i < sizeof bufs / sizeof bufs[0]; i++) release(gpu, bufs[i]);
+}
+
+int cmd_bench(int argc, char **argv) {
+    opts o = {&MODELS[0], 128, 0, 0, 0, 3, NULL};
+    if (parse("bench", argc, argv, &o)) return 2;
+    int gpu;
+    const int R = pick_ranks(&o, &gpu);
+    const int E = o.experts ? o.experts : o.m->E, H = o.m->H, I = o.m->I, k = o.m->k < E ? o.m->k : E;
+    if (E % R) return fprintf(stderr, "epmoe bench: %d experts are not a multiple of the %d ranks\n", E, R), 2;
+    if (o.tokens > 1024) return fprintf(stderr, "epmoe bench: --tokens must be <= 1024\n"), 2;
+    if (!gpu && o.m != &MODELS[2])
+        fprintf(stderr, "epmoe bench: no GPU: the CPU backend runs the scalar references (slow; try --model tiny)\n");
+    printf("epmoe bench: %s MoE layer (H %d, I %d, %d experts, top-%d), W4AFP8, %d tokens/rank, %d ranks on %s\n",
+           o.m->name, H, I, E, k, o.tokens, R, gpu ? "GPUs over NCCL" : "the CPU backend");
+    printf("  %-5s %-11s %11s %10s %10s\n", "wire", "stage", "median us", "GB/s", "TFLOP/s");
+    FILE *jf = o.json ? fopen(o.json, "w") : NULL;
+    if (o.json && !jf) return fprintf(stderr, "epmoe bench: cannot write %s\n", o.json), 1;
+    if (jf) fprintf(jf, "{\"model\": \"%s\", \"experts\": %d, \"tokens\": %d, \"ranks\": %d, \"gpu\": %d, \"results\": [", o.m->name, E, o.tokens, R, gpu);
+    int first = 1;
+    for (int wire = 0; wire < 2; wire++) {
+        if (!(o.wires & (1 << wire))) continue;
+        epmoe_ep_config ec = EPMOE_EP_CONFIG_INIT;
+        ec.max_tokens = o.tokens, ec.hidden = H, ec.num_experts = E, ec.top_k = k;
+        ec.wire = wire ? EPMOE_WIRE_BF16 : EPMOE_WIRE_FP8;
+        pthread_barrier_t bar;
+        pthread_barrier_init(&bar, NULL, (unsigned)R);
+        bench_job jobs[8];
+        void *jp[8];
+        for (int q = 0; q < R; q++) {
+            memset(&jobs[q], 0, sizeof jobs[q]);
+            jobs[q].o = &o, jobs[q].bar = &bar, jp[q] = &jobs[q];
+        }
+        rank_ctx rs[8];
+        const int bad = run_ranks(rs, R, gpu, ec, bench_rank, jp);
+        pthread_barrier_destroy(&bar);
+        if (bad) return 1;
+        /* the slower rank's median; the MLP's bytes are the weights of experts with rows */
+        const double wbytes_expert = (double)(2 * I * H + H * I) * (0.5 + 2.0 / 128);
+        for (int st = 0; st < STAGES; st++) {
+            double us = 0, gbs = 0, tf = 0;
+            long rows = 0;
+            for (int q = 0; q < R; q++) us = us > jobs[q].us[st] ? us : jobs[q].us[st], rows = rows > jobs[q].rows ? rows : jobs[q].rows;
+            if (st == 2) {
+                gbs = wbytes_expert * (E / R) / us / 1e3; /* every local expert has rows at these sizes */
+                tf = 2.0 * (double)rows * (double)(2 * I * H + H * I) / us / 1e6;
+            }
+            if (st == 2) printf("  %-5s %-11s %11.1f %10.0f %10.1f\n", wire ? "BF16" : "FP8", STAGE[st], us, gbs, tf);
+            else printf("  %-5s %-11s %11.1f %10s %10s\n", wire ? "BF16" : "FP8", STAGE[st], us, "-", "-");
+            if (jf)
+                fprintf(jf, "%s\n  {\"wire\": \"%s\", \"stage\": \"%s\", \"us\": %.2f, \"gbs\": %.1f, \"tflops\": %.2f}",
+                        first ? "" : ",", wire ? "bf16" : "fp8", STAGE[st], us, gbs, tf);
+            first = 0;
+        }
+        double sum = 0, layer_us = 0;
+        for (int q = 0; q < R; q++) layer_us = layer_us > jobs[q].us[0] ? layer_us : jobs[q].us[0];
+        for (int st = 1; st < STAGES; st++) {
+            double us = 0;
+            for (int q = 0; q < R; q++) us = us > jobs[q].us[st] ? us : jobs[q].us[st];
+            sum += us;
+        }
+        printf("  %-5s layer / sum of the stages alone: %.1f / %.1f = %.3f%s\n", wire ? "BF16" : "FP8", layer_us, sum,
+               layer_us / sum, wire ? " (the layer also casts after receive)" : "");
+    }
+    if (jf) fprintf(jf, "\n]}\n"), fclose(jf);
+    return 0;
+}
