@@ -149,7 +149,7 @@ $(BUILD)/bench/bench_w4a8: bench/bench_w4a8.cu bench/bench_check.h $(BUILD)/libe
 	@mkdir -p $(dir $@)
 	$(NVCC) $(NVFLAGS) -o $@ $< $(BUILD)/libepmoe.a -lcublasLt -lcublas $(if $(filter 1,$(NCCL)),-lnccl) -lpthread
 
-GPU_BENCH := $(BUILD)/bench/bench_w4a8 $(if $(filter 1,$(NCCL)),$(BUILD)/bench/bench_ep $(BUILD)/bench/bench_layer)
+GPU_BENCH := $(BUILD)/bench/bench_w4a8 $(if $(filter 1,$(NCCL)),$(BUILD)/bench/bench_ep)
 gpu-build: lib $(BUILD)/epmoe $(GPU_TESTS:%=$(BUILD)/tests/gpu/%) $(BUILD)/tests/gpu/fp8_exhaustive dev-labs $(GPU_BENCH)
 
 test-gpu: gpu-build

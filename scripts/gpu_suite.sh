@@ -76,11 +76,12 @@ for s in $steps; do
         [ -x build/bench/bench_ep ] && run bench_ep timeout 300 ./build/bench/bench_ep --json "$OUT/bench_ep.json"
         run bench_quant python3 bench/bench_quant.py
         run bench_w4a8 ./build/bench/bench_w4a8 --json "$OUT/bench_w4a8.json"
-        [ -x build/bench/bench_layer ] && run bench_layer timeout 300 ./build/bench/bench_layer --json "$OUT/bench_layer.json"
+        run bench_layer timeout 300 ./build/epmoe bench --json "$OUT/bench_layer.json"
+        run check_layer timeout 300 ./build/epmoe check --json "$OUT/check_layer.json"
         [ -f "$OUT/bench_ep.log" ] && cat "$OUT/bench_ep.log"
         cat "$OUT/bench_quant.log"
         cat "$OUT/bench_w4a8.log"
-        [ -f "$OUT/bench_layer.log" ] && cat "$OUT/bench_layer.log" ;;
+        cat "$OUT/bench_layer.log" "$OUT/check_layer.log" ;;
     esac
 done
 echo

@@ -467,6 +467,8 @@ static void bench_rank(rank_ctx *r) {
                              ec->wire == EPMOE_WIRE_FP8 ? recv_s : qs,
                              ec->wire == EPMOE_WIRE_FP8 ? ec->scale_fmt : EPMOE_SCALE_F32_ROW, NULL, NULL, ws, wsb, eout,
                              H, M * H, 0};
+    m.expected_m = (int64_t)T * r->R * k / ec->num_experts; /* as the layer picks its tiles */
+    if (m.expected_m < 1) m.expected_m = 1;
     const epmoe_combine_args c = {eout, NULL, out};
     const int iters = j->o->iters ? j->o->iters : 30, warm = 5;
     double *t[STAGES];
