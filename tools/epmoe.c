@@ -1,11 +1,10 @@
 /*
 ** epmoe — the command-line face of the library.
-**   epmoe demo [--tokens N] [--cpu]   the main job on the best backend available (GPU if present)
+**   epmoe demo [--tokens N] [--cpu]   the main jobs on the best backend available (GPU if present):
+**       DeepSeek-R1's EP receive batch through the FP8 cast and SGLang's per-tensor requant; the
+**       W4A8 expert MLP (demo_w4a8.c); one dispatch + combine over FP8 and BF16 wire (demo_ep.c)
+**   epmoe check / epmoe bench         the MoE layer: error against fp64, and timings (cli_layer.c)
 **   epmoe version
-** Until the MoE layer lands, `demo` runs what exists: DeepSeek-R1's expert-parallel receive batch
-** (8 ranks x 128 tokens, H = 7168) through the FP8 per-token-group cast, then through SGLang's
-** per-tensor requant, printing bytes, error against float64 and time for each path; then one
-** dispatch + combine over FP8 and over BF16 wire (demo_ep.c).
 */
 #define _POSIX_C_SOURCE 200809L
 #include <math.h>

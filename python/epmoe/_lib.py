@@ -76,6 +76,16 @@ _SIGNATURES = {
     "epmoe_requant_fp8_cuda": (_int, [_p, _p, _int, _p, _i64, _i64, _i64, _p, _p, _p]),
     "epmoe_dequant_fp8_ref": (_int, [_p, _p, _int, _p, _i64, _i64, _i64, _int, _p]),
     "epmoe_dequant_fp8_cuda": (_int, [_p, _p, _int, _p, _i64, _i64, _i64, _int, _p, _p]),
+    # W4A8 expert GEMM and MLP (w4a8.py defines the argument structs)
+    "epmoe_w4a8_repack_size": (_int, [_i64, _i64, _i64, _p, _p]),
+    "epmoe_w4a8_repack": (_int, [_p, _p, _int, _i64, _i64, _i64, _i64, _p, _p, _p]),
+    "epmoe_w4a8_unpack": (_int, [_p, _i64, _i64, _i64, _p, _p]),
+    "epmoe_w4a8_gemm_workspace": (_sz, []),
+    "epmoe_w4a8_gemm_ref": (_int, [_p]),
+    "epmoe_w4a8_gemm_cuda": (_int, [_p, _p]),
+    "epmoe_w4a8_mlp_workspace": (_sz, [_i64, _i64, _i64, _i64]),
+    "epmoe_w4a8_mlp_ref": (_int, [_p]),
+    "epmoe_w4a8_mlp_cuda": (_int, [_p, _p]),
     # expert parallelism (struct arguments are passed by pointer; ep.py defines the structs)
     "epmoe_ep_layout_query": (_int, [_p, _p]),
     "epmoe_cpu_world_create": (_int, [_int, _p]),
@@ -90,6 +100,14 @@ _SIGNATURES = {
     "epmoe_combine": (_int, [_p, _u32, _p, _int, _p]),
     "epmoe_ep_dispatch_ref": (_int, [_p, _p, _p, _p, _p, _p, _p, _p, _p]),
     "epmoe_ep_combine_ref": (_int, [_p, _p, _p, _p, _p, _p, _p]),
+    # the MoE layer (layer.py defines the structs)
+    "epmoe_scheme_default_wire": (_int, [_int]),
+    "epmoe_scheme_accepts_wire": (_int, [_int, _int]),
+    "epmoe_layer_create": (_int, [_p, _p, _p, _p]),
+    "epmoe_layer_bytes": (_sz, [_p]),
+    "epmoe_layer_destroy": (None, [_p]),
+    "epmoe_layer_forward": (_int, [_p, _p, _p, _int, _p, _int, _p, _p]),
+    "epmoe_layer_ref": (_int, [_p, _p, _p, _p, _p, _p, _p, _p]),
 }
 
 _missing = []

@@ -14,6 +14,7 @@ import dataclasses
 import sys
 import threading
 import warnings
+import weakref
 
 import numpy as np
 
@@ -210,6 +211,9 @@ class EpGroup:
         self.device = device
         self._world, self._comm = world, comm  # destroyed after this group, never before
         self._lock = threading.Lock()
+        # layers made on this group: closed before it (a layer uses the ep); weak, so a layer
+        # dropped by its owner frees its buffers without waiting for the group
+        self._layers = weakref.WeakSet()
 
     # -- description
     @property
@@ -241,6 +245,8 @@ class EpGroup:
     # -- lifetime
     def close(self):
         """Collective teardown (all ranks call it). A group that timed out leaves without waiting."""
+        for layer in list(self._layers):
+            layer.close()
         with self._lock:
             ep, self._ep = self._ep, ctypes.c_void_p(0)
         if ep.value:
@@ -265,6 +271,18 @@ class EpGroup:
                 self.close()
             except Exception:
                 pass
+
+    # -- the MoE layer
+    def layer(self, weights=None, *, scheme="w4afp8", intermediate=None, per_tensor_act=False, a1_scale=None,
+              a2_scale=None, expected_m=0):
+        """A MoE layer on this group (epmoe.layer.Layer; not collective): weights=(w13, w2) of this
+        rank's local experts (W4A8Weights [L, 2I, H] and [L, H, I]); intermediate I (default: from
+        w2); per_tensor_act with a1_scale, a2_scale for static per-tensor activation scales;
+        expected_m: rows per local expert the GEMM tiles are chosen for (0: N*R*k/E).
+        layer.forward(x, topk_idx, topk_weights) is collective, like dispatch."""
+        from .layer import Layer  # layer.py builds on this module
+        return Layer(self, weights, scheme=scheme, intermediate=intermediate, per_tensor_act=per_tensor_act,
+                     a1_scale=a1_scale, a2_scale=a2_scale, expected_m=expected_m)
 
     # -- control
     def set_active_ranks(self, active):
