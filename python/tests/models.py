@@ -149,3 +149,55 @@ def combine_expert_bound(cfg, rows, idxs, ws, expert_outs, r, active=None):
             parts[e // L, t] += term
             terms[t] += np.abs(term)
     return parts.sum(0), np.abs(parts).sum(0), terms
+
+
+# ---- W4A8 ----------------------------------------------------------------------------------------
+# From the header's words: the W4AFP8 checkpoint stores signed two's-complement int4, element 2j in
+# the low nibble of byte j; the GEMM sums fp8(a) * w per 128-channel group in fp64, scales each
+# group's sum by sa * sw, accumulates in fp64, and the float result is rounded to bf16.
+def int4_values(ckpt_w):
+    """int8 [..., K/2] checkpoint bytes -> int8 [..., K] values in [-8, 7]."""
+    b = np.asarray(ckpt_w).view(np.uint8)
+    nib = np.stack([b & 0xF, b >> 4], axis=-1).reshape(b.shape[:-1] + (2 * b.shape[-1],)).astype(np.int8)
+    return np.where(nib >= 8, nib - 16, nib).astype(np.int8)
+
+
+def int4_ckpt(values):
+    """The inverse: values in [-8, 7], [..., K] -> int8 [..., K/2] checkpoint bytes."""
+    u = np.asarray(values, np.int8).view(np.uint8) & 0xF
+    return (u[..., 0::2] | (u[..., 1::2] << 4)).astype(np.uint8).view(np.int8)
+
+
+def w4a8_gemm(values, wscales, a, sa, masked_m):
+    """fp64 model of the masked grouped GEMM. values int8 [E, N, K]; wscales float [E, N, G]
+    (checkpoint layout); a fp8 bytes [E, M, K]; sa float [E, M, G] (one scale per row and group;
+    a per-tensor scale broadcast). Returns (float64 [E, M, N] with NaN at rows past masked_m,
+    bf16 bits of the valid rows, the float64 magnitude sum_g |sa sw| sum_k |a w|)."""
+    E, N, K = values.shape
+    M, G = a.shape[1], K // 128
+    acc = np.full((E, M, N), np.nan)
+    mag = np.zeros((E, M, N))
+    for e in range(E):
+        rows = int(min(max(masked_m[e], 0), M))
+        av = fp8_value(a[e, :rows]).astype(np.float64).reshape(rows, G, 128)
+        wv = values[e].astype(np.float64).reshape(N, G, 128)
+        # every product and every 128-term sum is exact in fp64 (fp8 x int4 needs < 30 bits)
+        part = np.einsum("mgk,ngk->mgn", av, wv)
+        apart = np.einsum("mgk,ngk->mgn", np.abs(av), np.abs(wv))
+        tot = np.zeros((rows, N))
+        for g in range(G):  # in group order, as the specification accumulates
+            s = np.float64(1) * sa[e, :rows, g][:, None] * wscales[e, :, g].astype(np.float64)[None, :]
+            tot += s * part[:, g]
+            mag[e, :rows] += np.abs(s) * apart[:, g]
+        acc[e, :rows] = tot
+    return acc, mag
+
+
+def silu_mul(gate_up_bits, I):
+    """silu(gate) * up in fp32 from bf16 [.., 2I] (gate first), rounded to bf16 bits. exp in fp64
+    rounded to fp32: a correctly rounded expf, as glibc's is."""
+    gu = bf16_value(gate_up_bits)
+    gate, up = gu[..., :I], gu[..., I:]
+    ex = np.exp(-gate.astype(np.float64)).astype(np.float32)
+    s = (gate / (np.float32(1.0) + ex)).astype(np.float32)
+    return bf16_bits((s * up).astype(np.float32))

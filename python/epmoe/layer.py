@@ -1,0 +1,269 @@
+"""The MoE layer (include/epmoe.h, "the MoE layer"): dispatch -> expert MLP -> combine in one call
+on an EP group.
+
+    def rank(g):                                   # CpuWorld.run: each rank's thread
+        with g.layer(weights=(w13[g.rank], w2[g.rank]), intermediate=128) as layer:
+            return layer.forward(x[g.rank], topk_idx[g.rank], topk_weights[g.rank])
+
+A layer belongs to one rank's group and owns its buffers (`bytes`); creating it is not
+collective, forward is (every rank calls it, like dispatch and combine). The scheme decides what
+the experts compute and which dispatch wire they can read: w4afp8 (the only one built) takes the
+FP8 wire with 1x128 scales or the BF16 wire (cast after receive). A layer whose scheme cannot
+read the group's wire is refused at creation; create a group with `wire=scheme_default_wire(...)`.
+"""
+import ctypes
+
+import numpy as np
+
+from . import _lib
+from ._lib import check, lib
+from ._util import arg, on_device, output, ptr
+from .dlpack import DLPackError
+from .ep import WIRE_BF16, WIRE_FP8, _per_rank, _ptr_array
+from .formats import _scalar_scale
+from .w4a8 import W4A8Weights, _WeightsC
+
+__all__ = ["Layer", "layer_ref", "scheme_default_wire", "scheme_accepts_wire", "SCHEMES"]
+
+SCHEMES = {"bf16": 0, "w8a8_fp8_block": 1, "w4afp8": 2, "w4a16": 3}
+_SCHEME_NAMES = {v: k for k, v in SCHEMES.items()}
+_WIRE_NAMES = {WIRE_BF16: "bf16", WIRE_FP8: "fp8"}
+
+
+class _LayerConfigC(ctypes.Structure):
+    _fields_ = [("size", ctypes.c_size_t), ("scheme", ctypes.c_int), ("intermediate", ctypes.c_int64),
+                ("per_tensor_act", ctypes.c_int), ("expected_m", ctypes.c_int64)]
+
+
+class _LayerWeightsC(ctypes.Structure):
+    _fields_ = [("w13", _WeightsC), ("w2", _WeightsC), ("a1_scale", ctypes.c_void_p), ("a2_scale", ctypes.c_void_p)]
+
+
+def _scheme(scheme):
+    if isinstance(scheme, str):
+        try:
+            return SCHEMES[scheme.lower()]
+        except KeyError:
+            raise ValueError(f"scheme {scheme!r}: expected one of {', '.join(SCHEMES)}") from None
+    return int(scheme)  # a number outside the enum is the library's to refuse
+
+
+def _wire(wire):
+    from .ep import _WIRES, _code
+    return _code(wire, _WIRES, "wire")
+
+
+def scheme_default_wire(scheme):
+    """The wire ("fp8" or "bf16") a scheme dispatches by default (epmoe_scheme_default_wire)."""
+    return _WIRE_NAMES[lib.epmoe_scheme_default_wire(_scheme(scheme))]
+
+
+def scheme_accepts_wire(scheme, wire):
+    """Whether a scheme's experts can consume a dispatch wire (epmoe_scheme_accepts_wire): bf16-input
+    schemes must never read the FP8 wire."""
+    return bool(lib.epmoe_scheme_accepts_wire(_scheme(scheme), _wire(wire)))
+
+
+def _check_wire(code, wire):
+    # The library checks the scheme's availability first; asked for a scheme that cannot read the
+    # group's wire, we say so first, since that is a configuration error building the scheme won't fix.
+    if code in _SCHEME_NAMES and not lib.epmoe_scheme_accepts_wire(code, wire):  # other numbers: the library's
+        raise _lib.error(_lib.ERR_INVALID_ARG,
+                         f"scheme {_SCHEME_NAMES.get(code, code)} cannot consume the group's "
+                         f"{_WIRE_NAMES[wire].upper()} wire; use a group with wire="
+                         f"{scheme_default_wire(code)!r}")
+
+
+def _config_c(code, intermediate, per_tensor_act, expected_m):
+    return _LayerConfigC(ctypes.sizeof(_LayerConfigC), code, int(intermediate or 0), int(bool(per_tensor_act)),
+                         int(expected_m))
+
+
+def _weights_pair(weights):
+    if weights is None:
+        return None, None
+    try:
+        w13, w2 = weights
+    except (TypeError, ValueError):
+        raise TypeError("weights must be a pair (w13, w2) of W4A8Weights") from None
+    for name, w in (("w13", w13), ("w2", w2)):
+        if not isinstance(w, W4A8Weights):
+            raise TypeError(f"weights: {name} must be W4A8Weights (epmoe.w4a8.repack), got {type(w).__name__}")
+    return w13, w2
+
+
+def _weights_c(w13, w2, a1, a2):
+    empty = _WeightsC(0, 0, 0, 0, None, None)
+    return _LayerWeightsC(w13._c() if w13 is not None else empty, w2._c() if w2 is not None else empty, ptr(a1),
+                          ptr(a2))
+
+
+class Layer:
+    """One rank's MoE layer on an EP group (epmoe_layer). Made by EpGroup.layer.
+
+    weights: (w13 [L, 2I, H], w2 [L, H, I]) of this rank's L local experts, repacked. The layer
+    reads them where they are for every forward (no copy), so they must live where the group
+    works: host arrays on the CPU backend; on an NCCL group host weights are copied to its GPU
+    once (needs torch) and the copies kept. per_tensor_act: static per-tensor activation
+    scales a1_scale, a2_scale (SGLang's compat mode) instead of 1x128 group scales.
+    """
+
+    def __init__(self, group, weights=None, *, scheme="w4afp8", intermediate=None, per_tensor_act=False,
+                 a1_scale=None, a2_scale=None, expected_m=0):
+        group._live()
+        self.group = group
+        self._h = ctypes.c_void_p()
+        code = _scheme(scheme)
+        _check_wire(code, group.config.wire_code)
+        w13, w2 = _weights_pair(weights)
+        like = group._like()
+        if not like.is_host:
+            w13, w2 = (None if w is None else w if w.device == like.device else w.to(f"cuda:{like.device[1]}")
+                       for w in (w13, w2))
+        else:
+            for name, w in (("w13", w13), ("w2", w2)):
+                if w is not None and not w.is_host:
+                    raise DLPackError(f"weights: {name} is on {w._qt.device_name}; this group runs on the CPU backend")
+        if intermediate is None and w2 is not None:
+            intermediate = w2.K
+        if not per_tensor_act and (a1_scale is not None or a2_scale is not None):
+            raise ValueError("a1_scale and a2_scale are the per-tensor mode's scales: pass per_tensor_act=True")
+        a1 = a2 = None
+        if a1_scale is not None:
+            a1_scale, a1 = _scalar_scale(a1_scale, "a1_scale", like, None)
+        if a2_scale is not None:
+            a2_scale, a2 = _scalar_scale(a2_scale, "a2_scale", like, None)
+        for name, t in (("a1_scale", a1), ("a2_scale", a2)):  # the library reads them where the group works
+            if t is not None and t.device != like.device and not (t.is_host and like.is_host):
+                raise DLPackError(f"{name}: is on {t.device_name}; the group works on {like.device_name}")
+        self.scheme, self.intermediate = _SCHEME_NAMES.get(code, code), intermediate
+        self.per_tensor_act = bool(per_tensor_act)
+        self.weights = (w13, w2)
+        self._cfg = _config_c(code, intermediate, per_tensor_act, expected_m)
+        self._w = _weights_c(w13, w2, a1, a2)
+        # the library keeps these pointers: the objects live as long as the layer
+        self._keep = (w13, w2, a1_scale, a2_scale, a1, a2)
+        with on_device(like):
+            check(lib.epmoe_layer_create(group._ep, ctypes.byref(self._cfg), ctypes.byref(self._w),
+                                         ctypes.byref(self._h)))
+        group._layers.add(self)
+
+    @property
+    def closed(self):
+        return not self._h.value
+
+    @property
+    def bytes(self):
+        """Bytes of the buffers the layer allocated (epmoe_layer_bytes)."""
+        self._live()
+        return int(lib.epmoe_layer_bytes(self._h))
+
+    def _live(self):
+        if not self._h.value:
+            raise _lib.error(_lib.ERR_INVALID_ARG, "this layer is closed")
+        self.group._live()
+
+    def forward(self, x, topk_idx, topk_weights, *, out=None, stream=None):
+        """out[T, H] bf16 = sum_j topk_weights[t, j] * MLP_{topk_idx[t, j]}(x[t]) over this rank's
+        tokens. x bf16 [T, H], topk_idx int32/int64 [T, k] (-1 = no expert), topk_weights float32
+        [T, k]. Collective over the group. On GPUs: no host synchronization, capturable."""
+        self._live()
+        g, cfg = self.group, self.group.config
+        s = g._stream(stream)
+        xt = arg(x, "x", ("uint16", "bfloat16"), ndim=2, stream=s)
+        T = xt.shape[0]
+        if xt.shape[1] != cfg.hidden:
+            raise ValueError(f"forward: x is {xt.shape}, the group's hidden size is {cfg.hidden}")
+        it = arg(topk_idx, "topk_idx", ("int32", "int64"), ndim=2, stream=s)
+        if it.shape != (T, cfg.top_k):
+            raise ValueError(f"forward: topk_idx is {it.shape}, expected [{T}, {cfg.top_k}] (tokens, top_k)")
+        wt = arg(topk_weights, "topk_weights", ("float32",), ndim=2, stream=s)
+        if wt.shape != (T, cfg.top_k):
+            raise ValueError(f"forward: topk_weights is {wt.shape}, expected [{T}, {cfg.top_k}]")
+        like = g._like()
+        o, ot = output(out, "out", (T, cfg.hidden), ("uint16", "bfloat16") if like.is_host else ("bfloat16", "uint16"),
+                       like, stream=s)
+        g._inputs_on_device([("x", xt), ("topk_idx", it), ("topk_weights", wt), ("out", ot)], "forward")
+        with on_device(like):
+            check(lib.epmoe_layer_forward(self._h, ptr(xt), ptr(it), it.dtype.bits, ptr(wt), T, ptr(ot), s))
+        return o
+
+    __call__ = forward
+
+    def close(self):
+        """Free the layer's buffers (not collective). Closing its group closes it too."""
+        h, self._h = self._h, ctypes.c_void_p(0)
+        if h.value:
+            with on_device(self.group._like()):  # its GPU buffers are freed on the group's device
+                lib.epmoe_layer_destroy(h)
+            self.group._layers.discard(self)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def __del__(self):
+        if getattr(self, "_h", None) is not None and self._h.value:
+            try:
+                self.close()  # not collective, so safe from a garbage collector
+            except Exception:
+                pass
+
+    def __repr__(self):
+        state = "closed" if self.closed else f"{self.group.backend}"
+        return (f"<epmoe.Layer {self.scheme} I={self.intermediate} rank {self.group.rank}/{self.group.num_ranks} "
+                f"{state}>")
+
+
+def layer_ref(config, weights, xs, topk_idxs, topk_weights, *, scheme="w4afp8", intermediate=None,
+              per_tensor_act=False, a1_scale=None, a2_scale=None, expected_m=0):
+    """epmoe_layer_ref: the layer over all ranks in one call, on the host (the tests' oracle):
+    dispatch_ref, the MLP reference per local expert, combine in fp32 in top-k order.
+
+    weights[r] = (w13, w2) of rank r's local experts; xs[r] bf16 [T_r, H]; topk_idxs[r] int32
+    [T_r, k]; topk_weights[r] float32 [T_r, k]; a1_scale / a2_scale (per_tensor_act): one float
+    for every rank or one per rank. Returns bf16 [T_r, H] per rank (uint16 bits)."""
+    cfg = config
+    R, H, k = cfg.num_ranks, cfg.hidden, cfg.top_k
+    code = _scheme(scheme)
+    _check_wire(code, cfg.wire_code)
+    if len(weights) != R:
+        raise ValueError(f"weights: needs one (w13, w2) pair per rank ({R}), got {len(weights)}")
+    pairs = [_weights_pair(w) for w in weights]
+    for r, pair in enumerate(pairs):
+        for name, w in zip(("w13", "w2"), pair):
+            if w is not None and not w.is_host:
+                raise DLPackError(f"weights[{r}]: {name} is on {w._qt.device_name}; the reference runs on the host")
+    if intermediate is None and pairs and pairs[0][1] is not None:
+        intermediate = pairs[0][1].K
+    if not per_tensor_act and (a1_scale is not None or a2_scale is not None):
+        raise ValueError("a1_scale and a2_scale are the per-tensor mode's scales: pass per_tensor_act=True")
+
+    def per_rank_scale(s, name):
+        if s is None:
+            return [None] * R
+        if isinstance(s, (list, tuple)):
+            if len(s) != R:
+                raise ValueError(f"{name}: needs one scale per rank ({R}), got {len(s)}")
+            return [np.asarray([v], np.float32) for v in s]
+        return [np.asarray([s], np.float32)] * R
+
+    a1s, a2s = per_rank_scale(a1_scale, "a1_scale"), per_rank_scale(a2_scale, "a2_scale")
+    a1t = [None if v is None else arg(v, "a1_scale", ("float32",)) for v in a1s]
+    a2t = [None if v is None else arg(v, "a2_scale", ("float32",)) for v in a2s]
+    Ts = [int(np.shape(x)[0]) for x in xs]
+    if len(Ts) != R:
+        raise ValueError(f"xs: needs one entry per rank ({R}), got {len(Ts)}")
+    xt = _per_rank(xs, R, "xs", ("uint16", "bfloat16"), lambda r: (Ts[r], H))
+    it = _per_rank(topk_idxs, R, "topk_idxs", ("int32",), lambda r: (Ts[r], k))
+    wt = _per_rank(topk_weights, R, "topk_weights", ("float32",), lambda r: (Ts[r], k))
+    outs = [np.zeros((Ts[r], H), np.uint16) for r in range(R)]
+    ot = [arg(o, "out", ()) for o in outs]
+    wc = (_LayerWeightsC * R)(*[_weights_c(p[0], p[1], a1t[r], a2t[r]) for r, p in enumerate(pairs)])
+    lc = _config_c(code, intermediate, per_tensor_act, expected_m)
+    c = cfg._c()
+    check(lib.epmoe_layer_ref(ctypes.byref(c), ctypes.byref(lc), wc, _ptr_array(xt), _ptr_array(it), _ptr_array(wt),
+                              (ctypes.c_int * R)(*Ts), _ptr_array(ot)))
+    return outs

@@ -1,0 +1,229 @@
+"""The MoE layer through the package on the CPU backend (ranks are Python threads): EpGroup.layer
+forward against epmoe.layer_ref (bit-exact under REDUCE_AT_OWNER, within the bf16 partial-sum
+bound under REDUCE_AT_EXPERT) for R = 1, 2, both wires and both activation scale modes; the
+reference against its parts composed in Python (dispatch_ref, w4a8.mlp, combine_ref); and the
+errors: schemes not built, wires a scheme cannot read, shapes, closed groups."""
+import numpy as np
+import pytest
+
+import epmoe
+import models as mdl
+from epmoe import w4a8
+
+H, I = 256, 128
+A1, A2 = 0.02, 0.004  # static per-tensor scales that fit the random data below
+
+
+def make_case(R, wire, mode, *, seed, Ts=None, N=6, k=3):
+    cfg = epmoe.EpConfig(num_ranks=R, max_tokens=N, hidden=H, num_experts=4 * R, top_k=k, wire=wire,
+                         scale_fmt=epmoe.SCALE_F32_MMAJOR, combine_mode=mode, timeout_ms=20000)
+    rng = np.random.default_rng(seed)
+    L = cfg.local_experts
+    weights = []
+    for r in range(R):
+        pair = []
+        for n_, k_ in ((2 * I, H), (H, I)):
+            vals = rng.integers(-8 if r % 2 else -7, 8, size=(L, n_, k_)).astype(np.int8)
+            s = (0.02 * (0.5 + rng.random((L, n_, k_ // 128)))).astype(np.float32)
+            pair.append(w4a8.repack(mdl.int4_ckpt(vals), s))
+        weights.append(tuple(pair))
+    Ts = Ts or [N - r % 2 for r in range(R)]
+    xs, idxs, ws = [], [], []
+    for T in Ts:
+        x = (rng.standard_normal((T, H)) * (0.5 + rng.random((T, 1)))).astype(np.float32)
+        xs.append(mdl.bf16_bits(x))
+        idx = rng.integers(0, cfg.num_experts, size=(T, k)).astype(np.int32)
+        idx[rng.random((T, k)) < 0.2] = -1
+        idxs.append(idx)
+        ws.append((0.2 + rng.random((T, k))).astype(np.float32))
+    return cfg, weights, xs, idxs, ws
+
+
+def run_layer(cfg, weights, xs, idxs, ws, *, per_tensor=False, rounds=2):
+    """Every rank builds its layer in its own thread and runs `rounds` forwards (the later ones reuse
+    the buffers: rows left from an earlier forward must not leak in). Returns each rank's outputs."""
+    def rank(g):
+        kw = dict(per_tensor_act=True, a1_scale=A1, a2_scale=A2) if per_tensor else {}
+        with g.layer(weights=weights[g.rank], intermediate=I, **kw) as layer:
+            assert layer.bytes > 0 and not layer.closed
+            return [layer.forward(xs[g.rank], idxs[g.rank], ws[g.rank]) for _ in range(rounds)]
+
+    with epmoe.CpuWorld(cfg.num_ranks) as world:
+        return world.run(rank, cfg)
+
+
+def reference(cfg, weights, xs, idxs, ws, *, per_tensor=False):
+    kw = dict(per_tensor_act=True, a1_scale=A1, a2_scale=A2) if per_tensor else {}
+    return epmoe.layer_ref(cfg, weights, xs, idxs, ws, intermediate=I, **kw)
+
+
+@pytest.mark.parametrize("R", [1, 2])
+@pytest.mark.parametrize("wire,per_tensor", [("fp8", False), ("fp8", True), ("bf16", False), ("bf16", True)])
+def test_layer_forward_equals_reference_reduce_at_owner(R, wire, per_tensor):
+    case = make_case(R, wire, "reduce_at_owner", seed=10 * R + (wire == "fp8") * 2 + per_tensor)
+    outs = run_layer(*case, per_tensor=per_tensor)
+    ref = reference(*case, per_tensor=per_tensor)
+    for r in range(R):
+        assert ref[r].shape == (case[2][r].shape[0], H)
+        assert np.abs(mdl.bf16_value(ref[r])).max() > 0, "the reference is all zero: the test would prove nothing"
+        for it, out in enumerate(outs[r]):
+            assert out.dtype == np.uint16
+            differ = int((out != ref[r]).sum())
+            assert differ == 0, f"rank {r} forward {it}: {differ} of {out.size} outputs differ from layer_ref"
+
+
+def test_layer_reduce_at_expert_within_bound():
+    # each expert rank rounds its share of a token to bf16 before the owner adds them
+    case = make_case(2, "fp8", "reduce_at_expert", seed=77)
+    outs = run_layer(*case, rounds=1)
+    ref = reference(*case)
+    for r in range(2):
+        got, want = mdl.bf16_value(outs[r][0]).astype(np.float64), mdl.bf16_value(ref[r]).astype(np.float64)
+        rel = np.sqrt(((got - want) ** 2).sum() / (want ** 2).sum())
+        assert rel <= 2.0 ** -8, f"rank {r}: relative L2 {rel:.3e}"
+
+
+def test_zero_tokens_and_int64_ids():
+    cfg, weights, xs, idxs, ws = make_case(2, "fp8", "reduce_at_owner", seed=5, Ts=[0, 6])
+    ref = reference(cfg, weights, xs, idxs, ws)
+    outs = run_layer(cfg, weights, xs, [i.astype(np.int64) for i in idxs], ws, rounds=1)
+    assert outs[0][0].shape == (0, H)
+    assert (outs[1][0] == ref[1]).all()
+
+
+@pytest.mark.parametrize("wire,per_tensor", [("fp8", False), ("fp8", True), ("bf16", False)])
+def test_reference_is_dispatch_mlp_combine(wire, per_tensor):
+    """layer_ref against the parts the package exposes, composed here: what the layer means."""
+    cfg, weights, xs, idxs, ws = make_case(2, wire, "reduce_at_owner", seed=31 + per_tensor)
+    recv = epmoe.dispatch_ref(cfg, xs, idxs)
+    expert_outs = []
+    for r, d in enumerate(recv):
+        w13, w2 = weights[r]
+        L, M = cfg.local_experts, cfg.rows
+        if wire == "bf16":  # the layer casts after a BF16 receive (1x128, F32_ROW) or per tensor
+            flat = d["recv_x"].reshape(L * M, H)
+            if per_tensor:
+                q, s, fmt = epmoe.cast_tensor_fp8(flat, A1), None, None
+            else:
+                q, s = epmoe.cast_group_fp8(flat, epmoe.SCALE_F32_ROW)
+                fmt = epmoe.SCALE_F32_ROW
+            q = q.reshape(L, M, H)
+        elif per_tensor:  # FP8 wire, compat mode: rows requantized to the static scale at receive
+            q = epmoe.requant_fp8(d["recv_x"], d["recv_scales"], cfg.scale_fmt, d["masked_m"], A1)
+            s, fmt = None, None
+        else:
+            q, s, fmt = d["recv_x"], d["recv_scales"], cfg.scale_fmt
+        if per_tensor:
+            y = w4a8.mlp(w13, w2, q, d["masked_m"], a_tensor_scale=A1, a2_tensor_scale=A2)
+        else:
+            y = w4a8.mlp(w13, w2, q, d["masked_m"], s, fmt)
+        expert_outs.append(y)
+    composed = epmoe.combine_ref(cfg, expert_outs, idxs, ws)
+    ref = reference(cfg, weights, xs, idxs, ws, per_tensor=per_tensor)
+    for r in range(2):
+        assert (composed[r] == ref[r]).all(), f"rank {r}"
+
+
+# ---- schemes, wires and errors -------------------------------------------------------------------
+def test_scheme_wires():
+    assert epmoe.scheme_default_wire("w4afp8") == "fp8"
+    assert epmoe.scheme_default_wire("bf16") == "bf16"
+    assert epmoe.scheme_default_wire("w4a16") == "bf16"
+    assert epmoe.scheme_accepts_wire("w4afp8", "fp8") and epmoe.scheme_accepts_wire("w4afp8", "bf16")
+    assert not epmoe.scheme_accepts_wire("bf16", "fp8")  # would quantize what bf16 experts read
+    assert not epmoe.scheme_accepts_wire("w4a16", epmoe.WIRE_FP8)
+    with pytest.raises(ValueError, match="scheme"):
+        epmoe.scheme_default_wire("int3")
+
+
+@pytest.fixture
+def one_rank():
+    """A single-rank CPU group (R = 1 needs no peer threads) and fitting weights and tokens."""
+    cfg, weights, xs, idxs, ws = make_case(1, "fp8", "reduce_at_owner", seed=3)
+    world = epmoe.CpuWorld(1)
+    g = world.create_group(0, cfg)
+    yield g, weights[0], xs[0], idxs[0], ws[0]
+    g.close()
+    world.close()
+
+
+def test_layer_creation_errors(one_rank):
+    g, w, x, idx, tw = one_rank
+    with pytest.raises(epmoe.InvalidArgument, match="cannot consume the group's FP8 wire"):
+        g.layer(weights=w, scheme="bf16")
+    with pytest.raises(epmoe.InvalidArgument, match="not an epmoe_scheme"):
+        g.layer(weights=w, scheme=7)
+    with pytest.raises(ValueError, match="scheme"):
+        g.layer(weights=w, scheme="fp4")
+    with pytest.raises(epmoe.InvalidArgument, match="weights w13"):  # the weights are for I = 128
+        g.layer(weights=w, intermediate=256)
+    with pytest.raises(epmoe.InvalidArgument, match="weights w13"):  # w13 and w2 swapped
+        g.layer(weights=(w[1], w[0]))
+    with pytest.raises(epmoe.NullPointer, match="a1_scale and a2_scale"):
+        g.layer(weights=w, per_tensor_act=True, a1_scale=A1)
+    with pytest.raises(ValueError, match="per_tensor_act"):
+        g.layer(weights=w, a1_scale=A1, a2_scale=A2)
+    with pytest.raises(TypeError, match="pair"):
+        g.layer(weights=w[0])
+    with pytest.raises(TypeError, match="W4A8Weights"):
+        g.layer(weights=(w[0], "w2"))
+
+
+def test_unbuilt_scheme_is_unsupported():
+    cfg = make_case(1, "bf16", "reduce_at_owner", seed=4)[0]
+    weights = make_case(1, "bf16", "reduce_at_owner", seed=4)[1][0]
+    with epmoe.CpuWorld(1) as world:
+        g = world.create_group(0, cfg)
+        try:
+            with pytest.raises(epmoe.Unsupported, match="bf16 is not built"):
+                g.layer(weights=weights, scheme="bf16")
+            with pytest.raises(NotImplementedError):  # the builtin the class also derives from
+                g.layer(weights=weights, scheme="w8a8_fp8_block")
+        finally:
+            g.close()
+
+
+def test_forward_errors_and_lifetime(one_rank):
+    g, w, x, idx, tw = one_rank
+    layer = g.layer(weights=w)
+    ok = layer(x, idx, tw)  # __call__ is forward
+    assert ok.shape == x.shape
+    with pytest.raises(ValueError, match="hidden size"):
+        layer.forward(np.ascontiguousarray(x[:, :128]), idx, tw)
+    with pytest.raises(ValueError, match="topk_idx"):
+        layer.forward(x, np.ascontiguousarray(idx[:, :2]), tw)
+    with pytest.raises(ValueError, match="topk_weights"):
+        layer.forward(x, idx, tw[:-1])
+    with pytest.raises(TypeError, match="topk_weights"):
+        layer.forward(x, idx, None)
+    bad = idx.copy()
+    bad[0, 0] = 99  # no such expert: the library refuses the dispatch
+    with pytest.raises(epmoe.InvalidArgument, match="99"):
+        layer.forward(x, bad, tw)
+    big = np.zeros((g.config.max_tokens + 1, H), np.uint16)
+    with pytest.raises(epmoe.InvalidArgument):
+        layer.forward(big, np.zeros((len(big), 3), np.int32), np.ones((len(big), 3), np.float32))
+    out = np.zeros_like(x)
+    assert layer.forward(x, idx, tw, out=out) is out and (out == ok).all()  # still usable after the errors
+    g.close()  # closing the group closes its layers first
+    assert layer.closed
+    with pytest.raises(epmoe.InvalidArgument, match="closed"):
+        layer.forward(x, idx, tw)
+
+
+def test_layer_ref_errors():
+    cfg, weights, xs, idxs, ws = make_case(2, "fp8", "reduce_at_owner", seed=8)
+    with pytest.raises(ValueError, match="one \\(w13, w2\\) pair per rank"):
+        epmoe.layer_ref(cfg, weights[:1], xs, idxs, ws)
+    with pytest.raises(epmoe.InvalidArgument, match="cannot consume"):
+        epmoe.layer_ref(cfg, weights, xs, idxs, ws, scheme="bf16")
+    with pytest.raises(epmoe.Unsupported):
+        epmoe.layer_ref(cfg.replace(wire="bf16"), weights, xs, idxs, ws, scheme="w4a16")
+    with pytest.raises(epmoe.NullPointer):
+        epmoe.layer_ref(cfg, weights, xs, idxs, ws, per_tensor_act=True)
+    with pytest.raises(TypeError, match="dtype"):  # the reference takes int32 ids
+        epmoe.layer_ref(cfg, weights, xs, [i.astype(np.int64) for i in idxs], ws)
+    # per-rank static scales
+    a = epmoe.layer_ref(cfg, weights, xs, idxs, ws, per_tensor_act=True, a1_scale=[A1, A1], a2_scale=A2)
+    b = epmoe.layer_ref(cfg, weights, xs, idxs, ws, per_tensor_act=True, a1_scale=A1, a2_scale=A2)
+    assert all((p == q).all() for p, q in zip(a, b))
