@@ -166,7 +166,8 @@ EPMOE_API epmoe_status epmoe_dequant_fp8_cuda(const uint8_t *q, const void *scal
 ** into the layout the kernel reads: every thread's tensor-core fragment contiguous, each weight a
 ** sign-magnitude nibble that becomes an exact fp8 e4m3 value in 3 integer ops per 8 weights.
 ** The repack picks the encoding: SYM7 when no weight is -8 (checkpoints quantized with amax/7),
-** FULL (two more ops per 8 weights, all of -8..7) otherwise. Scales become fp32 [E, K/128, N]. */
+** FULL (two more ops per 8 weights, all of -8..7) otherwise. Scales become fp32 [E, K/128, N] and
+** carry a factor 512 (the kernel's weight bytes are v * 2^-9): build them with the repack. */
 typedef enum epmoe_w4_encoding {
     EPMOE_W4_AUTO = -1, /* repack input only: SYM7 if possible, else FULL */
     EPMOE_W4_SYM7 = 0,  /* int4 in -7..7 */
@@ -179,7 +180,7 @@ typedef struct epmoe_w4a8_weights {
     int64_t E, N, K;
     int encoding;          /* EPMOE_W4_SYM7 or EPMOE_W4_FULL, as returned by the repack */
     const void *qweight;   /* epmoe_w4a8_repack_size() qweight_bytes, 16-byte aligned */
-    const float *scales;   /* fp32 [E, K/128, N], 16-byte aligned */
+    const float *scales;   /* fp32 [E, K/128, N] = checkpoint scale * 512, 16-byte aligned */
 } epmoe_w4a8_weights;
 
 EPMOE_API epmoe_status epmoe_w4a8_repack_size(int64_t E, int64_t N, int64_t K, size_t *qweight_bytes,
@@ -207,17 +208,20 @@ EPMOE_API epmoe_status epmoe_w4a8_unpack(const epmoe_w4a8_weights *w, int64_t e,
 typedef struct epmoe_w4a8_gemm_args {
     epmoe_w4a8_weights w;
     const uint8_t *a;            /* fp8 [E, M, K], 16-byte aligned */
-    int64_t M;                   /* rows per expert slab (M_max), >= 1 */
+    int64_t M;                   /* rows per expert slab (M_max), >= 0 (0: nothing to do) */
     const int32_t *masked_m;     /* [E]: rows computed per expert (clamped to [0, M]) */
     const void *a_scales;        /* mode (a) */
     epmoe_scale_fmt a_scale_fmt; /* mode (a) */
     const float *a_tensor_scale; /* mode (b) */
     uint16_t *out;               /* bf16: (e, m, n) at out[e * out_expert_stride + m * out_row_stride + n] */
-    int64_t out_row_stride;      /* elements, >= N, even */
-    int64_t out_expert_stride;   /* elements, >= M * out_row_stride, even */
+    int64_t out_row_stride;      /* elements, >= N */
+    int64_t out_expert_stride;   /* elements, >= (M - 1) * out_row_stride + N (experts must not overlap) */
     int64_t expected_m;          /* hint: typical rows per expert (0: derive from M); picks the tile */
-    void *workspace;             /* _cuda: epmoe_w4a8_gemm_workspace() bytes, 256-byte aligned, zeroed once
-                                 ** after allocation (it holds a launch counter); one GEMM at a time */
+    void *workspace;             /* _cuda: epmoe_w4a8_gemm_workspace() bytes on the same device, 256-byte
+                                 ** aligned, zeroed once after allocation (it keeps a launch counter and
+                                 ** flags between calls; nothing else may write it). One GEMM at a time per
+                                 ** workspace: GEMMs that may overlap on the GPU (other streams, parallel
+                                 ** graph branches) need their own, or they can hang or mix results. */
     size_t workspace_bytes;
 } epmoe_w4a8_gemm_args;
 /* Workspace of the GPU GEMM on the current device (stream-K partial tiles); 0 without CUDA. */
@@ -228,7 +232,7 @@ EPMOE_API epmoe_status epmoe_w4a8_gemm_ref(const epmoe_w4a8_gemm_args *args);
 
 /* Expert MLP: out = W2 · fp8q(silu(gate) * up), [gate | up] = W13 · a, per expert, masked rows.
 ** w13: N = 2I (rows [0, I) gate, [I, 2I) up), K = H; w2: N = H, K = I. GEMM1 writes bf16 into the
-** workspace; silu(gate)·up is computed in fp32 and quantized to fp8 — in mode (a) with fresh
+** workspace; silu(gate)·up is computed in fp32, rounded to bf16 and quantized to fp8 — in mode (a) with fresh
 ** per-token 1x128 group scales (epmoe_cast_group_fp8 rules), in mode (b) with the static
 ** per-tensor scale *a2_tensor_scale (epmoe_cast_tensor_fp8 rules); GEMM2 writes out. */
 typedef struct epmoe_w4a8_mlp_args {
@@ -240,7 +244,8 @@ typedef struct epmoe_w4a8_mlp_args {
     epmoe_scale_fmt a_scale_fmt;  /* mode (a) */
     const float *a_tensor_scale;  /* mode (b): GEMM1 input scale */
     const float *a2_tensor_scale; /* mode (b): GEMM2 input scale */
-    void *workspace;              /* epmoe_w4a8_mlp_workspace() bytes, 256-byte aligned, zeroed once */
+    void *workspace;              /* epmoe_w4a8_mlp_workspace() bytes, 256-byte aligned, zeroed once; it holds
+                                     the GEMMs' workspace: one MLP at a time per workspace (see above) */
     size_t workspace_bytes;
     uint16_t *out;
     int64_t out_row_stride, out_expert_stride;
@@ -489,7 +494,9 @@ typedef struct epmoe_layer_weights {
 /* The wire a scheme dispatches by default, and whether it can consume `wire` at all. */
 EPMOE_API epmoe_wire epmoe_scheme_default_wire(epmoe_scheme scheme);
 EPMOE_API int epmoe_scheme_accepts_wire(epmoe_scheme scheme, epmoe_wire wire);
-/* Create on a group (not collective; allocates the buffers: epmoe_layer_bytes() reports them). */
+/* Create on a group (not collective; allocates the buffers: epmoe_layer_bytes() reports them).
+** NCCL groups: call with the group's device current; the buffers are zeroed and the device
+** synchronized before this returns. The layer must outlive every CUDA graph that captured a forward. */
 EPMOE_API epmoe_status epmoe_layer_create(epmoe_ep *ep, const epmoe_layer_config *cfg, const epmoe_layer_weights *w,
                                           epmoe_layer **layer);
 EPMOE_API size_t epmoe_layer_bytes(const epmoe_layer *layer);

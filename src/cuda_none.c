@@ -53,6 +53,8 @@ epmoe_status epmoe__dev_alloc(const char *fn, size_t bytes, void **p) {
 
 void epmoe__dev_free(void *p) { (void)p; }
 
+epmoe_status epmoe__dev_sync(const char *fn) { return no_cuda(fn); }
+
 epmoe_status epmoe_w4a8_gemm_cuda(const epmoe_w4a8_gemm_args *args, epmoe_stream_t stream) {
     (void)stream;
     EPMOE_CHECK(epmoe__check_w4a8_gemm(__func__, args, 1));

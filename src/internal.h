@@ -44,6 +44,8 @@ EPMOE_HIDDEN epmoe_status epmoe__check_rescale(const char *fn, int requant, cons
 ** gate_up (bf16 [E, M, 2I]), inter (fp8 [E, M, I]), inter_scales (f32 row-major [E, M, I/128])
 ** and the GEMMs' workspace; returns the total size. */
 EPMOE_HIDDEN epmoe_status epmoe__check_w4a8_gemm(const char *fn, const epmoe_w4a8_gemm_args *g, int device);
+EPMOE_HIDDEN epmoe_status epmoe__check_w4a8_weights(const char *fn, const char *what, const epmoe_w4a8_weights *w,
+                                                    int device);
 EPMOE_HIDDEN epmoe_status epmoe__check_w4a8_mlp(const char *fn, const epmoe_w4a8_mlp_args *m, int device);
 EPMOE_HIDDEN size_t epmoe__mlp_layout(int64_t E, int64_t M, int64_t H, int64_t I, size_t *gate_up, size_t *inter,
                                       size_t *inter_scales, size_t *gemm);
@@ -51,6 +53,7 @@ EPMOE_HIDDEN size_t epmoe__mlp_layout(int64_t E, int64_t M, int64_t H, int64_t I
 /* Zeroed device memory on the current device, and its release (device.cu; CPU builds: UNSUPPORTED). */
 EPMOE_HIDDEN epmoe_status epmoe__dev_alloc(const char *fn, size_t bytes, void **p);
 EPMOE_HIDDEN void epmoe__dev_free(void *p);
+EPMOE_HIDDEN epmoe_status epmoe__dev_sync(const char *fn);
 
 /* Rows of expert e that an op touches: min(max(masked_m[e], 0), M). */
 static inline int64_t epmoe__valid_rows(const int32_t *masked_m, int64_t e, int64_t M) {

@@ -36,8 +36,9 @@ static const char *scheme_name(int s) {
     return s >= 0 && s < 4 ? names[s] : "?";
 }
 
+/* Everything the forward would find wrong after the collective dispatch is found here, before it. */
 static epmoe_status check_layer(const char *fn, const epmoe_ep_config *ec, const epmoe_layer_config *cfg,
-                                const epmoe_layer_weights *w) {
+                                const epmoe_layer_weights *w, int device) {
     if (!cfg || !w) return epmoe__fail(EPMOE_ERR_NULL_POINTER, "%s: cfg or weights is NULL", fn);
     if (cfg->size != sizeof(epmoe_layer_config))
         return epmoe__fail(EPMOE_ERR_INVALID_ARG, "%s: cfg->size = %zu, this library's epmoe_layer_config has %zu bytes",
@@ -62,6 +63,8 @@ static epmoe_status check_layer(const char *fn, const epmoe_ep_config *ec, const
                            fn, (long long)w->w13.E, (long long)w->w13.N, (long long)w->w13.K, (long long)w->w2.E,
                            (long long)w->w2.N, (long long)w->w2.K, (long long)L, (long long)(2 * I), (long long)H,
                            (long long)L, (long long)H, (long long)I);
+    EPMOE_CHECK(epmoe__check_w4a8_weights(fn, "w13", &w->w13, device));
+    EPMOE_CHECK(epmoe__check_w4a8_weights(fn, "w2", &w->w2, device));
     if (cfg->per_tensor_act && (!w->a1_scale || !w->a2_scale))
         return epmoe__fail(EPMOE_ERR_NULL_POINTER, "%s: per_tensor_act needs a1_scale and a2_scale", fn);
     return EPMOE_OK;
@@ -132,7 +135,7 @@ epmoe_status epmoe_layer_create(epmoe_ep *ep, const epmoe_layer_config *cfg, con
     static const char fn[] = "epmoe_layer_create";
     if (!ep || !out) return epmoe__fail(EPMOE_ERR_NULL_POINTER, "%s: ep or layer is NULL", fn);
     *out = NULL;
-    EPMOE_CHECK(check_layer(fn, &ep->cfg, cfg, w));
+    EPMOE_CHECK(check_layer(fn, &ep->cfg, cfg, w, ep->backend != EPMOE_BACKEND_CPU));
     layer_sizes z;
     EPMOE_CHECK(sizes_of(&ep->cfg, cfg, &z));
     epmoe_layer *y = calloc(1, sizeof *y);
@@ -156,6 +159,15 @@ epmoe_status epmoe_layer_create(epmoe_ep *ep, const epmoe_layer_config *cfg, con
         }
         y->bytes += sizes[i];
     }
+    /* the buffers were zeroed on the legacy stream: done before any forward on the caller's */
+    if (y->gpu) {
+        const epmoe_status st = epmoe__dev_sync(fn);
+        if (st != EPMOE_OK) {
+            layer_free_buffers(y);
+            free(y);
+            return st;
+        }
+    }
     *out = y;
     return EPMOE_OK;
 }
@@ -172,7 +184,11 @@ epmoe_status epmoe_layer_forward(epmoe_layer *y, const uint16_t *x, const void *
                                  const float *topk_weights, int num_tokens, uint16_t *out, epmoe_stream_t stream) {
     static const char fn[] = "epmoe_layer_forward";
     if (!y) return epmoe__fail(EPMOE_ERR_NULL_POINTER, "%s: layer is NULL", fn);
-    if (!topk_weights) return epmoe__fail(EPMOE_ERR_NULL_POINTER, "%s: topk_weights is NULL", fn);
+    /* checked before the collective dispatch: a failure after it would leave the peers waiting */
+    if (num_tokens > 0 && !topk_weights) return epmoe__fail(EPMOE_ERR_NULL_POINTER, "%s: topk_weights is NULL", fn);
+    if (num_tokens > 0 && !out) return epmoe__fail(EPMOE_ERR_NULL_POINTER, "%s: out is NULL", fn);
+    if (num_tokens > 0 && y->gpu && ((uintptr_t)out & 15u))
+        return epmoe__fail(EPMOE_ERR_MISALIGNED, "%s: out = %p is not 16-byte aligned", fn, (void *)out);
     const epmoe_ep_config *ec = &y->ep->cfg;
     const int requant = ec->wire == EPMOE_WIRE_FP8 && y->cfg.per_tensor_act;
     /* Per-tensor compat on the FP8 wire: dispatch itself requantizes at receive (no extra pass). */
@@ -181,11 +197,14 @@ epmoe_status epmoe_layer_forward(epmoe_layer *y, const uint16_t *x, const void *
                                    requant ? y->w.a1_scale : NULL};
     uint32_t h;
     EPMOE_CHECK(epmoe_dispatch(y->ep, &d, EPMOE_PHASE_BOTH, &h, stream));
-    EPMOE_CHECK(experts(ec, &y->cfg, &y->w, y->gpu, y->recv_x, y->recv_scales, y->masked_m, y->q, y->q_scales, y->ws,
-                        y->ws_bytes, y->expert_out, stream));
+    const epmoe_status ex = experts(ec, &y->cfg, &y->w, y->gpu, y->recv_x, y->recv_scales, y->masked_m, y->q,
+                                    y->q_scales, y->ws, y->ws_bytes, y->expert_out, stream);
+    /* combine runs even if the experts failed: the peers are waiting for this rank's share */
     const epmoe_combine_args c = {y->expert_out, ec->combine_mode == EPMOE_COMBINE_REDUCE_AT_OWNER ? topk_weights : NULL,
                                   out};
-    return epmoe_combine(y->ep, h, &c, EPMOE_PHASE_BOTH, stream);
+    const epmoe_status cs = epmoe_combine(y->ep, h, &c, EPMOE_PHASE_BOTH, stream);
+    if (ex != EPMOE_OK) return epmoe__fail(ex, "%s: the expert MLP failed (combine still ran): %s", fn, epmoe_last_error());
+    return cs;
 }
 
 epmoe_status epmoe_layer_ref(const epmoe_ep_config *ec, const epmoe_layer_config *cfg, const epmoe_layer_weights *w,
@@ -196,7 +215,7 @@ epmoe_status epmoe_layer_ref(const epmoe_ep_config *ec, const epmoe_layer_config
         return epmoe__fail(EPMOE_ERR_NULL_POINTER, "%s: a required argument is NULL", fn);
     EPMOE_CHECK(epmoe__ep_check_config(fn, ec));
     const int R = ec->num_ranks;
-    for (int r = 0; r < R; r++) EPMOE_CHECK(check_layer(fn, ec, cfg, &w[r]));
+    for (int r = 0; r < R; r++) EPMOE_CHECK(check_layer(fn, ec, cfg, &w[r], 0));
     layer_sizes z;
     EPMOE_CHECK(sizes_of(ec, cfg, &z));
     const int64_t L = ec->num_experts / R, M = (int64_t)R * ec->max_tokens, H = ec->hidden;

@@ -73,9 +73,9 @@ epmoe_status epmoe_w4a8_repack(const int8_t *ckpt_w, const void *ckpt_scales, ep
         float s;
         if (scale_dtype == EPMOE_F32) memcpy(&s, (const uint8_t *)ckpt_scales + 4 * i, 4);
         else s = fmt_bf16_to_float(((const uint16_t *)ckpt_scales)[i]);
-        if (!(s >= 0.0f && s <= 3.0e38f))
-            return epmoe__fail(EPMOE_ERR_INVALID_ARG, "%s: weight scale %lld is %g (must be finite and >= 0)", fn,
-                               (long long)i, (double)s);
+        if (!(s >= 0.0f && s <= 3.0e38f / W4_SCALE_FOLD)) /* the folded 2^9 must stay finite */
+            return epmoe__fail(EPMOE_ERR_INVALID_ARG, "%s: weight scale %lld is %g (must be finite, >= 0 and <= %g)", fn,
+                               (long long)i, (double)s, 3.0e38 / W4_SCALE_FOLD);
         const int64_t e = i / (N * G), n = (i / G) % N, g = i % G;
         scales[w4_scale_index(N, K, e, n, g)] = s * W4_SCALE_FOLD; /* exact: a power of two */
     }
@@ -96,7 +96,7 @@ epmoe_status epmoe_w4a8_repack(const int8_t *ckpt_w, const void *ckpt_scales, ep
     return EPMOE_OK;
 }
 
-static epmoe_status check_weights(const char *fn, const char *what, const epmoe_w4a8_weights *w, int device) {
+epmoe_status epmoe__check_w4a8_weights(const char *fn, const char *what, const epmoe_w4a8_weights *w, int device) {
     EPMOE_CHECK(check_dims(fn, what, w->E, w->N, w->K));
     if (w->encoding != EPMOE_W4_SYM7 && w->encoding != EPMOE_W4_FULL)
         return epmoe__fail(EPMOE_ERR_INVALID_ARG, "%s: %s encoding %d must be EPMOE_W4_SYM7 or EPMOE_W4_FULL (from the repack)",
@@ -110,7 +110,7 @@ static epmoe_status check_weights(const char *fn, const char *what, const epmoe_
 epmoe_status epmoe_w4a8_unpack(const epmoe_w4a8_weights *w, int64_t e, int64_t n, int64_t k, int *value, float *scale) {
     static const char fn[] = "epmoe_w4a8_unpack";
     EPMOE_CHECK(need(fn, w, "w", 1));
-    EPMOE_CHECK(check_weights(fn, "w", w, 0));
+    EPMOE_CHECK(epmoe__check_w4a8_weights(fn, "w", w, 0));
     EPMOE_CHECK(need(fn, value, "value", 1));
     EPMOE_CHECK(need(fn, scale, "scale", 1));
     if (e < 0 || e >= w->E || n < 0 || n >= w->N || k < 0 || k >= w->K)
@@ -143,6 +143,10 @@ static epmoe_status check_acts(const char *fn, int64_t E, int64_t M, int64_t K, 
 
 static epmoe_status check_out(const char *fn, int64_t E, int64_t M, int64_t N, const uint16_t *out, int64_t row_stride,
                               int64_t expert_stride) {
+    /* bounded first, so the products below cannot overflow int64 */
+    if (row_stride > (INT64_C(1) << 38) || expert_stride < 0 || expert_stride > (INT64_C(1) << 50))
+        return epmoe__fail(EPMOE_ERR_INVALID_ARG, "%s: out strides %lld, %lld are out of range", fn, (long long)row_stride,
+                           (long long)expert_stride);
     if (row_stride < N)
         return epmoe__fail(EPMOE_ERR_INVALID_ARG, "%s: out_row_stride = %lld must be >= N = %lld", fn, (long long)row_stride, (long long)N);
     if (M > 0 && E > 1 && expert_stride < (M - 1) * row_stride + N)
@@ -154,7 +158,7 @@ static epmoe_status check_out(const char *fn, int64_t E, int64_t M, int64_t N, c
 
 epmoe_status epmoe__check_w4a8_gemm(const char *fn, const epmoe_w4a8_gemm_args *g, int device) {
     EPMOE_CHECK(need(fn, g, "args", 1));
-    EPMOE_CHECK(check_weights(fn, "w", &g->w, device));
+    EPMOE_CHECK(epmoe__check_w4a8_weights(fn, "w", &g->w, device));
     EPMOE_CHECK(check_acts(fn, g->w.E, g->M, g->w.K, g->a, g->masked_m, g->a_scales, g->a_scale_fmt, g->a_tensor_scale, device));
     EPMOE_CHECK(check_out(fn, g->w.E, g->M, g->w.N, g->out, g->out_row_stride, g->out_expert_stride));
     if (g->expected_m < 0)
@@ -189,8 +193,8 @@ size_t epmoe_w4a8_mlp_workspace(int64_t E, int64_t M, int64_t H, int64_t I) {
 
 epmoe_status epmoe__check_w4a8_mlp(const char *fn, const epmoe_w4a8_mlp_args *m, int device) {
     EPMOE_CHECK(need(fn, m, "args", 1));
-    EPMOE_CHECK(check_weights(fn, "w13", &m->w13, device));
-    EPMOE_CHECK(check_weights(fn, "w2", &m->w2, device));
+    EPMOE_CHECK(epmoe__check_w4a8_weights(fn, "w13", &m->w13, device));
+    EPMOE_CHECK(epmoe__check_w4a8_weights(fn, "w2", &m->w2, device));
     const int64_t E = m->w13.E, H = m->w13.K, I = m->w2.K;
     if (m->w2.E != E || m->w13.N != 2 * I || m->w2.N != H)
         return epmoe__fail(EPMOE_ERR_INVALID_ARG,

@@ -115,12 +115,22 @@ static void test_schemes_and_args(void) {
     epmoe_layer_weights w = c.hw[0];
     w.a1_scale = NULL;
     CHECK_STATUS(epmoe_layer_create(ep, &lc, &w, &layer), EPMOE_ERR_NULL_POINTER);
+    w = c.hw[0];
+    w.w13.encoding = 9; /* would fail only inside the forward, after the collective dispatch */
+    CHECK_STATUS(epmoe_layer_create(ep, &c.lc, &w, &layer), EPMOE_ERR_INVALID_ARG);
+    w = c.hw[0];
+    w.w2.qweight = NULL;
+    CHECK_STATUS(epmoe_layer_create(ep, &c.lc, &w, &layer), EPMOE_ERR_NULL_POINTER);
     CHECK_STATUS(epmoe_layer_create(NULL, &c.lc, &c.hw[0], &layer), EPMOE_ERR_NULL_POINTER);
     CHECK(layer == NULL, "a failed create leaves *layer NULL");
     CHECK_STATUS(epmoe_layer_create(ep, &c.lc, &c.hw[0], &layer), EPMOE_OK);
     CHECK(epmoe_layer_bytes(layer) > 0, "the layer reports its buffers");
     uint16_t out[9 * 256];
     CHECK_STATUS(epmoe_layer_forward(layer, c.x[0], c.topk[0], 32, NULL, 3, out, NULL), EPMOE_ERR_NULL_POINTER);
+    CHECK_STATUS(epmoe_layer_forward(layer, c.x[0], c.topk[0], 32, c.tw[0], 3, NULL, NULL), EPMOE_ERR_NULL_POINTER);
+    /* those were refused before the dispatch: the group still works, also with an empty batch */
+    CHECK_STATUS(epmoe_layer_forward(layer, c.x[0], c.topk[0], 32, c.tw[0], 3, out, NULL), EPMOE_OK);
+    CHECK_STATUS(epmoe_layer_forward(layer, NULL, NULL, 32, NULL, 0, NULL, NULL), EPMOE_OK);
     CHECK_STATUS(epmoe_layer_forward(layer, c.x[0], c.topk[0], 32, c.tw[0], 10, out, NULL), EPMOE_ERR_INVALID_ARG);
     int32_t bad[3] = {0, 99, 1}; /* expert id out of range */
     CHECK_STATUS(epmoe_layer_forward(layer, c.x[0], bad, 32, c.tw[0], 1, out, NULL), EPMOE_ERR_INVALID_ARG);

@@ -266,6 +266,8 @@ static void test_bad_args(void) {
     BAD(out_expert_stride, 512, EPMOE_ERR_INVALID_ARG);
     BAD(M, -3, EPMOE_ERR_INVALID_ARG);
     BAD(expected_m, -1, EPMOE_ERR_INVALID_ARG);
+    BAD(out_row_stride, INT64_MAX - 10, EPMOE_ERR_INVALID_ARG); /* must not overflow the overlap check */
+    BAD(out_expert_stride, -1024, EPMOE_ERR_INVALID_ARG);
     g = good;
     g.a = a + 1; /* the GPU path needs 16-byte rows */
     CHECK_STATUS(epmoe_w4a8_gemm_cuda(&g, NULL), EPMOE_ERR_MISALIGNED);
@@ -301,6 +303,8 @@ static void test_bad_args(void) {
     cs[3] = NAN;
     CHECK_STATUS(epmoe_w4a8_repack(cw, cs, EPMOE_F32, 128, 1, 128, 128, rq, rs, &enc), EPMOE_ERR_INVALID_ARG);
     cs[3] = -1.0f;
+    CHECK_STATUS(epmoe_w4a8_repack(cw, cs, EPMOE_F32, 128, 1, 128, 128, rq, rs, &enc), EPMOE_ERR_INVALID_ARG);
+    cs[3] = 1e36f; /* finite, but not once the 2^9 is folded in */
     CHECK_STATUS(epmoe_w4a8_repack(cw, cs, EPMOE_F32, 128, 1, 128, 128, rq, rs, &enc), EPMOE_ERR_INVALID_ARG);
     size_t qb, sb;
     CHECK_STATUS(epmoe_w4a8_repack_size(2, 256, 384, &qb, &sb), EPMOE_OK);

@@ -273,8 +273,12 @@ int cmd_check(int argc, char **argv) {
     printf("  quantizing and repacking the weights (W4AFP8 checkpoint rules: int4, amax/7 per 128)...\n");
     fflush(stdout);
     ckpt ck[8];
-    for (int q = 0; q < R; q++)
+    for (int q = 0; q < R; q++) {
+#if EPMOE_HAVE_CUDA
+        if (gpu) cudaSetDevice(q); /* rank q's weights live on rank q's GPU */
+#endif
         if (make_ckpt(gpu, L, H, I, &ck[q])) return 1;
+    }
     uint16_t *x = malloc((size_t)R * T * H * 2), *out = malloc((size_t)R * T * H * 2);
     int32_t *idx = malloc((size_t)R * T * k * 4);
     float *tw = malloc((size_t)R * T * k * 4);

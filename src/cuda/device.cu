@@ -26,3 +26,8 @@ extern "C" epmoe_status epmoe__dev_alloc(const char *fn, size_t bytes, void **p)
 extern "C" void epmoe__dev_free(void *p) {
     if (p) cudaFree(p);
 }
+
+extern "C" epmoe_status epmoe__dev_sync(const char *fn) {
+    const cudaError_t err = cudaDeviceSynchronize();
+    return err == cudaSuccess ? EPMOE_OK : epmoe__fail(EPMOE_ERR_CUDA, "%s: %s", fn, cudaGetErrorString(err));
+}

@@ -349,7 +349,10 @@ epmoe_status launch(const char *fn, const Problem &p, int sms, cudaStream_t stre
     constexpr int S = T <= 32 ? 6 : (T <= 64 ? 5 : 4);
     auto kernel = w4a8_gemm_kernel<T, kSa, kFull, S>;
     const size_t smem = S * (sizeof(Stage<T>) + sizeof(uint64_t)) + (size_t)(p.E + 1) * sizeof(int);
-    cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
+    /* The attribute is per function and per device, shared by every host thread: always the same
+    ** value (the most any E needs), so concurrent launches with different E cannot undo each other. */
+    const size_t smem_max = S * (sizeof(Stage<T>) + sizeof(uint64_t)) + (size_t)(4096 + 1) * sizeof(int);
+    cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem_max);
     int per_sm = 0;
     if (err == cudaSuccess) err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, smem);
     if (per_sm > kMaxCtasPerSm) per_sm = kMaxCtasPerSm;
