@@ -26,11 +26,11 @@ static epmoe_status check_dims(const char *fn, const char *what, int64_t E, int6
     if (E < 0 || E > MAX_EXPERTS)
         return epmoe__fail(EPMOE_ERR_INVALID_ARG, "%s: %s E = %lld must be in [0, %d]", fn, what, (long long)E, MAX_EXPERTS);
     if (N <= 0 || N % W4_TILE_N || N > MAX_DIM)
-        return epmoe__fail(EPMOE_ERR_INVALID_ARG, "%s: %s N = %lld must be a positive multiple of %d", fn, what,
-                           (long long)N, W4_TILE_N);
+        return epmoe__fail(EPMOE_ERR_INVALID_ARG, "%s: %s N = %lld must be a positive multiple of %d, at most %lld", fn,
+                           what, (long long)N, W4_TILE_N, (long long)MAX_DIM);
     if (K <= 0 || K % W4_GROUP || K > MAX_DIM)
-        return epmoe__fail(EPMOE_ERR_INVALID_ARG, "%s: %s K = %lld must be a positive multiple of %d", fn, what,
-                           (long long)K, W4_GROUP);
+        return epmoe__fail(EPMOE_ERR_INVALID_ARG, "%s: %s K = %lld must be a positive multiple of %d, at most %lld", fn,
+                           what, (long long)K, W4_GROUP, (long long)MAX_DIM);
     return EPMOE_OK;
 }
 

@@ -396,6 +396,7 @@ typedef struct bench_job {
     pthread_barrier_t *bar;
     double us[STAGES]; /* this rank's medians */
     long rows;         /* rows its MLP computed (sum of masked_m) */
+    int active;        /* local experts with rows: the weights the MLP reads */
 } bench_job;
 
 static double wall_us(void) {
@@ -528,7 +529,8 @@ static void bench_rank(rank_ctx *r) {
 #endif
     if (!gpu) memcpy(hm, masked, (size_t)L * 4);
     j->rows = 0;
-    for (int64_t e = 0; e < L; e++) j->rows += hm[e];
+    j->active = 0;
+    for (int64_t e = 0; e < L; e++) j->rows += hm[e], j->active += hm[e] > 0;
     free(hm);
     epmoe_layer_destroy(layer);
     void *bufs[] = {d13, ds13, d2, ds2, x, idx, tw, out, recv_x, recv_s, masked, eout, ws, q, qs};
@@ -574,9 +576,13 @@ int cmd_bench(int argc, char **argv) {
         for (int st = 0; st < STAGES; st++) {
             double us = 0, gbs = 0, tf = 0;
             long rows = 0;
-            for (int q = 0; q < R; q++) us = us > jobs[q].us[st] ? us : jobs[q].us[st], rows = rows > jobs[q].rows ? rows : jobs[q].rows;
+            int active = 0;
+            for (int q = 0; q < R; q++) {
+                us = us > jobs[q].us[st] ? us : jobs[q].us[st];
+                if (jobs[q].us[st] >= us) rows = jobs[q].rows, active = jobs[q].active; /* the slower rank's */
+            }
             if (st == 2) {
-                gbs = wbytes_expert * (E / R) / us / 1e3; /* every local expert has rows at these sizes */
+                gbs = wbytes_expert * active / us / 1e3; /* experts without rows cost no bytes */
                 tf = 2.0 * (double)rows * (double)(2 * I * H + H * I) / us / 1e6;
             }
             if (st == 2) printf("  %-5s %-11s %11.1f %10.0f %10.1f\n", wire ? "BF16" : "FP8", STAGE[st], us, gbs, tf);

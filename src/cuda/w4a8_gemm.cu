@@ -82,7 +82,7 @@ template <int T, int kSa> struct Producer {
     int abytes[kActChunks]; /* 16, or 0 for rows past masked_m (zero-filled, never read) */
     const float *sw;
     int g, t_sa;
-    int64_t item;      /* t_sa: this thread's token for the activation scale, or -1 */
+    int64_t item, items; /* items: set by the kernel before start */      /* t_sa: this thread's token for the activation scale, or -1 */
     const uint8_t *sa;      /* the 4-byte word holding scale (t_sa, g) */
     int64_t sa_step;        /* bytes to the next group's word (UE8M0: every 4th group) */
     Item it;
@@ -133,7 +133,7 @@ template <int T, int kSa> struct Producer {
         for (int i = 0; i < kActChunks; i++) a[i] += abytes[i] ? W4_GROUP : 0;
         sw += p.N;
         if (t_sa >= 0 && (kSa != 2 || (g & 3) == 3)) sa += sa_step;
-        if (++g == p.G) start(p, prefix, item + 1, 0);
+        if (++g == p.G && item + 1 < items) start(p, prefix, item + 1, 0); /* (nothing follows the last) */
     }
 };
 
@@ -257,6 +257,7 @@ __global__ void __launch_bounds__(kThreads, T >= 128 ? 1 : 2) w4a8_gemm_kernel(P
 
     if (steps > 0) {
         Producer<T, kSa> prod;
+        prod.items = items;
         prod.start(p, prefix, s0 / p.G, (int)(s0 % p.G));
         int issued = 0;
 #pragma unroll 1
@@ -356,6 +357,7 @@ epmoe_status launch(const char *fn, const Problem &p, int sms, cudaStream_t stre
     int per_sm = 0;
     if (err == cudaSuccess) err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, smem);
     if (per_sm > kMaxCtasPerSm) per_sm = kMaxCtasPerSm;
+    if (err != cudaSuccess) cudaGetLastError(); /* not a failure of the caller's next launch */
     if (err != cudaSuccess || per_sm < 1)
         return epmoe__fail(EPMOE_ERR_CUDA, "%s: cannot fit the T = %d kernel (%zu bytes of shared memory): %s", fn, T,
                            smem, cudaGetErrorString(err));
