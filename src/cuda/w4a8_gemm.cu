@@ -40,7 +40,7 @@ struct Problem {
     const int32_t *masked_m;
     uint16_t *out;
     int64_t N, K, M, row_stride, expert_stride, sa_slab;
-    int E, NT, G, fmt, sms;
+    int E, NT, G, fmt;
     float *slots;    /* stream-K: one fp32 partial tile per CTA, [cta][T/2][256] */
     uint32_t *flags; /* flag[cta] = epoch + 1 once its partial tile is in slots */
     uint32_t *sync;  /* [0] epoch (+1 per launch), [1] CTAs done in this launch */
@@ -361,11 +361,9 @@ epmoe_status launch(const char *fn, const Problem &p, int sms, cudaStream_t stre
     if (err != cudaSuccess || per_sm < 1)
         return epmoe__fail(EPMOE_ERR_CUDA, "%s: cannot fit the T = %d kernel (%zu bytes of shared memory): %s", fn, T,
                            smem, cudaGetErrorString(err));
-    Problem q = p;
-    q.sms = sms;
     if ((size_t)sms * per_sm * (T / 2) * kThreads * sizeof(float) > p.slots_bytes)
         return epmoe__fail(EPMOE_ERR_INTERNAL, "%s: stream-K slots for T = %d exceed the workspace", fn, T);
-    kernel<<<sms * per_sm, kThreads, smem, stream>>>(q);
+    kernel<<<sms * per_sm, kThreads, smem, stream>>>(p);
     return epmoe__launched(fn);
 }
 
