@@ -80,7 +80,7 @@ $(BUILD)/libepmoe.so: $(LIB_OBJ)
 
 # ---- CLI -----------------------------------------------------------------------------------
 CLI_SRC := tools/epmoe.c tools/demo_ep.c tools/demo_w4a8.c tools/cli_layer.c
-$(BUILD)/epmoe: $(CLI_SRC) $(BUILD)/libepmoe.a $(HEADERS)
+$(BUILD)/epmoe: $(CLI_SRC) tools/tool_util.h $(BUILD)/libepmoe.a $(HEADERS)
 	$(CC) $(CFLAGS) $(if $(filter 1,$(CUDA)),-isystem $(CUDA_HOME)/include) -o $@ $(CLI_SRC) \
 		$(BUILD)/libepmoe.a $(LDLIBS)
 

@@ -17,6 +17,7 @@
 #include <unistd.h>
 
 #include "epmoe.h"
+#include "tool_util.h"
 #if EPMOE_HAVE_CUDA
 #include <cuda_runtime_api.h>
 #endif
@@ -134,11 +135,8 @@ static int pick_ranks(const opts *o, int *gpu) {
 }
 
 static uint64_t rng_state = 0x2545F4914F6CDD1Dull;
-static double urand(void) { /* [0, 1) */
-    rng_state ^= rng_state << 13, rng_state ^= rng_state >> 7, rng_state ^= rng_state << 17;
-    return (double)(rng_state >> 11) / 9007199254740992.0;
-}
-static double nrand(void) { return sqrt(-2.0 * log(urand() + 1e-300)) * cos(6.283185307179586 * urand()); }
+static double urand(void) { return tool_urand(&rng_state); }
+static double nrand(void) { return tool_nrand(&rng_state); }
 
 /* Device or host copies of a rank's weights, as the layer wants them. */
 static int upload(int gpu, const void *h, size_t n, void **out) {
@@ -181,28 +179,13 @@ typedef struct check_job {
     const float *a1, *a2; /* host values; copied where needed */
 } check_job;
 
-static void quantize(int64_t rows, int64_t K, int8_t *w, float *s) {
-    float v[128];
-    for (int64_t r = 0; r < rows; r++)
-        for (int64_t g = 0; g < K / 128; g++) {
-            float amax = 1e-12f;
-            for (int i = 0; i < 128; i++) v[i] = (float)((urand() * 2 - 1) * 0.02), amax = fmaxf(amax, fabsf(v[i]));
-            const float sc = amax / 7.0f; /* W4AFP8 checkpoints: amax/7, so no -8 */
-            s[r * (K / 128) + g] = sc;
-            for (int i = 0; i < 128; i += 2) {
-                const int lo = (int)lrintf(v[i] / sc), hi = (int)lrintf(v[i + 1] / sc);
-                w[(r * K + g * 128 + i) / 2] = (int8_t)(uint8_t)((lo & 0xF) | ((hi & 0xF) << 4));
-            }
-        }
-}
-
 static int make_ckpt(int gpu, int L, int H, int I, ckpt *c) {
     const size_t n13 = (size_t)L * 2 * I * H, n2 = (size_t)L * H * I;
     c->w13 = malloc(n13 / 2), c->w2 = malloc(n2 / 2);
     c->s13 = malloc(n13 / 128 * 4), c->s2 = malloc(n2 / 128 * 4);
     if (!c->w13 || !c->w2 || !c->s13 || !c->s2) return 1;
-    quantize((int64_t)L * 2 * I, H, c->w13, c->s13);
-    quantize((int64_t)L * H, I, c->w2, c->s2);
+    tool_quantize_w4(&rng_state, (int64_t)L * 2 * I, H, c->w13, c->s13);
+    tool_quantize_w4(&rng_state, (int64_t)L * H, I, c->w2, c->s2);
     size_t q13, ss13, q2, ss2;
     epmoe_w4a8_repack_size(L, 2 * I, H, &q13, &ss13);
     epmoe_w4a8_repack_size(L, H, I, &q2, &ss2);
@@ -399,16 +382,6 @@ typedef struct bench_job {
     int active;        /* local experts with rows: the weights the MLP reads */
 } bench_job;
 
-static double wall_us(void) {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (double)ts.tv_sec * 1e6 + (double)ts.tv_nsec * 1e-3;
-}
-static int cmp_d(const void *a, const void *b) {
-    const double x = *(const double *)a, y = *(const double *)b;
-    return (x > y) - (x < y);
-}
-
 static void bench_rank(rank_ctx *r) {
     bench_job *j = r->job;
     const epmoe_ep_config *ec = &r->ec;
@@ -493,7 +466,7 @@ static void bench_rank(rank_ctx *r) {
             if (gpu) cudaDeviceSynchronize();
 #endif
             pthread_barrier_wait(j->bar);
-            double t0 = wall_us();
+            double t0 = tool_wall_us();
 #if EPMOE_HAVE_CUDA
             if (gpu) cudaEventRecord(e0, NULL);
 #endif
@@ -503,7 +476,7 @@ static void bench_rank(rank_ctx *r) {
                 case 2: r->st = gpu ? epmoe_w4a8_mlp_cuda(&m, NULL) : epmoe_w4a8_mlp_ref(&m); break;
                 case 3: r->st = epmoe_combine(r->ep, h, &c, EPMOE_PHASE_BOTH, NULL); break;
                 }
-            double us = wall_us() - t0;
+            double us = tool_wall_us() - t0;
 #if EPMOE_HAVE_CUDA
             if (gpu) {
                 float ms = 0;
@@ -519,7 +492,7 @@ static void bench_rank(rank_ctx *r) {
     if (r->st == EPMOE_OK && gpu) r->st = epmoe_ep_poll(r->ep);
     if (r->st != EPMOE_OK) snprintf(r->err, sizeof r->err, "%s", epmoe_last_error());
     for (int st = 0; st < STAGES; st++) {
-        qsort(t[st], (size_t)iters, sizeof(double), cmp_d);
+        qsort(t[st], (size_t)iters, sizeof(double), tool_cmp_double);
         j->us[st] = t[st][iters / 2];
         free(t[st]);
     }

@@ -14,6 +14,7 @@
 #include <time.h>
 
 #include "epmoe.h"
+#include "tool_util.h"
 #if EPMOE_HAVE_NCCL
 #include <cuda_runtime_api.h>
 #include <nccl.h>
@@ -33,12 +34,6 @@ typedef struct {
     epmoe_status st;
     char err[256];
 } demo_rank;
-
-static double wall_us(void) {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (double)ts.tv_sec * 1e6 + (double)ts.tv_nsec * 1e-3;
-}
 
 #define TRY(call)                                                                                                      \
     do {                                                                                                               \
@@ -93,17 +88,17 @@ static void *demo_rank_main(void *arg) {
     if (r->gpu < 0) {
         TRY(epmoe_ep_create_cpu(r->world, c, &ep));
         epmoe_dispatch_args a = {x, idx, 32, w, T, rx, rs, masked, NULL, NULL};
-        double t0 = wall_us();
+        double t0 = tool_wall_us();
         TRY(epmoe_dispatch(ep, &a, EPMOE_PHASE_BOTH, &hd, NULL));
-        r->disp_us = wall_us() - t0;
+        r->disp_us = tool_wall_us() - t0;
         if (c->wire == EPMOE_WIRE_FP8) /* the identity expert: its output is the dequantized input */
             TRY(epmoe_dequant_fp8_ref(rx, rs, c->scale_fmt, masked, L, M, H, EPMOE_BF16, eo));
         else
             memcpy(eo, rx, lay.recv_x_bytes);
         epmoe_combine_args ca = {eo, NULL, out};
-        t0 = wall_us();
+        t0 = tool_wall_us();
         TRY(epmoe_combine(ep, hd, &ca, EPMOE_PHASE_BOTH, NULL));
-        r->comb_us = wall_us() - t0;
+        r->comb_us = tool_wall_us() - t0;
     }
 #if EPMOE_HAVE_NCCL
     else {

@@ -12,6 +12,7 @@
 #include <time.h>
 
 #include "epmoe.h"
+#include "tool_util.h"
 #if EPMOE_HAVE_CUDA
 #include <cuda_runtime_api.h>
 #endif
@@ -19,53 +20,25 @@
 int demo_w4a8(int use_gpu);
 
 static uint64_t rng = 0x2545F4914F6CDD1Dull;
-static double gauss(void) {
-    double u = 0;
-    for (int j = 0; j < 4; j++) {
-        rng ^= rng << 13, rng ^= rng >> 7, rng ^= rng << 17;
-        u += (double)(rng >> 11) / 9007199254740992.0;
-    }
-    return (u - 2.0) * 1.7;
-}
 
 /* A weight matrix [E, N, K] quantized the way W4AFP8 checkpoints are, then repacked. */
 static int make_weights(int64_t E, int64_t N, int64_t K, epmoe_w4a8_weights *w) {
     const int64_t G = K / 128;
     int8_t *ck = malloc((size_t)(E * N * K / 2));
-    float *cs = malloc((size_t)(E * N * G) * 4), *row = malloc(128 * sizeof(float));
+    float *cs = malloc((size_t)(E * N * G) * 4);
     size_t qb, sb;
     epmoe_w4a8_repack_size(E, N, K, &qb, &sb);
     void *q = malloc(qb);
     float *s = malloc(sb);
-    if (!ck || !cs || !row || !q || !s) return 1;
-    for (int64_t r = 0; r < E * N; r++)
-        for (int64_t g = 0; g < G; g++) {
-            float amax = 1e-8f;
-            for (int i = 0; i < 128; i++) { /* uniform: cheap, and the quantizer does not care */
-                rng ^= rng << 13, rng ^= rng >> 7, rng ^= rng << 17;
-                row[i] = (float)((double)(rng >> 11) / 4503599627370496.0 - 1.0) * 0.02f;
-                amax = fmaxf(amax, fabsf(row[i]));
-            }
-            const float scale = amax / 7.0f;
-            cs[r * G + g] = scale;
-            for (int i = 0; i < 128; i += 2) {
-                const int lo = (int)lrintf(row[i] / scale), hi = (int)lrintf(row[i + 1] / scale);
-                ck[(r * K + g * 128 + i) / 2] = (int8_t)(uint8_t)((lo & 0xF) | ((hi & 0xF) << 4));
-            }
-        }
+    if (!ck || !cs || !q || !s) return 1;
+    tool_quantize_w4(&rng, E * N, K, ck, cs);
     int enc = EPMOE_W4_AUTO;
     const epmoe_status st = epmoe_w4a8_repack(ck, cs, EPMOE_F32, 128, E, N, K, q, s, &enc);
-    free(ck), free(cs), free(row);
+    free(ck), free(cs);
     if (st != EPMOE_OK) return fprintf(stderr, "epmoe demo: repack: %s\n", epmoe_last_error()), 1;
     const epmoe_w4a8_weights out = {E, N, K, enc, q, s};
     *w = out;
     return 0;
-}
-
-static double wall_us(void) {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (double)ts.tv_sec * 1e6 + (double)ts.tv_nsec * 1e-3;
 }
 
 int demo_w4a8(int use_gpu) {
@@ -76,7 +49,7 @@ int demo_w4a8(int use_gpu) {
     uint8_t *a = malloc((size_t)(E * M * H));
     const size_t slab = epmoe_scale_bytes(EPMOE_SCALE_F32_MMAJOR, M, H);
     uint8_t *sa = malloc(slab * (size_t)E);
-    for (int64_t i = 0; i < E * M * H; i++) x[i] = epmoe_bf16_from_float((float)gauss());
+    for (int64_t i = 0; i < E * M * H; i++) x[i] = epmoe_bf16_from_float((float)tool_nrand(&rng));
     for (int64_t e = 0; e < E; e++)
         epmoe_cast_group_fp8_ref(x + e * M * H, M, H, a + e * M * H, sa + slab * (size_t)e, EPMOE_SCALE_F32_MMAJOR, 0);
     /* the reference on the first rows of expert 0 (fp64 over the dequantized operands) */
@@ -87,9 +60,9 @@ int demo_w4a8(int use_gpu) {
     void *ws = aligned_alloc(256, (wsb + 255) / 256 * 256);
     uint16_t *ref = malloc((size_t)(E * M * H) * 2), *got = malloc((size_t)(E * M * H) * 2);
     epmoe_w4a8_mlp_args m = {w13, w2, a, M, masked_ref, sa, EPMOE_SCALE_F32_MMAJOR, NULL, NULL, ws, wsb, ref, H, M * H, M};
-    double t0 = wall_us();
+    double t0 = tool_wall_us();
     if (epmoe_w4a8_mlp_ref(&m) != EPMOE_OK) return fprintf(stderr, "epmoe demo: %s\n", epmoe_last_error()), 1;
-    const double ref_us = wall_us() - t0;
+    const double ref_us = tool_wall_us() - t0;
     const double wbytes = (double)E * (double)(2 * I * H + H * I) * (0.5 + 4.0 / 128 / 2); /* int4 + bf16-size scales */
     printf("epmoe demo: W4A8 expert MLP, DeepSeek-R1 shapes (H %lld, I %lld), %lld experts x %lld rows, 1x128 "
            "activation scales\n",

@@ -14,6 +14,7 @@
 #include <time.h>
 
 #include "epmoe.h"
+#include "tool_util.h"
 #if EPMOE_HAVE_CUDA
 #include <cuda_runtime_api.h>
 #endif
@@ -39,16 +40,6 @@ static int usage(FILE *f) {
     return f == stdout ? 0 : 2;
 }
 
-static double now_us(void) {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (double)ts.tv_sec * 1e6 + (double)ts.tv_nsec * 1e-3;
-}
-
-static int cmp_double(const void *a, const void *b) {
-    double x = *(const double *)a, y = *(const double *)b;
-    return (x > y) - (x < y);
-}
 
 #define FAIL_IF(st)                                                                                                    \
     do {                                                                                                               \
@@ -119,8 +110,8 @@ static int demo_gpu(const uint16_t *x, int64_t M, int64_t K, uint8_t *q, float *
         CU(cudaEventElapsedTime(&ms, a, b));
         if (it >= 10) ts[1][it - 10] = ms * 1e3;
     }
-    qsort(ts[0], 50, sizeof(double), cmp_double);
-    qsort(ts[1], 50, sizeof(double), cmp_double);
+    qsort(ts[0], 50, sizeof(double), tool_cmp_double);
+    qsort(ts[1], 50, sizeof(double), tool_cmp_double);
     t->cast_us = ts[0][25], t->requant_us = ts[1][25];
     CU(cudaMemcpy(q, dq, n, cudaMemcpyDeviceToHost));
     CU(cudaMemcpy(s, ds, sb, cudaMemcpyDeviceToHost));
@@ -180,11 +171,11 @@ static int demo(int argc, char **argv) {
     const float out_scale = amax / 448.0f;
     int32_t masked = (int32_t)M;
     demo_times t = {0, 0, "CPU (scalar reference)"};
-    double t0 = now_us();
+    double t0 = tool_wall_us();
     FAIL_IF(epmoe_cast_group_fp8_ref(x, M, K, q, s, EPMOE_SCALE_F32_ROW, 0));
-    double t1 = now_us();
+    double t1 = tool_wall_us();
     FAIL_IF(epmoe_requant_fp8_ref(q, s, EPMOE_SCALE_F32_ROW, &masked, 1, M, K, &out_scale, y));
-    t.cast_us = t1 - t0, t.requant_us = now_us() - t1;
+    t.cast_us = t1 - t0, t.requant_us = tool_wall_us() - t1;
 #if EPMOE_HAVE_CUDA
     if (!force_cpu && epmoe_cuda_device_count() > 0 && demo_gpu(x, M, K, q, s, y, &out_scale, &t)) return 1;
 #else
