@@ -126,6 +126,7 @@ static int run_ranks(rank_ctx *rs, int R, int gpu, epmoe_ep_config ec, rank_fn f
 
 static int pick_ranks(const opts *o, int *gpu) {
     int n = 0;
+    (void)o; /* (a build without NCCL has only the CPU backend) */
 #if EPMOE_HAVE_CUDA && EPMOE_HAVE_NCCL
     if (!o->cpu) n = epmoe_cuda_device_count();
 #endif
@@ -140,6 +141,7 @@ static double nrand(void) { return tool_nrand(&rng_state); }
 
 /* Device or host copies of a rank's weights, as the layer wants them. */
 static int upload(int gpu, const void *h, size_t n, void **out) {
+    (void)gpu;
 #if EPMOE_HAVE_CUDA
     if (gpu) {
         if (cudaMalloc(out, n ? n : 16) != cudaSuccess) return 1;
@@ -151,6 +153,7 @@ static int upload(int gpu, const void *h, size_t n, void **out) {
     return *out == NULL;
 }
 static void release(int gpu, void *p) {
+    (void)gpu;
 #if EPMOE_HAVE_CUDA
     if (gpu) {
         cudaFree(p);
@@ -422,7 +425,8 @@ static void bench_rank(rank_ctx *r) {
     epmoe_ep_layout lay;
     epmoe_ep_layout_query(ec, &lay);
     const size_t wsb = epmoe_w4a8_mlp_workspace(L, M, H, I);
-    void *x, *idx, *tw, *out, *recv_x, *recv_s, *masked, *eout, *ws, *q = NULL, *qs = NULL;
+    void *x = NULL, *idx = NULL, *tw = NULL, *out = NULL, *recv_x = NULL, *recv_s = NULL, *masked = NULL, *eout = NULL,
+         *ws = NULL, *q = NULL, *qs = NULL;
     void *zero_ws = calloc(1, wsb);
     int fail = upload(gpu, hx, (size_t)T * H * 2, &x) || upload(gpu, hidx, (size_t)T * k * 4, &idx) ||
                upload(gpu, htw, (size_t)T * k * 4, &tw) || upload(gpu, zero_ws, wsb, &ws);

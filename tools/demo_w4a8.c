@@ -58,12 +58,11 @@ int demo_w4a8(int use_gpu) {
     for (int64_t e = 0; e < E; e++) masked[e] = (int32_t)M;
     const size_t wsb = epmoe_w4a8_mlp_workspace(E, M, H, I);
     void *ws = aligned_alloc(256, (wsb + 255) / 256 * 256);
-    uint16_t *ref = malloc((size_t)(E * M * H) * 2), *got = malloc((size_t)(E * M * H) * 2);
+    uint16_t *ref = malloc((size_t)(E * M * H) * 2);
     epmoe_w4a8_mlp_args m = {w13, w2, a, M, masked_ref, sa, EPMOE_SCALE_F32_MMAJOR, NULL, NULL, ws, wsb, ref, H, M * H, M};
     double t0 = tool_wall_us();
     if (epmoe_w4a8_mlp_ref(&m) != EPMOE_OK) return fprintf(stderr, "epmoe demo: %s\n", epmoe_last_error()), 1;
     const double ref_us = tool_wall_us() - t0;
-    const double wbytes = (double)E * (double)(2 * I * H + H * I) * (0.5 + 4.0 / 128 / 2); /* int4 + bf16-size scales */
     printf("epmoe demo: W4A8 expert MLP, DeepSeek-R1 shapes (H %lld, I %lld), %lld experts x %lld rows, 1x128 "
            "activation scales\n",
            (long long)H, (long long)I, (long long)E, (long long)M);
@@ -73,6 +72,8 @@ int demo_w4a8(int use_gpu) {
         return 0;
     }
 #if EPMOE_HAVE_CUDA
+    const double wbytes = (double)E * (double)(2 * I * H + H * I) * (0.5 + 4.0 / 128 / 2); /* int4 + bf16-size scales */
+    uint16_t *got = malloc((size_t)(E * M * H) * 2);
     void *d13q, *d2q, *dws, *da, *dsa, *dout;
     float *d13s, *d2s;
     int32_t *dm, *dmr;
