@@ -20,7 +20,7 @@ extern "C" {
 
 /* ---- version: the single source of truth (the Makefile parses these lines) ---------- */
 #define EPMOE_VERSION_MAJOR 0
-#define EPMOE_VERSION_MINOR 2
+#define EPMOE_VERSION_MINOR 3
 #define EPMOE_VERSION_PATCH 0
 #define EPMOE_VERSION_CODE (EPMOE_VERSION_MAJOR * 10000 + EPMOE_VERSION_MINOR * 100 + EPMOE_VERSION_PATCH)
 
@@ -255,6 +255,76 @@ EPMOE_API size_t epmoe_w4a8_mlp_workspace(int64_t E, int64_t M, int64_t H, int64
 EPMOE_API epmoe_status epmoe_w4a8_mlp_cuda(const epmoe_w4a8_mlp_args *args, epmoe_stream_t stream);
 EPMOE_API epmoe_status epmoe_w4a8_mlp_ref(const epmoe_w4a8_mlp_args *args);
 
+/* ---- expert GEMM and MLP of the bf16, w8a8-fp8-block and w4a16 schemes (Hopper, sm_90a) ----
+** Weights are read in their checkpoint layout, as they are (no repack):
+**   BF16       data bf16 [E, N, K]; no scales
+**   FP8_BLOCK  data fp8 e4m3 [E, N, K]; scales fp32 [E, N/128, K/128], one per 128x128 block
+**              (DeepSeek's weight_scale_inv); activations fp8 with 1x128 scales
+**   INT4       data int8 [E, N, K/2]: signed int4, even k in the low nibble (the format of
+**              epmoe_int4_pack); scales fp32 [E, N, K/group], group 32 or 128; symmetric
+**              (no zero points: Kimi-K2's and compressed-tensors' pack-quantized int4)
+** BF16 and INT4 weights take bf16 activations; FP8_BLOCK takes fp8 activations with per-token
+** 1x128 group scales in any epmoe_scale_fmt (what dispatch delivers). N and K: positive
+** multiples of 128. Pointers on the device for _cuda, on the host for _ref; data 16-byte
+** aligned, scales 4-byte aligned. */
+typedef enum epmoe_weight_format {
+    EPMOE_WEIGHT_BF16 = 0,
+    EPMOE_WEIGHT_FP8_BLOCK = 1,
+    EPMOE_WEIGHT_INT4 = 2
+} epmoe_weight_format;
+
+typedef struct epmoe_expert_weights {
+    epmoe_weight_format format;
+    int64_t E, N, K;
+    int64_t group;        /* INT4: 32 or 128 (along K); ignored otherwise */
+    const void *data;
+    const float *scales;  /* FP8_BLOCK and INT4; NULL for BF16 */
+} epmoe_expert_weights;
+
+/* Masked grouped GEMM: for every expert e and row m < masked_m[e] (read on the device: no host
+** sync, capturable in a CUDA graph; experts with no rows cost almost nothing),
+**   BF16       out[e, m, n] = sum_k a[e, m, k] * w[e, n, k]
+**   FP8_BLOCK  out[e, m, n] = sum_g sa(e, m, g) * sw[e, n/128, g] * sum_{k in g} a[e, m, k] * w[e, n, k]
+**   INT4       out[e, m, n] = sum_g sw[e, n, g] * sum_{k in g} a[e, m, k] * w[e, n, k]
+** The GPU accumulates each group's partial sum in fp32 and scales it before adding it up; the
+** reference accumulates in fp64; both round once to bf16. Rows m >= masked_m[e] of out are not
+** written. */
+typedef struct epmoe_expert_gemm_args {
+    epmoe_expert_weights w;
+    const void *a;               /* [E, M, K]: bf16 (BF16, INT4 weights) or fp8 (FP8_BLOCK), 16-byte aligned */
+    int64_t M;                   /* rows per expert slab (M_max), >= 0 (0: nothing to do) */
+    const int32_t *masked_m;     /* [E]: rows computed per expert (clamped to [0, M]) */
+    const void *a_scales;        /* FP8_BLOCK: E slabs of a_scale_fmt; else NULL */
+    epmoe_scale_fmt a_scale_fmt;
+    uint16_t *out;               /* bf16: (e, m, n) at out[e * out_expert_stride + m * out_row_stride + n] */
+    int64_t out_row_stride;      /* elements, >= N, a multiple of 8 */
+    int64_t out_expert_stride;   /* elements, >= (M - 1) * out_row_stride + N, a multiple of 8 */
+} epmoe_expert_gemm_args;
+EPMOE_API epmoe_status epmoe_expert_gemm_cuda(const epmoe_expert_gemm_args *args, epmoe_stream_t stream);
+EPMOE_API epmoe_status epmoe_expert_gemm_ref(const epmoe_expert_gemm_args *args);
+
+/* Expert MLP: out = W2 · act(silu(gate) * up), [gate | up] = W13 · a, per expert, masked rows.
+** w13: N = 2I (rows [0, I) gate, [I, 2I) up), K = H; w2: N = H, K = I; both of one format.
+** GEMM1 writes bf16 into the workspace; silu(gate)·up is computed in fp32 and rounded to bf16
+** (the rules of epmoe_w4a8_mlp); FP8_BLOCK then casts it to fp8 with fresh 1x128 group scales
+** (epmoe_cast_group_fp8 rules, F32_ROW, no rounding of scales), BF16 and INT4 keep it in bf16;
+** GEMM2 writes out. */
+typedef struct epmoe_expert_mlp_args {
+    epmoe_expert_weights w13, w2;
+    const void *a;                /* as epmoe_expert_gemm_args.a, K = H */
+    int64_t M;
+    const int32_t *masked_m;
+    const void *a_scales;         /* FP8_BLOCK */
+    epmoe_scale_fmt a_scale_fmt;  /* FP8_BLOCK */
+    void *workspace;              /* epmoe_expert_mlp_workspace() bytes, 256-byte aligned */
+    size_t workspace_bytes;
+    uint16_t *out;
+    int64_t out_row_stride, out_expert_stride;
+} epmoe_expert_mlp_args;
+EPMOE_API size_t epmoe_expert_mlp_workspace(epmoe_weight_format format, int64_t E, int64_t M, int64_t H, int64_t I);
+EPMOE_API epmoe_status epmoe_expert_mlp_cuda(const epmoe_expert_mlp_args *args, epmoe_stream_t stream);
+EPMOE_API epmoe_status epmoe_expert_mlp_ref(const epmoe_expert_mlp_args *args);
+
 /* ---- expert-parallel dispatch and combine ------------------------------------------------
 ** One epmoe_ep per rank. Experts are split evenly: rank r owns experts [r*L, (r+1)*L), L = E/R.
 **
@@ -462,7 +532,10 @@ EPMOE_API epmoe_status epmoe_ep_combine_ref(const epmoe_ep_config *cfg, const ui
 **   w4afp8  int4 g128 weights x fp8 activations (the W4A8 MLP): FP8 wire with 1x128 scales (the
 **           default; per-tensor compat mode requantizes at receive, inside dispatch) or BF16 wire
 **           (the layer casts to fp8 + 1x128 scales after receive)
-**   bf16, w8a8_fp8_block, w4a16: not built yet (EPMOE_ERR_UNSUPPORTED), see issue #5.
+**   w8a8_fp8_block  fp8 128x128 block-scaled weights x fp8 1x128 activations: FP8 wire (default)
+**           or BF16 wire (cast after receive)
+**   bf16    bf16 weights and activations: BF16 wire only
+**   w4a16   int4 g32/g128 weights x bf16 activations: BF16 wire only
 ** forward: no host synchronization; capturable in a CUDA graph (NCCL device-API groups). */
 typedef struct epmoe_layer epmoe_layer;
 typedef enum epmoe_scheme {
@@ -485,10 +558,12 @@ typedef struct epmoe_layer_config {
 /* The local experts' weights, where the group's memory is (device for NCCL groups, host for the
 ** CPU backend); the layer keeps the pointers, not copies. */
 typedef struct epmoe_layer_weights {
-    epmoe_w4a8_weights w13;  /* [L, 2I, H], repacked */
-    epmoe_w4a8_weights w2;   /* [L, H, I], repacked */
-    const float *a1_scale;   /* per_tensor_act: fp32 scalars */
+    epmoe_w4a8_weights w13;  /* w4afp8: [L, 2I, H], repacked */
+    epmoe_w4a8_weights w2;   /* w4afp8: [L, H, I], repacked */
+    const float *a1_scale;   /* w4afp8 with per_tensor_act: fp32 scalars */
     const float *a2_scale;
+    epmoe_expert_weights e13; /* bf16 (BF16), w8a8_fp8_block (FP8_BLOCK), w4a16 (INT4): [L, 2I, H] */
+    epmoe_expert_weights e2;  /* the same format: [L, H, I] */
 } epmoe_layer_weights;
 
 /* The wire a scheme dispatches by default, and whether it can consume `wire` at all. */

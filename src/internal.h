@@ -50,6 +50,17 @@ EPMOE_HIDDEN epmoe_status epmoe__check_w4a8_mlp(const char *fn, const epmoe_w4a8
 EPMOE_HIDDEN size_t epmoe__mlp_layout(int64_t E, int64_t M, int64_t H, int64_t I, size_t *gate_up, size_t *inter,
                                       size_t *inter_scales, size_t *gemm);
 
+/* Expert GEMM and MLP of the bf16 / fp8-block / int4 formats (experts.c): argument checks and
+** the MLP workspace layout: byte offsets of gate_up (bf16 [E, M, 2I]), inter (bf16 [E, M, I], or
+** fp8 [E, M, I] for FP8_BLOCK) and inter_scales (FP8_BLOCK: f32 row-major [E, M, I/128]; else
+** size 0), each 256-byte aligned; returns the total size. */
+EPMOE_HIDDEN epmoe_status epmoe__check_expert_weights(const char *fn, const char *what, const epmoe_expert_weights *w,
+                                                      int device);
+EPMOE_HIDDEN epmoe_status epmoe__check_expert_gemm(const char *fn, const epmoe_expert_gemm_args *g, int device);
+EPMOE_HIDDEN epmoe_status epmoe__check_expert_mlp(const char *fn, const epmoe_expert_mlp_args *m, int device);
+EPMOE_HIDDEN size_t epmoe__expert_mlp_layout(int format, int64_t E, int64_t M, int64_t H, int64_t I, size_t *gate_up,
+                                             size_t *inter, size_t *inter_scales);
+
 /* Zeroed device memory on the current device, and its release (device.cu; CPU builds: UNSUPPORTED). */
 EPMOE_HIDDEN epmoe_status epmoe__dev_alloc(const char *fn, size_t bytes, void **p);
 EPMOE_HIDDEN void epmoe__dev_free(void *p);
