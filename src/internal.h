@@ -40,6 +40,22 @@ EPMOE_HIDDEN epmoe_status epmoe__check_rescale(const char *fn, int requant, cons
                                                const int32_t *masked_m, int64_t E, int64_t M, int64_t K,
                                                const float *out_scale, int out_dtype, const void *y, int device);
 
+/* What the GEMM checks of w4a8.c and experts.c share (defined in w4a8.c). Per expert, N, K and
+** M are at most EPMOE__MAX_DIM (far above any model: products stay in int64), E at most
+** EPMOE__MAX_EXPERTS. need: p non-NULL and `align`-byte aligned. check_dims: a weight matrix
+** [E, N, K], N and K positive multiples of 128. check_out: a bf16 output [E, M, N] at the given
+** strides (bounded, rows inside a row, experts not overlapping), out 2-byte aligned unless E or
+** M is 0. silu_mul_row: silu(gate) * up of one row of an MLP's gate_up ([gate | up], I each) in
+** fp32, rounded to bf16: the one expression of every MLP reference. */
+#define EPMOE__MAX_DIM (INT64_C(1) << 24)
+#define EPMOE__MAX_EXPERTS 4096
+EPMOE_HIDDEN epmoe_status epmoe__need(const char *fn, const void *p, const char *name, unsigned align);
+EPMOE_HIDDEN epmoe_status epmoe__check_dims(const char *fn, const char *what, int64_t E, int64_t N, int64_t K);
+EPMOE_HIDDEN epmoe_status epmoe__check_out(const char *fn, int64_t E, int64_t M, int64_t N, const uint16_t *out,
+                                           int64_t row_stride, int64_t expert_stride);
+EPMOE_HIDDEN void epmoe__silu_mul_row(const uint16_t *gate_up, int64_t I, uint16_t *y);
+static inline size_t epmoe__align256(size_t x) { return (x + 255u) & ~(size_t)255u; }
+
 /* W4A8 GEMM and MLP argument checks (w4a8.c) and the MLP workspace layout: byte offsets of
 ** gate_up (bf16 [E, M, 2I]), inter (fp8 [E, M, I]), inter_scales (f32 row-major [E, M, I/128])
 ** and the GEMMs' workspace; returns the total size. */

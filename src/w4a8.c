@@ -10,35 +10,66 @@
 #include "internal.h"
 #include "w4a8_layout.h"
 
-#define MAX_DIM (INT64_C(1) << 24) /* N, K, M per expert: far above any model, keeps products in int64 */
-#define MAX_EXPERTS 4096
+/* The shared dimension check asks for multiples of 128: the W4A8 tile and scale group. */
+_Static_assert(W4_TILE_N == EPMOE_GROUP && W4_GROUP == EPMOE_GROUP, "check_dims assumes 128-wide tiles and groups");
+
+/* ---- checks shared with experts.c (declared in internal.h) ---------------------------- */
 
 static int misaligned(const void *p, unsigned a) { return ((uintptr_t)p & (uintptr_t)(a - 1)) != 0; }
 
-static epmoe_status need(const char *fn, const void *p, const char *name, unsigned align) {
+epmoe_status epmoe__need(const char *fn, const void *p, const char *name, unsigned align) {
     if (!p) return epmoe__fail(EPMOE_ERR_NULL_POINTER, "%s: %s is NULL", fn, name);
     if (align > 1 && misaligned(p, align))
         return epmoe__fail(EPMOE_ERR_MISALIGNED, "%s: %s = %p is not %u-byte aligned", fn, name, p, align);
     return EPMOE_OK;
 }
 
-static epmoe_status check_dims(const char *fn, const char *what, int64_t E, int64_t N, int64_t K) {
-    if (E < 0 || E > MAX_EXPERTS)
-        return epmoe__fail(EPMOE_ERR_INVALID_ARG, "%s: %s E = %lld must be in [0, %d]", fn, what, (long long)E, MAX_EXPERTS);
-    if (N <= 0 || N % W4_TILE_N || N > MAX_DIM)
+epmoe_status epmoe__check_dims(const char *fn, const char *what, int64_t E, int64_t N, int64_t K) {
+    if (E < 0 || E > EPMOE__MAX_EXPERTS)
+        return epmoe__fail(EPMOE_ERR_INVALID_ARG, "%s: %s E = %lld must be in [0, %d]", fn, what, (long long)E,
+                           EPMOE__MAX_EXPERTS);
+    if (N <= 0 || N % EPMOE_GROUP || N > EPMOE__MAX_DIM)
         return epmoe__fail(EPMOE_ERR_INVALID_ARG, "%s: %s N = %lld must be a positive multiple of %d, at most %lld", fn,
-                           what, (long long)N, W4_TILE_N, (long long)MAX_DIM);
-    if (K <= 0 || K % W4_GROUP || K > MAX_DIM)
+                           what, (long long)N, EPMOE_GROUP, (long long)EPMOE__MAX_DIM);
+    if (K <= 0 || K % EPMOE_GROUP || K > EPMOE__MAX_DIM)
         return epmoe__fail(EPMOE_ERR_INVALID_ARG, "%s: %s K = %lld must be a positive multiple of %d, at most %lld", fn,
-                           what, (long long)K, W4_GROUP, (long long)MAX_DIM);
+                           what, (long long)K, EPMOE_GROUP, (long long)EPMOE__MAX_DIM);
     return EPMOE_OK;
 }
 
+epmoe_status epmoe__check_out(const char *fn, int64_t E, int64_t M, int64_t N, const uint16_t *out, int64_t row_stride,
+                              int64_t expert_stride) {
+    /* bounded first, so the products below cannot overflow int64 */
+    if (row_stride > (INT64_C(1) << 38) || expert_stride < 0 || expert_stride > (INT64_C(1) << 50))
+        return epmoe__fail(EPMOE_ERR_INVALID_ARG, "%s: out strides %lld, %lld are out of range", fn, (long long)row_stride,
+                           (long long)expert_stride);
+    if (row_stride < N)
+        return epmoe__fail(EPMOE_ERR_INVALID_ARG, "%s: out_row_stride = %lld must be >= N = %lld", fn, (long long)row_stride, (long long)N);
+    if (M > 0 && E > 1 && expert_stride < (M - 1) * row_stride + N)
+        return epmoe__fail(EPMOE_ERR_INVALID_ARG, "%s: out_expert_stride = %lld overlaps the previous expert's %lld rows", fn,
+                           (long long)expert_stride, (long long)M);
+    if (E == 0 || M == 0) return EPMOE_OK;
+    return epmoe__need(fn, out, "out", 2);
+}
+
+/* silu(gate) * up of one row, rounded to bf16 (the input of the FP8 cast, or of a bf16 GEMM2).
+** The kernels use the same expression; expf may differ by an ulp between libm and CUDA (the
+** tests allow for it). */
+void epmoe__silu_mul_row(const uint16_t *gate_up, int64_t I, uint16_t *y) {
+    for (int64_t j = 0; j < I; j++) {
+        const float gt = fmt_bf16_to_float(gate_up[j]), up = fmt_bf16_to_float(gate_up[I + j]);
+        const float s = gt / (1.0f + expf(-gt));
+        y[j] = fmt_bf16_from_float(s * up);
+    }
+}
+
+/* ---- repack ---------------------------------------------------------------------------- */
+
 epmoe_status epmoe_w4a8_repack_size(int64_t E, int64_t N, int64_t K, size_t *qweight_bytes, size_t *scale_bytes) {
     static const char fn[] = "epmoe_w4a8_repack_size";
-    EPMOE_CHECK(check_dims(fn, "weights", E, N, K));
-    EPMOE_CHECK(need(fn, qweight_bytes, "qweight_bytes", 1));
-    EPMOE_CHECK(need(fn, scale_bytes, "scale_bytes", 1));
+    EPMOE_CHECK(epmoe__check_dims(fn, "weights", E, N, K));
+    EPMOE_CHECK(epmoe__need(fn, qweight_bytes, "qweight_bytes", 1));
+    EPMOE_CHECK(epmoe__need(fn, scale_bytes, "scale_bytes", 1));
     *qweight_bytes = (size_t)(E * N * K / 2);
     *scale_bytes = (size_t)(E * N * (K / W4_GROUP)) * sizeof(float);
     return EPMOE_OK;
@@ -47,19 +78,19 @@ epmoe_status epmoe_w4a8_repack_size(int64_t E, int64_t N, int64_t K, size_t *qwe
 epmoe_status epmoe_w4a8_repack(const int8_t *ckpt_w, const void *ckpt_scales, epmoe_dtype scale_dtype, int64_t group,
                                int64_t E, int64_t N, int64_t K, void *qweight, float *scales, int *encoding) {
     static const char fn[] = "epmoe_w4a8_repack";
-    EPMOE_CHECK(check_dims(fn, "weights", E, N, K));
+    EPMOE_CHECK(epmoe__check_dims(fn, "weights", E, N, K));
     if (group != W4_GROUP)
         return epmoe__fail(EPMOE_ERR_UNSUPPORTED, "%s: group size %lld (only %d is supported)", fn, (long long)group, W4_GROUP);
     if (scale_dtype != EPMOE_F32 && scale_dtype != EPMOE_BF16)
         return epmoe__fail(EPMOE_ERR_INVALID_ARG, "%s: scale_dtype %d must be EPMOE_F32 or EPMOE_BF16", fn, scale_dtype);
-    EPMOE_CHECK(need(fn, encoding, "encoding", 1));
+    EPMOE_CHECK(epmoe__need(fn, encoding, "encoding", 1));
     if (*encoding != EPMOE_W4_AUTO && *encoding != EPMOE_W4_SYM7 && *encoding != EPMOE_W4_FULL)
         return epmoe__fail(EPMOE_ERR_INVALID_ARG, "%s: encoding %d is not an epmoe_w4_encoding", fn, *encoding);
     if (E == 0) return EPMOE_OK;
-    EPMOE_CHECK(need(fn, ckpt_w, "ckpt_w", 1));
-    EPMOE_CHECK(need(fn, ckpt_scales, "ckpt_scales", 1));
-    EPMOE_CHECK(need(fn, qweight, "qweight", 1));
-    EPMOE_CHECK(need(fn, scales, "scales", 1));
+    EPMOE_CHECK(epmoe__need(fn, ckpt_w, "ckpt_w", 1));
+    EPMOE_CHECK(epmoe__need(fn, ckpt_scales, "ckpt_scales", 1));
+    EPMOE_CHECK(epmoe__need(fn, qweight, "qweight", 1));
+    EPMOE_CHECK(epmoe__need(fn, scales, "scales", 1));
 
     const int64_t G = K / W4_GROUP, n_bytes = E * N * K / 2;
     const uint8_t *w = (const uint8_t *)ckpt_w;
@@ -97,22 +128,22 @@ epmoe_status epmoe_w4a8_repack(const int8_t *ckpt_w, const void *ckpt_scales, ep
 }
 
 epmoe_status epmoe__check_w4a8_weights(const char *fn, const char *what, const epmoe_w4a8_weights *w, int device) {
-    EPMOE_CHECK(check_dims(fn, what, w->E, w->N, w->K));
+    EPMOE_CHECK(epmoe__check_dims(fn, what, w->E, w->N, w->K));
     if (w->encoding != EPMOE_W4_SYM7 && w->encoding != EPMOE_W4_FULL)
         return epmoe__fail(EPMOE_ERR_INVALID_ARG, "%s: %s encoding %d must be EPMOE_W4_SYM7 or EPMOE_W4_FULL (from the repack)",
                            fn, what, w->encoding);
     if (w->E == 0) return EPMOE_OK;
-    EPMOE_CHECK(need(fn, w->qweight, "qweight", device ? 16 : 1));
-    EPMOE_CHECK(need(fn, w->scales, "scales", device ? 16 : 4));
+    EPMOE_CHECK(epmoe__need(fn, w->qweight, "qweight", device ? 16 : 1));
+    EPMOE_CHECK(epmoe__need(fn, w->scales, "scales", device ? 16 : 4));
     return EPMOE_OK;
 }
 
 epmoe_status epmoe_w4a8_unpack(const epmoe_w4a8_weights *w, int64_t e, int64_t n, int64_t k, int *value, float *scale) {
     static const char fn[] = "epmoe_w4a8_unpack";
-    EPMOE_CHECK(need(fn, w, "w", 1));
+    EPMOE_CHECK(epmoe__need(fn, w, "w", 1));
     EPMOE_CHECK(epmoe__check_w4a8_weights(fn, "w", w, 0));
-    EPMOE_CHECK(need(fn, value, "value", 1));
-    EPMOE_CHECK(need(fn, scale, "scale", 1));
+    EPMOE_CHECK(epmoe__need(fn, value, "value", 1));
+    EPMOE_CHECK(epmoe__need(fn, scale, "scale", 1));
     if (e < 0 || e >= w->E || n < 0 || n >= w->N || k < 0 || k >= w->K)
         return epmoe__fail(EPMOE_ERR_INVALID_ARG, "%s: (e, n, k) = (%lld, %lld, %lld) is outside [%lld, %lld, %lld]", fn,
                            (long long)e, (long long)n, (long long)k, (long long)w->E, (long long)w->N, (long long)w->K);
@@ -127,40 +158,26 @@ epmoe_status epmoe_w4a8_unpack(const epmoe_w4a8_weights *w, int64_t e, int64_t n
 /* The activation side of a GEMM: a [E, M, K] fp8 plus scales in one of the two modes. */
 static epmoe_status check_acts(const char *fn, int64_t E, int64_t M, int64_t K, const uint8_t *a, const int32_t *masked_m,
                                const void *a_scales, int fmt, const float *a_tensor_scale, int device) {
-    if (M < 0 || M > MAX_DIM) return epmoe__fail(EPMOE_ERR_INVALID_ARG, "%s: M = %lld is out of range", fn, (long long)M);
+    if (M < 0 || M > EPMOE__MAX_DIM)
+        return epmoe__fail(EPMOE_ERR_INVALID_ARG, "%s: M = %lld is out of range", fn, (long long)M);
     if (a_scales && (fmt < EPMOE_SCALE_F32_ROW || fmt > EPMOE_SCALE_UE8M0_MMAJOR))
         return epmoe__fail(EPMOE_ERR_INVALID_ARG, "%s: a_scale_fmt %d is not an epmoe_scale_fmt", fn, fmt);
     if (E == 0 || M == 0) return EPMOE_OK;
-    EPMOE_CHECK(need(fn, a, "a", device ? 16 : 1));
-    EPMOE_CHECK(need(fn, masked_m, "masked_m", 4));
-    if (a_scales) EPMOE_CHECK(need(fn, a_scales, "a_scales", 4));
+    EPMOE_CHECK(epmoe__need(fn, a, "a", device ? 16 : 1));
+    EPMOE_CHECK(epmoe__need(fn, masked_m, "masked_m", 4));
+    if (a_scales) EPMOE_CHECK(epmoe__need(fn, a_scales, "a_scales", 4));
     else if (!a_tensor_scale)
         return epmoe__fail(EPMOE_ERR_NULL_POINTER, "%s: a_scales and a_tensor_scale are both NULL (one activation scale mode is needed)", fn);
-    else EPMOE_CHECK(need(fn, a_tensor_scale, "a_tensor_scale", 4));
+    else EPMOE_CHECK(epmoe__need(fn, a_tensor_scale, "a_tensor_scale", 4));
     (void)K;
     return EPMOE_OK;
 }
 
-static epmoe_status check_out(const char *fn, int64_t E, int64_t M, int64_t N, const uint16_t *out, int64_t row_stride,
-                              int64_t expert_stride) {
-    /* bounded first, so the products below cannot overflow int64 */
-    if (row_stride > (INT64_C(1) << 38) || expert_stride < 0 || expert_stride > (INT64_C(1) << 50))
-        return epmoe__fail(EPMOE_ERR_INVALID_ARG, "%s: out strides %lld, %lld are out of range", fn, (long long)row_stride,
-                           (long long)expert_stride);
-    if (row_stride < N)
-        return epmoe__fail(EPMOE_ERR_INVALID_ARG, "%s: out_row_stride = %lld must be >= N = %lld", fn, (long long)row_stride, (long long)N);
-    if (M > 0 && E > 1 && expert_stride < (M - 1) * row_stride + N)
-        return epmoe__fail(EPMOE_ERR_INVALID_ARG, "%s: out_expert_stride = %lld overlaps the previous expert's %lld rows", fn,
-                           (long long)expert_stride, (long long)M);
-    if (E == 0 || M == 0) return EPMOE_OK;
-    return need(fn, out, "out", 2);
-}
-
 epmoe_status epmoe__check_w4a8_gemm(const char *fn, const epmoe_w4a8_gemm_args *g, int device) {
-    EPMOE_CHECK(need(fn, g, "args", 1));
+    EPMOE_CHECK(epmoe__need(fn, g, "args", 1));
     EPMOE_CHECK(epmoe__check_w4a8_weights(fn, "w", &g->w, device));
     EPMOE_CHECK(check_acts(fn, g->w.E, g->M, g->w.K, g->a, g->masked_m, g->a_scales, g->a_scale_fmt, g->a_tensor_scale, device));
-    EPMOE_CHECK(check_out(fn, g->w.E, g->M, g->w.N, g->out, g->out_row_stride, g->out_expert_stride));
+    EPMOE_CHECK(epmoe__check_out(fn, g->w.E, g->M, g->w.N, g->out, g->out_row_stride, g->out_expert_stride));
     if (g->expected_m < 0)
         return epmoe__fail(EPMOE_ERR_INVALID_ARG, "%s: expected_m = %lld must be >= 0", fn, (long long)g->expected_m);
     return EPMOE_OK;
@@ -168,31 +185,31 @@ epmoe_status epmoe__check_w4a8_gemm(const char *fn, const epmoe_w4a8_gemm_args *
 
 /* ---- MLP workspace: the one layout function of the buffer ------------------------------ */
 
-static size_t align256(size_t x) { return (x + 255u) & ~(size_t)255u; }
-
 size_t epmoe__mlp_layout(int64_t E, int64_t M, int64_t H, int64_t I, size_t *gate_up, size_t *inter, size_t *inter_scales,
                          size_t *gemm) {
     (void)H;
     size_t off = 0;
     *gemm = off; /* first: its launch counter stays put when M changes */
-    off = align256(off + epmoe_w4a8_gemm_workspace());
+    off = epmoe__align256(off + epmoe_w4a8_gemm_workspace());
     *gate_up = off;
-    off = align256(off + (size_t)(E * M * 2 * I) * 2); /* bf16 [E, M, 2I] */
+    off = epmoe__align256(off + (size_t)(E * M * 2 * I) * 2); /* bf16 [E, M, 2I] */
     *inter = off;
-    off = align256(off + (size_t)(E * M * I));         /* fp8 [E, M, I] */
+    off = epmoe__align256(off + (size_t)(E * M * I));         /* fp8 [E, M, I] */
     *inter_scales = off;
-    off = align256(off + (size_t)(E * M * (I / W4_GROUP)) * 4); /* f32 row-major [E, M, I/128] */
+    off = epmoe__align256(off + (size_t)(E * M * (I / W4_GROUP)) * 4); /* f32 row-major [E, M, I/128] */
     return off;
 }
 
 size_t epmoe_w4a8_mlp_workspace(int64_t E, int64_t M, int64_t H, int64_t I) {
-    if (E < 0 || M < 0 || H <= 0 || I <= 0 || E > MAX_EXPERTS || M > MAX_DIM || I > MAX_DIM || H > MAX_DIM) return 0;
+    if (E < 0 || M < 0 || H <= 0 || I <= 0 || E > EPMOE__MAX_EXPERTS || M > EPMOE__MAX_DIM || I > EPMOE__MAX_DIM ||
+        H > EPMOE__MAX_DIM)
+        return 0;
     size_t a, b, c, d;
     return epmoe__mlp_layout(E, M, H, I, &a, &b, &c, &d);
 }
 
 epmoe_status epmoe__check_w4a8_mlp(const char *fn, const epmoe_w4a8_mlp_args *m, int device) {
-    EPMOE_CHECK(need(fn, m, "args", 1));
+    EPMOE_CHECK(epmoe__need(fn, m, "args", 1));
     EPMOE_CHECK(epmoe__check_w4a8_weights(fn, "w13", &m->w13, device));
     EPMOE_CHECK(epmoe__check_w4a8_weights(fn, "w2", &m->w2, device));
     const int64_t E = m->w13.E, H = m->w13.K, I = m->w2.K;
@@ -202,13 +219,13 @@ epmoe_status epmoe__check_w4a8_mlp(const char *fn, const epmoe_w4a8_mlp_args *m,
                            (long long)m->w13.E, (long long)m->w13.N, (long long)m->w13.K, (long long)m->w2.E,
                            (long long)m->w2.N, (long long)m->w2.K);
     EPMOE_CHECK(check_acts(fn, E, m->M, H, m->a, m->masked_m, m->a_scales, m->a_scale_fmt, m->a_tensor_scale, device));
-    if (!m->a_scales && E > 0 && m->M > 0) EPMOE_CHECK(need(fn, m->a2_tensor_scale, "a2_tensor_scale", 4));
-    EPMOE_CHECK(check_out(fn, E, m->M, H, m->out, m->out_row_stride, m->out_expert_stride));
+    if (!m->a_scales && E > 0 && m->M > 0) EPMOE_CHECK(epmoe__need(fn, m->a2_tensor_scale, "a2_tensor_scale", 4));
+    EPMOE_CHECK(epmoe__check_out(fn, E, m->M, H, m->out, m->out_row_stride, m->out_expert_stride));
     if (m->expected_m < 0)
         return epmoe__fail(EPMOE_ERR_INVALID_ARG, "%s: expected_m = %lld must be >= 0", fn, (long long)m->expected_m);
     if (E == 0 || m->M == 0) return EPMOE_OK;
     const size_t ws = epmoe_w4a8_mlp_workspace(E, m->M, H, I);
-    EPMOE_CHECK(need(fn, m->workspace, "workspace", device ? 256 : 16));
+    EPMOE_CHECK(epmoe__need(fn, m->workspace, "workspace", device ? 256 : 16));
     if (m->workspace_bytes < ws)
         return epmoe__fail(EPMOE_ERR_INVALID_ARG, "%s: workspace_bytes = %zu, need epmoe_w4a8_mlp_workspace() = %zu", fn,
                            m->workspace_bytes, ws);
@@ -267,16 +284,6 @@ epmoe_status epmoe_w4a8_gemm_ref(const epmoe_w4a8_gemm_args *g) {
     return EPMOE_OK;
 }
 
-/* silu(gate) * up of one row, rounded to bf16 (the input of the FP8 cast). The kernel uses the
-** same expression; expf may differ by an ulp between libm and CUDA (the tests allow for it). */
-static void silu_mul_row(const uint16_t *gate_up, int64_t I, uint16_t *y) {
-    for (int64_t j = 0; j < I; j++) {
-        const float gt = fmt_bf16_to_float(gate_up[j]), up = fmt_bf16_to_float(gate_up[I + j]);
-        const float s = gt / (1.0f + expf(-gt));
-        y[j] = fmt_bf16_from_float(s * up);
-    }
-}
-
 epmoe_status epmoe_w4a8_mlp_ref(const epmoe_w4a8_mlp_args *m) {
     static const char fn[] = "epmoe_w4a8_mlp_ref";
     EPMOE_CHECK(epmoe__check_w4a8_mlp(fn, m, 0));
@@ -297,7 +304,7 @@ epmoe_status epmoe_w4a8_mlp_ref(const epmoe_w4a8_mlp_args *m) {
         const int64_t rows = epmoe__valid_rows(m->masked_m, e, M);
         for (int64_t r = 0; r < rows; r++) {
             const int64_t row = e * M + r;
-            silu_mul_row(gate_up + row * 2 * I, I, y);
+            epmoe__silu_mul_row(gate_up + row * 2 * I, I, y);
             epmoe_status st = m->a_scales
                                   ? epmoe_cast_group_fp8_ref(y, 1, I, inter + row * I, inter_scales + row * G2, EPMOE_SCALE_F32_ROW, 0)
                                   : epmoe_cast_tensor_fp8_ref(y, I, m->a2_tensor_scale, inter + row * I);
