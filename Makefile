@@ -35,7 +35,7 @@ ifeq ($(NCCL),1)
 LDLIBS := -L$(NCCL_HOME)/lib64 -Wl,-rpath,$(NCCL_HOME)/lib64 -lnccl $(LDLIBS)
 endif
 
-LIB_C := src/status.c src/format.c src/quant_args.c src/ref/quant_ref.c src/w4a8.c src/layer.c src/cuda_none.c \
+LIB_C := src/status.c src/format.c src/quant_args.c src/ref/quant_ref.c src/w4a8.c src/experts.c src/layer.c src/cuda_none.c \
 	src/ep/ep.c src/ep/ep_cpu.c src/ep/ep_ref.c src/ep/ep_launch.c
 LIB_CU := $(if $(filter 1,$(CUDA)),$(wildcard src/cuda/*.cu)) $(if $(filter 1,$(NCCL)),$(wildcard src/ep/*.cu))
 LIB_OBJ := $(LIB_C:%.c=$(BUILD)/obj/%.o) $(LIB_CU:%.cu=$(BUILD)/obj/%.o)

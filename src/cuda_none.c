@@ -67,6 +67,18 @@ epmoe_status epmoe_w4a8_mlp_cuda(const epmoe_w4a8_mlp_args *args, epmoe_stream_t
     return no_cuda(__func__);
 }
 
+epmoe_status epmoe_expert_gemm_cuda(const epmoe_expert_gemm_args *args, epmoe_stream_t stream) {
+    (void)stream;
+    EPMOE_CHECK(epmoe__check_expert_gemm(__func__, args, 1));
+    return no_cuda(__func__);
+}
+
+epmoe_status epmoe_expert_mlp_cuda(const epmoe_expert_mlp_args *args, epmoe_stream_t stream) {
+    (void)stream;
+    EPMOE_CHECK(epmoe__check_expert_mlp(__func__, args, 1));
+    return no_cuda(__func__);
+}
+
 #endif
 
 #if !EPMOE_HAVE_NCCL

@@ -44,7 +44,7 @@ EPMOE_HIDDEN epmoe_status epmoe__check_rescale(const char *fn, int requant, cons
 ** M are at most EPMOE__MAX_DIM (far above any model: products stay in int64), E at most
 ** EPMOE__MAX_EXPERTS. need: p non-NULL and `align`-byte aligned. check_dims: a weight matrix
 ** [E, N, K], N and K positive multiples of 128. check_out: a bf16 output [E, M, N] at the given
-** strides (bounded, rows inside a row, experts not overlapping), out 2-byte aligned unless E or
+** strides (bounded, row_stride >= N, experts not overlapping), out 2-byte aligned unless E or
 ** M is 0. silu_mul_row: silu(gate) * up of one row of an MLP's gate_up ([gate | up], I each) in
 ** fp32, rounded to bf16: the one expression of every MLP reference. */
 #define EPMOE__MAX_DIM (INT64_C(1) << 24)
