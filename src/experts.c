@@ -38,7 +38,8 @@ epmoe_status epmoe__check_expert_weights(const char *fn, const char *what, const
         return epmoe__fail(EPMOE_ERR_INVALID_ARG, "%s: %s format %d is not an epmoe_weight_format", fn, what, w->format);
     EPMOE_CHECK(epmoe__check_dims(fn, what, w->E, w->N, w->K));
     if (w->format == EPMOE_WEIGHT_INT4 && w->group != 32 && w->group != 128)
-        return epmoe__fail(EPMOE_ERR_INVALID_ARG, "%s: %s INT4 group = %lld must be 32 or 128", fn, what, (long long)w->group);
+        return epmoe__fail(EPMOE_ERR_INVALID_ARG, "%s: %s INT4 group = %lld must be 32 or 128", fn, what,
+                           (long long)w->group);
     if (w->E == 0) return EPMOE_OK;
     const struct expert_format *f = &formats[w->format];
     char name[48];
@@ -169,7 +170,8 @@ epmoe_status epmoe_expert_gemm_ref(const epmoe_expert_gemm_args *g) {
     double *sw = malloc((size_t)G * sizeof(double)), *sa = malloc((size_t)(M * GA) * sizeof(double));
     if (!wrow || !av || !sw || !sa) {
         free(wrow), free(av), free(sw), free(sa);
-        return epmoe__fail(EPMOE_ERR_OUT_OF_MEMORY, "%s: no memory for %lld x %lld activations", fn, (long long)M, (long long)K);
+        return epmoe__fail(EPMOE_ERR_OUT_OF_MEMORY, "%s: no memory for %lld x %lld activations", fn, (long long)M,
+                           (long long)K);
     }
     const size_t slab = fp8 ? (size_t)fmt_scale_slab_bytes(g->a_scale_fmt, M, GA) : 0;
     for (int64_t e = 0; e < E; e++) {
@@ -177,9 +179,9 @@ epmoe_status epmoe_expert_gemm_ref(const epmoe_expert_gemm_args *g) {
         for (int64_t i = 0; i < rows * K; i++)
             av[i] = fp8 ? fmt_fp8_to_float(((const uint8_t *)g->a)[e * M * K + i])
                         : fmt_bf16_to_float(((const uint16_t *)g->a)[e * M * K + i]);
+        const uint8_t *sa_slab = fp8 ? (const uint8_t *)g->a_scales + (size_t)e * slab : NULL;
         for (int64_t m = 0; fp8 && m < rows; m++)
-            for (int64_t j = 0; j < GA; j++)
-                sa[m * GA + j] = fmt_scale_load((const uint8_t *)g->a_scales + (size_t)e * slab, g->a_scale_fmt, M, GA, m, j);
+            for (int64_t j = 0; j < GA; j++) sa[m * GA + j] = fmt_scale_load(sa_slab, g->a_scale_fmt, M, GA, m, j);
         for (int64_t n = 0; n < N && rows > 0; n++) {
             weight_row(w, e, n, wrow, sw);
             for (int64_t m = 0; m < rows; m++) {
@@ -209,7 +211,9 @@ epmoe_status epmoe_expert_mlp_ref(const epmoe_expert_mlp_args *m) {
     uint8_t *inter = (uint8_t *)m->workspace + o_in;
     float *inter_scales = (float *)((uint8_t *)m->workspace + o_sc);
 
-    const epmoe_expert_gemm_args g1 = {m->w13, m->a, M, m->masked_m, m->a_scales, m->a_scale_fmt, gate_up, 2 * I, M * 2 * I};
+    const epmoe_expert_gemm_args g1 = {.w = m->w13, .a = m->a, .M = M, .masked_m = m->masked_m, .a_scales = m->a_scales,
+                                       .a_scale_fmt = m->a_scale_fmt, .out = gate_up, .out_row_stride = 2 * I,
+                                       .out_expert_stride = M * 2 * I};
     EPMOE_CHECK(epmoe_expert_gemm_ref(&g1));
     uint16_t *y = fp8 ? malloc((size_t)I * 2) : NULL; /* the bf16 formats write silu·up straight into inter */
     if (fp8 && !y) return epmoe__fail(EPMOE_ERR_OUT_OF_MEMORY, "%s: no memory", fn);
@@ -225,7 +229,9 @@ epmoe_status epmoe_expert_mlp_ref(const epmoe_expert_mlp_args *m) {
     }
     free(y);
     EPMOE_CHECK(st);
-    const epmoe_expert_gemm_args g2 = {m->w2, inter, M, m->masked_m, fp8 ? (const void *)inter_scales : NULL,
-                                       EPMOE_SCALE_F32_ROW, m->out, m->out_row_stride, m->out_expert_stride};
+    const epmoe_expert_gemm_args g2 = {.w = m->w2, .a = inter, .M = M, .masked_m = m->masked_m,
+                                       .a_scales = fp8 ? (const void *)inter_scales : NULL,
+                                       .a_scale_fmt = EPMOE_SCALE_F32_ROW, .out = m->out,
+                                       .out_row_stride = m->out_row_stride, .out_expert_stride = m->out_expert_stride};
     return epmoe_expert_gemm_ref(&g2);
 }
