@@ -1,5 +1,6 @@
 /*
-** bench_w4a8.cu — the W4A8 expert GEMMs and MLP on one GPU, side by side in the same run with
+** bench_w4a8.cu — the W4A8 expert GEMMs and MLP, and the expert GEMMs of the bf16, fp8-block and
+** w4a16 schemes (epmoe_expert_gemm_cuda), on one GPU, side by side in the same run with
 ** cuBLAS BF16 and cuBLASLt FP8 (per-tensor scales) on the same shapes, per expert, captured in
 ** one CUDA graph per GEMM (cuBLAS has no masked grouped FP8 GEMM). Also measured in the same
 ** run: the HBM read ceiling (a streaming read kernel over 4 GiB) that the bandwidth targets use.
@@ -206,6 +207,11 @@ static void run_model(Blas &b, const char *model, int E, int H, int I, const std
     fill_bf16<<<1024, 256, 0, stream>>>(b13, (size_t)E * N1 * K1);
     fill_bf16<<<1024, 256, 0, stream>>>(b2, (size_t)E * N2 * K2);
 
+    /* scales for the other schemes' weights (values irrelevant to speed): int4 g32 needs the most */
+    float *xsc;
+    const size_t xsc_n = (size_t)E * (N1 > N2 ? N1 : N2) * (K1 > K2 ? K1 : K2) / 32;
+    CU(cudaMalloc(&xsc, xsc_n * 4));
+    fill_f32<<<1024, 256, 0, stream>>>(xsc, xsc_n, 1e-3f, 1e-3f);
     for (int rows : rows_list) {
         const int M = rows;
         uint8_t *a, *a2;
@@ -273,10 +279,39 @@ static void run_model(Blas &b, const char *model, int E, int H, int I, const std
         if (h1 > 0 && h2 > 0) report(model, "cuBLAS BF16 W13+W2", E, rows, N1 + N2, 0, h1 + h2, 2.0 * E * (N1 * K1 + N2 * K2));
         printf("%-12s rows %-5d W13+W2: w4a8 %.1f us | FP8 %.2fx slower | BF16 %.2fx slower\n", model, rows, t1 + t2,
                (f1 + f2t) / (t1 + t2), (h1 + h2) / (t1 + t2));
+        /* the other schemes' expert GEMMs (epmoe_expert_gemm_cuda) on the same shapes and buffers */
+        const struct { epmoe_weight_format f; int64_t group; const char *name; double bpw; } xs[] = {
+            {EPMOE_WEIGHT_BF16, 0, "bf16", 2.0}, {EPMOE_WEIGHT_FP8_BLOCK, 0, "fp8-block", 1.0},
+            {EPMOE_WEIGHT_INT4, 128, "w4a16 g128", 0.5}, {EPMOE_WEIGHT_INT4, 32, "w4a16 g32", 0.5}};
+        for (const auto &x : xs) {
+            const void *d13 = x.f == EPMOE_WEIGHT_BF16 ? (const void *)b13 : x.f == EPMOE_WEIGHT_FP8_BLOCK ? (const void *)f13 : w13;
+            const void *d2 = x.f == EPMOE_WEIGHT_BF16 ? (const void *)b2 : x.f == EPMOE_WEIGHT_FP8_BLOCK ? (const void *)f2 : w2;
+            const int fp8 = x.f == EPMOE_WEIGHT_FP8_BLOCK;
+            const epmoe_expert_weights X13 = {x.f, E, N1, K1, x.group, d13, xsc}, X2 = {x.f, E, N2, K2, x.group, d2, xsc};
+            const epmoe_expert_gemm_args e1 = {X13, fp8 ? (const void *)a : xb, M, masked, fp8 ? sa : NULL,
+                                               EPMOE_SCALE_F32_MMAJOR, out, N1, (int64_t)M * N1, rows};
+            const epmoe_expert_gemm_args e2 = {X2, fp8 ? (const void *)a2 : xb2, M, masked, fp8 ? sa2 : NULL,
+                                               EPMOE_SCALE_F32_MMAJOR, out, N2, (int64_t)M * N2, rows};
+            const double u1 = time_us([&] { EP(epmoe_expert_gemm_cuda(&e1, stream)); });
+            const double u2 = time_us([&] { EP(epmoe_expert_gemm_cuda(&e2, stream)); });
+            const int64_t gr = x.f == EPMOE_WEIGHT_INT4 ? x.group : 128 * (x.f == EPMOE_WEIGHT_FP8_BLOCK ? 128 : 0);
+            const double sb13 = gr ? 4.0 * E * N1 * K1 / gr : 0, sb2 = gr ? 4.0 * E * N2 * K2 / gr : 0;
+            char what[64];
+            snprintf(what, sizeof what, "%s W13", x.name);
+            report(model, what, E, rows, N1, K1, u1, x.bpw * E * N1 * K1 + sb13);
+            snprintf(what, sizeof what, "%s W2", x.name);
+            report(model, what, E, rows, N2, K2, u2, x.bpw * E * N2 * K2 + sb2);
+            snprintf(what, sizeof what, "%s W13+W2", x.name);
+            report(model, what, E, rows, N1 + N2, 0, u1 + u2, x.bpw * E * (N1 * K1 + N2 * K2) + sb13 + sb2);
+            const double base = x.f == EPMOE_WEIGHT_BF16 ? h1 + h2 : f1 + f2t;
+            printf("%-12s rows %-5d W13+W2: %s %.1f us | %s %.2fx slower\n", model, rows, x.name, u1 + u2,
+                   x.f == EPMOE_WEIGHT_BF16 ? "cuBLAS BF16" : "cuBLASLt FP8", base / (u1 + u2));
+        }
         cudaFree(a), cudaFree(a2), cudaFree(sa), cudaFree(sa2), cudaFree(xb), cudaFree(xb2), cudaFree(ob), cudaFree(out);
         cudaFree(masked), cudaFree(ws), cudaFree(done), cudaFree(gws);
     }
     cudaFree(w13), cudaFree(w2), cudaFree(sw13), cudaFree(sw2), cudaFree(f13), cudaFree(f2), cudaFree(b13), cudaFree(b2);
+    cudaFree(xsc);
 }
 
 int main(int argc, char **argv) {

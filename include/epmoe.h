@@ -299,6 +299,7 @@ typedef struct epmoe_expert_gemm_args {
     uint16_t *out;               /* bf16: (e, m, n) at out[e * out_expert_stride + m * out_row_stride + n] */
     int64_t out_row_stride;      /* elements, >= N, a multiple of 8 */
     int64_t out_expert_stride;   /* elements, >= (M - 1) * out_row_stride + N, a multiple of 8 */
+    int64_t expected_m;          /* hint: typical rows per expert (0: M); picks the token tile */
 } epmoe_expert_gemm_args;
 EPMOE_API epmoe_status epmoe_expert_gemm_cuda(const epmoe_expert_gemm_args *args, epmoe_stream_t stream);
 EPMOE_API epmoe_status epmoe_expert_gemm_ref(const epmoe_expert_gemm_args *args);
@@ -320,6 +321,7 @@ typedef struct epmoe_expert_mlp_args {
     size_t workspace_bytes;
     uint16_t *out;
     int64_t out_row_stride, out_expert_stride;
+    int64_t expected_m;           /* as in epmoe_expert_gemm_args */
 } epmoe_expert_mlp_args;
 EPMOE_API size_t epmoe_expert_mlp_workspace(epmoe_weight_format format, int64_t E, int64_t M, int64_t H, int64_t I);
 EPMOE_API epmoe_status epmoe_expert_mlp_cuda(const epmoe_expert_mlp_args *args, epmoe_stream_t stream);

@@ -84,3 +84,11 @@ static __device__ __forceinline__ uint32_t requant_word(uint32_t w, float s, flo
     return fp8x2_from_float(__fmul_rn(__fmul_rn(lo.x, s), inv), __fmul_rn(__fmul_rn(lo.y, s), inv)) |
            (fp8x2_from_float(__fmul_rn(__fmul_rn(hi.x, s), inv), __fmul_rn(__fmul_rn(hi.y, s), inv)) << 16);
 }
+
+/* silu(gate) * up of an MLP's GEMM1 output (bf16 [E, M, 2I], rows < masked_m), rounded to bf16,
+** into inter: bf16 [E, M, I], or fp8 [E, M, I] with fresh 1x128 scales (f32 row-major
+** [E, M, I/128]) or at the per-tensor scale *tensor_scale (silu_mul.cu). */
+enum { EPMOE_SILU_BF16 = 0, EPMOE_SILU_FP8_GROUP = 1, EPMOE_SILU_FP8_TENSOR = 2 };
+epmoe_status epmoe__silu_mul_launch(int out_kind, const uint16_t *gate_up, const int32_t *masked_m, int64_t E,
+                                    int64_t M, int64_t I, void *inter, float *scales, const float *tensor_scale,
+                                    cudaStream_t s);

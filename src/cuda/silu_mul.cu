@@ -1,0 +1,89 @@
+/*
+** silu_mul.cu — the middle step of every expert MLP: silu(gate) * up of the bf16 rows GEMM1
+** wrote, rounded to bf16, then kept in bf16 or cast to fp8 (fresh 1x128 group scales, or one
+** per-tensor scale) for GEMM2. Spec: the MLP references (epmoe_w4a8_mlp_ref,
+** epmoe_expert_mlp_ref); the casts share device code with epmoe_cast_group_fp8 / _tensor_fp8.
+*/
+#include "common.cuh"
+
+namespace {
+
+constexpr int kRowsPerBlock = 8; /* one warp per row */
+
+/* silu(g) * u of 8 channels, rounded to bf16 like the reference (same expression, IEEE ops). */
+__device__ __forceinline__ uint4 silu_mul8(uint4 gv, uint4 uv) {
+    const uint32_t gw[4] = {gv.x, gv.y, gv.z, gv.w}, uw[4] = {uv.x, uv.y, uv.z, uv.w};
+    uint32_t o[4];
+#pragma unroll
+    for (int i = 0; i < 4; i++) {
+        float y[2];
+        const float gg[2] = {bf16_lo(gw[i]), bf16_hi(gw[i])}, uu[2] = {bf16_lo(uw[i]), bf16_hi(uw[i])};
+#pragma unroll
+        for (int h = 0; h < 2; h++) {
+            const float s = __fdiv_rn(gg[h], __fadd_rn(1.0f, expf(-gg[h])));
+            y[h] = __fmul_rn(s, uu[h]);
+        }
+        o[i] = bf16x2_from_float(y[0], y[1]);
+    }
+    return make_uint4(o[0], o[1], o[2], o[3]);
+}
+
+template <int kOut>
+__global__ void __launch_bounds__(kRowsPerBlock * 32)
+    silu_mul_kernel(const uint16_t *__restrict__ gate_up, const int32_t *__restrict__ masked_m, int64_t M, int64_t I,
+                    void *__restrict__ inter_v, float *__restrict__ scales, const float *__restrict__ tensor_scale) {
+    const int e = blockIdx.y, lane = threadIdx.x & 31;
+    const int64_t m = (int64_t)blockIdx.x * kRowsPerBlock + (threadIdx.x >> 5);
+    int64_t rows = __ldg(masked_m + e);
+    rows = rows < 0 ? 0 : (rows > M ? M : rows);
+    if (m >= rows) return;
+    const int64_t row = (int64_t)e * M + m, G = I / FMT_GROUP;
+    const uint16_t *gu = gate_up + row * 2 * I;
+    const unsigned half_mask = 0xFFFFu << (lane & 16);
+    const float inv = kOut == EPMOE_SILU_FP8_TENSOR ? 1.0f / __ldg(tensor_scale) : 0.0f;
+    /* A half-warp per 128-group; both halves loop while either has a group (uniform for shuffles
+    ** within a half, which is all cast_chunk8 needs). */
+    for (int64_t g = lane >> 4; g < G; g += 2) {
+        const int64_t c = g * FMT_GROUP + (lane & 15) * 8;
+        const uint4 y = silu_mul8(*reinterpret_cast<const uint4 *>(gu + c), *reinterpret_cast<const uint4 *>(gu + I + c));
+        if (kOut == EPMOE_SILU_BF16) {
+            *reinterpret_cast<uint4 *>(static_cast<uint16_t *>(inter_v) + row * I + c) = y;
+            continue;
+        }
+        uint2 q;
+        if (kOut == EPMOE_SILU_FP8_GROUP) {
+            float s;
+            q = cast_chunk8(y, 0, half_mask, &s);
+            if ((lane & 15) == 0) scales[row * G + g] = s;
+        } else {
+            const uint32_t w[4] = {y.x, y.y, y.z, y.w};
+            uint32_t b[4];
+#pragma unroll
+            for (int i = 0; i < 4; i++) b[i] = fp8x2_from_float(__fmul_rn(bf16_lo(w[i]), inv), __fmul_rn(bf16_hi(w[i]), inv));
+            q = make_uint2(b[0] | (b[1] << 16), b[2] | (b[3] << 16));
+        }
+        *reinterpret_cast<uint2 *>(static_cast<uint8_t *>(inter_v) + row * I + c) = q;
+    }
+}
+
+} // namespace
+
+epmoe_status epmoe__silu_mul_launch(int out_kind, const uint16_t *gate_up, const int32_t *masked_m, int64_t E,
+                                    int64_t M, int64_t I, void *inter, float *scales, const float *tensor_scale,
+                                    cudaStream_t s) {
+    const dim3 grid((unsigned)((M + kRowsPerBlock - 1) / kRowsPerBlock), (unsigned)E);
+    switch (out_kind) {
+    case EPMOE_SILU_BF16:
+        silu_mul_kernel<EPMOE_SILU_BF16><<<grid, kRowsPerBlock * 32, 0, s>>>(gate_up, masked_m, M, I, inter, scales,
+                                                                            tensor_scale);
+        break;
+    case EPMOE_SILU_FP8_GROUP:
+        silu_mul_kernel<EPMOE_SILU_FP8_GROUP><<<grid, kRowsPerBlock * 32, 0, s>>>(gate_up, masked_m, M, I, inter,
+                                                                                 scales, tensor_scale);
+        break;
+    default:
+        silu_mul_kernel<EPMOE_SILU_FP8_TENSOR><<<grid, kRowsPerBlock * 32, 0, s>>>(gate_up, masked_m, M, I, inter,
+                                                                                  scales, tensor_scale);
+    }
+    return epmoe__launched("silu(gate) * up");
+}
