@@ -203,7 +203,7 @@ static int make_ckpt(int gpu, int L, int H, int I, ckpt *c) {
         upload(gpu, hs2, ss2, &ds2))
         return fprintf(stderr, "epmoe check: out of memory for the weights\n"), 1;
     free(hq13), free(hq2), free(hs13), free(hs2);
-    const epmoe_layer_weights lw = {{L, 2 * I, H, e13, d13, ds13}, {L, H, I, e2, d2, ds2}, NULL, NULL};
+    const epmoe_layer_weights lw = {.w13 = {L, 2 * I, H, e13, d13, ds13}, .w2 = {L, H, I, e2, d2, ds2}};
     c->lw = lw;
     return 0;
 }
@@ -405,7 +405,7 @@ static void bench_rank(rank_ctx *r) {
         return;
     }
     free(hq), free(hs);
-    const epmoe_layer_weights w = {{L, 2 * I, H, EPMOE_W4_SYM7, d13, ds13}, {L, H, I, EPMOE_W4_SYM7, d2, ds2}, NULL, NULL};
+    const epmoe_layer_weights w = {.w13 = {L, 2 * I, H, EPMOE_W4_SYM7, d13, ds13}, .w2 = {L, H, I, EPMOE_W4_SYM7, d2, ds2}};
     /* inputs: tokens, k distinct uniformly routed experts */
     uint16_t *hx = malloc((size_t)T * H * 2);
     int32_t *hidx = malloc((size_t)T * k * 4);

@@ -35,8 +35,14 @@ class _LayerConfigC(ctypes.Structure):
                 ("per_tensor_act", ctypes.c_int), ("expected_m", ctypes.c_int64)]
 
 
+class _ExpertWeightsC(ctypes.Structure):  # epmoe_expert_weights: the bf16, fp8-block and w4a16 schemes' weights
+    _fields_ = [("format", ctypes.c_int), ("E", ctypes.c_int64), ("N", ctypes.c_int64), ("K", ctypes.c_int64),
+                ("group", ctypes.c_int64), ("data", ctypes.c_void_p), ("scales", ctypes.c_void_p)]
+
+
 class _LayerWeightsC(ctypes.Structure):
-    _fields_ = [("w13", _WeightsC), ("w2", _WeightsC), ("a1_scale", ctypes.c_void_p), ("a2_scale", ctypes.c_void_p)]
+    _fields_ = [("w13", _WeightsC), ("w2", _WeightsC), ("a1_scale", ctypes.c_void_p), ("a2_scale", ctypes.c_void_p),
+                ("e13", _ExpertWeightsC), ("e2", _ExpertWeightsC)]
 
 
 def _scheme(scheme):
@@ -95,7 +101,7 @@ def _weights_pair(weights):
 def _weights_c(w13, w2, a1, a2):
     empty = _WeightsC(0, 0, 0, 0, None, None)
     return _LayerWeightsC(w13._c() if w13 is not None else empty, w2._c() if w2 is not None else empty, ptr(a1),
-                          ptr(a2))
+                          ptr(a2), _ExpertWeightsC(), _ExpertWeightsC())
 
 
 class Layer:
