@@ -552,7 +552,8 @@ typedef struct epmoe_layer_config {
     epmoe_scheme scheme;
     int64_t intermediate;    /* I: a positive multiple of 128 */
     int per_tensor_act;      /* w4afp8: 0 = 1x128 activation scales (default), 1 = static per-tensor
-                                scales a1/a2 (SGLang's compat path; FP8 wire requantized at receive) */
+                                scales a1/a2 (SGLang's compat path; FP8 wire requantized at receive);
+                                the other schemes: 0 */
     int64_t expected_m;      /* rows per local expert the GEMM tiles are chosen for; 0 = N*R*k/E */
 } epmoe_layer_config;
 #define EPMOE_LAYER_CONFIG_INIT {sizeof(epmoe_layer_config), EPMOE_SCHEME_W4AFP8, 2048, 0, 0}

@@ -36,6 +36,52 @@ static const char *scheme_name(int s) {
     return s >= 0 && s < 4 ? names[s] : "?";
 }
 
+/* The expert weight format of each scheme; -1: the repacked W4A8 weights (w13, w2). */
+static int scheme_format(int s) {
+    static const int formats[] = {[EPMOE_SCHEME_BF16] = EPMOE_WEIGHT_BF16,
+                                  [EPMOE_SCHEME_W8A8_FP8_BLOCK] = EPMOE_WEIGHT_FP8_BLOCK,
+                                  [EPMOE_SCHEME_W4AFP8] = -1,
+                                  [EPMOE_SCHEME_W4A16] = EPMOE_WEIGHT_INT4};
+    return formats[s];
+}
+
+/* fp8-activation schemes on the BF16 wire cast the received rows themselves (1x128, F32_ROW). */
+static int casts_after_receive(const epmoe_ep_config *ec, const epmoe_layer_config *cfg) {
+    return ec->wire == EPMOE_WIRE_BF16 && epmoe_scheme_default_wire(cfg->scheme) == EPMOE_WIRE_FP8;
+}
+
+/* The local experts' weights the scheme reads: shapes against the group and config, then the
+** format's own checks. */
+static epmoe_status check_weights(const char *fn, const epmoe_ep_config *ec, const epmoe_layer_config *cfg,
+                                  const epmoe_layer_weights *w, int device) {
+    const int64_t L = ec->num_experts / ec->num_ranks, H = ec->hidden, I = cfg->intermediate;
+    typedef struct { int64_t E, N, K; } dims;
+    const int fmt = scheme_format(cfg->scheme), w4 = fmt < 0;
+    const dims a = w4 ? (dims){w->w13.E, w->w13.N, w->w13.K} : (dims){w->e13.E, w->e13.N, w->e13.K};
+    const dims b = w4 ? (dims){w->w2.E, w->w2.N, w->w2.K} : (dims){w->e2.E, w->e2.N, w->e2.K};
+    if (a.E != L || a.N != 2 * I || a.K != H || b.E != L || b.N != H || b.K != I)
+        return epmoe__fail(EPMOE_ERR_INVALID_ARG,
+                           "%s: weights %s [%lld, %lld, %lld], %s [%lld, %lld, %lld]; the group and config need "
+                           "[%lld, %lld, %lld] and [%lld, %lld, %lld]",
+                           fn, w4 ? "w13" : "e13", (long long)a.E, (long long)a.N, (long long)a.K, w4 ? "w2" : "e2",
+                           (long long)b.E, (long long)b.N, (long long)b.K, (long long)L, (long long)(2 * I),
+                           (long long)H, (long long)L, (long long)H, (long long)I);
+    if (w4) {
+        EPMOE_CHECK(epmoe__check_w4a8_weights(fn, "w13", &w->w13, device));
+        return epmoe__check_w4a8_weights(fn, "w2", &w->w2, device);
+    }
+    if ((int)w->e13.format != fmt || (int)w->e2.format != fmt)
+        return epmoe__fail(EPMOE_ERR_INVALID_ARG, "%s: scheme %s takes weights of format %d (epmoe_weight_format), "
+                           "e13 has %d and e2 %d", fn, scheme_name(cfg->scheme), fmt, (int)w->e13.format,
+                           (int)w->e2.format);
+    EPMOE_CHECK(epmoe__check_expert_weights(fn, "e13", &w->e13, device));
+    EPMOE_CHECK(epmoe__check_expert_weights(fn, "e2", &w->e2, device));
+    if (fmt == EPMOE_WEIGHT_INT4 && w->e13.group != w->e2.group)
+        return epmoe__fail(EPMOE_ERR_INVALID_ARG, "%s: e13 group %lld and e2 group %lld must be the same", fn,
+                           (long long)w->e13.group, (long long)w->e2.group);
+    return EPMOE_OK;
+}
+
 /* Everything the forward would find wrong after the collective dispatch is found here, before it. */
 static epmoe_status check_layer(const char *fn, const epmoe_ep_config *ec, const epmoe_layer_config *cfg,
                                 const epmoe_layer_weights *w, int device) {
@@ -45,26 +91,17 @@ static epmoe_status check_layer(const char *fn, const epmoe_ep_config *ec, const
                            fn, cfg->size, sizeof(epmoe_layer_config));
     if (cfg->scheme < EPMOE_SCHEME_BF16 || cfg->scheme > EPMOE_SCHEME_W4A16)
         return epmoe__fail(EPMOE_ERR_INVALID_ARG, "%s: scheme %d is not an epmoe_scheme", fn, cfg->scheme);
-    if (cfg->scheme != EPMOE_SCHEME_W4AFP8)
-        return epmoe__fail(EPMOE_ERR_UNSUPPORTED, "%s: scheme %s is not built yet (only w4afp8 is)", fn,
-                           scheme_name(cfg->scheme));
     if (!epmoe_scheme_accepts_wire(cfg->scheme, ec->wire))
         return epmoe__fail(EPMOE_ERR_INVALID_ARG, "%s: scheme %s cannot consume the group's %s wire", fn,
                            scheme_name(cfg->scheme), ec->wire == EPMOE_WIRE_FP8 ? "FP8" : "BF16");
+    if (cfg->per_tensor_act && cfg->scheme != EPMOE_SCHEME_W4AFP8)
+        return epmoe__fail(EPMOE_ERR_INVALID_ARG, "%s: per_tensor_act is w4afp8's compat mode; scheme %s has no static "
+                           "per-tensor activation scales", fn, scheme_name(cfg->scheme));
     if (cfg->intermediate <= 0 || cfg->intermediate % 128)
         return epmoe__fail(EPMOE_ERR_INVALID_ARG, "%s: intermediate = %lld must be a positive multiple of 128", fn,
                            (long long)cfg->intermediate);
     if (cfg->expected_m < 0) return epmoe__fail(EPMOE_ERR_INVALID_ARG, "%s: expected_m must be >= 0", fn);
-    const int64_t L = ec->num_experts / ec->num_ranks, H = ec->hidden, I = cfg->intermediate;
-    if (w->w13.E != L || w->w13.N != 2 * I || w->w13.K != H || w->w2.E != L || w->w2.N != H || w->w2.K != I)
-        return epmoe__fail(EPMOE_ERR_INVALID_ARG,
-                           "%s: weights w13 [%lld, %lld, %lld], w2 [%lld, %lld, %lld]; the group and config need "
-                           "[%lld, %lld, %lld] and [%lld, %lld, %lld]",
-                           fn, (long long)w->w13.E, (long long)w->w13.N, (long long)w->w13.K, (long long)w->w2.E,
-                           (long long)w->w2.N, (long long)w->w2.K, (long long)L, (long long)(2 * I), (long long)H,
-                           (long long)L, (long long)H, (long long)I);
-    EPMOE_CHECK(epmoe__check_w4a8_weights(fn, "w13", &w->w13, device));
-    EPMOE_CHECK(epmoe__check_w4a8_weights(fn, "w2", &w->w2, device));
+    EPMOE_CHECK(check_weights(fn, ec, cfg, w, device));
     if (cfg->per_tensor_act && (!w->a1_scale || !w->a2_scale))
         return epmoe__fail(EPMOE_ERR_NULL_POINTER, "%s: per_tensor_act needs a1_scale and a2_scale", fn);
     return EPMOE_OK;
@@ -89,37 +126,46 @@ static epmoe_status sizes_of(const epmoe_ep_config *ec, const epmoe_layer_config
     z->recv_x = lay.recv_x_bytes;
     z->recv_scales = lay.recv_scales_bytes;
     z->masked_m = lay.masked_m_bytes;
-    const int cast = ec->wire == EPMOE_WIRE_BF16;
+    const int cast = casts_after_receive(ec, cfg), fmt = scheme_format(cfg->scheme);
     z->q = cast ? (size_t)(L * M * H) : 0;
     z->q_scales = cast ? epmoe_scale_bytes(EPMOE_SCALE_F32_ROW, L * M, H) : 0;
     z->expert_out = lay.expert_out_bytes;
-    z->ws = epmoe_w4a8_mlp_workspace(L, M, H, cfg->intermediate);
+    z->ws = fmt < 0 ? epmoe_w4a8_mlp_workspace(L, M, H, cfg->intermediate)
+                    : epmoe_expert_mlp_workspace((epmoe_weight_format)fmt, L, M, H, cfg->intermediate);
     return EPMOE_OK;
 }
 
-/* The expert step on one rank's received rows: post-receive cast (BF16 wire), then the MLP. */
+/* The expert step on one rank's received rows: the activations as the scheme reads them (fp8
+** schemes on the BF16 wire cast after receive), then its MLP. */
 static epmoe_status experts(const epmoe_ep_config *ec, const epmoe_layer_config *cfg, const epmoe_layer_weights *w,
                             int gpu, void *recv_x, void *recv_scales, const int32_t *masked_m, void *q, void *q_scales,
                             void *ws, size_t ws_bytes, uint16_t *expert_out, epmoe_stream_t stream) {
     const int64_t L = ec->num_experts / ec->num_ranks, M = (int64_t)ec->num_ranks * ec->max_tokens, H = ec->hidden;
-    epmoe_w4a8_mlp_args m = {w->w13, w->w2, recv_x, M, masked_m, NULL, ec->scale_fmt, NULL, NULL, ws, ws_bytes,
-                             expert_out, H, M * H, expected_rows(ec, cfg)};
-    if (ec->wire == EPMOE_WIRE_BF16) {
-        m.a = q;
-        m.a_scale_fmt = EPMOE_SCALE_F32_ROW;
+    const int fp8 = epmoe_scheme_default_wire(cfg->scheme) == EPMOE_WIRE_FP8, fmt = scheme_format(cfg->scheme);
+    const void *a = recv_x, *a_scales = fp8 && !cfg->per_tensor_act ? recv_scales : NULL;
+    epmoe_scale_fmt a_fmt = ec->scale_fmt;
+    if (casts_after_receive(ec, cfg)) {
+        a = q, a_fmt = EPMOE_SCALE_F32_ROW;
         if (cfg->per_tensor_act)
             EPMOE_CHECK(gpu ? epmoe_cast_tensor_fp8_cuda(recv_x, L * M * H, w->a1_scale, q, stream)
                             : epmoe_cast_tensor_fp8_ref(recv_x, L * M * H, w->a1_scale, q));
         else {
             EPMOE_CHECK(gpu ? epmoe_cast_group_fp8_cuda(recv_x, L * M, H, q, q_scales, EPMOE_SCALE_F32_ROW, 0, stream)
                             : epmoe_cast_group_fp8_ref(recv_x, L * M, H, q, q_scales, EPMOE_SCALE_F32_ROW, 0));
-            m.a_scales = q_scales;
+            a_scales = q_scales;
         }
-    } else if (!cfg->per_tensor_act) {
-        m.a_scales = recv_scales;
     }
-    if (cfg->per_tensor_act) m.a_tensor_scale = w->a1_scale, m.a2_tensor_scale = w->a2_scale;
-    return gpu ? epmoe_w4a8_mlp_cuda(&m, stream) : epmoe_w4a8_mlp_ref(&m);
+    if (fmt < 0) {
+        const epmoe_w4a8_mlp_args m = {w->w13, w->w2, a, M, masked_m, a_scales, a_fmt,
+                                       cfg->per_tensor_act ? w->a1_scale : NULL, cfg->per_tensor_act ? w->a2_scale : NULL,
+                                       ws, ws_bytes, expert_out, H, M * H, expected_rows(ec, cfg)};
+        return gpu ? epmoe_w4a8_mlp_cuda(&m, stream) : epmoe_w4a8_mlp_ref(&m);
+    }
+    const epmoe_expert_mlp_args m = {.w13 = w->e13, .w2 = w->e2, .a = a, .M = M, .masked_m = masked_m,
+                                     .a_scales = a_scales, .a_scale_fmt = a_fmt, .workspace = ws,
+                                     .workspace_bytes = ws_bytes, .out = expert_out, .out_row_stride = H,
+                                     .out_expert_stride = M * H};
+    return gpu ? epmoe_expert_mlp_cuda(&m, stream) : epmoe_expert_mlp_ref(&m);
 }
 
 static void layer_free_buffers(epmoe_layer *y) {
@@ -239,7 +285,7 @@ epmoe_status epmoe_layer_ref(const epmoe_ep_config *ec, const epmoe_layer_config
         for (int r = 0; st == EPMOE_OK && r < R; r++) {
             void **b = bufs + r * 7;
             if (ec->wire == EPMOE_WIRE_FP8 && cfg->per_tensor_act) { /* what dispatch's requant produces */
-                uint8_t *t = malloc((size_t)(L * M * H));
+                uint8_t *t = calloc((size_t)(L * M * H), 1);
                 st = t ? epmoe_requant_fp8_ref(recv_x[r], recv_scales[r], ec->scale_fmt, masked[r], L, M, H,
                                                w[r].a1_scale, t)
                        : epmoe__fail(EPMOE_ERR_OUT_OF_MEMORY, "%s: no memory", fn);

@@ -2,7 +2,7 @@
 forward against epmoe.layer_ref (bit-exact under REDUCE_AT_OWNER, within the bf16 partial-sum
 bound under REDUCE_AT_EXPERT) for R = 1, 2, both wires and both activation scale modes; the
 reference against its parts composed in Python (dispatch_ref, w4a8.mlp, combine_ref); and the
-errors: schemes not built, wires a scheme cannot read, shapes, closed groups."""
+errors: weights of another scheme, wires a scheme cannot read, shapes, closed groups."""
 import numpy as np
 import pytest
 
@@ -169,16 +169,16 @@ def test_layer_creation_errors(one_rank):
         g.layer(weights=(w[0], "w2"))
 
 
-def test_unbuilt_scheme_is_unsupported():
+def test_other_schemes_refuse_w4a8_weights():
+    # bf16, w8a8_fp8_block and w4a16 read their own weights (epmoe_layer_weights.e13/e2), not W4A8's
     cfg = make_case(1, "bf16", "reduce_at_owner", seed=4)[0]
     weights = make_case(1, "bf16", "reduce_at_owner", seed=4)[1][0]
     with epmoe.CpuWorld(1) as world:
         g = world.create_group(0, cfg)
         try:
-            with pytest.raises(epmoe.Unsupported, match="bf16 is not built"):
-                g.layer(weights=weights, scheme="bf16")
-            with pytest.raises(NotImplementedError):  # the builtin the class also derives from
-                g.layer(weights=weights, scheme="w8a8_fp8_block")
+            for scheme in ("bf16", "w8a8_fp8_block", "w4a16"):
+                with pytest.raises(epmoe.InvalidArgument, match="weights e13"):
+                    g.layer(weights=weights, scheme=scheme)
         finally:
             g.close()
 
@@ -217,7 +217,7 @@ def test_layer_ref_errors():
         epmoe.layer_ref(cfg, weights[:1], xs, idxs, ws)
     with pytest.raises(epmoe.InvalidArgument, match="cannot consume"):
         epmoe.layer_ref(cfg, weights, xs, idxs, ws, scheme="bf16")
-    with pytest.raises(epmoe.Unsupported):
+    with pytest.raises(epmoe.InvalidArgument, match="weights e13"):  # w4a16 reads int4 checkpoint weights
         epmoe.layer_ref(cfg.replace(wire="bf16"), weights, xs, idxs, ws, scheme="w4a16")
     with pytest.raises(epmoe.NullPointer):
         epmoe.layer_ref(cfg, weights, xs, idxs, ws, per_tensor_act=True)
