@@ -68,9 +68,11 @@ static epmoe_status check_acts(const char *fn, const epmoe_expert_weights *w, in
 }
 
 /* The bf16 output: strides as for W4A8, plus multiples of 8 elements so that with a 16-byte
-** aligned out (device) every row starts 16-byte aligned. */
+** aligned out (device) every row starts 16-byte aligned; and the tile hint. */
 static epmoe_status check_out(const char *fn, int64_t E, int64_t M, int64_t N, const uint16_t *out, int64_t row_stride,
-                              int64_t expert_stride, int device) {
+                              int64_t expert_stride, int64_t expected_m, int device) {
+    if (expected_m < 0)
+        return epmoe__fail(EPMOE_ERR_INVALID_ARG, "%s: expected_m = %lld must be >= 0", fn, (long long)expected_m);
     EPMOE_CHECK(epmoe__check_out(fn, E, M, N, out, row_stride, expert_stride));
     if (row_stride % 8 || expert_stride % 8)
         return epmoe__fail(EPMOE_ERR_INVALID_ARG, "%s: out strides %lld, %lld must be multiples of 8 elements", fn,
@@ -83,7 +85,7 @@ epmoe_status epmoe__check_expert_gemm(const char *fn, const epmoe_expert_gemm_ar
     EPMOE_CHECK(epmoe__need(fn, g, "args", 1));
     EPMOE_CHECK(epmoe__check_expert_weights(fn, "w", &g->w, device));
     EPMOE_CHECK(check_acts(fn, &g->w, g->M, g->a, g->masked_m, g->a_scales, g->a_scale_fmt, device));
-    return check_out(fn, g->w.E, g->M, g->w.N, g->out, g->out_row_stride, g->out_expert_stride, device);
+    return check_out(fn, g->w.E, g->M, g->w.N, g->out, g->out_row_stride, g->out_expert_stride, g->expected_m, device);
 }
 
 epmoe_status epmoe__check_expert_mlp(const char *fn, const epmoe_expert_mlp_args *m, int device) {
@@ -102,7 +104,7 @@ epmoe_status epmoe__check_expert_mlp(const char *fn, const epmoe_expert_mlp_args
                            (long long)w13->E, (long long)w13->N, (long long)w13->K, (long long)w2->E, (long long)w2->N,
                            (long long)w2->K);
     EPMOE_CHECK(check_acts(fn, w13, m->M, m->a, m->masked_m, m->a_scales, m->a_scale_fmt, device));
-    EPMOE_CHECK(check_out(fn, E, m->M, H, m->out, m->out_row_stride, m->out_expert_stride, device));
+    EPMOE_CHECK(check_out(fn, E, m->M, H, m->out, m->out_row_stride, m->out_expert_stride, m->expected_m, device));
     if (E == 0 || m->M == 0) return EPMOE_OK;
     const size_t ws = epmoe_expert_mlp_workspace(w13->format, E, m->M, H, I);
     EPMOE_CHECK(epmoe__need(fn, m->workspace, "workspace", device ? 256 : 16));
@@ -213,7 +215,7 @@ epmoe_status epmoe_expert_mlp_ref(const epmoe_expert_mlp_args *m) {
 
     const epmoe_expert_gemm_args g1 = {.w = m->w13, .a = m->a, .M = M, .masked_m = m->masked_m, .a_scales = m->a_scales,
                                        .a_scale_fmt = m->a_scale_fmt, .out = gate_up, .out_row_stride = 2 * I,
-                                       .out_expert_stride = M * 2 * I};
+                                       .out_expert_stride = M * 2 * I, .expected_m = m->expected_m};
     EPMOE_CHECK(epmoe_expert_gemm_ref(&g1));
     uint16_t *y = fp8 ? malloc((size_t)I * 2) : NULL; /* the bf16 formats write silu·up straight into inter */
     if (fp8 && !y) return epmoe__fail(EPMOE_ERR_OUT_OF_MEMORY, "%s: no memory", fn);
@@ -232,6 +234,7 @@ epmoe_status epmoe_expert_mlp_ref(const epmoe_expert_mlp_args *m) {
     const epmoe_expert_gemm_args g2 = {.w = m->w2, .a = inter, .M = M, .masked_m = m->masked_m,
                                        .a_scales = fp8 ? (const void *)inter_scales : NULL,
                                        .a_scale_fmt = EPMOE_SCALE_F32_ROW, .out = m->out,
-                                       .out_row_stride = m->out_row_stride, .out_expert_stride = m->out_expert_stride};
+                                       .out_row_stride = m->out_row_stride, .out_expert_stride = m->out_expert_stride,
+                                       .expected_m = m->expected_m};
     return epmoe_expert_gemm_ref(&g2);
 }

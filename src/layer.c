@@ -164,7 +164,7 @@ static epmoe_status experts(const epmoe_ep_config *ec, const epmoe_layer_config 
     const epmoe_expert_mlp_args m = {.w13 = w->e13, .w2 = w->e2, .a = a, .M = M, .masked_m = masked_m,
                                      .a_scales = a_scales, .a_scale_fmt = a_fmt, .workspace = ws,
                                      .workspace_bytes = ws_bytes, .out = expert_out, .out_row_stride = H,
-                                     .out_expert_stride = M * H};
+                                     .out_expert_stride = M * H, .expected_m = expected_rows(ec, cfg)};
     return gpu ? epmoe_expert_mlp_cuda(&m, stream) : epmoe_expert_mlp_ref(&m);
 }
 

@@ -365,6 +365,7 @@ static void test_gemm_bad_args(void) {
     BAD(out_row_stride, INT64_MAX - 10, EPMOE_ERR_INVALID_ARG); /* must not overflow the overlap check */
     BAD(M, -3, EPMOE_ERR_INVALID_ARG);
     BAD(M, INT64_C(1) << 25, EPMOE_ERR_INVALID_ARG);
+    BAD(expected_m, -1, EPMOE_ERR_INVALID_ARG);
     /* the GPU's 16-byte rule; the reference reads fp8 bytes anywhere */
     g = good, g.a = adata + 1;
     CHECK_STATUS(epmoe_expert_gemm_ref(&g), EPMOE_OK);
@@ -413,6 +414,8 @@ static void test_gemm_bad_args(void) {
 #endif
     g = good, g.M = 0, g.a = NULL, g.masked_m = NULL, g.a_scales = NULL, g.out = NULL;
     CHECK_STATUS(epmoe_expert_gemm_ref(&g), EPMOE_OK);
+    g.expected_m = 64; /* a hint only */
+    CHECK_STATUS(epmoe_expert_gemm_ref(&g), EPMOE_OK);
 #if !EPMOE_HAVE_CUDA
     CHECK_STATUS(epmoe_expert_gemm_cuda(&g, NULL), EPMOE_ERR_UNSUPPORTED);
 #endif
@@ -447,6 +450,7 @@ static void test_mlp_bad_args(void) {
     BAD(a, NULL, EPMOE_ERR_NULL_POINTER);
     BAD(masked_m, NULL, EPMOE_ERR_NULL_POINTER);
     BAD(M, -1, EPMOE_ERR_INVALID_ARG);
+    BAD(expected_m, -5, EPMOE_ERR_INVALID_ARG);
     BAD(out, NULL, EPMOE_ERR_NULL_POINTER);
     BAD(out_row_stride, 255, EPMOE_ERR_INVALID_ARG);
     BAD(out_row_stride, 264, EPMOE_ERR_INVALID_ARG); /* then the experts overlap */
