@@ -3,14 +3,22 @@
 ** per GPU) against the single-process layer reference, at R = 1 and R = 2 (when two GPUs exist):
 ** FP8 wire with 1x128 scales, the per-tensor compat mode (requant inside dispatch), the BF16 wire
 ** with the cast after receive; both combine modes; a CUDA graph of the whole forward replayed.
-** An FP8-wire layer and a BF16-wire layer live in the same process (each on its own group): each
-** gives its own correct result — there is no process-wide wire switch (SGLang PR #22316's bug).
+** The bf16, w8a8_fp8_block (both wires) and w4a16 (group 32 and 128) schemes the same way.
+** An FP8-wire layer and BF16-wire layers (w4afp8 on the BF16 wire, bf16, w4a16) live in the same
+** process (each on its own group) and run interleaved: each gives its own correct result — there
+** is no process-wide wire switch (SGLang PR #22316's bug).
+**
+** Bounds against the reference: LAYER_GPU_L2 where fp8 roundings of the intermediate may flip
+** (layer_common.h); schemes without fp8 only see bf16 flips of gate/up and the intermediate (one
+** ulp, 2^-8 relative, on few elements) and fp32 summation order: LAYER_GPU_L2_BF16.
 */
 #define _POSIX_C_SOURCE 200809L
 #include "cuda_check.h"
 #include <pthread.h>
 
 #include "../layer_common.h"
+
+#define LAYER_GPU_L2_BF16 (1.0 / 128)
 
 typedef struct {
     layer_case *c;
@@ -20,6 +28,11 @@ typedef struct {
     epmoe_status st;
     char err[256];
 } gpu_job;
+
+static double gpu_bound(const layer_case *c) {
+    const int fp8 = c->lc.scheme == EPMOE_SCHEME_W4AFP8 || c->lc.scheme == EPMOE_SCHEME_W8A8_FP8_BLOCK;
+    return fp8 ? LAYER_GPU_L2 : LAYER_GPU_L2_BF16;
+}
 
 static void *to_dev(const void *h, size_t n) {
     void *d;
@@ -40,8 +53,16 @@ static void *run_rank(void *arg) {
     epmoe_w4a8_repack_size(c->hw[q].w13.E, c->hw[q].w13.N, c->hw[q].w13.K, &q13, &s13);
     epmoe_w4a8_repack_size(c->hw[q].w2.E, c->hw[q].w2.N, c->hw[q].w2.K, &q2, &s2);
     epmoe_layer_weights w = c->hw[q];
-    w.w13.qweight = to_dev(c->hw[q].w13.qweight, q13), w.w13.scales = to_dev(c->hw[q].w13.scales, s13);
-    w.w2.qweight = to_dev(c->hw[q].w2.qweight, q2), w.w2.scales = to_dev(c->hw[q].w2.scales, s2);
+    if (c->lc.scheme == EPMOE_SCHEME_W4AFP8) {
+        w.w13.qweight = to_dev(c->hw[q].w13.qweight, q13), w.w13.scales = to_dev(c->hw[q].w13.scales, s13);
+        w.w2.qweight = to_dev(c->hw[q].w2.qweight, q2), w.w2.scales = to_dev(c->hw[q].w2.scales, s2);
+    } else {
+        w.w13.qweight = w.w13.scales = NULL, w.w2.qweight = w.w2.scales = NULL;
+        w.e13.data = to_dev(c->e13[q].data, c->e13[q].data_bytes);
+        w.e13.scales = c->e13[q].scales ? to_dev(c->e13[q].scales, c->e13[q].scale_bytes) : NULL;
+        w.e2.data = to_dev(c->e2[q].data, c->e2[q].data_bytes);
+        w.e2.scales = c->e2[q].scales ? to_dev(c->e2[q].scales, c->e2[q].scale_bytes) : NULL;
+    }
     w.a1_scale = to_dev(&c->a1, 4), w.a2_scale = to_dev(&c->a2, 4);
     uint16_t *x = to_dev(c->x[q], (size_t)N * H * 2), *out;
     int32_t *ids = to_dev(c->topk[q], (size_t)N * k * 4);
@@ -76,6 +97,8 @@ static void *run_rank(void *arg) {
     cudaFree(x), cudaFree(ids), cudaFree(tw), cudaFree(out);
     cudaFree((void *)w.w13.qweight), cudaFree((void *)w.w13.scales), cudaFree((void *)w.w2.qweight);
     cudaFree((void *)w.w2.scales), cudaFree((void *)w.a1_scale), cudaFree((void *)w.a2_scale);
+    cudaFree((void *)w.e13.data), cudaFree((void *)w.e13.scales), cudaFree((void *)w.e2.data);
+    cudaFree((void *)w.e2.scales);
     cudaStreamDestroy(s);
     return NULL;
 }
@@ -109,7 +132,7 @@ static void run_case(layer_case *c, int graph, const char *name) {
     for (int q = 0; q < R; q++) pthread_join(th[q], NULL);
     for (int q = 0; q < R; q++) {
         CHECK(jobs[q].st == EPMOE_OK, "%s rank %d: %s", name, q, jobs[q].err);
-        if (jobs[q].st == EPMOE_OK) layer_check(c, q, jobs[q].out, LAYER_GPU_L2, name);
+        if (jobs[q].st == EPMOE_OK) layer_check(c, q, jobs[q].out, gpu_bound(c), name);
         free(jobs[q].out);
     }
     destroy_job d[LAYER_MAX_R];
@@ -150,24 +173,53 @@ int main(void) {
     /* the whole forward in a CUDA graph, replayed */
     layer_case g = base(gpus >= 2 ? 2 : 1, EPMOE_WIRE_FP8, EPMOE_COMBINE_REDUCE_AT_EXPERT, 0, 991);
     run_case(&g, 1, "graph: FP8 wire, reduce at expert, 10 replays");
-    /* An FP8 group and a BF16 group alive at once in this process, each checked. */
+    /* the other schemes: bf16, fp8-block on both wires, w4a16 with both groups */
+    const struct { epmoe_scheme scheme; epmoe_wire wire; int64_t group; const char *name; } xs[] = {
+        {EPMOE_SCHEME_BF16, EPMOE_WIRE_BF16, 0, "bf16"},
+        {EPMOE_SCHEME_W8A8_FP8_BLOCK, EPMOE_WIRE_FP8, 0, "w8a8_fp8_block, FP8 wire"},
+        {EPMOE_SCHEME_W8A8_FP8_BLOCK, EPMOE_WIRE_BF16, 0, "w8a8_fp8_block, BF16 wire"},
+        {EPMOE_SCHEME_W4A16, EPMOE_WIRE_BF16, 32, "w4a16 g32"},
+        {EPMOE_SCHEME_W4A16, EPMOE_WIRE_BF16, 128, "w4a16 g128"}};
+    for (int R = 1; R <= (gpus >= 2 ? 2 : 1); R++)
+        for (size_t i = 0; i < sizeof xs / sizeof xs[0]; i++) {
+            layer_case c = base(R, xs[i].wire, (epmoe_combine_mode)((R + (int)i) & 1), 0, 300u + (uint64_t)R * 16 + i);
+            c.lc.scheme = xs[i].scheme, c.group = xs[i].group;
+            snprintf(name, sizeof name, "R=%d %s, reduce at %s", R, xs[i].name, (R + (int)i) & 1 ? "expert" : "owner");
+            run_case(&c, 0, name);
+        }
+    {
+        layer_case c = base(gpus >= 2 ? 2 : 1, EPMOE_WIRE_BF16, EPMOE_COMBINE_REDUCE_AT_EXPERT, 0, 992);
+        c.lc.scheme = EPMOE_SCHEME_W4A16, c.group = 32;
+        run_case(&c, 1, "graph: w4a16 g32, 10 replays");
+    }
+    /* An FP8-wire layer and BF16-wire layers alive at once in this process, run interleaved, each
+    ** checked against its own reference (the bf16 and w4a16 ones bit for bit in what they read). */
     {
         layer_case a = base(1, EPMOE_WIRE_FP8, EPMOE_COMBINE_REDUCE_AT_EXPERT, 0, 5),
-                   b = base(1, EPMOE_WIRE_BF16, EPMOE_COMBINE_REDUCE_AT_EXPERT, 0, 6);
-        layer_case_make(&a), layer_case_make(&b);
-        epmoe_ep *ea, *eb;
-        CHECK_STATUS(epmoe_ep_create_nccl_local(&a.ec, 1, NULL, &ea), EPMOE_OK);
-        CHECK_STATUS(epmoe_ep_create_nccl_local(&b.ec, 1, NULL, &eb), EPMOE_OK);
-        gpu_job ja = {&a, ea, 0, 0, malloc((size_t)16 * 7168 * 2), EPMOE_OK, ""};
-        gpu_job jb = {&b, eb, 0, 0, malloc((size_t)16 * 7168 * 2), EPMOE_OK, ""};
-        run_rank(&ja), run_rank(&jb), run_rank(&ja); /* interleaved: FP8, BF16, FP8 again */
-        CHECK(ja.st == EPMOE_OK && jb.st == EPMOE_OK, "two groups: %s / %s", ja.err, jb.err);
-        layer_check(&a, 0, ja.out, LAYER_GPU_L2, "FP8 layer next to a BF16 layer");
-        layer_check(&b, 0, jb.out, LAYER_GPU_L2, "BF16-wire layer next to an FP8 layer");
-        printf("  %-52s checked against the layer reference\n", "FP8-wire and BF16-wire layers in one process");
-        epmoe_ep_destroy(ea), epmoe_ep_destroy(eb);
-        free(ja.out), free(jb.out);
-        layer_case_free(&a), layer_case_free(&b);
+                   b = base(1, EPMOE_WIRE_BF16, EPMOE_COMBINE_REDUCE_AT_EXPERT, 0, 6),
+                   f = base(1, EPMOE_WIRE_BF16, EPMOE_COMBINE_REDUCE_AT_EXPERT, 0, 7),
+                   w = base(1, EPMOE_WIRE_BF16, EPMOE_COMBINE_REDUCE_AT_EXPERT, 0, 8);
+        f.lc.scheme = EPMOE_SCHEME_BF16, w.lc.scheme = EPMOE_SCHEME_W4A16, w.group = 32;
+        layer_case *cs[4] = {&a, &b, &f, &w};
+        epmoe_ep *eps[4];
+        gpu_job js[4];
+        for (int i = 0; i < 4; i++) {
+            layer_case_make(cs[i]);
+            CHECK_STATUS(epmoe_ep_create_nccl_local(&cs[i]->ec, 1, NULL, &eps[i]), EPMOE_OK);
+            js[i] = (gpu_job){cs[i], eps[i], 0, 0, malloc((size_t)16 * 7168 * 2), EPMOE_OK, ""};
+        }
+        const int order[] = {0, 1, 2, 0, 3, 2, 0}; /* FP8, BF16, bf16, FP8, w4a16, bf16, FP8 */
+        for (size_t i = 0; i < sizeof order / sizeof order[0]; i++) run_rank(&js[order[i]]);
+        static const char *names[4] = {"FP8 layer next to BF16-wire layers", "BF16-wire w4afp8 next to an FP8 layer",
+                                       "bf16 layer next to an FP8 layer", "w4a16 layer next to an FP8 layer"};
+        for (int i = 0; i < 4; i++) {
+            CHECK(js[i].st == EPMOE_OK, "%s: %s", names[i], js[i].err);
+            layer_check(cs[i], 0, js[i].out, gpu_bound(cs[i]), names[i]);
+            epmoe_ep_destroy(eps[i]);
+            free(js[i].out);
+            layer_case_free(cs[i]);
+        }
+        printf("  %-52s checked against the layer reference\n", "FP8 and BF16-wire layers of 3 schemes in one process");
     }
     return test_report("test_layer_gpu");
 }
