@@ -7,7 +7,7 @@
     g = epmoe.nccl.create_group(cfg)                    # GPUs, next to torch.distributed
 
 Modules: `formats` (fp8/bf16/UE8M0/int4, quant ops), `w4a8` (weight repack, the W4A8 expert GEMM
-and MLP), `ep` (EpConfig, CpuWorld, EpGroup), `layer` (the MoE layer on an EP group: EpGroup.layer,
+and MLP), `experts` (the bf16, fp8-block and int4 weights of the other schemes), `ep` (EpConfig, CpuWorld, EpGroup), `layer` (the MoE layer on an EP group: EpGroup.layer,
 layer_ref), `nccl` (communicators from torch.distributed), `dlpack` (the DLPack bridge). Failed calls raise
 epmoe.Error subclasses carrying the library's message (epmoe_last_error()).
 
@@ -26,6 +26,8 @@ from .formats import (BF16, F32, FP8_E4M3, FP8_E4M3_MAX, GROUP, SCALE_F32_MMAJOR
                       requant_fp8, scale_bytes, scale_offset, scale_shape, ue8m0_from_float, ue8m0_to_float)
 from . import w4a8  # noqa: E402
 from .w4a8 import W4A8Weights  # noqa: E402
+from . import experts  # noqa: E402
+from .experts import ExpertWeights  # noqa: E402
 from .layer import Layer, layer_ref, scheme_accepts_wire, scheme_default_wire  # noqa: E402
 from . import layer  # noqa: E402
 from . import nccl  # noqa: E402  (imports torch only when its functions are called)
@@ -49,5 +51,5 @@ __all__ = [
     "cast_group_fp8", "cast_tensor_fp8", "requant_fp8", "dequant_fp8",
     "EpConfig", "EpLayout", "EpGroup", "Dispatch", "CpuWorld", "layout_query", "dispatch_ref", "combine_ref",
     "WIRE_BF16", "WIRE_FP8", "REDUCE_AT_OWNER", "REDUCE_AT_EXPERT", "nccl",
-    "w4a8", "W4A8Weights", "layer", "Layer", "layer_ref", "scheme_default_wire", "scheme_accepts_wire",
+    "w4a8", "W4A8Weights", "experts", "ExpertWeights", "layer", "Layer", "layer_ref", "scheme_default_wire", "scheme_accepts_wire",
 ]

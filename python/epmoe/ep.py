@@ -276,7 +276,8 @@ class EpGroup:
     def layer(self, weights=None, *, scheme="w4afp8", intermediate=None, per_tensor_act=False, a1_scale=None,
               a2_scale=None, expected_m=0):
         """A MoE layer on this group (epmoe.layer.Layer; not collective): weights=(w13, w2) of this
-        rank's local experts (W4A8Weights [L, 2I, H] and [L, H, I]); intermediate I (default: from
+        rank's local experts ([L, 2I, H] and [L, H, I]: W4A8Weights for w4afp8, ExpertWeights for the
+        other schemes); intermediate I (default: from
         w2); per_tensor_act with a1_scale, a2_scale for static per-tensor activation scales;
         expected_m: rows per local expert the GEMM tiles are chosen for (0: N*R*k/E).
         layer.forward(x, topk_idx, topk_weights) is collective, like dispatch."""

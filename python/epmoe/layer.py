@@ -7,9 +7,11 @@ on an EP group.
 
 A layer belongs to one rank's group and owns its buffers (`bytes`); creating it is not
 collective, forward is (every rank calls it, like dispatch and combine). The scheme decides what
-the experts compute and which dispatch wire they can read: w4afp8 (the only one built) takes the
-FP8 wire with 1x128 scales or the BF16 wire (cast after receive). A layer whose scheme cannot
-read the group's wire is refused at creation; create a group with `wire=scheme_default_wire(...)`.
+the experts compute, which weights they read and which dispatch wire they can read: w4afp8
+(W4A8Weights) and w8a8_fp8_block (ExpertWeights "fp8_block") take the FP8 wire with 1x128 scales
+or the BF16 wire (cast after receive); bf16 and w4a16 (ExpertWeights "bf16", "int4") the BF16
+wire only. A layer whose scheme cannot read the group's wire is refused at creation; create a
+group with `wire=scheme_default_wire(...)`.
 """
 import ctypes
 
@@ -21,6 +23,7 @@ from ._util import arg, on_device, output, ptr
 from .dlpack import DLPackError
 from .ep import WIRE_BF16, WIRE_FP8, _per_rank, _ptr_array
 from .formats import _scalar_scale
+from .experts import ExpertWeights, _ExpertWeightsC
 from .w4a8 import W4A8Weights, _WeightsC
 
 __all__ = ["Layer", "layer_ref", "scheme_default_wire", "scheme_accepts_wire", "SCHEMES"]
@@ -33,11 +36,6 @@ _WIRE_NAMES = {WIRE_BF16: "bf16", WIRE_FP8: "fp8"}
 class _LayerConfigC(ctypes.Structure):
     _fields_ = [("size", ctypes.c_size_t), ("scheme", ctypes.c_int), ("intermediate", ctypes.c_int64),
                 ("per_tensor_act", ctypes.c_int), ("expected_m", ctypes.c_int64)]
-
-
-class _ExpertWeightsC(ctypes.Structure):  # epmoe_expert_weights: the bf16, fp8-block and w4a16 schemes' weights
-    _fields_ = [("format", ctypes.c_int), ("E", ctypes.c_int64), ("N", ctypes.c_int64), ("K", ctypes.c_int64),
-                ("group", ctypes.c_int64), ("data", ctypes.c_void_p), ("scales", ctypes.c_void_p)]
 
 
 class _LayerWeightsC(ctypes.Structure):
@@ -91,23 +89,28 @@ def _weights_pair(weights):
     try:
         w13, w2 = weights
     except (TypeError, ValueError):
-        raise TypeError("weights must be a pair (w13, w2) of W4A8Weights") from None
+        raise TypeError("weights must be a pair (w13, w2) of W4A8Weights or of ExpertWeights") from None
     for name, w in (("w13", w13), ("w2", w2)):
-        if not isinstance(w, W4A8Weights):
-            raise TypeError(f"weights: {name} must be W4A8Weights (epmoe.w4a8.repack), got {type(w).__name__}")
+        if not isinstance(w, (W4A8Weights, ExpertWeights)):
+            raise TypeError(f"weights: {name} must be W4A8Weights (epmoe.w4a8.repack) or ExpertWeights, "
+                            f"got {type(w).__name__}")
     return w13, w2
 
 
 def _weights_c(w13, w2, a1, a2):
-    empty = _WeightsC(0, 0, 0, 0, None, None)
-    return _LayerWeightsC(w13._c() if w13 is not None else empty, w2._c() if w2 is not None else empty, ptr(a1),
-                          ptr(a2), _ExpertWeightsC(), _ExpertWeightsC())
+    """W4A8Weights go to w13/w2 (w4afp8), ExpertWeights to e13/e2 (the other schemes); the library
+    checks that they are what the scheme reads."""
+    def c(w, kind, empty):
+        return w._c() if isinstance(w, kind) else empty
+    return _LayerWeightsC(c(w13, W4A8Weights, _WeightsC()), c(w2, W4A8Weights, _WeightsC()), ptr(a1), ptr(a2),
+                          c(w13, ExpertWeights, _ExpertWeightsC()), c(w2, ExpertWeights, _ExpertWeightsC()))
 
 
 class Layer:
     """One rank's MoE layer on an EP group (epmoe_layer). Made by EpGroup.layer.
 
-    weights: (w13 [L, 2I, H], w2 [L, H, I]) of this rank's L local experts, repacked. The layer
+    weights: (w13 [L, 2I, H], w2 [L, H, I]) of this rank's L local experts: W4A8Weights (w4afp8)
+    or ExpertWeights of the scheme's format (the other schemes). The layer
     reads them where they are for every forward (no copy), so they must live where the group
     works: host arrays on the CPU backend; on an NCCL group host weights are copied to its GPU
     once (needs torch) and the copies kept. per_tensor_act: static per-tensor activation
@@ -129,7 +132,7 @@ class Layer:
         else:
             for name, w in (("w13", w13), ("w2", w2)):
                 if w is not None and not w.is_host:
-                    raise DLPackError(f"weights: {name} is on {w._qt.device_name}; this group runs on the CPU backend")
+                    raise DLPackError(f"weights: {name} is on {w.device_name}; this group runs on the CPU backend")
         if intermediate is None and w2 is not None:
             intermediate = w2.K
         if not per_tensor_act and (a1_scale is not None or a2_scale is not None):
@@ -241,7 +244,7 @@ def layer_ref(config, weights, xs, topk_idxs, topk_weights, *, scheme="w4afp8", 
     for r, pair in enumerate(pairs):
         for name, w in zip(("w13", "w2"), pair):
             if w is not None and not w.is_host:
-                raise DLPackError(f"weights[{r}]: {name} is on {w._qt.device_name}; the reference runs on the host")
+                raise DLPackError(f"weights[{r}]: {name} is on {w.device_name}; the reference runs on the host")
     if intermediate is None and pairs and pairs[0][1] is not None:
         intermediate = pairs[0][1].K
     if not per_tensor_act and (a1_scale is not None or a2_scale is not None):

@@ -134,6 +134,10 @@ class W4A8Weights:
         return self._qt.device
 
     @property
+    def device_name(self):
+        return self._qt.device_name
+
+    @property
     def is_host(self):
         return self._qt.is_host
 

@@ -124,6 +124,109 @@ def test_reference_is_dispatch_mlp_combine(wire, per_tensor):
         assert (composed[r] == ref[r]).all(), f"rank {r}"
 
 
+# ---- the bf16, w8a8_fp8_block and w4a16 schemes: ExpertWeights in checkpoint layouts -------------
+# Against the fp64 model of the layer (weights dequantized, no rounding anywhere else), the error is
+# at most the sum of the unit roundoffs of the roundings on the way (as tests/layer_common.h argues):
+# gate and up, silu·up, the expert output and the layer output in bf16 (5 * 2^-8), and for fp8_block
+# the tokens and the intermediate in fp8 (2 * 2^-4).
+U_BF16, U_FP8 = 2.0 ** -8, 2.0 ** -4
+EXPERT_CASES = [("bf16", "bf16", 0), ("w4a16", "bf16", 32), ("w4a16", "bf16", 128), ("w8a8_fp8_block", "fp8", 0),
+                ("w8a8_fp8_block", "bf16", 0)]
+_FMT = {"bf16": "bf16", "w4a16": "int4", "w8a8_fp8_block": "fp8_block"}
+
+
+def expert_weights(rng, fmt, L, N, K, group):
+    if fmt == "bf16":
+        return epmoe.ExpertWeights("bf16", mdl.bf16_bits(0.05 * rng.standard_normal((L, N, K))))
+    if fmt == "fp8_block":
+        s = (0.002 * (0.5 + rng.random((L, N // 128, K // 128)))).astype(np.float32)
+        return epmoe.ExpertWeights("fp8_block", mdl.fp8_sat(32 * rng.standard_normal((L, N, K))), s)
+    s = (0.01 * (0.5 + rng.random((L, N, K // group)))).astype(np.float32)
+    return epmoe.ExpertWeights("int4", mdl.int4_ckpt(rng.integers(-8, 8, size=(L, N, K))), s)
+
+
+def dequant(w):
+    """fp64 [E, N, K] of ExpertWeights (host)."""
+    if w.format_name == "bf16":
+        return mdl.bf16_value(w.data).astype(np.float64)
+    if w.format_name == "fp8_block":
+        s = np.repeat(np.repeat(w.scales, 128, axis=1), 128, axis=2)
+        return mdl.fp8_value(w.data).astype(np.float64) * s
+    return mdl.int4_values(w.data).astype(np.float64) * np.repeat(w.scales, w.group, axis=2)
+
+
+def make_expert_case(R, scheme, wire, group, *, seed, N=6, k=3):
+    cfg, _, xs, idxs, ws = make_case(R, wire, "reduce_at_owner", seed=seed, N=N, k=k)
+    rng = np.random.default_rng(seed + 1000)
+    L = cfg.local_experts
+    weights = [tuple(expert_weights(rng, _FMT[scheme], L, n_, k_, group) for n_, k_ in ((2 * I, H), (H, I)))
+               for _ in range(R)]
+    return cfg, weights, xs, idxs, ws
+
+
+def layer_model(cfg, weights, xs, idxs, ws):
+    L = cfg.local_experts
+    deq = [(dequant(a), dequant(b)) for a, b in weights]
+    outs = []
+    for x, idx, tw in zip(xs, idxs, ws):
+        xv = mdl.bf16_value(x).astype(np.float64)
+        out = np.zeros(xv.shape)
+        for t in range(xv.shape[0]):
+            for j, e in enumerate(idx[t]):
+                if e < 0:
+                    continue
+                w13, w2 = deq[e // L][0][e % L], deq[e // L][1][e % L]
+                g, u = np.split(w13 @ xv[t], 2)
+                out[t] += tw[t, j] * (w2 @ (g / (1 + np.exp(-g)) * u))
+        outs.append(out)
+    return outs
+
+
+@pytest.mark.parametrize("R", [1, 2])
+@pytest.mark.parametrize("scheme,wire,group", EXPERT_CASES)
+def test_expert_schemes_forward(R, scheme, wire, group):
+    cfg, weights, xs, idxs, ws = make_expert_case(R, scheme, wire, group, seed=50 + R)
+
+    def rank(g):
+        with g.layer(weights=weights[g.rank], scheme=scheme) as layer:  # intermediate from e2
+            return [layer.forward(xs[g.rank], idxs[g.rank], ws[g.rank]) for _ in range(2)]
+
+    with epmoe.CpuWorld(R) as world:
+        outs = world.run(rank, cfg)
+    ref = epmoe.layer_ref(cfg, weights, xs, idxs, ws, scheme=scheme)
+    model = layer_model(cfg, weights, xs, idxs, ws)
+    bound = 5 * U_BF16 + (2 * U_FP8 if scheme == "w8a8_fp8_block" else 0)
+    for r in range(R):
+        for out in outs[r]:
+            assert (out == ref[r]).all(), f"rank {r}: {int((out != ref[r]).sum())} outputs differ from layer_ref"
+        got = mdl.bf16_value(ref[r]).astype(np.float64)
+        assert np.abs(model[r]).max() > 0
+        rel = np.sqrt(((got - model[r]) ** 2).sum() / (model[r] ** 2).sum())
+        assert rel <= bound, f"rank {r}: rel. L2 {rel:.3e} against the fp64 model (bound {bound:.3e})"
+
+
+def test_expert_weights_errors():
+    z8, z16, z4 = np.zeros((2, 256, 128), np.uint8), np.zeros((2, 256, 128), np.uint16), np.zeros((2, 256, 64), np.int8)
+    with pytest.raises(ValueError, match="format"):
+        epmoe.ExpertWeights("int3", z8)
+    with pytest.raises(ValueError, match="no scales"):
+        epmoe.ExpertWeights("bf16", z16, np.ones((2, 2, 1), np.float32))
+    with pytest.raises(ValueError, match="does not fit"):
+        epmoe.ExpertWeights("fp8_block", z8, np.ones((2, 256, 1), np.float32))
+    with pytest.raises(TypeError, match="scales"):
+        epmoe.ExpertWeights("int4", z4)  # int4 needs its scales
+    w = epmoe.ExpertWeights("int4", z4, np.ones((2, 256, 2), np.float32))
+    assert (w.shape, w.group, w.is_host, w.format_name) == ((2, 256, 128), 64, True, "int4")
+    cfg, weights, xs, idxs, ws = make_expert_case(1, "w4a16", "bf16", 128, seed=9)
+    g64 = tuple(epmoe.ExpertWeights("int4", e.data, np.repeat(e.scales, 2, axis=2)) for e in weights[0])
+    with pytest.raises(epmoe.InvalidArgument, match="group"):  # the library allows 32 and 128
+        epmoe.layer_ref(cfg, [g64], xs, idxs, ws, scheme="w4a16")
+    with pytest.raises(epmoe.InvalidArgument, match="format"):  # int4 weights for the bf16 scheme
+        epmoe.layer_ref(cfg, weights, xs, idxs, ws, scheme="bf16")
+    with pytest.raises(epmoe.InvalidArgument, match="weights w13"):  # w4afp8 reads W4A8Weights
+        epmoe.layer_ref(cfg.replace(wire="fp8"), weights, xs, idxs, ws, scheme="w4afp8")
+
+
 # ---- schemes, wires and errors -------------------------------------------------------------------
 def test_scheme_wires():
     assert epmoe.scheme_default_wire("w4afp8") == "fp8"
