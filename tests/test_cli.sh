@@ -15,13 +15,19 @@ expect 2 "unknown command" "$EPMOE" frobnicate
 expect 2 "unknown model" "$EPMOE" bench --model gpt5
 expect 2 "bad --tokens" "$EPMOE" bench --tokens -3
 expect 2 "bad --wire" "$EPMOE" check --wire fp16
-expect 2 "unbuilt scheme" "$EPMOE" bench --scheme bf16
+expect 2 "unknown scheme" "$EPMOE" bench --scheme fp4
+expect 2 "bf16 scheme on the FP8 wire" "$EPMOE" bench --scheme bf16 --wire fp8
+expect 2 "bad --group" "$EPMOE" bench --scheme w4a16 --group 64
+expect 2 "check of another scheme" "$EPMOE" check --scheme bf16
 expect 2 "experts not a multiple of ranks" "$EPMOE" check --model tiny --cpu --experts 3
 msg=$("$EPMOE" bench --model gpt5 2>&1)
 case "$msg" in *"unknown model 'gpt5'"*) ;; *) echo "  FAIL: the error does not name the bad value: $msg"; fail=1 ;; esac
 tmp=$(mktemp -d)
 expect 0 "check --model tiny --cpu" "$EPMOE" check --model tiny --cpu --json "$tmp/check.json"
 expect 0 "bench --model tiny --cpu" "$EPMOE" bench --model tiny --cpu --tokens 8 --iters 2 --json "$tmp/bench.json"
+for s in bf16 w8a8_fp8_block "w4a16 --group 128"; do
+    expect 0 "bench --scheme $s" "$EPMOE" bench --model tiny --cpu --tokens 4 --iters 1 --scheme $s --json "$tmp/bench_${s%% *}.json"
+done
 python3 - "$tmp" <<'PY' || fail=1
 import json, sys, math
 d = sys.argv[1]
@@ -38,6 +44,12 @@ b = json.load(open(f"{d}/bench.json"))
 st = {(x["wire"], x["stage"]) for x in b["results"]}
 assert st == {(w, s) for w in ("fp8", "bf16") for s in ("layer", "dispatch", "expert MLP", "combine")}, st
 assert all(x["us"] > 0 for x in b["results"])
+for s, wires in (("bf16", ("bf16",)), ("w8a8_fp8_block", ("fp8", "bf16")), ("w4a16", ("bf16",))):
+    b = json.load(open(f"{d}/bench_{s}.json"))
+    assert b["scheme"].startswith(s), b["scheme"]
+    st = {(x["wire"], x["stage"]) for x in b["results"]}
+    assert st == {(w, t) for w in wires for t in ("layer", "dispatch", "expert MLP", "combine")}, (s, st)
+    assert all(x["us"] > 0 for x in b["results"]), s
 PY
 rm -rf "$tmp"
 [ $fail = 0 ] && echo "test_cli: all passed" || { echo "test_cli: FAILED"; exit 1; }

@@ -5,7 +5,8 @@
 **          and intermediate) for FP8 vs BF16 wire x 1x128 vs per-tensor activation scales, on
 **          gaussian tokens and on tokens with 8 outlier channels x200.
 **   bench: the layer forward and each stage alone (dispatch, expert MLP, combine): median us,
-**          GB/s over the weights the MLP reads, TFLOP/s; FP8 and/or BF16 wire; --json.
+**          GB/s over the weights the MLP reads, TFLOP/s; FP8 and/or BF16 wire; any scheme
+**          (--scheme w4afp8 | w8a8_fp8_block | bf16 | w4a16 [--group 32|128]); --json.
 */
 #define _POSIX_C_SOURCE 200809L
 #include <math.h>
@@ -35,7 +36,11 @@ typedef struct opts {
     const model *m;
     int tokens, experts, cpu, iters, wires; /* wires: bit 0 FP8, bit 1 BF16 */
     const char *json;
+    epmoe_scheme scheme;
+    int group;                              /* w4a16: int4 group along K */
 } opts;
+
+static const char *SCHEME[] = {"bf16", "w8a8_fp8_block", "w4afp8", "w4a16"};
 
 static int parse(const char *cmd, int argc, char **argv, opts *o) {
     for (int i = 0; i < argc; i++) {
@@ -60,8 +65,18 @@ static int parse(const char *cmd, int argc, char **argv, opts *o) {
             if (!o->wires) return fprintf(stderr, "epmoe %s: --wire takes fp8, bf16 or both, got '%s'\n", cmd, v), 2;
             i++;
         } else if (!strcmp(a, "--scheme") && v) {
-            if (strcmp(v, "w4afp8"))
-                return fprintf(stderr, "epmoe %s: scheme '%s' is not built yet (w4afp8 is)\n", cmd, v), 2;
+            int f = -1;
+            for (int j = 0; j < 4; j++)
+                if (!strcmp(v, SCHEME[j])) f = j;
+            if (f < 0) return fprintf(stderr, "epmoe %s: unknown scheme '%s' (w4afp8, w8a8_fp8_block, bf16, w4a16)\n", cmd, v), 2;
+            if (f != EPMOE_SCHEME_W4AFP8 && strcmp(cmd, "bench"))
+                return fprintf(stderr, "epmoe %s: compares the w4afp8 scheme's wires and scales; other schemes: epmoe bench "
+                                       "--scheme, the tests check their accuracy\n", cmd), 2;
+            o->scheme = (epmoe_scheme)f;
+            i++;
+        } else if (!strcmp(a, "--group") && v) {
+            o->group = atoi(v);
+            if (o->group != 32 && o->group != 128) return fprintf(stderr, "epmoe %s: --group takes 32 or 128, got '%s'\n", cmd, v), 2;
             i++;
         } else if (!strcmp(a, "--json") && v) o->json = argv[++i];
         else return fprintf(stderr, "epmoe %s: unknown or incomplete option '%s' (see epmoe --help)\n", cmd, a), 2;
@@ -244,7 +259,7 @@ static void check_rank(rank_ctx *r) {
 }
 
 int cmd_check(int argc, char **argv) {
-    opts o = {&MODELS[0], 8, 0, 0, 0, 3, NULL};
+    opts o = {&MODELS[0], 8, 0, 0, 0, 3, NULL, EPMOE_SCHEME_W4AFP8, 32};
     if (parse("check", argc, argv, &o)) return 2;
     int gpu;
     const int R = pick_ranks(&o, &gpu);
@@ -372,6 +387,15 @@ int cmd_check(int argc, char **argv) {
     return 0;
 }
 
+/* The expert weight format of a scheme other than w4afp8, and its checkpoint sizes. */
+static epmoe_weight_format scheme_format(epmoe_scheme s) {
+    return s == EPMOE_SCHEME_BF16 ? EPMOE_WEIGHT_BF16 : s == EPMOE_SCHEME_W4A16 ? EPMOE_WEIGHT_INT4 : EPMOE_WEIGHT_FP8_BLOCK;
+}
+static void xw_sizes(epmoe_weight_format f, int64_t group, int64_t E, int64_t N, int64_t K, size_t *data, size_t *scales) {
+    *data = (size_t)(E * N * K) * (f == EPMOE_WEIGHT_BF16 ? 2 : 1) / (f == EPMOE_WEIGHT_INT4 ? 2 : 1);
+    *scales = f == EPMOE_WEIGHT_BF16 ? 0 : (size_t)(f == EPMOE_WEIGHT_INT4 ? E * N * (K / group) : E * (N / 128) * (K / 128)) * 4;
+}
+
 /* ---- bench ----------------------------------------------------------------------------- */
 
 enum { STAGES = 4 };
@@ -390,22 +414,36 @@ static void bench_rank(rank_ctx *r) {
     const epmoe_ep_config *ec = &r->ec;
     const int64_t H = ec->hidden, I = j->o->m->I, L = ec->num_experts / r->R, M = (int64_t)r->R * ec->max_tokens;
     const int k = ec->top_k, T = j->o->tokens, gpu = r->gpu;
-    /* weights: a fixed byte pattern (every SYM7 code is a weight; speed does not depend on it) */
+    /* weights: a fixed byte pattern (every SYM7 code is a weight, every byte <= 0x37 a finite bf16
+    ** half or e4m3; speed does not depend on the values), scales 1e-3 */
+    const epmoe_scheme sc = j->o->scheme;
+    const epmoe_weight_format fmt = scheme_format(sc);
+    const int64_t group = sc == EPMOE_SCHEME_W4A16 ? j->o->group : 128;
     size_t q13, s13, q2, s2;
-    epmoe_w4a8_repack_size(L, 2 * I, H, &q13, &s13);
-    epmoe_w4a8_repack_size(L, H, I, &q2, &s2);
+    if (sc == EPMOE_SCHEME_W4AFP8) {
+        epmoe_w4a8_repack_size(L, 2 * I, H, &q13, &s13);
+        epmoe_w4a8_repack_size(L, H, I, &q2, &s2);
+    } else {
+        xw_sizes(fmt, group, L, 2 * I, H, &q13, &s13);
+        xw_sizes(fmt, group, L, H, I, &q2, &s2);
+    }
     uint8_t *hq = malloc(q13 > q2 ? q13 : q2);
-    float *hs = malloc(s13 > s2 ? s13 : s2);
-    for (size_t i = 0; i < (q13 > q2 ? q13 : q2); i++) hq[i] = (uint8_t)(i * 2654435761u >> 24);
+    float *hs = malloc((s13 > s2 ? s13 : s2) + 4);
+    for (size_t i = 0; i < (q13 > q2 ? q13 : q2); i++) hq[i] = (uint8_t)(i * 2654435761u >> 24) & 0x37;
     for (size_t i = 0; i < (s13 > s2 ? s13 : s2) / 4; i++) hs[i] = 1e-3f;
-    void *d13, *ds13, *d2, *ds2;
+    void *d13 = NULL, *ds13 = NULL, *d2 = NULL, *ds2 = NULL;
     if (upload(gpu, hq, q13, &d13) || upload(gpu, hs, s13, &ds13) || upload(gpu, hq, q2, &d2) || upload(gpu, hs, s2, &ds2)) {
         r->st = EPMOE_ERR_OUT_OF_MEMORY;
         snprintf(r->err, sizeof r->err, "out of memory for the weights");
         return;
     }
     free(hq), free(hs);
-    const epmoe_layer_weights w = {.w13 = {L, 2 * I, H, EPMOE_W4_SYM7, d13, ds13}, .w2 = {L, H, I, EPMOE_W4_SYM7, d2, ds2}};
+    epmoe_layer_weights w = {.w13 = {L, 2 * I, H, EPMOE_W4_SYM7, d13, ds13}, .w2 = {L, H, I, EPMOE_W4_SYM7, d2, ds2}};
+    if (sc != EPMOE_SCHEME_W4AFP8) {
+        const epmoe_expert_weights e13 = {fmt, L, 2 * I, H, group, d13, ds13}, e2 = {fmt, L, H, I, group, d2, ds2};
+        memset(&w, 0, sizeof w);
+        w.e13 = e13, w.e2 = e2;
+    }
     /* inputs: tokens, k distinct uniformly routed experts */
     uint16_t *hx = malloc((size_t)T * H * 2);
     int32_t *hidx = malloc((size_t)T * k * 4);
@@ -424,7 +462,9 @@ static void bench_rank(rank_ctx *r) {
         }
     epmoe_ep_layout lay;
     epmoe_ep_layout_query(ec, &lay);
-    const size_t wsb = epmoe_w4a8_mlp_workspace(L, M, H, I);
+    const size_t wsb = sc == EPMOE_SCHEME_W4AFP8 ? epmoe_w4a8_mlp_workspace(L, M, H, I)
+                                                 : epmoe_expert_mlp_workspace(fmt, L, M, H, I);
+    const int cast = ec->wire == EPMOE_WIRE_BF16 && (sc == EPMOE_SCHEME_W4AFP8 || sc == EPMOE_SCHEME_W8A8_FP8_BLOCK);
     void *x = NULL, *idx = NULL, *tw = NULL, *out = NULL, *recv_x = NULL, *recv_s = NULL, *masked = NULL, *eout = NULL,
          *ws = NULL, *q = NULL, *qs = NULL;
     void *zero_ws = calloc(1, wsb);
@@ -435,22 +475,22 @@ static void bench_rank(rank_ctx *r) {
     fail |= !zeros || upload(gpu, zeros, lay.recv_x_bytes, &recv_x) || upload(gpu, zeros, lay.recv_scales_bytes, &recv_s) ||
             upload(gpu, zeros, lay.masked_m_bytes, &masked) || upload(gpu, zeros, lay.expert_out_bytes, &eout) ||
             upload(gpu, zeros, lay.out_bytes, &out);
-    if (ec->wire == EPMOE_WIRE_BF16)
+    if (cast)
         fail |= upload(gpu, zeros, (size_t)(L * M * H), &q) ||
                 upload(gpu, zeros, epmoe_scale_bytes(EPMOE_SCALE_F32_ROW, L * M, H), &qs);
     free(zeros);
     free(hx), free(hidx), free(htw);
     epmoe_layer_config lc = EPMOE_LAYER_CONFIG_INIT;
-    lc.intermediate = I;
+    lc.intermediate = I, lc.scheme = sc;
     epmoe_layer *layer = NULL;
     r->st = fail ? EPMOE_ERR_OUT_OF_MEMORY : epmoe_layer_create(r->ep, &lc, &w, &layer);
     const epmoe_dispatch_args d = {x, idx, 32, tw, T, recv_x, recv_s, masked, NULL, NULL};
-    epmoe_w4a8_mlp_args m = {w.w13, w.w2, ec->wire == EPMOE_WIRE_FP8 ? recv_x : q, M, masked,
-                             ec->wire == EPMOE_WIRE_FP8 ? recv_s : qs,
-                             ec->wire == EPMOE_WIRE_FP8 ? ec->scale_fmt : EPMOE_SCALE_F32_ROW, NULL, NULL, ws, wsb, eout,
-                             H, M * H, 0};
+    epmoe_w4a8_mlp_args m = {w.w13, w.w2, cast ? q : recv_x, M, masked, cast ? qs : recv_s,
+                             cast ? EPMOE_SCALE_F32_ROW : ec->scale_fmt, NULL, NULL, ws, wsb, eout, H, M * H, 0};
     m.expected_m = (int64_t)T * r->R * k / ec->num_experts; /* as the layer picks its tiles */
     if (m.expected_m < 1) m.expected_m = 1;
+    const epmoe_expert_mlp_args xm = {w.e13, w.e2, m.a, M, masked, fmt == EPMOE_WEIGHT_FP8_BLOCK ? m.a_scales : NULL,
+                                      m.a_scale_fmt, ws, wsb, eout, H, M * H, m.expected_m};
     const epmoe_combine_args c = {eout, NULL, out};
     const int iters = j->o->iters ? j->o->iters : 30, warm = 5;
     double *t[STAGES];
@@ -463,7 +503,7 @@ static void bench_rank(rank_ctx *r) {
         for (int st = 0; st < STAGES && r->st == EPMOE_OK; st++) {
             uint32_t h = 0;
             if (st >= 2) r->st = epmoe_dispatch(r->ep, &d, EPMOE_PHASE_BOTH, &h, NULL); /* untimed setup */
-            if (r->st == EPMOE_OK && st == 2 && ec->wire == EPMOE_WIRE_BF16)
+            if (r->st == EPMOE_OK && st == 2 && cast)
                 r->st = gpu ? epmoe_cast_group_fp8_cuda(recv_x, L * M, H, q, qs, EPMOE_SCALE_F32_ROW, 0, NULL)
                             : epmoe_cast_group_fp8_ref(recv_x, L * M, H, q, qs, EPMOE_SCALE_F32_ROW, 0);
 #if EPMOE_HAVE_CUDA
@@ -477,7 +517,10 @@ static void bench_rank(rank_ctx *r) {
             if (r->st == EPMOE_OK) switch (st) {
                 case 0: r->st = epmoe_layer_forward(layer, x, idx, 32, tw, T, out, NULL); break;
                 case 1: r->st = epmoe_dispatch(r->ep, &d, EPMOE_PHASE_BOTH, &h, NULL); break;
-                case 2: r->st = gpu ? epmoe_w4a8_mlp_cuda(&m, NULL) : epmoe_w4a8_mlp_ref(&m); break;
+                case 2:
+                    if (sc == EPMOE_SCHEME_W4AFP8) r->st = gpu ? epmoe_w4a8_mlp_cuda(&m, NULL) : epmoe_w4a8_mlp_ref(&m);
+                    else r->st = gpu ? epmoe_expert_mlp_cuda(&xm, NULL) : epmoe_expert_mlp_ref(&xm);
+                    break;
                 case 3: r->st = epmoe_combine(r->ep, h, &c, EPMOE_PHASE_BOTH, NULL); break;
                 }
             double us = tool_wall_us() - t0;
@@ -515,8 +558,12 @@ static void bench_rank(rank_ctx *r) {
 }
 
 int cmd_bench(int argc, char **argv) {
-    opts o = {&MODELS[0], 128, 0, 0, 0, 3, NULL};
+    opts o = {&MODELS[0], 128, 0, 0, 0, 0, NULL, EPMOE_SCHEME_W4AFP8, 32};
     if (parse("bench", argc, argv, &o)) return 2;
+    const int fp8_ok = epmoe_scheme_accepts_wire(o.scheme, EPMOE_WIRE_FP8);
+    if (!o.wires) o.wires = fp8_ok ? 3 : 2;
+    if ((o.wires & 1) && !fp8_ok)
+        return fprintf(stderr, "epmoe bench: the %s scheme reads bf16 activations: BF16 wire only\n", SCHEME[o.scheme]), 2;
     int gpu;
     const int R = pick_ranks(&o, &gpu);
     const int E = o.experts ? o.experts : o.m->E, H = o.m->H, I = o.m->I, k = o.m->k < E ? o.m->k : E;
@@ -524,12 +571,16 @@ int cmd_bench(int argc, char **argv) {
     if (o.tokens > 1024) return fprintf(stderr, "epmoe bench: --tokens must be <= 1024\n"), 2;
     if (!gpu && o.m != &MODELS[2])
         fprintf(stderr, "epmoe bench: no GPU: the CPU backend runs the scalar references (slow; try --model tiny)\n");
-    printf("epmoe bench: %s MoE layer (H %d, I %d, %d experts, top-%d), W4AFP8, %d tokens/rank, %d ranks on %s\n",
-           o.m->name, H, I, E, k, o.tokens, R, gpu ? "GPUs over NCCL" : "the CPU backend");
+    char sname[32];
+    snprintf(sname, sizeof sname, o.scheme == EPMOE_SCHEME_W4A16 ? "%s g%d" : "%s", SCHEME[o.scheme], o.group);
+    printf("epmoe bench: %s MoE layer (H %d, I %d, %d experts, top-%d), %s, %d tokens/rank, %d ranks on %s\n",
+           o.m->name, H, I, E, k, sname, o.tokens, R, gpu ? "GPUs over NCCL" : "the CPU backend");
     printf("  %-5s %-11s %11s %10s %10s\n", "wire", "stage", "median us", "GB/s", "TFLOP/s");
     FILE *jf = o.json ? fopen(o.json, "w") : NULL;
     if (o.json && !jf) return fprintf(stderr, "epmoe bench: cannot write %s\n", o.json), 1;
-    if (jf) fprintf(jf, "{\"model\": \"%s\", \"experts\": %d, \"tokens\": %d, \"ranks\": %d, \"gpu\": %d, \"results\": [", o.m->name, E, o.tokens, R, gpu);
+    if (jf)
+        fprintf(jf, "{\"model\": \"%s\", \"scheme\": \"%s\", \"experts\": %d, \"tokens\": %d, \"ranks\": %d, \"gpu\": %d, "
+                    "\"results\": [", o.m->name, sname, E, o.tokens, R, gpu);
     int first = 1;
     for (int wire = 0; wire < 2; wire++) {
         if (!(o.wires & (1 << wire))) continue;
@@ -549,7 +600,11 @@ int cmd_bench(int argc, char **argv) {
         pthread_barrier_destroy(&bar);
         if (bad) return 1;
         /* the slower rank's median; the MLP's bytes are the weights of experts with rows */
-        const double wbytes_expert = (double)(2 * I * H + H * I) * (0.5 + 2.0 / 128);
+        const double bpw = o.scheme == EPMOE_SCHEME_W4AFP8 ? 0.5 + 2.0 / 128 /* int4 + bf16 scales, as shipped */
+                           : o.scheme == EPMOE_SCHEME_BF16          ? 2.0
+                           : o.scheme == EPMOE_SCHEME_W4A16         ? 0.5 + 4.0 / o.group
+                                                                    : 1.0 + 4.0 / (128 * 128);
+        const double wbytes_expert = (double)(2 * I * H + H * I) * bpw;
         for (int st = 0; st < STAGES; st++) {
             double us = 0, gbs = 0, tf = 0;
             long rows = 0;
@@ -576,8 +631,9 @@ int cmd_bench(int argc, char **argv) {
             for (int q = 0; q < R; q++) us = us > jobs[q].us[st] ? us : jobs[q].us[st];
             sum += us;
         }
+        const int casts = wire && (o.scheme == EPMOE_SCHEME_W4AFP8 || o.scheme == EPMOE_SCHEME_W8A8_FP8_BLOCK);
         printf("  %-5s layer / sum of the stages alone: %.1f / %.1f = %.3f%s\n", wire ? "BF16" : "FP8", layer_us, sum,
-               layer_us / sum, wire ? " (the layer also casts after receive)" : "");
+               layer_us / sum, casts ? " (the layer also casts after receive)" : "");
     }
     if (jf) fprintf(jf, "\n]}\n"), fclose(jf);
     return 0;

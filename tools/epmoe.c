@@ -26,17 +26,21 @@ int cmd_bench(int argc, char **argv);
 
 static int usage(FILE *f) {
     fprintf(f, "usage: epmoe <command> [options]\n"
-               "  demo [--tokens N] [--cpu]  quantize a DeepSeek-R1 EP receive batch (N rows, default 1024, H 7168)\n"
-               "                             on the GPU if one is present (or on the CPU with --cpu)\n"
+               "  demo [--tokens N] [--cpu]  what `make demo` runs, on the GPUs if present (else, or with --cpu, the\n"
+               "                             CPU backend): quantize a DeepSeek-R1 EP receive batch (N rows, default\n"
+               "                             1024), the W4A8 MLP, dispatch + combine, then the MoE layer stage by\n"
+               "                             stage on FP8 vs BF16 wire (DeepSeek-R1 on GPUs; the tiny model on CPU)\n"
                "  check [--model M] [--experts E] [--tokens N] [--wire fp8|bf16|both] [--cpu] [--json F]\n"
                "                             the MoE layer's error against an fp64 model: FP8 vs BF16 wire x\n"
                "                             1x128 vs per-tensor activation scales, gaussian and outlier tokens\n"
-               "  bench [--model M] [--experts E] [--tokens N] [--wire fp8|bf16|both] [--iters N] [--cpu] [--json F]\n"
+               "  bench [--model M] [--scheme S] [--group 32|128] [--experts E] [--tokens N] [--wire fp8|bf16|both]\n"
+               "        [--iters N] [--cpu] [--json F]\n"
                "                             the layer and each stage alone (dispatch, expert MLP, combine):\n"
                "                             median us, GB/s, TFLOP/s on the node's GPUs (else the CPU backend)\n"
                "  version                    print the library version\n"
                "  M: deepseek-r1 (default), kimi-k2, tiny (H 512, I 256, 16 experts, top-4: quick on a CPU);\n"
-               "  the scheme is w4afp8 (--scheme w4afp8; the other schemes are not built yet)\n");
+               "  S: w4afp8 (default), w8a8_fp8_block, bf16, w4a16 (int4 group --group, default 32; BF16 wire\n"
+               "  only, as bf16); check covers w4afp8's wire and activation-scale choices\n");
     return f == stdout ? 0 : 2;
 }
 
@@ -196,10 +200,19 @@ static int demo(int argc, char **argv) {
     free(x), free(q), free(y), free(s), free(deq);
     const int gpu = !force_cpu && EPMOE_HAVE_CUDA && epmoe_cuda_device_count() > 0;
     if (demo_w4a8(gpu)) return 1;
-    if (demo_ep(!force_cpu) == 0) return 0;
-    if (force_cpu) return 1;
-    fprintf(stderr, "epmoe demo: the GPU EP backend is not usable here; running EP on the CPU backend instead\n");
-    return demo_ep(0);
+    int ep_gpu = !force_cpu;
+    if (demo_ep(ep_gpu) != 0) {
+        if (force_cpu) return 1;
+        fprintf(stderr, "epmoe demo: the GPU EP backend is not usable here; running EP on the CPU backend instead\n");
+        if (demo_ep(0)) return 1;
+        ep_gpu = 0;
+    }
+    /* the whole layer, stage by stage, FP8 vs BF16 wire (the scalar CPU references need a small model) */
+    char *gpu_args[] = {"--model", "deepseek-r1", "--tokens", "128", "--iters", "20"};
+    char *cpu_args[] = {"--model", "tiny", "--tokens", "16", "--iters", "3", "--cpu"};
+    printf("\n");
+    fflush(stdout);
+    return ep_gpu ? cmd_bench(6, gpu_args) : cmd_bench(7, cpu_args);
 }
 
 int main(int argc, char **argv) {
