@@ -319,6 +319,14 @@ static void test_workspace(void) {
         CHECK_STATUS(call_cuda, want);                                                                                 \
     } while (0)
 
+/* var = good with one field changed, refused by fn##_ref and fn##_cuda with `want`. */
+#define BAD_FIELD(fn, var, good, field, value, want)                                                                   \
+    do {                                                                                                               \
+        var = good;                                                                                                    \
+        var.field = value;                                                                                             \
+        BOTH(fn##_ref(&var), fn##_cuda(&var, NULL), want);                                                             \
+    } while (0)
+
 static _Alignas(256) uint8_t wdata[2 * 256 * 256 * 2], adata[2 * 4 * 256 * 2], ws_buf[1 << 17];
 static _Alignas(16) float wscales[2 * 256 * 8], ascales[2 * 4 * 2 * 4];
 static _Alignas(16) uint16_t obuf[2 * 4 * 256 + 64];
@@ -332,12 +340,7 @@ static void test_gemm_bad_args(void) {
     CHECK_STATUS(epmoe_expert_gemm_cuda(&good, NULL), EPMOE_ERR_UNSUPPORTED);
 #endif
     epmoe_expert_gemm_args g;
-#define BAD(field, value, want)                                                                                        \
-    do {                                                                                                               \
-        g = good;                                                                                                      \
-        g.field = value;                                                                                               \
-        BOTH(epmoe_expert_gemm_ref(&g), epmoe_expert_gemm_cuda(&g, NULL), want);                                       \
-    } while (0)
+#define BAD(field, value, want) BAD_FIELD(epmoe_expert_gemm, g, good, field, value, want)
     BAD(w.format, (epmoe_weight_format)9, EPMOE_ERR_INVALID_ARG);
     BAD(w.format, (epmoe_weight_format)-1, EPMOE_ERR_INVALID_ARG);
     BAD(w.N, 200, EPMOE_ERR_INVALID_ARG);
@@ -432,12 +435,7 @@ static void test_mlp_bad_args(void) {
     CHECK_STATUS(epmoe_expert_mlp_cuda(&good, NULL), EPMOE_ERR_UNSUPPORTED);
 #endif
     epmoe_expert_mlp_args m;
-#define BAD(field, value, want)                                                                                        \
-    do {                                                                                                               \
-        m = good;                                                                                                      \
-        m.field = value;                                                                                               \
-        BOTH(epmoe_expert_mlp_ref(&m), epmoe_expert_mlp_cuda(&m, NULL), want);                                         \
-    } while (0)
+#define BAD(field, value, want) BAD_FIELD(epmoe_expert_mlp, m, good, field, value, want)
     BAD(w2.format, EPMOE_WEIGHT_BF16, EPMOE_ERR_INVALID_ARG);     /* two formats */
     BAD(w2.group, 128, EPMOE_ERR_INVALID_ARG);                    /* two INT4 groups */
     BAD(w2.group, 48, EPMOE_ERR_INVALID_ARG);

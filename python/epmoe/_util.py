@@ -22,6 +22,20 @@ def torch_or_none():
         return None
 
 
+def copy_to(obj, device, *, non_blocking=False, what="copy"):
+    """A copy of a tensor or array on `device` ("cuda", "cuda:1", a torch.device, "cpu"): a torch
+    tensor on a GPU, a numpy array on the host; None stays None. Needs torch."""
+    if obj is None:
+        return None
+    torch = torch_or_none()
+    if torch is None:
+        raise _lib.error(_lib.ERR_UNSUPPORTED, f"{what} needs torch to copy between devices")
+    dev = torch.device(device)
+    t = obj if isinstance(obj, torch.Tensor) else torch.from_dlpack(obj)
+    t = t.to(dev, non_blocking=non_blocking)
+    return t.numpy() if dev.type == "cpu" else t
+
+
 def device_of(obj):
     """(device_type, id) of a tensor argument before importing it (to choose the stream first)."""
     if isinstance(obj, Tensor):

@@ -12,8 +12,7 @@ for the CPU backend, device tensors for NCCL groups) and are kept, not copied.
 """
 import ctypes
 
-from . import _lib
-from ._util import arg, ptr, same_device, torch_or_none
+from ._util import arg, copy_to, ptr, same_device
 
 __all__ = ["ExpertWeights", "FORMATS"]
 
@@ -78,17 +77,8 @@ class ExpertWeights:
 
     def to(self, device, *, non_blocking=False):
         """A copy on `device` ("cuda", "cuda:1", a torch.device, "cpu"). Needs torch."""
-        torch = torch_or_none()
-        if torch is None:
-            raise _lib.error(_lib.ERR_UNSUPPORTED, "ExpertWeights.to needs torch to copy between devices")
-        dev = torch.device(device)
-
         def move(obj):
-            if obj is None:
-                return None
-            t = obj if isinstance(obj, torch.Tensor) else torch.from_dlpack(obj)
-            t = t.to(dev, non_blocking=non_blocking)
-            return t.numpy() if dev.type == "cpu" else t
+            return copy_to(obj, device, non_blocking=non_blocking, what="ExpertWeights.to")
 
         return ExpertWeights(self.format, move(self.data), move(self.scales))
 

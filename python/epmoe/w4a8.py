@@ -25,7 +25,7 @@ import numpy as np
 
 from . import _lib
 from ._lib import check, lib
-from ._util import arg, empty, launch_stream, on_device, output, ptr, same_device, torch_or_none
+from ._util import arg, copy_to, empty, launch_stream, on_device, output, ptr, same_device, torch_or_none
 from .dlpack import DLPackError
 from .formats import BF16, F32, GROUP, _fmt, _scalar_scale, scale_bytes
 
@@ -152,15 +152,8 @@ class W4A8Weights:
     def to(self, device, *, non_blocking=False):
         """A copy on `device` ("cuda", "cuda:1", a torch.device, "cpu"): torch tensors on a GPU,
         numpy arrays on the host. Needs torch."""
-        torch = torch_or_none()
-        if torch is None:
-            raise _lib.error(_lib.ERR_UNSUPPORTED, "W4A8Weights.to needs torch to copy between devices")
-        dev = torch.device(device)
-
         def move(obj):
-            t = obj if isinstance(obj, torch.Tensor) else torch.from_dlpack(obj)
-            t = t.to(dev, non_blocking=non_blocking)
-            return t.numpy() if dev.type == "cpu" else t
+            return copy_to(obj, device, non_blocking=non_blocking, what="W4A8Weights.to")
 
         return W4A8Weights(move(self.qweight), move(self.scales), self.E, self.N, self.K, self.encoding)
 
