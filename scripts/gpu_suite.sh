@@ -63,6 +63,9 @@ for s in $steps; do
         run fp8_exhaustive ./build/tests/gpu/fp8_exhaustive
         run test_quant_gpu ./build/tests/gpu/test_quant_gpu
         run test_w4a8_gpu ./build/tests/gpu/test_w4a8_gpu
+        run test_experts_gpu ./build/tests/gpu/test_experts_gpu
+        # the Python package's GPU paths through torch (DLPack in and out, workspaces, layers)
+        run pytest_gpu python3 -m pytest -q python/tests/test_torch.py python/tests/test_w4a8_torch.py
         [ -x build/tests/gpu/test_layer_gpu ] && run test_layer_gpu timeout 300 ./build/tests/gpu/test_layer_gpu
         [ -x build/tests/gpu/test_ep_gpu ] && ep_tests ;;
     ep)
@@ -71,17 +74,22 @@ for s in $steps; do
         EPMOE_TEST_QUICK=1 run memcheck_quant compute-sanitizer --tool memcheck --error-exitcode 3 ./build/tests/gpu/test_quant_gpu
         EPMOE_TEST_QUICK=1 run racecheck_quant compute-sanitizer --tool racecheck --error-exitcode 3 ./build/tests/gpu/test_quant_gpu
         EPMOE_TEST_QUICK=1 run memcheck_w4a8 compute-sanitizer --tool memcheck --error-exitcode 3 ./build/tests/gpu/test_w4a8_gpu
-        EPMOE_TEST_QUICK=1 run racecheck_w4a8 compute-sanitizer --tool racecheck --error-exitcode 3 ./build/tests/gpu/test_w4a8_gpu ;;
+        EPMOE_TEST_QUICK=1 run racecheck_w4a8 compute-sanitizer --tool racecheck --error-exitcode 3 ./build/tests/gpu/test_w4a8_gpu
+        EPMOE_TEST_QUICK=1 run memcheck_experts compute-sanitizer --tool memcheck --error-exitcode 3 ./build/tests/gpu/test_experts_gpu
+        EPMOE_TEST_QUICK=1 run racecheck_experts compute-sanitizer --tool racecheck --error-exitcode 3 ./build/tests/gpu/test_experts_gpu ;;
     bench)
         [ -x build/bench/bench_ep ] && run bench_ep timeout 300 ./build/bench/bench_ep --json "$OUT/bench_ep.json"
         run bench_quant python3 bench/bench_quant.py
         run bench_w4a8 ./build/bench/bench_w4a8 --json "$OUT/bench_w4a8.json"
         run bench_layer timeout 300 ./build/epmoe bench --json "$OUT/bench_layer.json"
+        for sc in bf16 w8a8_fp8_block w4a16; do
+            run bench_layer_$sc timeout 200 ./build/epmoe bench --scheme $sc --iters 20 --json "$OUT/bench_layer_$sc.json"
+        done
         run check_layer timeout 300 ./build/epmoe check --json "$OUT/check_layer.json"
         [ -f "$OUT/bench_ep.log" ] && cat "$OUT/bench_ep.log"
         cat "$OUT/bench_quant.log"
         cat "$OUT/bench_w4a8.log"
-        cat "$OUT/bench_layer.log" "$OUT/check_layer.log" ;;
+        cat "$OUT/bench_layer.log" "$OUT"/bench_layer_*.log "$OUT/check_layer.log" ;;
     esac
 done
 echo

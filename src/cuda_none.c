@@ -27,6 +27,14 @@ epmoe_status epmoe_cast_tensor_fp8_cuda(const uint16_t *x, int64_t n, const floa
     return no_cuda(__func__);
 }
 
+epmoe_status epmoe__cast_group_fp8_masked_cuda(const uint16_t *x, const int32_t *masked_m, int64_t E, int64_t Ms,
+                                               int64_t K, uint8_t *q, void *scales, epmoe_scale_fmt fmt,
+                                               int round_scale, epmoe_stream_t stream) {
+    (void)masked_m, (void)stream;
+    EPMOE_CHECK(epmoe__check_cast_group(__func__, x, E * Ms, K, q, scales, fmt, round_scale, 1));
+    return no_cuda(__func__);
+}
+
 epmoe_status epmoe_requant_fp8_cuda(const uint8_t *q, const void *scales, epmoe_scale_fmt fmt, const int32_t *masked_m,
                                     int64_t E, int64_t M, int64_t K, const float *out_scale, uint8_t *y,
                                     epmoe_stream_t stream) {

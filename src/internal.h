@@ -77,6 +77,12 @@ EPMOE_HIDDEN epmoe_status epmoe__check_expert_mlp(const char *fn, const epmoe_ex
 EPMOE_HIDDEN size_t epmoe__expert_mlp_layout(int format, int64_t E, int64_t M, int64_t H, int64_t I, size_t *gate_up,
                                              size_t *inter, size_t *inter_scales);
 
+/* epmoe_cast_group_fp8_cuda over E slabs of Ms rows, skipping rows >= masked_m[e] of slab e (the
+** layer's cast after a BF16-wire receive; cast_group.cu, CPU builds: UNSUPPORTED). */
+EPMOE_HIDDEN epmoe_status epmoe__cast_group_fp8_masked_cuda(const uint16_t *x, const int32_t *masked_m, int64_t E,
+                                                            int64_t Ms, int64_t K, uint8_t *q, void *scales,
+                                                            epmoe_scale_fmt fmt, int round_scale, epmoe_stream_t stream);
+
 /* Zeroed device memory on the current device, and its release (device.cu; CPU builds: UNSUPPORTED). */
 EPMOE_HIDDEN epmoe_status epmoe__dev_alloc(const char *fn, size_t bytes, void **p);
 EPMOE_HIDDEN void epmoe__dev_free(void *p);

@@ -150,7 +150,10 @@ static epmoe_status experts(const epmoe_ep_config *ec, const epmoe_layer_config 
             EPMOE_CHECK(gpu ? epmoe_cast_tensor_fp8_cuda(recv_x, L * M * H, w->a1_scale, q, stream)
                             : epmoe_cast_tensor_fp8_ref(recv_x, L * M * H, w->a1_scale, q));
         else {
-            EPMOE_CHECK(gpu ? epmoe_cast_group_fp8_cuda(recv_x, L * M, H, q, q_scales, EPMOE_SCALE_F32_ROW, 0, stream)
+            /* the GPU skips the padding rows past masked_m (most of them at decode); the reference
+            ** casts them all: the MLP never reads them */
+            EPMOE_CHECK(gpu ? epmoe__cast_group_fp8_masked_cuda(recv_x, masked_m, L, M, H, q, q_scales,
+                                                                EPMOE_SCALE_F32_ROW, 0, stream)
                             : epmoe_cast_group_fp8_ref(recv_x, L * M, H, q, q_scales, EPMOE_SCALE_F32_ROW, 0));
             a_scales = q_scales;
         }
