@@ -584,6 +584,26 @@ EPMOE_API void epmoe_layer_destroy(epmoe_layer *layer);
 EPMOE_API epmoe_status epmoe_layer_forward(epmoe_layer *layer, const uint16_t *x, const void *topk_idx,
                                            int topk_idx_bits, const float *topk_weights, int num_tokens,
                                            uint16_t *out, epmoe_stream_t stream);
+/* The forward in three phases, so other work on the stream overlaps the waits for the peers
+** (DeepEP-style: the shared expert between SEND and EXPERTS, the next attention before RECV):
+**   EPMOE_LAYER_SEND     dispatch's send half: this rank's tokens leave for the experts' ranks
+**   EPMOE_LAYER_EXPERTS  dispatch's receive half, the expert MLP, combine's send half
+**   EPMOE_LAYER_RECV     combine's receive half: out is written
+** Phases may be OR-ed (EPMOE_LAYER_ALL is epmoe_layer_forward); a forward's phases come in this
+** order, each call with the same arguments (x, topk_idx, topk_weights, num_tokens and out are read
+** by the phases that use them). *handle is set by SEND and names the forward in its later phases.
+** Two forwards may be in flight (micro-batches: SEND of the second before RECV of the first, e.g.
+** S0 S1 X0 X1 R0 R1), phases of different forwards in forward order, as epmoe_dispatch and
+** epmoe_combine require. Once SEND has succeeded, call the remaining phases: peers wait for them. */
+typedef enum epmoe_layer_phase {
+    EPMOE_LAYER_SEND = 1,
+    EPMOE_LAYER_EXPERTS = 2,
+    EPMOE_LAYER_RECV = 4,
+    EPMOE_LAYER_ALL = 7
+} epmoe_layer_phase;
+EPMOE_API epmoe_status epmoe_layer_forward_phase(epmoe_layer *layer, const uint16_t *x, const void *topk_idx,
+                                                 int topk_idx_bits, const float *topk_weights, int num_tokens,
+                                                 uint16_t *out, int phases, uint32_t *handle, epmoe_stream_t stream);
 /* Single-process reference of the layer over all ranks (host memory): dispatch_ref, the MLP
 ** reference per local expert, combine in fp32 in top-k order. w[r]: rank r's local experts. */
 EPMOE_API epmoe_status epmoe_layer_ref(const epmoe_ep_config *ep_cfg, const epmoe_layer_config *cfg,

@@ -229,31 +229,49 @@ void epmoe_layer_destroy(epmoe_layer *layer) {
     free(layer);
 }
 
-epmoe_status epmoe_layer_forward(epmoe_layer *y, const uint16_t *x, const void *topk_idx, int topk_idx_bits,
-                                 const float *topk_weights, int num_tokens, uint16_t *out, epmoe_stream_t stream) {
+epmoe_status epmoe_layer_forward_phase(epmoe_layer *y, const uint16_t *x, const void *topk_idx, int topk_idx_bits,
+                                       const float *topk_weights, int num_tokens, uint16_t *out, int phases,
+                                       uint32_t *handle, epmoe_stream_t stream) {
     static const char fn[] = "epmoe_layer_forward";
-    if (!y) return epmoe__fail(EPMOE_ERR_NULL_POINTER, "%s: layer is NULL", fn);
-    /* checked before the collective dispatch: a failure after it would leave the peers waiting */
-    if (num_tokens > 0 && !topk_weights) return epmoe__fail(EPMOE_ERR_NULL_POINTER, "%s: topk_weights is NULL", fn);
-    if (num_tokens > 0 && !out) return epmoe__fail(EPMOE_ERR_NULL_POINTER, "%s: out is NULL", fn);
-    if (num_tokens > 0 && y->gpu && ((uintptr_t)out & 15u))
-        return epmoe__fail(EPMOE_ERR_MISALIGNED, "%s: out = %p is not 16-byte aligned", fn, (void *)out);
+    if (!y || !handle) return epmoe__fail(EPMOE_ERR_NULL_POINTER, "%s: layer or handle is NULL", fn);
+    if (phases < 1 || phases > EPMOE_LAYER_ALL || phases == (EPMOE_LAYER_SEND | EPMOE_LAYER_RECV))
+        return epmoe__fail(EPMOE_ERR_INVALID_ARG, "%s: phases = %d is not SEND, EXPERTS, RECV or a run of them", fn, phases);
     const epmoe_ep_config *ec = &y->ep->cfg;
+    const int owner = ec->combine_mode == EPMOE_COMBINE_REDUCE_AT_OWNER;
+    /* checked before the collective dispatch: a failure after it would leave the peers waiting */
+    if (num_tokens > 0 && !topk_weights && ((phases & EPMOE_LAYER_SEND) || (owner && (phases & EPMOE_LAYER_RECV))))
+        return epmoe__fail(EPMOE_ERR_NULL_POINTER, "%s: topk_weights is NULL", fn);
+    if (num_tokens > 0 && (phases & EPMOE_LAYER_RECV)) {
+        if (!out) return epmoe__fail(EPMOE_ERR_NULL_POINTER, "%s: out is NULL", fn);
+        if (y->gpu && ((uintptr_t)out & 15u))
+            return epmoe__fail(EPMOE_ERR_MISALIGNED, "%s: out = %p is not 16-byte aligned", fn, (void *)out);
+    }
     const int requant = ec->wire == EPMOE_WIRE_FP8 && y->cfg.per_tensor_act;
     /* Per-tensor compat on the FP8 wire: dispatch itself requantizes at receive (no extra pass). */
     const epmoe_dispatch_args d = {x, topk_idx, topk_idx_bits, topk_weights, num_tokens, y->recv_x,
                                    requant ? NULL : y->recv_scales, y->masked_m, NULL,
                                    requant ? y->w.a1_scale : NULL};
-    uint32_t h;
-    EPMOE_CHECK(epmoe_dispatch(y->ep, &d, EPMOE_PHASE_BOTH, &h, stream));
-    const epmoe_status ex = experts(ec, &y->cfg, &y->w, y->gpu, y->recv_x, y->recv_scales, y->masked_m, y->q,
-                                    y->q_scales, y->ws, y->ws_bytes, y->expert_out, stream);
-    /* combine runs even if the experts failed: the peers are waiting for this rank's share */
-    const epmoe_combine_args c = {y->expert_out, ec->combine_mode == EPMOE_COMBINE_REDUCE_AT_OWNER ? topk_weights : NULL,
-                                  out};
-    const epmoe_status cs = epmoe_combine(y->ep, h, &c, EPMOE_PHASE_BOTH, stream);
-    if (ex != EPMOE_OK) return epmoe__fail(ex, "%s: the expert MLP failed (combine still ran): %s", fn, epmoe_last_error());
-    return cs;
+    const epmoe_combine_args c = {y->expert_out, owner ? topk_weights : NULL, out};
+    if (phases & EPMOE_LAYER_SEND) EPMOE_CHECK(epmoe_dispatch(y->ep, &d, EPMOE_PHASE_SEND, handle, stream));
+    if (phases & EPMOE_LAYER_EXPERTS) {
+        EPMOE_CHECK(epmoe_dispatch(y->ep, &d, EPMOE_PHASE_RECV, handle, stream));
+        const epmoe_status ex = experts(ec, &y->cfg, &y->w, y->gpu, y->recv_x, y->recv_scales, y->masked_m, y->q,
+                                        y->q_scales, y->ws, y->ws_bytes, y->expert_out, stream);
+        /* combine runs even if the experts failed: the peers are waiting for this rank's share */
+        const epmoe_status cs = epmoe_combine(y->ep, *handle, &c, EPMOE_PHASE_SEND, stream);
+        if (ex != EPMOE_OK)
+            return epmoe__fail(ex, "%s: the expert MLP failed (combine still ran): %s", fn, epmoe_last_error());
+        EPMOE_CHECK(cs);
+    }
+    if (phases & EPMOE_LAYER_RECV) EPMOE_CHECK(epmoe_combine(y->ep, *handle, &c, EPMOE_PHASE_RECV, stream));
+    return EPMOE_OK;
+}
+
+epmoe_status epmoe_layer_forward(epmoe_layer *y, const uint16_t *x, const void *topk_idx, int topk_idx_bits,
+                                 const float *topk_weights, int num_tokens, uint16_t *out, epmoe_stream_t stream) {
+    uint32_t h = 0;
+    return epmoe_layer_forward_phase(y, x, topk_idx, topk_idx_bits, topk_weights, num_tokens, out, EPMOE_LAYER_ALL, &h,
+                                     stream);
 }
 
 epmoe_status epmoe_layer_ref(const epmoe_ep_config *ec, const epmoe_layer_config *cfg, const epmoe_layer_weights *w,

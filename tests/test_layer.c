@@ -6,8 +6,8 @@
 ** wire in each scale layout, BF16 wire with the cast after receive), bf16, w4a16 (int4 groups 32
 ** and 128); both combine modes; -1 slots, 0, 1, 3 and N tokens, an expert with no rows. The
 ** SGLang PR #22316 regression: an FP8-wire layer run interleaved with a bf16 and a w4a16 layer in
-** one process leaves their outputs bit-exact. Schemes, wires and weights that do not fit; bad
-** arguments.
+** one process leaves their outputs bit-exact. The phased forward with two micro-batches in
+** flight. Schemes, wires and weights that do not fit; bad arguments.
 */
 #define _POSIX_C_SOURCE 200809L
 #include <pthread.h>
@@ -332,9 +332,114 @@ static void test_schemes_and_args(void) {
     layer_case_free(&c);
 }
 
+/* ---- the phased forward: two micro-batches in flight on one layer ---------------------------
+** Each rank runs SEND(a) SEND(b) EXPERTS(a) EXPERTS(b) RECV(a) RECV(b), where b is a's batch with
+** the tokens in reverse order (a token's output does not depend on the others in its batch), then
+** a third forward as SEND|EXPERTS + RECV. Every output must equal the reference (bit-exact under
+** REDUCE_AT_OWNER). A RECV before its EXPERTS, and phase sets that skip one, are refused. */
+typedef struct {
+    layer_case *c;
+    epmoe_cpu_world *world;
+    int rank;
+    uint16_t *out[3];
+    epmoe_status st;
+    char err[256];
+} phase_job;
+
+static void *phase_rank(void *arg) {
+    phase_job *j = arg;
+    layer_case *c = j->c;
+    const int q = j->rank, T = c->T[q], H = c->ec.hidden, k = c->ec.top_k;
+    epmoe_ep_config ec = c->ec;
+    ec.rank = q;
+    epmoe_ep *ep = NULL;
+    epmoe_layer *y = NULL;
+    uint16_t *xr = malloc((size_t)(T ? T : 1) * H * 2);
+    int32_t *ir = malloc((size_t)(T ? T : 1) * k * 4);
+    float *wr = malloc((size_t)(T ? T : 1) * k * 4);
+    for (int t = 0; t < T; t++) {
+        memcpy(xr + (size_t)t * H, c->x[q] + (size_t)(T - 1 - t) * H, (size_t)H * 2);
+        memcpy(ir + (size_t)t * k, c->topk[q] + (size_t)(T - 1 - t) * k, (size_t)k * 4);
+        memcpy(wr + (size_t)t * k, c->tw[q] + (size_t)(T - 1 - t) * k, (size_t)k * 4);
+    }
+    j->st = epmoe_ep_create_cpu(j->world, &ec, &ep);
+    if (j->st == EPMOE_OK) j->st = epmoe_layer_create(ep, &c->lc, &c->hw[q], &y);
+    uint32_t ha = 0, hb = 0, hc = 0;
+    const uint16_t *xs[2] = {c->x[q], xr};
+    const int32_t *is[2] = {c->topk[q], ir};
+    const float *ws[2] = {c->tw[q], wr};
+    uint32_t *hs[2] = {&ha, &hb};
+    static const int order[6][2] = {{0, EPMOE_LAYER_SEND}, {1, EPMOE_LAYER_SEND}, {0, EPMOE_LAYER_EXPERTS},
+                                    {1, EPMOE_LAYER_EXPERTS}, {0, EPMOE_LAYER_RECV}, {1, EPMOE_LAYER_RECV}};
+    for (int i = 0; i < 6 && j->st == EPMOE_OK; i++) {
+        const int b = order[i][0];
+        if (i == 2) { /* refused before anything moves: a's combine has not been sent */
+            CHECK_STATUS(epmoe_layer_forward_phase(y, xs[b], is[b], 32, ws[b], T, j->out[b], EPMOE_LAYER_RECV, hs[b], NULL),
+                         EPMOE_ERR_INVALID_ARG);
+            CHECK_STATUS(epmoe_layer_forward_phase(y, xs[b], is[b], 32, ws[b], T, j->out[b],
+                                                   EPMOE_LAYER_SEND | EPMOE_LAYER_RECV, hs[b], NULL),
+                         EPMOE_ERR_INVALID_ARG);
+        }
+        j->st = epmoe_layer_forward_phase(y, xs[b], is[b], 32, ws[b], T, j->out[b], order[i][1], hs[b], NULL);
+    }
+    if (j->st == EPMOE_OK)
+        j->st = epmoe_layer_forward_phase(y, c->x[q], c->topk[q], 32, c->tw[q], T, j->out[2],
+                                          EPMOE_LAYER_SEND | EPMOE_LAYER_EXPERTS, &hc, NULL);
+    if (j->st == EPMOE_OK)
+        j->st = epmoe_layer_forward_phase(y, c->x[q], c->topk[q], 32, c->tw[q], T, j->out[2], EPMOE_LAYER_RECV, &hc, NULL);
+    if (j->st != EPMOE_OK) snprintf(j->err, sizeof j->err, "%s", epmoe_last_error());
+    /* b's rows back in a's order */
+    uint16_t *tmp = malloc((size_t)(T ? T : 1) * H * 2);
+    for (int t = 0; t < T; t++) memcpy(tmp + (size_t)t * H, j->out[1] + (size_t)(T - 1 - t) * H, (size_t)H * 2);
+    memcpy(j->out[1], tmp, (size_t)T * H * 2);
+    free(tmp), free(xr), free(ir), free(wr);
+    epmoe_layer_destroy(y);
+    if (ep) epmoe_ep_destroy(ep);
+    return NULL;
+}
+
+static void test_phases(void) {
+    const struct { int R; epmoe_scheme scheme; epmoe_wire wire; epmoe_combine_mode mode; } cs[] = {
+        {2, EPMOE_SCHEME_W4AFP8, EPMOE_WIRE_FP8, EPMOE_COMBINE_REDUCE_AT_OWNER},
+        {3, EPMOE_SCHEME_W4A16, EPMOE_WIRE_BF16, EPMOE_COMBINE_REDUCE_AT_OWNER},
+        {2, EPMOE_SCHEME_W8A8_FP8_BLOCK, EPMOE_WIRE_FP8, EPMOE_COMBINE_REDUCE_AT_EXPERT}};
+    for (size_t i = 0; i < sizeof cs / sizeof cs[0]; i++) {
+        layer_case c = base(cs[i].R, cs[i].scheme, cs[i].wire, cs[i].mode, 0);
+        layer_case_make(&c);
+        const int R = c.ec.num_ranks;
+        epmoe_cpu_world *world;
+        CHECK_STATUS(epmoe_cpu_world_create(R, &world), EPMOE_OK);
+        phase_job jobs[LAYER_MAX_R];
+        pthread_t th[LAYER_MAX_R];
+        for (int q = 0; q < R; q++) {
+            jobs[q] = (phase_job){&c, world, q, {NULL}, EPMOE_OK, ""};
+            for (int b = 0; b < 3; b++) jobs[q].out[b] = malloc((size_t)c.ec.max_tokens * c.ec.hidden * 2 + 2);
+            pthread_create(&th[q], NULL, phase_rank, &jobs[q]);
+        }
+        for (int q = 0; q < R; q++) pthread_join(th[q], NULL);
+        char name[96];
+        const double tol = cs[i].mode == EPMOE_COMBINE_REDUCE_AT_EXPERT ? LAYER_PARTIAL_L2 : 0.0;
+        for (int q = 0; q < R; q++) {
+            CHECK(jobs[q].st == EPMOE_OK, "phased forward R=%d rank %d: %s", R, q, jobs[q].err);
+            for (int b = 0; b < 3 && jobs[q].st == EPMOE_OK; b++) {
+                snprintf(name, sizeof name, "phased forward R=%d %s, forward %c", R,
+                         cs[i].scheme == EPMOE_SCHEME_W4AFP8 ? "w4afp8" : cs[i].scheme == EPMOE_SCHEME_W4A16 ? "w4a16"
+                                                                                                          : "fp8_block",
+                         "abc"[b]);
+                layer_check(&c, q, jobs[q].out[b], tol, name);
+            }
+            for (int b = 0; b < 3; b++) free(jobs[q].out[b]);
+        }
+        printf("  %-56s S(a) S(b) X(a) X(b) R(a) R(b), then S|X R: %s\n", name, tol ? "within 2^-8" : "exact");
+        epmoe_cpu_world_destroy(world);
+        layer_case_free(&c);
+    }
+}
+
 int main(void) {
     test_schemes_and_args();
     test_matrix();
     test_pr22316();
+    test_phases();
     return test_report("test_layer");
 }

@@ -2,7 +2,8 @@
 ** test_layer_gpu.c — the MoE layer on the GPUs of one node (epmoe_ep_create_nccl_local, one thread
 ** per GPU) against the single-process layer reference, at R = 1 and R = 2 (when two GPUs exist):
 ** FP8 wire with 1x128 scales, the per-tensor compat mode (requant inside dispatch), the BF16 wire
-** with the cast after receive; both combine modes; a CUDA graph of the whole forward replayed.
+** with the cast after receive; both combine modes; a CUDA graph of the whole forward replayed;
+** the phased forward with two forwards in flight.
 ** The bf16, w8a8_fp8_block (both wires) and w4a16 (group 32 and 128) schemes the same way.
 ** An FP8-wire layer and BF16-wire layers (w4afp8 on the BF16 wire, bf16, w4a16) live in the same
 ** process (each on its own group) and run interleaved: each gives its own correct result — there
@@ -23,7 +24,7 @@
 typedef struct {
     layer_case *c;
     epmoe_ep *ep;
-    int rank, graph;
+    int rank, graph; /* graph: 0 plain forwards, 1 a CUDA graph replayed, 2 the phased forward */
     uint16_t *out; /* host copy of the output */
     epmoe_status st;
     char err[256];
@@ -73,6 +74,23 @@ static void *run_rank(void *arg) {
     if (j->st == EPMOE_OK && !j->graph) {
         for (int it = 0; it < 2 && j->st == EPMOE_OK; it++)
             j->st = epmoe_layer_forward(layer, x, ids, 32, tw, c->T[q], out, s);
+    } else if (j->st == EPMOE_OK && j->graph == 2) { /* phased: two forwards of the same batch in flight */
+        uint16_t *out2;
+        CUDA_OK(cudaMalloc((void **)&out2, (size_t)N * H * 2));
+        uint32_t h[2] = {0, 0};
+        uint16_t *outs[2] = {out, out2};
+        static const int order[6][2] = {{0, EPMOE_LAYER_SEND}, {1, EPMOE_LAYER_SEND}, {0, EPMOE_LAYER_EXPERTS},
+                                        {1, EPMOE_LAYER_EXPERTS}, {0, EPMOE_LAYER_RECV}, {1, EPMOE_LAYER_RECV}};
+        for (int i = 0; i < 6 && j->st == EPMOE_OK; i++)
+            j->st = epmoe_layer_forward_phase(layer, x, ids, 32, tw, c->T[q], outs[order[i][0]], order[i][1],
+                                              &h[order[i][0]], s);
+        CUDA_OK(cudaStreamSynchronize(s));
+        uint16_t *a = malloc((size_t)N * H * 2), *b = malloc((size_t)N * H * 2);
+        CUDA_OK(cudaMemcpy(a, out, (size_t)c->T[q] * H * 2, cudaMemcpyDeviceToHost));
+        CUDA_OK(cudaMemcpy(b, out2, (size_t)c->T[q] * H * 2, cudaMemcpyDeviceToHost));
+        CHECK(!memcmp(a, b, (size_t)c->T[q] * H * 2), "rank %d: the two forwards in flight differ", q);
+        free(a), free(b);
+        cudaFree(out2);
     } else if (j->st == EPMOE_OK) { /* captured once, replayed 10 times */
         cudaGraph_t g;
         cudaGraphExec_t ge;
@@ -173,6 +191,11 @@ int main(void) {
     /* the whole forward in a CUDA graph, replayed */
     layer_case g = base(gpus >= 2 ? 2 : 1, EPMOE_WIRE_FP8, EPMOE_COMBINE_REDUCE_AT_EXPERT, 0, 991);
     run_case(&g, 1, "graph: FP8 wire, reduce at expert, 10 replays");
+    /* the phased forward: two forwards in flight, S S X X R R */
+    {
+        layer_case c = base(gpus >= 2 ? 2 : 1, EPMOE_WIRE_FP8, EPMOE_COMBINE_REDUCE_AT_EXPERT, 0, 993);
+        run_case(&c, 2, "phased: two forwards in flight (S S X X R R)");
+    }
     /* the other schemes: bf16, fp8-block on both wires, w4a16 with both groups */
     const struct { epmoe_scheme scheme; epmoe_wire wire; int64_t group; const char *name; } xs[] = {
         {EPMOE_SCHEME_BF16, EPMOE_WIRE_BF16, 0, "bf16"},
