@@ -8,7 +8,8 @@
 
 Modules: `formats` (fp8/bf16/UE8M0/int4, quant ops), `w4a8` (weight repack, the W4A8 expert GEMM
 and MLP), `experts` (the bf16, fp8-block and int4 weights of the other schemes), `ep` (EpConfig, CpuWorld, EpGroup), `layer` (the MoE layer on an EP group: EpGroup.layer,
-layer_ref), `nccl` (communicators from torch.distributed), `dlpack` (the DLPack bridge). Failed calls raise
+its forward whole or in phases, layer_ref),
+`nccl` (communicators from torch.distributed), `dlpack` (the DLPack bridge). Failed calls raise
 epmoe.Error subclasses carrying the library's message (epmoe_last_error()).
 
 The library is found through $EPMOE_LIB, next to this package (installed wheels), or in the
@@ -28,7 +29,8 @@ from . import w4a8  # noqa: E402
 from .w4a8 import W4A8Weights  # noqa: E402
 from . import experts  # noqa: E402
 from .experts import ExpertWeights  # noqa: E402
-from .layer import Layer, layer_ref, scheme_accepts_wire, scheme_default_wire  # noqa: E402
+from .layer import (LAYER_ALL, LAYER_EXPERTS, LAYER_RECV, LAYER_SEND, Layer, LayerForward, layer_ref,  # noqa: E402
+                    scheme_accepts_wire, scheme_default_wire)
 from . import layer  # noqa: E402
 from . import nccl  # noqa: E402  (imports torch only when its functions are called)
 
@@ -52,4 +54,5 @@ __all__ = [
     "EpConfig", "EpLayout", "EpGroup", "Dispatch", "CpuWorld", "layout_query", "dispatch_ref", "combine_ref",
     "WIRE_BF16", "WIRE_FP8", "REDUCE_AT_OWNER", "REDUCE_AT_EXPERT", "nccl",
     "w4a8", "W4A8Weights", "experts", "ExpertWeights", "layer", "Layer", "layer_ref", "scheme_default_wire", "scheme_accepts_wire",
+    "LayerForward", "LAYER_SEND", "LAYER_EXPERTS", "LAYER_RECV", "LAYER_ALL",
 ]

@@ -107,6 +107,7 @@ _SIGNATURES = {
     "epmoe_layer_bytes": (_sz, [_p]),
     "epmoe_layer_destroy": (None, [_p]),
     "epmoe_layer_forward": (_int, [_p, _p, _p, _int, _p, _int, _p, _p]),
+    "epmoe_layer_forward_phase": (_int, [_p, _p, _p, _int, _p, _int, _p, _int, _p, _p]),
     "epmoe_layer_ref": (_int, [_p, _p, _p, _p, _p, _p, _p, _p]),
 }
 

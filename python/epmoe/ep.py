@@ -214,6 +214,9 @@ class EpGroup:
         # layers made on this group: closed before it (a layer uses the ep); weak, so a layer
         # dropped by its owner frees its buffers without waiting for the group
         self._layers = weakref.WeakSet()
+        # phased layer forwards sent and not yet received on this group, in send order (layer.py):
+        # their receives follow that order, and they keep what the library still reads alive
+        self._forwards = []
 
     # -- description
     @property

@@ -12,6 +12,20 @@ the experts compute, which weights they read and which dispatch wire they can re
 or the BF16 wire (cast after receive); bf16 and w4a16 (ExpertWeights "bf16", "int4") the BF16
 wire only. A layer whose scheme cannot read the group's wire is refused at creation; create a
 group with `wire=scheme_default_wire(...)`.
+
+The forward also runs in three phases, so other work overlaps the waits for the peers (the shared
+expert after SEND, the next micro-batch's attention before RECV) and two forwards can be in
+flight on a group (micro-batches: S(a) S(b) X(a) X(b) R(a) R(b)):
+
+        fa = layer.forward_send(xa, idx_a, w_a)   # LAYER_SEND: the tokens leave; a LayerForward
+        fb = layer.forward_send(xb, idx_b, w_b)
+        layer.forward_experts(fa)                 # LAYER_EXPERTS: receive, expert MLP, send back
+        layer.forward_experts(fb)
+        out_a = layer.forward_recv(fa)            # LAYER_RECV: out is written
+        out_b = layer.forward_recv(fb)
+
+The LayerForward keeps x, topk_idx, topk_weights and out for the later phases (and alive while
+the library may read them); forward_phase(x or forward, ..., phases=...) runs any run of phases.
 """
 import ctypes
 
@@ -26,11 +40,16 @@ from .formats import _scalar_scale
 from .experts import ExpertWeights, _ExpertWeightsC
 from .w4a8 import W4A8Weights, _WeightsC
 
-__all__ = ["Layer", "layer_ref", "scheme_default_wire", "scheme_accepts_wire", "SCHEMES"]
+__all__ = ["Layer", "LayerForward", "layer_ref", "scheme_default_wire", "scheme_accepts_wire", "SCHEMES", "LAYER_SEND",
+           "LAYER_EXPERTS", "LAYER_RECV", "LAYER_ALL"]
 
 SCHEMES = {"bf16": 0, "w8a8_fp8_block": 1, "w4afp8": 2, "w4a16": 3}
 _SCHEME_NAMES = {v: k for k, v in SCHEMES.items()}
 _WIRE_NAMES = {WIRE_BF16: "bf16", WIRE_FP8: "fp8"}
+# epmoe_layer_phase: a forward's phases, in the order they run; OR-ed, a run of them in one call
+LAYER_SEND, LAYER_EXPERTS, LAYER_RECV, LAYER_ALL = 1, 2, 4, 7
+_PHASES = {"send": LAYER_SEND, "experts": LAYER_EXPERTS, "recv": LAYER_RECV, "all": LAYER_ALL}
+_RUNS = (LAYER_SEND, LAYER_EXPERTS, LAYER_RECV, LAYER_SEND | LAYER_EXPERTS, LAYER_EXPERTS | LAYER_RECV, LAYER_ALL)
 
 
 class _LayerConfigC(ctypes.Structure):
@@ -76,6 +95,25 @@ def _check_wire(code, wire):
                          f"scheme {_SCHEME_NAMES.get(code, code)} cannot consume the group's "
                          f"{_WIRE_NAMES[wire].upper()} wire; use a group with wire="
                          f"{scheme_default_wire(code)!r}")
+
+
+def _phases(phases):
+    """LAYER_* bits from an int or names ("send", "experts|recv", "all"); only runs of phases."""
+    if isinstance(phases, str):
+        from .ep import _code
+        code = 0
+        for part in phases.replace("+", "|").split("|"):
+            code |= _code(part.strip(), _PHASES, "phase")
+    else:
+        code = int(phases)
+    if code not in _RUNS:
+        raise _lib.error(_lib.ERR_INVALID_ARG, f"phases = {phases!r} is not SEND, EXPERTS, RECV or a run of them "
+                         "(SEND|EXPERTS, EXPERTS|RECV, ALL)")
+    return code
+
+
+def _phase_names(code):
+    return "|".join(n.upper() for n, b in _PHASES.items() if b != LAYER_ALL and code & b) or "none"
 
 
 def _config_c(code, intermediate, per_tensor_act, expected_m):
@@ -172,32 +210,134 @@ class Layer:
             raise _lib.error(_lib.ERR_INVALID_ARG, "this layer is closed")
         self.group._live()
 
+    def _args(self, x, topk_idx, topk_weights, out, s, what):
+        """x, topk_idx, topk_weights and out checked for this layer's group (forward's arguments)."""
+        g, cfg = self.group, self.group.config
+        xt = arg(x, "x", ("uint16", "bfloat16"), ndim=2, stream=s)
+        T = xt.shape[0]
+        if xt.shape[1] != cfg.hidden:
+            raise ValueError(f"{what}: x is {xt.shape}, the group's hidden size is {cfg.hidden}")
+        it = arg(topk_idx, "topk_idx", ("int32", "int64"), ndim=2, stream=s)
+        if it.shape != (T, cfg.top_k):
+            raise ValueError(f"{what}: topk_idx is {it.shape}, expected [{T}, {cfg.top_k}] (tokens, top_k)")
+        wt = arg(topk_weights, "topk_weights", ("float32",), ndim=2, stream=s)
+        if wt.shape != (T, cfg.top_k):
+            raise ValueError(f"{what}: topk_weights is {wt.shape}, expected [{T}, {cfg.top_k}]")
+        like = g._like()
+        o, ot = output(out, "out", (T, cfg.hidden), ("uint16", "bfloat16") if like.is_host else ("bfloat16", "uint16"),
+                       like, stream=s)
+        g._inputs_on_device([("x", xt), ("topk_idx", it), ("topk_weights", wt), ("out", ot)], what)
+        return xt, it, wt, o, ot
+
+    def _receive_order(self, f, what):
+        """A group's forwards receive in the order they were sent: refuse an EXPERTS phase while an
+        earlier forward has not run its own (before anything moves; a call that also sends would
+        otherwise be refused by the library after its tokens left, and the peers would wait)."""
+        for e in self.group._forwards:
+            if e is f:
+                return
+            if not e.phases & LAYER_EXPERTS:
+                this = "this forward" if f is None else f"forward {f.handle}"
+                raise _lib.error(_lib.ERR_INVALID_ARG,
+                                 f"{what}: forward {e.handle} was sent before {this} and has not run its EXPERTS "
+                                 f"phase; forwards receive in the order they were sent (call forward_experts on "
+                                 f"forward {e.handle} first)")
+
     def forward(self, x, topk_idx, topk_weights, *, out=None, stream=None):
         """out[T, H] bf16 = sum_j topk_weights[t, j] * MLP_{topk_idx[t, j]}(x[t]) over this rank's
         tokens. x bf16 [T, H], topk_idx int32/int64 [T, k] (-1 = no expert), topk_weights float32
         [T, k]. Collective over the group. On GPUs: no host synchronization, capturable."""
         self._live()
-        g, cfg = self.group, self.group.config
-        s = g._stream(stream)
-        xt = arg(x, "x", ("uint16", "bfloat16"), ndim=2, stream=s)
-        T = xt.shape[0]
-        if xt.shape[1] != cfg.hidden:
-            raise ValueError(f"forward: x is {xt.shape}, the group's hidden size is {cfg.hidden}")
-        it = arg(topk_idx, "topk_idx", ("int32", "int64"), ndim=2, stream=s)
-        if it.shape != (T, cfg.top_k):
-            raise ValueError(f"forward: topk_idx is {it.shape}, expected [{T}, {cfg.top_k}] (tokens, top_k)")
-        wt = arg(topk_weights, "topk_weights", ("float32",), ndim=2, stream=s)
-        if wt.shape != (T, cfg.top_k):
-            raise ValueError(f"forward: topk_weights is {wt.shape}, expected [{T}, {cfg.top_k}]")
-        like = g._like()
-        o, ot = output(out, "out", (T, cfg.hidden), ("uint16", "bfloat16") if like.is_host else ("bfloat16", "uint16"),
-                       like, stream=s)
-        g._inputs_on_device([("x", xt), ("topk_idx", it), ("topk_weights", wt), ("out", ot)], "forward")
-        with on_device(like):
-            check(lib.epmoe_layer_forward(self._h, ptr(xt), ptr(it), it.dtype.bits, ptr(wt), T, ptr(ot), s))
+        s = self.group._stream(stream)
+        xt, it, wt, o, ot = self._args(x, topk_idx, topk_weights, out, s, "forward")
+        self._receive_order(None, "forward")
+        with on_device(self.group._like()):
+            check(lib.epmoe_layer_forward(self._h, ptr(xt), ptr(it), it.dtype.bits, ptr(wt), xt.shape[0], ptr(ot), s))
         return o
 
     __call__ = forward
+
+    # -- the forward in phases (epmoe_layer_forward_phase)
+    def forward_phase(self, x, topk_idx=None, topk_weights=None, *, phases, out=None, stream=None):
+        """Run phases (LAYER_SEND, LAYER_EXPERTS, LAYER_RECV or a run of them OR-ed; names such as
+        "send|experts" too) of one forward; returns its LayerForward (out is `.out` once RECV ran).
+        With SEND, x, topk_idx, topk_weights (and out=) are forward's and start a new forward; the
+        later phases take the LayerForward instead of x and read its arguments. A forward's phases
+        run in order, and the EXPERTS phases of a group's forwards in the order they were sent; a
+        phase out of order raises InvalidArgument before anything moves. Once SEND has run, run the
+        remaining phases on every rank: the peers wait for them. Each call runs on `stream` (else
+        torch's current stream on the group's GPU)."""
+        return self._phase(x, topk_idx, topk_weights, _phases(phases), out, stream, "forward_phase")
+
+    def forward_send(self, x, topk_idx, topk_weights, *, out=None, stream=None):
+        """LAYER_SEND: this rank's tokens leave for their experts' ranks. Returns the LayerForward
+        that forward_experts and forward_recv take (it keeps x, topk_idx, topk_weights and out)."""
+        return self._phase(x, topk_idx, topk_weights, LAYER_SEND, out, stream, "forward_send")
+
+    def forward_experts(self, forward, *, stream=None):
+        """LAYER_EXPERTS: receive this rank's experts' rows, run the expert MLP, send the rows back.
+        Returns the LayerForward."""
+        return self._phase(forward, None, None, LAYER_EXPERTS, None, stream, "forward_experts")
+
+    def forward_recv(self, forward, *, stream=None):
+        """LAYER_RECV: sum each token's rows; returns out (bf16 [T, H], the LayerForward's .out)."""
+        return self._phase(forward, None, None, LAYER_RECV, None, stream, "forward_recv").out
+
+    def _phase(self, x, topk_idx, topk_weights, code, out, stream, what):
+        self._live()
+        g = self.group
+        s = g._stream(stream)
+        if isinstance(x, LayerForward):
+            f = x
+            if topk_idx is not None or topk_weights is not None or out is not None:
+                raise TypeError(f"{what}: forward {f.handle} keeps the topk_idx, topk_weights and out it was sent "
+                                "with; pass only the LayerForward")
+            if f.layer is not self:
+                raise _lib.error(_lib.ERR_INVALID_ARG, f"{what}: forward {f.handle} belongs to another layer")
+            if f.done:
+                raise _lib.error(_lib.ERR_INVALID_ARG, f"{what}: forward {f.handle} is complete (its RECV phase ran)")
+            if code & f.phases:
+                raise _lib.error(_lib.ERR_INVALID_ARG, f"{what}: forward {f.handle} already ran its "
+                                 f"{_phase_names(code & f.phases)} phase")
+            nxt = f.phases + 1  # 1, 3: the bit after the phases that ran
+            if not code & nxt:
+                raise _lib.error(_lib.ERR_INVALID_ARG, f"{what}: {_phase_names(code)} of forward {f.handle} before its "
+                                 f"{_phase_names(nxt)} phase (a forward's phases run SEND, EXPERTS, RECV)")
+        else:
+            if not code & LAYER_SEND:
+                raise TypeError(f"{what}: phases {_phase_names(code)} continue a sent forward: pass the LayerForward "
+                                "that forward_send returned instead of x")
+            xt, it, wt, o, ot = self._args(x, topk_idx, topk_weights, out, s, what)
+            if not ot.is_host and xt.shape[0] and ptr(ot) % 16:  # RECV would refuse it, after the send
+                raise _lib.error(_lib.ERR_MISALIGNED, f"{what}: out is not 16-byte aligned")
+            f = LayerForward(self, x, topk_idx, topk_weights, o, (xt, it, wt, ot))
+        if code & LAYER_EXPERTS:
+            self._receive_order(f, what)
+        xt, it, wt, ot = f._tensors
+        h = ctypes.c_uint32(f.handle)
+        with on_device(g._like()):
+            st = lib.epmoe_layer_forward_phase(self._h, ptr(xt), ptr(it), it.dtype.bits, ptr(wt), xt.shape[0], ptr(ot),
+                                               code, ctypes.byref(h), s)
+            failed = None
+            try:
+                check(st)  # on this thread, right after the call: epmoe_last_error is per thread
+            except _lib.Error as e:
+                failed = e
+        if code & LAYER_SEND and h.value:  # *handle is set once the send went out, even if a later phase failed
+            f.handle = h.value
+            f.phases |= LAYER_SEND
+            g._forwards.append(f)  # keeps f (and what the library still reads) alive until its RECV
+        if failed is not None:
+            if f.phases & LAYER_SEND and code & LAYER_SEND:
+                failed.forward = f
+                if hasattr(failed, "add_note"):
+                    failed.add_note(f"forward {f.handle} was sent: the peers wait for its remaining phases "
+                                    "(the exception's .forward is its LayerForward)")
+            raise failed
+        f.phases |= code
+        if f.done:
+            g._forwards.remove(f)
+        return f
 
     def close(self):
         """Free the layer's buffers (not collective). Closing its group closes it too."""
@@ -224,6 +364,37 @@ class Layer:
         state = "closed" if self.closed else f"{self.group.backend}"
         return (f"<epmoe.Layer {self.scheme} I={self.intermediate} rank {self.group.rank}/{self.group.num_ranks} "
                 f"{state}>")
+
+
+class LayerForward:
+    """One forward of a Layer run phase by phase (Layer.forward_send, forward_phase): what its later
+    phases read, kept here (and alive) so they are not passed again.
+
+    x, topk_idx, topk_weights  the caller's objects, as given to the SEND phase
+    out       bf16 [T, H] (uint16 bits in numpy): the caller's out= or a new tensor; RECV writes it
+    handle    the library's name of the forward (its dispatch's handle; 0 before SEND)
+    phases    the LAYER_* bits of the phases that have run
+    """
+
+    def __init__(self, layer, x, topk_idx, topk_weights, out, tensors):
+        self.layer = layer
+        self.x, self.topk_idx, self.topk_weights, self.out = x, topk_idx, topk_weights, out
+        self._tensors = tensors  # the imported Tensors the C call reads: x, topk_idx, topk_weights, out
+        self.handle = 0
+        self.phases = 0
+
+    @property
+    def num_tokens(self):
+        return self._tensors[0].shape[0]
+
+    @property
+    def done(self):
+        """Whether its RECV phase ran (out holds the result)."""
+        return bool(self.phases & LAYER_RECV)
+
+    def __repr__(self):
+        return (f"<epmoe.LayerForward handle={self.handle} rank={self.layer.group.rank} tokens={self.num_tokens} "
+                f"ran={_phase_names(self.phases)}>")
 
 
 def layer_ref(config, weights, xs, topk_idxs, topk_weights, *, scheme="w4afp8", intermediate=None,

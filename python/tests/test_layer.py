@@ -1,8 +1,10 @@
 """The MoE layer through the package on the CPU backend (ranks are Python threads): EpGroup.layer
 forward against epmoe.layer_ref (bit-exact under REDUCE_AT_OWNER, within the bf16 partial-sum
 bound under REDUCE_AT_EXPERT) for R = 1, 2, both wires and both activation scale modes; the
-reference against its parts composed in Python (dispatch_ref, w4a8.mlp, combine_ref); and the
-errors: weights of another scheme, wires a scheme cannot read, shapes, closed groups."""
+reference against its parts composed in Python (dispatch_ref, w4a8.mlp, combine_ref); the forward
+in phases with two micro-batches in flight (S S X X R R) and every run of phases against the plain
+forward and layer_ref; and the errors: weights of another scheme, wires a scheme cannot read,
+shapes, closed groups, phases out of order."""
 import numpy as np
 import pytest
 
@@ -330,3 +332,148 @@ def test_layer_ref_errors():
     a = epmoe.layer_ref(cfg, weights, xs, idxs, ws, per_tensor_act=True, a1_scale=[A1, A1], a2_scale=A2)
     b = epmoe.layer_ref(cfg, weights, xs, idxs, ws, per_tensor_act=True, a1_scale=A1, a2_scale=A2)
     assert all((p == q).all() for p, q in zip(a, b))
+
+
+# ---- the forward in phases (Layer.forward_send / forward_experts / forward_recv, forward_phase) ----
+PHASE_CASES = [  # (R, scheme, wire, per_tensor, combine mode, tokens per rank or None)
+    (2, "w4afp8", "fp8", False, "reduce_at_owner", None),
+    (3, "w4afp8", "bf16", True, "reduce_at_owner", [6, 0, 5]),  # a rank whose micro-batches are empty
+    (2, "w4a16", "bf16", False, "reduce_at_owner", None),
+    (2, "w8a8_fp8_block", "fp8", False, "reduce_at_owner", [1, 5]),  # micro-batches of 0 and 1 tokens
+    (2, "w4afp8", "fp8", False, "reduce_at_expert", None),
+]
+
+
+def phase_case(R, scheme, wire, per_tensor, mode, Ts, seed):
+    if scheme == "w4afp8":
+        cfg, weights, xs, idxs, ws = make_case(R, wire, mode, seed=seed, Ts=Ts)
+    else:
+        cfg, weights, xs, idxs, ws = make_expert_case(R, scheme, wire, 128, seed=seed)
+        if Ts:
+            xs, idxs, ws = ([a[:T].copy() for a, T in zip(arrs, Ts)] for arrs in (xs, idxs, ws))
+    kw = dict(scheme=scheme, intermediate=I)
+    if per_tensor:
+        kw.update(per_tensor_act=True, a1_scale=A1, a2_scale=A2)
+    return cfg.replace(combine_mode=mode), weights, xs, idxs, ws, kw
+
+
+@pytest.mark.parametrize("R,scheme,wire,per_tensor,mode,Ts", PHASE_CASES)
+def test_phases_two_micro_batches_in_flight(R, scheme, wire, per_tensor, mode, Ts):
+    """Each rank splits its batch in two micro-batches a, b and runs S(a) S(b) X(a) X(b) R(a) R(b),
+    then the whole batch as one forward and as the other runs of phases (S|X R, S X|R, ALL). Under
+    REDUCE_AT_OWNER a token's output does not depend on its batch: every one equals layer_ref bit for
+    bit (and the plain forward); under REDUCE_AT_EXPERT within the bf16 partial-sum bound."""
+    import gc
+    cfg, weights, xs, idxs, ws, kw = phase_case(R, scheme, wire, per_tensor, mode, Ts, seed=90 + R)
+
+    def rank(g):
+        r = g.rank
+        x, idx, tw = xs[r], idxs[r], ws[r]
+        h = len(x) // 2
+        with g.layer(weights=weights[r], **kw) as layer:
+            # fresh copies only the LayerForwards hold; b's ids in int64 and b's out the caller's
+            fa = layer.forward_send(x[:h].copy(), idx[:h].copy(), tw[:h].copy())
+            out_b = np.full((len(x) - h, H), 0xFFFF, np.uint16)
+            fb = layer.forward_send(x[h:].copy(), idx[h:].astype(np.int64), tw[h:].copy(), out=out_b)
+            gc.collect()
+            assert (fa.phases, fb.phases, fb.handle) == (epmoe.LAYER_SEND, epmoe.LAYER_SEND, fa.handle + 1)
+            assert g._forwards == [fa, fb]
+            assert layer.forward_experts(fa) is fa
+            layer.forward_experts(fb)
+            assert fa.phases == epmoe.LAYER_SEND | epmoe.LAYER_EXPERTS and not fa.done
+            out_a = layer.forward_recv(fa)
+            assert layer.forward_recv(fb) is out_b and fb.out is out_b
+            assert fa.done and fb.phases == epmoe.LAYER_ALL and g._forwards == []
+            split = np.concatenate([out_a, out_b])
+            plain = layer.forward(x, idx, tw)
+            f = layer.forward_phase(x, idx, tw, phases=epmoe.LAYER_SEND | epmoe.LAYER_EXPERTS)
+            sx_r = layer.forward_phase(f, phases="recv").out
+            f = layer.forward_phase(x, idx, tw, phases="send")
+            s_xr = layer.forward_phase(f, phases="experts|recv").out
+            whole = layer.forward_phase(x, idx, tw, phases=epmoe.LAYER_ALL)
+            assert whole.done and repr(whole).endswith("ran=SEND|EXPERTS|RECV>")
+            return {"S(a) S(b) X(a) X(b) R(a) R(b)": split, "forward": plain, "S|X R": sx_r, "S X|R": s_xr,
+                    "ALL": whole.out}
+
+    with epmoe.CpuWorld(R) as world:
+        outs = world.run(rank, cfg)
+    ref = epmoe.layer_ref(cfg, weights, xs, idxs, ws, **kw)
+    for r in range(R):
+        if len(xs[r]):
+            assert np.abs(mdl.bf16_value(ref[r])).max() > 0
+        for name, out in outs[r].items():
+            assert out.shape == ref[r].shape, f"rank {r} {name}"
+            if mode == "reduce_at_owner":
+                differ = int((out != ref[r]).sum())
+                assert differ == 0, f"rank {r} {name}: {differ} of {out.size} outputs differ from layer_ref"
+            elif out.size:
+                got, want = mdl.bf16_value(out).astype(np.float64), mdl.bf16_value(ref[r]).astype(np.float64)
+                rel = np.sqrt(((got - want) ** 2).sum() / (want ** 2).sum())
+                assert rel <= 2.0 ** -8, f"rank {r} {name}: relative L2 {rel:.3e}"
+
+
+def test_phase_order_errors(one_rank):
+    """Phases out of order raise InvalidArgument before anything moves: the forwards then finish and
+    equal the reference."""
+    g, w, x, idx, tw = one_rank
+    ref = epmoe.layer_ref(g.config, [w], [x], [idx], [tw])[0]
+    layer, other = g.layer(weights=w), g.layer(weights=w)
+    fa = layer.forward_send(x, idx, tw)
+    with pytest.raises(epmoe.InvalidArgument, match="RECV of forward 1 before its EXPERTS phase"):
+        layer.forward_recv(fa)
+    with pytest.raises(epmoe.InvalidArgument, match="forward 1 already ran its SEND phase"):
+        layer.forward_phase(fa, phases=epmoe.LAYER_SEND | epmoe.LAYER_EXPERTS)
+    for bad in (0, 5, 8, "send|recv"):
+        with pytest.raises(epmoe.InvalidArgument, match="not SEND, EXPERTS, RECV or a run of them"):
+            layer.forward_phase(fa, phases=bad)
+    with pytest.raises(ValueError, match="phase 'combine'"):
+        layer.forward_phase(fa, phases="combine")
+    with pytest.raises(TypeError, match="pass the LayerForward"):
+        layer.forward_experts(x)
+    with pytest.raises(TypeError, match="pass only the LayerForward"):
+        layer.forward_phase(fa, idx, tw, phases="experts")
+    with pytest.raises(epmoe.InvalidArgument, match="forward 1 belongs to another layer"):
+        other.forward_experts(fa)
+    fb = layer.forward_send(x, idx, tw)
+    # a group's forwards receive in send order, whichever layer sent them
+    for call in (lambda: layer.forward_experts(fb), lambda: layer.forward(x, idx, tw),
+                 lambda: other.forward_phase(x, idx, tw, phases="send|experts")):
+        with pytest.raises(epmoe.InvalidArgument, match="forward 1 was sent before .* has not run its EXPERTS phase"):
+            call()
+    with pytest.raises(epmoe.InvalidArgument, match="still in flight"):  # the library's: two at most
+        other.forward_send(x, idx, tw)
+    layer.forward_experts(fa)
+    with pytest.raises(epmoe.InvalidArgument, match="forward 1 already ran its EXPERTS phase"):
+        layer.forward_experts(fa)
+    layer.forward_experts(fb)
+    out_a, out_b = layer.forward_recv(fa), layer.forward_recv(fb)
+    with pytest.raises(epmoe.InvalidArgument, match="forward 2 is complete"):
+        layer.forward_recv(fb)
+    assert (out_a == ref).all() and (out_b == ref).all() and g._forwards == []
+    # a send the library refuses starts nothing
+    bad = idx.copy()
+    bad[0, 0] = 99
+    with pytest.raises(epmoe.InvalidArgument, match="99"):
+        layer.forward_send(x, bad, tw)
+    assert g._forwards == [] and (layer.forward(x, idx, tw) == ref).all()
+    layer.close()
+    with pytest.raises(epmoe.InvalidArgument, match="closed"):
+        layer.forward_send(x, idx, tw)
+
+
+def test_phase_order_the_library_refuses(one_rank):
+    """A dispatch the layer does not see (EpGroup.dispatch_send) is still ordered by the library: a
+    forward sent after it cannot receive first. Refused after its SEND went out, the call raises with
+    the LayerForward attached (the peers wait for its remaining phases), which then finishes."""
+    g, w, x, idx, tw = one_rank
+    ref = epmoe.layer_ref(g.config, [w], [x], [idx], [tw])[0]
+    layer = g.layer(weights=w)
+    d = g.dispatch_send(x, idx, tw)
+    with pytest.raises(epmoe.InvalidArgument, match="receives follow dispatch order") as exc:
+        layer.forward_phase(x, idx, tw, phases=epmoe.LAYER_SEND | epmoe.LAYER_EXPERTS)
+    f = exc.value.forward
+    assert f.phases == epmoe.LAYER_SEND and f.handle == d.handle + 1 and g._forwards == [f]
+    g.dispatch_recv(d)
+    cfg = g.config
+    g.combine(d, np.zeros((cfg.local_experts, cfg.rows, H), np.uint16))
+    assert (layer.forward_recv(layer.forward_experts(f)) == ref).all()
