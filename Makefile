@@ -17,7 +17,10 @@ NCCL ?= $(if $(and $(filter 1,$(CUDA)),$(wildcard $(NCCL_HOME)/include/nccl_devi
 CUDA_ARCH ?= -gencode arch=compute_90a,code=sm_90a
 
 VERSION := $(shell sed -n 's/^\#define EPMOE_VERSION_\(MAJOR\|MINOR\|PATCH\) \([0-9]*\)$$/\2/p' include/epmoe.h | paste -sd.)
+# The ABI version in the soname: the major, or major.minor while the major is 0 (0.x releases
+# change structs, e.g. epmoe_layer_weights in 0.3, so 0.2 and 0.3 must not resolve to each other).
 SONAME_MAJOR := $(firstword $(subst ., ,$(VERSION)))
+SONAME_ABI := $(if $(filter 0,$(SONAME_MAJOR)),$(SONAME_MAJOR).$(word 2,$(subst ., ,$(VERSION))),$(SONAME_MAJOR))
 
 WARN := -Wall -Wextra -Wshadow -Wstrict-prototypes -Wmissing-prototypes -Wconversion -Wno-sign-conversion
 # -ffp-contract=off: the CPU references must not fuse multiply-adds the kernels keep separate.
@@ -76,7 +79,7 @@ $(BUILD)/libepmoe.a: $(LIB_OBJ)
 	ar rcs $@ $^
 
 $(BUILD)/libepmoe.so: $(LIB_OBJ)
-	$(CC) -shared -Wl,--no-undefined -Wl,-soname,libepmoe.so.$(SONAME_MAJOR) -o $@ $^ $(LDLIBS)
+	$(CC) -shared -Wl,--no-undefined -Wl,-soname,libepmoe.so.$(SONAME_ABI) -o $@ $^ $(LDLIBS)
 
 # ---- CLI -----------------------------------------------------------------------------------
 CLI_SRC := tools/epmoe.c tools/demo_ep.c tools/demo_w4a8.c tools/cli_layer.c

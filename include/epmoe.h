@@ -296,7 +296,8 @@ typedef struct epmoe_expert_gemm_args {
     const int32_t *masked_m;     /* [E]: rows computed per expert (clamped to [0, M]) */
     const void *a_scales;        /* FP8_BLOCK: E slabs of a_scale_fmt; else NULL */
     epmoe_scale_fmt a_scale_fmt;
-    uint16_t *out;               /* bf16: (e, m, n) at out[e * out_expert_stride + m * out_row_stride + n] */
+    uint16_t *out;               /* bf16: (e, m, n) at out[e * out_expert_stride + m * out_row_stride + n];
+                                    16-byte aligned for _cuda */
     int64_t out_row_stride;      /* elements, >= N, a multiple of 8 */
     int64_t out_expert_stride;   /* elements, >= (M - 1) * out_row_stride + N, a multiple of 8 */
     int64_t expected_m;          /* hint: typical rows per expert (0: M); picks the token tile */
@@ -594,7 +595,10 @@ EPMOE_API epmoe_status epmoe_layer_forward(epmoe_layer *layer, const uint16_t *x
 ** by the phases that use them). *handle is set by SEND and names the forward in its later phases.
 ** Two forwards may be in flight (micro-batches: SEND of the second before RECV of the first, e.g.
 ** S0 S1 X0 X1 R0 R1), phases of different forwards in forward order, as epmoe_dispatch and
-** epmoe_combine require. Once SEND has succeeded, call the remaining phases: peers wait for them. */
+** epmoe_combine require. Once SEND has succeeded, call the remaining phases: peers wait for them.
+** If the expert MLP fails, EXPERTS still sends combine (and RECV, when in the same call, still
+** receives), then returns the error: call RECV anyway; the outputs of this rank's experts, in
+** every rank's out, are then undefined. */
 typedef enum epmoe_layer_phase {
     EPMOE_LAYER_SEND = 1,
     EPMOE_LAYER_EXPERTS = 2,

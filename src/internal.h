@@ -78,7 +78,8 @@ EPMOE_HIDDEN size_t epmoe__expert_mlp_layout(int format, int64_t E, int64_t M, i
                                              size_t *inter, size_t *inter_scales);
 
 /* epmoe_cast_group_fp8_cuda over E slabs of Ms rows, skipping rows >= masked_m[e] of slab e (the
-** layer's cast after a BF16-wire receive; cast_group.cu, CPU builds: UNSUPPORTED). */
+** layer's cast after a BF16-wire receive; row-major scale formats only; cast_group.cu, CPU
+** builds: UNSUPPORTED). */
 EPMOE_HIDDEN epmoe_status epmoe__cast_group_fp8_masked_cuda(const uint16_t *x, const int32_t *masked_m, int64_t E,
                                                             int64_t Ms, int64_t K, uint8_t *q, void *scales,
                                                             epmoe_scale_fmt fmt, int round_scale, epmoe_stream_t stream);

@@ -3,6 +3,7 @@
 ** single-process reference. The scheme decides the expert computation and the dispatch wires it
 ** can consume (checked against the group's wire at creation, never switched process-wide).
 */
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -132,6 +133,12 @@ static epmoe_status sizes_of(const epmoe_ep_config *ec, const epmoe_layer_config
     z->expert_out = lay.expert_out_bytes;
     z->ws = fmt < 0 ? epmoe_w4a8_mlp_workspace(L, M, H, cfg->intermediate)
                     : epmoe_expert_mlp_workspace((epmoe_weight_format)fmt, L, M, H, cfg->intermediate);
+    /* the MLP's own limits (rows per expert slab, dimensions), found here rather than by a
+    ** forward after its collective dispatch */
+    if (M > EPMOE__MAX_DIM || !z->ws)
+        return epmoe__fail(EPMOE_ERR_UNSUPPORTED, "layer: %lld received rows per expert (R * max_tokens) or I = %lld exceed "
+                           "the expert MLP's limits (rows and dimensions up to %lld)", (long long)M,
+                           (long long)cfg->intermediate, (long long)EPMOE__MAX_DIM);
     return EPMOE_OK;
 }
 
@@ -253,17 +260,21 @@ epmoe_status epmoe_layer_forward_phase(epmoe_layer *y, const uint16_t *x, const 
                                    requant ? y->w.a1_scale : NULL};
     const epmoe_combine_args c = {y->expert_out, owner ? topk_weights : NULL, out};
     if (phases & EPMOE_LAYER_SEND) EPMOE_CHECK(epmoe_dispatch(y->ep, &d, EPMOE_PHASE_SEND, handle, stream));
+    epmoe_status ex = EPMOE_OK;
+    char why[256] = "";
     if (phases & EPMOE_LAYER_EXPERTS) {
         EPMOE_CHECK(epmoe_dispatch(y->ep, &d, EPMOE_PHASE_RECV, handle, stream));
-        const epmoe_status ex = experts(ec, &y->cfg, &y->w, y->gpu, y->recv_x, y->recv_scales, y->masked_m, y->q,
-                                        y->q_scales, y->ws, y->ws_bytes, y->expert_out, stream);
+        ex = experts(ec, &y->cfg, &y->w, y->gpu, y->recv_x, y->recv_scales, y->masked_m, y->q, y->q_scales, y->ws,
+                     y->ws_bytes, y->expert_out, stream);
+        if (ex != EPMOE_OK) snprintf(why, sizeof why, "%s", epmoe_last_error()); /* copied: epmoe__fail reuses it */
         /* combine runs even if the experts failed: the peers are waiting for this rank's share */
-        const epmoe_status cs = epmoe_combine(y->ep, *handle, &c, EPMOE_PHASE_SEND, stream);
-        if (ex != EPMOE_OK)
-            return epmoe__fail(ex, "%s: the expert MLP failed (combine still ran): %s", fn, epmoe_last_error());
-        EPMOE_CHECK(cs);
+        EPMOE_CHECK(epmoe_combine(y->ep, *handle, &c, EPMOE_PHASE_SEND, stream));
     }
+    /* and its receive too (when asked for), so the forward ends and the group stays usable */
     if (phases & EPMOE_LAYER_RECV) EPMOE_CHECK(epmoe_combine(y->ep, *handle, &c, EPMOE_PHASE_RECV, stream));
+    if (ex != EPMOE_OK)
+        return epmoe__fail(ex, "%s: the expert MLP failed; the forward still ran to its end so no peer waits, but the "
+                           "outputs of this rank's experts are undefined: %s", fn, why);
     return EPMOE_OK;
 }
 

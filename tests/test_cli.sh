@@ -18,6 +18,8 @@ expect 2 "bad --wire" "$EPMOE" check --wire fp16
 expect 2 "unknown scheme" "$EPMOE" bench --scheme fp4
 expect 2 "bf16 scheme on the FP8 wire" "$EPMOE" bench --scheme bf16 --wire fp8
 expect 2 "bad --group" "$EPMOE" bench --scheme w4a16 --group 64
+expect 2 "--group with trailing junk" "$EPMOE" bench --scheme w4a16 --group 32x
+expect 2 "--group without w4a16" "$EPMOE" bench --group 32
 expect 2 "check of another scheme" "$EPMOE" check --scheme bf16
 expect 2 "experts not a multiple of ranks" "$EPMOE" check --model tiny --cpu --experts 3
 msg=$("$EPMOE" bench --model gpt5 2>&1)

@@ -37,7 +37,7 @@ typedef struct opts {
     int tokens, experts, cpu, iters, wires; /* wires: bit 0 FP8, bit 1 BF16 */
     const char *json;
     epmoe_scheme scheme;
-    int group;                              /* w4a16: int4 group along K */
+    int group, group_set;                   /* w4a16: int4 group along K (--group given) */
 } opts;
 
 static const char *SCHEME[] = {"bf16", "w8a8_fp8_block", "w4afp8", "w4a16"};
@@ -75,12 +75,15 @@ static int parse(const char *cmd, int argc, char **argv, opts *o) {
             o->scheme = (epmoe_scheme)f;
             i++;
         } else if (!strcmp(a, "--group") && v) {
-            o->group = atoi(v);
-            if (o->group != 32 && o->group != 128) return fprintf(stderr, "epmoe %s: --group takes 32 or 128, got '%s'\n", cmd, v), 2;
+            const long g = strtol(v, &end, 10);
+            if (*end || (g != 32 && g != 128)) return fprintf(stderr, "epmoe %s: --group takes 32 or 128, got '%s'\n", cmd, v), 2;
+            o->group = (int)g, o->group_set = 1;
             i++;
         } else if (!strcmp(a, "--json") && v) o->json = argv[++i];
         else return fprintf(stderr, "epmoe %s: unknown or incomplete option '%s' (see epmoe --help)\n", cmd, a), 2;
     }
+    if (o->group_set && o->scheme != EPMOE_SCHEME_W4A16)
+        return fprintf(stderr, "epmoe %s: --group is the w4a16 scheme's int4 group (add --scheme w4a16)\n", cmd), 2;
     return 0;
 }
 
@@ -259,7 +262,7 @@ static void check_rank(rank_ctx *r) {
 }
 
 int cmd_check(int argc, char **argv) {
-    opts o = {&MODELS[0], 8, 0, 0, 0, 3, NULL, EPMOE_SCHEME_W4AFP8, 32};
+    opts o = {&MODELS[0], 8, 0, 0, 0, 3, NULL, EPMOE_SCHEME_W4AFP8, 32, 0};
     if (parse("check", argc, argv, &o)) return 2;
     int gpu;
     const int R = pick_ranks(&o, &gpu);
@@ -558,7 +561,7 @@ static void bench_rank(rank_ctx *r) {
 }
 
 int cmd_bench(int argc, char **argv) {
-    opts o = {&MODELS[0], 128, 0, 0, 0, 0, NULL, EPMOE_SCHEME_W4AFP8, 32};
+    opts o = {&MODELS[0], 128, 0, 0, 0, 0, NULL, EPMOE_SCHEME_W4AFP8, 32, 0};
     if (parse("bench", argc, argv, &o)) return 2;
     const int fp8_ok = epmoe_scheme_accepts_wire(o.scheme, EPMOE_WIRE_FP8);
     if (!o.wires) o.wires = fp8_ok ? 3 : 2;

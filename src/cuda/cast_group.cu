@@ -92,5 +92,8 @@ epmoe_status epmoe__cast_group_fp8_masked_cuda(const uint16_t *x, const int32_t 
     static const char fn[] = "epmoe_layer_forward (cast after receive)";
     EPMOE_CHECK(epmoe__check_cast_group(fn, x, E * Ms, K, q, scales, fmt, round_scale, 1));
     if (!masked_m) return epmoe__fail(EPMOE_ERR_NULL_POINTER, "%s: masked_m is NULL", fn);
+    /* one [E * Ms, K] matrix: row-major scales are E slabs already, M-major ones would not be */
+    if (fmt != EPMOE_SCALE_F32_ROW && fmt != EPMOE_SCALE_UE8M0_ROW)
+        return epmoe__fail(EPMOE_ERR_UNSUPPORTED, "%s: scale format %d: only the row-major formats", fn, (int)fmt);
     return cast(fn, x, E * Ms, K, q, scales, fmt, round_scale, masked_m, Ms, reinterpret_cast<cudaStream_t>(stream));
 }
