@@ -2,9 +2,9 @@
 ** test_experts_gpu.c — the expert GEMM and MLP of the bf16, w8a8-fp8-block and w4a16 schemes on
 ** the GPU against the CPU references (epmoe_expert_gemm_ref / epmoe_expert_mlp_ref).
 **  1. GEMM: BF16, FP8_BLOCK in all four activation-scale layouts, INT4 group 32 and 128;
-**     masked_m patterns {all 0, all 1, 3, full M, skewed}; M = 1, 3, 64, 65, 129; N, K multiples of
-**     128 other than powers of two; a NaN token; outputs poisoned, rows past masked_m and columns
-**     past N checked untouched.
+**     masked_m patterns {all 0, all 1, 3, full M, skewed, < 0 and > M}; M = 1, 3, 9, 64, 65, 129;
+**     E = 1; N, K multiples of 128 other than powers of two, and K = 7168; a NaN token; outputs
+**     poisoned, rows past masked_m, columns past N and the gap between experts checked untouched.
 **  2. CUDA graph: the GEMM captured once, replayed with masked_m and activations changed on the device.
 **  3. MLP, per stage: GEMM1's bf16 output (in the workspace) against the reference GEMM, GEMM2's
 **     output against the reference GEMM run on the GPU's own intermediate, and the whole MLP
@@ -154,10 +154,18 @@ static void make_masked(test_rng *r, int pattern, int64_t E, int64_t M, int32_t 
         case 1: v = 1; break;
         case 2: v = 3; break;
         case 3: v = M; break;
+        case 5: /* out of range: the kernels clamp to [0, M] */
+            masked[e] = (int32_t)(e % 3 == 0 ? -5 : e % 3 == 1 ? M + 7 : 2);
+            continue;
         default: v = (e % 3 == 0) ? M : (int64_t)(rng_u64(r) % (uint64_t)(M / 2 + 1)); /* hot and cold experts */
         }
         masked[e] = (int32_t)(v > M ? M : v);
     }
+}
+
+/* The rows an op computes for expert e: masked_m clamped to [0, M]. */
+static int64_t rows_of(const int32_t *masked, int64_t e, int64_t M) {
+    return masked[e] < 0 ? 0 : masked[e] > M ? M : masked[e];
 }
 
 /* out (host copy, [E, M, rs], expert stride es) against want (the reference's output, same
@@ -167,10 +175,12 @@ static void check_gemm_out(const char *what, const epmoe_expert_weights *w, cons
     long bad = 0, touched = 0, checked = 0;
     double worst = 0;
     for (int64_t e = 0; e < w->E; e++)
+        for (int64_t i = e * es + A->M * rs; i < (e + 1) * es; i++) touched += got[i] != POISON16; /* gap between experts */
+    for (int64_t e = 0; e < w->E; e++)
         for (int64_t m = 0; m < A->M; m++)
             for (int64_t n = 0; n < rs; n++) {
                 const int64_t i = e * es + m * rs + n;
-                if (m >= masked[e] || n >= w->N) {
+                if (m >= rows_of(masked, e, A->M) || n >= w->N) {
                     touched += got[i] != POISON16;
                     continue;
                 }
@@ -326,7 +336,8 @@ static void run_mlp(test_rng *r, epmoe_weight_format f, int64_t group, int64_t E
         epmoe_expert_gemm_args h = {w13.w, A.a, M, masked, A.sa, EPMOE_SCALE_F32_MMAJOR, want, 2 * I, M * 2 * I, 0};
         CHECK_STATUS(epmoe_expert_gemm_ref(&h), EPMOE_OK);
         for (int64_t e = 0; e < E; e++)
-            for (int64_t mm = masked[e]; mm < M; mm++) memcpy(gu + (e * M + mm) * 2 * I, want + (e * M + mm) * 2 * I, (size_t)(4 * I));
+            for (int64_t mm = rows_of(masked, e, M); mm < M; mm++)
+                memcpy(gu + (e * M + mm) * 2 * I, want + (e * M + mm) * 2 * I, (size_t)(4 * I));
         snprintf(what, sizeof what, "MLP %s GEMM1 E%lld H%lld I%lld M%lld", fmt_name(f, group), (long long)E,
                  (long long)H, (long long)I, (long long)M);
         check_gemm_out(what, &w13.w, &A, masked, gu, want, 2 * I, M * 2 * I);
@@ -355,7 +366,7 @@ static void run_mlp(test_rng *r, epmoe_weight_format f, int64_t group, int64_t E
             for (int64_t mm = 0; mm < M; mm++)
                 for (int64_t n = 0; n < H; n++) {
                     const int64_t i = (e * M + mm) * H + n;
-                    if (mm >= masked[e]) {
+                    if (mm >= rows_of(masked, e, M)) {
                         touched += got[i] != POISON16;
                         continue;
                     }
@@ -402,6 +413,8 @@ int main(void) {
                 {f, gr, sfm, 4, 256, 384, 64, 3, 1, 0},  {f, gr, sfm, 5, 128, 256, 65, 4, 0, 0},
                 {f, gr, sfm, 3, 640, 128, 129, 3, 0, 0}, {f, gr, sfm, 4, 128, 384, 20, 0, 0, 0},
                 {f, gr, sfm, 4, 256, 256, 70, 3, 0, 8},  {f, gr, sfm, 3, 128, 384, 40, 4, 1, 200},
+                {f, gr, sfm, 5, 128, 256, 24, 5, 0, 0},  /* masked_m < 0 and > M */
+                {f, gr, sfm, 1, 256, 7168, 9, 3, 0, 0},  /* E = 1, DeepSeek's K */
             };
             for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
                 if (quick && i > 2) break;
