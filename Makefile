@@ -168,7 +168,8 @@ clean:
 	rm -rf $(BUILD)
 
 # ---- kernel labs (dev/): variants with their own main, never linked into the library ---------
-DEV_LABS := $(patsubst dev/cuda/%.cu,$(BUILD)/dev/%,$(wildcard dev/cuda/*.cu))
+# (ep_* labs compile the EP kernels, which need NCCL's device headers)
+DEV_LABS := $(patsubst dev/cuda/%.cu,$(BUILD)/dev/%,$(filter-out $(if $(filter 1,$(NCCL)),,dev/cuda/ep_%),$(wildcard dev/cuda/*.cu)))
 $(BUILD)/dev/%: dev/cuda/%.cu $(BUILD)/libepmoe.a $(HEADERS)
 	@mkdir -p $(dir $@)
 	$(NVCC) $(NVFLAGS) -o $@ $< $(BUILD)/libepmoe.a
