@@ -20,12 +20,19 @@ expect 2 "bf16 scheme on the FP8 wire" "$EPMOE" bench --scheme bf16 --wire fp8
 expect 2 "bad --group" "$EPMOE" bench --scheme w4a16 --group 64
 expect 2 "--group with trailing junk" "$EPMOE" bench --scheme w4a16 --group 32x
 expect 2 "--group without w4a16" "$EPMOE" bench --group 32
-expect 2 "check of another scheme" "$EPMOE" check --scheme bf16
+expect 2 "check: bf16 scheme on the FP8 wire" "$EPMOE" check --model tiny --cpu --scheme bf16 --wire fp8
+expect 2 "check: w4a16 scheme on both wires" "$EPMOE" check --model tiny --cpu --scheme w4a16 --wire both
+expect 2 "check: --group without w4a16" "$EPMOE" check --model tiny --cpu --scheme w8a8_fp8_block --group 128
 expect 2 "experts not a multiple of ranks" "$EPMOE" check --model tiny --cpu --experts 3
 msg=$("$EPMOE" bench --model gpt5 2>&1)
 case "$msg" in *"unknown model 'gpt5'"*) ;; *) echo "  FAIL: the error does not name the bad value: $msg"; fail=1 ;; esac
+msg=$("$EPMOE" check --scheme bf16 --wire fp8 2>&1)
+case "$msg" in *"BF16 wire only"*) ;; *) echo "  FAIL: the wire error does not say which wire the scheme takes: $msg"; fail=1 ;; esac
 tmp=$(mktemp -d)
 expect 0 "check --model tiny --cpu" "$EPMOE" check --model tiny --cpu --json "$tmp/check.json"
+for s in bf16 w8a8_fp8_block "w4a16 --group 128" "w4a16 --group 32"; do
+    expect 0 "check --scheme $s" "$EPMOE" check --model tiny --cpu --scheme $s --json "$tmp/check_$(echo $s | tr -d ' -').json"
+done
 expect 0 "bench --model tiny --cpu" "$EPMOE" bench --model tiny --cpu --tokens 8 --iters 2 --json "$tmp/bench.json"
 for s in bf16 w8a8_fp8_block "w4a16 --group 128"; do
     expect 0 "bench --scheme $s" "$EPMOE" bench --model tiny --cpu --tokens 4 --iters 1 --scheme $s --json "$tmp/bench_${s%% *}.json"
@@ -42,6 +49,21 @@ for k, v in r.items():
 for t in ("gaussian", "outliers"):
     for w in ("fp8", "bf16"):
         assert r[(t, w, "group")] <= r[(t, w, "per_tensor")] * 1.05, (t, w, r)
+assert c["scheme"] == "w4afp8", c["scheme"]
+# the other schemes: fp8-block on both wires (1x128 group scales only), bf16 and w4a16 on the BF16
+# wire (bf16 activations, no scales); the fp64 model uses their dequantized weights exactly, so
+# what is left is activation rounding: fp8 ~2e-3, bf16 ~2e-5 (a wrong weight scale shows far above)
+for f, scheme, wires, acts, bound in (("bf16", "bf16", ("bf16",), "none", 1e-3),
+                                      ("w8a8_fp8_block", "w8a8_fp8_block", ("fp8", "bf16"), "group", 1e-2),
+                                      ("w4a16group128", "w4a16 g128", ("bf16",), "none", 1e-3),
+                                      ("w4a16group32", "w4a16 g32", ("bf16",), "none", 1e-3)):
+    c = json.load(open(f"{d}/check_{f}.json"))
+    assert c["scheme"] == scheme and c["model"] == "tiny", (f, c["scheme"], c["model"])
+    r = {(x["tokens"], x["wire"]): x for x in c["results"]}
+    assert len(r) == len(c["results"]) and set(r) == {(t, w) for t in ("gaussian", "outliers") for w in wires}, (f, set(r))
+    for k, x in r.items():
+        assert x["act_scales"] == acts, (f, k, x)
+        assert math.isfinite(x["nmse"]) and 0 < x["nmse"] < 0.05 and x["nmse"] < bound, (f, k, x["nmse"])
 b = json.load(open(f"{d}/bench.json"))
 st = {(x["wire"], x["stage"]) for x in b["results"]}
 assert st == {(w, s) for w in ("fp8", "bf16") for s in ("layer", "dispatch", "expert MLP", "combine")}, st

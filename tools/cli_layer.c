@@ -1,12 +1,16 @@
 /*
-** cli_layer.c — `epmoe check` and `epmoe bench`: the MoE layer (W4AFP8) on the best backend (the
-** node's GPUs over NCCL, one thread per GPU; else the CPU backend with ranks as threads).
-**   check: the layer's error against an fp64 model (exact int4 weights, unquantized activations
-**          and intermediate) for FP8 vs BF16 wire x 1x128 vs per-tensor activation scales, on
-**          gaussian tokens and on tokens with 8 outlier channels x200.
+** cli_layer.c — `epmoe check` and `epmoe bench`: the MoE layer on the best backend (the node's
+** GPUs over NCCL, one thread per GPU; else the CPU backend with ranks as threads), any scheme
+** (--scheme w4afp8 (default) | w8a8_fp8_block | bf16 | w4a16 [--group 32|128]).
+**   check: the layer's error against an fp64 model (the checkpoint's weights dequantized exactly,
+**          unquantized activations and intermediate), on gaussian tokens and on tokens with 8
+**          outlier channels x200. Weights drawn on the host in the scheme's checkpoint form:
+**          w4afp8 int4 amax/7 per 128 (repacked); w8a8_fp8_block e4m3 with amax/448 per 128x128
+**          block; bf16; w4a16 int4 amax/7 per group. Rows: w4afp8 FP8 vs BF16 wire x 1x128 vs
+**          per-tensor activation scales; w8a8_fp8_block FP8 vs BF16 wire (1x128 scales); bf16
+**          and w4a16 the BF16 wire (their only one). --json adds "scheme".
 **   bench: the layer forward and each stage alone (dispatch, expert MLP, combine): median us,
-**          GB/s over the weights the MLP reads, TFLOP/s; FP8 and/or BF16 wire; any scheme
-**          (--scheme w4afp8 | w8a8_fp8_block | bf16 | w4a16 [--group 32|128]); --json.
+**          GB/s over the weights the MLP reads, TFLOP/s; FP8 and/or BF16 wire; --json.
 */
 #define _POSIX_C_SOURCE 200809L
 #include <math.h>
@@ -69,9 +73,6 @@ static int parse(const char *cmd, int argc, char **argv, opts *o) {
             for (int j = 0; j < 4; j++)
                 if (!strcmp(v, SCHEME[j])) f = j;
             if (f < 0) return fprintf(stderr, "epmoe %s: unknown scheme '%s' (w4afp8, w8a8_fp8_block, bf16, w4a16)\n", cmd, v), 2;
-            if (f != EPMOE_SCHEME_W4AFP8 && strcmp(cmd, "bench"))
-                return fprintf(stderr, "epmoe %s: compares the w4afp8 scheme's wires and scales; other schemes: epmoe bench "
-                                       "--scheme, the tests check their accuracy\n", cmd), 2;
             o->scheme = (epmoe_scheme)f;
             i++;
         } else if (!strcmp(a, "--group") && v) {
@@ -181,12 +182,30 @@ static void release(int gpu, void *p) {
     free(p);
 }
 
+/* The expert weight format of a scheme other than w4afp8, and its checkpoint sizes. */
+static epmoe_weight_format scheme_format(epmoe_scheme s) {
+    return s == EPMOE_SCHEME_BF16 ? EPMOE_WEIGHT_BF16 : s == EPMOE_SCHEME_W4A16 ? EPMOE_WEIGHT_INT4 : EPMOE_WEIGHT_FP8_BLOCK;
+}
+static void xw_sizes(epmoe_weight_format f, int64_t group, int64_t E, int64_t N, int64_t K, size_t *data, size_t *scales) {
+    *data = (size_t)(E * N * K) * (f == EPMOE_WEIGHT_BF16 ? 2 : 1) / (f == EPMOE_WEIGHT_INT4 ? 2 : 1);
+    *scales = f == EPMOE_WEIGHT_BF16 ? 0 : (size_t)(f == EPMOE_WEIGHT_INT4 ? E * N * (K / group) : E * (N / 128) * (K / 128)) * 4;
+}
+
 /* ---- check ----------------------------------------------------------------------------- */
 
-typedef struct ckpt { /* one rank's experts in checkpoint form: int4 + fp32 group scales */
-    int8_t *w13, *w2;
-    float *s13, *s2;
-    epmoe_layer_weights lw; /* repacked, where the group's memory is */
+/* One weight matrix [L, N, K] of a rank in checkpoint form, on the host (what the fp64 model
+** reads): bf16; fp8 e4m3 with fp32 128x128 block scales [L, N/128, K/128]; int4 (two per byte,
+** even k low) with fp32 group scales [L, N, K/group]. W4AFP8's checkpoint is INT4 with group 128. */
+typedef struct ckpt_mat {
+    epmoe_weight_format fmt;
+    int64_t N, K, group;
+    void *data;
+    float *scales;
+} ckpt_mat;
+
+typedef struct ckpt { /* one rank's experts */
+    ckpt_mat w13, w2;
+    epmoe_layer_weights lw; /* as the layer takes them (w4afp8: repacked), where the group's memory is */
 } ckpt;
 
 typedef struct check_job {
@@ -200,25 +219,104 @@ typedef struct check_job {
     const float *a1, *a2; /* host values; copied where needed */
 } check_job;
 
-static int make_ckpt(int gpu, int L, int H, int I, ckpt *c) {
-    const size_t n13 = (size_t)L * 2 * I * H, n2 = (size_t)L * H * I;
-    c->w13 = malloc(n13 / 2), c->w2 = malloc(n2 / 2);
-    c->s13 = malloc(n13 / 128 * 4), c->s2 = malloc(n2 / 128 * 4);
-    if (!c->w13 || !c->w2 || !c->s13 || !c->s2) return 1;
-    tool_quantize_w4(&rng_state, (int64_t)L * 2 * I, H, c->w13, c->s13);
-    tool_quantize_w4(&rng_state, (int64_t)L * H, I, c->w2, c->s2);
-    size_t q13, ss13, q2, ss2;
-    epmoe_w4a8_repack_size(L, 2 * I, H, &q13, &ss13);
-    epmoe_w4a8_repack_size(L, H, I, &q2, &ss2);
-    void *hq13 = malloc(q13), *hq2 = malloc(q2);
-    float *hs13 = malloc(ss13), *hs2 = malloc(ss2);
+/* Weights [rows, K] (rows a multiple of 128) drawn gaussian with the variance of tool_quantize_w4's
+** (uniform in +-0.02) and stored in checkpoint form f: bf16 of the values; e4m3 of value / scale with
+** scale = amax / 448 per 128x128 block; int4 with scale = amax / 7 per group along K
+** (tool_quantize_int4_group). v: 128 * K floats of scratch. */
+static void make_weights(epmoe_weight_format f, int64_t group, int64_t rows, int64_t K, void *data, float *scales,
+                         float *v) {
+    for (int64_t r0 = 0; r0 < rows; r0 += 128) {
+        for (int64_t i = 0; i < 128 * K; i++) v[i] = (float)(nrand() * 0.011547005383792516); /* 0.02 / sqrt(3) */
+        for (int64_t b = 0; f == EPMOE_WEIGHT_FP8_BLOCK && b < K / 128; b++) {
+            float amax = 1e-12f;
+            for (int64_t r = 0; r < 128; r++)
+                for (int64_t i = 0; i < 128; i++) amax = fmaxf(amax, fabsf(v[r * K + b * 128 + i]));
+            const float sc = amax / 448.0f;
+            scales[r0 / 128 * (K / 128) + b] = sc;
+            for (int64_t r = 0; r < 128; r++)
+                for (int64_t i = b * 128; i < b * 128 + 128; i++)
+                    ((uint8_t *)data)[(r0 + r) * K + i] = epmoe_fp8_e4m3_from_float(v[r * K + i] / sc);
+        }
+        for (int64_t r = 0; f != EPMOE_WEIGHT_FP8_BLOCK && r < 128; r++) {
+            const int64_t row = r0 + r;
+            if (f == EPMOE_WEIGHT_BF16)
+                for (int64_t i = 0; i < K; i++) ((uint16_t *)data)[row * K + i] = epmoe_bf16_from_float(v[r * K + i]);
+            else
+                for (int64_t g = 0; g < K / group; g++)
+                    tool_quantize_int4_group(v + r * K + g * group, group, (int8_t *)data + (row * K + g * group) / 2,
+                                             &scales[row * (K / group) + g]);
+        }
+    }
+}
+
+/* Row `row` of [L * N, K] dequantized exactly (value times its scale, in fp64): one per format. */
+static void deq_bf16(const ckpt_mat *w, int64_t row, double *out) {
+    for (int64_t k = 0; k < w->K; k++) out[k] = epmoe_bf16_to_float(((const uint16_t *)w->data)[row * w->K + k]);
+}
+static void deq_fp8_block(const ckpt_mat *w, int64_t row, double *out) {
+    const float *s = w->scales + row / 128 * (w->K / 128);
+    for (int64_t k = 0; k < w->K; k++)
+        out[k] = (double)epmoe_fp8_e4m3_to_float(((const uint8_t *)w->data)[row * w->K + k]) * s[k / 128];
+}
+static double nib(const int8_t *w, int64_t i) { /* int4 i of a packed array (even index: low nibble) */
+    const uint8_t b = (uint8_t)w[i / 2];
+    const int v = (i & 1) ? b >> 4 : b & 0xF;
+    return v >= 8 ? v - 16 : v;
+}
+static void deq_int4(const ckpt_mat *w, int64_t row, double *out) {
+    const float *s = w->scales + row * (w->K / w->group);
+    for (int64_t k = 0; k < w->K; k++) out[k] = nib(w->data, row * w->K + k) * s[k / w->group];
+}
+
+/* Local expert le of w as fp64 [N, K]. */
+static void dequant_expert(const ckpt_mat *w, int64_t le, double *out) {
+    void (*const deq[])(const ckpt_mat *, int64_t, double *) = {[EPMOE_WEIGHT_BF16] = deq_bf16,
+                                                                [EPMOE_WEIGHT_FP8_BLOCK] = deq_fp8_block,
+                                                                [EPMOE_WEIGHT_INT4] = deq_int4};
+    for (int64_t n = 0; n < w->N; n++) deq[w->fmt](w, le * w->N + n, out + n * w->K);
+}
+
+/* Rank weights in the scheme's checkpoint form (w4afp8: tool_quantize_w4, then repacked), and the
+** layer's view of them uploaded where the group's memory is. */
+static int make_ckpt(int gpu, const opts *o, int L, int H, int I, ckpt *c) {
+    const epmoe_scheme sc = o->scheme;
+    const epmoe_weight_format f = sc == EPMOE_SCHEME_W4AFP8 ? EPMOE_WEIGHT_INT4 : scheme_format(sc);
+    const int64_t g = sc == EPMOE_SCHEME_W4A16 ? o->group : 128;
+    size_t q13, s13, q2, s2;
+    xw_sizes(f, g, L, 2 * I, H, &q13, &s13);
+    xw_sizes(f, g, L, H, I, &q2, &s2);
+    const ckpt_mat m13 = {f, 2 * I, H, g, malloc(q13), malloc(s13 + 4)}, m2 = {f, H, I, g, malloc(q2), malloc(s2 + 4)};
+    c->w13 = m13, c->w2 = m2;
+    if (!m13.data || !m13.scales || !m2.data || !m2.scales) return fprintf(stderr, "epmoe check: out of memory\n"), 1;
+    if (sc != EPMOE_SCHEME_W4AFP8) {
+        float *v = malloc((size_t)128 * (H > I ? H : I) * 4);
+        if (!v) return fprintf(stderr, "epmoe check: out of memory\n"), 1;
+        make_weights(f, g, (int64_t)L * 2 * I, H, m13.data, m13.scales, v);
+        make_weights(f, g, (int64_t)L * H, I, m2.data, m2.scales, v);
+        free(v);
+        void *d13 = NULL, *ds13 = NULL, *d2 = NULL, *ds2 = NULL;
+        if (upload(gpu, m13.data, q13, &d13) || upload(gpu, m2.data, q2, &d2) ||
+            (f != EPMOE_WEIGHT_BF16 && (upload(gpu, m13.scales, s13, &ds13) || upload(gpu, m2.scales, s2, &ds2))))
+            return fprintf(stderr, "epmoe check: out of memory for the weights\n"), 1;
+        const epmoe_expert_weights e13 = {f, L, 2 * I, H, g, d13, ds13}, e2 = {f, L, H, I, g, d2, ds2};
+        memset(&c->lw, 0, sizeof c->lw);
+        c->lw.e13 = e13, c->lw.e2 = e2;
+        return 0;
+    }
+    tool_quantize_w4(&rng_state, (int64_t)L * 2 * I, H, m13.data, m13.scales);
+    tool_quantize_w4(&rng_state, (int64_t)L * H, I, m2.data, m2.scales);
+    size_t rq13, rs13, rq2, rs2;
+    epmoe_w4a8_repack_size(L, 2 * I, H, &rq13, &rs13);
+    epmoe_w4a8_repack_size(L, H, I, &rq2, &rs2);
+    void *hq13 = malloc(rq13), *hq2 = malloc(rq2);
+    float *hs13 = malloc(rs13), *hs2 = malloc(rs2);
     int e13 = EPMOE_W4_AUTO, e2 = EPMOE_W4_AUTO;
-    if (epmoe_w4a8_repack(c->w13, c->s13, EPMOE_F32, 128, L, 2 * I, H, hq13, hs13, &e13) ||
-        epmoe_w4a8_repack(c->w2, c->s2, EPMOE_F32, 128, L, H, I, hq2, hs2, &e2))
+    if (epmoe_w4a8_repack(m13.data, m13.scales, EPMOE_F32, 128, L, 2 * I, H, hq13, hs13, &e13) ||
+        epmoe_w4a8_repack(m2.data, m2.scales, EPMOE_F32, 128, L, H, I, hq2, hs2, &e2))
         return fprintf(stderr, "epmoe check: repack: %s\n", epmoe_last_error()), 1;
     void *d13, *ds13, *d2, *ds2;
-    if (upload(gpu, hq13, q13, &d13) || upload(gpu, hs13, ss13, &ds13) || upload(gpu, hq2, q2, &d2) ||
-        upload(gpu, hs2, ss2, &ds2))
+    if (upload(gpu, hq13, rq13, &d13) || upload(gpu, hs13, rs13, &ds13) || upload(gpu, hq2, rq2, &d2) ||
+        upload(gpu, hs2, rs2, &ds2))
         return fprintf(stderr, "epmoe check: out of memory for the weights\n"), 1;
     free(hq13), free(hq2), free(hs13), free(hs2);
     const epmoe_layer_weights lw = {.w13 = {L, 2 * I, H, e13, d13, ds13}, .w2 = {L, H, I, e2, d2, ds2}};
@@ -226,17 +324,19 @@ static int make_ckpt(int gpu, int L, int H, int I, ckpt *c) {
     return 0;
 }
 
-static double nib(const int8_t *w, int64_t i) { /* int4 i of a packed array (even index: low nibble) */
-    const uint8_t b = (uint8_t)w[i / 2];
-    const int v = (i & 1) ? b >> 4 : b & 0xF;
-    return v >= 8 ? v - 16 : v;
+static void free_ckpt(int gpu, ckpt *c) {
+    const void *p[] = {c->lw.w13.qweight, c->lw.w13.scales, c->lw.w2.qweight, c->lw.w2.scales,
+                       c->lw.e13.data,    c->lw.e13.scales, c->lw.e2.data,    c->lw.e2.scales};
+    for (size_t i = 0; i < sizeof p / sizeof p[0]; i++)
+        if (p[i]) release(gpu, (void *)p[i]);
+    free(c->w13.data), free(c->w13.scales), free(c->w2.data), free(c->w2.scales);
 }
 
 static void check_rank(rank_ctx *r) {
     check_job *j = r->job;
     const int H = r->ec.hidden, T = r->ec.max_tokens, k = r->ec.top_k;
     epmoe_layer_config lc = EPMOE_LAYER_CONFIG_INIT;
-    lc.intermediate = j->o->m->I, lc.per_tensor_act = j->per_tensor;
+    lc.scheme = j->o->scheme, lc.intermediate = j->o->m->I, lc.per_tensor_act = j->per_tensor;
     epmoe_layer_weights lw = j->ck[r->rank].lw;
     void *a1 = NULL, *a2 = NULL, *x = NULL, *idx = NULL, *tw = NULL, *out = NULL;
     int fail = upload(r->gpu, j->a1, 4, &a1) || upload(r->gpu, j->a2, 4, &a2) ||
@@ -262,8 +362,16 @@ static void check_rank(rank_ctx *r) {
 }
 
 int cmd_check(int argc, char **argv) {
-    opts o = {&MODELS[0], 8, 0, 0, 0, 3, NULL, EPMOE_SCHEME_W4AFP8, 32, 0};
+    opts o = {&MODELS[0], 8, 0, 0, 0, 0, NULL, EPMOE_SCHEME_W4AFP8, 32, 0};
     if (parse("check", argc, argv, &o)) return 2;
+    /* the rows: wire x activation scales; only w4afp8 has static per-tensor scales, and the bf16
+    ** and w4a16 schemes read bf16 activations (BF16 wire, no scales) */
+    const int w4afp8 = o.scheme == EPMOE_SCHEME_W4AFP8, fp8_ok = epmoe_scheme_accepts_wire(o.scheme, EPMOE_WIRE_FP8);
+    if (!o.wires) o.wires = fp8_ok ? 3 : 2;
+    if ((o.wires & 1) && !fp8_ok)
+        return fprintf(stderr, "epmoe check: the %s scheme reads bf16 activations: BF16 wire only\n", SCHEME[o.scheme]), 2;
+    char sname[32];
+    snprintf(sname, sizeof sname, o.scheme == EPMOE_SCHEME_W4A16 ? "%s g%d" : "%s", SCHEME[o.scheme], o.group);
     int gpu;
     const int R = pick_ranks(&o, &gpu);
     if (!gpu && o.m != &MODELS[2] && !o.experts)
@@ -274,14 +382,18 @@ int cmd_check(int argc, char **argv) {
     const int L = E / R;
     printf("epmoe check: %s layer shapes (H %d, I %d), %d experts, top-%d, %d tokens/rank, %d ranks on %s\n", o.m->name,
            H, I, E, k, T, R, gpu ? "GPUs over NCCL" : "the CPU backend");
-    printf("  quantizing and repacking the weights (W4AFP8 checkpoint rules: int4, amax/7 per 128)...\n");
+    if (w4afp8) printf("  quantizing and repacking the weights (W4AFP8 checkpoint rules: int4, amax/7 per 128)...\n");
+    else if (o.scheme == EPMOE_SCHEME_BF16) printf("  scheme bf16: gaussian weights rounded to bf16...\n");
+    else if (o.scheme == EPMOE_SCHEME_W8A8_FP8_BLOCK)
+        printf("  scheme w8a8_fp8_block: quantizing gaussian weights (e4m3, amax/448 per 128x128 block)...\n");
+    else printf("  scheme %s: quantizing gaussian weights (int4, amax/7 per %d along K)...\n", sname, o.group);
     fflush(stdout);
     ckpt ck[8];
     for (int q = 0; q < R; q++) {
 #if EPMOE_HAVE_CUDA
         if (gpu) cudaSetDevice(q); /* rank q's weights live on rank q's GPU */
 #endif
-        if (make_ckpt(gpu, L, H, I, &ck[q])) return 1;
+        if (make_ckpt(gpu, &o, L, H, I, &ck[q])) return 1;
     }
     uint16_t *x = malloc((size_t)R * T * H * 2), *out = malloc((size_t)R * T * H * 2);
     int32_t *idx = malloc((size_t)R * T * k * 4);
@@ -291,7 +403,9 @@ int cmd_check(int argc, char **argv) {
     if (!x || !out || !idx || !tw || !truth || !hbuf || !w13f || !w2f || !y) return fprintf(stderr, "epmoe check: out of memory\n"), 1;
     FILE *jf = o.json ? fopen(o.json, "w") : NULL;
     if (o.json && !jf) return fprintf(stderr, "epmoe check: cannot write %s\n", o.json), 1;
-    if (jf) fprintf(jf, "{\"model\": \"%s\", \"experts\": %d, \"tokens\": %d, \"ranks\": %d, \"results\": [", o.m->name, E, T, R);
+    if (jf)
+        fprintf(jf, "{\"model\": \"%s\", \"scheme\": \"%s\", \"experts\": %d, \"tokens\": %d, \"ranks\": %d, \"results\": [",
+                o.m->name, sname, E, T, R);
     printf("  %-10s %-5s %-14s %12s\n", "tokens", "wire", "act. scales", "NMSE vs fp64");
     int first = 1;
     for (int kind = 0; kind < 2; kind++) {
@@ -323,13 +437,8 @@ int cmd_check(int argc, char **argv) {
             int used = 0;
             for (size_t i = 0; i < (size_t)R * T * k; i++) used |= idx[i] == e;
             if (!used) continue;
-            for (int64_t n = 0; n < 2 * I; n++)
-                for (int64_t kk = 0; kk < H; kk++)
-                    w13f[n * H + kk] = nib(c->w13, ((int64_t)le * 2 * I + n) * H + kk) *
-                                       c->s13[((int64_t)le * 2 * I + n) * (H / 128) + kk / 128];
-            for (int64_t n = 0; n < H; n++)
-                for (int64_t kk = 0; kk < I; kk++)
-                    w2f[n * I + kk] = nib(c->w2, ((int64_t)le * H + n) * I + kk) * c->s2[((int64_t)le * H + n) * (I / 128) + kk / 128];
+            dequant_expert(&c->w13, le, w13f);
+            dequant_expert(&c->w2, le, w2f);
             for (size_t i = 0; i < (size_t)R * T; i++)
                 for (int a = 0; a < k; a++) {
                     if (idx[i * k + a] != e) continue;
@@ -354,7 +463,7 @@ int cmd_check(int argc, char **argv) {
             epmoe_ep_config ec = EPMOE_EP_CONFIG_INIT;
             ec.max_tokens = T, ec.hidden = H, ec.num_experts = E, ec.top_k = k;
             ec.wire = wire ? EPMOE_WIRE_BF16 : EPMOE_WIRE_FP8;
-            for (int pt = 0; pt < 2; pt++) {
+            for (int pt = 0; pt < 1 + w4afp8; pt++) {
                 check_job jobs[8];
                 void *jp[8];
                 for (int q = 0; q < R; q++) {
@@ -370,33 +479,24 @@ int cmd_check(int argc, char **argv) {
                 }
                 const double nmse = num / (den > 0 ? den : 1);
                 printf("  %-10s %-5s %-14s %12.3e\n", kind ? "outliers" : "gaussian", wire ? "BF16" : "FP8",
-                       pt ? "per-tensor" : "1x128 group", nmse);
+                       pt ? "per-tensor" : fp8_ok ? "1x128 group" : "none (bf16)", nmse);
                 if (jf)
                     fprintf(jf, "%s\n  {\"tokens\": \"%s\", \"wire\": \"%s\", \"act_scales\": \"%s\", \"nmse\": %.4e}",
-                            first ? "" : ",", kind ? "outliers" : "gaussian", wire ? "bf16" : "fp8", pt ? "per_tensor" : "group", nmse);
+                            first ? "" : ",", kind ? "outliers" : "gaussian", wire ? "bf16" : "fp8",
+                            pt ? "per_tensor" : fp8_ok ? "group" : "none", nmse);
                 first = 0;
             }
         }
     }
     if (jf) fprintf(jf, "\n]}\n"), fclose(jf);
-    printf("  (per-tensor scales: the batch amax / 448 of the layer input and of the intermediate, the best a\n"
-           "   static calibration can give; the NMSE is over every output element of every rank)\n");
-    for (int q = 0; q < R; q++) {
-        release(gpu, (void *)ck[q].lw.w13.qweight), release(gpu, (void *)ck[q].lw.w13.scales);
-        release(gpu, (void *)ck[q].lw.w2.qweight), release(gpu, (void *)ck[q].lw.w2.scales);
-        free(ck[q].w13), free(ck[q].w2), free(ck[q].s13), free(ck[q].s2);
-    }
+    if (w4afp8)
+        printf("  (per-tensor scales: the batch amax / 448 of the layer input and of the intermediate, the best a\n"
+               "   static calibration can give; the NMSE is over every output element of every rank)\n");
+    else printf("  (the fp64 model uses the dequantized weights exactly; the NMSE is over every output element of\n"
+                "   every rank)\n");
+    for (int q = 0; q < R; q++) free_ckpt(gpu, &ck[q]);
     free(x), free(out), free(idx), free(tw), free(truth), free(hbuf), free(w13f), free(w2f), free(y);
     return 0;
-}
-
-/* The expert weight format of a scheme other than w4afp8, and its checkpoint sizes. */
-static epmoe_weight_format scheme_format(epmoe_scheme s) {
-    return s == EPMOE_SCHEME_BF16 ? EPMOE_WEIGHT_BF16 : s == EPMOE_SCHEME_W4A16 ? EPMOE_WEIGHT_INT4 : EPMOE_WEIGHT_FP8_BLOCK;
-}
-static void xw_sizes(epmoe_weight_format f, int64_t group, int64_t E, int64_t N, int64_t K, size_t *data, size_t *scales) {
-    *data = (size_t)(E * N * K) * (f == EPMOE_WEIGHT_BF16 ? 2 : 1) / (f == EPMOE_WEIGHT_INT4 ? 2 : 1);
-    *scales = f == EPMOE_WEIGHT_BF16 ? 0 : (size_t)(f == EPMOE_WEIGHT_INT4 ? E * N * (K / group) : E * (N / 128) * (K / 128)) * 4;
 }
 
 /* ---- bench ----------------------------------------------------------------------------- */

@@ -3,7 +3,8 @@
 **   epmoe demo [--tokens N] [--cpu]   the main jobs on the best backend available (GPU if present):
 **       DeepSeek-R1's EP receive batch through the FP8 cast and SGLang's per-tensor requant; the
 **       W4A8 expert MLP (demo_w4a8.c); one dispatch + combine over FP8 and BF16 wire (demo_ep.c)
-**   epmoe check / epmoe bench         the MoE layer: error against fp64, and timings (cli_layer.c)
+**   epmoe check / epmoe bench         the MoE layer of any scheme: error against fp64, and timings
+**                                     (cli_layer.c)
 **   epmoe version
 */
 #define _POSIX_C_SOURCE 200809L
@@ -30,9 +31,12 @@ static int usage(FILE *f) {
                "                             CPU backend): quantize a DeepSeek-R1 EP receive batch (N rows, default\n"
                "                             1024), the W4A8 MLP, dispatch + combine, then the MoE layer stage by\n"
                "                             stage on FP8 vs BF16 wire (DeepSeek-R1 on GPUs; the tiny model on CPU)\n"
-               "  check [--model M] [--experts E] [--tokens N] [--wire fp8|bf16|both] [--cpu] [--json F]\n"
-               "                             the MoE layer's error against an fp64 model: FP8 vs BF16 wire x\n"
-               "                             1x128 vs per-tensor activation scales, gaussian and outlier tokens\n"
+               "  check [--model M] [--scheme S] [--group 32|128] [--experts E] [--tokens N] [--wire fp8|bf16|both]\n"
+               "        [--cpu] [--json F]\n"
+               "                             the MoE layer's error against an fp64 model of the dequantized\n"
+               "                             weights, on gaussian and outlier tokens: w4afp8 FP8 vs BF16 wire x\n"
+               "                             1x128 vs per-tensor activation scales; w8a8_fp8_block FP8 vs BF16\n"
+               "                             wire (1x128 scales); bf16 and w4a16 their BF16 wire\n"
                "  bench [--model M] [--scheme S] [--group 32|128] [--experts E] [--tokens N] [--wire fp8|bf16|both]\n"
                "        [--iters N] [--cpu] [--json F]\n"
                "                             the layer and each stage alone (dispatch, expert MLP, combine):\n"
@@ -40,7 +44,7 @@ static int usage(FILE *f) {
                "  version                    print the library version\n"
                "  M: deepseek-r1 (default), kimi-k2, tiny (H 512, I 256, 16 experts, top-4: quick on a CPU);\n"
                "  S: w4afp8 (default), w8a8_fp8_block, bf16, w4a16 (int4 group --group, default 32; BF16 wire\n"
-               "  only, as bf16); check covers w4afp8's wire and activation-scale choices\n");
+               "  only, as bf16)\n");
     return f == stdout ? 0 : 2;
 }
 

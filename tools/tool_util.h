@@ -1,6 +1,6 @@
 /*
 ** tool_util.h — what the CLI's commands share: a monotonic clock, a median helper, a seeded
-** xorshift generator, and random expert weights quantized the way W4AFP8 checkpoints are.
+** xorshift generator, and int4 weights quantized the way W4AFP8 checkpoints are (any group).
 */
 #ifndef EPMOE_TOOL_UTIL_H
 #define EPMOE_TOOL_UTIL_H
@@ -30,20 +30,29 @@ static inline double tool_nrand(uint64_t *s) {
     return sqrt(-2.0 * log(u + 1e-300)) * cos(6.283185307179586 * v);
 }
 
-/* rows x K weights uniform in +-0.02, quantized per 128 along K like W4AFP8 checkpoints: scale =
-** amax/7 (so no -8 occurs), int4 two per byte, even k in the low nibble. */
+/* n values (n even) as symmetric int4 with one scale, the way W4AFP8 checkpoints quantize a
+** group: scale = amax/7 (so no -8 occurs), values rounded to nearest and clamped to [-8, 7], two
+** per byte, even index in the low nibble. */
+static inline void tool_quantize_int4_group(const float *v, int64_t n, int8_t *w, float *scale) {
+    float amax = 1e-12f;
+    for (int64_t i = 0; i < n; i++) amax = fmaxf(amax, fabsf(v[i]));
+    const float sc = amax / 7.0f;
+    *scale = sc;
+    for (int64_t i = 0; i < n; i += 2) {
+        long lo = lrintf(v[i] / sc), hi = lrintf(v[i + 1] / sc);
+        lo = lo < -8 ? -8 : lo > 7 ? 7 : lo, hi = hi < -8 ? -8 : hi > 7 ? 7 : hi;
+        w[i / 2] = (int8_t)(uint8_t)((lo & 0xF) | ((hi & 0xF) << 4));
+    }
+}
+
+/* rows x K weights uniform in +-0.02, quantized per 128 along K like W4AFP8 checkpoints
+** (tool_quantize_int4_group), int4 two per byte, even k in the low nibble. */
 static inline void tool_quantize_w4(uint64_t *rng, int64_t rows, int64_t K, int8_t *w, float *scales) {
     float v[128];
     for (int64_t r = 0; r < rows; r++)
         for (int64_t g = 0; g < K / 128; g++) {
-            float amax = 1e-12f;
-            for (int i = 0; i < 128; i++) v[i] = (float)((tool_urand(rng) * 2 - 1) * 0.02), amax = fmaxf(amax, fabsf(v[i]));
-            const float sc = amax / 7.0f;
-            scales[r * (K / 128) + g] = sc;
-            for (int i = 0; i < 128; i += 2) {
-                const int lo = (int)lrintf(v[i] / sc), hi = (int)lrintf(v[i + 1] / sc);
-                w[(r * K + g * 128 + i) / 2] = (int8_t)(uint8_t)((lo & 0xF) | ((hi & 0xF) << 4));
-            }
+            for (int i = 0; i < 128; i++) v[i] = (float)((tool_urand(rng) * 2 - 1) * 0.02);
+            tool_quantize_int4_group(v, 128, w + (r * K + g * 128) / 2, &scales[r * (K / 128) + g]);
         }
 }
 
