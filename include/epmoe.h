@@ -385,10 +385,13 @@ typedef enum epmoe_backend {
 **             receive half unpacks them. Same results byte for byte (the same kernels pack and
 **             unpack), no host synchronization, any NCCL 2.7+ runtime. It moves the padded slabs,
 **             so it is slower. Differences: NCCL's exchange waits for every active peer's send
-**             half, so there is no EPMOE_ERR_TIMEOUT (epmoe_ep_poll reports NCCL's asynchronous
-**             errors instead); a captured CUDA graph (NCCL captures send/recv) replays with the
-**             buffers and the active set it was captured with, so replay whole dispatch + combine
-**             pairs while no other dispatch is live. */
+**             half; a watchdog thread of the ep turns an exchange still pending after timeout_ms
+**             into EPMOE_ERR_TIMEOUT (epmoe_ep_poll, any thread) and, when the ep owns its
+**             communicator (the launch helpers), aborts it, which releases the stream; a caller's
+**             communicator is left to the caller to abort (NCCL's kernels wait until then);
+**             exchanges inside a captured graph are not watched. A captured CUDA graph (NCCL
+**             captures send/recv) replays with the buffers and the active set it was captured
+**             with, so replay whole dispatch + combine pairs while no other dispatch is live. */
 typedef enum epmoe_transport {
     EPMOE_TRANSPORT_AUTO = 0,
     EPMOE_TRANSPORT_DEVICE = 1,

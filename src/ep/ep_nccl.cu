@@ -9,8 +9,18 @@
 **     one cudaMalloc buffer and grouped ncclSend/ncclRecv on the caller's stream move them.
 ** Ranks on other nodes need GIN (put + signal), which this build does not have: the device
 ** API then counts as unavailable. The environment and file parts of launching are ep_launch.c.
+**
+** NCCL's send/recv wait for their peer forever, so the fallback has a watchdog thread (as
+** PyTorch's ProcessGroupNCCL does): each exchange records an event; one still pending after
+** timeout_ms records EPMOE_ERR_TIMEOUT for epmoe_ep_poll and, if the ep owns the communicator
+** (the launch helpers), aborts it, which releases NCCL's waiting kernels and so the stream.
 */
+#include <chrono>
+#include <condition_variable>
 #include <cstring>
+#include <atomic>
+#include <mutex>
+#include <thread>
 
 #include "ep_device.cuh"
 
@@ -18,7 +28,10 @@ static_assert(sizeof(ncclUniqueId) == EPMOE_NCCL_UNIQUE_ID_BYTES, "NCCL unique i
 
 namespace {
 
+struct Watchdog;
+
 struct NcclImpl {
+    Watchdog *watch;  /* a2a: the exchange watchdog (NULL without a timeout) */
     ncclComm_t comm;
     int device;
     bool a2a;
@@ -31,6 +44,81 @@ struct NcclImpl {
     int *error_host;  /* host-mapped: the first error a kernel hit */
     int sms;
 };
+
+constexpr int kKernelExchange = 5; /* the "kernel" a timed-out exchange reports in *error */
+
+/* The fallback's watchdog: the last few exchanges' completion events and deadlines, checked every
+** millisecond by its own thread on the ep's device. It fires at most once. */
+struct Watchdog {
+    struct Slot {
+        cudaEvent_t ev;
+        std::chrono::steady_clock::time_point deadline;
+        bool live;
+    };
+    int device;
+    std::chrono::milliseconds timeout;
+    std::mutex mu;
+    std::condition_variable cv;
+    bool stop = false;
+    std::atomic<bool> fired{false}, aborted{false}; /* read by the ep's thread too */
+    Slot slot[4] = {};
+    int next = 0;
+    std::thread th;
+
+    ncclComm_t abort_comm = nullptr; /* the ep's own communicator, once the launch helper owns it */
+
+    void run(int *error_host) {
+        cudaSetDevice(device);
+        std::unique_lock<std::mutex> lk(mu);
+        while (!stop && !fired) {
+            cv.wait_for(lk, std::chrono::milliseconds(1));
+            const auto now = std::chrono::steady_clock::now();
+            for (Slot &sl : slot) {
+                if (!sl.live) continue;
+                const cudaError_t q = cudaEventQuery(sl.ev);
+                if (q != cudaErrorNotReady) sl.live = false; /* done (or a CUDA error the stream reports) */
+                else if (now > sl.deadline) fired = true;
+            }
+        }
+        if (!fired) return;
+        /* peer unknown (NCCL does not say which one is missing): 0xFFFF */
+        __atomic_store_n(error_host, (EPMOE_ERR_TIMEOUT << 24) | (0xFFFF << 8) | kKernelExchange, __ATOMIC_SEQ_CST);
+        /* under mu: exchange() never calls NCCL on a communicator being aborted */
+        if (abort_comm) ncclCommAbort(abort_comm), abort_comm = nullptr, aborted = true;
+    }
+    /* After the exchange is enqueued on s, with mu held (not while s is being captured: a graph's
+    ** replays run without the watchdog). */
+    void arm_locked(cudaStream_t s) {
+        cudaStreamCaptureStatus cs = cudaStreamCaptureStatusNone;
+        if (cudaStreamIsCapturing(s, &cs) != cudaSuccess || cs != cudaStreamCaptureStatusNone) return;
+        Slot &sl = slot[next];
+        next = (next + 1) % 4;
+        if (cudaEventRecord(sl.ev, s) != cudaSuccess) return;
+        sl.deadline = std::chrono::steady_clock::now() + timeout, sl.live = true;
+    }
+    void shutdown() {
+        {
+            std::lock_guard<std::mutex> lk(mu);
+            stop = true;
+        }
+        cv.notify_all();
+        if (th.joinable()) th.join();
+        for (Slot &sl : slot) cudaEventDestroy(sl.ev);
+    }
+};
+
+Watchdog *watchdog_start(int device, int timeout_ms, int *error_host) {
+    Watchdog *w = new Watchdog();
+    w->device = device, w->timeout = std::chrono::milliseconds(timeout_ms);
+    for (int i = 0; i < 4; i++)
+        if (cudaEventCreateWithFlags(&w->slot[i].ev, cudaEventDisableTiming) != cudaSuccess) {
+            while (i--) cudaEventDestroy(w->slot[i].ev);
+            delete w; /* no watchdog: the exchange then waits as NCCL does */
+            return nullptr;
+        }
+    w->th = std::thread([w, error_host] { w->run(error_host); });
+    return w;
+}
 
 /* ncclGetLastError arrived in NCCL 2.13; the fallback may run on an older libnccl. */
 const char *nccl_detail(ncclComm_t comm) {
@@ -66,10 +154,16 @@ epmoe_status async_error(epmoe_ep *ep) {
     const int e = *(volatile int *)im->error_host;
     if (!e) return EPMOE_OK;
     const int code = e >> 24, peer = (e >> 8) & 0xFFFF, kernel = e & 0xFF;
-    static const char *kernels[] = {"dispatch send (plan)", "dispatch send", "dispatch receive", "combine send", "combine receive"};
-    const char *kn = kernel < 5 ? kernels[kernel] : "?";
+    static const char *kernels[] = {"dispatch send (plan)", "dispatch send", "dispatch receive", "combine send",
+                                    "combine receive", "the all-to-all exchange"};
+    const char *kn = kernel <= kKernelExchange ? kernels[kernel] : "?";
     if (code == EPMOE_ERR_TIMEOUT) {
         ep->failed = 1;
+        if (peer == 0xFFFF)
+            return epmoe__fail(EPMOE_ERR_TIMEOUT, "rank %d: %s waited %d ms for a peer; the group is failed%s", ep->cfg.rank,
+                               kn, ep->cfg.timeout_ms, ep->owned_comm || (im->watch && im->watch->aborted)
+                                                           ? " (its communicator was aborted)"
+                                                           : " (abort the communicator: NCCL still waits)");
         return epmoe__fail(EPMOE_ERR_TIMEOUT, "rank %d: %s waited %d ms for rank %d; the group is failed", ep->cfg.rank, kn,
                            ep->cfg.timeout_ms, peer);
     }
@@ -116,6 +210,11 @@ epmoe_status exchange(epmoe_ep *ep, const char *fn, uint8_t *out, uint8_t *in, i
     int peers = 0;
     for (int peer = 0; peer < R; peer++) peers += peer != me && active[peer];
     if (!peers) return EPMOE_OK; /* one rank (or every other one masked out): nothing to move */
+    std::unique_lock<std::mutex> lk; /* with a watchdog: never alongside its abort */
+    if (im->watch) {
+        lk = std::unique_lock<std::mutex>(im->watch->mu);
+        if (im->watch->aborted) return async_error(ep);
+    }
     ncclResult_t r = ncclGroupStart();
     if (r != ncclSuccess) goto fail;
     for (int peer = 0; peer < R && r == ncclSuccess; peer++) {
@@ -127,7 +226,10 @@ epmoe_status exchange(epmoe_ep *ep, const char *fn, uint8_t *out, uint8_t *in, i
         const ncclResult_t e = ncclGroupEnd(); /* always closed, even after a failed call inside */
         if (r == ncclSuccess) r = e;
     }
-    if (r == ncclSuccess) return EPMOE_OK;
+    if (r == ncclSuccess) {
+        if (im->watch) im->watch->arm_locked(s);
+        return EPMOE_OK;
+    }
 fail:
     ep->failed = 1;
     return epmoe__fail(EPMOE_ERR_NCCL, "%s: rank %d: the slab exchange failed: %s (%s); the group is failed", fn, ep->cfg.rank,
@@ -185,11 +287,18 @@ void nccl_destroy(epmoe_ep *ep) {
     int prev = -1;
     cudaGetDevice(&prev);
     cudaSetDevice(im->device); /* the ep's GPU, whichever thread tears it down */
+    if (im->watch) { /* stopped first; a communicator it aborted is gone */
+        im->watch->shutdown();
+        if (im->watch->aborted) ep->owned_comm = nullptr, ep->failed = 1;
+    }
+    const bool aborted = im->watch && im->watch->aborted;
+    delete im->watch;
+    im->watch = nullptr;
     /* A failed all-to-all may have an NCCL kernel waiting for a dead peer forever: abort the
     ** communicator first if it is ours; if it is the caller's, leak the slabs (cudaFree would
     ** wait for that kernel) and leave the abort to the caller. */
     bool stuck = false;
-    if (ep->failed && im->a2a) {
+    if (ep->failed && im->a2a && !aborted) {
         if (ep->owned_comm) ncclCommAbort(ep->owned_comm), ep->owned_comm = nullptr;
         else stuck = true;
     }
@@ -358,6 +467,21 @@ extern "C" epmoe_status epmoe_ep_create_nccl(struct ncclComm *comm, const epmoe_
             CUDA_TRY(cudaMemset(im->box, 0, (size_t)im->params.x.total), "cudaMemset");
             im->a2a = true;
             ep->backend = EPMOE_BACKEND_NCCL_A2A;
+            /* NCCL connects to a peer on the first send/recv with it (every p2p channel, whatever
+            ** the size), a blocking host step that needs the peer. Done here, while every rank is
+            ** in this collective call, an exchange with a silent peer later only enqueues, and
+            ** the watchdog sees it. Into the gathered bytes, already copied out. */
+            uint8_t *hb = static_cast<uint8_t *>(dhello);
+            NCCL_TRY(ncclGroupStart(), "ncclGroupStart");
+            ncclResult_t r = ncclSuccess;
+            for (int peer = 0; peer < nranks && r == ncclSuccess; peer++) {
+                if (peer == rank) continue;
+                r = ncclSend(hb, 1, ncclUint8, peer, comm, stream);
+                if (r == ncclSuccess) r = ncclRecv(hb + sizeof(Hello) + peer, 1, ncclUint8, peer, comm, stream);
+            }
+            const ncclResult_t e = ncclGroupEnd(); /* always closed, even after a failed call inside */
+            NCCL_TRY(r != ncclSuccess ? r : e, "connecting the peers (send/recv)");
+            CUDA_TRY(cudaStreamSynchronize(stream), "cudaStreamSynchronize");
         }
 
         /* device state: per parity topk [N,k] int16, begin [L,R], n_msgs [R], headers; active [R]; tickets [4] */
@@ -393,6 +517,7 @@ extern "C" epmoe_status epmoe_ep_create_nccl(struct ncclComm *comm, const epmoe_
         im->params.scale_fmt = cfg->scale_fmt;
         CUDA_TRY(cudaDeviceGetAttribute(&im->sms, cudaDevAttrMultiProcessorCount, dev), "cudaDeviceGetAttribute");
         CUDA_TRY(cudaDeviceSynchronize(), "cudaDeviceSynchronize");
+        if (im->a2a && cfg->timeout_ms > 0) im->watch = watchdog_start(dev, cfg->timeout_ms, im->error_host);
     }
     ep->ops = &nccl_ops;
     cudaFree(dhello);
@@ -448,6 +573,10 @@ extern "C" epmoe_status epmoe_ep_create_nccl_rank(const epmoe_ep_config *cfg_in,
         return st;
     }
     (*out)->owned_comm = comm;
+    if (Watchdog *w = impl_of(*out)->watch) { /* now the ep's: the watchdog may abort it */
+        std::lock_guard<std::mutex> lk(w->mu);
+        w->abort_comm = comm;
+    }
     return EPMOE_OK;
 }
 
