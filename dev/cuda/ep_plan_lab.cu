@@ -1,21 +1,28 @@
 /*
 ** ep_plan_lab.cu — kernel lab for dispatch's plan (make_plan in src/ep/ep_dispatch.cu): the row
-** of every (token, slot) in its expert, the message slot of every (token, destination rank), the
+** of every (token, slot) in its expert, the message slot of every (token, destination), the
 ** counts. Every block of the send kernel computes it in shared memory before it sends anything,
-** so its latency is on the critical path of every dispatch. Nsight Compute on 1 x H200
-** (2026-11-30, 128 tokens x top-8, E 256) put about half of the send kernel's stall samples in
-** the plan's phases and barriers; the send kernel took 26 us at R = 1 for ~1 MB of payload.
-**   v0  the library's plan (make_plan, compiled from ep_dispatch.cu itself)
-**   v1  bit masks: a bit per token in [E + R][ceil(N/32)] words (atomicOr is order-free, so the
-**       result stays deterministic), per-key prefix counts over the words, then each entry's
-**       rank = prefix + popc of the lower bits of its word; first/opener by scanning its own
-**       token's earlier slots. Depth: 3 barriers, no serial per-token loop over k^2 pairs, no
-**       per-warp ranking rounds. dedup = 1 only (one message per token and destination).
-** Check: v1's dst/row/slot/first/opener of every valid entry and the counts equal v0's, on random
-** routings with repeated experts, -1 slots, a masked-out rank, T = 0, 1, 3, N.
-** Time: a kernel of min(T, 132) blocks of 256 threads (as the send kernel) that only computes the
-** plan; 20 launches captured in a CUDA graph, time per launch, median of 15 replays; an empty
-** kernel of the same grid gives the launch floor.
+** so its latency is on the critical path of every dispatch.
+**   v0  the library's plan (make_plan, compiled from ep_dispatch.cu itself): every block ranks
+**       every entry of the batch, warp by warp (__match_any_sync, then a scan over warps).
+**       Block 0's clock64() per phase at 128 tokens x top-8 (1 x H200, 2026-11-30), cycles:
+**       stage 1027, load 2820, first/opener 3794, rank 3611, scan 575, fix 2260, share 1801:
+**       ~16k cycles in 7 dependent phases, each slow for its work (a thread per entry, low
+**       ILP at 8 warps per SM).
+**   v1  bit masks per (key, 32 tokens), popc ranks, 3 barriers: 8.5 us against v0's 9.4 at 128
+**       tokens, slower at 256 and 1024 tokens. Dropped (2026-11-30).
+**   v2  per token, not per batch: a block counts, for its own tokens only, the earlier tokens
+**       naming each expert / sending to each destination (shared-memory histograms, a thread
+**       per token, k experts in registers), then warp 0 places the token's slots with
+**       __match_any_sync. 7.7-8.2 us at 128 tokens, but slower at 1-3 tokens (6.2 against 5.2)
+**       and at 1024 (57.6 against 49.9); in the send kernel, dispatch at R = 2 and 256 tokens
+**       went from 68.8 to 75.8 us. Not adopted; kept here with its check (2026-11-30).
+** Check: v2's idx/dst/row/slot/first/opener of every valid entry and the batch counts equal
+** v0's, on random routings with repeated experts, -1 slots, a masked-out rank, T = 0, 1, 3, N,
+** more tokens than blocks, and without dedup (a message per (token, expert)).
+** Time: min(T, 132) blocks of 256 threads (as the send kernel) that only compute the plan; 20
+** launches captured in a CUDA graph, time per launch, median of 15 replays; an empty kernel of
+** the same grid, and one taking dispatch's parameter block, give the launch floor.
 ** Build: make dev-labs; run: ./build/dev/ep_plan_lab
 */
 #include "../../src/ep/ep_dispatch.cu"
@@ -38,21 +45,135 @@
 namespace epk {
 namespace {
 
-struct PlanOut { /* block 0's plan, copied out for the check */
+/* ---- v2: the plan per token ----
+** Rows of an expert come in token order (a token naming an expert twice fills one row), and the
+** messages to a destination too (within a token, by slot). So a slot's row is the number of
+** earlier tokens naming its expert, and a message's slot the number of earlier messages to its
+** destination: each block counts them in shared memory for its own tokens, with a histogram over
+** the tokens before its token (kept running across its tokens) and one over the whole batch (the
+** counts the receivers get). Deterministic, no block waits for another, two barriers per token. */
+struct PlanSmem {
+    int *before; /* [E + R]: rows per expert, then messages per destination, over tokens < t */
+    int *all;    /* [E + R]: the same over the whole batch */
+    int *active; /* [R] */
+};
+
+/* Shared memory of the plan, after `at` (16-byte aligned): 2 (E + R) + R ints. */
+__host__ __device__ inline size_t plan_smem_bytes(const ep_dims &d) { return sizeof(int) * (size_t)(2 * (d.E + d.R) + d.R); }
+__device__ inline PlanSmem plan_smem(const ep_dims &d, uint8_t *at) {
+    PlanSmem s;
+    s.before = reinterpret_cast<int *>(at);
+    s.all = s.before + d.E + d.R;
+    s.active = s.all + d.E + d.R;
+    return s;
+}
+
+/* Expert of entry i: -1 for none, out of range (reported by the token's own block) or on an
+** inactive rank. */
+__device__ __forceinline__ int load_expert(const Params &p, const void *topk, int bits, int64_t i, const int *active,
+                                           bool report) {
+    const int64_t e = bits == 64 ? __ldg(static_cast<const long long *>(topk) + i)
+                                 : (int64_t)__ldg(static_cast<const int32_t *>(topk) + i);
+    if (e < -1 || e >= p.d.E) {
+        if (report) set_error(p, kErrBadExpert, (int)(i / p.d.k), 0);
+        return -1;
+    }
+    return e >= 0 && active[e / p.d.L] ? (int)e : -1;
+}
+
+/* Adds tokens [t0, t1) to the histograms: to `before` those < split, to `all` (when given) every
+** one. A thread per token, its k experts in registers. */
+__device__ void count_tokens(const Params &p, const void *topk, int bits, int t0, int t1, int split, PlanSmem s,
+                             bool to_all) {
+    const ep_dims &d = p.d;
+    const int k = d.k;
+    for (int t = t0 + threadIdx.x; t < t1; t += kThreads) {
+        int e[EPMOE_MAX_TOPK], dst[EPMOE_MAX_TOPK];
+#pragma unroll
+        for (int j = 0; j < EPMOE_MAX_TOPK; j++) e[j] = j < k ? load_expert(p, topk, bits, (int64_t)t * k + j, s.active, false) : -1;
+#pragma unroll
+        for (int j = 0; j < EPMOE_MAX_TOPK; j++) dst[j] = e[j] >= 0 ? e[j] / d.L : -1;
+        const bool before = t < split;
+#pragma unroll
+        for (int j = 0; j < EPMOE_MAX_TOPK; j++) {
+            if (e[j] < 0) continue;
+            bool first = true, opens = true; /* no earlier slot with this expert / this message */
+#pragma unroll
+            for (int jj = 0; jj < j; jj++) {
+                first &= e[jj] != e[j];
+                opens &= d.dedup ? !(e[jj] >= 0 && dst[jj] == dst[j]) : e[jj] != e[j];
+            }
+            if (first) {
+                if (before) atomicAdd(&s.before[e[j]], 1);
+                if (to_all) atomicAdd(&s.all[e[j]], 1);
+            }
+            if (opens) {
+                if (before) atomicAdd(&s.before[d.E + dst[j]], 1);
+                if (to_all) atomicAdd(&s.all[d.E + dst[j]], 1);
+            }
+        }
+    }
+}
+
+/* Histograms for this block's first token (blockIdx.x), and the batch's. */
+__device__ void plan_begin(const Params &p, const void *topk, int bits, int T, PlanSmem s) {
+    const ep_dims &d = p.d;
+    for (int i = threadIdx.x; i < 2 * (d.E + d.R); i += kThreads) s.before[i] = 0;
+    for (int r = threadIdx.x; r < d.R; r += kThreads) s.active[r] = p.active[r];
+    __syncthreads();
+    count_tokens(p, topk, bits, 0, T, (int)blockIdx.x, s, true);
+    __syncthreads();
+}
+
+/* One token's slots, in shared memory for the block that sends it. */
+struct TokenPlan {
+    int16_t e[EPMOE_MAX_TOPK], dst[EPMOE_MAX_TOPK], row[EPMOE_MAX_TOPK], slot[EPMOE_MAX_TOPK];
+    int8_t first[EPMOE_MAX_TOPK], opener[EPMOE_MAX_TOPK]; /* the slots naming the same expert / opening the message */
+};
+
+/* Token t's plan into tp (warp 0, a lane per slot), after `before` has been moved on from the
+** block's previous token t_prev (-1 for none: plan_begin counted up to t). Ends with a barrier. */
+__device__ void plan_token(const Params &p, const void *topk, int bits, int t, int t_prev, PlanSmem s, TokenPlan &tp,
+                           int16_t *keep_topk) {
+    const ep_dims &d = p.d;
+    const int k = d.k;
+    if (t_prev >= 0) {
+        count_tokens(p, topk, bits, t_prev, t, t, s, false);
+        __syncthreads();
+    }
+    if (threadIdx.x < 32) {
+        const int j = threadIdx.x;
+        const int e = j < k ? load_expert(p, topk, bits, (int64_t)t * k + j, s.active, true) : -1;
+        const int dst = e >= 0 ? e / d.L : -1;
+        const unsigned valid = __ballot_sync(0xFFFFFFFFu, e >= 0);
+        const unsigned same_e = __match_any_sync(0xFFFFFFFFu, e);
+        const unsigned same_dst = __match_any_sync(0xFFFFFFFFu, dst) & valid;
+        const int first = __ffs(same_e) - 1;
+        const int opener = e < 0 ? j : __ffs(d.dedup ? same_dst : same_e) - 1;
+        /* without dedup, a token may send several messages to one destination, in slot order */
+        const unsigned opens = __ballot_sync(0xFFFFFFFFu, e >= 0 && opener == j);
+        int slot = 0, row = 0;
+        if (e >= 0) {
+            row = s.before[e];
+            slot = s.before[d.E + dst] + (d.dedup ? 0 : __popc(same_dst & opens & ((1u << opener) - 1u)));
+        }
+        if (j < k) {
+            tp.e[j] = (int16_t)e, tp.dst[j] = (int16_t)dst, tp.row[j] = (int16_t)row, tp.slot[j] = (int16_t)slot;
+            tp.first[j] = (int8_t)first, tp.opener[j] = (int8_t)opener;
+            keep_topk[(int64_t)t * k + j] = (int16_t)e;
+        }
+    }
+    __syncthreads();
+}
+
+
+struct PlanOut { /* one plan, copied out for the check */
     int16_t *idx, *row, *slot, *dst;
     uint8_t *first, *opener;
     int *count;
 };
 
-__device__ void copy_out(const Plan &pl, int n, int keys, PlanOut o) {
-    for (int i = threadIdx.x; i < n; i += kThreads) {
-        o.idx[i] = pl.idx[i], o.row[i] = pl.row[i], o.slot[i] = pl.slot[i], o.dst[i] = pl.dst[i];
-        o.first[i] = pl.first[i], o.opener[i] = pl.opener[i];
-    }
-    for (int i = threadIdx.x; i < keys; i += kThreads) o.count[i] = pl.count[i];
-}
-
-size_t v0_smem(const ep_dims &d) { /* as launch_dispatch_send */
+size_t v0_smem(const ep_dims &d) {
     const int keys = d.E + d.R;
     return sizeof(int) * (size_t)(keys + (kThreads / 32) * keys) + 10 * (size_t)d.N * d.k;
 }
@@ -70,87 +191,42 @@ __global__ void __launch_bounds__(kThreads, 1) plan_v0(Params p, const int32_t *
     pl.first = reinterpret_cast<uint8_t *>(pl.dst + d.N * d.k);
     pl.opener = pl.first + d.N * d.k;
     make_plan(p, topk, 32, T, pl);
-    if (copy && blockIdx.x == 0) copy_out(pl, T * d.k, d.E + d.R, o);
+    if (copy && blockIdx.x == 0) {
+        const int n = T * d.k;
+        for (int i = threadIdx.x; i < n; i += kThreads) {
+            o.idx[i] = pl.idx[i], o.row[i] = pl.row[i], o.slot[i] = pl.slot[i], o.dst[i] = pl.dst[i];
+            o.first[i] = pl.first[i], o.opener[i] = pl.opener[i];
+        }
+        for (int i = threadIdx.x; i < d.E + d.R; i += kThreads) o.count[i] = pl.count[i];
+    }
 }
 
-/* v1's shared memory: masks and prefixes [keys][W], counts [keys], then the Plan arrays. */
-size_t v1_smem(const ep_dims &d) {
-    const int keys = d.E + d.R, W = (d.N + 31) / 32;
-    return sizeof(uint32_t) * (size_t)keys * W * 2 + sizeof(int) * (size_t)keys + 10 * (size_t)d.N * d.k;
-}
-
-__device__ void make_plan_v1(const Params &p, const int32_t *topk, int T, uint32_t *mask, int *pre, Plan pl) {
+/* v2, token by token as the send kernel would walk them. */
+__global__ void __launch_bounds__(kThreads, 1) plan_v2(Params p, const int32_t *topk, int T, PlanOut o, int copy,
+                                                        int16_t *keep) {
     const ep_dims &d = p.d;
-    const int k = d.k, n = T * k, W = (d.N + 31) / 32, keys = d.E + d.R;
-    for (int i = threadIdx.x; i < keys * W; i += kThreads) mask[i] = 0;
-    __syncthreads();
-    for (int i = threadIdx.x; i < n; i += kThreads) {
-        int e = __ldg(topk + i);
-        if (e < -1 || e >= d.E) {
-            set_error(p, kErrBadExpert, i / k, 0);
-            e = -1;
-        }
-        if (e >= 0 && !p.active[e / d.L]) e = -1;
-        pl.idx[i] = (int16_t)e;
-        if (e >= 0) { /* one bit per (key, token): repeated experts and destinations count once */
-            const int t = i / k;
-            const uint32_t bit = 1u << (t & 31);
-            atomicOr(mask + e * W + (t >> 5), bit);
-            atomicOr(mask + (d.E + e / d.L) * W + (t >> 5), bit);
-        }
-    }
-    __syncthreads();
-    for (int key = threadIdx.x; key < keys; key += kThreads) {
-        int acc = 0;
-        for (int w = 0; w < W; w++) {
-            pre[key * W + w] = acc;
-            acc += __popc(mask[key * W + w]);
-        }
-        pl.count[key] = acc;
-    }
-    __syncthreads();
-    for (int i = threadIdx.x; i < n; i += kThreads) {
-        const int t = i / k, j = i - t * k, e = pl.idx[i];
-        if (e < 0) {
-            pl.dst[i] = -1;
-            continue;
-        }
-        const int dst = e / d.L;
-        int f = j, o = j;
-        for (int jj = j - 1; jj >= 0; jj--) {
-            const int e2 = pl.idx[t * k + jj];
-            if (e2 == e) f = jj;
-            if (e2 >= 0 && e2 / d.L == dst) o = jj;
-        }
-        const int w = t >> 5;
-        const uint32_t lt = (1u << (t & 31)) - 1u;
-        pl.dst[i] = (int16_t)dst, pl.first[i] = (uint8_t)f, pl.opener[i] = (uint8_t)o;
-        pl.row[i] = (int16_t)(pre[e * W + w] + __popc(mask[e * W + w] & lt));
-        pl.slot[i] = (int16_t)(pre[(d.E + dst) * W + w] + __popc(mask[(d.E + dst) * W + w] & lt));
-    }
-    __syncthreads();
-}
-
-__global__ void __launch_bounds__(kThreads, 1) plan_v1(Params p, const int32_t *topk, int T, PlanOut o, int copy) {
-    const ep_dims &d = p.d;
-    const int keys = d.E + d.R, W = (d.N + 31) / 32;
     extern __shared__ __align__(16) uint8_t smem[];
-    uint32_t *mask = reinterpret_cast<uint32_t *>(smem);
-    int *pre = reinterpret_cast<int *>(mask + keys * W);
-    Plan pl;
-    pl.count = pre + keys * W;
-    pl.warp_count = nullptr;
-    pl.idx = reinterpret_cast<int16_t *>(pl.count + keys);
-    pl.row = pl.idx + d.N * d.k;
-    pl.slot = pl.row + d.N * d.k;
-    pl.dst = pl.slot + d.N * d.k;
-    pl.first = reinterpret_cast<uint8_t *>(pl.dst + d.N * d.k);
-    pl.opener = pl.first + d.N * d.k;
-    make_plan_v1(p, topk, T, mask, pre, pl);
-    if (copy && blockIdx.x == 0) copy_out(pl, T * d.k, keys, o);
+    const PlanSmem ps = plan_smem(d, smem);
+    __shared__ TokenPlan tp;
+    plan_begin(p, topk, 32, T, ps);
+    for (int t = blockIdx.x; t < T; t += gridDim.x) {
+        plan_token(p, topk, 32, t, t == (int)blockIdx.x ? -1 : t - (int)gridDim.x, ps, tp, keep);
+        if (copy && threadIdx.x < d.k) {
+            const int j = threadIdx.x, i = t * d.k + j;
+            o.idx[i] = tp.e[j], o.row[i] = tp.row[j], o.slot[i] = tp.slot[j], o.dst[i] = tp.dst[j];
+            o.first[i] = (uint8_t)tp.first[j], o.opener[i] = (uint8_t)tp.opener[j];
+        }
+        __syncthreads();
+    }
+    if (copy && blockIdx.x == 0)
+        for (int i = threadIdx.x; i < d.E + d.R; i += kThreads) o.count[i] = ps.all[i];
 }
 
 __global__ void empty_kernel() {}
+/* the launch with dispatch's parameter block and nothing else */
+__global__ void params_kernel(Params p, const int32_t *topk, int T, PlanOut o) {
+    if (T < 0) o.count[0] = p.d.E + topk[0];
+}
 
 } // namespace
 } // namespace epk
@@ -158,7 +234,7 @@ __global__ void empty_kernel() {}
 using namespace epk;
 
 struct Case {
-    int R, N, E, k, T, dups, masked_rank;
+    int R, N, E, k, T, dups, masked_rank, dedup;
 };
 
 static unsigned long long rng = 0x9E3779B97F4A7C15ull;
@@ -217,10 +293,11 @@ template <typename K> static double time_graph(K launch, cudaStream_t s) {
 
 int main() {
     const Case cases[] = {
-        {1, 128, 256, 8, 128, 0, -1}, {2, 128, 256, 8, 128, 1, -1}, {2, 128, 256, 8, 128, 1, 1},
-        {8, 128, 256, 8, 128, 1, -1}, {2, 256, 256, 8, 256, 0, -1}, {2, 128, 384, 8, 128, 0, -1},
-        {2, 128, 256, 8, 0, 0, -1},   {2, 128, 256, 8, 1, 1, -1},   {3, 100, 96, 6, 3, 1, -1},
-        {2, 1024, 256, 8, 1024, 0, -1}};
+        {1, 128, 256, 8, 128, 0, -1, 1}, {2, 128, 256, 8, 128, 1, -1, 1}, {2, 128, 256, 8, 128, 1, 1, 1},
+        {8, 128, 256, 8, 128, 1, -1, 1}, {2, 256, 256, 8, 256, 0, -1, 1}, {2, 128, 384, 8, 128, 0, -1, 1},
+        {2, 128, 256, 8, 0, 0, -1, 1},   {2, 128, 256, 8, 1, 1, -1, 1},   {3, 100, 96, 6, 3, 1, -1, 1},
+        {2, 1024, 256, 8, 1024, 0, -1, 1}, {2, 128, 256, 8, 128, 1, -1, 0}, {4, 300, 64, 16, 300, 1, 2, 0},
+        {4, 300, 64, 16, 300, 1, -1, 1}};
     cudaStream_t s;
     CK(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking));
     int sms = 0;
@@ -229,13 +306,13 @@ int main() {
     CK(cudaMalloc(&error, 4));
     CK(cudaMemset(error, 0, 4));
     int bad = 0;
-    std::printf("ep_plan_lab: dispatch's plan per block (us per launch of min(T, %d) blocks x %d threads)\n", sms, kThreads);
-    std::printf("%-3s %-5s %-4s %-3s %-5s %-5s %-6s %9s %9s %9s  %s\n", "R", "N", "E", "k", "T", "dups", "masked", "empty",
-                "v0", "v1", "check");
+    std::printf("ep_plan_lab: dispatch's plan (us per launch of min(T, %d) blocks x %d threads)\n", sms, kThreads);
+    std::printf("%-3s %-5s %-4s %-3s %-5s %-5s %-6s %-5s %8s %8s %8s %8s  %s\n", "R", "N", "E", "k", "T", "dups", "masked",
+                "dedup", "empty", "params", "v0", "v2", "check");
     for (const Case &c : cases) {
         Params p;
         std::memset(&p, 0, sizeof p);
-        ep_dims_init(&p.d, c.R, 0, c.N, 7168, c.E, c.k, 1, 1, 1);
+        ep_dims_init(&p.d, c.R, 0, c.N, 7168, c.E, c.k, 1, c.dedup, 1);
         std::vector<int> act((size_t)c.R, 1);
         if (c.masked_rank >= 0) act[(size_t)c.masked_rank] = 0;
         int *dact;
@@ -247,30 +324,32 @@ int main() {
         for (int t = 0; t < c.T; t++)
             for (int j = 0; j < c.k; j++) {
                 int e = (int)(rnd() % (unsigned)c.E);
-                if (c.dups && j > 0 && rnd() % 4 == 0) e = topk[(size_t)(t * c.k + j - 1)]; /* a repeated expert */
+                if (c.dups && j > 0 && rnd() % 4 == 0) e = topk[(size_t)(t * c.k + (int)(rnd() % (unsigned)j))]; /* a repeat */
                 if (rnd() % 7 == 0) e = -1;
                 topk[(size_t)(t * c.k + j)] = e;
             }
         int32_t *dtopk;
+        int16_t *keep;
         CK(cudaMalloc(&dtopk, sizeof(int32_t) * topk.size()));
+        CK(cudaMalloc(&keep, sizeof(int16_t) * topk.size()));
         CK(cudaMemcpy(dtopk, topk.data(), sizeof(int32_t) * topk.size(), cudaMemcpyHostToDevice));
         PlanOut o0 = alloc_out(n, keys), o1 = alloc_out(n, keys);
-        const size_t s0 = v0_smem(p.d), s1 = v1_smem(p.d);
+        const size_t s0 = v0_smem(p.d), s1 = plan_smem_bytes(p.d);
         CK(cudaFuncSetAttribute(plan_v0, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)s0));
-        CK(cudaFuncSetAttribute(plan_v1, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)s1));
         const int blocks = c.T < 1 ? 1 : (c.T < sms ? c.T : sms);
         plan_v0<<<blocks, kThreads, s0, s>>>(p, dtopk, c.T, o0, 1);
-        plan_v1<<<blocks, kThreads, s1, s>>>(p, dtopk, c.T, o1, 1);
+        plan_v2<<<blocks, kThreads, s1, s>>>(p, dtopk, c.T, o1, 1, keep);
         CK(cudaStreamSynchronize(s));
         CK(cudaGetLastError());
-        /* every valid entry must agree; invalid entries only in dst (-1) */
+        /* every valid entry must agree; invalid entries only in idx and dst (-1) */
         const auto i0 = host(o0.idx, n), i1 = host(o1.idx, n), r0 = host(o0.row, n), r1 = host(o1.row, n);
         const auto l0 = host(o0.slot, n), l1 = host(o1.slot, n), d0 = host(o0.dst, n), d1 = host(o1.dst, n);
         const auto f0 = host(o0.first, n), f1 = host(o1.first, n), q0 = host(o0.opener, n), q1 = host(o1.opener, n);
         const auto c0 = host(o0.count, keys), c1 = host(o1.count, keys);
+        const auto kp = host(keep, n);
         long diff = 0;
         for (int i = 0; i < n; i++) {
-            diff += i0[(size_t)i] != i1[(size_t)i] || d0[(size_t)i] != d1[(size_t)i];
+            diff += i0[(size_t)i] != i1[(size_t)i] || d0[(size_t)i] != d1[(size_t)i] || kp[(size_t)i] != i0[(size_t)i];
             if (i0[(size_t)i] >= 0)
                 diff += r0[(size_t)i] != r1[(size_t)i] || l0[(size_t)i] != l1[(size_t)i] || f0[(size_t)i] != f1[(size_t)i] ||
                         q0[(size_t)i] != q1[(size_t)i];
@@ -278,14 +357,15 @@ int main() {
         for (int i = 0; i < keys; i++) diff += c0[(size_t)i] != c1[(size_t)i];
         bad += diff != 0;
         const double te = time_graph([&] { empty_kernel<<<blocks, kThreads, 0, s>>>(); }, s);
+        const double tp = time_graph([&] { params_kernel<<<blocks, kThreads, 0, s>>>(p, dtopk, c.T, o0); }, s);
         const double t0 = time_graph([&] { plan_v0<<<blocks, kThreads, s0, s>>>(p, dtopk, c.T, o0, 0); }, s);
-        const double t1 = time_graph([&] { plan_v1<<<blocks, kThreads, s1, s>>>(p, dtopk, c.T, o1, 0); }, s);
-        std::printf("%-3d %-5d %-4d %-3d %-5d %-5d %-6d %9.2f %9.2f %9.2f  %s\n", c.R, c.N, c.E, c.k, c.T, c.dups,
-                    c.masked_rank, te, t0, t1, diff ? "DIFFERS" : "same");
+        const double t1 = time_graph([&] { plan_v2<<<blocks, kThreads, s1, s>>>(p, dtopk, c.T, o1, 0, keep); }, s);
+        std::printf("%-3d %-5d %-4d %-3d %-5d %-5d %-6d %-5d %8.2f %8.2f %8.2f %8.2f  %s (%ld)\n", c.R, c.N, c.E, c.k, c.T,
+                    c.dups, c.masked_rank, c.dedup, te, tp, t0, t1, diff ? "DIFFERS" : "same", diff);
         free_out(o0), free_out(o1);
-        cudaFree(dtopk), cudaFree(dact);
+        cudaFree(dtopk), cudaFree(keep), cudaFree(dact);
     }
     cudaFree(error);
-    std::printf("ep_plan_lab: %s\n", bad ? "v1 DIFFERS from v0" : "v1 equals v0 on every case");
+    std::printf("ep_plan_lab: %s\n", bad ? "v2 DIFFERS from v0" : "v2 equals v0 on every case");
     return bad ? 1 : 0;
 }
