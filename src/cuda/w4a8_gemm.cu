@@ -168,25 +168,41 @@ __device__ __forceinline__ void mma_step(const Stage<T> &s, float (&part)[T / 2]
     wgmma_commit();
 }
 
+/* A group's scales for this thread: its two weight rows, and (mode a) the activation scales of
+** its token columns. Read from the stage into registers while the group's wgmma still runs, so
+** the shared-memory latency is off the step's critical path (decode steps are latency-bound). */
+template <int T, int kSa> struct GroupScales {
+    float sw0, sw1;
+    float sa[kSa != 0 ? T / 8 : 1][2];
+};
+
+template <int T, int kSa>
+__device__ __forceinline__ GroupScales<T, kSa> load_scales(const Stage<T> &s, int g) {
+    const int tid = threadIdx.x, lane = tid & 31, row = (tid >> 7) * 64 + ((tid >> 5) & 3) * 16 + (lane >> 2);
+    GroupScales<T, kSa> gs;
+    gs.sw0 = s.sw[row], gs.sw1 = s.sw[row + 8];
+    if (kSa != 0)
+#pragma unroll
+        for (int jj = 0; jj < T / 8; jj++)
+#pragma unroll
+            for (int c = 0; c < 2; c++) {
+                const uint32_t wv = s.sa[jj * 8 + 2 * (lane & 3) + c];
+                gs.sa[jj][c] = kSa == 2 ? fmt_ue8m0_to_float((uint8_t)(wv >> (8 * (g & 3)))) : __uint_as_float(wv);
+            }
+    return gs;
+}
+
 /* acc += sw[row] * (sa[col] * part) (mode a) or sw[row] * part (mode b), for a finished group. */
 template <int T, int kSa>
-__device__ __forceinline__ void promote(const Problem &p, const Stage<T> &s, int g, const float (&part)[T / 2],
-                                        float (&acc)[T / 2]) {
-    const int tid = threadIdx.x, lane = tid & 31, row = (tid >> 7) * 64 + ((tid >> 5) & 3) * 16 + (lane >> 2);
-    const float sw0 = s.sw[row], sw1 = s.sw[row + 8];
+__device__ __forceinline__ void promote(const GroupScales<T, kSa> &gs, const float (&part)[T / 2], float (&acc)[T / 2]) {
 #pragma unroll
     for (int jj = 0; jj < T / 8; jj++)
 #pragma unroll
         for (int c = 0; c < 2; c++) {
             float x0 = part[jj * 4 + c], x1 = part[jj * 4 + 2 + c];
-            if (kSa != 0) {
-                const uint32_t wv = s.sa[jj * 8 + 2 * (lane & 3) + c];
-                const float sa =
-                    kSa == 2 ? fmt_ue8m0_to_float((uint8_t)(wv >> (8 * (g & 3)))) : __uint_as_float(wv);
-                x0 = __fmul_rn(x0, sa), x1 = __fmul_rn(x1, sa);
-            }
-            acc[jj * 4 + c] = fmaf(x0, sw0, acc[jj * 4 + c]);
-            acc[jj * 4 + 2 + c] = fmaf(x1, sw1, acc[jj * 4 + 2 + c]);
+            if (kSa != 0) x0 = __fmul_rn(x0, gs.sa[jj][c]), x1 = __fmul_rn(x1, gs.sa[jj][c]);
+            acc[jj * 4 + c] = fmaf(x0, gs.sw0, acc[jj * 4 + c]);
+            acc[jj * 4 + 2 + c] = fmaf(x1, gs.sw1, acc[jj * 4 + 2 + c]);
         }
 }
 
@@ -301,10 +317,14 @@ __global__ void __launch_bounds__(kThreads, T >= 128 ? 1 : 2) w4a8_gemm_kernel(P
             issued++;
             const Stage<T> &s = ring[j % S];
             mma_step<T, kFull>(s, part);
+            /* tiles to 32 tokens read the scales during the wgmma; larger ones after (T = 64 spills) */
+            GroupScales<T, kSa> gs;
+            if (T <= 32) gs = load_scales<T, kSa>(s, cg);
             wgmma_wait<0>();
 #pragma unroll
             for (int i = 0; i < T / 2; i++) reg_fence(part[i]);
-            promote<T, kSa>(p, s, cg, part, acc);
+            if (T > 32) gs = load_scales<T, kSa>(s, cg);
+            promote<T, kSa>(gs, part, acc);
             if (++cg == p.G) {
                 if (head) contribute();
                 else epilogue<T, kSa>(p, cit, acc);
