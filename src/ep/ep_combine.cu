@@ -33,7 +33,7 @@ __device__ __forceinline__ uint4 pack8(const float (&acc)[8]) {
                       bf16x2_from_float(acc[4], acc[5]), bf16x2_from_float(acc[6], acc[7]));
 }
 
-__global__ void __launch_bounds__(kThreads, 1) combine_send_kernel(Params p, const uint16_t *__restrict__ y, uint32_t rel) {
+__global__ void __launch_bounds__(kThreads, kBlocksPerSm) combine_send_kernel(Params p, const uint16_t *__restrict__ y, uint32_t rel) {
     const ep_dims &d = p.d;
     /* the dispatch being combined: LSA, `rel` calls before the latest received one (device count) */
     const uint32_t seq = call_seq(p, &p.seqs[1], 0u - rel);
@@ -96,7 +96,7 @@ __global__ void __launch_bounds__(kThreads, 1) combine_send_kernel(Params p, con
             if (p.active[r]) st_release(ep_comb_flag(peer_base(p, r), &p.w, par, me), seq);
 }
 
-__global__ void __launch_bounds__(kThreads, 1) combine_recv_kernel(Params p, const float *__restrict__ weights,
+__global__ void __launch_bounds__(kThreads, kBlocksPerSm) combine_recv_kernel(Params p, const float *__restrict__ weights,
                                                                 uint16_t *__restrict__ out, int T, uint32_t rel) {
     const ep_dims &d = p.d;
     const uint32_t seq = call_seq(p, &p.seqs[1], 0u - rel);
@@ -163,13 +163,13 @@ __global__ void __launch_bounds__(kThreads, 1) combine_recv_kernel(Params p, con
 } // namespace
 
 epmoe_status launch_combine_send(const Params &p, const epmoe_combine_args &a, uint32_t rel, int sms, cudaStream_t s) {
-    combine_send_kernel<<<sms, kThreads, 0, s>>>(p, a.expert_out, rel);
+    combine_send_kernel<<<kBlocksPerSm * sms, kThreads, 0, s>>>(p, a.expert_out, rel);
     return epmoe__launched("epmoe_combine (send)");
 }
 
 epmoe_status launch_combine_recv(const Params &p, const epmoe_combine_args &a, uint32_t rel, int T, int sms,
                                  cudaStream_t s) {
-    combine_recv_kernel<<<T < 1 ? 1 : T < sms ? T : sms, kThreads, 0, s>>>(p, a.topk_weights, a.out, T, rel);
+    combine_recv_kernel<<<grid_for(T, sms), kThreads, 0, s>>>(p, a.topk_weights, a.out, T, rel);
     return epmoe__launched("epmoe_combine (receive)");
 }
 

@@ -101,7 +101,7 @@ struct MsgRef {
     int dst, opener;
 };
 
-__global__ void __launch_bounds__(kThreads, 1) dispatch_send_kernel(Params p, const uint16_t *__restrict__ x,
+__global__ void __launch_bounds__(kThreads, kBlocksPerSm) dispatch_send_kernel(Params p, const uint16_t *__restrict__ x,
                                                                  const void *topk, int bits, const float *weights, int T) {
     const ep_dims &d = p.d;
     /* LSA: the call's number lives on the device (graph replays advance it): every block reads
@@ -201,7 +201,7 @@ __global__ void __launch_bounds__(kThreads, 1) dispatch_send_kernel(Params p, co
     }
 }
 
-__global__ void __launch_bounds__(kThreads, 1) dispatch_recv_kernel(Params p, epmoe_dispatch_args a) {
+__global__ void __launch_bounds__(kThreads, kBlocksPerSm) dispatch_recv_kernel(Params p, epmoe_dispatch_args a) {
     const ep_dims &d = p.d;
     const uint32_t seq = call_seq(p, &p.seqs[1], 1); /* as in the send kernel */
     const int par = seq & 1, R = d.R, L = d.L, H = d.H, G = H / FMT_GROUP, me = d.rank;
@@ -305,7 +305,7 @@ __global__ void __launch_bounds__(kThreads, 1) dispatch_recv_kernel(Params p, ep
 
 } // namespace
 
-static int grid_for(int work, int sms) { return work < 1 ? 1 : work < sms ? work : sms; }
+
 
 epmoe_status launch_dispatch_send(const Params &p, const epmoe_dispatch_args &a, int sms, cudaStream_t s) {
     const int keys = p.d.E + p.d.R;
@@ -319,7 +319,7 @@ epmoe_status launch_dispatch_send(const Params &p, const epmoe_dispatch_args &a,
 epmoe_status launch_dispatch_recv(const Params &p, const epmoe_dispatch_args &a, int sms, cudaStream_t s) {
     const size_t smem = (size_t)ep_align(4 * ((int64_t)p.d.L * p.d.R + p.d.R + 1), 16) + (size_t)p.d.header_bytes;
     if (smem > 48 * 1024) cudaFuncSetAttribute(dispatch_recv_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
-    dispatch_recv_kernel<<<sms, kThreads, smem, s>>>(p, a);
+    dispatch_recv_kernel<<<kBlocksPerSm * sms, kThreads, smem, s>>>(p, a);
     return epmoe__launched("epmoe_dispatch (receive)");
 }
 
