@@ -20,7 +20,7 @@
 ** Check: v2's idx/dst/row/slot/first/opener of every valid entry and the batch counts equal
 ** v0's, on random routings with repeated experts, -1 slots, a masked-out rank, T = 0, 1, 3, N,
 ** more tokens than blocks, and without dedup (a message per (token, expert)).
-** Time: min(T, 132) blocks of 256 threads (as the send kernel) that only compute the plan; 20
+** Time: min(T, 132) blocks (v0: kSendThreads threads, as the send kernel; v2: 256) that only compute the plan; 20
 ** launches captured in a CUDA graph, time per launch, median of 15 replays; an empty kernel of
 ** the same grid, and one taking dispatch's parameter block, give the launch floor.
 ** Build: make dev-labs; run: ./build/dev/ep_plan_lab
@@ -175,16 +175,16 @@ struct PlanOut { /* one plan, copied out for the check */
 
 size_t v0_smem(const ep_dims &d) {
     const int keys = d.E + d.R;
-    return sizeof(int) * (size_t)(keys + (kThreads / 32) * keys) + 10 * (size_t)d.N * d.k;
+    return sizeof(int) * (size_t)(keys + (kSendThreads / 32) * keys) + 10 * (size_t)d.N * d.k;
 }
 
-__global__ void __launch_bounds__(kThreads, 1) plan_v0(Params p, const int32_t *topk, int T, PlanOut o, int copy) {
+__global__ void __launch_bounds__(kSendThreads, 1) plan_v0(Params p, const int32_t *topk, int T, PlanOut o, int copy) {
     const ep_dims &d = p.d;
     extern __shared__ __align__(16) uint8_t smem[];
     Plan pl;
     pl.count = reinterpret_cast<int *>(smem);
     pl.warp_count = pl.count + d.E + d.R;
-    pl.idx = reinterpret_cast<int16_t *>(pl.warp_count + (kThreads / 32) * (d.E + d.R));
+    pl.idx = reinterpret_cast<int16_t *>(pl.warp_count + (kSendThreads / 32) * (d.E + d.R));
     pl.row = pl.idx + d.N * d.k;
     pl.slot = pl.row + d.N * d.k;
     pl.dst = pl.slot + d.N * d.k;
@@ -193,11 +193,11 @@ __global__ void __launch_bounds__(kThreads, 1) plan_v0(Params p, const int32_t *
     make_plan(p, topk, 32, T, pl);
     if (copy && blockIdx.x == 0) {
         const int n = T * d.k;
-        for (int i = threadIdx.x; i < n; i += kThreads) {
+        for (int i = threadIdx.x; i < n; i += kSendThreads) {
             o.idx[i] = pl.idx[i], o.row[i] = pl.row[i], o.slot[i] = pl.slot[i], o.dst[i] = pl.dst[i];
             o.first[i] = pl.first[i], o.opener[i] = pl.opener[i];
         }
-        for (int i = threadIdx.x; i < d.E + d.R; i += kThreads) o.count[i] = pl.count[i];
+        for (int i = threadIdx.x; i < d.E + d.R; i += kSendThreads) o.count[i] = pl.count[i];
     }
 }
 
@@ -337,7 +337,7 @@ int main() {
         const size_t s0 = v0_smem(p.d), s1 = plan_smem_bytes(p.d);
         CK(cudaFuncSetAttribute(plan_v0, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)s0));
         const int blocks = c.T < 1 ? 1 : (c.T < sms ? c.T : sms);
-        plan_v0<<<blocks, kThreads, s0, s>>>(p, dtopk, c.T, o0, 1);
+        plan_v0<<<blocks, kSendThreads, s0, s>>>(p, dtopk, c.T, o0, 1);
         plan_v2<<<blocks, kThreads, s1, s>>>(p, dtopk, c.T, o1, 1, keep);
         CK(cudaStreamSynchronize(s));
         CK(cudaGetLastError());
@@ -358,7 +358,7 @@ int main() {
         bad += diff != 0;
         const double te = time_graph([&] { empty_kernel<<<blocks, kThreads, 0, s>>>(); }, s);
         const double tp = time_graph([&] { params_kernel<<<blocks, kThreads, 0, s>>>(p, dtopk, c.T, o0); }, s);
-        const double t0 = time_graph([&] { plan_v0<<<blocks, kThreads, s0, s>>>(p, dtopk, c.T, o0, 0); }, s);
+        const double t0 = time_graph([&] { plan_v0<<<blocks, kSendThreads, s0, s>>>(p, dtopk, c.T, o0, 0); }, s);
         const double t1 = time_graph([&] { plan_v2<<<blocks, kThreads, s1, s>>>(p, dtopk, c.T, o1, 0, keep); }, s);
         std::printf("%-3d %-5d %-4d %-3d %-5d %-5d %-6d %-5d %8.2f %8.2f %8.2f %8.2f  %s (%ld)\n", c.R, c.N, c.E, c.k, c.T,
                     c.dups, c.masked_rank, c.dedup, te, tp, t0, t1, diff ? "DIFFERS" : "same", diff);

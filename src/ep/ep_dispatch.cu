@@ -9,6 +9,13 @@
 namespace epk {
 namespace {
 
+/* The send kernel's block: the plan before the first store is a chain of phases over the batch's
+** T * k entries, each as long as the entries one thread walks; more threads shorten it. */
+#ifndef EPMOE_SEND_THREADS
+#define EPMOE_SEND_THREADS 512
+#endif
+constexpr int kSendThreads = EPMOE_SEND_THREADS;
+
 /* ---- the plan: row and message slot of every (token, slot), computed in shared memory ----
 ** Rows of an expert come in (token, slot) order and message slots of a destination in token
 ** order, so each is a stable counting rank: warps take contiguous ranges of entries, rank them
@@ -23,9 +30,9 @@ struct Plan {
 
 __device__ void make_plan(const Params &p, const void *topk, int bits, int T, Plan pl) {
     const ep_dims &d = p.d;
-    const int k = d.k, n = T * k, keys = d.E + d.R, W = kThreads / 32;
+    const int k = d.k, n = T * k, keys = d.E + d.R, W = kSendThreads / 32;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-    for (int i = threadIdx.x; i < n; i += kThreads) {
+    for (int i = threadIdx.x; i < n; i += kSendThreads) {
         int64_t e = bits == 64 ? static_cast<const int64_t *>(topk)[i] : static_cast<const int32_t *>(topk)[i];
         if (e < -1 || e >= d.E) {
             set_error(p, kErrBadExpert, (int)(i / k), 0);
@@ -33,9 +40,9 @@ __device__ void make_plan(const Params &p, const void *topk, int bits, int T, Pl
         }
         pl.idx[i] = (int16_t)(e >= 0 && p.active[e / d.L] ? e : -1);
     }
-    for (int i = threadIdx.x; i < W * keys; i += kThreads) pl.warp_count[i] = 0;
+    for (int i = threadIdx.x; i < W * keys; i += kSendThreads) pl.warp_count[i] = 0;
     __syncthreads();
-    for (int t = threadIdx.x; t < T; t += kThreads) { /* per token, once: destinations, repeats, openers */
+    for (int t = threadIdx.x; t < T; t += kSendThreads) { /* per token, once: destinations, repeats, openers */
         const int16_t *tok = pl.idx + t * k;
         for (int j = 0; j < k; j++) {
             const int i = t * k + j;
@@ -70,7 +77,7 @@ __device__ void make_plan(const Params &p, const void *topk, int bits, int T, Pl
         __syncwarp();
     }
     __syncthreads();
-    for (int key = threadIdx.x; key < keys; key += kThreads) { /* exclusive scan over warps */
+    for (int key = threadIdx.x; key < keys; key += kSendThreads) { /* exclusive scan over warps */
         int acc = 0;
         for (int w = 0; w < W; w++) {
             const int c = pl.warp_count[w * keys + key];
@@ -80,14 +87,14 @@ __device__ void make_plan(const Params &p, const void *topk, int bits, int T, Pl
         pl.count[key] = acc;
     }
     __syncthreads();
-    for (int i = threadIdx.x; i < n; i += kThreads) {
+    for (int i = threadIdx.x; i < n; i += kSendThreads) {
         if (pl.idx[i] < 0) continue;
         const int j = i % k, w = i / span;
         if (pl.first[i] == j) pl.row[i] = (int16_t)(pl.row[i] + pl.warp_count[w * keys + pl.idx[i]]);
         if (pl.opener[i] == j) pl.slot[i] = (int16_t)(pl.slot[i] + pl.warp_count[w * keys + d.E + pl.dst[i]]);
     }
     __syncthreads();
-    for (int i = threadIdx.x; i < n; i += kThreads) { /* repeated slots share their first slot's values */
+    for (int i = threadIdx.x; i < n; i += kSendThreads) { /* repeated slots share their first slot's values */
         if (pl.idx[i] < 0) continue;
         const int t0 = i - i % k;
         if (pl.first[i] != i % k) pl.row[i] = pl.row[t0 + pl.first[i]];
@@ -101,7 +108,7 @@ struct MsgRef {
     int dst, opener;
 };
 
-__global__ void __launch_bounds__(kThreads, kBlocksPerSm) dispatch_send_kernel(Params p, const uint16_t *__restrict__ x,
+__global__ void __launch_bounds__(kSendThreads, kBlocksPerSm) dispatch_send_kernel(Params p, const uint16_t *__restrict__ x,
                                                                  const void *topk, int bits, const float *weights, int T) {
     const ep_dims &d = p.d;
     /* LSA: the call's number lives on the device (graph replays advance it): every block reads
@@ -112,7 +119,7 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm) dispatch_send_kernel(P
     Plan pl;
     pl.count = reinterpret_cast<int *>(smem);
     pl.warp_count = pl.count + d.E + d.R;
-    pl.idx = reinterpret_cast<int16_t *>(pl.warp_count + (kThreads / 32) * (d.E + d.R));
+    pl.idx = reinterpret_cast<int16_t *>(pl.warp_count + (kSendThreads / 32) * (d.E + d.R));
     pl.row = pl.idx + d.N * k;
     pl.slot = pl.row + d.N * k;
     pl.dst = pl.slot + d.N * k;
@@ -130,7 +137,7 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm) dispatch_send_kernel(P
     make_plan(p, topk, bits, T, pl);
     if (bail) return;
     if (blockIdx.x == 0)
-        for (int i = threadIdx.x; i < T * k; i += kThreads) p.st[par].topk[i] = pl.idx[i];
+        for (int i = threadIdx.x; i < T * k; i += kSendThreads) p.st[par].topk[i] = pl.idx[i];
 
     const int chunks = d.H / 8; /* 16-byte chunks of the bf16 row */
     for (int t = blockIdx.x; t < T; t += gridDim.x) {
@@ -164,14 +171,14 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm) dispatch_send_kernel(P
             const uint4 *xt = reinterpret_cast<const uint4 *>(x + (int64_t)t * d.H);
             const int lane = threadIdx.x & 31;
             const unsigned half_mask = 0xFFFFu << (lane & 16);
-            for (int c0 = threadIdx.x; c0 < chunks; c0 += kThreads * kBatch) {
+            for (int c0 = threadIdx.x; c0 < chunks; c0 += kSendThreads * kBatch) {
                 uint4 v[kBatch]; /* every load of the row in flight before the first use */
 #pragma unroll
                 for (int b = 0; b < kBatch; b++)
-                    if (c0 + b * kThreads < chunks) v[b] = __ldg(xt + c0 + b * kThreads);
+                    if (c0 + b * kSendThreads < chunks) v[b] = __ldg(xt + c0 + b * kSendThreads);
 #pragma unroll
                 for (int b = 0; b < kBatch; b++) {
-                    const int c = c0 + b * kThreads; /* a half-warp owns a 128-group: uniform test */
+                    const int c = c0 + b * kSendThreads; /* a half-warp owns a 128-group: uniform test */
                     if (c >= chunks) continue;
                     if (!d.fp8) {
                         for (int m = 0; m < nm; m++) *reinterpret_cast<uint4 *>(msgs[m].at + d.header_bytes + c * 16) = v[b];
@@ -191,7 +198,7 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm) dispatch_send_kernel(P
     }
     if (last_block_done(&p.counters[0])) {
         if (threadIdx.x == 0 && !p.a2a) p.seqs[0] = seq;
-        for (int r = threadIdx.x; r < d.R; r += kThreads) {
+        for (int r = threadIdx.x; r < d.R; r += kSendThreads) {
             if (!p.active[r]) continue;
             uint32_t *meta = out_meta(p, par, r);
             meta[0] = (uint32_t)pl.count[d.E + r];
@@ -309,9 +316,9 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm) dispatch_recv_kernel(P
 
 epmoe_status launch_dispatch_send(const Params &p, const epmoe_dispatch_args &a, int sms, cudaStream_t s) {
     const int keys = p.d.E + p.d.R;
-    const size_t smem = sizeof(int) * (size_t)(keys + (kThreads / 32) * keys) + 10 * (size_t)p.d.N * p.d.k;
+    const size_t smem = sizeof(int) * (size_t)(keys + (kSendThreads / 32) * keys) + 10 * (size_t)p.d.N * p.d.k;
     if (smem > 48 * 1024) cudaFuncSetAttribute(dispatch_send_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
-    dispatch_send_kernel<<<grid_for(a.num_tokens, sms), kThreads, smem, s>>>(p, a.x, a.topk_idx, a.topk_idx_bits,
+    dispatch_send_kernel<<<grid_for(a.num_tokens, sms), kSendThreads, smem, s>>>(p, a.x, a.topk_idx, a.topk_idx_bits,
                                                                             a.topk_weights, a.num_tokens);
     return epmoe__launched("epmoe_dispatch (send)");
 }
