@@ -216,7 +216,10 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm) dispatch_recv_kernel(P
     extern __shared__ __align__(16) uint8_t smem[];
     int *begin = reinterpret_cast<int *>(smem); /* [L, R] */
     int *pre = begin + L * R;                   /* [R + 1] message prefix over sources */
-    uint8_t *hdr = smem + ep_align(4 * ((int64_t)L * R + R + 1), 16); /* one message header */
+    /* the distinct rows of the current message (a slot repeating an expert shares its row):
+    ** flat index le * M + row, and le and row apart (no 64-bit division for the scales) */
+    __shared__ int64_t rows[EPMOE_MAX_TOPK];
+    __shared__ int row_le[EPMOE_MAX_TOPK], row_in[EPMOE_MAX_TOPK], n_rows;
     __shared__ int bail;
     if (threadIdx.x == 0) bail = 0;
     __syncthreads();
@@ -250,25 +253,29 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm) dispatch_recv_kernel(P
         const int i = m - pre[src];
         const uint8_t *msg = in_msg(p, par, src, i);
         uint8_t *keep = p.st[par].hdrs + ((int64_t)src * d.slots + i) * d.header_bytes;
-        for (int c = threadIdx.x; c < d.header_bytes / 16; c += kThreads) {
-            const uint4 v = reinterpret_cast<const uint4 *>(msg)[c];
-            reinterpret_cast<uint4 *>(hdr)[c] = v;
-            reinterpret_cast<uint4 *>(keep)[c] = v;
+        for (int c = threadIdx.x; c < d.header_bytes / 16; c += kThreads)
+            reinterpret_cast<uint4 *>(keep)[c] = reinterpret_cast<const uint4 *>(msg)[c];
+        if (threadIdx.x < 32) { /* warp 0: a lane per entry, its row once per distinct (le, row) */
+            const int lane = threadIdx.x;
+            const ep_header h = *reinterpret_cast<const ep_header *>(msg);
+            const bool valid = lane < h.n_entries;
+            ep_entry e = {0, 0, 0, 0.0f};
+            if (valid) e = reinterpret_cast<const ep_entry *>(msg + sizeof(ep_header))[lane];
+            const unsigned long long key = valid ? ((unsigned long long)(uint16_t)e.le << 32) | (uint32_t)e.row
+                                                 : ~0ull - (unsigned long long)lane;
+            const unsigned same = __match_any_sync(0xFFFFFFFFu, key);
+            const bool first = valid && __ffs(same) - 1 == lane;
+            const unsigned firsts = __ballot_sync(0xFFFFFFFFu, first);
+            if (first) {
+                const int q = __popc(firsts & ((1u << lane) - 1u)), r = begin[e.le * R + src] + e.row;
+                rows[q] = (int64_t)e.le * M + r, row_le[q] = e.le, row_in[q] = r;
+                if (a.recv_src_info) a.recv_src_info[(int64_t)e.le * M + r] = src * d.N + h.token;
+            }
+            if (lane == 0) n_rows = __popc(firsts);
         }
         __syncthreads();
-        const ep_header h = *reinterpret_cast<const ep_header *>(hdr);
-        const ep_entry *ent = reinterpret_cast<const ep_entry *>(hdr + sizeof(ep_header));
+        const int nrows = n_rows;
         const uint8_t *payload = msg + d.header_bytes;
-        /* the distinct rows this message fills: a slot repeating an expert shares its row */
-        int64_t rows[EPMOE_MAX_TOPK];
-        int nrows = 0;
-        for (int n = 0; n < h.n_entries; n++) {
-            bool dup = false;
-            for (int n2 = 0; n2 < n; n2++) dup |= ent[n2].le == ent[n].le && ent[n2].row == ent[n].row;
-            if (dup) continue;
-            rows[nrows++] = (int64_t)ent[n].le * M + begin[ent[n].le * R + src] + ent[n].row; /* le * M + row */
-            if (threadIdx.x == 0 && a.recv_src_info) a.recv_src_info[rows[nrows - 1]] = src * d.N + h.token;
-        }
         const int vec = d.fp8 ? H / 16 : H / 8; /* 16-byte chunks of the payload */
         const float *sc = reinterpret_cast<const float *>(payload + H);
         for (int c0 = threadIdx.x; c0 < vec; c0 += kThreads * kBatch) {
@@ -294,14 +301,13 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm) dispatch_recv_kernel(P
             for (int g = threadIdx.x; g < padded; g += kThreads) {
                 const float s = g < G ? sc[g] : 0.0f;
                 for (int n = 0; n < nrows; n++) {
-                    const int64_t le = rows[n] / M, row = rows[n] % M;
-                    uint8_t *o = static_cast<uint8_t *>(a.recv_scales) + le * slab + fmt_scale_offset(fmt, M, G, row, g);
+                    uint8_t *o = static_cast<uint8_t *>(a.recv_scales) + row_le[n] * slab + fmt_scale_offset(fmt, M, G, row_in[n], g);
                     if (!fmt_scale_is_ue8m0(fmt)) *reinterpret_cast<float *>(o) = s;
                     else *o = g < G ? fmt_ue8m0_from_float(s) : 0;
                 }
             }
         }
-        __syncthreads(); /* hdr is reused */
+        __syncthreads(); /* rows[] is rewritten for the next message */
     }
     if (!p.a2a && last_block_done(&p.counters[1])) { /* a2a: the stream orders slab reuse */
         if (threadIdx.x == 0) p.seqs[1] = seq;
@@ -311,8 +317,6 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm) dispatch_recv_kernel(P
 }
 
 } // namespace
-
-
 
 epmoe_status launch_dispatch_send(const Params &p, const epmoe_dispatch_args &a, int sms, cudaStream_t s) {
     const int keys = p.d.E + p.d.R;
@@ -324,7 +328,7 @@ epmoe_status launch_dispatch_send(const Params &p, const epmoe_dispatch_args &a,
 }
 
 epmoe_status launch_dispatch_recv(const Params &p, const epmoe_dispatch_args &a, int sms, cudaStream_t s) {
-    const size_t smem = (size_t)ep_align(4 * ((int64_t)p.d.L * p.d.R + p.d.R + 1), 16) + (size_t)p.d.header_bytes;
+    const size_t smem = (size_t)ep_align(4 * ((int64_t)p.d.L * p.d.R + p.d.R + 1), 16);
     if (smem > 48 * 1024) cudaFuncSetAttribute(dispatch_recv_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
     dispatch_recv_kernel<<<kBlocksPerSm * sms, kThreads, smem, s>>>(p, a);
     return epmoe__launched("epmoe_dispatch (receive)");
