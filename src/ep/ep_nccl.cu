@@ -47,54 +47,86 @@ struct NcclImpl {
 
 constexpr int kKernelExchange = 5; /* the "kernel" a timed-out exchange reports in *error */
 
-/* The fallback's watchdog: the last few exchanges' completion events and deadlines, checked every
-** millisecond by its own thread on the ep's device. It fires at most once. */
+/* The fallback's watchdog: the last few exchanges' start and end events, checked every
+** millisecond by its own thread on the ep's device; an exchange's clock starts when its start
+** event completes (the stream reached it), not when it was enqueued. It fires at most once.
+** Two locks: `mu` guards the slots only and is never held across an NCCL call, so a caller
+** blocked inside NCCL cannot stop the watchdog; `comm_mu` keeps exchange() and the abort apart,
+** but the abort goes ahead without it after 200 ms (a caller stuck inside NCCL holds it, and
+** NCCL's abort is what frees that caller). */
 struct Watchdog {
+    static constexpr int kSlots = 8;
     struct Slot {
-        cudaEvent_t ev;
+        cudaEvent_t start, end;
         std::chrono::steady_clock::time_point deadline;
-        bool live;
+        bool live, started;
     };
     int device;
     std::chrono::milliseconds timeout;
     std::mutex mu;
+    std::timed_mutex comm_mu;
     std::condition_variable cv;
     bool stop = false;
     std::atomic<bool> fired{false}, aborted{false}; /* read by the ep's thread too */
-    Slot slot[4] = {};
+    Slot slot[kSlots] = {};
     int next = 0;
+    ncclComm_t abort_comm = nullptr; /* under mu: the ep's own communicator, once the launch helper owns it */
     std::thread th;
-
-    ncclComm_t abort_comm = nullptr; /* the ep's own communicator, once the launch helper owns it */
 
     void run(int *error_host) {
         cudaSetDevice(device);
+        /* its event queries must not invalidate another thread's stream capture (global mode) */
+        cudaStreamCaptureMode mode = cudaStreamCaptureModeRelaxed;
+        cudaThreadExchangeStreamCaptureMode(&mode);
         std::unique_lock<std::mutex> lk(mu);
         while (!stop && !fired) {
             cv.wait_for(lk, std::chrono::milliseconds(1));
             const auto now = std::chrono::steady_clock::now();
             for (Slot &sl : slot) {
                 if (!sl.live) continue;
-                const cudaError_t q = cudaEventQuery(sl.ev);
+                if (!sl.started) {
+                    if (cudaEventQuery(sl.start) == cudaErrorNotReady) continue;
+                    sl.started = true, sl.deadline = now + timeout;
+                }
+                const cudaError_t q = cudaEventQuery(sl.end);
                 if (q != cudaErrorNotReady) sl.live = false; /* done (or a CUDA error the stream reports) */
                 else if (now > sl.deadline) fired = true;
             }
         }
         if (!fired) return;
-        /* peer unknown (NCCL does not say which one is missing): 0xFFFF */
-        __atomic_store_n(error_host, (EPMOE_ERR_TIMEOUT << 24) | (0xFFFF << 8) | kKernelExchange, __ATOMIC_SEQ_CST);
-        /* under mu: exchange() never calls NCCL on a communicator being aborted */
-        if (abort_comm) ncclCommAbort(abort_comm), abort_comm = nullptr, aborted = true;
+        ncclComm_t comm = abort_comm;
+        abort_comm = nullptr;
+        lk.unlock();
+        /* the timeout replaces any earlier error (the ep's thread clears only the one it read);
+        ** peer unknown (NCCL does not say which one is missing): 0xFFFF */
+        const int timeout_word = (EPMOE_ERR_TIMEOUT << 24) | (0xFFFF << 8) | kKernelExchange;
+        int seen = __atomic_load_n(error_host, __ATOMIC_SEQ_CST);
+        while ((seen >> 24) != EPMOE_ERR_TIMEOUT &&
+               !__atomic_compare_exchange_n(error_host, &seen, timeout_word, false, __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST)) {
+        }
+        if (comm) {
+            const bool locked = comm_mu.try_lock_for(std::chrono::milliseconds(200));
+            ncclCommAbort(comm);
+            aborted = true;
+            if (locked) comm_mu.unlock();
+        }
     }
-    /* After the exchange is enqueued on s, with mu held (not while s is being captured: a graph's
-    ** replays run without the watchdog). */
-    void arm_locked(cudaStream_t s) {
+    /* Around an exchange on s: begin() before it is enqueued (-1 while s is being captured: a
+    ** graph's replays run without the watchdog), end() after. Events are recorded outside mu. */
+    int begin(cudaStream_t s) {
         cudaStreamCaptureStatus cs = cudaStreamCaptureStatusNone;
-        if (cudaStreamIsCapturing(s, &cs) != cudaSuccess || cs != cudaStreamCaptureStatusNone) return;
-        Slot &sl = slot[next];
-        next = (next + 1) % 4;
-        if (cudaEventRecord(sl.ev, s) != cudaSuccess) return;
-        sl.deadline = std::chrono::steady_clock::now() + timeout, sl.live = true;
+        if (cudaStreamIsCapturing(s, &cs) != cudaSuccess || cs != cudaStreamCaptureStatusNone) return -1;
+        int i;
+        {
+            std::lock_guard<std::mutex> lk(mu);
+            i = next, next = (next + 1) % kSlots, slot[i].live = false;
+        }
+        return cudaEventRecord(slot[i].start, s) == cudaSuccess ? i : -1;
+    }
+    void end(int i, cudaStream_t s) {
+        if (i < 0 || cudaEventRecord(slot[i].end, s) != cudaSuccess) return;
+        std::lock_guard<std::mutex> lk(mu);
+        slot[i].started = false, slot[i].live = true;
     }
     void shutdown() {
         {
@@ -103,21 +135,35 @@ struct Watchdog {
         }
         cv.notify_all();
         if (th.joinable()) th.join();
-        for (Slot &sl : slot) cudaEventDestroy(sl.ev);
+        for (Slot &sl : slot) cudaEventDestroy(sl.start), cudaEventDestroy(sl.end);
     }
 };
 
 Watchdog *watchdog_start(int device, int timeout_ms, int *error_host) {
-    Watchdog *w = new Watchdog();
-    w->device = device, w->timeout = std::chrono::milliseconds(timeout_ms);
-    for (int i = 0; i < 4; i++)
-        if (cudaEventCreateWithFlags(&w->slot[i].ev, cudaEventDisableTiming) != cudaSuccess) {
-            while (i--) cudaEventDestroy(w->slot[i].ev);
-            delete w; /* no watchdog: the exchange then waits as NCCL does */
-            return nullptr;
+    Watchdog *w = nullptr;
+    int made = 0;
+    try { /* no exception may cross the C interface: without a watchdog the exchange waits as NCCL does */
+        w = new Watchdog();
+        w->device = device, w->timeout = std::chrono::milliseconds(timeout_ms);
+        for (; made < Watchdog::kSlots; made++) {
+            Watchdog::Slot &sl = w->slot[made];
+            if (cudaEventCreateWithFlags(&sl.start, cudaEventDisableTiming) != cudaSuccess) break;
+            if (cudaEventCreateWithFlags(&sl.end, cudaEventDisableTiming) != cudaSuccess) {
+                cudaEventDestroy(sl.start);
+                break;
+            }
         }
-    w->th = std::thread([w, error_host] { w->run(error_host); });
-    return w;
+        if (made == Watchdog::kSlots) {
+            w->th = std::thread([w, error_host] { w->run(error_host); });
+            return w;
+        }
+    } catch (...) {
+    }
+    if (w) {
+        while (made--) cudaEventDestroy(w->slot[made].start), cudaEventDestroy(w->slot[made].end);
+        delete w;
+    }
+    return nullptr;
 }
 
 /* ncclGetLastError arrived in NCCL 2.13; the fallback may run on an older libnccl. */
@@ -167,18 +213,36 @@ epmoe_status async_error(epmoe_ep *ep) {
         return epmoe__fail(EPMOE_ERR_TIMEOUT, "rank %d: %s waited %d ms for rank %d; the group is failed", ep->cfg.rank, kn,
                            ep->cfg.timeout_ms, peer);
     }
-    *(volatile int *)im->error_host = 0; /* reported once; the bad ids were sent as -1 */
+    /* reported once (the bad ids were sent as -1); a timeout the watchdog wrote since stays */
+    int seen = e;
+    __atomic_compare_exchange_n(im->error_host, &seen, 0, false, __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST);
     return epmoe__fail(EPMOE_ERR_INVALID_ARG, "rank %d: an earlier dispatch had an expert id outside [-1, %d) at token %d; "
                        "those slots were dropped", ep->cfg.rank, ep->cfg.num_experts, peer);
 }
 
-/* The fallback cannot time a peer out (NCCL's kernels wait for it), but NCCL reports what
-** it detects (a peer's process died, a network error) through the communicator. */
+/* The watchdog fired: the timeout, even before its word reaches error_host. */
+epmoe_status timed_out(epmoe_ep *ep) {
+    ep->failed = 1;
+    const epmoe_status st = async_error(ep);
+    if (st == EPMOE_ERR_TIMEOUT) return st;
+    return epmoe__fail(EPMOE_ERR_TIMEOUT, "rank %d: the all-to-all exchange waited %d ms for a peer; the group is failed",
+                       ep->cfg.rank, ep->cfg.timeout_ms);
+}
+
+/* Besides the watchdog's timeout, NCCL reports what it detects (a peer's process died, a
+** network error) through the communicator: asked only while no abort can run alongside. */
 epmoe_status poll_errors(epmoe_ep *ep) {
     EPMOE_CHECK(async_error(ep));
     NcclImpl *im = impl_of(ep);
+    if (!im->a2a) return EPMOE_OK;
+    std::unique_lock<std::timed_mutex> lk;
+    if (im->watch) {
+        lk = std::unique_lock<std::timed_mutex>(im->watch->comm_mu, std::try_to_lock);
+        if (im->watch->fired || im->watch->aborted) return timed_out(ep);
+        if (!lk.owns_lock()) return EPMOE_OK; /* an exchange is inside NCCL: ask next time */
+    }
     ncclResult_t r = ncclSuccess;
-    if (im->a2a && ncclCommGetAsyncError(im->comm, &r) == ncclSuccess && r != ncclSuccess && r != ncclInProgress) {
+    if (ncclCommGetAsyncError(im->comm, &r) == ncclSuccess && r != ncclSuccess && r != ncclInProgress) {
         ep->failed = 1;
         return epmoe__fail(EPMOE_ERR_NCCL, "rank %d: the communicator reports %s (%s); the group is failed", ep->cfg.rank,
                            ncclGetErrorString(r), nccl_detail(im->comm));
@@ -210,10 +274,12 @@ epmoe_status exchange(epmoe_ep *ep, const char *fn, uint8_t *out, uint8_t *in, i
     int peers = 0;
     for (int peer = 0; peer < R; peer++) peers += peer != me && active[peer];
     if (!peers) return EPMOE_OK; /* one rank (or every other one masked out): nothing to move */
-    std::unique_lock<std::mutex> lk; /* with a watchdog: never alongside its abort */
+    std::unique_lock<std::timed_mutex> lk; /* with a watchdog: never alongside its abort */
+    int slot = -1;
     if (im->watch) {
-        lk = std::unique_lock<std::mutex>(im->watch->mu);
-        if (im->watch->aborted) return async_error(ep);
+        lk = std::unique_lock<std::timed_mutex>(im->watch->comm_mu);
+        if (im->watch->fired || im->watch->aborted) return timed_out(ep);
+        slot = im->watch->begin(s);
     }
     ncclResult_t r = ncclGroupStart();
     if (r != ncclSuccess) goto fail;
@@ -227,10 +293,11 @@ epmoe_status exchange(epmoe_ep *ep, const char *fn, uint8_t *out, uint8_t *in, i
         if (r == ncclSuccess) r = e;
     }
     if (r == ncclSuccess) {
-        if (im->watch) im->watch->arm_locked(s);
+        if (im->watch) im->watch->end(slot, s);
         return EPMOE_OK;
     }
 fail:
+    if (im->watch && im->watch->aborted) return timed_out(ep); /* the abort ended the call; the comm is gone */
     ep->failed = 1;
     return epmoe__fail(EPMOE_ERR_NCCL, "%s: rank %d: the slab exchange failed: %s (%s); the group is failed", fn, ep->cfg.rank,
                        ncclGetErrorString(r), nccl_detail(im->comm));
@@ -289,7 +356,8 @@ void nccl_destroy(epmoe_ep *ep) {
     cudaSetDevice(im->device); /* the ep's GPU, whichever thread tears it down */
     if (im->watch) { /* stopped first; a communicator it aborted is gone */
         im->watch->shutdown();
-        if (im->watch->aborted) ep->owned_comm = nullptr, ep->failed = 1;
+        if (im->watch->fired) ep->failed = 1; /* NCCL's kernel may still wait: no device sync below */
+        if (im->watch->aborted) ep->owned_comm = nullptr;
     }
     const bool aborted = im->watch && im->watch->aborted;
     delete im->watch;
@@ -356,7 +424,7 @@ extern "C" epmoe_status epmoe_ep_create_nccl(struct ncclComm *comm, const epmoe_
     ncclGetVersion(&version);
     /* the plan of the send kernel, which both transports use, lives in shared memory */
     const int keys = cfg->num_experts + cfg->num_ranks;
-    const size_t send_smem = sizeof(int) * (size_t)keys * (1 + epk::kThreads / 32) + 10 * (size_t)cfg->max_tokens * cfg->top_k;
+    const size_t send_smem = sizeof(int) * (size_t)keys * (1 + epk::kSendThreads / 32) + 10 * (size_t)cfg->max_tokens * cfg->top_k;
     if ((int64_t)cfg->max_tokens * cfg->top_k > epk::kMaxPlanEntries || send_smem > 200 * 1024)
         return epmoe__fail(EPMOE_ERR_UNSUPPORTED, "%s: max_tokens * top_k = %d exceeds the GPU plan's %d entries (or too many "
                            "experts)", fn, cfg->max_tokens * cfg->top_k, epk::kMaxPlanEntries);
