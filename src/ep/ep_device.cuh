@@ -27,6 +27,15 @@ constexpr int kThreads = 256;
 ** two. 2 x H200, 2026-11-30: 256 tokens/rank dispatch 68.8 -> 63.3 us, combine 60.6 -> 48.3 us;
 ** 128 tokens 47.2 -> 46.0 and 36.8 -> 34.3 us; at R = 1, 128 tokens, combine 29.7 -> 32.3 us. */
 constexpr int kBlocksPerSm = 2;
+/* The dispatch send kernel's block: the plan before the first store is a chain of phases over
+** the batch's T * k entries, each as long as the entries one thread walks; more threads shorten
+** it (9.5 -> 8.0 us at 128 tokens going from 256 to 512). */
+#ifndef EPMOE_SEND_THREADS
+#define EPMOE_SEND_THREADS 512
+#endif
+constexpr int kSendThreads = EPMOE_SEND_THREADS;
+static_assert(kSendThreads % 32 == 0 && kSendThreads <= 1024 && kSendThreads * kBlocksPerSm <= 2048,
+              "send blocks: whole warps, at most 1024 threads, kBlocksPerSm of them per SM");
 /* blocks for `work` independent items (tokens or messages) */
 inline int grid_for(int work, int sms) {
     const int most = kBlocksPerSm * sms;

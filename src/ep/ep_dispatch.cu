@@ -9,13 +9,6 @@
 namespace epk {
 namespace {
 
-/* The send kernel's block: the plan before the first store is a chain of phases over the batch's
-** T * k entries, each as long as the entries one thread walks; more threads shorten it. */
-#ifndef EPMOE_SEND_THREADS
-#define EPMOE_SEND_THREADS 512
-#endif
-constexpr int kSendThreads = EPMOE_SEND_THREADS;
-
 /* ---- the plan: row and message slot of every (token, slot), computed in shared memory ----
 ** Rows of an expert come in (token, slot) order and message slots of a destination in token
 ** order, so each is a stable counting rank: warps take contiguous ranges of entries, rank them
@@ -258,7 +251,7 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm) dispatch_recv_kernel(P
         if (threadIdx.x < 32) { /* warp 0: a lane per entry, its row once per distinct (le, row) */
             const int lane = threadIdx.x;
             const ep_header h = *reinterpret_cast<const ep_header *>(msg);
-            const bool valid = lane < h.n_entries;
+            const bool valid = lane < h.n_entries && lane < EPMOE_MAX_TOPK; /* (rows[] holds EPMOE_MAX_TOPK) */
             ep_entry e = {0, 0, 0, 0.0f};
             if (valid) e = reinterpret_cast<const ep_entry *>(msg + sizeof(ep_header))[lane];
             const unsigned long long key = valid ? ((unsigned long long)(uint16_t)e.le << 32) | (uint32_t)e.row
@@ -321,7 +314,12 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm) dispatch_recv_kernel(P
 epmoe_status launch_dispatch_send(const Params &p, const epmoe_dispatch_args &a, int sms, cudaStream_t s) {
     const int keys = p.d.E + p.d.R;
     const size_t smem = sizeof(int) * (size_t)(keys + (kSendThreads / 32) * keys) + 10 * (size_t)p.d.N * p.d.k;
-    if (smem > 48 * 1024) cudaFuncSetAttribute(dispatch_send_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
+    if (smem > 48 * 1024) {
+        const cudaError_t e = cudaFuncSetAttribute(dispatch_send_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
+        if (e != cudaSuccess)
+            return epmoe__fail(EPMOE_ERR_CUDA, "epmoe_dispatch (send): the plan's %zu bytes of shared memory: %s", smem,
+                               cudaGetErrorString(e));
+    }
     dispatch_send_kernel<<<grid_for(a.num_tokens, sms), kSendThreads, smem, s>>>(p, a.x, a.topk_idx, a.topk_idx_bits,
                                                                             a.topk_weights, a.num_tokens);
     return epmoe__launched("epmoe_dispatch (send)");
@@ -329,7 +327,12 @@ epmoe_status launch_dispatch_send(const Params &p, const epmoe_dispatch_args &a,
 
 epmoe_status launch_dispatch_recv(const Params &p, const epmoe_dispatch_args &a, int sms, cudaStream_t s) {
     const size_t smem = (size_t)ep_align(4 * ((int64_t)p.d.L * p.d.R + p.d.R + 1), 16);
-    if (smem > 48 * 1024) cudaFuncSetAttribute(dispatch_recv_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
+    if (smem > 48 * 1024) {
+        const cudaError_t e = cudaFuncSetAttribute(dispatch_recv_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
+        if (e != cudaSuccess)
+            return epmoe__fail(EPMOE_ERR_CUDA, "epmoe_dispatch (receive): %zu bytes of shared memory: %s", smem,
+                               cudaGetErrorString(e));
+    }
     dispatch_recv_kernel<<<kBlocksPerSm * sms, kThreads, smem, s>>>(p, a);
     return epmoe__launched("epmoe_dispatch (receive)");
 }
