@@ -385,8 +385,9 @@ typedef enum epmoe_backend {
 **             receive half unpacks them. Same results byte for byte (the same kernels pack and
 **             unpack), no host synchronization, any NCCL 2.7+ runtime. It moves the padded slabs,
 **             so it is slower. Differences: NCCL's exchange waits for every active peer's send
-**             half; a watchdog thread of the ep turns an exchange still pending after timeout_ms
-**             into EPMOE_ERR_TIMEOUT (epmoe_ep_poll, any thread) and, when the ep owns its
+**             half; a watchdog thread of the ep turns an exchange still pending timeout_ms after
+**             the stream reached it into EPMOE_ERR_TIMEOUT (from epmoe_ep_poll and every later
+**             call of the ep) and, when the ep owns its
 **             communicator (the launch helpers), aborts it, which releases the stream; a caller's
 **             communicator is left to the caller to abort (NCCL's kernels wait until then);
 **             exchanges inside a captured graph are not watched. A captured CUDA graph (NCCL
