@@ -17,7 +17,10 @@
 **       __match_any_sync. 7.7-8.2 us at 128 tokens, but slower at 1-3 tokens (6.2 against 5.2)
 **       and at 1024 (57.6 against 49.9); in the send kernel, dispatch at R = 2 and 256 tokens
 **       went from 68.8 to 75.8 us. Not adopted; kept here with its check (2026-11-30).
-** Check: v2's idx/dst/row/slot/first/opener of every valid entry and the batch counts equal
+**   v3  v0 with k a compile-time constant, a per-block table of each expert's destination (no
+**       division by L per entry), and the per-token work merged into 2 phases: 5 barriers
+**       instead of 7. Written 2026-11-30, not yet run.
+** Check: v2's and v3's idx/dst/row/slot/first/opener of every valid entry and the batch counts equal
 ** v0's, on random routings with repeated experts, -1 slots, a masked-out rank, T = 0, 1, 3, N,
 ** more tokens than blocks, and without dedup (a message per (token, expert)).
 ** Time: min(T, 132) blocks (v0: kSendThreads threads, as the send kernel; v2: 256) that only compute the plan; 20
@@ -201,6 +204,135 @@ __global__ void __launch_bounds__(kSendThreads, 1) plan_v0(Params p, const int32
     }
 }
 
+/* ---- v3: the library's plan with fewer, shorter phases ----
+** Same algorithm and outputs as make_plan, but: k a compile-time constant (no i % k, loops over
+** a token's slots unrolled in registers); the destination of every expert (or -1 when its rank
+** is masked out) in a shared table built once per block, so no entry divides by L; the load,
+** validation, destinations, repeats and openers of a token in one phase (a thread per token,
+** its K ids in registers); the fix-up and the sharing of repeated slots in one phase (a thread
+** per token). 5 barriers instead of 7. */
+template <int K>
+__device__ void make_plan_v3(const Params &p, const void *topk, int bits, int T, Plan pl) {
+    const ep_dims &d = p.d;
+    const int n = T * K, keys = d.E + d.R, W = kSendThreads / 32;
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    int *dst_of = pl.count; /* [E]: count[] is written only by the scan */
+    for (int e = threadIdx.x; e < d.E; e += kSendThreads) {
+        const int r = e / d.L;
+        dst_of[e] = p.active[r] ? r : -1;
+    }
+    for (int i = threadIdx.x; i < W * keys; i += kSendThreads) pl.warp_count[i] = 0;
+    __syncthreads();
+    for (int t = threadIdx.x; t < T; t += kSendThreads) {
+        int e[K], dst[K];
+#pragma unroll
+        for (int j = 0; j < K; j++) /* K independent loads in flight */
+            e[j] = bits == 64 ? (int)__ldg(static_cast<const long long *>(topk) + (int64_t)t * K + j)
+                              : __ldg(static_cast<const int32_t *>(topk) + (int64_t)t * K + j);
+#pragma unroll
+        for (int j = 0; j < K; j++) {
+            if (e[j] < -1 || e[j] >= d.E) { /* (an int64 id past 2^31 is caught by the library; the lab uses int32) */
+                set_error(p, kErrBadExpert, t, 0);
+                e[j] = -1;
+            }
+            dst[j] = e[j] >= 0 ? dst_of[e[j]] : -1;
+            if (dst[j] < 0) e[j] = -1;
+        }
+#pragma unroll
+        for (int j = 0; j < K; j++) {
+            int f = j, o = j;
+#pragma unroll
+            for (int jj = j - 1; jj >= 0; jj--) {
+                if (e[jj] == e[j]) f = jj;
+                if (e[jj] >= 0 && (d.dedup ? dst[jj] == dst[j] : e[jj] == e[j])) o = jj;
+            }
+            const int i = t * K + j;
+            pl.idx[i] = (int16_t)e[j], pl.dst[i] = (int16_t)dst[j];
+            pl.first[i] = (uint8_t)f, pl.opener[i] = (uint8_t)o;
+        }
+    }
+    __syncthreads();
+    const int span = ((n + W - 1) / W + 31) / 32 * 32;
+    int *mine = pl.warp_count + warp * keys;
+    for (int base = warp * span; base < min(n, (warp + 1) * span); base += 32) {
+        const int i = base + lane;
+        int ka = -1, kb = -1;
+        if (i < n && pl.idx[i] >= 0) {
+            const int j = i % K;
+            if (pl.first[i] == j) ka = pl.idx[i];
+            if (pl.opener[i] == j) kb = d.E + pl.dst[i];
+        }
+        const unsigned lt = (1u << lane) - 1u;
+        const unsigned ma = __match_any_sync(0xFFFFFFFFu, ka), mb = __match_any_sync(0xFFFFFFFFu, kb);
+        const int base_a = ka >= 0 ? mine[ka] : 0, base_b = kb >= 0 ? mine[kb] : 0;
+        if (ka >= 0) pl.row[i] = (int16_t)(base_a + __popc(ma & lt));
+        if (kb >= 0) pl.slot[i] = (int16_t)(base_b + __popc(mb & lt));
+        __syncwarp();
+        if (ka >= 0 && !(ma & lt)) mine[ka] = base_a + __popc(ma);
+        if (kb >= 0 && !(mb & lt)) mine[kb] = base_b + __popc(mb);
+        __syncwarp();
+    }
+    __syncthreads();
+    for (int key = threadIdx.x; key < keys; key += kSendThreads) { /* exclusive scan over warps */
+        int c[W];
+#pragma unroll
+        for (int w = 0; w < W; w++) c[w] = pl.warp_count[w * keys + key];
+        int acc = 0;
+#pragma unroll
+        for (int w = 0; w < W; w++) pl.warp_count[w * keys + key] = acc, acc += c[w];
+        pl.count[key] = acc;
+    }
+    __syncthreads();
+    for (int t = threadIdx.x; t < T; t += kSendThreads) { /* fix-up, then repeats share: one token per thread */
+        int row[K], slot[K];
+        uint8_t f[K], o[K];
+#pragma unroll
+        for (int j = 0; j < K; j++) {
+            const int i = t * K + j, e = pl.idx[i];
+            f[j] = pl.first[i], o[j] = pl.opener[i];
+            row[j] = pl.row[i], slot[j] = pl.slot[i];
+            if (e < 0) continue;
+            const int w = i / span;
+            if (f[j] == j) row[j] += pl.warp_count[w * keys + e];
+            if (o[j] == j) slot[j] += pl.warp_count[w * keys + d.E + pl.dst[i]];
+        }
+#pragma unroll
+        for (int j = 0; j < K; j++) {
+            if (pl.idx[t * K + j] < 0) continue;
+#pragma unroll
+            for (int jj = 0; jj < j; jj++) {
+                if (f[j] == jj) row[j] = row[jj];
+                if (o[j] == jj) slot[j] = slot[jj];
+            }
+            pl.row[t * K + j] = (int16_t)row[j], pl.slot[t * K + j] = (int16_t)slot[j];
+        }
+    }
+    __syncthreads();
+}
+
+__global__ void __launch_bounds__(kSendThreads, 1) plan_v3(Params p, const int32_t *topk, int T, PlanOut o, int copy) {
+    const ep_dims &d = p.d;
+    extern __shared__ __align__(16) uint8_t smem[];
+    Plan pl;
+    pl.count = reinterpret_cast<int *>(smem);
+    pl.warp_count = pl.count + d.E + d.R;
+    pl.idx = reinterpret_cast<int16_t *>(pl.warp_count + (kSendThreads / 32) * (d.E + d.R));
+    pl.row = pl.idx + d.N * d.k;
+    pl.slot = pl.row + d.N * d.k;
+    pl.dst = pl.slot + d.N * d.k;
+    pl.first = reinterpret_cast<uint8_t *>(pl.dst + d.N * d.k);
+    pl.opener = pl.first + d.N * d.k;
+    make_plan_v3<8>(p, topk, 32, T, pl); /* launched for k = 8 only */
+    if (copy && blockIdx.x == 0) {
+        const int n = T * d.k;
+        for (int i = threadIdx.x; i < n; i += kSendThreads) {
+            o.idx[i] = pl.idx[i], o.row[i] = pl.row[i], o.slot[i] = pl.slot[i], o.dst[i] = pl.dst[i];
+            o.first[i] = pl.first[i], o.opener[i] = pl.opener[i];
+        }
+        for (int i = threadIdx.x; i < d.E + d.R; i += kSendThreads) o.count[i] = pl.count[i];
+    }
+}
+
 /* v2, token by token as the send kernel would walk them. */
 __global__ void __launch_bounds__(kThreads, 1) plan_v2(Params p, const int32_t *topk, int T, PlanOut o, int copy,
                                                         int16_t *keep) {
@@ -307,8 +439,8 @@ int main() {
     CK(cudaMemset(error, 0, 4));
     int bad = 0;
     std::printf("ep_plan_lab: dispatch's plan (us per launch of min(T, %d) blocks x %d threads)\n", sms, kThreads);
-    std::printf("%-3s %-5s %-4s %-3s %-5s %-5s %-6s %-5s %8s %8s %8s %8s  %s\n", "R", "N", "E", "k", "T", "dups", "masked",
-                "dedup", "empty", "params", "v0", "v2", "check");
+    std::printf("%-3s %-5s %-4s %-3s %-5s %-5s %-6s %-5s %8s %8s %8s %8s %8s  %s\n", "R", "N", "E", "k", "T", "dups", "masked",
+                "dedup", "empty", "params", "v0", "v2", "v3", "check against v0");
     for (const Case &c : cases) {
         Params p;
         std::memset(&p, 0, sizeof p);
@@ -333,39 +465,51 @@ int main() {
         CK(cudaMalloc(&dtopk, sizeof(int32_t) * topk.size()));
         CK(cudaMalloc(&keep, sizeof(int16_t) * topk.size()));
         CK(cudaMemcpy(dtopk, topk.data(), sizeof(int32_t) * topk.size(), cudaMemcpyHostToDevice));
-        PlanOut o0 = alloc_out(n, keys), o1 = alloc_out(n, keys);
+        PlanOut o0 = alloc_out(n, keys), o1 = alloc_out(n, keys), o3 = alloc_out(n, keys);
         const size_t s0 = v0_smem(p.d), s1 = plan_smem_bytes(p.d);
         CK(cudaFuncSetAttribute(plan_v0, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)s0));
+        CK(cudaFuncSetAttribute(plan_v3, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)s0));
         const int blocks = c.T < 1 ? 1 : (c.T < sms ? c.T : sms);
         plan_v0<<<blocks, kSendThreads, s0, s>>>(p, dtopk, c.T, o0, 1);
         plan_v2<<<blocks, kThreads, s1, s>>>(p, dtopk, c.T, o1, 1, keep);
+        const bool k8 = c.k == 8; /* v3 is instantiated for k = 8 */
+        if (k8) plan_v3<<<blocks, kSendThreads, s0, s>>>(p, dtopk, c.T, o3, 1);
         CK(cudaStreamSynchronize(s));
         CK(cudaGetLastError());
         /* every valid entry must agree; invalid entries only in idx and dst (-1) */
-        const auto i0 = host(o0.idx, n), i1 = host(o1.idx, n), r0 = host(o0.row, n), r1 = host(o1.row, n);
-        const auto l0 = host(o0.slot, n), l1 = host(o1.slot, n), d0 = host(o0.dst, n), d1 = host(o1.dst, n);
-        const auto f0 = host(o0.first, n), f1 = host(o1.first, n), q0 = host(o0.opener, n), q1 = host(o1.opener, n);
-        const auto c0 = host(o0.count, keys), c1 = host(o1.count, keys);
+        const auto i0 = host(o0.idx, n), r0 = host(o0.row, n), l0 = host(o0.slot, n), d0 = host(o0.dst, n);
+        const auto f0 = host(o0.first, n), q0 = host(o0.opener, n);
+        const auto c0 = host(o0.count, keys);
+        auto differs = [&](const PlanOut &o) {
+            const auto i1 = host(o.idx, n), r1 = host(o.row, n), l1 = host(o.slot, n), d1 = host(o.dst, n);
+            const auto f1 = host(o.first, n), q1 = host(o.opener, n);
+            const auto c1 = host(o.count, keys);
+            long diff = 0;
+            for (int i = 0; i < n; i++) {
+                diff += i0[(size_t)i] != i1[(size_t)i] || d0[(size_t)i] != d1[(size_t)i];
+                if (i0[(size_t)i] >= 0)
+                    diff += r0[(size_t)i] != r1[(size_t)i] || l0[(size_t)i] != l1[(size_t)i] ||
+                            f0[(size_t)i] != f1[(size_t)i] || q0[(size_t)i] != q1[(size_t)i];
+            }
+            for (int i = 0; i < keys; i++) diff += c0[(size_t)i] != c1[(size_t)i];
+            return diff;
+        };
         const auto kp = host(keep, n);
-        long diff = 0;
-        for (int i = 0; i < n; i++) {
-            diff += i0[(size_t)i] != i1[(size_t)i] || d0[(size_t)i] != d1[(size_t)i] || kp[(size_t)i] != i0[(size_t)i];
-            if (i0[(size_t)i] >= 0)
-                diff += r0[(size_t)i] != r1[(size_t)i] || l0[(size_t)i] != l1[(size_t)i] || f0[(size_t)i] != f1[(size_t)i] ||
-                        q0[(size_t)i] != q1[(size_t)i];
-        }
-        for (int i = 0; i < keys; i++) diff += c0[(size_t)i] != c1[(size_t)i];
-        bad += diff != 0;
+        long diff = differs(o1), diff3 = k8 ? differs(o3) : 0;
+        for (int i = 0; i < n; i++) diff += kp[(size_t)i] != i0[(size_t)i];
+        bad += diff != 0 || diff3 != 0;
         const double te = time_graph([&] { empty_kernel<<<blocks, kThreads, 0, s>>>(); }, s);
         const double tp = time_graph([&] { params_kernel<<<blocks, kThreads, 0, s>>>(p, dtopk, c.T, o0); }, s);
         const double t0 = time_graph([&] { plan_v0<<<blocks, kSendThreads, s0, s>>>(p, dtopk, c.T, o0, 0); }, s);
         const double t1 = time_graph([&] { plan_v2<<<blocks, kThreads, s1, s>>>(p, dtopk, c.T, o1, 0, keep); }, s);
-        std::printf("%-3d %-5d %-4d %-3d %-5d %-5d %-6d %-5d %8.2f %8.2f %8.2f %8.2f  %s (%ld)\n", c.R, c.N, c.E, c.k, c.T,
-                    c.dups, c.masked_rank, c.dedup, te, tp, t0, t1, diff ? "DIFFERS" : "same", diff);
-        free_out(o0), free_out(o1);
+        const double t3 = k8 ? time_graph([&] { plan_v3<<<blocks, kSendThreads, s0, s>>>(p, dtopk, c.T, o3, 0); }, s) : 0.0;
+        std::printf("%-3d %-5d %-4d %-3d %-5d %-5d %-6d %-5d %8.2f %8.2f %8.2f %8.2f %8.2f  v2 %s (%ld), v3 %s (%ld)\n", c.R,
+                    c.N, c.E, c.k, c.T, c.dups, c.masked_rank, c.dedup, te, tp, t0, t1, t3, diff ? "DIFFERS" : "same", diff,
+                    !k8 ? "n/a" : diff3 ? "DIFFERS" : "same", diff3);
+        free_out(o0), free_out(o1), free_out(o3);
         cudaFree(dtopk), cudaFree(keep), cudaFree(dact);
     }
     cudaFree(error);
-    std::printf("ep_plan_lab: %s\n", bad ? "v2 DIFFERS from v0" : "v2 equals v0 on every case");
+    std::printf("ep_plan_lab: %s\n", bad ? "a variant DIFFERS from v0" : "v2 and v3 equal v0 on every case");
     return bad ? 1 : 0;
 }
