@@ -59,7 +59,7 @@ struct Watchdog {
     struct Slot {
         cudaEvent_t start, end;
         std::chrono::steady_clock::time_point deadline;
-        bool live, started;
+        bool live, started, claimed; /* claimed: between begin() and end() */
     };
     int device;
     std::chrono::milliseconds timeout;
@@ -104,6 +104,10 @@ struct Watchdog {
         while ((seen >> 24) != EPMOE_ERR_TIMEOUT &&
                !__atomic_compare_exchange_n(error_host, &seen, timeout_word, false, __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST)) {
         }
+        /* NCCL wants one thread on a communicator at a time: the abort waits for exchange()
+        ** to leave NCCL. A caller stuck inside NCCL for 200 ms (its host queue full behind the
+        ** hung kernel) is the one case where it aborts alongside: as PyTorch's watchdog does,
+        ** relying on the abort to release that caller, at the risk NCCL's rule names. */
         if (comm) {
             const bool locked = comm_mu.try_lock_for(std::chrono::milliseconds(200));
             ncclCommAbort(comm);
@@ -112,21 +116,39 @@ struct Watchdog {
         }
     }
     /* Around an exchange on s: begin() before it is enqueued (-1 while s is being captured: a
-    ** graph's replays run without the watchdog), end() after. Events are recorded outside mu. */
+    ** graph's replays run without the watchdog), end() after. Events are recorded outside mu.
+    ** A live slot is never reused: with every slot live, the exchange goes unwatched (-1), which
+    ** loses nothing as long as the exchanges share a stream (an older watched one is ahead of it
+    ** and cannot finish either). */
     int begin(cudaStream_t s) {
         cudaStreamCaptureStatus cs = cudaStreamCaptureStatusNone;
         if (cudaStreamIsCapturing(s, &cs) != cudaSuccess || cs != cudaStreamCaptureStatusNone) return -1;
-        int i;
+        int i = -1;
         {
             std::lock_guard<std::mutex> lk(mu);
-            i = next, next = (next + 1) % kSlots, slot[i].live = false;
+            for (int n = 0; n < kSlots && i < 0; n++, next = (next + 1) % kSlots)
+                if (!slot[next].live && !slot[next].claimed) i = next;
+            if (i < 0) return -1;
+            slot[i].claimed = true;
         }
-        return cudaEventRecord(slot[i].start, s) == cudaSuccess ? i : -1;
-    }
-    void end(int i, cudaStream_t s) {
-        if (i < 0 || cudaEventRecord(slot[i].end, s) != cudaSuccess) return;
+        if (cudaEventRecord(slot[i].start, s) == cudaSuccess) return i;
         std::lock_guard<std::mutex> lk(mu);
-        slot[i].started = false, slot[i].live = true;
+        slot[i].claimed = false;
+        return -1;
+    }
+    /* false when the end event could not be recorded (the exchange is enqueued but unwatched) */
+    bool end(int i, cudaStream_t s) {
+        if (i < 0) return true;
+        const bool ok = cudaEventRecord(slot[i].end, s) == cudaSuccess;
+        std::lock_guard<std::mutex> lk(mu);
+        slot[i].claimed = false, slot[i].started = false, slot[i].live = ok;
+        return ok;
+    }
+    /* a claimed slot whose exchange was never enqueued */
+    void release(int i) {
+        if (i < 0) return;
+        std::lock_guard<std::mutex> lk(mu);
+        slot[i].claimed = false;
     }
     void shutdown() {
         {
@@ -293,11 +315,14 @@ epmoe_status exchange(epmoe_ep *ep, const char *fn, uint8_t *out, uint8_t *in, i
         if (r == ncclSuccess) r = e;
     }
     if (r == ncclSuccess) {
-        if (im->watch) im->watch->end(slot, s);
-        return EPMOE_OK;
+        if (!im->watch || im->watch->end(slot, s)) return EPMOE_OK;
+        ep->failed = 1;
+        return epmoe__fail(EPMOE_ERR_CUDA, "%s: rank %d: the exchange is enqueued but its watchdog event could not be "
+                           "recorded (%s); the group is failed", fn, ep->cfg.rank, cudaGetErrorString(cudaGetLastError()));
     }
 fail:
-    if (im->watch && im->watch->aborted) return timed_out(ep); /* the abort ended the call; the comm is gone */
+    if (im->watch) im->watch->release(slot); /* nothing was enqueued to watch */
+    if (im->watch && im->watch->fired) return timed_out(ep); /* an abort ended the call; the comm is gone */
     ep->failed = 1;
     return epmoe__fail(EPMOE_ERR_NCCL, "%s: rank %d: the slab exchange failed: %s (%s); the group is failed", fn, ep->cfg.rank,
                        ncclGetErrorString(r), nccl_detail(im->comm));
@@ -425,9 +450,19 @@ extern "C" epmoe_status epmoe_ep_create_nccl(struct ncclComm *comm, const epmoe_
     /* the plan of the send kernel, which both transports use, lives in shared memory */
     const int keys = cfg->num_experts + cfg->num_ranks;
     const size_t send_smem = sizeof(int) * (size_t)keys * (1 + epk::kSendThreads / 32) + 10 * (size_t)cfg->max_tokens * cfg->top_k;
-    if ((int64_t)cfg->max_tokens * cfg->top_k > epk::kMaxPlanEntries || send_smem > 200 * 1024)
-        return epmoe__fail(EPMOE_ERR_UNSUPPORTED, "%s: max_tokens * top_k = %d exceeds the GPU plan's %d entries (or too many "
-                           "experts)", fn, cfg->max_tokens * cfg->top_k, epk::kMaxPlanEntries);
+    if ((int64_t)cfg->max_tokens * cfg->top_k > epk::kMaxPlanEntries)
+        return epmoe__fail(EPMOE_ERR_UNSUPPORTED, "%s: max_tokens * top_k = %d exceeds the GPU plan's %d entries", fn,
+                           cfg->max_tokens * cfg->top_k, epk::kMaxPlanEntries);
+    {
+        /* the device's opt-in limit per block, less the kernel's static shared memory (< 1 KB) */
+        int cur = 0, optin = 0;
+        if (cudaGetDevice(&cur) != cudaSuccess || cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, cur) != cudaSuccess)
+            return epmoe__fail(EPMOE_ERR_CUDA, "%s: cannot query the device's shared memory", fn);
+        if (send_smem + 1024 > (size_t)optin)
+            return epmoe__fail(EPMOE_ERR_UNSUPPORTED, "%s: the dispatch plan needs %zu bytes of shared memory for %d experts, "
+                               "%d ranks and max_tokens * top_k = %d; this GPU allows %d per block", fn, send_smem + 1024,
+                               cfg->num_experts, cfg->num_ranks, cfg->max_tokens * cfg->top_k, optin);
+    }
 
     epmoe_status st = EPMOE_OK;
     epmoe_ep *ep = nullptr;
@@ -585,7 +620,14 @@ extern "C" epmoe_status epmoe_ep_create_nccl(struct ncclComm *comm, const epmoe_
         im->params.scale_fmt = cfg->scale_fmt;
         CUDA_TRY(cudaDeviceGetAttribute(&im->sms, cudaDevAttrMultiProcessorCount, dev), "cudaDeviceGetAttribute");
         CUDA_TRY(cudaDeviceSynchronize(), "cudaDeviceSynchronize");
-        if (im->a2a && cfg->timeout_ms > 0) im->watch = watchdog_start(dev, cfg->timeout_ms, im->error_host);
+        if (im->a2a && cfg->timeout_ms > 0) {
+            im->watch = watchdog_start(dev, cfg->timeout_ms, im->error_host);
+            if (!im->watch) { /* without it a silent peer would hang the caller: not a working ep */
+                st = epmoe__fail(EPMOE_ERR_OUT_OF_MEMORY, "%s: cannot start the all-to-all's watchdog thread (events or "
+                                 "thread creation failed)", fn);
+                goto fail;
+            }
+        }
     }
     ep->ops = &nccl_ops;
     cudaFree(dhello);
