@@ -33,6 +33,9 @@ BACKEND_CPU, BACKEND_NCCL_LSA = 0, 1
 PHASE_SEND, PHASE_RECV, PHASE_BOTH = 1, 2, 3
 MAX_TOPK = 16
 _WIRES = {"bf16": WIRE_BF16, "fp8": WIRE_FP8}
+# epmoe_transport (NCCL groups only; the CPU world ignores it): "auto" lets creation choose (and
+# the EPMOE_EP_TRANSPORT environment variable decide), "device" / "alltoall" insist
+_TRANSPORTS = {"auto": 0, "device": 1, "alltoall": 2}
 _MODES = {"reduce_at_owner": REDUCE_AT_OWNER, "owner": REDUCE_AT_OWNER,
           "reduce_at_expert": REDUCE_AT_EXPERT, "expert": REDUCE_AT_EXPERT}
 _BACKENDS = {BACKEND_CPU: "cpu", BACKEND_NCCL_LSA: "nccl_lsa"}
@@ -44,7 +47,7 @@ class _ConfigC(ctypes.Structure):
                 ("max_tokens", ctypes.c_int), ("hidden", ctypes.c_int), ("num_experts", ctypes.c_int),
                 ("top_k", ctypes.c_int), ("wire", ctypes.c_int), ("scale_fmt", ctypes.c_int),
                 ("round_scale", ctypes.c_int), ("dedup", ctypes.c_int), ("combine_mode", ctypes.c_int),
-                ("timeout_ms", ctypes.c_int)]
+                ("timeout_ms", ctypes.c_int), ("transport", ctypes.c_int)]
 
 
 class _LayoutC(ctypes.Structure):
@@ -69,6 +72,8 @@ class _CombineArgsC(ctypes.Structure):
 class EpConfig:
     """epmoe_ep_config. Defaults are those of EPMOE_EP_CONFIG_INIT (DeepSeek-R1 decode, EP1).
 
+    transport (NCCL groups): "auto" (the device API where every rank can use it, else the padded
+    all-to-all; EPMOE_EP_TRANSPORT decides under auto), "device" or "alltoall".
     wire: "fp8" (per-token 1x128 scales, cast inside the send) or "bf16"; combine_mode:
     "reduce_at_expert" (each expert rank sums its share first; weights go to dispatch) or
     "reduce_at_owner" (every row travels back; weights go to combine; bit-exact vs a sequential
@@ -86,6 +91,7 @@ class EpConfig:
     dedup: bool = True
     combine_mode: object = "reduce_at_expert"
     timeout_ms: int = 10000
+    transport: object = "auto"
 
     @property
     def local_experts(self):
@@ -106,6 +112,10 @@ class EpConfig:
         return _code(self.combine_mode, _MODES, "combine_mode")
 
     @property
+    def transport_code(self):
+        return _code(self.transport, _TRANSPORTS, "transport")
+
+    @property
     def fp8(self):
         return self.wire_code == WIRE_FP8
 
@@ -119,6 +129,7 @@ class EpConfig:
         c.num_experts, c.top_k, c.timeout_ms = self.num_experts, self.top_k, self.timeout_ms
         c.wire, c.scale_fmt, c.combine_mode = self.wire_code, _fmt(self.scale_fmt), self.combine_code
         c.round_scale, c.dedup = int(bool(self.round_scale)), int(bool(self.dedup))
+        c.transport = self.transport_code
         return c
 
 

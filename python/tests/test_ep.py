@@ -331,6 +331,24 @@ def test_config_errors_carry_the_library_message():
     assert lay.recv_x_bytes == 256 * 128 * 7168 and lay.out_bytes == 128 * 7168 * 2
 
 
+def test_transport_choice_reaches_the_library(monkeypatch):
+    """config.transport is passed to the library: the all-to-all's slabs are sized differently
+    from the device API's window (exact sizes: tests/test_launch.c); a name it does not know is
+    refused here, a code it does not know by the library; under "auto" the environment decides."""
+    monkeypatch.delenv("EPMOE_EP_TRANSPORT", raising=False)
+    cfg = epmoe.EpConfig(num_ranks=2)
+    auto, dev, a2a = (epmoe.layout_query(cfg, transport=t) for t in ("auto", "device", "alltoall"))
+    assert auto.window_bytes == dev.window_bytes != a2a.window_bytes
+    assert a2a.recv_x_bytes == dev.recv_x_bytes and a2a.msg_bytes == dev.msg_bytes
+    monkeypatch.setenv("EPMOE_EP_TRANSPORT", "alltoall")
+    assert epmoe.layout_query(cfg).window_bytes == a2a.window_bytes
+    assert epmoe.layout_query(cfg, transport="device").window_bytes == dev.window_bytes  # explicit beats the env
+    with pytest.raises(ValueError, match="transport 'nvlink'"):
+        epmoe.layout_query(cfg, transport="nvlink")
+    with pytest.raises(epmoe.InvalidArgument, match="not an epmoe_transport"):
+        epmoe.layout_query(cfg, transport=99)
+
+
 def test_mismatched_configs_across_ranks_are_refused_on_both():
     errs = [None, None]
     with epmoe.CpuWorld(2) as world:
@@ -375,7 +393,8 @@ def test_python_defaults_mirror_the_header():
     assert fields[0] == "sizeof(epmoe_ep_config)"
     values = {"EPMOE_WIRE_FP8": 1, "EPMOE_WIRE_BF16": 0, "EPMOE_SCALE_F32_ROW": 0, "EPMOE_SCALE_F32_MMAJOR": 1,
               "EPMOE_SCALE_UE8M0_ROW": 2, "EPMOE_SCALE_UE8M0_MMAJOR": 3, "EPMOE_COMBINE_REDUCE_AT_OWNER": 0,
-              "EPMOE_COMBINE_REDUCE_AT_EXPERT": 1}
+              "EPMOE_COMBINE_REDUCE_AT_EXPERT": 1, "EPMOE_TRANSPORT_AUTO": 0}
     names = [n for n, _ in type(c)._fields_][1:]
+    assert len(names) == len(fields) - 1, "the ctypes struct mirrors every field of epmoe_ep_config"
     for name, f in zip(names, fields[1:]):
         assert getattr(c, name) == (values[f] if f in values else int(f)), name
