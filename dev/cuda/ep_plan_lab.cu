@@ -181,7 +181,12 @@ size_t v0_smem(const ep_dims &d) {
     return sizeof(int) * (size_t)(keys + (kSendThreads / 32) * keys) + 10 * (size_t)d.N * d.k;
 }
 
-__global__ void __launch_bounds__(kSendThreads, 1) plan_v0(Params p, const int32_t *topk, int T, PlanOut o, int copy) {
+template <int K> __device__ void make_plan_v3(const Params &p, const void *topk, int bits, int T, Plan pl);
+
+/* v0 (the library's) and v3: the whole plan in shared memory, laid out as the send kernel does;
+** block 0 copies it out for the check. */
+template <int V>
+__global__ void __launch_bounds__(kSendThreads, 1) plan_full(Params p, const int32_t *topk, int T, PlanOut o, int copy) {
     const ep_dims &d = p.d;
     extern __shared__ __align__(16) uint8_t smem[];
     Plan pl;
@@ -193,7 +198,8 @@ __global__ void __launch_bounds__(kSendThreads, 1) plan_v0(Params p, const int32
     pl.dst = pl.slot + d.N * d.k;
     pl.first = reinterpret_cast<uint8_t *>(pl.dst + d.N * d.k);
     pl.opener = pl.first + d.N * d.k;
-    make_plan(p, topk, 32, T, pl);
+    if (V == 3) make_plan_v3<8>(p, topk, 32, T, pl); /* launched for k = 8 only */
+    else make_plan(p, topk, 32, T, pl);
     if (copy && blockIdx.x == 0) {
         const int n = T * d.k;
         for (int i = threadIdx.x; i < n; i += kSendThreads) {
@@ -308,29 +314,6 @@ __device__ void make_plan_v3(const Params &p, const void *topk, int bits, int T,
         }
     }
     __syncthreads();
-}
-
-__global__ void __launch_bounds__(kSendThreads, 1) plan_v3(Params p, const int32_t *topk, int T, PlanOut o, int copy) {
-    const ep_dims &d = p.d;
-    extern __shared__ __align__(16) uint8_t smem[];
-    Plan pl;
-    pl.count = reinterpret_cast<int *>(smem);
-    pl.warp_count = pl.count + d.E + d.R;
-    pl.idx = reinterpret_cast<int16_t *>(pl.warp_count + (kSendThreads / 32) * (d.E + d.R));
-    pl.row = pl.idx + d.N * d.k;
-    pl.slot = pl.row + d.N * d.k;
-    pl.dst = pl.slot + d.N * d.k;
-    pl.first = reinterpret_cast<uint8_t *>(pl.dst + d.N * d.k);
-    pl.opener = pl.first + d.N * d.k;
-    make_plan_v3<8>(p, topk, 32, T, pl); /* launched for k = 8 only */
-    if (copy && blockIdx.x == 0) {
-        const int n = T * d.k;
-        for (int i = threadIdx.x; i < n; i += kSendThreads) {
-            o.idx[i] = pl.idx[i], o.row[i] = pl.row[i], o.slot[i] = pl.slot[i], o.dst[i] = pl.dst[i];
-            o.first[i] = pl.first[i], o.opener[i] = pl.opener[i];
-        }
-        for (int i = threadIdx.x; i < d.E + d.R; i += kSendThreads) o.count[i] = pl.count[i];
-    }
 }
 
 /* v2, token by token as the send kernel would walk them. */
@@ -467,13 +450,13 @@ int main() {
         CK(cudaMemcpy(dtopk, topk.data(), sizeof(int32_t) * topk.size(), cudaMemcpyHostToDevice));
         PlanOut o0 = alloc_out(n, keys), o1 = alloc_out(n, keys), o3 = alloc_out(n, keys);
         const size_t s0 = v0_smem(p.d), s1 = plan_smem_bytes(p.d);
-        CK(cudaFuncSetAttribute(plan_v0, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)s0));
-        CK(cudaFuncSetAttribute(plan_v3, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)s0));
+        CK(cudaFuncSetAttribute(plan_full<0>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)s0));
+        CK(cudaFuncSetAttribute(plan_full<3>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)s0));
         const int blocks = c.T < 1 ? 1 : (c.T < sms ? c.T : sms);
-        plan_v0<<<blocks, kSendThreads, s0, s>>>(p, dtopk, c.T, o0, 1);
+        plan_full<0><<<blocks, kSendThreads, s0, s>>>(p, dtopk, c.T, o0, 1);
         plan_v2<<<blocks, kThreads, s1, s>>>(p, dtopk, c.T, o1, 1, keep);
         const bool k8 = c.k == 8; /* v3 is instantiated for k = 8 */
-        if (k8) plan_v3<<<blocks, kSendThreads, s0, s>>>(p, dtopk, c.T, o3, 1);
+        if (k8) plan_full<3><<<blocks, kSendThreads, s0, s>>>(p, dtopk, c.T, o3, 1);
         CK(cudaStreamSynchronize(s));
         CK(cudaGetLastError());
         /* every valid entry must agree; invalid entries only in idx and dst (-1) */
@@ -500,9 +483,9 @@ int main() {
         bad += diff != 0 || diff3 != 0;
         const double te = time_graph([&] { empty_kernel<<<blocks, kThreads, 0, s>>>(); }, s);
         const double tp = time_graph([&] { params_kernel<<<blocks, kThreads, 0, s>>>(p, dtopk, c.T, o0); }, s);
-        const double t0 = time_graph([&] { plan_v0<<<blocks, kSendThreads, s0, s>>>(p, dtopk, c.T, o0, 0); }, s);
+        const double t0 = time_graph([&] { plan_full<0><<<blocks, kSendThreads, s0, s>>>(p, dtopk, c.T, o0, 0); }, s);
         const double t1 = time_graph([&] { plan_v2<<<blocks, kThreads, s1, s>>>(p, dtopk, c.T, o1, 0, keep); }, s);
-        const double t3 = k8 ? time_graph([&] { plan_v3<<<blocks, kSendThreads, s0, s>>>(p, dtopk, c.T, o3, 0); }, s) : 0.0;
+        const double t3 = k8 ? time_graph([&] { plan_full<3><<<blocks, kSendThreads, s0, s>>>(p, dtopk, c.T, o3, 0); }, s) : 0.0;
         std::printf("%-3d %-5d %-4d %-3d %-5d %-5d %-6d %-5d %8.2f %8.2f %8.2f %8.2f %8.2f  v2 %s (%ld), v3 %s (%ld)\n", c.R,
                     c.N, c.E, c.k, c.T, c.dups, c.masked_rank, c.dedup, te, tp, t0, t1, t3, diff ? "DIFFERS" : "same", diff,
                     !k8 ? "n/a" : diff3 ? "DIFFERS" : "same", diff3);
