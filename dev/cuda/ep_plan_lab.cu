@@ -176,10 +176,7 @@ struct PlanOut { /* one plan, copied out for the check */
     int *count;
 };
 
-size_t v0_smem(const ep_dims &d) {
-    const int keys = d.E + d.R;
-    return sizeof(int) * (size_t)(keys + (kSendThreads / 32) * keys) + 10 * (size_t)d.N * d.k;
-}
+size_t v0_smem(const ep_dims &d) { return send_plan_smem(d.E, d.R, d.N, d.k); }
 
 template <int K> __device__ void make_plan_v3(const Params &p, const void *topk, int bits, int T, Plan pl);
 
@@ -189,15 +186,7 @@ template <int V>
 __global__ void __launch_bounds__(kSendThreads, 1) plan_full(Params p, const int32_t *topk, int T, PlanOut o, int copy) {
     const ep_dims &d = p.d;
     extern __shared__ __align__(16) uint8_t smem[];
-    Plan pl;
-    pl.count = reinterpret_cast<int *>(smem);
-    pl.warp_count = pl.count + d.E + d.R;
-    pl.idx = reinterpret_cast<int16_t *>(pl.warp_count + (kSendThreads / 32) * (d.E + d.R));
-    pl.row = pl.idx + d.N * d.k;
-    pl.slot = pl.row + d.N * d.k;
-    pl.dst = pl.slot + d.N * d.k;
-    pl.first = reinterpret_cast<uint8_t *>(pl.dst + d.N * d.k);
-    pl.opener = pl.first + d.N * d.k;
+    const Plan pl = plan_in(smem, d);
     if (V == 3) make_plan_v3<8>(p, topk, 32, T, pl); /* launched for k = 8 only */
     else make_plan(p, topk, 32, T, pl);
     if (copy && blockIdx.x == 0) {

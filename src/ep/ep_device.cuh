@@ -36,6 +36,12 @@ constexpr int kBlocksPerSm = 2;
 constexpr int kSendThreads = EPMOE_SEND_THREADS;
 static_assert(kSendThreads % 32 == 0 && kSendThreads <= 1024 && kSendThreads * kBlocksPerSm <= 2048,
               "send blocks: whole warps, at most 1024 threads, kBlocksPerSm of them per SM");
+/* The send kernel's shared memory, the one layout of the routing plan (carved by plan_in in
+** ep_dispatch.cu): counts [E + R], per-warp counts [kSendThreads / 32][E + R], then idx, row,
+** slot, dst (int16) and first, opener (uint8) of the N * k entries. */
+inline size_t send_plan_smem(int64_t E, int64_t R, int64_t N, int64_t k) {
+    return sizeof(int) * (size_t)((E + R) * (1 + kSendThreads / 32)) + 10 * (size_t)(N * k);
+}
 /* blocks for `work` independent items (tokens or messages) */
 inline int grid_for(int work, int sms) {
     const int most = kBlocksPerSm * sms;

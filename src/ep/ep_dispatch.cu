@@ -21,6 +21,20 @@ struct Plan {
     int *warp_count;                 /* [W, E + R] scratch */
 };
 
+/* The plan's arrays in the kernel's shared memory (sized by send_plan_smem). */
+__device__ __forceinline__ Plan plan_in(uint8_t *smem, const ep_dims &d) {
+    Plan pl;
+    pl.count = reinterpret_cast<int *>(smem);
+    pl.warp_count = pl.count + d.E + d.R;
+    pl.idx = reinterpret_cast<int16_t *>(pl.warp_count + (kSendThreads / 32) * (d.E + d.R));
+    pl.row = pl.idx + d.N * d.k;
+    pl.slot = pl.row + d.N * d.k;
+    pl.dst = pl.slot + d.N * d.k;
+    pl.first = reinterpret_cast<uint8_t *>(pl.dst + d.N * d.k);
+    pl.opener = pl.first + d.N * d.k;
+    return pl;
+}
+
 __device__ void make_plan(const Params &p, const void *topk, int bits, int T, Plan pl) {
     const ep_dims &d = p.d;
     const int k = d.k, n = T * k, keys = d.E + d.R, W = kSendThreads / 32;
@@ -109,15 +123,7 @@ __global__ void __launch_bounds__(kSendThreads, kBlocksPerSm) dispatch_send_kern
     const uint32_t seq = call_seq(p, &p.seqs[0], 1);
     const int k = d.k, me = d.rank, par = seq & 1, L = d.L;
     extern __shared__ __align__(16) uint8_t smem[];
-    Plan pl;
-    pl.count = reinterpret_cast<int *>(smem);
-    pl.warp_count = pl.count + d.E + d.R;
-    pl.idx = reinterpret_cast<int16_t *>(pl.warp_count + (kSendThreads / 32) * (d.E + d.R));
-    pl.row = pl.idx + d.N * k;
-    pl.slot = pl.row + d.N * k;
-    pl.dst = pl.slot + d.N * k;
-    pl.first = reinterpret_cast<uint8_t *>(pl.dst + d.N * k);
-    pl.opener = pl.first + d.N * k;
+    const Plan pl = plan_in(smem, d);
     __shared__ MsgRef msgs[EPMOE_MAX_TOPK];
     __shared__ int n_msgs, bail;
 
@@ -312,8 +318,7 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm) dispatch_recv_kernel(P
 } // namespace
 
 epmoe_status launch_dispatch_send(const Params &p, const epmoe_dispatch_args &a, int sms, cudaStream_t s) {
-    const int keys = p.d.E + p.d.R;
-    const size_t smem = sizeof(int) * (size_t)(keys + (kSendThreads / 32) * keys) + 10 * (size_t)p.d.N * p.d.k;
+    const size_t smem = send_plan_smem(p.d.E, p.d.R, p.d.N, p.d.k);
     if (smem > 48 * 1024) {
         const cudaError_t e = cudaFuncSetAttribute(dispatch_send_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
         if (e != cudaSuccess)

@@ -448,8 +448,7 @@ extern "C" epmoe_status epmoe_ep_create_nccl(struct ncclComm *comm, const epmoe_
                            cfg->rank, cfg->num_ranks, rank, nranks);
     ncclGetVersion(&version);
     /* the plan of the send kernel, which both transports use, lives in shared memory */
-    const int keys = cfg->num_experts + cfg->num_ranks;
-    const size_t send_smem = sizeof(int) * (size_t)keys * (1 + epk::kSendThreads / 32) + 10 * (size_t)cfg->max_tokens * cfg->top_k;
+    const size_t send_smem = epk::send_plan_smem(cfg->num_experts, cfg->num_ranks, cfg->max_tokens, cfg->top_k);
     if ((int64_t)cfg->max_tokens * cfg->top_k > epk::kMaxPlanEntries)
         return epmoe__fail(EPMOE_ERR_UNSUPPORTED, "%s: max_tokens * top_k = %d exceeds the GPU plan's %d entries", fn,
                            cfg->max_tokens * cfg->top_k, epk::kMaxPlanEntries);
