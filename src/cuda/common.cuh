@@ -8,6 +8,9 @@
 #include <cuda_fp8.h>
 #include <cuda_runtime.h>
 
+#include <atomic>
+#include <mutex>
+
 #include "format.h"
 #include "internal.h"
 
@@ -92,3 +95,23 @@ enum { EPMOE_SILU_BF16 = 0, EPMOE_SILU_FP8_GROUP = 1, EPMOE_SILU_FP8_TENSOR = 2 
 epmoe_status epmoe__silu_mul_launch(int out_kind, const uint16_t *gate_up, const int32_t *masked_m, int64_t E,
                                     int64_t M, int64_t I, void *inter, float *scales, const float *tensor_scale,
                                     cudaStream_t s);
+
+/* The dynamic shared-memory attribute is per function and per device, shared by every host
+** thread, and a launch needing more than it fails. It only ever grows, under a lock, so a launch
+** needing less never undoes a bigger one in another thread, it stays at what launches need, and
+** a launch that needs no more costs an atomic load instead of a driver call. (A cudaDeviceReset
+** would reset the attribute behind this cache.) */
+template <auto Kernel> cudaError_t grow_smem_attr(size_t bytes) {
+    constexpr int kDevices = 64;
+    static std::atomic<size_t> set[kDevices];
+    static std::mutex mu;
+    int dev = 0;
+    cudaError_t err = cudaGetDevice(&dev);
+    if (err != cudaSuccess || dev >= kDevices) return err != cudaSuccess ? err : cudaErrorInvalidDevice;
+    if (set[dev].load(std::memory_order_acquire) >= bytes) return cudaSuccess;
+    std::lock_guard<std::mutex> lk(mu);
+    if (set[dev].load(std::memory_order_relaxed) >= bytes) return cudaSuccess;
+    err = cudaFuncSetAttribute(Kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)bytes);
+    if (err == cudaSuccess) set[dev].store(bytes, std::memory_order_release);
+    return err;
+}

@@ -311,8 +311,9 @@ __global__ void __launch_bounds__(kThreads) expert_gemm_kernel(Args p) {
 template <int F, int kGroup, int kBT> epmoe_status launch_tile(const Args &p, int64_t E, cudaStream_t s) {
     using Tr = Traits<F, kBT>;
     const int smem = Tr::kStages * Tr::kStageBytes;
-    /* per launch and cheap; a failure is reported by the launch below */
-    cudaFuncSetAttribute(expert_gemm_kernel<F, kGroup, kBT>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+    const cudaError_t e = grow_smem_attr<expert_gemm_kernel<F, kGroup, kBT>>((size_t)smem);
+    if (e != cudaSuccess)
+        return epmoe__fail(EPMOE_ERR_CUDA, "epmoe_expert_gemm_cuda: %d bytes of shared memory: %s", smem, cudaGetErrorString(e));
     expert_gemm_kernel<F, kGroup, kBT><<<dim3((unsigned)(p.N / kBN), (unsigned)E), kThreads, smem, s>>>(p);
     return epmoe__launched("epmoe_expert_gemm_cuda");
 }

@@ -16,9 +16,6 @@
 ** per expert with a warp scan; items (expert, n-tile, m-tile; empty experts have none) x K groups
 ** form one step sequence, split into equal ranges per CTA (stream-K, see the kernel).
 */
-#include <atomic>
-#include <mutex>
-
 #include "common.cuh"
 #include "w4a8_layout.h"
 #include "wgmma.cuh"
@@ -369,25 +366,6 @@ __global__ void __launch_bounds__(kThreads, T >= 128 ? 1 : 2) w4a8_gemm_kernel(P
 constexpr int kMaxCtasPerSm = 8;
 constexpr size_t kSlotBytesPerSm = 64 * 1024;
 size_t flags_bytes(int sms) { return ((size_t)sms * kMaxCtasPerSm * 4 + 255) / 256 * 256; }
-
-/* The dynamic shared-memory attribute is per function and per device, shared by every host
-** thread, and a launch needing more than it fails. It only ever grows, under a lock, so a launch
-** with a small E never undoes one with a large E in another thread, and the attribute stays at
-** what the launches need rather than at the most any E could. */
-template <auto Kernel> cudaError_t grow_smem_attr(size_t bytes) {
-    constexpr int kDevices = 64;
-    static std::atomic<size_t> set[kDevices];
-    static std::mutex mu;
-    int dev = 0;
-    cudaError_t err = cudaGetDevice(&dev);
-    if (err != cudaSuccess || dev >= kDevices) return err != cudaSuccess ? err : cudaErrorInvalidDevice;
-    if (set[dev].load(std::memory_order_acquire) >= bytes) return cudaSuccess;
-    std::lock_guard<std::mutex> lk(mu);
-    if (set[dev].load(std::memory_order_relaxed) >= bytes) return cudaSuccess;
-    err = cudaFuncSetAttribute(Kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)bytes);
-    if (err == cudaSuccess) set[dev].store(bytes, std::memory_order_release);
-    return err;
-}
 
 template <int T, int kSa, bool kFull>
 epmoe_status launch(const char *fn, const Problem &p, int sms, cudaStream_t stream) {

@@ -320,7 +320,7 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm) dispatch_recv_kernel(P
 epmoe_status launch_dispatch_send(const Params &p, const epmoe_dispatch_args &a, int sms, cudaStream_t s) {
     const size_t smem = send_plan_smem(p.d.E, p.d.R, p.d.N, p.d.k);
     if (smem > 48 * 1024) {
-        const cudaError_t e = cudaFuncSetAttribute(dispatch_send_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
+        const cudaError_t e = grow_smem_attr<dispatch_send_kernel>(smem);
         if (e != cudaSuccess)
             return epmoe__fail(EPMOE_ERR_CUDA, "epmoe_dispatch (send): the plan's %zu bytes of shared memory: %s", smem,
                                cudaGetErrorString(e));
@@ -333,7 +333,7 @@ epmoe_status launch_dispatch_send(const Params &p, const epmoe_dispatch_args &a,
 epmoe_status launch_dispatch_recv(const Params &p, const epmoe_dispatch_args &a, int sms, cudaStream_t s) {
     const size_t smem = (size_t)ep_align(4 * ((int64_t)p.d.L * p.d.R + p.d.R + 1), 16);
     if (smem > 48 * 1024) {
-        const cudaError_t e = cudaFuncSetAttribute(dispatch_recv_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
+        const cudaError_t e = grow_smem_attr<dispatch_recv_kernel>(smem);
         if (e != cudaSuccess)
             return epmoe__fail(EPMOE_ERR_CUDA, "epmoe_dispatch (receive): %zu bytes of shared memory: %s", smem,
                                cudaGetErrorString(e));
