@@ -370,7 +370,8 @@ typedef enum epmoe_combine_mode { EPMOE_COMBINE_REDUCE_AT_OWNER = 0, EPMOE_COMBI
 typedef enum epmoe_backend {
     EPMOE_BACKEND_CPU = 0,      /* ranks are threads of one process; host memory */
     EPMOE_BACKEND_NCCL_LSA = 1, /* NCCL device API, NVLink load/store within a node */
-    EPMOE_BACKEND_NCCL_A2A = 2  /* fallback: padded NCCL send/recv of fixed-size slabs */
+    EPMOE_BACKEND_NCCL_A2A = 2, /* fallback: padded NCCL send/recv of fixed-size slabs */
+    EPMOE_BACKEND_NCCL_GIN_EMULATED = 3 /* the put/signal protocol of GIN, emulated over NVLink */
 } epmoe_backend;
 
 /* How an NCCL ep moves bytes (chosen at creation; every rank ends up on the same one):
@@ -396,7 +397,13 @@ typedef enum epmoe_backend {
 typedef enum epmoe_transport {
     EPMOE_TRANSPORT_AUTO = 0,
     EPMOE_TRANSPORT_DEVICE = 1,
-    EPMOE_TRANSPORT_ALLTOALL = 2
+    EPMOE_TRANSPORT_ALLTOALL = 2,
+    /* GIN_EMULATED (EPMOE_BACKEND_NCCL_GIN_EMULATED; env value gin-emulated): the protocol of
+    ** the GIN (multi-node) transport on one node: every message, count block and combine row
+    ** is built in an outbox after the window and then put to the place the device API stores
+    ** it, then flagged. Same results; it tests the put/signal protocol without a NIC and is
+    ** slower than DEVICE. Never chosen by AUTO. */
+    EPMOE_TRANSPORT_GIN_EMULATED = 3
 } epmoe_transport;
 
 typedef struct epmoe_ep_config {

@@ -89,6 +89,17 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm) combine_send_kernel(Pa
                     if (n < ne) o[(int64_t)ent[n].j * (H / 8) + c] = v[n];
             }
         }
+        if (via_outbox(p, src)) { /* put the rows where LSA would have stored them */
+            __syncthreads();
+            if (d.reduce_at_expert) {
+                put_block(peer_comb_row(p, par, src, h.token), out_comb_row(p, par, src, h.token), (int64_t)H * 2);
+            } else {
+                for (int n = 0; n < ne; n++) {
+                    const int64_t row = (int64_t)h.token * d.k + ent[n].j;
+                    put_block(peer_comb_row(p, par, src, row), out_comb_row(p, par, src, row), (int64_t)H * 2);
+                }
+            }
+        }
         __syncthreads(); /* hdr is reused */
     }
     if (!p.a2a && last_block_done(&p.counters[2])) /* a2a: the exchange follows on the stream */

@@ -57,6 +57,8 @@ struct Params {
     ep_window w;
     ncclWindow_t win;         /* LSA only */
     int a2a;                  /* 1: the padded all-to-all transport; no window, flags or acks */
+    int gin;                  /* 1: put/signal through the outbox (GIN's protocol, emulated over NVLink) */
+    ep_outbox o;              /* gin: the outbox after the window */
     uint8_t *box;             /* a2a: the slab buffer (ep_a2a layout) */
     ep_a2a x;
     uint32_t host_seq;        /* a2a: the call's number, from the host (each launch sets it) */
@@ -90,14 +92,19 @@ __device__ __forceinline__ uint32_t call_seq(const Params &p, const unsigned *co
 ** outbox slab for the destination (its inbox for itself), moved by the exchange. A receiver
 ** reads its window or its inbox at the same per-source positions. Combine rows: `row` is the
 ** token (REDUCE_AT_EXPERT) or token * k + slot (REDUCE_AT_OWNER). */
+/* put/signal: a remote destination is reached through the outbox, then put (own rank: stored
+** straight into the window, as LSA) */
+__device__ __forceinline__ bool via_outbox(const Params &p, int dst) { return p.gin && dst != p.d.rank; }
 __device__ __forceinline__ uint8_t *send_slab(const Params &p, int par, int dst) {
     return ep_a2a_disp_slab(p.box, &p.d, &p.x, dst == p.d.rank, par, dst);
 }
 __device__ __forceinline__ uint8_t *out_msg(const Params &p, int par, int dst, int64_t slot) {
+    if (via_outbox(p, dst)) return ep_out_msg(my_base(p), &p.d, &p.o, par, dst, slot);
     if (!p.a2a) return ep_msg(peer_base(p, dst), &p.d, &p.w, par, p.d.rank, slot);
     return ep_a2a_msg(send_slab(p, par, dst), &p.d, &p.x, slot);
 }
 __device__ __forceinline__ uint32_t *out_meta(const Params &p, int par, int dst) {
+    if (via_outbox(p, dst)) return ep_out_meta(my_base(p), &p.w, &p.o, par, dst);
     if (!p.a2a) return ep_meta(peer_base(p, dst), &p.w, par, p.d.rank);
     return reinterpret_cast<uint32_t *>(send_slab(p, par, dst));
 }
@@ -109,7 +116,12 @@ __device__ __forceinline__ const uint32_t *in_meta(const Params &p, int par, int
     if (!p.a2a) return ep_meta(my_base(p), &p.w, par, src);
     return reinterpret_cast<const uint32_t *>(ep_a2a_disp_slab(p.box, &p.d, &p.x, 1, par, src));
 }
+/* where a combine row lands in dst's window (LSA layout) */
+__device__ __forceinline__ uint16_t *peer_comb_row(const Params &p, int par, int dst, int64_t row) {
+    return ep_comb_row(peer_base(p, dst), &p.d, &p.w, par, p.d.reduce_at_expert ? (int64_t)p.d.rank * p.d.N + row : row);
+}
 __device__ __forceinline__ uint16_t *out_comb_row(const Params &p, int par, int dst, int64_t row) {
+    if (via_outbox(p, dst)) return ep_out_comb_row(my_base(p), &p.d, &p.o, par, dst, row);
     if (!p.a2a)
         return ep_comb_row(peer_base(p, dst), &p.d, &p.w, par, p.d.reduce_at_expert ? (int64_t)p.d.rank * p.d.N + row : row);
     return ep_a2a_comb_row(ep_a2a_comb_slab(p.box, &p.d, &p.x, dst == p.d.rank, par, dst), &p.d, row);
@@ -117,6 +129,14 @@ __device__ __forceinline__ uint16_t *out_comb_row(const Params &p, int par, int 
 __device__ __forceinline__ const uint16_t *in_comb_row(const Params &p, int par, int src, int64_t row) {
     if (!p.a2a) return ep_comb_row(my_base(p), &p.d, &p.w, par, p.d.reduce_at_expert ? (int64_t)src * p.d.N + row : row);
     return ep_a2a_comb_row(ep_a2a_comb_slab(p.box, &p.d, &p.x, 1, par, src), &p.d, row);
+}
+
+/* The put of the put/signal protocol, emulated: the block copies `bytes` (a multiple of 16) of
+** its outbox to `remote` in the destination's window over NVLink. Call it after a barrier that
+** follows the outbox stores. A GIN build puts the same bytes with ncclGin::put. */
+__device__ __forceinline__ void put_block(void *remote, const void *local, int64_t bytes) {
+    for (int64_t c = threadIdx.x; c < bytes / 16; c += blockDim.x)
+        static_cast<uint4 *>(remote)[c] = static_cast<const uint4 *>(local)[c];
 }
 
 __device__ __forceinline__ void st_release(uint64_t *f, uint64_t v) {

@@ -97,8 +97,8 @@ __device__ void make_plan(const Params &p, const void *topk, int bits, int T, Pl
 }
 
 struct MsgRef {
-    uint8_t *at; /* the message in the destination's window */
-    int dst, opener;
+    uint8_t *at; /* the message in the destination's window (put/signal: in the outbox) */
+    int dst, opener, slot;
 };
 
 __global__ void __launch_bounds__(kSendThreads, kBlocksPerSm) dispatch_send_kernel(Params p, const uint16_t *__restrict__ x,
@@ -140,8 +140,8 @@ __global__ void __launch_bounds__(kSendThreads, kBlocksPerSm) dispatch_send_kern
             for (int j = 0; j < k; j++) {
                 if (tok[j] < 0 || pl.opener[t * k + j] != j) continue;
                 const int dst = pl.dst[t * k + j];
-                msgs[m].dst = dst, msgs[m].opener = j;
-                msgs[m].at = out_msg(p, par, dst, pl.slot[t * k + j]);
+                msgs[m].dst = dst, msgs[m].opener = j, msgs[m].slot = pl.slot[t * k + j];
+                msgs[m].at = out_msg(p, par, dst, msgs[m].slot);
                 m++;
             }
             n_msgs = m;
@@ -187,6 +187,12 @@ __global__ void __launch_bounds__(kSendThreads, kBlocksPerSm) dispatch_send_kern
                 }
             }
         }
+        if (p.gin) { /* put each remote message where LSA would have stored it */
+            __syncthreads();
+            for (int m = 0; m < nm; m++)
+                if (via_outbox(p, msgs[m].dst))
+                    put_block(ep_msg(peer_base(p, msgs[m].dst), &d, &p.w, par, me, msgs[m].slot), msgs[m].at, d.msg_bytes);
+        }
         __syncthreads(); /* msgs[] is rewritten for the next token */
     }
     if (last_block_done(&p.counters[0])) {
@@ -196,6 +202,10 @@ __global__ void __launch_bounds__(kSendThreads, kBlocksPerSm) dispatch_send_kern
             uint32_t *meta = out_meta(p, par, r);
             meta[0] = (uint32_t)pl.count[d.E + r];
             for (int le = 0; le < L; le++) meta[2 + le] = (uint32_t)pl.count[r * L + le];
+            if (via_outbox(p, r)) { /* the count block's put, by this thread, before its flag */
+                uint32_t *remote = ep_meta(peer_base(p, r), &p.w, par, me);
+                for (int i = 0; i < 2 + L; i++) remote[i] = meta[i];
+            }
             if (!p.a2a) st_release(ep_disp_flag(peer_base(p, r), &d, &p.w, par, me), seq);
         }
     }

@@ -471,6 +471,8 @@ extern "C" epmoe_status epmoe_ep_create_nccl(struct ncclComm *comm, const epmoe_
     void *dhello = nullptr;
     cudaStream_t stream = nullptr;
     bool registered = false, devcomm = false, use_device = false, any_device = false, any_a2a = false;
+    bool any_gin = false, all_gin = true;
+    int64_t win_bytes = 0;
     int dev = 0, not_ok = -1;
     EPMOE_CHECK(epmoe__ep_alloc(cfg, EPMOE_BACKEND_NCCL_LSA, &ep));
     im = new NcclImpl();
@@ -485,8 +487,11 @@ extern "C" epmoe_status epmoe_ep_create_nccl(struct ncclComm *comm, const epmoe_
         Hello me;
         std::memset(&me, 0, sizeof me);
         me.cfg = *cfg, me.transport = want, me.version = version;
+        /* put/signal (GIN's protocol, emulated): the window carries the outbox after it */
+        ep_outbox_layout(&ep->d, &ep->w, &im->params.o);
+        win_bytes = want == EPMOE_TRANSPORT_GIN_EMULATED ? im->params.o.total : ep->w.total;
         if (want != EPMOE_TRANSPORT_ALLTOALL && version == NCCL_VERSION_CODE)
-            me.device_ok = ncclMemAlloc(&im->win_buf, (size_t)ep->w.total) == ncclSuccess;
+            me.device_ok = ncclMemAlloc(&im->win_buf, (size_t)win_bytes) == ncclSuccess;
         if (!me.device_ok) im->win_buf = nullptr;
 
         /* Every rank must agree on the shape and on the transport: gather it all once, here. */
@@ -510,9 +515,17 @@ extern "C" epmoe_status epmoe_ep_create_nccl(struct ncclComm *comm, const epmoe_
             }
             any_device |= all[r].transport == EPMOE_TRANSPORT_DEVICE;
             any_a2a |= all[r].transport == EPMOE_TRANSPORT_ALLTOALL;
+            any_gin |= all[r].transport == EPMOE_TRANSPORT_GIN_EMULATED;
+            all_gin &= all[r].transport == EPMOE_TRANSPORT_GIN_EMULATED;
             if (!all[r].device_ok && not_ok < 0) not_ok = r;
         }
         /* The same data on every rank, so the same decision everywhere. */
+        if (any_gin && !all_gin) { /* the window sizes differ: all or none */
+            st = epmoe__fail(EPMOE_ERR_INVALID_ARG, "%s: some ranks ask for transport \"gin-emulated\", others not "
+                             "(config.transport or EPMOE_EP_TRANSPORT)", fn);
+            goto fail;
+        }
+        any_device |= any_gin; /* like DEVICE: never falls back */
         if (any_device && any_a2a) {
             st = epmoe__fail(EPMOE_ERR_INVALID_ARG, "%s: some ranks ask for transport \"device\", others for \"alltoall\" "
                              "(config.transport or EPMOE_EP_TRANSPORT)", fn);
@@ -527,7 +540,7 @@ extern "C" epmoe_status epmoe_ep_create_nccl(struct ncclComm *comm, const epmoe_
                                  "or use transport \"auto\" for the all-to-all fallback", fn, not_ok, h.version, NCCL_VERSION_CODE);
             else
                 st = epmoe__fail(EPMOE_ERR_UNSUPPORTED, "%s: transport \"device\": rank %d could not allocate its %lld-byte "
-                                 "window with ncclMemAlloc (cuMem)", fn, not_ok, (long long)ep->w.total);
+                                 "window with ncclMemAlloc (cuMem)", fn, not_ok, (long long)win_bytes);
             goto fail;
         }
         if (use_device) {
@@ -536,8 +549,8 @@ extern "C" epmoe_status epmoe_ep_create_nccl(struct ncclComm *comm, const epmoe_
             const char *why = nullptr;
             ncclDevCommRequirements req;
             std::memset(&req, 0, sizeof req);
-            CUDA_TRY(cudaMemset(im->win_buf, 0, (size_t)ep->w.total), "cudaMemset");
-            if (ncclCommWindowRegister(comm, im->win_buf, (size_t)ep->w.total, &im->win, NCCL_WIN_COLL_SYMMETRIC) != ncclSuccess) {
+            CUDA_TRY(cudaMemset(im->win_buf, 0, (size_t)win_bytes), "cudaMemset");
+            if (ncclCommWindowRegister(comm, im->win_buf, (size_t)win_bytes, &im->win, NCCL_WIN_COLL_SYMMETRIC) != ncclSuccess) {
                 why = "ncclCommWindowRegister failed";
             } else {
                 registered = true;
@@ -613,6 +626,8 @@ extern "C" epmoe_status epmoe_ep_create_nccl(struct ncclComm *comm, const epmoe_
         im->params.d = d;
         im->params.w = ep->w;
         im->params.win = use_device ? im->win : nullptr;
+        im->params.gin = use_device && all_gin;
+        if (im->params.gin) ep->backend = EPMOE_BACKEND_NCCL_GIN_EMULATED;
         im->params.a2a = im->a2a;
         im->params.box = static_cast<uint8_t *>(im->box);
         im->params.timeout_ns = (unsigned long long)cfg->timeout_ms * 1000000ull;
