@@ -371,7 +371,8 @@ typedef enum epmoe_backend {
     EPMOE_BACKEND_CPU = 0,      /* ranks are threads of one process; host memory */
     EPMOE_BACKEND_NCCL_LSA = 1, /* NCCL device API, NVLink load/store within a node */
     EPMOE_BACKEND_NCCL_A2A = 2, /* fallback: padded NCCL send/recv of fixed-size slabs */
-    EPMOE_BACKEND_NCCL_GIN_EMULATED = 3 /* the put/signal protocol of GIN, emulated over NVLink */
+    EPMOE_BACKEND_NCCL_GIN_EMULATED = 3, /* the put/signal protocol of GIN, emulated over NVLink */
+    EPMOE_BACKEND_NCCL_GIN = 4           /* NCCL device API, GPU-initiated puts and signals over the NIC */
 } epmoe_backend;
 
 /* How an NCCL ep moves bytes (chosen at creation; every rank ends up on the same one):
@@ -403,7 +404,12 @@ typedef enum epmoe_transport {
     ** is built in an outbox after the window and then put to the place the device API stores
     ** it, then flagged. Same results; it tests the put/signal protocol without a NIC and is
     ** slower than DEVICE. Never chosen by AUTO. */
-    EPMOE_TRANSPORT_GIN_EMULATED = 3
+    EPMOE_TRANSPORT_GIN_EMULATED = 3,
+    /* GIN (EPMOE_BACKEND_NCCL_GIN; env value gin): the same protocol over the NIC with NCCL's
+    ** GPU-initiated networking, for ranks on several nodes. Needs an IB/RoCE NIC that NCCL's GIN
+    ** supports; EPMOE_ERR_UNSUPPORTED otherwise. Compiled and untested (no NIC on the machines
+    ** this library is tested on); not yet chosen by AUTO. */
+    EPMOE_TRANSPORT_GIN = 4
 } epmoe_transport;
 
 typedef struct epmoe_ep_config {

@@ -315,7 +315,10 @@ static void test_transport(void) {
     setenv("EPMOE_EP_TRANSPORT", "", 1);
     CHECK_STATUS(epmoe_ep_layout_query(&c, &l), EPMOE_OK);
     clear_env();
-    c.transport = (epmoe_transport)4;
+    c.transport = EPMOE_TRANSPORT_GIN; /* the NIC protocol: the same window as its emulation */
+    CHECK_STATUS(epmoe_ep_layout_query(&c, &l), EPMOE_OK);
+    CHECK(l.window_bytes == gin_window, "transport gin: window %zu, want %zu", l.window_bytes, gin_window);
+    c.transport = (epmoe_transport)5;
     CHECK_STATUS(epmoe_ep_layout_query(&c, &l), EPMOE_ERR_INVALID_ARG);
 
     /* A caller built against the header without `transport` passes the shorter size: it is read

@@ -91,11 +91,14 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm) combine_send_kernel(Pa
         }
         if (via_outbox(p, src)) { /* put the rows where LSA would have stored them */
             __syncthreads();
-            if (d.reduce_at_expert) {
-                put_block(peer_comb_row(p, par, src, h.token), out_comb_row(p, par, src, h.token), (int64_t)H * 2);
-            } else {
-                for (int n = 0; n < ne; n++) {
-                    const int64_t row = (int64_t)h.token * d.k + ent[n].j;
+            const int rows = d.reduce_at_expert ? 1 : ne;
+            for (int n = 0; n < rows; n++) {
+                const int64_t row = d.reduce_at_expert ? (int64_t)h.token : (int64_t)h.token * d.k + ent[n].j;
+                const int64_t at = d.reduce_at_expert ? (int64_t)me * d.N + row : row; /* in src's window */
+                if (p.gin == 2) { /* a thread per row posts it */
+                    if ((int)threadIdx.x == n)
+                        gin_put(p, src, ep_comb_row(my_base(p), &d, &p.w, par, at), out_comb_row(p, par, src, row), (size_t)H * 2);
+                } else {
                     put_block(peer_comb_row(p, par, src, row), out_comb_row(p, par, src, row), (int64_t)H * 2);
                 }
             }
@@ -104,7 +107,10 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm) combine_send_kernel(Pa
     }
     if (!p.a2a && last_block_done(&p.counters[2])) /* a2a: the exchange follows on the stream */
         for (int r = threadIdx.x; r < R; r += kThreads)
-            if (p.active[r]) st_release(ep_comb_flag(peer_base(p, r), &p.w, par, me), seq);
+            if (p.active[r]) {
+                if (p.gin == 2) gin_signal(p, r, sig_comb(p, par, me));
+                else st_release(ep_comb_flag(peer_base(p, r), &p.w, par, me), seq);
+            }
 }
 
 __global__ void __launch_bounds__(kThreads, kBlocksPerSm) combine_recv_kernel(Params p, const float *__restrict__ weights,
@@ -117,7 +123,9 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm) combine_recv_kernel(Pa
     __syncthreads();
     if (!p.a2a)
         for (int r = threadIdx.x; r < R; r += kThreads)
-            if (p.active[r] && !wait_at_least(p, ep_comb_flag(my_base(p), &p.w, par, r), seq, r, 4)) bail = 1;
+            if (p.active[r] && !(p.gin == 2 ? gin_wait(p, sig_comb(p, par, r), calls_of_parity(seq), r, 4)
+                                            : wait_at_least(p, ep_comb_flag(my_base(p), &p.w, par, r), seq, r, 4)))
+                bail = 1;
     __syncthreads();
     if (bail) return;
     const int16_t *topk = p.st[par].topk;

@@ -57,7 +57,8 @@ struct Params {
     ep_window w;
     ncclWindow_t win;         /* LSA only */
     int a2a;                  /* 1: the padded all-to-all transport; no window, flags or acks */
-    int gin;                  /* 1: put/signal through the outbox (GIN's protocol, emulated over NVLink) */
+    int gin;                  /* put/signal through the outbox: 1 emulated over NVLink, 2 GIN (NIC) */
+    ncclDevComm dc;           /* gin 2: the device communicator with its GIN signals */
     ep_outbox o;              /* gin: the outbox after the window */
     uint8_t *box;             /* a2a: the slab buffer (ep_a2a layout) */
     ep_a2a x;
@@ -74,10 +75,11 @@ struct Params {
 /* Error codes in *error (kept in step with epmoe_status where they map). */
 constexpr int kErrTimeout = EPMOE_ERR_TIMEOUT, kErrBadExpert = EPMOE_ERR_INVALID_ARG;
 
+__device__ __forceinline__ uint8_t *my_base(const Params &p) { return static_cast<uint8_t *>(ncclGetLocalPointer(p.win, 0)); }
 __device__ __forceinline__ uint8_t *peer_base(const Params &p, int r) {
+    if (p.gin == 2 && r == p.d.rank) return my_base(p); /* GIN: only its own window is load/store */
     return static_cast<uint8_t *>(ncclGetPeerPointer(p.win, 0, r));
 }
-__device__ __forceinline__ uint8_t *my_base(const Params &p) { return static_cast<uint8_t *>(ncclGetLocalPointer(p.win, 0)); }
 
 /* The call's number: a2a passes the host's (buffers of a captured graph are fixed at capture,
 ** so its kernels must use the same parity); LSA counts on the device (graph replays advance
@@ -158,9 +160,11 @@ __device__ __forceinline__ void set_error(const Params &p, int code, int peer, i
 }
 
 /* Spin until *f >= want; false on timeout (the error is recorded) or when another wait failed. */
-__device__ __forceinline__ bool wait_at_least(const Params &p, const uint64_t *f, uint64_t want, int peer, int kernel) {
+/* Spins until load() >= want; a timeout is recorded for `peer` (kernel: which kernel waited). */
+template <class Load>
+__device__ __forceinline__ bool wait_for(const Params &p, Load load, uint64_t want, int peer, int kernel) {
     const unsigned long long t0 = now_ns();
-    for (unsigned spin = 1; ld_acquire(f) < want; spin++) {
+    for (unsigned spin = 1; load() < want; spin++) {
         if (now_ns() - t0 > p.timeout_ns) {
             set_error(p, kErrTimeout, peer, kernel);
             return false;
@@ -169,6 +173,40 @@ __device__ __forceinline__ bool wait_at_least(const Params &p, const uint64_t *f
         if (!(spin & 4095) && *(volatile int *)p.error) return false;
     }
     return true;
+}
+__device__ __forceinline__ bool wait_at_least(const Params &p, const uint64_t *f, uint64_t want, int peer, int kernel) {
+    return wait_for(p, [f] { return ld_acquire(f); }, want, peer, kernel);
+}
+
+/* ---- GIN (gin 2): puts and signals through the NIC, one thread each, context 0 (a signal is
+** visible only after the earlier puts on its context to that peer have settled). Signals
+** count calls, so a wait compares with the number of calls of that parity so far: call seq
+** is the ((seq + 1) / 2)-th of its parity. Ids: dispatch [2][R], combine [2][R], ack [R]. */
+__device__ __forceinline__ ncclGinSignal_t sig_disp(const Params &p, int par, int src) { return (ncclGinSignal_t)(par * p.d.R + src); }
+__device__ __forceinline__ ncclGinSignal_t sig_comb(const Params &p, int par, int src) {
+    return (ncclGinSignal_t)(2 * p.d.R + par * p.d.R + src);
+}
+__device__ __forceinline__ ncclGinSignal_t sig_ack(const Params &p, int src) { return (ncclGinSignal_t)(4 * p.d.R + src); }
+constexpr int kGinSignalsPerRank = 5; /* signals per rank of the group */
+__device__ __forceinline__ uint64_t calls_of_parity(uint32_t seq) { return (seq + 1u) / 2u; }
+
+/* `bytes` at `local` in this rank's window to the same offset as `remote_at` has in ours, in dst's */
+__device__ __forceinline__ void gin_put(const Params &p, int dst, const void *remote_at, const void *local, size_t bytes) {
+    uint8_t *base = my_base(p);
+    ncclGin gin(p.dc, 0);
+    gin.put(ncclTeamWorld(p.dc), dst, p.win, (size_t)(static_cast<const uint8_t *>(remote_at) - base), p.win,
+            (size_t)(static_cast<const uint8_t *>(local) - base), bytes);
+    /* the NIC reads the outbox after the call returns: wait until it has, so a later call may
+    ** rewrite it (first version: correct before fast; a counter per parity would overlap it) */
+    gin.flush(ncclCoopThread{});
+}
+__device__ __forceinline__ void gin_signal(const Params &p, int dst, ncclGinSignal_t sig) {
+    ncclGin gin(p.dc, 0);
+    gin.signal(ncclTeamWorld(p.dc), dst, ncclGin_SignalAdd{sig, 1});
+}
+__device__ __forceinline__ bool gin_wait(const Params &p, ncclGinSignal_t sig, uint64_t want, int peer, int kernel) {
+    ncclGin gin(p.dc, 0);
+    return wait_for(p, [&] { return gin.readSignal(sig); }, want, peer, kernel);
 }
 
 /* Called by all threads of a block after its share of the work: true in exactly one block, the

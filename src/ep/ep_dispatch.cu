@@ -125,7 +125,9 @@ __global__ void __launch_bounds__(kSendThreads, kBlocksPerSm) dispatch_send_kern
         bail = 0;
         if (!p.a2a && seq > 2) /* the receivers are done with the slots this parity carried last time */
             for (int r = 0; r < d.R && !bail; r++)
-                if (p.active[r] && !wait_at_least(p, ep_ack(my_base(p), &p.w, r), seq - 2, r, 1)) bail = 1;
+                if (p.active[r] && !(p.gin == 2 ? gin_wait(p, sig_ack(p, r), seq - 2, r, 1)
+                                                : wait_at_least(p, ep_ack(my_base(p), &p.w, r), seq - 2, r, 1)))
+                    bail = 1;
     }
     make_plan(p, topk, bits, T, pl);
     if (bail) return;
@@ -189,9 +191,15 @@ __global__ void __launch_bounds__(kSendThreads, kBlocksPerSm) dispatch_send_kern
         }
         if (p.gin) { /* put each remote message where LSA would have stored it */
             __syncthreads();
-            for (int m = 0; m < nm; m++)
-                if (via_outbox(p, msgs[m].dst))
+            for (int m = 0; m < nm; m++) {
+                if (!via_outbox(p, msgs[m].dst)) continue;
+                if (p.gin == 2) { /* a thread per message posts it */
+                    if ((int)threadIdx.x == m)
+                        gin_put(p, msgs[m].dst, ep_msg(my_base(p), &d, &p.w, par, me, msgs[m].slot), msgs[m].at, d.msg_bytes);
+                } else {
                     put_block(ep_msg(peer_base(p, msgs[m].dst), &d, &p.w, par, me, msgs[m].slot), msgs[m].at, d.msg_bytes);
+                }
+            }
         }
         __syncthreads(); /* msgs[] is rewritten for the next token */
     }
@@ -202,11 +210,14 @@ __global__ void __launch_bounds__(kSendThreads, kBlocksPerSm) dispatch_send_kern
             uint32_t *meta = out_meta(p, par, r);
             meta[0] = (uint32_t)pl.count[d.E + r];
             for (int le = 0; le < L; le++) meta[2 + le] = (uint32_t)pl.count[r * L + le];
-            if (via_outbox(p, r)) { /* the count block's put, by this thread, before its flag */
+            if (via_outbox(p, r) && p.gin == 2) { /* the count block's put, by this thread, before its signal */
+                gin_put(p, r, ep_meta(my_base(p), &p.w, par, me), meta, sizeof(uint32_t) * (size_t)(2 + L));
+            } else if (via_outbox(p, r)) {
                 uint32_t *remote = ep_meta(peer_base(p, r), &p.w, par, me);
                 for (int i = 0; i < 2 + L; i++) remote[i] = meta[i];
             }
-            if (!p.a2a) st_release(ep_disp_flag(peer_base(p, r), &d, &p.w, par, me), seq);
+            if (p.gin == 2) gin_signal(p, r, sig_disp(p, par, me));
+            else if (!p.a2a) st_release(ep_disp_flag(peer_base(p, r), &d, &p.w, par, me), seq);
         }
     }
 }
@@ -228,7 +239,9 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm) dispatch_recv_kernel(P
     __syncthreads();
     if (!p.a2a) /* a2a: the exchange before this kernel on the stream has delivered everything */
         for (int r = threadIdx.x; r < R; r += kThreads)
-            if (p.active[r] && !wait_at_least(p, ep_disp_flag(my_base(p), &d, &p.w, par, r), seq, r, 2)) bail = 1;
+            if (p.active[r] && !(p.gin == 2 ? gin_wait(p, sig_disp(p, par, r), calls_of_parity(seq), r, 2)
+                                            : wait_at_least(p, ep_disp_flag(my_base(p), &d, &p.w, par, r), seq, r, 2)))
+                bail = 1;
     __syncthreads();
     if (bail) return;
     if (threadIdx.x == 0) {
@@ -315,7 +328,10 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm) dispatch_recv_kernel(P
     if (!p.a2a && last_block_done(&p.counters[1])) { /* a2a: the stream orders slab reuse */
         if (threadIdx.x == 0) p.seqs[1] = seq;
         for (int r = threadIdx.x; r < R; r += kThreads)
-            if (p.active[r]) st_release(ep_ack(peer_base(p, r), &p.w, me), seq);
+            if (p.active[r]) {
+                if (p.gin == 2) gin_signal(p, r, sig_ack(p, me));
+                else st_release(ep_ack(peer_base(p, r), &p.w, me), seq);
+            }
     }
 }
 

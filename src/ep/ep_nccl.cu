@@ -1,14 +1,17 @@
 /*
 ** ep_nccl.cu — the NCCL backends of dispatch/combine, host side: an EP group on a communicator
-** and the launch helpers that create one. Two transports share the kernels (ep_dispatch.cu,
+** and the launch helpers that create one. The transports share the kernels (ep_dispatch.cu,
 ** ep_combine.cu), the device state and this file:
 **   device API (EPMOE_BACKEND_NCCL_LSA): a symmetric window (ncclMemAlloc +
 **     ncclCommWindowRegister) and a device communicator, which proves every rank is reachable
 **     by NVLink load/store; kernels store straight into peers' windows.
+**   put/signal (EPMOE_BACKEND_NCCL_GIN, and EPMOE_BACKEND_NCCL_GIN_EMULATED over NVLink): the
+**     same window with an outbox after it; kernels build what goes to other ranks there and
+**     put it to where LSA would store it, then signal (ep_layout.h, ep_outbox).
 **   padded all-to-all (EPMOE_BACKEND_NCCL_A2A), the fallback: kernels pack fixed-size slabs in
 **     one cudaMalloc buffer and grouped ncclSend/ncclRecv on the caller's stream move them.
-** Ranks on other nodes need GIN (put + signal), which this build does not have: the device
-** API then counts as unavailable. The environment and file parts of launching are ep_launch.c.
+** AUTO picks the device API on one NVLink domain, else the fallback (not GIN yet). The
+** environment and file parts of launching are ep_launch.c.
 **
 ** NCCL's send/recv wait for their peer forever, so the fallback has a watchdog thread (as
 ** PyTorch's ProcessGroupNCCL does): each exchange records an event; one still pending after
@@ -489,7 +492,7 @@ extern "C" epmoe_status epmoe_ep_create_nccl(struct ncclComm *comm, const epmoe_
         me.cfg = *cfg, me.transport = want, me.version = version;
         /* put/signal (GIN's protocol, emulated): the window carries the outbox after it */
         ep_outbox_layout(&ep->d, &ep->w, &im->params.o);
-        win_bytes = want == EPMOE_TRANSPORT_GIN_EMULATED ? im->params.o.total : ep->w.total;
+        win_bytes = want == EPMOE_TRANSPORT_GIN_EMULATED || want == EPMOE_TRANSPORT_GIN ? im->params.o.total : ep->w.total;
         if (want != EPMOE_TRANSPORT_ALLTOALL && version == NCCL_VERSION_CODE)
             me.device_ok = ncclMemAlloc(&im->win_buf, (size_t)win_bytes) == ncclSuccess;
         if (!me.device_ok) im->win_buf = nullptr;
@@ -515,14 +518,14 @@ extern "C" epmoe_status epmoe_ep_create_nccl(struct ncclComm *comm, const epmoe_
             }
             any_device |= all[r].transport == EPMOE_TRANSPORT_DEVICE;
             any_a2a |= all[r].transport == EPMOE_TRANSPORT_ALLTOALL;
-            any_gin |= all[r].transport == EPMOE_TRANSPORT_GIN_EMULATED;
-            all_gin &= all[r].transport == EPMOE_TRANSPORT_GIN_EMULATED;
+            any_gin |= all[r].transport == EPMOE_TRANSPORT_GIN_EMULATED || all[r].transport == EPMOE_TRANSPORT_GIN;
+            all_gin &= all[r].transport == want && (want == EPMOE_TRANSPORT_GIN_EMULATED || want == EPMOE_TRANSPORT_GIN);
             if (!all[r].device_ok && not_ok < 0) not_ok = r;
         }
         /* The same data on every rank, so the same decision everywhere. */
         if (any_gin && !all_gin) { /* the window sizes differ: all or none */
-            st = epmoe__fail(EPMOE_ERR_INVALID_ARG, "%s: some ranks ask for transport \"gin-emulated\", others not "
-                             "(config.transport or EPMOE_EP_TRANSPORT)", fn);
+            st = epmoe__fail(EPMOE_ERR_INVALID_ARG, "%s: some ranks ask for transport \"gin\" or \"gin-emulated\", "
+                             "others for another one (config.transport or EPMOE_EP_TRANSPORT)", fn);
             goto fail;
         }
         any_device |= any_gin; /* like DEVICE: never falls back */
@@ -549,19 +552,28 @@ extern "C" epmoe_status epmoe_ep_create_nccl(struct ncclComm *comm, const epmoe_
             const char *why = nullptr;
             ncclDevCommRequirements req;
             std::memset(&req, 0, sizeof req);
+            const bool nic = want == EPMOE_TRANSPORT_GIN; /* every rank asked for it (all_gin) */
+            if (nic) { /* GIN's signals; without a NIC NCCL then refuses the devcomm */
+                req.ginContextCount = 1;
+                req.ginSignalCount = epk::kGinSignalsPerRank * nranks;
+            }
             CUDA_TRY(cudaMemset(im->win_buf, 0, (size_t)win_bytes), "cudaMemset");
             if (ncclCommWindowRegister(comm, im->win_buf, (size_t)win_bytes, &im->win, NCCL_WIN_COLL_SYMMETRIC) != ncclSuccess) {
                 why = "ncclCommWindowRegister failed";
             } else {
                 registered = true;
                 if (ncclDevCommCreate(comm, &req, &im->dc) != ncclSuccess) {
-                    why = "ncclDevCommCreate failed: symmetric memory needs CUDA P2P between all GPUs and "
-                          "NCCL_CUMEM_ENABLE/NCCL_WIN_ENABLE";
+                    why = nic ? "ncclDevCommCreate with GIN signals failed: GIN needs an IB/RoCE NIC that NCCL's GIN supports "
+                                "(NCCL_GIN_ENABLE, NCCL_GIN_TYPE)"
+                              : "ncclDevCommCreate failed: symmetric memory needs CUDA P2P between all GPUs and "
+                                "NCCL_CUMEM_ENABLE/NCCL_WIN_ENABLE";
                 } else {
                     devcomm = true;
-                    if (im->dc.lsaSize != nranks)
-                        why = "not every rank is reachable by NVLink load/store; ranks on other nodes need the GIN "
-                              "transport, which this build does not have";
+                    if (nic && im->dc.ginContextCount < 1)
+                        why = "the device communicator has no GIN context";
+                    else if (!nic && im->dc.lsaSize != nranks)
+                        why = "not every rank is reachable by NVLink load/store; ranks on other nodes need transport "
+                              "\"gin\" (AUTO does not choose it yet)";
                 }
             }
             if (why && any_device) {
@@ -626,8 +638,9 @@ extern "C" epmoe_status epmoe_ep_create_nccl(struct ncclComm *comm, const epmoe_
         im->params.d = d;
         im->params.w = ep->w;
         im->params.win = use_device ? im->win : nullptr;
-        im->params.gin = use_device && all_gin;
-        if (im->params.gin) ep->backend = EPMOE_BACKEND_NCCL_GIN_EMULATED;
+        im->params.gin = !use_device || !all_gin ? 0 : want == EPMOE_TRANSPORT_GIN ? 2 : 1;
+        im->params.dc = im->dc;
+        if (im->params.gin) ep->backend = im->params.gin == 2 ? EPMOE_BACKEND_NCCL_GIN : EPMOE_BACKEND_NCCL_GIN_EMULATED;
         im->params.a2a = im->a2a;
         im->params.box = static_cast<uint8_t *>(im->box);
         im->params.timeout_ns = (unsigned long long)cfg->timeout_ms * 1000000ull;

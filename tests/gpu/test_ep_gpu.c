@@ -26,7 +26,11 @@
 static epmoe_transport g_transport = EPMOE_TRANSPORT_DEVICE;
 
 static const char *transport_name(epmoe_transport t) {
-    return t == EPMOE_TRANSPORT_ALLTOALL ? "alltoall" : t == EPMOE_TRANSPORT_GIN_EMULATED ? "gin-emulated" : t ? "device" : "auto";
+    return t == EPMOE_TRANSPORT_ALLTOALL       ? "alltoall"
+           : t == EPMOE_TRANSPORT_GIN_EMULATED ? "gin-emulated"
+           : t == EPMOE_TRANSPORT_GIN          ? "gin"
+           : t                                 ? "device"
+                                               : "auto";
 }
 static int g_expect = -1; /* the epmoe_backend creation must choose; -1: any; -2: AUTO's right choice */
 
@@ -457,7 +461,7 @@ static int main_helpers(int launched) {
 }
 
 static int usage(void) {
-    printf("usage: test_ep_gpu [--transport auto|device|alltoall|gin-emulated] [--local | --launched] [--expect lsa|a2a|auto]\n");
+    printf("usage: test_ep_gpu [--transport auto|device|alltoall|gin-emulated|gin] [--local | --launched] [--expect lsa|a2a|auto]\n");
     return 2;
 }
 
@@ -474,6 +478,7 @@ int main(int argc, char **argv) {
             else if (!strcmp(t, "device")) g_transport = EPMOE_TRANSPORT_DEVICE;
             else if (!strcmp(t, "alltoall")) g_transport = EPMOE_TRANSPORT_ALLTOALL;
             else if (!strcmp(t, "gin-emulated")) g_transport = EPMOE_TRANSPORT_GIN_EMULATED;
+            else if (!strcmp(t, "gin")) g_transport = EPMOE_TRANSPORT_GIN; /* needs a NIC */
             else return usage();
         } else if (!strcmp(argv[i], "--expect") && i + 1 < argc) {
             const char *b = argv[++i];
@@ -490,6 +495,7 @@ int main(int argc, char **argv) {
     if (!run_mode && g_expect < 0)
         g_expect = g_transport == EPMOE_TRANSPORT_ALLTOALL       ? EPMOE_BACKEND_NCCL_A2A
                    : g_transport == EPMOE_TRANSPORT_GIN_EMULATED ? EPMOE_BACKEND_NCCL_GIN_EMULATED
+                   : g_transport == EPMOE_TRANSPORT_GIN          ? EPMOE_BACKEND_NCCL_GIN
                                                                  : EPMOE_BACKEND_NCCL_LSA;
     if (cudaGetDeviceCount(&ngpu) != cudaSuccess || ngpu < 1) {
         printf("test_ep_gpu: no CUDA device\n");
