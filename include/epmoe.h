@@ -377,7 +377,8 @@ typedef enum epmoe_backend {
 
 /* How an NCCL ep moves bytes (chosen at creation; every rank ends up on the same one):
 **   AUTO      the device API when every rank can use it, else the padded all-to-all. Under AUTO
-**             the environment variable EPMOE_EP_TRANSPORT = auto | device | alltoall decides.
+**             the environment variable EPMOE_EP_TRANSPORT = auto | device | alltoall |
+**             gin-emulated | gin decides.
 **   DEVICE    the device API only (EPMOE_BACKEND_NCCL_LSA); EPMOE_ERR_UNSUPPORTED where it is
 **             unavailable (libnccl not the version epmoe was built with, no symmetric memory,
 **             ranks on several nodes).
@@ -402,8 +403,8 @@ typedef enum epmoe_transport {
     /* GIN_EMULATED (EPMOE_BACKEND_NCCL_GIN_EMULATED; env value gin-emulated): the protocol of
     ** the GIN (multi-node) transport on one node: every message, count block and combine row
     ** is built in an outbox after the window and then put to the place the device API stores
-    ** it, then flagged. Same results; it tests the put/signal protocol without a NIC and is
-    ** slower than DEVICE. Never chosen by AUTO. */
+    ** it, then flagged; flags count calls, as GIN's signals do. Same results; it runs GIN's
+    ** protocol (not the NIC) on one node and is slower than DEVICE. Never chosen by AUTO. */
     EPMOE_TRANSPORT_GIN_EMULATED = 3,
     /* GIN (EPMOE_BACKEND_NCCL_GIN; env value gin): the same protocol over the NIC with NCCL's
     ** GPU-initiated networking, for ranks on several nodes. Needs an IB/RoCE NIC that NCCL's GIN
@@ -446,8 +447,9 @@ typedef struct epmoe_ep_layout {
     size_t out_bytes;           /* combine output: [N, H] bf16 */
     size_t msg_bytes;           /* one dispatch message: header + payload (+ scales) */
     size_t window_bytes;        /* the library's communication buffer per rank: the symmetric
-                                   window (device API, both parities), or the fallback's padded
-                                   send and receive slabs when the transport resolves to ALLTOALL
+                                   window (device API, both parities; GIN and GIN_EMULATED: with
+                                   the outbox after it), or the fallback's padded send and
+                                   receive slabs when the transport resolves to ALLTOALL
                                    (cfg->transport, then EPMOE_EP_TRANSPORT, as at creation) */
     size_t state_bytes;         /* the library's private per-rank state */
 } epmoe_ep_layout;

@@ -66,7 +66,8 @@ struct Params {
     const int *active;        /* [R] device copy of the active set at dispatch */
     CallState st[2];
     unsigned *counters;       /* [4]: block-completion tickets of the four kernels */
-    unsigned *seqs;           /* [2]: dispatches sent, dispatches received (device-side, graph-safe) */
+    unsigned *seqs;           /* [4]: dispatches sent, dispatches received (device-side, graph-safe);
+                              ** put/signal: combines received per parity */
     int *error;               /* host-mapped: 0, or (code << 24 | peer << 8 | kernel) */
     unsigned long long timeout_ns;
     int round_scale, scale_fmt;
@@ -95,18 +96,19 @@ __device__ __forceinline__ uint32_t call_seq(const Params &p, const unsigned *co
 ** reads its window or its inbox at the same per-source positions. Combine rows: `row` is the
 ** token (REDUCE_AT_EXPERT) or token * k + slot (REDUCE_AT_OWNER). */
 /* put/signal: a remote destination is reached through the outbox, then put (own rank: stored
-** straight into the window, as LSA) */
-__device__ __forceinline__ bool via_outbox(const Params &p, int dst) { return p.gin && dst != p.d.rank; }
+** straight into the window, as LSA). kGin is the kernels' compile-time copy of Params::gin, so
+** the device API's kernels carry none of this (one instantiation per transport). */
+template <int kGin> __device__ __forceinline__ bool via_outbox(const Params &p, int dst) { return kGin && dst != p.d.rank; }
 __device__ __forceinline__ uint8_t *send_slab(const Params &p, int par, int dst) {
     return ep_a2a_disp_slab(p.box, &p.d, &p.x, dst == p.d.rank, par, dst);
 }
-__device__ __forceinline__ uint8_t *out_msg(const Params &p, int par, int dst, int64_t slot) {
-    if (via_outbox(p, dst)) return ep_out_msg(my_base(p), &p.d, &p.o, par, dst, slot);
+template <int kGin> __device__ __forceinline__ uint8_t *out_msg(const Params &p, int par, int dst, int64_t slot) {
+    if (via_outbox<kGin>(p, dst)) return ep_out_msg(my_base(p), &p.d, &p.o, par, dst, slot);
     if (!p.a2a) return ep_msg(peer_base(p, dst), &p.d, &p.w, par, p.d.rank, slot);
     return ep_a2a_msg(send_slab(p, par, dst), &p.d, &p.x, slot);
 }
-__device__ __forceinline__ uint32_t *out_meta(const Params &p, int par, int dst) {
-    if (via_outbox(p, dst)) return ep_out_meta(my_base(p), &p.w, &p.o, par, dst);
+template <int kGin> __device__ __forceinline__ uint32_t *out_meta(const Params &p, int par, int dst) {
+    if (via_outbox<kGin>(p, dst)) return ep_out_meta(my_base(p), &p.w, &p.o, par, dst);
     if (!p.a2a) return ep_meta(peer_base(p, dst), &p.w, par, p.d.rank);
     return reinterpret_cast<uint32_t *>(send_slab(p, par, dst));
 }
@@ -122,8 +124,8 @@ __device__ __forceinline__ const uint32_t *in_meta(const Params &p, int par, int
 __device__ __forceinline__ uint16_t *peer_comb_row(const Params &p, int par, int dst, int64_t row) {
     return ep_comb_row(peer_base(p, dst), &p.d, &p.w, par, p.d.reduce_at_expert ? (int64_t)p.d.rank * p.d.N + row : row);
 }
-__device__ __forceinline__ uint16_t *out_comb_row(const Params &p, int par, int dst, int64_t row) {
-    if (via_outbox(p, dst)) return ep_out_comb_row(my_base(p), &p.d, &p.o, par, dst, row);
+template <int kGin> __device__ __forceinline__ uint16_t *out_comb_row(const Params &p, int par, int dst, int64_t row) {
+    if (via_outbox<kGin>(p, dst)) return ep_out_comb_row(my_base(p), &p.d, &p.o, par, dst, row);
     if (!p.a2a)
         return ep_comb_row(peer_base(p, dst), &p.d, &p.w, par, p.d.reduce_at_expert ? (int64_t)p.d.rank * p.d.N + row : row);
     return ep_a2a_comb_row(ep_a2a_comb_slab(p.box, &p.d, &p.x, dst == p.d.rank, par, dst), &p.d, row);
@@ -159,8 +161,8 @@ __device__ __forceinline__ void set_error(const Params &p, int code, int peer, i
     atomicCAS(p.error, 0, (code << 24) | ((peer & 0xFFFF) << 8) | kernel);
 }
 
-/* Spin until *f >= want; false on timeout (the error is recorded) or when another wait failed. */
-/* Spins until load() >= want; a timeout is recorded for `peer` (kernel: which kernel waited). */
+/* Spins until load() >= want; false on timeout (recorded for `peer`; kernel: which kernel waited)
+** or when another wait failed. */
 template <class Load>
 __device__ __forceinline__ bool wait_for(const Params &p, Load load, uint64_t want, int peer, int kernel) {
     const unsigned long long t0 = now_ns();
@@ -207,6 +209,28 @@ __device__ __forceinline__ void gin_signal(const Params &p, int dst, ncclGinSign
 __device__ __forceinline__ bool gin_wait(const Params &p, ncclGinSignal_t sig, uint64_t want, int peer, int kernel) {
     ncclGin gin(p.dc, 0);
     return wait_for(p, [&] { return gin.readSignal(sig); }, want, peer, kernel);
+}
+
+/* ---- flags, one rule per transport ----
+** Device API (kGin 0): a flag holds the call number (st.release of seq; wait >= seq).
+** Put/signal (kGin 1, 2): a flag counts calls, as GIN's signals do (kGin 2: the signal itself;
+** kGin 1: the same count in the flag word, added with red.release.sys), so the emulation runs
+** the counting GIN relies on. `remote` is the flag in the peer's window (unused by GIN). */
+__device__ __forceinline__ void red_add_release(uint64_t *f, uint64_t v) {
+    asm volatile("red.release.sys.global.add.u64 [%0], %1;" ::"l"(f), "l"(v) : "memory");
+}
+template <int kGin>
+__device__ __forceinline__ void publish(const Params &p, int r, uint64_t *remote, ncclGinSignal_t sig, uint64_t seq) {
+    if (kGin == 2) gin_signal(p, r, sig);
+    else if (kGin == 1) red_add_release(remote, 1);
+    else st_release(remote, seq);
+}
+/* waits for a flag in this rank's window (or GIN signal) to reach `seq` (kGin 0) or `count` */
+template <int kGin>
+__device__ __forceinline__ bool await(const Params &p, const uint64_t *local, ncclGinSignal_t sig, uint64_t seq,
+                                      uint64_t count, int peer, int kernel) {
+    if (kGin == 2) return gin_wait(p, sig, count, peer, kernel);
+    return wait_at_least(p, local, kGin ? count : seq, peer, kernel);
 }
 
 /* Called by all threads of a block after its share of the work: true in exactly one block, the

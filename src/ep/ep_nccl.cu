@@ -475,6 +475,7 @@ extern "C" epmoe_status epmoe_ep_create_nccl(struct ncclComm *comm, const epmoe_
     cudaStream_t stream = nullptr;
     bool registered = false, devcomm = false, use_device = false, any_device = false, any_a2a = false;
     bool any_gin = false, all_gin = true;
+    const char *tname = "device"; /* the transport named in errors */
     int64_t win_bytes = 0;
     int dev = 0, not_ok = -1;
     EPMOE_CHECK(epmoe__ep_alloc(cfg, EPMOE_BACKEND_NCCL_LSA, &ep));
@@ -529,6 +530,7 @@ extern "C" epmoe_status epmoe_ep_create_nccl(struct ncclComm *comm, const epmoe_
             goto fail;
         }
         any_device |= any_gin; /* like DEVICE: never falls back */
+        tname = !any_gin ? "device" : want == EPMOE_TRANSPORT_GIN ? "gin" : "gin-emulated";
         if (any_device && any_a2a) {
             st = epmoe__fail(EPMOE_ERR_INVALID_ARG, "%s: some ranks ask for transport \"device\", others for \"alltoall\" "
                              "(config.transport or EPMOE_EP_TRANSPORT)", fn);
@@ -538,12 +540,12 @@ extern "C" epmoe_status epmoe_ep_create_nccl(struct ncclComm *comm, const epmoe_
         if (!use_device && any_device) {
             const Hello &h = all[not_ok];
             if (h.version != NCCL_VERSION_CODE)
-                st = epmoe__fail(EPMOE_ERR_UNSUPPORTED, "%s: transport \"device\": rank %d's NCCL runtime is %d, but the device "
+                st = epmoe__fail(EPMOE_ERR_UNSUPPORTED, "%s: transport \"%s\": rank %d's NCCL runtime is %d, but the device "
                                  "API needs the version epmoe was built with (%d); put that libnccl first on LD_LIBRARY_PATH, "
-                                 "or use transport \"auto\" for the all-to-all fallback", fn, not_ok, h.version, NCCL_VERSION_CODE);
+                                 "or use transport \"auto\" for the all-to-all fallback", fn, tname, not_ok, h.version, NCCL_VERSION_CODE);
             else
-                st = epmoe__fail(EPMOE_ERR_UNSUPPORTED, "%s: transport \"device\": rank %d could not allocate its %lld-byte "
-                                 "window with ncclMemAlloc (cuMem)", fn, not_ok, (long long)win_bytes);
+                st = epmoe__fail(EPMOE_ERR_UNSUPPORTED, "%s: transport \"%s\": rank %d could not allocate its %lld-byte "
+                                 "window with ncclMemAlloc (cuMem)", fn, tname, not_ok, (long long)win_bytes);
             goto fail;
         }
         if (use_device) {
@@ -577,7 +579,7 @@ extern "C" epmoe_status epmoe_ep_create_nccl(struct ncclComm *comm, const epmoe_
                 }
             }
             if (why && any_device) {
-                st = epmoe__fail(EPMOE_ERR_UNSUPPORTED, "%s: transport \"device\": %s (lsaSize %d of %d ranks; %s)", fn, why,
+                st = epmoe__fail(EPMOE_ERR_UNSUPPORTED, "%s: transport \"%s\": %s (lsaSize %d of %d ranks; %s)", fn, tname, why,
                                  devcomm ? im->dc.lsaSize : 0, nranks, nccl_detail(comm));
                 goto fail;
             }

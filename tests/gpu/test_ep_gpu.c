@@ -453,6 +453,7 @@ static int main_helpers(int launched) {
         }
         printf("  %-52s on %s\n", name, jobs[first].backend == EPMOE_BACKEND_NCCL_A2A             ? "the all-to-all fallback"
                                          : jobs[first].backend == EPMOE_BACKEND_NCCL_GIN_EMULATED ? "GIN's protocol, emulated"
+                                         : jobs[first].backend == EPMOE_BACKEND_NCCL_GIN          ? "GIN"
                                                                                                   : "the device API (LSA)");
         check_scenario(&sc, &lay, io, name);
         io_free(&sc, io, R);
