@@ -201,6 +201,8 @@ int main(int argc, char **argv) {
         {"fp8 dedup reduce-at-expert", 128, 384, EPMOE_WIRE_FP8, 1, EPMOE_COMBINE_REDUCE_AT_EXPERT, EPMOE_TRANSPORT_DEVICE},
         {"a2a fp8 dedup reduce-at-expert", 128, 256, EPMOE_WIRE_FP8, 1, EPMOE_COMBINE_REDUCE_AT_EXPERT, EPMOE_TRANSPORT_ALLTOALL},
         {"a2a bf16 dedup reduce-at-expert", 128, 256, EPMOE_WIRE_BF16, 1, EPMOE_COMBINE_REDUCE_AT_EXPERT, EPMOE_TRANSPORT_ALLTOALL},
+        /* GIN's put/signal protocol over NVLink: what staging through the outbox costs */
+        {"gin-emu fp8 dedup reduce-at-expert", 128, 256, EPMOE_WIRE_FP8, 1, EPMOE_COMBINE_REDUCE_AT_EXPERT, EPMOE_TRANSPORT_GIN_EMULATED},
     };
     int v;
     ncclGetVersion(&v);
@@ -244,7 +246,9 @@ int main(int argc, char **argv) {
                             "\"link_msgs_per_rank\": %ld, \"buffer_bytes\": %zu, \"dispatch_send_us\": %.3f, "
                             "\"combine_send_us\": %.3f}\n",
                         first ? "" : ",", R, cases[c].name,
-                        cases[c].transport == EPMOE_TRANSPORT_ALLTOALL ? "alltoall" : "device", cases[c].tokens, cases[c].experts, d, dbytes / d / 1e3, cm,
+                        cases[c].transport == EPMOE_TRANSPORT_ALLTOALL       ? "alltoall"
+                        : cases[c].transport == EPMOE_TRANSPORT_GIN_EMULATED ? "gin-emulated"
+                                                                             : "device", cases[c].tokens, cases[c].experts, d, dbytes / d / 1e3, cm,
                         cbytes / cm / 1e3, a2a, msgs / R, jobs[0].window_bytes, jobs[0].disp_send_us, jobs[0].comb_send_us);
             first = 0;
         }

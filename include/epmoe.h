@@ -370,12 +370,15 @@ typedef enum epmoe_combine_mode { EPMOE_COMBINE_REDUCE_AT_OWNER = 0, EPMOE_COMBI
 typedef enum epmoe_backend {
     EPMOE_BACKEND_CPU = 0,      /* ranks are threads of one process; host memory */
     EPMOE_BACKEND_NCCL_LSA = 1, /* NCCL device API, NVLink load/store within a node */
-    EPMOE_BACKEND_NCCL_A2A = 2  /* fallback: padded NCCL send/recv of fixed-size slabs */
+    EPMOE_BACKEND_NCCL_A2A = 2, /* fallback: padded NCCL send/recv of fixed-size slabs */
+    EPMOE_BACKEND_NCCL_GIN_EMULATED = 3, /* the put/signal protocol of GIN, emulated over NVLink */
+    EPMOE_BACKEND_NCCL_GIN = 4           /* NCCL device API, GPU-initiated puts and signals over the NIC */
 } epmoe_backend;
 
 /* How an NCCL ep moves bytes (chosen at creation; every rank ends up on the same one):
 **   AUTO      the device API when every rank can use it, else the padded all-to-all. Under AUTO
-**             the environment variable EPMOE_EP_TRANSPORT = auto | device | alltoall decides.
+**             the environment variable EPMOE_EP_TRANSPORT = auto | device | alltoall |
+**             gin-emulated | gin decides.
 **   DEVICE    the device API only (EPMOE_BACKEND_NCCL_LSA); EPMOE_ERR_UNSUPPORTED where it is
 **             unavailable (libnccl not the version epmoe was built with, no symmetric memory,
 **             ranks on several nodes).
@@ -396,7 +399,18 @@ typedef enum epmoe_backend {
 typedef enum epmoe_transport {
     EPMOE_TRANSPORT_AUTO = 0,
     EPMOE_TRANSPORT_DEVICE = 1,
-    EPMOE_TRANSPORT_ALLTOALL = 2
+    EPMOE_TRANSPORT_ALLTOALL = 2,
+    /* GIN_EMULATED (EPMOE_BACKEND_NCCL_GIN_EMULATED; env value gin-emulated): the protocol of
+    ** the GIN (multi-node) transport on one node: every message, count block and combine row
+    ** is built in an outbox after the window and then put to the place the device API stores
+    ** it, then flagged; flags count calls, as GIN's signals do. Same results; it runs GIN's
+    ** protocol (not the NIC) on one node and is slower than DEVICE. Never chosen by AUTO. */
+    EPMOE_TRANSPORT_GIN_EMULATED = 3,
+    /* GIN (EPMOE_BACKEND_NCCL_GIN; env value gin): the same protocol over the NIC with NCCL's
+    ** GPU-initiated networking, for ranks on several nodes. Needs an IB/RoCE NIC that NCCL's GIN
+    ** supports; EPMOE_ERR_UNSUPPORTED otherwise. Compiled and untested (no NIC on the machines
+    ** this library is tested on); not yet chosen by AUTO. */
+    EPMOE_TRANSPORT_GIN = 4
 } epmoe_transport;
 
 typedef struct epmoe_ep_config {
@@ -433,8 +447,9 @@ typedef struct epmoe_ep_layout {
     size_t out_bytes;           /* combine output: [N, H] bf16 */
     size_t msg_bytes;           /* one dispatch message: header + payload (+ scales) */
     size_t window_bytes;        /* the library's communication buffer per rank: the symmetric
-                                   window (device API, both parities), or the fallback's padded
-                                   send and receive slabs when the transport resolves to ALLTOALL
+                                   window (device API, both parities; GIN and GIN_EMULATED: with
+                                   the outbox after it), or the fallback's padded send and
+                                   receive slabs when the transport resolves to ALLTOALL
                                    (cfg->transport, then EPMOE_EP_TRANSPORT, as at creation) */
     size_t state_bytes;         /* the library's private per-rank state */
 } epmoe_ep_layout;

@@ -44,6 +44,8 @@ ep_tests() {
     local np=$((ngpu < 2 ? 1 : 2))
     run test_ep_gpu timeout 300 ./build/tests/gpu/test_ep_gpu
     run test_ep_gpu_alltoall timeout 300 ./build/tests/gpu/test_ep_gpu --transport alltoall
+    # GIN's put/signal protocol, emulated over NVLink (the NIC path itself needs a NIC)
+    run test_ep_gpu_gin_emulated timeout 300 ./build/tests/gpu/test_ep_gpu --transport gin-emulated
     # a few scenarios each (seconds when healthy): shorter limits bound a hang's cost in device time
     run test_ep_gpu_local timeout 180 ./build/tests/gpu/test_ep_gpu --local --expect auto
     run ep_launch_auto timeout 150 tools/epmoe-launch -n $np ./build/tests/gpu/test_ep_gpu --launched --expect auto

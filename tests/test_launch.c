@@ -242,6 +242,16 @@ static size_t a2a_bytes(const epmoe_ep_config *c, size_t msg_bytes) {
     return 3 * R * slab + 3 * R * comb;
 }
 
+/* the put/signal transport's window: the device API's, then two parities of an outbox holding,
+** per destination, its message slots, its count block and its combine rows (src/ep/ep_layout.h) */
+static size_t al(size_t x, size_t a) { return (x + a - 1) / a * a; }
+static size_t gin_bytes(const epmoe_ep_config *c, size_t dev_window, size_t msg_bytes) {
+    const size_t R = (size_t)c->num_ranks, N = (size_t)c->max_tokens, k = (size_t)c->top_k, L = (size_t)(c->num_experts / c->num_ranks);
+    const size_t slots = c->dedup ? N : N * (k < L ? k : L), meta = al(8 + 4 * L + 8, 128);
+    const size_t rows = c->combine_mode == EPMOE_COMBINE_REDUCE_AT_EXPERT ? N : N * k;
+    return dev_window + 2 * al(R * slots * msg_bytes + R * meta + al(R * rows * (size_t)c->hidden * 2, 128), 4096);
+}
+
 static void test_transport(void) {
     clear_env();
     epmoe_ep_config c = EPMOE_EP_CONFIG_INIT;
@@ -271,7 +281,18 @@ static void test_transport(void) {
         CHECK_STATUS(epmoe_ep_layout_query(&s, &l), EPMOE_OK);
         CHECK(l.window_bytes == a2a_bytes(&s, l.msg_bytes), "shape %zu: all-to-all buffer %zu, want %zu", i, l.window_bytes,
               a2a_bytes(&s, l.msg_bytes));
+        epmoe_ep_layout ld, lg;
+        s.transport = EPMOE_TRANSPORT_DEVICE;
+        CHECK_STATUS(epmoe_ep_layout_query(&s, &ld), EPMOE_OK);
+        s.transport = EPMOE_TRANSPORT_GIN_EMULATED;
+        CHECK_STATUS(epmoe_ep_layout_query(&s, &lg), EPMOE_OK);
+        CHECK(lg.window_bytes == gin_bytes(&s, ld.window_bytes, lg.msg_bytes), "shape %zu: put/signal window %zu, want %zu", i,
+              lg.window_bytes, gin_bytes(&s, ld.window_bytes, lg.msg_bytes));
     }
+    c.transport = EPMOE_TRANSPORT_GIN_EMULATED;
+    CHECK_STATUS(epmoe_ep_layout_query(&c, &l), EPMOE_OK);
+    printf("  DeepSeek-R1 EP2 fp8: put/signal (GIN's protocol) window with its outbox %.1f MB\n", l.window_bytes / 1e6);
+    const size_t gin_window = l.window_bytes;
 
     /* the environment decides under AUTO only */
     c.transport = EPMOE_TRANSPORT_AUTO;
@@ -285,13 +306,19 @@ static void test_transport(void) {
     c.transport = EPMOE_TRANSPORT_AUTO;
     CHECK_STATUS(epmoe_ep_layout_query(&c, &l), EPMOE_OK);
     CHECK(l.window_bytes == dev.window_bytes, "EPMOE_EP_TRANSPORT=device");
+    setenv("EPMOE_EP_TRANSPORT", "gin-emulated", 1);
+    CHECK_STATUS(epmoe_ep_layout_query(&c, &l), EPMOE_OK);
+    CHECK(l.window_bytes == gin_window, "EPMOE_EP_TRANSPORT=gin-emulated");
     setenv("EPMOE_EP_TRANSPORT", "fast", 1);
     CHECK_STATUS(epmoe_ep_layout_query(&c, &l), EPMOE_ERR_INVALID_ARG);
     CHECK(strstr(epmoe_last_error(), "EPMOE_EP_TRANSPORT=fast") != NULL, "message: %s", epmoe_last_error());
     setenv("EPMOE_EP_TRANSPORT", "", 1);
     CHECK_STATUS(epmoe_ep_layout_query(&c, &l), EPMOE_OK);
     clear_env();
-    c.transport = (epmoe_transport)3;
+    c.transport = EPMOE_TRANSPORT_GIN; /* the NIC protocol: the same window as its emulation */
+    CHECK_STATUS(epmoe_ep_layout_query(&c, &l), EPMOE_OK);
+    CHECK(l.window_bytes == gin_window, "transport gin: window %zu, want %zu", l.window_bytes, gin_window);
+    c.transport = (epmoe_transport)5;
     CHECK_STATUS(epmoe_ep_layout_query(&c, &l), EPMOE_ERR_INVALID_ARG);
 
     /* A caller built against the header without `transport` passes the shorter size: it is read

@@ -35,7 +35,7 @@ MAX_TOPK = 16
 _WIRES = {"bf16": WIRE_BF16, "fp8": WIRE_FP8}
 # epmoe_transport (NCCL groups only; the CPU world ignores it): "auto" lets creation choose (and
 # the EPMOE_EP_TRANSPORT environment variable decide), "device" / "alltoall" insist
-_TRANSPORTS = {"auto": 0, "device": 1, "alltoall": 2}
+_TRANSPORTS = {"auto": 0, "device": 1, "alltoall": 2, "gin-emulated": 3, "gin": 4}
 _MODES = {"reduce_at_owner": REDUCE_AT_OWNER, "owner": REDUCE_AT_OWNER,
           "reduce_at_expert": REDUCE_AT_EXPERT, "expert": REDUCE_AT_EXPERT}
 _BACKENDS = {BACKEND_CPU: "cpu", BACKEND_NCCL_LSA: "nccl_lsa"}
@@ -73,7 +73,8 @@ class EpConfig:
     """epmoe_ep_config. Defaults are those of EPMOE_EP_CONFIG_INIT (DeepSeek-R1 decode, EP1).
 
     transport (NCCL groups): "auto" (the device API where every rank can use it, else the padded
-    all-to-all; EPMOE_EP_TRANSPORT decides under auto), "device" or "alltoall".
+    all-to-all; EPMOE_EP_TRANSPORT decides under auto), "device", "alltoall", "gin" (put/signal
+    over the NIC) or "gin-emulated" (the same protocol over NVLink, for tests).
     wire: "fp8" (per-token 1x128 scales, cast inside the send) or "bf16"; combine_mode:
     "reduce_at_expert" (each expert rank sums its share first; weights go to dispatch) or
     "reduce_at_owner" (every row travels back; weights go to combine; bit-exact vs a sequential

@@ -343,6 +343,8 @@ def test_transport_choice_reaches_the_library(monkeypatch):
     monkeypatch.setenv("EPMOE_EP_TRANSPORT", "alltoall")
     assert epmoe.layout_query(cfg).window_bytes == a2a.window_bytes
     assert epmoe.layout_query(cfg, transport="device").window_bytes == dev.window_bytes  # explicit beats the env
+    gin, emu = (epmoe.layout_query(cfg, transport=t) for t in ("gin", "gin-emulated"))
+    assert gin.window_bytes == emu.window_bytes > dev.window_bytes  # the window plus its outbox
     with pytest.raises(ValueError, match="transport 'nvlink'"):
         epmoe.layout_query(cfg, transport="nvlink")
     with pytest.raises(epmoe.InvalidArgument, match="not an epmoe_transport"):

@@ -25,7 +25,7 @@ epmoe_status epmoe__ep_check_config(const char *fn, const epmoe_ep_config *c) {
                            "mismatch; initialize with EPMOE_EP_CONFIG_INIT)", fn, c->size, sizeof(epmoe_ep_config),
                            (size_t)EP_CONFIG_SIZE_V0);
     /* fields past the caller's size are never read: they are not in its struct */
-    if (c->size == sizeof(epmoe_ep_config) && (unsigned)c->transport > EPMOE_TRANSPORT_ALLTOALL)
+    if (c->size == sizeof(epmoe_ep_config) && (unsigned)c->transport > EPMOE_TRANSPORT_GIN)
         return epmoe__fail(EPMOE_ERR_INVALID_ARG, "%s: transport %d is not an epmoe_transport", fn, (int)c->transport);
     if (c->num_ranks < 1 || c->rank < 0 || c->rank >= c->num_ranks)
         return epmoe__fail(EPMOE_ERR_INVALID_ARG, "%s: rank %d of %d ranks", fn, c->rank, c->num_ranks);
@@ -68,8 +68,11 @@ epmoe_status epmoe__ep_transport(const char *fn, const epmoe_ep_config *c, epmoe
     if (!v || !*v || !strcmp(v, "auto")) return EPMOE_OK;
     if (!strcmp(v, "device")) *out = EPMOE_TRANSPORT_DEVICE;
     else if (!strcmp(v, "alltoall")) *out = EPMOE_TRANSPORT_ALLTOALL;
+    else if (!strcmp(v, "gin-emulated")) *out = EPMOE_TRANSPORT_GIN_EMULATED;
+    else if (!strcmp(v, "gin")) *out = EPMOE_TRANSPORT_GIN;
     else
-        return epmoe__fail(EPMOE_ERR_INVALID_ARG, "%s: EPMOE_EP_TRANSPORT=%s: expected auto, device or alltoall", fn, v);
+        return epmoe__fail(EPMOE_ERR_INVALID_ARG, "%s: EPMOE_EP_TRANSPORT=%s: expected auto, device, alltoall, gin-emulated "
+                           "or gin", fn, v);
     return EPMOE_OK;
 }
 
@@ -93,9 +96,11 @@ epmoe_status epmoe_ep_layout_query(const epmoe_ep_config *cfg, epmoe_ep_layout *
     ep_dims d;
     ep_window w;
     ep_a2a a2a;
+    ep_outbox ob;
     dims_of(cfg, &d);
     ep_window_layout(&d, &w);
     ep_a2a_layout(&d, &a2a);
+    ep_outbox_layout(&d, &w, &ob);
     const size_t rows = (size_t)d.L * (size_t)d.R * (size_t)d.N;
     out->recv_x_bytes = rows * (size_t)d.H * (d.fp8 ? 1u : 2u);
     out->recv_scales_bytes = d.fp8 ? (size_t)d.L * epmoe_scale_bytes(cfg->scale_fmt, (int64_t)d.R * d.N, d.H) : 0;
@@ -104,7 +109,8 @@ epmoe_status epmoe_ep_layout_query(const epmoe_ep_config *cfg, epmoe_ep_layout *
     out->expert_out_bytes = rows * (size_t)d.H * 2;
     out->out_bytes = (size_t)d.N * (size_t)d.H * 2;
     out->msg_bytes = (size_t)d.msg_bytes;
-    out->window_bytes = (size_t)(tr == EPMOE_TRANSPORT_ALLTOALL ? a2a.total : w.total);
+    const int put_signal = tr == EPMOE_TRANSPORT_GIN_EMULATED || tr == EPMOE_TRANSPORT_GIN;
+    out->window_bytes = (size_t)(tr == EPMOE_TRANSPORT_ALLTOALL ? a2a.total : put_signal ? ob.total : w.total);
     /* per call: topk [N, k], begin [L, R], n_msgs [R]; plus the staging of one payload */
     out->state_bytes = 2 * ((size_t)d.N * d.k * 4 + (size_t)d.L * d.R * 4 + (size_t)d.R * 4 +
                             (size_t)(d.R * d.slots * d.header_bytes)) + (size_t)d.payload_bytes;

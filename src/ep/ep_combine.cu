@@ -33,6 +33,7 @@ __device__ __forceinline__ uint4 pack8(const float (&acc)[8]) {
                       bf16x2_from_float(acc[4], acc[5]), bf16x2_from_float(acc[6], acc[7]));
 }
 
+template <int kGin>
 __global__ void __launch_bounds__(kThreads, kBlocksPerSm) combine_send_kernel(Params p, const uint16_t *__restrict__ y, uint32_t rel) {
     const ep_dims &d = p.d;
     /* the dispatch being combined: LSA, `rel` calls before the latest received one (device count) */
@@ -64,7 +65,7 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm) combine_send_kernel(Pa
         for (int n = 0; n < EPMOE_MAX_TOPK; n++)
             src_row[n] = n < ne ? ((int64_t)ent[n].le * M + st.begin[ent[n].le * R + src] + ent[n].row) * (H / 8) : 0;
         if (d.reduce_at_expert) {
-            uint4 *o = reinterpret_cast<uint4 *>(out_comb_row(p, par, src, h.token));
+            uint4 *o = reinterpret_cast<uint4 *>(out_comb_row<kGin>(p, par, src, h.token));
             for (int c = threadIdx.x; c < H / 8; c += kThreads) {
                 uint4 v[EPMOE_MAX_TOPK]; /* all the token's rows in flight at once */
 #pragma unroll
@@ -78,7 +79,7 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm) combine_send_kernel(Pa
             }
         } else {
             /* the token's k rows at its owner, one per top-k slot, are consecutive in both layouts */
-            uint4 *o = reinterpret_cast<uint4 *>(out_comb_row(p, par, src, (int64_t)h.token * d.k));
+            uint4 *o = reinterpret_cast<uint4 *>(out_comb_row<kGin>(p, par, src, (int64_t)h.token * d.k));
             for (int c = threadIdx.x; c < H / 8; c += kThreads) {
                 uint4 v[EPMOE_MAX_TOPK];
 #pragma unroll
@@ -89,13 +90,29 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm) combine_send_kernel(Pa
                     if (n < ne) o[(int64_t)ent[n].j * (H / 8) + c] = v[n];
             }
         }
+        if (via_outbox<kGin>(p, src)) { /* put the rows where LSA would have stored them */
+            __syncthreads();
+            const int rows = d.reduce_at_expert ? 1 : ne;
+            for (int n = 0; n < rows; n++) {
+                const int64_t row = d.reduce_at_expert ? (int64_t)h.token : (int64_t)h.token * d.k + ent[n].j;
+                const int64_t at = d.reduce_at_expert ? (int64_t)me * d.N + row : row; /* in src's window */
+                if (kGin == 2) { /* a thread per row posts it */
+                    if ((int)threadIdx.x == n)
+                        gin_put(p, src, ep_comb_row(my_base(p), &d, &p.w, par, at), out_comb_row<kGin>(p, par, src, row), (size_t)H * 2);
+                } else {
+                    put_block(peer_comb_row(p, par, src, row), out_comb_row<kGin>(p, par, src, row), (int64_t)H * 2);
+                }
+            }
+        }
         __syncthreads(); /* hdr is reused */
     }
     if (!p.a2a && last_block_done(&p.counters[2])) /* a2a: the exchange follows on the stream */
         for (int r = threadIdx.x; r < R; r += kThreads)
-            if (p.active[r]) st_release(ep_comb_flag(peer_base(p, r), &p.w, par, me), seq);
+            if (p.active[r])
+                publish<kGin>(p, r, kGin == 2 ? nullptr : ep_comb_flag(peer_base(p, r), &p.w, par, me), sig_comb(p, par, me), seq);
 }
 
+template <int kGin>
 __global__ void __launch_bounds__(kThreads, kBlocksPerSm) combine_recv_kernel(Params p, const float *__restrict__ weights,
                                                                 uint16_t *__restrict__ out, int T, uint32_t rel) {
     const ep_dims &d = p.d;
@@ -104,9 +121,14 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm) combine_recv_kernel(Pa
     __shared__ int bail;
     if (threadIdx.x == 0) bail = 0;
     __syncthreads();
+    /* put/signal flags count combines, and a dispatch need not be combined: count the combines
+    ** received on this parity on the device (the last block moves it on below) */
+    const uint64_t combined = kGin ? *reinterpret_cast<const volatile unsigned *>(&p.seqs[2 + par]) : 0;
     if (!p.a2a)
         for (int r = threadIdx.x; r < R; r += kThreads)
-            if (p.active[r] && !wait_at_least(p, ep_comb_flag(my_base(p), &p.w, par, r), seq, r, 4)) bail = 1;
+            if (p.active[r] &&
+                !await<kGin>(p, ep_comb_flag(my_base(p), &p.w, par, r), sig_comb(p, par, r), seq, combined + 1, r, 4))
+                bail = 1;
     __syncthreads();
     if (bail) return;
     const int16_t *topk = p.st[par].topk;
@@ -158,18 +180,22 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm) combine_recv_kernel(Pa
         }
         __syncthreads(); /* parts[] is rewritten for the next token */
     }
+    if (kGin && last_block_done(&p.counters[3]) && threadIdx.x == 0) p.seqs[2 + par] = (unsigned)combined + 1u;
 }
 
 } // namespace
 
+/* One instantiation per transport (kGin = Params::gin), chosen here. */
 epmoe_status launch_combine_send(const Params &p, const epmoe_combine_args &a, uint32_t rel, int sms, cudaStream_t s) {
-    combine_send_kernel<<<kBlocksPerSm * sms, kThreads, 0, s>>>(p, a.expert_out, rel);
+    auto kernel = p.gin == 2 ? combine_send_kernel<2> : p.gin == 1 ? combine_send_kernel<1> : combine_send_kernel<0>;
+    kernel<<<kBlocksPerSm * sms, kThreads, 0, s>>>(p, a.expert_out, rel);
     return epmoe__launched("epmoe_combine (send)");
 }
 
 epmoe_status launch_combine_recv(const Params &p, const epmoe_combine_args &a, uint32_t rel, int T, int sms,
                                  cudaStream_t s) {
-    combine_recv_kernel<<<grid_for(T, sms), kThreads, 0, s>>>(p, a.topk_weights, a.out, T, rel);
+    auto kernel = p.gin == 2 ? combine_recv_kernel<2> : p.gin == 1 ? combine_recv_kernel<1> : combine_recv_kernel<0>;
+    kernel<<<grid_for(T, sms), kThreads, 0, s>>>(p, a.topk_weights, a.out, T, rel);
     return epmoe__launched("epmoe_combine (receive)");
 }
 

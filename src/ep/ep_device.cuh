@@ -63,13 +63,17 @@ struct Params {
     ep_window w;
     ncclWindow_t win;         /* LSA only */
     int a2a;                  /* 1: the padded all-to-all transport; no window, flags or acks */
+    int gin;                  /* put/signal through the outbox: 1 emulated over NVLink, 2 GIN (NIC) */
+    ncclDevComm dc;           /* gin 2: the device communicator with its GIN signals */
+    ep_outbox o;              /* gin: the outbox after the window */
     uint8_t *box;             /* a2a: the slab buffer (ep_a2a layout) */
     ep_a2a x;
     uint32_t host_seq;        /* a2a: the call's number, from the host (each launch sets it) */
     const int *active;        /* [R] device copy of the active set at dispatch */
     CallState st[2];
     unsigned *counters;       /* [4]: block-completion tickets of the four kernels */
-    unsigned *seqs;           /* [2]: dispatches sent, dispatches received (device-side, graph-safe) */
+    unsigned *seqs;           /* [4]: dispatches sent, dispatches received (device-side, graph-safe);
+                              ** put/signal: combines received per parity */
     int *error;               /* host-mapped: 0, or (code << 24 | peer << 8 | kernel) */
     unsigned long long timeout_ns;
     int round_scale, scale_fmt;
@@ -78,10 +82,11 @@ struct Params {
 /* Error codes in *error (kept in step with epmoe_status where they map). */
 constexpr int kErrTimeout = EPMOE_ERR_TIMEOUT, kErrBadExpert = EPMOE_ERR_INVALID_ARG;
 
+__device__ __forceinline__ uint8_t *my_base(const Params &p) { return static_cast<uint8_t *>(ncclGetLocalPointer(p.win, 0)); }
 __device__ __forceinline__ uint8_t *peer_base(const Params &p, int r) {
+    if (p.gin == 2 && r == p.d.rank) return my_base(p); /* GIN: only its own window is load/store */
     return static_cast<uint8_t *>(ncclGetPeerPointer(p.win, 0, r));
 }
-__device__ __forceinline__ uint8_t *my_base(const Params &p) { return static_cast<uint8_t *>(ncclGetLocalPointer(p.win, 0)); }
 
 /* The call's number: a2a passes the host's (buffers of a captured graph are fixed at capture,
 ** so its kernels must use the same parity); LSA counts on the device (graph replays advance
@@ -96,14 +101,20 @@ __device__ __forceinline__ uint32_t call_seq(const Params &p, const unsigned *co
 ** outbox slab for the destination (its inbox for itself), moved by the exchange. A receiver
 ** reads its window or its inbox at the same per-source positions. Combine rows: `row` is the
 ** token (REDUCE_AT_EXPERT) or token * k + slot (REDUCE_AT_OWNER). */
+/* put/signal: a remote destination is reached through the outbox, then put (own rank: stored
+** straight into the window, as LSA). kGin is the kernels' compile-time copy of Params::gin, so
+** the device API's kernels carry none of this (one instantiation per transport). */
+template <int kGin> __device__ __forceinline__ bool via_outbox(const Params &p, int dst) { return kGin && dst != p.d.rank; }
 __device__ __forceinline__ uint8_t *send_slab(const Params &p, int par, int dst) {
     return ep_a2a_disp_slab(p.box, &p.d, &p.x, dst == p.d.rank, par, dst);
 }
-__device__ __forceinline__ uint8_t *out_msg(const Params &p, int par, int dst, int64_t slot) {
+template <int kGin> __device__ __forceinline__ uint8_t *out_msg(const Params &p, int par, int dst, int64_t slot) {
+    if (via_outbox<kGin>(p, dst)) return ep_out_msg(my_base(p), &p.d, &p.o, par, dst, slot);
     if (!p.a2a) return ep_msg(peer_base(p, dst), &p.d, &p.w, par, p.d.rank, slot);
     return ep_a2a_msg(send_slab(p, par, dst), &p.d, &p.x, slot);
 }
-__device__ __forceinline__ uint32_t *out_meta(const Params &p, int par, int dst) {
+template <int kGin> __device__ __forceinline__ uint32_t *out_meta(const Params &p, int par, int dst) {
+    if (via_outbox<kGin>(p, dst)) return ep_out_meta(my_base(p), &p.w, &p.o, par, dst);
     if (!p.a2a) return ep_meta(peer_base(p, dst), &p.w, par, p.d.rank);
     return reinterpret_cast<uint32_t *>(send_slab(p, par, dst));
 }
@@ -115,7 +126,12 @@ __device__ __forceinline__ const uint32_t *in_meta(const Params &p, int par, int
     if (!p.a2a) return ep_meta(my_base(p), &p.w, par, src);
     return reinterpret_cast<const uint32_t *>(ep_a2a_disp_slab(p.box, &p.d, &p.x, 1, par, src));
 }
-__device__ __forceinline__ uint16_t *out_comb_row(const Params &p, int par, int dst, int64_t row) {
+/* where a combine row lands in dst's window (LSA layout) */
+__device__ __forceinline__ uint16_t *peer_comb_row(const Params &p, int par, int dst, int64_t row) {
+    return ep_comb_row(peer_base(p, dst), &p.d, &p.w, par, p.d.reduce_at_expert ? (int64_t)p.d.rank * p.d.N + row : row);
+}
+template <int kGin> __device__ __forceinline__ uint16_t *out_comb_row(const Params &p, int par, int dst, int64_t row) {
+    if (via_outbox<kGin>(p, dst)) return ep_out_comb_row(my_base(p), &p.d, &p.o, par, dst, row);
     if (!p.a2a)
         return ep_comb_row(peer_base(p, dst), &p.d, &p.w, par, p.d.reduce_at_expert ? (int64_t)p.d.rank * p.d.N + row : row);
     return ep_a2a_comb_row(ep_a2a_comb_slab(p.box, &p.d, &p.x, dst == p.d.rank, par, dst), &p.d, row);
@@ -123,6 +139,14 @@ __device__ __forceinline__ uint16_t *out_comb_row(const Params &p, int par, int 
 __device__ __forceinline__ const uint16_t *in_comb_row(const Params &p, int par, int src, int64_t row) {
     if (!p.a2a) return ep_comb_row(my_base(p), &p.d, &p.w, par, p.d.reduce_at_expert ? (int64_t)src * p.d.N + row : row);
     return ep_a2a_comb_row(ep_a2a_comb_slab(p.box, &p.d, &p.x, 1, par, src), &p.d, row);
+}
+
+/* The put of the put/signal protocol, emulated: the block copies `bytes` (a multiple of 16) of
+** its outbox to `remote` in the destination's window over NVLink. Call it after a barrier that
+** follows the outbox stores. A GIN build puts the same bytes with ncclGin::put. */
+__device__ __forceinline__ void put_block(void *remote, const void *local, int64_t bytes) {
+    for (int64_t c = threadIdx.x; c < bytes / 16; c += blockDim.x)
+        static_cast<uint4 *>(remote)[c] = static_cast<const uint4 *>(local)[c];
 }
 
 __device__ __forceinline__ void st_release(uint64_t *f, uint64_t v) {
@@ -143,10 +167,12 @@ __device__ __forceinline__ void set_error(const Params &p, int code, int peer, i
     atomicCAS(p.error, 0, (code << 24) | ((peer & 0xFFFF) << 8) | kernel);
 }
 
-/* Spin until *f >= want; false on timeout (the error is recorded) or when another wait failed. */
-__device__ __forceinline__ bool wait_at_least(const Params &p, const uint64_t *f, uint64_t want, int peer, int kernel) {
+/* Spins until load() >= want; false on timeout (recorded for `peer`; kernel: which kernel waited)
+** or when another wait failed. */
+template <class Load>
+__device__ __forceinline__ bool wait_for(const Params &p, Load load, uint64_t want, int peer, int kernel) {
     const unsigned long long t0 = now_ns();
-    for (unsigned spin = 1; ld_acquire(f) < want; spin++) {
+    for (unsigned spin = 1; load() < want; spin++) {
         if (now_ns() - t0 > p.timeout_ns) {
             set_error(p, kErrTimeout, peer, kernel);
             return false;
@@ -155,6 +181,62 @@ __device__ __forceinline__ bool wait_at_least(const Params &p, const uint64_t *f
         if (!(spin & 4095) && *(volatile int *)p.error) return false;
     }
     return true;
+}
+__device__ __forceinline__ bool wait_at_least(const Params &p, const uint64_t *f, uint64_t want, int peer, int kernel) {
+    return wait_for(p, [f] { return ld_acquire(f); }, want, peer, kernel);
+}
+
+/* ---- GIN (gin 2): puts and signals through the NIC, one thread each, context 0 (a signal is
+** visible only after the earlier puts on its context to that peer have settled). Signals
+** count calls, so a wait compares with the number of calls of that parity so far: call seq
+** is the ((seq + 1) / 2)-th of its parity. Ids: dispatch [2][R], combine [2][R], ack [R]. */
+__device__ __forceinline__ ncclGinSignal_t sig_disp(const Params &p, int par, int src) { return (ncclGinSignal_t)(par * p.d.R + src); }
+__device__ __forceinline__ ncclGinSignal_t sig_comb(const Params &p, int par, int src) {
+    return (ncclGinSignal_t)(2 * p.d.R + par * p.d.R + src);
+}
+__device__ __forceinline__ ncclGinSignal_t sig_ack(const Params &p, int src) { return (ncclGinSignal_t)(4 * p.d.R + src); }
+constexpr int kGinSignalsPerRank = 5; /* signals per rank of the group */
+__device__ __forceinline__ uint64_t calls_of_parity(uint32_t seq) { return (seq + 1u) / 2u; }
+
+/* `bytes` at `local` in this rank's window to the same offset as `remote_at` has in ours, in dst's */
+__device__ __forceinline__ void gin_put(const Params &p, int dst, const void *remote_at, const void *local, size_t bytes) {
+    uint8_t *base = my_base(p);
+    ncclGin gin(p.dc, 0);
+    gin.put(ncclTeamWorld(p.dc), dst, p.win, (size_t)(static_cast<const uint8_t *>(remote_at) - base), p.win,
+            (size_t)(static_cast<const uint8_t *>(local) - base), bytes);
+    /* the NIC reads the outbox after the call returns: wait until it has, so a later call may
+    ** rewrite it (first version: correct before fast; a counter per parity would overlap it) */
+    gin.flush(ncclCoopThread{});
+}
+__device__ __forceinline__ void gin_signal(const Params &p, int dst, ncclGinSignal_t sig) {
+    ncclGin gin(p.dc, 0);
+    gin.signal(ncclTeamWorld(p.dc), dst, ncclGin_SignalAdd{sig, 1});
+}
+__device__ __forceinline__ bool gin_wait(const Params &p, ncclGinSignal_t sig, uint64_t want, int peer, int kernel) {
+    ncclGin gin(p.dc, 0);
+    return wait_for(p, [&] { return gin.readSignal(sig); }, want, peer, kernel);
+}
+
+/* ---- flags, one rule per transport ----
+** Device API (kGin 0): a flag holds the call number (st.release of seq; wait >= seq).
+** Put/signal (kGin 1, 2): a flag counts calls, as GIN's signals do (kGin 2: the signal itself;
+** kGin 1: the same count in the flag word, added with red.release.sys), so the emulation runs
+** the counting GIN relies on. `remote` is the flag in the peer's window (unused by GIN). */
+__device__ __forceinline__ void red_add_release(uint64_t *f, uint64_t v) {
+    asm volatile("red.release.sys.global.add.u64 [%0], %1;" ::"l"(f), "l"(v) : "memory");
+}
+template <int kGin>
+__device__ __forceinline__ void publish(const Params &p, int r, uint64_t *remote, ncclGinSignal_t sig, uint64_t seq) {
+    if (kGin == 2) gin_signal(p, r, sig);
+    else if (kGin == 1) red_add_release(remote, 1);
+    else st_release(remote, seq);
+}
+/* waits for a flag in this rank's window (or GIN signal) to reach `seq` (kGin 0) or `count` */
+template <int kGin>
+__device__ __forceinline__ bool await(const Params &p, const uint64_t *local, ncclGinSignal_t sig, uint64_t seq,
+                                      uint64_t count, int peer, int kernel) {
+    if (kGin == 2) return gin_wait(p, sig, count, peer, kernel);
+    return wait_at_least(p, local, kGin ? count : seq, peer, kernel);
 }
 
 /* Called by all threads of a block after its share of the work: true in exactly one block, the

@@ -111,10 +111,11 @@ __device__ void make_plan(const Params &p, const void *topk, int bits, int T, Pl
 }
 
 struct MsgRef {
-    uint8_t *at; /* the message in the destination's window */
-    int dst, opener;
+    uint8_t *at; /* the message in the destination's window (put/signal: in the outbox) */
+    int dst, opener, slot;
 };
 
+template <int kGin>
 __global__ void __launch_bounds__(kSendThreads, kBlocksPerSm) dispatch_send_kernel(Params p, const uint16_t *__restrict__ x,
                                                                  const void *topk, int bits, const float *weights, int T) {
     const ep_dims &d = p.d;
@@ -131,7 +132,8 @@ __global__ void __launch_bounds__(kSendThreads, kBlocksPerSm) dispatch_send_kern
         bail = 0;
         if (!p.a2a && seq > 2) /* the receivers are done with the slots this parity carried last time */
             for (int r = 0; r < d.R && !bail; r++)
-                if (p.active[r] && !wait_at_least(p, ep_ack(my_base(p), &p.w, r), seq - 2, r, 1)) bail = 1;
+                if (p.active[r] && !await<kGin>(p, ep_ack(my_base(p), &p.w, r), sig_ack(p, r), seq - 2, seq - 2, r, 1))
+                    bail = 1; /* (acks count receives: seq - 2 of them once the call two back is read) */
     }
     make_plan(p, topk, bits, T, pl);
     if (bail) return;
@@ -146,8 +148,8 @@ __global__ void __launch_bounds__(kSendThreads, kBlocksPerSm) dispatch_send_kern
             for (int j = 0; j < k; j++) {
                 if (tok[j] < 0 || pl.opener[t * k + j] != j) continue;
                 const int dst = pl.dst[t * k + j];
-                msgs[m].dst = dst, msgs[m].opener = j;
-                msgs[m].at = out_msg(p, par, dst, pl.slot[t * k + j]);
+                msgs[m].dst = dst, msgs[m].opener = j, msgs[m].slot = pl.slot[t * k + j];
+                msgs[m].at = out_msg<kGin>(p, par, dst, msgs[m].slot);
                 m++;
             }
             n_msgs = m;
@@ -193,20 +195,40 @@ __global__ void __launch_bounds__(kSendThreads, kBlocksPerSm) dispatch_send_kern
                 }
             }
         }
+        if (kGin) { /* put each remote message where LSA would have stored it */
+            __syncthreads();
+            for (int m = 0; m < nm; m++) {
+                if (!via_outbox<kGin>(p, msgs[m].dst)) continue;
+                if (kGin == 2) { /* a thread per message posts it */
+                    if ((int)threadIdx.x == m)
+                        gin_put(p, msgs[m].dst, ep_msg(my_base(p), &d, &p.w, par, me, msgs[m].slot), msgs[m].at, d.msg_bytes);
+                } else {
+                    put_block(ep_msg(peer_base(p, msgs[m].dst), &d, &p.w, par, me, msgs[m].slot), msgs[m].at, d.msg_bytes);
+                }
+            }
+        }
         __syncthreads(); /* msgs[] is rewritten for the next token */
     }
     if (last_block_done(&p.counters[0])) {
         if (threadIdx.x == 0 && !p.a2a) p.seqs[0] = seq;
         for (int r = threadIdx.x; r < d.R; r += kSendThreads) {
             if (!p.active[r]) continue;
-            uint32_t *meta = out_meta(p, par, r);
+            uint32_t *meta = out_meta<kGin>(p, par, r);
             meta[0] = (uint32_t)pl.count[d.E + r];
             for (int le = 0; le < L; le++) meta[2 + le] = (uint32_t)pl.count[r * L + le];
-            if (!p.a2a) st_release(ep_disp_flag(peer_base(p, r), &d, &p.w, par, me), seq);
+            if (via_outbox<kGin>(p, r) && kGin == 2) { /* the count block's put, by this thread, before its signal */
+                gin_put(p, r, ep_meta(my_base(p), &p.w, par, me), meta, sizeof(uint32_t) * (size_t)(2 + L));
+            } else if (via_outbox<kGin>(p, r)) {
+                uint32_t *remote = ep_meta(peer_base(p, r), &p.w, par, me);
+                for (int i = 0; i < 2 + L; i++) remote[i] = meta[i];
+            }
+            if (!p.a2a)
+                publish<kGin>(p, r, kGin == 2 ? nullptr : ep_disp_flag(peer_base(p, r), &d, &p.w, par, me), sig_disp(p, par, me), seq);
         }
     }
 }
 
+template <int kGin>
 __global__ void __launch_bounds__(kThreads, kBlocksPerSm) dispatch_recv_kernel(Params p, epmoe_dispatch_args a) {
     const ep_dims &d = p.d;
     const uint32_t seq = call_seq(p, &p.seqs[1], 1); /* as in the send kernel */
@@ -224,7 +246,9 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm) dispatch_recv_kernel(P
     __syncthreads();
     if (!p.a2a) /* a2a: the exchange before this kernel on the stream has delivered everything */
         for (int r = threadIdx.x; r < R; r += kThreads)
-            if (p.active[r] && !wait_at_least(p, ep_disp_flag(my_base(p), &d, &p.w, par, r), seq, r, 2)) bail = 1;
+            if (p.active[r] &&
+                !await<kGin>(p, ep_disp_flag(my_base(p), &d, &p.w, par, r), sig_disp(p, par, r), seq, calls_of_parity(seq), r, 2))
+                bail = 1;
     __syncthreads();
     if (bail) return;
     if (threadIdx.x == 0) {
@@ -311,35 +335,45 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm) dispatch_recv_kernel(P
     if (!p.a2a && last_block_done(&p.counters[1])) { /* a2a: the stream orders slab reuse */
         if (threadIdx.x == 0) p.seqs[1] = seq;
         for (int r = threadIdx.x; r < R; r += kThreads)
-            if (p.active[r]) st_release(ep_ack(peer_base(p, r), &p.w, me), seq);
+            if (p.active[r]) publish<kGin>(p, r, kGin == 2 ? nullptr : ep_ack(peer_base(p, r), &p.w, me), sig_ack(p, me), seq);
     }
 }
 
 } // namespace
 
-epmoe_status launch_dispatch_send(const Params &p, const epmoe_dispatch_args &a, int sms, cudaStream_t s) {
+/* One instantiation per transport: kGin = Params::gin (0 device API or all-to-all, 1 emulated
+** put/signal, 2 GIN), chosen here. */
+template <int kGin> epmoe_status send_with(const Params &p, const epmoe_dispatch_args &a, int sms, cudaStream_t s) {
     const size_t smem = send_plan_smem(p.d.E, p.d.R, p.d.N, p.d.k);
     if (smem > 48 * 1024) {
-        const cudaError_t e = grow_smem_attr<dispatch_send_kernel>(smem);
+        const cudaError_t e = grow_smem_attr<dispatch_send_kernel<kGin>>(smem);
         if (e != cudaSuccess)
             return epmoe__fail(EPMOE_ERR_CUDA, "epmoe_dispatch (send): the plan's %zu bytes of shared memory: %s", smem,
                                cudaGetErrorString(e));
     }
-    dispatch_send_kernel<<<grid_for(a.num_tokens, sms), kSendThreads, smem, s>>>(p, a.x, a.topk_idx, a.topk_idx_bits,
-                                                                            a.topk_weights, a.num_tokens);
+    dispatch_send_kernel<kGin><<<grid_for(a.num_tokens, sms), kSendThreads, smem, s>>>(p, a.x, a.topk_idx, a.topk_idx_bits,
+                                                                                      a.topk_weights, a.num_tokens);
     return epmoe__launched("epmoe_dispatch (send)");
 }
 
-epmoe_status launch_dispatch_recv(const Params &p, const epmoe_dispatch_args &a, int sms, cudaStream_t s) {
+template <int kGin> epmoe_status recv_with(const Params &p, const epmoe_dispatch_args &a, int sms, cudaStream_t s) {
     const size_t smem = (size_t)ep_align(4 * ((int64_t)p.d.L * p.d.R + p.d.R + 1), 16);
     if (smem > 48 * 1024) {
-        const cudaError_t e = grow_smem_attr<dispatch_recv_kernel>(smem);
+        const cudaError_t e = grow_smem_attr<dispatch_recv_kernel<kGin>>(smem);
         if (e != cudaSuccess)
             return epmoe__fail(EPMOE_ERR_CUDA, "epmoe_dispatch (receive): %zu bytes of shared memory: %s", smem,
                                cudaGetErrorString(e));
     }
-    dispatch_recv_kernel<<<kBlocksPerSm * sms, kThreads, smem, s>>>(p, a);
+    dispatch_recv_kernel<kGin><<<kBlocksPerSm * sms, kThreads, smem, s>>>(p, a);
     return epmoe__launched("epmoe_dispatch (receive)");
+}
+
+epmoe_status launch_dispatch_send(const Params &p, const epmoe_dispatch_args &a, int sms, cudaStream_t s) {
+    return p.gin == 2 ? send_with<2>(p, a, sms, s) : p.gin == 1 ? send_with<1>(p, a, sms, s) : send_with<0>(p, a, sms, s);
+}
+
+epmoe_status launch_dispatch_recv(const Params &p, const epmoe_dispatch_args &a, int sms, cudaStream_t s) {
+    return p.gin == 2 ? recv_with<2>(p, a, sms, s) : p.gin == 1 ? recv_with<1>(p, a, sms, s) : recv_with<0>(p, a, sms, s);
 }
 
 } // namespace epk

@@ -120,6 +120,45 @@ EP_HD uint64_t *ep_comb_flag(uint8_t *base, const ep_window *w, int p, int src) 
     return (uint64_t *)(base + p * w->parity_bytes + w->comb_flag + (int64_t)src * 128);
 }
 
+/* ---- the put/signal transport (GIN, and its NVLink emulation) ------------------------------
+** A sender cannot store into a remote window over a NIC: it builds each message, count block and
+** combine row in an outbox appended to its own window, then puts the bytes to the place the LSA
+** path stores them in the destination's window (same offsets, so receivers read exactly what LSA
+** delivers) and then publishes the flag. The outbox mirrors one destination's view per
+** destination, in two parities like the window:
+**   msgs  [p][dst R][slots] msg_bytes      meta [p][dst R] meta_stride
+**   comb  [p][dst R][rows per source] bf16 rows of H (REDUCE_AT_EXPERT: N per source, the
+**         token's row; REDUCE_AT_OWNER: N * k, a token's k slots) */
+typedef struct ep_outbox {
+    int64_t base;                 /* = the window's total: the outbox follows the LSA window */
+    int64_t msgs, meta, comb;     /* offsets of parity 0, from the window's base */
+    int64_t comb_rows;            /* rows per destination */
+    int64_t parity_bytes, total;  /* total: the whole window, outbox included */
+} ep_outbox;
+
+EP_HD void ep_outbox_layout(const ep_dims *d, const ep_window *w, ep_outbox *o) {
+    o->base = w->total;
+    int64_t at = o->base;
+    o->msgs = at;
+    at += (int64_t)d->R * d->slots * d->msg_bytes;
+    o->meta = at;
+    at += (int64_t)d->R * w->meta_stride;
+    o->comb = at;
+    o->comb_rows = d->reduce_at_expert ? (int64_t)d->N : (int64_t)d->N * d->k;
+    at += ep_align((int64_t)d->R * o->comb_rows * d->H * 2, 128);
+    o->parity_bytes = ep_align(at - o->base, 4096);
+    o->total = o->base + 2 * o->parity_bytes;
+}
+EP_HD uint8_t *ep_out_msg(uint8_t *base, const ep_dims *d, const ep_outbox *o, int p, int dst, int64_t slot) {
+    return base + p * o->parity_bytes + o->msgs + ((int64_t)dst * d->slots + slot) * d->msg_bytes;
+}
+EP_HD uint32_t *ep_out_meta(uint8_t *base, const ep_window *w, const ep_outbox *o, int p, int dst) {
+    return (uint32_t *)(base + p * o->parity_bytes + o->meta + (int64_t)dst * w->meta_stride);
+}
+EP_HD uint16_t *ep_out_comb_row(uint8_t *base, const ep_dims *d, const ep_outbox *o, int p, int dst, int64_t row) {
+    return (uint16_t *)(base + p * o->parity_bytes + o->comb + ((int64_t)dst * o->comb_rows + row) * d->H * 2);
+}
+
 /* The first top-k slot of a token naming the same expert as slot j (j if none): an expert
 ** named twice receives the token once, and every slot naming it gets that one output row. */
 EP_HD int ep_first_slot(const int32_t *idx, int j) {

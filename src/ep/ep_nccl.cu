@@ -1,14 +1,17 @@
 /*
 ** ep_nccl.cu — the NCCL backends of dispatch/combine, host side: an EP group on a communicator
-** and the launch helpers that create one. Two transports share the kernels (ep_dispatch.cu,
+** and the launch helpers that create one. The transports share the kernels (ep_dispatch.cu,
 ** ep_combine.cu), the device state and this file:
 **   device API (EPMOE_BACKEND_NCCL_LSA): a symmetric window (ncclMemAlloc +
 **     ncclCommWindowRegister) and a device communicator, which proves every rank is reachable
 **     by NVLink load/store; kernels store straight into peers' windows.
+**   put/signal (EPMOE_BACKEND_NCCL_GIN, and EPMOE_BACKEND_NCCL_GIN_EMULATED over NVLink): the
+**     same window with an outbox after it; kernels build what goes to other ranks there and
+**     put it to where LSA would store it, then signal (ep_layout.h, ep_outbox).
 **   padded all-to-all (EPMOE_BACKEND_NCCL_A2A), the fallback: kernels pack fixed-size slabs in
 **     one cudaMalloc buffer and grouped ncclSend/ncclRecv on the caller's stream move them.
-** Ranks on other nodes need GIN (put + signal), which this build does not have: the device
-** API then counts as unavailable. The environment and file parts of launching are ep_launch.c.
+** AUTO picks the device API on one NVLink domain, else the fallback (not GIN yet). The
+** environment and file parts of launching are ep_launch.c.
 **
 ** NCCL's send/recv wait for their peer forever, so the fallback has a watchdog thread (as
 ** PyTorch's ProcessGroupNCCL does): each exchange records an event; one still pending after
@@ -470,6 +473,9 @@ extern "C" epmoe_status epmoe_ep_create_nccl(struct ncclComm *comm, const epmoe_
     void *dhello = nullptr;
     cudaStream_t stream = nullptr;
     bool registered = false, devcomm = false, use_device = false, any_device = false, any_a2a = false;
+    bool any_gin = false, all_gin = true;
+    const char *tname = "device"; /* the transport named in errors */
+    int64_t win_bytes = 0;
     int dev = 0, not_ok = -1;
     EPMOE_CHECK(epmoe__ep_alloc(cfg, EPMOE_BACKEND_NCCL_LSA, &ep));
     im = new NcclImpl();
@@ -484,8 +490,11 @@ extern "C" epmoe_status epmoe_ep_create_nccl(struct ncclComm *comm, const epmoe_
         Hello me;
         std::memset(&me, 0, sizeof me);
         me.cfg = *cfg, me.transport = want, me.version = version;
+        /* put/signal (GIN's protocol, emulated): the window carries the outbox after it */
+        ep_outbox_layout(&ep->d, &ep->w, &im->params.o);
+        win_bytes = want == EPMOE_TRANSPORT_GIN_EMULATED || want == EPMOE_TRANSPORT_GIN ? im->params.o.total : ep->w.total;
         if (want != EPMOE_TRANSPORT_ALLTOALL && version == NCCL_VERSION_CODE)
-            me.device_ok = ncclMemAlloc(&im->win_buf, (size_t)ep->w.total) == ncclSuccess;
+            me.device_ok = ncclMemAlloc(&im->win_buf, (size_t)win_bytes) == ncclSuccess;
         if (!me.device_ok) im->win_buf = nullptr;
 
         /* Every rank must agree on the shape and on the transport: gather it all once, here. */
@@ -509,9 +518,18 @@ extern "C" epmoe_status epmoe_ep_create_nccl(struct ncclComm *comm, const epmoe_
             }
             any_device |= all[r].transport == EPMOE_TRANSPORT_DEVICE;
             any_a2a |= all[r].transport == EPMOE_TRANSPORT_ALLTOALL;
+            any_gin |= all[r].transport == EPMOE_TRANSPORT_GIN_EMULATED || all[r].transport == EPMOE_TRANSPORT_GIN;
+            all_gin &= all[r].transport == want && (want == EPMOE_TRANSPORT_GIN_EMULATED || want == EPMOE_TRANSPORT_GIN);
             if (!all[r].device_ok && not_ok < 0) not_ok = r;
         }
         /* The same data on every rank, so the same decision everywhere. */
+        if (any_gin && !all_gin) { /* the window sizes differ: all or none */
+            st = epmoe__fail(EPMOE_ERR_INVALID_ARG, "%s: some ranks ask for transport \"gin\" or \"gin-emulated\", "
+                             "others for another one (config.transport or EPMOE_EP_TRANSPORT)", fn);
+            goto fail;
+        }
+        any_device |= any_gin; /* like DEVICE: never falls back */
+        tname = !any_gin ? "device" : want == EPMOE_TRANSPORT_GIN ? "gin" : "gin-emulated";
         if (any_device && any_a2a) {
             st = epmoe__fail(EPMOE_ERR_INVALID_ARG, "%s: some ranks ask for transport \"device\", others for \"alltoall\" "
                              "(config.transport or EPMOE_EP_TRANSPORT)", fn);
@@ -521,12 +539,12 @@ extern "C" epmoe_status epmoe_ep_create_nccl(struct ncclComm *comm, const epmoe_
         if (!use_device && any_device) {
             const Hello &h = all[not_ok];
             if (h.version != NCCL_VERSION_CODE)
-                st = epmoe__fail(EPMOE_ERR_UNSUPPORTED, "%s: transport \"device\": rank %d's NCCL runtime is %d, but the device "
+                st = epmoe__fail(EPMOE_ERR_UNSUPPORTED, "%s: transport \"%s\": rank %d's NCCL runtime is %d, but the device "
                                  "API needs the version epmoe was built with (%d); put that libnccl first on LD_LIBRARY_PATH, "
-                                 "or use transport \"auto\" for the all-to-all fallback", fn, not_ok, h.version, NCCL_VERSION_CODE);
+                                 "or use transport \"auto\" for the all-to-all fallback", fn, tname, not_ok, h.version, NCCL_VERSION_CODE);
             else
-                st = epmoe__fail(EPMOE_ERR_UNSUPPORTED, "%s: transport \"device\": rank %d could not allocate its %lld-byte "
-                                 "window with ncclMemAlloc (cuMem)", fn, not_ok, (long long)ep->w.total);
+                st = epmoe__fail(EPMOE_ERR_UNSUPPORTED, "%s: transport \"%s\": rank %d could not allocate its %lld-byte "
+                                 "window with ncclMemAlloc (cuMem)", fn, tname, not_ok, (long long)win_bytes);
             goto fail;
         }
         if (use_device) {
@@ -535,23 +553,32 @@ extern "C" epmoe_status epmoe_ep_create_nccl(struct ncclComm *comm, const epmoe_
             const char *why = nullptr;
             ncclDevCommRequirements req;
             std::memset(&req, 0, sizeof req);
-            CUDA_TRY(cudaMemset(im->win_buf, 0, (size_t)ep->w.total), "cudaMemset");
-            if (ncclCommWindowRegister(comm, im->win_buf, (size_t)ep->w.total, &im->win, NCCL_WIN_COLL_SYMMETRIC) != ncclSuccess) {
+            const bool nic = want == EPMOE_TRANSPORT_GIN; /* every rank asked for it (all_gin) */
+            if (nic) { /* GIN's signals; without a NIC NCCL then refuses the devcomm */
+                req.ginContextCount = 1;
+                req.ginSignalCount = epk::kGinSignalsPerRank * nranks;
+            }
+            CUDA_TRY(cudaMemset(im->win_buf, 0, (size_t)win_bytes), "cudaMemset");
+            if (ncclCommWindowRegister(comm, im->win_buf, (size_t)win_bytes, &im->win, NCCL_WIN_COLL_SYMMETRIC) != ncclSuccess) {
                 why = "ncclCommWindowRegister failed";
             } else {
                 registered = true;
                 if (ncclDevCommCreate(comm, &req, &im->dc) != ncclSuccess) {
-                    why = "ncclDevCommCreate failed: symmetric memory needs CUDA P2P between all GPUs and "
-                          "NCCL_CUMEM_ENABLE/NCCL_WIN_ENABLE";
+                    why = nic ? "ncclDevCommCreate with GIN signals failed: GIN needs an IB/RoCE NIC that NCCL's GIN supports "
+                                "(NCCL_GIN_ENABLE, NCCL_GIN_TYPE)"
+                              : "ncclDevCommCreate failed: symmetric memory needs CUDA P2P between all GPUs and "
+                                "NCCL_CUMEM_ENABLE/NCCL_WIN_ENABLE";
                 } else {
                     devcomm = true;
-                    if (im->dc.lsaSize != nranks)
-                        why = "not every rank is reachable by NVLink load/store; ranks on other nodes need the GIN "
-                              "transport, which this build does not have";
+                    if (nic && im->dc.ginContextCount < 1)
+                        why = "the device communicator has no GIN context";
+                    else if (!nic && im->dc.lsaSize != nranks)
+                        why = "not every rank is reachable by NVLink load/store; ranks on other nodes need transport "
+                              "\"gin\" (AUTO does not choose it yet)";
                 }
             }
             if (why && any_device) {
-                st = epmoe__fail(EPMOE_ERR_UNSUPPORTED, "%s: transport \"device\": %s (lsaSize %d of %d ranks; %s)", fn, why,
+                st = epmoe__fail(EPMOE_ERR_UNSUPPORTED, "%s: transport \"%s\": %s (lsaSize %d of %d ranks; %s)", fn, tname, why,
                                  devcomm ? im->dc.lsaSize : 0, nranks, nccl_detail(comm));
                 goto fail;
             }
@@ -612,6 +639,9 @@ extern "C" epmoe_status epmoe_ep_create_nccl(struct ncclComm *comm, const epmoe_
         im->params.d = d;
         im->params.w = ep->w;
         im->params.win = use_device ? im->win : nullptr;
+        im->params.gin = !use_device || !all_gin ? 0 : want == EPMOE_TRANSPORT_GIN ? 2 : 1;
+        im->params.dc = im->dc;
+        if (im->params.gin) ep->backend = im->params.gin == 2 ? EPMOE_BACKEND_NCCL_GIN : EPMOE_BACKEND_NCCL_GIN_EMULATED;
         im->params.a2a = im->a2a;
         im->params.box = static_cast<uint8_t *>(im->box);
         im->params.timeout_ns = (unsigned long long)cfg->timeout_ms * 1000000ull;

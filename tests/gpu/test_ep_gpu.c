@@ -5,7 +5,7 @@
 ** REDUCE_AT_EXPERT within its error model. Also: a peer that never dispatches (timeout recorded
 ** and reported by epmoe_ep_poll), an expert id out of range, a masked rank, CUDA-graph replay.
 **
-**   test_ep_gpu [--transport device|alltoall]   one process, a thread per GPU, R = 1 and R = number
+**   test_ep_gpu [--transport device|alltoall|gin-emulated]   one process, a thread per GPU, R = 1 and R = number
 **       of GPUs (2 on nvidia-h200-x2); the whole matrix over the NCCL device API (default) or the
 **       padded all-to-all fallback (each rank then made by epmoe_ep_create_nccl_rank)
 **   test_ep_gpu --local [--transport ...]       one process over every GPU via epmoe_ep_create_nccl_local
@@ -24,6 +24,14 @@
 #include "../ep_common.h"
 
 static epmoe_transport g_transport = EPMOE_TRANSPORT_DEVICE;
+
+static const char *transport_name(epmoe_transport t) {
+    return t == EPMOE_TRANSPORT_ALLTOALL       ? "alltoall"
+           : t == EPMOE_TRANSPORT_GIN_EMULATED ? "gin-emulated"
+           : t == EPMOE_TRANSPORT_GIN          ? "gin"
+           : t                                 ? "device"
+                                               : "auto";
+}
 static int g_expect = -1; /* the epmoe_backend creation must choose; -1: any; -2: AUTO's right choice */
 
 typedef struct {
@@ -349,7 +357,7 @@ static scenario helper_scenario(int i, int R, char *name, size_t n) {
     }
     sc.cfg.transport = g_transport;
     sc.seed = (uint64_t)(200 + i);
-    snprintf(name, n, "%s R=%d %s", g_transport == EPMOE_TRANSPORT_ALLTOALL ? "alltoall" : g_transport ? "device" : "auto", R,
+    snprintf(name, n, "%s R=%d %s", transport_name(g_transport), R,
              i == 0 ? "fp8 dedup/owner+split+dups" : i == 1 ? "bf16 per-expert/owner+int64, 6 rounds" : "fp8 DeepSeek-R1 shape");
     return sc;
 }
@@ -443,8 +451,10 @@ static int main_helpers(int launched) {
                   g_expect);
             CHECK(jobs[r].poll == EPMOE_OK, "%s rank %d: poll %d", name, r, jobs[r].poll);
         }
-        printf("  %-52s on %s\n", name, jobs[first].backend == EPMOE_BACKEND_NCCL_A2A ? "the all-to-all fallback"
-                                                                                      : "the device API (LSA)");
+        printf("  %-52s on %s\n", name, jobs[first].backend == EPMOE_BACKEND_NCCL_A2A             ? "the all-to-all fallback"
+                                         : jobs[first].backend == EPMOE_BACKEND_NCCL_GIN_EMULATED ? "GIN's protocol, emulated"
+                                         : jobs[first].backend == EPMOE_BACKEND_NCCL_GIN          ? "GIN"
+                                                                                                  : "the device API (LSA)");
         check_scenario(&sc, &lay, io, name);
         io_free(&sc, io, R);
     }
@@ -452,7 +462,7 @@ static int main_helpers(int launched) {
 }
 
 static int usage(void) {
-    printf("usage: test_ep_gpu [--transport auto|device|alltoall] [--local | --launched] [--expect lsa|a2a|auto]\n");
+    printf("usage: test_ep_gpu [--transport auto|device|alltoall|gin-emulated|gin] [--local | --launched] [--expect lsa|a2a|auto]\n");
     return 2;
 }
 
@@ -468,6 +478,8 @@ int main(int argc, char **argv) {
             if (!strcmp(t, "auto")) g_transport = EPMOE_TRANSPORT_AUTO;
             else if (!strcmp(t, "device")) g_transport = EPMOE_TRANSPORT_DEVICE;
             else if (!strcmp(t, "alltoall")) g_transport = EPMOE_TRANSPORT_ALLTOALL;
+            else if (!strcmp(t, "gin-emulated")) g_transport = EPMOE_TRANSPORT_GIN_EMULATED;
+            else if (!strcmp(t, "gin")) g_transport = EPMOE_TRANSPORT_GIN; /* needs a NIC */
             else return usage();
         } else if (!strcmp(argv[i], "--expect") && i + 1 < argc) {
             const char *b = argv[++i];
@@ -481,7 +493,11 @@ int main(int argc, char **argv) {
     }
     if (run_mode && !transport_given) g_transport = EPMOE_TRANSPORT_AUTO; /* the helpers' default: creation chooses */
     if (!run_mode && g_transport == EPMOE_TRANSPORT_AUTO) return usage(); /* the matrix tests one named transport */
-    if (!run_mode && g_expect < 0) g_expect = g_transport == EPMOE_TRANSPORT_ALLTOALL ? EPMOE_BACKEND_NCCL_A2A : EPMOE_BACKEND_NCCL_LSA;
+    if (!run_mode && g_expect < 0)
+        g_expect = g_transport == EPMOE_TRANSPORT_ALLTOALL       ? EPMOE_BACKEND_NCCL_A2A
+                   : g_transport == EPMOE_TRANSPORT_GIN_EMULATED ? EPMOE_BACKEND_NCCL_GIN_EMULATED
+                   : g_transport == EPMOE_TRANSPORT_GIN          ? EPMOE_BACKEND_NCCL_GIN
+                                                                 : EPMOE_BACKEND_NCCL_LSA;
     if (cudaGetDeviceCount(&ngpu) != cudaSuccess || ngpu < 1) {
         printf("test_ep_gpu: no CUDA device\n");
         return 1;
@@ -489,7 +505,7 @@ int main(int argc, char **argv) {
     int v;
     ncclGetVersion(&v);
     printf("test_ep_gpu: %d GPU(s), NCCL runtime %d (headers %d), transport %s\n", ngpu, v, NCCL_VERSION_CODE,
-           g_transport == EPMOE_TRANSPORT_ALLTOALL ? "alltoall" : g_transport ? "device" : "auto");
+           transport_name(g_transport));
     if (g_expect == -2) g_expect = v == NCCL_VERSION_CODE ? EPMOE_BACKEND_NCCL_LSA : EPMOE_BACKEND_NCCL_A2A;
     if (run_mode) return main_helpers(run_mode == 2);
     const int Rmax = ngpu < 8 ? ngpu : 8;
