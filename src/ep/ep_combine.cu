@@ -33,6 +33,7 @@ __device__ __forceinline__ uint4 pack8(const float (&acc)[8]) {
                       bf16x2_from_float(acc[4], acc[5]), bf16x2_from_float(acc[6], acc[7]));
 }
 
+template <int kMaxK>
 __global__ void __launch_bounds__(kThreads, kBlocksPerSm) combine_send_kernel(Params p, const uint16_t *__restrict__ y, uint32_t rel) {
     const ep_dims &d = p.d;
     /* the dispatch being combined: LSA, `rel` calls before the latest received one (device count) */
@@ -59,20 +60,20 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm) combine_send_kernel(Pa
         const ep_header h = *reinterpret_cast<const ep_header *>(hdr);
         const ep_entry *ent = reinterpret_cast<const ep_entry *>(hdr + sizeof(ep_header));
         const int ne = h.n_entries;
-        int64_t src_row[EPMOE_MAX_TOPK]; /* first 16-byte chunk of each entry's expert output row */
+        int64_t src_row[kMaxK]; /* first 16-byte chunk of each entry's expert output row */
 #pragma unroll
-        for (int n = 0; n < EPMOE_MAX_TOPK; n++)
+        for (int n = 0; n < kMaxK; n++)
             src_row[n] = n < ne ? ((int64_t)ent[n].le * M + st.begin[ent[n].le * R + src] + ent[n].row) * (H / 8) : 0;
         if (d.reduce_at_expert) {
             uint4 *o = reinterpret_cast<uint4 *>(out_comb_row(p, par, src, h.token));
             for (int c = threadIdx.x; c < H / 8; c += kThreads) {
-                uint4 v[EPMOE_MAX_TOPK]; /* all the token's rows in flight at once */
+                uint4 v[kMaxK]; /* all the token's rows in flight at once */
 #pragma unroll
-                for (int n = 0; n < EPMOE_MAX_TOPK; n++)
+                for (int n = 0; n < kMaxK; n++)
                     if (n < ne) v[n] = __ldg(yv + src_row[n] + c);
                 float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
 #pragma unroll
-                for (int n = 0; n < EPMOE_MAX_TOPK; n++) /* top-k order; a repeated expert counts twice */
+                for (int n = 0; n < kMaxK; n++) /* top-k order; a repeated expert counts twice */
                     if (n < ne) acc8_add(acc, v[n], ent[n].w);
                 o[c] = pack8(acc);
             }
@@ -80,12 +81,12 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm) combine_send_kernel(Pa
             /* the token's k rows at its owner, one per top-k slot, are consecutive in both layouts */
             uint4 *o = reinterpret_cast<uint4 *>(out_comb_row(p, par, src, (int64_t)h.token * d.k));
             for (int c = threadIdx.x; c < H / 8; c += kThreads) {
-                uint4 v[EPMOE_MAX_TOPK];
+                uint4 v[kMaxK];
 #pragma unroll
-                for (int n = 0; n < EPMOE_MAX_TOPK; n++)
+                for (int n = 0; n < kMaxK; n++)
                     if (n < ne) v[n] = __ldg(yv + src_row[n] + c);
 #pragma unroll
-                for (int n = 0; n < EPMOE_MAX_TOPK; n++)
+                for (int n = 0; n < kMaxK; n++)
                     if (n < ne) o[(int64_t)ent[n].j * (H / 8) + c] = v[n];
             }
         }
@@ -96,6 +97,7 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm) combine_send_kernel(Pa
             if (p.active[r]) st_release(ep_comb_flag(peer_base(p, r), &p.w, par, me), seq);
 }
 
+template <int kMaxK>
 __global__ void __launch_bounds__(kThreads, kBlocksPerSm) combine_recv_kernel(Params p, const float *__restrict__ weights,
                                                                 uint16_t *__restrict__ out, int T, uint32_t rel) {
     const ep_dims &d = p.d;
@@ -143,13 +145,13 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm) combine_recv_kernel(Pa
         const int np = nparts;
         uint4 *o = reinterpret_cast<uint4 *>(out + (int64_t)t * H);
         for (int c = threadIdx.x; c < H / 8; c += kThreads) {
-            uint4 v[EPMOE_MAX_TOPK];
+            uint4 v[kMaxK];
 #pragma unroll
-            for (int q = 0; q < EPMOE_MAX_TOPK; q++)
+            for (int q = 0; q < kMaxK; q++)
                 if (q < np) v[q] = parts[q][c];
             float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
 #pragma unroll
-            for (int q = 0; q < EPMOE_MAX_TOPK; q++)
+            for (int q = 0; q < kMaxK; q++)
                 if (q < np) {
                     if (d.reduce_at_expert) acc8_add_plain(acc, v[q]);
                     else acc8_add(acc, v[q], wts[q]);
@@ -162,14 +164,19 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm) combine_recv_kernel(Pa
 
 } // namespace
 
+/* kMaxK: the register arrays of a token's rows sized for top-k <= 8 (DeepSeek-R1, Kimi-K2) or
+** for EPMOE_MAX_TOPK. At 128 registers (two blocks per SM) the 16-wide arrays spill (send
+** 196 B, receive 88 B); the 8-wide ones do not (114 and 96 registers, ptxas 2026-11-30). */
 epmoe_status launch_combine_send(const Params &p, const epmoe_combine_args &a, uint32_t rel, int sms, cudaStream_t s) {
-    combine_send_kernel<<<kBlocksPerSm * sms, kThreads, 0, s>>>(p, a.expert_out, rel);
+    auto kernel = p.d.k <= 8 ? combine_send_kernel<8> : combine_send_kernel<EPMOE_MAX_TOPK>;
+    kernel<<<kBlocksPerSm * sms, kThreads, 0, s>>>(p, a.expert_out, rel);
     return epmoe__launched("epmoe_combine (send)");
 }
 
 epmoe_status launch_combine_recv(const Params &p, const epmoe_combine_args &a, uint32_t rel, int T, int sms,
                                  cudaStream_t s) {
-    combine_recv_kernel<<<grid_for(T, sms), kThreads, 0, s>>>(p, a.topk_weights, a.out, T, rel);
+    auto kernel = p.d.k <= 8 ? combine_recv_kernel<8> : combine_recv_kernel<EPMOE_MAX_TOPK>;
+    kernel<<<grid_for(T, sms), kThreads, 0, s>>>(p, a.topk_weights, a.out, T, rel);
     return epmoe__launched("epmoe_combine (receive)");
 }
 
