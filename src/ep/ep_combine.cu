@@ -33,7 +33,7 @@ __device__ __forceinline__ uint4 pack8(const float (&acc)[8]) {
                       bf16x2_from_float(acc[4], acc[5]), bf16x2_from_float(acc[6], acc[7]));
 }
 
-template <int kGin>
+template <int kGin, int kMaxK>
 __global__ void __launch_bounds__(kThreads, kBlocksPerSm) combine_send_kernel(Params p, const uint16_t *__restrict__ y, uint32_t rel) {
     const ep_dims &d = p.d;
     /* the dispatch being combined: LSA, `rel` calls before the latest received one (device count) */
@@ -60,20 +60,20 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm) combine_send_kernel(Pa
         const ep_header h = *reinterpret_cast<const ep_header *>(hdr);
         const ep_entry *ent = reinterpret_cast<const ep_entry *>(hdr + sizeof(ep_header));
         const int ne = h.n_entries;
-        int64_t src_row[EPMOE_MAX_TOPK]; /* first 16-byte chunk of each entry's expert output row */
+        int64_t src_row[kMaxK]; /* first 16-byte chunk of each entry's expert output row */
 #pragma unroll
-        for (int n = 0; n < EPMOE_MAX_TOPK; n++)
+        for (int n = 0; n < kMaxK; n++)
             src_row[n] = n < ne ? ((int64_t)ent[n].le * M + st.begin[ent[n].le * R + src] + ent[n].row) * (H / 8) : 0;
         if (d.reduce_at_expert) {
             uint4 *o = reinterpret_cast<uint4 *>(out_comb_row<kGin>(p, par, src, h.token));
             for (int c = threadIdx.x; c < H / 8; c += kThreads) {
-                uint4 v[EPMOE_MAX_TOPK]; /* all the token's rows in flight at once */
+                uint4 v[kMaxK]; /* all the token's rows in flight at once */
 #pragma unroll
-                for (int n = 0; n < EPMOE_MAX_TOPK; n++)
+                for (int n = 0; n < kMaxK; n++)
                     if (n < ne) v[n] = __ldg(yv + src_row[n] + c);
                 float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
 #pragma unroll
-                for (int n = 0; n < EPMOE_MAX_TOPK; n++) /* top-k order; a repeated expert counts twice */
+                for (int n = 0; n < kMaxK; n++) /* top-k order; a repeated expert counts twice */
                     if (n < ne) acc8_add(acc, v[n], ent[n].w);
                 o[c] = pack8(acc);
             }
@@ -81,12 +81,12 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm) combine_send_kernel(Pa
             /* the token's k rows at its owner, one per top-k slot, are consecutive in both layouts */
             uint4 *o = reinterpret_cast<uint4 *>(out_comb_row<kGin>(p, par, src, (int64_t)h.token * d.k));
             for (int c = threadIdx.x; c < H / 8; c += kThreads) {
-                uint4 v[EPMOE_MAX_TOPK];
+                uint4 v[kMaxK];
 #pragma unroll
-                for (int n = 0; n < EPMOE_MAX_TOPK; n++)
+                for (int n = 0; n < kMaxK; n++)
                     if (n < ne) v[n] = __ldg(yv + src_row[n] + c);
 #pragma unroll
-                for (int n = 0; n < EPMOE_MAX_TOPK; n++)
+                for (int n = 0; n < kMaxK; n++)
                     if (n < ne) o[(int64_t)ent[n].j * (H / 8) + c] = v[n];
             }
         }
@@ -112,7 +112,7 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm) combine_send_kernel(Pa
                 publish<kGin>(p, r, kGin == 2 ? nullptr : ep_comb_flag(peer_base(p, r), &p.w, par, me), sig_comb(p, par, me), seq);
 }
 
-template <int kGin>
+template <int kGin, int kMaxK>
 __global__ void __launch_bounds__(kThreads, kBlocksPerSm) combine_recv_kernel(Params p, const float *__restrict__ weights,
                                                                 uint16_t *__restrict__ out, int T, uint32_t rel) {
     const ep_dims &d = p.d;
@@ -165,13 +165,13 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm) combine_recv_kernel(Pa
         const int np = nparts;
         uint4 *o = reinterpret_cast<uint4 *>(out + (int64_t)t * H);
         for (int c = threadIdx.x; c < H / 8; c += kThreads) {
-            uint4 v[EPMOE_MAX_TOPK];
+            uint4 v[kMaxK];
 #pragma unroll
-            for (int q = 0; q < EPMOE_MAX_TOPK; q++)
+            for (int q = 0; q < kMaxK; q++)
                 if (q < np) v[q] = parts[q][c];
             float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
 #pragma unroll
-            for (int q = 0; q < EPMOE_MAX_TOPK; q++)
+            for (int q = 0; q < kMaxK; q++)
                 if (q < np) {
                     if (d.reduce_at_expert) acc8_add_plain(acc, v[q]);
                     else acc8_add(acc, v[q], wts[q]);
@@ -185,16 +185,24 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm) combine_recv_kernel(Pa
 
 } // namespace
 
-/* One instantiation per transport (kGin = Params::gin), chosen here. */
+/* One instantiation per transport (kGin = Params::gin) and per width of a token's register
+** arrays (kMaxK), chosen here. kMaxK sizes those arrays for top-k <= 8 (DeepSeek-R1, Kimi-K2) or
+** for EPMOE_MAX_TOPK: at 128 registers (two blocks per SM) the 16-wide arrays spill (send 196 B,
+** receive 88 B); the 8-wide ones do not (114 and 96 registers, ptxas 2026-11-30). */
+template <int kGin> auto combine_send_for(int k) { return k <= 8 ? combine_send_kernel<kGin, 8> : combine_send_kernel<kGin, EPMOE_MAX_TOPK>; }
+template <int kGin> auto combine_recv_for(int k) { return k <= 8 ? combine_recv_kernel<kGin, 8> : combine_recv_kernel<kGin, EPMOE_MAX_TOPK>; }
+
 epmoe_status launch_combine_send(const Params &p, const epmoe_combine_args &a, uint32_t rel, int sms, cudaStream_t s) {
-    auto kernel = p.gin == 2 ? combine_send_kernel<2> : p.gin == 1 ? combine_send_kernel<1> : combine_send_kernel<0>;
+    const int k = p.d.k;
+    auto kernel = p.gin == 2 ? combine_send_for<2>(k) : p.gin == 1 ? combine_send_for<1>(k) : combine_send_for<0>(k);
     kernel<<<kBlocksPerSm * sms, kThreads, 0, s>>>(p, a.expert_out, rel);
     return epmoe__launched("epmoe_combine (send)");
 }
 
 epmoe_status launch_combine_recv(const Params &p, const epmoe_combine_args &a, uint32_t rel, int T, int sms,
                                  cudaStream_t s) {
-    auto kernel = p.gin == 2 ? combine_recv_kernel<2> : p.gin == 1 ? combine_recv_kernel<1> : combine_recv_kernel<0>;
+    const int k = p.d.k;
+    auto kernel = p.gin == 2 ? combine_recv_for<2>(k) : p.gin == 1 ? combine_recv_for<1>(k) : combine_recv_for<0>(k);
     kernel<<<grid_for(T, sms), kThreads, 0, s>>>(p, a.topk_weights, a.out, T, rel);
     return epmoe__launched("epmoe_combine (receive)");
 }
