@@ -541,6 +541,14 @@ int main(int argc, char **argv) {
         sc.rounds = 6;
         snprintf(name, sizeof name, "gpu R=%d bf16 six rounds", R);
         run_gpu(&sc, name, 0, EPMOE_OK);
+        /* top-k above 8 takes the combine kernels' 16-wide variant (k <= 8 the 8-wide one) */
+        for (int wide = 0; wide < 2; wide++) {
+            sc = base(R, 11, 256, 20 * R, wide ? EPMOE_MAX_TOPK : 9, wide ? EPMOE_WIRE_BF16 : EPMOE_WIRE_FP8);
+            sc.cfg.combine_mode = wide ? EPMOE_COMBINE_REDUCE_AT_OWNER : EPMOE_COMBINE_REDUCE_AT_EXPERT;
+            sc.route = wide ? ROUTE_DUPLICATES : ROUTE_RANDOM;
+            snprintf(name, sizeof name, "gpu R=%d top-%d %s", R, sc.cfg.top_k, wide ? "bf16 owner+dups" : "fp8 expert");
+            run_gpu(&sc, name, 0, EPMOE_OK);
+        }
         sc = base(R, 128, 7168, 256, 8, EPMOE_WIRE_FP8);
         sc.rounds = 2;
         snprintf(name, sizeof name, "gpu R=%d fp8 DeepSeek-R1 shape", R);
