@@ -49,7 +49,7 @@ ASAN := $(BUILD)/asan
 SANFLAGS := -fsanitize=address,undefined -fno-sanitize-recover=all -fno-omit-frame-pointer
 
 .DELETE_ON_ERROR:
-.PHONY: dev-labs gpu-build all lib demo test test-c test-asan test-python test-cli check-header check-symbols test-gpu bench-gpu gpu-suite clean info
+.PHONY: dev-labs dev-trace gpu-build all lib demo test test-c test-asan test-python test-cli check-header check-symbols test-gpu bench-gpu gpu-suite clean info
 all: lib $(BUILD)/epmoe
 
 info:
@@ -175,3 +175,8 @@ $(BUILD)/dev/%: dev/cuda/%.cu $(BUILD)/libepmoe.a $(HEADERS)
 	$(NVCC) $(NVFLAGS) -o $@ $< $(BUILD)/libepmoe.a
 
 dev-labs: $(DEV_LABS)
+
+# bench_ep with the EP kernels' time stamps compiled in (EPMOE_EP_TRACE): a separate build tree,
+# so the library itself never carries them. Prints where each kernel's time goes.
+dev-trace:
+	NVFLAGS="-O3 -lineinfo -DEPMOE_EP_TRACE" $(MAKE) BUILD=$(BUILD)/trace $(BUILD)/trace/bench/bench_ep

@@ -3,7 +3,8 @@
 ** API, and the padded all-to-all fallback in the cases marked "a2a"), side by side in the same run with NCCL's own all-to-all moving DeepEP-style payloads
 ** (the anchor of shared/baselines/nccl_alltoall.py). Each iteration starts from an NCCL
 ** all-reduce of one float on the same stream (aligns the ranks, as DeepEP's bench does), then
-** CUDA events around dispatch and around combine; medians over 200 iterations after 30 warm-ups.
+** CUDA events around dispatch and around combine; medians over 200 iterations after 30 warm-ups
+** (a second pass with events between the halves too gives the send halves' times).
 ** Bandwidth is DeepEP's logical GB/s: valid (token, expert) selections x bytes per selection
 ** (FP8: H + H/128*4 + 16; BF16: 2H + 16; combine: 2H), over the measured time.
 ** The stream is first held by a 200 us spin kernel while the host enqueues the iteration, so
@@ -61,6 +62,47 @@ static int cmp_f(const void *a, const void *b) {
     float x = *(const float *)a, y = *(const float *)b;
     return (x > y) - (x < y);
 }
+
+#ifdef EPMOE_EP_TRACE
+/* dev/bench_ep_trace (make dev-trace): medians of the kernels' time stamps (src/ep/ep_device.cuh,
+** "dev only"), rank 0, in us after the dispatch send's block 0 entered; block 0's phases also in
+** its own clock (kcycles after its entry). */
+extern "C" unsigned long long *epmoe__ep_trace(epmoe_ep *ep);
+static int cmp_d(const void *a, const void *b) {
+    double x = *(const double *)a, y = *(const double *)b;
+    return (x > y) - (x < y);
+}
+enum { TR_SLOTS = 24, TR_ALL = 4 * TR_SLOTS };
+static void trace_report(const char *name, unsigned long long (*tr)[TR_ALL]) {
+    static const char *kname[4] = {"dispatch send", "dispatch recv", "combine send", "combine recv"};
+    static const char *slot[20] = {"entry", "pt1", "pt2", "pt3", "pt4", "pt5", "pt6", "pt7", 0, 0, 0, 0, 0, 0, 0, 0,
+                                   "latest block entry", "latest work end", "last block ticket", "last block exit"};
+    double *v = (double *)malloc(sizeof(double) * ITERS);
+    printf("trace %s (rank 0, medians of %d): us after dispatch send's entry [block 0 kcycles after its entry]\n", name, ITERS);
+    for (int kk = 0; kk < 4; kk++) {
+        printf("  %-14s", kname[kk]);
+        for (int sl = 0; sl < 20; sl++) {
+            if (!slot[sl]) continue;
+            int n = 0;
+            for (int it = 0; it < ITERS; it++)
+                if (tr[it][kk * TR_SLOTS + sl]) v[n++] = (double)(long long)(tr[it][kk * TR_SLOTS + sl] - tr[it][0]) * 1e-3;
+            if (!n) continue;
+            qsort(v, (size_t)n, sizeof(double), cmp_d);
+            printf(" %s %.2f", slot[sl], v[n / 2]);
+            if (sl >= 1 && sl < 8) {
+                int m = 0;
+                for (int it = 0; it < ITERS; it++)
+                    if (tr[it][kk * TR_SLOTS + sl]) v[m++] = (double)(tr[it][kk * TR_SLOTS + 8 + sl] - tr[it][kk * TR_SLOTS + 8]) * 1e-3;
+                qsort(v, (size_t)m, sizeof(double), cmp_d);
+                printf(" [%.1f]", v[m / 2]);
+            }
+            printf(";");
+        }
+        printf("\n");
+    }
+    free(v);
+}
+#endif
 
 static uint64_t rng_state;
 static uint64_t rnd(void) {
@@ -128,24 +170,41 @@ static void *run(void *arg) {
     float *td = (float *)malloc(sizeof(float) * ITERS), *tc = (float *)malloc(sizeof(float) * ITERS);
     float *ta = (float *)malloc(sizeof(float) * ITERS), *tds = (float *)malloc(sizeof(float) * ITERS);
     float *tcs = (float *)malloc(sizeof(float) * ITERS);
-    for (int it = 0; it < WARMUP + ITERS; it++) { /* halves issued separately: their times too */
+#ifdef EPMOE_EP_TRACE
+    unsigned long long(*tr)[TR_ALL] = (unsigned long long(*)[TR_ALL])calloc(ITERS, sizeof *tr);
+    unsigned long long *dtr = epmoe__ep_trace(ep);
+#endif
+    /* Two passes: the first times dispatch and combine with events only around each (the
+    ** headline: an event between two kernels delays the second by ~3 us on H200, measured
+    ** 2026-11-30); the second adds events between the halves, for the send halves' times. The
+    ** trace build stamps the first pass. */
+    for (int pass = 0; pass < 2; pass++)
+    for (int it = 0; it < WARMUP + ITERS; it++) {
         uint32_t h;
+#ifdef EPMOE_EP_TRACE
+        if (pass == 0) CU(cudaMemsetAsync(dtr, 0, sizeof tr[0], st));
+#endif
         spin<<<1, 1, 0, st>>>(200000);
         NC(ncclAllReduce(red, red, 1, ncclFloat, ncclSum, comm, st));
         CU(cudaEventRecord(ev[0], st));
         EP(epmoe_dispatch(ep, &a, EPMOE_PHASE_SEND, &h, st));
-        CU(cudaEventRecord(ev[1], st));
+        if (pass) CU(cudaEventRecord(ev[1], st));
         EP(epmoe_dispatch(ep, &a, EPMOE_PHASE_RECV, &h, st));
         CU(cudaEventRecord(ev[2], st));
         EP(epmoe_combine(ep, h, &ca, EPMOE_PHASE_SEND, st));
-        CU(cudaEventRecord(ev[3], st));
+        if (pass) CU(cudaEventRecord(ev[3], st));
         EP(epmoe_combine(ep, h, &ca, EPMOE_PHASE_RECV, st));
         CU(cudaEventRecord(ev[4], st));
         CU(cudaEventSynchronize(ev[4]));
-        if (it >= WARMUP) {
+        if (it < WARMUP) continue;
+        if (pass == 0) {
             CU(cudaEventElapsedTime(&td[it - WARMUP], ev[0], ev[2]));
-            CU(cudaEventElapsedTime(&tds[it - WARMUP], ev[0], ev[1]));
             CU(cudaEventElapsedTime(&tc[it - WARMUP], ev[2], ev[4]));
+#ifdef EPMOE_EP_TRACE
+            CU(cudaMemcpy(tr[it - WARMUP], dtr, sizeof tr[0], cudaMemcpyDeviceToHost));
+#endif
+        } else {
+            CU(cudaEventElapsedTime(&tds[it - WARMUP], ev[0], ev[1]));
             CU(cudaEventElapsedTime(&tcs[it - WARMUP], ev[2], ev[3]));
         }
     }
@@ -178,6 +237,14 @@ static void *run(void *arg) {
     j->disp_us = td[ITERS / 2] * 1e3, j->comb_us = tc[ITERS / 2] * 1e3, j->a2a_us = ta[ITERS / 2] * 1e3;
     j->disp_send_us = tds[ITERS / 2] * 1e3, j->comb_send_us = tcs[ITERS / 2] * 1e3;
     free(tds), free(tcs);
+#ifdef EPMOE_EP_TRACE
+    if (j->rank == 0) {
+        char nm[96];
+        snprintf(nm, sizeof nm, "R=%d %s %d tok", j->R, bc->name, bc->tokens);
+        trace_report(nm, tr);
+    }
+    free(tr);
+#endif
     EP(epmoe_ep_destroy(ep));
     ncclCommDestroy(comm);
     cudaFree(dx), cudaFree(didx), cudaFree(dw), cudaFree(rx), cudaFree(rs), cudaFree(dm), cudaFree(eo), cudaFree(out);

@@ -43,11 +43,14 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm) combine_send_kernel(Pa
     const CallState &st = p.st[par];
     __shared__ int pre[1025];
     __shared__ __align__(16) uint8_t hdr[256];
+    EP_TRACE(trace_point(p, 2, 0));
+    EP_TRACE(trace_max(p, 2, kTraceMaxStart));
     if (threadIdx.x == 0) {
         pre[0] = 0;
         for (int r = 0; r < R; r++) pre[r + 1] = pre[r] + (p.active[r] ? st.n_msgs[r] : 0);
     }
     __syncthreads();
+    EP_TRACE(trace_point(p, 2, 1));
     const uint4 *yv = reinterpret_cast<const uint4 *>(y);
     for (int m = blockIdx.x; m < pre[R]; m += gridDim.x) {
         int src = 0;
@@ -105,11 +108,16 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm) combine_send_kernel(Pa
             }
         }
         __syncthreads(); /* hdr is reused */
+        EP_TRACE(if (m == (int)blockIdx.x) trace_point(p, 2, 2));
     }
-    if (!p.a2a && last_block_done(&p.counters[2])) /* a2a: the exchange follows on the stream */
+    EP_TRACE(trace_max(p, 2, kTraceMaxWorkEnd));
+    if (!p.a2a && last_block_done(&p.counters[2])) { /* a2a: the exchange follows on the stream */
+        EP_TRACE(if (threadIdx.x == 0) trace_set(p, 2, kTraceLastTicket));
         for (int r = threadIdx.x; r < R; r += kThreads)
             if (p.active[r])
                 publish<kGin>(p, r, kGin == 2 ? nullptr : ep_comb_flag(peer_base(p, r), &p.w, par, me), sig_comb(p, par, me), seq);
+        EP_TRACE(if (threadIdx.x == 0) trace_set(p, 2, kTraceLastExit));
+    }
 }
 
 template <int kGin, int kMaxK>
@@ -119,6 +127,8 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm) combine_recv_kernel(Pa
     const uint32_t seq = call_seq(p, &p.seqs[1], 0u - rel);
     const int par = seq & 1, R = d.R, H = d.H, k = d.k, L = d.L;
     __shared__ int bail;
+    EP_TRACE(trace_point(p, 3, 0));
+    EP_TRACE(trace_max(p, 3, kTraceMaxStart));
     if (threadIdx.x == 0) bail = 0;
     __syncthreads();
     /* put/signal flags count combines, and a dispatch need not be combined: count the combines
@@ -130,6 +140,7 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm) combine_recv_kernel(Pa
                 !await<kGin>(p, ep_comb_flag(my_base(p), &p.w, par, r), sig_comb(p, par, r), seq, combined + 1, r, 4))
                 bail = 1;
     __syncthreads();
+    EP_TRACE(trace_point(p, 3, 1));
     if (bail) return;
     const int16_t *topk = p.st[par].topk;
     __shared__ const uint4 *parts[EPMOE_MAX_TOPK]; /* the rows to sum, in the fixed order */
@@ -179,7 +190,9 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm) combine_recv_kernel(Pa
             o[c] = pack8(acc);
         }
         __syncthreads(); /* parts[] is rewritten for the next token */
+        EP_TRACE(if (t == (int)blockIdx.x) trace_point(p, 3, 2));
     }
+    EP_TRACE(trace_max(p, 3, kTraceMaxWorkEnd));
     if (kGin && last_block_done(&p.counters[3]) && threadIdx.x == 0) p.seqs[2 + par] = (unsigned)combined + 1u;
 }
 

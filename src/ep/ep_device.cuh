@@ -77,6 +77,9 @@ struct Params {
     int *error;               /* host-mapped: 0, or (code << 24 | peer << 8 | kernel) */
     unsigned long long timeout_ns;
     int round_scale, scale_fmt;
+#ifdef EPMOE_EP_TRACE
+    unsigned long long *trace; /* dev: [4 kernels][kTraceSlots] time stamps (ep_trace below) */
+#endif
 };
 
 /* Error codes in *error (kept in step with epmoe_status where they map). */
@@ -255,6 +258,34 @@ __device__ __forceinline__ bool last_block_done(unsigned *ticket) {
     __syncthreads();
     return last;
 }
+
+/* ---- dev only (-DEPMOE_EP_TRACE, dev/bench_ep_trace): where a kernel's time goes ----------
+** Per kernel: block 0's globaltimer and clock64 at points 0..7 (0 = entry), the latest block
+** entry and the latest end of a block's share of the work (atomicMax), and the last block's
+** stamps after its ticket and at exit. Costs nothing when not compiled in. */
+enum { kTraceSlots = 24, kTraceMaxStart = 16, kTraceMaxWorkEnd = 17, kTraceLastTicket = 18, kTraceLastExit = 19 };
+#ifdef EPMOE_EP_TRACE
+__device__ __forceinline__ unsigned long long trace_now() {
+    unsigned long long t;
+    asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+    return t;
+}
+__device__ __forceinline__ void trace_point(const Params &p, int kernel, int pt) { /* block 0, one thread */
+    if (blockIdx.x == 0 && threadIdx.x == 0) {
+        p.trace[kernel * kTraceSlots + pt] = trace_now();
+        p.trace[kernel * kTraceSlots + 8 + pt] = (unsigned long long)clock64();
+    }
+}
+__device__ __forceinline__ void trace_max(const Params &p, int kernel, int slot) { /* one thread per block */
+    if (threadIdx.x == 0) atomicMax(&p.trace[kernel * kTraceSlots + slot], trace_now());
+}
+__device__ __forceinline__ void trace_set(const Params &p, int kernel, int slot) { /* the calling thread */
+    p.trace[kernel * kTraceSlots + slot] = trace_now();
+}
+#define EP_TRACE(call) call
+#else
+#define EP_TRACE(call) ((void)0)
+#endif
 
 /* Launchers (ep_dispatch.cu, ep_combine.cu): kernels on the caller's stream, no host sync. */
 /* Call numbers are counted on the device, so a captured CUDA graph advances them on every replay;

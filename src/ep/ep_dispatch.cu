@@ -127,6 +127,8 @@ __global__ void __launch_bounds__(kSendThreads, kBlocksPerSm) dispatch_send_kern
     const Plan pl = plan_in(smem, d);
     __shared__ MsgRef msgs[EPMOE_MAX_TOPK];
     __shared__ int n_msgs, bail;
+    EP_TRACE(trace_point(p, 0, 0));
+    EP_TRACE(trace_max(p, 0, kTraceMaxStart));
 
     if (threadIdx.x == 0) {
         bail = 0;
@@ -134,8 +136,10 @@ __global__ void __launch_bounds__(kSendThreads, kBlocksPerSm) dispatch_send_kern
             for (int r = 0; r < d.R && !bail; r++)
                 if (p.active[r] && !await<kGin>(p, ep_ack(my_base(p), &p.w, r), sig_ack(p, r), seq - 2, seq - 2, r, 1))
                     bail = 1; /* (acks count receives: seq - 2 of them once the call two back is read) */
+        EP_TRACE(trace_point(p, 0, 1));
     }
     make_plan(p, topk, bits, T, pl);
+    EP_TRACE(trace_point(p, 0, 2));
     if (bail) return;
     if (blockIdx.x == 0)
         for (int i = threadIdx.x; i < T * k; i += kSendThreads) p.st[par].topk[i] = pl.idx[i];
@@ -155,6 +159,7 @@ __global__ void __launch_bounds__(kSendThreads, kBlocksPerSm) dispatch_send_kern
             n_msgs = m;
         }
         __syncthreads();
+        EP_TRACE(if (t == blockIdx.x) trace_point(p, 0, 3));
         const int nm = n_msgs;
         if (threadIdx.x < nm) { /* one thread writes each message's header */
             const MsgRef mr = msgs[threadIdx.x];
@@ -208,23 +213,34 @@ __global__ void __launch_bounds__(kSendThreads, kBlocksPerSm) dispatch_send_kern
             }
         }
         __syncthreads(); /* msgs[] is rewritten for the next token */
+        EP_TRACE(if (t == blockIdx.x) trace_point(p, 0, 4));
     }
+    EP_TRACE(trace_max(p, 0, kTraceMaxWorkEnd));
     if (last_block_done(&p.counters[0])) {
+        EP_TRACE(if (threadIdx.x == 0) trace_set(p, 0, kTraceLastTicket));
         if (threadIdx.x == 0 && !p.a2a) p.seqs[0] = seq;
+        /* the count blocks: every thread stores some (one thread storing 2 + L words per
+        ** destination, over NVLink, took microseconds), then one thread per destination puts
+        ** and publishes them */
+        const int per = 2 + L;
+        for (int i = threadIdx.x; i < d.R * per; i += kSendThreads) {
+            const int r = i / per, f = i - r * per;
+            if (f != 1 && p.active[r]) out_meta<kGin>(p, par, r)[f] = (uint32_t)pl.count[f ? r * L + f - 2 : d.E + r];
+        }
+        __syncthreads();
         for (int r = threadIdx.x; r < d.R; r += kSendThreads) {
             if (!p.active[r]) continue;
             uint32_t *meta = out_meta<kGin>(p, par, r);
-            meta[0] = (uint32_t)pl.count[d.E + r];
-            for (int le = 0; le < L; le++) meta[2 + le] = (uint32_t)pl.count[r * L + le];
             if (via_outbox<kGin>(p, r) && kGin == 2) { /* the count block's put, by this thread, before its signal */
-                gin_put(p, r, ep_meta(my_base(p), &p.w, par, me), meta, sizeof(uint32_t) * (size_t)(2 + L));
+                gin_put(p, r, ep_meta(my_base(p), &p.w, par, me), meta, sizeof(uint32_t) * (size_t)per);
             } else if (via_outbox<kGin>(p, r)) {
                 uint32_t *remote = ep_meta(peer_base(p, r), &p.w, par, me);
-                for (int i = 0; i < 2 + L; i++) remote[i] = meta[i];
+                for (int i = 0; i < per; i++) remote[i] = meta[i];
             }
             if (!p.a2a)
                 publish<kGin>(p, r, kGin == 2 ? nullptr : ep_disp_flag(peer_base(p, r), &d, &p.w, par, me), sig_disp(p, par, me), seq);
         }
+        EP_TRACE(if (threadIdx.x == 0) trace_set(p, 0, kTraceLastExit));
     }
 }
 
@@ -242,6 +258,8 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm) dispatch_recv_kernel(P
     __shared__ int64_t rows[EPMOE_MAX_TOPK];
     __shared__ int row_le[EPMOE_MAX_TOPK], row_in[EPMOE_MAX_TOPK], n_rows;
     __shared__ int bail;
+    EP_TRACE(trace_point(p, 1, 0));
+    EP_TRACE(trace_max(p, 1, kTraceMaxStart));
     if (threadIdx.x == 0) bail = 0;
     __syncthreads();
     if (!p.a2a) /* a2a: the exchange before this kernel on the stream has delivered everything */
@@ -250,6 +268,7 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm) dispatch_recv_kernel(P
                 !await<kGin>(p, ep_disp_flag(my_base(p), &d, &p.w, par, r), sig_disp(p, par, r), seq, calls_of_parity(seq), r, 2))
                 bail = 1;
     __syncthreads();
+    EP_TRACE(trace_point(p, 1, 1));
     if (bail) return;
     if (threadIdx.x == 0) {
         pre[0] = 0;
@@ -264,6 +283,7 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm) dispatch_recv_kernel(P
         if (blockIdx.x == 0) a.masked_m[le] = acc;
     }
     __syncthreads();
+    EP_TRACE(trace_point(p, 1, 2));
     if (blockIdx.x == 0) {
         for (int i = threadIdx.x; i < L * R; i += kThreads) p.st[par].begin[i] = begin[i];
         for (int r = threadIdx.x; r < R; r += kThreads) p.st[par].n_msgs[r] = pre[r + 1] - pre[r];
@@ -297,6 +317,7 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm) dispatch_recv_kernel(P
             if (lane == 0) n_rows = __popc(firsts);
         }
         __syncthreads();
+        EP_TRACE(if (m == (int)blockIdx.x) trace_point(p, 1, 3));
         const int nrows = n_rows;
         const uint8_t *payload = msg + d.header_bytes;
         const int vec = d.fp8 ? H / 16 : H / 8; /* 16-byte chunks of the payload */
@@ -331,11 +352,15 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm) dispatch_recv_kernel(P
             }
         }
         __syncthreads(); /* rows[] is rewritten for the next message */
+        EP_TRACE(if (m == (int)blockIdx.x) trace_point(p, 1, 4));
     }
+    EP_TRACE(trace_max(p, 1, kTraceMaxWorkEnd));
     if (!p.a2a && last_block_done(&p.counters[1])) { /* a2a: the stream orders slab reuse */
+        EP_TRACE(if (threadIdx.x == 0) trace_set(p, 1, kTraceLastTicket));
         if (threadIdx.x == 0) p.seqs[1] = seq;
         for (int r = threadIdx.x; r < R; r += kThreads)
             if (p.active[r]) publish<kGin>(p, r, kGin == 2 ? nullptr : ep_ack(peer_base(p, r), &p.w, me), sig_ack(p, me), seq);
+        EP_TRACE(if (threadIdx.x == 0) trace_set(p, 1, kTraceLastExit));
     }
 }
 

@@ -48,6 +48,12 @@ struct NcclImpl {
     int sms;
 };
 
+#ifdef EPMOE_EP_TRACE
+constexpr size_t kTraceBytes = 4 * epk::kTraceSlots * sizeof(unsigned long long);
+#else
+constexpr size_t kTraceBytes = 0;
+#endif
+
 constexpr int kKernelExchange = 5; /* the "kernel" a timed-out exchange reports in *error */
 
 /* The fallback's watchdog: the last few exchanges' start and end events, checked every
@@ -617,7 +623,7 @@ extern "C" epmoe_status epmoe_ep_create_nccl(struct ncclComm *comm, const epmoe_
         const ep_dims &d = ep->d;
         const size_t topk_b = ep_align(2 * (int64_t)d.N * d.k, 256), begin_b = ep_align(4 * (int64_t)d.L * d.R, 256);
         const size_t nm_b = ep_align(4 * (int64_t)d.R, 256), hdr_b = ep_align(d.R * d.slots * d.header_bytes, 256);
-        const size_t per = topk_b + begin_b + nm_b + hdr_b, total = 2 * per + ep_align(4 * (int64_t)d.R, 256) + 256;
+        const size_t per = topk_b + begin_b + nm_b + hdr_b, total = 2 * per + ep_align(4 * (int64_t)d.R, 256) + 256 + kTraceBytes;
         CUDA_TRY(cudaMalloc(&im->state, total), "cudaMalloc (state)");
         CUDA_TRY(cudaMemset(im->state, 0, total), "cudaMemset (state)");
         uint8_t *base = static_cast<uint8_t *>(im->state);
@@ -632,6 +638,9 @@ extern "C" epmoe_status epmoe_ep_create_nccl(struct ncclComm *comm, const epmoe_
         im->params.active = active;
         im->params.counters = reinterpret_cast<unsigned *>(base + 2 * per + ep_align(4 * (int64_t)d.R, 256));
         im->params.seqs = im->params.counters + 4;
+#ifdef EPMOE_EP_TRACE
+        im->params.trace = reinterpret_cast<unsigned long long *>(base + total - kTraceBytes);
+#endif
         CUDA_TRY(cudaMemcpy(active, ep->active, sizeof(int) * (size_t)d.R, cudaMemcpyHostToDevice), "cudaMemcpy");
         CUDA_TRY(cudaHostAlloc(&im->error_host, sizeof(int), cudaHostAllocMapped), "cudaHostAlloc");
         *im->error_host = 0;
@@ -724,3 +733,8 @@ extern "C" void epmoe__ep_release_comm(epmoe_ep *ep) {
     else ncclCommDestroy(ep->owned_comm);
     ep->owned_comm = nullptr;
 }
+
+#ifdef EPMOE_EP_TRACE
+/* dev/bench_ep_trace: the device array of time stamps ([4][kTraceSlots], ep_device.cuh) */
+extern "C" unsigned long long *epmoe__ep_trace(epmoe_ep *ep) { return impl_of(ep)->params.trace; }
+#endif
