@@ -36,19 +36,15 @@ constexpr int kBlocksPerSm = 2;
 constexpr int kSendThreads = EPMOE_SEND_THREADS;
 static_assert(kSendThreads % 32 == 0 && kSendThreads <= 1024 && kSendThreads * kBlocksPerSm <= 2048,
               "send blocks: whole warps, at most 1024 threads, kBlocksPerSm of them per SM");
-/* The send kernel's shared memory, the one layout of the routing plan (carved by plan_in in
-** ep_dispatch.cu): counts [E + R], per-warp counts [kSendThreads / 32][E + R], then idx, row,
-** slot, dst (int16) and first, opener (uint8) of the N * k entries. */
-inline size_t send_plan_smem(int64_t E, int64_t R, int64_t N, int64_t k) {
-    return sizeof(int) * (size_t)((E + R) * (1 + kSendThreads / 32)) + 10 * (size_t)(N * k);
-}
+/* The send kernel's dynamic shared memory: rows per expert and messages per destination [E + R],
+** then the active set [R] (ints). */
+inline size_t send_smem(int64_t E, int64_t R) { return sizeof(int) * (size_t)(E + 2 * R); }
 /* blocks for `work` independent items (tokens or messages) */
 inline int grid_for(int work, int sms) {
     const int most = kBlocksPerSm * sms;
     return work < 1 ? 1 : work < most ? work : most;
 }
 constexpr int kBatch = 4;             /* 16-byte loads a thread keeps in flight before using them */
-constexpr int kMaxPlanEntries = 8192; /* N * k per rank: the plan lives in shared memory */
 
 /* Device-side state of one parity (one live dispatch). */
 struct CallState {
@@ -155,6 +151,7 @@ __device__ __forceinline__ void put_block(void *remote, const void *local, int64
 __device__ __forceinline__ void st_release(uint64_t *f, uint64_t v) {
     asm volatile("st.release.sys.global.u64 [%0], %1;" ::"l"(f), "l"(v) : "memory");
 }
+__device__ __forceinline__ uint64_t ld_volatile(const uint64_t *f) { return *reinterpret_cast<const volatile uint64_t *>(f); }
 __device__ __forceinline__ uint64_t ld_acquire(const uint64_t *f) {
     uint64_t v;
     asm volatile("ld.acquire.sys.global.u64 %0, [%1];" : "=l"(v) : "l"(f) : "memory");

@@ -9,167 +9,230 @@
 namespace epk {
 namespace {
 
-/* ---- the plan: row and message slot of every (token, slot), computed in shared memory ----
-** Rows of an expert come in (token, slot) order and message slots of a destination in token
-** order, so each is a stable counting rank: warps take contiguous ranges of entries, rank them
-** within the range with __match_any_sync, and add the counts of the earlier warps. Every block
-** computes the same plan, so no block waits for another. */
-struct Plan {
-    int16_t *idx, *row, *slot, *dst; /* [T*k] */
-    uint8_t *first, *opener;         /* [T*k]: the slot naming the same expert first; the slot opening the message */
-    int *count;                      /* [E + R]: rows per expert, then messages per destination */
-    int *warp_count;                 /* [W, E + R] scratch */
-};
-
-/* The plan's arrays in the kernel's shared memory (sized by send_plan_smem). */
-__device__ __forceinline__ Plan plan_in(uint8_t *smem, const ep_dims &d) {
-    Plan pl;
-    pl.count = reinterpret_cast<int *>(smem);
-    pl.warp_count = pl.count + d.E + d.R;
-    pl.idx = reinterpret_cast<int16_t *>(pl.warp_count + (kSendThreads / 32) * (d.E + d.R));
-    pl.row = pl.idx + d.N * d.k;
-    pl.slot = pl.row + d.N * d.k;
-    pl.dst = pl.slot + d.N * d.k;
-    pl.first = reinterpret_cast<uint8_t *>(pl.dst + d.N * d.k);
-    pl.opener = pl.first + d.N * d.k;
-    return pl;
-}
-
-__device__ void make_plan(const Params &p, const void *topk, int bits, int T, Plan pl) {
-    const ep_dims &d = p.d;
-    const int k = d.k, n = T * k, keys = d.E + d.R, W = kSendThreads / 32;
-    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-    for (int i = threadIdx.x; i < n; i += kSendThreads) {
-        int64_t e = bits == 64 ? static_cast<const int64_t *>(topk)[i] : static_cast<const int32_t *>(topk)[i];
-        if (e < -1 || e >= d.E) {
-            set_error(p, kErrBadExpert, (int)(i / k), 0);
-            e = -1;
-        }
-        pl.idx[i] = (int16_t)(e >= 0 && p.active[e / d.L] ? e : -1);
-    }
-    for (int i = threadIdx.x; i < W * keys; i += kSendThreads) pl.warp_count[i] = 0;
-    __syncthreads();
-    for (int t = threadIdx.x; t < T; t += kSendThreads) { /* per token, once: destinations, repeats, openers */
-        const int16_t *tok = pl.idx + t * k;
-        for (int j = 0; j < k; j++) {
-            const int i = t * k + j;
-            pl.dst[i] = (int16_t)(tok[j] >= 0 ? tok[j] / d.L : -1);
-            int f = j, o = j;
-            for (int jj = j - 1; jj >= 0; jj--) {
-                if (tok[jj] == tok[j]) f = jj;
-                if (tok[jj] >= 0 && (d.dedup ? pl.dst[t * k + jj] == pl.dst[i] : tok[jj] == tok[j])) o = jj;
-            }
-            pl.first[i] = (uint8_t)f, pl.opener[i] = (uint8_t)o;
-        }
-    }
-    __syncthreads();
-    const int span = ((n + W - 1) / W + 31) / 32 * 32;
-    int *mine = pl.warp_count + warp * keys;
-    for (int base = warp * span; base < min(n, (warp + 1) * span); base += 32) {
-        const int i = base + lane;
-        int ka = -1, kb = -1;
-        if (i < n && pl.idx[i] >= 0) {
-            const int j = i % k;
-            if (pl.first[i] == j) ka = pl.idx[i];
-            if (pl.opener[i] == j) kb = d.E + pl.dst[i];
-        }
-        const unsigned lt = (1u << lane) - 1u;
-        const unsigned ma = __match_any_sync(0xFFFFFFFFu, ka), mb = __match_any_sync(0xFFFFFFFFu, kb);
-        const int base_a = ka >= 0 ? mine[ka] : 0, base_b = kb >= 0 ? mine[kb] : 0;
-        if (ka >= 0) pl.row[i] = (int16_t)(base_a + __popc(ma & lt));
-        if (kb >= 0) pl.slot[i] = (int16_t)(base_b + __popc(mb & lt));
-        __syncwarp();
-        if (ka >= 0 && !(ma & lt)) mine[ka] = base_a + __popc(ma); /* the group's lowest lane */
-        if (kb >= 0 && !(mb & lt)) mine[kb] = base_b + __popc(mb);
-        __syncwarp();
-    }
-    __syncthreads();
-    for (int key = threadIdx.x; key < keys; key += kSendThreads) { /* exclusive scan over warps */
-        int acc = 0;
-        for (int w = 0; w < W; w++) {
-            const int c = pl.warp_count[w * keys + key];
-            pl.warp_count[w * keys + key] = acc;
-            acc += c;
-        }
-        pl.count[key] = acc;
-    }
-    __syncthreads();
-    for (int i = threadIdx.x; i < n; i += kSendThreads) {
-        if (pl.idx[i] < 0) continue;
-        const int j = i % k, w = i / span;
-        if (pl.first[i] == j) pl.row[i] = (int16_t)(pl.row[i] + pl.warp_count[w * keys + pl.idx[i]]);
-        if (pl.opener[i] == j) pl.slot[i] = (int16_t)(pl.slot[i] + pl.warp_count[w * keys + d.E + pl.dst[i]]);
-    }
-    __syncthreads();
-    for (int i = threadIdx.x; i < n; i += kSendThreads) { /* repeated slots share their first slot's values */
-        if (pl.idx[i] < 0) continue;
-        const int t0 = i - i % k;
-        if (pl.first[i] != i % k) pl.row[i] = pl.row[t0 + pl.first[i]];
-        if (pl.opener[i] != i % k) pl.slot[i] = pl.slot[t0 + pl.opener[i]];
-    }
-    __syncthreads();
-}
+/* ---- rows and message slots, counted by each block for its own token --------------------
+** Rows of an expert come in (token, slot) order and a destination's messages in token order
+** (the reference's order, ep_ref.c). So the row of token t at expert e is the number of earlier
+** tokens naming e, and its message slot at rank r the number of earlier tokens with a message
+** to r (one message per expert: earlier distinct (token, expert) pairs on r, plus the token's
+** own earlier experts on r). A block counts these for its token over all earlier tokens at once,
+** a thread per earlier token and warp sums, and, on its first pass, the rows per expert and
+** messages per destination of the whole batch (the count blocks; smem atomics, so their order
+** does not matter). No block waits for another and no plan of the whole batch is ranked: that
+** plan (seven dependent phases) took 7.3 us of a 40 us dispatch (bench_ep's trace, 2026-11-30). */
 
 struct MsgRef {
     uint8_t *at; /* the message in the destination's window (put/signal: in the outbox) */
     int dst, opener, slot;
 };
 
-template <int kGin>
+/* An id from the caller (int32 or int64); -2 for one out of [-1, E). */
+__device__ __forceinline__ int raw_id(const void *topk, int bits, int64_t i, int E) {
+    const int64_t e = bits == 64 ? __ldg(static_cast<const int64_t *>(topk) + i) : (int64_t)__ldg(static_cast<const int32_t *>(topk) + i);
+    return e < -1 || e >= E ? -2 : (int)e;
+}
+/* e / L for 0 <= e < 2^24 by a float reciprocal and one correction: an integer division is ~40
+** instructions, and the counting below needs a destination per id of every earlier token. */
+__device__ __forceinline__ int owner_of(int e, int L, float inv_L) {
+    int q = __float2int_rz(__int2float_rn(e) * inv_L);
+    q -= q * L > e;
+    q += (q + 1) * L <= e;
+    return q;
+}
+/* The id as sent: -1 for none, for a bad id (reported: `token`) and for an inactive owner;
+** `dst` its rank (-1 with it). */
+__device__ __forceinline__ int sent_id(const Params &p, int e, const int *act, int token, float inv_L, int *dst) {
+    *dst = -1;
+    if (e == -2) {
+        set_error(p, kErrBadExpert, token, 0);
+        return -1;
+    }
+    if (e < 0) return -1;
+    const int r = owner_of(e, p.d.L, inv_L);
+    if (!act[r]) return -1;
+    *dst = r;
+    return e;
+}
+
+/* Warp 0, before the block's first store into a receiver's window: the receivers have read the
+** slots this parity carried two calls ago (acks count receives: seq - 2 of them by then).
+** `probed`: this lane's earlier look at its acks found them all in. */
+template <int kGin> __device__ __forceinline__ bool acks_in(const Params &p, uint32_t seq, const int *act, bool probed) {
+    if (p.a2a || seq <= 2) return true;
+    bool ok = true;
+    if (kGin == 2 || !__all_sync(0xFFFFFFFFu, probed))
+        for (int r = threadIdx.x; r < p.d.R; r += 32)
+            if (act[r] && !await<kGin>(p, ep_ack(my_base(p), &p.w, r), sig_ack(p, r), seq - 2, seq - 2, r, 1)) ok = false;
+    return __all_sync(0xFFFFFFFFu, ok);
+}
+
+template <int kGin, int kMaxK>
 __global__ void __launch_bounds__(kSendThreads, kBlocksPerSm) dispatch_send_kernel(Params p, const uint16_t *__restrict__ x,
                                                                  const void *topk, int bits, const float *weights, int T) {
     const ep_dims &d = p.d;
     /* LSA: the call's number lives on the device (graph replays advance it): every block reads
     ** it here, and only the last block to finish, after all have started, moves it on. */
     const uint32_t seq = call_seq(p, &p.seqs[0], 1);
-    const int k = d.k, me = d.rank, par = seq & 1, L = d.L;
-    extern __shared__ __align__(16) uint8_t smem[];
-    const Plan pl = plan_in(smem, d);
-    __shared__ MsgRef msgs[EPMOE_MAX_TOPK];
+    const int k = d.k, me = d.rank, par = seq & 1, L = d.L, E = d.E, R = d.R;
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const float inv_L = 1.0f / (float)L;
+    extern __shared__ __align__(16) int count[]; /* [E + R] rows per expert, messages per destination; then act [R] */
+    int *act = count + E + R;
+    __shared__ int tok_e[kMaxK], tok_dst[kMaxK], tok_open[kMaxK], tok_row[kMaxK], hits_row[kMaxK], hits_slot[kMaxK];
+    __shared__ float wts[kMaxK];
+    __shared__ MsgRef msgs[kMaxK];
     __shared__ int n_msgs, bail;
     EP_TRACE(trace_point(p, 0, 0));
     EP_TRACE(trace_max(p, 0, kTraceMaxStart));
 
-    if (threadIdx.x == 0) {
-        bail = 0;
-        if (!p.a2a && seq > 2) /* the receivers are done with the slots this parity carried last time */
-            for (int r = 0; r < d.R && !bail; r++)
-                if (p.active[r] && !await<kGin>(p, ep_ack(my_base(p), &p.w, r), sig_ack(p, r), seq - 2, seq - 2, r, 1))
-                    bail = 1; /* (acks count receives: seq - 2 of them once the call two back is read) */
-        EP_TRACE(trace_point(p, 0, 1));
-    }
-    make_plan(p, topk, bits, T, pl);
-    EP_TRACE(trace_point(p, 0, 2));
-    if (bail) return;
-    if (blockIdx.x == 0)
-        for (int i = threadIdx.x; i < T * k; i += kSendThreads) p.st[par].topk[i] = pl.idx[i];
+    /* the receivers are done with the slots this parity carried two calls ago: probed now,
+    ** waited for (if still needed) only before the first store into their windows */
+    bool acked = true; /* (warp 0 probes, as warp 0 waits) */
+    if (!p.a2a && seq > 2 && kGin != 2 && warp == 0)
+        for (int r = lane; r < R; r += 32)
+            acked &= !p.active[r] || ld_volatile(ep_ack(my_base(p), &p.w, r)) >= seq - 2;
+    for (int i = threadIdx.x; i < E + R; i += kSendThreads) count[i] = 0;
+    for (int r = threadIdx.x; r < R; r += kSendThreads) act[r] = __ldg(p.active + r);
+    if (threadIdx.x == 0) bail = 0;
 
     const int chunks = d.H / 8; /* 16-byte chunks of the bf16 row */
-    for (int t = blockIdx.x; t < T; t += gridDim.x) {
-        const int16_t *tok = pl.idx + t * k;
-        if (threadIdx.x == 0) {
-            int m = 0;
-            for (int j = 0; j < k; j++) {
-                if (tok[j] < 0 || pl.opener[t * k + j] != j) continue;
-                const int dst = pl.dst[t * k + j];
-                msgs[m].dst = dst, msgs[m].opener = j, msgs[m].slot = pl.slot[t * k + j];
-                msgs[m].at = out_msg<kGin>(p, par, dst, msgs[m].slot);
-                m++;
+    for (int t = blockIdx.x, pass = 0; t < T; t += gridDim.x, pass++) {
+        /* warp 0, lane j: slot j of the token, the slot opening its message, its weight */
+        const int upto = pass == 0 ? T : t; /* tokens counted over: earlier ones (the first pass: all, for the count blocks) */
+        /* the ids of this thread's first token u, loaded before the barriers; as int16 pairs (ids and
+        ** -2 fit), so that holding them costs no spills at the 64 registers of 512-thread blocks */
+        uint32_t ru[kMaxK / 2];
+#pragma unroll
+        for (int j = 0; j < kMaxK; j += 2) {
+            const bool in = (int)threadIdx.x < upto;
+            const int lo = in && j < k ? raw_id(topk, bits, (int64_t)threadIdx.x * k + j, E) : -1;
+            const int hi = in && j + 1 < k ? raw_id(topk, bits, (int64_t)threadIdx.x * k + j + 1, E) : -1;
+            ru[j / 2] = (uint32_t)(uint16_t)lo | (uint32_t)hi << 16;
+        }
+        int raw = -1;
+        float w = 0.0f;
+        if (warp == 0 && lane < k) {
+            raw = raw_id(topk, bits, (int64_t)t * k + lane, E);
+            if (weights) w = __ldg(weights + (int64_t)t * k + lane);
+        }
+        if (threadIdx.x < kMaxK) hits_row[threadIdx.x] = 0, hits_slot[threadIdx.x] = 0;
+        __syncthreads(); /* act[] */
+        if (warp == 0) {
+            int dst = -1;
+            const int e = lane < k ? sent_id(p, raw, act, t, inv_L, &dst) : -1;
+            int open = -1; /* the first slot of the same destination (dedup) or expert */
+            for (int jj = 0; jj < kMaxK; jj++) {
+                const int ej = __shfl_sync(0xFFFFFFFFu, e, jj), dj = __shfl_sync(0xFFFFFFFFu, dst, jj);
+                if (open < 0 && jj <= lane && e >= 0 && ej >= 0 && (d.dedup ? dj == dst : ej == e)) open = jj;
             }
-            n_msgs = m;
+            if (lane < kMaxK) tok_e[lane] = e, tok_dst[lane] = dst, tok_open[lane] = open, wts[lane] = w;
         }
         __syncthreads();
-        EP_TRACE(if (t == blockIdx.x) trace_point(p, 0, 3));
+        for (int base = 0; base < upto; base += kSendThreads) {
+            const int u = base + threadIdx.x;
+            int ed[kMaxK]; /* token u's ids as sent with their ranks: e | rank << 16 (E, R <= 32767), or -1 */
+#pragma unroll
+            for (int j = 0; j < kMaxK; j++) {
+                const int r = base == 0   ? (int)(int16_t)(ru[j / 2] >> (j % 2 * 16))
+                              : u < upto && j < k ? raw_id(topk, bits, (int64_t)u * k + j, E)
+                                                  : -1;
+                int dst;
+                const int e = sent_id(p, r, act, u, inv_L, &dst);
+                ed[j] = e >= 0 ? e | dst << 16 : -1;
+            }
+            if (pass == 0 && blockIdx.x == 0 && u < T)
+#pragma unroll
+                for (int j = 0; j < kMaxK; j++)
+                    if (j < k) p.st[par].topk[(int64_t)u * k + j] = (int16_t)(ed[j] >= 0 ? ed[j] & 0xFFFF : -1);
+            unsigned once = 0, opens = 0; /* slots naming their expert first; slots opening a message */
+#pragma unroll
+            for (int j = 0; j < kMaxK; j++) {
+                bool f = ed[j] >= 0, o = ed[j] >= 0;
+#pragma unroll
+                for (int jj = 0; jj < j; jj++) {
+                    f &= ed[jj] != ed[j];
+                    o &= !(ed[jj] >= 0 && (d.dedup ? ed[jj] >> 16 == ed[j] >> 16 : ed[jj] == ed[j]));
+                }
+                once |= (unsigned)f << j, opens |= (unsigned)o << j;
+            }
+            if (pass == 0) /* the count blocks: experts collide little; destinations a lot, so per warp group */
+#pragma unroll
+                for (int j = 0; j < kMaxK; j++) {
+                    if (once >> j & 1) atomicAdd(&count[ed[j] & 0xFFFF], 1);
+                    const int key = opens >> j & 1 ? ed[j] >> 16 : -1;
+                    const unsigned grp = __match_any_sync(0xFFFFFFFFu, key);
+                    if (key >= 0 && lane == __ffs(grp) - 1) atomicAdd(&count[E + key], __popc(grp));
+                }
+            if (!__any_sync(0xFFFFFFFFu, u < t)) continue; /* the token's slot j: is its expert (its message) in token u? */
+            if (d.dedup) { /* yes or no each: a bit per slot, counted per warp by ballots */
+                unsigned hr = 0, hs = 0;
+                if (u < t)
+#pragma unroll
+                    for (int j = 0; j < kMaxK; j++) {
+                        const int ej = tok_e[j], dj = tok_dst[j], packed = ej | dj << 16;
+#pragma unroll
+                        for (int jj = 0; jj < kMaxK; jj++) {
+                            hr |= (unsigned)(ej >= 0 && ed[jj] == packed) << j;
+                            hs |= (unsigned)(ej >= 0 && (opens >> jj & 1) && ed[jj] >> 16 == dj) << j;
+                        }
+                    }
+                for (int j = 0; j < k; j++) {
+                    const int cr = __popc(__ballot_sync(0xFFFFFFFFu, hr >> j & 1)), cs = __popc(__ballot_sync(0xFFFFFFFFu, hs >> j & 1));
+                    if (lane == 0 && cr) atomicAdd(&hits_row[j], cr);
+                    if (lane == 0 && cs) atomicAdd(&hits_slot[j], cs);
+                }
+            } else { /* one message per expert: token u may have several on the slot's rank */
+                for (int j = 0; j < k; j++) {
+                    const int ej = tok_e[j], dj = tok_dst[j], packed = ej | dj << 16;
+                    if (ej < 0) continue;
+                    int hr = 0, hs = 0;
+                    if (u < t)
+#pragma unroll
+                        for (int jj = 0; jj < kMaxK; jj++) {
+                            hr |= ed[jj] == packed;
+                            hs += (opens >> jj & 1) && ed[jj] >> 16 == dj;
+                        }
+                    hr = __reduce_add_sync(0xFFFFFFFFu, hr), hs = __reduce_add_sync(0xFFFFFFFFu, hs);
+                    if (lane == 0 && hr) atomicAdd(&hits_row[j], hr);
+                    if (lane == 0 && hs) atomicAdd(&hits_slot[j], hs);
+                }
+            }
+        }
+        __syncthreads();
+        EP_TRACE(if (pass == 0) trace_point(p, 0, 1));
+        if (warp == 0) { /* rows, messages, where they go */
+            const int e = lane < kMaxK ? tok_e[lane] : -1, open = lane < kMaxK ? tok_open[lane] : -1;
+            const int dst = lane < kMaxK ? tok_dst[lane] : -1;
+            if (lane < kMaxK) tok_row[lane] = hits_row[lane];
+            int slot = lane < kMaxK ? hits_slot[lane] : 0;
+            if (!d.dedup) /* the token's own earlier experts on the same rank come first */
+                for (int jj = 0; jj < kMaxK; jj++) {
+                    const int ej = __shfl_sync(0xFFFFFFFFu, e, jj), oj = __shfl_sync(0xFFFFFFFFu, open, jj);
+                    const int dj = __shfl_sync(0xFFFFFFFFu, dst, jj);
+                    slot += jj < lane && ej >= 0 && oj == jj && e >= 0 && dj == dst;
+                }
+            const bool opener = e >= 0 && open == lane;
+            const unsigned openers = __ballot_sync(0xFFFFFFFFu, opener);
+            if (opener) {
+                const int m = __popc(openers & ((1u << lane) - 1u));
+                msgs[m].dst = dst, msgs[m].opener = lane, msgs[m].slot = slot;
+                msgs[m].at = out_msg<kGin>(p, par, dst, slot);
+            }
+            if (lane == 0) n_msgs = __popc(openers);
+            if (pass == 0 && !acks_in<kGin>(p, seq, act, acked)) bail = 1; /* before the first store into a window */
+        }
+        __syncthreads();
+        if (bail) return;
+        EP_TRACE(if (pass == 0) trace_point(p, 0, 3));
         const int nm = n_msgs;
         if (threadIdx.x < nm) { /* one thread writes each message's header */
             const MsgRef mr = msgs[threadIdx.x];
             ep_header h = {t, 0};
             ep_entry *ent = reinterpret_cast<ep_entry *>(mr.at + sizeof(ep_header));
             for (int j = mr.opener; j < k; j++) {
-                if (tok[j] < 0 || (d.dedup ? pl.dst[t * k + j] != mr.dst : tok[j] != tok[mr.opener])) continue;
-                ep_entry e = {(int16_t)(tok[j] - mr.dst * L), (int16_t)j, pl.row[t * k + j],
-                              weights ? weights[(int64_t)t * k + j] : 0.0f};
-                ent[h.n_entries++] = e;
+                const int ej = tok_e[j];
+                if (ej < 0 || (d.dedup ? tok_dst[j] != mr.dst : ej != tok_e[mr.opener])) continue;
+                ep_entry en = {(int16_t)(ej - mr.dst * L), (int16_t)j, tok_row[j], wts[j]};
+                ent[h.n_entries++] = en;
             }
             *reinterpret_cast<ep_header *>(mr.at) = h;
         }
@@ -215,6 +278,9 @@ __global__ void __launch_bounds__(kSendThreads, kBlocksPerSm) dispatch_send_kern
         __syncthreads(); /* msgs[] is rewritten for the next token */
         EP_TRACE(if (t == blockIdx.x) trace_point(p, 0, 4));
     }
+    if (T == 0 && warp == 0 && !acks_in<kGin>(p, seq, act, acked)) bail = 1; /* (the count blocks are stores too) */
+    __syncthreads();
+    if (bail) return;
     EP_TRACE(trace_max(p, 0, kTraceMaxWorkEnd));
     if (last_block_done(&p.counters[0])) {
         EP_TRACE(if (threadIdx.x == 0) trace_set(p, 0, kTraceLastTicket));
@@ -225,11 +291,11 @@ __global__ void __launch_bounds__(kSendThreads, kBlocksPerSm) dispatch_send_kern
         const int per = 2 + L;
         for (int i = threadIdx.x; i < d.R * per; i += kSendThreads) {
             const int r = i / per, f = i - r * per;
-            if (f != 1 && p.active[r]) out_meta<kGin>(p, par, r)[f] = (uint32_t)pl.count[f ? r * L + f - 2 : d.E + r];
+            if (f != 1 && act[r]) out_meta<kGin>(p, par, r)[f] = (uint32_t)count[f ? r * L + f - 2 : E + r];
         }
         __syncthreads();
         for (int r = threadIdx.x; r < d.R; r += kSendThreads) {
-            if (!p.active[r]) continue;
+            if (!act[r]) continue;
             uint32_t *meta = out_meta<kGin>(p, par, r);
             if (via_outbox<kGin>(p, r) && kGin == 2) { /* the count block's put, by this thread, before its signal */
                 gin_put(p, r, ep_meta(my_base(p), &p.w, par, me), meta, sizeof(uint32_t) * (size_t)per);
@@ -368,16 +434,16 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm) dispatch_recv_kernel(P
 
 /* One instantiation per transport: kGin = Params::gin (0 device API or all-to-all, 1 emulated
 ** put/signal, 2 GIN), chosen here. */
-template <int kGin> epmoe_status send_with(const Params &p, const epmoe_dispatch_args &a, int sms, cudaStream_t s) {
-    const size_t smem = send_plan_smem(p.d.E, p.d.R, p.d.N, p.d.k);
+template <int kGin, int kMaxK> epmoe_status send_with(const Params &p, const epmoe_dispatch_args &a, int sms, cudaStream_t s) {
+    const size_t smem = send_smem(p.d.E, p.d.R);
     if (smem > 48 * 1024) {
-        const cudaError_t e = grow_smem_attr<dispatch_send_kernel<kGin>>(smem);
+        const cudaError_t e = grow_smem_attr<dispatch_send_kernel<kGin, kMaxK>>(smem);
         if (e != cudaSuccess)
-            return epmoe__fail(EPMOE_ERR_CUDA, "epmoe_dispatch (send): the plan's %zu bytes of shared memory: %s", smem,
+            return epmoe__fail(EPMOE_ERR_CUDA, "epmoe_dispatch (send): the counts' %zu bytes of shared memory: %s", smem,
                                cudaGetErrorString(e));
     }
-    dispatch_send_kernel<kGin><<<grid_for(a.num_tokens, sms), kSendThreads, smem, s>>>(p, a.x, a.topk_idx, a.topk_idx_bits,
-                                                                                      a.topk_weights, a.num_tokens);
+    dispatch_send_kernel<kGin, kMaxK><<<grid_for(a.num_tokens, sms), kSendThreads, smem, s>>>(p, a.x, a.topk_idx, a.topk_idx_bits,
+                                                                                             a.topk_weights, a.num_tokens);
     return epmoe__launched("epmoe_dispatch (send)");
 }
 
@@ -394,7 +460,12 @@ template <int kGin> epmoe_status recv_with(const Params &p, const epmoe_dispatch
 }
 
 epmoe_status launch_dispatch_send(const Params &p, const epmoe_dispatch_args &a, int sms, cudaStream_t s) {
-    return p.gin == 2 ? send_with<2>(p, a, sms, s) : p.gin == 1 ? send_with<1>(p, a, sms, s) : send_with<0>(p, a, sms, s);
+    /* kMaxK: the width of a token's register arrays, 8 for top-k <= 8 (as combine's) */
+    if (p.d.k <= 8)
+        return p.gin == 2 ? send_with<2, 8>(p, a, sms, s) : p.gin == 1 ? send_with<1, 8>(p, a, sms, s) : send_with<0, 8>(p, a, sms, s);
+    return p.gin == 2   ? send_with<2, EPMOE_MAX_TOPK>(p, a, sms, s)
+           : p.gin == 1 ? send_with<1, EPMOE_MAX_TOPK>(p, a, sms, s)
+                        : send_with<0, EPMOE_MAX_TOPK>(p, a, sms, s);
 }
 
 epmoe_status launch_dispatch_recv(const Params &p, const epmoe_dispatch_args &a, int sms, cudaStream_t s) {

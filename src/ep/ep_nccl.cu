@@ -456,20 +456,17 @@ extern "C" epmoe_status epmoe_ep_create_nccl(struct ncclComm *comm, const epmoe_
         return epmoe__fail(EPMOE_ERR_INVALID_ARG, "%s: config says rank %d of %d, the communicator rank %d of %d", fn,
                            cfg->rank, cfg->num_ranks, rank, nranks);
     ncclGetVersion(&version);
-    /* the plan of the send kernel, which both transports use, lives in shared memory */
-    const size_t send_smem = epk::send_plan_smem(cfg->num_experts, cfg->num_ranks, cfg->max_tokens, cfg->top_k);
-    if ((int64_t)cfg->max_tokens * cfg->top_k > epk::kMaxPlanEntries)
-        return epmoe__fail(EPMOE_ERR_UNSUPPORTED, "%s: max_tokens * top_k = %d exceeds the GPU plan's %d entries", fn,
-                           cfg->max_tokens * cfg->top_k, epk::kMaxPlanEntries);
+    /* the send kernel's counts, which both transports use, live in shared memory */
+    const size_t send_smem = epk::send_smem(cfg->num_experts, cfg->num_ranks);
     {
         /* the device's opt-in limit per block, less the kernel's static shared memory (< 1 KB) */
         int cur = 0, optin = 0;
         if (cudaGetDevice(&cur) != cudaSuccess || cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, cur) != cudaSuccess)
             return epmoe__fail(EPMOE_ERR_CUDA, "%s: cannot query the device's shared memory", fn);
         if (send_smem + 1024 > (size_t)optin)
-            return epmoe__fail(EPMOE_ERR_UNSUPPORTED, "%s: the dispatch plan needs %zu bytes of shared memory for %d experts, "
-                               "%d ranks and max_tokens * top_k = %d; this GPU allows %d per block", fn, send_smem + 1024,
-                               cfg->num_experts, cfg->num_ranks, cfg->max_tokens * cfg->top_k, optin);
+            return epmoe__fail(EPMOE_ERR_UNSUPPORTED, "%s: dispatch's counts need %zu bytes of shared memory for %d experts "
+                               "and %d ranks; this GPU allows %d per block", fn, send_smem + 1024, cfg->num_experts,
+                               cfg->num_ranks, optin);
     }
 
     epmoe_status st = EPMOE_OK;
