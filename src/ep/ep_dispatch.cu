@@ -94,20 +94,16 @@ __global__ void __launch_bounds__(kSendThreads, kBlocksPerSm) dispatch_send_kern
     for (int r = threadIdx.x; r < R; r += kSendThreads) act[r] = __ldg(p.active + r);
     if (threadIdx.x == 0) bail = 0;
 
+    /* the counting below: Q threads per counted token (a power of two up to k, as many as the block
+    ** has threads for the batch), thread q taking the token's slots q, q + Q, ...; a warp holds one
+    ** q. One thread per token left 12 of 16 warps idle at 128 tokens and the other 4 unhidden. */
+    int Q = 1;
+    while (2 * Q <= k && 2 * Q <= kMaxK && (int64_t)T * 2 * Q <= kSendThreads) Q *= 2;
+    const int chunk = kSendThreads / Q, q = (int)threadIdx.x / chunk;
     const int chunks = d.H / 8; /* 16-byte chunks of the bf16 row */
     for (int t = blockIdx.x, pass = 0; t < T; t += gridDim.x, pass++) {
         /* warp 0, lane j: slot j of the token, the slot opening its message, its weight */
         const int upto = pass == 0 ? T : t; /* tokens counted over: earlier ones (the first pass: all, for the count blocks) */
-        /* the ids of this thread's first token u, loaded before the barriers; as int16 pairs (ids and
-        ** -2 fit), so that holding them costs no spills at the 64 registers of 512-thread blocks */
-        uint32_t ru[kMaxK / 2];
-#pragma unroll
-        for (int j = 0; j < kMaxK; j += 2) {
-            const bool in = (int)threadIdx.x < upto;
-            const int lo = in && j < k ? raw_id(topk, bits, (int64_t)threadIdx.x * k + j, E) : -1;
-            const int hi = in && j + 1 < k ? raw_id(topk, bits, (int64_t)threadIdx.x * k + j + 1, E) : -1;
-            ru[j / 2] = (uint32_t)(uint16_t)lo | (uint32_t)hi << 16;
-        }
         int raw = -1;
         float w = 0.0f;
         if (warp == 0 && lane < k) {
@@ -127,74 +123,63 @@ __global__ void __launch_bounds__(kSendThreads, kBlocksPerSm) dispatch_send_kern
             if (lane < kMaxK) tok_e[lane] = e, tok_dst[lane] = dst, tok_open[lane] = open, wts[lane] = w;
         }
         __syncthreads();
-        for (int base = 0; base < upto; base += kSendThreads) {
-            const int u = base + threadIdx.x;
+        for (int base = 0; base < upto; base += chunk) {
+            const int u = base + ((int)threadIdx.x & (chunk - 1));
             int ed[kMaxK]; /* token u's ids as sent with their ranks: e | rank << 16 (E, R <= 32767), or -1 */
 #pragma unroll
             for (int j = 0; j < kMaxK; j++) {
-                const int r = base == 0   ? (int)(int16_t)(ru[j / 2] >> (j % 2 * 16))
-                              : u < upto && j < k ? raw_id(topk, bits, (int64_t)u * k + j, E)
-                                                  : -1;
                 int dst;
-                const int e = sent_id(p, r, act, u, inv_L, &dst);
+                const int e = sent_id(p, u < upto && j < k ? raw_id(topk, bits, (int64_t)u * k + j, E) : -1, act, u, inv_L, &dst);
                 ed[j] = e >= 0 ? e | dst << 16 : -1;
             }
             if (pass == 0 && blockIdx.x == 0 && u < T)
 #pragma unroll
                 for (int j = 0; j < kMaxK; j++)
-                    if (j < k) p.st[par].topk[(int64_t)u * k + j] = (int16_t)(ed[j] >= 0 ? ed[j] & 0xFFFF : -1);
-            unsigned once = 0, opens = 0; /* slots naming their expert first; slots opening a message */
-#pragma unroll
-            for (int j = 0; j < kMaxK; j++) {
-                bool f = ed[j] >= 0, o = ed[j] >= 0;
-#pragma unroll
-                for (int jj = 0; jj < j; jj++) {
-                    f &= ed[jj] != ed[j];
-                    o &= !(ed[jj] >= 0 && (d.dedup ? ed[jj] >> 16 == ed[j] >> 16 : ed[jj] == ed[j]));
-                }
-                once |= (unsigned)f << j, opens |= (unsigned)o << j;
-            }
-            if (pass == 0) /* the count blocks: experts collide little; destinations a lot, so per warp group */
+                    if (j < k && (j & (Q - 1)) == q) p.st[par].topk[(int64_t)u * k + j] = (int16_t)(ed[j] >= 0 ? ed[j] & 0xFFFF : -1);
+            if (pass == 0) /* the count blocks, this thread's slots: experts collide little, destinations a lot (per warp group) */
 #pragma unroll
                 for (int j = 0; j < kMaxK; j++) {
-                    if (once >> j & 1) atomicAdd(&count[ed[j] & 0xFFFF], 1);
-                    const int key = opens >> j & 1 ? ed[j] >> 16 : -1;
+                    if ((j & (Q - 1)) != q) continue;
+                    bool f = ed[j] >= 0, o = ed[j] >= 0; /* the slot names its expert first; opens a message */
+#pragma unroll
+                    for (int jj = 0; jj < j; jj++) {
+                        f &= ed[jj] != ed[j];
+                        o &= !(ed[jj] >= 0 && (d.dedup ? ed[jj] >> 16 == ed[j] >> 16 : ed[jj] == ed[j]));
+                    }
+                    if (f) atomicAdd(&count[ed[j] & 0xFFFF], 1);
+                    const int key = o ? ed[j] >> 16 : -1;
                     const unsigned grp = __match_any_sync(0xFFFFFFFFu, key);
                     if (key >= 0 && lane == __ffs(grp) - 1) atomicAdd(&count[E + key], __popc(grp));
                 }
-            if (!__any_sync(0xFFFFFFFFu, u < t)) continue; /* the token's slot j: is its expert (its message) in token u? */
-            if (d.dedup) { /* yes or no each: a bit per slot, counted per warp by ballots */
-                unsigned hr = 0, hs = 0;
+            if (!__any_sync(0xFFFFFFFFu, u < t)) continue;
+            /* the token's slots of this thread: is the slot's expert in token u (a row before it), and
+            ** how many messages does u send to the slot's rank (dedup: one if any) */
+            unsigned once = 0; /* one message per expert: u's slots naming their expert first */
+            if (!d.dedup)
+#pragma unroll
+                for (int j = 0; j < kMaxK; j++) {
+                    bool f = ed[j] >= 0;
+#pragma unroll
+                    for (int jj = 0; jj < j; jj++) f &= ed[jj] != ed[j];
+                    once |= (unsigned)f << j;
+                }
+#pragma unroll
+            for (int j = 0; j < kMaxK; j++) {
+                if ((j & (Q - 1)) != q || j >= k) continue;
+                const int ej = tok_e[j], dj = tok_dst[j], packed = ej | dj << 16;
+                if (ej < 0) continue;
+                int hr = 0, hs = 0;
                 if (u < t)
 #pragma unroll
-                    for (int j = 0; j < kMaxK; j++) {
-                        const int ej = tok_e[j], dj = tok_dst[j], packed = ej | dj << 16;
-#pragma unroll
-                        for (int jj = 0; jj < kMaxK; jj++) {
-                            hr |= (unsigned)(ej >= 0 && ed[jj] == packed) << j;
-                            hs |= (unsigned)(ej >= 0 && (opens >> jj & 1) && ed[jj] >> 16 == dj) << j;
-                        }
+                    for (int jj = 0; jj < kMaxK; jj++) {
+                        hr |= ed[jj] == packed;
+                        if (d.dedup) hs |= ed[jj] >= 0 && ed[jj] >> 16 == dj;
+                        else hs += (once >> jj & 1) && ed[jj] >> 16 == dj;
                     }
-                for (int j = 0; j < k; j++) {
-                    const int cr = __popc(__ballot_sync(0xFFFFFFFFu, hr >> j & 1)), cs = __popc(__ballot_sync(0xFFFFFFFFu, hs >> j & 1));
-                    if (lane == 0 && cr) atomicAdd(&hits_row[j], cr);
-                    if (lane == 0 && cs) atomicAdd(&hits_slot[j], cs);
-                }
-            } else { /* one message per expert: token u may have several on the slot's rank */
-                for (int j = 0; j < k; j++) {
-                    const int ej = tok_e[j], dj = tok_dst[j], packed = ej | dj << 16;
-                    if (ej < 0) continue;
-                    int hr = 0, hs = 0;
-                    if (u < t)
-#pragma unroll
-                        for (int jj = 0; jj < kMaxK; jj++) {
-                            hr |= ed[jj] == packed;
-                            hs += (opens >> jj & 1) && ed[jj] >> 16 == dj;
-                        }
-                    hr = __reduce_add_sync(0xFFFFFFFFu, hr), hs = __reduce_add_sync(0xFFFFFFFFu, hs);
-                    if (lane == 0 && hr) atomicAdd(&hits_row[j], hr);
-                    if (lane == 0 && hs) atomicAdd(&hits_slot[j], hs);
-                }
+                hr = __popc(__ballot_sync(0xFFFFFFFFu, hr));
+                hs = d.dedup ? __popc(__ballot_sync(0xFFFFFFFFu, hs)) : __reduce_add_sync(0xFFFFFFFFu, hs);
+                if (lane == 0 && hr) atomicAdd(&hits_row[j], hr);
+                if (lane == 0 && hs) atomicAdd(&hits_slot[j], hs);
             }
         }
         __syncthreads();
