@@ -549,6 +549,18 @@ int main(int argc, char **argv) {
             snprintf(name, sizeof name, "gpu R=%d top-%d %s", R, sc.cfg.top_k, wide ? "bf16 owner+dups" : "fp8 expert");
             run_gpu(&sc, name, 0, EPMOE_OK);
         }
+        /* more tokens than send blocks (2 per SM: a block counts rows for several tokens) and than
+        ** one counting chunk of 512 (threads count several earlier tokens each); rounds of 600,
+        ** 0 and in between */
+        for (int dedup = 0; dedup < 2; dedup++) {
+            sc = base(R, 600, 128, 16 * R, 8, dedup ? EPMOE_WIRE_FP8 : EPMOE_WIRE_BF16);
+            sc.cfg.dedup = dedup;
+            sc.cfg.combine_mode = dedup ? EPMOE_COMBINE_REDUCE_AT_EXPERT : EPMOE_COMBINE_REDUCE_AT_OWNER;
+            sc.route = dedup ? ROUTE_RANDOM : ROUTE_DUPLICATES;
+            sc.rounds = 2;
+            snprintf(name, sizeof name, "gpu R=%d %s 600 tokens", R, dedup ? "fp8 dedup/expert" : "bf16 per-expert/owner+dups");
+            run_gpu(&sc, name, 0, EPMOE_OK);
+        }
         sc = base(R, 128, 7168, 256, 8, EPMOE_WIRE_FP8);
         sc.rounds = 2;
         snprintf(name, sizeof name, "gpu R=%d fp8 DeepSeek-R1 shape", R);
