@@ -27,15 +27,16 @@ constexpr int kThreads = 256;
 ** two. 2 x H200, 2026-11-30: 256 tokens/rank dispatch 68.8 -> 63.3 us, combine 60.6 -> 48.3 us;
 ** 128 tokens 47.2 -> 46.0 and 36.8 -> 34.3 us; at R = 1, 128 tokens, combine 29.7 -> 32.3 us. */
 constexpr int kBlocksPerSm = 2;
-/* The dispatch send kernel's block: the plan before the first store is a chain of phases over
-** the batch's T * k entries, each as long as the entries one thread walks; more threads shorten
-** it (9.5 -> 8.0 us at 128 tokens going from 256 to 512). */
+/* The dispatch send kernel's block: its counting (ep_dispatch.cu) splits a token's slots over up
+** to EPMOE_MAX_TOPK threads and needs whole warps of one split, so a power of two of at least
+** 32 * EPMOE_MAX_TOPK threads; more threads shorten the counting before the first store. */
 #ifndef EPMOE_SEND_THREADS
 #define EPMOE_SEND_THREADS 512
 #endif
 constexpr int kSendThreads = EPMOE_SEND_THREADS;
-static_assert(kSendThreads % 32 == 0 && kSendThreads <= 1024 && kSendThreads * kBlocksPerSm <= 2048,
-              "send blocks: whole warps, at most 1024 threads, kBlocksPerSm of them per SM");
+static_assert((kSendThreads & (kSendThreads - 1)) == 0 && kSendThreads >= 32 * EPMOE_MAX_TOPK && kSendThreads <= 1024 &&
+                  kSendThreads * kBlocksPerSm <= 2048,
+              "send blocks: a power of two of at least 32 * EPMOE_MAX_TOPK threads, at most 1024, kBlocksPerSm per SM");
 /* The send kernel's dynamic shared memory: rows per expert and messages per destination [E + R],
 ** then the active set [R] (ints). */
 inline size_t send_smem(int64_t E, int64_t R) { return sizeof(int) * (size_t)(E + 2 * R); }
@@ -177,8 +178,9 @@ __device__ __forceinline__ bool wait_for(const Params &p, Load load, uint64_t wa
             set_error(p, kErrTimeout, peer, kernel);
             return false;
         }
-        /* another wait already failed? (host-mapped memory: a PCIe read, so only now and then) */
-        if (!(spin & 4095) && *(volatile int *)p.error) return false;
+        /* another wait already timed out? (host-mapped memory: a PCIe read, so only now and then;
+        ** other errors, such as a bad expert id, leave the protocol running) */
+        if (!(spin & 4095) && *(volatile int *)p.error >> 24 == kErrTimeout) return false;
     }
     return true;
 }

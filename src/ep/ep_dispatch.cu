@@ -59,9 +59,13 @@ __device__ __forceinline__ int sent_id(const Params &p, int e, const int *act, i
 template <int kGin> __device__ __forceinline__ bool acks_in(const Params &p, uint32_t seq, const int *act, bool probed) {
     if (p.a2a || seq <= 2) return true;
     bool ok = true;
-    if (kGin == 2 || !__all_sync(0xFFFFFFFFu, probed))
+    if (kGin == 2 || !__all_sync(0xFFFFFFFFu, probed)) {
         for (int r = threadIdx.x; r < p.d.R; r += 32)
             if (act[r] && !await<kGin>(p, ep_ack(my_base(p), &p.w, r), sig_ack(p, r), seq - 2, seq - 2, r, 1)) ok = false;
+    } else { /* the probe's loads were relaxed: this fence makes them acquire the receivers' reads
+             ** (the block's barrier then orders every thread's stores after it) */
+        asm volatile("fence.acq_rel.sys;" ::: "memory");
+    }
     return __all_sync(0xFFFFFFFFu, ok);
 }
 
@@ -263,7 +267,10 @@ __global__ void __launch_bounds__(kSendThreads, kBlocksPerSm) dispatch_send_kern
         __syncthreads(); /* msgs[] is rewritten for the next token */
         EP_TRACE(if (t == blockIdx.x) trace_point(p, 0, 4));
     }
-    if (T == 0 && warp == 0 && !acks_in<kGin>(p, seq, act, acked)) bail = 1; /* (the count blocks are stores too) */
+    if (T == 0) { /* the count blocks are stores too (and act[] is read across warps: a barrier first) */
+        __syncthreads();
+        if (warp == 0 && !acks_in<kGin>(p, seq, act, acked)) bail = 1;
+    }
     __syncthreads();
     if (bail) return;
     EP_TRACE(trace_max(p, 0, kTraceMaxWorkEnd));

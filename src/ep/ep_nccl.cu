@@ -231,7 +231,7 @@ epmoe_status async_error(epmoe_ep *ep) {
     const int e = *(volatile int *)im->error_host;
     if (!e) return EPMOE_OK;
     const int code = e >> 24, peer = (e >> 8) & 0xFFFF, kernel = e & 0xFF;
-    static const char *kernels[] = {"dispatch send (plan)", "dispatch send", "dispatch receive", "combine send",
+    static const char *kernels[] = {"dispatch send (ids)", "dispatch send", "dispatch receive", "combine send",
                                     "combine receive", "the all-to-all exchange"};
     const char *kn = kernel <= kKernelExchange ? kernels[kernel] : "?";
     if (code == EPMOE_ERR_TIMEOUT) {

@@ -335,6 +335,10 @@ static void run_gpu(const scenario *sc_in, const char *name, int bad_expert, epm
     /* an asynchronous error is reported once: by the next call, or by epmoe_ep_poll */
     const epmoe_status seen0 = jobs[0].poll ? jobs[0].poll : io[0].st_combine ? io[0].st_combine : io[0].st_dispatch;
     CHECK(seen0 == want_poll0, "%s: rank 0 reported %d, want %d", name, seen0, want_poll0);
+    for (int r = 1; bad_expert && r < R; r++) {
+        const epmoe_status seen = jobs[r].poll ? jobs[r].poll : io[r].st_combine ? io[r].st_combine : io[r].st_dispatch;
+        CHECK(seen == EPMOE_OK, "%s: rank %d (no bad id) reported %d", name, r, seen);
+    }
     if (want_poll0 == EPMOE_OK && !bad_expert) check_scenario(sc, &lay, io, name);
     else printf("  %-44s rank 0 reported: %s\n", name, epmoe_status_str(seen0));
     io_free(sc, io, R);
@@ -569,6 +573,11 @@ int main(int argc, char **argv) {
     scenario sc = base(1, 8, 128, 4, 2, EPMOE_WIRE_BF16);
     sc.rounds = 1;
     run_gpu(&sc, "gpu R=1 expert id out of range", 1, EPMOE_ERR_INVALID_ARG);
+    if (ngpu >= 2) { /* a bad id on rank 0: reported there, and the protocol goes on (rank 1 sees no timeout) */
+        sc = base(2, 8, 128, 4, 2, EPMOE_WIRE_BF16);
+        sc.rounds = 1;
+        run_gpu(&sc, "gpu R=2 expert id out of range", 1, EPMOE_ERR_INVALID_ARG);
+    }
     if (ngpu >= 2) {
         static const int active[2] = {1, 0};
         sc = base(2, 9, 256, 4, 3, EPMOE_WIRE_BF16);
