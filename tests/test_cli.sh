@@ -28,6 +28,13 @@ msg=$("$EPMOE" bench --model gpt5 2>&1)
 case "$msg" in *"unknown model 'gpt5'"*) ;; *) echo "  FAIL: the error does not name the bad value: $msg"; fail=1 ;; esac
 msg=$("$EPMOE" check --scheme bf16 --wire fp8 2>&1)
 case "$msg" in *"BF16 wire only"*) ;; *) echo "  FAIL: the wire error does not say which wire the scheme takes: $msg"; fail=1 ;; esac
+# `make demo` is the README's first command: without a GPU it must take the CPU path all the way
+# (it once benched the full DeepSeek-R1 layer on the scalar references: hours) and finish in seconds
+if ! nvidia-smi -L >/dev/null 2>&1; then
+    out=$(timeout 300 "$EPMOE" demo 2>&1); rc=$?
+    if [ "$rc" != 0 ]; then echo "  FAIL demo without a GPU: exit $rc"; echo "$out" | tail -3; fail=1; fi
+    case "$out" in *"tiny MoE layer"*"on the CPU backend"*) ;; *) echo "  FAIL demo without a GPU: the layer bench did not take the tiny model on the CPU backend"; fail=1 ;; esac
+fi
 tmp=$(mktemp -d)
 expect 0 "check --model tiny --cpu" "$EPMOE" check --model tiny --cpu --json "$tmp/check.json"
 for s in bf16 w8a8_fp8_block "w4a16 --group 128" "w4a16 --group 32"; do

@@ -204,7 +204,9 @@ static int demo(int argc, char **argv) {
     free(x), free(q), free(y), free(s), free(deq);
     const int gpu = !force_cpu && EPMOE_HAVE_CUDA && epmoe_cuda_device_count() > 0;
     if (demo_w4a8(gpu)) return 1;
-    int ep_gpu = !force_cpu;
+    /* EP on the GPUs needs GPUs and the NCCL backend; demo_ep runs the CPU backend otherwise, and
+    ** the layer bench below must then take the small model (the scalar references are slow) */
+    int ep_gpu = gpu && EPMOE_HAVE_NCCL;
     if (demo_ep(ep_gpu) != 0) {
         if (force_cpu) return 1;
         fprintf(stderr, "epmoe demo: the GPU EP backend is not usable here; running EP on the CPU backend instead\n");
