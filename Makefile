@@ -49,7 +49,7 @@ ASAN := $(BUILD)/asan
 SANFLAGS := -fsanitize=address,undefined -fno-sanitize-recover=all -fno-omit-frame-pointer
 
 .DELETE_ON_ERROR:
-.PHONY: dev-labs dev-trace gpu-build all lib demo test test-c test-asan test-python test-cli check-header check-symbols test-gpu bench-gpu gpu-suite clean info
+.PHONY: FORCE dev-labs dev-trace gpu-build all lib demo test test-c test-asan test-python test-cli check-header check-symbols test-gpu bench-gpu gpu-suite clean info
 all: lib $(BUILD)/epmoe
 
 info:
@@ -66,11 +66,19 @@ endif
 
 lib: info $(BUILD)/libepmoe.a $(BUILD)/libepmoe.so
 
-$(BUILD)/obj/%.o: %.c $(HEADERS)
+# What the objects were built with, rewritten only when it changes: switching CUDA=0/1 (or the
+# flags) rebuilds them, instead of linking a CUDA build's objects into a CPU-only library.
+BUILD_CONFIG := CUDA=$(CUDA) NCCL=$(NCCL) CC=$(CC) CFLAGS=$(CFLAGS) NVFLAGS=$(NVFLAGS)
+$(BUILD)/build-config: FORCE
+	@mkdir -p $(BUILD)
+	@echo '$(BUILD_CONFIG)' | cmp -s - $@ || echo '$(BUILD_CONFIG)' > $@
+FORCE:
+
+$(BUILD)/obj/%.o: %.c $(HEADERS) $(BUILD)/build-config
 	@mkdir -p $(dir $@)
 	$(CC) $(CFLAGS) -c $< -o $@
 
-$(BUILD)/obj/%.o: %.cu $(HEADERS)
+$(BUILD)/obj/%.o: %.cu $(HEADERS) $(BUILD)/build-config
 	@mkdir -p $(dir $@)
 	$(NVCC) $(NVFLAGS) -c $< -o $@
 
@@ -80,6 +88,7 @@ $(BUILD)/libepmoe.a: $(LIB_OBJ)
 
 $(BUILD)/libepmoe.so: $(LIB_OBJ)
 	$(CC) -shared -Wl,--no-undefined -Wl,-soname,libepmoe.so.$(SONAME_ABI) -o $@ $^ $(LDLIBS)
+	ln -sf libepmoe.so $(BUILD)/libepmoe.so.$(SONAME_ABI)
 
 # ---- CLI -----------------------------------------------------------------------------------
 CLI_SRC := tools/epmoe.c tools/demo_ep.c tools/demo_w4a8.c tools/cli_layer.c
