@@ -169,7 +169,7 @@ __device__ __forceinline__ void set_error(const Params &p, int code, int peer, i
 }
 
 /* Spins until load() >= want; false on timeout (recorded for `peer`; kernel: which kernel waited)
-** or when another wait failed. */
+** or when another wait timed out. */
 template <class Load>
 __device__ __forceinline__ bool wait_for(const Params &p, Load load, uint64_t want, int peer, int kernel) {
     const unsigned long long t0 = now_ns();
@@ -258,7 +258,7 @@ __device__ __forceinline__ bool last_block_done(unsigned *ticket) {
     return last;
 }
 
-/* ---- dev only (-DEPMOE_EP_TRACE, dev/bench_ep_trace): where a kernel's time goes ----------
+/* ---- dev only (-DEPMOE_EP_TRACE, `make dev-trace`): where a kernel's time goes ------------
 ** Per kernel: block 0's globaltimer and clock64 at points 0..7 (0 = entry), the latest block
 ** entry and the latest end of a block's share of the work (atomicMax), and the last block's
 ** stamps after its ticket and at exit. Costs nothing when not compiled in. */

@@ -15,7 +15,7 @@ namespace {
 ** tokens naming e, and its message slot at rank r the number of earlier tokens with a message
 ** to r (one message per expert: earlier distinct (token, expert) pairs on r, plus the token's
 ** own earlier experts on r). A block counts these for its token over all earlier tokens at once,
-** a thread per earlier token and warp sums, and, on its first pass, the rows per expert and
+** Q threads per earlier token and warp ballots, and, on its first pass, the rows per expert and
 ** messages per destination of the whole batch (the count blocks; smem atomics, so their order
 ** does not matter). No block waits for another and no plan of the whole batch is ranked: that
 ** plan (seven dependent phases) took 7.3 us of a 40 us dispatch (bench_ep's trace, 2026-11-30). */
@@ -270,9 +270,9 @@ __global__ void __launch_bounds__(kSendThreads, kBlocksPerSm) dispatch_send_kern
     if (T == 0) { /* the count blocks are stores too (and act[] is read across warps: a barrier first) */
         __syncthreads();
         if (warp == 0 && !acks_in<kGin>(p, seq, act, acked)) bail = 1;
+        __syncthreads();
+        if (bail) return;
     }
-    __syncthreads();
-    if (bail) return;
     EP_TRACE(trace_max(p, 0, kTraceMaxWorkEnd));
     if (last_block_done(&p.counters[0])) {
         EP_TRACE(if (threadIdx.x == 0) trace_set(p, 0, kTraceLastTicket));
