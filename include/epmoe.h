@@ -504,9 +504,12 @@ EPMOE_API epmoe_backend epmoe_ep_backend(const epmoe_ep *ep);
 /* Mark ranks inactive (active[r] = 0) from the next dispatch on; must be the same on every live
 ** rank, and no call may be in flight (the GPU backend copies the set to the device). */
 EPMOE_API epmoe_status epmoe_ep_set_active_ranks(epmoe_ep *ep, const int *active);
-/* Errors the GPU kernels record without a host sync (a peer timed out, an expert id out of
-** range: those slots are sent as -1) surface here once the stream has run the failing kernel,
-** and at the next call. EPMOE_OK otherwise. */
+/* Errors the GPU kernels record without a host sync surface here once the stream has run the
+** failing kernel. A peer that timed out (EPMOE_ERR_TIMEOUT) fails the group: every later call
+** reports it too. An expert id outside [-1, E) (EPMOE_ERR_INVALID_ARG, reported here once, with
+** the token) does not: its slots went out as -1 and every rank's calls completed, as they must
+** (a call that stopped for it would leave the peers waiting). The CPU backend checks ids on the
+** host instead: its dispatch rejects them before sending anything. EPMOE_OK otherwise. */
 EPMOE_API epmoe_status epmoe_ep_poll(epmoe_ep *ep);
 
 typedef struct epmoe_dispatch_args {

@@ -225,12 +225,15 @@ const char *nccl_detail(ncclComm_t comm) {
 
 NcclImpl *impl_of(epmoe_ep *ep) { return static_cast<NcclImpl *>(ep->impl); }
 
-/* Errors recorded by kernels surface at the next call (and through epmoe_ep_poll). */
-epmoe_status async_error(epmoe_ep *ep) {
+/* Errors recorded by kernels: a timeout fails the group and every later call; a bad expert id
+** only through epmoe_ep_poll (`with_bad_ids`). Its slots went out as -1 and every rank's calls
+** completed: a call that returned early for it would leave the peers waiting for this rank. */
+epmoe_status async_error(epmoe_ep *ep, bool with_bad_ids) {
     NcclImpl *im = impl_of(ep);
     const int e = *(volatile int *)im->error_host;
     if (!e) return EPMOE_OK;
     const int code = e >> 24, peer = (e >> 8) & 0xFFFF, kernel = e & 0xFF;
+    if (code != EPMOE_ERR_TIMEOUT && !with_bad_ids) return EPMOE_OK;
     static const char *kernels[] = {"dispatch send (ids)", "dispatch send", "dispatch receive", "combine send",
                                     "combine receive", "the all-to-all exchange"};
     const char *kn = kernel <= kKernelExchange ? kernels[kernel] : "?";
@@ -254,7 +257,7 @@ epmoe_status async_error(epmoe_ep *ep) {
 /* The watchdog fired: the timeout, even before its word reaches error_host. */
 epmoe_status timed_out(epmoe_ep *ep) {
     ep->failed = 1;
-    const epmoe_status st = async_error(ep);
+    const epmoe_status st = async_error(ep, false);
     if (st == EPMOE_ERR_TIMEOUT) return st;
     return epmoe__fail(EPMOE_ERR_TIMEOUT, "rank %d: the all-to-all exchange waited %d ms for a peer; the group is failed",
                        ep->cfg.rank, ep->cfg.timeout_ms);
@@ -263,7 +266,7 @@ epmoe_status timed_out(epmoe_ep *ep) {
 /* Besides the watchdog's timeout, NCCL reports what it detects (a peer's process died, a
 ** network error) through the communicator: asked only while no abort can run alongside. */
 epmoe_status poll_errors(epmoe_ep *ep) {
-    EPMOE_CHECK(async_error(ep));
+    EPMOE_CHECK(async_error(ep, true));
     NcclImpl *im = impl_of(ep);
     if (!im->a2a) return EPMOE_OK;
     std::unique_lock<std::timed_mutex> lk;
@@ -338,7 +341,7 @@ fail:
 }
 
 epmoe_status nccl_dispatch_send(epmoe_ep *ep, const epmoe_dispatch_args *a, ep_call *c, epmoe_stream_t s) {
-    EPMOE_CHECK(async_error(ep));
+    EPMOE_CHECK(async_error(ep, false));
     if (a->num_tokens) {
         EPMOE_CHECK(aligned("epmoe_dispatch", a->x, 16, "x"));
         EPMOE_CHECK(aligned("epmoe_dispatch", a->topk_idx, (unsigned)a->topk_idx_bits / 8, "topk_idx"));
@@ -354,7 +357,7 @@ epmoe_status nccl_dispatch_send(epmoe_ep *ep, const epmoe_dispatch_args *a, ep_c
 }
 
 epmoe_status nccl_dispatch_recv(epmoe_ep *ep, const epmoe_dispatch_args *a, ep_call *c, epmoe_stream_t s) {
-    EPMOE_CHECK(async_error(ep));
+    EPMOE_CHECK(async_error(ep, false));
     EPMOE_CHECK(aligned("epmoe_dispatch", a->recv_x, 16, "recv_x"));
     EPMOE_CHECK(aligned("epmoe_dispatch", a->masked_m, 4, "masked_m"));
     if (a->recv_scales) EPMOE_CHECK(aligned("epmoe_dispatch", a->recv_scales, 4, "recv_scales"));
@@ -363,7 +366,7 @@ epmoe_status nccl_dispatch_recv(epmoe_ep *ep, const epmoe_dispatch_args *a, ep_c
 }
 
 epmoe_status nccl_combine_send(epmoe_ep *ep, const epmoe_combine_args *a, ep_call *c, epmoe_stream_t s) {
-    EPMOE_CHECK(async_error(ep));
+    EPMOE_CHECK(async_error(ep, false));
     EPMOE_CHECK(aligned("epmoe_combine", a->expert_out, 16, "expert_out"));
     NcclImpl *im = impl_of(ep);
     const epk::Params p = params_for(im, c);
@@ -376,7 +379,7 @@ epmoe_status nccl_combine_send(epmoe_ep *ep, const epmoe_combine_args *a, ep_cal
 }
 
 epmoe_status nccl_combine_recv(epmoe_ep *ep, const epmoe_combine_args *a, ep_call *c, epmoe_stream_t s) {
-    EPMOE_CHECK(async_error(ep));
+    EPMOE_CHECK(async_error(ep, false));
     if (c->T) EPMOE_CHECK(aligned("epmoe_combine", a->out, 16, "out"));
     NcclImpl *im = impl_of(ep);
     return epk::launch_combine_recv(params_for(im, c), *a, ep->recv_seq - c->seq, c->T, im->sms, s);
