@@ -45,6 +45,7 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm) combine_send_kernel(Pa
     __shared__ __align__(16) uint8_t hdr[256];
     EP_TRACE(trace_point(p, 2, 0));
     EP_TRACE(trace_max(p, 2, kTraceMaxStart));
+    if (!p.a2a) let_dependents_launch(); /* the receive kernel may launch now (see ep_device.cuh) */
     if (threadIdx.x == 0) {
         pre[0] = 0;
         for (int r = 0; r < R; r++) pre[r + 1] = pre[r] + (p.active[r] ? st.n_msgs[r] : 0);
@@ -142,6 +143,7 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm) combine_recv_kernel(Pa
     __syncthreads();
     EP_TRACE(trace_point(p, 3, 1));
     if (bail) return;
+    wait_for_prior_grid(); /* before the first store into the caller's buffers (ep_device.cuh) */
     const int16_t *topk = p.st[par].topk;
     __shared__ const uint4 *parts[EPMOE_MAX_TOPK]; /* the rows to sum, in the fixed order */
     __shared__ float wts[EPMOE_MAX_TOPK];
@@ -216,7 +218,8 @@ epmoe_status launch_combine_recv(const Params &p, const epmoe_combine_args &a, u
                                  cudaStream_t s) {
     const int k = p.d.k;
     auto kernel = p.gin == 2 ? combine_recv_for<2>(k) : p.gin == 1 ? combine_recv_for<1>(k) : combine_recv_for<0>(k);
-    kernel<<<grid_for(T, sms), kThreads, 0, s>>>(p, a.topk_weights, a.out, T, rel);
+    const cudaError_t e = launch_dependent(kernel, grid_for(T, sms), kThreads, 0, s, !p.a2a, p, a.topk_weights, a.out, T, rel);
+    if (e != cudaSuccess) return epmoe__fail(EPMOE_ERR_CUDA, "epmoe_combine (receive): launch failed: %s", cudaGetErrorString(e));
     return epmoe__launched("epmoe_combine (receive)");
 }
 

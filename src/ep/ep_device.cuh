@@ -286,6 +286,31 @@ __device__ __forceinline__ void trace_set(const Params &p, int kernel, int slot)
 #define EP_TRACE(call) ((void)0)
 #endif
 
+/* ---- the halves overlap at their seam (programmatic dependent launch, sm_90) -------------
+** A send kernel lets its dependents launch as soon as all its blocks run; a receive kernel is
+** launched as such a dependent, so its launch and prologue happen under the send's tail (2.7 us
+** from the send's last block to the receive's first, measured with bench_ep's trace). The receive
+** needs nothing from the send but what the flags already order (the messages, the counts), and
+** writes the caller's buffers only after griddepcontrol.wait (the kernel before it has finished and
+** its writes are visible): the kernel before a receive need not be our send (a split forward may
+** put a caller's kernel there, which may itself let dependents launch early and still read the
+** buffers the receive writes). The fallback's receive follows an NCCL exchange whose writes it
+** reads without flags: it is launched normally (and the wait is then a no-op). */
+__device__ __forceinline__ void let_dependents_launch() { asm volatile("griddepcontrol.launch_dependents;" ::: "memory"); }
+__device__ __forceinline__ void wait_for_prior_grid() { asm volatile("griddepcontrol.wait;" ::: "memory"); }
+
+template <typename... Params_, typename... Args>
+cudaError_t launch_dependent(void (*kernel)(Params_...), int grid, int block, size_t smem, cudaStream_t s, bool overlap,
+                             Args... args) {
+    cudaLaunchAttribute at;
+    at.id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    at.val.programmaticStreamSerializationAllowed = 1;
+    cudaLaunchConfig_t cfg = {};
+    cfg.gridDim = dim3((unsigned)grid), cfg.blockDim = dim3((unsigned)block), cfg.dynamicSmemBytes = smem, cfg.stream = s;
+    cfg.attrs = &at, cfg.numAttrs = overlap ? 1 : 0;
+    return cudaLaunchKernelEx(&cfg, kernel, args...);
+}
+
 /* Launchers (ep_dispatch.cu, ep_combine.cu): kernels on the caller's stream, no host sync. */
 /* Call numbers are counted on the device, so a captured CUDA graph advances them on every replay;
 ** combine names its dispatch by `rel`, how many receives ago it was (0 = the latest). */

@@ -87,6 +87,7 @@ __global__ void __launch_bounds__(kSendThreads, kBlocksPerSm) dispatch_send_kern
     __shared__ int n_msgs, bail;
     EP_TRACE(trace_point(p, 0, 0));
     EP_TRACE(trace_max(p, 0, kTraceMaxStart));
+    if (!p.a2a) let_dependents_launch(); /* the receive kernel may launch now (see ep_device.cuh) */
 
     /* the receivers are done with the slots this parity carried two calls ago: probed now,
     ** waited for (if still needed) only before the first store into their windows */
@@ -328,6 +329,7 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm) dispatch_recv_kernel(P
     __syncthreads();
     EP_TRACE(trace_point(p, 1, 1));
     if (bail) return;
+    wait_for_prior_grid(); /* before the first store into the caller's buffers (ep_device.cuh) */
     if (threadIdx.x == 0) {
         pre[0] = 0;
         for (int r = 0; r < R; r++) pre[r + 1] = pre[r] + (p.active[r] ? (int)in_meta(p, par, r)[0] : 0);
@@ -447,7 +449,8 @@ template <int kGin> epmoe_status recv_with(const Params &p, const epmoe_dispatch
             return epmoe__fail(EPMOE_ERR_CUDA, "epmoe_dispatch (receive): %zu bytes of shared memory: %s", smem,
                                cudaGetErrorString(e));
     }
-    dispatch_recv_kernel<kGin><<<kBlocksPerSm * sms, kThreads, smem, s>>>(p, a);
+    const cudaError_t e = launch_dependent(dispatch_recv_kernel<kGin>, kBlocksPerSm * sms, kThreads, smem, s, !p.a2a, p, a);
+    if (e != cudaSuccess) return epmoe__fail(EPMOE_ERR_CUDA, "epmoe_dispatch (receive): launch failed: %s", cudaGetErrorString(e));
     return epmoe__launched("epmoe_dispatch (receive)");
 }
 
