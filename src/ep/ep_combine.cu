@@ -41,15 +41,14 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm) combine_send_kernel(Pa
     const int par = seq & 1, R = d.R, H = d.H, me = d.rank;
     const int64_t M = (int64_t)R * d.N;
     const CallState &st = p.st[par];
-    __shared__ int pre[1025];
+    __shared__ int pre[kMaxGpuRanks + 1];
     __shared__ __align__(16) uint8_t hdr[256];
     EP_TRACE(trace_point(p, 2, 0));
     EP_TRACE(trace_max(p, 2, kTraceMaxStart));
     if (!p.a2a) let_dependents_launch(); /* the receive kernel may launch now (see ep_device.cuh) */
-    if (threadIdx.x == 0) {
-        pre[0] = 0;
-        for (int r = 0; r < R; r++) pre[r + 1] = pre[r] + (p.active[r] ? st.n_msgs[r] : 0);
-    }
+    for (int r = threadIdx.x; r < R; r += kThreads) pre[r + 1] = p.active[r] ? st.n_msgs[r] : 0;
+    __syncthreads();
+    scan_ranks(pre, R);
     __syncthreads();
     EP_TRACE(trace_point(p, 2, 1));
     const uint4 *yv = reinterpret_cast<const uint4 *>(y);

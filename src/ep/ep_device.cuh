@@ -45,6 +45,7 @@ inline int grid_for(int work, int sms) {
     const int most = kBlocksPerSm * sms;
     return work < 1 ? 1 : work < most ? work : most;
 }
+constexpr int kMaxGpuRanks = 1024; /* ranks of a GPU group: combine's prefix over ranks is static shared memory */
 constexpr int kBatch = 4;             /* 16-byte loads a thread keeps in flight before using them */
 
 /* Device-side state of one parity (one live dispatch). */
@@ -285,6 +286,26 @@ __device__ __forceinline__ void trace_set(const Params &p, int kernel, int slot)
 #else
 #define EP_TRACE(call) ((void)0)
 #endif
+
+/* pre[1..R] holds a count per rank: warp 0 turns it into the inclusive prefix (pre[0] = 0), 32
+** ranks per step with shuffles. Called by every thread between barriers that order pre's writes
+** and its readers. (One thread summing R counts read from global memory took R round trips.) */
+__device__ __forceinline__ void scan_ranks(int *pre, int R) {
+    if (threadIdx.x >= 32) return;
+    const int lane = threadIdx.x;
+    int carry = 0;
+    for (int base = 0; base < R; base += 32) {
+        int v = base + lane < R ? pre[base + lane + 1] : 0;
+#pragma unroll
+        for (int o = 1; o < 32; o *= 2) {
+            const int n = __shfl_up_sync(0xFFFFFFFFu, v, o);
+            if (lane >= o) v += n;
+        }
+        if (base + lane < R) pre[base + lane + 1] = carry + v;
+        carry += __shfl_sync(0xFFFFFFFFu, v, 31);
+    }
+    if (lane == 0) pre[0] = 0;
+}
 
 /* ---- the halves overlap at their seam (programmatic dependent launch, sm_90) -------------
 ** A send kernel lets its dependents launch as soon as all its blocks run; a receive kernel is

@@ -330,15 +330,22 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm) dispatch_recv_kernel(P
     EP_TRACE(trace_point(p, 1, 1));
     if (bail) return;
     wait_for_prior_grid(); /* before the first store into the caller's buffers (ep_device.cuh) */
-    if (threadIdx.x == 0) {
-        pre[0] = 0;
-        for (int r = 0; r < R; r++) pre[r + 1] = pre[r] + (p.active[r] ? (int)in_meta(p, par, r)[0] : 0);
+    /* every source's counts read at once (a loop over sources per thread waited R round trips),
+    ** then prefixes in shared memory: messages over sources, rows of each expert over sources */
+    for (int i = threadIdx.x; i < R * (L + 1); i += kThreads) {
+        const int r = i / (L + 1), f = i - r * (L + 1); /* f = 0: messages; 1 + le: rows of le */
+        const int c = p.active[r] ? (int)in_meta(p, par, r)[f ? 1 + f : 0] : 0;
+        if (f) begin[(f - 1) * R + r] = c;
+        else pre[r + 1] = c;
     }
+    __syncthreads();
+    scan_ranks(pre, R);
     for (int le = threadIdx.x; le < L; le += kThreads) {
         int acc = 0;
         for (int r = 0; r < R; r++) {
+            const int c = begin[le * R + r];
             begin[le * R + r] = acc;
-            if (p.active[r]) acc += (int)in_meta(p, par, r)[2 + le];
+            acc += c;
         }
         if (blockIdx.x == 0) a.masked_m[le] = acc;
     }

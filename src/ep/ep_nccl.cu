@@ -459,6 +459,9 @@ extern "C" epmoe_status epmoe_ep_create_nccl(struct ncclComm *comm, const epmoe_
         return epmoe__fail(EPMOE_ERR_INVALID_ARG, "%s: config says rank %d of %d, the communicator rank %d of %d", fn,
                            cfg->rank, cfg->num_ranks, rank, nranks);
     ncclGetVersion(&version);
+    if (cfg->num_ranks > epk::kMaxGpuRanks)
+        return epmoe__fail(EPMOE_ERR_UNSUPPORTED, "%s: %d ranks; the GPU backend supports at most %d", fn, cfg->num_ranks,
+                           epk::kMaxGpuRanks);
     /* the send kernel's counts, which both transports use, live in shared memory */
     const size_t send_smem = epk::send_smem(cfg->num_experts, cfg->num_ranks);
     {
