@@ -37,9 +37,10 @@ constexpr int kSendThreads = EPMOE_SEND_THREADS;
 static_assert((kSendThreads & (kSendThreads - 1)) == 0 && kSendThreads >= 32 * EPMOE_MAX_TOPK && kSendThreads <= 1024 &&
                   kSendThreads * kBlocksPerSm <= 2048,
               "send blocks: a power of two of at least 32 * EPMOE_MAX_TOPK threads, at most 1024, kBlocksPerSm per SM");
-/* The send kernel's dynamic shared memory: rows per expert and messages per destination [E + R],
-** then the active set [R] (ints). */
-inline size_t send_smem(int64_t E, int64_t R) { return sizeof(int) * (size_t)(E + 2 * R); }
+/* The send kernel's dynamic shared memory: rows per expert and messages per destination [E + R]
+** of the batch, the same [E + R] over the tokens before the current one, the active set [R]
+** (ints). */
+inline size_t send_smem(int64_t E, int64_t R) { return sizeof(int) * (size_t)(2 * E + 3 * R); }
 /* blocks for `work` independent items (tokens or messages) */
 inline int grid_for(int work, int sms) {
     const int most = kBlocksPerSm * sms;

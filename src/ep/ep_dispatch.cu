@@ -79,9 +79,11 @@ __global__ void __launch_bounds__(kSendThreads, kBlocksPerSm) dispatch_send_kern
     const int k = d.k, me = d.rank, par = seq & 1, L = d.L, E = d.E, R = d.R;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const float inv_L = 1.0f / (float)L;
-    extern __shared__ __align__(16) int count[]; /* [E + R] rows per expert, messages per destination; then act [R] */
-    int *act = count + E + R;
-    __shared__ int tok_e[kMaxK], tok_dst[kMaxK], tok_open[kMaxK], tok_row[kMaxK], hits_row[kMaxK], hits_slot[kMaxK];
+    /* count [E + R]: the batch's rows per expert and messages per destination (the count blocks);
+    ** before [E + R]: the same over the tokens before the block's current one; act [R] */
+    extern __shared__ __align__(16) int count[];
+    int *before = count + E + R, *act = before + E + R;
+    __shared__ int tok_e[kMaxK], tok_dst[kMaxK], tok_open[kMaxK], tok_row[kMaxK];
     __shared__ float wts[kMaxK];
     __shared__ MsgRef msgs[kMaxK];
     __shared__ int n_msgs, bail;
@@ -95,7 +97,7 @@ __global__ void __launch_bounds__(kSendThreads, kBlocksPerSm) dispatch_send_kern
     if (!p.a2a && seq > 2 && kGin != 2 && warp == 0)
         for (int r = lane; r < R; r += 32)
             acked &= !p.active[r] || ld_volatile(ep_ack(my_base(p), &p.w, r)) >= seq - 2;
-    for (int i = threadIdx.x; i < E + R; i += kSendThreads) count[i] = 0;
+    for (int i = threadIdx.x; i < 2 * (E + R); i += kSendThreads) count[i] = 0;
     for (int r = threadIdx.x; r < R; r += kSendThreads) act[r] = __ldg(p.active + r);
     if (threadIdx.x == 0) bail = 0;
 
@@ -108,15 +110,16 @@ __global__ void __launch_bounds__(kSendThreads, kBlocksPerSm) dispatch_send_kern
     const int chunks = d.H / 8; /* 16-byte chunks of the bf16 row */
     for (int t = blockIdx.x, pass = 0; t < T; t += gridDim.x, pass++) {
         /* warp 0, lane j: slot j of the token, the slot opening its message, its weight */
-        const int upto = pass == 0 ? T : t; /* tokens counted over: earlier ones (the first pass: all, for the count blocks) */
+        /* tokens counted now: the first pass all (the count blocks), counting those before t into
+        ** before[]; later passes the tokens since the block's previous one */
+        const int from = pass == 0 ? 0 : t - (int)gridDim.x, upto = pass == 0 ? T : t;
         int raw = -1;
         float w = 0.0f;
         if (warp == 0 && lane < k) {
             raw = raw_id(topk, bits, (int64_t)t * k + lane, E);
             if (weights) w = __ldg(weights + (int64_t)t * k + lane);
         }
-        if (threadIdx.x < kMaxK) hits_row[threadIdx.x] = 0, hits_slot[threadIdx.x] = 0;
-        __syncthreads(); /* act[] */
+        __syncthreads(); /* act[], the zeroed counts; the previous token's readers of before[] */
         if (warp == 0) {
             int dst = -1;
             const int e = lane < k ? sent_id(p, raw, act, t, inv_L, &dst) : -1;
@@ -127,8 +130,7 @@ __global__ void __launch_bounds__(kSendThreads, kBlocksPerSm) dispatch_send_kern
             }
             if (lane < kMaxK) tok_e[lane] = e, tok_dst[lane] = dst, tok_open[lane] = open, wts[lane] = w;
         }
-        __syncthreads();
-        for (int base = 0; base < upto; base += chunk) {
+        for (int base = from; base < upto; base += chunk) {
             const int u = base + ((int)threadIdx.x & (chunk - 1));
             int ed[kMaxK]; /* token u's ids as sent with their ranks: e | rank << 16 (E, R <= 32767), or -1 */
 #pragma unroll
@@ -141,50 +143,25 @@ __global__ void __launch_bounds__(kSendThreads, kBlocksPerSm) dispatch_send_kern
 #pragma unroll
                 for (int j = 0; j < kMaxK; j++)
                     if (j < k && (j & (Q - 1)) == q) p.st[par].topk[(int64_t)u * k + j] = (int16_t)(ed[j] >= 0 ? ed[j] & 0xFFFF : -1);
-            if (pass == 0) /* the count blocks, this thread's slots: experts collide little, destinations a lot (per warp group) */
+            const bool early = u < t; /* before the block's token */
 #pragma unroll
-                for (int j = 0; j < kMaxK; j++) {
-                    if ((j & (Q - 1)) != q) continue;
-                    bool f = ed[j] >= 0, o = ed[j] >= 0; /* the slot names its expert first; opens a message */
+            for (int j = 0; j < kMaxK; j++) { /* this thread's slots of token u */
+                if ((j & (Q - 1)) != q) continue;
+                bool f = ed[j] >= 0, o = ed[j] >= 0; /* the slot names its expert first; opens a message */
 #pragma unroll
-                    for (int jj = 0; jj < j; jj++) {
-                        f &= ed[jj] != ed[j];
-                        o &= !(ed[jj] >= 0 && (d.dedup ? ed[jj] >> 16 == ed[j] >> 16 : ed[jj] == ed[j]));
-                    }
-                    if (f) atomicAdd(&count[ed[j] & 0xFFFF], 1);
-                    const int key = o ? ed[j] >> 16 : -1;
-                    const unsigned grp = __match_any_sync(0xFFFFFFFFu, key);
-                    if (key >= 0 && lane == __ffs(grp) - 1) atomicAdd(&count[E + key], __popc(grp));
+                for (int jj = 0; jj < j; jj++) {
+                    f &= ed[jj] != ed[j];
+                    o &= !(ed[jj] >= 0 && (d.dedup ? ed[jj] >> 16 == ed[j] >> 16 : ed[jj] == ed[j]));
                 }
-            if (!__any_sync(0xFFFFFFFFu, u < t)) continue;
-            /* the token's slots of this thread: is the slot's expert in token u (a row before it), and
-            ** how many messages does u send to the slot's rank (dedup: one if any) */
-            unsigned once = 0; /* one message per expert: u's slots naming their expert first */
-            if (!d.dedup)
-#pragma unroll
-                for (int j = 0; j < kMaxK; j++) {
-                    bool f = ed[j] >= 0;
-#pragma unroll
-                    for (int jj = 0; jj < j; jj++) f &= ed[jj] != ed[j];
-                    once |= (unsigned)f << j;
+                if (f && pass == 0) atomicAdd(&count[ed[j] & 0xFFFF], 1);
+                if (f && early) atomicAdd(&before[ed[j] & 0xFFFF], 1);
+                /* messages: destinations collide a lot, so one atomic per warp group */
+                const int key = o ? (ed[j] >> 16) * 2 + early : -1;
+                const unsigned grp = __match_any_sync(0xFFFFFFFFu, key);
+                if (key >= 0 && lane == __ffs(grp) - 1) {
+                    if (pass == 0) atomicAdd(&count[E + (key >> 1)], __popc(grp));
+                    if (key & 1) atomicAdd(&before[E + (key >> 1)], __popc(grp));
                 }
-#pragma unroll
-            for (int j = 0; j < kMaxK; j++) {
-                if ((j & (Q - 1)) != q || j >= k) continue;
-                const int ej = tok_e[j], dj = tok_dst[j], packed = ej | dj << 16;
-                if (ej < 0) continue;
-                int hr = 0, hs = 0;
-                if (u < t)
-#pragma unroll
-                    for (int jj = 0; jj < kMaxK; jj++) {
-                        hr |= ed[jj] == packed;
-                        if (d.dedup) hs |= ed[jj] >= 0 && ed[jj] >> 16 == dj;
-                        else hs += (once >> jj & 1) && ed[jj] >> 16 == dj;
-                    }
-                hr = __popc(__ballot_sync(0xFFFFFFFFu, hr));
-                hs = d.dedup ? __popc(__ballot_sync(0xFFFFFFFFu, hs)) : __reduce_add_sync(0xFFFFFFFFu, hs);
-                if (lane == 0 && hr) atomicAdd(&hits_row[j], hr);
-                if (lane == 0 && hs) atomicAdd(&hits_slot[j], hs);
             }
         }
         __syncthreads();
@@ -192,8 +169,8 @@ __global__ void __launch_bounds__(kSendThreads, kBlocksPerSm) dispatch_send_kern
         if (warp == 0) { /* rows, messages, where they go */
             const int e = lane < kMaxK ? tok_e[lane] : -1, open = lane < kMaxK ? tok_open[lane] : -1;
             const int dst = lane < kMaxK ? tok_dst[lane] : -1;
-            if (lane < kMaxK) tok_row[lane] = hits_row[lane];
-            int slot = lane < kMaxK ? hits_slot[lane] : 0;
+            if (lane < kMaxK) tok_row[lane] = e >= 0 ? before[e] : 0;
+            int slot = e >= 0 ? before[E + dst] : 0;
             if (!d.dedup) /* the token's own earlier experts on the same rank come first */
                 for (int jj = 0; jj < kMaxK; jj++) {
                     const int ej = __shfl_sync(0xFFFFFFFFu, e, jj), oj = __shfl_sync(0xFFFFFFFFu, open, jj);
