@@ -310,16 +310,23 @@ __device__ __forceinline__ void scan_ranks(int *pre, int R) {
 
 /* ---- the halves overlap at their seam (programmatic dependent launch, sm_90) -------------
 ** A send kernel lets its dependents launch as soon as all its blocks run; a receive kernel is
-** launched as such a dependent, so its launch and prologue happen under the send's tail (2.7 us
-** from the send's last block to the receive's first, measured with bench_ep's trace). The receive
-** needs nothing from the send but what the flags already order (the messages, the counts), and
-** writes the caller's buffers only after griddepcontrol.wait (the kernel before it has finished and
-** its writes are visible): the kernel before a receive need not be our send (a split forward may
-** put a caller's kernel there, which may itself let dependents launch early and still read the
-** buffers the receive writes). The fallback's receive follows an NCCL exchange whose writes it
-** reads without flags: it is launched normally (and the wait is then a no-op). */
-__device__ __forceinline__ void let_dependents_launch() { asm volatile("griddepcontrol.launch_dependents;" ::: "memory"); }
-__device__ __forceinline__ void wait_for_prior_grid() { asm volatile("griddepcontrol.wait;" ::: "memory"); }
+** launched as such a dependent, so its launch (block scheduling, parameters) happens under the
+** send's tail (2.7 us from the send's last block to the receive's first, measured with bench_ep's
+** trace). The receive then waits for the prior grid (griddepcontrol.wait) before anything else:
+** the kernel before it need not be our send (a receive after a receive, or a caller's kernel in a
+** split forward, which may itself let dependents launch early), and it reads state such kernels
+** write (the call counters in p.seqs, the buffers it then overwrites). The fallback's receive
+** follows an NCCL exchange: it is launched normally (and the wait is then a no-op). */
+__device__ __forceinline__ void let_dependents_launch() {
+#if __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void wait_for_prior_grid() {
+#if __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
 
 template <typename... Params_, typename... Args>
 cudaError_t launch_dependent(void (*kernel)(Params_...), int grid, int block, size_t smem, cudaStream_t s, bool overlap,

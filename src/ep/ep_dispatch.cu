@@ -283,6 +283,7 @@ __global__ void __launch_bounds__(kSendThreads, kBlocksPerSm) dispatch_send_kern
 template <int kGin>
 __global__ void __launch_bounds__(kThreads, kBlocksPerSm) dispatch_recv_kernel(Params p, epmoe_dispatch_args a) {
     const ep_dims &d = p.d;
+    wait_for_prior_grid(); /* launched under the send's tail: the prior grid's writes first (ep_device.cuh) */
     const uint32_t seq = call_seq(p, &p.seqs[1], 1); /* as in the send kernel */
     const int par = seq & 1, R = d.R, L = d.L, H = d.H, G = H / FMT_GROUP, me = d.rank;
     const int64_t M = (int64_t)R * d.N;
@@ -306,7 +307,6 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm) dispatch_recv_kernel(P
     __syncthreads();
     EP_TRACE(trace_point(p, 1, 1));
     if (bail) return;
-    wait_for_prior_grid(); /* before the first store into the caller's buffers (ep_device.cuh) */
     /* every source's counts read at once (a loop over sources per thread waited R round trips),
     ** then prefixes in shared memory: messages over sources, rows of each expert over sources */
     for (int i = threadIdx.x; i < R * (L + 1); i += kThreads) {
@@ -434,7 +434,10 @@ template <int kGin> epmoe_status recv_with(const Params &p, const epmoe_dispatch
                                cudaGetErrorString(e));
     }
     const cudaError_t e = launch_dependent(dispatch_recv_kernel<kGin>, kBlocksPerSm * sms, kThreads, smem, s, !p.a2a, p, a);
-    if (e != cudaSuccess) return epmoe__fail(EPMOE_ERR_CUDA, "epmoe_dispatch (receive): launch failed: %s", cudaGetErrorString(e));
+    if (e != cudaSuccess) {
+        cudaGetLastError(); /* not left for the next launch's check */
+        return epmoe__fail(EPMOE_ERR_CUDA, "epmoe_dispatch (receive): launch failed: %s", cudaGetErrorString(e));
+    }
     return epmoe__launched("epmoe_dispatch (receive)");
 }
 
