@@ -14,10 +14,10 @@ namespace {
 ** (the reference's order, ep_ref.c). So the row of token t at expert e is the number of earlier
 ** tokens naming e, and its message slot at rank r the number of earlier tokens with a message
 ** to r (one message per expert: earlier distinct (token, expert) pairs on r, plus the token's
-** own earlier experts on r). A block counts these for its token over all earlier tokens at once,
-** Q threads per earlier token and warp ballots, and, on its first pass, the rows per expert and
-** messages per destination of the whole batch (the count blocks; smem atomics, so their order
-** does not matter). No block waits for another and no plan of the whole batch is ranked: that
+** own earlier experts on r). A block keeps these counts as running histograms in shared memory
+** (atomics, Q threads per counted token): its first pass counts the whole batch (the count
+** blocks) and the tokens before its first token, each later pass only the tokens since its
+** previous one. No block waits for another and no plan of the whole batch is ranked: that
 ** plan (seven dependent phases) took 7.3 us of a 40 us dispatch (bench_ep's trace, 2026-11-30). */
 
 struct MsgRef {
