@@ -16,6 +16,7 @@
 #include <nccl_device.h>
 
 #include "../cuda/common.cuh"
+#include "../cuda/wgmma.cuh" /* cp.async */
 #include "ep_internal.h"
 
 namespace epk {
@@ -39,8 +40,13 @@ static_assert((kSendThreads & (kSendThreads - 1)) == 0 && kSendThreads >= 32 * E
               "send blocks: a power of two of at least 32 * EPMOE_MAX_TOPK threads, at most 1024, kBlocksPerSm per SM");
 /* The send kernel's dynamic shared memory: rows per expert and messages per destination [E + R]
 ** of the batch, the same [E + R] over the tokens before the current one, the active set [R]
-** (ints). */
-inline size_t send_smem(int64_t E, int64_t R) { return sizeof(int) * (size_t)(2 * E + 3 * R); }
+** (ints), then the current token's bf16 row [H] at a 16-byte boundary. */
+__host__ __device__ inline int64_t send_row_at(int64_t E, int64_t R) { return (2 * E + 3 * R + 3) / 4 * 4; } /* ints */
+inline size_t send_smem(int64_t E, int64_t R, int64_t H) { return sizeof(int) * (size_t)send_row_at(E, R) + 2 * (size_t)H; }
+/* The dispatch receive kernel's dynamic shared memory: begin [L, R], the prefix over sources
+** [R + 1] and the counts [R] (ints), then the block's first message at a 16-byte boundary. */
+__host__ __device__ inline int64_t recv_msg_at(int64_t L, int64_t R) { return (4 * (L * R + 2 * R + 1) + 15) / 16 * 16; } /* bytes */
+inline size_t recv_smem(const ep_dims &d) { return (size_t)(recv_msg_at(d.L, d.R) + d.msg_bytes); }
 /* blocks for `work` independent items (tokens or messages) */
 inline int grid_for(int work, int sms) {
     const int most = kBlocksPerSm * sms;

@@ -83,6 +83,7 @@ __global__ void __launch_bounds__(kSendThreads, kBlocksPerSm) dispatch_send_kern
     ** before [E + R]: the same over the tokens before the block's current one; act [R] */
     extern __shared__ __align__(16) int count[];
     int *before = count + E + R, *act = before + E + R;
+    uint4 *row = reinterpret_cast<uint4 *>(count + send_row_at(E, R)); /* the token's bf16 row (see send_smem) */
     __shared__ int tok_e[kMaxK], tok_dst[kMaxK], tok_open[kMaxK], tok_row[kMaxK];
     __shared__ float wts[kMaxK];
     __shared__ MsgRef msgs[kMaxK];
@@ -100,6 +101,7 @@ __global__ void __launch_bounds__(kSendThreads, kBlocksPerSm) dispatch_send_kern
     for (int i = threadIdx.x; i < 2 * (E + R); i += kSendThreads) count[i] = 0;
     for (int r = threadIdx.x; r < R; r += kSendThreads) act[r] = __ldg(p.active + r);
     if (threadIdx.x == 0) bail = 0;
+    EP_TRACE(trace_point(p, 0, 2));
 
     /* the counting below: Q threads per counted token (a power of two up to k, as many as the block
     ** has threads for the batch), thread q taking the token's slots q, q + Q, ...; a warp holds one
@@ -113,6 +115,11 @@ __global__ void __launch_bounds__(kSendThreads, kBlocksPerSm) dispatch_send_kern
         /* tokens counted now: the first pass all (the count blocks), counting those before t into
         ** before[]; later passes the tokens since the block's previous one */
         const int from = pass == 0 ? 0 : t - (int)gridDim.x, upto = pass == 0 ? T : t;
+        /* the token's row, on its way to shared memory while the block counts: its load no longer
+        ** waits behind the counting (each thread copies the chunks it later casts, so no barrier) */
+        const uint4 *xt = reinterpret_cast<const uint4 *>(x + (int64_t)t * d.H);
+        for (int c = threadIdx.x; c < chunks; c += kSendThreads) cp_async16(row + c, xt + c, 16);
+        cp_async_commit();
         int raw = -1;
         float w = 0.0f;
         if (warp == 0 && lane < k) {
@@ -120,6 +127,7 @@ __global__ void __launch_bounds__(kSendThreads, kBlocksPerSm) dispatch_send_kern
             if (weights) w = __ldg(weights + (int64_t)t * k + lane);
         }
         __syncthreads(); /* act[], the zeroed counts; the previous token's readers of before[] */
+        EP_TRACE(if (pass == 0) trace_point(p, 0, 5));
         if (warp == 0) {
             int dst = -1;
             const int e = lane < k ? sent_id(p, raw, act, t, inv_L, &dst) : -1;
@@ -164,6 +172,7 @@ __global__ void __launch_bounds__(kSendThreads, kBlocksPerSm) dispatch_send_kern
                 }
             }
         }
+        EP_TRACE(if (pass == 0) trace_point(p, 0, 6));
         __syncthreads();
         EP_TRACE(if (pass == 0) trace_point(p, 0, 1));
         if (warp == 0) { /* rows, messages, where they go */
@@ -188,6 +197,7 @@ __global__ void __launch_bounds__(kSendThreads, kBlocksPerSm) dispatch_send_kern
             if (pass == 0 && !acks_in<kGin>(p, seq, act, acked)) bail = 1; /* before the first store into a window */
         }
         __syncthreads();
+        cp_async_wait<0>(); /* (also before leaving: no copy outlives the block) */
         if (bail) return;
         EP_TRACE(if (pass == 0) trace_point(p, 0, 3));
         const int nm = n_msgs;
@@ -204,14 +214,13 @@ __global__ void __launch_bounds__(kSendThreads, kBlocksPerSm) dispatch_send_kern
             *reinterpret_cast<ep_header *>(mr.at) = h;
         }
         if (nm) {
-            const uint4 *xt = reinterpret_cast<const uint4 *>(x + (int64_t)t * d.H);
             const int lane = threadIdx.x & 31;
             const unsigned half_mask = 0xFFFFu << (lane & 16);
             for (int c0 = threadIdx.x; c0 < chunks; c0 += kSendThreads * kBatch) {
                 uint4 v[kBatch]; /* every load of the row in flight before the first use */
 #pragma unroll
                 for (int b = 0; b < kBatch; b++)
-                    if (c0 + b * kSendThreads < chunks) v[b] = __ldg(xt + c0 + b * kSendThreads);
+                    if (c0 + b * kSendThreads < chunks) v[b] = row[c0 + b * kSendThreads];
 #pragma unroll
                 for (int b = 0; b < kBatch; b++) {
                     const int c = c0 + b * kSendThreads; /* a half-warp owns a 128-group: uniform test */
@@ -289,7 +298,9 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm) dispatch_recv_kernel(P
     const int64_t M = (int64_t)R * d.N;
     extern __shared__ __align__(16) uint8_t smem[];
     int *begin = reinterpret_cast<int *>(smem); /* [L, R] */
-    int *pre = begin + L * R;                   /* [R + 1] message prefix over sources */
+    int *pre = begin + L * R;                   /* [R + 1] prefix over sources of the messages after the first round */
+    int *cnt = pre + R + 1;                     /* [R] messages per source */
+    uint8_t *msg0 = smem + recv_msg_at(L, R);   /* the block's first message, loaded early (below) */
     /* the distinct rows of the current message (a slot repeating an expert shares its row):
     ** flat index le * M + row, and le and row apart (no 64-bit division for the scales) */
     __shared__ int64_t rows[EPMOE_MAX_TOPK];
@@ -307,13 +318,28 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm) dispatch_recv_kernel(P
     __syncthreads();
     EP_TRACE(trace_point(p, 1, 1));
     if (bail) return;
+    /* Messages go to blocks in two rounds. The first is fixed before the counts are known: block b
+    ** takes message b / R of source b % R, so it loads that message (if the source sent that many:
+    ** a slot past the count holds an old call's bytes, loaded and never used) while it reads the
+    ** counts, instead of after (two dependent round trips less). The rest, messages past the first
+    ** round of each source, are spread evenly over all blocks by a prefix over sources. */
+    const int grid = (int)gridDim.x, src0 = (int)blockIdx.x % R, i0 = (int)blockIdx.x / R;
+    if (i0 < d.slots) {
+        const uint4 *m0 = reinterpret_cast<const uint4 *>(in_msg(p, par, src0, i0));
+        for (int c = threadIdx.x; c < d.msg_bytes / 16; c += kThreads) cp_async16(reinterpret_cast<uint4 *>(msg0) + c, m0 + c, 16);
+        cp_async_commit();
+    }
     /* every source's counts read at once (a loop over sources per thread waited R round trips),
     ** then prefixes in shared memory: messages over sources, rows of each expert over sources */
     for (int i = threadIdx.x; i < R * (L + 1); i += kThreads) {
         const int r = i / (L + 1), f = i - r * (L + 1); /* f = 0: messages; 1 + le: rows of le */
         const int c = p.active[r] ? (int)in_meta(p, par, r)[f ? 1 + f : 0] : 0;
-        if (f) begin[(f - 1) * R + r] = c;
-        else pre[r + 1] = c;
+        if (f) {
+            begin[(f - 1) * R + r] = c;
+        } else {
+            cnt[r] = c;
+            pre[r + 1] = c - min(c, r < grid ? (grid - r + R - 1) / R : 0); /* less the first round's */
+        }
     }
     __syncthreads();
     scan_ranks(pre, R);
@@ -330,15 +356,21 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm) dispatch_recv_kernel(P
     EP_TRACE(trace_point(p, 1, 2));
     if (blockIdx.x == 0) {
         for (int i = threadIdx.x; i < L * R; i += kThreads) p.st[par].begin[i] = begin[i];
-        for (int r = threadIdx.x; r < R; r += kThreads) p.st[par].n_msgs[r] = pre[r + 1] - pre[r];
+        for (int r = threadIdx.x; r < R; r += kThreads) p.st[par].n_msgs[r] = cnt[r];
     }
     const float inv = a.requant_scale ? 1.0f / __ldg(a.requant_scale) : 1.0f;
     const int fmt = p.scale_fmt;
-    for (int m = blockIdx.x; m < pre[R]; m += gridDim.x) {
-        int src = 0;
-        while (pre[src + 1] <= m) src++;
-        const int i = m - pre[src];
-        const uint8_t *msg = in_msg(p, par, src, i);
+    cp_async_wait<0>();
+    __syncthreads(); /* the first message in shared memory */
+    /* m = -1: the first round's message (if its source sent it); then the rest */
+    for (int m = i0 < cnt[src0] ? -1 : (int)blockIdx.x; m < pre[R]; m += m < 0 ? 1 + (int)blockIdx.x : grid) {
+        int src = src0, i = i0;
+        if (m >= 0) {
+            src = 0;
+            while (pre[src + 1] <= m) src++;
+            i = m - pre[src] + min(cnt[src], src < grid ? (grid - src + R - 1) / R : 0);
+        }
+        const uint8_t *msg = m < 0 ? msg0 : in_msg(p, par, src, i);
         uint8_t *keep = p.st[par].hdrs + ((int64_t)src * d.slots + i) * d.header_bytes;
         for (int c = threadIdx.x; c < d.header_bytes / 16; c += kThreads)
             reinterpret_cast<uint4 *>(keep)[c] = reinterpret_cast<const uint4 *>(msg)[c];
@@ -361,7 +393,7 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm) dispatch_recv_kernel(P
             if (lane == 0) n_rows = __popc(firsts);
         }
         __syncthreads();
-        EP_TRACE(if (m == (int)blockIdx.x) trace_point(p, 1, 3));
+        EP_TRACE(if (m == -1) trace_point(p, 1, 3));
         const int nrows = n_rows;
         const uint8_t *payload = msg + d.header_bytes;
         const int vec = d.fp8 ? H / 16 : H / 8; /* 16-byte chunks of the payload */
@@ -396,7 +428,7 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm) dispatch_recv_kernel(P
             }
         }
         __syncthreads(); /* rows[] is rewritten for the next message */
-        EP_TRACE(if (m == (int)blockIdx.x) trace_point(p, 1, 4));
+        EP_TRACE(if (m == -1) trace_point(p, 1, 4));
     }
     EP_TRACE(trace_max(p, 1, kTraceMaxWorkEnd));
     if (!p.a2a && last_block_done(&p.counters[1])) { /* a2a: the stream orders slab reuse */
@@ -413,7 +445,7 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm) dispatch_recv_kernel(P
 /* One instantiation per transport: kGin = Params::gin (0 device API or all-to-all, 1 emulated
 ** put/signal, 2 GIN), chosen here. */
 template <int kGin, int kMaxK> epmoe_status send_with(const Params &p, const epmoe_dispatch_args &a, int sms, cudaStream_t s) {
-    const size_t smem = send_smem(p.d.E, p.d.R);
+    const size_t smem = send_smem(p.d.E, p.d.R, p.d.H);
     if (smem > 48 * 1024) {
         const cudaError_t e = grow_smem_attr<dispatch_send_kernel<kGin, kMaxK>>(smem);
         if (e != cudaSuccess)
@@ -426,7 +458,7 @@ template <int kGin, int kMaxK> epmoe_status send_with(const Params &p, const epm
 }
 
 template <int kGin> epmoe_status recv_with(const Params &p, const epmoe_dispatch_args &a, int sms, cudaStream_t s) {
-    const size_t smem = (size_t)ep_align(4 * ((int64_t)p.d.L * p.d.R + p.d.R + 1), 16);
+    const size_t smem = recv_smem(p.d);
     if (smem > 48 * 1024) {
         const cudaError_t e = grow_smem_attr<dispatch_recv_kernel<kGin>>(smem);
         if (e != cudaSuccess)

@@ -21,6 +21,7 @@
 #include <chrono>
 #include <condition_variable>
 #include <cstring>
+#include <algorithm>
 #include <atomic>
 #include <mutex>
 #include <thread>
@@ -462,17 +463,21 @@ extern "C" epmoe_status epmoe_ep_create_nccl(struct ncclComm *comm, const epmoe_
     if (cfg->num_ranks > epk::kMaxGpuRanks)
         return epmoe__fail(EPMOE_ERR_UNSUPPORTED, "%s: %d ranks; the GPU backend supports at most %d", fn, cfg->num_ranks,
                            epk::kMaxGpuRanks);
-    /* the send kernel's counts, which both transports use, live in shared memory */
-    const size_t send_smem = epk::send_smem(cfg->num_experts, cfg->num_ranks);
+    /* the send kernel's counts and the receive's offsets, which both transports use, live in
+    ** shared memory, with a token's row and a message */
+    ep_dims dims;
+    ep_dims_init(&dims, cfg->num_ranks, cfg->rank, cfg->max_tokens, cfg->hidden, cfg->num_experts, cfg->top_k,
+                 cfg->wire == EPMOE_WIRE_FP8, cfg->dedup, cfg->combine_mode == EPMOE_COMBINE_REDUCE_AT_EXPERT);
+    const size_t smem_need = std::max(epk::send_smem(cfg->num_experts, cfg->num_ranks, cfg->hidden), epk::recv_smem(dims));
     {
         /* the device's opt-in limit per block, less the kernel's static shared memory (< 1 KB) */
         int cur = 0, optin = 0;
         if (cudaGetDevice(&cur) != cudaSuccess || cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, cur) != cudaSuccess)
             return epmoe__fail(EPMOE_ERR_CUDA, "%s: cannot query the device's shared memory", fn);
-        if (send_smem + 1024 > (size_t)optin)
-            return epmoe__fail(EPMOE_ERR_UNSUPPORTED, "%s: dispatch's counts need %zu bytes of shared memory for %d experts "
-                               "and %d ranks; this GPU allows %d per block", fn, send_smem + 1024, cfg->num_experts,
-                               cfg->num_ranks, optin);
+        if (smem_need + 1024 > (size_t)optin)
+            return epmoe__fail(EPMOE_ERR_UNSUPPORTED, "%s: dispatch needs %zu bytes of shared memory per block for %d experts, "
+                               "%d ranks and hidden %d; this GPU allows %d", fn, smem_need + 1024, cfg->num_experts,
+                               cfg->num_ranks, cfg->hidden, optin);
     }
 
     epmoe_status st = EPMOE_OK;
