@@ -36,6 +36,13 @@ if ! nvidia-smi -L >/dev/null 2>&1; then
     case "$out" in *"tiny MoE layer"*"on the CPU backend"*) ;; *) echo "  FAIL demo without a GPU: the layer bench did not take the tiny model on the CPU backend"; fail=1 ;; esac
 fi
 tmp=$(mktemp -d)
+# without --model the CPU backend takes the tiny model (the full one ran the scalar references for
+# minutes), and an explicit --model still wins there
+out=$(timeout 120 "$EPMOE" bench --cpu --iters 1 --json "$tmp/bench_default.json" 2>&1); rc=$?
+if [ "$rc" != 0 ]; then echo "  FAIL bench --cpu without --model: exit $rc"; echo "$out" | tail -3; fail=1; fi
+case "$out" in *"tiny MoE layer"*"16 tokens/rank"*"on the CPU backend"*) ;; *) echo "  FAIL bench --cpu without --model: not the tiny model at 16 tokens: $out" | head -3; fail=1 ;; esac
+out=$(timeout 120 "$EPMOE" bench --cpu --model kimi-k2 --experts 2 --tokens 1 --iters 1 --scheme bf16 2>&1); rc=$?
+case "$rc:$out" in 0:*"kimi-k2 MoE layer"*) ;; *) echo "  FAIL bench --cpu --model kimi-k2: exit $rc, the model not honoured"; echo "$out" | tail -3; fail=1 ;; esac
 expect 0 "check --model tiny --cpu" "$EPMOE" check --model tiny --cpu --json "$tmp/check.json"
 for s in bf16 w8a8_fp8_block "w4a16 --group 128" "w4a16 --group 32"; do
     expect 0 "check --scheme $s" "$EPMOE" check --model tiny --cpu --scheme $s --json "$tmp/check_$(echo $s | tr -d ' -').json"
@@ -75,6 +82,11 @@ b = json.load(open(f"{d}/bench.json"))
 st = {(x["wire"], x["stage"]) for x in b["results"]}
 assert st == {(w, s) for w in ("fp8", "bf16") for s in ("layer", "dispatch", "expert MLP", "combine")}, st
 assert all(x["us"] > 0 for x in b["results"])
+# GB/s and TFLOP/s are the GPU kernels': on the CPU backend (the scalar references) they are null,
+# as for the stages that read no weights ("-" in the table)
+assert all(x["gbs"] is None and x["tflops"] is None for x in b["results"]), b["results"]
+b = json.load(open(f"{d}/bench_default.json"))
+assert (b["model"], b["tokens"], b["gpu"]) == ("tiny", 16, 0), b
 for s, wires in (("bf16", ("bf16",)), ("w8a8_fp8_block", ("fp8", "bf16")), ("w4a16", ("bf16",))):
     b = json.load(open(f"{d}/bench_{s}.json"))
     assert b["scheme"].startswith(s), b["scheme"]

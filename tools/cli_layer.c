@@ -10,7 +10,8 @@
 **          per-tensor activation scales; w8a8_fp8_block FP8 vs BF16 wire (1x128 scales); bf16
 **          and w4a16 the BF16 wire (their only one). --json adds "scheme".
 **   bench: the layer forward and each stage alone (dispatch, expert MLP, combine): median us,
-**          GB/s over the weights the MLP reads, TFLOP/s; FP8 and/or BF16 wire; --json.
+**          GB/s over the weights the MLP reads and TFLOP/s (GPUs); FP8 and/or BF16 wire; --json F.
+** Flags left out take the backend's defaults (backend_defaults): on the CPU backend the tiny model.
 */
 #define _POSIX_C_SOURCE 200809L
 #include <math.h>
@@ -29,6 +30,7 @@
 
 int cmd_check(int argc, char **argv);
 int cmd_bench(int argc, char **argv);
+int cli_layer_gpus(int force_cpu);
 
 typedef struct model {
     const char *name;
@@ -143,15 +145,33 @@ static int run_ranks(rank_ctx *rs, int R, int gpu, epmoe_ep_config ec, rank_fn f
     return bad;
 }
 
-static int pick_ranks(const opts *o, int *gpu) {
+/* The backend of the layer commands, decided here once for check, bench and `epmoe demo`
+** (epmoe.c): the node's GPUs over NCCL when this build has CUDA and the NCCL backend, a GPU is
+** visible and --cpu was not given; else the CPU backend (ranks as threads, scalar references).
+** Returns the number of GPUs to use (0: the CPU backend). */
+int cli_layer_gpus(int force_cpu) {
     int n = 0;
-    (void)o; /* (a build without NCCL has only the CPU backend) */
+    (void)force_cpu; /* (a build without NCCL has only the CPU backend) */
 #if EPMOE_HAVE_CUDA && EPMOE_HAVE_NCCL
-    if (!o->cpu) n = epmoe_cuda_device_count();
+    if (!force_cpu) n = epmoe_cuda_device_count();
 #endif
+    return n > 0 ? n : 0;
+}
+
+static int pick_ranks(const opts *o, int *gpu) {
+    const int n = cli_layer_gpus(o->cpu);
     *gpu = n > 0;
     if (!n) return 2;
     return n >= 8 ? 8 : (n >= 4 ? 4 : (n >= 2 ? 2 : 1));
+}
+
+/* What the flags left unset, by backend: the full DeepSeek-R1 layer on GPUs; on the CPU backend,
+** whose scalar references take minutes over full-size experts, the tiny model and (bench) few
+** tokens and iterations, a run of seconds (what `epmoe demo` shows there). Given flags win. */
+static void backend_defaults(opts *o, int gpu, int tokens_gpu, int tokens_cpu, int iters_gpu, int iters_cpu) {
+    if (!o->m) o->m = gpu ? &MODELS[0] : &MODELS[2];
+    if (!o->tokens) o->tokens = gpu ? tokens_gpu : tokens_cpu;
+    if (!o->iters) o->iters = gpu ? iters_gpu : iters_cpu;
 }
 
 static uint64_t rng_state = 0x2545F4914F6CDD1Dull;
@@ -362,7 +382,7 @@ static void check_rank(rank_ctx *r) {
 }
 
 int cmd_check(int argc, char **argv) {
-    opts o = {&MODELS[0], 8, 0, 0, 0, 0, NULL, EPMOE_SCHEME_W4AFP8, 32, 0};
+    opts o = {NULL, 0, 0, 0, 0, 0, NULL, EPMOE_SCHEME_W4AFP8, 32, 0};
     if (parse("check", argc, argv, &o)) return 2;
     /* the rows: wire x activation scales; only w4afp8 has static per-tensor scales, and the bf16
     ** and w4a16 schemes read bf16 activations (BF16 wire, no scales) */
@@ -374,6 +394,7 @@ int cmd_check(int argc, char **argv) {
     snprintf(sname, sizeof sname, o.scheme == EPMOE_SCHEME_W4A16 ? "%s g%d" : "%s", SCHEME[o.scheme], o.group);
     int gpu;
     const int R = pick_ranks(&o, &gpu);
+    backend_defaults(&o, gpu, 8, 8, 0, 0);
     if (!gpu && o.m != &MODELS[2] && !o.experts)
         fprintf(stderr, "epmoe check: CPU backend: the fp64 reference of full-size experts is slow; try --model tiny\n");
     const int E = o.experts ? o.experts : 4 * R, H = o.m->H, I = o.m->I, T = o.tokens, k = o.m->k < E ? o.m->k : E;
@@ -595,7 +616,7 @@ static void bench_rank(rank_ctx *r) {
     const epmoe_expert_mlp_args xm = {w.e13, w.e2, m.a, M, masked, fmt == EPMOE_WEIGHT_FP8_BLOCK ? m.a_scales : NULL,
                                       m.a_scale_fmt, ws, wsb, eout, H, M * H, m.expected_m};
     const epmoe_combine_args c = {eout, NULL, out};
-    const int iters = j->o->iters ? j->o->iters : 30, warm = 5;
+    const int iters = j->o->iters, warm = 5;
     double *t[STAGES];
     for (int st = 0; st < STAGES; st++) t[st] = malloc(sizeof(double) * (size_t)iters);
 #if EPMOE_HAVE_CUDA
@@ -661,7 +682,7 @@ static void bench_rank(rank_ctx *r) {
 }
 
 int cmd_bench(int argc, char **argv) {
-    opts o = {&MODELS[0], 128, 0, 0, 0, 0, NULL, EPMOE_SCHEME_W4AFP8, 32, 0};
+    opts o = {NULL, 0, 0, 0, 0, 0, NULL, EPMOE_SCHEME_W4AFP8, 32, 0};
     if (parse("bench", argc, argv, &o)) return 2;
     const int fp8_ok = epmoe_scheme_accepts_wire(o.scheme, EPMOE_WIRE_FP8);
     if (!o.wires) o.wires = fp8_ok ? 3 : 2;
@@ -669,6 +690,7 @@ int cmd_bench(int argc, char **argv) {
         return fprintf(stderr, "epmoe bench: the %s scheme reads bf16 activations: BF16 wire only\n", SCHEME[o.scheme]), 2;
     int gpu;
     const int R = pick_ranks(&o, &gpu);
+    backend_defaults(&o, gpu, 128, 16, 30, 3);
     const int E = o.experts ? o.experts : o.m->E, H = o.m->H, I = o.m->I, k = o.m->k < E ? o.m->k : E;
     if (E % R) return fprintf(stderr, "epmoe bench: %d experts are not a multiple of the %d ranks\n", E, R), 2;
     if (o.tokens > 1024) return fprintf(stderr, "epmoe bench: --tokens must be <= 1024\n"), 2;
@@ -709,22 +731,27 @@ int cmd_bench(int argc, char **argv) {
                                                                     : 1.0 + 4.0 / (128 * 128);
         const double wbytes_expert = (double)(2 * I * H + H * I) * bpw;
         for (int st = 0; st < STAGES; st++) {
-            double us = 0, gbs = 0, tf = 0;
+            double us = 0;
             long rows = 0;
             int active = 0;
             for (int q = 0; q < R; q++) {
                 us = us > jobs[q].us[st] ? us : jobs[q].us[st];
                 if (jobs[q].us[st] >= us) rows = jobs[q].rows, active = jobs[q].active; /* the slower rank's */
             }
-            if (st == 2) {
-                gbs = wbytes_expert * active / us / 1e3; /* experts without rows cost no bytes */
-                tf = 2.0 * (double)rows * (double)(2 * I * H + H * I) / us / 1e6;
+            /* GB/s and TFLOP/s: the expert MLP's on GPUs only. The other stages read no weights, and
+            ** on the CPU backend the MLP is the scalar reference, whose rates (a few MB/s) say
+            ** nothing about the kernels: "-" in the table, null in the JSON. */
+            char gbs[32] = "-", tf[32] = "-", jgbs[32] = "null", jtf[32] = "null";
+            if (st == 2 && gpu) {
+                const double g = wbytes_expert * active / us / 1e3; /* experts without rows cost no bytes */
+                const double t = 2.0 * (double)rows * (double)(2 * I * H + H * I) / us / 1e6;
+                snprintf(gbs, sizeof gbs, "%.0f", g), snprintf(tf, sizeof tf, "%.1f", t);
+                snprintf(jgbs, sizeof jgbs, "%.1f", g), snprintf(jtf, sizeof jtf, "%.2f", t);
             }
-            if (st == 2) printf("  %-5s %-11s %11.1f %10.0f %10.1f\n", wire ? "BF16" : "FP8", STAGE[st], us, gbs, tf);
-            else printf("  %-5s %-11s %11.1f %10s %10s\n", wire ? "BF16" : "FP8", STAGE[st], us, "-", "-");
+            printf("  %-5s %-11s %11.1f %10s %10s\n", wire ? "BF16" : "FP8", STAGE[st], us, gbs, tf);
             if (jf)
-                fprintf(jf, "%s\n  {\"wire\": \"%s\", \"stage\": \"%s\", \"us\": %.2f, \"gbs\": %.1f, \"tflops\": %.2f}",
-                        first ? "" : ",", wire ? "bf16" : "fp8", STAGE[st], us, gbs, tf);
+                fprintf(jf, "%s\n  {\"wire\": \"%s\", \"stage\": \"%s\", \"us\": %.2f, \"gbs\": %s, \"tflops\": %s}",
+                        first ? "" : ",", wire ? "bf16" : "fp8", STAGE[st], us, jgbs, jtf);
             first = 0;
         }
         double sum = 0, layer_us = 0;

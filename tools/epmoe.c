@@ -24,6 +24,7 @@ int demo_ep(int use_gpu);   /* demo_ep.c */
 int demo_w4a8(int use_gpu); /* demo_w4a8.c */
 int cmd_check(int argc, char **argv); /* cli_layer.c */
 int cmd_bench(int argc, char **argv);
+int cli_layer_gpus(int force_cpu);    /* the layer's backend: GPUs over NCCL (count) or 0, the CPU */
 
 static int usage(FILE *f) {
     fprintf(f, "usage: epmoe <command> [options]\n"
@@ -40,9 +41,12 @@ static int usage(FILE *f) {
                "  bench [--model M] [--scheme S] [--group 32|128] [--experts E] [--tokens N] [--wire fp8|bf16|both]\n"
                "        [--iters N] [--cpu] [--json F]\n"
                "                             the layer and each stage alone (dispatch, expert MLP, combine):\n"
-               "                             median us, GB/s, TFLOP/s on the node's GPUs (else the CPU backend)\n"
+               "                             median us, GB/s, TFLOP/s on the node's GPUs (else the CPU backend:\n"
+               "                             median us only; default there --model tiny --tokens 16 --iters 3)\n"
                "  version                    print the library version\n"
-               "  M: deepseek-r1 (default), kimi-k2, tiny (H 512, I 256, 16 experts, top-4: quick on a CPU);\n"
+               "  --json F writes the results to the file F as JSON.\n"
+               "  M: deepseek-r1 (default on GPUs), kimi-k2, tiny (H 512, I 256, 16 experts, top-4: quick on a\n"
+               "  CPU; the default on the CPU backend);\n"
                "  S: w4afp8 (default), w8a8_fp8_block, bf16, w4a16 (int4 group --group, default 32; BF16 wire\n"
                "  only, as bf16)\n");
     return f == stdout ? 0 : 2;
@@ -204,21 +208,23 @@ static int demo(int argc, char **argv) {
     free(x), free(q), free(y), free(s), free(deq);
     const int gpu = !force_cpu && EPMOE_HAVE_CUDA && epmoe_cuda_device_count() > 0;
     if (demo_w4a8(gpu)) return 1;
-    /* EP on the GPUs needs GPUs and the NCCL backend; demo_ep runs the CPU backend otherwise, and
-    ** the layer bench below must then take the small model (the scalar references are slow) */
-    int ep_gpu = gpu && EPMOE_HAVE_NCCL;
+    /* EP on the GPUs needs GPUs and the NCCL backend: the layer commands' decision (cli_layer.c);
+    ** demo_ep runs the CPU backend otherwise */
+    int ep_gpu = cli_layer_gpus(force_cpu) > 0;
     if (demo_ep(ep_gpu) != 0) {
         if (force_cpu) return 1;
         fprintf(stderr, "epmoe demo: the GPU EP backend is not usable here; running EP on the CPU backend instead\n");
         if (demo_ep(0)) return 1;
         ep_gpu = 0;
     }
-    /* the whole layer, stage by stage, FP8 vs BF16 wire (the scalar CPU references need a small model) */
-    char *gpu_args[] = {"--model", "deepseek-r1", "--tokens", "128", "--iters", "20"};
-    char *cpu_args[] = {"--model", "tiny", "--tokens", "16", "--iters", "3", "--cpu"};
+    /* the whole layer, stage by stage, FP8 vs BF16 wire: `epmoe bench` with its defaults for the
+    ** backend (GPUs: DeepSeek-R1, 128 tokens per rank; the CPU backend: the tiny model, whose
+    ** scalar references run in seconds), with fewer iterations on GPUs */
+    char *gpu_args[] = {"--iters", "20"};
+    char *cpu_args[] = {"--cpu"};
     printf("\n");
     fflush(stdout);
-    return ep_gpu ? cmd_bench(6, gpu_args) : cmd_bench(7, cpu_args);
+    return ep_gpu ? cmd_bench(2, gpu_args) : cmd_bench(1, cpu_args);
 }
 
 int main(int argc, char **argv) {
