@@ -31,11 +31,26 @@ static inline int epmoe__sm_count(void) {
     return n;
 }
 
+/* cudaGetErrorString, said plainly where the runtime's words mislead on a machine without a GPU:
+** the statically linked runtime reports "driver version is insufficient" when no NVIDIA driver is
+** loaded at all. For the calls that first touch the device. */
+static inline const char *epmoe__cuda_str(cudaError_t e) {
+    switch (e) {
+    case cudaErrorInsufficientDriver:
+        return "no CUDA GPU/driver available (no NVIDIA driver is loaded, or it is older than the CUDA runtime this "
+               "libepmoe was built with)";
+    case cudaErrorStubLibrary:
+        return "no CUDA GPU/driver available (the libcuda found is the CUDA toolkit's stub, not an NVIDIA driver)";
+    case cudaErrorNoDevice: return "no CUDA GPU/driver available (no CUDA-capable device is visible)";
+    default: return cudaGetErrorString(e);
+    }
+}
+
 static inline epmoe_status epmoe__need_device(const char *fn, int *sms) {
     *sms = epmoe__sm_count();
     if (*sms > 0) return EPMOE_OK;
     cudaError_t err = cudaGetLastError();
-    return epmoe__fail(EPMOE_ERR_CUDA, "%s: no usable CUDA device: %s", fn, cudaGetErrorString(err));
+    return epmoe__fail(EPMOE_ERR_CUDA, "%s: no usable CUDA device: %s", fn, epmoe__cuda_str(err));
 }
 
 /* Two floats -> two e4m3 bytes (low byte first). cvt.rn.satfinite.e4m3x2.f32 is RNE and

@@ -41,32 +41,44 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm) combine_send_kernel(Pa
     const int par = seq & 1, R = d.R, H = d.H, me = d.rank;
     const int64_t M = (int64_t)R * d.N;
     const CallState &st = p.st[par];
-    __shared__ int pre[kMaxGpuRanks + 1];
+    __shared__ int pre[kMaxGpuRanks + 1], cnt[kMaxGpuRanks];
     __shared__ __align__(16) uint8_t hdr[256];
     EP_TRACE(trace_point(p, 2, 0));
     EP_TRACE(trace_max(p, 2, kTraceMaxStart));
     if (!p.a2a) let_dependents_launch(); /* the receive kernel may launch now (see ep_device.cuh) */
-    for (int r = threadIdx.x; r < R; r += kThreads) pre[r + 1] = p.active[r] ? st.n_msgs[r] : 0;
+    /* messages to blocks in two rounds (ep_device.cuh): the first-round header loads while the
+    ** counts do */
+    const int src0 = (int)blockIdx.x % R, i0 = (int)blockIdx.x / R;
+    auto kept = [&](int src, int i) { return st.hdrs + ((int64_t)src * d.slots + i) * d.header_bytes; };
+    if (i0 < d.slots) {
+        for (int c = threadIdx.x; c < d.header_bytes / 16; c += kThreads) cp_async16(hdr + 16 * c, kept(src0, i0) + 16 * c, 16);
+        cp_async_commit();
+    }
+    for (int r = threadIdx.x; r < R; r += kThreads) {
+        const int c = p.active[r] ? st.n_msgs[r] : 0;
+        cnt[r] = c, pre[r + 1] = c - first_round(c, r, R);
+    }
     __syncthreads();
     scan_ranks(pre, R);
+    cp_async_wait<0>();
     __syncthreads();
     EP_TRACE(trace_point(p, 2, 1));
     const uint4 *yv = reinterpret_cast<const uint4 *>(y);
-    for (int m = blockIdx.x; m < pre[R]; m += gridDim.x) {
-        int src = 0;
-        while (pre[src + 1] <= m) src++;
-        const int i = m - pre[src];
-        const uint8_t *keep = st.hdrs + ((int64_t)src * d.slots + i) * d.header_bytes;
-        for (int c = threadIdx.x; c < d.header_bytes / 16; c += kThreads)
-            reinterpret_cast<uint4 *>(hdr)[c] = reinterpret_cast<const uint4 *>(keep)[c];
-        __syncthreads();
+    for (int m = i0 < cnt[src0] ? -1 : (int)blockIdx.x; m < pre[R]; m = next_round_msg(m)) {
+        int src = src0, i = i0;
+        if (m >= 0) {
+            later_round_msg(pre, cnt, R, m, &src, &i);
+            for (int c = threadIdx.x; c < d.header_bytes / 16; c += kThreads)
+                reinterpret_cast<uint4 *>(hdr)[c] = reinterpret_cast<const uint4 *>(kept(src, i))[c];
+            __syncthreads();
+        }
         const ep_header h = *reinterpret_cast<const ep_header *>(hdr);
         const ep_entry *ent = reinterpret_cast<const ep_entry *>(hdr + sizeof(ep_header));
         const int ne = h.n_entries;
         int64_t src_row[kMaxK]; /* first 16-byte chunk of each entry's expert output row */
 #pragma unroll
         for (int n = 0; n < kMaxK; n++)
-            src_row[n] = n < ne ? ((int64_t)ent[n].le * M + st.begin[ent[n].le * R + src] + ent[n].row) * (H / 8) : 0;
+            src_row[n] = n < ne ? ((int64_t)ent[n].le * M + ent[n].row) * (H / 8) : 0; /* (rows made absolute at receive) */
         if (d.reduce_at_expert) {
             uint4 *o = reinterpret_cast<uint4 *>(out_comb_row<kGin>(p, par, src, h.token));
             for (int c = threadIdx.x; c < H / 8; c += kThreads) {
@@ -108,7 +120,7 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm) combine_send_kernel(Pa
             }
         }
         __syncthreads(); /* hdr is reused */
-        EP_TRACE(if (m == (int)blockIdx.x) trace_point(p, 2, 2));
+        EP_TRACE(if (m == -1) trace_point(p, 2, 2));
     }
     EP_TRACE(trace_max(p, 2, kTraceMaxWorkEnd));
     if (!p.a2a && last_block_done(&p.counters[2])) { /* a2a: the exchange follows on the stream */
@@ -128,9 +140,20 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm) combine_recv_kernel(Pa
     const uint32_t seq = call_seq(p, &p.seqs[1], 0u - rel);
     const int par = seq & 1, R = d.R, H = d.H, k = d.k, L = d.L;
     __shared__ int bail;
+    __shared__ int16_t tk[EPMOE_MAX_TOPK]; /* the current token's ids as sent, and (REDUCE_AT_OWNER) weights */
+    __shared__ float wk[EPMOE_MAX_TOPK];
     EP_TRACE(trace_point(p, 3, 0));
     EP_TRACE(trace_max(p, 3, kTraceMaxStart));
     if (threadIdx.x == 0) bail = 0;
+    const int16_t *topk = p.st[par].topk;
+    /* the block's first token: its ids (and weights) load while the flags are awaited */
+    auto load_token = [&](int t) {
+        if ((int)threadIdx.x < k) {
+            tk[threadIdx.x] = topk[(int64_t)t * k + threadIdx.x];
+            if (!d.reduce_at_expert) wk[threadIdx.x] = __ldg(weights + (int64_t)t * k + threadIdx.x);
+        }
+    };
+    if ((int)blockIdx.x < T) load_token((int)blockIdx.x);
     __syncthreads();
     /* put/signal flags count combines, and a dispatch need not be combined: count the combines
     ** received on this parity on the device (the last block moves it on below) */
@@ -143,12 +166,15 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm) combine_recv_kernel(Pa
     __syncthreads();
     EP_TRACE(trace_point(p, 3, 1));
     if (bail) return;
-    const int16_t *topk = p.st[par].topk;
     __shared__ const uint4 *parts[EPMOE_MAX_TOPK]; /* the rows to sum, in the fixed order */
     __shared__ float wts[EPMOE_MAX_TOPK];
     __shared__ int nparts;
     for (int t = blockIdx.x; t < T; t += gridDim.x) {
-        const int16_t *tok = topk + (int64_t)t * k;
+        if (t != (int)blockIdx.x) {
+            load_token(t);
+            __syncthreads();
+        }
+        const int16_t *tok = tk;
         if (threadIdx.x == 0) {
             int np = 0;
             if (d.reduce_at_expert) {
@@ -168,7 +194,7 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm) combine_recv_kernel(Pa
                 for (int j = 0; j < k; j++)
                     if (tok[j] >= 0) {
                         parts[np] = reinterpret_cast<const uint4 *>(in_comb_row(p, par, tok[j] / L, (int64_t)t * k + j));
-                        wts[np++] = __ldg(weights + (int64_t)t * k + j);
+                        wts[np++] = wk[j];
                     }
             }
             nparts = np;

@@ -40,9 +40,12 @@ static_assert((kSendThreads & (kSendThreads - 1)) == 0 && kSendThreads >= 32 * E
               "send blocks: a power of two of at least 32 * EPMOE_MAX_TOPK threads, at most 1024, kBlocksPerSm per SM");
 /* The send kernel's dynamic shared memory: rows per expert and messages per destination [E + R]
 ** of the batch, the same [E + R] over the tokens before the current one, the active set [R]
-** (ints), then the current token's bf16 row [H] at a 16-byte boundary. */
+** (ints), then the current token's bf16 row [H] at a 16-byte boundary, then a tile of the ids
+** being counted [kSendThreads tokens at most, k | 1] (ints). */
 __host__ __device__ inline int64_t send_row_at(int64_t E, int64_t R) { return (2 * E + 3 * R + 3) / 4 * 4; } /* ints */
-inline size_t send_smem(int64_t E, int64_t R, int64_t H) { return sizeof(int) * (size_t)send_row_at(E, R) + 2 * (size_t)H; }
+inline size_t send_smem(int64_t E, int64_t R, int64_t H, int64_t k) {
+    return sizeof(int) * (size_t)send_row_at(E, R) + 2 * (size_t)H + sizeof(int) * (size_t)kSendThreads * (size_t)(k | 1);
+}
 /* The dispatch receive kernel's dynamic shared memory: begin [L, R], the prefix over sources
 ** [R + 1] and the counts [R] (ints), then the block's first message at a 16-byte boundary. */
 __host__ __device__ inline int64_t recv_msg_at(int64_t L, int64_t R) { return (4 * (L * R + 2 * R + 1) + 15) / 16 * 16; } /* bytes */
@@ -57,10 +60,10 @@ constexpr int kBatch = 4;             /* 16-byte loads a thread keeps in flight 
 
 /* Device-side state of one parity (one live dispatch). */
 struct CallState {
-    int16_t *topk;  /* [N, k] ids as sent (-1: none or owner inactive) */
-    int32_t *begin; /* [L, R] */
-    int32_t *n_msgs; /* [R] */
-    uint8_t *hdrs;  /* [R, slots, header_bytes] */
+    int16_t *topk;   /* [N, k] ids as sent (-1: none or owner inactive) */
+    int32_t *n_msgs; /* [R] messages received per source */
+    uint8_t *hdrs;   /* [R, slots, header_bytes] received headers, each entry's row made absolute (its
+                     ** row in the masked layout) */
 };
 
 struct Params {
@@ -312,6 +315,23 @@ __device__ __forceinline__ void scan_ranks(int *pre, int R) {
         carry += __shfl_sync(0xFFFFFFFFu, v, 31);
     }
     if (lane == 0) pre[0] = 0;
+}
+
+/* ---- messages to blocks in two rounds (dispatch receive, combine send) -----------------------
+** The first round is fixed before any count is known: block b takes message b / R of source
+** b % R (if that source has it), so a block can load its first message while the counts are
+** still on their way. The messages past each source's first round are then spread evenly over all
+** blocks by a prefix over sources (pre[r + 1] - pre[r] = cnt[r] - first_round(cnt[r], r, R)). */
+__device__ __forceinline__ int first_round(int cnt, int src, int R) { /* messages of src in the first round */
+    const int grid = (int)gridDim.x;
+    return min(cnt, src < grid ? (grid - src + R - 1) / R : 0);
+}
+/* the block's iterations: m = -1 is its first-round message, m >= 0 the later ones */
+__device__ __forceinline__ int next_round_msg(int m) { return m < 0 ? (int)blockIdx.x : m + (int)gridDim.x; }
+__device__ __forceinline__ void later_round_msg(const int *pre, const int *cnt, int R, int m, int *src, int *i) {
+    int s = 0;
+    while (pre[s + 1] <= m) s++;
+    *src = s, *i = m - pre[s] + first_round(cnt[s], s, R);
 }
 
 /* ---- the halves overlap at their seam (programmatic dependent launch, sm_90) -------------

@@ -31,7 +31,8 @@ __device__ __forceinline__ int raw_id(const void *topk, int bits, int64_t i, int
     return e < -1 || e >= E ? -2 : (int)e;
 }
 /* e / L for 0 <= e < 2^24 by a float reciprocal and one correction: an integer division is ~40
-** instructions, and the counting below needs a destination per id of every earlier token. */
+** instructions, and the counting below needs a destination per id of every earlier token (and
+** the token of each id it stages). */
 __device__ __forceinline__ int owner_of(int e, int L, float inv_L) {
     int q = __float2int_rz(__int2float_rn(e) * inv_L);
     q -= q * L > e;
@@ -78,12 +79,13 @@ __global__ void __launch_bounds__(kSendThreads, kBlocksPerSm) dispatch_send_kern
     const uint32_t seq = call_seq(p, &p.seqs[0], 1);
     const int k = d.k, me = d.rank, par = seq & 1, L = d.L, E = d.E, R = d.R;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-    const float inv_L = 1.0f / (float)L;
+    const float inv_L = 1.0f / (float)L, inv_k = 1.0f / (float)k;
     /* count [E + R]: the batch's rows per expert and messages per destination (the count blocks);
     ** before [E + R]: the same over the tokens before the block's current one; act [R] */
     extern __shared__ __align__(16) int count[];
     int *before = count + E + R, *act = before + E + R;
     uint4 *row = reinterpret_cast<uint4 *>(count + send_row_at(E, R)); /* the token's bf16 row (see send_smem) */
+    int *ids = reinterpret_cast<int *>(row + d.H / 8);                    /* a tile of counted ids */
     __shared__ int tok_e[kMaxK], tok_dst[kMaxK], tok_open[kMaxK], tok_row[kMaxK];
     __shared__ float wts[kMaxK];
     __shared__ MsgRef msgs[kMaxK];
@@ -139,18 +141,26 @@ __global__ void __launch_bounds__(kSendThreads, kBlocksPerSm) dispatch_send_kern
             if (lane < kMaxK) tok_e[lane] = e, tok_dst[lane] = dst, tok_open[lane] = open, wts[lane] = w;
         }
         for (int base = from; base < upto; base += chunk) {
-            const int u = base + ((int)threadIdx.x & (chunk - 1));
-            int ed[kMaxK]; /* token u's ids as sent with their ranks: e | rank << 16 (E, R <= 32767), or -1 */
-#pragma unroll
-            for (int j = 0; j < kMaxK; j++) {
+            /* the tile's ids as sent with their ranks, e | rank << 16 (E, R <= 32767) or -1, staged
+            ** in shared memory: each read once, coalesced (the Q threads of a token each loaded
+            ** all k ids, 32 bytes apart across a warp: 4x the requests, each touching 32 sectors).
+            ** Rows of the tile are ks = k | 1 ints apart: an odd stride, so the reads of a warp's 32
+            ** tokens below hit 32 different banks (k apart: 8-way conflicts at k = 8). */
+            const int n = min(chunk, upto - base), ks = k | 1;
+            if (base != from) __syncthreads(); /* the previous tile's readers */
+            for (int i = threadIdx.x; i < n * k; i += kSendThreads) {
+                const int tok = owner_of(i, k, inv_k), j = i - tok * k;
                 int dst;
-                const int e = sent_id(p, u < upto && j < k ? raw_id(topk, bits, (int64_t)u * k + j, E) : -1, act, u, inv_L, &dst);
-                ed[j] = e >= 0 ? e | dst << 16 : -1;
+                const int e = sent_id(p, raw_id(topk, bits, (int64_t)base * k + i, E), act, base + tok, inv_L, &dst);
+                const int v = e >= 0 ? e | dst << 16 : -1;
+                ids[tok * ks + j] = v;
+                if (pass == 0 && blockIdx.x == 0) p.st[par].topk[(int64_t)base * k + i] = (int16_t)(v >= 0 ? v & 0xFFFF : -1);
             }
-            if (pass == 0 && blockIdx.x == 0 && u < T)
+            __syncthreads();
+            const int u = base + ((int)threadIdx.x & (chunk - 1));
+            int ed[kMaxK]; /* token u's */
 #pragma unroll
-                for (int j = 0; j < kMaxK; j++)
-                    if (j < k && (j & (Q - 1)) == q) p.st[par].topk[(int64_t)u * k + j] = (int16_t)(ed[j] >= 0 ? ed[j] & 0xFFFF : -1);
+            for (int j = 0; j < kMaxK; j++) ed[j] = u < upto && j < k ? ids[(u - base) * ks + j] : -1;
             const bool early = u < t; /* before the block's token */
 #pragma unroll
             for (int j = 0; j < kMaxK; j++) { /* this thread's slots of token u */
@@ -318,12 +328,10 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm) dispatch_recv_kernel(P
     __syncthreads();
     EP_TRACE(trace_point(p, 1, 1));
     if (bail) return;
-    /* Messages go to blocks in two rounds. The first is fixed before the counts are known: block b
-    ** takes message b / R of source b % R, so it loads that message (if the source sent that many:
-    ** a slot past the count holds an old call's bytes, loaded and never used) while it reads the
-    ** counts, instead of after (two dependent round trips less). The rest, messages past the first
-    ** round of each source, are spread evenly over all blocks by a prefix over sources. */
-    const int grid = (int)gridDim.x, src0 = (int)blockIdx.x % R, i0 = (int)blockIdx.x / R;
+    /* Messages go to blocks in two rounds (first_round, ep_device.cuh): block b loads message b / R
+    ** of source b % R while it reads the counts, instead of after (two dependent round trips less;
+    ** a slot past the source's count holds an old call's bytes, loaded and never used). */
+    const int src0 = (int)blockIdx.x % R, i0 = (int)blockIdx.x / R;
     if (i0 < d.slots) {
         const uint4 *m0 = reinterpret_cast<const uint4 *>(in_msg(p, par, src0, i0));
         for (int c = threadIdx.x; c < d.msg_bytes / 16; c += kThreads) cp_async16(reinterpret_cast<uint4 *>(msg0) + c, m0 + c, 16);
@@ -338,7 +346,7 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm) dispatch_recv_kernel(P
             begin[(f - 1) * R + r] = c;
         } else {
             cnt[r] = c;
-            pre[r + 1] = c - min(c, r < grid ? (grid - r + R - 1) / R : 0); /* less the first round's */
+            pre[r + 1] = c - first_round(c, r, R); /* less the first round's */
         }
     }
     __syncthreads();
@@ -354,26 +362,20 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm) dispatch_recv_kernel(P
     }
     __syncthreads();
     EP_TRACE(trace_point(p, 1, 2));
-    if (blockIdx.x == 0) {
-        for (int i = threadIdx.x; i < L * R; i += kThreads) p.st[par].begin[i] = begin[i];
+    if (blockIdx.x == 0)
         for (int r = threadIdx.x; r < R; r += kThreads) p.st[par].n_msgs[r] = cnt[r];
-    }
     const float inv = a.requant_scale ? 1.0f / __ldg(a.requant_scale) : 1.0f;
     const int fmt = p.scale_fmt;
     cp_async_wait<0>();
     __syncthreads(); /* the first message in shared memory */
     /* m = -1: the first round's message (if its source sent it); then the rest */
-    for (int m = i0 < cnt[src0] ? -1 : (int)blockIdx.x; m < pre[R]; m += m < 0 ? 1 + (int)blockIdx.x : grid) {
+    for (int m = i0 < cnt[src0] ? -1 : (int)blockIdx.x; m < pre[R]; m = next_round_msg(m)) {
         int src = src0, i = i0;
-        if (m >= 0) {
-            src = 0;
-            while (pre[src + 1] <= m) src++;
-            i = m - pre[src] + min(cnt[src], src < grid ? (grid - src + R - 1) / R : 0);
-        }
+        if (m >= 0) later_round_msg(pre, cnt, R, m, &src, &i);
         const uint8_t *msg = m < 0 ? msg0 : in_msg(p, par, src, i);
+        /* the header kept for combine, each entry with its row in the masked layout (combine's send
+        ** then needs no offsets: one dependent load less) */
         uint8_t *keep = p.st[par].hdrs + ((int64_t)src * d.slots + i) * d.header_bytes;
-        for (int c = threadIdx.x; c < d.header_bytes / 16; c += kThreads)
-            reinterpret_cast<uint4 *>(keep)[c] = reinterpret_cast<const uint4 *>(msg)[c];
         if (threadIdx.x < 32) { /* warp 0: a lane per entry, its row once per distinct (le, row) */
             const int lane = threadIdx.x;
             const ep_header h = *reinterpret_cast<const ep_header *>(msg);
@@ -385,11 +387,17 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm) dispatch_recv_kernel(P
             const unsigned same = __match_any_sync(0xFFFFFFFFu, key);
             const bool first = valid && __ffs(same) - 1 == lane;
             const unsigned firsts = __ballot_sync(0xFFFFFFFFu, first);
+            const int r = valid ? begin[e.le * R + src] + e.row : 0;
             if (first) {
-                const int q = __popc(firsts & ((1u << lane) - 1u)), r = begin[e.le * R + src] + e.row;
+                const int q = __popc(firsts & ((1u << lane) - 1u));
                 rows[q] = (int64_t)e.le * M + r, row_le[q] = e.le, row_in[q] = r;
                 if (a.recv_src_info) a.recv_src_info[(int64_t)e.le * M + r] = src * d.N + h.token;
             }
+            if (valid) {
+                e.row = r;
+                reinterpret_cast<ep_entry *>(keep + sizeof(ep_header))[lane] = e;
+            }
+            if (lane == 0) *reinterpret_cast<ep_header *>(keep) = h;
             if (lane == 0) n_rows = __popc(firsts);
         }
         __syncthreads();
@@ -445,7 +453,7 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm) dispatch_recv_kernel(P
 /* One instantiation per transport: kGin = Params::gin (0 device API or all-to-all, 1 emulated
 ** put/signal, 2 GIN), chosen here. */
 template <int kGin, int kMaxK> epmoe_status send_with(const Params &p, const epmoe_dispatch_args &a, int sms, cudaStream_t s) {
-    const size_t smem = send_smem(p.d.E, p.d.R, p.d.H);
+    const size_t smem = send_smem(p.d.E, p.d.R, p.d.H, p.d.k);
     if (smem > 48 * 1024) {
         const cudaError_t e = grow_smem_attr<dispatch_send_kernel<kGin, kMaxK>>(smem);
         if (e != cudaSuccess)

@@ -468,7 +468,7 @@ extern "C" epmoe_status epmoe_ep_create_nccl(struct ncclComm *comm, const epmoe_
     ep_dims dims;
     ep_dims_init(&dims, cfg->num_ranks, cfg->rank, cfg->max_tokens, cfg->hidden, cfg->num_experts, cfg->top_k,
                  cfg->wire == EPMOE_WIRE_FP8, cfg->dedup, cfg->combine_mode == EPMOE_COMBINE_REDUCE_AT_EXPERT);
-    const size_t smem_need = std::max(epk::send_smem(cfg->num_experts, cfg->num_ranks, cfg->hidden), epk::recv_smem(dims));
+    const size_t smem_need = std::max(epk::send_smem(cfg->num_experts, cfg->num_ranks, cfg->hidden, cfg->top_k), epk::recv_smem(dims));
     {
         /* the device's opt-in limit per block, less the kernel's static shared memory (< 1 KB) */
         int cur = 0, optin = 0;
@@ -627,20 +627,19 @@ extern "C" epmoe_status epmoe_ep_create_nccl(struct ncclComm *comm, const epmoe_
             CUDA_TRY(cudaStreamSynchronize(stream), "cudaStreamSynchronize");
         }
 
-        /* device state: per parity topk [N,k] int16, begin [L,R], n_msgs [R], headers; active [R]; tickets [4] */
+        /* device state: per parity topk [N,k] int16, n_msgs [R], headers; active [R]; tickets [4] */
         const ep_dims &d = ep->d;
-        const size_t topk_b = ep_align(2 * (int64_t)d.N * d.k, 256), begin_b = ep_align(4 * (int64_t)d.L * d.R, 256);
+        const size_t topk_b = ep_align(2 * (int64_t)d.N * d.k, 256);
         const size_t nm_b = ep_align(4 * (int64_t)d.R, 256), hdr_b = ep_align(d.R * d.slots * d.header_bytes, 256);
-        const size_t per = topk_b + begin_b + nm_b + hdr_b, total = 2 * per + ep_align(4 * (int64_t)d.R, 256) + 256 + kTraceBytes;
+        const size_t per = topk_b + nm_b + hdr_b, total = 2 * per + ep_align(4 * (int64_t)d.R, 256) + 256 + kTraceBytes;
         CUDA_TRY(cudaMalloc(&im->state, total), "cudaMalloc (state)");
         CUDA_TRY(cudaMemset(im->state, 0, total), "cudaMemset (state)");
         uint8_t *base = static_cast<uint8_t *>(im->state);
         for (int par = 0; par < 2; par++) {
             uint8_t *b = base + par * per;
             im->params.st[par].topk = reinterpret_cast<int16_t *>(b);
-            im->params.st[par].begin = reinterpret_cast<int32_t *>(b + topk_b);
-            im->params.st[par].n_msgs = reinterpret_cast<int32_t *>(b + topk_b + begin_b);
-            im->params.st[par].hdrs = b + topk_b + begin_b + nm_b;
+            im->params.st[par].n_msgs = reinterpret_cast<int32_t *>(b + topk_b);
+            im->params.st[par].hdrs = b + topk_b + nm_b;
         }
         int *active = reinterpret_cast<int *>(base + 2 * per);
         im->params.active = active;
@@ -716,7 +715,7 @@ extern "C" epmoe_status epmoe_ep_create_nccl_rank(const epmoe_ep_config *cfg_in,
     EPMOE_CHECK(epmoe__ep_rank_args(fn, cfg_in, rank, size, unique_id, out, &cfg));
     cudaError_t e = cudaSetDevice(device);
     if (e != cudaSuccess)
-        return epmoe__fail(EPMOE_ERR_CUDA, "%s: rank %d: cudaSetDevice(%d) failed: %s", fn, rank, device, cudaGetErrorString(e));
+        return epmoe__fail(EPMOE_ERR_CUDA, "%s: rank %d: cudaSetDevice(%d) failed: %s", fn, rank, device, epmoe__cuda_str(e));
     ncclUniqueId id;
     std::memcpy(&id, unique_id, sizeof id);
     ncclComm_t comm;
