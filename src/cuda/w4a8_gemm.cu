@@ -4,16 +4,21 @@
 **
 ** Swap-AB: weights are wgmma's A operand (64 rows per warpgroup, converted in registers: 3
 ** integer ops per 8 weights), the tokens of one expert are N (tile T = 8..128, from expected_m).
-** A CTA of two warpgroups owns 128 weight rows x T tokens and walks K in 128-wide groups, one
-** pipeline step each; after the 4 wgmma of a group it promotes the fp32 partial with the scales:
+** A CTA of two warpgroups owns 128 weight rows x T tokens and walks K in 128-wide groups, two
+** per pipeline step (groups 2s and 2s + 1; the last step of an item has one when K/128 is odd).
+** After the 4 wgmma of a group it promotes the group's fp32 partial with the scales, in group order:
 **   acc += sw[n, g] * (sa[m, g] * partial)       (mode a, per-token 1x128 activation scales)
 **   acc += sw[n, g] * partial, x sa at the end   (mode b, one per-tensor activation scale)
-** so every product is exact and nothing is rounded twice. Each step's stage is filled by two TMA
-** bulk copies (the 8 KB weight tile, its 128 scales) and cp.async (T x 128 activation bytes, T
-** activation scales) completing on one mbarrier; S stages in flight.
+** so every product is exact and nothing is rounded twice. Two groups a step halve the step's fixed
+** cost per weight byte (mbarrier wait, proxy fence, CTA barrier, the producer's issue; to T = 32
+** also the wgmma commit and wait: both groups' 8 wgmma in flight together, kPairedT): decode
+** (T = 8) was latency/issue bound with DRAM ~65% busy at one group a step. Each step's stage is
+** filled by TMA bulk copies (the 16 KB weight tiles of both groups, contiguous in the repacked
+** layout; the 128 scales of each) and cp.async (T x 256 activation bytes, the activation scales)
+** completing on one mbarrier; S stages in flight.
 **
 ** Work: persistent CTAs. Each reads masked_m on the device (CUDA-graph safe) and counts m-tiles
-** per expert with a warp scan; items (expert, n-tile, m-tile; empty experts have none) x K groups
+** per expert with a warp scan; items (expert, n-tile, m-tile; empty experts have none) x K steps
 ** form one step sequence, split into equal ranges per CTA (stream-K, see the kernel).
 */
 #include "common.cuh"
@@ -24,11 +29,13 @@ namespace {
 
 constexpr int kThreads = 256;
 
+/* One step's two groups, [h] = group 2s + h. A step with one group leaves the [1] halves stale. */
 template <int T> struct Stage {
-    uint8_t w[2][kThreads][16]; /* the threads' fragments, [half][thread] (w4a8_layout.h) */
-    uint8_t a[8][T][16];        /* activations, K-major core matrices: 16-byte chunk c of token t */
-    float sw[W4_TILE_N];        /* weight scales of the tile's rows (2^9 folded in) */
-    uint32_t sa[T];             /* activation scale words: fp32 bits, or the UE8M0 word */
+    uint8_t w[2][2][kThreads][16]; /* the threads' fragments, [group][half][thread] (w4a8_layout.h) */
+    uint8_t a[2][8][T][16];        /* activations, K-major core matrices: 16-byte chunk c of token t */
+    float sw[2][W4_TILE_N];        /* weight scales of the tile's rows (2^9 folded in) */
+    uint32_t sa[2][T];             /* activation scale words: fp32 bits, or the UE8M0 word ([0] only:
+                                      a step's two groups share it, see Producer) */
 };
 
 struct Problem {
@@ -40,6 +47,8 @@ struct Problem {
     const int32_t *masked_m;
     uint16_t *out;
     int64_t N, K, M, row_stride, expert_stride, sa_slab;
+    int64_t sa_tok, sa_step; /* activation scales: bytes to the next token's word, to the next
+                                group's (UE8M0: the next 4 groups'), from fmt_scale_offset */
     int E, NT, G, fmt;
     float *slots;    /* stream-K: one fp32 partial tile per CTA, [cta][T/2][256] */
     uint32_t *flags; /* flag[cta] = epoch + 1 once its partial tile is in slots */
@@ -50,6 +59,14 @@ struct Problem {
 /* One work item: expert, token tile, weight tile, valid rows of the expert. */
 struct Item {
     int e, mt, nt, rows;
+};
+
+/* A CTA's stream-K range, in shared memory (see the kernel's note on registers). */
+struct Range {
+    int64_t total;   /* steps of all CTAs */
+    int64_t first;   /* the item of the CTA's first step */
+    int off, steps;  /* that step's index within its item; the CTA's steps */
+    uint32_t epoch;  /* p.sync[0] at entry */
 };
 
 template <int T>
@@ -73,25 +90,24 @@ __device__ __forceinline__ Item find_item(const Problem &p, const int *prefix, i
     return it;
 }
 
-/* The loads of one CTA, walking its items and their K groups in order. Pointers advance by a
-** constant per group, so a step costs a few adds; only an item change recomputes them. */
+/* The loads of one CTA, walking its items and their K steps in order. Pointers advance by a
+** constant per step, so a step costs a few adds; only an item change recomputes them. Each
+** pointer is group 2s's; group 2s + 1 is a constant further (weights W4_TILE_BYTES, scales N
+** floats, activations 128 bytes, activation scales sa_step). */
 template <int T, int kSa> struct Producer {
-    static constexpr int kActChunks = (T * 8 + kThreads - 1) / kThreads; /* 16-byte activation chunks per thread */
+    static constexpr int kActChunks = (T * 8 + kThreads - 1) / kThreads; /* 16-byte chunks per thread and group */
     const uint8_t *w;
     const uint8_t *a[kActChunks];
     int abytes[kActChunks]; /* 16, or 0 for rows past masked_m (zero-filled, never read) */
     const float *sw;
-    int g, t_sa;
-    int64_t item;           /* t_sa: this thread's token for the activation scale, or -1 */
     const uint8_t *sa;      /* the 4-byte word holding scale (t_sa, g) */
-    int64_t sa_step;        /* bytes to the next group's word (UE8M0: every 4th group) */
-    Item it;
+    int g, t_sa;            /* g: the step's first group (even); t_sa: this thread's token for the
+                               activation scale, or -1 */
 
-    __device__ void start(const Problem &p, const int *prefix, int64_t item_, int g0) {
+    __device__ void start(const Problem &p, const int *prefix, int64_t item, int g0) {
         const int tid = threadIdx.x;
-        item = item_;
         g = g0;
-        it = find_item<T>(p, prefix, item);
+        const Item it = find_item<T>(p, prefix, item);
         w = p.qw + (((int64_t)it.e * p.NT + it.nt) * p.G + g0) * W4_TILE_BYTES;
 #pragma unroll
         for (int i = 0; i < kActChunks; i++) {
@@ -105,49 +121,61 @@ template <int T, int kSa> struct Producer {
         t_sa = (kSa != 0 && tid >= 32 && tid < 32 + T && it.mt * T + tid - 32 < it.rows) ? tid - 32 : -1;
         if (t_sa >= 0) {
             const int64_t m = it.mt * T + t_sa;
-            sa = p.sa + p.sa_slab * it.e + (fmt_scale_offset(p.fmt, p.M, p.G, m, g0) & ~(int64_t)3);
-            /* the layouts of format.h: fp32 row / M-major, UE8M0 words of 4 groups row / M-major */
-            sa_step = (p.fmt == 0 || p.fmt == 2) ? 4 : 4 * p.M;
+            /* fmt_scale_offset(m, g0) & ~3, with strides from the host: a runtime format switch here
+            ** leaves values the compiler hoists into registers T = 8 does not have (see the kernel) */
+            sa = p.sa + p.sa_slab * it.e + m * p.sa_tok + (kSa == 2 ? g0 >> 2 : g0) * p.sa_step;
         }
     }
 
+    /* The loads of groups g and g + 1 (g alone when g is the last group: G odd). */
     __device__ void issue(const Problem &p, Stage<T> &s, uint64_t *full) {
         const int tid = threadIdx.x;
-        if (tid == 0) { /* the 8 KB weight tile and its 128 scales: two bulk copies */
-            mbar_expect_tx(full, W4_TILE_BYTES + W4_TILE_N * 4);
-            bulk_copy(&s.w[0][0][0], w, W4_TILE_BYTES, full);
-            bulk_copy(s.sw, sw, W4_TILE_N * 4, full);
+        const bool two = g + 1 < p.G;
+        if (tid == 0) { /* the weight tiles (adjacent in the repacked layout: one copy), 128 scales each */
+            mbar_expect_tx(full, (two ? 2 : 1) * (W4_TILE_BYTES + W4_TILE_N * 4));
+            bulk_copy(&s.w[0][0][0][0], w, (two ? 2 : 1) * W4_TILE_BYTES, full);
+            bulk_copy(s.sw[0], sw, W4_TILE_N * 4, full);
+            if (two) bulk_copy(s.sw[1], sw + p.N, W4_TILE_N * 4, full);
         }
 #pragma unroll
         for (int i = 0; i < kActChunks; i++) {
             const int c = tid + i * kThreads;
-            if (c < T * 8) cp_async16(&s.a[c & 7][c >> 3][0], a[i], abytes[i]);
+            if (c < T * 8) {
+                cp_async16(&s.a[0][c & 7][c >> 3][0], a[i], abytes[i]);
+                if (two) cp_async16(&s.a[1][c & 7][c >> 3][0], a[i] + (abytes[i] ? W4_GROUP : 0), abytes[i]);
+            }
         }
-        if (t_sa >= 0) cp_async4(&s.sa[t_sa], sa, 4);
+        if (t_sa >= 0) {
+            cp_async4(&s.sa[0][t_sa], sa, 4);
+            /* UE8M0: g is even, so groups g and g + 1 are bytes of the word just copied */
+            if (kSa != 2 && two) cp_async4(&s.sa[1][t_sa], sa + p.sa_step, 4);
+        }
         cp_async_arrive_noinc(full);
     }
 
-    __device__ void advance(const Problem &p, const int *prefix) {
-        w += W4_TILE_BYTES;
+    /* To the CTA's step `next` (counted from its first); on an item change the item comes from
+    ** that and the range in shared memory, not from a register kept for it. */
+    __device__ void advance(const Problem &p, const int *prefix, const Range &rg, int P, int next) {
+        w += 2 * W4_TILE_BYTES;
 #pragma unroll
-        for (int i = 0; i < kActChunks; i++) a[i] += abytes[i] ? W4_GROUP : 0;
-        sw += p.N;
-        if (t_sa >= 0 && (kSa != 2 || (g & 3) == 3)) sa += sa_step;
+        for (int i = 0; i < kActChunks; i++) a[i] += abytes[i] ? 2 * W4_GROUP : 0;
+        sw += 2 * p.N;
+        /* UE8M0: the next step's groups g + 2, g + 3 are in the next word when g % 4 == 2 */
+        if (t_sa >= 0 && (kSa != 2 || (g & 2))) sa += kSa == 2 ? p.sa_step : 2 * p.sa_step;
         /* Past the last item too, unguarded (a guard here cost 8-12% at 32 rows in the group-scale
         ** modes, measured 2026-11-30): start() only computes addresses, and issue() is never called
-        ** beyond the CTA's steps. */
-        if (++g == p.G) start(p, prefix, item + 1, 0);
+        ** beyond the CTA's steps (next <= steps: at most the item past the CTA's last). */
+        if ((g += 2) >= p.G) start(p, prefix, rg.first + (rg.off + next) / P, 0);
     }
 };
 
-/* The consumer side of one step: convert the weight fragments and issue the 4 wgmma of a group. */
+/* Group h's weight fragments in the stage, converted to the fp8 A operand of its 4 wgmma. */
 template <int T, bool kFull>
-__device__ __forceinline__ void mma_step(const Stage<T> &s, float (&part)[T / 2]) {
+__device__ __forceinline__ void convert(const Stage<T> &s, int h, uint32_t (&a)[4][4]) {
     const int tid = threadIdx.x;
-    const uint4 h0 = *reinterpret_cast<const uint4 *>(&s.w[0][tid][0]);
-    const uint4 h1 = *reinterpret_cast<const uint4 *>(&s.w[1][tid][0]);
+    const uint4 h0 = *reinterpret_cast<const uint4 *>(&s.w[h][0][tid][0]);
+    const uint4 h1 = *reinterpret_cast<const uint4 *>(&s.w[h][1][tid][0]);
     const uint32_t q[8] = {h0.x, h0.y, h0.z, h0.w, h1.x, h1.y, h1.z, h1.w};
-    uint32_t a[4][4];
 #pragma unroll
     for (int ks = 0; ks < 4; ks++) {
         a[ks][0] = w4_word_to_fp8(q[2 * ks], 0, kFull);
@@ -157,12 +185,13 @@ __device__ __forceinline__ void mma_step(const Stage<T> &s, float (&part)[T / 2]
 #pragma unroll
         for (int r = 0; r < 4; r++) reg_fence(a[ks][r]);
     }
+}
+
+/* The 4 wgmma of group h: part = (the group's weights) x (its activations), 64 rows x T per warpgroup. */
+template <int T>
+__device__ __forceinline__ void mma_group(const Stage<T> &s, int h, const uint32_t (&a)[4][4], float (&part)[T / 2]) {
 #pragma unroll
-    for (int i = 0; i < T / 2; i++) reg_fence(part[i]);
-    wgmma_fence();
-#pragma unroll
-    for (int ks = 0; ks < 4; ks++) wgmma_rs<T>(part, a[ks], smem_desc(&s.a[2 * ks][0][0], T * 16, 128), ks);
-    wgmma_commit();
+    for (int ks = 0; ks < 4; ks++) wgmma_rs<T>(part, a[ks], smem_desc(&s.a[h][2 * ks][0][0], T * 16, 128), ks);
 }
 
 /* A group's scales for this thread: its two weight rows, and (mode a) the activation scales of
@@ -173,17 +202,18 @@ template <int T, int kSa> struct GroupScales {
     float sa[kSa != 0 ? T / 8 : 1][2];
 };
 
+/* Group g = 2s + h of the stage; UE8M0 words are in sa[0] for both (g & 3 picks the byte). */
 template <int T, int kSa>
-__device__ __forceinline__ GroupScales<T, kSa> load_scales(const Stage<T> &s, int g) {
+__device__ __forceinline__ GroupScales<T, kSa> load_scales(const Stage<T> &s, int h, int g) {
     const int tid = threadIdx.x, lane = tid & 31, row = (tid >> 7) * 64 + ((tid >> 5) & 3) * 16 + (lane >> 2);
     GroupScales<T, kSa> gs;
-    gs.sw0 = s.sw[row], gs.sw1 = s.sw[row + 8];
+    gs.sw0 = s.sw[h][row], gs.sw1 = s.sw[h][row + 8];
     if (kSa != 0)
 #pragma unroll
         for (int jj = 0; jj < T / 8; jj++)
 #pragma unroll
             for (int c = 0; c < 2; c++) {
-                const uint32_t wv = s.sa[jj * 8 + 2 * (lane & 3) + c];
+                const uint32_t wv = s.sa[kSa == 2 ? 0 : h][jj * 8 + 2 * (lane & 3) + c];
                 gs.sa[jj][c] = kSa == 2 ? fmt_ue8m0_to_float((uint8_t)(wv >> (8 * (g & 3)))) : __uint_as_float(wv);
             }
     return gs;
@@ -223,20 +253,47 @@ __device__ __forceinline__ void epilogue(const Problem &p, const Item &it, float
         }
 }
 
+/* Tiles to kPairedT tokens keep both groups of a step in flight: 8 wgmma into two partials,
+** one commit, one wait. Larger ones run the groups one after the other (4 wgmma, wait, promote,
+** twice; they share the mbarrier wait, barrier and issue): a second partial and 16 more fragment
+** registers spill there by hundreds of bytes (T = 64 at its 128 registers, T = 128 at 255).
+** Registers with pairs (ptxas -v, CUDA 13.0): T = 8 71-79, 16 92-98, 32 117-128. With kPairedT = 8
+** T = 16 would take 58-62 (3 CTAs/SM possible; 2 with pairs) and T = 32 76-80 (2 CTAs/SM either
+** way: shared memory), an alternative to measure. */
+constexpr int kPairedT = 32;
+
 /* Per step j: wait for stage j's loads, start the loads of step j + S - 1 into the stage step
 ** j - 1 used (free: its wgmma completed and its scales were read before this barrier), issue the
-** 4 wgmma of step j, wait, promote. Each warpgroup waits on its own wgmma: the tensor cores stay
-** busy through the other warpgroups on the SM (2 per CTA, 2-3 CTAs per SM at decode tiles).
-** (Two partial accumulators with wgmma.wait_group 1 would overlap within a warpgroup, but
-** ptxas then serializes every wgmma: C7514.) */
+** wgmma of step j, wait, promote group 2s then 2s + 1: the fp32 operations and their order are
+** those of one group a step, so the bits are too. Each warpgroup waits on its own wgmma: the
+** tensor cores stay busy through the other warpgroups on the SM (2 per CTA, 2-3 CTAs per SM at
+** decode tiles). (Two commit groups with wgmma.wait_group 1, promoting part0 while part1 runs,
+** would overlap more within a warpgroup, but ptxas then serializes every wgmma: C7514.)
+**
+** Registers: T = 8 runs 3 CTAs/SM, so at most 80 a thread, of which the two groups' fragments
+** take 32 and the partials 8 while the wgmma run. So what the loop only needs at an item's end
+** (the item's index, whether it began in an earlier range, the stream-K epoch and total) is not
+** kept in registers: the range is in shared memory and the item comes from the step index. */
 template <int T, int kSa, bool kFull, int S>
-__global__ void __launch_bounds__(kThreads, T >= 128 ? 1 : 2) w4a8_gemm_kernel(Problem p) {
+__global__ void __launch_bounds__(kThreads, T >= 128 ? 1 : (T <= 8 ? 3 : 2)) /* T = 8: at most 80 registers */
+w4a8_gemm_kernel(Problem p) {
     extern __shared__ __align__(128) uint8_t smem[];
     Stage<T> *ring = reinterpret_cast<Stage<T> *>(smem);
     uint64_t *full = reinterpret_cast<uint64_t *>(smem + S * sizeof(Stage<T>)); /* stage j landed */
-    int *prefix = reinterpret_cast<int *>(full + S); /* m-tiles before expert e */
+    Range &rg = *reinterpret_cast<Range *>(full + S);
+    int *prefix = reinterpret_cast<int *>(&rg + 1); /* m-tiles before expert e */
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    const int P = (p.G + 1) >> 1; /* steps per item: groups 2s and 2s + 1, the last alone if G is odd */
 
+    /* Stream-K: every CTA owns an equal range [s0, s1) of the flattened (item, step) steps, so
+    ** all stream the same weight bytes (whole items per CTA leave a partial last wave: 22% of the
+    ** SM time idle at decode). Ranges go to CTAs in reverse (range r to CTA grid-1-r), so an item
+    ** split between ranges r and r+1 is started (last steps) by the lower CTA, first thing in its
+    ** range, which leaves its fp32 partial in its slot; the higher CTA reaches the item's end last
+    ** and finishes it: partials added in range order (deterministic), bf16 rows written. A CTA only
+    ** ever waits for lower-numbered CTAs, which the hardware starts first, and by then they are
+    ** long past that point. */
+    const int grid = gridDim.x, r = grid - 1 - (int)blockIdx.x;
     if (tid < S) mbar_init(&full[tid], kThreads + 1); /* every thread's cp.async + the bulk copies */
     fence_proxy_async();
     if (warp == 0) {
@@ -245,9 +302,9 @@ __global__ void __launch_bounds__(kThreads, T >= 128 ? 1 : 2) w4a8_gemm_kernel(P
             const int e = base + lane;
             int v = 0;
             if (e < p.E) {
-                int r = __ldg(p.masked_m + e);
-                r = r < 0 ? 0 : (r > p.M ? (int)p.M : r);
-                v = (r + T - 1) / T;
+                int rows = __ldg(p.masked_m + e);
+                rows = rows < 0 ? 0 : (rows > p.M ? (int)p.M : rows);
+                v = (rows + T - 1) / T;
             }
 #pragma unroll
             for (int off = 1; off < 32; off <<= 1) {
@@ -257,83 +314,105 @@ __global__ void __launch_bounds__(kThreads, T >= 128 ? 1 : 2) w4a8_gemm_kernel(P
             if (e < p.E) prefix[e + 1] = carry + v;
             carry += __shfl_sync(0xFFFFFFFFu, v, 31);
         }
-        if (lane == 0) prefix[0] = 0;
+        if (lane == 0) { /* carry: all m-tiles */
+            const int64_t total = (int64_t)carry * p.NT * P, s0 = total * r / grid;
+            prefix[0] = 0;
+            rg.total = total;
+            rg.first = s0 / P, rg.off = (int)(s0 % P);
+            rg.steps = (int)(total * (r + 1) / grid - s0);
+            rg.epoch = *reinterpret_cast<volatile uint32_t *>(p.sync);
+        }
     }
     __syncthreads();
-    const int64_t items = (int64_t)prefix[p.E] * p.NT, total = items * p.G;
-    /* Stream-K: every CTA owns an equal range [s0, s1) of the flattened (item, group) steps, so
-    ** all stream the same weight bytes (whole items per CTA leave a partial last wave: 22% of the
-    ** SM time idle at decode). Ranges go to CTAs in reverse (range r to CTA grid-1-r), so an item
-    ** split between ranges r and r+1 is started (last groups) by the lower CTA, first thing in its
-    ** range, which leaves its fp32 partial in its slot; the higher CTA reaches the item's end last
-    ** and finishes it: partials added in range order (deterministic), bf16 rows written. A CTA only
-    ** ever waits for lower-numbered CTAs, which the hardware starts first, and by then they are
-    ** long past that point. */
-    const int grid = gridDim.x, r = grid - 1 - (int)blockIdx.x;
-    const uint32_t epoch = *reinterpret_cast<volatile uint32_t *>(p.sync);
-    const int64_t s0 = total * r / grid, s1 = total * (r + 1) / grid;
-    const int steps = (int)(s1 - s0);
+    const int steps = rg.steps;
 
     if (steps > 0) {
         Producer<T, kSa> prod;
-        prod.start(p, prefix, s0 / p.G, (int)(s0 % p.G));
-        int issued = 0;
+        prod.start(p, prefix, rg.first, 2 * rg.off);
 #pragma unroll 1
-        for (; issued < S - 1; issued++) {
-            if (issued < steps) {
-                prod.issue(p, ring[issued % S], &full[issued % S]);
-                prod.advance(p, prefix);
-            }
+        for (int i = 0; i < S - 1 && i < steps; i++) {
+            prod.issue(p, ring[i], &full[i]);
+            prod.advance(p, prefix, rg, P, i + 1);
         }
 
-        float acc[T / 2], part[T / 2];
+        float acc[T / 2];
 #pragma unroll
         for (int i = 0; i < T / 2; i++) acc[i] = 0.0f;
-        int64_t citem = s0 / p.G;
-        int cg = (int)(s0 % p.G);
-        bool head = cg != 0; /* the first item began in an earlier range: contribute, don't finish */
-        Item cit = find_item<T>(p, prefix, citem);
+        int cg = 2 * rg.off; /* the step's first group */
+        /* The item of the CTA's step j, and whether that is the CTA's first item and began in an
+        ** earlier range (then the CTA contributes its partial instead of finishing it). */
+        auto item_of = [&](int j) { return rg.first + (rg.off + j) / P; };
+        auto is_head = [&](int j) { return rg.off != 0 && rg.off + j < P; };
         auto contribute = [&]() {
             float *slot = p.slots + (int64_t)r * (T / 2) * kThreads;
 #pragma unroll
             for (int i = 0; i < T / 2; i++) __stcg(slot + i * kThreads + tid, acc[i]), acc[i] = 0.0f;
             __threadfence();
             __syncthreads();
-            if (tid == 0) asm volatile("st.release.gpu.global.u32 [%0], %1;" ::"l"(p.flags + r), "r"(epoch + 1u) : "memory");
-            head = false;
+            if (tid == 0)
+                asm volatile("st.release.gpu.global.u32 [%0], %1;" ::"l"(p.flags + r), "r"(rg.epoch + 1u) : "memory");
         };
 #pragma unroll 1
         for (int j = 0; j < steps; j++) {
             mbar_wait(&full[j % S], (uint32_t)(j / S) & 1u);
             fence_proxy_async(); /* cp.async (generic proxy) wrote the activations wgmma reads */
             __syncthreads();
-            if (issued < steps) {
-                prod.issue(p, ring[issued % S], &full[issued % S]);
-                prod.advance(p, prefix);
+            if (j + S - 1 < steps) {
+                prod.issue(p, ring[(j + S - 1) % S], &full[(j + S - 1) % S]);
+                prod.advance(p, prefix, rg, P, j + S);
             }
-            issued++;
             const Stage<T> &s = ring[j % S];
-            mma_step<T, kFull>(s, part);
-            /* tiles to 32 tokens read the scales during the wgmma; larger ones after (T = 64 spills) */
-            GroupScales<T, kSa> gs;
-            if (T <= 32) gs = load_scales<T, kSa>(s, cg);
-            wgmma_wait<0>();
+            const bool two = cg + 1 < p.G; /* else the item's last step, G odd */
+            if constexpr (T <= kPairedT) {
+                float part0[T / 2], part1[T / 2]; /* fresh per step: the first wgmma of each overwrites */
+                uint32_t a0[4][4], a1[4][4];
+                convert<T, kFull>(s, 0, a0);
+                convert<T, kFull>(s, 1, a1);
 #pragma unroll
-            for (int i = 0; i < T / 2; i++) reg_fence(part[i]);
-            if (T > 32) gs = load_scales<T, kSa>(s, cg);
-            promote<T, kSa>(gs, part, acc);
-            if (++cg == p.G) {
-                if (head) contribute();
-                else epilogue<T, kSa>(p, cit, acc);
+                for (int i = 0; i < T / 2; i++) reg_fence(part0[i]), reg_fence(part1[i]);
+                wgmma_fence();
+                mma_group<T>(s, 0, a0, part0);
+                /* also when the step has one group (stale stage bytes, the partial unused): a
+                ** branch here makes ptxas inject a warpgroup.arrive (C7519) */
+                mma_group<T>(s, 1, a1, part1);
+                wgmma_commit();
+                /* the scales while the wgmma run */
+                const GroupScales<T, kSa> gs0 = load_scales<T, kSa>(s, 0, cg), gs1 = load_scales<T, kSa>(s, 1, cg + 1);
+                wgmma_wait<0>();
+#pragma unroll
+                for (int i = 0; i < T / 2; i++) reg_fence(part0[i]), reg_fence(part1[i]);
+                promote<T, kSa>(gs0, part0, acc);
+                if (two) promote<T, kSa>(gs1, part1, acc);
+            } else {
+#pragma unroll 1
+                for (int h = 0; h < (two ? 2 : 1); h++) {
+                    float part[T / 2];
+                    uint32_t a[4][4];
+                    convert<T, kFull>(s, h, a);
+#pragma unroll
+                    for (int i = 0; i < T / 2; i++) reg_fence(part[i]);
+                    wgmma_fence();
+                    mma_group<T>(s, h, a, part);
+                    wgmma_commit();
+                    wgmma_wait<0>();
+#pragma unroll
+                    for (int i = 0; i < T / 2; i++) reg_fence(part[i]);
+                    /* the scales after the wait: read during the wgmma, T = 64 spills */
+                    promote<T, kSa>(load_scales<T, kSa>(s, h, cg + h), part, acc);
+                }
+            }
+            if ((cg += 2) >= p.G) { /* step j ended its item */
+                if (is_head(j)) contribute();
+                else epilogue<T, kSa>(p, find_item<T>(p, prefix, item_of(j)), acc);
                 cg = 0;
-                if (++citem < items) cit = find_item<T>(p, prefix, citem);
             }
         }
-        if (cg != 0) {
-            if (head) {
+        if (cg != 0) { /* the range ends inside an item */
+            if (is_head(steps - 1)) {
                 contribute(); /* the whole range lies inside one item */
             } else { /* the item continues in the next ranges: add their partials, then finish */
-                const int64_t end = (citem + 1) * p.G;
+                const int64_t item = item_of(steps - 1), end = (item + 1) * P, total = rg.total;
+                const uint32_t epoch = rg.epoch;
                 for (int q = r + 1; q < grid && total * q / grid < end; q++) {
                     if (total * (q + 1) / grid == total * q / grid) continue; /* owns no step */
                     if (tid == 0) {
@@ -346,7 +425,7 @@ __global__ void __launch_bounds__(kThreads, T >= 128 ? 1 : 2) w4a8_gemm_kernel(P
 #pragma unroll
                     for (int i = 0; i < T / 2; i++) acc[i] += __ldcg(slot + i * kThreads + tid);
                 }
-                epilogue<T, kSa>(p, cit, acc);
+                epilogue<T, kSa>(p, find_item<T>(p, prefix, item), acc);
             }
         }
         cp_async_wait<0>();
@@ -369,9 +448,11 @@ size_t flags_bytes(int sms) { return ((size_t)sms * kMaxCtasPerSm * 4 + 255) / 2
 
 template <int T, int kSa, bool kFull>
 epmoe_status launch(const char *fn, const Problem &p, int sms, cudaStream_t stream) {
-    constexpr int S = T <= 32 ? 6 : (T <= 64 ? 5 : 4);
+    /* 3 stages of two groups: to T = 32 the bytes of the former 6 one-group stages (3 CTAs/SM at
+    ** T = 8), 4 groups ahead of the consumer; T = 64 103 KB (2 CTAs/SM), T = 128 154 KB (1). */
+    constexpr int S = 3;
     auto kernel = w4a8_gemm_kernel<T, kSa, kFull, S>;
-    const size_t smem = S * (sizeof(Stage<T>) + sizeof(uint64_t)) + (size_t)(p.E + 1) * sizeof(int);
+    const size_t smem = S * (sizeof(Stage<T>) + sizeof(uint64_t)) + sizeof(Range) + (size_t)(p.E + 1) * sizeof(int);
     cudaError_t err = grow_smem_attr<w4a8_gemm_kernel<T, kSa, kFull, S>>(smem);
     int per_sm = 0;
     if (err == cudaSuccess) err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, smem);
@@ -433,6 +514,9 @@ extern "C" epmoe_status epmoe_w4a8_gemm_cuda(const epmoe_w4a8_gemm_args *g, epmo
     p.E = (int)g->w.E, p.NT = (int)(g->w.N / W4_TILE_N), p.G = (int)(g->w.K / W4_GROUP);
     p.fmt = g->a_scales ? (int)g->a_scale_fmt : 0;
     p.sa_slab = g->a_scales ? fmt_scale_slab_bytes(p.fmt, p.M, p.G) : 0;
+    p.sa_tok = fmt_scale_offset(p.fmt, p.M, p.G, 1, 0) - fmt_scale_offset(p.fmt, p.M, p.G, 0, 0);
+    p.sa_step = fmt_scale_offset(p.fmt, p.M, p.G, 0, fmt_scale_is_ue8m0(p.fmt) ? 4 : 1) -
+                fmt_scale_offset(p.fmt, p.M, p.G, 0, 0);
     const bool group = g->a_scales != nullptr, full = g->w.encoding == EPMOE_W4_FULL;
     /* The one place the token tile is chosen: the smallest that covers the expected rows. */
     const int64_t em = g->expected_m > 0 ? g->expected_m : g->M;
