@@ -2,8 +2,9 @@
 # The whole GPU suite in one call (the device machine is leased by the minute): GPU tests, the
 # same under compute-sanitizer memcheck, the benchmarks; a short table last, then one PASS/FAIL
 # line (and the exit status). Logs and JSON go to $OUT (or build/gpu-out). Build first here
-# (make gpu-build) and carry build/ along; set EPMOE_SUITE="tests memcheck bench" to pick steps
-# ("ep" alone runs only the EP tests of "tests": both transports and the launch helpers).
+# (make gpu-build) and carry build/ along; set EPMOE_SUITE="tests memcheck bench" to pick steps.
+# "tests" is "kernels python ep" (ep: the EP transports and the launch helpers); "memcheck-w4a8"
+# is the W4A8 GEMM's part of "memcheck" alone.
 set -u
 cd "$(dirname "$0")/.."
 OUT=${OUT:-build/gpu-out}
@@ -27,6 +28,8 @@ run() { # name, command...
     local rc=$?
     local dt=$(awk "BEGIN{print $(date +%s.%N) - $t0}")
     tail -n 4 "$OUT/$name.log" | sed "s/^/  [$name] /"
+    # a failed check's own line and the run's seed (EPMOE_SEED=n repeats it), which the tail may miss
+    [ $rc = 0 ] || grep -E 'FAIL|seed' "$OUT/$name.log" | head -n 6 | sed "s/^/  [$name] /"
     summary+=("$(printf '%-26s %-5s %6.1fs  %s' "$name" "$([ $rc = 0 ] && echo PASS || echo FAIL)" "$dt" "$(grep -E 'checks|mismatches|ERROR SUMMARY' "$OUT/$name.log" | tail -n 1 | cut -c1-70)")")
     [ $rc = 0 ] || failed=$((failed + 1))
     return $rc
@@ -58,20 +61,35 @@ ep_tests() {
         timeout 180 ./build/tests/gpu/test_ep_gpu --local --expect auto
 }
 
+# the kernels' own tests (and the layer's, which strings them together) against the CPU references
+kernel_tests() {
+    run fp8_exhaustive ./build/tests/gpu/fp8_exhaustive
+    run test_quant_gpu ./build/tests/gpu/test_quant_gpu
+    run test_w4a8_gpu ./build/tests/gpu/test_w4a8_gpu
+    run test_experts_gpu ./build/tests/gpu/test_experts_gpu
+    [ -x build/tests/gpu/test_layer_gpu ] && run test_layer_gpu timeout 300 ./build/tests/gpu/test_layer_gpu
+}
+# the Python package's GPU paths through torch (DLPack in and out, workspaces, layers)
+python_tests() {
+    run pytest_gpu python3 -m pytest -q python/tests/test_torch.py python/tests/test_w4a8_torch.py
+}
+
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm,clocks.mem,temperature.gpu --format=csv,noheader | sed 's/^/gpu: /'
 for s in $steps; do
     case $s in
-    tests)
-        run fp8_exhaustive ./build/tests/gpu/fp8_exhaustive
-        run test_quant_gpu ./build/tests/gpu/test_quant_gpu
-        run test_w4a8_gpu ./build/tests/gpu/test_w4a8_gpu
-        run test_experts_gpu ./build/tests/gpu/test_experts_gpu
-        # the Python package's GPU paths through torch (DLPack in and out, workspaces, layers)
-        run pytest_gpu python3 -m pytest -q python/tests/test_torch.py python/tests/test_w4a8_torch.py
-        [ -x build/tests/gpu/test_layer_gpu ] && run test_layer_gpu timeout 300 ./build/tests/gpu/test_layer_gpu
+    tests) # = kernels python ep
+        kernel_tests
+        python_tests
         [ -x build/tests/gpu/test_ep_gpu ] && ep_tests ;;
+    kernels)
+        kernel_tests ;;
+    python)
+        python_tests ;;
     ep)
         ep_tests ;;
+    memcheck-w4a8) # the W4A8 GEMM alone under both tools (after a change to it)
+        EPMOE_TEST_QUICK=1 run memcheck_w4a8 compute-sanitizer --tool memcheck --error-exitcode 3 ./build/tests/gpu/test_w4a8_gpu
+        EPMOE_TEST_QUICK=1 run racecheck_w4a8 compute-sanitizer --tool racecheck --error-exitcode 3 ./build/tests/gpu/test_w4a8_gpu ;;
     memcheck)
         EPMOE_TEST_QUICK=1 run memcheck_quant compute-sanitizer --tool memcheck --error-exitcode 3 ./build/tests/gpu/test_quant_gpu
         EPMOE_TEST_QUICK=1 run racecheck_quant compute-sanitizer --tool racecheck --error-exitcode 3 ./build/tests/gpu/test_quant_gpu

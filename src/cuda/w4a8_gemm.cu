@@ -5,7 +5,8 @@
 ** Swap-AB: weights are wgmma's A operand (64 rows per warpgroup, converted in registers: 3
 ** integer ops per 8 weights), the tokens of one expert are N (tile T = 8..128, from expected_m).
 ** A CTA of two warpgroups owns 128 weight rows x T tokens and walks K in 128-wide groups, two
-** per pipeline step (groups 2s and 2s + 1; the last step of an item has one when K/128 is odd).
+** per pipeline step to T = 32 (groups 2s and 2s + 1; the last step of an item has one when K/128
+** is odd), one for larger tiles (kGroups).
 ** After the 4 wgmma of a group it promotes the group's fp32 partial with the scales, in group order:
 **   acc += sw[n, g] * (sa[m, g] * partial)       (mode a, per-token 1x128 activation scales)
 **   acc += sw[n, g] * partial, x sa at the end   (mode b, one per-tensor activation scale)
@@ -29,13 +30,24 @@ namespace {
 
 constexpr int kThreads = 256;
 
-/* One step's two groups, [h] = group 2s + h. A step with one group leaves the [1] halves stale. */
+/* K groups per pipeline step: two to kPairedT tokens, both groups' 8 wgmma in flight into two
+** partials, one commit, one wait. Larger tiles take one group a step: there a second partial and
+** 16 more fragment registers spill (T = 64 at its 128 registers, T = 128 at 255), and two groups
+** run one after the other measured 3-8% slower at 128-1024 rows (fewer stages in the same bytes;
+** bench_w4a8, H200, 2026-11-30). Registers with pairs (ptxas -v, CUDA 13.0): T = 8 71-79, 16
+** 92-98, 32 117-128. With kPairedT = 8, T = 16 would take 58-62 (3 CTAs/SM possible; 2 with
+** pairs) and T = 32 76-80 (2 CTAs/SM either way: shared memory), an alternative to measure. */
+constexpr int kPairedT = 32;
+template <int T> constexpr int kGroups = T <= kPairedT ? 2 : 1;
+
+/* One step's groups, [h] = group kGroups * s + h. A step with one group of two (K/128 odd, the
+** item's last) leaves the [1] halves stale. */
 template <int T> struct Stage {
-    uint8_t w[2][2][kThreads][16]; /* the threads' fragments, [group][half][thread] (w4a8_layout.h) */
-    uint8_t a[2][8][T][16];        /* activations, K-major core matrices: 16-byte chunk c of token t */
-    float sw[2][W4_TILE_N];        /* weight scales of the tile's rows (2^9 folded in) */
-    uint32_t sa[2][T];             /* activation scale words: fp32 bits, or the UE8M0 word ([0] only:
-                                      a step's two groups share it, see Producer) */
+    uint8_t w[kGroups<T>][2][kThreads][16]; /* the threads' fragments, [group][half][thread] (w4a8_layout.h) */
+    uint8_t a[kGroups<T>][8][T][16];        /* activations, K-major core matrices: 16-byte chunk c of token t */
+    float sw[kGroups<T>][W4_TILE_N];        /* weight scales of the tile's rows (2^9 folded in) */
+    uint32_t sa[kGroups<T>][T];             /* activation scale words: fp32 bits, or the UE8M0 word ([0]
+                                               only: a step's two groups share it, see Producer) */
 };
 
 struct Problem {
@@ -127,28 +139,29 @@ template <int T, int kSa> struct Producer {
         }
     }
 
-    /* The loads of groups g and g + 1 (g alone when g is the last group: G odd). */
+    /* The loads of group g, and of g + 1 when steps take two (not when g is the last group: G odd). */
+    static constexpr int kG = kGroups<T>;
     __device__ void issue(const Problem &p, Stage<T> &s, uint64_t *full) {
         const int tid = threadIdx.x;
-        const bool two = g + 1 < p.G;
+        const bool two = kG == 2 && g + 1 < p.G;
         if (tid == 0) { /* the weight tiles (adjacent in the repacked layout: one copy), 128 scales each */
             mbar_expect_tx(full, (two ? 2 : 1) * (W4_TILE_BYTES + W4_TILE_N * 4));
             bulk_copy(&s.w[0][0][0][0], w, (two ? 2 : 1) * W4_TILE_BYTES, full);
             bulk_copy(s.sw[0], sw, W4_TILE_N * 4, full);
-            if (two) bulk_copy(s.sw[1], sw + p.N, W4_TILE_N * 4, full);
+            if (two) bulk_copy(s.sw[kG - 1], sw + p.N, W4_TILE_N * 4, full);
         }
 #pragma unroll
         for (int i = 0; i < kActChunks; i++) {
             const int c = tid + i * kThreads;
             if (c < T * 8) {
                 cp_async16(&s.a[0][c & 7][c >> 3][0], a[i], abytes[i]);
-                if (two) cp_async16(&s.a[1][c & 7][c >> 3][0], a[i] + (abytes[i] ? W4_GROUP : 0), abytes[i]);
+                if (two) cp_async16(&s.a[kG - 1][c & 7][c >> 3][0], a[i] + (abytes[i] ? W4_GROUP : 0), abytes[i]);
             }
         }
         if (t_sa >= 0) {
             cp_async4(&s.sa[0][t_sa], sa, 4);
             /* UE8M0: g is even, so groups g and g + 1 are bytes of the word just copied */
-            if (kSa != 2 && two) cp_async4(&s.sa[1][t_sa], sa + p.sa_step, 4);
+            if (kSa != 2 && two) cp_async4(&s.sa[kG - 1][t_sa], sa + p.sa_step, 4);
         }
         cp_async_arrive_noinc(full);
     }
@@ -156,16 +169,17 @@ template <int T, int kSa> struct Producer {
     /* To the CTA's step `next` (counted from its first); on an item change the item comes from
     ** that and the range in shared memory, not from a register kept for it. */
     __device__ void advance(const Problem &p, const int *prefix, const Range &rg, int P, int next) {
-        w += 2 * W4_TILE_BYTES;
+        w += kG * W4_TILE_BYTES;
 #pragma unroll
-        for (int i = 0; i < kActChunks; i++) a[i] += abytes[i] ? 2 * W4_GROUP : 0;
-        sw += 2 * p.N;
-        /* UE8M0: the next step's groups g + 2, g + 3 are in the next word when g % 4 == 2 */
-        if (t_sa >= 0 && (kSa != 2 || (g & 2))) sa += kSa == 2 ? p.sa_step : 2 * p.sa_step;
+        for (int i = 0; i < kActChunks; i++) a[i] += abytes[i] ? kG * W4_GROUP : 0;
+        sw += kG * p.N;
+        /* UE8M0: the next step's group(s) are in the next word when this step ends one (g + kG - 1
+        ** is 3 mod 4; two a step: g % 4 == 2) */
+        if (t_sa >= 0 && (kSa != 2 || ((g + kG - 1) & 3) == 3)) sa += kSa == 2 ? p.sa_step : kG * p.sa_step;
         /* Past the last item too, unguarded (a guard here cost 8-12% at 32 rows in the group-scale
         ** modes, measured 2026-11-30): start() only computes addresses, and issue() is never called
         ** beyond the CTA's steps (next <= steps: at most the item past the CTA's last). */
-        if ((g += 2) >= p.G) start(p, prefix, rg.first + (rg.off + next) / P, 0);
+        if ((g += kG) >= p.G) start(p, prefix, rg.first + (rg.off + next) / P, 0);
     }
 };
 
@@ -253,14 +267,6 @@ __device__ __forceinline__ void epilogue(const Problem &p, const Item &it, float
         }
 }
 
-/* Tiles to kPairedT tokens keep both groups of a step in flight: 8 wgmma into two partials,
-** one commit, one wait. Larger ones run the groups one after the other (4 wgmma, wait, promote,
-** twice; they share the mbarrier wait, barrier and issue): a second partial and 16 more fragment
-** registers spill there by hundreds of bytes (T = 64 at its 128 registers, T = 128 at 255).
-** Registers with pairs (ptxas -v, CUDA 13.0): T = 8 71-79, 16 92-98, 32 117-128. With kPairedT = 8
-** T = 16 would take 58-62 (3 CTAs/SM possible; 2 with pairs) and T = 32 76-80 (2 CTAs/SM either
-** way: shared memory), an alternative to measure. */
-constexpr int kPairedT = 32;
 
 /* Per step j: wait for stage j's loads, start the loads of step j + S - 1 into the stage step
 ** j - 1 used (free: its wgmma completed and its scales were read before this barrier), issue the
@@ -283,7 +289,8 @@ w4a8_gemm_kernel(Problem p) {
     Range &rg = *reinterpret_cast<Range *>(full + S);
     int *prefix = reinterpret_cast<int *>(&rg + 1); /* m-tiles before expert e */
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-    const int P = (p.G + 1) >> 1; /* steps per item: groups 2s and 2s + 1, the last alone if G is odd */
+    constexpr int kG = kGroups<T>;
+    const int P = (p.G + kG - 1) / kG; /* steps per item (two a step: the last alone if G is odd) */
 
     /* Stream-K: every CTA owns an equal range [s0, s1) of the flattened (item, step) steps, so
     ** all stream the same weight bytes (whole items per CTA leave a partial last wave: 22% of the
@@ -328,7 +335,7 @@ w4a8_gemm_kernel(Problem p) {
 
     if (steps > 0) {
         Producer<T, kSa> prod;
-        prod.start(p, prefix, rg.first, 2 * rg.off);
+        prod.start(p, prefix, rg.first, kG * rg.off);
 #pragma unroll 1
         for (int i = 0; i < S - 1 && i < steps; i++) {
             prod.issue(p, ring[i], &full[i]);
@@ -338,7 +345,7 @@ w4a8_gemm_kernel(Problem p) {
         float acc[T / 2];
 #pragma unroll
         for (int i = 0; i < T / 2; i++) acc[i] = 0.0f;
-        int cg = 2 * rg.off; /* the step's first group */
+        int cg = kG * rg.off; /* the step's first group */
         /* The item of the CTA's step j, and whether that is the CTA's first item and began in an
         ** earlier range (then the CTA contributes its partial instead of finishing it). */
         auto item_of = [&](int j) { return rg.first + (rg.off + j) / P; };
@@ -362,8 +369,8 @@ w4a8_gemm_kernel(Problem p) {
                 prod.advance(p, prefix, rg, P, j + S);
             }
             const Stage<T> &s = ring[j % S];
-            const bool two = cg + 1 < p.G; /* else the item's last step, G odd */
-            if constexpr (T <= kPairedT) {
+            const bool two = kG == 2 && cg + 1 < p.G; /* else one a step, or the item's last step with G odd */
+            if constexpr (kG == 2) {
                 float part0[T / 2], part1[T / 2]; /* fresh per step: the first wgmma of each overwrites */
                 uint32_t a0[4][4], a1[4][4];
                 convert<T, kFull>(s, 0, a0);
@@ -384,24 +391,21 @@ w4a8_gemm_kernel(Problem p) {
                 promote<T, kSa>(gs0, part0, acc);
                 if (two) promote<T, kSa>(gs1, part1, acc);
             } else {
-#pragma unroll 1
-                for (int h = 0; h < (two ? 2 : 1); h++) {
-                    float part[T / 2];
-                    uint32_t a[4][4];
-                    convert<T, kFull>(s, h, a);
+                float part[T / 2];
+                uint32_t a[4][4];
+                convert<T, kFull>(s, 0, a);
 #pragma unroll
-                    for (int i = 0; i < T / 2; i++) reg_fence(part[i]);
-                    wgmma_fence();
-                    mma_group<T>(s, h, a, part);
-                    wgmma_commit();
-                    wgmma_wait<0>();
+                for (int i = 0; i < T / 2; i++) reg_fence(part[i]);
+                wgmma_fence();
+                mma_group<T>(s, 0, a, part);
+                wgmma_commit();
+                wgmma_wait<0>();
 #pragma unroll
-                    for (int i = 0; i < T / 2; i++) reg_fence(part[i]);
-                    /* the scales after the wait: read during the wgmma, T = 64 spills */
-                    promote<T, kSa>(load_scales<T, kSa>(s, h, cg + h), part, acc);
-                }
+                for (int i = 0; i < T / 2; i++) reg_fence(part[i]);
+                /* the scales after the wait: read during the wgmma, T = 64 spills */
+                promote<T, kSa>(load_scales<T, kSa>(s, 0, cg), part, acc);
             }
-            if ((cg += 2) >= p.G) { /* step j ended its item */
+            if ((cg += kG) >= p.G) { /* step j ended its item */
                 if (is_head(j)) contribute();
                 else epilogue<T, kSa>(p, find_item<T>(p, prefix, item_of(j)), acc);
                 cg = 0;
@@ -448,9 +452,9 @@ size_t flags_bytes(int sms) { return ((size_t)sms * kMaxCtasPerSm * 4 + 255) / 2
 
 template <int T, int kSa, bool kFull>
 epmoe_status launch(const char *fn, const Problem &p, int sms, cudaStream_t stream) {
-    /* 3 stages of two groups: to T = 32 the bytes of the former 6 one-group stages (3 CTAs/SM at
-    ** T = 8), 4 groups ahead of the consumer; T = 64 103 KB (2 CTAs/SM), T = 128 154 KB (1). */
-    constexpr int S = 3;
+    /* two groups a step: 3 stages, the bytes of 6 one-group stages (3 CTAs/SM at T = 8), 4 groups
+    ** ahead of the consumer; one a step: T = 64 5 stages (2 CTAs/SM), T = 128 4 (1) */
+    constexpr int S = kGroups<T> == 2 ? 3 : T <= 64 ? 5 : 4;
     auto kernel = w4a8_gemm_kernel<T, kSa, kFull, S>;
     const size_t smem = S * (sizeof(Stage<T>) + sizeof(uint64_t)) + sizeof(Range) + (size_t)(p.E + 1) * sizeof(int);
     cudaError_t err = grow_smem_attr<w4a8_gemm_kernel<T, kSa, kFull, S>>(smem);
