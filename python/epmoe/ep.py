@@ -310,7 +310,9 @@ class EpGroup:
         check(lib.epmoe_ep_set_active_ranks(self._ep, a))
 
     def poll(self):
-        """Raise the error the GPU kernels recorded without a host sync (a peer timed out, ...)."""
+        """Raise the error the GPU kernels recorded without a host sync: a peer timed out (the group
+        is failed; every later call raises it too), or an expert id outside [-1, E) in an earlier
+        dispatch (raised here once; its slots went out as -1 and every rank's calls completed)."""
         self._live()
         check(lib.epmoe_ep_poll(self._ep))
 
