@@ -174,10 +174,10 @@ static void *run(void *arg) {
     unsigned long long(*tr)[TR_ALL] = (unsigned long long(*)[TR_ALL])calloc(ITERS, sizeof *tr);
     unsigned long long *dtr = epmoe__ep_trace(ep);
 #endif
-    /* Two passes: the first times dispatch and combine with events only around each (the
-    ** headline: an event between two kernels delays the second by ~3 us on H200, measured
-    ** 2026-11-30); the second adds events between the halves, for the send halves' times. The
-    ** trace build stamps the first pass. */
+    /* Two passes: the first times dispatch and combine, each one call (PHASE_BOTH), with events
+    ** only around each (the headline: an event between two kernels delays the second by ~3 us on
+    ** H200, measured 2026-11-30); the second calls the halves separately, with events between
+    ** them too, for the send halves' times. The trace build stamps the first pass. */
     for (int pass = 0; pass < 2; pass++)
     for (int it = 0; it < WARMUP + ITERS; it++) {
         uint32_t h;
@@ -187,13 +187,19 @@ static void *run(void *arg) {
         spin<<<1, 1, 0, st>>>(200000);
         NC(ncclAllReduce(red, red, 1, ncclFloat, ncclSum, comm, st));
         CU(cudaEventRecord(ev[0], st));
-        EP(epmoe_dispatch(ep, &a, EPMOE_PHASE_SEND, &h, st));
-        if (pass) CU(cudaEventRecord(ev[1], st));
-        EP(epmoe_dispatch(ep, &a, EPMOE_PHASE_RECV, &h, st));
-        CU(cudaEventRecord(ev[2], st));
-        EP(epmoe_combine(ep, h, &ca, EPMOE_PHASE_SEND, st));
-        if (pass) CU(cudaEventRecord(ev[3], st));
-        EP(epmoe_combine(ep, h, &ca, EPMOE_PHASE_RECV, st));
+        if (pass == 0) { /* one call each, as an engine that does not split them */
+            EP(epmoe_dispatch(ep, &a, EPMOE_PHASE_BOTH, &h, st));
+            CU(cudaEventRecord(ev[2], st));
+            EP(epmoe_combine(ep, h, &ca, EPMOE_PHASE_BOTH, st));
+        } else { /* the halves as separate calls, with an event between them */
+            EP(epmoe_dispatch(ep, &a, EPMOE_PHASE_SEND, &h, st));
+            CU(cudaEventRecord(ev[1], st));
+            EP(epmoe_dispatch(ep, &a, EPMOE_PHASE_RECV, &h, st));
+            CU(cudaEventRecord(ev[2], st));
+            EP(epmoe_combine(ep, h, &ca, EPMOE_PHASE_SEND, st));
+            CU(cudaEventRecord(ev[3], st));
+            EP(epmoe_combine(ep, h, &ca, EPMOE_PHASE_RECV, st));
+        }
         CU(cudaEventRecord(ev[4], st));
         CU(cudaEventSynchronize(ev[4]));
         if (it < WARMUP) continue;

@@ -247,6 +247,7 @@ epmoe_status epmoe_dispatch(epmoe_ep *ep, const epmoe_dispatch_args *a, epmoe_ph
         if (c->seq != ep->recv_seq + 1) /* the GPU counts receives: they come in dispatch order */
             return epmoe__fail(EPMOE_ERR_INVALID_ARG, "%s: receive dispatch %u first (receives follow dispatch order)",
                                fn, ep->recv_seq + 1);
+        c->joined = send != 0;
         epmoe_status st = ep->ops->dispatch_recv(ep, a, c, stream);
         if (st != EPMOE_OK) return st;
         c->received = 1;
@@ -277,6 +278,7 @@ epmoe_status epmoe_combine(epmoe_ep *ep, uint32_t handle, const epmoe_combine_ar
         if (c->T && !a->out) return epmoe__fail(EPMOE_ERR_NULL_POINTER, "%s: out is NULL", fn);
         if (c->T && ep->cfg.combine_mode == EPMOE_COMBINE_REDUCE_AT_OWNER && !a->topk_weights)
             return epmoe__fail(EPMOE_ERR_NULL_POINTER, "%s: REDUCE_AT_OWNER needs topk_weights at combine", fn);
+        c->joined = send != 0;
         EPMOE_CHECK(ep->ops->combine_recv(ep, a, c, stream));
         c->comb_received = 1;
     }

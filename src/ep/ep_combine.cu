@@ -136,7 +136,7 @@ template <int kGin, int kMaxK>
 __global__ void __launch_bounds__(kThreads, kBlocksPerSm) combine_recv_kernel(Params p, const float *__restrict__ weights,
                                                                 uint16_t *__restrict__ out, int T, uint32_t rel) {
     const ep_dims &d = p.d;
-    wait_for_prior_grid(); /* launched under the send's tail: the prior grid's writes first (ep_device.cuh) */
+    receive_entry(p); /* launched under the send: the prior grid's writes first, unless joined (ep_device.cuh) */
     const uint32_t seq = call_seq(p, &p.seqs[1], 0u - rel);
     const int par = seq & 1, R = d.R, H = d.H, k = d.k, L = d.L;
     __shared__ int bail;
@@ -243,12 +243,8 @@ epmoe_status launch_combine_recv(const Params &p, const epmoe_combine_args &a, u
                                  cudaStream_t s) {
     const int k = p.d.k;
     auto kernel = p.gin == 2 ? combine_recv_for<2>(k) : p.gin == 1 ? combine_recv_for<1>(k) : combine_recv_for<0>(k);
-    const cudaError_t e = launch_dependent(kernel, grid_for(T, sms), kThreads, 0, s, !p.a2a, p, a.topk_weights, a.out, T, rel);
-    if (e != cudaSuccess) {
-        cudaGetLastError(); /* not left for the next launch's check */
-        return epmoe__fail(EPMOE_ERR_CUDA, "epmoe_combine (receive): launch failed: %s", cudaGetErrorString(e));
-    }
-    return epmoe__launched("epmoe_combine (receive)");
+    return launch_dependent("epmoe_combine (receive)", kernel, grid_for(T, sms), kThreads, 0, s, !p.a2a, p, a.topk_weights,
+                            a.out, T, rel);
 }
 
 } // namespace epk

@@ -77,6 +77,8 @@ struct Params {
     uint8_t *box;             /* a2a: the slab buffer (ep_a2a layout) */
     ep_a2a x;
     uint32_t host_seq;        /* a2a: the call's number, from the host (each launch sets it) */
+    int joined;               /* a receive kernel right after its own send kernel (phase BOTH): it
+                              ** starts without waiting for that grid (receive_entry) */
     const int *active;        /* [R] device copy of the active set at dispatch */
     CallState st[2];
     unsigned *counters;       /* [4]: block-completion tickets of the four kernels */
@@ -353,17 +355,34 @@ __device__ __forceinline__ void wait_for_prior_grid() {
     asm volatile("griddepcontrol.wait;" ::: "memory");
 #endif
 }
+/* A receive kernel's first step. Split halves: wait for the prior grid (above). Joined to its own
+** send (phase BOTH, Params::joined) it need not: that send was launched normally, so everything
+** before it on the stream had finished, and all its blocks are running by the time this kernel
+** starts (they let dependents launch first thing), so this kernel's waiting blocks cannot keep
+** it from finishing. The send's own messages, counts and flags are acquired through the flags, as
+** a peer's are. The receive then waits for its flags while the send still runs, instead of after
+** the send grid's completion and memory flush. */
+__device__ __forceinline__ void receive_entry(const Params &p) {
+    if (!p.joined) wait_for_prior_grid();
+}
 
+/* Launches a receive kernel as a dependent of the kernel before it (overlap: not after an
+** NCCL exchange); `what` names it in the failure's message. */
 template <typename... Params_, typename... Args>
-cudaError_t launch_dependent(void (*kernel)(Params_...), int grid, int block, size_t smem, cudaStream_t s, bool overlap,
-                             Args... args) {
+epmoe_status launch_dependent(const char *what, void (*kernel)(Params_...), int grid, int block, size_t smem, cudaStream_t s,
+                              bool overlap, Args... args) {
     cudaLaunchAttribute at;
     at.id = cudaLaunchAttributeProgrammaticStreamSerialization;
     at.val.programmaticStreamSerializationAllowed = 1;
     cudaLaunchConfig_t cfg = {};
     cfg.gridDim = dim3((unsigned)grid), cfg.blockDim = dim3((unsigned)block), cfg.dynamicSmemBytes = smem, cfg.stream = s;
     cfg.attrs = &at, cfg.numAttrs = overlap ? 1 : 0;
-    return cudaLaunchKernelEx(&cfg, kernel, args...);
+    const cudaError_t e = cudaLaunchKernelEx(&cfg, kernel, args...);
+    if (e != cudaSuccess) {
+        cudaGetLastError(); /* not left for the next launch's check */
+        return epmoe__fail(EPMOE_ERR_CUDA, "%s: launch failed: %s", what, cudaGetErrorString(e));
+    }
+    return epmoe__launched(what);
 }
 
 /* Launchers (ep_dispatch.cu, ep_combine.cu): kernels on the caller's stream, no host sync. */

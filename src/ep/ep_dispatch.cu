@@ -302,7 +302,7 @@ __global__ void __launch_bounds__(kSendThreads, kBlocksPerSm) dispatch_send_kern
 template <int kGin>
 __global__ void __launch_bounds__(kThreads, kBlocksPerSm) dispatch_recv_kernel(Params p, epmoe_dispatch_args a) {
     const ep_dims &d = p.d;
-    wait_for_prior_grid(); /* launched under the send's tail: the prior grid's writes first (ep_device.cuh) */
+    receive_entry(p); /* launched under the send: the prior grid's writes first, unless joined (ep_device.cuh) */
     const uint32_t seq = call_seq(p, &p.seqs[1], 1); /* as in the send kernel */
     const int par = seq & 1, R = d.R, L = d.L, H = d.H, G = H / FMT_GROUP, me = d.rank;
     const int64_t M = (int64_t)R * d.N;
@@ -473,12 +473,8 @@ template <int kGin> epmoe_status recv_with(const Params &p, const epmoe_dispatch
             return epmoe__fail(EPMOE_ERR_CUDA, "epmoe_dispatch (receive): %zu bytes of shared memory: %s", smem,
                                cudaGetErrorString(e));
     }
-    const cudaError_t e = launch_dependent(dispatch_recv_kernel<kGin>, kBlocksPerSm * sms, kThreads, smem, s, !p.a2a, p, a);
-    if (e != cudaSuccess) {
-        cudaGetLastError(); /* not left for the next launch's check */
-        return epmoe__fail(EPMOE_ERR_CUDA, "epmoe_dispatch (receive): launch failed: %s", cudaGetErrorString(e));
-    }
-    return epmoe__launched("epmoe_dispatch (receive)");
+    return launch_dependent("epmoe_dispatch (receive)", dispatch_recv_kernel<kGin>, kBlocksPerSm * sms, kThreads, smem, s,
+                            !p.a2a, p, a);
 }
 
 epmoe_status launch_dispatch_send(const Params &p, const epmoe_dispatch_args &a, int sms, cudaStream_t s) {

@@ -18,6 +18,8 @@ typedef struct ep_call {
     int sent, received;   /* dispatch halves done */
     int comb_sent, comb_received;
     int T;
+    int joined;           /* the receive half being launched follows its send half in the same call
+                          ** (phase BOTH): nothing else ran between them on the stream */
     int32_t *topk;        /* [N, k] ids as sent: -1 where none or the owner is inactive */
     int32_t *begin;       /* [L, R] first row of (local expert, source) in the masked layout */
     int32_t *n_msgs;      /* [R] messages received from each source */

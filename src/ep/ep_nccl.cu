@@ -294,6 +294,7 @@ epmoe_status aligned(const char *fn, const void *p, unsigned a, const char *name
 epk::Params params_for(const NcclImpl *im, const ep_call *c) {
     epk::Params p = im->params;
     p.host_seq = c->seq;
+    p.joined = c->joined;
     return p;
 }
 
