@@ -166,6 +166,7 @@ __device__ __forceinline__ void st_release(uint64_t *f, uint64_t v) {
     asm volatile("st.release.sys.global.u64 [%0], %1;" ::"l"(f), "l"(v) : "memory");
 }
 __device__ __forceinline__ uint64_t ld_volatile(const uint64_t *f) { return *reinterpret_cast<const volatile uint64_t *>(f); }
+__device__ __forceinline__ uint32_t ld_volatile32(const uint32_t *f) { return *reinterpret_cast<const volatile uint32_t *>(f); }
 __device__ __forceinline__ uint64_t ld_acquire(const uint64_t *f) {
     uint64_t v;
     asm volatile("ld.acquire.sys.global.u64 %0, [%1];" : "=l"(v) : "l"(f) : "memory");

@@ -70,6 +70,19 @@ template <int kGin> __device__ __forceinline__ bool acks_in(const Params &p, uin
     return __all_sync(0xFFFFFFFFu, ok);
 }
 
+/* The count blocks, one per destination: [0] messages, [2 + le] rows per local expert, from the
+** batch's counts, as tagged words (ep_count_word); every thread of the block stores some (one
+** thread storing 2 + L words per destination over NVLink took microseconds). Under put/signal
+** they go to the outbox, put after the ticket. */
+template <int kGin>
+__device__ __forceinline__ void store_counts(const Params &p, int par, uint32_t seq, const int *count, const int *act) {
+    const int per = 2 + p.d.L, L = p.d.L, E = p.d.E;
+    for (int i = threadIdx.x; i < p.d.R * per; i += blockDim.x) {
+        const int r = i / per, f = i - r * per;
+        if (f != 1 && act[r]) out_meta<kGin>(p, par, r)[f] = ep_count_word(count[f ? r * L + f - 2 : E + r], seq);
+    }
+}
+
 template <int kGin, int kMaxK>
 __global__ void __launch_bounds__(kSendThreads, kBlocksPerSm) dispatch_send_kernel(Params p, const uint16_t *__restrict__ x,
                                                                  const void *topk, int bits, const float *weights, int T) {
@@ -261,6 +274,10 @@ __global__ void __launch_bounds__(kSendThreads, kBlocksPerSm) dispatch_send_kern
                 }
             }
         }
+        /* block 0 stores the count blocks after its first token's payload, not the last block after
+        ** its ticket: the receivers' offsets then need not wait for the flags (device API; the
+        ** ticket orders them before the puts and flags as it orders every block's payload) */
+        if (pass == 0 && blockIdx.x == 0) store_counts<kGin>(p, par, seq, count, act);
         __syncthreads(); /* msgs[] is rewritten for the next token */
         EP_TRACE(if (t == blockIdx.x) trace_point(p, 0, 4));
     }
@@ -274,15 +291,13 @@ __global__ void __launch_bounds__(kSendThreads, kBlocksPerSm) dispatch_send_kern
     if (last_block_done(&p.counters[0])) {
         EP_TRACE(if (threadIdx.x == 0) trace_set(p, 0, kTraceLastTicket));
         if (threadIdx.x == 0 && !p.a2a) p.seqs[0] = seq;
-        /* the count blocks: every thread stores some (one thread storing 2 + L words per
-        ** destination, over NVLink, took microseconds), then one thread per destination puts
-        ** and publishes them */
+        /* the count blocks (block 0 stored them unless there were no tokens), then one thread per
+        ** destination puts (put/signal) and publishes them */
         const int per = 2 + L;
-        for (int i = threadIdx.x; i < d.R * per; i += kSendThreads) {
-            const int r = i / per, f = i - r * per;
-            if (f != 1 && act[r]) out_meta<kGin>(p, par, r)[f] = (uint32_t)count[f ? r * L + f - 2 : E + r];
+        if (T == 0) {
+            store_counts<kGin>(p, par, seq, count, act);
+            __syncthreads();
         }
-        __syncthreads();
         for (int r = threadIdx.x; r < d.R; r += kSendThreads) {
             if (!act[r]) continue;
             uint32_t *meta = out_meta<kGin>(p, par, r);
@@ -320,28 +335,48 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm) dispatch_recv_kernel(P
     EP_TRACE(trace_max(p, 1, kTraceMaxStart));
     if (threadIdx.x == 0) bail = 0;
     __syncthreads();
-    if (!p.a2a) /* a2a: the exchange before this kernel on the stream has delivered everything */
-        for (int r = threadIdx.x; r < R; r += kThreads)
-            if (p.active[r] &&
-                !await<kGin>(p, ep_disp_flag(my_base(p), &d, &p.w, par, r), sig_disp(p, par, r), seq, calls_of_parity(seq), r, 2))
-                bail = 1;
-    __syncthreads();
-    EP_TRACE(trace_point(p, 1, 1));
-    if (bail) return;
-    /* Messages go to blocks in two rounds (first_round, ep_device.cuh): block b loads message b / R
-    ** of source b % R while it reads the counts, instead of after (two dependent round trips less;
-    ** a slot past the source's count holds an old call's bytes, loaded and never used). */
+    /* Device API: every count word carries its call's tag (ep_count_word) and the sender stores
+    ** them under its payload, so the offsets below are worked out while the messages are still on
+    ** their way, and only the messages wait for the flags. Put/signal puts the counts with the
+    ** messages and a2a moves them with the slabs: there the flags (or the stream) come first. */
+    const bool early = kGin == 0 && !p.a2a;
     const int src0 = (int)blockIdx.x % R, i0 = (int)blockIdx.x / R;
-    if (i0 < d.slots) {
-        const uint4 *m0 = reinterpret_cast<const uint4 *>(in_msg(p, par, src0, i0));
-        for (int c = threadIdx.x; c < d.msg_bytes / 16; c += kThreads) cp_async16(reinterpret_cast<uint4 *>(msg0) + c, m0 + c, 16);
-        cp_async_commit();
-    }
+    auto await_flags = [&]() {
+        if (!p.a2a) /* a2a: the exchange before this kernel on the stream has delivered everything */
+            for (int r = threadIdx.x; r < R; r += kThreads)
+                if (p.active[r] &&
+                    !await<kGin>(p, ep_disp_flag(my_base(p), &d, &p.w, par, r), sig_disp(p, par, r), seq, calls_of_parity(seq), r, 2))
+                    bail = 1;
+        __syncthreads();
+        EP_TRACE(trace_point(p, 1, early ? 5 : 1));
+        if (bail) return false;
+        /* Messages go to blocks in two rounds (first_round, ep_device.cuh): block b loads message
+        ** b / R of source b % R now, before it knows whether that source sent it (a slot past the
+        ** source's count holds an old call's bytes, loaded and never used): without early counts,
+        ** while it reads them (two dependent round trips less). */
+        if (i0 < d.slots) {
+            const uint4 *m0 = reinterpret_cast<const uint4 *>(in_msg(p, par, src0, i0));
+            for (int c = threadIdx.x; c < d.msg_bytes / 16; c += kThreads) cp_async16(reinterpret_cast<uint4 *>(msg0) + c, m0 + c, 16);
+            cp_async_commit();
+        }
+        return true;
+    };
+    if (!early && !await_flags()) return;
     /* every source's counts read at once (a loop over sources per thread waited R round trips),
     ** then prefixes in shared memory: messages over sources, rows of each expert over sources */
     for (int i = threadIdx.x; i < R * (L + 1); i += kThreads) {
         const int r = i / (L + 1), f = i - r * (L + 1); /* f = 0: messages; 1 + le: rows of le */
-        const int c = p.active[r] ? (int)in_meta(p, par, r)[f ? 1 + f : 0] : 0;
+        int c = 0;
+        if (p.active[r]) {
+            const uint32_t *at = in_meta(p, par, r) + (f ? 1 + f : 0);
+            uint32_t w = 0;
+            if (early) { /* until the word is this call's (its flag's release covers no count) */
+                if (!wait_for(p, [&] { return (uint64_t)ep_count_is(w = ld_volatile32(at), seq); }, 1, r, 2)) bail = 1;
+            } else {
+                w = *at;
+            }
+            c = ep_count_of(w);
+        }
         if (f) {
             begin[(f - 1) * R + r] = c;
         } else {
@@ -350,6 +385,8 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm) dispatch_recv_kernel(P
         }
     }
     __syncthreads();
+    if (bail) return;
+    EP_TRACE(if (early) trace_point(p, 1, 1));
     scan_ranks(pre, R);
     for (int le = threadIdx.x; le < L; le += kThreads) {
         int acc = 0;
@@ -362,6 +399,7 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm) dispatch_recv_kernel(P
     }
     __syncthreads();
     EP_TRACE(trace_point(p, 1, 2));
+    if (early && !await_flags()) return;
     if (blockIdx.x == 0)
         for (int r = threadIdx.x; r < R; r += kThreads) p.st[par].n_msgs[r] = cnt[r];
     const float inv = a.requant_scale ? 1.0f / __ldg(a.requant_scale) : 1.0f;

@@ -12,6 +12,7 @@
 ** Window of one rank, for each parity p of the dispatch sequence number (two calls in flight):
 **   disp_msgs [p][src R][slot S] msg       S = N with dedup, N * min(k, L) without
 **   disp_meta [p][src R] { uint32 n_msgs, uint32 pad, uint32 pairs[L] } then uint64 seq flag
+**                                          (each count as ep_count_word: tagged with its call)
 **   comb_rows [p][...] bf16 [H]            REDUCE_AT_EXPERT: [dst rank R][token N]
 **                                          REDUCE_AT_OWNER:  [token N][slot k]
 **   comb_flag [p][src R] uint64 seq
@@ -113,6 +114,13 @@ EP_HD uint32_t *ep_meta(uint8_t *base, const ep_window *w, int p, int src) {
 EP_HD uint64_t *ep_disp_flag(uint8_t *base, const ep_dims *d, const ep_window *w, int p, int src) {
     return (uint64_t *)((uint8_t *)ep_meta(base, w, p, src) + ep_align(8 + 4 * (int64_t)d->L, 8));
 }
+/* A count-block word: the count (at most N * min(k, L) <= 2^20 messages) above the low 8 bits
+** of the dispatch's seq. A receiver can take the counts before the call's flag, each word once it
+** carries its call's tag (the slot's previous contents are call seq - 2's): the sender then
+** stores them without a release of their own, under its payload. */
+EP_HD uint32_t ep_count_word(int64_t count, uint32_t seq) { return (uint32_t)count << 8 | (seq & 0xFFu); }
+EP_HD int32_t ep_count_of(uint32_t w) { return (int32_t)(w >> 8); }
+EP_HD int ep_count_is(uint32_t w, uint32_t seq) { return (w & 0xFFu) == (seq & 0xFFu); }
 EP_HD uint16_t *ep_comb_row(uint8_t *base, const ep_dims *d, const ep_window *w, int p, int64_t row) {
     return (uint16_t *)(base + p * w->parity_bytes + w->comb_rows + row * d->H * 2);
 }
