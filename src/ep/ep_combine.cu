@@ -33,6 +33,48 @@ __device__ __forceinline__ uint4 pack8(const float (&acc)[8]) {
                       bf16x2_from_float(acc[4], acc[5]), bf16x2_from_float(acc[6], acc[7]));
 }
 
+/* o[c] = bf16(sum over q < n, in order, of w(q) * row(q)[c]) (kWeighted; else plain sums), for
+** the block's 16-byte chunks c < chunks: kBatch chunks a thread and two rows' loads in flight
+** before their first use, so n rows take ceil(n / 2) round trips. (A loop over chunks with every
+** row's load of one chunk in flight waited a round trip per kThreads chunks: 4 at H = 7168, the
+** most of a token's time; bench_ep trace, 2026-11-30.) Each output element sees the same fp32
+** operations in the same order as one chunk at a time: the bits are the same. */
+template <bool kWeighted, class Row, class Weight>
+__device__ __forceinline__ void sum_rows(uint4 *o, int chunks, int n, Row row, Weight w) {
+    for (int c0 = threadIdx.x; c0 < chunks; c0 += kThreads * kBatch) {
+        float acc[kBatch][8];
+#pragma unroll
+        for (int b = 0; b < kBatch; b++)
+#pragma unroll
+            for (int i = 0; i < 8; i++) acc[b][i] = 0.0f;
+        for (int q = 0; q < n; q += 2) {
+            const bool two = q + 1 < n;
+            const uint4 *r0 = row(q), *r1 = two ? row(q + 1) : r0;
+            uint4 v0[kBatch], v1[kBatch];
+#pragma unroll
+            for (int b = 0; b < kBatch; b++)
+                if (c0 + b * kThreads < chunks) {
+                    v0[b] = r0[c0 + b * kThreads];
+                    if (two) v1[b] = r1[c0 + b * kThreads];
+                }
+            const float w0 = kWeighted ? w(q) : 1.0f, w1 = kWeighted && two ? w(q + 1) : 1.0f;
+#pragma unroll
+            for (int b = 0; b < kBatch; b++)
+                if (c0 + b * kThreads < chunks) {
+                    if (kWeighted) acc8_add(acc[b], v0[b], w0);
+                    else acc8_add_plain(acc[b], v0[b]);
+                    if (two) {
+                        if (kWeighted) acc8_add(acc[b], v1[b], w1);
+                        else acc8_add_plain(acc[b], v1[b]);
+                    }
+                }
+        }
+#pragma unroll
+        for (int b = 0; b < kBatch; b++)
+            if (c0 + b * kThreads < chunks) o[c0 + b * kThreads] = pack8(acc[b]);
+    }
+}
+
 template <int kGin, int kMaxK>
 __global__ void __launch_bounds__(kThreads, kBlocksPerSm) combine_send_kernel(Params p, const uint16_t *__restrict__ y, uint32_t rel) {
     const ep_dims &d = p.d;
@@ -80,18 +122,9 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm) combine_send_kernel(Pa
         for (int n = 0; n < kMaxK; n++)
             src_row[n] = n < ne ? ((int64_t)ent[n].le * M + ent[n].row) * (H / 8) : 0; /* (rows made absolute at receive) */
         if (d.reduce_at_expert) {
-            uint4 *o = reinterpret_cast<uint4 *>(out_comb_row<kGin>(p, par, src, h.token));
-            for (int c = threadIdx.x; c < H / 8; c += kThreads) {
-                uint4 v[kMaxK]; /* all the token's rows in flight at once */
-#pragma unroll
-                for (int n = 0; n < kMaxK; n++)
-                    if (n < ne) v[n] = __ldg(yv + src_row[n] + c);
-                float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-#pragma unroll
-                for (int n = 0; n < kMaxK; n++) /* top-k order; a repeated expert counts twice */
-                    if (n < ne) acc8_add(acc, v[n], ent[n].w);
-                o[c] = pack8(acc);
-            }
+            /* top-k order; a repeated expert counts twice */
+            sum_rows<true>(reinterpret_cast<uint4 *>(out_comb_row<kGin>(p, par, src, h.token)), H / 8, ne,
+                           [&](int n) { return yv + ((int64_t)ent[n].le * M + ent[n].row) * (H / 8); }, [&](int n) { return ent[n].w; });
         } else {
             /* the token's k rows at its owner, one per top-k slot, are consecutive in both layouts */
             uint4 *o = reinterpret_cast<uint4 *>(out_comb_row<kGin>(p, par, src, (int64_t)h.token * d.k));
@@ -200,22 +233,11 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm) combine_recv_kernel(Pa
             nparts = np;
         }
         __syncthreads();
-        const int np = nparts;
         uint4 *o = reinterpret_cast<uint4 *>(out + (int64_t)t * H);
-        for (int c = threadIdx.x; c < H / 8; c += kThreads) {
-            uint4 v[kMaxK];
-#pragma unroll
-            for (int q = 0; q < kMaxK; q++)
-                if (q < np) v[q] = parts[q][c];
-            float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-#pragma unroll
-            for (int q = 0; q < kMaxK; q++)
-                if (q < np) {
-                    if (d.reduce_at_expert) acc8_add_plain(acc, v[q]);
-                    else acc8_add(acc, v[q], wts[q]);
-                }
-            o[c] = pack8(acc);
-        }
+        auto part = [&](int q) { return parts[q]; };
+        auto weight = [&](int q) { return wts[q]; };
+        if (d.reduce_at_expert) sum_rows<false>(o, H / 8, nparts, part, weight);
+        else sum_rows<true>(o, H / 8, nparts, part, weight);
         __syncthreads(); /* parts[] is rewritten for the next token */
         EP_TRACE(if (t == (int)blockIdx.x) trace_point(p, 3, 2));
     }
