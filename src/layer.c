@@ -259,19 +259,25 @@ epmoe_status epmoe_layer_forward_phase(epmoe_layer *y, const uint16_t *x, const 
                                    requant ? NULL : y->recv_scales, y->masked_m, NULL,
                                    requant ? y->w.a1_scale : NULL};
     const epmoe_combine_args c = {y->expert_out, owner ? topk_weights : NULL, out};
-    if (phases & EPMOE_LAYER_SEND) EPMOE_CHECK(epmoe_dispatch(y->ep, &d, EPMOE_PHASE_SEND, handle, stream));
+    /* A dispatch's or combine's halves that run back to back go in one call (PHASE_BOTH): its
+    ** receive then starts under its send (ep_device.cuh, receive_entry) */
+    const int joined_dispatch = (phases & EPMOE_LAYER_SEND) && (phases & EPMOE_LAYER_EXPERTS);
+    const int joined_combine = (phases & EPMOE_LAYER_EXPERTS) && (phases & EPMOE_LAYER_RECV);
+    if (phases & EPMOE_LAYER_SEND)
+        EPMOE_CHECK(epmoe_dispatch(y->ep, &d, joined_dispatch ? EPMOE_PHASE_BOTH : EPMOE_PHASE_SEND, handle, stream));
     epmoe_status ex = EPMOE_OK;
     char why[256] = "";
     if (phases & EPMOE_LAYER_EXPERTS) {
-        EPMOE_CHECK(epmoe_dispatch(y->ep, &d, EPMOE_PHASE_RECV, handle, stream));
+        if (!joined_dispatch) EPMOE_CHECK(epmoe_dispatch(y->ep, &d, EPMOE_PHASE_RECV, handle, stream));
         ex = experts(ec, &y->cfg, &y->w, y->gpu, y->recv_x, y->recv_scales, y->masked_m, y->q, y->q_scales, y->ws,
                      y->ws_bytes, y->expert_out, stream);
         if (ex != EPMOE_OK) snprintf(why, sizeof why, "%s", epmoe_last_error()); /* copied: epmoe__fail reuses it */
         /* combine runs even if the experts failed: the peers are waiting for this rank's share */
-        EPMOE_CHECK(epmoe_combine(y->ep, *handle, &c, EPMOE_PHASE_SEND, stream));
+        EPMOE_CHECK(epmoe_combine(y->ep, *handle, &c, joined_combine ? EPMOE_PHASE_BOTH : EPMOE_PHASE_SEND, stream));
     }
     /* and its receive too (when asked for), so the forward ends and the group stays usable */
-    if (phases & EPMOE_LAYER_RECV) EPMOE_CHECK(epmoe_combine(y->ep, *handle, &c, EPMOE_PHASE_RECV, stream));
+    if ((phases & EPMOE_LAYER_RECV) && !joined_combine)
+        EPMOE_CHECK(epmoe_combine(y->ep, *handle, &c, EPMOE_PHASE_RECV, stream));
     if (ex != EPMOE_OK)
         return epmoe__fail(ex, "%s: the expert MLP failed; the forward still ran to its end so no peer waits, but the "
                            "outputs of this rank's experts are undefined: %s", fn, why);
