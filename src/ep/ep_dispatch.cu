@@ -107,12 +107,13 @@ __global__ void __launch_bounds__(kSendThreads, kBlocksPerSm) dispatch_send_kern
     EP_TRACE(trace_max(p, 0, kTraceMaxStart));
     if (!p.a2a) let_dependents_launch(); /* the receive kernel may launch now (see ep_device.cuh) */
 
-    /* the receivers are done with the slots this parity carried two calls ago: probed now,
-    ** waited for (if still needed) only before the first store into their windows */
-    bool acked = true; /* (warp 0 probes, as warp 0 waits) */
-    if (!p.a2a && seq > 2 && kGin != 2 && warp == 0)
-        for (int r = lane; r < R; r += 32)
-            acked &= !p.active[r] || ld_volatile(ep_ack(my_base(p), &p.w, r)) >= seq - 2;
+    /* the receivers are done with the slots this parity carried two calls ago: their acks are
+    ** loaded now (lane r: rank r's, R <= 32) and compared only before the first store into a
+    ** window, waited for there if still needed. Comparing here stalled warp 0 on the call's number
+    ** and then the acks, two round trips in front of the counting (bench_ep trace). */
+    uint64_t ack_seen = 0;
+    if (!p.a2a && kGin != 2 && warp == 0 && lane < R && R <= 32) ack_seen = ld_volatile(ep_ack(my_base(p), &p.w, lane));
+    auto probed = [&]() { return R <= 32 && (lane >= R || !act[lane] || ack_seen >= seq - 2); };
     for (int i = threadIdx.x; i < 2 * (E + R); i += kSendThreads) count[i] = 0;
     for (int r = threadIdx.x; r < R; r += kSendThreads) act[r] = __ldg(p.active + r);
     if (threadIdx.x == 0) bail = 0;
@@ -217,7 +218,7 @@ __global__ void __launch_bounds__(kSendThreads, kBlocksPerSm) dispatch_send_kern
                 msgs[m].at = out_msg<kGin>(p, par, dst, slot);
             }
             if (lane == 0) n_msgs = __popc(openers);
-            if (pass == 0 && !acks_in<kGin>(p, seq, act, acked)) bail = 1; /* before the first store into a window */
+            if (pass == 0 && !acks_in<kGin>(p, seq, act, probed())) bail = 1; /* before the first store into a window */
         }
         __syncthreads();
         cp_async_wait<0>(); /* (also before leaving: no copy outlives the block) */
@@ -283,7 +284,7 @@ __global__ void __launch_bounds__(kSendThreads, kBlocksPerSm) dispatch_send_kern
     }
     if (T == 0) { /* the count blocks are stores too (and act[] is read across warps: a barrier first) */
         __syncthreads();
-        if (warp == 0 && !acks_in<kGin>(p, seq, act, acked)) bail = 1;
+        if (warp == 0 && !acks_in<kGin>(p, seq, act, probed())) bail = 1;
         __syncthreads();
         if (bail) return;
     }
