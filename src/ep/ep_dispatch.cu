@@ -63,10 +63,8 @@ template <int kGin> __device__ __forceinline__ bool acks_in(const Params &p, uin
     if (kGin == 2 || !__all_sync(0xFFFFFFFFu, probed)) {
         for (int r = threadIdx.x; r < p.d.R; r += 32)
             if (act[r] && !await<kGin>(p, ep_ack(my_base(p), &p.w, r), sig_ack(p, r), seq - 2, seq - 2, r, 1)) ok = false;
-    } else { /* the probe's loads were relaxed: this fence makes them acquire the receivers' reads
-             ** (the block's barrier then orders every thread's stores after it) */
-        asm volatile("fence.acq_rel.sys;" ::: "memory");
-    }
+    } /* else the probe's loads acquired the receivers' reads (the block's barrier then orders
+      ** every thread's stores after them) */
     return __all_sync(0xFFFFFFFFu, ok);
 }
 
@@ -112,7 +110,8 @@ __global__ void __launch_bounds__(kSendThreads, kBlocksPerSm) dispatch_send_kern
     ** window, waited for there if still needed. Comparing here stalled warp 0 on the call's number
     ** and then the acks, two round trips in front of the counting (bench_ep trace). */
     uint64_t ack_seen = 0;
-    if (!p.a2a && kGin != 2 && warp == 0 && lane < R && R <= 32) ack_seen = ld_volatile(ep_ack(my_base(p), &p.w, lane));
+    if (!p.a2a && kGin != 2 && warp == 0 && lane < R && R <= 32) /* an acquire: no fence later (acks_in) */
+        asm volatile("ld.acquire.sys.global.u64 %0, [%1];" : "=l"(ack_seen) : "l"(ep_ack(my_base(p), &p.w, lane)) : "memory");
     auto probed = [&]() { return R <= 32 && (lane >= R || !act[lane] || ack_seen >= seq - 2); };
     for (int i = threadIdx.x; i < 2 * (E + R); i += kSendThreads) count[i] = 0;
     for (int r = threadIdx.x; r < R; r += kSendThreads) act[r] = __ldg(p.active + r);
