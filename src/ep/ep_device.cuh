@@ -77,8 +77,8 @@ struct Params {
     uint8_t *box;             /* a2a: the slab buffer (ep_a2a layout) */
     ep_a2a x;
     uint32_t host_seq;        /* a2a: the call's number, from the host (each launch sets it) */
-    int joined;               /* a receive kernel right after its own send kernel (phase BOTH): it
-                              ** starts without waiting for that grid (receive_entry) */
+    int joined;               /* a receive kernel right after its own send kernel (phase BOTH): on
+                              ** the device API it starts without waiting for that grid (receive_entry) */
     const int *active;        /* [R] device copy of the active set at dispatch */
     CallState st[2];
     unsigned *counters;       /* [4]: block-completion tickets of the four kernels */
@@ -362,9 +362,11 @@ __device__ __forceinline__ void wait_for_prior_grid() {
 ** starts (they let dependents launch first thing), so this kernel's waiting blocks cannot keep
 ** it from finishing. The send's own messages, counts and flags are acquired through the flags, as
 ** a peer's are. The receive then waits for its flags while the send still runs, instead of after
-** the send grid's completion and memory flush. */
+** the send grid's completion and memory flush. Device API only: put/signal keeps the wait (GIN's
+** own-rank data is plain stores ordered only by the ticket's fences before a NIC signal, which
+** cannot be tested here; and its emulation's dispatch measured 36.5 -> 43.1 us joined). */
 __device__ __forceinline__ void receive_entry(const Params &p) {
-    if (!p.joined) wait_for_prior_grid();
+    if (!p.joined || p.gin) wait_for_prior_grid();
 }
 
 /* Launches a receive kernel as a dependent of the kernel before it (overlap: not after an
