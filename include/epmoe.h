@@ -529,7 +529,7 @@ typedef enum epmoe_phase { EPMOE_PHASE_BOTH = 3, EPMOE_PHASE_SEND = 1, EPMOE_PHA
 
 /* Dispatch; *handle identifies it for combine. PHASE_SEND then PHASE_RECV (same args) splits it,
 ** for other work between the halves; with nothing between them, call PHASE_BOTH: its receive then
-** starts while its send still runs (on the GPU, ~1 us less a dispatch and a combine). */
+** starts while its send still runs (device API transport: ~1 us less a dispatch and a combine). */
 EPMOE_API epmoe_status epmoe_dispatch(epmoe_ep *ep, const epmoe_dispatch_args *args, epmoe_phase phase,
                                       uint32_t *handle, epmoe_stream_t stream);
 
