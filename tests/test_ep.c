@@ -260,6 +260,9 @@ static void test_bad_args(void) {
     CHECK_STATUS(epmoe_combine(ep, 1, &ca, EPMOE_PHASE_BOTH, NULL), EPMOE_ERR_INVALID_ARG); /* no dispatch yet */
     CHECK_STATUS(epmoe_dispatch(ep, &a, EPMOE_PHASE_SEND, &h, NULL), EPMOE_OK);
     uint32_t h2;
+    /* a whole dispatch before h is received: refused before its send (else the next SEND would be a third) */
+    CHECK_STATUS(epmoe_dispatch(ep, &a, EPMOE_PHASE_BOTH, &h2, NULL), EPMOE_ERR_INVALID_ARG);
+    CHECK(strstr(epmoe_last_error(), "nothing was sent") != NULL, "message: %s", epmoe_last_error());
     CHECK_STATUS(epmoe_dispatch(ep, &a, EPMOE_PHASE_SEND, &h2, NULL), EPMOE_OK); /* two in flight */
     uint32_t h3;
     CHECK_STATUS(epmoe_dispatch(ep, &a, EPMOE_PHASE_SEND, &h3, NULL), EPMOE_ERR_INVALID_ARG); /* a third */

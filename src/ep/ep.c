@@ -220,6 +220,9 @@ epmoe_status epmoe_dispatch(epmoe_ep *ep, const epmoe_dispatch_args *a, epmoe_ph
     if (!handle) return epmoe__fail(EPMOE_ERR_NULL_POINTER, "%s: handle is NULL", fn);
     const int send = phase & EPMOE_PHASE_SEND, recv = phase & EPMOE_PHASE_RECV;
     EPMOE_CHECK(check_dispatch_args(fn, ep, a, send, recv));
+    if (send && recv && ep->seq != ep->recv_seq) /* checked before anything goes out: peers would wait */
+        return epmoe__fail(EPMOE_ERR_INVALID_ARG, "%s: receive dispatch %u first (receives follow dispatch order); "
+                           "nothing was sent", fn, ep->recv_seq + 1);
     ep_call *c;
     if (send) {
         c = &ep->calls[(ep->seq + 1) & 1];
