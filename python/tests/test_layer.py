@@ -463,16 +463,19 @@ def test_phase_order_errors(one_rank):
 
 def test_phase_order_the_library_refuses(one_rank):
     """A dispatch the layer does not see (EpGroup.dispatch_send) is still ordered by the library: a
-    forward sent after it cannot receive first. Refused after its SEND went out, the call raises with
-    the LayerForward attached (the peers wait for its remaining phases), which then finishes."""
+    forward sent after it cannot receive first. SEND with EXPERTS is one dispatch call, refused before
+    anything goes out: no forward is left for the peers to wait on, and one sent alone still is."""
     g, w, x, idx, tw = one_rank
     ref = epmoe.layer_ref(g.config, [w], [x], [idx], [tw])[0]
     layer = g.layer(weights=w)
     d = g.dispatch_send(x, idx, tw)
     with pytest.raises(epmoe.InvalidArgument, match="receives follow dispatch order") as exc:
         layer.forward_phase(x, idx, tw, phases=epmoe.LAYER_SEND | epmoe.LAYER_EXPERTS)
-    f = exc.value.forward
-    assert f.phases == epmoe.LAYER_SEND and f.handle == d.handle + 1 and g._forwards == [f]
+    assert "nothing was sent" in str(exc.value) and not hasattr(exc.value, "forward") and g._forwards == []
+    f = layer.forward_send(x, idx, tw)  # SEND alone goes out behind d; its EXPERTS must wait for d
+    assert f.handle == d.handle + 1 and g._forwards == [f]
+    with pytest.raises(epmoe.InvalidArgument, match="receives follow dispatch order"):
+        layer.forward_experts(f)
     g.dispatch_recv(d)
     cfg = g.config
     g.combine(d, np.zeros((cfg.local_experts, cfg.rows, H), np.uint16))
