@@ -103,6 +103,24 @@ static __device__ __forceinline__ uint32_t requant_word(uint32_t w, float s, flo
            (fp8x2_from_float(__fmul_rn(__fmul_rn(hi.x, s), inv), __fmul_rn(__fmul_rn(hi.y, s), inv)) << 16);
 }
 
+/* cp.async: 16 (or 4) bytes global -> shared without a register round trip, committed and waited
+** for in groups (the W4A8 GEMM's activations, the EP kernels' rows and messages). */
+static __device__ __forceinline__ uint32_t smem_u32(const void *p) {
+    return (uint32_t)__cvta_generic_to_shared(p);
+}
+
+/* 16 bytes global -> shared; bytes = 0 writes zeros without reading (rows past masked_m). */
+static __device__ __forceinline__ void cp_async16(void *dst, const void *src, int bytes) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_u32(dst)), "l"(src), "r"(bytes) : "memory");
+}
+static __device__ __forceinline__ void cp_async4(void *dst, const void *src, int bytes) {
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(smem_u32(dst)), "l"(src), "r"(bytes) : "memory");
+}
+static __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
+template <int N> static __device__ __forceinline__ void cp_async_wait() {
+    asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
+}
+
 /* silu(gate) * up of an MLP's GEMM1 output (bf16 [E, M, 2I], rows < masked_m), rounded to bf16,
 ** into inter: bf16 [E, M, I], or fp8 [E, M, I] with fresh 1x128 scales (f32 row-major
 ** [E, M, I/128]) or at the per-tensor scale *tensor_scale (silu_mul.cu). */

@@ -1,7 +1,7 @@
 /*
 ** wgmma.cuh — the Hopper (sm_90a) asynchronous tensor-core instructions the W4A8 GEMM uses:
-** cp.async staging, shared-memory matrix descriptors, and wgmma m64nNk32 e4m3 with the A
-** operand in registers (RS form), one specialization per token tile N.
+** the async-proxy fence, mbarrier bulk copies, shared-memory matrix descriptors, and wgmma
+** m64nNk32 e4m3 with the A operand in registers (RS form), one specialization per token tile N.
 **
 ** Descriptor (no swizzle, K-major): 8x16-byte core matrices; LBO = byte distance between the
 ** two core matrices adjacent in K, SBO = between core matrices adjacent in N (8-row groups).
@@ -10,21 +10,8 @@
 
 #include <cstdint>
 
-static __device__ __forceinline__ uint32_t smem_u32(const void *p) {
-    return (uint32_t)__cvta_generic_to_shared(p);
-}
+#include "common.cuh" /* smem_u32, cp.async */
 
-/* 16 bytes global -> shared; bytes = 0 writes zeros without reading (rows past masked_m). */
-static __device__ __forceinline__ void cp_async16(void *dst, const void *src, int bytes) {
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_u32(dst)), "l"(src), "r"(bytes) : "memory");
-}
-static __device__ __forceinline__ void cp_async4(void *dst, const void *src, int bytes) {
-    asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(smem_u32(dst)), "l"(src), "r"(bytes) : "memory");
-}
-static __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
-template <int N> static __device__ __forceinline__ void cp_async_wait() {
-    asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
-}
 /* cp.async writes are generic-proxy writes; wgmma reads shared memory through the async proxy. */
 static __device__ __forceinline__ void fence_proxy_async() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
 

@@ -16,7 +16,6 @@
 #include <nccl_device.h>
 
 #include "../cuda/common.cuh"
-#include "../cuda/wgmma.cuh" /* cp.async */
 #include "ep_internal.h"
 
 namespace epk {
@@ -341,10 +340,11 @@ __device__ __forceinline__ void later_round_msg(const int *pre, const int *cnt, 
 ** A send kernel lets its dependents launch as soon as all its blocks run; a receive kernel is
 ** launched as such a dependent, so its launch (block scheduling, parameters) happens under the
 ** send's tail (2.7 us from the send's last block to the receive's first, measured with bench_ep's
-** trace). The receive then waits for the prior grid (griddepcontrol.wait) before anything else:
-** the kernel before it need not be our send (a receive after a receive, or a caller's kernel in a
-** split forward, which may itself let dependents launch early), and it reads state such kernels
-** write (the call counters in p.seqs, the buffers it then overwrites). The fallback's receive
+** trace). Unless joined to its own send (receive_entry), the receive then waits for the prior
+** grid (griddepcontrol.wait) before anything else: the kernel before it need not be our send (a
+** receive after a receive, or a caller's kernel in a split forward, which may itself let
+** dependents launch early), and it reads state such kernels write (the call counters in p.seqs,
+** the buffers it then overwrites). The fallback's receive
 ** follows an NCCL exchange: it is launched normally (and the wait is then a no-op). */
 __device__ __forceinline__ void let_dependents_launch() {
 #if __CUDA_ARCH__ >= 900
