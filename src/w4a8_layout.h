@@ -32,7 +32,7 @@
 #endif
 
 #define W4_TILE_N 128    /* weight rows per CTA tile (two warpgroups of 64) */
-#define W4_GROUP 128     /* k per scale group (a step of the GPU kernel takes two) */
+#define W4_GROUP 128     /* k per scale group (a step of the GPU kernel takes one or two: kGroups) */
 #define W4_TILE_BYTES (W4_TILE_N * W4_GROUP / 2) /* one (tile, group): 8 KB */
 #define W4_SCALE_FOLD 512.0f /* 2^9: register bytes hold v * 2^-9 */
 

@@ -35,8 +35,8 @@ constexpr int kThreads = 256;
 ** 16 more fragment registers spill (T = 64 at its 128 registers, T = 128 at 255), and two groups
 ** run one after the other measured 3-8% slower at 128-1024 rows (fewer stages in the same bytes;
 ** bench_w4a8, H200, 2026-11-30). Registers with pairs (ptxas -v, CUDA 13.0): T = 8 71-79, 16
-** 92-98, 32 117-128. With kPairedT = 8, T = 16 would take 58-62 (3 CTAs/SM possible; 2 with
-** pairs) and T = 32 76-80 (2 CTAs/SM either way: shared memory), an alternative to measure. */
+** 92-98, 32 117-128. kPairedT = 8 (T = 16 one group a step, 6 stages at 3 CTAs/SM, 58-62
+** registers) measured slower at 16 rows: 249 against 224 us (DeepSeek-R1 W13 + W2, 2026-11-30). */
 constexpr int kPairedT = 32;
 template <int T> constexpr int kGroups = T <= kPairedT ? 2 : 1;
 
@@ -266,7 +266,6 @@ __device__ __forceinline__ void epilogue(const Problem &p, const Item &it, float
             acc[jj * 4 + 2 + c] = 0.0f;
         }
 }
-
 
 /* Per step j: wait for stage j's loads, start the loads of step j + S - 1 into the stage step
 ** j - 1 used (free: its wgmma completed and its scales were read before this barrier), issue the

@@ -111,7 +111,7 @@ __global__ void __launch_bounds__(kSendThreads, kBlocksPerSm) dispatch_send_kern
     ** and then the acks, two round trips in front of the counting (bench_ep trace). */
     uint64_t ack_seen = 0;
     if (!p.a2a && kGin != 2 && warp == 0 && lane < R && R <= 32) /* an acquire: no fence later (acks_in) */
-        asm volatile("ld.acquire.sys.global.u64 %0, [%1];" : "=l"(ack_seen) : "l"(ep_ack(my_base(p), &p.w, lane)) : "memory");
+        ack_seen = ld_acquire(ep_ack(my_base(p), &p.w, lane));
     auto probed = [&]() { return R <= 32 && (lane >= R || !act[lane] || ack_seen >= seq - 2); };
     for (int i = threadIdx.x; i < 2 * (E + R); i += kSendThreads) count[i] = 0;
     for (int r = threadIdx.x; r < R; r += kSendThreads) act[r] = __ldg(p.active + r);
