@@ -232,11 +232,12 @@ static void test_create_checks(const char *dir) {
 /* ---- the transport: selection, old configs, the fallback's footprint ------------------------- */
 
 /* The padded all-to-all's buffer, computed here from its definition (ep_layout.h): per peer a
-** dispatch slab (count block + every slot) and a combine slab; one outbox, two inboxes. */
+** dispatch slab (count block of 1 + L 8-byte words + every slot) and a combine slab; one outbox,
+** two inboxes. */
 static size_t a2a_bytes(const epmoe_ep_config *c, size_t msg_bytes) {
     const size_t R = (size_t)c->num_ranks, N = (size_t)c->max_tokens, k = (size_t)c->top_k, L = (size_t)(c->num_experts / c->num_ranks);
     const size_t slots = c->dedup ? N : N * (k < L ? k : L);
-    const size_t meta = (8 + 4 * L + 127) / 128 * 128, slab = (meta + slots * msg_bytes + 127) / 128 * 128;
+    const size_t meta = (8 * (1 + L) + 127) / 128 * 128, slab = (meta + slots * msg_bytes + 127) / 128 * 128;
     const size_t rows = c->combine_mode == EPMOE_COMBINE_REDUCE_AT_EXPERT ? N : N * k;
     const size_t comb = (rows * (size_t)c->hidden * 2 + 127) / 128 * 128;
     return 3 * R * slab + 3 * R * comb;
@@ -247,7 +248,7 @@ static size_t a2a_bytes(const epmoe_ep_config *c, size_t msg_bytes) {
 static size_t al(size_t x, size_t a) { return (x + a - 1) / a * a; }
 static size_t gin_bytes(const epmoe_ep_config *c, size_t dev_window, size_t msg_bytes) {
     const size_t R = (size_t)c->num_ranks, N = (size_t)c->max_tokens, k = (size_t)c->top_k, L = (size_t)(c->num_experts / c->num_ranks);
-    const size_t slots = c->dedup ? N : N * (k < L ? k : L), meta = al(8 + 4 * L + 8, 128);
+    const size_t slots = c->dedup ? N : N * (k < L ? k : L), meta = al(8 * (1 + L) + 8, 128);
     const size_t rows = c->combine_mode == EPMOE_COMBINE_REDUCE_AT_EXPERT ? N : N * k;
     return dev_window + 2 * al(R * slots * msg_bytes + R * meta + al(R * rows * (size_t)c->hidden * 2, 128), 4096);
 }

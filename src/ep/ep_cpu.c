@@ -160,9 +160,9 @@ static epmoe_status cpu_dispatch_send(epmoe_ep *ep, const epmoe_dispatch_args *a
     }
     for (int dst = 0; dst < d->R; dst++) {
         if (!c->active[dst]) continue;
-        uint32_t *meta = ep_meta(win(ep, dst), &ep->w, p, me);
+        uint64_t *meta = ep_meta(win(ep, dst), &ep->w, p, me);
         meta[0] = ep_count_word(im->msgs[dst], c->seq);
-        for (int le = 0; le < d->L; le++) meta[2 + le] = ep_count_word(im->pairs[dst * d->L + le], c->seq);
+        for (int le = 0; le < d->L; le++) meta[1 + le] = ep_count_word(im->pairs[dst * d->L + le], c->seq);
         publish(ep_disp_flag(win(ep, dst), d, &ep->w, p, me), c->seq);
     }
     return EPMOE_OK;
@@ -214,7 +214,7 @@ static epmoe_status cpu_dispatch_recv(epmoe_ep *ep, const epmoe_dispatch_args *a
         int32_t acc = 0;
         for (int src = 0; src < R; src++) {
             c->begin[le * R + src] = acc;
-            if (c->active[src]) acc += ep_count_of(ep_meta(mine, &ep->w, p, src)[2 + le]);
+            if (c->active[src]) acc += ep_count_of(ep_meta(mine, &ep->w, p, src)[1 + le]);
         }
         a->masked_m[le] = acc;
     }

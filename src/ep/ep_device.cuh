@@ -125,18 +125,18 @@ template <int kGin> __device__ __forceinline__ uint8_t *out_msg(const Params &p,
     if (!p.a2a) return ep_msg(peer_base(p, dst), &p.d, &p.w, par, p.d.rank, slot);
     return ep_a2a_msg(send_slab(p, par, dst), &p.d, &p.x, slot);
 }
-template <int kGin> __device__ __forceinline__ uint32_t *out_meta(const Params &p, int par, int dst) {
+template <int kGin> __device__ __forceinline__ uint64_t *out_meta(const Params &p, int par, int dst) {
     if (via_outbox<kGin>(p, dst)) return ep_out_meta(my_base(p), &p.w, &p.o, par, dst);
     if (!p.a2a) return ep_meta(peer_base(p, dst), &p.w, par, p.d.rank);
-    return reinterpret_cast<uint32_t *>(send_slab(p, par, dst));
+    return reinterpret_cast<uint64_t *>(send_slab(p, par, dst));
 }
 __device__ __forceinline__ const uint8_t *in_msg(const Params &p, int par, int src, int64_t i) {
     if (!p.a2a) return ep_msg(my_base(p), &p.d, &p.w, par, src, i);
     return ep_a2a_msg(ep_a2a_disp_slab(p.box, &p.d, &p.x, 1, par, src), &p.d, &p.x, i);
 }
-__device__ __forceinline__ const uint32_t *in_meta(const Params &p, int par, int src) {
+__device__ __forceinline__ const uint64_t *in_meta(const Params &p, int par, int src) {
     if (!p.a2a) return ep_meta(my_base(p), &p.w, par, src);
-    return reinterpret_cast<const uint32_t *>(ep_a2a_disp_slab(p.box, &p.d, &p.x, 1, par, src));
+    return reinterpret_cast<const uint64_t *>(ep_a2a_disp_slab(p.box, &p.d, &p.x, 1, par, src));
 }
 /* where a combine row lands in dst's window (LSA layout) */
 __device__ __forceinline__ uint16_t *peer_comb_row(const Params &p, int par, int dst, int64_t row) {
@@ -165,7 +165,6 @@ __device__ __forceinline__ void st_release(uint64_t *f, uint64_t v) {
     asm volatile("st.release.sys.global.u64 [%0], %1;" ::"l"(f), "l"(v) : "memory");
 }
 __device__ __forceinline__ uint64_t ld_volatile(const uint64_t *f) { return *reinterpret_cast<const volatile uint64_t *>(f); }
-__device__ __forceinline__ uint32_t ld_volatile32(const uint32_t *f) { return *reinterpret_cast<const volatile uint32_t *>(f); }
 __device__ __forceinline__ uint64_t ld_acquire(const uint64_t *f) {
     uint64_t v;
     asm volatile("ld.acquire.sys.global.u64 %0, [%1];" : "=l"(v) : "l"(f) : "memory");

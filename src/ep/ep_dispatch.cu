@@ -68,16 +68,16 @@ template <int kGin> __device__ __forceinline__ bool acks_in(const Params &p, uin
     return __all_sync(0xFFFFFFFFu, ok);
 }
 
-/* The count blocks, one per destination: [0] messages, [2 + le] rows per local expert, from the
+/* The count blocks, one per destination: [0] messages, [1 + le] rows per local expert, from the
 ** batch's counts, as tagged words (ep_count_word); every thread of the block stores some (one
 ** thread storing 2 + L words per destination over NVLink took microseconds). Under put/signal
 ** they go to the outbox, put after the ticket. */
 template <int kGin>
 __device__ __forceinline__ void store_counts(const Params &p, int par, uint32_t seq, const int *count, const int *act) {
-    const int per = 2 + p.d.L, L = p.d.L, E = p.d.E;
+    const int per = 1 + p.d.L, L = p.d.L, E = p.d.E;
     for (int i = threadIdx.x; i < p.d.R * per; i += blockDim.x) {
         const int r = i / per, f = i - r * per;
-        if (f != 1 && act[r]) out_meta<kGin>(p, par, r)[f] = ep_count_word(count[f ? r * L + f - 2 : E + r], seq);
+        if (act[r]) out_meta<kGin>(p, par, r)[f] = ep_count_word(count[f ? r * L + f - 1 : E + r], seq);
     }
 }
 
@@ -295,18 +295,18 @@ __global__ void __launch_bounds__(kSendThreads, kBlocksPerSm) dispatch_send_kern
                          ** joined receive acquires them and may end before this grid does */
         /* the count blocks (block 0 stored them unless there were no tokens), then one thread per
         ** destination puts (put/signal) and publishes them */
-        const int per = 2 + L;
+        const int per = 1 + L;
         if (T == 0) {
             store_counts<kGin>(p, par, seq, count, act);
             __syncthreads();
         }
         for (int r = threadIdx.x; r < d.R; r += kSendThreads) {
             if (!act[r]) continue;
-            uint32_t *meta = out_meta<kGin>(p, par, r);
+            uint64_t *meta = out_meta<kGin>(p, par, r);
             if (via_outbox<kGin>(p, r) && kGin == 2) { /* the count block's put, by this thread, before its signal */
-                gin_put(p, r, ep_meta(my_base(p), &p.w, par, me), meta, sizeof(uint32_t) * (size_t)per);
+                gin_put(p, r, ep_meta(my_base(p), &p.w, par, me), meta, sizeof(uint64_t) * (size_t)per);
             } else if (via_outbox<kGin>(p, r)) {
-                uint32_t *remote = ep_meta(peer_base(p, r), &p.w, par, me);
+                uint64_t *remote = ep_meta(peer_base(p, r), &p.w, par, me);
                 for (int i = 0; i < per; i++) remote[i] = meta[i];
             }
             if (!p.a2a)
@@ -370,10 +370,10 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm) dispatch_recv_kernel(P
         const int r = i / (L + 1), f = i - r * (L + 1); /* f = 0: messages; 1 + le: rows of le */
         int c = 0;
         if (p.active[r]) {
-            const uint32_t *at = in_meta(p, par, r) + (f ? 1 + f : 0);
-            uint32_t w = 0;
+            const uint64_t *at = in_meta(p, par, r) + f;
+            uint64_t w = 0;
             if (early) { /* until the word is this call's (its flag's release covers no count) */
-                if (!wait_for(p, [&] { return (uint64_t)ep_count_is(w = ld_volatile32(at), seq); }, 1, r, 2)) bail = 1;
+                if (!wait_for(p, [&] { return (uint64_t)ep_count_is(w = ld_volatile(at), seq); }, 1, r, 2)) bail = 1;
             } else {
                 w = *at;
             }

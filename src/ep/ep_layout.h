@@ -11,8 +11,8 @@
 **
 ** Window of one rank, for each parity p of the dispatch sequence number (two calls in flight):
 **   disp_msgs [p][src R][slot S] msg       S = N with dedup, N * min(k, L) without
-**   disp_meta [p][src R] { uint32 n_msgs, uint32 pad, uint32 pairs[L] } then uint64 seq flag
-**                                          (each count as ep_count_word: tagged with its call)
+**   disp_meta [p][src R] { uint64 n_msgs, uint64 pairs[L] } then uint64 seq flag
+**                                          (each count an ep_count_word: tagged with its call)
 **   comb_rows [p][...] bf16 [H]            REDUCE_AT_EXPERT: [dst rank R][token N]
 **                                          REDUCE_AT_OWNER:  [token N][slot k]
 **   comb_flag [p][src R] uint64 seq
@@ -91,7 +91,7 @@ EP_HD void ep_window_layout(const ep_dims *d, ep_window *w) {
     w->disp_msgs = o;
     o += (int64_t)d->R * d->slots * d->msg_bytes;
     w->disp_meta = o;
-    w->meta_stride = ep_align(8 + 4 * (int64_t)d->L + 8, 128); /* counts, then the flag, own line */
+    w->meta_stride = ep_align(8 + 8 * (int64_t)d->L + 8, 128); /* counts, then the flag, own line */
     o += (int64_t)d->R * w->meta_stride;
     w->comb_rows = o;
     w->comb_rows_count = d->reduce_at_expert ? (int64_t)d->R * d->N : (int64_t)d->N * d->k;
@@ -107,20 +107,20 @@ EP_HD void ep_window_layout(const ep_dims *d, ep_window *w) {
 EP_HD uint8_t *ep_msg(uint8_t *base, const ep_dims *d, const ep_window *w, int p, int src, int64_t slot) {
     return base + p * w->parity_bytes + w->disp_msgs + ((int64_t)src * d->slots + slot) * d->msg_bytes;
 }
-EP_HD uint32_t *ep_meta(uint8_t *base, const ep_window *w, int p, int src) {
-    return (uint32_t *)(base + p * w->parity_bytes + w->disp_meta + (int64_t)src * w->meta_stride);
+EP_HD uint64_t *ep_meta(uint8_t *base, const ep_window *w, int p, int src) {
+    return (uint64_t *)(base + p * w->parity_bytes + w->disp_meta + (int64_t)src * w->meta_stride);
 }
 /* the dispatch flag sits after the counts in the same meta block */
 EP_HD uint64_t *ep_disp_flag(uint8_t *base, const ep_dims *d, const ep_window *w, int p, int src) {
-    return (uint64_t *)((uint8_t *)ep_meta(base, w, p, src) + ep_align(8 + 4 * (int64_t)d->L, 8));
+    return ep_meta(base, w, p, src) + 1 + d->L;
 }
-/* A count-block word: the count (at most N * min(k, L) <= 2^20 messages) above the low 8 bits
-** of the dispatch's seq. A receiver can take the counts before the call's flag, each word once it
-** carries its call's tag (the slot's previous contents are call seq - 2's): the sender then
-** stores them without a release of their own, under its payload. */
-EP_HD uint32_t ep_count_word(int64_t count, uint32_t seq) { return (uint32_t)count << 8 | (seq & 0xFFu); }
-EP_HD int32_t ep_count_of(uint32_t w) { return (int32_t)(w >> 8); }
-EP_HD int ep_count_is(uint32_t w, uint32_t seq) { return (w & 0xFFu) == (seq & 0xFFu); }
+/* A count-block word: the dispatch's seq above the count, stored as one 8-byte word. A receiver
+** can take the counts before the call's flag, each word once it carries its call's seq: the sender
+** then stores them without a release of their own, under its payload. The whole seq, not a few of
+** its bits: a source masked out and later active again leaves words of any older call behind. */
+EP_HD uint64_t ep_count_word(int64_t count, uint32_t seq) { return (uint64_t)seq << 32 | (uint32_t)count; }
+EP_HD int32_t ep_count_of(uint64_t w) { return (int32_t)(uint32_t)w; }
+EP_HD int ep_count_is(uint64_t w, uint32_t seq) { return (uint32_t)(w >> 32) == seq; }
 EP_HD uint16_t *ep_comb_row(uint8_t *base, const ep_dims *d, const ep_window *w, int p, int64_t row) {
     return (uint16_t *)(base + p * w->parity_bytes + w->comb_rows + row * d->H * 2);
 }
@@ -160,8 +160,8 @@ EP_HD void ep_outbox_layout(const ep_dims *d, const ep_window *w, ep_outbox *o) 
 EP_HD uint8_t *ep_out_msg(uint8_t *base, const ep_dims *d, const ep_outbox *o, int p, int dst, int64_t slot) {
     return base + p * o->parity_bytes + o->msgs + ((int64_t)dst * d->slots + slot) * d->msg_bytes;
 }
-EP_HD uint32_t *ep_out_meta(uint8_t *base, const ep_window *w, const ep_outbox *o, int p, int dst) {
-    return (uint32_t *)(base + p * o->parity_bytes + o->meta + (int64_t)dst * w->meta_stride);
+EP_HD uint64_t *ep_out_meta(uint8_t *base, const ep_window *w, const ep_outbox *o, int p, int dst) {
+    return (uint64_t *)(base + p * o->parity_bytes + o->meta + (int64_t)dst * w->meta_stride);
 }
 EP_HD uint16_t *ep_out_comb_row(uint8_t *base, const ep_dims *d, const ep_outbox *o, int p, int dst, int64_t row) {
     return (uint16_t *)(base + p * o->parity_bytes + o->comb + ((int64_t)dst * o->comb_rows + row) * d->H * 2);
@@ -183,7 +183,7 @@ EP_HD uint64_t *ep_ack(uint8_t *base, const ep_window *w, int src) {
 ** The same messages and count block as the window, gathered per destination instead and moved
 ** by NCCL send/recv of fixed-size slabs, each padded to the most one source can send, so no
 ** count has to reach the host before the exchange:
-**   dispatch slab  { uint32 n_msgs, uint32 pad, uint32 pairs[L] } padded to 128, then msg [S]
+**   dispatch slab  { uint64 n_msgs, uint64 pairs[L] } padded to 128, then msg [S]
 **   combine slab   bf16 rows [N] (REDUCE_AT_EXPERT: row = token) or
 **                  [N * k] (REDUCE_AT_OWNER: row = token * k + slot)
 ** One device buffer per rank: disp_out [dst R] slab, disp_in [p][src R] slab, comb_out [dst R]
@@ -200,7 +200,7 @@ typedef struct ep_a2a {
 
 EP_HD void ep_a2a_layout(const ep_dims *d, ep_a2a *a) {
     const int64_t R = d->R, comb_rows = d->reduce_at_expert ? (int64_t)d->N : (int64_t)d->N * d->k;
-    a->meta_bytes = ep_align(8 + 4 * (int64_t)d->L, 128);
+    a->meta_bytes = ep_align(8 + 8 * (int64_t)d->L, 128);
     a->disp_slab = ep_align(a->meta_bytes + d->slots * d->msg_bytes, 128);
     a->comb_slab = ep_align(comb_rows * d->H * 2, 128);
     int64_t o = 0;
