@@ -70,14 +70,15 @@ template <int kGin> __device__ __forceinline__ bool acks_in(const Params &p, uin
 
 /* The count blocks, one per destination: [0] messages, [1 + le] rows per local expert, from the
 ** batch's counts, as tagged words (ep_count_word); every thread of the block stores some (one
-** thread storing 2 + L words per destination over NVLink took microseconds). Under put/signal
+** thread storing a destination's 1 + L words over NVLink took microseconds). Under put/signal
 ** they go to the outbox, put after the ticket. */
 template <int kGin>
 __device__ __forceinline__ void store_counts(const Params &p, int par, uint32_t seq, const int *count, const int *act) {
     const int per = 1 + p.d.L, L = p.d.L, E = p.d.E;
     for (int i = threadIdx.x; i < p.d.R * per; i += blockDim.x) {
         const int r = i / per, f = i - r * per;
-        if (act[r]) out_meta<kGin>(p, par, r)[f] = ep_count_word(count[f ? r * L + f - 1 : E + r], seq);
+        if (act[r]) /* one 8-byte store, volatile: the receive polls the word while it lands */
+            *reinterpret_cast<volatile uint64_t *>(out_meta<kGin>(p, par, r) + f) = ep_count_word(count[f ? r * L + f - 1 : E + r], seq);
     }
 }
 
