@@ -42,9 +42,10 @@ template <int T> constexpr int kGroups = T <= kPairedT ? 2 : 1;
 
 /* One step's groups, [h] = group kGroups * s + h. A step with one group of two (K/128 odd, the
 ** item's last) leaves the [1] halves stale. */
-template <int T> struct Stage {
+template <int T> struct alignas(1024) Stage {
     uint8_t w[kGroups<T>][2][kThreads][16]; /* the threads' fragments, [group][half][thread] (w4a8_layout.h) */
-    uint8_t a[kGroups<T>][8][T][16];        /* activations, K-major core matrices: 16-byte chunk c of token t */
+    uint8_t a[kGroups<T>][T][128];          /* activations: token t's 128 bytes of the group, 16-byte chunk c
+                                               at (c ^ t % 8) * 16 (wgmma's 128-byte swizzle, sw128_chunk) */
     float sw[kGroups<T>][W4_TILE_N];        /* weight scales of the tile's rows (2^9 folded in) */
     uint32_t sa[kGroups<T>][T];             /* activation scale words: fp32 bits, or the UE8M0 word ([0]
                                                only: a step's two groups share it, see Producer) */
@@ -154,8 +155,9 @@ template <int T, int kSa> struct Producer {
         for (int i = 0; i < kActChunks; i++) {
             const int c = tid + i * kThreads;
             if (c < T * 8) {
-                cp_async16(&s.a[0][c & 7][c >> 3][0], a[i], abytes[i]);
-                if (two) cp_async16(&s.a[kG - 1][c & 7][c >> 3][0], a[i] + (abytes[i] ? W4_GROUP : 0), abytes[i]);
+                const int at = sw128_chunk(c >> 3, c & 7);
+                cp_async16(&s.a[0][c >> 3][at], a[i], abytes[i]);
+                if (two) cp_async16(&s.a[kG - 1][c >> 3][at], a[i] + (abytes[i] ? W4_GROUP : 0), abytes[i]);
             }
         }
         if (t_sa >= 0) {
@@ -205,7 +207,7 @@ __device__ __forceinline__ void convert(const Stage<T> &s, int h, uint32_t (&a)[
 template <int T>
 __device__ __forceinline__ void mma_group(const Stage<T> &s, int h, const uint32_t (&a)[4][4], float (&part)[T / 2]) {
 #pragma unroll
-    for (int ks = 0; ks < 4; ks++) wgmma_rs<T>(part, a[ks], smem_desc(&s.a[h][2 * ks][0][0], T * 16, 128), ks);
+    for (int ks = 0; ks < 4; ks++) wgmma_rs<T>(part, a[ks], smem_desc_sw128(&s.a[h][0][32 * ks]), ks);
 }
 
 /* A group's scales for this thread: its two weight rows, and (mode a) the activation scales of
@@ -282,7 +284,9 @@ __device__ __forceinline__ void epilogue(const Problem &p, const Item &it, float
 template <int T, int kSa, bool kFull, int S>
 __global__ void __launch_bounds__(kThreads, T >= 128 ? 1 : (T <= 8 ? 3 : 2)) /* T = 8: at most 80 registers */
 w4a8_gemm_kernel(Problem p) {
-    extern __shared__ __align__(128) uint8_t smem[];
+    extern __shared__ __align__(128) uint8_t smem_raw[];
+    /* the swizzle is of address bits: every stage on a 1024-byte boundary (launch adds the slack) */
+    uint8_t *smem = smem_raw + ((1024u - (smem_u32(smem_raw) & 1023u)) & 1023u);
     Stage<T> *ring = reinterpret_cast<Stage<T> *>(smem);
     uint64_t *full = reinterpret_cast<uint64_t *>(smem + S * sizeof(Stage<T>)); /* stage j landed */
     Range &rg = *reinterpret_cast<Range *>(full + S);
@@ -455,7 +459,7 @@ epmoe_status launch(const char *fn, const Problem &p, int sms, cudaStream_t stre
     ** ahead of the consumer; one a step: T = 64 5 stages (2 CTAs/SM), T = 128 4 (1) */
     constexpr int S = kGroups<T> == 2 ? 3 : T <= 64 ? 5 : 4;
     auto kernel = w4a8_gemm_kernel<T, kSa, kFull, S>;
-    const size_t smem = S * (sizeof(Stage<T>) + sizeof(uint64_t)) + sizeof(Range) + (size_t)(p.E + 1) * sizeof(int);
+    const size_t smem = 1024 + S * (sizeof(Stage<T>) + sizeof(uint64_t)) + sizeof(Range) + (size_t)(p.E + 1) * sizeof(int);
     cudaError_t err = grow_smem_attr<w4a8_gemm_kernel<T, kSa, kFull, S>>(smem);
     int per_sm = 0;
     if (err == cudaSuccess) err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, smem);

@@ -3,8 +3,7 @@
 ** the async-proxy fence, mbarrier bulk copies, shared-memory matrix descriptors, and wgmma
 ** m64nNk32 e4m3 with the A operand in registers (RS form), one specialization per token tile N.
 **
-** Descriptor (no swizzle, K-major): 8x16-byte core matrices; LBO = byte distance between the
-** two core matrices adjacent in K, SBO = between core matrices adjacent in N (8-row groups).
+** Descriptor: K-major B operand in the 128-byte swizzle (smem_desc_sw128).
 */
 #pragma once
 
@@ -41,9 +40,18 @@ static __device__ __forceinline__ void bulk_copy(void *dst, const void *src, uin
                  : "memory");
 }
 
-static __device__ __forceinline__ uint64_t smem_desc(const void *p, uint32_t lbo, uint32_t sbo) {
-    return (uint64_t)((smem_u32(p) & 0x3FFFFu) >> 4) | ((uint64_t)(lbo >> 4) << 16) | ((uint64_t)(sbo >> 4) << 32);
+/* K-major operand in wgmma's 128-byte swizzle: each row (token) holds 128 bytes of K, its 16-byte
+** chunk c stored at chunk c ^ (row % 8); 8 rows (1024 bytes, 1024-aligned) form one atom, atoms
+** adjacent in N (SBO = 1024). p is the first row's byte k0 (k0 = 32 * ks for wgmma k-step ks: the
+** hardware applies the XOR to the address it forms, so the start just moves along the row).
+** Without the swizzle (8x16-byte core matrices), wgmma read the operand at one 16-byte row per
+** shared-memory wavefront: 8x the wavefronts (Nsight Compute, H200, 2026-11-30). */
+static __device__ __forceinline__ uint64_t smem_desc_sw128(const void *p) {
+    return (uint64_t)((smem_u32(p) & 0x3FFFFu) >> 4) | ((uint64_t)1 << 16) | ((uint64_t)(1024 >> 4) << 32) |
+           ((uint64_t)1 << 62);
 }
+/* The byte offset within a row of the 128-byte swizzle at which 16-byte chunk c of row r lives. */
+static __host__ __device__ __forceinline__ int sw128_chunk(int r, int c) { return ((c ^ r) & 7) * 16; }
 
 static __device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
 static __device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
