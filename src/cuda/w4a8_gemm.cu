@@ -206,8 +206,9 @@ __device__ __forceinline__ void convert(const Stage<T> &s, int h, uint32_t (&a)[
 /* The 4 wgmma of group h: part = (the group's weights) x (its activations), 64 rows x T per warpgroup. */
 template <int T>
 __device__ __forceinline__ void mma_group(const Stage<T> &s, int h, const uint32_t (&a)[4][4], float (&part)[T / 2]) {
+    const uint32_t lo = sw128_desc_lo(&s.a[h][0][0]);
 #pragma unroll
-    for (int ks = 0; ks < 4; ks++) wgmma_rs<T>(part, a[ks], smem_desc_sw128(&s.a[h][0][32 * ks]), ks);
+    for (int ks = 0; ks < 4; ks++) wgmma_rs<T>(part, a[ks], sw128_desc(lo + 2 * ks), ks);
 }
 
 /* A group's scales for this thread: its two weight rows, and (mode a) the activation scales of

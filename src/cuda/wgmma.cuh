@@ -3,7 +3,7 @@
 ** the async-proxy fence, mbarrier bulk copies, shared-memory matrix descriptors, and wgmma
 ** m64nNk32 e4m3 with the A operand in registers (RS form), one specialization per token tile N.
 **
-** Descriptor: K-major B operand in the 128-byte swizzle (smem_desc_sw128).
+** Descriptor: K-major B operand in the 128-byte swizzle (sw128_desc).
 */
 #pragma once
 
@@ -42,13 +42,16 @@ static __device__ __forceinline__ void bulk_copy(void *dst, const void *src, uin
 
 /* K-major operand in wgmma's 128-byte swizzle: each row (token) holds 128 bytes of K, its 16-byte
 ** chunk c stored at chunk c ^ (row % 8); 8 rows (1024 bytes, 1024-aligned) form one atom, atoms
-** adjacent in N (SBO = 1024). p is the first row's byte k0 (k0 = 32 * ks for wgmma k-step ks: the
-** hardware applies the XOR to the address it forms, so the start just moves along the row).
+** adjacent in N (SBO = 1024). The start is the first row's byte k0 (k0 = 32 * ks for wgmma k-step ks:
+** the hardware applies the XOR to the address it forms, so the start just moves along the row).
 ** Without the swizzle (8x16-byte core matrices), wgmma read the operand at one 16-byte row per
-** shared-memory wavefront: 8x the wavefronts (Nsight Compute, H200, 2026-11-30). */
-static __device__ __forceinline__ uint64_t smem_desc_sw128(const void *p) {
-    return (uint64_t)((smem_u32(p) & 0x3FFFFu) >> 4) | ((uint64_t)1 << 16) | ((uint64_t)(1024 >> 4) << 32) |
-           ((uint64_t)1 << 62);
+** shared-memory wavefront: 8x the wavefronts (Nsight Compute, H200, 2026-11-30).
+** The descriptor is split in words: the low one (start address >> 4, LBO = 1) is worked out once per stage, a k-step
+** adds 2 (32 bytes) to it (no carry: shared addresses < 256 KB), the high one is a constant (SBO =
+** 1024 >> 4, swizzle mode 1 in bits 62-63); whole, ptxas rebuilt it with 4-5 uniform ops per wgmma. */
+static __device__ __forceinline__ uint32_t sw128_desc_lo(const void *p) { return ((smem_u32(p) & 0x3FFFFu) >> 4) | (1u << 16); }
+static __device__ __forceinline__ uint64_t sw128_desc(uint32_t lo) {
+    return ((uint64_t)((1024u >> 4) | (1u << 30)) << 32) | lo;
 }
 /* The byte offset within a row of the 128-byte swizzle at which 16-byte chunk c of row r lives. */
 static __host__ __device__ __forceinline__ int sw128_chunk(int r, int c) { return ((c ^ r) & 7) * 16; }
