@@ -84,20 +84,22 @@ struct Range {
 
 template <int T>
 __device__ __forceinline__ Item find_item(const Problem &p, const int *prefix, int64_t w) {
-    const int t = (int)(w / p.NT);
+    /* 32-bit unsigned divisions: items < 2^31 (checked at launch); a 64-bit one is a ~70-instruction
+    ** subroutine, and every thread runs this at each item change (W2's items are 8 steps) */
+    const uint32_t wi = (uint32_t)w, t = wi / (uint32_t)p.NT;
     int lo = 0, hi = p.E; /* largest e with prefix[e] <= t; prefix is non-decreasing */
     while (hi - lo > 1) {
         const int mid = (lo + hi) >> 1;
-        if (prefix[mid] <= t) lo = mid;
+        if ((uint32_t)prefix[mid] <= t) lo = mid;
         else hi = mid;
     }
     /* now prefix[lo] <= t < prefix[lo + 1]: expert lo has tiles (empty experts never match) */
     Item it;
     it.e = lo;
     const int tiles = prefix[lo + 1] - prefix[lo];
-    const int local = (int)(w - (int64_t)prefix[lo] * p.NT);
-    it.nt = local / max(tiles, 1); /* (item == all items: the producer's look past the end) */
-    it.mt = local - it.nt * tiles;
+    const uint32_t local = wi - (uint32_t)prefix[lo] * (uint32_t)p.NT;
+    it.nt = (int)(local / (uint32_t)max(tiles, 1)); /* (item == all items: the producer's look past the end) */
+    it.mt = (int)local - it.nt * tiles;
     int r = __ldg(p.masked_m + lo);
     it.rows = r < 0 ? 0 : (r > p.M ? (int)p.M : r);
     return it;
@@ -181,7 +183,7 @@ template <int T, int kSa> struct Producer {
         /* Past the last item too, unguarded (a guard here cost 8-12% at 32 rows in the group-scale
         ** modes, measured 2026-11-30): start() only computes addresses, and issue() is never called
         ** beyond the CTA's steps (next <= steps: at most the item past the CTA's last). */
-        if ((g += kG) >= p.G) start(p, prefix, rg.first + (rg.off + next) / P, 0);
+        if ((g += kG) >= p.G) start(p, prefix, rg.first + (uint32_t)(rg.off + next) / (uint32_t)P, 0);
     }
 };
 
@@ -352,7 +354,7 @@ w4a8_gemm_kernel(Problem p) {
         int cg = kG * rg.off; /* the step's first group */
         /* The item of the CTA's step j, and whether that is the CTA's first item and began in an
         ** earlier range (then the CTA contributes its partial instead of finishing it). */
-        auto item_of = [&](int j) { return rg.first + (rg.off + j) / P; };
+        auto item_of = [&](int j) { return rg.first + (uint32_t)(rg.off + j) / (uint32_t)P; };
         auto is_head = [&](int j) { return rg.off != 0 && rg.off + j < P; };
         auto contribute = [&]() {
             float *slot = p.slots + (int64_t)r * (T / 2) * kThreads;
@@ -495,6 +497,10 @@ extern "C" epmoe_status epmoe_w4a8_gemm_cuda(const epmoe_w4a8_gemm_args *g, epmo
     static const char fn[] = "epmoe_w4a8_gemm_cuda";
     EPMOE_CHECK(epmoe__check_w4a8_gemm(fn, g, 1));
     if (g->w.E == 0 || g->M == 0) return EPMOE_OK;
+    /* the kernel counts work items (expert, weight tile, token tile of 8 or more) in 32 bits */
+    if ((double)g->w.E * (double)((g->M + 7) / 8) * (double)(g->w.N / W4_TILE_N) >= 2147483648.0)
+        return epmoe__fail(EPMOE_ERR_INVALID_ARG, "%s: E = %lld x M = %lld x N = %lld is too large (work items >= 2^31)", fn,
+                           (long long)g->w.E, (long long)g->M, (long long)g->w.N);
     int sms;
     EPMOE_CHECK(epmoe__need_device(fn, &sms));
     const size_t ws = epmoe_w4a8_gemm_workspace();
