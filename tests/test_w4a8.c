@@ -278,6 +278,11 @@ static void test_bad_args(void) {
     g.a_scales = (const uint8_t *)sa + 2;
     CHECK_STATUS(epmoe_w4a8_gemm_cuda(&g, NULL), EPMOE_ERR_MISALIGNED);
     CHECK_STATUS(epmoe_w4a8_gemm_ref(NULL), EPMOE_ERR_NULL_POINTER);
+    /* the GPU kernel counts work items (expert x 128-row weight tile x 8-token tile) in 32 bits: 2^16
+    ** experts x 2^14 token tiles x 2 weight tiles is refused before anything is read */
+    g = good;
+    g.w.E = 1 << 16, g.M = 1 << 17, g.out_expert_stride = g.M * 256;
+    CHECK_STATUS(epmoe_w4a8_gemm_cuda(&g, NULL), EPMOE_ERR_INVALID_ARG);
     /* nothing to do is fine: no experts, or M = 0 */
     g = good;
     g.w.E = 0;

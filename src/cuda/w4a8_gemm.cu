@@ -84,7 +84,7 @@ struct Range {
 
 template <int T>
 __device__ __forceinline__ Item find_item(const Problem &p, const int *prefix, int64_t w) {
-    /* 32-bit unsigned divisions: items < 2^31 (checked at launch); a 64-bit one is a ~70-instruction
+    /* 32-bit unsigned divisions: items < 2^31 (epmoe__check_w4a8_gemm); a 64-bit one is a ~70-instruction
     ** subroutine, and every thread runs this at each item change (W2's items are 8 steps) */
     const uint32_t wi = (uint32_t)w, t = wi / (uint32_t)p.NT;
     int lo = 0, hi = p.E; /* largest e with prefix[e] <= t; prefix is non-decreasing */
@@ -497,10 +497,6 @@ extern "C" epmoe_status epmoe_w4a8_gemm_cuda(const epmoe_w4a8_gemm_args *g, epmo
     static const char fn[] = "epmoe_w4a8_gemm_cuda";
     EPMOE_CHECK(epmoe__check_w4a8_gemm(fn, g, 1));
     if (g->w.E == 0 || g->M == 0) return EPMOE_OK;
-    /* the kernel counts work items (expert, weight tile, token tile of 8 or more) in 32 bits */
-    if ((double)g->w.E * (double)((g->M + 7) / 8) * (double)(g->w.N / W4_TILE_N) >= 2147483648.0)
-        return epmoe__fail(EPMOE_ERR_INVALID_ARG, "%s: E = %lld x M = %lld x N = %lld is too large (work items >= 2^31)", fn,
-                           (long long)g->w.E, (long long)g->M, (long long)g->w.N);
     int sms;
     EPMOE_CHECK(epmoe__need_device(fn, &sms));
     const size_t ws = epmoe_w4a8_gemm_workspace();
