@@ -4,7 +4,7 @@
 ** cudaMemcpyAsync moves the same bytes at 4.19 TB/s and our plain copy kernel at 3.76 (rescale_lab):
 ** the requant's conversion is cheap, so the copy pattern is the open lead. Each variant copies
 ** the same bytes (16-byte vectors) and is checked; "cold": 256 MB memset before every repeat, CUDA
-** events, median of 50. GB/s counts bytes read + written.
+** events, median of 50 (lab_timing.cuh). GB/s counts bytes read + written.
 **
 **   gs1        grid-stride, one 16-byte load in flight a thread (rescale_lab's copy), .cs hints
 **   gsU        grid-stride, U loads in flight then U stores, .cs hints
@@ -15,20 +15,9 @@
 **   memcpy     cudaMemcpyAsync
 ** Build: make dev-labs; run: ./build/dev/copy_lab
 */
-#include <algorithm>
 #include <cstdint>
-#include <cstdio>
-#include <cstdlib>
-#include <vector>
 
-#define CK(x)                                                                                                          \
-    do {                                                                                                               \
-        cudaError_t e_ = (x);                                                                                          \
-        if (e_ != cudaSuccess) {                                                                                       \
-            printf("CUDA %s at %d\n", cudaGetErrorString(e_), __LINE__);                                              \
-            exit(1);                                                                                                   \
-        }                                                                                                              \
-    } while (0)
+#include "lab_timing.cuh"
 
 enum Mode { kCs = 0, kDefault = 1, kNc256 = 2, kEvictFirst = 3 };
 
@@ -92,53 +81,29 @@ template <int U, int kMode> __global__ void blk_kernel(const uint4 *a, uint4 *b,
     }
 }
 
-static float median(std::vector<float> v) {
-    std::sort(v.begin(), v.end());
-    return v[v.size() / 2];
-}
-
-template <class F> static float time_it(F launch, void *flush) {
-    cudaEvent_t a, b;
-    CK(cudaEventCreate(&a));
-    CK(cudaEventCreate(&b));
-    std::vector<float> ts;
-    for (int i = 0; i < 55; i++) {
-        CK(cudaMemsetAsync(flush, i, 256 << 20));
-        CK(cudaEventRecord(a));
-        launch();
-        CK(cudaEventRecord(b));
-        CK(cudaEventSynchronize(b));
-        float ms;
-        CK(cudaEventElapsedTime(&ms, a, b));
-        if (i >= 5) ts.push_back(ms * 1000.0f);
-    }
-    CK(cudaGetLastError());
-    return median(ts);
-}
-
 int main() {
     int sms;
-    CK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, 0));
+    CU(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, 0));
     void *flush;
-    CK(cudaMalloc(&flush, 256 << 20));
+    CU(cudaMalloc(&flush, 256 << 20));
     const size_t bytes = (size_t)32 * 1024 * 7168; /* issue #2's full-row requant: 235 MB each way */
     const int64_t n = bytes / 16;
     uint8_t *src, *dst;
-    CK(cudaMalloc(&src, bytes));
-    CK(cudaMalloc(&dst, bytes));
+    CU(cudaMalloc(&src, bytes));
+    CU(cudaMalloc(&dst, bytes));
     std::vector<uint8_t> h(bytes), back(bytes);
     for (size_t i = 0; i < bytes; i++) h[i] = (uint8_t)(i * 2654435761u >> 13);
-    CK(cudaMemcpy(src, h.data(), bytes, cudaMemcpyHostToDevice));
+    CU(cudaMemcpy(src, h.data(), bytes, cudaMemcpyHostToDevice));
     const uint4 *a = (const uint4 *)src;
     uint4 *b = (uint4 *)dst;
     printf("%-28s %9s %9s %4s\n", "variant", "us", "GB/s", "ok");
     auto lab = [&](const char *name, auto launch) {
-        CK(cudaMemset(dst, 0, bytes));
+        CU(cudaMemset(dst, 0, bytes));
         launch();
-        CK(cudaDeviceSynchronize());
-        CK(cudaMemcpy(back.data(), dst, bytes, cudaMemcpyDeviceToHost));
+        CU(cudaDeviceSynchronize());
+        CU(cudaMemcpy(back.data(), dst, bytes, cudaMemcpyDeviceToHost));
         const bool ok = back == h;
-        const float us = time_it(launch, flush);
+        const float us = lab_time_cold(launch, flush, 5, 50);
         printf("%-28s %9.2f %9.0f %4s\n", name, us, 2.0 * bytes / us / 1e3, ok ? "yes" : "NO");
     };
     char name[64];
@@ -164,6 +129,6 @@ int main() {
     BLK(4, kEvictFirst, 8, 256, "-ef");
     BLK(4, kCs, 1, 1024, "");
     BLK(2, kCs, 16, 128, "");
-    lab("memcpy", [&] { CK(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToDevice)); });
+    lab("memcpy", [&] { CU(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToDevice)); });
     return 0;
 }

@@ -23,15 +23,8 @@
 #include <vector>
 
 #include "../../src/cuda/common.cuh"
+#include "lab_timing.cuh"
 
-#define CK(x)                                                                                                          \
-    do {                                                                                                               \
-        cudaError_t e_ = (x);                                                                                          \
-        if (e_ != cudaSuccess) {                                                                                       \
-            printf("CUDA %s at %d\n", cudaGetErrorString(e_), __LINE__);                                              \
-            exit(1);                                                                                                   \
-        }                                                                                                              \
-    } while (0)
 
 constexpr int kThreads = 256;
 
@@ -303,64 +296,40 @@ struct Case {
     std::vector<int32_t> masked;
 };
 
-static float median(std::vector<float> v) {
-    std::sort(v.begin(), v.end());
-    return v[v.size() / 2];
-}
-
 /* Warm: 20 launches in one graph, replayed 20 times; median per-launch time. */
 template <class F> static float time_warm(F launch) {
     cudaStream_t st;
-    CK(cudaStreamCreateWithFlags(&st, cudaStreamNonBlocking));
+    CU(cudaStreamCreateWithFlags(&st, cudaStreamNonBlocking));
     cudaGraph_t g;
     cudaGraphExec_t ge;
-    CK(cudaStreamBeginCapture(st, cudaStreamCaptureModeThreadLocal));
+    CU(cudaStreamBeginCapture(st, cudaStreamCaptureModeThreadLocal));
     for (int i = 0; i < 20; i++) launch(st);
-    CK(cudaStreamEndCapture(st, &g));
-    CK(cudaGraphInstantiate(&ge, g, 0));
+    CU(cudaStreamEndCapture(st, &g));
+    CU(cudaGraphInstantiate(&ge, g, 0));
     cudaEvent_t a, b;
-    CK(cudaEventCreate(&a));
-    CK(cudaEventCreate(&b));
+    CU(cudaEventCreate(&a));
+    CU(cudaEventCreate(&b));
     std::vector<float> ts;
     for (int i = 0; i < 25; i++) {
-        CK(cudaEventRecord(a, st));
-        CK(cudaGraphLaunch(ge, st));
-        CK(cudaEventRecord(b, st));
-        CK(cudaEventSynchronize(b));
+        CU(cudaEventRecord(a, st));
+        CU(cudaGraphLaunch(ge, st));
+        CU(cudaEventRecord(b, st));
+        CU(cudaEventSynchronize(b));
         float ms;
-        CK(cudaEventElapsedTime(&ms, a, b));
+        CU(cudaEventElapsedTime(&ms, a, b));
         if (i >= 5) ts.push_back(ms * 1000.0f / 20);
     }
     cudaGraphExecDestroy(ge), cudaGraphDestroy(g), cudaStreamDestroy(st);
-    return median(ts);
-}
-
-template <class F> static float time_it(F launch, void *flush) {
-    cudaEvent_t a, b;
-    CK(cudaEventCreate(&a));
-    CK(cudaEventCreate(&b));
-    std::vector<float> ts;
-    for (int i = 0; i < 110; i++) {
-        CK(cudaMemsetAsync(flush, i, 256 << 20));
-        CK(cudaEventRecord(a));
-        launch();
-        CK(cudaEventRecord(b));
-        CK(cudaEventSynchronize(b));
-        float ms;
-        CK(cudaEventElapsedTime(&ms, a, b));
-        if (i >= 10) ts.push_back(ms * 1000.0f);
-    }
-    CK(cudaGetLastError());
-    return median(ts);
+    return lab_median(ts);
 }
 
 int main() {
     int sms;
-    CK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, 0));
+    CU(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, 0));
     void *flush;
-    CK(cudaMalloc(&flush, 256 << 20));
-    CK(cudaFuncSetAttribute(bulk_kernel<0, 6, true>, cudaFuncAttributeMaxDynamicSharedMemorySize, 6 * 7168));
-    CK(cudaFuncSetAttribute(bulk_kernel<1, 6, true>, cudaFuncAttributeMaxDynamicSharedMemorySize, 6 * 7168));
+    CU(cudaMalloc(&flush, 256 << 20));
+    CU(cudaFuncSetAttribute(bulk_kernel<0, 6, true>, cudaFuncAttributeMaxDynamicSharedMemorySize, 6 * 7168));
+    CU(cudaFuncSetAttribute(bulk_kernel<1, 6, true>, cudaFuncAttributeMaxDynamicSharedMemorySize, 6 * 7168));
     std::vector<Case> cases;
     srand(1);
     std::vector<int32_t> ds(32);
@@ -384,16 +353,16 @@ int main() {
         uint8_t *dq, *ds_, *dy, *dc;
         int32_t *dm;
         float *dsc;
-        CK(cudaMalloc(&dq, n));
-        CK(cudaMalloc(&dy, n));
-        CK(cudaMalloc(&dc, n));
-        CK(cudaMalloc(&ds_, c.E * slab));
-        CK(cudaMalloc(&dm, c.E * 4));
-        CK(cudaMalloc(&dsc, 4));
-        CK(cudaMemcpy(dq, q.data(), n, cudaMemcpyHostToDevice));
-        CK(cudaMemcpy(ds_, s.data(), c.E * slab, cudaMemcpyHostToDevice));
-        CK(cudaMemcpy(dm, c.masked.data(), c.E * 4, cudaMemcpyHostToDevice));
-        CK(cudaMemcpy(dsc, &osc, 4, cudaMemcpyHostToDevice));
+        CU(cudaMalloc(&dq, n));
+        CU(cudaMalloc(&dy, n));
+        CU(cudaMalloc(&dc, n));
+        CU(cudaMalloc(&ds_, c.E * slab));
+        CU(cudaMalloc(&dm, c.E * 4));
+        CU(cudaMalloc(&dsc, 4));
+        CU(cudaMemcpy(dq, q.data(), n, cudaMemcpyHostToDevice));
+        CU(cudaMemcpy(ds_, s.data(), c.E * slab, cudaMemcpyHostToDevice));
+        CU(cudaMemcpy(dm, c.masked.data(), c.E * 4, cudaMemcpyHostToDevice));
+        CU(cudaMemcpy(dsc, &osc, 4, cudaMemcpyHostToDevice));
         int64_t rows = 0;
         for (int e = 0; e < c.E; e++) rows += std::min(std::max(c.masked[e], 0), c.M);
         const double bytes = (double)rows * c.K * 2 + rows * (c.K / 128) * 4 + c.E * 4;
@@ -402,23 +371,23 @@ int main() {
         auto report = [&](const char *name, float us, bool check) {
             bool ok = true;
             if (check) {
-                CK(cudaMemcpy(out.data(), dy, n, cudaMemcpyDeviceToHost));
+                CU(cudaMemcpy(out.data(), dy, n, cudaMemcpyDeviceToHost));
                 ok = out == ref;
             }
             printf("%-22s %6lld %-28s %9.2f %8.0f %9s %6s\n", c.name, (long long)rows, name, us, bytes / us / 1e3, "",
                    check ? (ok ? "yes" : "NO") : "-");
         };
-        auto reset = [&] { CK(cudaMemset(dy, 0x55, n)); };
+        auto reset = [&] { CU(cudaMemset(dy, 0x55, n)); };
 #define LAB(label, launch)                                                                                              \
     do {                                                                                                               \
         reset();                                                                                                       \
         { cudaStream_t st_ = 0; launch; }                                                                              \
-        CK(cudaDeviceSynchronize());                                                                                   \
+        CU(cudaDeviceSynchronize());                                                                                   \
         bool ok_ = true;                                                                                               \
-        CK(cudaMemcpy(out.data(), dy, n, cudaMemcpyDeviceToHost));                                                     \
+        CU(cudaMemcpy(out.data(), dy, n, cudaMemcpyDeviceToHost));                                                     \
         ok_ = out == ref;                                                                                              \
         cudaStream_t st_ = 0;                                                                                          \
-        float us_ = time_it([&] { launch; }, flush);                                                                   \
+        float us_ = lab_time_cold([&] { launch; }, flush, 10, 100);                                                                   \
         float warm_ = time_warm([&](cudaStream_t s_) { st_ = s_; launch; });                                           \
         printf("%-22s %6lld %-28s %9.2f %8.0f %9.2f %6s\n", c.name, (long long)rows, label, us_, bytes / us_ / 1e3,   \
                warm_, ok_ ? "yes" : "NO");                                                                             \
@@ -459,14 +428,14 @@ int main() {
         {
             /* raw bulk copy of the same rows (no conversion): what the TMA engine gives here */
             const unsigned bb = sms * 2;
-            CK(cudaFuncSetAttribute(bulk_kernel<0, 6, false>, cudaFuncAttributeMaxDynamicSharedMemorySize, 6 * c.K));
-            float bus = time_it([&] { bulk_kernel<0, 6, false><<<bb, kThreads, 6 * c.K>>>(dq, ds_, dm, c.E, c.M, c.K, dsc, dc); }, flush);
+            CU(cudaFuncSetAttribute(bulk_kernel<0, 6, false>, cudaFuncAttributeMaxDynamicSharedMemorySize, 6 * c.K));
+            float bus = lab_time_cold([&] { bulk_kernel<0, 6, false><<<bb, kThreads, 6 * c.K>>>(dq, ds_, dm, c.E, c.M, c.K, dsc, dc); }, flush, 10, 100);
             report("bulk copy kernel (same)", bus, false);
         }
         const int64_t nv = rows * c.K / 16;
-        float us = time_it([&] { copy_kernel<<<sms * 8, 256>>>((const uint4 *)dq, (uint4 *)dc, nv); }, flush);
+        float us = lab_time_cold([&] { copy_kernel<<<sms * 8, 256>>>((const uint4 *)dq, (uint4 *)dc, nv); }, flush, 10, 100);
         report("copy kernel (same bytes)", us, false);
-        us = time_it([&] { cudaMemcpyAsync(dc, dq, rows * c.K, cudaMemcpyDeviceToDevice); }, flush);
+        us = lab_time_cold([&] { cudaMemcpyAsync(dc, dq, rows * c.K, cudaMemcpyDeviceToDevice); }, flush, 10, 100);
         report("cudaMemcpyAsync (same)", us, false);
         cudaFree(dq), cudaFree(dy), cudaFree(dc), cudaFree(ds_), cudaFree(dm), cudaFree(dsc);
     }
