@@ -174,7 +174,7 @@ static epmoe_status check_acts(const char *fn, int64_t E, int64_t M, int64_t K, 
 }
 
 /* The GPU kernel counts its work items (expert, 128-row weight tile, token tile of 8 or more) in 32
-** bits: a 64-bit division at each item change cost 2-3% (w4a8_gemm.cu, find_item). */
+** bits: a 64-bit division at each item change cost 1-3% (w4a8_gemm.cu, find_item; H200 2026-11-30). */
 static epmoe_status check_work_items(const char *fn, int64_t E, int64_t M, int64_t N) {
     if ((double)E * (double)((M + 7) / 8) * (double)(N / W4_TILE_N) >= 2147483648.0)
         return epmoe__fail(EPMOE_ERR_INVALID_ARG,

@@ -84,8 +84,8 @@ struct Range {
 
 template <int T>
 __device__ __forceinline__ Item find_item(const Problem &p, const int *prefix, int64_t w) {
-    /* 32-bit unsigned divisions: items < 2^31 (epmoe__check_w4a8_gemm); a 64-bit one is a ~70-instruction
-    ** subroutine, and every thread runs this at each item change (W2's items are 8 steps) */
+    /* 32-bit unsigned divisions: items < 2^31 (epmoe__check_w4a8_gemm). A 64-bit one is a called
+    ** subroutine in the SASS, and every thread runs this at each item change (W2's items are 8 steps) */
     const uint32_t wi = (uint32_t)w, t = wi / (uint32_t)p.NT;
     int lo = 0, hi = p.E; /* largest e with prefix[e] <= t; prefix is non-decreasing */
     while (hi - lo > 1) {

@@ -46,10 +46,13 @@ static __device__ __forceinline__ void bulk_copy(void *dst, const void *src, uin
 ** the hardware applies the XOR to the address it forms, so the start just moves along the row).
 ** Without the swizzle (8x16-byte core matrices), wgmma read the operand at one 16-byte row per
 ** shared-memory wavefront: 8x the wavefronts (Nsight Compute, H200, 2026-11-30).
-** The descriptor is split in words: the low one (start address >> 4, LBO = 1) is worked out once per stage, a k-step
-** adds 2 (32 bytes) to it (no carry: shared addresses < 256 KB), the high one is a constant (SBO =
-** 1024 >> 4, swizzle mode 1 in bits 62-63); whole, ptxas rebuilt it with 4-5 uniform ops per wgmma. */
-static __device__ __forceinline__ uint32_t sw128_desc_lo(const void *p) { return ((smem_u32(p) & 0x3FFFFu) >> 4) | (1u << 16); }
+** The descriptor is split in words: the low one (start address >> 4, LBO = 1) is worked out once
+** per group, a k-step adds 2 (32 bytes) to it (no carry: shared addresses < 256 KB); the high one is
+** a constant (SBO = 1024 >> 4, swizzle mode 1 in bits 62-63). Built whole from the address, it cost
+** 4-5 uniform ops per wgmma in the SASS. */
+static __device__ __forceinline__ uint32_t sw128_desc_lo(const void *p) {
+    return ((smem_u32(p) & 0x3FFFFu) >> 4) | (1u << 16);
+}
 static __device__ __forceinline__ uint64_t sw128_desc(uint32_t lo) {
     return ((uint64_t)((1024u >> 4) | (1u << 30)) << 32) | lo;
 }
