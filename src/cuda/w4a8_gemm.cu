@@ -39,6 +39,12 @@ constexpr int kThreads = 256;
 ** registers) measured slower at 16 rows: 249 against 224 us (DeepSeek-R1 W13 + W2, 2026-11-30). */
 constexpr int kPairedT = 32;
 template <int T> constexpr int kGroups = T <= kPairedT ? 2 : 1;
+/* Threads that issue a stage's loads: one 16-byte activation chunk each per group where the tile
+** has fewer than kThreads chunks (T = 8: warps 0-1, T = 16: 0-3), else all. The other warps run no
+** producer code at all: at T = 8 every thread's address updates and arrivals were a quarter of the
+** kernel's issue slots (Nsight Compute, 2026-11-30). */
+template <int T> constexpr int kIssuers = T * 8 < kThreads ? T * 8 : kThreads;
+static_assert(32 + 8 <= kIssuers<8> && 32 + 16 <= kIssuers<16>, "the activation-scale threads (32..32+T) issue loads");
 
 /* One step's groups, [h] = group kGroups * s + h. A step with one group of two (K/128 odd, the
 ** item's last) leaves the [1] halves stale. */
@@ -110,7 +116,7 @@ __device__ __forceinline__ Item find_item(const Problem &p, const int *prefix, i
 ** pointer is group 2s's; group 2s + 1 is a constant further (weights W4_TILE_BYTES, scales N
 ** floats, activations 128 bytes, activation scales sa_step). */
 template <int T, int kSa> struct Producer {
-    static constexpr int kActChunks = (T * 8 + kThreads - 1) / kThreads; /* 16-byte chunks per thread and group */
+    static constexpr int kActChunks = T * 8 / kIssuers<T>; /* 16-byte chunks per issuing thread and group */
     const uint8_t *w;
     const uint8_t *a[kActChunks];
     int abytes[kActChunks]; /* 16, or 0 for rows past masked_m (zero-filled, never read) */
@@ -126,9 +132,9 @@ template <int T, int kSa> struct Producer {
         w = p.qw + (((int64_t)it.e * p.NT + it.nt) * p.G + g0) * W4_TILE_BYTES;
 #pragma unroll
         for (int i = 0; i < kActChunks; i++) {
-            const int c = tid + i * kThreads, t = c >> 3, ch = c & 7;
+            const int c = tid + i * kIssuers<T>, t = c >> 3, ch = c & 7;
             const int m = it.mt * T + t;
-            const bool ok = c < T * 8 && m < it.rows;
+            const bool ok = m < it.rows;
             a[i] = ok ? p.a + ((int64_t)it.e * p.M + m) * p.K + g0 * W4_GROUP + ch * 16 : p.a;
             abytes[i] = ok ? 16 : 0;
         }
@@ -155,12 +161,10 @@ template <int T, int kSa> struct Producer {
         }
 #pragma unroll
         for (int i = 0; i < kActChunks; i++) {
-            const int c = tid + i * kThreads;
-            if (c < T * 8) {
-                const int at = sw128_chunk(c >> 3, c & 7);
-                cp_async16(&s.a[0][c >> 3][at], a[i], abytes[i]);
-                if (two) cp_async16(&s.a[kG - 1][c >> 3][at], a[i] + (abytes[i] ? W4_GROUP : 0), abytes[i]);
-            }
+            const int c = tid + i * kIssuers<T>;
+            const int at = sw128_chunk(c >> 3, c & 7);
+            cp_async16(&s.a[0][c >> 3][at], a[i], abytes[i]);
+            if (two) cp_async16(&s.a[kG - 1][c >> 3][at], a[i] + (abytes[i] ? W4_GROUP : 0), abytes[i]);
         }
         if (t_sa >= 0) {
             cp_async4(&s.sa[0][t_sa], sa, 4);
@@ -272,9 +276,12 @@ __device__ __forceinline__ void epilogue(const Problem &p, const Item &it, float
         }
 }
 
-/* Per step j: wait for stage j's loads, start the loads of step j + S - 1 into the stage step
-** j - 1 used (free: its wgmma completed and its scales were read before this barrier), issue the
-** wgmma of step j, wait, promote group 2s then 2s + 1: the fp32 operations and their order are
+
+/* Per step j: wait for stage j's loads; the issuing warps (kIssuers) start the loads of step
+** j + S - 1 into the stage step j - 1 used, once every thread has released it (an mbarrier per
+** stage that each thread arrives on after its wgmma of that stage completed and its scales were
+** read; no CTA barrier, so the other warps never wait for the issuers); issue the wgmma of step j,
+** wait, release the stage, promote group 2s then 2s + 1: the fp32 operations and their order are
 ** those of one group a step, so the bits are too. Each warpgroup waits on its own wgmma: the
 ** tensor cores stay busy through the other warpgroups on the SM (2 per CTA, 2-3 CTAs per SM at
 ** decode tiles). (Two commit groups with wgmma.wait_group 1, promoting part0 while part1 runs,
@@ -292,7 +299,8 @@ w4a8_gemm_kernel(Problem p) {
     uint8_t *smem = smem_raw + ((1024u - (smem_u32(smem_raw) & 1023u)) & 1023u);
     Stage<T> *ring = reinterpret_cast<Stage<T> *>(smem);
     uint64_t *full = reinterpret_cast<uint64_t *>(smem + S * sizeof(Stage<T>)); /* stage j landed */
-    Range &rg = *reinterpret_cast<Range *>(full + S);
+    uint64_t *empty = full + S; /* every thread is done with stage j's bytes (its wgmma and scale reads) */
+    Range &rg = *reinterpret_cast<Range *>(empty + S);
     int *prefix = reinterpret_cast<int *>(&rg + 1); /* m-tiles before expert e */
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
     constexpr int kG = kGroups<T>;
@@ -307,7 +315,10 @@ w4a8_gemm_kernel(Problem p) {
     ** ever waits for lower-numbered CTAs, which the hardware starts first, and by then they are
     ** long past that point. */
     const int grid = gridDim.x, r = grid - 1 - (int)blockIdx.x;
-    if (tid < S) mbar_init(&full[tid], kThreads + 1); /* every thread's cp.async + the bulk copies */
+    if (tid < S) {
+        mbar_init(&full[tid], kIssuers<T> + 1); /* the issuers' cp.async + the bulk copies */
+        mbar_init(&empty[tid], kThreads);
+    }
     fence_proxy_async();
     if (warp == 0) {
         int carry = 0;
@@ -340,12 +351,15 @@ w4a8_gemm_kernel(Problem p) {
     const int steps = rg.steps;
 
     if (steps > 0) {
+        const bool issuer = tid < kIssuers<T>; /* whole warps */
         Producer<T, kSa> prod;
-        prod.start(p, prefix, rg.first, kG * rg.off);
+        if (issuer) {
+            prod.start(p, prefix, rg.first, kG * rg.off);
 #pragma unroll 1
-        for (int i = 0; i < S - 1 && i < steps; i++) {
-            prod.issue(p, ring[i], &full[i]);
-            prod.advance(p, prefix, rg, P, i + 1);
+            for (int i = 0; i < S - 1 && i < steps; i++) {
+                prod.issue(p, ring[i], &full[i]);
+                prod.advance(p, prefix, rg, P, i + 1);
+            }
         }
 
         float acc[T / 2];
@@ -369,10 +383,13 @@ w4a8_gemm_kernel(Problem p) {
         for (int j = 0; j < steps; j++) {
             mbar_wait(&full[j % S], (uint32_t)(j / S) & 1u);
             fence_proxy_async(); /* cp.async (generic proxy) wrote the activations wgmma reads */
-            __syncthreads();
-            if (j + S - 1 < steps) {
-                prod.issue(p, ring[(j + S - 1) % S], &full[(j + S - 1) % S]);
-                prod.advance(p, prefix, rg, P, j + S);
+            /* step j + S - 1 into the stage of step j - 1, once every thread is done with it (its
+            ** (j - 1) / S-th release: the warps are not held together by a CTA barrier) */
+            if (issuer && j + S - 1 < steps) {
+                const int i = j + S - 1;
+                if (i >= S) mbar_wait(&empty[i % S], (uint32_t)(i / S + 1) & 1u);
+                prod.issue(p, ring[i % S], &full[i % S]);
+                prod.advance(p, prefix, rg, P, i + 1);
             }
             const Stage<T> &s = ring[j % S];
             const bool two = kG == 2 && cg + 1 < p.G; /* else one a step, or the item's last step with G odd */
@@ -392,6 +409,7 @@ w4a8_gemm_kernel(Problem p) {
                 /* the scales while the wgmma run */
                 const GroupScales<T, kSa> gs0 = load_scales<T, kSa>(s, 0, cg), gs1 = load_scales<T, kSa>(s, 1, cg + 1);
                 wgmma_wait<0>();
+                mbar_arrive(&empty[j % S]);
 #pragma unroll
                 for (int i = 0; i < T / 2; i++) reg_fence(part0[i]), reg_fence(part1[i]);
                 promote<T, kSa>(gs0, part0, acc);
@@ -409,7 +427,9 @@ w4a8_gemm_kernel(Problem p) {
 #pragma unroll
                 for (int i = 0; i < T / 2; i++) reg_fence(part[i]);
                 /* the scales after the wait: read during the wgmma, T = 64 spills */
-                promote<T, kSa>(load_scales<T, kSa>(s, 0, cg), part, acc);
+                const GroupScales<T, kSa> gs = load_scales<T, kSa>(s, 0, cg);
+                mbar_arrive(&empty[j % S]);
+                promote<T, kSa>(gs, part, acc);
             }
             if ((cg += kG) >= p.G) { /* step j ended its item */
                 if (is_head(j)) contribute();
@@ -462,7 +482,7 @@ epmoe_status launch(const char *fn, const Problem &p, int sms, cudaStream_t stre
     ** ahead of the consumer; one a step: T = 64 5 stages (2 CTAs/SM), T = 128 4 (1) */
     constexpr int S = kGroups<T> == 2 ? 3 : T <= 64 ? 5 : 4;
     auto kernel = w4a8_gemm_kernel<T, kSa, kFull, S>;
-    const size_t smem = 1024 + S * (sizeof(Stage<T>) + sizeof(uint64_t)) + sizeof(Range) + (size_t)(p.E + 1) * sizeof(int);
+    const size_t smem = 1024 + S * (sizeof(Stage<T>) + 2 * sizeof(uint64_t)) + sizeof(Range) + (size_t)(p.E + 1) * sizeof(int);
     cudaError_t err = grow_smem_attr<w4a8_gemm_kernel<T, kSa, kFull, S>>(smem);
     int per_sm = 0;
     if (err == cudaSuccess) err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, smem);
