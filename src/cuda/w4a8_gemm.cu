@@ -11,7 +11,7 @@
 **   acc += sw[n, g] * (sa[m, g] * partial)       (mode a, per-token 1x128 activation scales)
 **   acc += sw[n, g] * partial, x sa at the end   (mode b, one per-tensor activation scale)
 ** so every product is exact and nothing is rounded twice. Two groups a step halve the step's fixed
-** cost per weight byte (mbarrier wait, proxy fence, CTA barrier, the producer's issue; to T = 32
+** cost per weight byte (mbarrier waits, proxy fence, the producer's issue; to T = 32
 ** also the wgmma commit and wait: both groups' 8 wgmma in flight together, kPairedT): decode
 ** (T = 8) was latency/issue bound with DRAM ~65% busy at one group a step. Each step's stage is
 ** filled by TMA bulk copies (the 16 KB weight tiles of both groups, contiguous in the repacked
@@ -382,12 +382,15 @@ w4a8_gemm_kernel(Problem p) {
 #pragma unroll 1
         for (int j = 0; j < steps; j++) {
             mbar_wait(&full[j % S], (uint32_t)(j / S) & 1u);
-            fence_proxy_async(); /* cp.async (generic proxy) wrote the activations wgmma reads */
             /* step j + S - 1 into the stage of step j - 1, once every thread is done with it (its
             ** (j - 1) / S-th release: the warps are not held together by a CTA barrier) */
-            if (issuer && j + S - 1 < steps) {
-                const int i = j + S - 1;
-                if (i >= S) mbar_wait(&empty[i % S], (uint32_t)(i / S + 1) & 1u);
+            const int i = j + S - 1;
+            const bool refill = issuer && i < steps;
+            if (refill && i >= S) mbar_wait(&empty[i % S], (uint32_t)(i / S + 1) & 1u);
+            /* after both acquires: cp.async (generic proxy) wrote the activations wgmma reads, and
+            ** the TMA copies (async proxy) below overwrite what this CTA's threads read generically */
+            fence_proxy_async();
+            if (refill) {
                 prod.issue(p, ring[i % S], &full[i % S]);
                 prod.advance(p, prefix, rg, P, i + 1);
             }
