@@ -22,6 +22,9 @@
 ** per expert with a warp scan; items (expert, n-tile, m-tile; empty experts have none) x K steps
 ** form one step sequence, split into equal ranges per CTA (stream-K, see the kernel).
 */
+#include <cuda.h> /* CUtensorMap */
+#include <cudaTypedefs.h>
+
 #include "common.cuh"
 #include "w4a8_layout.h"
 #include "wgmma.cuh"
@@ -39,12 +42,12 @@ constexpr int kThreads = 256;
 ** registers) measured slower at 16 rows: 249 against 224 us (DeepSeek-R1 W13 + W2, 2026-11-30). */
 constexpr int kPairedT = 32;
 template <int T> constexpr int kGroups = T <= kPairedT ? 2 : 1;
-/* Threads that issue a stage's loads: one 16-byte activation chunk each per group where the tile
-** has fewer than kThreads chunks (T = 8: warps 0-1, T = 16: 0-3), else all. The other warps run no
-** producer code at all: at T = 8 every thread's address updates and arrivals were a quarter of the
-** kernel's issue slots (Nsight Compute, 2026-11-30). */
-template <int T> constexpr int kIssuers = T * 8 < kThreads ? T * 8 : kThreads;
-static_assert(32 + 8 <= kIssuers<8> && 32 + 16 <= kIssuers<16>, "the activation-scale threads (32..32+T) issue loads");
+/* Warp 0 issues every stage's loads, after its own wgmma of the step are in flight: lane 0 the
+** bulk copies and the activations' tensor copies (TMA, in wgmma's swizzle), the lanes the activation
+** scales (cp.async, T / 32 tokens each). The other warps run no producer code: at T = 8 every
+** thread's address updates and arrivals were a quarter of the kernel's issue slots (Nsight Compute,
+** 2026-11-30). */
+constexpr int kProducerWarp = 0;
 
 /* One step's groups, [h] = group kGroups * s + h. A step with one group of two (K/128 odd, the
 ** item's last) leaves the [1] halves stale. */
@@ -111,66 +114,60 @@ __device__ __forceinline__ Item find_item(const Problem &p, const int *prefix, i
     return it;
 }
 
-/* The loads of one CTA, walking its items and their K steps in order. Pointers advance by a
-** constant per step, so a step costs a few adds; only an item change recomputes them. Each
+/* The loads of one CTA, walking its items and their K steps in order (warp 0). Pointers advance
+** by a constant per step, so a step costs a few adds; only an item change recomputes them. Each
 ** pointer is group 2s's; group 2s + 1 is a constant further (weights W4_TILE_BYTES, scales N
-** floats, activations 128 bytes, activation scales sa_step). */
+** floats, activations one 128-byte column of the tensor map, activation scales sa_step). */
 template <int T, int kSa> struct Producer {
-    static constexpr int kActChunks = T * 8 / kIssuers<T>; /* 16-byte chunks per issuing thread and group */
+    static constexpr int kTok = (T + 31) / 32; /* activation-scale tokens per lane */
     const uint8_t *w;
-    const uint8_t *a[kActChunks];
-    int abytes[kActChunks]; /* 16, or 0 for rows past masked_m (zero-filled, never read) */
     const float *sw;
-    const uint8_t *sa;      /* the 4-byte word holding scale (t_sa, g) */
-    int g, t_sa;            /* g: the step's first group (even); t_sa: this thread's token for the
-                               activation scale, or -1 */
+    const uint8_t *sa; /* the 4-byte word holding scale (lane's token, g) */
+    int g;             /* the step's first group (even) */
+    int row;           /* the tile's first activation row in the tensor map: e * M + mt * T */
+    int live;          /* rows of the tile below masked_m (the rest are loaded, never used) */
 
     __device__ void start(const Problem &p, const int *prefix, int64_t item, int g0) {
-        const int tid = threadIdx.x;
+        const int lane = threadIdx.x & 31;
         g = g0;
         const Item it = find_item<T>(p, prefix, item);
         w = p.qw + (((int64_t)it.e * p.NT + it.nt) * p.G + g0) * W4_TILE_BYTES;
-#pragma unroll
-        for (int i = 0; i < kActChunks; i++) {
-            const int c = tid + i * kIssuers<T>, t = c >> 3, ch = c & 7;
-            const int m = it.mt * T + t;
-            const bool ok = m < it.rows;
-            a[i] = ok ? p.a + ((int64_t)it.e * p.M + m) * p.K + g0 * W4_GROUP + ch * 16 : p.a;
-            abytes[i] = ok ? 16 : 0;
-        }
         sw = p.sw + ((int64_t)it.e * p.G + g0) * p.N + it.nt * W4_TILE_N;
-        t_sa = (kSa != 0 && tid >= 32 && tid < 32 + T && it.mt * T + tid - 32 < it.rows) ? tid - 32 : -1;
-        if (t_sa >= 0) {
-            const int64_t m = it.mt * T + t_sa;
-            /* fmt_scale_offset(m, g0) & ~3, with strides from the host: a runtime format switch here
-            ** leaves values the compiler hoists into registers T = 8 does not have (see the kernel) */
-            sa = p.sa + p.sa_slab * it.e + m * p.sa_tok + (kSa == 2 ? g0 >> 2 : g0) * p.sa_step;
-        }
+        row = it.e * (int)p.M + it.mt * T; /* < 2^31: epmoe__check_w4a8_gemm */
+        live = it.rows - it.mt * T;
+        /* fmt_scale_offset(m, g0) & ~3, with strides from the host: a runtime format switch here
+        ** leaves values the compiler hoists into registers T = 8 does not have (see the kernel) */
+        if (kSa != 0)
+            sa = p.sa + p.sa_slab * it.e + (int64_t)(it.mt * T + lane) * p.sa_tok + (kSa == 2 ? g0 >> 2 : g0) * p.sa_step;
     }
 
     /* The loads of group g, and of g + 1 when steps take two (not when g is the last group: G odd). */
     static constexpr int kG = kGroups<T>;
-    __device__ void issue(const Problem &p, Stage<T> &s, uint64_t *full) {
-        const int tid = threadIdx.x;
+    __device__ void issue(const Problem &p, const CUtensorMap &tm, Stage<T> &s, uint64_t *full) {
+        const int lane = threadIdx.x & 31;
         const bool two = kG == 2 && g + 1 < p.G;
-        if (tid == 0) { /* the weight tiles (adjacent in the repacked layout: one copy), 128 scales each */
-            mbar_expect_tx(full, (two ? 2 : 1) * (W4_TILE_BYTES + W4_TILE_N * 4));
+        if (lane == 0) { /* the weight tiles (adjacent in the repacked layout: one copy), 128 scales each,
+                            T activation rows of 128 bytes each */
+            mbar_expect_tx(full, (two ? 2 : 1) * (W4_TILE_BYTES + W4_TILE_N * 4 + T * W4_GROUP));
             bulk_copy(&s.w[0][0][0][0], w, (two ? 2 : 1) * W4_TILE_BYTES, full);
             bulk_copy(s.sw[0], sw, W4_TILE_N * 4, full);
-            if (two) bulk_copy(s.sw[kG - 1], sw + p.N, W4_TILE_N * 4, full);
+            tma_load_2d(&s.a[0][0][0], &tm, g * W4_GROUP, row, full);
+            if (two) {
+                bulk_copy(s.sw[kG - 1], sw + p.N, W4_TILE_N * 4, full);
+                tma_load_2d(&s.a[kG - 1][0][0], &tm, (g + 1) * W4_GROUP, row, full);
+            }
         }
+        if (kSa != 0)
 #pragma unroll
-        for (int i = 0; i < kActChunks; i++) {
-            const int c = tid + i * kIssuers<T>;
-            const int at = sw128_chunk(c >> 3, c & 7);
-            cp_async16(&s.a[0][c >> 3][at], a[i], abytes[i]);
-            if (two) cp_async16(&s.a[kG - 1][c >> 3][at], a[i] + (abytes[i] ? W4_GROUP : 0), abytes[i]);
-        }
-        if (t_sa >= 0) {
-            cp_async4(&s.sa[0][t_sa], sa, 4);
-            /* UE8M0: g is even, so groups g and g + 1 are bytes of the word just copied */
-            if (kSa != 2 && two) cp_async4(&s.sa[kG - 1][t_sa], sa + p.sa_step, 4);
-        }
+            for (int i = 0; i < kTok; i++) {
+                const int t = lane + 32 * i;
+                if (t < T && t < live) {
+                    const uint8_t *src = sa + (int64_t)(32 * i) * p.sa_tok;
+                    cp_async4(&s.sa[0][t], src, 4);
+                    /* UE8M0: g is even, so groups g and g + 1 are bytes of the word just copied */
+                    if (kSa != 2 && two) cp_async4(&s.sa[kG - 1][t], src + p.sa_step, 4);
+                }
+            }
         cp_async_arrive_noinc(full);
     }
 
@@ -178,12 +175,10 @@ template <int T, int kSa> struct Producer {
     ** that and the range in shared memory, not from a register kept for it. */
     __device__ void advance(const Problem &p, const int *prefix, const Range &rg, int P, int next) {
         w += kG * W4_TILE_BYTES;
-#pragma unroll
-        for (int i = 0; i < kActChunks; i++) a[i] += abytes[i] ? kG * W4_GROUP : 0;
         sw += kG * p.N;
         /* UE8M0: the next step's group(s) are in the next word when this step ends one (g + kG - 1
         ** is 3 mod 4; two a step: g % 4 == 2) */
-        if (t_sa >= 0 && (kSa != 2 || ((g + kG - 1) & 3) == 3)) sa += kSa == 2 ? p.sa_step : kG * p.sa_step;
+        if (kSa != 0 && (kSa != 2 || ((g + kG - 1) & 3) == 3)) sa += kSa == 2 ? p.sa_step : kG * p.sa_step;
         /* Past the last item too, unguarded (a guard here cost 8-12% at 32 rows in the group-scale
         ** modes, measured 2026-11-30): start() only computes addresses, and issue() is never called
         ** beyond the CTA's steps (next <= steps: at most the item past the CTA's last). */
@@ -293,7 +288,7 @@ __device__ __forceinline__ void epilogue(const Problem &p, const Item &it, float
 ** kept in registers: the range is in shared memory and the item comes from the step index. */
 template <int T, int kSa, bool kFull, int S>
 __global__ void __launch_bounds__(kThreads, T >= 128 ? 1 : (T <= 8 ? 3 : 2)) /* T = 8: at most 80 registers */
-w4a8_gemm_kernel(Problem p) {
+w4a8_gemm_kernel(const __grid_constant__ Problem p, const __grid_constant__ CUtensorMap tm) {
     extern __shared__ __align__(128) uint8_t smem_raw[];
     /* the swizzle is of address bits: every stage on a 1024-byte boundary (launch adds the slack) */
     uint8_t *smem = smem_raw + ((1024u - (smem_u32(smem_raw) & 1023u)) & 1023u);
@@ -316,7 +311,7 @@ w4a8_gemm_kernel(Problem p) {
     ** long past that point. */
     const int grid = gridDim.x, r = grid - 1 - (int)blockIdx.x;
     if (tid < S) {
-        mbar_init(&full[tid], kIssuers<T> + 1); /* the issuers' cp.async + the bulk copies */
+        mbar_init(&full[tid], 32 + 1); /* the producer warp's cp.async + the copies' expect_tx */
         mbar_init(&empty[tid], kThreads);
     }
     fence_proxy_async();
@@ -351,16 +346,28 @@ w4a8_gemm_kernel(Problem p) {
     const int steps = rg.steps;
 
     if (steps > 0) {
-        const bool issuer = tid < kIssuers<T>; /* whole warps */
+        const bool producer = warp == kProducerWarp;
         Producer<T, kSa> prod;
-        if (issuer) {
+        if (producer) {
             prod.start(p, prefix, rg.first, kG * rg.off);
 #pragma unroll 1
             for (int i = 0; i < S - 1 && i < steps; i++) {
-                prod.issue(p, ring[i], &full[i]);
+                prod.issue(p, tm, ring[i], &full[i]);
                 prod.advance(p, prefix, rg, P, i + 1);
             }
         }
+        /* Step j + S - 1 into the stage of step j - 1, once every thread is done with it (its
+        ** (j - 1) / S-th release: the warps are not held together by a CTA barrier). Called by the
+        ** producer warp while its wgmma of step j run. */
+        auto refill = [&](int j) {
+            const int i = j + S - 1;
+            if (i >= steps) return;
+            if (i >= S) mbar_wait(&empty[i % S], (uint32_t)(i / S + 1) & 1u);
+            /* the stage's generic reads (fragments, scales) by every thread, then the TMA overwrite */
+            fence_proxy_async();
+            prod.issue(p, tm, ring[i % S], &full[i % S]);
+            prod.advance(p, prefix, rg, P, i + 1);
+        };
 
         float acc[T / 2];
 #pragma unroll
@@ -381,19 +388,7 @@ w4a8_gemm_kernel(Problem p) {
         };
 #pragma unroll 1
         for (int j = 0; j < steps; j++) {
-            mbar_wait(&full[j % S], (uint32_t)(j / S) & 1u);
-            /* step j + S - 1 into the stage of step j - 1, once every thread is done with it (its
-            ** (j - 1) / S-th release: the warps are not held together by a CTA barrier) */
-            const int i = j + S - 1;
-            const bool refill = issuer && i < steps;
-            if (refill && i >= S) mbar_wait(&empty[i % S], (uint32_t)(i / S + 1) & 1u);
-            /* after both acquires: cp.async (generic proxy) wrote the activations wgmma reads, and
-            ** the TMA copies (async proxy) below overwrite what this CTA's threads read generically */
-            fence_proxy_async();
-            if (refill) {
-                prod.issue(p, ring[i % S], &full[i % S]);
-                prod.advance(p, prefix, rg, P, i + 1);
-            }
+            mbar_wait(&full[j % S], (uint32_t)(j / S) & 1u); /* TMA wrote the activations: no proxy fence */
             const Stage<T> &s = ring[j % S];
             const bool two = kG == 2 && cg + 1 < p.G; /* else one a step, or the item's last step with G odd */
             if constexpr (kG == 2) {
@@ -409,6 +404,7 @@ w4a8_gemm_kernel(Problem p) {
                 ** branch here makes ptxas inject a warpgroup.arrive (C7519) */
                 mma_group<T>(s, 1, a1, part1);
                 wgmma_commit();
+                if (producer) refill(j);
                 /* the scales while the wgmma run */
                 const GroupScales<T, kSa> gs0 = load_scales<T, kSa>(s, 0, cg), gs1 = load_scales<T, kSa>(s, 1, cg + 1);
                 wgmma_wait<0>();
@@ -426,6 +422,7 @@ w4a8_gemm_kernel(Problem p) {
                 wgmma_fence();
                 mma_group<T>(s, 0, a, part);
                 wgmma_commit();
+                if (producer) refill(j);
                 wgmma_wait<0>();
 #pragma unroll
                 for (int i = 0; i < T / 2; i++) reg_fence(part[i]);
@@ -479,6 +476,30 @@ constexpr int kMaxCtasPerSm = 8;
 constexpr size_t kSlotBytesPerSm = 64 * 1024;
 size_t flags_bytes(int sms) { return ((size_t)sms * kMaxCtasPerSm * 4 + 255) / 256 * 256; }
 
+/* The activations [E * M rows, K bytes] as a TMA tensor: T x 128-byte boxes in the 128-byte
+** swizzle, zero past the last row. cuTensorMapEncodeTiled is a driver entry point: taken through
+** the runtime, so the library links no libcuda. */
+epmoe_status act_tensor_map(const char *fn, const Problem &p, int T, CUtensorMap *tm) {
+    static const PFN_cuTensorMapEncodeTiled_v12000 encode = [] {
+        void *f = nullptr;
+        cudaDriverEntryPointQueryResult q;
+        if (cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &f, 12000, cudaEnableDefault, &q) != cudaSuccess ||
+            q != cudaDriverEntryPointSuccess) {
+            cudaGetLastError();
+            f = nullptr;
+        }
+        return reinterpret_cast<PFN_cuTensorMapEncodeTiled_v12000>(f);
+    }();
+    if (!encode) return epmoe__fail(EPMOE_ERR_CUDA, "%s: the driver has no cuTensorMapEncodeTiled", fn);
+    const cuuint64_t dim[2] = {(cuuint64_t)p.K, (cuuint64_t)p.E * (cuuint64_t)p.M}, stride[1] = {(cuuint64_t)p.K};
+    const cuuint32_t box[2] = {W4_GROUP, (cuuint32_t)T}, estride[2] = {1, 1};
+    const CUresult rc = encode(tm, CU_TENSOR_MAP_DATA_TYPE_UINT8, 2, const_cast<uint8_t *>(p.a), dim, stride, box, estride,
+                               CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
+                               CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+    if (rc != CUDA_SUCCESS) return epmoe__fail(EPMOE_ERR_CUDA, "%s: cuTensorMapEncodeTiled failed (%d)", fn, (int)rc);
+    return EPMOE_OK;
+}
+
 template <int T, int kSa, bool kFull>
 epmoe_status launch(const char *fn, const Problem &p, int sms, cudaStream_t stream) {
     /* two groups a step: 3 stages, the bytes of 6 one-group stages (3 CTAs/SM at T = 8), 4 groups
@@ -496,7 +517,9 @@ epmoe_status launch(const char *fn, const Problem &p, int sms, cudaStream_t stre
                            smem, cudaGetErrorString(err));
     if ((size_t)sms * per_sm * (T / 2) * kThreads * sizeof(float) > p.slots_bytes)
         return epmoe__fail(EPMOE_ERR_INTERNAL, "%s: stream-K slots for T = %d exceed the workspace", fn, T);
-    kernel<<<sms * per_sm, kThreads, smem, stream>>>(p);
+    CUtensorMap tm;
+    EPMOE_CHECK(act_tensor_map(fn, p, T, &tm));
+    kernel<<<sms * per_sm, kThreads, smem, stream>>>(p, tm);
     return epmoe__launched(fn);
 }
 

@@ -44,6 +44,14 @@ static __device__ __forceinline__ void bulk_copy(void *dst, const void *src, uin
                  : "memory");
 }
 
+/* A 2-D box of a TMA tensor map (a __grid_constant__ kernel parameter) at element (x, y). */
+static __device__ __forceinline__ void tma_load_2d(void *dst, const void *tmap, int x, int y, uint64_t *bar) {
+    asm volatile("cp.async.bulk.tensor.2d.shared::cluster.global.tile.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3}], [%4];\n" ::"r"(
+                     smem_u32(dst)),
+                 "l"(tmap), "r"(x), "r"(y), "r"(smem_u32(bar))
+                 : "memory");
+}
+
 /* K-major operand in wgmma's 128-byte swizzle: each row (token) holds 128 bytes of K, its 16-byte
 ** chunk c stored at chunk c ^ (row % 8); 8 rows (1024 bytes, 1024-aligned) form one atom, atoms
 ** adjacent in N (SBO = 1024). The start is the first row's byte k0 (k0 = 32 * ks for wgmma k-step ks:
