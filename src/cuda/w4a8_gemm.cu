@@ -312,7 +312,7 @@ w4a8_gemm_kernel(const __grid_constant__ Problem p, const __grid_constant__ CUte
     const int grid = gridDim.x, r = grid - 1 - (int)blockIdx.x;
     if (tid < S) {
         mbar_init(&full[tid], 32 + 1); /* the producer warp's cp.async + the copies' expect_tx */
-        mbar_init(&empty[tid], kThreads);
+        mbar_init(&empty[tid], kThreads / 32); /* one arrival per warp */
     }
     fence_proxy_async();
     if (warp == 0) {
@@ -359,6 +359,12 @@ w4a8_gemm_kernel(const __grid_constant__ Problem p, const __grid_constant__ CUte
         /* Step j + S - 1 into the stage of step j - 1, once every thread is done with it (its
         ** (j - 1) / S-th release: the warps are not held together by a CTA barrier). Called by the
         ** producer warp while its wgmma of step j run. */
+        /* Every thread of the warp is done with step j's stage: one arrival for the warp (32
+        ** arrivals on one mbarrier word by every warp serialize) */
+        auto release = [&](int j) {
+            __syncwarp(); /* orders the lanes' reads before lane 0's release */
+            if (lane == 0) mbar_arrive(&empty[j % S]);
+        };
         auto refill = [&](int j) {
             const int i = j + S - 1;
             if (i >= steps) return;
@@ -408,7 +414,7 @@ w4a8_gemm_kernel(const __grid_constant__ Problem p, const __grid_constant__ CUte
                 /* the scales while the wgmma run */
                 const GroupScales<T, kSa> gs0 = load_scales<T, kSa>(s, 0, cg), gs1 = load_scales<T, kSa>(s, 1, cg + 1);
                 wgmma_wait<0>();
-                mbar_arrive(&empty[j % S]);
+                release(j);
 #pragma unroll
                 for (int i = 0; i < T / 2; i++) reg_fence(part0[i]), reg_fence(part1[i]);
                 promote<T, kSa>(gs0, part0, acc);
@@ -428,7 +434,7 @@ w4a8_gemm_kernel(const __grid_constant__ Problem p, const __grid_constant__ CUte
                 for (int i = 0; i < T / 2; i++) reg_fence(part[i]);
                 /* the scales after the wait: read during the wgmma, T = 64 spills */
                 const GroupScales<T, kSa> gs = load_scales<T, kSa>(s, 0, cg);
-                mbar_arrive(&empty[j % S]);
+                release(j);
                 promote<T, kSa>(gs, part, acc);
             }
             if ((cg += kG) >= p.G) { /* step j ended its item */
