@@ -425,9 +425,15 @@ w4a8_gemm_kernel(const __grid_constant__ Problem p, const __grid_constant__ CUte
                 convert<T, kFull>(s, 0, a);
 #pragma unroll
                 for (int i = 0; i < T / 2; i++) reg_fence(part[i]);
+                /* Ping-pong: the warpgroups issue their wgmma in turn (warpgroup 0 step j after 1's
+                ** step j - 1, 1 after 0's step j), so the tensor cores run one's while the other
+                ** promotes and converts. In lockstep both wait, then both promote at once. */
+                const int wg = warp >> 2;
+                if (wg == 1 || j > 0) named_bar_sync(1 + wg, kThreads);
                 wgmma_fence();
                 mma_group<T>(s, 0, a, part);
                 wgmma_commit();
+                if (wg == 0 || j + 1 < steps) named_bar_arrive(2 - wg, kThreads);
                 if (producer) refill(j);
                 wgmma_wait<0>();
 #pragma unroll

@@ -71,6 +71,10 @@ static __device__ __forceinline__ uint64_t sw128_desc(uint32_t lo) {
 /* The byte offset within a row of the 128-byte swizzle at which 16-byte chunk c of row r lives. */
 static __host__ __device__ __forceinline__ int sw128_chunk(int r, int c) { return ((c ^ r) & 7) * 16; }
 
+/* Named CTA barriers (0 is __syncthreads): sync waits, arrive only counts. */
+static __device__ __forceinline__ void named_bar_sync(int id, int n) { asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(n) : "memory"); }
+static __device__ __forceinline__ void named_bar_arrive(int id, int n) { asm volatile("bar.arrive %0, %1;\n" ::"r"(id), "r"(n) : "memory"); }
+
 static __device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
 static __device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
 template <int N> static __device__ __forceinline__ void wgmma_wait() {
