@@ -48,6 +48,11 @@ template <int T> constexpr int kGroups = T <= kPairedT ? 2 : 1;
 ** thread's address updates and arrivals were a quarter of the kernel's issue slots (Nsight Compute,
 ** 2026-11-30). */
 constexpr int kProducerWarp = 0;
+/* Named barriers: 1 and 2 order the warpgroups' wgmma (one-group steps), kStageBar + s says every
+** warp is done with stage s (the other warps arrive, the producer warp syncs before refilling it:
+** one arrival per warp in hardware; an mbarrier took 32 arrivals per warp, or a __syncwarp and one
+** lane's arrival that racecheck cannot follow). */
+constexpr int kStageBar = 3;
 
 /* One step's groups, [h] = group kGroups * s + h. A step with one group of two (K/128 odd, the
 ** item's last) leaves the [1] halves stale. */
@@ -318,8 +323,7 @@ w4a8_gemm_kernel(const __grid_constant__ Problem p, const __grid_constant__ CUte
     uint8_t *smem = smem_raw + ((1024u - (smem_u32(smem_raw) & 1023u)) & 1023u);
     Stage<T> *ring = reinterpret_cast<Stage<T> *>(smem);
     uint64_t *full = reinterpret_cast<uint64_t *>(smem + S * sizeof(Stage<T>)); /* stage j landed */
-    uint64_t *empty = full + S; /* every thread is done with stage j's bytes (its wgmma and scale reads) */
-    Range &rg = *reinterpret_cast<Range *>(empty + S);
+    Range &rg = *reinterpret_cast<Range *>(full + S);
     int *prefix = reinterpret_cast<int *>(&rg + 1); /* m-tiles before expert e */
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
     constexpr int kG = kGroups<T>;
@@ -336,7 +340,6 @@ w4a8_gemm_kernel(const __grid_constant__ Problem p, const __grid_constant__ CUte
     const int grid = gridDim.x, r = grid - 1 - (int)blockIdx.x;
     if (tid < S) {
         mbar_init(&full[tid], 32 + 1); /* the producer warp's cp.async + the copies' expect_tx */
-        mbar_init(&empty[tid], kThreads / 32); /* one arrival per warp */
     }
     fence_proxy_async();
     if (warp == 0) {
@@ -390,13 +393,12 @@ w4a8_gemm_kernel(const __grid_constant__ Problem p, const __grid_constant__ CUte
         /* Every thread of the warp is done with step j's stage: one arrival for the warp (32
         ** arrivals on one mbarrier word by every warp serialize) */
         auto release = [&](int j) {
-            __syncwarp(); /* orders the lanes' reads before lane 0's release */
-            if (lane == 0) mbar_arrive(&empty[j % S]);
+            if (!producer && j + S < steps) named_bar_arrive(kStageBar + j % S, kThreads);
         };
         auto refill = [&](int j) {
             const int i = j + S - 1;
             if (i >= steps) return;
-            if (i >= S) mbar_wait(&empty[i % S], (uint32_t)(i / S + 1) & 1u);
+            if (i >= S) named_bar_sync(kStageBar + i % S, kThreads); /* counts as warp 0's own release */
             /* the stage's generic reads (fragments, scales) by every thread, then the TMA overwrite */
             fence_proxy_async();
             prod.issue(p, tm, ring[i % S], &full[i % S]);
@@ -547,7 +549,8 @@ epmoe_status launch(const char *fn, const Problem &p, int sms, cudaStream_t stre
     ** ahead of the consumer; one a step: T = 64 5 stages (2 CTAs/SM), T = 128 4 (1) */
     constexpr int S = kGroups<T> == 2 ? 3 : T <= 64 ? 5 : 4;
     auto kernel = w4a8_gemm_kernel<T, kSa, kFull, S>;
-    const size_t smem = 1024 + S * (sizeof(Stage<T>) + 2 * sizeof(uint64_t)) + sizeof(Range) + (size_t)(p.E + 1) * sizeof(int);
+    static_assert(kStageBar + S <= 16, "a named barrier per stage");
+    const size_t smem = 1024 + S * (sizeof(Stage<T>) + sizeof(uint64_t)) + sizeof(Range) + (size_t)(p.E + 1) * sizeof(int);
     cudaError_t err = grow_smem_attr<w4a8_gemm_kernel<T, kSa, kFull, S>>(smem);
     int per_sm = 0;
     if (err == cudaSuccess) err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, smem);
