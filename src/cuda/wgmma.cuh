@@ -1,6 +1,7 @@
 /*
 ** wgmma.cuh — the Hopper (sm_90a) asynchronous tensor-core instructions the W4A8 GEMM uses:
-** the async-proxy fence, mbarrier bulk copies, shared-memory matrix descriptors, and wgmma
+** the async-proxy fence, mbarrier bulk and tensor (TMA) copies, named barriers, shared-memory
+** matrix descriptors, and wgmma
 ** m64nNk32 e4m3 with the A operand in registers (RS form), one specialization per token tile N.
 **
 ** Descriptor: K-major B operand in the 128-byte swizzle (sw128_desc).
@@ -11,7 +12,8 @@
 
 #include "common.cuh" /* smem_u32, cp.async */
 
-/* cp.async writes are generic-proxy writes; wgmma reads shared memory through the async proxy. */
+/* Orders this thread's generic-proxy shared-memory accesses (ld/st, cp.async) with later async-proxy
+** ones (TMA writes, wgmma reads). */
 static __device__ __forceinline__ void fence_proxy_async() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
 
 /* mbarrier + bulk copy (TMA without a tensor map): one thread moves a contiguous block and the
@@ -25,10 +27,6 @@ static __device__ __forceinline__ void mbar_expect_tx(uint64_t *bar, uint32_t by
 }
 static __device__ __forceinline__ void cp_async_arrive_noinc(uint64_t *bar) {
     asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];\n" ::"r"(smem_u32(bar)) : "memory");
-}
-/* one arrival (release: this thread's earlier shared-memory reads and writes come first) */
-static __device__ __forceinline__ void mbar_arrive(uint64_t *bar) {
-    asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(smem_u32(bar)) : "memory");
 }
 static __device__ __forceinline__ void mbar_wait(uint64_t *bar, uint32_t parity) {
     asm volatile("{\n.reg .pred p;\nWAIT_%=:\n"
@@ -68,8 +66,6 @@ static __device__ __forceinline__ uint32_t sw128_desc_lo(const void *p) {
 static __device__ __forceinline__ uint64_t sw128_desc(uint32_t lo) {
     return ((uint64_t)((1024u >> 4) | (1u << 30)) << 32) | lo;
 }
-/* The byte offset within a row of the 128-byte swizzle at which 16-byte chunk c of row r lives. */
-static __host__ __device__ __forceinline__ int sw128_chunk(int r, int c) { return ((c ^ r) & 7) * 16; }
 
 /* Named CTA barriers (0 is __syncthreads): sync waits, arrive only counts. */
 static __device__ __forceinline__ void named_bar_sync(int id, int n) { asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(n) : "memory"); }
