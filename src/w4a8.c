@@ -180,6 +180,10 @@ static epmoe_status check_work_items(const char *fn, int64_t E, int64_t M, int64
         return epmoe__fail(EPMOE_ERR_INVALID_ARG,
                            "%s: E = %lld x ceil(M = %lld / 8) x N = %lld / 128 work items >= 2^31 (the GPU kernel's limit)",
                            fn, (long long)E, (long long)M, (long long)N);
+    /* the activations' TMA tensor map addresses rows with 32-bit signed coordinates */
+    if ((double)E * (double)M >= 2147483648.0)
+        return epmoe__fail(EPMOE_ERR_INVALID_ARG, "%s: E = %lld x M = %lld activation rows >= 2^31 (the GPU kernel's limit)", fn,
+                           (long long)E, (long long)M);
     return EPMOE_OK;
 }
 

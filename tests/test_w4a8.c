@@ -283,6 +283,11 @@ static void test_bad_args(void) {
     g = good;
     g.w.E = 1 << 16, g.M = 1 << 17, g.out_expert_stride = g.M * 256;
     CHECK_STATUS(epmoe_w4a8_gemm_cuda(&g, NULL), EPMOE_ERR_INVALID_ARG);
+    /* and addresses activation rows (E x M) with 32-bit signed TMA coordinates: 2^12 experts x 2^19
+    ** rows (2^29 work items) is refused too */
+    g = good;
+    g.w.E = 1 << 12, g.M = 1 << 19, g.out_expert_stride = g.M * 256;
+    CHECK_STATUS(epmoe_w4a8_gemm_cuda(&g, NULL), EPMOE_ERR_INVALID_ARG);
     /* nothing to do is fine: no experts, or M = 0 */
     g = good;
     g.w.E = 0;

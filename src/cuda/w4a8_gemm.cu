@@ -11,17 +11,21 @@
 **   acc += sw[n, g] * (sa[m, g] * partial)       (mode a, per-token 1x128 activation scales)
 **   acc += sw[n, g] * partial, x sa at the end   (mode b, one per-tensor activation scale)
 ** so every product is exact and nothing is rounded twice. Two groups a step halve the step's fixed
-** cost per weight byte (mbarrier wait, proxy fence, CTA barrier, the producer's issue; to T = 32
-** also the wgmma commit and wait: both groups' 8 wgmma in flight together, kPairedT): decode
-** (T = 8) was latency/issue bound with DRAM ~65% busy at one group a step. Each step's stage is
-** filled by TMA bulk copies (the 16 KB weight tiles of both groups, contiguous in the repacked
-** layout; the 128 scales of each) and cp.async (T x 256 activation bytes, the activation scales)
-** completing on one mbarrier; S stages in flight.
+** cost per weight byte (barriers, the producer's issue; to T = 32 also the wgmma commit and wait:
+** both groups' 8 wgmma in flight together, kPairedT): decode (T = 8) was latency/issue bound with
+** DRAM ~65% busy at one group a step. Each step's stage is filled by warp 0 (kProducerWarp): bulk
+** copies (the 16 KB weight tiles of both groups, contiguous in the repacked layout; the 128 scales
+** of each), TMA tensor copies (T rows x 128 activation bytes per group, in wgmma's swizzle) and
+** cp.async (the activation scales), completing on one mbarrier; S stages in flight.
 **
 ** Work: persistent CTAs. Each reads masked_m on the device (CUDA-graph safe) and counts m-tiles
 ** per expert with a warp scan; items (expert, n-tile, m-tile; empty experts have none) x K steps
-** form one step sequence, split into equal ranges per CTA (stream-K, see the kernel).
+** form one step sequence. T >= 64 deals whole waves of items round-robin first (L2 reuse,
+** kDataParallel); the rest is split into equal ranges per CTA (stream-K, see the kernel).
 */
+#include <cuda.h> /* CUtensorMap */
+#include <cudaTypedefs.h>
+
 #include "common.cuh"
 #include "w4a8_layout.h"
 #include "wgmma.cuh"
@@ -39,13 +43,27 @@ constexpr int kThreads = 256;
 ** registers) measured slower at 16 rows: 249 against 224 us (DeepSeek-R1 W13 + W2, 2026-11-30). */
 constexpr int kPairedT = 32;
 template <int T> constexpr int kGroups = T <= kPairedT ? 2 : 1;
+/* Warp 0 issues every stage's loads, after its own wgmma of the step are in flight: lane 0 the
+** bulk copies and the activations' tensor copies (TMA, in wgmma's swizzle), the lanes the activation
+** scales (cp.async, T / 32 tokens each). The other warps run no producer code: at T = 8 every
+** thread's address updates and arrivals were a quarter of the kernel's issue slots (Nsight Compute,
+** 2026-11-30). */
+constexpr int kProducerWarp = 0;
+/* Named barriers: 1 and 2 order the warpgroups' wgmma (one-group steps), kStageBar + s says every
+** warp is done with stage s (the other warps arrive, the producer warp syncs before refilling it:
+** one arrival per warp in hardware; an mbarrier took 32 arrivals per warp, or a __syncwarp and one
+** lane's arrival that racecheck cannot follow). */
+constexpr int kStageBar = 3;
+/* The warpgroups take turns at the tensor cores at T = 128 (1 CTA/SM); at T = 64 two CTAs per SM
+** interleave already, and the turns measured 1.5% slower there. */
+template <int T> constexpr bool kPingPong = T >= 128;
 
 /* One step's groups, [h] = group kGroups * s + h. A step with one group of two (K/128 odd, the
 ** item's last) leaves the [1] halves stale. */
 template <int T> struct alignas(1024) Stage {
     uint8_t w[kGroups<T>][2][kThreads][16]; /* the threads' fragments, [group][half][thread] (w4a8_layout.h) */
     uint8_t a[kGroups<T>][T][128];          /* activations: token t's 128 bytes of the group, 16-byte chunk c
-                                               at (c ^ t % 8) * 16 (wgmma's 128-byte swizzle, sw128_chunk) */
+                                               at (c ^ t % 8) * 16 (the 128-byte swizzle of TMA and wgmma) */
     float sw[kGroups<T>][W4_TILE_N];        /* weight scales of the tile's rows (2^9 folded in) */
     uint32_t sa[kGroups<T>][T];             /* activation scale words: fp32 bits, or the UE8M0 word ([0]
                                                only: a step's two groups share it, see Producer) */
@@ -74,13 +92,35 @@ struct Item {
     int e, mt, nt, rows;
 };
 
-/* A CTA's stream-K range, in shared memory (see the kernel's note on registers). */
+/* Token tiles from which whole waves of items go to the CTAs round-robin before the stream-K
+** tail (kDataParallel). With stream-K ranges alone, the CTAs run items ~steps/P apart: at 1024 rows
+** (T = 128) they read 11.9 GB from DRAM for 0.7 GB of operands, L2 hit rate 20% and L2 throughput
+** 95% (Nsight Compute, W13 DeepSeek-R1, H200 2026-11-30). In a wave the 132 CTAs share weight tiles
+** and activation tiles through L2: L2 hit rate 90%, DRAM 7% busy; W13 + W2 at 1024 rows 5030 ->
+** 4660 us. Decode tiles read each weight once either way. */
+template <int T> constexpr bool kDataParallel = T >= 64;
+
+/* A CTA's work, in shared memory (see the kernel's note on registers): dp steps of whole items
+** (waves x P: items w * grid + r), then its stream-K range of the tail items. */
 struct Range {
-    int64_t total;   /* steps of all CTAs */
-    int64_t first;   /* the item of the CTA's first step */
-    int off, steps;  /* that step's index within its item; the CTA's steps */
+    int64_t total;   /* the tail's steps (all CTAs) */
+    int64_t tail0;   /* the tail's first item */
+    int64_t first;   /* the item of the CTA's first tail step */
+    int off, steps;  /* that step's index within its item; the CTA's steps (whole items and tail) */
+    int dp;          /* the CTA's steps of whole items */
     uint32_t epoch;  /* p.sync[0] at entry */
 };
+
+/* The item of a CTA's step j, and the first group of its first step in that item (the stream-K
+** range may begin inside one). */
+template <int T>
+__device__ __forceinline__ int64_t step_item(const Range &rg, int r, int grid, int P, int j) {
+    if (kDataParallel<T> && j < rg.dp) return (int64_t)((uint32_t)j / (uint32_t)P) * grid + r;
+    return rg.first + (uint32_t)(rg.off + j - (kDataParallel<T> ? rg.dp : 0)) / (uint32_t)P;
+}
+template <int T> __device__ __forceinline__ int step_off(const Range &rg, int j) {
+    return j == (kDataParallel<T> ? rg.dp : 0) ? rg.off : 0;
+}
 
 template <int T>
 __device__ __forceinline__ Item find_item(const Problem &p, const int *prefix, int64_t w) {
@@ -105,68 +145,60 @@ __device__ __forceinline__ Item find_item(const Problem &p, const int *prefix, i
     return it;
 }
 
-/* The loads of one CTA, walking its items and their K steps in order. Pointers advance by a
-** constant per step, so a step costs a few adds; only an item change recomputes them. Each
+/* The loads of one CTA, walking its items and their K steps in order (warp 0). Pointers advance
+** by a constant per step, so a step costs a few adds; only an item change recomputes them. Each
 ** pointer is group 2s's; group 2s + 1 is a constant further (weights W4_TILE_BYTES, scales N
-** floats, activations 128 bytes, activation scales sa_step). */
+** floats, activations one 128-byte column of the tensor map, activation scales sa_step). */
 template <int T, int kSa> struct Producer {
-    static constexpr int kActChunks = (T * 8 + kThreads - 1) / kThreads; /* 16-byte chunks per thread and group */
+    static constexpr int kTok = (T + 31) / 32; /* activation-scale tokens per lane */
     const uint8_t *w;
-    const uint8_t *a[kActChunks];
-    int abytes[kActChunks]; /* 16, or 0 for rows past masked_m (zero-filled, never read) */
     const float *sw;
-    const uint8_t *sa;      /* the 4-byte word holding scale (t_sa, g) */
-    int g, t_sa;            /* g: the step's first group (even); t_sa: this thread's token for the
-                               activation scale, or -1 */
+    const uint8_t *sa; /* the 4-byte word holding scale (lane's token, g) */
+    int g;             /* the step's first group (even) */
+    int row;           /* the tile's first activation row in the tensor map: e * M + mt * T */
+    int live;          /* rows of the tile below masked_m (the rest are loaded, never used) */
 
     __device__ void start(const Problem &p, const int *prefix, int64_t item, int g0) {
-        const int tid = threadIdx.x;
+        const int lane = threadIdx.x & 31;
         g = g0;
         const Item it = find_item<T>(p, prefix, item);
         w = p.qw + (((int64_t)it.e * p.NT + it.nt) * p.G + g0) * W4_TILE_BYTES;
-#pragma unroll
-        for (int i = 0; i < kActChunks; i++) {
-            const int c = tid + i * kThreads, t = c >> 3, ch = c & 7;
-            const int m = it.mt * T + t;
-            const bool ok = c < T * 8 && m < it.rows;
-            a[i] = ok ? p.a + ((int64_t)it.e * p.M + m) * p.K + g0 * W4_GROUP + ch * 16 : p.a;
-            abytes[i] = ok ? 16 : 0;
-        }
         sw = p.sw + ((int64_t)it.e * p.G + g0) * p.N + it.nt * W4_TILE_N;
-        t_sa = (kSa != 0 && tid >= 32 && tid < 32 + T && it.mt * T + tid - 32 < it.rows) ? tid - 32 : -1;
-        if (t_sa >= 0) {
-            const int64_t m = it.mt * T + t_sa;
-            /* fmt_scale_offset(m, g0) & ~3, with strides from the host: a runtime format switch here
-            ** leaves values the compiler hoists into registers T = 8 does not have (see the kernel) */
-            sa = p.sa + p.sa_slab * it.e + m * p.sa_tok + (kSa == 2 ? g0 >> 2 : g0) * p.sa_step;
-        }
+        row = it.e * (int)p.M + it.mt * T; /* < 2^31: epmoe__check_w4a8_gemm */
+        live = it.rows - it.mt * T;
+        /* fmt_scale_offset(m, g0) & ~3, with strides from the host: a runtime format switch here
+        ** leaves values the compiler hoists into registers T = 8 does not have (see the kernel) */
+        if (kSa != 0)
+            sa = p.sa + p.sa_slab * it.e + (int64_t)(it.mt * T + lane) * p.sa_tok + (kSa == 2 ? g0 >> 2 : g0) * p.sa_step;
     }
 
     /* The loads of group g, and of g + 1 when steps take two (not when g is the last group: G odd). */
     static constexpr int kG = kGroups<T>;
-    __device__ void issue(const Problem &p, Stage<T> &s, uint64_t *full) {
-        const int tid = threadIdx.x;
+    __device__ void issue(const Problem &p, const CUtensorMap &tm, Stage<T> &s, uint64_t *full) {
+        const int lane = threadIdx.x & 31;
         const bool two = kG == 2 && g + 1 < p.G;
-        if (tid == 0) { /* the weight tiles (adjacent in the repacked layout: one copy), 128 scales each */
-            mbar_expect_tx(full, (two ? 2 : 1) * (W4_TILE_BYTES + W4_TILE_N * 4));
+        if (lane == 0) { /* the weight tiles (adjacent in the repacked layout: one copy), 128 scales each,
+                            T activation rows of 128 bytes each */
+            mbar_expect_tx(full, (two ? 2 : 1) * (W4_TILE_BYTES + W4_TILE_N * 4 + T * W4_GROUP));
             bulk_copy(&s.w[0][0][0][0], w, (two ? 2 : 1) * W4_TILE_BYTES, full);
             bulk_copy(s.sw[0], sw, W4_TILE_N * 4, full);
-            if (two) bulk_copy(s.sw[kG - 1], sw + p.N, W4_TILE_N * 4, full);
-        }
-#pragma unroll
-        for (int i = 0; i < kActChunks; i++) {
-            const int c = tid + i * kThreads;
-            if (c < T * 8) {
-                const int at = sw128_chunk(c >> 3, c & 7);
-                cp_async16(&s.a[0][c >> 3][at], a[i], abytes[i]);
-                if (two) cp_async16(&s.a[kG - 1][c >> 3][at], a[i] + (abytes[i] ? W4_GROUP : 0), abytes[i]);
+            tma_load_2d(&s.a[0][0][0], &tm, g * W4_GROUP, row, full);
+            if (two) {
+                bulk_copy(s.sw[kG - 1], sw + p.N, W4_TILE_N * 4, full);
+                tma_load_2d(&s.a[kG - 1][0][0], &tm, (g + 1) * W4_GROUP, row, full);
             }
         }
-        if (t_sa >= 0) {
-            cp_async4(&s.sa[0][t_sa], sa, 4);
-            /* UE8M0: g is even, so groups g and g + 1 are bytes of the word just copied */
-            if (kSa != 2 && two) cp_async4(&s.sa[kG - 1][t_sa], sa + p.sa_step, 4);
-        }
+        if (kSa != 0)
+#pragma unroll
+            for (int i = 0; i < kTok; i++) {
+                const int t = lane + 32 * i;
+                if (t < T && t < live) {
+                    const uint8_t *src = sa + (int64_t)(32 * i) * p.sa_tok;
+                    cp_async4(&s.sa[0][t], src, 4);
+                    /* UE8M0: g is even, so groups g and g + 1 are bytes of the word just copied */
+                    if (kSa != 2 && two) cp_async4(&s.sa[kG - 1][t], src + p.sa_step, 4);
+                }
+            }
         cp_async_arrive_noinc(full);
     }
 
@@ -174,16 +206,17 @@ template <int T, int kSa> struct Producer {
     ** that and the range in shared memory, not from a register kept for it. */
     __device__ void advance(const Problem &p, const int *prefix, const Range &rg, int P, int next) {
         w += kG * W4_TILE_BYTES;
-#pragma unroll
-        for (int i = 0; i < kActChunks; i++) a[i] += abytes[i] ? kG * W4_GROUP : 0;
         sw += kG * p.N;
         /* UE8M0: the next step's group(s) are in the next word when this step ends one (g + kG - 1
         ** is 3 mod 4; two a step: g % 4 == 2) */
-        if (t_sa >= 0 && (kSa != 2 || ((g + kG - 1) & 3) == 3)) sa += kSa == 2 ? p.sa_step : kG * p.sa_step;
+        if (kSa != 0 && (kSa != 2 || ((g + kG - 1) & 3) == 3)) sa += kSa == 2 ? p.sa_step : kG * p.sa_step;
         /* Past the last item too, unguarded (a guard here cost 8-12% at 32 rows in the group-scale
         ** modes, measured 2026-11-30): start() only computes addresses, and issue() is never called
         ** beyond the CTA's steps (next <= steps: at most the item past the CTA's last). */
-        if ((g += kG) >= p.G) start(p, prefix, rg.first + (uint32_t)(rg.off + next) / (uint32_t)P, 0);
+        if ((g += kG) >= p.G) {
+            const int grid = gridDim.x, r = grid - 1 - (int)blockIdx.x;
+            start(p, prefix, step_item<T>(rg, r, grid, P, next), kG * step_off<T>(rg, next));
+        }
     }
 };
 
@@ -272,13 +305,15 @@ __device__ __forceinline__ void epilogue(const Problem &p, const Item &it, float
         }
 }
 
-/* Per step j: wait for stage j's loads, start the loads of step j + S - 1 into the stage step
-** j - 1 used (free: its wgmma completed and its scales were read before this barrier), issue the
-** wgmma of step j, wait, promote group 2s then 2s + 1: the fp32 operations and their order are
-** those of one group a step, so the bits are too. Each warpgroup waits on its own wgmma: the
-** tensor cores stay busy through the other warpgroups on the SM (2 per CTA, 2-3 CTAs per SM at
-** decode tiles). (Two commit groups with wgmma.wait_group 1, promoting part0 while part1 runs,
-** would overlap more within a warpgroup, but ptxas then serializes every wgmma: C7514.)
+/* Per step j: wait for stage j's loads, convert the weights, issue the wgmma of step j; warp 0
+** then starts the loads of step j + S - 1 into the stage step j - 1 used, once every warp has
+** released it (a named barrier per stage: no CTA barrier, so the other warps never wait for the
+** producer); wait, release the stage, promote group 2s then 2s + 1: the fp32 operations and their
+** order are those of one group a step, so the bits are too. Each warpgroup waits on its own wgmma:
+** the tensor cores stay busy through the other warpgroups on the SM (2 per CTA, 2-3 CTAs per SM at
+** decode tiles; at T = 128 the two take turns, kPingPong). (Two commit groups with
+** wgmma.wait_group 1, promoting part0 while part1 runs, would overlap more within a warpgroup, but
+** ptxas then serializes every wgmma: C7514.)
 **
 ** Registers: T = 8 runs 3 CTAs/SM, so at most 80 a thread, of which the two groups' fragments
 ** take 32 and the partials 8 while the wgmma run. So what the loop only needs at an item's end
@@ -286,7 +321,7 @@ __device__ __forceinline__ void epilogue(const Problem &p, const Item &it, float
 ** kept in registers: the range is in shared memory and the item comes from the step index. */
 template <int T, int kSa, bool kFull, int S>
 __global__ void __launch_bounds__(kThreads, T >= 128 ? 1 : (T <= 8 ? 3 : 2)) /* T = 8: at most 80 registers */
-w4a8_gemm_kernel(Problem p) {
+w4a8_gemm_kernel(const __grid_constant__ Problem p, const __grid_constant__ CUtensorMap tm) {
     extern __shared__ __align__(128) uint8_t smem_raw[];
     /* the swizzle is of address bits: every stage on a 1024-byte boundary (launch adds the slack) */
     uint8_t *smem = smem_raw + ((1024u - (smem_u32(smem_raw) & 1023u)) & 1023u);
@@ -307,7 +342,9 @@ w4a8_gemm_kernel(Problem p) {
     ** ever waits for lower-numbered CTAs, which the hardware starts first, and by then they are
     ** long past that point. */
     const int grid = gridDim.x, r = grid - 1 - (int)blockIdx.x;
-    if (tid < S) mbar_init(&full[tid], kThreads + 1); /* every thread's cp.async + the bulk copies */
+    if (tid < S) {
+        mbar_init(&full[tid], 32 + 1); /* the producer warp's cp.async + the copies' expect_tx */
+    }
     fence_proxy_async();
     if (warp == 0) {
         int carry = 0;
@@ -328,11 +365,15 @@ w4a8_gemm_kernel(Problem p) {
             carry += __shfl_sync(0xFFFFFFFFu, v, 31);
         }
         if (lane == 0) { /* carry: all m-tiles */
-            const int64_t total = (int64_t)carry * p.NT * P, s0 = total * r / grid;
+            const int64_t items = (int64_t)carry * p.NT;
+            const int64_t waves = kDataParallel<T> && items / grid > 1 ? items / grid - 1 : 0; /* the tail: >= grid items */
+            const int64_t total = (items - waves * grid) * P, s0 = total * r / grid;
             prefix[0] = 0;
             rg.total = total;
-            rg.first = s0 / P, rg.off = (int)(s0 % P);
-            rg.steps = (int)(total * (r + 1) / grid - s0);
+            rg.tail0 = waves * grid;
+            rg.first = rg.tail0 + s0 / P, rg.off = (int)(s0 % P);
+            rg.dp = (int)(waves * P);
+            rg.steps = rg.dp + (int)(total * (r + 1) / grid - s0);
             rg.epoch = *reinterpret_cast<volatile uint32_t *>(p.sync);
         }
     }
@@ -340,22 +381,43 @@ w4a8_gemm_kernel(Problem p) {
     const int steps = rg.steps;
 
     if (steps > 0) {
+        const bool producer = warp == kProducerWarp;
         Producer<T, kSa> prod;
-        prod.start(p, prefix, rg.first, kG * rg.off);
+        if (producer) {
+            prod.start(p, prefix, step_item<T>(rg, r, grid, P, 0), kG * step_off<T>(rg, 0));
 #pragma unroll 1
-        for (int i = 0; i < S - 1 && i < steps; i++) {
-            prod.issue(p, ring[i], &full[i]);
-            prod.advance(p, prefix, rg, P, i + 1);
+            for (int i = 0; i < S - 1 && i < steps; i++) {
+                prod.issue(p, tm, ring[i], &full[i]);
+                prod.advance(p, prefix, rg, P, i + 1);
+            }
         }
+        /* Step j + S - 1 into the stage of step j - 1, once every thread is done with it (its
+        ** (j - 1) / S-th release: the warps are not held together by a CTA barrier). Called by the
+        ** producer warp while its wgmma of step j run. */
+        /* Every thread of the warp is done with step j's stage: one arrival for the warp (32
+        ** arrivals on one mbarrier word by every warp serialize) */
+        auto release = [&](int j) {
+            if (!producer && j + S < steps) named_bar_arrive(kStageBar + j % S, kThreads);
+        };
+        auto refill = [&](int j) {
+            const int i = j + S - 1;
+            if (i >= steps) return;
+            if (i >= S) named_bar_sync(kStageBar + i % S, kThreads); /* counts as warp 0's own release */
+            /* the stage's generic reads (fragments, scales) by every thread, then the TMA overwrite */
+            fence_proxy_async();
+            prod.issue(p, tm, ring[i % S], &full[i % S]);
+            prod.advance(p, prefix, rg, P, i + 1);
+        };
 
         float acc[T / 2];
 #pragma unroll
         for (int i = 0; i < T / 2; i++) acc[i] = 0.0f;
-        int cg = kG * rg.off; /* the step's first group */
-        /* The item of the CTA's step j, and whether that is the CTA's first item and began in an
-        ** earlier range (then the CTA contributes its partial instead of finishing it). */
-        auto item_of = [&](int j) { return rg.first + (uint32_t)(rg.off + j) / (uint32_t)P; };
-        auto is_head = [&](int j) { return rg.off != 0 && rg.off + j < P; };
+        int cg = kG * step_off<T>(rg, 0); /* the step's first group */
+        /* The item of the CTA's step j, and whether that is the CTA's first tail item and began in
+        ** an earlier range (then the CTA contributes its partial instead of finishing it). */
+        auto item_of = [&](int j) { return step_item<T>(rg, r, grid, P, j); };
+        const int dp = kDataParallel<T> ? rg.dp : 0;
+        auto is_head = [&](int j) { return rg.off != 0 && j >= dp && rg.off + j - dp < P; };
         auto contribute = [&]() {
             float *slot = p.slots + (int64_t)r * (T / 2) * kThreads;
 #pragma unroll
@@ -367,13 +429,7 @@ w4a8_gemm_kernel(Problem p) {
         };
 #pragma unroll 1
         for (int j = 0; j < steps; j++) {
-            mbar_wait(&full[j % S], (uint32_t)(j / S) & 1u);
-            fence_proxy_async(); /* cp.async (generic proxy) wrote the activations wgmma reads */
-            __syncthreads();
-            if (j + S - 1 < steps) {
-                prod.issue(p, ring[(j + S - 1) % S], &full[(j + S - 1) % S]);
-                prod.advance(p, prefix, rg, P, j + S);
-            }
+            mbar_wait(&full[j % S], (uint32_t)(j / S) & 1u); /* TMA wrote the activations: no proxy fence */
             const Stage<T> &s = ring[j % S];
             const bool two = kG == 2 && cg + 1 < p.G; /* else one a step, or the item's last step with G odd */
             if constexpr (kG == 2) {
@@ -389,9 +445,11 @@ w4a8_gemm_kernel(Problem p) {
                 ** branch here makes ptxas inject a warpgroup.arrive (C7519) */
                 mma_group<T>(s, 1, a1, part1);
                 wgmma_commit();
+                if (producer) refill(j);
                 /* the scales while the wgmma run */
                 const GroupScales<T, kSa> gs0 = load_scales<T, kSa>(s, 0, cg), gs1 = load_scales<T, kSa>(s, 1, cg + 1);
                 wgmma_wait<0>();
+                release(j);
 #pragma unroll
                 for (int i = 0; i < T / 2; i++) reg_fence(part0[i]), reg_fence(part1[i]);
                 promote<T, kSa>(gs0, part0, acc);
@@ -402,26 +460,35 @@ w4a8_gemm_kernel(Problem p) {
                 convert<T, kFull>(s, 0, a);
 #pragma unroll
                 for (int i = 0; i < T / 2; i++) reg_fence(part[i]);
+                /* Ping-pong: the warpgroups issue their wgmma in turn (warpgroup 0 step j after 1's
+                ** step j - 1, 1 after 0's step j), so the tensor cores run one's while the other
+                ** promotes and converts. In lockstep both wait, then both promote at once. */
+                const int wg = warp >> 2;
+                if (kPingPong<T> && (wg == 1 || j > 0)) named_bar_sync(1 + wg, kThreads);
                 wgmma_fence();
                 mma_group<T>(s, 0, a, part);
                 wgmma_commit();
+                if (kPingPong<T> && (wg == 0 || j + 1 < steps)) named_bar_arrive(2 - wg, kThreads);
+                if (producer) refill(j);
                 wgmma_wait<0>();
 #pragma unroll
                 for (int i = 0; i < T / 2; i++) reg_fence(part[i]);
                 /* the scales after the wait: read during the wgmma, T = 64 spills */
-                promote<T, kSa>(load_scales<T, kSa>(s, 0, cg), part, acc);
+                const GroupScales<T, kSa> gs = load_scales<T, kSa>(s, 0, cg);
+                release(j);
+                promote<T, kSa>(gs, part, acc);
             }
             if ((cg += kG) >= p.G) { /* step j ended its item */
                 if (is_head(j)) contribute();
                 else epilogue<T, kSa>(p, find_item<T>(p, prefix, item_of(j)), acc);
-                cg = 0;
+                cg = kG * step_off<T>(rg, j + 1);
             }
         }
         if (cg != 0) { /* the range ends inside an item */
             if (is_head(steps - 1)) {
                 contribute(); /* the whole range lies inside one item */
             } else { /* the item continues in the next ranges: add their partials, then finish */
-                const int64_t item = item_of(steps - 1), end = (item + 1) * P, total = rg.total;
+                const int64_t item = item_of(steps - 1), end = (item - rg.tail0 + 1) * P, total = rg.total;
                 const uint32_t epoch = rg.epoch;
                 for (int q = r + 1; q < grid && total * q / grid < end; q++) {
                     if (total * (q + 1) / grid == total * q / grid) continue; /* owns no step */
@@ -456,12 +523,37 @@ constexpr int kMaxCtasPerSm = 8;
 constexpr size_t kSlotBytesPerSm = 64 * 1024;
 size_t flags_bytes(int sms) { return ((size_t)sms * kMaxCtasPerSm * 4 + 255) / 256 * 256; }
 
+/* The activations [E * M rows, K bytes] as a TMA tensor: T x 128-byte boxes in the 128-byte
+** swizzle, zero past the last row. cuTensorMapEncodeTiled is a driver entry point: taken through
+** the runtime, so the library links no libcuda. */
+epmoe_status act_tensor_map(const char *fn, const Problem &p, int T, CUtensorMap *tm) {
+    static const PFN_cuTensorMapEncodeTiled_v12000 encode = [] {
+        void *f = nullptr;
+        cudaDriverEntryPointQueryResult q;
+        if (cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &f, 12000, cudaEnableDefault, &q) != cudaSuccess ||
+            q != cudaDriverEntryPointSuccess) {
+            cudaGetLastError();
+            f = nullptr;
+        }
+        return reinterpret_cast<PFN_cuTensorMapEncodeTiled_v12000>(f);
+    }();
+    if (!encode) return epmoe__fail(EPMOE_ERR_CUDA, "%s: the driver has no cuTensorMapEncodeTiled", fn);
+    const cuuint64_t dim[2] = {(cuuint64_t)p.K, (cuuint64_t)p.E * (cuuint64_t)p.M}, stride[1] = {(cuuint64_t)p.K};
+    const cuuint32_t box[2] = {W4_GROUP, (cuuint32_t)T}, estride[2] = {1, 1};
+    const CUresult rc = encode(tm, CU_TENSOR_MAP_DATA_TYPE_UINT8, 2, const_cast<uint8_t *>(p.a), dim, stride, box, estride,
+                               CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
+                               CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+    if (rc != CUDA_SUCCESS) return epmoe__fail(EPMOE_ERR_CUDA, "%s: cuTensorMapEncodeTiled failed (%d)", fn, (int)rc);
+    return EPMOE_OK;
+}
+
 template <int T, int kSa, bool kFull>
 epmoe_status launch(const char *fn, const Problem &p, int sms, cudaStream_t stream) {
     /* two groups a step: 3 stages, the bytes of 6 one-group stages (3 CTAs/SM at T = 8), 4 groups
     ** ahead of the consumer; one a step: T = 64 5 stages (2 CTAs/SM), T = 128 4 (1) */
     constexpr int S = kGroups<T> == 2 ? 3 : T <= 64 ? 5 : 4;
     auto kernel = w4a8_gemm_kernel<T, kSa, kFull, S>;
+    static_assert(kStageBar + S <= 16, "a named barrier per stage");
     const size_t smem = 1024 + S * (sizeof(Stage<T>) + sizeof(uint64_t)) + sizeof(Range) + (size_t)(p.E + 1) * sizeof(int);
     cudaError_t err = grow_smem_attr<w4a8_gemm_kernel<T, kSa, kFull, S>>(smem);
     int per_sm = 0;
@@ -473,7 +565,9 @@ epmoe_status launch(const char *fn, const Problem &p, int sms, cudaStream_t stre
                            smem, cudaGetErrorString(err));
     if ((size_t)sms * per_sm * (T / 2) * kThreads * sizeof(float) > p.slots_bytes)
         return epmoe__fail(EPMOE_ERR_INTERNAL, "%s: stream-K slots for T = %d exceed the workspace", fn, T);
-    kernel<<<sms * per_sm, kThreads, smem, stream>>>(p);
+    CUtensorMap tm;
+    EPMOE_CHECK(act_tensor_map(fn, p, T, &tm));
+    kernel<<<sms * per_sm, kThreads, smem, stream>>>(p, tm);
     return epmoe__launched(fn);
 }
 

@@ -1,6 +1,7 @@
 /*
 ** wgmma.cuh — the Hopper (sm_90a) asynchronous tensor-core instructions the W4A8 GEMM uses:
-** the async-proxy fence, mbarrier bulk copies, shared-memory matrix descriptors, and wgmma
+** the async-proxy fence, mbarrier bulk and tensor (TMA) copies, named barriers, shared-memory
+** matrix descriptors, and wgmma
 ** m64nNk32 e4m3 with the A operand in registers (RS form), one specialization per token tile N.
 **
 ** Descriptor: K-major B operand in the 128-byte swizzle (sw128_desc).
@@ -11,7 +12,8 @@
 
 #include "common.cuh" /* smem_u32, cp.async */
 
-/* cp.async writes are generic-proxy writes; wgmma reads shared memory through the async proxy. */
+/* Orders this thread's generic-proxy shared-memory accesses (ld/st, cp.async) with later async-proxy
+** ones (TMA writes, wgmma reads). */
 static __device__ __forceinline__ void fence_proxy_async() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
 
 /* mbarrier + bulk copy (TMA without a tensor map): one thread moves a contiguous block and the
@@ -40,6 +42,14 @@ static __device__ __forceinline__ void bulk_copy(void *dst, const void *src, uin
                  : "memory");
 }
 
+/* A 2-D box of a TMA tensor map (a __grid_constant__ kernel parameter) at element (x, y). */
+static __device__ __forceinline__ void tma_load_2d(void *dst, const void *tmap, int x, int y, uint64_t *bar) {
+    asm volatile("cp.async.bulk.tensor.2d.shared::cluster.global.tile.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3}], [%4];\n" ::"r"(
+                     smem_u32(dst)),
+                 "l"(tmap), "r"(x), "r"(y), "r"(smem_u32(bar))
+                 : "memory");
+}
+
 /* K-major operand in wgmma's 128-byte swizzle: each row (token) holds 128 bytes of K, its 16-byte
 ** chunk c stored at chunk c ^ (row % 8); 8 rows (1024 bytes, 1024-aligned) form one atom, atoms
 ** adjacent in N (SBO = 1024). The start is the first row's byte k0 (k0 = 32 * ks for wgmma k-step ks:
@@ -56,8 +66,10 @@ static __device__ __forceinline__ uint32_t sw128_desc_lo(const void *p) {
 static __device__ __forceinline__ uint64_t sw128_desc(uint32_t lo) {
     return ((uint64_t)((1024u >> 4) | (1u << 30)) << 32) | lo;
 }
-/* The byte offset within a row of the 128-byte swizzle at which 16-byte chunk c of row r lives. */
-static __host__ __device__ __forceinline__ int sw128_chunk(int r, int c) { return ((c ^ r) & 7) * 16; }
+
+/* Named CTA barriers (0 is __syncthreads): sync waits, arrive only counts. */
+static __device__ __forceinline__ void named_bar_sync(int id, int n) { asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(n) : "memory"); }
+static __device__ __forceinline__ void named_bar_arrive(int id, int n) { asm volatile("bar.arrive %0, %1;\n" ::"r"(id), "r"(n) : "memory"); }
 
 static __device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
 static __device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }

@@ -155,6 +155,14 @@ static void test_gemm_cases(test_rng *r) {
         if (quick && more[i].K > 1024) continue;
         run_case(r, &more[i]);
     }
+    /* T = 64 and 128 with more than two waves of items: whole waves round-robin, then the
+    ** stream-K tail (kDataParallel in w4a8_gemm.cu); skewed rows leave empty experts in the waves */
+    const gcase waves[] = {
+        {8, 2048, 128, 640, 5, 1, 0, 128, 0},
+        {8, 2048, 256, 320, 5, 2, 1, 64, 0},
+        {16, 1024, 128, 512, 4, 0, 0, 128, 0},
+    };
+    for (size_t i = 0; i < sizeof waves / sizeof waves[0]; i++) run_case(r, &waves[i]);
     /* max tokens: T=128 tiles over a large masked slab */
     if (!quick) {
         gcase c = {2, 256, 256, 1024, 5, 1, 0, 0, 0};
