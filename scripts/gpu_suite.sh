@@ -87,14 +87,16 @@ for s in $steps; do
         python_tests ;;
     ep)
         ep_tests ;;
-    memcheck-w4a8) # the W4A8 GEMM alone under both tools (after a change to it)
+    memcheck-w4a8) # the W4A8 GEMM alone under the sanitizers (after a change to it)
         EPMOE_TEST_QUICK=1 run memcheck_w4a8 compute-sanitizer --tool memcheck --error-exitcode 3 ./build/tests/gpu/test_w4a8_gpu
-        EPMOE_TEST_QUICK=1 run racecheck_w4a8 compute-sanitizer --tool racecheck --error-exitcode 3 ./build/tests/gpu/test_w4a8_gpu ;;
+        EPMOE_TEST_QUICK=1 run racecheck_w4a8 compute-sanitizer --tool racecheck --error-exitcode 3 ./build/tests/gpu/test_w4a8_gpu
+        EPMOE_TEST_QUICK=1 run synccheck_w4a8 compute-sanitizer --tool synccheck --error-exitcode 3 ./build/tests/gpu/test_w4a8_gpu ;;
     memcheck)
         EPMOE_TEST_QUICK=1 run memcheck_quant compute-sanitizer --tool memcheck --error-exitcode 3 ./build/tests/gpu/test_quant_gpu
         EPMOE_TEST_QUICK=1 run racecheck_quant compute-sanitizer --tool racecheck --error-exitcode 3 ./build/tests/gpu/test_quant_gpu
         EPMOE_TEST_QUICK=1 run memcheck_w4a8 compute-sanitizer --tool memcheck --error-exitcode 3 ./build/tests/gpu/test_w4a8_gpu
         EPMOE_TEST_QUICK=1 run racecheck_w4a8 compute-sanitizer --tool racecheck --error-exitcode 3 ./build/tests/gpu/test_w4a8_gpu
+        EPMOE_TEST_QUICK=1 run synccheck_w4a8 compute-sanitizer --tool synccheck --error-exitcode 3 ./build/tests/gpu/test_w4a8_gpu
         EPMOE_TEST_QUICK=1 run memcheck_experts compute-sanitizer --tool memcheck --error-exitcode 3 ./build/tests/gpu/test_experts_gpu
         EPMOE_TEST_QUICK=1 run racecheck_experts compute-sanitizer --tool racecheck --error-exitcode 3 ./build/tests/gpu/test_experts_gpu ;;
     bench)
