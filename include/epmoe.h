@@ -579,7 +579,8 @@ typedef struct epmoe_layer_config {
     int per_tensor_act;      /* w4afp8: 0 = 1x128 activation scales (default), 1 = static per-tensor
                                 scales a1/a2 (SGLang's compat path; FP8 wire requantized at receive);
                                 the other schemes: 0 */
-    int64_t expected_m;      /* rows per local expert the GEMM tiles are chosen for; 0 = N*R*k/E */
+    int64_t expected_m;      /* rows per local expert the GEMM tiles are chosen for;
+                                0 = epmoe_expected_rows(N, R, k, E) */
 } epmoe_layer_config;
 #define EPMOE_LAYER_CONFIG_INIT {sizeof(epmoe_layer_config), EPMOE_SCHEME_W4AFP8, 2048, 0, 0}
 
@@ -593,6 +594,12 @@ typedef struct epmoe_layer_weights {
     epmoe_expert_weights e13; /* bf16 (BF16), w8a8_fp8_block (FP8_BLOCK), w4a16 (INT4): [L, 2I, H] */
     epmoe_expert_weights e2;  /* the same format: [L, H, I] */
 } epmoe_layer_weights;
+
+/* The expected_m hint for experts fed by dispatch: the mean rows per expert under uniform routing,
+** m = tokens_per_rank * ranks * top_k / experts, plus 2.5 sqrt(m) for the spread (Poisson: at m = 8
+** an expert gets more than 16 rows with probability 0.4%); at least 1. A tile of the mean alone
+** (m = 8: T = 8) reads the weights of every expert above it twice. */
+EPMOE_API int64_t epmoe_expected_rows(int64_t tokens_per_rank, int ranks, int top_k, int experts);
 
 /* The wire a scheme dispatches by default, and whether it can consume `wire` at all. */
 EPMOE_API epmoe_wire epmoe_scheme_default_wire(epmoe_scheme scheme);

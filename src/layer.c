@@ -108,10 +108,24 @@ static epmoe_status check_layer(const char *fn, const epmoe_ep_config *ec, const
     return EPMOE_OK;
 }
 
+int64_t epmoe_expected_rows(int64_t tokens_per_rank, int ranks, int top_k, int experts) {
+    if (tokens_per_rank <= 0 || ranks <= 0 || top_k <= 0 || experts <= 0) return 1;
+    const int64_t m = tokens_per_rank * ranks * top_k / experts;
+    /* ceil(2.5 sqrt(m)) = the least s with 4 s^2 >= 25 m, in integers (no libm), by bisection */
+    int64_t lo = 0, hi = 1;
+    while (4 * hi * hi < 25 * m) hi *= 2;
+    while (hi - lo > 1) {
+        const int64_t mid = (lo + hi) / 2;
+        if (4 * mid * mid >= 25 * m) hi = mid;
+        else lo = mid;
+    }
+    const int64_t s = m > 0 ? hi : 0;
+    return m + s > 0 ? m + s : 1;
+}
+
 static int64_t expected_rows(const epmoe_ep_config *ec, const epmoe_layer_config *cfg) {
     if (cfg->expected_m > 0) return cfg->expected_m;
-    const int64_t m = (int64_t)ec->max_tokens * ec->num_ranks * ec->top_k / ec->num_experts;
-    return m > 0 ? m : 1;
+    return epmoe_expected_rows(ec->max_tokens, ec->num_ranks, ec->top_k, ec->num_experts);
 }
 
 /* The buffers of one rank: recv (x, scales, masked_m), the post-receive cast (BF16 wire), the

@@ -611,8 +611,7 @@ static void bench_rank(rank_ctx *r) {
     const epmoe_dispatch_args d = {x, idx, 32, tw, T, recv_x, recv_s, masked, NULL, NULL};
     epmoe_w4a8_mlp_args m = {w.w13, w.w2, cast ? q : recv_x, M, masked, cast ? qs : recv_s,
                              cast ? EPMOE_SCALE_F32_ROW : ec->scale_fmt, NULL, NULL, ws, wsb, eout, H, M * H, 0};
-    m.expected_m = (int64_t)T * r->R * k / ec->num_experts; /* as the layer picks its tiles */
-    if (m.expected_m < 1) m.expected_m = 1;
+    m.expected_m = epmoe_expected_rows(T, r->R, k, ec->num_experts); /* as the layer picks its tiles */
     const epmoe_expert_mlp_args xm = {w.e13, w.e2, m.a, M, masked, fmt == EPMOE_WEIGHT_FP8_BLOCK ? m.a_scales : NULL,
                                       m.a_scale_fmt, ws, wsb, eout, H, M * H, m.expected_m};
     const epmoe_combine_args c = {eout, NULL, out};

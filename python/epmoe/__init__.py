@@ -30,7 +30,7 @@ from .w4a8 import W4A8Weights  # noqa: E402
 from . import experts  # noqa: E402
 from .experts import ExpertWeights  # noqa: E402
 from .layer import (LAYER_ALL, LAYER_EXPERTS, LAYER_RECV, LAYER_SEND, Layer, LayerForward, layer_ref,  # noqa: E402
-                    scheme_accepts_wire, scheme_default_wire)
+                    expected_rows, scheme_accepts_wire, scheme_default_wire)
 from . import layer  # noqa: E402
 from . import nccl  # noqa: E402  (imports torch only when its functions are called)
 
@@ -54,5 +54,6 @@ __all__ = [
     "EpConfig", "EpLayout", "EpGroup", "Dispatch", "CpuWorld", "layout_query", "dispatch_ref", "combine_ref",
     "WIRE_BF16", "WIRE_FP8", "REDUCE_AT_OWNER", "REDUCE_AT_EXPERT", "nccl",
     "w4a8", "W4A8Weights", "experts", "ExpertWeights", "layer", "Layer", "layer_ref", "scheme_default_wire", "scheme_accepts_wire",
+    "expected_rows",
     "LayerForward", "LAYER_SEND", "LAYER_EXPERTS", "LAYER_RECV", "LAYER_ALL",
 ]

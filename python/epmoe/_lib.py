@@ -102,6 +102,7 @@ _SIGNATURES = {
     "epmoe_ep_combine_ref": (_int, [_p, _p, _p, _p, _p, _p, _p]),
     # the MoE layer (layer.py defines the structs)
     "epmoe_scheme_default_wire": (_int, [_int]),
+    "epmoe_expected_rows": (_i64, [_i64, _int, _int, _int]),
     "epmoe_scheme_accepts_wire": (_int, [_int, _int]),
     "epmoe_layer_create": (_int, [_p, _p, _p, _p]),
     "epmoe_layer_bytes": (_sz, [_p]),

@@ -81,6 +81,12 @@ def scheme_default_wire(scheme):
     return _WIRE_NAMES[lib.epmoe_scheme_default_wire(_scheme(scheme))]
 
 
+def expected_rows(tokens_per_rank, ranks, top_k, experts):
+    """The expected_m hint for experts fed by dispatch (epmoe_expected_rows): the mean rows per expert
+    under uniform routing plus 2.5 sqrt of it, at least 1."""
+    return int(lib.epmoe_expected_rows(int(tokens_per_rank), int(ranks), int(top_k), int(experts)))
+
+
 def scheme_accepts_wire(scheme, wire):
     """Whether a scheme's experts can consume a dispatch wire (epmoe_scheme_accepts_wire): bf16-input
     schemes must never read the FP8 wire."""

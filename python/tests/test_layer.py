@@ -234,6 +234,10 @@ def test_scheme_wires():
     assert epmoe.scheme_default_wire("w4afp8") == "fp8"
     assert epmoe.scheme_default_wire("bf16") == "bf16"
     assert epmoe.scheme_default_wire("w4a16") == "bf16"
+    # the default tile hint: mean rows per expert + ceil(2.5 sqrt(mean)), at least 1
+    assert epmoe.expected_rows(128, 2, 8, 256) == 16
+    assert epmoe.expected_rows(256, 2, 8, 256) == 26
+    assert epmoe.expected_rows(1, 1, 1, 256) == 1
     assert epmoe.scheme_accepts_wire("w4afp8", "fp8") and epmoe.scheme_accepts_wire("w4afp8", "bf16")
     assert not epmoe.scheme_accepts_wire("bf16", "fp8")  # would quantize what bf16 experts read
     assert not epmoe.scheme_accepts_wire("w4a16", epmoe.WIRE_FP8)
