@@ -502,7 +502,8 @@ EPMOE_API epmoe_status epmoe_ep_create_nccl_local(const epmoe_ep_config *cfg, in
 EPMOE_API epmoe_status epmoe_ep_destroy(epmoe_ep *ep);
 EPMOE_API epmoe_backend epmoe_ep_backend(const epmoe_ep *ep);
 /* Mark ranks inactive (active[r] = 0) from the next dispatch on; must be the same on every live
-** rank, and no call may be in flight (the GPU backend copies the set to the device). */
+** rank, and no call may be in flight (the GPU backend copies the set to the device). Masking is
+** final: a masked rank cannot be made active again in this group (EPMOE_ERR_UNSUPPORTED). */
 EPMOE_API epmoe_status epmoe_ep_set_active_ranks(epmoe_ep *ep, const int *active);
 /* Errors the GPU kernels record without a host sync surface here once the stream has run the
 ** failing kernel. A peer that timed out (EPMOE_ERR_TIMEOUT) fails the group: every later call

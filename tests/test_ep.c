@@ -192,11 +192,20 @@ typedef struct {
     epmoe_cpu_world *w;
     epmoe_ep_config cfg;
     epmoe_status st;
+    epmoe_status mask_st, rejoin_st; /* rejoin: each rank masks the other, then tries to unmask it */
+    int rejoin;
 } create_job;
 static void *create_one(void *arg) {
     create_job *j = arg;
     epmoe_ep *ep;
     j->st = epmoe_ep_create_cpu(j->w, &j->cfg, &ep);
+    if (j->st == EPMOE_OK && j->rejoin) {
+        int act[2] = {1, 1};
+        act[1 - j->cfg.rank] = 0;
+        j->mask_st = epmoe_ep_set_active_ranks(ep, act);
+        act[1 - j->cfg.rank] = 1;
+        j->rejoin_st = epmoe_ep_set_active_ranks(ep, act);
+    }
     if (j->st == EPMOE_OK) epmoe_ep_destroy(ep);
     return NULL;
 }
@@ -282,6 +291,8 @@ static void test_bad_args(void) {
     CHECK_STATUS(epmoe_combine(ep, h, &ca, EPMOE_PHASE_BOTH, NULL), EPMOE_ERR_INVALID_ARG); /* stale handle */
     int act[1] = {0};
     CHECK_STATUS(epmoe_ep_set_active_ranks(ep, act), EPMOE_ERR_INVALID_ARG);
+    act[0] = 1;
+    CHECK_STATUS(epmoe_ep_set_active_ranks(ep, act), EPMOE_OK); /* no change */
     CHECK_STATUS(epmoe_ep_destroy(ep), EPMOE_OK);
     CHECK_STATUS(epmoe_ep_create_nccl(NULL, &c, &ep), EPMOE_HAVE_NCCL ? EPMOE_ERR_NULL_POINTER : EPMOE_ERR_UNSUPPORTED);
     epmoe_cpu_world_destroy(w);
@@ -298,6 +309,20 @@ static void test_bad_args(void) {
     for (int r = 0; r < 2; r++) pthread_create(&th[r], NULL, create_one, &j[r]);
     for (int r = 0; r < 2; r++) pthread_join(th[r], NULL);
     CHECK(j[0].st == EPMOE_ERR_INVALID_ARG && j[1].st == EPMOE_ERR_INVALID_ARG, "mismatched N: %d %d", j[0].st, j[1].st);
+    epmoe_cpu_world_destroy(w);
+
+    /* masking is final: a masked rank cannot be made active again (its acks stopped) */
+    epmoe_cpu_world_create(2, &w);
+    for (int r = 0; r < 2; r++) {
+        memset(&j[r], 0, sizeof j[r]);
+        j[r].w = w, j[r].cfg = c, j[r].cfg.num_ranks = 2, j[r].cfg.rank = r, j[r].cfg.num_experts = 4;
+        j[r].cfg.timeout_ms = 2000, j[r].rejoin = 1;
+    }
+    for (int r = 0; r < 2; r++) pthread_create(&th[r], NULL, create_one, &j[r]);
+    for (int r = 0; r < 2; r++) pthread_join(th[r], NULL);
+    for (int r = 0; r < 2; r++)
+        CHECK(j[r].st == EPMOE_OK && j[r].mask_st == EPMOE_OK && j[r].rejoin_st == EPMOE_ERR_UNSUPPORTED,
+              "rank %d: create %d, mask %d, rejoin %d (want 0, 0, unsupported)", r, j[r].st, j[r].mask_st, j[r].rejoin_st);
     epmoe_cpu_world_destroy(w);
     CHECK_STATUS(epmoe_cpu_world_create(0, &w), EPMOE_ERR_INVALID_ARG);
 }

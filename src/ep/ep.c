@@ -166,6 +166,13 @@ epmoe_status epmoe_ep_set_active_ranks(epmoe_ep *ep, const int *active) {
     if (!ep || !active) return epmoe__fail(EPMOE_ERR_NULL_POINTER, "epmoe_ep_set_active_ranks: NULL argument");
     if (!active[ep->cfg.rank])
         return epmoe__fail(EPMOE_ERR_INVALID_ARG, "epmoe_ep_set_active_ranks: rank %d cannot mask itself out", ep->cfg.rank);
+    /* Acknowledgements go to active ranks only (both backends), so after a call without it a masked
+    ** rank and its peers disagree on which buffer slots are free: a rejoin would wait for acks that
+    ** never come (EPMOE_ERR_TIMEOUT). Refused here instead. */
+    for (int r = 0; r < ep->cfg.num_ranks; r++)
+        if (!ep->active[r] && active[r])
+            return epmoe__fail(EPMOE_ERR_UNSUPPORTED,
+                               "epmoe_ep_set_active_ranks: rank %d was masked out and cannot rejoin this group (create a new one)", r);
     for (int r = 0; r < ep->cfg.num_ranks; r++) ep->active[r] = active[r] != 0;
     return ep->ops && ep->ops->set_active ? ep->ops->set_active(ep) : EPMOE_OK;
 }
