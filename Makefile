@@ -185,7 +185,9 @@ $(BUILD)/dev/%: dev/cuda/%.cu $(BUILD)/libepmoe.a $(HEADERS)
 
 dev-labs: $(DEV_LABS)
 
-# bench_ep with the EP kernels' time stamps compiled in (EPMOE_EP_TRACE): a separate build tree,
-# so the library itself never carries them. Prints where each kernel's time goes.
+# bench_ep and bench_w4a8 with the kernels' time stamps compiled in (EPMOE_EP_TRACE,
+# EPMOE_W4A8_TRACE): a separate build tree, so the library itself never carries them. Prints where
+# each EP kernel's time goes, and when the W4A8 GEMM's CTAs ran.
 dev-trace:
-	NVFLAGS="-O3 -lineinfo -DEPMOE_EP_TRACE" $(MAKE) BUILD=$(BUILD)/trace $(BUILD)/trace/bench/bench_ep
+	NVFLAGS="-O3 -lineinfo -DEPMOE_EP_TRACE -DEPMOE_W4A8_TRACE" $(MAKE) BUILD=$(BUILD)/trace \
+		$(BUILD)/trace/bench/bench_ep $(BUILD)/trace/bench/bench_w4a8

@@ -178,6 +178,50 @@ static void report(const char *model, const char *what, int E, int rows, int N, 
     fflush(stdout);
 }
 
+#ifdef EPMOE_W4A8_TRACE
+/* dev only (make dev-trace): when the GEMM's CTAs ran (src/cuda/w4a8_gemm.cu), medians over 11
+** launches after 5 warm-ups, in us after the first CTA entered: the last entry (the launch ramp),
+** the median first stage landed, the first / median / last CTA done with its steps and out
+** (the tail), and the share of CTA-time before a CTA's entry or after its exit within the span. */
+extern "C" unsigned long long *epmoe__w4a8_trace(int *ctas);
+static void trace_gemm(const char *model, const char *what, int rows, const epmoe_w4a8_gemm_args *g) {
+    int n = 0;
+    unsigned long long *d = epmoe__w4a8_trace(&n);
+    if (!d) return;
+    std::vector<unsigned long long> h((size_t)n * 4);
+    std::vector<std::vector<double>> v(9);
+    for (int it = 0; it < 16; it++) {
+        CU(cudaMemsetAsync(d, 0, h.size() * 8, stream));
+        EP(epmoe_w4a8_gemm_cuda(g, stream));
+        CU(cudaMemcpyAsync(h.data(), d, h.size() * 8, cudaMemcpyDeviceToHost, stream));
+        CU(cudaStreamSynchronize(stream));
+        if (it < 5) continue;
+        unsigned long long t0 = ~0ull;
+        std::vector<double> pt[4];
+        for (int c = 0; c < n; c++)
+            if (h[c * 4]) t0 = std::min(t0, h[c * 4]);
+        for (int c = 0; c < n; c++)
+            for (int q = 0; q < 4; q++)
+                if (h[c * 4] && h[c * 4 + q]) pt[q].push_back((h[c * 4 + q] - t0) / 1e3);
+        if (pt[0].empty() || pt[3].empty()) return;
+        for (auto &x : pt) std::sort(x.begin(), x.end());
+        auto med = [](const std::vector<double> &x) { return x.empty() ? 0.0 : x[x.size() / 2]; };
+        const double span = pt[3].back();
+        double busy = 0;
+        for (int c = 0; c < n; c++)
+            if (h[c * 4] && h[c * 4 + 3]) busy += (h[c * 4 + 3] - h[c * 4]) / 1e3;
+        const double vals[9] = {pt[0].back(), med(pt[1]), pt[2].empty() ? 0 : pt[2].front(), med(pt[2]),
+                                pt[2].empty() ? 0 : pt[2].back(), pt[3].front(), pt[3].back(), span,
+                                100.0 * (1.0 - busy / (span * (double)pt[0].size()))};
+        for (int q = 0; q < 9; q++) v[q].push_back(vals[q]);
+    }
+    double m[9];
+    for (int q = 0; q < 9; q++) std::sort(v[q].begin(), v[q].end()), m[q] = v[q].empty() ? 0 : v[q][v[q].size() / 2];
+    printf("%-12s trace %-26s rows %-5d last entry %.1f | first stage %.1f | steps done %.1f / %.1f / %.1f | exit %.1f .. %.1f us"
+           " | idle %.1f%% of CTA-time\n", model, what, rows, m[0], m[1], m[2], m[3], m[4], m[5], m[6], m[8]);
+}
+#endif
+
 static void run_model(Blas &b, const char *model, int E, int H, int I, const std::vector<int> &rows_list) {
     const int N1 = 2 * I, K1 = H, N2 = H, K2 = I;
     size_t q13, s13, q2, s2;
@@ -264,6 +308,10 @@ static void run_model(Blas &b, const char *model, int E, int H, int I, const std
         const double t2 = time_us([&] { EP(epmoe_w4a8_gemm_cuda(&g2, stream)); });
         const double t1b = time_us([&] { EP(epmoe_w4a8_gemm_cuda(&g1b, stream)); });
         const double tm = time_us([&] { EP(epmoe_w4a8_mlp_cuda(&mlp, stream)); });
+#ifdef EPMOE_W4A8_TRACE
+        trace_gemm(model, "W13 (group scales)", rows, &g1);
+        trace_gemm(model, "W2 (group scales)", rows, &g2);
+#endif
         report(model, "w4a8 W13 (group scales)", E, rows, N1, K1, t1, wb13);
         report(model, "w4a8 W13 (per-tensor)", E, rows, N1, K1, t1b, wb13);
         report(model, "w4a8 W2 (group scales)", E, rows, N2, K2, t2, wb2);

@@ -4,7 +4,7 @@
 # fair comparison). Usage, here (nvcc, no GPU needed):
 #   scripts/ab_build.sh REV NAME [TARGET...]      e.g. scripts/ab_build.sh main base bench_ep bench_w4a8
 # TARGETs are names under build/bench/ or build/tests/gpu/ (default: bench_ep bench_w4a8), or
-# "trace" for bench_ep with the EP kernels' time stamps (make dev-trace). The binaries land in
+# "trace" for bench_ep and bench_w4a8 with the kernels' time stamps (make dev-trace). The binaries land in
 # build/ab/NAME/ (statically linked to that revision's libepmoe.a); carry build/ab/NAME to the
 # device and run them beside this tree's build/.
 set -eu
@@ -19,7 +19,8 @@ git -C "$root" worktree add --detach "$wt" "$rev" >/dev/null
 mkdir -p "$root/build/ab/$name"
 for t in $targets; do
     case $t in
-    trace) make -C "$wt" -j"$(nproc)" dev-trace >/dev/null && cp "$wt/build/trace/bench/bench_ep" "$root/build/ab/$name/bench_ep_trace" ;;
+    trace) make -C "$wt" -j"$(nproc)" dev-trace >/dev/null && cp "$wt/build/trace/bench/bench_ep" "$root/build/ab/$name/bench_ep_trace" &&
+           cp "$wt/build/trace/bench/bench_w4a8" "$root/build/ab/$name/bench_w4a8_trace" ;;
     test_*|fp8_exhaustive) make -C "$wt" -j"$(nproc)" "build/tests/gpu/$t" >/dev/null && cp "$wt/build/tests/gpu/$t" "$root/build/ab/$name/" ;;
     *) make -C "$wt" -j"$(nproc)" "build/bench/$t" >/dev/null && cp "$wt/build/bench/$t" "$root/build/ab/$name/" ;;
     esac

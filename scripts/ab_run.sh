@@ -6,6 +6,7 @@
 # Usage:  scripts/ab_run.sh [-r ROUNDS] KIND NAME...
 #   ep          bench_ep (EPMOE_BENCH_CASES, default 6: R = 2 and R = 1 rows)
 #   ep-trace    bench_ep's trace build, first case at R = 2 (make dev-trace; ab_build.sh NAME trace)
+#   w4a8-trace  bench_w4a8's trace build: when the GEMM's CTAs ran, $MODEL, $ROWS, on GPU 0
 #   w4a8        bench_w4a8 --model $MODEL (deepseek-r1) --rows $ROWS (1,8,16,32), on GPU 0
 #   tests-ep    test_ep_gpu on the device API, all-to-all and gin-emulated transports
 #   tests-w4a8  test_w4a8_gpu
@@ -28,6 +29,7 @@ bin() { # name, binary under build/ for main, under build/ab/NAME otherwise
     case $1 in
     main) case $2 in
           bench_ep_trace) echo build/trace/bench/bench_ep ;;
+          bench_w4a8_trace) echo build/trace/bench/bench_w4a8 ;;
           bench_*) echo build/bench/$2 ;;
           *) echo build/tests/gpu/$2 ;;
           esac ;;
@@ -44,6 +46,8 @@ for round in $(seq 1 "$rounds"); do
         ep) EPMOE_BENCH_CASES=${EPMOE_BENCH_CASES:-6} timeout 300 "$(bin "$name" bench_ep)" >"$log" 2>&1 ;;
         ep-trace) EPMOE_BENCH_CASES=1 EPMOE_BENCH_R=2 timeout 120 "$(bin "$name" bench_ep_trace)" >"$log" 2>&1 ;;
         w4a8) CUDA_VISIBLE_DEVICES=0 timeout 300 "$(bin "$name" bench_w4a8)" --model "${MODEL:-deepseek-r1}" \
+                  --rows "${ROWS:-1,8,16,32}" >"$log" 2>&1 ;;
+        w4a8-trace) CUDA_VISIBLE_DEVICES=0 timeout 300 "$(bin "$name" bench_w4a8_trace)" --model "${MODEL:-deepseek-r1}" \
                   --rows "${ROWS:-1,8,16,32}" >"$log" 2>&1 ;;
         tests-ep) for tr in device alltoall gin-emulated; do
                       if [ $tr = device ]; then timeout 300 "$(bin "$name" test_ep_gpu)"
@@ -65,6 +69,7 @@ for log in "${runs[@]}"; do
     ep) grep -E '^[12] ' "$log" | cut -c1-110 ;;
     ep-trace) grep -E '^  (dispatch|combine) ' "$log" | cut -c1-320 ;;
     w4a8) grep -E 'w4a8 W13\+W2 |w4a8 MLP' "$log" ;;
+    w4a8-trace) grep -E ' trace ' "$log" ;;
     *) grep -E 'checks|FAIL' "$log" ;;
     esac
     case $kind in tests-*) ;; *) grep -m 3 FAIL "$log" ;; esac

@@ -34,6 +34,25 @@ namespace {
 
 constexpr int kThreads = 256;
 
+/* ---- dev only (-DEPMOE_W4A8_TRACE, `make dev-trace`): when each CTA ran --------------------
+** globaltimer per CTA at entry, when its first stage landed, after its last step and at exit, to
+** tell the launch ramp from the tail: Nsight Compute gives totals only (at decode the SMs are
+** active 90-93% of the elapsed cycles, 2026-11-30). Nothing of it is compiled in otherwise. */
+#ifdef EPMOE_W4A8_TRACE
+constexpr int kTraceCtas = 4096;
+__device__ unsigned long long g_trace[kTraceCtas][4];
+__device__ __forceinline__ void trace_point(int pt) {
+    if (threadIdx.x == 0 && blockIdx.x < kTraceCtas) {
+        unsigned long long t;
+        asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+        g_trace[blockIdx.x][pt] = t;
+    }
+}
+#define W4_TRACE(pt) trace_point(pt)
+#else
+#define W4_TRACE(pt) ((void)0)
+#endif
+
 /* K groups per pipeline step: two to kPairedT tokens, both groups' 8 wgmma in flight into two
 ** partials, one commit, one wait. Larger tiles take one group a step: there a second partial and
 ** 16 more fragment registers spill (T = 64 at its 128 registers, T = 128 at 255), and two groups
@@ -324,6 +343,7 @@ __global__ void __launch_bounds__(kThreads, T >= 128 ? 1 : (T <= 8 ? 3 : 2)) /* 
 w4a8_gemm_kernel(const __grid_constant__ Problem p, const __grid_constant__ CUtensorMap tm) {
     extern __shared__ __align__(128) uint8_t smem_raw[];
     /* the swizzle is of address bits: every stage on a 1024-byte boundary (launch adds the slack) */
+    W4_TRACE(0);
     uint8_t *smem = smem_raw + ((1024u - (smem_u32(smem_raw) & 1023u)) & 1023u);
     Stage<T> *ring = reinterpret_cast<Stage<T> *>(smem);
     uint64_t *full = reinterpret_cast<uint64_t *>(smem + S * sizeof(Stage<T>)); /* stage j landed */
@@ -430,6 +450,7 @@ w4a8_gemm_kernel(const __grid_constant__ Problem p, const __grid_constant__ CUte
 #pragma unroll 1
         for (int j = 0; j < steps; j++) {
             mbar_wait(&full[j % S], (uint32_t)(j / S) & 1u); /* TMA wrote the activations: no proxy fence */
+            if (j == 0) W4_TRACE(1);
             const Stage<T> &s = ring[j % S];
             const bool two = kG == 2 && cg + 1 < p.G; /* else one a step, or the item's last step with G odd */
             if constexpr (kG == 2) {
@@ -484,6 +505,7 @@ w4a8_gemm_kernel(const __grid_constant__ Problem p, const __grid_constant__ CUte
                 cg = kG * step_off<T>(rg, j + 1);
             }
         }
+        W4_TRACE(2);
         if (cg != 0) { /* the range ends inside an item */
             if (is_head(steps - 1)) {
                 contribute(); /* the whole range lies inside one item */
@@ -514,6 +536,7 @@ w4a8_gemm_kernel(const __grid_constant__ Problem p, const __grid_constant__ CUte
         __threadfence();
         atomicAdd(p.sync, 1u);
     }
+    W4_TRACE(3);
 }
 
 /* Workspace: [sync: 2 words, 256 B][flags: one word per CTA][slots: (T/2) x 256 floats per CTA].
@@ -581,6 +604,16 @@ epmoe_status pick_mode(const char *fn, const Problem &p, bool group, bool full, 
 }
 
 } // namespace
+
+#ifdef EPMOE_W4A8_TRACE
+/* The trace buffer [kTraceCtas][4] (dev builds only; bench_w4a8 reads it). */
+extern "C" unsigned long long *epmoe__w4a8_trace(int *ctas) {
+    void *p = nullptr;
+    if (cudaGetSymbolAddress(&p, g_trace) != cudaSuccess) return nullptr;
+    *ctas = kTraceCtas;
+    return static_cast<unsigned long long *>(p);
+}
+#endif
 
 extern "C" size_t epmoe_w4a8_gemm_workspace(void) {
     const int sms = epmoe__sm_count();
