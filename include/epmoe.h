@@ -207,7 +207,9 @@ EPMOE_API epmoe_status epmoe_w4a8_unpack(const epmoe_w4a8_weights *w, int64_t e,
 ** Rows m >= masked_m[e] of out are not written. */
 typedef struct epmoe_w4a8_gemm_args {
     epmoe_w4a8_weights w;
-    const uint8_t *a;            /* fp8 [E, M, K], 16-byte aligned */
+    const uint8_t *a;            /* fp8 [E, M, K], 16-byte aligned; the GPU reads whole token tiles
+                                    of it, rows past masked_m included (all E * M * K bytes must be
+                                    readable; their values never reach the output) */
     int64_t M;                   /* rows per expert slab (M_max), >= 0 (0: nothing to do) */
     const int32_t *masked_m;     /* [E]: rows computed per expert (clamped to [0, M]) */
     const void *a_scales;        /* mode (a) */
@@ -237,7 +239,7 @@ EPMOE_API epmoe_status epmoe_w4a8_gemm_ref(const epmoe_w4a8_gemm_args *args);
 ** per-tensor scale *a2_tensor_scale (epmoe_cast_tensor_fp8 rules); GEMM2 writes out. */
 typedef struct epmoe_w4a8_mlp_args {
     epmoe_w4a8_weights w13, w2;
-    const uint8_t *a;
+    const uint8_t *a;             /* as in epmoe_w4a8_gemm_args: all of [E, M, H] readable */
     int64_t M;
     const int32_t *masked_m;
     const void *a_scales;         /* mode (a) */

@@ -411,14 +411,18 @@ w4a8_gemm_kernel(const __grid_constant__ Problem p, const __grid_constant__ CUte
                 prod.advance(p, prefix, rg, P, i + 1);
             }
         }
-        /* Step j + S - 1 into the stage of step j - 1, once every thread is done with it (its
-        ** (j - 1) / S-th release: the warps are not held together by a CTA barrier). Called by the
-        ** producer warp while its wgmma of step j run. */
-        /* Every thread of the warp is done with step j's stage: one arrival for the warp (32
-        ** arrivals on one mbarrier word by every warp serialize) */
-        auto release = [&](int j) {
+        /* The stage barriers pair up one to one: the other warps release step j's stage exactly
+        ** when warp 0 will refill it with step i = j + S (release: j + S < steps; refill: S <= i <
+        ** steps), so no barrier is left half-arrived at the CTA's end. A warp's next arrival on the
+        ** same barrier (step j + S) waits for full[] of a load issued after warp 0's sync, so an
+        ** instance always completes before it is reused. Keep the two conditions in step.
+        ** The ids are registers, so ptxas reserves all 16 named barriers: 64 a SM cap the kernel at
+        ** 4 CTAs/SM (T = 8 runs 3). */
+        auto release = [&](int j) { /* after this warp's last read of step j's stage */
             if (!producer && j + S < steps) named_bar_arrive(kStageBar + j % S, kThreads);
         };
+        /* Step j + S - 1 into the stage of step j - 1, once every warp is done with it. Called by
+        ** the producer warp while its wgmma of step j run. */
         auto refill = [&](int j) {
             const int i = j + S - 1;
             if (i >= steps) return;
