@@ -104,7 +104,7 @@ static __device__ __forceinline__ uint32_t requant_word(uint32_t w, float s, flo
 }
 
 /* cp.async: 16 (or 4) bytes global -> shared without a register round trip, committed and waited
-** for in groups (the W4A8 GEMM's activations, the EP kernels' rows and messages). */
+** for in groups (the W4A8 GEMM's activation scales, the EP kernels' rows and messages). */
 static __device__ __forceinline__ uint32_t smem_u32(const void *p) {
     return (uint32_t)__cvta_generic_to_shared(p);
 }

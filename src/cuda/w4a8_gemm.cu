@@ -341,9 +341,9 @@ __device__ __forceinline__ void epilogue(const Problem &p, const Item &it, float
 template <int T, int kSa, bool kFull, int S>
 __global__ void __launch_bounds__(kThreads, T >= 128 ? 1 : (T <= 8 ? 3 : 2)) /* T = 8: at most 80 registers */
 w4a8_gemm_kernel(const __grid_constant__ Problem p, const __grid_constant__ CUtensorMap tm) {
+    W4_TRACE(0);
     extern __shared__ __align__(128) uint8_t smem_raw[];
     /* the swizzle is of address bits: every stage on a 1024-byte boundary (launch adds the slack) */
-    W4_TRACE(0);
     uint8_t *smem = smem_raw + ((1024u - (smem_u32(smem_raw) & 1023u)) & 1023u);
     Stage<T> *ring = reinterpret_cast<Stage<T> *>(smem);
     uint64_t *full = reinterpret_cast<uint64_t *>(smem + S * sizeof(Stage<T>)); /* stage j landed */
@@ -362,9 +362,7 @@ w4a8_gemm_kernel(const __grid_constant__ Problem p, const __grid_constant__ CUte
     ** ever waits for lower-numbered CTAs, which the hardware starts first, and by then they are
     ** long past that point. */
     const int grid = gridDim.x, r = grid - 1 - (int)blockIdx.x;
-    if (tid < S) {
-        mbar_init(&full[tid], 32 + 1); /* the producer warp's cp.async + the copies' expect_tx */
-    }
+    if (tid < S) mbar_init(&full[tid], 32 + 1); /* the producer warp's cp.async + the copies' expect_tx */
     fence_proxy_async();
     if (warp == 0) {
         int carry = 0;

@@ -1,8 +1,8 @@
 /*
 ** wgmma.cuh — the Hopper (sm_90a) asynchronous tensor-core instructions the W4A8 GEMM uses:
 ** the async-proxy fence, mbarrier bulk and tensor (TMA) copies, named barriers, shared-memory
-** matrix descriptors, and wgmma
-** m64nNk32 e4m3 with the A operand in registers (RS form), one specialization per token tile N.
+** matrix descriptors, and wgmma m64nNk32 e4m3 with the A operand in registers (RS form), one
+** specialization per token tile N.
 **
 ** Descriptor: K-major B operand in the 128-byte swizzle (sw128_desc).
 */

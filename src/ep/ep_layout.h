@@ -117,7 +117,8 @@ EP_HD uint64_t *ep_disp_flag(uint8_t *base, const ep_dims *d, const ep_window *w
 /* A count-block word: the dispatch's seq above the count, stored as one 8-byte word. A receiver
 ** can take the counts before the call's flag, each word once it carries its call's seq: the sender
 ** then stores them without a release of their own, under its payload. The whole seq, not a few of
-** its bits: a source masked out and later active again leaves words of any older call behind. */
+** its bits, so no older call's word can ever pass for this call's (masking is final, see
+** epmoe_ep_set_active_ranks, so this is defence, not a protocol step). */
 EP_HD uint64_t ep_count_word(int64_t count, uint32_t seq) { return (uint64_t)seq << 32 | (uint32_t)count; }
 EP_HD int32_t ep_count_of(uint64_t w) { return (int32_t)(uint32_t)w; }
 EP_HD int ep_count_is(uint64_t w, uint32_t seq) { return (uint32_t)(w >> 32) == seq; }
