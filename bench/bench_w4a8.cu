@@ -8,16 +8,24 @@
 ** Shapes: DeepSeek-R1 (H 7168, I 2048, 32 local experts) and Kimi-K2 (48 local experts); every
 ** expert gets the same rows (masked_m = rows, M = rows). Weights are random bytes in the
 ** repacked layout (every SYM7 code is a valid weight), scales random positive.
-** Timing: CUDA events around one launch (or graph), 5 warm-ups, median of 25. The weights of
-** all experts (727 MB int4 for DeepSeek) dwarf the 50 MB L2, so no flush is needed.
+** Timing: CUDA events around one launch (or graph), 5 warm-ups, median of 25. Before each timed
+** launch a 100 us spin kernel holds the stream while the host enqueues the events and the launch,
+** so the events time the GPU's work (as bench_ep, and as an engine that runs ahead of the GPU or
+** replays a CUDA graph sees it), for ours and the cuBLAS graphs alike; `--host-in-timing` leaves
+** the spin out (the method until 2026-11-30: an idle GPU then waits for the host's launch). The
+** host's own cost per call is measured apart ("host us per call"). The weights of all experts
+** (727 MB int4 for DeepSeek) dwarf the 50 MB L2, so no flush is needed.
 ** Metrics: GB/s over the weight bytes read (int4: N*K/2 + N*K/128*4 per expert; fp8 N*K;
 ** bf16 2*N*K), TFLOP/s = 2 * rows * N * K * experts / time.
 ** Run: ./build/bench/bench_w4a8 [--model deepseek-r1|kimi-k2|all] [--rows 1,8,32] [--json FILE]
+**      [--host-in-timing]
 */
+#include <chrono>
 #include <cublasLt.h>
 #include <cublas_v2.h>
 #include <cuda_bf16.h>
 #include <cuda_runtime_api.h>
+#include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -30,6 +38,14 @@
 
 
 static cudaStream_t stream;
+static bool hold = true; /* spin before each timed launch (see the top) */
+
+/* Keeps the stream busy while the host enqueues the timed work behind it. */
+__global__ void spin(unsigned long long ns) {
+    unsigned long long t0, t;
+    asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t0));
+    do asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t)); while (t - t0 < ns);
+}
 
 /* Deterministic fill on the device: bytes with the given mask (fp8 activations never NaN). */
 __global__ void fill_bytes(uint8_t *p, size_t n, uint32_t seed, uint8_t mask) {
@@ -63,6 +79,7 @@ template <typename F> static double time_us(F &&f, int warm = 5, int iters = 25)
     for (int i = 0; i < warm; i++) f();
     std::vector<float> t;
     for (int i = 0; i < iters; i++) {
+        if (hold) spin<<<1, 1, 0, stream>>>(100000);
         CU(cudaEventRecord(a, stream));
         f();
         CU(cudaEventRecord(b, stream));
@@ -72,6 +89,21 @@ template <typename F> static double time_us(F &&f, int warm = 5, int iters = 25)
         t.push_back(ms * 1000.0f);
     }
     cudaEventDestroy(a), cudaEventDestroy(b);
+    std::sort(t.begin(), t.end());
+    return t[t.size() / 2];
+}
+
+/* The host's time to enqueue one call (checks, tensor map, launch), median of 9 batches of 50
+** behind a spin that keeps the GPU busy, so no call waits for the device. */
+template <typename F> static double host_us(F &&f) {
+    std::vector<double> t;
+    for (int b = 0; b < 9; b++) {
+        spin<<<1, 1, 0, stream>>>(20000000); /* 20 ms */
+        const auto t0 = std::chrono::steady_clock::now();
+        for (int i = 0; i < 50; i++) f();
+        t.push_back(std::chrono::duration<double, std::micro>(std::chrono::steady_clock::now() - t0).count() / 50);
+        CU(cudaStreamSynchronize(stream));
+    }
     std::sort(t.begin(), t.end());
     return t[t.size() / 2];
 }
@@ -182,14 +214,19 @@ static void report(const char *model, const char *what, int E, int rows, int N, 
 /* dev only (make dev-trace): when the GEMM's CTAs ran (src/cuda/w4a8_gemm.cu), medians over 11
 ** launches after 5 warm-ups, in us after the first CTA entered: the last entry (the launch ramp),
 ** the median first stage landed, the first / median / last CTA done with its steps and out
-** (the tail), and the share of CTA-time before a CTA's entry or after its exit within the span. */
+** (the tail), and the share of CTA-time before a CTA's entry or after its exit within the span.
+** A second line: per SM, the mean time its CTAs were done with their steps (min / median / max
+** over the SMs), the mean spread between the CTAs of one SM, and the correlation of the SMs'
+** times between consecutive launches (near 1: some SMs are slower every time; near 0: chance). */
 extern "C" unsigned long long *epmoe__w4a8_trace(int *ctas);
 static void trace_gemm(const char *model, const char *what, int rows, const epmoe_w4a8_gemm_args *g) {
+    constexpr int F = 5; /* stamps per CTA: entry, first stage, steps done, exit, SM */
     int n = 0;
     unsigned long long *d = epmoe__w4a8_trace(&n);
     if (!d) return;
-    std::vector<unsigned long long> h((size_t)n * 4);
-    std::vector<std::vector<double>> v(9);
+    std::vector<unsigned long long> h((size_t)n * F);
+    std::vector<std::vector<double>> v(14); /* [13]: the correlation, from the second launch */
+    std::vector<double> prev_sm;
     for (int it = 0; it < 16; it++) {
         CU(cudaMemsetAsync(d, 0, h.size() * 8, stream));
         EP(epmoe_w4a8_gemm_cuda(g, stream));
@@ -199,26 +236,57 @@ static void trace_gemm(const char *model, const char *what, int rows, const epmo
         unsigned long long t0 = ~0ull;
         std::vector<double> pt[4];
         for (int c = 0; c < n; c++)
-            if (h[c * 4]) t0 = std::min(t0, h[c * 4]);
+            if (h[c * F]) t0 = std::min(t0, h[c * F]);
         for (int c = 0; c < n; c++)
             for (int q = 0; q < 4; q++)
-                if (h[c * 4] && h[c * 4 + q]) pt[q].push_back((h[c * 4 + q] - t0) / 1e3);
+                if (h[c * F] && h[c * F + q]) pt[q].push_back((h[c * F + q] - t0) / 1e3);
         if (pt[0].empty() || pt[3].empty()) return;
         for (auto &x : pt) std::sort(x.begin(), x.end());
         auto med = [](const std::vector<double> &x) { return x.empty() ? 0.0 : x[x.size() / 2]; };
         const double span = pt[3].back();
         double busy = 0;
         for (int c = 0; c < n; c++)
-            if (h[c * 4] && h[c * 4 + 3]) busy += (h[c * 4 + 3] - h[c * 4]) / 1e3;
-        const double vals[9] = {pt[0].back(), med(pt[1]), pt[2].empty() ? 0 : pt[2].front(), med(pt[2]),
-                                pt[2].empty() ? 0 : pt[2].back(), pt[3].front(), pt[3].back(), span,
-                                100.0 * (1.0 - busy / (span * (double)pt[0].size()))};
-        for (int q = 0; q < 9; q++) v[q].push_back(vals[q]);
+            if (h[c * F] && h[c * F + 3]) busy += (h[c * F + 3] - h[c * F]) / 1e3;
+        /* per SM: mean and range of its CTAs' steps-done times */
+        std::vector<double> sum(1024, 0), lo(1024, 1e30), hi(1024, -1e30);
+        std::vector<int> cnt(1024, 0);
+        for (int c = 0; c < n; c++)
+            if (h[c * F] && h[c * F + 2] && h[c * F + 4] < 1024) {
+                const int sm = (int)h[c * F + 4];
+                const double t = (h[c * F + 2] - t0) / 1e3;
+                sum[sm] += t, cnt[sm]++, lo[sm] = std::min(lo[sm], t), hi[sm] = std::max(hi[sm], t);
+            }
+        std::vector<double> sm_t, cur(1024, -1);
+        double within = 0;
+        for (int sm = 0; sm < 1024; sm++)
+            if (cnt[sm]) sm_t.push_back(cur[sm] = sum[sm] / cnt[sm]), within += hi[sm] - lo[sm];
+        within /= (double)std::max<size_t>(sm_t.size(), 1);
+        double corr = 0;
+        if (!prev_sm.empty()) { /* Pearson over the SMs seen in both launches */
+            double sx = 0, sy = 0, sxx = 0, syy = 0, sxy = 0, k = 0;
+            for (int sm = 0; sm < 1024; sm++)
+                if (cur[sm] >= 0 && prev_sm[sm] >= 0) {
+                    const double x = cur[sm], y = prev_sm[sm];
+                    sx += x, sy += y, sxx += x * x, syy += y * y, sxy += x * y, k++;
+                }
+            const double vx = sxx - sx * sx / k, vy = syy - sy * sy / k;
+            corr = vx > 0 && vy > 0 ? (sxy - sx * sy / k) / sqrt(vx * vy) : 0;
+        }
+        prev_sm = cur;
+        std::sort(sm_t.begin(), sm_t.end());
+        const double vals[13] = {pt[0].back(), med(pt[1]), pt[2].empty() ? 0 : pt[2].front(), med(pt[2]),
+                                 pt[2].empty() ? 0 : pt[2].back(), pt[3].front(), pt[3].back(), span,
+                                 100.0 * (1.0 - busy / (span * (double)pt[0].size())),
+                                 sm_t.front(), med(sm_t), sm_t.back(), within};
+        for (int q = 0; q < 13; q++) v[q].push_back(vals[q]);
+        if (it > 5) v[13].push_back(corr);
     }
-    double m[9];
-    for (int q = 0; q < 9; q++) std::sort(v[q].begin(), v[q].end()), m[q] = v[q].empty() ? 0 : v[q][v[q].size() / 2];
+    double m[14] = {0};
+    for (size_t q = 0; q < v.size(); q++) std::sort(v[q].begin(), v[q].end()), m[q] = v[q].empty() ? 0 : v[q][v[q].size() / 2];
     printf("%-12s trace %-26s rows %-5d last entry %.1f | first stage %.1f | steps done %.1f / %.1f / %.1f | exit %.1f .. %.1f us"
            " | idle %.1f%% of CTA-time\n", model, what, rows, m[0], m[1], m[2], m[3], m[4], m[5], m[6], m[8]);
+    printf("%-12s trace %-26s rows %-5d per SM steps done %.1f / %.1f / %.1f us | spread within an SM %.1f us"
+           " | SM times' correlation launch to launch %.2f\n", model, what, rows, m[9], m[10], m[11], m[12], m[13]);
 }
 #endif
 
@@ -308,6 +376,8 @@ static void run_model(Blas &b, const char *model, int E, int H, int I, const std
         const double t2 = time_us([&] { EP(epmoe_w4a8_gemm_cuda(&g2, stream)); });
         const double t1b = time_us([&] { EP(epmoe_w4a8_gemm_cuda(&g1b, stream)); });
         const double tm = time_us([&] { EP(epmoe_w4a8_mlp_cuda(&mlp, stream)); });
+        const double hg = host_us([&] { EP(epmoe_w4a8_gemm_cuda(&g1, stream)); });
+        const double hmlp = host_us([&] { EP(epmoe_w4a8_mlp_cuda(&mlp, stream)); });
 #ifdef EPMOE_W4A8_TRACE
         trace_gemm(model, "W13 (group scales)", rows, &g1);
         trace_gemm(model, "W2 (group scales)", rows, &g2);
@@ -317,6 +387,7 @@ static void run_model(Blas &b, const char *model, int E, int H, int I, const std
         report(model, "w4a8 W2 (group scales)", E, rows, N2, K2, t2, wb2);
         report(model, "w4a8 W13+W2", E, rows, N1 + N2, 0, t1 + t2, wb13 + wb2);
         report(model, "w4a8 MLP (one call)", E, rows, N1 + N2, 0, tm, wb13 + wb2);
+        printf("%-12s rows %-5d host us per call: GEMM %.1f, MLP %.1f\n", model, rows, hg, hmlp);
         const double f1 = bench_fp8(b, E, rows, N1, K1, f13, a, ob), f2t = bench_fp8(b, E, rows, N2, K2, f2, a2, ob);
         report(model, "cuBLASLt FP8 W13", E, rows, N1, K1, f1, (double)E * N1 * K1);
         report(model, "cuBLASLt FP8 W2", E, rows, N2, K2, f2t, (double)E * N2 * K2);
@@ -368,8 +439,10 @@ int main(int argc, char **argv) {
         if (!strcmp(argv[i], "--model") && i + 1 < argc) model = argv[++i];
         else if (!strcmp(argv[i], "--rows") && i + 1 < argc) rows_arg = argv[++i];
         else if (!strcmp(argv[i], "--json") && i + 1 < argc) json = argv[++i];
+        else if (!strcmp(argv[i], "--host-in-timing")) hold = false;
         else {
-            printf("usage: %s [--model deepseek-r1|kimi-k2|all] [--rows 1,8,32,...] [--json FILE]\n", argv[0]);
+            printf("usage: %s [--model deepseek-r1|kimi-k2|all] [--rows 1,8,32,...] [--json FILE] [--host-in-timing]\n",
+                   argv[0]);
             return strcmp(argv[i], "--help") ? 1 : 0;
         }
     }
@@ -383,7 +456,8 @@ int main(int argc, char **argv) {
     cudaDeviceProp prop;
     CU(cudaGetDeviceProperties(&prop, 0));
     const double ceiling = hbm_read_ceiling();
-    printf("bench_w4a8 on %s: HBM read ceiling %.0f GB/s (streaming read of 4 GiB, same run)\n", prop.name, ceiling);
+    printf("bench_w4a8 on %s: HBM read ceiling %.0f GB/s (streaming read of 4 GiB, same run); host launch cost %s\n",
+           prop.name, ceiling, hold ? "hidden (spin ahead)" : "in the timing");
     Blas b;
     cublasCreate(&b.h);
     cublasLtCreate(&b.lt);

@@ -7,7 +7,7 @@
 #   ep          bench_ep (EPMOE_BENCH_CASES, default 6: R = 2 and R = 1 rows)
 #   ep-trace    bench_ep's trace build, first case at R = 2 (make dev-trace; ab_build.sh NAME trace)
 #   w4a8-trace  bench_w4a8's trace build: when the GEMM's CTAs ran, $MODEL, $ROWS, on GPU 0
-#   w4a8        bench_w4a8 --model $MODEL (deepseek-r1) --rows $ROWS (1,8,16,32), on GPU 0
+#   w4a8        bench_w4a8 --model $MODEL (deepseek-r1) --rows $ROWS (1,8,16,32) $W4A8_ARGS, on GPU 0
 #   tests-ep    test_ep_gpu on the device API, all-to-all and gin-emulated transports
 #   tests-w4a8  test_w4a8_gpu
 # e.g.  scripts/ab_run.sh -r 2 ep main words64 msgready
@@ -46,9 +46,9 @@ for round in $(seq 1 "$rounds"); do
         ep) EPMOE_BENCH_CASES=${EPMOE_BENCH_CASES:-6} timeout 300 "$(bin "$name" bench_ep)" >"$log" 2>&1 ;;
         ep-trace) EPMOE_BENCH_CASES=1 EPMOE_BENCH_R=2 timeout 120 "$(bin "$name" bench_ep_trace)" >"$log" 2>&1 ;;
         w4a8) CUDA_VISIBLE_DEVICES=0 timeout 300 "$(bin "$name" bench_w4a8)" --model "${MODEL:-deepseek-r1}" \
-                  --rows "${ROWS:-1,8,16,32}" >"$log" 2>&1 ;;
+                  --rows "${ROWS:-1,8,16,32}" ${W4A8_ARGS:-} >"$log" 2>&1 ;;
         w4a8-trace) CUDA_VISIBLE_DEVICES=0 timeout 300 "$(bin "$name" bench_w4a8_trace)" --model "${MODEL:-deepseek-r1}" \
-                  --rows "${ROWS:-1,8,16,32}" >"$log" 2>&1 ;;
+                  --rows "${ROWS:-1,8,16,32}" ${W4A8_ARGS:-} >"$log" 2>&1 ;;
         tests-ep) for tr in device alltoall gin-emulated; do
                       if [ $tr = device ]; then timeout 300 "$(bin "$name" test_ep_gpu)"
                       else timeout 300 "$(bin "$name" test_ep_gpu)" --transport $tr; fi || echo "FAIL: $tr (rc $?)"

@@ -148,3 +148,24 @@ template <auto Kernel> cudaError_t grow_smem_attr(size_t bytes) {
     if (err == cudaSuccess) set[dev].store(bytes, std::memory_order_release);
     return err;
 }
+
+/* CTAs of Kernel that fit on one SM at this block size and dynamic shared memory, queried once per
+** device and size: the driver's occupancy query took microseconds of host time in every call of a
+** persistent kernel (the W4A8 GEMM's whole host cost was 7.5 us a call, H200 2026-11-30). The last
+** answer per device is kept as one word: (bytes << 24 | threads << 8 | blocks). */
+template <auto Kernel> cudaError_t blocks_per_sm(int threads, size_t bytes, int *blocks) {
+    constexpr int kDevices = 64;
+    static std::atomic<uint64_t> last[kDevices];
+    int dev = 0;
+    cudaError_t err = cudaGetDevice(&dev);
+    if (err != cudaSuccess || dev >= kDevices) return err != cudaSuccess ? err : cudaErrorInvalidDevice;
+    const uint64_t key = (uint64_t)bytes << 24 | (uint64_t)(threads & 0xFFFF) << 8;
+    const uint64_t hit = last[dev].load(std::memory_order_relaxed);
+    if (hit != 0 && (hit & ~(uint64_t)0xFF) == key) {
+        *blocks = (int)(hit & 0xFF);
+        return cudaSuccess;
+    }
+    err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(blocks, Kernel, threads, bytes);
+    if (err == cudaSuccess && *blocks > 0 && *blocks < 256) last[dev].store(key | (uint64_t)*blocks, std::memory_order_relaxed);
+    return err;
+}

@@ -40,12 +40,17 @@ constexpr int kThreads = 256;
 ** active 90-93% of the elapsed cycles, 2026-11-30). Nothing of it is compiled in otherwise. */
 #ifdef EPMOE_W4A8_TRACE
 constexpr int kTraceCtas = 4096;
-__device__ unsigned long long g_trace[kTraceCtas][4];
+__device__ unsigned long long g_trace[kTraceCtas][5]; /* 4 stamps, then the CTA's SM */
 __device__ __forceinline__ void trace_point(int pt) {
     if (threadIdx.x == 0 && blockIdx.x < kTraceCtas) {
         unsigned long long t;
         asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
         g_trace[blockIdx.x][pt] = t;
+        if (pt == 0) {
+            unsigned sm;
+            asm volatile("mov.u32 %0, %%smid;" : "=r"(sm));
+            g_trace[blockIdx.x][4] = sm;
+        }
     }
 }
 #define W4_TRACE(pt) trace_point(pt)
@@ -582,7 +587,7 @@ epmoe_status launch(const char *fn, const Problem &p, int sms, cudaStream_t stre
     const size_t smem = 1024 + S * (sizeof(Stage<T>) + sizeof(uint64_t)) + sizeof(Range) + (size_t)(p.E + 1) * sizeof(int);
     cudaError_t err = grow_smem_attr<w4a8_gemm_kernel<T, kSa, kFull, S>>(smem);
     int per_sm = 0;
-    if (err == cudaSuccess) err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, smem);
+    if (err == cudaSuccess) err = blocks_per_sm<w4a8_gemm_kernel<T, kSa, kFull, S>>(kThreads, smem, &per_sm);
     if (per_sm > kMaxCtasPerSm) per_sm = kMaxCtasPerSm;
     if (err != cudaSuccess) cudaGetLastError(); /* not a failure of the caller's next launch */
     if (err != cudaSuccess || per_sm < 1)
@@ -608,7 +613,7 @@ epmoe_status pick_mode(const char *fn, const Problem &p, bool group, bool full, 
 } // namespace
 
 #ifdef EPMOE_W4A8_TRACE
-/* The trace buffer [kTraceCtas][4] (dev builds only; bench_w4a8 reads it). */
+/* The trace buffer [kTraceCtas][5] (dev builds only; bench_w4a8 reads it). */
 extern "C" unsigned long long *epmoe__w4a8_trace(int *ctas) {
     void *p = nullptr;
     if (cudaGetSymbolAddress(&p, g_trace) != cudaSuccess) return nullptr;
