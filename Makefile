@@ -18,7 +18,8 @@ CUDA_ARCH ?= -gencode arch=compute_90a,code=sm_90a
 
 VERSION := $(shell sed -n 's/^\#define EPMOE_VERSION_\(MAJOR\|MINOR\|PATCH\) \([0-9]*\)$$/\2/p' include/epmoe.h | paste -sd.)
 # The ABI version in the soname: the major, or major.minor while the major is 0 (0.x releases
-# change structs, e.g. epmoe_layer_weights in 0.3, so 0.2 and 0.3 must not resolve to each other).
+# change structs, e.g. epmoe_layer_weights in 0.3 and the W4A8 weight scales in 0.4, so 0.3 and
+# 0.4 must not resolve to each other).
 SONAME_MAJOR := $(firstword $(subst ., ,$(VERSION)))
 SONAME_ABI := $(if $(filter 0,$(SONAME_MAJOR)),$(SONAME_MAJOR).$(word 2,$(subst ., ,$(VERSION))),$(SONAME_MAJOR))
 

@@ -15,7 +15,7 @@
 ** the spin out (the method until 2026-11-30: an idle GPU then waits for the host's launch). The
 ** host's own cost per call is measured apart ("host us per call"). The weights of all experts
 ** (727 MB int4 for DeepSeek) dwarf the 50 MB L2, so no flush is needed.
-** Metrics: GB/s over the weight bytes read (int4: N*K/2 + N*K/128*4 per expert; fp8 N*K;
+** Metrics: GB/s over the weight bytes read (int4: N*K/2 + N*K/128*2, bf16 scales, per expert; fp8 N*K;
 ** bf16 2*N*K), TFLOP/s = 2 * rows * N * K * experts / time.
 ** Run: ./build/bench/bench_w4a8 [--model deepseek-r1|kimi-k2|all] [--rows 1,8,32] [--json FILE]
 **      [--host-in-timing]
@@ -55,9 +55,10 @@ __global__ void fill_bytes(uint8_t *p, size_t n, uint32_t seed, uint8_t mask) {
         p[i] = (uint8_t)h & mask;
     }
 }
-__global__ void fill_f32(float *p, size_t n, float lo, float span) {
+/* lo + span * [0, 1) as float or bf16 (scales: the W4A8 weights' are bf16, the activations' fp32). */
+template <typename T> __global__ void fill_range(T *p, size_t n, float lo, float span) {
     for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x)
-        p[i] = lo + span * (float)((i * 2654435761u) % 1000u) / 1000.0f;
+        p[i] = T(lo + span * (float)((i * 2654435761u) % 1000u) / 1000.0f);
 }
 __global__ void fill_bf16(__nv_bfloat16 *p, size_t n) {
     for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x)
@@ -296,17 +297,18 @@ static void run_model(Blas &b, const char *model, int E, int H, int I, const std
     EP(epmoe_w4a8_repack_size(E, N1, K1, &q13, &s13));
     EP(epmoe_w4a8_repack_size(E, N2, K2, &q2, &s2));
     uint8_t *w13, *w2;
-    float *sw13, *sw2;
+    __nv_bfloat16 *sw13, *sw2;
     CU(cudaMalloc(&w13, q13));
     CU(cudaMalloc(&w2, q2));
     CU(cudaMalloc(&sw13, s13));
     CU(cudaMalloc(&sw2, s2));
     fill_bytes<<<1024, 256, 0, stream>>>(w13, q13, 1, 0xFF);
     fill_bytes<<<1024, 256, 0, stream>>>(w2, q2, 2, 0xFF);
-    fill_f32<<<1024, 256, 0, stream>>>(sw13, s13 / 4, 0.5f, 1.0f);
-    fill_f32<<<1024, 256, 0, stream>>>(sw2, s2 / 4, 0.5f, 1.0f);
-    const epmoe_w4a8_weights W13 = {E, N1, K1, EPMOE_W4_SYM7, w13, sw13}, W2 = {E, N2, K2, EPMOE_W4_SYM7, w2, sw2};
-    const double wb13 = (double)q13 + s13 / 2.0, wb2 = (double)q2 + s2 / 2.0; /* scales counted as bf16, as shipped */
+    fill_range<<<1024, 256, 0, stream>>>(sw13, s13 / 2, 0.5f, 1.0f);
+    fill_range<<<1024, 256, 0, stream>>>(sw2, s2 / 2, 0.5f, 1.0f);
+    const epmoe_w4a8_weights W13 = {E, N1, K1, EPMOE_W4_SYM7, w13, reinterpret_cast<const uint16_t *>(sw13)},
+                             W2 = {E, N2, K2, EPMOE_W4_SYM7, w2, reinterpret_cast<const uint16_t *>(sw2)};
+    const double wb13 = (double)(q13 + s13), wb2 = (double)(q2 + s2); /* the bytes the kernel reads */
     /* baselines' weights: fp8 and bf16 copies of the same shapes (values irrelevant to speed) */
     uint8_t *f13, *f2;
     __nv_bfloat16 *b13, *b2;
@@ -323,7 +325,7 @@ static void run_model(Blas &b, const char *model, int E, int H, int I, const std
     float *xsc;
     const size_t xsc_n = (size_t)E * (N1 > N2 ? N1 : N2) * (K1 > K2 ? K1 : K2) / 32;
     CU(cudaMalloc(&xsc, xsc_n * 4));
-    fill_f32<<<1024, 256, 0, stream>>>(xsc, xsc_n, 1e-3f, 1e-3f);
+    fill_range<<<1024, 256, 0, stream>>>(xsc, xsc_n, 1e-3f, 1e-3f);
     for (int rows : rows_list) {
         const int M = rows;
         uint8_t *a, *a2;
@@ -345,7 +347,7 @@ static void run_model(Blas &b, const char *model, int E, int H, int I, const std
         CU(cudaMalloc(&ws, wsb));
         fill_bytes<<<1024, 256, 0, stream>>>(a, (size_t)E * M * H, 5, 0x37);
         fill_bytes<<<1024, 256, 0, stream>>>(a2, (size_t)E * M * I, 6, 0x37);
-        fill_f32<<<1024, 256, 0, stream>>>(sa, epmoe_scale_bytes(EPMOE_SCALE_F32_MMAJOR, M, H) * E / 4, 0.01f, 0.02f);
+        fill_range<<<1024, 256, 0, stream>>>(sa, epmoe_scale_bytes(EPMOE_SCALE_F32_MMAJOR, M, H) * E / 4, 0.01f, 0.02f);
         fill_bf16<<<1024, 256, 0, stream>>>(xb, (size_t)E * M * H);
         fill_bf16<<<1024, 256, 0, stream>>>(xb2, (size_t)E * M * I);
         std::vector<int32_t> hm(E, rows);
@@ -355,7 +357,7 @@ static void run_model(Blas &b, const char *model, int E, int H, int I, const std
         /* GEMM2's input scales: the same per-token group layout, I/128 groups */
         float *sa2;
         CU(cudaMalloc(&sa2, epmoe_scale_bytes(EPMOE_SCALE_F32_MMAJOR, M, I) * E));
-        fill_f32<<<1024, 256, 0, stream>>>(sa2, epmoe_scale_bytes(EPMOE_SCALE_F32_MMAJOR, M, I) * E / 4, 0.01f, 0.02f);
+        fill_range<<<1024, 256, 0, stream>>>(sa2, epmoe_scale_bytes(EPMOE_SCALE_F32_MMAJOR, M, I) * E / 4, 0.01f, 0.02f);
         const float one = 1.0f;
         float *done;
         CU(cudaMalloc(&done, 4));

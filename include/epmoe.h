@@ -20,7 +20,7 @@ extern "C" {
 
 /* ---- version: the single source of truth (the Makefile parses these lines) ---------- */
 #define EPMOE_VERSION_MAJOR 0
-#define EPMOE_VERSION_MINOR 3
+#define EPMOE_VERSION_MINOR 4
 #define EPMOE_VERSION_PATCH 0
 #define EPMOE_VERSION_CODE (EPMOE_VERSION_MAJOR * 10000 + EPMOE_VERSION_MINOR * 100 + EPMOE_VERSION_PATCH)
 
@@ -166,7 +166,7 @@ EPMOE_API epmoe_status epmoe_dequant_fp8_cuda(const uint8_t *q, const void *scal
 ** into the layout the kernel reads: every thread's tensor-core fragment contiguous, each weight a
 ** sign-magnitude nibble that becomes an exact fp8 e4m3 value in 3 integer ops per 8 weights.
 ** The repack picks the encoding: SYM7 when no weight is -8 (checkpoints quantized with amax/7),
-** FULL (two more ops per 8 weights, all of -8..7) otherwise. Scales become fp32 [E, K/128, N] and
+** FULL (two more ops per 8 weights, all of -8..7) otherwise. Scales become bf16 [E, K/128, N] and
 ** carry a factor 512 (the kernel's weight bytes are v * 2^-9): build them with the repack. */
 typedef enum epmoe_w4_encoding {
     EPMOE_W4_AUTO = -1, /* repack input only: SYM7 if possible, else FULL */
@@ -180,20 +180,26 @@ typedef struct epmoe_w4a8_weights {
     int64_t E, N, K;
     int encoding;          /* EPMOE_W4_SYM7 or EPMOE_W4_FULL, as returned by the repack */
     const void *qweight;   /* epmoe_w4a8_repack_size() qweight_bytes, 16-byte aligned */
-    const float *scales;   /* fp32 [E, K/128, N] = checkpoint scale * 512, 16-byte aligned */
+    const uint16_t *scales; /* bf16 bits [E, K/128, N] = bf16(checkpoint scale * 512), round to nearest
+                               even, 16-byte aligned. Exact for bf16 checkpoints (512 is a power of two);
+                               an fp32 one moves by at most 2^-8 relative (bf16's unit roundoff; output
+                               NMSE ~3e-6, against ~7e-4 from the fp8 activations), the cast to bf16
+                               SGLang and TRT-LLM make at load */
 } epmoe_w4a8_weights;
 
 EPMOE_API epmoe_status epmoe_w4a8_repack_size(int64_t E, int64_t N, int64_t K, size_t *qweight_bytes,
                                               size_t *scale_bytes);
 /* Host to host. ckpt_w int8 [E, N, K/2]; ckpt_scales [E, N, K/group] of scale_dtype (EPMOE_F32 or
 ** EPMOE_BF16); group must be 128. *encoding: in, EPMOE_W4_AUTO or the encoding wanted (SYM7
-** with a -8 present is an error); out, the encoding used. Non-finite or negative scales are
-** rejected. */
+** with a -8 present is an error); out, the encoding used. scales gets bf16(ckpt scale * 512),
+** rounded to nearest even: bit-exact from bf16 scales, within 2^-8 relative from fp32 ones.
+** Non-finite or negative scales are rejected, and so are those too large for the bf16 (scale * 512
+** rounding to inf: scale >= (2 - 2^-8) * 2^118, about 6.6e35). */
 EPMOE_API epmoe_status epmoe_w4a8_repack(const int8_t *ckpt_w, const void *ckpt_scales, epmoe_dtype scale_dtype,
                                          int64_t group, int64_t E, int64_t N, int64_t K, void *qweight,
-                                         float *scales, int *encoding);
+                                         uint16_t *scales, int *encoding);
 /* The checkpoint values back from a repacked matrix (tests, tools): int4 w[e, n, k] and its
-** scale s[e, n, k/128]. */
+** scale s[e, n, k/128] as repacked, bf16(s * 512) / 512 (the checkpoint's own for bf16 scales). */
 EPMOE_API epmoe_status epmoe_w4a8_unpack(const epmoe_w4a8_weights *w, int64_t e, int64_t n, int64_t k, int *value,
                                          float *scale);
 

@@ -71,12 +71,12 @@ epmoe_status epmoe_w4a8_repack_size(int64_t E, int64_t N, int64_t K, size_t *qwe
     EPMOE_CHECK(epmoe__need(fn, qweight_bytes, "qweight_bytes", 1));
     EPMOE_CHECK(epmoe__need(fn, scale_bytes, "scale_bytes", 1));
     *qweight_bytes = (size_t)(E * N * K / 2);
-    *scale_bytes = (size_t)(E * N * (K / W4_GROUP)) * sizeof(float);
+    *scale_bytes = (size_t)(E * N * (K / W4_GROUP)) * sizeof(uint16_t); /* bf16 */
     return EPMOE_OK;
 }
 
 epmoe_status epmoe_w4a8_repack(const int8_t *ckpt_w, const void *ckpt_scales, epmoe_dtype scale_dtype, int64_t group,
-                               int64_t E, int64_t N, int64_t K, void *qweight, float *scales, int *encoding) {
+                               int64_t E, int64_t N, int64_t K, void *qweight, uint16_t *scales, int *encoding) {
     static const char fn[] = "epmoe_w4a8_repack";
     EPMOE_CHECK(epmoe__check_dims(fn, "weights", E, N, K));
     if (group != W4_GROUP)
@@ -104,11 +104,15 @@ epmoe_status epmoe_w4a8_repack(const int8_t *ckpt_w, const void *ckpt_scales, ep
         float s;
         if (scale_dtype == EPMOE_F32) memcpy(&s, (const uint8_t *)ckpt_scales + 4 * i, 4);
         else s = fmt_bf16_to_float(((const uint16_t *)ckpt_scales)[i]);
-        if (!(s >= 0.0f && s <= 3.0e38f / W4_SCALE_FOLD)) /* the folded 2^9 must stay finite */
-            return epmoe__fail(EPMOE_ERR_INVALID_ARG, "%s: weight scale %lld is %g (must be finite, >= 0 and <= %g)", fn,
-                               (long long)i, (double)s, 3.0e38 / W4_SCALE_FOLD);
+        /* s * 2^9 is exact (an fp32 overflow becomes inf); one rounding, to bf16: none from bf16
+        ** checkpoints. Past (2 - 2^-8) * 2^127 it rounds to inf, so the bound on s is that / 2^9. */
+        const uint16_t b = fmt_bf16_from_float(s * W4_SCALE_FOLD);
+        if (!(s >= 0.0f) || (b & 0x7F80u) == 0x7F80u)
+            return epmoe__fail(EPMOE_ERR_INVALID_ARG,
+                               "%s: weight scale %lld is %g (must be finite, >= 0 and < %g, so that scale * 512 fits a bf16)",
+                               fn, (long long)i, (double)s, ldexp(2.0 - 1.0 / 256, 127) / W4_SCALE_FOLD);
         const int64_t e = i / (N * G), n = (i / G) % N, g = i % G;
-        scales[w4_scale_index(N, K, e, n, g)] = s * W4_SCALE_FOLD; /* exact: a power of two */
+        scales[w4_scale_index(N, K, e, n, g)] = b;
     }
     uint8_t *out = (uint8_t *)qweight;
     memset(out, 0, (size_t)n_bytes);
@@ -134,8 +138,13 @@ epmoe_status epmoe__check_w4a8_weights(const char *fn, const char *what, const e
                            fn, what, w->encoding);
     if (w->E == 0) return EPMOE_OK;
     EPMOE_CHECK(epmoe__need(fn, w->qweight, "qweight", device ? 16 : 1));
-    EPMOE_CHECK(epmoe__need(fn, w->scales, "scales", device ? 16 : 4));
+    EPMOE_CHECK(epmoe__need(fn, w->scales, "scales", device ? 16 : 2));
     return EPMOE_OK;
+}
+
+/* Scale (e, n, g) of repacked weights in checkpoint units: exact (bf16 -> fp64, / 2^9). */
+static double scale_at(const epmoe_w4a8_weights *w, int64_t e, int64_t n, int64_t g) {
+    return (double)fmt_bf16_to_float(w->scales[w4_scale_index(w->N, w->K, e, n, g)]) / W4_SCALE_FOLD;
 }
 
 epmoe_status epmoe_w4a8_unpack(const epmoe_w4a8_weights *w, int64_t e, int64_t n, int64_t k, int *value, float *scale) {
@@ -151,7 +160,7 @@ epmoe_status epmoe_w4a8_unpack(const epmoe_w4a8_weights *w, int64_t e, int64_t n
     uint32_t q;
     memcpy(&q, (const uint8_t *)w->qweight + p.word, 4);
     *value = w4_word_get(q, p.hi, p.b, w->encoding == EPMOE_W4_FULL);
-    *scale = w->scales[w4_scale_index(w->N, w->K, e, n, k / W4_GROUP)] / W4_SCALE_FOLD;
+    *scale = (float)scale_at(w, e, n, k / W4_GROUP);
     return EPMOE_OK;
 }
 
@@ -284,7 +293,7 @@ epmoe_status epmoe_w4a8_gemm_ref(const epmoe_w4a8_gemm_args *g) {
                 memcpy(&q, (const uint8_t *)g->w.qweight + p.word, 4);
                 wrow[k] = (int8_t)w4_word_get(q, p.hi, p.b, full);
             }
-            for (int64_t j = 0; j < G; j++) sw[j] = (double)g->w.scales[w4_scale_index(N, K, e, n, j)] / W4_SCALE_FOLD;
+            for (int64_t j = 0; j < G; j++) sw[j] = scale_at(&g->w, e, n, j);
             for (int64_t m = 0; m < rows; m++) {
                 double acc = 0.0;
                 for (int64_t j = 0; j < G; j++) {

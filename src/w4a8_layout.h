@@ -89,7 +89,8 @@ W4_HD int w4_word_get(uint32_t q, int hi, int b, int full) {
     return (byte & 0x80u) ? -mag : mag;
 }
 
-/* Scales: fp32 [E, G, N] with 2^9 folded in; (e, n, g) at this element index. */
+/* Scales: bf16 bits [E, G, N] with 2^9 folded in (epmoe_w4a8_repack rounds to nearest even);
+** (e, n, g) at this element index. */
 W4_HD int64_t w4_scale_index(int64_t N, int64_t K, int64_t e, int64_t n, int64_t g) {
     return (e * (K / W4_GROUP) + g) * N + n;
 }

@@ -51,11 +51,12 @@ typedef struct layer_case {
     uint16_t *ref[LAYER_MAX_R];
 } layer_case;
 
-/* Weight (n, k) of local expert le of rank q, dequantized (w13 when up = 1, else w2): exact. */
+/* Weight (n, k) of local expert le of rank q, dequantized (w13 when up = 1, else w2): exact (W4A8:
+** with the scale as repacked, rounded to bf16; w4a8_common.h). */
 static inline double layer_weight(const layer_case *c, int up, int q, int64_t le, int64_t n, int64_t k) {
     if (c->lc.scheme != EPMOE_SCHEME_W4AFP8) return xw_value(up ? &c->e13[q] : &c->e2[q], le, n, k);
     const w4_mat *w = up ? &c->w13[q] : &c->w2[q];
-    return w4_ckpt_value(w, le, n, k) * (double)w->ckpt_s[(le * w->N + n) * (w->K / 128) + k / 128];
+    return w4_ckpt_value(w, le, n, k) * w4_ckpt_scale(w, le, n, k / 128);
 }
 
 /* The fp64 model's intermediate of token x at global expert e: h[0, I) = silu(g) * u, where

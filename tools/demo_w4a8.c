@@ -29,7 +29,7 @@ static int make_weights(int64_t E, int64_t N, int64_t K, epmoe_w4a8_weights *w) 
     size_t qb, sb;
     epmoe_w4a8_repack_size(E, N, K, &qb, &sb);
     void *q = malloc(qb);
-    float *s = malloc(sb);
+    uint16_t *s = malloc(sb); /* bf16 */
     if (!ck || !cs || !q || !s) return 1;
     tool_quantize_w4(&rng, E * N, K, ck, cs);
     int enc = EPMOE_W4_AUTO;
@@ -72,10 +72,10 @@ int demo_w4a8(int use_gpu) {
         return 0;
     }
 #if EPMOE_HAVE_CUDA
-    const double wbytes = (double)E * (double)(2 * I * H + H * I) * (0.5 + 4.0 / 128 / 2); /* int4 + bf16-size scales */
+    const double wbytes = (double)E * (double)(2 * I * H + H * I) * (0.5 + 2.0 / 128); /* int4 + bf16 scales */
     uint16_t *got = malloc((size_t)(E * M * H) * 2);
     void *d13q, *d2q, *dws, *da, *dsa, *dout;
-    float *d13s, *d2s;
+    uint16_t *d13s, *d2s;
     int32_t *dm, *dmr;
     size_t q13, s13, q2, s2;
     epmoe_w4a8_repack_size(E, 2 * I, H, &q13, &s13);

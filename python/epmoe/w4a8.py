@@ -96,8 +96,10 @@ class W4A8Weights:
     """One repacked weight matrix [E, N, K] (epmoe_w4a8_weights).
 
     qweight   the kernel-layout nibbles, repack_size(E, N, K)[0] bytes (uint8)
-    scales    float32 [E, K/128, N]: the checkpoint's group scales transposed and multiplied by a
-              power of two the kernel folds in (exact); `unpack` gives the checkpoint values back
+    scales    bf16 [E, K/128, N] (uint16 bits; torch.bfloat16 accepted too): the checkpoint's group
+              scales transposed, multiplied by a power of two the kernel folds in and rounded to
+              bf16 (nearest even: exact from bf16 checkpoints, within 2^-8 from float32 ones);
+              `unpack` gives them back in checkpoint units
     encoding  ENC_SYM7 (int4 in -7..7) or ENC_FULL (-8..7), as the repack chose
 
     Both arrays live where the calls that read them run: numpy for the CPU references and the CPU
@@ -110,11 +112,11 @@ class W4A8Weights:
         self.encoding = _encoding(encoding, allow_auto=False)
         qb, sb = repack_size(self.E, self.N, self.K)
         qt = arg(qweight, "qweight", ("uint8", "int8"))
-        st = arg(scales, "scales", ("float32",))
+        st = arg(scales, "scales", _BF16_HOST)
         if qt.nbytes != qb:
             raise ValueError(f"qweight: {qt.nbytes} bytes, a repacked [{E}, {N}, {K}] matrix has {qb}")
         if st.nbytes != sb:
-            raise ValueError(f"scales: {st.size} floats, a repacked [{E}, {N}, {K}] matrix has "
+            raise ValueError(f"scales: {st.size} bf16 values, a repacked [{E}, {N}, {K}] matrix has "
                              f"[{E}, {K // GROUP}, {N}]")
         same_device([("qweight", qt), ("scales", st)], "W4A8Weights")
         self.qweight, self.scales = qweight, scales
@@ -161,7 +163,7 @@ class W4A8Weights:
         return _WeightsC(self.E, self.N, self.K, self.encoding, ptr(self._qt), ptr(self._st))
 
     def value(self, e, n, k):
-        """(int4 value, its checkpoint scale) of weight (e, n, k): epmoe_w4a8_unpack (host arrays)."""
+        """(int4 value, its scale as repacked) of weight (e, n, k): epmoe_w4a8_unpack (host arrays)."""
         _need_host(self, "value")
         c, v, s = self._c(), ctypes.c_int(), ctypes.c_float()
         check(lib.epmoe_w4a8_unpack(ctypes.byref(c), int(e), int(n), int(k), ctypes.byref(v), ctypes.byref(s)))
@@ -196,7 +198,7 @@ def repack(ckpt_w, ckpt_scales, encoding="auto"):
         raise ValueError(f"ckpt_scales: shape {st.shape} does not fit ckpt_w {wt.shape}: expected [{E}, {N}, K/group] "
                          f"with K = {K}")
     qweight = _host_buffer(qb, np.uint8, (qb,))
-    scales = _host_buffer(E * (K // GROUP) * N * 4, np.float32, (E, K // GROUP, N))
+    scales = _host_buffer(E * (K // GROUP) * N * 2, np.uint16, (E, K // GROUP, N))  # bf16 bits
     c_enc = ctypes.c_int(enc)
     check(lib.epmoe_w4a8_repack(ptr(wt), ptr(st), F32 if st.dtype.name == "float32" else BF16, K // G, E, N, K,
                                 ptr(arg(qweight, "qweight", ())), ptr(arg(scales, "scales", ())),
@@ -206,8 +208,8 @@ def repack(ckpt_w, ckpt_scales, encoding="auto"):
 
 def unpack(w):
     """The checkpoint values back from repacked host weights: (int8 values [E, N, K], float32 scales
-    [E, N, K/128]). One epmoe_w4a8_unpack call per weight, so it is meant for tests and tools on
-    small matrices; int4_pack(values) gives the checkpoint's packed bytes."""
+    [E, N, K/128] as repacked, bf16(s * 512) / 512). One epmoe_w4a8_unpack call per weight, so it is
+    meant for tests and tools on small matrices; int4_pack(values) gives the checkpoint's packed bytes."""
     _need_host(w, "unpack")
     E, N, K = w.shape
     values = np.empty((E, N, K), np.int8)

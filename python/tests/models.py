@@ -153,8 +153,18 @@ def combine_expert_bound(cfg, rows, idxs, ws, expert_outs, r, active=None):
 
 # ---- W4A8 ----------------------------------------------------------------------------------------
 # From the header's words: the W4AFP8 checkpoint stores signed two's-complement int4, element 2j in
-# the low nibble of byte j; the GEMM sums fp8(a) * w per 128-channel group in fp64, scales each
-# group's sum by sa * sw, accumulates in fp64, and the float result is rounded to bf16.
+# the low nibble of byte j; the repack stores each group scale as bf16(s * 512), round to nearest
+# even; the GEMM sums fp8(a) * w per 128-channel group in fp64, scales each group's sum by sa * sw,
+# accumulates in fp64, and the float result is rounded to bf16.
+def w4_scales(ckpt_scales):
+    """Checkpoint group scales (float32, or bf16 as uint16 bits) as the repack stores them, in
+    checkpoint units: bf16(s * 512) / 512, float64."""
+    s = np.asarray(ckpt_scales)
+    s = bf16_value(s) if s.dtype == np.uint16 else s.astype(np.float32)
+    return bf16_value(bf16_bits(s * np.float32(512))).astype(np.float64) / 512
+
+
+
 def int4_values(ckpt_w):
     """int8 [..., K/2] checkpoint bytes -> int8 [..., K] values in [-8, 7]."""
     b = np.asarray(ckpt_w).view(np.uint8)
@@ -169,12 +179,13 @@ def int4_ckpt(values):
 
 
 def w4a8_gemm(values, wscales, a, sa, masked_m):
-    """fp64 model of the masked grouped GEMM. values int8 [E, N, K]; wscales float [E, N, G]
-    (checkpoint layout); a fp8 bytes [E, M, K]; sa float [E, M, G] (one scale per row and group;
-    a per-tensor scale broadcast). Returns (float64 [E, M, N] with NaN at rows past masked_m,
-    bf16 bits of the valid rows, the float64 magnitude sum_g |sa sw| sum_k |a w|)."""
+    """fp64 model of the masked grouped GEMM. values int8 [E, N, K]; wscales [E, N, G], the
+    checkpoint's (layout and dtype; rounded by w4_scales as the repack does); a fp8 bytes [E, M, K];
+    sa float [E, M, G] (one scale per row and group; a per-tensor scale broadcast). Returns (float64
+    [E, M, N] with NaN at rows past masked_m, the float64 magnitude sum_g |sa sw| sum_k |a w|)."""
     E, N, K = values.shape
     M, G = a.shape[1], K // 128
+    wscales = w4_scales(wscales)
     acc = np.full((E, M, N), np.nan)
     mag = np.zeros((E, M, N))
     for e in range(E):
@@ -186,7 +197,7 @@ def w4a8_gemm(values, wscales, a, sa, masked_m):
         apart = np.einsum("mgk,ngk->mgn", np.abs(av), np.abs(wv))
         tot = np.zeros((rows, N))
         for g in range(G):  # in group order, as the specification accumulates
-            s = np.float64(1) * sa[e, :rows, g][:, None] * wscales[e, :, g].astype(np.float64)[None, :]
+            s = np.float64(1) * sa[e, :rows, g][:, None] * wscales[e, :, g][None, :]
             tot += s * part[:, g]
             mag[e, :rows] += np.abs(s) * apart[:, g]
         acc[e, :rows] = tot

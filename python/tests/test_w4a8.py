@@ -51,10 +51,15 @@ def test_repack_unpack_round_trip(m8, bf16_scales):
     assert w.encoding == (w4a8.ENC_FULL if m8 else w4a8.ENC_SYM7)
     assert w.encoding_name == ("full" if m8 else "sym7")
     assert w.qweight.dtype == np.uint8 and w.qweight.nbytes == E * N * K // 2
-    assert w.scales.dtype == np.float32 and w.scales.shape == (E, K // 128, N)
+    assert w.scales.dtype == np.uint16 and w.scales.shape == (E, K // 128, N)  # bf16 bits
     assert w.qweight.ctypes.data % 16 == 0 and w.scales.ctypes.data % 16 == 0
+    # [E, K/128, N] = bf16(s * 512) by ml_dtypes' rounding: bit-exact from bf16, nearest even from float32
+    s = mdl.bf16_value(ckpt_s) if bf16_scales else ckpt_s
+    assert (w.scales == mdl.bf16_bits(np.swapaxes(s, 1, 2) * np.float32(512))).all()
     got_v, got_s = w4a8.unpack(w)
-    want_s = mdl.bf16_value(ckpt_s) if bf16_scales else ckpt_s
+    want_s = mdl.w4_scales(ckpt_s).astype(np.float32)
+    assert (want_s == s).all() == bf16_scales  # float32 scales do move (by at most 2^-8)
+    assert (np.abs(want_s - s) <= s / 256).all()
     assert (got_v == vals).all()
     assert (got_s == want_s).all()
     assert w.value(1, 77, 129) == (int(vals[1, 77, 129]), float(want_s[1, 77, 1]))
@@ -107,7 +112,7 @@ def test_repack_errors():
         w4a8.repack(cw, cs.astype(np.float64))
     with pytest.raises(ValueError, match="encoding"):
         w4a8.repack(cw, cs, "int4")
-    for bad in (np.nan, -1.0, np.inf):
+    for bad in (np.nan, -1.0, np.inf, 6.64e35):  # the last: * 512 is a finite float32 but no bf16
         s = cs.copy()
         s[0, 3, 1] = bad
         with pytest.raises(epmoe.InvalidArgument, match="weight scale"):

@@ -14,8 +14,8 @@
 ** cost per weight byte (barriers, the producer's issue; to T = 32 also the wgmma commit and wait:
 ** both groups' 8 wgmma in flight together, kPairedT): decode (T = 8) was latency/issue bound with
 ** DRAM ~65% busy at one group a step. Each step's stage is filled by warp 0 (kProducerWarp): bulk
-** copies (the 16 KB weight tiles of both groups, contiguous in the repacked layout; the 128 scales
-** of each), TMA tensor copies (T rows x 128 activation bytes per group, in wgmma's swizzle) and
+** copies (the 16 KB weight tiles of both groups, contiguous in the repacked layout; the 128 bf16
+** scales of each), TMA tensor copies (T rows x 128 activation bytes per group, in wgmma's swizzle) and
 ** cp.async (the activation scales), completing on one mbarrier; S stages in flight.
 **
 ** Work: persistent CTAs. Each reads masked_m on the device (CUDA-graph safe) and counts m-tiles
@@ -23,7 +23,8 @@
 ** form one step sequence. T >= 64 deals whole waves of items round-robin first (L2 reuse,
 ** kDataParallel); the rest is split into equal ranges per CTA (stream-K, see the kernel).
 */
-#include <cuda.h> /* CUtensorMap */
+#include <cstddef> /* offsetof */
+#include <cuda.h>   /* CUtensorMap */
 #include <cudaTypedefs.h>
 
 #include "common.cuh"
@@ -88,14 +89,15 @@ template <int T> struct alignas(1024) Stage {
     uint8_t w[kGroups<T>][2][kThreads][16]; /* the threads' fragments, [group][half][thread] (w4a8_layout.h) */
     uint8_t a[kGroups<T>][T][128];          /* activations: token t's 128 bytes of the group, 16-byte chunk c
                                                at (c ^ t % 8) * 16 (the 128-byte swizzle of TMA and wgmma) */
-    float sw[kGroups<T>][W4_TILE_N];        /* weight scales of the tile's rows (2^9 folded in) */
+    uint16_t sw[kGroups<T>][W4_TILE_N];     /* weight scales of the tile's rows, bf16 (2^9 folded in); 256
+                                               bytes a group, after a: bulk-copy destinations 16-byte aligned */
     uint32_t sa[kGroups<T>][T];             /* activation scale words: fp32 bits, or the UE8M0 word ([0]
                                                only: a step's two groups share it, see Producer) */
 };
 
 struct Problem {
     const uint8_t *qw;
-    const float *sw;
+    const uint16_t *sw; /* bf16 */
     const uint8_t *a;
     const uint8_t *sa;
     const float *sa_tensor;
@@ -172,11 +174,11 @@ __device__ __forceinline__ Item find_item(const Problem &p, const int *prefix, i
 /* The loads of one CTA, walking its items and their K steps in order (warp 0). Pointers advance
 ** by a constant per step, so a step costs a few adds; only an item change recomputes them. Each
 ** pointer is group 2s's; group 2s + 1 is a constant further (weights W4_TILE_BYTES, scales N
-** floats, activations one 128-byte column of the tensor map, activation scales sa_step). */
+** bf16, activations one 128-byte column of the tensor map, activation scales sa_step). */
 template <int T, int kSa> struct Producer {
     static constexpr int kTok = (T + 31) / 32; /* activation-scale tokens per lane */
     const uint8_t *w;
-    const float *sw;
+    const uint16_t *sw;
     const uint8_t *sa; /* the 4-byte word holding scale (lane's token, g) */
     int g;             /* the step's first group (even) */
     int row;           /* the tile's first activation row in the tensor map: e * M + mt * T */
@@ -201,14 +203,17 @@ template <int T, int kSa> struct Producer {
     __device__ void issue(const Problem &p, const CUtensorMap &tm, Stage<T> &s, uint64_t *full) {
         const int lane = threadIdx.x & 31;
         const bool two = kG == 2 && g + 1 < p.G;
-        if (lane == 0) { /* the weight tiles (adjacent in the repacked layout: one copy), 128 scales each,
-                            T activation rows of 128 bytes each */
-            mbar_expect_tx(full, (two ? 2 : 1) * (W4_TILE_BYTES + W4_TILE_N * 4 + T * W4_GROUP));
+        if (lane == 0) { /* the weight tiles (adjacent in the repacked layout: one copy), 128 bf16 scales
+                            each, T activation rows of 128 bytes each: every byte on one expect_tx */
+            constexpr uint32_t kScaleBytes = sizeof(Stage<T>::sw[0]); /* W4_TILE_N bf16 = 256 */
+            static_assert(kScaleBytes % 16 == 0 && offsetof(Stage<T>, sw) % 16 == 0 && offsetof(Stage<T>, a) % 1024 == 0,
+                          "bulk copies: 16-byte aligned multiples of 16; the activations on the swizzle's 1024 bytes");
+            mbar_expect_tx(full, (two ? 2 : 1) * (W4_TILE_BYTES + kScaleBytes + T * W4_GROUP));
             bulk_copy(&s.w[0][0][0][0], w, (two ? 2 : 1) * W4_TILE_BYTES, full);
-            bulk_copy(s.sw[0], sw, W4_TILE_N * 4, full);
+            bulk_copy(s.sw[0], sw, kScaleBytes, full);
             tma_load_2d(&s.a[0][0][0], &tm, g * W4_GROUP, row, full);
             if (two) {
-                bulk_copy(s.sw[kG - 1], sw + p.N, W4_TILE_N * 4, full);
+                bulk_copy(s.sw[kG - 1], sw + p.N, kScaleBytes, full);
                 tma_load_2d(&s.a[kG - 1][0][0], &tm, (g + 1) * W4_GROUP, row, full);
             }
         }
@@ -283,7 +288,7 @@ template <int T, int kSa>
 __device__ __forceinline__ GroupScales<T, kSa> load_scales(const Stage<T> &s, int h, int g) {
     const int tid = threadIdx.x, lane = tid & 31, row = (tid >> 7) * 64 + ((tid >> 5) & 3) * 16 + (lane >> 2);
     GroupScales<T, kSa> gs;
-    gs.sw0 = s.sw[h][row], gs.sw1 = s.sw[h][row + 8];
+    gs.sw0 = fmt_bf16_to_float(s.sw[h][row]), gs.sw1 = fmt_bf16_to_float(s.sw[h][row + 8]); /* exact */
     if (kSa != 0)
 #pragma unroll
         for (int jj = 0; jj < T / 8; jj++)

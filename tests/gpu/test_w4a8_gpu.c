@@ -44,7 +44,7 @@ static uint16_t *dev_poisoned16(int64_t n) {
 typedef struct dev_w4 {
     epmoe_w4a8_weights w;
     void *qw;
-    float *sw;
+    uint16_t *sw; /* bf16 */
 } dev_w4;
 
 static dev_w4 dev_weights(const w4_mat *m) {
@@ -356,11 +356,12 @@ static void accuracy_case(test_rng *r, const w4_mat *w, int outliers, const char
     CUDA_OK(cudaMemcpy(ob, dout_b, (size_t)(T * w->N) * 2, cudaMemcpyDeviceToHost));
     CUDA_OK(cudaMemcpy(qb, db, (size_t)(T * K), cudaMemcpyDeviceToHost));
 
-    /* fp64: truth from bf16 activations; models of path a (group fp8) and b (per-tensor fp8) */
+    /* fp64: truth from bf16 activations; models of path a (group fp8) and b (per-tensor fp8). The
+    ** weights as repacked (scales rounded to bf16, w4_ckpt_scale): this compares activation paths */
     double *wd = malloc((size_t)(NS * K) * 8), *xt = malloc((size_t)K * 8), *xa = malloc((size_t)K * 8),
            *xb = malloc((size_t)K * 8);
     for (int64_t n = 0; n < NS; n++)
-        for (int64_t k = 0; k < K; k++) wd[n * K + k] = w4_ckpt_value(w, 0, n, k) * (double)w->ckpt_s[n * (K / 128) + k / 128];
+        for (int64_t k = 0; k < K; k++) wd[n * K + k] = w4_ckpt_value(w, 0, n, k) * w4_ckpt_scale(w, 0, n, k / 128);
     double se_ka = 0, se_kb = 0, se_ma = 0, se_mb = 0, ss = 0;
     for (int64_t t = 0; t < T; t++) {
         for (int64_t k = 0; k < K; k++) {
