@@ -1,9 +1,10 @@
 /*
 ** test_w4a8.c — the host side of the W4A8 GEMM: the nibble encoding and the kernel's
 ** conversion for every int4 value and slot, the repacked layout (a bijection), repack/unpack
-** round trips, the reference GEMM against the naive checkpoint-array oracle (every scale
-** format, per-tensor mode, masked rows left untouched, awkward shapes), hand-computed cases,
-** the MLP reference against its steps, and every bad argument (_ref and _cuda).
+** round trips, the scales' bf16 rounding (exact from bf16, nearest even from fp32), the reference
+** GEMM against the naive checkpoint-array oracle (every scale format, per-tensor mode, masked rows
+** left untouched, awkward shapes), hand-computed cases, the MLP reference against its steps, and
+** every bad argument (_ref and _cuda).
 */
 #include "../src/w4a8_layout.h"
 #include "w4a8_common.h"
@@ -95,6 +96,60 @@ static void test_repack_roundtrip(void) {
     float s;
     epmoe_w4a8_unpack(&pw, 0, 77, 5, &v, &s);
     CHECK(v == 1 && s == epmoe_bf16_to_float(cs[77]), "bf16 scale: v %d s %g", v, s);
+}
+
+/* Zero weights [1, 128, 128] with these 128 checkpoint scales: repacked scale n is sw[n]. */
+static epmoe_status repack_scales(const void *cs, epmoe_dtype dtype, uint16_t *sw) {
+    static int8_t cw[128 * 64];
+    static uint8_t qw[128 * 64];
+    int enc = EPMOE_W4_AUTO;
+    return epmoe_w4a8_repack(cw, cs, dtype, 128, 1, 128, 128, qw, sw, &enc);
+}
+
+/* The repacked scales are bf16(s * 512), rounded to nearest even: every bf16 checkpoint scale
+** bit for bit times 512 (all non-negative finite patterns; refused where * 512 overflows), fp32
+** ones rounded once, ties to even, refused where that rounding overflows. */
+static void test_repack_scales(void) {
+    uint16_t cs[128], sw[128];
+    long bad = 0, refused = 0;
+    for (uint32_t base = 0; base < 0x7F80u; base += 128) { /* 128 patterns, one exponent, a call */
+        for (int i = 0; i < 128; i++) cs[i] = (uint16_t)(base + i);
+        const int fits = base < 0x7B00u; /* exponent + 9 < 255: finite times 512 */
+        if (repack_scales(cs, EPMOE_BF16, sw) != (fits ? EPMOE_OK : EPMOE_ERR_INVALID_ARG)) {
+            bad++;
+            continue;
+        }
+        refused += !fits;
+        for (int i = 0; fits && i < 128; i++) /* normal: the exponent field + 9; subnormal: exact too */
+            bad += epmoe_bf16_to_float(sw[i]) != epmoe_bf16_to_float(cs[i]) * 512.0f ||
+                   (cs[i] >= 0x80u && sw[i] != cs[i] + (9u << 7));
+    }
+    CHECK(bad == 0 && refused == (0x7F80 - 0x7B00) / 128, "bf16 scales: %ld blocks or values not exactly x 512", bad);
+
+    /* fp32: s * 512 as bits (the fold is exact), then the one rounding */
+    static const struct { uint32_t s512; uint16_t want; } r[] = {
+        {0x3F808000u, 0x3F80u}, /* 1 + 2^-8: the tie between 1 and 1 + 2^-7, to even (down) */
+        {0x3F818000u, 0x3F82u}, /* tie, to even (up; truncation would give 0x3F81) */
+        {0x3F807FFFu, 0x3F80u}, {0x3F808001u, 0x3F81u}, /* either side of a tie */
+        {0x3F7FFFFFu, 0x3F80u}, /* the carry into the exponent */
+        {0x7F7F7FFFu, 0x7F7Fu}, /* just below the overflow tie: bf16's largest */
+        {0x7F7F0000u, 0x7F7Fu}, /* bf16's largest itself */
+    };
+    const int nr = (int)(sizeof r / sizeof r[0]);
+    float cf[128] = {0};
+    for (int i = 0; i < nr; i++) {
+        uint32_t u = r[i].s512;
+        memcpy(&cf[i], &u, 4);
+        cf[i] /= 512.0f;
+    }
+    CHECK_STATUS(repack_scales(cf, EPMOE_F32, sw), EPMOE_OK);
+    for (int i = 0; i < nr; i++)
+        CHECK(sw[i] == r[i].want, "fp32 scale * 512 = 0x%08x: bf16 0x%04x, want 0x%04x", r[i].s512, sw[i], r[i].want);
+    /* (2 - 2^-8) * 2^127, the tie between bf16's largest (odd) and inf: rounds to inf, refused */
+    uint32_t u = 0x7F7F8000u;
+    memcpy(&cf[nr], &u, 4);
+    cf[nr] /= 512.0f;
+    CHECK_STATUS(repack_scales(cf, EPMOE_F32, sw), EPMOE_ERR_INVALID_ARG);
 }
 
 /* Run the reference GEMM and compare with the oracle; rows past masked_m must keep the poison. */
@@ -349,6 +404,7 @@ int main(void) {
     test_encoding();
     test_layout_bijection();
     test_repack_roundtrip();
+    test_repack_scales();
     test_gemm_hand();
     test_ref_vs_oracle();
     test_mlp_ref();
