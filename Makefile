@@ -149,7 +149,7 @@ $(BUILD)/tests/gpu/%: tests/gpu/%.c tests/test.h tests/ep_common.h tests/w4a8_co
 	@mkdir -p $(dir $@)
 	$(CC) $(CFLAGS) -Wno-conversion -isystem $(CUDA_HOME)/include -o $@ $< $(BUILD)/libepmoe.a $(LDLIBS)
 
-$(BUILD)/bench/%: bench/%.cu bench/bench_check.h $(BUILD)/libepmoe.a $(HEADERS)
+$(BUILD)/bench/%: bench/%.cu bench/bench_check.h bench/bench_hold.cuh $(BUILD)/libepmoe.a $(HEADERS)
 	@mkdir -p $(dir $@)
 	$(NVCC) $(NVFLAGS) -o $@ $< $(BUILD)/libepmoe.a -lnccl -lpthread
 
@@ -158,7 +158,7 @@ $(BUILD)/tests/gpu/%: tests/gpu/%.cu tests/test.h
 	$(NVCC) $(NVFLAGS) -o $@ $<
 
 # cuBLAS/cuBLASLt: the anchors of the W4A8 benchmark (same shapes, same run).
-$(BUILD)/bench/bench_w4a8: bench/bench_w4a8.cu bench/bench_check.h $(BUILD)/libepmoe.a $(HEADERS)
+$(BUILD)/bench/bench_w4a8: bench/bench_w4a8.cu bench/bench_check.h bench/bench_hold.cuh $(BUILD)/libepmoe.a $(HEADERS)
 	@mkdir -p $(dir $@)
 	$(NVCC) $(NVFLAGS) -o $@ $< $(BUILD)/libepmoe.a -lcublasLt -lcublas $(if $(filter 1,$(NCCL)),-lnccl) -lpthread
 

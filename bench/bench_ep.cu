@@ -21,13 +21,8 @@
 
 #include "epmoe.h"
 #include "bench_check.h"
+#include "bench_hold.cuh"
 
-/* Keeps the stream busy while the host enqueues the timed work behind it. */
-__global__ void spin(unsigned long long ns) {
-    unsigned long long t0, t;
-    asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t0));
-    do asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t)); while (t - t0 < ns);
-}
 
 #define NC(call)                                                                                                       \
     do {                                                                                                               \
@@ -184,7 +179,7 @@ static void *run(void *arg) {
 #ifdef EPMOE_EP_TRACE
         if (pass == 0) CU(cudaMemsetAsync(dtr, 0, sizeof tr[0], st));
 #endif
-        spin<<<1, 1, 0, st>>>(200000);
+        bench_hold<<<1, 1, 0, st>>>(200000);
         NC(ncclAllReduce(red, red, 1, ncclFloat, ncclSum, comm, st));
         CU(cudaEventRecord(ev[0], st));
         if (pass == 0) { /* one call each, as an engine that does not split them */
@@ -222,7 +217,7 @@ static void *run(void *arg) {
     CU(cudaMalloc(&sb, per_peer * j->R));
     CU(cudaMalloc(&rb, per_peer * j->R));
     for (int it = 0; it < WARMUP + ITERS; it++) {
-        spin<<<1, 1, 0, st>>>(200000);
+        bench_hold<<<1, 1, 0, st>>>(200000);
         NC(ncclAllReduce(red, red, 1, ncclFloat, ncclSum, comm, st));
         CU(cudaEventRecord(ev[0], st));
         NC(ncclGroupStart());

@@ -35,17 +35,12 @@
 
 #include "epmoe.h"
 #include "bench_check.h"
+#include "bench_hold.cuh"
 
 
 static cudaStream_t stream;
 static bool hold = true; /* spin before each timed launch (see the top) */
 
-/* Keeps the stream busy while the host enqueues the timed work behind it. */
-__global__ void spin(unsigned long long ns) {
-    unsigned long long t0, t;
-    asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t0));
-    do asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t)); while (t - t0 < ns);
-}
 
 /* Deterministic fill on the device: bytes with the given mask (fp8 activations never NaN). */
 __global__ void fill_bytes(uint8_t *p, size_t n, uint32_t seed, uint8_t mask) {
@@ -80,7 +75,7 @@ template <typename F> static double time_us(F &&f, int warm = 5, int iters = 25)
     for (int i = 0; i < warm; i++) f();
     std::vector<float> t;
     for (int i = 0; i < iters; i++) {
-        if (hold) spin<<<1, 1, 0, stream>>>(100000);
+        if (hold) bench_hold<<<1, 1, 0, stream>>>(100000);
         CU(cudaEventRecord(a, stream));
         f();
         CU(cudaEventRecord(b, stream));
@@ -99,7 +94,7 @@ template <typename F> static double time_us(F &&f, int warm = 5, int iters = 25)
 template <typename F> static double host_us(F &&f) {
     std::vector<double> t;
     for (int b = 0; b < 9; b++) {
-        spin<<<1, 1, 0, stream>>>(20000000); /* 20 ms */
+        bench_hold<<<1, 1, 0, stream>>>(20000000); /* 20 ms */
         const auto t0 = std::chrono::steady_clock::now();
         for (int i = 0; i < 50; i++) f();
         t.push_back(std::chrono::duration<double, std::micro>(std::chrono::steady_clock::now() - t0).count() / 50);
