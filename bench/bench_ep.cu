@@ -23,7 +23,6 @@
 #include "bench_check.h"
 #include "bench_hold.cuh"
 
-
 #define NC(call)                                                                                                       \
     do {                                                                                                               \
         ncclResult_t r_ = (call);                                                                                      \

@@ -4,7 +4,7 @@
 #pragma once
 
 /* Spins one thread for ns nanoseconds of the GPU's global timer. */
-__global__ void bench_hold(unsigned long long ns) {
+static __global__ void bench_hold(unsigned long long ns) {
     unsigned long long t0, t;
     asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t0));
     do asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t)); while (t - t0 < ns);

@@ -74,23 +74,31 @@ template <typename F> static double time_us(F &&f, int warm = 5, int iters = 25)
     CU(cudaEventCreate(&b));
     for (int i = 0; i < warm; i++) f();
     std::vector<float> t;
+    int short_holds = 0;
     for (int i = 0; i < iters; i++) {
         if (hold) bench_hold<<<1, 1, 0, stream>>>(100000);
         CU(cudaEventRecord(a, stream));
         f();
         CU(cudaEventRecord(b, stream));
+        /* the start event already passed: the host took longer than the hold to enqueue f */
+        const cudaError_t q = hold ? cudaEventQuery(a) : cudaErrorNotReady;
+        if (q == cudaSuccess) short_holds++;
+        else if (q != cudaErrorNotReady) CU(q);
         CU(cudaEventSynchronize(b));
         float ms;
         CU(cudaEventElapsedTime(&ms, a, b));
         t.push_back(ms * 1000.0f);
     }
     cudaEventDestroy(a), cudaEventDestroy(b);
+    if (short_holds) printf("warning: the 100 us hold ended before the host had enqueued the call in %d of %d runs\n",
+                            short_holds, iters);
     std::sort(t.begin(), t.end());
     return t[t.size() / 2];
 }
 
 /* The host's time to enqueue one call (checks, tensor map, launch), median of 9 batches of 50
-** behind a spin that keeps the GPU busy, so no call waits for the device. */
+** behind a spin that keeps the GPU busy, so no call waits for the device. Callers pass calls with
+** no rows (masked_m all 0): the host's work is the same, the GPU's is not. */
 template <typename F> static double host_us(F &&f) {
     std::vector<double> t;
     for (int b = 0; b < 9; b++) {
@@ -212,8 +220,10 @@ static void report(const char *model, const char *what, int E, int rows, int N, 
 ** the median first stage landed, the first / median / last CTA done with its steps and out
 ** (the tail), and the share of CTA-time before a CTA's entry or after its exit within the span.
 ** A second line: per SM, the mean time its CTAs were done with their steps (min / median / max
-** over the SMs), the mean spread between the CTAs of one SM, and the correlation of the SMs'
-** times between consecutive launches (near 1: some SMs are slower every time; near 0: chance). */
+** over the SMs), the mean spread between the CTAs of one SM, and the correlation of those times
+** between consecutive launches, per SM and per CTA, with the share of CTAs that ran on another SM
+** than the launch before (near 1 with the CTAs on the same SMs every time cannot tell a slow SM
+** from a slow range of addresses). */
 extern "C" unsigned long long *epmoe__w4a8_trace(int *ctas);
 static void trace_gemm(const char *model, const char *what, int rows, const epmoe_w4a8_gemm_args *g) {
     constexpr int F = 5; /* stamps per CTA: entry, first stage, steps done, exit, SM */
@@ -221,8 +231,18 @@ static void trace_gemm(const char *model, const char *what, int rows, const epmo
     unsigned long long *d = epmoe__w4a8_trace(&n);
     if (!d) return;
     std::vector<unsigned long long> h((size_t)n * F);
-    std::vector<std::vector<double>> v(14); /* [13]: the correlation, from the second launch */
-    std::vector<double> prev_sm;
+    std::vector<std::vector<double>> v(16); /* [13..15]: launch-to-launch, from the second launch */
+    std::vector<double> prev_sm, prev_cta;
+    std::vector<unsigned long long> prev_smid;
+    /* Pearson over the entries >= 0 in both */
+    auto pearson = [](const std::vector<double> &x, const std::vector<double> &y) {
+        double sx = 0, sy = 0, sxx = 0, syy = 0, sxy = 0, k = 0;
+        for (size_t i = 0; i < x.size() && i < y.size(); i++)
+            if (x[i] >= 0 && y[i] >= 0) sx += x[i], sy += y[i], sxx += x[i] * x[i], syy += y[i] * y[i], sxy += x[i] * y[i], k++;
+        if (k < 2) return 0.0;
+        const double vx = sxx - sx * sx / k, vy = syy - sy * sy / k;
+        return vx > 0 && vy > 0 ? (sxy - sx * sy / k) / sqrt(vx * vy) : 0.0;
+    };
     for (int it = 0; it < 16; it++) {
         CU(cudaMemsetAsync(d, 0, h.size() * 8, stream));
         EP(epmoe_w4a8_gemm_cuda(g, stream));
@@ -252,37 +272,39 @@ static void trace_gemm(const char *model, const char *what, int rows, const epmo
                 const double t = (h[c * F + 2] - t0) / 1e3;
                 sum[sm] += t, cnt[sm]++, lo[sm] = std::min(lo[sm], t), hi[sm] = std::max(hi[sm], t);
             }
-        std::vector<double> sm_t, cur(1024, -1);
+        std::vector<double> sm_t, cur(1024, -1), cta(n, -1);
+        std::vector<unsigned long long> smid(n, ~0ull);
         double within = 0;
         for (int sm = 0; sm < 1024; sm++)
             if (cnt[sm]) sm_t.push_back(cur[sm] = sum[sm] / cnt[sm]), within += hi[sm] - lo[sm];
         within /= (double)std::max<size_t>(sm_t.size(), 1);
-        double corr = 0;
-        if (!prev_sm.empty()) { /* Pearson over the SMs seen in both launches */
-            double sx = 0, sy = 0, sxx = 0, syy = 0, sxy = 0, k = 0;
-            for (int sm = 0; sm < 1024; sm++)
-                if (cur[sm] >= 0 && prev_sm[sm] >= 0) {
-                    const double x = cur[sm], y = prev_sm[sm];
-                    sx += x, sy += y, sxx += x * x, syy += y * y, sxy += x * y, k++;
-                }
-            const double vx = sxx - sx * sx / k, vy = syy - sy * sy / k;
-            corr = vx > 0 && vy > 0 ? (sxy - sx * sy / k) / sqrt(vx * vy) : 0;
+        int moved = 0, seen = 0;
+        for (int c = 0; c < n; c++)
+            if (h[c * F] && h[c * F + 2]) {
+                cta[c] = (h[c * F + 2] - t0) / 1e3, smid[c] = h[c * F + 4];
+                if (!prev_smid.empty() && prev_smid[c] != ~0ull) seen++, moved += prev_smid[c] != smid[c];
+            }
+        if (!prev_sm.empty()) {
+            v[13].push_back(pearson(cur, prev_sm));
+            v[14].push_back(pearson(cta, prev_cta));
+            v[15].push_back(seen ? 100.0 * moved / seen : 0.0);
         }
-        prev_sm = cur;
+        prev_sm = cur, prev_cta = cta, prev_smid = smid;
+        if (sm_t.empty()) continue;
         std::sort(sm_t.begin(), sm_t.end());
         const double vals[13] = {pt[0].back(), med(pt[1]), pt[2].empty() ? 0 : pt[2].front(), med(pt[2]),
                                  pt[2].empty() ? 0 : pt[2].back(), pt[3].front(), pt[3].back(), span,
                                  100.0 * (1.0 - busy / (span * (double)pt[0].size())),
                                  sm_t.front(), med(sm_t), sm_t.back(), within};
         for (int q = 0; q < 13; q++) v[q].push_back(vals[q]);
-        if (it > 5) v[13].push_back(corr);
     }
-    double m[14] = {0};
+    double m[16] = {0};
     for (size_t q = 0; q < v.size(); q++) std::sort(v[q].begin(), v[q].end()), m[q] = v[q].empty() ? 0 : v[q][v[q].size() / 2];
     printf("%-12s trace %-26s rows %-5d last entry %.1f | first stage %.1f | steps done %.1f / %.1f / %.1f | exit %.1f .. %.1f us"
            " | idle %.1f%% of CTA-time\n", model, what, rows, m[0], m[1], m[2], m[3], m[4], m[5], m[6], m[8]);
     printf("%-12s trace %-26s rows %-5d per SM steps done %.1f / %.1f / %.1f us | spread within an SM %.1f us"
-           " | SM times' correlation launch to launch %.2f\n", model, what, rows, m[9], m[10], m[11], m[12], m[13]);
+           " | launch to launch: correlation per SM %.2f, per CTA %.2f, CTAs on another SM %.0f%%\n", model, what, rows,
+           m[9], m[10], m[11], m[12], m[13], m[14], m[15]);
 }
 #endif
 
@@ -345,8 +367,8 @@ static void run_model(Blas &b, const char *model, int E, int H, int I, const std
         fill_range<<<1024, 256, 0, stream>>>(sa, epmoe_scale_bytes(EPMOE_SCALE_F32_MMAJOR, M, H) * E / 4, 0.01f, 0.02f);
         fill_bf16<<<1024, 256, 0, stream>>>(xb, (size_t)E * M * H);
         fill_bf16<<<1024, 256, 0, stream>>>(xb2, (size_t)E * M * I);
-        std::vector<int32_t> hm(E, rows);
-        CU(cudaMemcpy(masked, hm.data(), E * 4, cudaMemcpyHostToDevice));
+        std::vector<int32_t> hm_rows(E, rows);
+        CU(cudaMemcpy(masked, hm_rows.data(), E * 4, cudaMemcpyHostToDevice));
         CU(cudaDeviceSynchronize()); /* the copy and the fills on `stream` both landed */
 
         /* GEMM2's input scales: the same per-token group layout, I/128 groups */
@@ -373,8 +395,10 @@ static void run_model(Blas &b, const char *model, int E, int H, int I, const std
         const double t2 = time_us([&] { EP(epmoe_w4a8_gemm_cuda(&g2, stream)); });
         const double t1b = time_us([&] { EP(epmoe_w4a8_gemm_cuda(&g1b, stream)); });
         const double tm = time_us([&] { EP(epmoe_w4a8_mlp_cuda(&mlp, stream)); });
+        CU(cudaMemsetAsync(masked, 0, E * 4, stream)); /* rows 0 for the host cost, then back */
         const double hg = host_us([&] { EP(epmoe_w4a8_gemm_cuda(&g1, stream)); });
         const double hmlp = host_us([&] { EP(epmoe_w4a8_mlp_cuda(&mlp, stream)); });
+        CU(cudaMemcpyAsync(masked, hm_rows.data(), E * 4, cudaMemcpyHostToDevice, stream));
 #ifdef EPMOE_W4A8_TRACE
         trace_gemm(model, "W13 (group scales)", rows, &g1);
         trace_gemm(model, "W2 (group scales)", rows, &g2);

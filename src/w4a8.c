@@ -106,7 +106,7 @@ epmoe_status epmoe_w4a8_repack(const int8_t *ckpt_w, const void *ckpt_scales, ep
         else s = fmt_bf16_to_float(((const uint16_t *)ckpt_scales)[i]);
         /* s * 2^9 is exact (an fp32 overflow becomes inf); one rounding, to bf16: none from bf16
         ** checkpoints. Past (2 - 2^-8) * 2^127 it rounds to inf, so the bound on s is that / 2^9. */
-        const uint16_t b = fmt_bf16_from_float(s * W4_SCALE_FOLD);
+        const uint16_t b = fmt_bf16_from_float(s * W4_SCALE_FOLD + 0.0f); /* + 0: -0 stored as +0 */
         if (!(s >= 0.0f) || (b & 0x7F80u) == 0x7F80u)
             return epmoe__fail(EPMOE_ERR_INVALID_ARG,
                                "%s: weight scale %lld is %g (must be finite, >= 0 and < %g, so that scale * 512 fits a bf16)",

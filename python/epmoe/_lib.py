@@ -39,6 +39,17 @@ def find_library():
 LIBRARY_PATH = find_library()
 lib = ctypes.CDLL(LIBRARY_PATH)
 
+# The structs and buffer sizes below are those of 0.4 (0.3's W4A8 scales were fp32, twice the bytes:
+# an older library would write past the buffers this package allocates). 0.x releases may change
+# the ABI, so major.minor must match.
+ABI_VERSION = 4  # EPMOE_VERSION_MAJOR * 100 + EPMOE_VERSION_MINOR
+lib.epmoe_version.restype = ctypes.c_int
+_loaded = lib.epmoe_version()
+if _loaded // 100 != ABI_VERSION:
+    raise ImportError(f"{LIBRARY_PATH} is libepmoe {_loaded // 10000}.{_loaded // 100 % 100}.{_loaded % 100}; "
+                      f"this package needs {ABI_VERSION // 100}.{ABI_VERSION % 100}.x (rebuild with `make lib`, "
+                      "or point $EPMOE_LIB at a matching build)")
+
 # ---- signatures ----------------------------------------------------------------------------------
 # Pointers travel as c_void_p (plain ints on the Python side), so callers hand over the addresses
 # they got from DLPack without building typed ctypes pointers.

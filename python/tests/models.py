@@ -164,7 +164,6 @@ def w4_scales(ckpt_scales):
     return bf16_value(bf16_bits(s * np.float32(512))).astype(np.float64) / 512
 
 
-
 def int4_values(ckpt_w):
     """int8 [..., K/2] checkpoint bytes -> int8 [..., K] values in [-8, 7]."""
     b = np.asarray(ckpt_w).view(np.uint8)

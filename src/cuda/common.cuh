@@ -149,10 +149,11 @@ template <auto Kernel> cudaError_t grow_smem_attr(size_t bytes) {
     return err;
 }
 
-/* CTAs of Kernel that fit on one SM at this block size and dynamic shared memory, queried once per
-** device and size: the driver's occupancy query took microseconds of host time in every call of a
-** persistent kernel (the W4A8 GEMM's whole host cost was 7.5 us a call, H200 2026-11-30). The last
-** answer per device is kept as one word: (bytes << 24 | threads << 8 | blocks). */
+/* CTAs of Kernel that fit on one SM at this block size and dynamic shared memory. The driver's
+** occupancy query took microseconds of host time in every call of a persistent kernel (the W4A8
+** GEMM's whole host cost was 7.5 us a call, H200 2026-11-30), so the last answer per device is kept
+** in one word, (bytes << 24 | threads << 8 | blocks): a reader sees a matching pair or misses, and
+** a launch with another size only asks again. */
 template <auto Kernel> cudaError_t blocks_per_sm(int threads, size_t bytes, int *blocks) {
     constexpr int kDevices = 64;
     static std::atomic<uint64_t> last[kDevices];
