@@ -3,7 +3,8 @@
 # Checks: no deadlock, no barrier left half-arrived, no stage overwritten before every warp read it.
 # Run after changing the kernel's step loop: python3 dev/models/w4a8_barriers.py (minutes; prints "ok").
 # Written in review, 2026-11-30; line references in the comments are to that day's file.
-# Exhaustive interleaving model of one CTA's synchronization (w4a8_gemm.cu:403-533):
+# Exhaustive interleaving model of one CTA's synchronization (w4a8_gemm.cu, w4a8_gemm_kernel: release,
+# refill, the ping-pong turns and the stream-K fixup barriers):
 # warps 0 (producer) and 1 in warpgroup 0, warps 2,3 in warpgroup 1 (symmetric warps collapsed).
 # Named barriers: count in warps (4 = all). mbarrier full[s]: phase count, parity waits.
 import sys, itertools

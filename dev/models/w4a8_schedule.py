@@ -1,7 +1,8 @@
 # dev/models/w4a8_schedule.py — the W4A8 GEMM's work schedule (whole waves, then stream-K ranges) over
 # small sizes: every (item, K step) done once, producer and consumer agree on (item, group), every
 # item finished once from the right partials. python3 dev/models/w4a8_schedule.py (seconds; "ok N").
-# Model of the DP + stream-K mapping (w4a8_gemm.cu:387-398, 133-142, 226-239, 435-529)
+# Model of the DP + stream-K mapping (w4a8_gemm.cu: the kernel's setup of Range, step_item / step_off,
+# Producer::advance, and the step loop's item ends and fixup)
 import itertools, sys
 def cta(items, grid, P, G, kG, r, DP):
     waves = items//grid - 1 if DP and items//grid > 1 else 0
