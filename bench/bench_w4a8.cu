@@ -41,7 +41,6 @@
 static cudaStream_t stream;
 static bool hold = true; /* spin before each timed launch (see the top) */
 
-
 /* Deterministic fill on the device: bytes with the given mask (fp8 activations never NaN). */
 __global__ void fill_bytes(uint8_t *p, size_t n, uint32_t seed, uint8_t mask) {
     for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x) {
