@@ -584,9 +584,11 @@ epmoe_status act_tensor_map(const char *fn, const Problem &p, int T, CUtensorMap
 
 template <int T, int kSa, bool kFull>
 epmoe_status launch(const char *fn, const Problem &p, int sms, cudaStream_t stream) {
-    /* two groups a step: 3 stages, the bytes of 6 one-group stages (3 CTAs/SM at T = 8), 4 groups
-    ** ahead of the consumer; one a step: T = 64 5 stages (2 CTAs/SM), T = 128 4 (1) */
-    constexpr int S = kGroups<T> == 2 ? 3 : T <= 64 ? 5 : 4;
+    /* two groups a step: T = 8 3 stages, the bytes of 6 one-group stages (3 CTAs/SM, all the shared
+    ** memory), 4 groups ahead of the consumer; T = 16 and 32 (2 CTAs/SM) 4 stages: 1% faster than 3 at
+    ** 16 and 32 rows, 5 at T = 16 2% slower (DeepSeek-R1 W13 + W2, H200, 2026-11-30). One a step:
+    ** T = 64 5 stages (2 CTAs/SM; 6 measured the same), T = 128 4 (1) */
+    constexpr int S = kGroups<T> == 2 ? (T >= 16 ? 4 : 3) : T <= 64 ? 5 : 4;
     auto kernel = w4a8_gemm_kernel<T, kSa, kFull, S>;
     static_assert(kStageBar + S <= 16, "a named barrier per stage");
     const size_t smem = 1024 + S * (sizeof(Stage<T>) + sizeof(uint64_t)) + sizeof(Range) + (size_t)(p.E + 1) * sizeof(int);
