@@ -80,7 +80,11 @@ constexpr int kProducerWarp = 0;
 ** lane's arrival that racecheck cannot follow). */
 constexpr int kStageBar = 3;
 /* The warpgroups take turns at the tensor cores at T = 128 (1 CTA/SM); at T = 64 two CTAs per SM
-** interleave already, and the turns measured 1.5% slower there. */
+** interleave already, and the turns measured 1.5% slower there. Splitting a step's tile into two
+** token halves in two commit groups, the first half promoted while the second's wgmma run
+** (wait_group 1), measured 5-6% slower at 128-1024 rows (the A fragments go to the tensor cores
+** twice), and so did two 128-row weight tiles per CTA sharing the activations at T = 32 (512
+** threads, 1 CTA/SM: 2-6% slower at 32 rows); H200, 2026-11-30, branches w4-halves and w4-w2. */
 template <int T> constexpr bool kPingPong = T >= 128;
 
 /* One step's groups, [h] = group kGroups * s + h. A step with one group of two (K/128 odd, the
