@@ -8,7 +8,11 @@
 
 namespace {
 
-constexpr int kRowsPerBlock = 8; /* one warp per row */
+/* One warp per row and two 128-groups of it (one per half-warp): blockIdx.z picks the pair. A warp
+** looping over a row's groups waited a load round trip per pair, 8 in a row at I = 2048: the
+** DeepSeek-R1 W4A8 MLP at 1-8 rows per expert took 7 us more (201.8 against 194.6 us at 1 row; the
+** dev trace had put 13 us between GEMM1's last CTA out and GEMM2's first in; H200, 2026-11-30). */
+constexpr int kRowsPerBlock = 8;
 
 /* silu(g) * u of 8 channels, rounded to bf16 like the reference (same expression, IEEE ops). */
 __device__ __forceinline__ uint4 silu_mul8(uint4 gv, uint4 uv) {
@@ -41,14 +45,14 @@ __global__ void __launch_bounds__(kRowsPerBlock * 32)
     const uint16_t *gu = gate_up + row * 2 * I;
     const unsigned half_mask = 0xFFFFu << (lane & 16);
     const float inv = kOut == EPMOE_SILU_FP8_TENSOR ? 1.0f / __ldg(tensor_scale) : 0.0f;
-    /* A half-warp per 128-group; both halves loop while either has a group (uniform for shuffles
-    ** within a half, which is all cast_chunk8 needs). */
-    for (int64_t g = lane >> 4; g < G; g += 2) {
+    /* A half-warp per 128-group (cast_chunk8's shuffles stay within a half, so one half may leave) */
+    const int64_t g = 2 * (int64_t)blockIdx.z + (lane >> 4);
+    if (g < G) {
         const int64_t c = g * FMT_GROUP + (lane & 15) * 8;
         const uint4 y = silu_mul8(*reinterpret_cast<const uint4 *>(gu + c), *reinterpret_cast<const uint4 *>(gu + I + c));
         if (kOut == EPMOE_SILU_BF16) {
             *reinterpret_cast<uint4 *>(static_cast<uint16_t *>(inter_v) + row * I + c) = y;
-            continue;
+            return;
         }
         uint2 q;
         if (kOut == EPMOE_SILU_FP8_GROUP) {
@@ -71,7 +75,7 @@ __global__ void __launch_bounds__(kRowsPerBlock * 32)
 epmoe_status epmoe__silu_mul_launch(int out_kind, const uint16_t *gate_up, const int32_t *masked_m, int64_t E,
                                     int64_t M, int64_t I, void *inter, float *scales, const float *tensor_scale,
                                     cudaStream_t s) {
-    const dim3 grid((unsigned)((M + kRowsPerBlock - 1) / kRowsPerBlock), (unsigned)E);
+    const dim3 grid((unsigned)((M + kRowsPerBlock - 1) / kRowsPerBlock), (unsigned)E, (unsigned)((I / FMT_GROUP + 1) / 2));
     switch (out_kind) {
     case EPMOE_SILU_BF16:
         silu_mul_kernel<EPMOE_SILU_BF16><<<grid, kRowsPerBlock * 32, 0, s>>>(gate_up, masked_m, M, I, inter, scales,
