@@ -23,7 +23,7 @@ extern "C" epmoe_status epmoe_w4a8_mlp_cuda(const epmoe_w4a8_mlp_args *m, epmoe_
     /* Plain launches. With silu_mul and GEMM2 as programmatic dependents (GEMM2's CTAs loading their
     ** first weights under GEMM1's tail) the MLP took 22-27 us more at 1-8 rows per expert: GEMM2's
     ** CTAs, placed as GEMM1's left, could not all be resident at once (2-4 per SM over the launch;
-    ** the last entered 60 us after the first), so a persistent grid's last ranges ran after its
+    ** the last entered 70-75 us after the first), so a persistent grid's last ranges ran after its
     ** first. GEMM2 alone as a dependent of a plain silu_mul saved 2-3 us (before silu_mul's own fix
     ** saved 7); H200, 2026-11-30, branch w4-pdl2. */
     EPMOE_CHECK(epmoe_w4a8_gemm_cuda(&g1, stream));
