@@ -224,6 +224,58 @@ static void report(const char *model, const char *what, int E, int rows, int N, 
 ** than the launch before (near 1 with the CTAs on the same SMs every time cannot tell a slow SM
 ** from a slow range of addresses). */
 extern "C" unsigned long long *epmoe__w4a8_trace(int *ctas);
+/* One MLP call's two GEMMs on one time line (GEMM2 stamps the upper half of the buffer), medians of
+** 11 calls after 5, us after GEMM1's first CTA entered: GEMM1's CTAs done (median, last) and out;
+** GEMM2's CTAs in (first, median, last), first stage landed, done and out; how many GEMM2 CTAs each
+** SM ran over the launch (3 when all were resident at once at T = 8). The gap between GEMM1's last
+** CTA out and GEMM2's first in is silu_mul and two launches. */
+static void trace_mlp(const char *model, int rows, const epmoe_w4a8_mlp_args *m) {
+    constexpr int F = 5;
+    int n = 0;
+    unsigned long long *d = epmoe__w4a8_trace(&n);
+    if (!d) return;
+    std::vector<unsigned long long> h((size_t)n * F);
+    std::vector<std::vector<double>> v(12);
+    for (int it = 0; it < 16; it++) {
+        CU(cudaMemsetAsync(d, 0, h.size() * 8, stream));
+        EP(epmoe_w4a8_mlp_cuda(m, stream));
+        CU(cudaMemcpyAsync(h.data(), d, h.size() * 8, cudaMemcpyDeviceToHost, stream));
+        CU(cudaStreamSynchronize(stream));
+        if (it < 5) continue;
+        unsigned long long t0 = ~0ull;
+        for (int c = 0; c < n / 2; c++)
+            if (h[c * F]) t0 = std::min(t0, h[c * F]);
+        std::vector<double> pt[2][4];
+        std::vector<int> sms2(1024, 0);
+        for (int half = 0; half < 2; half++)
+            for (int c = half * n / 2; c < (half + 1) * n / 2; c++)
+                if (h[c * F]) {
+                    for (int q = 0; q < 4; q++)
+                        if (h[c * F + q]) pt[half][q].push_back(((double)h[c * F + q] - (double)t0) / 1e3);
+                    if (half == 1 && h[c * F + 4] < 1024) sms2[h[c * F + 4]]++;
+                }
+        for (auto &a : pt)
+            for (auto &x : a) std::sort(x.begin(), x.end());
+        auto med = [](const std::vector<double> &x) { return x.empty() ? 0.0 : x[x.size() / 2]; };
+        auto first = [](const std::vector<double> &x) { return x.empty() ? 0.0 : x.front(); };
+        auto last = [](const std::vector<double> &x) { return x.empty() ? 0.0 : x.back(); };
+        int sm_min = 1 << 30, sm_max = 0;
+        for (int sm = 0; sm < 1024; sm++)
+            if (sms2[sm]) sm_min = std::min(sm_min, sms2[sm]), sm_max = std::max(sm_max, sms2[sm]);
+        const double vals[12] = {med(pt[0][2]), last(pt[0][2]), last(pt[0][3]), first(pt[1][0]), med(pt[1][0]), last(pt[1][0]),
+                                 first(pt[1][1]), med(pt[1][1]), med(pt[1][2]), last(pt[1][2]), last(pt[1][3]),
+                                 (double)sm_min * 100 + sm_max};
+        for (int q = 0; q < 12; q++) v[q].push_back(vals[q]);
+    }
+    double r[12];
+    for (int q = 0; q < 12; q++) {
+        std::sort(v[q].begin(), v[q].end());
+        r[q] = v[q].empty() ? 0 : v[q][v[q].size() / 2];
+    }
+    printf("%-12s rows %-5d MLP trace: GEMM1 done med %.1f last %.1f, exit last %.1f | GEMM2 entry first %.1f med %.1f "
+           "last %.1f, first stage first %.1f med %.1f, done med %.1f last %.1f, exit last %.1f | GEMM2 CTAs per SM %d..%d\n",
+           model, rows, r[0], r[1], r[2], r[3], r[4], r[5], r[6], r[7], r[8], r[9], r[10], (int)r[11] / 100, (int)r[11] % 100);
+}
 static void trace_gemm(const char *model, const char *what, int rows, const epmoe_w4a8_gemm_args *g) {
     constexpr int F = 5; /* stamps per CTA: entry, first stage, steps done, exit, SM */
     int n = 0;
@@ -404,6 +456,7 @@ static void run_model(Blas &b, const char *model, int E, int H, int I, const std
 #ifdef EPMOE_W4A8_TRACE
         trace_gemm(model, "W13 (group scales)", rows, &g1);
         trace_gemm(model, "W2 (group scales)", rows, &g2);
+        trace_mlp(model, rows, &mlp);
 #endif
         report(model, "w4a8 W13 (group scales)", E, rows, N1, K1, t1, wb13);
         report(model, "w4a8 W13 (per-tensor)", E, rows, N1, K1, t1b, wb13);

@@ -42,19 +42,20 @@ constexpr int kThreads = 256;
 #ifdef EPMOE_W4A8_TRACE
 constexpr int kTraceCtas = 4096;
 __device__ unsigned long long g_trace[kTraceCtas][5]; /* 4 stamps, then the CTA's SM */
-__device__ __forceinline__ void trace_point(int pt) {
-    if (threadIdx.x == 0 && blockIdx.x < kTraceCtas) {
+__device__ __forceinline__ void trace_point(int pt, int slot) {
+    if (threadIdx.x == 0 && slot < kTraceCtas) {
         unsigned long long t;
         asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
-        g_trace[blockIdx.x][pt] = t;
+        g_trace[slot][pt] = t;
         if (pt == 0) {
             unsigned sm;
             asm volatile("mov.u32 %0, %%smid;" : "=r"(sm));
-            g_trace[blockIdx.x][4] = sm;
+            g_trace[slot][4] = sm;
         }
     }
 }
-#define W4_TRACE(pt) trace_point(pt)
+/* a GEMM with N > K (an MLP's GEMM2) stamps the upper half: one MLP call leaves both */
+#define W4_TRACE(pt) trace_point(pt, (int)blockIdx.x + (p.N > p.K ? kTraceCtas / 2 : 0))
 #else
 #define W4_TRACE(pt) ((void)0)
 #endif
