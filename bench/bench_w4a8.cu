@@ -224,6 +224,13 @@ static void report(const char *model, const char *what, int E, int rows, int N, 
 ** than the launch before (near 1 with the CTAs on the same SMs every time cannot tell a slow SM
 ** from a slow range of addresses). */
 extern "C" unsigned long long *epmoe__w4a8_trace(int *ctas);
+/* One traced call: clear the stamps d, run it, copy them to h. */
+template <typename C> static void traced(C &&call, unsigned long long *d, std::vector<unsigned long long> &h) {
+    CU(cudaMemsetAsync(d, 0, h.size() * 8, stream));
+    call();
+    CU(cudaMemcpyAsync(h.data(), d, h.size() * 8, cudaMemcpyDeviceToHost, stream));
+    CU(cudaStreamSynchronize(stream));
+}
 /* One MLP call's two GEMMs on one time line (GEMM2 stamps the upper half of the buffer), medians of
 ** 11 calls after 5, us after GEMM1's first CTA entered: GEMM1's CTAs done (median, last) and out;
 ** GEMM2's CTAs in (first, median, last), first stage landed, done and out; how many GEMM2 CTAs each
@@ -237,10 +244,7 @@ static void trace_mlp(const char *model, int rows, const epmoe_w4a8_mlp_args *m)
     std::vector<unsigned long long> h((size_t)n * F);
     std::vector<std::vector<double>> v(12);
     for (int it = 0; it < 16; it++) {
-        CU(cudaMemsetAsync(d, 0, h.size() * 8, stream));
-        EP(epmoe_w4a8_mlp_cuda(m, stream));
-        CU(cudaMemcpyAsync(h.data(), d, h.size() * 8, cudaMemcpyDeviceToHost, stream));
-        CU(cudaStreamSynchronize(stream));
+        traced([&] { EP(epmoe_w4a8_mlp_cuda(m, stream)); }, d, h);
         if (it < 5) continue;
         unsigned long long t0 = ~0ull;
         for (int c = 0; c < n / 2; c++)
@@ -295,10 +299,7 @@ static void trace_gemm(const char *model, const char *what, int rows, const epmo
         return vx > 0 && vy > 0 ? (sxy - sx * sy / k) / sqrt(vx * vy) : 0.0;
     };
     for (int it = 0; it < 16; it++) {
-        CU(cudaMemsetAsync(d, 0, h.size() * 8, stream));
-        EP(epmoe_w4a8_gemm_cuda(g, stream));
-        CU(cudaMemcpyAsync(h.data(), d, h.size() * 8, cudaMemcpyDeviceToHost, stream));
-        CU(cudaStreamSynchronize(stream));
+        traced([&] { EP(epmoe_w4a8_gemm_cuda(g, stream)); }, d, h);
         if (it < 5) continue;
         unsigned long long t0 = ~0ull;
         std::vector<double> pt[4];
