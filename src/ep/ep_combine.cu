@@ -156,7 +156,7 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm) combine_send_kernel(Pa
         EP_TRACE(if (m == -1) trace_point(p, 2, 2));
     }
     EP_TRACE(trace_max(p, 2, kTraceMaxWorkEnd));
-    if (!p.a2a && last_block_done(&p.counters[2])) { /* a2a: the exchange follows on the stream */
+    if (!p.a2a && last_block_done<true, kGin == 2>(&p.counters[2])) { /* a2a: the exchange follows on the stream */
         EP_TRACE(if (threadIdx.x == 0) trace_set(p, 2, kTraceLastTicket));
         for (int r = threadIdx.x; r < R; r += kThreads)
             if (p.active[r])
@@ -242,7 +242,7 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm) combine_recv_kernel(Pa
         EP_TRACE(if (t == (int)blockIdx.x) trace_point(p, 3, 2));
     }
     EP_TRACE(trace_max(p, 3, kTraceMaxWorkEnd));
-    if (kGin && last_block_done(&p.counters[3]) && threadIdx.x == 0) p.seqs[2 + par] = (unsigned)combined + 1u;
+    if (kGin && last_block_done<kGin == 2, kGin == 2>(&p.counters[3]) && threadIdx.x == 0) p.seqs[2 + par] = (unsigned)combined + 1u;
 }
 
 } // namespace

@@ -254,15 +254,26 @@ __device__ __forceinline__ bool await(const Params &p, const uint64_t *local, nc
 }
 
 /* Called by all threads of a block after its share of the work: true in exactly one block, the
-** last to finish, once every other block's stores are visible system-wide. Resets the ticket. */
+** last to finish, once every other block's work happens before what that block does next.
+** Resets the ticket. kSysStores: the blocks stored into peers' windows, and the last block
+** publishes flags that must cover those stores, so each block fences at system scope before its
+** ticket; otherwise (receive kernels: their stores are read by later kernels on the stream, and
+** the acks only need the window reads done) a GPU-scope fence orders the block's work before
+** the ticket. Either way the last block acquires at GPU scope (the ticket is a GPU-local atomic)
+** and the system-scope release is the publish itself (st.release.sys / red.release.sys, which
+** is cumulative: it covers what the other blocks did before their tickets). GIN (kGin 2) keeps
+** system-scope fences both sides: its signal is a NIC operation, not a release store. */
+template <bool kSysStores, bool kSysAcquire>
 __device__ __forceinline__ bool last_block_done(unsigned *ticket) {
     __shared__ bool last;
     __syncthreads();
     if (threadIdx.x == 0) {
-        __threadfence_system();
+        if (kSysStores) __threadfence_system();
+        else __threadfence();
         last = atomicAdd(ticket, 1u) == gridDim.x - 1;
         if (last) {
-            __threadfence_system();
+            if (kSysAcquire) __threadfence_system();
+            else __threadfence();
             *ticket = 0; /* the next launch on this stream starts from zero */
         }
     }

@@ -289,7 +289,7 @@ __global__ void __launch_bounds__(kSendThreads, kBlocksPerSm) dispatch_send_kern
         if (bail) return;
     }
     EP_TRACE(trace_max(p, 0, kTraceMaxWorkEnd));
-    if (last_block_done(&p.counters[0])) {
+    if (last_block_done<true, kGin == 2>(&p.counters[0])) {
         EP_TRACE(if (threadIdx.x == 0) trace_set(p, 0, kTraceLastTicket));
         if (threadIdx.x == 0 && !p.a2a) p.seqs[0] = seq;
         __syncthreads(); /* the flags published below (by other threads) release this store too: a
@@ -480,7 +480,7 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm) dispatch_recv_kernel(P
         EP_TRACE(if (m == -1) trace_point(p, 1, 4));
     }
     EP_TRACE(trace_max(p, 1, kTraceMaxWorkEnd));
-    if (!p.a2a && last_block_done(&p.counters[1])) { /* a2a: the stream orders slab reuse */
+    if (!p.a2a && last_block_done<kGin == 2, kGin == 2>(&p.counters[1])) { /* a2a: the stream orders slab reuse */
         EP_TRACE(if (threadIdx.x == 0) trace_set(p, 1, kTraceLastTicket));
         if (threadIdx.x == 0) p.seqs[1] = seq;
         for (int r = threadIdx.x; r < R; r += kThreads)
