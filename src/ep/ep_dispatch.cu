@@ -409,6 +409,7 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm) dispatch_recv_kernel(P
     const int fmt = p.scale_fmt;
     cp_async_wait<0>();
     __syncthreads(); /* the first message in shared memory */
+    EP_TRACE(trace_point(p, 1, 6));
     /* m = -1: the first round's message (if its source sent it); then the rest */
     for (int m = i0 < cnt[src0] ? -1 : (int)blockIdx.x; m < pre[R]; m = next_round_msg(m)) {
         int src = src0, i = i0;
