@@ -291,9 +291,12 @@ __global__ void __launch_bounds__(kSendThreads, kBlocksPerSm) dispatch_send_kern
     EP_TRACE(trace_max(p, 0, kTraceMaxWorkEnd));
     if (last_block_done<true, kGin == 2>(&p.counters[0])) {
         EP_TRACE(if (threadIdx.x == 0) trace_set(p, 0, kTraceLastTicket));
-        if (threadIdx.x == 0 && !p.a2a) p.seqs[0] = seq;
-        __syncthreads(); /* the flags published below (by other threads) release this store too: a
-                         ** joined receive acquires them and may end before this grid does */
+        if (threadIdx.x == 0 && !p.a2a) {
+            p.seqs[0] = seq;
+            __threadfence(); /* before the flags (plain stores, publish): a joined receive acquires them
+                             ** and may end before this grid does */
+        }
+        __syncthreads();
         /* the count blocks (block 0 stored them unless there were no tokens), then one thread per
         ** destination puts (put/signal) and publishes them */
         const int per = 1 + L;
