@@ -4,8 +4,8 @@
 ** counter, and the launchers ep_nccl.cu calls.
 **
 ** Protocol (ep_layout.h), device API (LSA): payload stores are plain, weakly ordered stores into
-** the peer's window; the last block of a kernel to finish publishes each flag with
-** st.release.sys after a system fence, and a receiver reads it with ld.acquire.sys. Every wait
+** the peer's window; every block fences at system scope, and the last block of a kernel to finish
+** then stores each flag (publish), which a receiver reads with ld.acquire.sys. Every wait
 ** gives up after the configured timeout, records the first error in host-mapped memory and lets
 ** the kernel exit. Padded all-to-all (a2a): the same kernels store into the rank's own slabs;
 ** NCCL send/recv issued on the same stream moves them, so stream order replaces the flags.
@@ -161,9 +161,6 @@ __device__ __forceinline__ void put_block(void *remote, const void *local, int64
         static_cast<uint4 *>(remote)[c] = static_cast<const uint4 *>(local)[c];
 }
 
-__device__ __forceinline__ void st_release(uint64_t *f, uint64_t v) {
-    asm volatile("st.release.sys.global.u64 [%0], %1;" ::"l"(f), "l"(v) : "memory");
-}
 __device__ __forceinline__ uint64_t ld_volatile(const uint64_t *f) { return *reinterpret_cast<const volatile uint64_t *>(f); }
 __device__ __forceinline__ uint64_t ld_acquire(const uint64_t *f) {
     uint64_t v;
@@ -232,18 +229,27 @@ __device__ __forceinline__ bool gin_wait(const Params &p, ncclGinSignal_t sig, u
 }
 
 /* ---- flags, one rule per transport ----
-** Device API (kGin 0): a flag holds the call number (st.release of seq; wait >= seq).
+** Device API (kGin 0): a flag holds the call number (a plain store of seq after the fences, see
+** publish; wait >= seq).
 ** Put/signal (kGin 1, 2): a flag counts calls, as GIN's signals do (kGin 2: the signal itself;
 ** kGin 1: the same count in the flag word, added with red.release.sys), so the emulation runs
 ** the counting GIN relies on. `remote` is the flag in the peer's window (unused by GIN). */
 __device__ __forceinline__ void red_add_release(uint64_t *f, uint64_t v) {
     asm volatile("red.release.sys.global.add.u64 [%0], %1;" ::"l"(f), "l"(v) : "memory");
 }
+/* Device API: a plain (volatile) system-scope store, not st.release: it is called by the last
+** block after its ticket (last_block_done), and what it publishes is already done. A send
+** kernel's blocks each fenced at system scope before their tickets, so their stores into the
+** peer's window were visible to it before the flag is stored (the classic pattern: data,
+** __threadfence_system, flag); an ack covers the receive's reads of the sender's slots, and those
+** returned their values (stored into the masked layout) before each block's fence and ticket.
+** The release's own system fence cost ~1.6 us at the end of each kernel (bench_ep trace, 2 x
+** H200, 2026-11-30). The receiver still acquires (ld.acquire.sys) before it reads the payload. */
 template <int kGin>
 __device__ __forceinline__ void publish(const Params &p, int r, uint64_t *remote, ncclGinSignal_t sig, uint64_t seq) {
     if (kGin == 2) gin_signal(p, r, sig);
     else if (kGin == 1) red_add_release(remote, 1);
-    else st_release(remote, seq);
+    else *reinterpret_cast<volatile uint64_t *>(remote) = seq;
 }
 /* waits for a flag in this rank's window (or GIN signal) to reach `seq` (kGin 0) or `count` */
 template <int kGin>

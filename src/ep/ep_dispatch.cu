@@ -291,9 +291,12 @@ __global__ void __launch_bounds__(kSendThreads, kBlocksPerSm) dispatch_send_kern
     EP_TRACE(trace_max(p, 0, kTraceMaxWorkEnd));
     if (last_block_done<true, kGin == 2>(&p.counters[0])) {
         EP_TRACE(if (threadIdx.x == 0) trace_set(p, 0, kTraceLastTicket));
-        if (threadIdx.x == 0 && !p.a2a) p.seqs[0] = seq;
-        __syncthreads(); /* the flags published below (by other threads) release this store too: a
-                         ** joined receive acquires them and may end before this grid does */
+        if (threadIdx.x == 0 && !p.a2a) {
+            p.seqs[0] = seq;
+            __threadfence(); /* before the flags (plain stores, publish): a joined receive acquires them
+                             ** and may end before this grid does */
+        }
+        __syncthreads();
         /* the count blocks (block 0 stored them unless there were no tokens), then one thread per
         ** destination puts (put/signal) and publishes them */
         const int per = 1 + L;
@@ -409,6 +412,7 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm) dispatch_recv_kernel(P
     const int fmt = p.scale_fmt;
     cp_async_wait<0>();
     __syncthreads(); /* the first message in shared memory */
+    EP_TRACE(trace_point(p, 1, 6));
     /* m = -1: the first round's message (if its source sent it); then the rest */
     for (int m = i0 < cnt[src0] ? -1 : (int)blockIdx.x; m < pre[R]; m = next_round_msg(m)) {
         int src = src0, i = i0;
