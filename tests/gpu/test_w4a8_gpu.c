@@ -237,14 +237,20 @@ static void test_graph(test_rng *r) {
     w4_mat_free(&w);
 }
 
-/* The MLP on the GPU against epmoe_w4a8_mlp_ref. GEMM1 on the tensor cores (error ~2^-11 of
-** the magnitude sum, see w4a8_common.h) against fp64 flips the bf16 rounding of some gate/up
-** values, and CUDA's expf against libm's (each within 2 ulp) some silu values; each flip moves
-** the fp8 rounding of its element with probability ~2^-9/2^-4 (1.8% of the bytes differ on an
-** H200 in mode a, 0.5% in mode b, 2026-11-30). So: at most MLP_BYTES_DIFF of the intermediate
-** bytes differ, and the output's relative L2 error stays within what those bytes can cause —
-** each is one fp8 step (<= 2^-3 relative) off, independent: 2^-3 * sqrt(share) — plus the bf16
-** output rounding. A wrong fragment, scale or row breaks both by orders of magnitude. */
+/* The MLP on the GPU, each stage against what it was given. GEMM1 on the tensor cores against
+** fp64 flips the bf16 rounding of some gate/up values, and CUDA's expf against libm's (each
+** within 2 ulp) some silu values; each flip moves the fp8 rounding of its element with
+** probability ~2^-9/2^-4 (1.8% of the bytes differ on an H200 in mode a, 0.5% in mode b,
+** 2026-11-30). So the stages are checked apart:
+** - GEMM1's gate_up (bf16, in the workspace) per element against the oracle of the inputs, under
+**   the GEMM's error model (w4a8_common.h);
+** - the intermediate fp8 bytes: at most MLP_BYTES_DIFF of them differ from epmoe_w4a8_mlp_ref's;
+** - GEMM2's output per element against the oracle of the GPU's own intermediate bytes and
+**   scales (the workspace), under the same model.
+** An end-to-end bound on the output against the reference cannot be tight: which bytes flip, and
+** how large those elements are, decides it (with outlier channels one flip in a large element
+** moved the relative L2 error to 1.4x a 2^-3 * sqrt(share) estimate; seed 1796068467), so the
+** end-to-end error is printed, not checked. */
 #define MLP_BYTES_DIFF 0.05
 static void test_mlp(test_rng *r) {
     const int64_t E = 4, M = quick ? 24 : 72, H = quick ? 256 : 512, I = 256;
@@ -252,6 +258,11 @@ static void test_mlp(test_rng *r) {
     w4_mat_make(r, &w13, E, 2 * I, H, 0, 0.02, EPMOE_W4_AUTO);
     w4_mat_make(r, &w2, E, H, I, 1, 0.02, EPMOE_W4_AUTO);
     dev_w4 d13 = dev_weights(&w13), d2 = dev_weights(&w2);
+    /* the workspace layout (epmoe__mlp_layout): GEMM workspace, gate_up bf16 [E, M, 2I],
+    ** inter fp8 [E, M, I], inter_scales f32 [E, M, I/128], each 256-byte aligned */
+    const size_t o_gu = (epmoe_w4a8_gemm_workspace() + 255) / 256 * 256;
+    const size_t o_in = o_gu + ((size_t)(E * M * 2 * I) * 2 + 255) / 256 * 256;
+    const size_t o_sc = o_in + ((size_t)(E * M * I) + 255) / 256 * 256;
     for (int mode = 0; mode < 2; mode++) {
         w4_acts A;
         w4_acts_make(r, &A, E, M, H, EPMOE_SCALE_F32_MMAJOR, mode ? 0 : 4);
@@ -272,41 +283,40 @@ static void test_mlp(test_rng *r) {
         void *dws;
         CUDA_OK(cudaMalloc(&dws, ws));
         CUDA_OK(cudaMemset(dws, 0, ws));
+        uint16_t *dgu = dev_poisoned16(E * M * 2 * I); /* gate_up poisoned too: rows past masked_m stay so */
+        CUDA_OK(cudaMemcpy((uint8_t *)dws + o_gu, dgu, (size_t)(E * M * 2 * I) * 2, cudaMemcpyDeviceToDevice));
+        cudaFree(dgu);
         uint16_t *dout = dev_poisoned16(E * M * H);
         epmoe_w4a8_mlp_args dmargs = {d13.w, d2.w, da, M, dm, mode ? NULL : dsa, A.fmt, ds1, ds2, dws, ws, dout, H, M * H, 0};
         CHECK_STATUS(epmoe_w4a8_mlp_cuda(&dmargs, stream), EPMOE_OK);
         CUDA_OK(cudaStreamSynchronize(stream));
 
         uint16_t *got = malloc((size_t)(E * M * H) * 2);
-        uint8_t *gwsh = malloc(ws);
+        uint8_t *gwsh = aligned_alloc(256, (ws + 255) / 256 * 256);
         CUDA_OK(cudaMemcpy(got, dout, (size_t)(E * M * H) * 2, cudaMemcpyDeviceToHost));
         CUDA_OK(cudaMemcpy(gwsh, dws, ws, cudaMemcpyDeviceToHost));
-        /* intermediate fp8 bytes: the workspace layout is [GEMM workspace][gate_up bf16][inter]... */
-        const size_t o_gu = (epmoe_w4a8_gemm_workspace() + 255) / 256 * 256;
-        const size_t o_in = o_gu + ((size_t)(E * M * 2 * I) * 2 + 255) / 256 * 256;
-        long diff = 0, total = 0, touched = 0;
+        char what[64];
+        snprintf(what, sizeof what, "MLP mode %c GEMM1", mode ? 'b' : 'a');
+        w4_check_out(what, &w13, &A, masked, mode ? s1 : 0.0, (const uint16_t *)(gwsh + o_gu), 2 * I, M * 2 * I);
+        long diff = 0, total = 0;
         double num = 0, den = 0;
         for (int64_t e = 0; e < E; e++)
-            for (int64_t t = 0; t < M; t++) {
-                if (t < masked[e])
-                    for (int64_t j = 0; j < I; j++, total++) diff += gwsh[o_in + (e * M + t) * I + j] != hws[o_in + (e * M + t) * I + j];
+            for (int64_t t = 0; t < masked[e]; t++) {
+                for (int64_t j = 0; j < I; j++, total++) diff += gwsh[o_in + (e * M + t) * I + j] != hws[o_in + (e * M + t) * I + j];
                 for (int64_t n = 0; n < H; n++) {
                     const int64_t i = (e * M + t) * H + n;
-                    if (t >= masked[e]) {
-                        touched += got[i] != POISON16;
-                        continue;
-                    }
                     const double a = epmoe_bf16_to_float(got[i]), b = epmoe_bf16_to_float(href[i]);
                     num += (a - b) * (a - b), den += b * b;
                 }
             }
-        const double rel = sqrt(num / (den > 0 ? den : 1));
         printf("  MLP mode %c: %ld of %ld intermediate fp8 bytes differ from the reference, output rel. L2 %.2e\n",
-               mode ? 'b' : 'a', diff, total, rel);
+               mode ? 'b' : 'a', diff, total, sqrt(num / (den > 0 ? den : 1)));
         CHECK(diff <= MLP_BYTES_DIFF * total, "MLP mode %d: %ld intermediate bytes differ", mode, diff);
-        const double bound = 0.125 * sqrt((double)diff / (double)total) + 1.0 / 512;
-        CHECK(rel <= bound && den > 0, "MLP mode %d: rel. L2 %g above the bound %g", mode, rel, bound);
-        CHECK(touched == 0, "MLP mode %d: %ld masked elements written", mode, touched);
+        /* GEMM2's input as the GPU left it: its fp8 bytes and (mode a) its f32 row-major scales */
+        w4_acts inter = {E, M, I, EPMOE_SCALE_F32_ROW, NULL, gwsh + o_in, gwsh + o_sc,
+                         epmoe_scale_bytes(EPMOE_SCALE_F32_ROW, M, I)};
+        snprintf(what, sizeof what, "MLP mode %c GEMM2", mode ? 'b' : 'a');
+        w4_check_out(what, &w2, &inter, masked, mode ? s2 : 0.0, got, H, M * H);
         free(got), free(gwsh), free(hws), free(href);
         cudaFree(da), cudaFree(dsa), cudaFree(dm), cudaFree(ds1), cudaFree(ds2), cudaFree(dws), cudaFree(dout);
         w4_acts_free(&A);
