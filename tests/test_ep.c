@@ -283,8 +283,10 @@ static void test_bad_args(void) {
     CHECK_STATUS(epmoe_combine(ep, h, &ca, EPMOE_PHASE_BOTH, NULL), EPMOE_ERR_INVALID_ARG); /* twice */
     epmoe_combine_args cb = ca;
     cb.out = NULL;
+    /* both halves' arguments are checked before anything is sent: nothing awaits a receive then */
     CHECK_STATUS(epmoe_combine(ep, h2, &cb, EPMOE_PHASE_BOTH, NULL), EPMOE_ERR_NULL_POINTER);
-    CHECK_STATUS(epmoe_combine(ep, h2, &ca, EPMOE_PHASE_RECV, NULL), EPMOE_OK); /* the send half above went through */
+    CHECK_STATUS(epmoe_combine(ep, h2, &ca, EPMOE_PHASE_RECV, NULL), EPMOE_ERR_INVALID_ARG);
+    CHECK_STATUS(epmoe_combine(ep, h2, &ca, EPMOE_PHASE_BOTH, NULL), EPMOE_OK);
     CHECK_STATUS(epmoe_dispatch(ep, &a, EPMOE_PHASE_BOTH, &h, NULL), EPMOE_OK);
     CHECK_STATUS(epmoe_dispatch(ep, &a, EPMOE_PHASE_BOTH, &h2, NULL), EPMOE_OK);
     CHECK_STATUS(epmoe_dispatch(ep, &a, EPMOE_PHASE_BOTH, &h3, NULL), EPMOE_OK);

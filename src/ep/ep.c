@@ -279,16 +279,20 @@ epmoe_status epmoe_combine(epmoe_ep *ep, uint32_t handle, const epmoe_combine_ar
     if (send) {
         if (c->comb_sent) return epmoe__fail(EPMOE_ERR_INVALID_ARG, "%s: dispatch %u was already combined", fn, handle);
         if (!a->expert_out) return epmoe__fail(EPMOE_ERR_NULL_POINTER, "%s: expert_out is NULL", fn);
-        EPMOE_CHECK(ep->ops->combine_send(ep, a, c, stream));
-        c->comb_sent = 1;
     } else if (!c->comb_sent || c->comb_received) {
         return epmoe__fail(EPMOE_ERR_INVALID_ARG, "%s: handle %u has no combine send awaiting its receive", fn, handle);
     }
-    if (recv) {
+    if (recv) { /* checked before anything is sent */
         if (c->T && !a->out) return epmoe__fail(EPMOE_ERR_NULL_POINTER, "%s: out is NULL", fn);
         if (c->T && ep->cfg.combine_mode == EPMOE_COMBINE_REDUCE_AT_OWNER && !a->topk_weights)
             return epmoe__fail(EPMOE_ERR_NULL_POINTER, "%s: REDUCE_AT_OWNER needs topk_weights at combine", fn);
-        c->joined = send != 0;
+    }
+    c->joined = send && recv;
+    if (send) {
+        EPMOE_CHECK(ep->ops->combine_send(ep, a, c, stream));
+        c->comb_sent = 1;
+    }
+    if (recv) {
         EPMOE_CHECK(ep->ops->combine_recv(ep, a, c, stream));
         c->comb_received = 1;
     }
