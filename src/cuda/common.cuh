@@ -125,45 +125,9 @@ template <int N> static __device__ __forceinline__ void cp_async_wait() {
 ** into inter: bf16 [E, M, I], or fp8 [E, M, I] with fresh 1x128 scales (f32 row-major
 ** [E, M, I/128]) or at the per-tensor scale *tensor_scale (silu_mul.cu). */
 enum { EPMOE_SILU_BF16 = 0, EPMOE_SILU_FP8_GROUP = 1, EPMOE_SILU_FP8_TENSOR = 2 };
-/* It lets a kernel launched after it as a programmatic dependent (the W4A8 MLP's GEMM2) launch at
-** its entry. */
 epmoe_status epmoe__silu_mul_launch(int out_kind, const uint16_t *gate_up, const int32_t *masked_m, int64_t E,
                                     int64_t M, int64_t I, void *inter, float *scales, const float *tensor_scale,
                                     cudaStream_t s);
-/* epmoe_w4a8_gemm_cuda after its checks; dependent: launched as a programmatic dependent of the
-** kernel before it. The kernel then reads masked_m and loads its first stages' weights and weight
-** scales before it waits for that grid (the activations after): no kernel that may still run then
-** (the one before, and whatever that one does not wait for) may write masked_m or the weights.
-** The MLP's GEMM2 is launched so, under silu_mul, itself under GEMM1. */
-epmoe_status epmoe__w4a8_gemm_launch(const char *fn, const epmoe_w4a8_gemm_args *g, bool dependent, cudaStream_t s);
-
-/* Programmatic dependent launch (sm_90): a kernel launched with launch_as_dependent(overlap) may
-** start once every block of the kernel before it on the stream has called let_dependents_launch
-** (or exited), so its blocks take SMs as that kernel's leave; it must call wait_for_prior_grid
-** before it reads what that kernel (or any before it) writes: the wait returns when that grid has
-** completed and its memory is flushed. Both are no-ops in a kernel launched normally. */
-static __device__ __forceinline__ void let_dependents_launch() {
-#if __CUDA_ARCH__ >= 900
-    asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
-#endif
-}
-static __device__ __forceinline__ void wait_for_prior_grid() {
-#if __CUDA_ARCH__ >= 900
-    asm volatile("griddepcontrol.wait;" ::: "memory");
-#endif
-}
-/* overlap false: an ordinary launch. */
-template <typename... Params_, typename... Args>
-cudaError_t launch_as_dependent(void (*kernel)(Params_...), dim3 grid, dim3 block, size_t smem, cudaStream_t s, bool overlap,
-                                Args... args) {
-    cudaLaunchAttribute at;
-    at.id = cudaLaunchAttributeProgrammaticStreamSerialization;
-    at.val.programmaticStreamSerializationAllowed = 1;
-    cudaLaunchConfig_t cfg = {};
-    cfg.gridDim = grid, cfg.blockDim = block, cfg.dynamicSmemBytes = smem, cfg.stream = s;
-    cfg.attrs = &at, cfg.numAttrs = overlap ? 1 : 0;
-    return cudaLaunchKernelEx(&cfg, kernel, args...);
-}
 
 /* The dynamic shared-memory attribute is per function and per device, shared by every host
 ** thread, and a launch needing more than it fails. It only ever grows, under a lock, so a launch

@@ -36,7 +36,6 @@ template <int kOut>
 __global__ void __launch_bounds__(kRowsPerBlock * 32)
     silu_mul_kernel(const uint16_t *__restrict__ gate_up, const int32_t *__restrict__ masked_m, int64_t M, int64_t I,
                     void *__restrict__ inter_v, float *__restrict__ scales, const float *__restrict__ tensor_scale) {
-    let_dependents_launch(); /* the W4A8 MLP's GEMM2 takes the SMs and loads its first weights under this kernel */
     const int e = blockIdx.y, lane = threadIdx.x & 31;
     const int64_t m = (int64_t)blockIdx.x * kRowsPerBlock + (threadIdx.x >> 5);
     int64_t rows = __ldg(masked_m + e);
@@ -77,9 +76,18 @@ epmoe_status epmoe__silu_mul_launch(int out_kind, const uint16_t *gate_up, const
                                     int64_t M, int64_t I, void *inter, float *scales, const float *tensor_scale,
                                     cudaStream_t s) {
     const dim3 grid((unsigned)((M + kRowsPerBlock - 1) / kRowsPerBlock), (unsigned)E, (unsigned)((I / FMT_GROUP + 1) / 2));
-    auto kernel = out_kind == EPMOE_SILU_BF16        ? silu_mul_kernel<EPMOE_SILU_BF16>
-                  : out_kind == EPMOE_SILU_FP8_GROUP ? silu_mul_kernel<EPMOE_SILU_FP8_GROUP>
-                                                     : silu_mul_kernel<EPMOE_SILU_FP8_TENSOR>;
-    kernel<<<grid, kRowsPerBlock * 32, 0, s>>>(gate_up, masked_m, M, I, inter, scales, tensor_scale);
+    switch (out_kind) {
+    case EPMOE_SILU_BF16:
+        silu_mul_kernel<EPMOE_SILU_BF16><<<grid, kRowsPerBlock * 32, 0, s>>>(gate_up, masked_m, M, I, inter, scales,
+                                                                            tensor_scale);
+        break;
+    case EPMOE_SILU_FP8_GROUP:
+        silu_mul_kernel<EPMOE_SILU_FP8_GROUP><<<grid, kRowsPerBlock * 32, 0, s>>>(gate_up, masked_m, M, I, inter,
+                                                                                 scales, tensor_scale);
+        break;
+    default:
+        silu_mul_kernel<EPMOE_SILU_FP8_TENSOR><<<grid, kRowsPerBlock * 32, 0, s>>>(gate_up, masked_m, M, I, inter,
+                                                                                  scales, tensor_scale);
+    }
     return epmoe__launched("silu(gate) * up");
 }

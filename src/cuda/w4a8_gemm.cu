@@ -114,7 +114,7 @@ struct Problem {
     int E, NT, G, fmt;
     float *slots;    /* stream-K: one fp32 partial tile per CTA, [cta][T/2][256] */
     uint32_t *flags; /* flag[cta] = epoch + 1 once its partial tile is in slots */
-    uint32_t *sync;  /* [0] epoch (+1 per launch), [1] CTAs done in this launch (see launch_epoch) */
+    uint32_t *sync;  /* [0] epoch (+1 per launch), [1] CTAs done in this launch */
     size_t slots_bytes;
 };
 
@@ -139,13 +139,8 @@ struct Range {
     int64_t first;   /* the item of the CTA's first tail step */
     int off, steps;  /* that step's index within its item; the CTA's steps (whole items and tail) */
     int dp;          /* the CTA's steps of whole items */
+    uint32_t epoch;  /* p.sync[0] at entry */
 };
-
-/* This launch's number (p.sync[0]), read by thread 0 only after it waited for the prior grid:
-** launched as a dependent, the GEMM before may still move it on (the MLP's two share a workspace). */
-__device__ __forceinline__ uint32_t launch_epoch(const Problem &p) {
-    return *reinterpret_cast<const volatile uint32_t *>(p.sync);
-}
 
 /* The item of a CTA's step j, and the first group of its first step in that item (the stream-K
 ** range may begin inside one). */
@@ -208,30 +203,24 @@ template <int T, int kSa> struct Producer {
             sa = p.sa + p.sa_slab * it.e + (int64_t)(it.mt * T + lane) * p.sa_tok + (kSa == 2 ? g0 >> 2 : g0) * p.sa_step;
     }
 
-    /* The loads of group g, and of g + 1 when steps take two (not when g is the last group: G odd):
-    ** issue_w the weights' (which may run under the kernel before, see the kernel), then issue_a the
-    ** activations'; the stage's mbarrier completes when both have landed. */
+    /* The loads of group g, and of g + 1 when steps take two (not when g is the last group: G odd). */
     static constexpr int kG = kGroups<T>;
-    __device__ void issue_w(const Problem &p, Stage<T> &s, uint64_t *full) const {
+    __device__ void issue(const Problem &p, const CUtensorMap &tm, Stage<T> &s, uint64_t *full) {
+        const int lane = threadIdx.x & 31;
         const bool two = kG == 2 && g + 1 < p.G;
-        if ((threadIdx.x & 31) == 0) { /* the weight tiles (adjacent in the repacked layout: one copy), 128
-                                          bf16 scales each, and (issue_a) T activation rows of 128 bytes
-                                          each: every byte on one expect_tx */
+        if (lane == 0) { /* the weight tiles (adjacent in the repacked layout: one copy), 128 bf16 scales
+                            each, T activation rows of 128 bytes each: every byte on one expect_tx */
             constexpr uint32_t kScaleBytes = sizeof(Stage<T>::sw[0]); /* W4_TILE_N bf16 = 256 */
             static_assert(kScaleBytes % 16 == 0 && offsetof(Stage<T>, sw) % 16 == 0 && offsetof(Stage<T>, a) % 1024 == 0,
                           "bulk copies: 16-byte aligned multiples of 16; the activations on the swizzle's 1024 bytes");
             mbar_expect_tx(full, (two ? 2 : 1) * (W4_TILE_BYTES + kScaleBytes + T * W4_GROUP));
             bulk_copy(&s.w[0][0][0][0], w, (two ? 2 : 1) * W4_TILE_BYTES, full);
             bulk_copy(s.sw[0], sw, kScaleBytes, full);
-            if (two) bulk_copy(s.sw[kG - 1], sw + p.N, kScaleBytes, full);
-        }
-    }
-    __device__ void issue_a(const Problem &p, const CUtensorMap &tm, Stage<T> &s, uint64_t *full) const {
-        const int lane = threadIdx.x & 31;
-        const bool two = kG == 2 && g + 1 < p.G;
-        if (lane == 0) {
             tma_load_2d(&s.a[0][0][0], &tm, g * W4_GROUP, row, full);
-            if (two) tma_load_2d(&s.a[kG - 1][0][0], &tm, (g + 1) * W4_GROUP, row, full);
+            if (two) {
+                bulk_copy(s.sw[kG - 1], sw + p.N, kScaleBytes, full);
+                tma_load_2d(&s.a[kG - 1][0][0], &tm, (g + 1) * W4_GROUP, row, full);
+            }
         }
         if (kSa != 0)
 #pragma unroll
@@ -368,7 +357,6 @@ template <int T, int kSa, bool kFull, int S>
 __global__ void __launch_bounds__(kThreads, T >= 128 ? 1 : (T <= 8 ? 3 : 2)) /* T = 8: at most 80 registers */
 w4a8_gemm_kernel(const __grid_constant__ Problem p, const __grid_constant__ CUtensorMap tm) {
     W4_TRACE(0);
-    let_dependents_launch(); /* a kernel launched as a dependent of this one may take the SMs its CTAs leave */
     extern __shared__ __align__(128) uint8_t smem_raw[];
     /* the swizzle is of address bits: every stage on a 1024-byte boundary (launch adds the slack) */
     uint8_t *smem = smem_raw + ((1024u - (smem_u32(smem_raw) & 1023u)) & 1023u);
@@ -419,6 +407,7 @@ w4a8_gemm_kernel(const __grid_constant__ Problem p, const __grid_constant__ CUte
             rg.first = rg.tail0 + s0 / P, rg.off = (int)(s0 % P);
             rg.dp = (int)(waves * P);
             rg.steps = rg.dp + (int)(total * (r + 1) / grid - s0);
+            rg.epoch = *reinterpret_cast<volatile uint32_t *>(p.sync);
         }
     }
     __syncthreads();
@@ -429,22 +418,11 @@ w4a8_gemm_kernel(const __grid_constant__ Problem p, const __grid_constant__ CUte
         Producer<T, kSa> prod;
         if (producer) {
             prod.start(p, prefix, step_item<T>(rg, r, grid, P, 0), kG * step_off<T>(rg, 0));
-            /* The first stages' weights before the wait for the prior grid: launched as a dependent
-            ** (the MLP's GEMM2), they load under the kernels before (epmoe__w4a8_gemm_launch). */
-            Producer<T, kSa> ahead = prod;
 #pragma unroll 1
             for (int i = 0; i < S - 1 && i < steps; i++) {
-                ahead.issue_w(p, ring[i], &full[i]);
-                ahead.advance(p, prefix, rg, P, i + 1);
-            }
-            wait_for_prior_grid();
-#pragma unroll 1
-            for (int i = 0; i < S - 1 && i < steps; i++) {
-                prod.issue_a(p, tm, ring[i], &full[i]);
+                prod.issue(p, tm, ring[i], &full[i]);
                 prod.advance(p, prefix, rg, P, i + 1);
             }
-        } else {
-            wait_for_prior_grid(); /* not polling the first stage's mbarrier beside the prior grid's CTAs */
         }
         /* The stage barriers pair up one to one: the other warps release step j's stage exactly
         ** when warp 0 will refill it with step i = j + S (release: j + S < steps; refill: S <= i <
@@ -464,8 +442,7 @@ w4a8_gemm_kernel(const __grid_constant__ Problem p, const __grid_constant__ CUte
             if (i >= S) named_bar_sync(kStageBar + i % S, kThreads); /* counts as warp 0's own release */
             /* the stage's generic reads (fragments, scales) by every thread, then the TMA overwrite */
             fence_proxy_async();
-            prod.issue_w(p, ring[i % S], &full[i % S]);
-            prod.issue_a(p, tm, ring[i % S], &full[i % S]);
+            prod.issue(p, tm, ring[i % S], &full[i % S]);
             prod.advance(p, prefix, rg, P, i + 1);
         };
 
@@ -485,7 +462,7 @@ w4a8_gemm_kernel(const __grid_constant__ Problem p, const __grid_constant__ CUte
             __threadfence();
             __syncthreads();
             if (tid == 0)
-                asm volatile("st.release.gpu.global.u32 [%0], %1;" ::"l"(p.flags + r), "r"(launch_epoch(p) + 1u) : "memory");
+                asm volatile("st.release.gpu.global.u32 [%0], %1;" ::"l"(p.flags + r), "r"(rg.epoch + 1u) : "memory");
         };
 #pragma unroll 1
         for (int j = 0; j < steps; j++) {
@@ -551,10 +528,10 @@ w4a8_gemm_kernel(const __grid_constant__ Problem p, const __grid_constant__ CUte
                 contribute(); /* the whole range lies inside one item */
             } else { /* the item continues in the next ranges: add their partials, then finish */
                 const int64_t item = item_of(steps - 1), end = (item - rg.tail0 + 1) * P, total = rg.total;
+                const uint32_t epoch = rg.epoch;
                 for (int q = r + 1; q < grid && total * q / grid < end; q++) {
                     if (total * (q + 1) / grid == total * q / grid) continue; /* owns no step */
                     if (tid == 0) {
-                        const uint32_t epoch = launch_epoch(p);
                         uint32_t f;
                         do asm volatile("ld.acquire.gpu.global.u32 %0, [%1];" : "=r"(f) : "l"(p.flags + q) : "memory");
                         while (f != epoch + 1u);
@@ -569,10 +546,8 @@ w4a8_gemm_kernel(const __grid_constant__ Problem p, const __grid_constant__ CUte
         }
         cp_async_wait<0>();
     }
-    /* the last CTA out moves the epoch on: the next launch's flags must not match this one's (a CTA
-    ** without steps has not waited for the prior grid yet, whose CTAs may still be counting) */
+    /* the last CTA out moves the epoch on: the next launch's flags must not match this one's */
     __syncthreads();
-    if (tid == 0) wait_for_prior_grid();
     if (tid == 0 && atomicAdd(p.sync + 1, 1u) == (uint32_t)grid - 1u) {
         p.sync[1] = 0;
         __threadfence();
@@ -613,7 +588,7 @@ epmoe_status act_tensor_map(const char *fn, const Problem &p, int T, CUtensorMap
 }
 
 template <int T, int kSa, bool kFull>
-epmoe_status launch(const char *fn, const Problem &p, int sms, bool dependent, cudaStream_t stream) {
+epmoe_status launch(const char *fn, const Problem &p, int sms, cudaStream_t stream) {
     /* two groups a step: T = 8 3 stages, the bytes of 6 one-group stages (3 CTAs/SM, all the shared
     ** memory), 4 groups ahead of the consumer; T = 16 and 32 (2 CTAs/SM) 4 stages: 1% faster than 3 at
     ** 16 and 32 rows, 5 at T = 16 2% slower (DeepSeek-R1 W13 + W2, H200, 2026-11-30). One a step:
@@ -634,21 +609,17 @@ epmoe_status launch(const char *fn, const Problem &p, int sms, bool dependent, c
         return epmoe__fail(EPMOE_ERR_INTERNAL, "%s: stream-K slots for T = %d exceed the workspace", fn, T);
     CUtensorMap tm;
     EPMOE_CHECK(act_tensor_map(fn, p, T, &tm));
-    err = launch_as_dependent(kernel, dim3((unsigned)(sms * per_sm)), dim3(kThreads), smem, stream, dependent, p, tm);
-    if (err != cudaSuccess) {
-        cudaGetLastError(); /* not left for the next launch's check */
-        return epmoe__fail(EPMOE_ERR_CUDA, "%s: launch failed: %s", fn, cudaGetErrorString(err));
-    }
+    kernel<<<sms * per_sm, kThreads, smem, stream>>>(p, tm);
     return epmoe__launched(fn);
 }
 
 /* kSa: 0 per-tensor activation scale, 1 fp32 group scales, 2 UE8M0 group scales. */
 template <int T>
-epmoe_status pick_mode(const char *fn, const Problem &p, bool group, bool full, int sms, bool dep, cudaStream_t stream) {
-    if (!group) return full ? launch<T, 0, true>(fn, p, sms, dep, stream) : launch<T, 0, false>(fn, p, sms, dep, stream);
+epmoe_status pick_mode(const char *fn, const Problem &p, bool group, bool full, int sms, cudaStream_t stream) {
+    if (!group) return full ? launch<T, 0, true>(fn, p, sms, stream) : launch<T, 0, false>(fn, p, sms, stream);
     if (fmt_scale_is_ue8m0(p.fmt))
-        return full ? launch<T, 2, true>(fn, p, sms, dep, stream) : launch<T, 2, false>(fn, p, sms, dep, stream);
-    return full ? launch<T, 1, true>(fn, p, sms, dep, stream) : launch<T, 1, false>(fn, p, sms, dep, stream);
+        return full ? launch<T, 2, true>(fn, p, sms, stream) : launch<T, 2, false>(fn, p, sms, stream);
+    return full ? launch<T, 1, true>(fn, p, sms, stream) : launch<T, 1, false>(fn, p, sms, stream);
 }
 
 } // namespace
@@ -669,10 +640,7 @@ extern "C" size_t epmoe_w4a8_gemm_workspace(void) {
 }
 
 extern "C" epmoe_status epmoe_w4a8_gemm_cuda(const epmoe_w4a8_gemm_args *g, epmoe_stream_t stream) {
-    return epmoe__w4a8_gemm_launch("epmoe_w4a8_gemm_cuda", g, false, reinterpret_cast<cudaStream_t>(stream));
-}
-
-epmoe_status epmoe__w4a8_gemm_launch(const char *fn, const epmoe_w4a8_gemm_args *g, bool dep, cudaStream_t s) {
+    static const char fn[] = "epmoe_w4a8_gemm_cuda";
     EPMOE_CHECK(epmoe__check_w4a8_gemm(fn, g, 1));
     if (g->w.E == 0 || g->M == 0) return EPMOE_OK;
     int sms;
@@ -708,9 +676,10 @@ epmoe_status epmoe__w4a8_gemm_launch(const char *fn, const epmoe_w4a8_gemm_args 
     const bool group = g->a_scales != nullptr, full = g->w.encoding == EPMOE_W4_FULL;
     /* The one place the token tile is chosen: the smallest that covers the expected rows. */
     const int64_t em = g->expected_m > 0 ? g->expected_m : g->M;
-    if (em <= 8) return pick_mode<8>(fn, p, group, full, sms, dep, s);
-    if (em <= 16) return pick_mode<16>(fn, p, group, full, sms, dep, s);
-    if (em <= 32) return pick_mode<32>(fn, p, group, full, sms, dep, s);
-    if (em <= 64) return pick_mode<64>(fn, p, group, full, sms, dep, s);
-    return pick_mode<128>(fn, p, group, full, sms, dep, s);
+    cudaStream_t s = reinterpret_cast<cudaStream_t>(stream);
+    if (em <= 8) return pick_mode<8>(fn, p, group, full, sms, s);
+    if (em <= 16) return pick_mode<16>(fn, p, group, full, sms, s);
+    if (em <= 32) return pick_mode<32>(fn, p, group, full, sms, s);
+    if (em <= 64) return pick_mode<64>(fn, p, group, full, sms, s);
+    return pick_mode<128>(fn, p, group, full, sms, s);
 }

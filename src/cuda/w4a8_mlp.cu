@@ -20,19 +20,20 @@ extern "C" epmoe_status epmoe_w4a8_mlp_cuda(const epmoe_w4a8_mlp_args *m, epmoe_
 
     const epmoe_w4a8_gemm_args g1 = {m->w13, m->a, M, m->masked_m, m->a_scales, m->a_scale_fmt, m->a_tensor_scale,
                                      gate_up, 2 * I, M * 2 * I, m->expected_m, gemm_ws, gemm_bytes};
-    cudaStream_t s = reinterpret_cast<cudaStream_t>(stream);
-    EPMOE_CHECK(epmoe__w4a8_gemm_launch(fn, &g1, false, s));
-    /* GEMM2 launches under silu_mul (programmatic dependent launch), which is launched plainly after
-    ** GEMM1: GEMM2's CTAs take the SMs as silu_mul starts and load their first weights while it
-    ** runs (masked_m and the weights were written before GEMM1). With silu_mul a dependent of GEMM1
-    ** too, the MLP took 22-27 us more at 1-8 rows per expert: GEMM2's CTAs, placed as GEMM1's left,
-    ** could not all be resident at once (2-4 per SM over the launch; the last entered 70-75 us
-    ** after the first), so the persistent grid's last ranges ran after its first (H200, 2026-11-30,
-    ** branch w4-pdl2). */
+    /* Plain launches. With silu_mul and GEMM2 as programmatic dependents (GEMM2's CTAs loading their
+    ** first weights under GEMM1's tail) the MLP took 22-27 us more at 1-8 rows per expert: GEMM2's
+    ** CTAs, placed as GEMM1's left, could not all be resident at once (2-4 per SM over the launch;
+    ** the last entered 70-75 us after the first), so a persistent grid's last ranges ran after its
+    ** first. GEMM2 alone as a dependent of a plain silu_mul saved 1-2 us in bench_w4a8 (32 experts,
+    ** M = rows), but the layer's MLP (128 experts, M = 256, ~8 rows each: silu_mul's grid is
+    ** mostly empty blocks) then measured 863 us against 840 on another machine the same day; not
+    ** A/B'd in that shape yet, so not kept (H200, 2026-11-30, branches w4-pdl2, w4-pdl-g2). */
+    EPMOE_CHECK(epmoe_w4a8_gemm_cuda(&g1, stream));
     EPMOE_CHECK(epmoe__silu_mul_launch(m->a_scales ? EPMOE_SILU_FP8_GROUP : EPMOE_SILU_FP8_TENSOR, gate_up, m->masked_m,
-                                       E, M, I, inter, inter_scales, m->a2_tensor_scale, s));
+                                       E, M, I, inter, inter_scales, m->a2_tensor_scale,
+                                       reinterpret_cast<cudaStream_t>(stream)));
     const epmoe_w4a8_gemm_args g2 = {m->w2, inter, M, m->masked_m, m->a_scales ? (const void *)inter_scales : nullptr,
                                      EPMOE_SCALE_F32_ROW, m->a2_tensor_scale, m->out, m->out_row_stride,
                                      m->out_expert_stride, m->expected_m, gemm_ws, gemm_bytes};
-    return epmoe__w4a8_gemm_launch(fn, &g2, true, s);
+    return epmoe_w4a8_gemm_cuda(&g2, stream);
 }

@@ -361,8 +361,17 @@ __device__ __forceinline__ void later_round_msg(const int *pre, const int *cnt, 
 ** receive after a receive, or a caller's kernel in a split forward, which may itself let
 ** dependents launch early), and it reads state such kernels write (the call counters in p.seqs,
 ** the buffers it then overwrites). The fallback's receive
-** follows an NCCL exchange: it is launched normally (and the wait is then a no-op). The helpers
-** are in common.cuh. */
+** follows an NCCL exchange: it is launched normally (and the wait is then a no-op). */
+__device__ __forceinline__ void let_dependents_launch() {
+#if __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void wait_for_prior_grid() {
+#if __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
 /* A receive kernel's first step. Split halves: wait for the prior grid (above). Joined to its own
 ** send (phase BOTH, Params::joined) it need not: that send was launched normally, so everything
 ** before it on the stream had finished, and all its blocks are running by the time this kernel
@@ -381,7 +390,13 @@ __device__ __forceinline__ void receive_entry(const Params &p) {
 template <typename... Params_, typename... Args>
 epmoe_status launch_dependent(const char *what, void (*kernel)(Params_...), int grid, int block, size_t smem, cudaStream_t s,
                               bool overlap, Args... args) {
-    const cudaError_t e = launch_as_dependent(kernel, dim3((unsigned)grid), dim3((unsigned)block), smem, s, overlap, args...);
+    cudaLaunchAttribute at;
+    at.id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    at.val.programmaticStreamSerializationAllowed = 1;
+    cudaLaunchConfig_t cfg = {};
+    cfg.gridDim = dim3((unsigned)grid), cfg.blockDim = dim3((unsigned)block), cfg.dynamicSmemBytes = smem, cfg.stream = s;
+    cfg.attrs = &at, cfg.numAttrs = overlap ? 1 : 0;
+    const cudaError_t e = cudaLaunchKernelEx(&cfg, kernel, args...);
     if (e != cudaSuccess) {
         cudaGetLastError(); /* not left for the next launch's check */
         return epmoe__fail(EPMOE_ERR_CUDA, "%s: launch failed: %s", what, cudaGetErrorString(e));
