@@ -547,6 +547,8 @@ typedef struct epmoe_combine_args {
     const float *topk_weights;  /* fp32 [T, k] of this rank's tokens: REDUCE_AT_OWNER (else NULL) */
     uint16_t *out;              /* out: bf16 [T, H] */
 } epmoe_combine_args;
+/* Combine of dispatch `handle` (one of the two most recently received), phases as for dispatch:
+** PHASE_BOTH checks both halves' arguments before it sends anything. */
 EPMOE_API epmoe_status epmoe_combine(epmoe_ep *ep, uint32_t handle, const epmoe_combine_args *args, epmoe_phase phase,
                                      epmoe_stream_t stream);
 
