@@ -8,6 +8,8 @@
 #   ep-trace    bench_ep's trace build, first case at R = 2 (make dev-trace; ab_build.sh NAME trace)
 #   w4a8-trace  bench_w4a8's trace build: when the GEMM's CTAs ran, $MODEL, $ROWS, on GPU 0
 #   w4a8        bench_w4a8 --model $MODEL (deepseek-r1) --rows $ROWS (1,8,16,32) $W4A8_ARGS, on GPU 0
+#   layer       epmoe bench $LAYER_ARGS: the MoE layer and its stages alone on every GPU (128 experts
+#               a GPU at R = 2: the expert MLP in the layer's own shape)
 #   tests-ep    test_ep_gpu on the device API, all-to-all and gin-emulated transports
 #   tests-w4a8  test_w4a8_gpu
 # e.g.  scripts/ab_run.sh -r 2 ep main words64 msgready
@@ -15,7 +17,7 @@ set -u
 cd "$(dirname "$0")/.."
 rounds=1
 [ "${1:-}" = -r ] && { rounds=$2; shift 2; }
-[ $# -ge 2 ] || { sed -n 2,14p "$0"; exit 2; }
+[ $# -ge 2 ] || { sed -n 2,16p "$0"; exit 2; }
 kind=$1
 shift
 OUT=${OUT:-build/gpu-out}
@@ -31,6 +33,7 @@ bin() { # name, binary under build/ for main, under build/ab/NAME otherwise
           bench_ep_trace) echo build/trace/bench/bench_ep ;;
           bench_w4a8_trace) echo build/trace/bench/bench_w4a8 ;;
           bench_*) echo build/bench/$2 ;;
+          epmoe) echo build/epmoe ;;
           *) echo build/tests/gpu/$2 ;;
           esac ;;
     *) echo build/ab/$1/$2 ;;
@@ -49,6 +52,7 @@ for round in $(seq 1 "$rounds"); do
                   --rows "${ROWS:-1,8,16,32}" ${W4A8_ARGS:-} >"$log" 2>&1 ;;
         w4a8-trace) CUDA_VISIBLE_DEVICES=0 timeout 300 "$(bin "$name" bench_w4a8_trace)" --model "${MODEL:-deepseek-r1}" \
                   --rows "${ROWS:-1,8,16,32}" ${W4A8_ARGS:-} >"$log" 2>&1 ;;
+        layer) timeout 300 "$(bin "$name" epmoe)" bench ${LAYER_ARGS:-} >"$log" 2>&1 ;;
         tests-ep) for tr in device alltoall gin-emulated; do
                       if [ $tr = device ]; then timeout 300 "$(bin "$name" test_ep_gpu)"
                       else timeout 300 "$(bin "$name" test_ep_gpu)" --transport $tr; fi || echo "FAIL: $tr (rc $?)"
@@ -70,6 +74,7 @@ for log in "${runs[@]}"; do
     ep-trace) grep -E '^  (dispatch|combine) ' "$log" | cut -c1-320 ;;
     w4a8) grep -E 'w4a8 W13\+W2 |w4a8 MLP' "$log" ;;
     w4a8-trace) grep -E ' trace ' "$log" ;;
+    layer) grep -E '  (FP8|BF16)  ' "$log" ;;
     *) grep -E 'checks|FAIL' "$log" ;;
     esac
     case $kind in tests-*) ;; *) grep -m 3 FAIL "$log" ;; esac
