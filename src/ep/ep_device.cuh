@@ -266,9 +266,10 @@ __device__ __forceinline__ bool await(const Params &p, const uint64_t *local, nc
 ** ticket; otherwise (receive kernels: their stores are read by later kernels on the stream, and
 ** the acks only need the window reads done) a GPU-scope fence orders the block's work before
 ** the ticket. Either way the last block acquires at GPU scope (the ticket is a GPU-local atomic)
-** and the system-scope release is the publish itself (st.release.sys / red.release.sys, which
-** is cumulative: it covers what the other blocks did before their tickets). GIN (kGin 2) keeps
-** system-scope fences both sides: its signal is a NIC operation, not a release store. */
+** and then publishes: on the device API a plain store (publish says why that suffices), under
+** the put/signal emulation red.release.sys (cumulative: it covers what the other blocks did
+** before their tickets). GIN (kGin 2) keeps system-scope fences both sides: its signal is a NIC
+** operation, not a release store. */
 template <bool kSysStores, bool kSysAcquire>
 __device__ __forceinline__ bool last_block_done(unsigned *ticket) {
     __shared__ bool last;
