@@ -42,7 +42,7 @@ class Scheme:
     name: str
     dedup: bool  # dispatch: one message per (token, destination rank), not per (token, expert)
     reduce_at_expert: bool  # combine: one partial sum per (token, rank), not one row per (token, expert)
-    header: str  # "epmoe": 8 B + 12 B per top-k entry, padded to 16; "deepep": 16 B
+    header: str  # "epmoe": 16 B + 12 B per top-k entry, padded to 16; "deepep": 16 B
 
 
 EPMOE = Scheme("epmoe dedup", dedup=True, reduce_at_expert=True, header="epmoe")
@@ -224,7 +224,7 @@ def msg_bytes(shape, scheme, op, wire):
     if scheme.header == "deepep":
         header = 16
     else:  # ep_layout.h: int32 token, int32 n_entries, then k x 12-byte entries, padded to 16
-        header = -(-(8 + 12 * shape.topk) // 16) * 16
+        header = -(-(16 + 12 * shape.topk) // 16) * 16
     payload = H + H // shape.group * 4 if wire == "fp8" else 2 * H
     return -(-(header + payload) // 16) * 16 if scheme.header == "epmoe" else header + payload
 

@@ -117,6 +117,10 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm) combine_send_kernel(Pa
         const ep_header h = *reinterpret_cast<const ep_header *>(hdr);
         const ep_entry *ent = reinterpret_cast<const ep_entry *>(hdr + sizeof(ep_header));
         const int ne = h.n_entries;
+        if (ne == 0) { /* a slot the dispatch left empty (ep_layout.h) */
+            __syncthreads(); /* hdr is reused */
+            continue;
+        }
         int64_t src_row[kMaxK]; /* first 16-byte chunk of each entry's expert output row */
 #pragma unroll
         for (int n = 0; n < kMaxK; n++)

@@ -29,7 +29,7 @@ typedef struct cpu_impl {
     epmoe_cpu_world *world;
     uint8_t *payload; /* one message payload (the token cast once) */
     int32_t *pairs;   /* [E] rows sent per expert in this call */
-    int32_t *msgs;    /* [R] messages sent per destination in this call */
+    int32_t *msgs;    /* [R] the current token's messages per destination so far */
     float *acc;       /* [H] */
 } cpu_impl;
 
@@ -125,7 +125,7 @@ static epmoe_status cpu_dispatch_send(epmoe_ep *ep, const epmoe_dispatch_args *a
         for (int r = 0; r < d->R; r++)
             if (c->active[r]) EPMOE_CHECK(wait_flag(ep, ep_ack(win(ep, me), &ep->w, r), c->seq - 2, "receive ack of dispatch", r));
     memset(im->pairs, 0, sizeof(int32_t) * (size_t)d->E);
-    memset(im->msgs, 0, sizeof(int32_t) * (size_t)d->R);
+    const int spt = ep_slots_per_token(d);
     for (int t = 0; t < T; t++) {
         const int32_t *idx = c->topk + (int64_t)t * k;
         int32_t rows[EPMOE_MAX_TOPK];
@@ -140,12 +140,15 @@ static epmoe_status cpu_dispatch_send(epmoe_ep *ep, const epmoe_dispatch_args *a
         if (d->fp8) epmoe_cast_group_fp8_ref(xt, 1, d->H, im->payload, im->payload + d->H, EPMOE_SCALE_F32_ROW, ep->cfg.round_scale);
         else memcpy(im->payload, xt, (size_t)d->H * 2);
         /* dedup: one message per destination (ascending) with all its slots; without dedup one
-        ** per distinct expert, holding every slot that names it */
+        ** per distinct expert, holding every slot that names it. As on the GPU, the token's
+        ** messages to a rank take its slots t * spt + 0, 1, ... (ep_layout.h): the receiver scans
+        ** the others and skips them by their seq. */
+        memset(im->msgs, 0, sizeof(int32_t) * (size_t)d->R);
         for (int dst = 0; dst < d->R; dst++)
             for (int j0 = 0; j0 < k; j0++) {
                 if (idx[j0] < 0 || idx[j0] / d->L != dst || ep_first_slot(idx, j0) < j0) continue;
-                uint8_t *m = ep_msg(win(ep, dst), d, &ep->w, p, me, im->msgs[dst]++);
-                ep_header h = {t, 0};
+                uint8_t *m = ep_msg(win(ep, dst), d, &ep->w, p, me, (int64_t)t * spt + im->msgs[dst]++);
+                ep_header h = {t, 0, c->seq, 0};
                 ep_entry *ent = (ep_entry *)(m + sizeof(ep_header));
                 for (int j = j0; j < k; j++) {
                     if (idx[j] < 0 || idx[j] / d->L != dst || (!d->dedup && idx[j] != idx[j0])) continue;
@@ -161,7 +164,7 @@ static epmoe_status cpu_dispatch_send(epmoe_ep *ep, const epmoe_dispatch_args *a
     for (int dst = 0; dst < d->R; dst++) {
         if (!c->active[dst]) continue;
         uint64_t *meta = ep_meta(win(ep, dst), &ep->w, p, me);
-        meta[0] = ep_count_word(im->msgs[dst], c->seq);
+        meta[0] = ep_count_word((int64_t)T * spt, c->seq); /* the slots to scan */
         for (int le = 0; le < d->L; le++) meta[1 + le] = ep_count_word(im->pairs[dst * d->L + le], c->seq);
         publish(ep_disp_flag(win(ep, dst), d, &ep->w, p, me), c->seq);
     }
@@ -219,12 +222,18 @@ static epmoe_status cpu_dispatch_recv(epmoe_ep *ep, const epmoe_dispatch_args *a
         a->masked_m[le] = acc;
     }
     for (int src = 0; src < R; src++) {
-        c->n_msgs[src] = c->active[src] ? ep_count_of(ep_meta(mine, &ep->w, p, src)[0]) : 0;
+        c->n_msgs[src] = c->active[src] ? ep_count_of(ep_meta(mine, &ep->w, p, src)[0]) : 0; /* slots to scan */
         for (int i = 0; i < c->n_msgs[src]; i++) {
             const uint8_t *m = ep_msg(mine, d, &ep->w, p, src, i);
-            memcpy(c->hdrs + ((int64_t)src * d->slots + i) * d->header_bytes, m, (size_t)d->header_bytes);
+            uint8_t *keep = c->hdrs + ((int64_t)src * d->slots + i) * d->header_bytes;
+            memcpy(keep, m, (size_t)d->header_bytes);
             ep_header h;
             memcpy(&h, m, sizeof h);
+            if (h.seq != c->seq) { /* an empty slot (an older call's message): kept as one without entries */
+                h.n_entries = 0;
+                memcpy(keep, &h, sizeof h);
+                continue;
+            }
             for (int n = 0; n < h.n_entries; n++) {
                 ep_entry e, prev;
                 memcpy(&e, m + sizeof h + n * sizeof e, sizeof e);
@@ -258,6 +267,7 @@ static epmoe_status cpu_combine_send(epmoe_ep *ep, const epmoe_combine_args *a, 
             const uint8_t *hp = c->hdrs + ((int64_t)src * d->slots + i) * d->header_bytes;
             ep_header h;
             memcpy(&h, hp, sizeof h);
+            if (h.n_entries == 0) continue; /* an empty slot */
             if (d->reduce_at_expert)
                 for (int x = 0; x < H; x++) im->acc[x] = 0.0f;
             for (int n = 0; n < h.n_entries; n++) {

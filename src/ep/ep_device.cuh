@@ -37,11 +37,11 @@ constexpr int kSendThreads = EPMOE_SEND_THREADS;
 static_assert((kSendThreads & (kSendThreads - 1)) == 0 && kSendThreads >= 32 * EPMOE_MAX_TOPK && kSendThreads <= 1024 &&
                   kSendThreads * kBlocksPerSm <= 2048,
               "send blocks: a power of two of at least 32 * EPMOE_MAX_TOPK threads, at most 1024, kBlocksPerSm per SM");
-/* The send kernel's dynamic shared memory: rows per expert and messages per destination [E + R]
-** of the batch, the same [E + R] over the tokens before the current one, the active set [R]
-** (ints), then the current token's bf16 row [H] at a 16-byte boundary, then a tile of the ids
-** being counted [kSendThreads tokens at most, k | 1] (ints). */
-__host__ __device__ inline int64_t send_row_at(int64_t E, int64_t R) { return (2 * E + 3 * R + 3) / 4 * 4; } /* ints */
+/* The send kernel's dynamic shared memory: rows per expert [E] of the batch, the same [E] over
+** the tokens before the current one, the active set [R] (ints), then the current token's bf16 row
+** [H] at a 16-byte boundary, then a tile of the ids being counted [kSendThreads tokens at most,
+** k | 1] (ints). */
+__host__ __device__ inline int64_t send_row_at(int64_t E, int64_t R) { return (2 * E + R + 3) / 4 * 4; } /* ints */
 inline size_t send_smem(int64_t E, int64_t R, int64_t H, int64_t k) {
     return sizeof(int) * (size_t)send_row_at(E, R) + 2 * (size_t)H + sizeof(int) * (size_t)kSendThreads * (size_t)(k | 1);
 }
@@ -60,7 +60,7 @@ constexpr int kBatch = 4;             /* 16-byte loads a thread keeps in flight 
 /* Device-side state of one parity (one live dispatch). */
 struct CallState {
     int16_t *topk;   /* [N, k] ids as sent (-1: none or owner inactive) */
-    int32_t *n_msgs; /* [R] messages received per source */
+    int32_t *n_msgs; /* [R] slots received per source (n_slots; empty ones kept without entries) */
     uint8_t *hdrs;   /* [R, slots, header_bytes] received headers, each entry's row made absolute (its
                      ** row in the masked layout) */
 };

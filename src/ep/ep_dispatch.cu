@@ -9,16 +9,17 @@
 namespace epk {
 namespace {
 
-/* ---- rows and message slots, counted by each block for its own token --------------------
-** Rows of an expert come in (token, slot) order and a destination's messages in token order
-** (the reference's order, ep_ref.c). So the row of token t at expert e is the number of earlier
-** tokens naming e, and its message slot at rank r the number of earlier tokens with a message
-** to r (one message per expert: earlier distinct (token, expert) pairs on r, plus the token's
-** own earlier experts on r). A block keeps these counts as running histograms in shared memory
-** (atomics, Q threads per counted token): its first pass counts the whole batch (the count
-** blocks) and the tokens before its first token, each later pass only the tokens since its
-** previous one. No block waits for another and no plan of the whole batch is ranked: that
-** plan (seven dependent phases) took 7.3 us of a 40 us dispatch (bench_ep's trace, 2026-11-30). */
+/* ---- rows, counted by each block for its own token -----------------------------------------
+** Rows of an expert come in (token, slot) order (the reference's order, ep_ref.c). So the row of
+** token t at expert e is the number of earlier tokens naming e. A block keeps these counts as
+** running histograms in shared memory (atomics, Q threads per counted token): its first pass
+** counts the whole batch (the count blocks) and the tokens before its first token, each later
+** pass only the tokens since its previous one. No block waits for another and no plan of the
+** whole batch is ranked: that plan (seven dependent phases) took 7.3 us of a 40 us dispatch
+** (bench_ep's trace, 2026-11-30).
+** A message's slot needs no count: token t's messages to a rank take its slots t * spt + 0, 1, ...
+** (ep_layout.h), so the payload goes out before the counting, and only the header, which holds
+** the rows, waits for it. Counted slots (before) kept the payload ~3 us behind the counting. */
 
 struct MsgRef {
     uint8_t *at; /* the message in the destination's window (put/signal: in the outbox) */
@@ -68,17 +69,18 @@ template <int kGin> __device__ __forceinline__ bool acks_in(const Params &p, uin
     return __all_sync(0xFFFFFFFFu, ok);
 }
 
-/* The count blocks, one per destination: [0] messages, [1 + le] rows per local expert, from the
-** batch's counts, as tagged words (ep_count_word); every thread of the block stores some (one
-** thread storing a destination's 1 + L words over NVLink took microseconds). Under put/signal
-** they go to the outbox, put after the ticket. */
+/* The count blocks, one per destination: [0] the slots to scan (T of them a token's), [1 + le]
+** rows per local expert, from the batch's counts, as tagged words (ep_count_word); every thread
+** of the block stores some (one thread storing a destination's 1 + L words over NVLink took
+** microseconds). Under put/signal they go to the outbox, put after the ticket. */
 template <int kGin>
-__device__ __forceinline__ void store_counts(const Params &p, int par, uint32_t seq, const int *count, const int *act) {
-    const int per = 1 + p.d.L, L = p.d.L, E = p.d.E;
+__device__ __forceinline__ void store_counts(const Params &p, int par, uint32_t seq, const int *count, const int *act, int T) {
+    const int per = 1 + p.d.L, L = p.d.L;
+    const int64_t n_slots = (int64_t)T * ep_slots_per_token(&p.d);
     for (int i = threadIdx.x; i < p.d.R * per; i += blockDim.x) {
         const int r = i / per, f = i - r * per;
         if (act[r]) /* one 8-byte store, volatile: the receive polls the word while it lands */
-            *reinterpret_cast<volatile uint64_t *>(out_meta<kGin>(p, par, r) + f) = ep_count_word(count[f ? r * L + f - 1 : E + r], seq);
+            *reinterpret_cast<volatile uint64_t *>(out_meta<kGin>(p, par, r) + f) = ep_count_word(f ? count[r * L + f - 1] : n_slots, seq);
     }
 }
 
@@ -92,10 +94,10 @@ __global__ void __launch_bounds__(kSendThreads, kBlocksPerSm) dispatch_send_kern
     const int k = d.k, me = d.rank, par = seq & 1, L = d.L, E = d.E, R = d.R;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const float inv_L = 1.0f / (float)L, inv_k = 1.0f / (float)k;
-    /* count [E + R]: the batch's rows per expert and messages per destination (the count blocks);
-    ** before [E + R]: the same over the tokens before the block's current one; act [R] */
+    /* count [E]: the batch's rows per expert (the count blocks); before [E]: the same over the
+    ** tokens before the block's current one; act [R] */
     extern __shared__ __align__(16) int count[];
-    int *before = count + E + R, *act = before + E + R;
+    int *before = count + E, *act = before + E;
     uint4 *row = reinterpret_cast<uint4 *>(count + send_row_at(E, R)); /* the token's bf16 row (see send_smem) */
     int *ids = reinterpret_cast<int *>(row + d.H / 8);                    /* a tile of counted ids */
     __shared__ int tok_e[kMaxK], tok_dst[kMaxK], tok_open[kMaxK], tok_row[kMaxK];
@@ -114,7 +116,7 @@ __global__ void __launch_bounds__(kSendThreads, kBlocksPerSm) dispatch_send_kern
     if (!p.a2a && kGin != 2 && warp == 0 && lane < R && R <= 32) /* an acquire: no fence later (acks_in) */
         ack_seen = ld_acquire(ep_ack(my_base(p), &p.w, lane));
     auto probed = [&]() { return R <= 32 && (lane >= R || !act[lane] || ack_seen >= seq - 2); };
-    for (int i = threadIdx.x; i < 2 * (E + R); i += kSendThreads) count[i] = 0;
+    for (int i = threadIdx.x; i < 2 * E; i += kSendThreads) count[i] = 0;
     for (int r = threadIdx.x; r < R; r += kSendThreads) act[r] = __ldg(p.active + r);
     if (threadIdx.x == 0) bail = 0;
     EP_TRACE(trace_point(p, 0, 2));
@@ -142,18 +144,62 @@ __global__ void __launch_bounds__(kSendThreads, kBlocksPerSm) dispatch_send_kern
             raw = raw_id(topk, bits, (int64_t)t * k + lane, E);
             if (weights) w = __ldg(weights + (int64_t)t * k + lane);
         }
-        __syncthreads(); /* act[], the zeroed counts; the previous token's readers of before[] */
+        __syncthreads(); /* act[], the zeroed counts; the previous token's readers of before[] and msgs[] */
         EP_TRACE(if (pass == 0) trace_point(p, 0, 5));
-        if (warp == 0) {
+        if (warp == 0) { /* the token's messages: where they go needs no count (ep_layout.h) */
             int dst = -1;
             const int e = lane < k ? sent_id(p, raw, act, t, inv_L, &dst) : -1;
-            int open = -1; /* the first slot of the same destination (dedup) or expert */
+            int open = -1, nth = 0; /* the first slot of the same destination (dedup) or expert; the
+                                    ** token's messages to dst before this one's (no dedup) */
             for (int jj = 0; jj < kMaxK; jj++) {
                 const int ej = __shfl_sync(0xFFFFFFFFu, e, jj), dj = __shfl_sync(0xFFFFFFFFu, dst, jj);
                 if (open < 0 && jj <= lane && e >= 0 && ej >= 0 && (d.dedup ? dj == dst : ej == e)) open = jj;
+                const int oj = __shfl_sync(0xFFFFFFFFu, open, jj);
+                nth += jj < lane && ej >= 0 && oj == jj && dj == dst;
             }
             if (lane < kMaxK) tok_e[lane] = e, tok_dst[lane] = dst, tok_open[lane] = open, wts[lane] = w;
+            const bool opener = e >= 0 && open == lane;
+            const unsigned openers = __ballot_sync(0xFFFFFFFFu, opener);
+            if (opener) {
+                const int m = __popc(openers & ((1u << lane) - 1u));
+                const int slot = t * ep_slots_per_token(&d) + (d.dedup ? 0 : nth);
+                msgs[m].dst = dst, msgs[m].opener = lane, msgs[m].slot = slot;
+                msgs[m].at = out_msg<kGin>(p, par, dst, slot);
+            }
+            if (lane == 0) n_msgs = __popc(openers);
+            if (pass == 0 && !acks_in<kGin>(p, seq, act, probed())) bail = 1; /* before the first store into a window */
         }
+        __syncthreads();
+        cp_async_wait<0>(); /* each thread casts the chunks it copied (also: no copy outlives the block) */
+        if (bail) return;
+        EP_TRACE(if (pass == 0) trace_point(p, 0, 3));
+        const int nm = n_msgs;
+        if (nm) { /* the payload, before the counting: its stores drain while the block counts */
+            const unsigned half_mask = 0xFFFFu << (lane & 16);
+            for (int c0 = threadIdx.x; c0 < chunks; c0 += kSendThreads * kBatch) {
+                uint4 v[kBatch]; /* every load of the row in flight before the first use */
+#pragma unroll
+                for (int b = 0; b < kBatch; b++)
+                    if (c0 + b * kSendThreads < chunks) v[b] = row[c0 + b * kSendThreads];
+#pragma unroll
+                for (int b = 0; b < kBatch; b++) {
+                    const int c = c0 + b * kSendThreads; /* a half-warp owns a 128-group: uniform test */
+                    if (c >= chunks) continue;
+                    if (!d.fp8) {
+                        for (int m = 0; m < nm; m++) *reinterpret_cast<uint4 *>(msgs[m].at + d.header_bytes + c * 16) = v[b];
+                        continue;
+                    }
+                    float scale_inv;
+                    const uint2 q = cast_chunk8(v[b], p.round_scale, half_mask, &scale_inv);
+                    for (int m = 0; m < nm; m++) {
+                        *reinterpret_cast<uint2 *>(msgs[m].at + d.header_bytes + c * 8) = q;
+                        if ((lane & 15) == 0)
+                            *reinterpret_cast<float *>(msgs[m].at + d.header_bytes + d.H + (c / 16) * 4) = scale_inv;
+                    }
+                }
+            }
+        }
+        EP_TRACE(if (pass == 0) trace_point(p, 0, 7));
         for (int base = from; base < upto; base += chunk) {
             /* the tile's ids as sent with their ranks, e | rank << 16 (E, R <= 32767) or -1, staged
             ** in shared memory: each read once, coalesced (the Q threads of a token each loaded
@@ -179,88 +225,30 @@ __global__ void __launch_bounds__(kSendThreads, kBlocksPerSm) dispatch_send_kern
 #pragma unroll
             for (int j = 0; j < kMaxK; j++) { /* this thread's slots of token u */
                 if ((j & (Q - 1)) != q) continue;
-                bool f = ed[j] >= 0, o = ed[j] >= 0; /* the slot names its expert first; opens a message */
+                bool f = ed[j] >= 0; /* the slot names its expert first */
 #pragma unroll
-                for (int jj = 0; jj < j; jj++) {
-                    f &= ed[jj] != ed[j];
-                    o &= !(ed[jj] >= 0 && (d.dedup ? ed[jj] >> 16 == ed[j] >> 16 : ed[jj] == ed[j]));
-                }
+                for (int jj = 0; jj < j; jj++) f &= ed[jj] != ed[j];
                 if (f && pass == 0) atomicAdd(&count[ed[j] & 0xFFFF], 1);
                 if (f && early) atomicAdd(&before[ed[j] & 0xFFFF], 1);
-                /* messages: destinations collide a lot, so one atomic per warp group */
-                const int key = o ? (ed[j] >> 16) * 2 + early : -1;
-                const unsigned grp = __match_any_sync(0xFFFFFFFFu, key);
-                if (key >= 0 && lane == __ffs(grp) - 1) {
-                    if (pass == 0) atomicAdd(&count[E + (key >> 1)], __popc(grp));
-                    if (key & 1) atomicAdd(&before[E + (key >> 1)], __popc(grp));
-                }
             }
         }
         EP_TRACE(if (pass == 0) trace_point(p, 0, 6));
         __syncthreads();
         EP_TRACE(if (pass == 0) trace_point(p, 0, 1));
-        if (warp == 0) { /* rows, messages, where they go */
-            const int e = lane < kMaxK ? tok_e[lane] : -1, open = lane < kMaxK ? tok_open[lane] : -1;
-            const int dst = lane < kMaxK ? tok_dst[lane] : -1;
-            if (lane < kMaxK) tok_row[lane] = e >= 0 ? before[e] : 0;
-            int slot = e >= 0 ? before[E + dst] : 0;
-            if (!d.dedup) /* the token's own earlier experts on the same rank come first */
-                for (int jj = 0; jj < kMaxK; jj++) {
-                    const int ej = __shfl_sync(0xFFFFFFFFu, e, jj), oj = __shfl_sync(0xFFFFFFFFu, open, jj);
-                    const int dj = __shfl_sync(0xFFFFFFFFu, dst, jj);
-                    slot += jj < lane && ej >= 0 && oj == jj && e >= 0 && dj == dst;
+        if (warp == 0) { /* the headers, a lane each, once the token's rows are counted */
+            if (lane < kMaxK) tok_row[lane] = tok_e[lane] >= 0 ? before[tok_e[lane]] : 0;
+            __syncwarp();
+            if (lane < nm) {
+                const MsgRef mr = msgs[lane];
+                ep_header h = {t, 0, seq, 0};
+                ep_entry *ent = reinterpret_cast<ep_entry *>(mr.at + sizeof(ep_header));
+                for (int j = mr.opener; j < k; j++) {
+                    const int ej = tok_e[j];
+                    if (ej < 0 || (d.dedup ? tok_dst[j] != mr.dst : ej != tok_e[mr.opener])) continue;
+                    ep_entry en = {(int16_t)(ej - mr.dst * L), (int16_t)j, tok_row[j], wts[j]};
+                    ent[h.n_entries++] = en;
                 }
-            const bool opener = e >= 0 && open == lane;
-            const unsigned openers = __ballot_sync(0xFFFFFFFFu, opener);
-            if (opener) {
-                const int m = __popc(openers & ((1u << lane) - 1u));
-                msgs[m].dst = dst, msgs[m].opener = lane, msgs[m].slot = slot;
-                msgs[m].at = out_msg<kGin>(p, par, dst, slot);
-            }
-            if (lane == 0) n_msgs = __popc(openers);
-            if (pass == 0 && !acks_in<kGin>(p, seq, act, probed())) bail = 1; /* before the first store into a window */
-        }
-        __syncthreads();
-        cp_async_wait<0>(); /* (also before leaving: no copy outlives the block) */
-        if (bail) return;
-        EP_TRACE(if (pass == 0) trace_point(p, 0, 3));
-        const int nm = n_msgs;
-        if (threadIdx.x < nm) { /* one thread writes each message's header */
-            const MsgRef mr = msgs[threadIdx.x];
-            ep_header h = {t, 0};
-            ep_entry *ent = reinterpret_cast<ep_entry *>(mr.at + sizeof(ep_header));
-            for (int j = mr.opener; j < k; j++) {
-                const int ej = tok_e[j];
-                if (ej < 0 || (d.dedup ? tok_dst[j] != mr.dst : ej != tok_e[mr.opener])) continue;
-                ep_entry en = {(int16_t)(ej - mr.dst * L), (int16_t)j, tok_row[j], wts[j]};
-                ent[h.n_entries++] = en;
-            }
-            *reinterpret_cast<ep_header *>(mr.at) = h;
-        }
-        if (nm) {
-            const int lane = threadIdx.x & 31;
-            const unsigned half_mask = 0xFFFFu << (lane & 16);
-            for (int c0 = threadIdx.x; c0 < chunks; c0 += kSendThreads * kBatch) {
-                uint4 v[kBatch]; /* every load of the row in flight before the first use */
-#pragma unroll
-                for (int b = 0; b < kBatch; b++)
-                    if (c0 + b * kSendThreads < chunks) v[b] = row[c0 + b * kSendThreads];
-#pragma unroll
-                for (int b = 0; b < kBatch; b++) {
-                    const int c = c0 + b * kSendThreads; /* a half-warp owns a 128-group: uniform test */
-                    if (c >= chunks) continue;
-                    if (!d.fp8) {
-                        for (int m = 0; m < nm; m++) *reinterpret_cast<uint4 *>(msgs[m].at + d.header_bytes + c * 16) = v[b];
-                        continue;
-                    }
-                    float scale_inv;
-                    const uint2 q = cast_chunk8(v[b], p.round_scale, half_mask, &scale_inv);
-                    for (int m = 0; m < nm; m++) {
-                        *reinterpret_cast<uint2 *>(msgs[m].at + d.header_bytes + c * 8) = q;
-                        if ((lane & 15) == 0)
-                            *reinterpret_cast<float *>(msgs[m].at + d.header_bytes + d.H + (c / 16) * 4) = scale_inv;
-                    }
-                }
+                *reinterpret_cast<ep_header *>(mr.at) = h;
             }
         }
         if (kGin) { /* put each remote message where LSA would have stored it */
@@ -275,11 +263,10 @@ __global__ void __launch_bounds__(kSendThreads, kBlocksPerSm) dispatch_send_kern
                 }
             }
         }
-        /* block 0 stores the count blocks after its first token's payload, not the last block after
-        ** its ticket: the receivers' offsets then need not wait for the flags (device API; the
-        ** ticket orders them before the puts and flags as it orders every block's payload) */
-        if (pass == 0 && blockIdx.x == 0) store_counts<kGin>(p, par, seq, count, act);
-        __syncthreads(); /* msgs[] is rewritten for the next token */
+        /* block 0 stores the count blocks after its first token, not the last block after its
+        ** ticket: the receivers' offsets then need not wait for the flags (device API; the ticket
+        ** orders them before the puts and flags as it orders every block's payload) */
+        if (pass == 0 && blockIdx.x == 0) store_counts<kGin>(p, par, seq, count, act, T);
         EP_TRACE(if (t == blockIdx.x) trace_point(p, 0, 4));
     }
     if (T == 0) { /* the count blocks are stores too (and act[] is read across warps: a barrier first) */
@@ -301,7 +288,7 @@ __global__ void __launch_bounds__(kSendThreads, kBlocksPerSm) dispatch_send_kern
         ** destination puts (put/signal) and publishes them */
         const int per = 1 + L;
         if (T == 0) {
-            store_counts<kGin>(p, par, seq, count, act);
+            store_counts<kGin>(p, par, seq, count, act, T);
             __syncthreads();
         }
         for (int r = threadIdx.x; r < d.R; r += kSendThreads) {
@@ -329,8 +316,8 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm) dispatch_recv_kernel(P
     const int64_t M = (int64_t)R * d.N;
     extern __shared__ __align__(16) uint8_t smem[];
     int *begin = reinterpret_cast<int *>(smem); /* [L, R] */
-    int *pre = begin + L * R;                   /* [R + 1] prefix over sources of the messages after the first round */
-    int *cnt = pre + R + 1;                     /* [R] messages per source */
+    int *pre = begin + L * R;                   /* [R + 1] prefix over sources of the slots after the first round */
+    int *cnt = pre + R + 1;                     /* [R] slots to scan per source (n_slots) */
     uint8_t *msg0 = smem + recv_msg_at(L, R);   /* the block's first message, loaded early (below) */
     /* the distinct rows of the current message (a slot repeating an expert shares its row):
     ** flat index le * M + row, and le and row apart (no 64-bit division for the scales) */
@@ -371,7 +358,7 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm) dispatch_recv_kernel(P
     /* every source's counts read at once (a loop over sources per thread waited R round trips),
     ** then prefixes in shared memory: messages over sources, rows of each expert over sources */
     for (int i = threadIdx.x; i < R * (L + 1); i += kThreads) {
-        const int r = i / (L + 1), f = i - r * (L + 1); /* f = 0: messages; 1 + le: rows of le */
+        const int r = i / (L + 1), f = i - r * (L + 1); /* f = 0: slots to scan; 1 + le: rows of le */
         int c = 0;
         if (p.active[r]) {
             const uint64_t *at = in_meta(p, par, r) + f;
@@ -423,7 +410,8 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm) dispatch_recv_kernel(P
         uint8_t *keep = p.st[par].hdrs + ((int64_t)src * d.slots + i) * d.header_bytes;
         if (threadIdx.x < 32) { /* warp 0: a lane per entry, its row once per distinct (le, row) */
             const int lane = threadIdx.x;
-            const ep_header h = *reinterpret_cast<const ep_header *>(msg);
+            ep_header h = *reinterpret_cast<const ep_header *>(msg);
+            if (h.seq != seq) h.n_entries = 0; /* a slot this call left empty (an older call's message) */
             const bool valid = lane < h.n_entries && lane < EPMOE_MAX_TOPK; /* (rows[] holds EPMOE_MAX_TOPK) */
             ep_entry e = {0, 0, 0, 0.0f};
             if (valid) e = reinterpret_cast<const ep_entry *>(msg + sizeof(ep_header))[lane];
@@ -451,7 +439,7 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm) dispatch_recv_kernel(P
         const uint8_t *payload = msg + d.header_bytes;
         const int vec = d.fp8 ? H / 16 : H / 8; /* 16-byte chunks of the payload */
         const float *sc = reinterpret_cast<const float *>(payload + H);
-        for (int c0 = threadIdx.x; c0 < vec; c0 += kThreads * kBatch) {
+        for (int c0 = nrows ? (int)threadIdx.x : vec; c0 < vec; c0 += kThreads * kBatch) { /* (an empty slot: nothing) */
             uint4 v[kBatch]; /* read once, written to every row */
 #pragma unroll
             for (int b = 0; b < kBatch; b++)

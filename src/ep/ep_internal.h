@@ -22,7 +22,7 @@ typedef struct ep_call {
                           ** (phase BOTH): nothing else ran between them on the stream */
     int32_t *topk;        /* [N, k] ids as sent: -1 where none or the owner is inactive */
     int32_t *begin;       /* [L, R] first row of (local expert, source) in the masked layout */
-    int32_t *n_msgs;      /* [R] messages received from each source */
+    int32_t *n_msgs;      /* [R] slots received from each source (n_slots; empty ones kept without entries) */
     uint8_t *hdrs;        /* [R, slots] received message headers, kept for combine */
     int *active;          /* [R] the active ranks when the dispatch was sent */
 } ep_call;

@@ -4,15 +4,21 @@
 ** window. ep_window_layout() is the one layout function; the size query is the same call.
 **
 ** Dispatch message (one per (token, destination rank) with dedup, else per (token, expert)):
-**   header  int32 token, int32 n_entries, then n_entries x {int16 le, int16 j, int32 row, float w}
+**   header  int32 token, int32 n_entries, uint32 seq (the dispatch call's), uint32 0,
+**           then n_entries x {int16 le, int16 j, int32 row, float w}
 **           (le: local expert on the destination, j: top-k slot, row: index among the rows this
 **           source sends to expert le, w: the top-k weight), padded to 16 bytes
 **   payload bf16 [H]  |  fp8 [H] + fp32 scale_inv [H/128]   (the sender's per-128-group cast)
 **
 ** Window of one rank, for each parity p of the dispatch sequence number (two calls in flight):
 **   disp_msgs [p][src R][slot S] msg       S = N with dedup, N * min(k, L) without
-**   disp_meta [p][src R] { uint64 n_msgs, uint64 pairs[L] } then uint64 seq flag
+**   disp_meta [p][src R] { uint64 n_slots, uint64 pairs[L] } then uint64 seq flag
 **                                          (each count an ep_count_word: tagged with its call)
+** A receiver scans slots [0, n_slots) of each source and takes the messages whose header carries
+** the call's seq (a slot the call left empty still holds an older call's message). Where a sender
+** puts a message is its choice: the CPU backend packs them; the GPU's puts token t's at
+** t * ep_slots_per_token + (its index among the token's messages to that rank), so it can store
+** the payload before it has counted the batch.
 **   comb_rows [p][...] bf16 [H]            REDUCE_AT_EXPERT: [dst rank R][token N]
 **                                          REDUCE_AT_OWNER:  [token N][slot k]
 **   comb_flag [p][src R] uint64 seq
@@ -50,10 +56,12 @@ typedef struct ep_entry {
 typedef struct ep_header {
     int32_t token;
     int32_t n_entries;
+    uint32_t seq; /* the dispatch call that sent it */
+    uint32_t pad;
 } ep_header;
 
 EP_STATIC_ASSERT(sizeof(ep_entry) == 12, "ep_entry layout");
-EP_STATIC_ASSERT(sizeof(ep_header) == 8, "ep_header layout");
+EP_STATIC_ASSERT(sizeof(ep_header) == 16, "ep_header layout");
 
 typedef struct ep_dims {
     int R, rank, N, H, E, L, k;
@@ -73,13 +81,16 @@ typedef struct ep_window {
     int64_t total;
 } ep_window;
 
+/* Message slots a token may use at one destination: one with dedup, else one per distinct expert. */
+EP_HD int ep_slots_per_token(const ep_dims *d) { return d->dedup ? 1 : d->k < d->L ? d->k : d->L; }
+
 EP_HD int64_t ep_align(int64_t x, int64_t a) { return (x + a - 1) / a * a; }
 
 EP_HD void ep_dims_init(ep_dims *d, int R, int rank, int N, int H, int E, int k, int fp8, int dedup,
                                 int reduce_at_expert) {
     d->R = R, d->rank = rank, d->N = N, d->H = H, d->E = E, d->L = E / R, d->k = k;
     d->fp8 = fp8, d->dedup = dedup, d->reduce_at_expert = reduce_at_expert;
-    d->slots = dedup ? N : (int64_t)N * (k < d->L ? k : d->L);
+    d->slots = (int64_t)N * ep_slots_per_token(d);
     d->header_bytes = ep_align((int64_t)sizeof(ep_header) + (int64_t)k * (int64_t)sizeof(ep_entry), 16);
     d->payload_bytes = fp8 ? (int64_t)H + (int64_t)(H / FMT_GROUP) * 4 : (int64_t)H * 2;
     d->msg_bytes = ep_align(d->header_bytes + d->payload_bytes, 16);
@@ -184,7 +195,7 @@ EP_HD uint64_t *ep_ack(uint8_t *base, const ep_window *w, int src) {
 ** The same messages and count block as the window, gathered per destination instead and moved
 ** by NCCL send/recv of fixed-size slabs, each padded to the most one source can send, so no
 ** count has to reach the host before the exchange:
-**   dispatch slab  { uint64 n_msgs, uint64 pairs[L] } padded to 128, then msg [S]
+**   dispatch slab  { uint64 n_slots, uint64 pairs[L] } padded to 128, then msg [S]
 **   combine slab   bf16 rows [N] (REDUCE_AT_EXPERT: row = token) or
 **                  [N * k] (REDUCE_AT_OWNER: row = token * k + slot)
 ** One device buffer per rank: disp_out [dst R] slab, disp_in [p][src R] slab, comb_out [dst R]
