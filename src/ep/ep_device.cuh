@@ -352,6 +352,35 @@ __device__ __forceinline__ void later_round_msg(const int *pre, const int *cnt, 
     while (pre[s + 1] <= m) s++;
     *src = s, *i = m - pre[s] + first_round(cnt[s], s, R);
 }
+/* how many later-round iterations the block has (m = blockIdx.x, + gridDim.x, ... < pre[R]) */
+__device__ __forceinline__ int later_rounds(const int *pre, int R) {
+    const int b = (int)blockIdx.x, g = (int)gridDim.x;
+    return pre[R] > b ? (pre[R] - b + g - 1) / g : 0;
+}
+/* The block's later-round slots from its `from`-th iteration on that hold a message of this call,
+** in order: up to kThreads slots looked at at once, a thread each (`full(src, i)` reads the slot's
+** header), the full ones listed in `list` as (src, i); returns how many. So an empty slot costs no
+** round trip and no barrier of its own: without dedup most slots are empty (a token has min(k, L)
+** slots at each rank and uses about half at R = 2). Called by every thread of the block. */
+template <class Full>
+__device__ __forceinline__ int collect_slots(const int *pre, const int *cnt, int R, int from, Full full, int2 *list, int *warp_n) {
+    const int m = (int)blockIdx.x + (from + (int)threadIdx.x) * (int)gridDim.x;
+    const int warp = (int)threadIdx.x >> 5, lane = (int)threadIdx.x & 31;
+    int src = 0, i = 0;
+    bool ok = false;
+    if (m < pre[R]) {
+        later_round_msg(pre, cnt, R, m, &src, &i);
+        ok = full(src, i);
+    }
+    const unsigned b = __ballot_sync(0xFFFFFFFFu, ok);
+    if (lane == 0) warp_n[warp] = __popc(b);
+    __syncthreads();
+    int at = __popc(b & ((1u << lane) - 1u)), n = 0;
+    for (int w = 0; w < kThreads / 32; w++) at += w < warp ? warp_n[w] : 0, n += warp_n[w];
+    if (ok) list[at] = make_int2(src, i);
+    __syncthreads();
+    return n;
+}
 
 /* ---- the halves overlap at their seam (programmatic dependent launch, sm_90) -------------
 ** A send kernel lets its dependents launch as soon as all its blocks run; a receive kernel is

@@ -167,6 +167,17 @@ __global__ void __launch_bounds__(kSendThreads, kBlocksPerSm) dispatch_send_kern
                 msgs[m].at = out_msg<kGin>(p, par, dst, slot);
             }
             if (lane == 0) n_msgs = __popc(openers);
+            if (p.a2a) { /* the exchange moves every slot, and a graph replay repeats the host's seq: a slot
+                         ** the token leaves empty at an active rank is marked empty (no entries) */
+                __syncwarp();
+                const int spt = ep_slots_per_token(&d), nmsg = __popc(openers);
+                for (int i = lane; i < R * spt; i += 32) {
+                    const int r = i / spt, nth = i - r * spt;
+                    int sent = 0;
+                    for (int m = 0; m < nmsg; m++) sent += msgs[m].dst == r;
+                    if (act[r] && nth >= sent) reinterpret_cast<ep_header *>(out_msg<kGin>(p, par, r, (int64_t)t * spt + nth))->n_entries = 0;
+                }
+            }
             if (pass == 0 && !acks_in<kGin>(p, seq, act, probed())) bail = 1; /* before the first store into a window */
         }
         __syncthreads();
@@ -400,14 +411,13 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm) dispatch_recv_kernel(P
     cp_async_wait<0>();
     __syncthreads(); /* the first message in shared memory */
     EP_TRACE(trace_point(p, 1, 6));
-    /* m = -1: the first round's message (if its source sent it); then the rest */
-    for (int m = i0 < cnt[src0] ? -1 : (int)blockIdx.x; m < pre[R]; m = next_round_msg(m)) {
-        int src = src0, i = i0;
-        if (m >= 0) later_round_msg(pre, cnt, R, m, &src, &i);
-        const uint8_t *msg = m < 0 ? msg0 : in_msg(p, par, src, i);
+    auto keep_at = [&](int src, int i) { return p.st[par].hdrs + ((int64_t)src * d.slots + i) * d.header_bytes; };
+    /* one slot's message (round1: the first round's, in shared memory) */
+    auto take = [&](int src, int i, const uint8_t *msg, bool round1) {
+        (void)round1;
         /* the header kept for combine, each entry with its row in the masked layout (combine's send
         ** then needs no offsets: one dependent load less) */
-        uint8_t *keep = p.st[par].hdrs + ((int64_t)src * d.slots + i) * d.header_bytes;
+        uint8_t *keep = keep_at(src, i);
         if (threadIdx.x < 32) { /* warp 0: a lane per entry, its row once per distinct (le, row) */
             const int lane = threadIdx.x;
             ep_header h = *reinterpret_cast<const ep_header *>(msg);
@@ -434,7 +444,7 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm) dispatch_recv_kernel(P
             if (lane == 0) n_rows = __popc(firsts);
         }
         __syncthreads();
-        EP_TRACE(if (m == -1) trace_point(p, 1, 3));
+        EP_TRACE(if (round1) trace_point(p, 1, 3));
         const int nrows = n_rows;
         const uint8_t *payload = msg + d.header_bytes;
         const int vec = d.fp8 ? H / 16 : H / 8; /* 16-byte chunks of the payload */
@@ -469,7 +479,20 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm) dispatch_recv_kernel(P
             }
         }
         __syncthreads(); /* rows[] is rewritten for the next message */
-        EP_TRACE(if (m == -1) trace_point(p, 1, 4));
+        EP_TRACE(if (round1) trace_point(p, 1, 4));
+    };
+    /* the first round's slot (if its source scans it), then the later rounds' full slots */
+    if (i0 < cnt[src0]) take(src0, i0, msg0, true);
+    __shared__ int2 list[kThreads];
+    __shared__ int warp_n[kThreads / 32];
+    for (int from = 0, later = later_rounds(pre, R); from < later; from += kThreads) {
+        const int n = collect_slots(pre, cnt, R, from, [&](int src, int i) {
+            const ep_header h = *reinterpret_cast<const ep_header *>(in_msg(p, par, src, i));
+            const bool full = h.seq == seq && h.n_entries > 0;
+            if (!full) reinterpret_cast<ep_header *>(keep_at(src, i))->n_entries = 0; /* (combine skips it) */
+            return full;
+        }, list, warp_n);
+        for (int q = 0; q < n; q++) take(list[q].x, list[q].y, in_msg(p, par, list[q].x, list[q].y), false);
     }
     EP_TRACE(trace_max(p, 1, kTraceMaxWorkEnd));
     if (!p.a2a && last_block_done<kGin == 2, kGin == 2>(&p.counters[1])) { /* a2a: the stream orders slab reuse */
