@@ -21,6 +21,10 @@ namespace {
 ** (ep_layout.h), so the payload goes out before the counting, and only the header, which holds
 ** the rows, waits for it. Counted slots (before) kept the payload ~3 us behind the counting. */
 
+/* ids of the first counted tile each thread loads before the send kernel's first barrier: 2 cover
+** 128 tokens x top-8 at 512 threads; the rest load after it, as every later tile's do */
+constexpr int kEarlyIds = 2;
+
 struct MsgRef {
     uint8_t *at; /* the message in the destination's window (put/signal: in the outbox) */
     int dst, opener, slot;
@@ -144,6 +148,17 @@ __global__ void __launch_bounds__(kSendThreads, kBlocksPerSm) dispatch_send_kern
             raw = raw_id(topk, bits, (int64_t)t * k + lane, E);
             if (weights) w = __ldg(weights + (int64_t)t * k + lane);
         }
+        /* the first counted tile's ids, loaded with the token's own: their round trip is over by
+        ** the time the payload is out (pass 0 counts tokens [0, min(chunk, T)) first) */
+        int first_ids[kEarlyIds];
+        if (pass == 0) {
+            const int n0 = min(chunk, T) * k;
+#pragma unroll
+            for (int q2 = 0; q2 < kEarlyIds; q2++) {
+                const int i = (int)threadIdx.x + q2 * kSendThreads;
+                first_ids[q2] = i < n0 ? raw_id(topk, bits, i, E) : -1;
+            }
+        }
         __syncthreads(); /* act[], the zeroed counts; the previous token's readers of before[] and msgs[] */
         EP_TRACE(if (pass == 0) trace_point(p, 0, 5));
         if (warp == 0) { /* the token's messages: where they go needs no count (ep_layout.h) */
@@ -219,14 +234,21 @@ __global__ void __launch_bounds__(kSendThreads, kBlocksPerSm) dispatch_send_kern
             ** tokens below hit 32 different banks (k apart: 8-way conflicts at k = 8). */
             const int n = min(chunk, upto - base), ks = k | 1;
             if (base != from) __syncthreads(); /* the previous tile's readers */
-            for (int i = threadIdx.x; i < n * k; i += kSendThreads) {
+            auto stage = [&](int i, int raw_e) {
                 const int tok = owner_of(i, k, inv_k), j = i - tok * k;
                 int dst;
-                const int e = sent_id(p, raw_id(topk, bits, (int64_t)base * k + i, E), act, base + tok, inv_L, &dst);
+                const int e = sent_id(p, raw_e, act, base + tok, inv_L, &dst);
                 const int v = e >= 0 ? e | dst << 16 : -1;
                 ids[tok * ks + j] = v;
                 if (pass == 0 && blockIdx.x == 0) p.st[par].topk[(int64_t)base * k + i] = (int16_t)(v >= 0 ? v & 0xFFFF : -1);
+            };
+            int i0 = threadIdx.x;
+            if (pass == 0 && base == from) { /* its first ids were loaded early (first_ids) */
+#pragma unroll
+                for (int q2 = 0; q2 < kEarlyIds; q2++, i0 += kSendThreads)
+                    if (i0 < n * k) stage(i0, first_ids[q2]);
             }
+            for (int i = i0; i < n * k; i += kSendThreads) stage(i, raw_id(topk, bits, (int64_t)base * k + i, E));
             __syncthreads();
             const int u = base + ((int)threadIdx.x & (chunk - 1));
             int ed[kMaxK]; /* token u's */
