@@ -106,15 +106,20 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm) combine_send_kernel(Pa
     __syncthreads();
     EP_TRACE(trace_point(p, 2, 1));
     const uint4 *yv = reinterpret_cast<const uint4 *>(y);
-    /* the message whose header is in hdr, from source src (round1: the block's first round) */
-    auto send = [&](int src, bool round1) {
-        (void)round1;
+    for (int m = i0 < cnt[src0] ? -1 : (int)blockIdx.x; m < pre[R]; m = next_round_msg(m)) {
+        int src = src0, i = i0;
+        if (m >= 0) {
+            later_round_msg(pre, cnt, R, m, &src, &i);
+            for (int c = threadIdx.x; c < d.header_bytes / 16; c += kThreads)
+                reinterpret_cast<uint4 *>(hdr)[c] = reinterpret_cast<const uint4 *>(kept(src, i))[c];
+            __syncthreads();
+        }
         const ep_header h = *reinterpret_cast<const ep_header *>(hdr);
         const ep_entry *ent = reinterpret_cast<const ep_entry *>(hdr + sizeof(ep_header));
         const int ne = h.n_entries;
         if (ne == 0) { /* a slot the dispatch left empty (ep_layout.h) */
             __syncthreads(); /* hdr is reused */
-            return;
+            continue;
         }
         int64_t src_row[kMaxK]; /* first 16-byte chunk of each entry's expert output row */
 #pragma unroll
@@ -152,21 +157,7 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm) combine_send_kernel(Pa
             }
         }
         __syncthreads(); /* hdr is reused */
-        EP_TRACE(if (round1) trace_point(p, 2, 2));
-    };
-    /* the first round's slot (if scanned), then the later rounds' full slots (collect_slots) */
-    if (i0 < cnt[src0]) send(src0, true);
-    __shared__ int2 list[kThreads];
-    __shared__ int warp_n[kThreads / 32];
-    for (int from = 0, later = later_rounds(pre, R); from < later; from += kThreads) {
-        const int n = collect_slots(pre, cnt, R, from, [&](int src, int i) {
-            return reinterpret_cast<const ep_header *>(kept(src, i))->n_entries > 0; }, list, warp_n);
-        for (int q = 0; q < n; q++) {
-            for (int c = threadIdx.x; c < d.header_bytes / 16; c += kThreads)
-                reinterpret_cast<uint4 *>(hdr)[c] = reinterpret_cast<const uint4 *>(kept(list[q].x, list[q].y))[c];
-            __syncthreads();
-            send(list[q].x, false);
-        }
+        EP_TRACE(if (m == -1) trace_point(p, 2, 2));
     }
     EP_TRACE(trace_max(p, 2, kTraceMaxWorkEnd));
     if (!p.a2a && last_block_done<true, kGin == 2>(&p.counters[2])) { /* a2a: the exchange follows on the stream */

@@ -29,7 +29,7 @@ typedef struct cpu_impl {
     epmoe_cpu_world *world;
     uint8_t *payload; /* one message payload (the token cast once) */
     int32_t *pairs;   /* [E] rows sent per expert in this call */
-    int32_t *msgs;    /* [R] the current token's messages per destination so far */
+    int32_t *msgs;    /* [R] messages sent per destination in this call (without dedup) */
     float *acc;       /* [H] */
 } cpu_impl;
 
@@ -125,7 +125,7 @@ static epmoe_status cpu_dispatch_send(epmoe_ep *ep, const epmoe_dispatch_args *a
         for (int r = 0; r < d->R; r++)
             if (c->active[r]) EPMOE_CHECK(wait_flag(ep, ep_ack(win(ep, me), &ep->w, r), c->seq - 2, "receive ack of dispatch", r));
     memset(im->pairs, 0, sizeof(int32_t) * (size_t)d->E);
-    const int spt = ep_slots_per_token(d);
+    memset(im->msgs, 0, sizeof(int32_t) * (size_t)d->R);
     for (int t = 0; t < T; t++) {
         const int32_t *idx = c->topk + (int64_t)t * k;
         int32_t rows[EPMOE_MAX_TOPK];
@@ -139,15 +139,14 @@ static epmoe_status cpu_dispatch_send(epmoe_ep *ep, const epmoe_dispatch_args *a
         const uint16_t *xt = a->x + (int64_t)t * d->H;
         if (d->fp8) epmoe_cast_group_fp8_ref(xt, 1, d->H, im->payload, im->payload + d->H, EPMOE_SCALE_F32_ROW, ep->cfg.round_scale);
         else memcpy(im->payload, xt, (size_t)d->H * 2);
-        /* dedup: one message per destination (ascending) with all its slots; without dedup one
-        ** per distinct expert, holding every slot that names it. As on the GPU, the token's
-        ** messages to a rank take its slots t * spt + 0, 1, ... (ep_layout.h): the receiver scans
-        ** the others and skips them by their seq. */
-        memset(im->msgs, 0, sizeof(int32_t) * (size_t)d->R);
+        /* dedup: one message per destination (ascending) with all its slots, at slot t (as on the
+        ** GPU, ep_layout.h: the receiver scans the slots of tokens that sent it nothing and skips
+        ** them by their seq); without dedup one per distinct expert, holding every slot that names
+        ** it, packed */
         for (int dst = 0; dst < d->R; dst++)
             for (int j0 = 0; j0 < k; j0++) {
                 if (idx[j0] < 0 || idx[j0] / d->L != dst || ep_first_slot(idx, j0) < j0) continue;
-                uint8_t *m = ep_msg(win(ep, dst), d, &ep->w, p, me, (int64_t)t * spt + im->msgs[dst]++);
+                uint8_t *m = ep_msg(win(ep, dst), d, &ep->w, p, me, d->dedup ? t : im->msgs[dst]++);
                 ep_header h = {t, 0, c->seq, 0};
                 ep_entry *ent = (ep_entry *)(m + sizeof(ep_header));
                 for (int j = j0; j < k; j++) {
@@ -164,7 +163,7 @@ static epmoe_status cpu_dispatch_send(epmoe_ep *ep, const epmoe_dispatch_args *a
     for (int dst = 0; dst < d->R; dst++) {
         if (!c->active[dst]) continue;
         uint64_t *meta = ep_meta(win(ep, dst), &ep->w, p, me);
-        meta[0] = ep_count_word((int64_t)T * spt, c->seq); /* the slots to scan */
+        meta[0] = ep_count_word(d->dedup ? T : im->msgs[dst], c->seq); /* the slots to scan */
         for (int le = 0; le < d->L; le++) meta[1 + le] = ep_count_word(im->pairs[dst * d->L + le], c->seq);
         publish(ep_disp_flag(win(ep, dst), d, &ep->w, p, me), c->seq);
     }

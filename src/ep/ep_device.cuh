@@ -37,11 +37,11 @@ constexpr int kSendThreads = EPMOE_SEND_THREADS;
 static_assert((kSendThreads & (kSendThreads - 1)) == 0 && kSendThreads >= 32 * EPMOE_MAX_TOPK && kSendThreads <= 1024 &&
                   kSendThreads * kBlocksPerSm <= 2048,
               "send blocks: a power of two of at least 32 * EPMOE_MAX_TOPK threads, at most 1024, kBlocksPerSm per SM");
-/* The send kernel's dynamic shared memory: rows per expert [E] of the batch, the same [E] over
-** the tokens before the current one, the active set [R] (ints), then the current token's bf16 row
-** [H] at a 16-byte boundary, then a tile of the ids being counted [kSendThreads tokens at most,
-** k | 1] (ints). */
-__host__ __device__ inline int64_t send_row_at(int64_t E, int64_t R) { return (2 * E + R + 3) / 4 * 4; } /* ints */
+/* The send kernel's dynamic shared memory: rows per expert and messages per destination [E + R]
+** of the batch, the same [E + R] over the tokens before the current one, the active set [R]
+** (ints), then the current token's bf16 row [H] at a 16-byte boundary, then a tile of the ids
+** being counted [kSendThreads tokens at most, k | 1] (ints). */
+__host__ __device__ inline int64_t send_row_at(int64_t E, int64_t R) { return (2 * E + 3 * R + 3) / 4 * 4; } /* ints */
 inline size_t send_smem(int64_t E, int64_t R, int64_t H, int64_t k) {
     return sizeof(int) * (size_t)send_row_at(E, R) + 2 * (size_t)H + sizeof(int) * (size_t)kSendThreads * (size_t)(k | 1);
 }
@@ -351,35 +351,6 @@ __device__ __forceinline__ void later_round_msg(const int *pre, const int *cnt, 
     int s = 0;
     while (pre[s + 1] <= m) s++;
     *src = s, *i = m - pre[s] + first_round(cnt[s], s, R);
-}
-/* how many later-round iterations the block has (m = blockIdx.x, + gridDim.x, ... < pre[R]) */
-__device__ __forceinline__ int later_rounds(const int *pre, int R) {
-    const int b = (int)blockIdx.x, g = (int)gridDim.x;
-    return pre[R] > b ? (pre[R] - b + g - 1) / g : 0;
-}
-/* The block's later-round slots from its `from`-th iteration on that hold a message of this call,
-** in order: up to kThreads slots looked at at once, a thread each (`full(src, i)` reads the slot's
-** header), the full ones listed in `list` as (src, i); returns how many. So an empty slot costs no
-** round trip and no barrier of its own: without dedup most slots are empty (a token has min(k, L)
-** slots at each rank and uses about half at R = 2). Called by every thread of the block. */
-template <class Full>
-__device__ __forceinline__ int collect_slots(const int *pre, const int *cnt, int R, int from, Full full, int2 *list, int *warp_n) {
-    const int m = (int)blockIdx.x + (from + (int)threadIdx.x) * (int)gridDim.x;
-    const int warp = (int)threadIdx.x >> 5, lane = (int)threadIdx.x & 31;
-    int src = 0, i = 0;
-    bool ok = false;
-    if (m < pre[R]) {
-        later_round_msg(pre, cnt, R, m, &src, &i);
-        ok = full(src, i);
-    }
-    const unsigned b = __ballot_sync(0xFFFFFFFFu, ok);
-    if (lane == 0) warp_n[warp] = __popc(b);
-    __syncthreads();
-    int at = __popc(b & ((1u << lane) - 1u)), n = 0;
-    for (int w = 0; w < kThreads / 32; w++) at += w < warp ? warp_n[w] : 0, n += warp_n[w];
-    if (ok) list[at] = make_int2(src, i);
-    __syncthreads();
-    return n;
 }
 
 /* ---- the halves overlap at their seam (programmatic dependent launch, sm_90) -------------

@@ -9,7 +9,7 @@
 namespace epk {
 namespace {
 
-/* ---- rows, counted by each block for its own token -----------------------------------------
+/* ---- rows and message slots, counted by each block for its own token --------------------
 ** Rows of an expert come in (token, slot) order (the reference's order, ep_ref.c). So the row of
 ** token t at expert e is the number of earlier tokens naming e. A block keeps these counts as
 ** running histograms in shared memory (atomics, Q threads per counted token): its first pass
@@ -17,9 +17,12 @@ namespace {
 ** pass only the tokens since its previous one. No block waits for another and no plan of the
 ** whole batch is ranked: that plan (seven dependent phases) took 7.3 us of a 40 us dispatch
 ** (bench_ep's trace, 2026-11-30).
-** A message's slot needs no count: token t's messages to a rank take its slots t * spt + 0, 1, ...
-** (ep_layout.h), so the payload goes out before the counting, and only the header, which holds
-** the rows, waits for it. Counted slots (before) kept the payload ~3 us behind the counting. */
+** With dedup a message's slot needs no count: token t's goes to slot t (ep_layout.h), so the
+** payload goes out before the counting and only the header, which holds the rows, waits for it
+** (counted slots kept the payload ~2 us behind the counting). Without dedup a token has up to
+** min(k, L) messages per rank, and slot t * min(k, L) + i left half the slots empty for the
+** receivers to scan (R = 2: per-expert dispatch +6 us), so there the slots are counted and
+** packed: the earlier tokens' messages to r, plus the token's own earlier ones. */
 
 /* ids of the first counted tile each thread loads before the send kernel's first barrier: 2 cover
 ** 128 tokens x top-8 at 512 threads; the rest load after it, as every later tile's do */
@@ -73,18 +76,18 @@ template <int kGin> __device__ __forceinline__ bool acks_in(const Params &p, uin
     return __all_sync(0xFFFFFFFFu, ok);
 }
 
-/* The count blocks, one per destination: [0] the slots to scan (T of them a token's), [1 + le]
-** rows per local expert, from the batch's counts, as tagged words (ep_count_word); every thread
-** of the block stores some (one thread storing a destination's 1 + L words over NVLink took
-** microseconds). Under put/signal they go to the outbox, put after the ticket. */
+/* The count blocks, one per destination: [0] the slots to scan (dedup: T, a token's slot each;
+** else the messages), [1 + le] rows per local expert, from the batch's counts, as tagged words
+** (ep_count_word); every thread of the block stores some (one thread storing a destination's
+** 1 + L words over NVLink took microseconds). Under put/signal they go to the outbox, put after
+** the ticket. */
 template <int kGin>
 __device__ __forceinline__ void store_counts(const Params &p, int par, uint32_t seq, const int *count, const int *act, int T) {
-    const int per = 1 + p.d.L, L = p.d.L;
-    const int64_t n_slots = (int64_t)T * ep_slots_per_token(&p.d);
+    const int per = 1 + p.d.L, L = p.d.L, E = p.d.E;
     for (int i = threadIdx.x; i < p.d.R * per; i += blockDim.x) {
         const int r = i / per, f = i - r * per;
         if (act[r]) /* one 8-byte store, volatile: the receive polls the word while it lands */
-            *reinterpret_cast<volatile uint64_t *>(out_meta<kGin>(p, par, r) + f) = ep_count_word(f ? count[r * L + f - 1] : n_slots, seq);
+            *reinterpret_cast<volatile uint64_t *>(out_meta<kGin>(p, par, r) + f) = ep_count_word(f ? count[r * L + f - 1] : p.d.dedup ? T : count[E + r], seq);
     }
 }
 
@@ -98,10 +101,11 @@ __global__ void __launch_bounds__(kSendThreads, kBlocksPerSm) dispatch_send_kern
     const int k = d.k, me = d.rank, par = seq & 1, L = d.L, E = d.E, R = d.R;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const float inv_L = 1.0f / (float)L, inv_k = 1.0f / (float)k;
-    /* count [E]: the batch's rows per expert (the count blocks); before [E]: the same over the
-    ** tokens before the block's current one; act [R] */
+    /* count [E + R]: the batch's rows per expert and (without dedup) messages per destination
+    ** (the count blocks); before [E + R]: the same over the tokens before the block's current
+    ** one; act [R] */
     extern __shared__ __align__(16) int count[];
-    int *before = count + E, *act = before + E;
+    int *before = count + E + R, *act = before + E + R;
     uint4 *row = reinterpret_cast<uint4 *>(count + send_row_at(E, R)); /* the token's bf16 row (see send_smem) */
     int *ids = reinterpret_cast<int *>(row + d.H / 8);                    /* a tile of counted ids */
     __shared__ int tok_e[kMaxK], tok_dst[kMaxK], tok_open[kMaxK], tok_row[kMaxK];
@@ -120,7 +124,7 @@ __global__ void __launch_bounds__(kSendThreads, kBlocksPerSm) dispatch_send_kern
     if (!p.a2a && kGin != 2 && warp == 0 && lane < R && R <= 32) /* an acquire: no fence later (acks_in) */
         ack_seen = ld_acquire(ep_ack(my_base(p), &p.w, lane));
     auto probed = [&]() { return R <= 32 && (lane >= R || !act[lane] || ack_seen >= seq - 2); };
-    for (int i = threadIdx.x; i < 2 * E; i += kSendThreads) count[i] = 0;
+    for (int i = threadIdx.x; i < 2 * (E + R); i += kSendThreads) count[i] = 0;
     for (int r = threadIdx.x; r < R; r += kSendThreads) act[r] = __ldg(p.active + r);
     if (threadIdx.x == 0) bail = 0;
     EP_TRACE(trace_point(p, 0, 2));
@@ -161,36 +165,39 @@ __global__ void __launch_bounds__(kSendThreads, kBlocksPerSm) dispatch_send_kern
         }
         __syncthreads(); /* act[], the zeroed counts; the previous token's readers of before[] and msgs[] */
         EP_TRACE(if (pass == 0) trace_point(p, 0, 5));
-        if (warp == 0) { /* the token's messages: where they go needs no count (ep_layout.h) */
-            int dst = -1;
+        /* warp 0, lane j: slot j's expert and rank; lane m of the token's messages places message m
+        ** at slot `base` (+ the token's own earlier messages to that rank, without dedup) */
+        int dst = -1, nth = 0;
+        bool opener = false;
+        auto place = [&](int base) {
+            const unsigned openers = __ballot_sync(0xFFFFFFFFu, opener);
+            if (opener) {
+                MsgRef &mr = msgs[__popc(openers & ((1u << lane) - 1u))];
+                mr.dst = dst, mr.opener = lane, mr.slot = base + nth;
+                mr.at = out_msg<kGin>(p, par, dst, mr.slot);
+            }
+        };
+        if (warp == 0) {
             const int e = lane < k ? sent_id(p, raw, act, t, inv_L, &dst) : -1;
-            int open = -1, nth = 0; /* the first slot of the same destination (dedup) or expert; the
-                                    ** token's messages to dst before this one's (no dedup) */
+            int open = -1; /* the first slot of the same destination (dedup) or expert */
             for (int jj = 0; jj < kMaxK; jj++) {
                 const int ej = __shfl_sync(0xFFFFFFFFu, e, jj), dj = __shfl_sync(0xFFFFFFFFu, dst, jj);
                 if (open < 0 && jj <= lane && e >= 0 && ej >= 0 && (d.dedup ? dj == dst : ej == e)) open = jj;
                 const int oj = __shfl_sync(0xFFFFFFFFu, open, jj);
-                nth += jj < lane && ej >= 0 && oj == jj && dj == dst;
+                nth += !d.dedup && jj < lane && ej >= 0 && oj == jj && dj == dst;
             }
             if (lane < kMaxK) tok_e[lane] = e, tok_dst[lane] = dst, tok_open[lane] = open, wts[lane] = w;
-            const bool opener = e >= 0 && open == lane;
+            opener = e >= 0 && open == lane;
             const unsigned openers = __ballot_sync(0xFFFFFFFFu, opener);
-            if (opener) {
-                const int m = __popc(openers & ((1u << lane) - 1u));
-                const int slot = t * ep_slots_per_token(&d) + (d.dedup ? 0 : nth);
-                msgs[m].dst = dst, msgs[m].opener = lane, msgs[m].slot = slot;
-                msgs[m].at = out_msg<kGin>(p, par, dst, slot);
-            }
             if (lane == 0) n_msgs = __popc(openers);
-            if (p.a2a) { /* the exchange moves every slot, and a graph replay repeats the host's seq: a slot
-                         ** the token leaves empty at an active rank is marked empty (no entries) */
-                __syncwarp();
-                const int spt = ep_slots_per_token(&d), nmsg = __popc(openers);
-                for (int i = lane; i < R * spt; i += 32) {
-                    const int r = i / spt, nth = i - r * spt;
-                    int sent = 0;
-                    for (int m = 0; m < nmsg; m++) sent += msgs[m].dst == r;
-                    if (act[r] && nth >= sent) reinterpret_cast<ep_header *>(out_msg<kGin>(p, par, r, (int64_t)t * spt + nth))->n_entries = 0;
+            if (d.dedup) place(t);
+            __syncwarp();
+            if (d.dedup && p.a2a) { /* the exchange moves every slot, and a graph replay repeats the host's
+                                    ** seq: the token's slot at an active rank it sends nothing is emptied */
+                for (int r = lane; r < R; r += 32) {
+                    bool sent = false;
+                    for (int j = 0; j < k; j++) sent |= tok_dst[j] == r;
+                    if (act[r] && !sent) reinterpret_cast<ep_header *>(out_msg<kGin>(p, par, r, t))->n_entries = 0;
                 }
             }
             if (pass == 0 && !acks_in<kGin>(p, seq, act, probed())) bail = 1; /* before the first store into a window */
@@ -200,7 +207,7 @@ __global__ void __launch_bounds__(kSendThreads, kBlocksPerSm) dispatch_send_kern
         if (bail) return;
         EP_TRACE(if (pass == 0) trace_point(p, 0, 3));
         const int nm = n_msgs;
-        if (nm) { /* the payload, before the counting: its stores drain while the block counts */
+        auto store_payload = [&]() { /* the token's row (cast), into every message */
             const unsigned half_mask = 0xFFFFu << (lane & 16);
             for (int c0 = threadIdx.x; c0 < chunks; c0 += kSendThreads * kBatch) {
                 uint4 v[kBatch]; /* every load of the row in flight before the first use */
@@ -224,7 +231,8 @@ __global__ void __launch_bounds__(kSendThreads, kBlocksPerSm) dispatch_send_kern
                     }
                 }
             }
-        }
+        };
+        if (nm && d.dedup) store_payload(); /* before the counting: its stores drain while the block counts */
         EP_TRACE(if (pass == 0) trace_point(p, 0, 7));
         for (int base = from; base < upto; base += chunk) {
             /* the tile's ids as sent with their ranks, e | rank << 16 (E, R <= 32767) or -1, staged
@@ -258,16 +266,29 @@ __global__ void __launch_bounds__(kSendThreads, kBlocksPerSm) dispatch_send_kern
 #pragma unroll
             for (int j = 0; j < kMaxK; j++) { /* this thread's slots of token u */
                 if ((j & (Q - 1)) != q) continue;
-                bool f = ed[j] >= 0; /* the slot names its expert first */
+                bool f = ed[j] >= 0; /* the slot names its expert first (without dedup: opens a message) */
 #pragma unroll
                 for (int jj = 0; jj < j; jj++) f &= ed[jj] != ed[j];
                 if (f && pass == 0) atomicAdd(&count[ed[j] & 0xFFFF], 1);
                 if (f && early) atomicAdd(&before[ed[j] & 0xFFFF], 1);
+                if (d.dedup) continue;
+                /* messages: destinations collide a lot, so one atomic per warp group */
+                const int key = f ? (ed[j] >> 16) * 2 + early : -1;
+                const unsigned grp = __match_any_sync(0xFFFFFFFFu, key);
+                if (key >= 0 && lane == __ffs(grp) - 1) {
+                    if (pass == 0) atomicAdd(&count[E + (key >> 1)], __popc(grp));
+                    if (key & 1) atomicAdd(&before[E + (key >> 1)], __popc(grp));
+                }
             }
         }
         EP_TRACE(if (pass == 0) trace_point(p, 0, 6));
         __syncthreads();
         EP_TRACE(if (pass == 0) trace_point(p, 0, 1));
+        if (!d.dedup) { /* the messages' slots are counted now: place them, then the payload */
+            if (warp == 0) place(dst >= 0 ? before[E + dst] : 0);
+            __syncthreads();
+            if (nm) store_payload();
+        }
         if (warp == 0) { /* the headers, a lane each, once the token's rows are counted */
             if (lane < kMaxK) tok_row[lane] = tok_e[lane] >= 0 ? before[tok_e[lane]] : 0;
             __syncwarp();
@@ -433,13 +454,14 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm) dispatch_recv_kernel(P
     cp_async_wait<0>();
     __syncthreads(); /* the first message in shared memory */
     EP_TRACE(trace_point(p, 1, 6));
-    auto keep_at = [&](int src, int i) { return p.st[par].hdrs + ((int64_t)src * d.slots + i) * d.header_bytes; };
-    /* one slot's message (round1: the first round's, in shared memory) */
-    auto take = [&](int src, int i, const uint8_t *msg, bool round1) {
-        (void)round1;
+    /* m = -1: the first round's slot (if its source has it scanned); then the rest */
+    for (int m = i0 < cnt[src0] ? -1 : (int)blockIdx.x; m < pre[R]; m = next_round_msg(m)) {
+        int src = src0, i = i0;
+        if (m >= 0) later_round_msg(pre, cnt, R, m, &src, &i);
+        const uint8_t *msg = m < 0 ? msg0 : in_msg(p, par, src, i);
         /* the header kept for combine, each entry with its row in the masked layout (combine's send
         ** then needs no offsets: one dependent load less) */
-        uint8_t *keep = keep_at(src, i);
+        uint8_t *keep = p.st[par].hdrs + ((int64_t)src * d.slots + i) * d.header_bytes;
         if (threadIdx.x < 32) { /* warp 0: a lane per entry, its row once per distinct (le, row) */
             const int lane = threadIdx.x;
             ep_header h = *reinterpret_cast<const ep_header *>(msg);
@@ -466,7 +488,7 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm) dispatch_recv_kernel(P
             if (lane == 0) n_rows = __popc(firsts);
         }
         __syncthreads();
-        EP_TRACE(if (round1) trace_point(p, 1, 3));
+        EP_TRACE(if (m == -1) trace_point(p, 1, 3));
         const int nrows = n_rows;
         const uint8_t *payload = msg + d.header_bytes;
         const int vec = d.fp8 ? H / 16 : H / 8; /* 16-byte chunks of the payload */
@@ -501,20 +523,7 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm) dispatch_recv_kernel(P
             }
         }
         __syncthreads(); /* rows[] is rewritten for the next message */
-        EP_TRACE(if (round1) trace_point(p, 1, 4));
-    };
-    /* the first round's slot (if its source scans it), then the later rounds' full slots */
-    if (i0 < cnt[src0]) take(src0, i0, msg0, true);
-    __shared__ int2 list[kThreads];
-    __shared__ int warp_n[kThreads / 32];
-    for (int from = 0, later = later_rounds(pre, R); from < later; from += kThreads) {
-        const int n = collect_slots(pre, cnt, R, from, [&](int src, int i) {
-            const ep_header h = *reinterpret_cast<const ep_header *>(in_msg(p, par, src, i));
-            const bool full = h.seq == seq && h.n_entries > 0;
-            if (!full) reinterpret_cast<ep_header *>(keep_at(src, i))->n_entries = 0; /* (combine skips it) */
-            return full;
-        }, list, warp_n);
-        for (int q = 0; q < n; q++) take(list[q].x, list[q].y, in_msg(p, par, list[q].x, list[q].y), false);
+        EP_TRACE(if (m == -1) trace_point(p, 1, 4));
     }
     EP_TRACE(trace_max(p, 1, kTraceMaxWorkEnd));
     if (!p.a2a && last_block_done<kGin == 2, kGin == 2>(&p.counters[1])) { /* a2a: the stream orders slab reuse */

@@ -15,10 +15,10 @@
 **   disp_meta [p][src R] { uint64 n_slots, uint64 pairs[L] } then uint64 seq flag
 **                                          (each count an ep_count_word: tagged with its call)
 ** A receiver scans slots [0, n_slots) of each source and takes the messages whose header carries
-** the call's seq (a slot the call left empty still holds an older call's message). Where a sender
-** puts a message is its choice: the CPU backend packs them; the GPU's puts token t's at
-** t * ep_slots_per_token + (its index among the token's messages to that rank), so it can store
-** the payload before it has counted the batch.
+** the call's seq (a slot the call left empty still holds an older call's message). With dedup,
+** token t's message goes to slot t (n_slots = T): a sender can store the payload before it has
+** counted the batch. Without dedup (up to min(k, L) messages per token and rank) they are packed
+** in token order (n_slots = messages), so no slot is empty.
 **   comb_rows [p][...] bf16 [H]            REDUCE_AT_EXPERT: [dst rank R][token N]
 **                                          REDUCE_AT_OWNER:  [token N][slot k]
 **   comb_flag [p][src R] uint64 seq
@@ -81,16 +81,13 @@ typedef struct ep_window {
     int64_t total;
 } ep_window;
 
-/* Message slots a token may use at one destination: one with dedup, else one per distinct expert. */
-EP_HD int ep_slots_per_token(const ep_dims *d) { return d->dedup ? 1 : d->k < d->L ? d->k : d->L; }
-
 EP_HD int64_t ep_align(int64_t x, int64_t a) { return (x + a - 1) / a * a; }
 
 EP_HD void ep_dims_init(ep_dims *d, int R, int rank, int N, int H, int E, int k, int fp8, int dedup,
                                 int reduce_at_expert) {
     d->R = R, d->rank = rank, d->N = N, d->H = H, d->E = E, d->L = E / R, d->k = k;
     d->fp8 = fp8, d->dedup = dedup, d->reduce_at_expert = reduce_at_expert;
-    d->slots = (int64_t)N * ep_slots_per_token(d);
+    d->slots = dedup ? N : (int64_t)N * (k < d->L ? k : d->L);
     d->header_bytes = ep_align((int64_t)sizeof(ep_header) + (int64_t)k * (int64_t)sizeof(ep_entry), 16);
     d->payload_bytes = fp8 ? (int64_t)H + (int64_t)(H / FMT_GROUP) * 4 : (int64_t)H * 2;
     d->msg_bytes = ep_align(d->header_bytes + d->payload_bytes, 16);
