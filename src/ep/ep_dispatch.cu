@@ -203,8 +203,10 @@ __global__ void __launch_bounds__(kSendThreads, kBlocksPerSm) dispatch_send_kern
             if (pass == 0 && !acks_in<kGin>(p, seq, act, probed())) bail = 1; /* before the first store into a window */
         }
         __syncthreads();
-        cp_async_wait<0>(); /* each thread casts the chunks it copied (also: no copy outlives the block) */
-        if (bail) return;
+        if (bail) {
+            cp_async_wait<0>(); /* no copy outlives the block */
+            return;
+        }
         EP_TRACE(if (pass == 0) trace_point(p, 0, 3));
         const int nm = n_msgs;
         auto store_payload = [&]() { /* the token's row (cast), into every message */
@@ -232,7 +234,10 @@ __global__ void __launch_bounds__(kSendThreads, kBlocksPerSm) dispatch_send_kern
                 }
             }
         };
-        if (nm && d.dedup) store_payload(); /* before the counting: its stores drain while the block counts */
+        if (d.dedup) { /* the payload before the counting: its stores drain while the block counts */
+            cp_async_wait<0>(); /* each thread casts the chunks it copied */
+            if (nm) store_payload();
+        }
         EP_TRACE(if (pass == 0) trace_point(p, 0, 7));
         for (int base = from; base < upto; base += chunk) {
             /* the tile's ids as sent with their ranks, e | rank << 16 (E, R <= 32767) or -1, staged
@@ -284,11 +289,7 @@ __global__ void __launch_bounds__(kSendThreads, kBlocksPerSm) dispatch_send_kern
         EP_TRACE(if (pass == 0) trace_point(p, 0, 6));
         __syncthreads();
         EP_TRACE(if (pass == 0) trace_point(p, 0, 1));
-        if (!d.dedup) { /* the messages' slots are counted now: place them, then the payload */
-            if (warp == 0) place(dst >= 0 ? before[E + dst] : 0);
-            __syncthreads();
-            if (nm) store_payload();
-        }
+        if (!d.dedup && warp == 0) place(dst >= 0 ? before[E + dst] : 0); /* the slots are counted now */
         if (warp == 0) { /* the headers, a lane each, once the token's rows are counted */
             if (lane < kMaxK) tok_row[lane] = tok_e[lane] >= 0 ? before[tok_e[lane]] : 0;
             __syncwarp();
@@ -304,6 +305,11 @@ __global__ void __launch_bounds__(kSendThreads, kBlocksPerSm) dispatch_send_kern
                 }
                 *reinterpret_cast<ep_header *>(mr.at) = h;
             }
+        }
+        cp_async_wait<0>(); /* the row (with dedup long landed; without, it loaded while the block counted) */
+        if (!d.dedup) { /* the payload after its headers: they no longer wait behind its stores */
+            __syncthreads();
+            if (nm) store_payload();
         }
         if (kGin) { /* put each remote message where LSA would have stored it */
             __syncthreads();
