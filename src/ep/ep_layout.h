@@ -14,11 +14,6 @@
 **   disp_msgs [p][src R][slot S] msg       S = N with dedup, N * min(k, L) without
 **   disp_meta [p][src R] { uint64 n_slots, uint64 pairs[L] } then uint64 seq flag
 **                                          (each count an ep_count_word: tagged with its call)
-** A receiver scans slots [0, n_slots) of each source and takes the messages whose header carries
-** the call's seq (a slot the call left empty still holds an older call's message). With dedup,
-** token t's message goes to slot t (n_slots = T): a sender can store the payload before it has
-** counted the batch. Without dedup (up to min(k, L) messages per token and rank) they are packed
-** in token order (n_slots = messages), so no slot is empty.
 **   comb_rows [p][...] bf16 [H]            REDUCE_AT_EXPERT: [dst rank R][token N]
 **                                          REDUCE_AT_OWNER:  [token N][slot k]
 **   comb_flag [p][src R] uint64 seq
@@ -28,6 +23,13 @@
 ** Flags carry the sequence number of the call they complete, so nothing is ever reset: a
 ** receiver waits for flag == seq (graph replays keep their own counters in device memory).
 ** The fallback transport's slabs (ep_a2a below) carry the same messages and counts.
+** A receiver scans slots [0, n_slots) of each source and takes the messages whose header carries
+** the call's seq (a slot the call left empty still holds an older call's message). With dedup,
+** token t's message goes to slot t (n_slots = T): a sender can store the payload before it has
+** counted the batch. Without dedup (up to min(k, L) messages per token and rank) they are packed
+** in token order (n_slots = messages), so no slot is empty.
+** (The fallback's kernels run on the host's seq, which a graph replay repeats: there the sender
+** also empties a token's slot at each active rank it sends nothing, by n_entries = 0.)
 */
 #ifndef EPMOE_EP_LAYOUT_H
 #define EPMOE_EP_LAYOUT_H
