@@ -223,7 +223,7 @@ def msg_bytes(shape, scheme, op, wire):
         return 2 * H
     if scheme.header == "deepep":
         header = 16
-    else:  # ep_layout.h: int32 token, int32 n_entries, then k x 12-byte entries, padded to 16
+    else:  # ep_layout.h: int32 token, int32 n_entries, uint32 seq, uint32 pad, then k x 12-byte entries, padded to 16
         header = -(-(16 + 12 * shape.topk) // 16) * 16
     payload = H + H // shape.group * 4 if wire == "fp8" else 2 * H
     return -(-(header + payload) // 16) * 16 if scheme.header == "epmoe" else header + payload
