@@ -289,7 +289,12 @@ __global__ void __launch_bounds__(kSendThreads, kBlocksPerSm) dispatch_send_kern
         EP_TRACE(if (pass == 0) trace_point(p, 0, 6));
         __syncthreads();
         EP_TRACE(if (pass == 0) trace_point(p, 0, 1));
-        if (!d.dedup && warp == 0) place(dst >= 0 ? before[E + dst] : 0); /* the slots are counted now */
+        if (!d.dedup) { /* the slots are counted now: placed, then the payload goes out while warp 0
+                        ** writes the headers (a barrier between headers and payload cost R = 2
+                        ** per-expert dispatch ~2 us) */
+            if (warp == 0) place(dst >= 0 ? before[E + dst] : 0);
+            __syncthreads();
+        }
         if (warp == 0) { /* the headers, a lane each, once the token's rows are counted */
             if (lane < kMaxK) tok_row[lane] = tok_e[lane] >= 0 ? before[tok_e[lane]] : 0;
             __syncwarp();
@@ -307,10 +312,7 @@ __global__ void __launch_bounds__(kSendThreads, kBlocksPerSm) dispatch_send_kern
             }
         }
         cp_async_wait<0>(); /* the row (with dedup long landed; without, it loaded while the block counted) */
-        if (!d.dedup) { /* the payload after its headers: they no longer wait behind its stores */
-            __syncthreads();
-            if (nm) store_payload();
-        }
+        if (!d.dedup && nm) store_payload();
         if (kGin) { /* put each remote message where LSA would have stored it */
             __syncthreads();
             for (int m = 0; m < nm; m++) {
