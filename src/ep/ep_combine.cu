@@ -75,7 +75,7 @@ __device__ __forceinline__ void sum_rows(uint4 *o, int chunks, int n, Row row, W
     }
 }
 
-template <int kGin, int kMaxK>
+template <int kGin, int kMaxK, bool kAtExpert>
 __global__ void __launch_bounds__(kThreads, kBlocksPerSm) combine_send_kernel(Params p, const uint16_t *__restrict__ y, uint32_t rel) {
     const ep_dims &d = p.d;
     /* the dispatch being combined: LSA, `rel` calls before the latest received one (device count) */
@@ -125,7 +125,7 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm) combine_send_kernel(Pa
 #pragma unroll
         for (int n = 0; n < kMaxK; n++)
             src_row[n] = n < ne ? ((int64_t)ent[n].le * M + ent[n].row) * (H / 8) : 0; /* (rows made absolute at receive) */
-        if (d.reduce_at_expert) {
+        if (kAtExpert) {
             /* top-k order; a repeated expert counts twice */
             sum_rows<true>(reinterpret_cast<uint4 *>(out_comb_row<kGin>(p, par, src, h.token)), H / 8, ne,
                            [&](int n) { return yv + ((int64_t)ent[n].le * M + ent[n].row) * (H / 8); }, [&](int n) { return ent[n].w; });
@@ -144,10 +144,10 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm) combine_send_kernel(Pa
         }
         if (via_outbox<kGin>(p, src)) { /* put the rows where LSA would have stored them */
             __syncthreads();
-            const int rows = d.reduce_at_expert ? 1 : ne;
+            const int rows = kAtExpert ? 1 : ne;
             for (int n = 0; n < rows; n++) {
-                const int64_t row = d.reduce_at_expert ? (int64_t)h.token : (int64_t)h.token * d.k + ent[n].j;
-                const int64_t at = d.reduce_at_expert ? (int64_t)me * d.N + row : row; /* in src's window */
+                const int64_t row = kAtExpert ? (int64_t)h.token : (int64_t)h.token * d.k + ent[n].j;
+                const int64_t at = kAtExpert ? (int64_t)me * d.N + row : row; /* in src's window */
                 if (kGin == 2) { /* a thread per row posts it */
                     if ((int)threadIdx.x == n)
                         gin_put(p, src, ep_comb_row(my_base(p), &d, &p.w, par, at), out_comb_row<kGin>(p, par, src, row), (size_t)H * 2);
@@ -169,7 +169,7 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm) combine_send_kernel(Pa
     }
 }
 
-template <int kGin, int kMaxK>
+template <int kGin, int kMaxK, bool kAtExpert>
 __global__ void __launch_bounds__(kThreads, kBlocksPerSm) combine_recv_kernel(Params p, const float *__restrict__ weights,
                                                                 uint16_t *__restrict__ out, int T, uint32_t rel) {
     const ep_dims &d = p.d;
@@ -187,7 +187,7 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm) combine_recv_kernel(Pa
     auto load_token = [&](int t) {
         if ((int)threadIdx.x < k) {
             tk[threadIdx.x] = topk[(int64_t)t * k + threadIdx.x];
-            if (!d.reduce_at_expert) wk[threadIdx.x] = __ldg(weights + (int64_t)t * k + threadIdx.x);
+            if (!kAtExpert) wk[threadIdx.x] = __ldg(weights + (int64_t)t * k + threadIdx.x);
         }
     };
     __shared__ const uint4 *parts[EPMOE_MAX_TOPK]; /* the rows to sum, in the fixed order */
@@ -197,7 +197,7 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm) combine_recv_kernel(Pa
     auto plan_token = [&](int t) {
         const int16_t *tok = tk;
         int np = 0;
-        if (d.reduce_at_expert) {
+        if (kAtExpert) {
             for (int j = 0; j < k; j++) { /* ranks in ascending order, one partial per rank hit */
                 if (tok[j] < 0) continue;
                 const uint4 *row = reinterpret_cast<const uint4 *>(in_comb_row(p, par, tok[j] / L, t));
@@ -223,7 +223,7 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm) combine_recv_kernel(Pa
         uint4 *o = reinterpret_cast<uint4 *>(out + (int64_t)t * H);
         auto part = [&](int q) { return parts[q]; };
         auto weight = [&](int q) { return wts[q]; };
-        if (d.reduce_at_expert) sum_rows<false>(o, H / 8, nparts, part, weight);
+        if (kAtExpert) sum_rows<false>(o, H / 8, nparts, part, weight);
         else sum_rows<true>(o, H / 8, nparts, part, weight);
     };
     if ((int)blockIdx.x < T) {
@@ -266,16 +266,28 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm) combine_recv_kernel(Pa
 
 } // namespace
 
-/* One instantiation per transport (kGin = Params::gin) and per width of a token's register
-** arrays (kMaxK), chosen here. kMaxK sizes those arrays for top-k <= 8 (DeepSeek-R1, Kimi-K2) or
-** for EPMOE_MAX_TOPK: at 128 registers (two blocks per SM) the 16-wide arrays spill (send 196 B,
-** receive 88 B); the 8-wide ones do not (114 and 96 registers, ptxas 2026-11-30). */
-template <int kGin> auto combine_send_for(int k) { return k <= 8 ? combine_send_kernel<kGin, 8> : combine_send_kernel<kGin, EPMOE_MAX_TOPK>; }
-template <int kGin> auto combine_recv_for(int k) { return k <= 8 ? combine_recv_kernel<kGin, 8> : combine_recv_kernel<kGin, EPMOE_MAX_TOPK>; }
+/* One instantiation per transport (kGin = Params::gin), per width of a token's register arrays
+** (kMaxK) and per reduce mode (kAtExpert), chosen here. kMaxK sizes those arrays for top-k <= 8
+** (DeepSeek-R1, Kimi-K2) or for EPMOE_MAX_TOPK: at 128 registers (two blocks per SM) the 16-wide
+** arrays spill (send 196 B, receive 88 B); the 8-wide ones do not (114 and 96 registers, ptxas
+** 2026-11-30). The reduce mode as a template, as dispatch's message mode: each kernel then carries
+** only its own path (dispatch's send, specialized so, lost its spills and 1-3 us). */
+template <int kGin, bool kAtExpert> auto combine_send_for(int k) {
+    return k <= 8 ? combine_send_kernel<kGin, 8, kAtExpert> : combine_send_kernel<kGin, EPMOE_MAX_TOPK, kAtExpert>;
+}
+template <int kGin, bool kAtExpert> auto combine_recv_for(int k) {
+    return k <= 8 ? combine_recv_kernel<kGin, 8, kAtExpert> : combine_recv_kernel<kGin, EPMOE_MAX_TOPK, kAtExpert>;
+}
+template <bool kAtExpert> auto combine_send_of(int gin, int k) {
+    return gin == 2 ? combine_send_for<2, kAtExpert>(k) : gin == 1 ? combine_send_for<1, kAtExpert>(k) : combine_send_for<0, kAtExpert>(k);
+}
+template <bool kAtExpert> auto combine_recv_of(int gin, int k) {
+    return gin == 2 ? combine_recv_for<2, kAtExpert>(k) : gin == 1 ? combine_recv_for<1, kAtExpert>(k) : combine_recv_for<0, kAtExpert>(k);
+}
 
 epmoe_status launch_combine_send(const Params &p, const epmoe_combine_args &a, uint32_t rel, int sms, cudaStream_t s) {
     const int k = p.d.k;
-    auto kernel = p.gin == 2 ? combine_send_for<2>(k) : p.gin == 1 ? combine_send_for<1>(k) : combine_send_for<0>(k);
+    auto kernel = p.d.reduce_at_expert ? combine_send_of<true>(p.gin, k) : combine_send_of<false>(p.gin, k);
     kernel<<<kBlocksPerSm * sms, kThreads, 0, s>>>(p, a.expert_out, rel);
     return epmoe__launched("epmoe_combine (send)");
 }
@@ -283,7 +295,7 @@ epmoe_status launch_combine_send(const Params &p, const epmoe_combine_args &a, u
 epmoe_status launch_combine_recv(const Params &p, const epmoe_combine_args &a, uint32_t rel, int T, int sms,
                                  cudaStream_t s) {
     const int k = p.d.k;
-    auto kernel = p.gin == 2 ? combine_recv_for<2>(k) : p.gin == 1 ? combine_recv_for<1>(k) : combine_recv_for<0>(k);
+    auto kernel = p.d.reduce_at_expert ? combine_recv_of<true>(p.gin, k) : combine_recv_of<false>(p.gin, k);
     return launch_dependent("epmoe_combine (receive)", kernel, grid_for(T, sms), kThreads, 0, s, !p.a2a, p, a.topk_weights,
                             a.out, T, rel);
 }
