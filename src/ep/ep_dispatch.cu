@@ -580,9 +580,11 @@ template <int kMaxK, bool kDedup> epmoe_status send_per_gin(const Params &p, con
 
 epmoe_status launch_dispatch_send(const Params &p, const epmoe_dispatch_args &a, int sms, cudaStream_t s) {
     /* kMaxK: the width of a token's register arrays, 8 for top-k <= 8 (as combine's); kDedup: the
-    ** message mode, whose slots and payload order differ (each mode's kernel carries only its own
-    ** path: with the mode read at run time, a change to the per-expert path alone moved dedup
-    ** dispatch by ~0.3 us) */
+    ** message mode, whose slots and payload order differ. With the mode read at run time the
+    ** kernel carried both paths in its 64 registers and spilled 20-24 bytes (ptxas); specialized,
+    ** the device API's kernels spill nothing, and dispatch took 1.2 us less at R = 2 (FP8, 128
+    ** tokens) and 3.4 us less with per-expert messages at R = 1 (bench_ep, 2 x H200, 2026-11-30).
+    ** The wire (FP8 or BF16) stays a run-time value: specialized too, BF16 dispatch lost 0.6-1.5 us. */
     if (p.d.k <= 8) return p.d.dedup ? send_per_gin<8, true>(p, a, sms, s) : send_per_gin<8, false>(p, a, sms, s);
     return p.d.dedup ? send_per_gin<EPMOE_MAX_TOPK, true>(p, a, sms, s) : send_per_gin<EPMOE_MAX_TOPK, false>(p, a, sms, s);
 }
