@@ -4,7 +4,9 @@
 ** (the anchor of shared/baselines/nccl_alltoall.py). Each iteration starts from an NCCL
 ** all-reduce of one float on the same stream (aligns the ranks, as DeepEP's bench does), then
 ** CUDA events around dispatch and around combine; medians over 200 iterations after 30 warm-ups
-** (a second pass with events between the halves too gives the send halves' times).
+** (a second pass with events between the halves too gives the send halves' times). A third
+** times dispatch + combine captured once in a CUDA graph and replayed, as an engine that captures
+** its decode step runs them.
 ** Bandwidth is DeepEP's logical GB/s: valid (token, expert) selections x bytes per selection
 ** (FP8: H + H/128*4 + 16; BF16: 2H + 16; combine: 2H), over the measured time.
 ** The stream is first held by a 200 us spin kernel while the host enqueues the iteration, so
@@ -47,7 +49,7 @@ typedef struct {
     int rank, R;
     ncclUniqueId id;
     const bench_case *bc;
-    double disp_us, comb_us, a2a_us, disp_send_us, comb_send_us;
+    double disp_us, comb_us, a2a_us, disp_send_us, comb_send_us, graph_us;
     long selections, link_msgs;
     size_t window_bytes;
 } job;
@@ -208,6 +210,31 @@ static void *run(void *arg) {
             CU(cudaEventElapsedTime(&tcs[it - WARMUP], ev[2], ev[3]));
         }
     }
+    /* dispatch + combine (each PHASE_BOTH) captured once in a CUDA graph, the replay timed as the
+    ** calls above: the four kernels without the host's launches between them. The calls above stay
+    ** the headline: DeepEP's bench times calls. */
+    float *tg = (float *)malloc(sizeof(float) * ITERS);
+    {
+        cudaGraph_t g;
+        cudaGraphExec_t ge;
+        uint32_t hg;
+        CU(cudaStreamBeginCapture(st, cudaStreamCaptureModeThreadLocal));
+        EP(epmoe_dispatch(ep, &a, EPMOE_PHASE_BOTH, &hg, st));
+        EP(epmoe_combine(ep, hg, &ca, EPMOE_PHASE_BOTH, st));
+        CU(cudaStreamEndCapture(st, &g));
+        CU(cudaGraphInstantiate(&ge, g, 0));
+        for (int it = 0; it < WARMUP + ITERS; it++) {
+            bench_hold<<<1, 1, 0, st>>>(200000);
+            NC(ncclAllReduce(red, red, 1, ncclFloat, ncclSum, comm, st));
+            CU(cudaEventRecord(ev[0], st));
+            CU(cudaGraphLaunch(ge, st));
+            CU(cudaEventRecord(ev[1], st));
+            CU(cudaEventSynchronize(ev[1]));
+            if (it >= WARMUP) CU(cudaEventElapsedTime(&tg[it - WARMUP], ev[0], ev[1]));
+        }
+        CU(cudaGraphExecDestroy(ge));
+        CU(cudaGraphDestroy(g));
+    }
     EP(epmoe_ep_poll(ep));
     /* anchor: NCCL all-to-all of the same selections, padded equally per peer (as the torch baseline) */
     const size_t per_tok = bc->wire == EPMOE_WIRE_FP8 ? (size_t)H + H / 128 * 4 : (size_t)H * 2;
@@ -234,9 +261,10 @@ static void *run(void *arg) {
     qsort(ta, ITERS, sizeof(float), cmp_f);
     qsort(tds, ITERS, sizeof(float), cmp_f);
     qsort(tcs, ITERS, sizeof(float), cmp_f);
+    qsort(tg, ITERS, sizeof(float), cmp_f);
     j->disp_us = td[ITERS / 2] * 1e3, j->comb_us = tc[ITERS / 2] * 1e3, j->a2a_us = ta[ITERS / 2] * 1e3;
-    j->disp_send_us = tds[ITERS / 2] * 1e3, j->comb_send_us = tcs[ITERS / 2] * 1e3;
-    free(tds), free(tcs);
+    j->disp_send_us = tds[ITERS / 2] * 1e3, j->comb_send_us = tcs[ITERS / 2] * 1e3, j->graph_us = tg[ITERS / 2] * 1e3;
+    free(tds), free(tcs), free(tg);
 #ifdef EPMOE_EP_TRACE
     if (j->rank == 0) {
         char nm[96];
@@ -274,8 +302,8 @@ int main(int argc, char **argv) {
     int v;
     ncclGetVersion(&v);
     printf("bench_ep: %d GPU(s), NCCL %d, H 7168, top-8; medians of %d iterations\n", ngpu, v, ITERS);
-    printf("%-3s %-32s %5s %4s %10s %8s %8s %10s %8s %8s %10s %6s %9s\n", "R", "case", "tok", "E", "dispatch", "(send)",
-           "GB/s", "combine", "(send)", "GB/s", "nccl a2a", "msgs", "buffer MB");
+    printf("%-3s %-32s %5s %4s %10s %8s %8s %10s %8s %8s %10s %6s %9s %10s\n", "R", "case", "tok", "E", "dispatch", "(send)",
+           "GB/s", "combine", "(send)", "GB/s", "nccl a2a", "msgs", "buffer MB", "graph d+c");
     if (jf) fprintf(jf, "[\n");
     int first = 1;
     /* EPMOE_BENCH_R=1 EPMOE_BENCH_CASES=1: one rank, the first case (for a profiler, which serializes kernels) */
@@ -293,30 +321,31 @@ int main(int argc, char **argv) {
                 pthread_create(&th[r], NULL, run, &jobs[r]);
             }
             for (int r = 0; r < R; r++) pthread_join(th[r], NULL);
-            double d = 0, cm = 0, a2a = 0;
+            double d = 0, cm = 0, a2a = 0, gr = 0;
             long sel = 0, msgs = 0;
             for (int r = 0; r < R; r++) { /* the slowest rank is the collective's time */
                 if (jobs[r].disp_us > d) d = jobs[r].disp_us;
                 if (jobs[r].comb_us > cm) cm = jobs[r].comb_us;
                 if (jobs[r].a2a_us > a2a) a2a = jobs[r].a2a_us;
+                if (jobs[r].graph_us > gr) gr = jobs[r].graph_us;
                 sel += jobs[r].selections, msgs += jobs[r].link_msgs;
             }
             const int H = 7168;
             const double dbytes = (double)sel / R * (cases[c].wire == EPMOE_WIRE_FP8 ? H + H / 128 * 4 + 16 : 2 * H + 16);
             const double cbytes = (double)sel / R * 2 * H;
-            printf("%-3d %-32s %5d %4d %8.2fus %8.2f %8.1f %8.2fus %8.2f %8.1f %8.2fus %6ld %9.1f\n", R, cases[c].name,
+            printf("%-3d %-32s %5d %4d %8.2fus %8.2f %8.1f %8.2fus %8.2f %8.1f %8.2fus %6ld %9.1f %8.2fus\n", R, cases[c].name,
                    cases[c].tokens, cases[c].experts, d, jobs[0].disp_send_us, dbytes / d / 1e3, cm, jobs[0].comb_send_us,
-                   cbytes / cm / 1e3, a2a, msgs / R, jobs[0].window_bytes / 1e6);
+                   cbytes / cm / 1e3, a2a, msgs / R, jobs[0].window_bytes / 1e6, gr);
             if (jf)
                 fprintf(jf, "%s {\"R\": %d, \"case\": \"%s\", \"transport\": \"%s\", \"tokens\": %d, \"experts\": %d, \"dispatch_us\": %.3f, "
                             "\"dispatch_GBps\": %.2f, \"combine_us\": %.3f, \"combine_GBps\": %.2f, \"nccl_a2a_us\": %.3f, "
                             "\"link_msgs_per_rank\": %ld, \"buffer_bytes\": %zu, \"dispatch_send_us\": %.3f, "
-                            "\"combine_send_us\": %.3f}\n",
+                            "\"combine_send_us\": %.3f, \"graph_dispatch_combine_us\": %.3f}\n",
                         first ? "" : ",", R, cases[c].name,
                         cases[c].transport == EPMOE_TRANSPORT_ALLTOALL       ? "alltoall"
                         : cases[c].transport == EPMOE_TRANSPORT_GIN_EMULATED ? "gin-emulated"
                                                                              : "device", cases[c].tokens, cases[c].experts, d, dbytes / d / 1e3, cm,
-                        cbytes / cm / 1e3, a2a, msgs / R, jobs[0].window_bytes, jobs[0].disp_send_us, jobs[0].comb_send_us);
+                        cbytes / cm / 1e3, a2a, msgs / R, jobs[0].window_bytes, jobs[0].disp_send_us, jobs[0].comb_send_us, gr);
             first = 0;
         }
     }
