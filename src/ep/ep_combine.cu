@@ -269,9 +269,10 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm) combine_recv_kernel(Pa
 /* One instantiation per transport (kGin = Params::gin), per width of a token's register arrays
 ** (kMaxK) and per reduce mode (kAtExpert), chosen here. kMaxK sizes those arrays for top-k <= 8
 ** (DeepSeek-R1, Kimi-K2) or for EPMOE_MAX_TOPK: at 128 registers (two blocks per SM) the 16-wide
-** arrays spill (send 196 B, receive 88 B); the 8-wide ones do not (114 and 96 registers, ptxas
-** 2026-11-30). The reduce mode as a template, as dispatch's message mode: each kernel then carries
-** only its own path (dispatch's send, specialized so, lost its spills and 1-3 us). */
+** arrays spill (send 196 B, receive 88 B, before the reduce mode was a template); the 8-wide ones
+** do not. The reduce mode as a template, as dispatch's message mode: each kernel then carries only
+** its own path (8-wide, device API: send 126 -> 96 registers reducing at expert and 83 at owner,
+** receive 108 -> 93 and 104; ptxas, 2026-11-30). */
 template <int kGin, bool kAtExpert> auto combine_send_for(int k) {
     return k <= 8 ? combine_send_kernel<kGin, 8, kAtExpert> : combine_send_kernel<kGin, EPMOE_MAX_TOPK, kAtExpert>;
 }
