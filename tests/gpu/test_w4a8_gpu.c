@@ -8,7 +8,8 @@
 **  3. MLP against epmoe_w4a8_mlp_ref, modes (a) and (b).
 **  4. Accuracy on the W13 shape (K = 7168, N = 4096, 256 bf16 tokens): NMSE of mode (a), per-token
 **     group scales, against mode (b), per-tensor after the requant op, on gaussian and outlier
-**     activations; each kernel within 5% of the fp64 model of its path.
+**     activations; each kernel within 5% of the fp64 model of its path with the output rounded
+**     to bf16 (the GEMM's output format), within 15% of the unrounded model.
 ** EPMOE_TEST_QUICK=1 (memcheck) runs smaller cases; EPMOE_SEED=n repeats a run.
 */
 #include "cuda_check.h"
@@ -327,14 +328,17 @@ static void test_mlp(test_rng *r) {
 
 /* ---- accuracy of the two activation paths on the W13 shape ----------------------------- */
 
-/* The kernel's NMSE against the fp64 model of its path (exact products, exact sums). On gaussian
-** activations the kernel lands within 0.5% (issue #3 asks for 5%). With outlier channels x200 a
-** group's partial sum is dominated by one product, and Hopper's fp8 wgmma aligns the others to it
-** and truncates (~14 bits kept, once per k32 step): the kernel measured 4-8% above the model on an
-** H200 (2026-11-30) — still 13-18x below the per-tensor path. MODEL_MATCH_OUTLIERS bounds that;
-** it is not the 5% the issue asks for (see the issue note). */
+/* The kernel's NMSE against the fp64 model of its path (exact products, exact sums), and against
+** that model's output rounded to bf16, the GEMM's output format: a kernel that summed exactly
+** would return the rounded model bit for bit. The rounding alone adds ~2.7e-6 of NMSE (bf16 keeps
+** 8 significant bits: a half-ulp error has a variance of 2^-14 / (12 m^2) of y^2 for a mantissa m
+** in [1, 2), ~2.7e-6 on average), 0.4% of the gaussian case's 6.6e-4 but 6% of the outlier case's
+** ~4.5e-5. On an H200 (2026-12-01, three seeds) the kernel landed within 0.5% of the rounded model
+** in both cases and modes, and 6.5-7.9% above the unrounded one with outliers: that gap, read in
+** session 11 as the fp8 wgmma's truncated alignment, is the output rounding. MODEL_MATCH (the
+** issue's 5%) bounds the gap to the rounded model; MODEL_MATCH_UNROUNDED the printed other. */
 #define MODEL_MATCH 0.05
-#define MODEL_MATCH_OUTLIERS 0.15
+#define MODEL_MATCH_UNROUNDED 0.15
 
 static void accuracy_case(test_rng *r, const w4_mat *w, int outliers, const char *name) {
     const int64_t T = 256, K = w->K, NS = 256; /* NMSE over the first NS output channels */
@@ -372,7 +376,7 @@ static void accuracy_case(test_rng *r, const w4_mat *w, int outliers, const char
            *xb = malloc((size_t)K * 8);
     for (int64_t n = 0; n < NS; n++)
         for (int64_t k = 0; k < K; k++) wd[n * K + k] = w4_ckpt_value(w, 0, n, k) * w4_ckpt_scale(w, 0, n, k / 128);
-    double se_ka = 0, se_kb = 0, se_ma = 0, se_mb = 0, ss = 0;
+    double se_ka = 0, se_kb = 0, se_ma = 0, se_mb = 0, se_ra = 0, se_rb = 0, ss = 0;
     for (int64_t t = 0; t < T; t++) {
         for (int64_t k = 0; k < K; k++) {
             xt[k] = epmoe_bf16_to_float(A.x[t * K + k]);
@@ -389,16 +393,20 @@ static void accuracy_case(test_rng *r, const w4_mat *w, int outliers, const char
             const double ka = epmoe_bf16_to_float(oa[t * w->N + n]), kb = epmoe_bf16_to_float(ob[t * w->N + n]);
             se_ka += (ka - yt) * (ka - yt), se_kb += (kb - yt) * (kb - yt);
             se_ma += (ya - yt) * (ya - yt), se_mb += (yb - yt) * (yb - yt);
+            const double ra = epmoe_bf16_to_float(epmoe_bf16_from_float((float)ya)),
+                         rb = epmoe_bf16_to_float(epmoe_bf16_from_float((float)yb));
+            se_ra += (ra - yt) * (ra - yt), se_rb += (rb - yt) * (rb - yt);
             ss += yt * yt;
         }
     }
-    const double ka = se_ka / ss, kb = se_kb / ss, ma = se_ma / ss, mb = se_mb / ss;
-    printf("  accuracy %-9s NMSE vs bf16 truth: (a) group scales kernel %.3e model %.3e | (b) requant+per-tensor "
-           "kernel %.3e model %.3e | b/a %.1fx\n",
-           name, ka, ma, kb, mb, kb / ka);
-    const double match = outliers ? MODEL_MATCH_OUTLIERS : MODEL_MATCH;
-    CHECK(fabs(ka / ma - 1) <= match, "%s: mode (a) kernel NMSE %g vs model %g", name, ka, ma);
-    CHECK(fabs(kb / mb - 1) <= match, "%s: mode (b) kernel NMSE %g vs model %g", name, kb, mb);
+    const double ka = se_ka / ss, kb = se_kb / ss, ma = se_ma / ss, mb = se_mb / ss, ra = se_ra / ss, rb = se_rb / ss;
+    printf("  accuracy %-9s NMSE vs bf16 truth: (a) group scales kernel %.3e model %.3e, rounded to bf16 %.3e (%+.1f%%, "
+           "%+.1f%% unrounded) | (b) requant+per-tensor kernel %.3e model %.3e, rounded %.3e (%+.1f%%) | b/a %.1fx\n",
+           name, ka, ma, ra, 100 * (ka / ra - 1), 100 * (ka / ma - 1), kb, mb, rb, 100 * (kb / rb - 1), kb / ka);
+    CHECK(fabs(ka / ra - 1) <= MODEL_MATCH, "%s: mode (a) kernel NMSE %g vs model rounded to bf16 %g", name, ka, ra);
+    CHECK(fabs(kb / rb - 1) <= MODEL_MATCH, "%s: mode (b) kernel NMSE %g vs model rounded to bf16 %g", name, kb, rb);
+    CHECK(fabs(ka / ma - 1) <= MODEL_MATCH_UNROUNDED, "%s: mode (a) kernel NMSE %g vs model %g", name, ka, ma);
+    CHECK(fabs(kb / mb - 1) <= MODEL_MATCH_UNROUNDED, "%s: mode (b) kernel NMSE %g vs model %g", name, kb, mb);
     CHECK(kb / ka >= (outliers ? 10.0 : 1.5), "%s: mode (a) is not clearly better than (b): %g vs %g", name, ka, kb);
     free(wd), free(xt), free(xa), free(xb), free(oa), free(ob), free(qb);
     cudaFree(da), cudaFree(db), cudaFree(dsa), cudaFree(dm), cudaFree(dos), cudaFree(dout_a), cudaFree(dout_b);
