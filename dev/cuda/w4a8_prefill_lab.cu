@@ -1,0 +1,341 @@
+/*
+** w4a8_prefill_lab.cu — can a warp-specialized wgmma schedule reach issue #3's prefill target
+** (W13 at 1024 rows/expert >= 0.7x cuBLASLt FP8's TFLOP/s) with mode (a)'s promotion?
+**
+** The library's W4A8 GEMM (src/cuda/w4a8_gemm.cu) is built for decode: weights are wgmma's A
+** operand, converted int4 -> fp8 in the consumers' registers, tokens are N (T <= 128), warp 0 both
+** loads and computes. At 1024 rows it runs 620 TFLOP/s in mode (a) and 833 in mode (b), against
+** cuBLASLt FP8's 1520 (bench_w4a8, H200, 2026-12-01). This lab measures the other schedule, with
+** the weights already fp8 in memory (the int4 -> fp8 conversion is exact and would be a pass
+** before, or a converter warpgroup): tokens are A (128 a CTA, 64 per consumer warpgroup), weight
+** rows are B (128), both from shared memory (SS wgmma m64n128k32), one producer warp (TMA) in a
+** warpgroup that gives its registers to the two consumer warpgroups (setmaxnreg 40 / 232). Each
+** consumer keeps two partials, so group g's promotion
+**     acc += sw[n, g] * (sa[m, g] * partial)      (mode a; mode b: acc += sw[n, g] * partial)
+** runs while group g + 1's wgmma do (wgmma.wait_group 1), in the library's operation order.
+**
+** Checked against an fp64 reference on a small shape (bound: 2^-8 of |ref| for the bf16 output,
+** plus 2^-10 of the sum of |terms| for the wgmma's truncating fp32 accumulation), then timed on DeepSeek-R1's W13 and W2
+** at 1024 rows for 32 experts: CUDA events, median of 10 after 3 warm-ups (lab_timing.cuh).
+** Build: make dev-labs; run: ./build/dev/w4a8_prefill_lab
+*/
+#include <cuda.h>
+#include <cudaTypedefs.h>
+#include <cuda_fp8.h>
+
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <cstring>
+#include <vector>
+
+#include "cuda/wgmma.cuh"
+#include "lab_timing.cuh"
+
+namespace {
+
+constexpr int kBM = 128, kBN = 128, kBK = 128;         /* tokens, weight rows, K bytes per stage */
+constexpr int kOpBytes = kBM * kBK;                     /* one operand tile: 16 KB */
+constexpr int kStageBytes = 2 * kOpBytes + 1024;        /* A, B, 128 fp32 sa + 128 fp32 sw */
+constexpr int kStageStride = (kStageBytes + 1023) / 1024 * 1024;
+constexpr int kThreads = 384;                           /* producer warpgroup + two consumers */
+
+struct Lab {
+    const float *sa; /* [E][G][M] fp32 activation group scales */
+    const float *sw; /* [E][G][N] fp32 weight group scales */
+    uint16_t *out;   /* [E][M][N] bf16 */
+    int E, M, N, K, G;
+};
+
+__device__ __forceinline__ void mbar_arrive(uint64_t *bar) {
+    asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(smem_u32(bar)) : "memory");
+}
+
+/* d[64 x 128] (+)= a[64 x 32] * b[128 x 32]^T, both fp8 in shared memory (K-major, 128-byte swizzle) */
+__device__ __forceinline__ void wgmma_ss128(float (&d)[64], uint64_t da, uint64_t db, int scale_d) {
+    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"
+                 "wgmma.mma_async.sync.aligned.m64n128k32.f32.e4m3.e4m3 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, %64, %65, p, 1, 1;\n}\n"
+                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
+                 : "l"(da), "l"(db), "r"(scale_d));
+}
+
+/* the 4 k32 steps of one 128-wide group: this warpgroup's 64 token rows x the 128 weight rows */
+__device__ __forceinline__ void mma_group(const uint8_t *st, int half, float (&part)[64]) {
+    const uint32_t la = sw128_desc_lo(st + half * 64 * kBK), lb = sw128_desc_lo(st + kOpBytes);
+#pragma unroll
+    for (int ks = 0; ks < 4; ks++) wgmma_ss128(part, sw128_desc(la + 2 * ks), sw128_desc(lb + 2 * ks), ks);
+}
+
+/* acc[j*4 + q]: token row 16 * warp + lane / 4 + 8 * (q / 2) of the half, weight row j * 8 + 2 * (lane % 4) + q % 2 */
+template <bool kGroupA>
+__device__ __forceinline__ void promote(const uint8_t *st, int half, float (&part)[64], float (&acc)[64]) {
+#pragma unroll
+    for (int i = 0; i < 64; i++) reg_fence(part[i]); /* after the wait that finished them */
+    const int lane = threadIdx.x & 31, r0 = half * 64 + ((threadIdx.x >> 5) & 3) * 16 + (lane >> 2);
+    const float *sa = reinterpret_cast<const float *>(st + 2 * kOpBytes), *sw = sa + kBM;
+    const float a0 = kGroupA ? sa[r0] : 1.0f, a1 = kGroupA ? sa[r0 + 8] : 1.0f;
+#pragma unroll
+    for (int j = 0; j < 16; j++) {
+        const float2 w = *reinterpret_cast<const float2 *>(sw + j * 8 + 2 * (lane & 3));
+        float x0 = part[j * 4], x1 = part[j * 4 + 1], x2 = part[j * 4 + 2], x3 = part[j * 4 + 3];
+        if (kGroupA) x0 = __fmul_rn(x0, a0), x1 = __fmul_rn(x1, a0), x2 = __fmul_rn(x2, a1), x3 = __fmul_rn(x3, a1);
+        acc[j * 4] = fmaf(x0, w.x, acc[j * 4]);
+        acc[j * 4 + 1] = fmaf(x1, w.y, acc[j * 4 + 1]);
+        acc[j * 4 + 2] = fmaf(x2, w.x, acc[j * 4 + 2]);
+        acc[j * 4 + 3] = fmaf(x3, w.y, acc[j * 4 + 3]);
+    }
+}
+
+__device__ __forceinline__ uint32_t bf16x2(float a, float b) {
+    const uint32_t ua = __float_as_uint(a), ub = __float_as_uint(b); /* round to nearest even (finite inputs) */
+    const uint32_t ra = (ua + 0x7FFFu + ((ua >> 16) & 1u)) >> 16, rb = (ub + 0x7FFFu + ((ub >> 16) & 1u)) >> 16;
+    return ra | (rb << 16);
+}
+
+template <int S, bool kGroupA, int kU = 8>
+__global__ void __launch_bounds__(kThreads, 1) prefill_kernel(const __grid_constant__ Lab p, const __grid_constant__ CUtensorMap ta,
+                                                            const __grid_constant__ CUtensorMap tb) {
+    extern __shared__ __align__(1024) uint8_t raw[];
+    uint8_t *smem = raw + ((1024u - (smem_u32(raw) & 1023u)) & 1023u);
+    uint64_t *full = reinterpret_cast<uint64_t *>(smem + S * kStageStride), *empty = full + S;
+    const int wg = threadIdx.x >> 7;
+    if (threadIdx.x == 0)
+        for (int s = 0; s < S; s++) mbar_init(&full[s], 1), mbar_init(&empty[s], 256);
+    asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+    __syncthreads();
+    const int MT = p.M / kBM, NT = p.N / kBN, tiles = p.E * MT * NT, G = p.G;
+
+    if (wg == 0) { /* producer: one thread issues every stage's copies */
+        asm volatile("setmaxnreg.dec.sync.aligned.u32 40;\n");
+        if (threadIdx.x == 0) {
+            int it = 0;
+            for (int t = blockIdx.x; t < tiles; t += gridDim.x) {
+                const int e = t / (MT * NT), rem = t - e * MT * NT, nt = rem / MT, mt = rem - nt * MT;
+                for (int g = 0; g < G; g++, it++) {
+                    const int s = it % S;
+                    if (it >= S) mbar_wait(&empty[s], (uint32_t)((it / S) - 1) & 1u);
+                    uint8_t *st = smem + s * kStageStride;
+                    mbar_expect_tx(&full[s], 2 * kOpBytes + 1024);
+                    tma_load_2d(st, &ta, g * kBK, e * p.M + mt * kBM, &full[s]);
+                    tma_load_2d(st + kOpBytes, &tb, g * kBK, e * p.N + nt * kBN, &full[s]);
+                    bulk_copy(st + 2 * kOpBytes, p.sa + ((size_t)e * G + g) * p.M + mt * kBM, 512, &full[s]);
+                    bulk_copy(st + 2 * kOpBytes + 512, p.sw + ((size_t)e * G + g) * p.N + nt * kBN, 512, &full[s]);
+                }
+            }
+        }
+        return;
+    }
+    asm volatile("setmaxnreg.inc.sync.aligned.u32 232;\n");
+    const int half = wg - 1, lane = threadIdx.x & 31, wi = (threadIdx.x >> 5) & 3;
+    int it = 0;
+    auto stage = [&](int i) { return smem + (i % S) * kStageStride; };
+    auto landed = [&](int i) { mbar_wait(&full[i % S], (uint32_t)(i / S) & 1u); };
+    for (int t = blockIdx.x; t < tiles; t += gridDim.x) {
+        const int e = t / (MT * NT), rem = t - e * MT * NT, nt = rem / MT, mt = rem - nt * MT;
+        float acc[64], p0[64], p1[64];
+#pragma unroll
+        for (int i = 0; i < 64; i++) acc[i] = 0.0f;
+        /* groups in blocks of kU: group u of a block into partial u % 2; each wait_group 1 leaves the
+        ** newest group in flight while the one before is promoted. The block ends with wait_group 0:
+        ** across a loop's back edge ptxas cannot tell which partial is still being written and
+        ** serializes every wgmma (C7514), so the overlap stays inside the unrolled block. */
+        for (int g = 0; g < G; g += kU) {
+#pragma unroll
+            for (int u = 0; u < kU; u++) {
+                float(&cur)[64] = (u & 1) ? p1 : p0;
+                float(&prev)[64] = (u & 1) ? p0 : p1;
+                landed(it);
+                wgmma_fence();
+                mma_group(stage(it), half, cur);
+                wgmma_commit();
+                if (u > 0) {
+                    wgmma_wait<1>();
+                    promote<kGroupA>(stage(it - 1), half, prev, acc);
+                    mbar_arrive(&empty[(it - 1) % S]);
+                }
+                it++;
+            }
+            wgmma_wait<0>();
+            promote<kGroupA>(stage(it - 1), half, (kU & 1) ? p0 : p1, acc);
+            mbar_arrive(&empty[(it - 1) % S]);
+        }
+        /* bf16 out: rows r0, r0 + 8 of the half, weight rows j * 8 + 2 * (lane % 4) + {0, 1} */
+        const int m0 = mt * kBM + half * 64 + wi * 16 + (lane >> 2);
+        uint16_t *o = p.out + ((size_t)e * p.M + m0) * p.N + nt * kBN + 2 * (lane & 3);
+#pragma unroll
+        for (int j = 0; j < 16; j++) {
+            *reinterpret_cast<uint32_t *>(o + j * 8) = bf16x2(acc[j * 4], acc[j * 4 + 1]);
+            *reinterpret_cast<uint32_t *>(o + (size_t)8 * p.N + j * 8) = bf16x2(acc[j * 4 + 2], acc[j * 4 + 3]);
+        }
+    }
+}
+
+CUtensorMap tensor_map(const uint8_t *base, int K, int64_t rows) {
+    static PFN_cuTensorMapEncodeTiled_v12000 encode = nullptr;
+    if (!encode) {
+        void *f = nullptr;
+        cudaDriverEntryPointQueryResult q;
+        CU(cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &f, 12000, cudaEnableDefault, &q));
+        if (q != cudaDriverEntryPointSuccess || !f) {
+            printf("no cuTensorMapEncodeTiled\n");
+            exit(2);
+        }
+        encode = reinterpret_cast<PFN_cuTensorMapEncodeTiled_v12000>(f);
+    }
+    CUtensorMap tm;
+    const cuuint64_t dim[2] = {(cuuint64_t)K, (cuuint64_t)rows}, stride[1] = {(cuuint64_t)K};
+    const cuuint32_t box[2] = {kBK, 128}, estride[2] = {1, 1};
+    if (encode(&tm, CU_TENSOR_MAP_DATA_TYPE_UINT8, 2, const_cast<uint8_t *>(base), dim, stride, box, estride,
+               CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
+               CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) != CUDA_SUCCESS) {
+        printf("cuTensorMapEncodeTiled failed\n");
+        exit(2);
+    }
+    return tm;
+}
+
+/* operands from a hash, on the device: activations fp8 of N(0, 1)-ish values x 64, weights the
+** int4 values -8..7 as fp8 (exact), scales 2^-6 .. 2^-4 and 0.001 .. 0.003 */
+__device__ __forceinline__ uint32_t hash(uint64_t i, uint32_t salt) {
+    uint32_t x = (uint32_t)i * 0x9E3779B1u ^ (uint32_t)(i >> 32) * 0x85EBCA77u ^ salt;
+    x ^= x >> 15, x *= 0x2C1B3C6Du, x ^= x >> 12, x *= 0x297A2D39u, x ^= x >> 15;
+    return x;
+}
+__global__ void fill_kernel(uint8_t *a, size_t na, uint8_t *w, size_t nw, float *sa, size_t nsa, float *sw, size_t nsw) {
+    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < na + nw + nsa + nsw; i += (size_t)gridDim.x * blockDim.x) {
+        if (i < na) {
+            const float u = (float)(hash(i, 1) & 0xFFFF) / 65536.0f - 0.5f, v = (float)(hash(i, 2) & 0xFFFF) / 65536.0f - 0.5f;
+            a[i] = __nv_fp8_e4m3((u + v) * 200.0f).__x;
+        } else if (i < na + nw) {
+            w[i - na] = __nv_fp8_e4m3((float)((int)(hash(i, 3) & 15u) - 8)).__x;
+        } else if (i < na + nw + nsa) {
+            sa[i - na - nw] = exp2f(-6.0f + 2.0f * (float)(hash(i, 4) & 0xFF) / 256.0f);
+        } else {
+            sw[i - na - nw - nsa] = 0.001f + 0.002f * (float)(hash(i, 5) & 0xFFFF) / 65536.0f;
+        }
+    }
+}
+
+struct Run {
+    int E, M, N, K;
+    uint8_t *a, *w;
+    float *sa, *sw;
+    uint16_t *out;
+    CUtensorMap ta, tb;
+};
+
+Run make(int E, int M, int N, int K) {
+    Run r{E, M, N, K};
+    const size_t na = (size_t)E * M * K, nw = (size_t)E * N * K, nsa = (size_t)E * (K / 128) * M, nsw = (size_t)E * (K / 128) * N;
+    CU(cudaMalloc(&r.a, na));
+    CU(cudaMalloc(&r.w, nw));
+    CU(cudaMalloc(&r.sa, nsa * 4));
+    CU(cudaMalloc(&r.sw, nsw * 4));
+    CU(cudaMalloc(&r.out, (size_t)E * M * N * 2));
+    fill_kernel<<<1024, 256>>>(r.a, na, r.w, nw, r.sa, nsa, r.sw, nsw);
+    CU(cudaGetLastError());
+    r.ta = tensor_map(r.a, K, (int64_t)E * M);
+    r.tb = tensor_map(r.w, K, (int64_t)E * N);
+    return r;
+}
+void release(Run &r) { cudaFree(r.a), cudaFree(r.w), cudaFree(r.sa), cudaFree(r.sw), cudaFree(r.out); }
+
+template <int S, bool kGroupA> void launch(const Run &r, int sms) {
+    const Lab p{r.sa, r.sw, r.out, r.E, r.M, r.N, r.K, r.K / 128};
+    if (p.G % 8 != 0 || r.M % kBM != 0 || r.N % kBN != 0) { /* the kernel's blocks of kU = 8 groups, whole tiles */
+        printf("shape E %d M %d N %d K %d: needs K %% 1024, M and N %% 128\n", r.E, r.M, r.N, r.K);
+        exit(2);
+    }
+    const size_t smem = 1024 + (size_t)S * kStageStride + 2 * S * sizeof(uint64_t);
+    static bool set = false;
+    if (!set) {
+        CU(cudaFuncSetAttribute(prefill_kernel<S, kGroupA>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem));
+        set = true;
+    }
+    const int tiles = r.E * (r.M / kBM) * (r.N / kBN);
+    prefill_kernel<S, kGroupA><<<tiles < sms ? tiles : sms, kThreads, smem>>>(p, r.ta, r.tb);
+}
+
+double fp8_value(uint8_t b) {
+    __nv_fp8_e4m3 f;
+    f.__x = b;
+    return (double)(float)f;
+}
+double bf16_value(uint16_t h) {
+    uint32_t u = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+/* every output of a small shape against fp64 */
+template <int S, bool kGroupA> int check(int sms) {
+    Run r = make(2, 256, 256, 1024);
+    const int E = r.E, M = r.M, N = r.N, K = r.K, G = K / 128;
+    CU(cudaMemset(r.out, 0xFF, (size_t)E * M * N * 2)); /* poison: NaN bf16 */
+    launch<S, kGroupA>(r, sms);
+    CU(cudaDeviceSynchronize());
+    std::vector<uint8_t> a((size_t)E * M * K), w((size_t)E * N * K);
+    std::vector<float> sa((size_t)E * G * M), sw((size_t)E * G * N);
+    std::vector<uint16_t> out((size_t)E * M * N);
+    CU(cudaMemcpy(a.data(), r.a, a.size(), cudaMemcpyDeviceToHost));
+    CU(cudaMemcpy(w.data(), r.w, w.size(), cudaMemcpyDeviceToHost));
+    CU(cudaMemcpy(sa.data(), r.sa, sa.size() * 4, cudaMemcpyDeviceToHost));
+    CU(cudaMemcpy(sw.data(), r.sw, sw.size() * 4, cudaMemcpyDeviceToHost));
+    CU(cudaMemcpy(out.data(), r.out, out.size() * 2, cudaMemcpyDeviceToHost));
+    std::vector<double> av(a.size()), wv(w.size());
+    for (size_t i = 0; i < a.size(); i++) av[i] = fp8_value(a[i]);
+    for (size_t i = 0; i < w.size(); i++) wv[i] = fp8_value(w[i]);
+    long bad = 0;
+    double worst = 0;
+    for (int e = 0; e < E; e++)
+        for (int m = 0; m < M; m++)
+            for (int n = 0; n < N; n++) {
+                double ref = 0, mag = 0;
+                for (int k = 0; k < K; k++) {
+                    const int g = k / 128;
+                    const double x = av[((size_t)e * M + m) * K + k] * (kGroupA ? sa[((size_t)e * G + g) * M + m] : 1.0) *
+                                     wv[((size_t)e * N + n) * K + k] * sw[((size_t)e * G + g) * N + n];
+                    ref += x, mag += fabs(x);
+                }
+                const double got = bf16_value(out[((size_t)e * M + m) * N + n]), err = fabs(got - ref);
+                const double bound = ldexp(fabs(ref), -8) + ldexp(mag, -10);
+                if (!(err <= bound)) {
+                    if (bad < 5) printf("  mismatch e %d m %d n %d: got %g ref %g (bound %g)\n", e, m, n, got, ref, bound);
+                    bad++;
+                }
+                if (mag > 0 && err / mag > worst) worst = err / mag;
+            }
+    printf("check S=%d mode %s: %ld of %d outputs outside the bound, worst error %.2e of the magnitude sum\n", S,
+           kGroupA ? "a" : "b", bad, E * M * N, worst);
+    release(r);
+    return bad != 0;
+}
+
+template <int S, bool kGroupA> void time_shape(const char *name, int E, int M, int N, int K, int sms, void *flush) {
+    Run r = make(E, M, N, K);
+    CU(cudaDeviceSynchronize());
+    const float us = lab_time_cold([&] { launch<S, kGroupA>(r, sms); }, flush, 3, 10);
+    const double tf = 2.0 * E * M * (double)N * K / (us * 1e-6) / 1e12;
+    printf("%-4s E %d rows %d N %d K %d  S=%d mode %s: %9.1f us  %7.1f TFLOP/s\n", name, E, M, N, K, S, kGroupA ? "a" : "b", us, tf);
+    release(r);
+}
+
+} // namespace
+
+int main() {
+    int sms;
+    CU(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, 0));
+    int fails = check<6, true>(sms) + check<6, false>(sms);
+    void *flush;
+    CU(cudaMalloc(&flush, 256 << 20));
+    for (int rows : {128, 1024}) {
+        time_shape<6, true>("W13", 32, rows, 4096, 7168, sms, flush);
+        time_shape<6, false>("W13", 32, rows, 4096, 7168, sms, flush);
+        time_shape<4, true>("W13", 32, rows, 4096, 7168, sms, flush);
+        time_shape<6, true>("W2", 32, rows, 7168, 2048, sms, flush);
+    }
+    cudaFree(flush);
+    printf("w4a8_prefill_lab: %s\n", fails ? "FAIL" : "checks passed");
+    return fails ? 1 : 0;
+}
