@@ -5,19 +5,35 @@
 ** The library's W4A8 GEMM (src/cuda/w4a8_gemm.cu) is built for decode: weights are wgmma's A
 ** operand, converted int4 -> fp8 in the consumers' registers, tokens are N (T <= 128), warp 0 both
 ** loads and computes. At 1024 rows it runs 620 TFLOP/s in mode (a) and 833 in mode (b), against
-** cuBLASLt FP8's 1520 (bench_w4a8, H200, 2026-12-01). This lab measures the other schedule, with
-** the weights already fp8 in memory (the int4 -> fp8 conversion is exact and would be a pass
-** before, or a converter warpgroup): tokens are A (128 a CTA, 64 per consumer warpgroup), weight
-** rows are B (128), both from shared memory (SS wgmma m64n128k32), one producer warp (TMA) in a
-** warpgroup that gives its registers to the two consumer warpgroups (setmaxnreg 40 / 232). Each
-** consumer keeps two partials, so group g's promotion
+** cuBLASLt FP8's 1520 (bench_w4a8, H200, 2026-12-01). This lab measures the other orientation:
+** tokens are A (128 a CTA, 64 per consumer warpgroup), weight rows are B (128), both from shared
+** memory (SS wgmma m64n128k32), one producer thread (TMA) in a warpgroup that gives its registers
+** to the two consumer warpgroups (setmaxnreg 40 / 232). Each consumer keeps two partials, so
+** group g's promotion
 **     acc += sw[n, g] * (sa[m, g] * partial)      (mode a; mode b: acc += sw[n, g] * partial)
 ** runs while group g + 1's wgmma do (wgmma.wait_group 1), in the library's operation order.
+** Weights either already fp8 in memory (1 byte each: what a conversion pass before the GEMM would
+** leave), or int4 (the library's nibble encoding, w4a8_layout.h, in a row-chunk layout: 8 KB a
+** tile's group), copied to a staging buffer and converted into the fp8 B tile (128-byte swizzle)
+** by warps 1-3 of the producer warpgroup.
 **
 ** Checked against an fp64 reference on a small shape (bound: 2^-8 of |ref| for the bf16 output,
 ** plus 2^-10 of the sum of |terms| for the wgmma's truncating fp32 accumulation), then timed on DeepSeek-R1's W13 and W2
-** at 1024 rows for 32 experts: CUDA events, median of 10 after 3 warm-ups (lab_timing.cuh).
+** for 32 experts: CUDA events, median of 10 after 3 warm-ups, 256 MB memset before each (lab_timing.cuh).
 ** Build: make dev-labs; run: ./build/dev/w4a8_prefill_lab
+**
+** Measured (one H200, 2026-12-01; W13 TFLOP/s at 128 / 1024 rows per expert, mode a unless said):
+**   fp8 weights, 6 stages      834 / 994-1001 (mode b 860 / 1011; 4 stages 799 / 883)
+**   int4 weights, 5 stages     519 / 441 (mode b 540 / 543; blocks of 4 groups 536 / 543)
+** The fp8-weight schedule is 1.6x the library's kernel at 1024 rows and its promotion costs ~1%:
+** the two partials hide it. But 0.66x cuBLASLt, short of 0.7x, and a conversion pass before it
+** (read 0.5 B, write 1 B a weight) would cost ~15% more. Converting int4 in shared memory halves
+** the speed. A likely reason, not measured: shared-memory bandwidth. Each group's wgmma read
+** 48 KB of shared memory (both warpgroups read the whole B tile), and the conversion adds 24 KB.
+** That is ~560 of the SM's 128-byte cycles against 512 cycles of tensor work. The library's RS
+** form reads the weights once, into registers.
+** Not yet tried: larger tiles (2-CTA clusters with TMA multicast), and a register-A (RS) version
+** with a producer warpgroup (two partials and two fragment sets do not fit in 232 registers).
 */
 #include <cuda.h>
 #include <cudaTypedefs.h>
@@ -30,17 +46,21 @@
 #include <vector>
 
 #include "cuda/wgmma.cuh"
+#include "w4a8_layout.h"
 #include "lab_timing.cuh"
 
 namespace {
 
 constexpr int kBM = 128, kBN = 128, kBK = 128;         /* tokens, weight rows, K bytes per stage */
 constexpr int kOpBytes = kBM * kBK;                     /* one operand tile: 16 KB */
-constexpr int kStageBytes = 2 * kOpBytes + 1024;        /* A, B, 128 fp32 sa + 128 fp32 sw */
-constexpr int kStageStride = (kStageBytes + 1023) / 1024 * 1024;
+constexpr int kInt4Bytes = kBN * kBK / 2;              /* int4 weights of a tile's group: 8 KB */
+/* stage: A, B (fp8), 128 fp32 sa + 128 fp32 sw, and with int4 weights their staging copy */
+template <bool kInt4> constexpr int kStageStride = (2 * kOpBytes + 1024 + (kInt4 ? kInt4Bytes : 0) + 1023) / 1024 * 1024;
+constexpr int kConvertThreads = 96; /* int4 -> fp8: warps 1-3 of the producer warpgroup */
 constexpr int kThreads = 384;                           /* producer warpgroup + two consumers */
 
 struct Lab {
+    const uint8_t *qw; /* int4 weights, [E][N/128][G][128 rows][8 chunks][2 words] (w4_word_set encoding) */
     const float *sa; /* [E][G][M] fp32 activation group scales */
     const float *sw; /* [E][G][N] fp32 weight group scales */
     uint16_t *out;   /* [E][M][N] bf16 */
@@ -92,20 +112,27 @@ __device__ __forceinline__ uint32_t bf16x2(float a, float b) {
     return ra | (rb << 16);
 }
 
-template <int S, bool kGroupA, int kU = 8>
+/* The int4 words of one (tile, group): chunk i = (row n, 16 k c) is 8 bytes, two words; each word
+** gives two fp8 words (w4_word_to_fp8 lo, hi): k 16c + 0..3, 4..7, 8..11, 12..15. */
+__device__ __forceinline__ uint32_t w4_lo(uint32_t q) { return w4_word_to_fp8(q, 0, 1); }
+__device__ __forceinline__ uint32_t w4_hi(uint32_t q) { return w4_word_to_fp8(q, 1, 1); }
+
+template <int S, bool kGroupA, bool kInt4, int kU>
 __global__ void __launch_bounds__(kThreads, 1) prefill_kernel(const __grid_constant__ Lab p, const __grid_constant__ CUtensorMap ta,
                                                             const __grid_constant__ CUtensorMap tb) {
+    constexpr int kStride = kStageStride<kInt4>;
     extern __shared__ __align__(1024) uint8_t raw[];
     uint8_t *smem = raw + ((1024u - (smem_u32(raw) & 1023u)) & 1023u);
-    uint64_t *full = reinterpret_cast<uint64_t *>(smem + S * kStageStride), *empty = full + S;
+    /* full: the stage's operands are ready (int4: converted); landed: its copies are in (int4 only) */
+    uint64_t *full = reinterpret_cast<uint64_t *>(smem + S * kStride), *empty = full + S, *landed_bar = empty + S;
     const int wg = threadIdx.x >> 7;
     if (threadIdx.x == 0)
-        for (int s = 0; s < S; s++) mbar_init(&full[s], 1), mbar_init(&empty[s], 256);
+        for (int s = 0; s < S; s++) mbar_init(&full[s], kInt4 ? kConvertThreads : 1), mbar_init(&empty[s], 256), mbar_init(&landed_bar[s], 1);
     asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
     __syncthreads();
     const int MT = p.M / kBM, NT = p.N / kBN, tiles = p.E * MT * NT, G = p.G;
 
-    if (wg == 0) { /* producer: one thread issues every stage's copies */
+    if (wg == 0) { /* thread 0 issues every stage's copies; with int4 weights warps 1-3 convert them */
         asm volatile("setmaxnreg.dec.sync.aligned.u32 40;\n");
         if (threadIdx.x == 0) {
             int it = 0;
@@ -114,13 +141,33 @@ __global__ void __launch_bounds__(kThreads, 1) prefill_kernel(const __grid_const
                 for (int g = 0; g < G; g++, it++) {
                     const int s = it % S;
                     if (it >= S) mbar_wait(&empty[s], (uint32_t)((it / S) - 1) & 1u);
-                    uint8_t *st = smem + s * kStageStride;
-                    mbar_expect_tx(&full[s], 2 * kOpBytes + 1024);
-                    tma_load_2d(st, &ta, g * kBK, e * p.M + mt * kBM, &full[s]);
-                    tma_load_2d(st + kOpBytes, &tb, g * kBK, e * p.N + nt * kBN, &full[s]);
-                    bulk_copy(st + 2 * kOpBytes, p.sa + ((size_t)e * G + g) * p.M + mt * kBM, 512, &full[s]);
-                    bulk_copy(st + 2 * kOpBytes + 512, p.sw + ((size_t)e * G + g) * p.N + nt * kBN, 512, &full[s]);
+                    uint8_t *st = smem + s * kStride;
+                    uint64_t *bar = kInt4 ? &landed_bar[s] : &full[s];
+                    mbar_expect_tx(bar, (kInt4 ? kOpBytes + kInt4Bytes : 2 * kOpBytes) + 1024);
+                    tma_load_2d(st, &ta, g * kBK, e * p.M + mt * kBM, bar);
+                    if (kInt4)
+                        bulk_copy(st + 2 * kOpBytes + 1024, p.qw + (((size_t)e * NT + nt) * G + g) * kInt4Bytes, kInt4Bytes, bar);
+                    else
+                        tma_load_2d(st + kOpBytes, &tb, g * kBK, e * p.N + nt * kBN, bar);
+                    bulk_copy(st + 2 * kOpBytes, p.sa + ((size_t)e * G + g) * p.M + mt * kBM, 512, bar);
+                    bulk_copy(st + 2 * kOpBytes + 512, p.sw + ((size_t)e * G + g) * p.N + nt * kBN, 512, bar);
                 }
+            }
+        } else if (kInt4 && threadIdx.x >= 32) {
+            const int c0 = threadIdx.x - 32, steps = ((tiles - (int)blockIdx.x + (int)gridDim.x - 1) / (int)gridDim.x) * G;
+            for (int it = 0; it < steps; it++) {
+                const int s = it % S;
+                uint8_t *st = smem + s * kStride;
+                mbar_wait(&landed_bar[s], (uint32_t)(it / S) & 1u);
+                const uint2 *src = reinterpret_cast<const uint2 *>(st + 2 * kOpBytes + 1024);
+#pragma unroll 2 /* 40 registers: more in flight spills */
+                for (int i = c0; i < kBN * 8; i += kConvertThreads) { /* row n = i / 8, chunk c = i % 8, 128-byte swizzle */
+                    const uint2 q = src[i];
+                    const int n = i >> 3, c = i & 7;
+                    *reinterpret_cast<uint4 *>(st + kOpBytes + n * kBK + ((c ^ (n & 7)) << 4)) = make_uint4(w4_lo(q.x), w4_hi(q.x), w4_lo(q.y), w4_hi(q.y));
+                }
+                fence_proxy_async(); /* the generic stores, then wgmma's async-proxy reads */
+                mbar_arrive(&full[s]);
             }
         }
         return;
@@ -128,7 +175,9 @@ __global__ void __launch_bounds__(kThreads, 1) prefill_kernel(const __grid_const
     asm volatile("setmaxnreg.inc.sync.aligned.u32 232;\n");
     const int half = wg - 1, lane = threadIdx.x & 31, wi = (threadIdx.x >> 5) & 3;
     int it = 0;
-    auto stage = [&](int i) { return smem + (i % S) * kStageStride; };
+    auto stage = [&](int i) { return smem + (i % S) * kStride; };
+    /* int4: full[] completes after the converters saw landed_bar[] (the copies' bytes) complete, so
+    ** waiting for it orders this warpgroup after the copies too (causality through the barriers) */
     auto landed = [&](int i) { mbar_wait(&full[i % S], (uint32_t)(i / S) & 1u); };
     for (int t = blockIdx.x; t < tiles; t += gridDim.x) {
         const int e = t / (MT * NT), rem = t - e * MT * NT, nt = rem / MT, mt = rem - nt * MT;
@@ -201,59 +250,83 @@ __device__ __forceinline__ uint32_t hash(uint64_t i, uint32_t salt) {
     x ^= x >> 15, x *= 0x2C1B3C6Du, x ^= x >> 12, x *= 0x297A2D39u, x ^= x >> 15;
     return x;
 }
-__global__ void fill_kernel(uint8_t *a, size_t na, uint8_t *w, size_t nw, float *sa, size_t nsa, float *sw, size_t nsw) {
+__global__ void fill_kernel(uint8_t *a, size_t na, uint8_t *w, size_t nw, float *sa, size_t nsa, float *sw, size_t nsw, float sw_fold) {
     for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < na + nw + nsa + nsw; i += (size_t)gridDim.x * blockDim.x) {
         if (i < na) {
             const float u = (float)(hash(i, 1) & 0xFFFF) / 65536.0f - 0.5f, v = (float)(hash(i, 2) & 0xFFFF) / 65536.0f - 0.5f;
             a[i] = __nv_fp8_e4m3((u + v) * 200.0f).__x;
         } else if (i < na + nw) {
-            w[i - na] = __nv_fp8_e4m3((float)((int)(hash(i, 3) & 15u) - 8)).__x;
+            w[i - na] = __nv_fp8_e4m3((float)((int)(hash(i - na, 3) & 15u) - 8)).__x;
         } else if (i < na + nw + nsa) {
             sa[i - na - nw] = exp2f(-6.0f + 2.0f * (float)(hash(i, 4) & 0xFF) / 256.0f);
         } else {
-            sw[i - na - nw - nsa] = 0.001f + 0.002f * (float)(hash(i, 5) & 0xFFFF) / 65536.0f;
+            sw[i - na - nw - nsa] = (0.001f + 0.002f * (float)(hash(i, 5) & 0xFFFF) / 65536.0f) * sw_fold;
         }
+    }
+}
+/* int4 weights (the same values as fill_kernel's fp8 ones) in the lab's layout: word wi of tile
+** (e, nt, g) holds chunk (row r, 16 k c), its k 8 * (wi % 2) + 0..7 (lo bytes 0..3, hi bytes 4..7) */
+__global__ void fill_int4_kernel(uint32_t *q, int E, int N, int K) {
+    const int G = K / 128, NT = N / 128;
+    const size_t words = (size_t)E * N * K / 8;
+    for (size_t wi = blockIdx.x * (size_t)blockDim.x + threadIdx.x; wi < words; wi += (size_t)gridDim.x * blockDim.x) {
+        const size_t tile = wi / 2048;
+        const int rem = (int)(wi % 2048), chunk = rem / 2, word = rem & 1, r = chunk / 8, c = chunk % 8;
+        const int g = (int)(tile % G), nt = (int)((tile / G) % NT), e = (int)(tile / ((size_t)G * NT));
+        const int n = nt * 128 + r;
+        uint32_t v = 0;
+        for (int kk = 0; kk < 8; kk++) {
+            const int k = g * 128 + c * 16 + word * 8 + kk;
+            const int val = (int)(hash(((size_t)e * N + n) * K + k, 3) & 15u) - 8;
+            v = w4_word_set(v, kk >= 4, kk & 3, val, 1);
+        }
+        q[wi] = v;
     }
 }
 
 struct Run {
     int E, M, N, K;
-    uint8_t *a, *w;
+    bool int4;
+    uint8_t *a, *w, *q;
     float *sa, *sw;
     uint16_t *out;
     CUtensorMap ta, tb;
 };
 
-Run make(int E, int M, int N, int K) {
-    Run r{E, M, N, K};
-    const size_t na = (size_t)E * M * K, nw = (size_t)E * N * K, nsa = (size_t)E * (K / 128) * M, nsw = (size_t)E * (K / 128) * N;
+Run make(int E, int M, int N, int K, bool int4) {
+    Run r{E, M, N, K, int4};
+    const size_t na = (size_t)E * M * K, nw = int4 ? 0 : (size_t)E * N * K, nsa = (size_t)E * (K / 128) * M,
+                 nsw = (size_t)E * (K / 128) * N;
     CU(cudaMalloc(&r.a, na));
-    CU(cudaMalloc(&r.w, nw));
+    r.w = r.q = nullptr;
+    if (int4) CU(cudaMalloc(&r.q, (size_t)E * N * K / 2));
+    else CU(cudaMalloc(&r.w, nw));
     CU(cudaMalloc(&r.sa, nsa * 4));
     CU(cudaMalloc(&r.sw, nsw * 4));
     CU(cudaMalloc(&r.out, (size_t)E * M * N * 2));
-    fill_kernel<<<1024, 256>>>(r.a, na, r.w, nw, r.sa, nsa, r.sw, nsw);
+    fill_kernel<<<1024, 256>>>(r.a, na, r.w, nw, r.sa, nsa, r.sw, nsw, int4 ? W4_SCALE_FOLD : 1.0f);
+    if (int4) fill_int4_kernel<<<1024, 256>>>(reinterpret_cast<uint32_t *>(r.q), E, N, K);
     CU(cudaGetLastError());
     r.ta = tensor_map(r.a, K, (int64_t)E * M);
-    r.tb = tensor_map(r.w, K, (int64_t)E * N);
+    r.tb = int4 ? r.ta : tensor_map(r.w, K, (int64_t)E * N);
     return r;
 }
-void release(Run &r) { cudaFree(r.a), cudaFree(r.w), cudaFree(r.sa), cudaFree(r.sw), cudaFree(r.out); }
+void release(Run &r) { cudaFree(r.a), cudaFree(r.w), cudaFree(r.q), cudaFree(r.sa), cudaFree(r.sw), cudaFree(r.out); }
 
-template <int S, bool kGroupA> void launch(const Run &r, int sms) {
-    const Lab p{r.sa, r.sw, r.out, r.E, r.M, r.N, r.K, r.K / 128};
-    if (p.G % 8 != 0 || r.M % kBM != 0 || r.N % kBN != 0) { /* the kernel's blocks of kU = 8 groups, whole tiles */
+template <int S, bool kGroupA, bool kInt4, int kU = 8> void launch(const Run &r, int sms) {
+    const Lab p{r.q, r.sa, r.sw, r.out, r.E, r.M, r.N, r.K, r.K / 128};
+    if (p.G % kU != 0 || r.M % kBM != 0 || r.N % kBN != 0 || r.int4 != kInt4) { /* the kernel's blocks of kU groups, whole tiles */
         printf("shape E %d M %d N %d K %d: needs K %% 1024, M and N %% 128\n", r.E, r.M, r.N, r.K);
         exit(2);
     }
-    const size_t smem = 1024 + (size_t)S * kStageStride + 2 * S * sizeof(uint64_t);
+    const size_t smem = 1024 + (size_t)S * kStageStride<kInt4> + 3 * S * sizeof(uint64_t);
     static bool set = false;
     if (!set) {
-        CU(cudaFuncSetAttribute(prefill_kernel<S, kGroupA>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem));
+        CU(cudaFuncSetAttribute(prefill_kernel<S, kGroupA, kInt4, kU>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem));
         set = true;
     }
     const int tiles = r.E * (r.M / kBM) * (r.N / kBN);
-    prefill_kernel<S, kGroupA><<<tiles < sms ? tiles : sms, kThreads, smem>>>(p, r.ta, r.tb);
+    prefill_kernel<S, kGroupA, kInt4, kU><<<tiles < sms ? tiles : sms, kThreads, smem>>>(p, r.ta, r.tb);
 }
 
 double fp8_value(uint8_t b) {
@@ -269,17 +342,32 @@ double bf16_value(uint16_t h) {
 }
 
 /* every output of a small shape against fp64 */
-template <int S, bool kGroupA> int check(int sms) {
-    Run r = make(2, 256, 256, 1024);
+template <int S, bool kGroupA, bool kInt4> int check(int sms) {
+    Run r = make(2, 256, 256, 1024, kInt4);
     const int E = r.E, M = r.M, N = r.N, K = r.K, G = K / 128;
     CU(cudaMemset(r.out, 0xFF, (size_t)E * M * N * 2)); /* poison: NaN bf16 */
-    launch<S, kGroupA>(r, sms);
+    launch<S, kGroupA, kInt4>(r, sms);
     CU(cudaDeviceSynchronize());
     std::vector<uint8_t> a((size_t)E * M * K), w((size_t)E * N * K);
     std::vector<float> sa((size_t)E * G * M), sw((size_t)E * G * N);
     std::vector<uint16_t> out((size_t)E * M * N);
     CU(cudaMemcpy(a.data(), r.a, a.size(), cudaMemcpyDeviceToHost));
-    CU(cudaMemcpy(w.data(), r.w, w.size(), cudaMemcpyDeviceToHost));
+    if (kInt4) { /* the fp8 bytes the kernel converts to, at their (e, n, k) */
+        const int NT = N / 128;
+        std::vector<uint32_t> q((size_t)E * N * K / 8);
+        CU(cudaMemcpy(q.data(), r.q, q.size() * 4, cudaMemcpyDeviceToHost));
+        for (size_t wi = 0; wi < q.size(); wi++) {
+            const size_t tile = wi / 2048;
+            const int rem = (int)(wi % 2048), chunk = rem / 2, word = rem & 1, rr = chunk / 8, c = chunk % 8;
+            const int g = (int)(tile % G), nt = (int)((tile / G) % NT), e = (int)(tile / ((size_t)G * NT));
+            for (int kk = 0; kk < 8; kk++) {
+                const uint32_t f = w4_word_to_fp8(q[wi], kk >= 4, 1);
+                w[((size_t)e * N + nt * 128 + rr) * K + g * 128 + c * 16 + word * 8 + kk] = (uint8_t)(f >> (8 * (kk & 3)));
+            }
+        }
+    } else {
+        CU(cudaMemcpy(w.data(), r.w, w.size(), cudaMemcpyDeviceToHost));
+    }
     CU(cudaMemcpy(sa.data(), r.sa, sa.size() * 4, cudaMemcpyDeviceToHost));
     CU(cudaMemcpy(sw.data(), r.sw, sw.size() * 4, cudaMemcpyDeviceToHost));
     CU(cudaMemcpy(out.data(), r.out, out.size() * 2, cudaMemcpyDeviceToHost));
@@ -306,18 +394,19 @@ template <int S, bool kGroupA> int check(int sms) {
                 }
                 if (mag > 0 && err / mag > worst) worst = err / mag;
             }
-    printf("check S=%d mode %s: %ld of %d outputs outside the bound, worst error %.2e of the magnitude sum\n", S,
-           kGroupA ? "a" : "b", bad, E * M * N, worst);
+    printf("check %s S=%d mode %s: %ld of %d outputs outside the bound, worst error %.2e of the magnitude sum\n",
+           kInt4 ? "int4" : "fp8 ", S, kGroupA ? "a" : "b", bad, E * M * N, worst);
     release(r);
     return bad != 0;
 }
 
-template <int S, bool kGroupA> void time_shape(const char *name, int E, int M, int N, int K, int sms, void *flush) {
-    Run r = make(E, M, N, K);
+template <int S, bool kGroupA, bool kInt4, int kU = 8> void time_shape(const char *name, int E, int M, int N, int K, int sms, void *flush) {
+    Run r = make(E, M, N, K, kInt4);
     CU(cudaDeviceSynchronize());
-    const float us = lab_time_cold([&] { launch<S, kGroupA>(r, sms); }, flush, 3, 10);
+    const float us = lab_time_cold([&] { launch<S, kGroupA, kInt4, kU>(r, sms); }, flush, 3, 10);
     const double tf = 2.0 * E * M * (double)N * K / (us * 1e-6) / 1e12;
-    printf("%-4s E %d rows %d N %d K %d  S=%d mode %s: %9.1f us  %7.1f TFLOP/s\n", name, E, M, N, K, S, kGroupA ? "a" : "b", us, tf);
+    printf("%-4s E %d rows %4d N %d K %d  %s S=%d U=%d mode %s: %9.1f us  %7.1f TFLOP/s\n", name, E, M, N, K, kInt4 ? "int4" : "fp8 ", S,
+           kU, kGroupA ? "a" : "b", us, tf);
     release(r);
 }
 
@@ -326,14 +415,15 @@ template <int S, bool kGroupA> void time_shape(const char *name, int E, int M, i
 int main() {
     int sms;
     CU(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, 0));
-    int fails = check<6, true>(sms) + check<6, false>(sms);
+    int fails = check<6, true, false>(sms) + check<6, false, false>(sms) + check<5, true, true>(sms) + check<5, false, true>(sms);
     void *flush;
     CU(cudaMalloc(&flush, 256 << 20));
     for (int rows : {128, 1024}) {
-        time_shape<6, true>("W13", 32, rows, 4096, 7168, sms, flush);
-        time_shape<6, false>("W13", 32, rows, 4096, 7168, sms, flush);
-        time_shape<4, true>("W13", 32, rows, 4096, 7168, sms, flush);
-        time_shape<6, true>("W2", 32, rows, 7168, 2048, sms, flush);
+        time_shape<6, true, false>("W13", 32, rows, 4096, 7168, sms, flush);
+        time_shape<5, true, true>("W13", 32, rows, 4096, 7168, sms, flush);
+        time_shape<5, false, true>("W13", 32, rows, 4096, 7168, sms, flush);
+        time_shape<5, true, true, 4>("W13", 32, rows, 4096, 7168, sms, flush);
+        time_shape<5, true, true>("W2", 32, rows, 7168, 2048, sms, flush);
     }
     cudaFree(flush);
     printf("w4a8_prefill_lab: %s\n", fails ? "FAIL" : "checks passed");
