@@ -27,10 +27,10 @@
 **   int4 weights, 5 stages     519 / 441 (mode b 540 / 543; blocks of 4 groups 536 / 543)
 ** The fp8-weight schedule is 1.6x the library's kernel at 1024 rows and its promotion costs ~1%:
 ** the two partials hide it. But 0.66x cuBLASLt, short of 0.7x, and a conversion pass before it
-** (read 0.5 B, write 1 B a weight) would cost ~15% more. Converting int4 in shared memory halves
+** (read 0.5 B, write 1 B a weight: 1.4 GB at ~4.4 TB/s, ~320 us) would add ~17%. Converting int4 in shared memory halves
 ** the speed. A likely reason, not measured: shared-memory bandwidth. Each group's wgmma read
 ** 48 KB of shared memory (both warpgroups read the whole B tile), and the conversion adds 24 KB.
-** That is ~560 of the SM's 128-byte cycles against 512 cycles of tensor work. The library's RS
+** That is ~576 of the SM's 128-byte cycles against 512 cycles of tensor work. The library's RS
 ** form reads the weights once, into registers.
 ** Not yet tried: larger tiles (2-CTA clusters with TMA multicast), and a register-A (RS) version
 ** with a producer warpgroup (two partials and two fragment sets do not fit in 232 registers).
