@@ -28,10 +28,10 @@
 ** The fp8-weight schedule is 1.6x the library's kernel at 1024 rows and its promotion costs ~1%:
 ** the two partials hide it. But 0.66x cuBLASLt, short of 0.7x, and a conversion pass before it
 ** (read 0.5 B, write 1 B a weight: 1.4 GB at ~4.4 TB/s, ~320 us) would add ~17%. Converting int4 in shared memory halves
-** the speed. A likely reason, not measured: shared-memory bandwidth. Each group's wgmma read
-** 48 KB of shared memory (both warpgroups read the whole B tile), and the conversion adds 24 KB.
-** That is ~576 of the SM's 128-byte cycles against 512 cycles of tensor work. The library's RS
-** form reads the weights once, into registers.
+** the speed, and why is not measured yet. Shared-memory bandwidth would explain ~10%, not 2x: a
+** group's wgmma read 48 KB (both warpgroups read the whole B tile) and the conversion moves 24 KB,
+** ~576 of the SM's 128-byte cycles against 512 of tensor work. Next suspects: the converter warps'
+** latency per stage and their proxy fence (Nsight Compute's stall reasons would tell).
 ** Not yet tried: larger tiles (2-CTA clusters with TMA multicast), and a register-A (RS) version
 ** with a producer warpgroup (two partials and two fragment sets do not fit in 232 registers).
 */
