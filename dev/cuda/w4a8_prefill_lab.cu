@@ -20,18 +20,25 @@
 ** Checked against an fp64 reference on a small shape (bound: 2^-8 of |ref| for the bf16 output,
 ** plus 2^-10 of the sum of |terms| for the wgmma's truncating fp32 accumulation), then timed on DeepSeek-R1's W13 and W2
 ** for 32 experts: CUDA events, median of 10 after 3 warm-ups, 256 MB memset before each (lab_timing.cuh).
-** Build: make dev-labs; run: ./build/dev/w4a8_prefill_lab
+** Build: make dev-labs; run: ./build/dev/w4a8_prefill_lab [profile: W13 at 1024 rows only, two launches each]
 **
 ** Measured (one H200, 2026-12-01; W13 TFLOP/s at 128 / 1024 rows per expert, mode a unless said):
-**   fp8 weights, 6 stages      834 / 994-1001 (mode b 860 / 1011; 4 stages 799 / 883)
-**   int4 weights, 5 stages     519 / 441 (mode b 540 / 543; blocks of 4 groups 536 / 543)
-** The fp8-weight schedule is 1.6x the library's kernel at 1024 rows and its promotion costs ~1%:
-** the two partials hide it. But 0.66x cuBLASLt, short of 0.7x, and a conversion pass before it
-** (read 0.5 B, write 1 B a weight: 1.4 GB at ~4.4 TB/s, ~320 us) would add ~17%. Converting int4 in shared memory halves
-** the speed, and why is not measured yet. Shared-memory bandwidth would explain ~10%, not 2x: a
-** group's wgmma read 48 KB (both warpgroups read the whole B tile) and the conversion moves 24 KB,
-** ~576 of the SM's 128-byte cycles against 512 of tensor work. Next suspects: the converter warps'
-** latency per stage and their proxy fence (Nsight Compute's stall reasons would tell).
+**   fp8 weights, 6 stages        834 / 994-1001 (mode b 860 / 1011; 4 stages 799 / 883)
+**   int4, converter one pair      519 / 441 (mode b 540 / 543; blocks of 4 groups 536 / 543)
+**     of loads at a time
+**   int4, converter loads batched 549 / 564 (mode b 559 / 552; blocks of 4 groups 553 / 565)
+** The fp8-weight schedule is 1.6x the library's kernel at 1024 rows, and its promotion costs ~1%:
+** the two partials hide it. Still it is 0.66x cuBLASLt, short of 0.7x, and a conversion pass
+** before it would add ~17% (read 0.5 B and write 1 B a weight: 1.4 GB at ~4.4 TB/s, ~320 us).
+** Nsight Compute (--clock-control none, W13 at 1024 rows) on the fp8 kernel: L1/shared throughput
+** 78%, L2 74%, the tensor pipe 55%, the SM clock at 1.67 GHz. So 128 x 128 tiles are bound by
+** shared memory and L2: each group's wgmma read 48 KB of shared memory, because both warpgroups
+** read the whole B tile.
+** Converting int4 in shared memory costs ~45% of the speed even with the converter's loads in
+** flight together. It adds 24 KB of shared-memory traffic a group to an L1 already at 78%.
+** Nsight Compute also counted 29% of the converter's store wavefronts as bank conflicts, and, in
+** mode a, local-memory traffic: the consumers spill 12-92 bytes at 232 registers when the
+** converter is compiled in.
 ** Not yet tried: larger tiles (2-CTA clusters with TMA multicast), and a register-A (RS) version
 ** with a producer warpgroup (two partials and two fragment sets do not fit in 232 registers).
 */
@@ -160,11 +167,25 @@ __global__ void __launch_bounds__(kThreads, 1) prefill_kernel(const __grid_const
                 uint8_t *st = smem + s * kStride;
                 mbar_wait(&landed_bar[s], (uint32_t)(it / S) & 1u);
                 const uint2 *src = reinterpret_cast<const uint2 *>(st + 2 * kOpBytes + 1024);
-#pragma unroll 2 /* 40 registers: more in flight spills */
-                for (int i = c0; i < kBN * 8; i += kConvertThreads) { /* row n = i / 8, chunk c = i % 8, 128-byte swizzle */
-                    const uint2 q = src[i];
-                    const int n = i >> 3, c = i & 7;
-                    *reinterpret_cast<uint4 *>(st + kOpBytes + n * kBK + ((c ^ (n & 7)) << 4)) = make_uint4(w4_lo(q.x), w4_hi(q.x), w4_lo(q.y), w4_hi(q.y));
+                /* the loads in flight together, in two batches (40 registers), then convert and
+                ** store: one loop of loads, conversions and stores took a shared-memory round trip
+                ** per pair */
+                constexpr int kPer = (kBN * 8 + kConvertThreads - 1) / kConvertThreads, kBatch = (kPer + 1) / 2;
+#pragma unroll
+                for (int j0 = 0; j0 < kPer; j0 += kBatch) {
+                    uint2 q[kBatch];
+#pragma unroll
+                    for (int j = 0; j < kBatch; j++) {
+                        const int i = c0 + (j0 + j) * kConvertThreads;
+                        q[j] = j0 + j < kPer && i < kBN * 8 ? src[i] : make_uint2(0u, 0u);
+                    }
+#pragma unroll
+                    for (int j = 0; j < kBatch; j++) { /* row n = i / 8, chunk c = i % 8, 128-byte swizzle */
+                        const int i = c0 + (j0 + j) * kConvertThreads, n = i >> 3, c = i & 7;
+                        if (j0 + j < kPer && i < kBN * 8)
+                            *reinterpret_cast<uint4 *>(st + kOpBytes + n * kBK + ((c ^ (n & 7)) << 4)) =
+                                make_uint4(w4_lo(q[j].x), w4_hi(q[j].x), w4_lo(q[j].y), w4_hi(q[j].y));
+                    }
                 }
                 fence_proxy_async(); /* the generic stores, then wgmma's async-proxy reads */
                 mbar_arrive(&full[s]);
@@ -400,10 +421,11 @@ template <int S, bool kGroupA, bool kInt4> int check(int sms) {
     return bad != 0;
 }
 
-template <int S, bool kGroupA, bool kInt4, int kU = 8> void time_shape(const char *name, int E, int M, int N, int K, int sms, void *flush) {
+template <int S, bool kGroupA, bool kInt4, int kU = 8>
+void time_shape(const char *name, int E, int M, int N, int K, int sms, void *flush, int warm = 3, int reps = 10) {
     Run r = make(E, M, N, K, kInt4);
     CU(cudaDeviceSynchronize());
-    const float us = lab_time_cold([&] { launch<S, kGroupA, kInt4, kU>(r, sms); }, flush, 3, 10);
+    const float us = lab_time_cold([&] { launch<S, kGroupA, kInt4, kU>(r, sms); }, flush, warm, reps);
     const double tf = 2.0 * E * M * (double)N * K / (us * 1e-6) / 1e12;
     printf("%-4s E %d rows %4d N %d K %d  %s S=%d U=%d mode %s: %9.1f us  %7.1f TFLOP/s\n", name, E, M, N, K, kInt4 ? "int4" : "fp8 ", S,
            kU, kGroupA ? "a" : "b", us, tf);
@@ -412,9 +434,17 @@ template <int S, bool kGroupA, bool kInt4, int kU = 8> void time_shape(const cha
 
 } // namespace
 
-int main() {
+int main(int argc, char **argv) {
     int sms;
     CU(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, 0));
+    if (argc > 1 && !strcmp(argv[1], "profile")) { /* two launches each, for a profiler: W13 at 1024 rows, fp8 and int4 weights */
+        void *flush;
+        CU(cudaMalloc(&flush, 256 << 20));
+        time_shape<6, true, false>("W13", 32, 1024, 4096, 7168, sms, flush, 1, 1);
+        time_shape<5, true, true>("W13", 32, 1024, 4096, 7168, sms, flush, 1, 1);
+        cudaFree(flush);
+        return 0;
+    }
     int fails = check<6, true, false>(sms) + check<6, false, false>(sms) + check<5, true, true>(sms) + check<5, false, true>(sms);
     void *flush;
     CU(cudaMalloc(&flush, 256 << 20));
