@@ -9,7 +9,8 @@
 **  4. Accuracy on the W13 shape (K = 7168, N = 4096, 256 bf16 tokens): NMSE of mode (a), per-token
 **     group scales, against mode (b), per-tensor after the requant op, on gaussian and outlier
 **     activations; each kernel within 5% of the fp64 model of its path with the output rounded
-**     to bf16 (the GEMM's output format), within 15% of the unrounded model.
+**     to bf16 (the GEMM's output format), and of the unrounded model (15% with outliers, where the
+**     rounding alone is ~6%).
 ** EPMOE_TEST_QUICK=1 (memcheck) runs smaller cases; EPMOE_SEED=n repeats a run.
 */
 #include "cuda_check.h"
@@ -336,9 +337,10 @@ static void test_mlp(test_rng *r) {
 ** ~4.5e-5. On an H200 (2026-12-01, three seeds) the kernel landed within 0.5% of the rounded model
 ** in both cases and modes, and 6.5-7.9% above the unrounded one with outliers: that gap, read in
 ** session 11 as the fp8 wgmma's truncated alignment, is the output rounding. MODEL_MATCH (the
-** issue's 5%) bounds the gap to the rounded model; MODEL_MATCH_UNROUNDED the printed other. */
+** issue's 5%) bounds the gap to the rounded model in both cases, and to the unrounded one on
+** gaussian tokens (where the rounding is 0.4%); MODEL_MATCH_OUTLIERS the unrounded gap with outliers. */
 #define MODEL_MATCH 0.05
-#define MODEL_MATCH_UNROUNDED 0.15
+#define MODEL_MATCH_OUTLIERS 0.15
 
 static void accuracy_case(test_rng *r, const w4_mat *w, int outliers, const char *name) {
     const int64_t T = 256, K = w->K, NS = 256; /* NMSE over the first NS output channels */
@@ -405,8 +407,9 @@ static void accuracy_case(test_rng *r, const w4_mat *w, int outliers, const char
            name, ka, ma, ra, 100 * (ka / ra - 1), 100 * (ka / ma - 1), kb, mb, rb, 100 * (kb / rb - 1), kb / ka);
     CHECK(fabs(ka / ra - 1) <= MODEL_MATCH, "%s: mode (a) kernel NMSE %g vs model rounded to bf16 %g", name, ka, ra);
     CHECK(fabs(kb / rb - 1) <= MODEL_MATCH, "%s: mode (b) kernel NMSE %g vs model rounded to bf16 %g", name, kb, rb);
-    CHECK(fabs(ka / ma - 1) <= MODEL_MATCH_UNROUNDED, "%s: mode (a) kernel NMSE %g vs model %g", name, ka, ma);
-    CHECK(fabs(kb / mb - 1) <= MODEL_MATCH_UNROUNDED, "%s: mode (b) kernel NMSE %g vs model %g", name, kb, mb);
+    const double match = outliers ? MODEL_MATCH_OUTLIERS : MODEL_MATCH;
+    CHECK(fabs(ka / ma - 1) <= match, "%s: mode (a) kernel NMSE %g vs model %g", name, ka, ma);
+    CHECK(fabs(kb / mb - 1) <= match, "%s: mode (b) kernel NMSE %g vs model %g", name, kb, mb);
     CHECK(kb / ka >= (outliers ? 10.0 : 1.5), "%s: mode (a) is not clearly better than (b): %g vs %g", name, ka, kb);
     free(wd), free(xt), free(xa), free(xb), free(oa), free(ob), free(qb);
     cudaFree(da), cudaFree(db), cudaFree(dsa), cudaFree(dm), cudaFree(dos), cudaFree(dout_a), cudaFree(dout_b);
