@@ -62,7 +62,11 @@ constexpr int kBM = 128, kBN = 128, kBK = 128;         /* tokens, weight rows, K
 constexpr int kOpBytes = kBM * kBK;                     /* one operand tile: 16 KB */
 constexpr int kInt4Bytes = kBN * kBK / 2;              /* int4 weights of a tile's group: 8 KB */
 /* stage: A, B (fp8), 128 fp32 sa + 128 fp32 sw, and with int4 weights their staging copy */
-template <bool kInt4> constexpr int kStageStride = (2 * kOpBytes + 1024 + (kInt4 ? kInt4Bytes : 0) + 1023) / 1024 * 1024;
+/* weight modes: fp8 in memory (SS), int4 converted into shared memory (SS), int4 converted in the
+** consumers' registers (RS: the weights are wgmma's A operand, the library's repacked layout) */
+enum { kFp8 = 0, kInt4Smem = 1, kInt4Reg = 2 };
+template <int kW> constexpr int kStageStride = kW == kInt4Reg ? (kOpBytes + kInt4Bytes + 1024 + 1023) / 1024 * 1024
+                                                              : (2 * kOpBytes + 1024 + (kW == kInt4Smem ? kInt4Bytes : 0) + 1023) / 1024 * 1024;
 constexpr int kConvertThreads = 96; /* int4 -> fp8: warps 1-3 of the producer warpgroup */
 constexpr int kThreads = 384;                           /* producer warpgroup + two consumers */
 
@@ -73,10 +77,6 @@ struct Lab {
     uint16_t *out;   /* [E][M][N] bf16 */
     int E, M, N, K, G;
 };
-
-__device__ __forceinline__ void mbar_arrive(uint64_t *bar) {
-    asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(smem_u32(bar)) : "memory");
-}
 
 /* d[64 x 128] (+)= a[64 x 32] * b[128 x 32]^T, both fp8 in shared memory (K-major, 128-byte swizzle) */
 __device__ __forceinline__ void wgmma_ss128(float (&d)[64], uint64_t da, uint64_t db, int scale_d) {
@@ -127,7 +127,7 @@ __device__ __forceinline__ uint32_t w4_hi(uint32_t q) { return w4_word_to_fp8(q,
 template <int S, bool kGroupA, bool kInt4, int kU>
 __global__ void __launch_bounds__(kThreads, 1) prefill_kernel(const __grid_constant__ Lab p, const __grid_constant__ CUtensorMap ta,
                                                             const __grid_constant__ CUtensorMap tb) {
-    constexpr int kStride = kStageStride<kInt4>;
+    constexpr int kStride = kStageStride<kInt4 ? kInt4Smem : kFp8>;
     extern __shared__ __align__(1024) uint8_t raw[];
     uint8_t *smem = raw + ((1024u - (smem_u32(raw) & 1023u)) & 1023u);
     /* full: the stage's operands are ready (int4: converted); landed: its copies are in (int4 only) */
@@ -240,6 +240,122 @@ __global__ void __launch_bounds__(kThreads, 1) prefill_kernel(const __grid_const
     }
 }
 
+/* RS: weights are wgmma's A operand, 64 rows a consumer warpgroup, in the library's repacked layout
+** (w4a8_layout.h: each thread's 32 bytes of a (tile, group) in two 16-byte halves) and converted in
+** registers as the library does (3 integer ops per 8 weights); tokens are B (m64n128k32, 128 tokens
+** of the tile from shared memory). Thread 0 of the producer warpgroup issues each stage's copies:
+** tokens (TMA, 16 KB), weights (bulk, 8 KB), scales (2 x 512 B). Two partials per consumer as in the
+** SS kernel; the fragments of the group in flight stay live until its wait (kFrags sets). */
+template <int S, bool kGroupA, int kU>
+__global__ void __launch_bounds__(kThreads, 1) prefill_rs_kernel(const __grid_constant__ Lab p, const __grid_constant__ CUtensorMap ta) {
+    constexpr int kStride = kStageStride<kInt4Reg>;
+    extern __shared__ __align__(1024) uint8_t raw[];
+    uint8_t *smem = raw + ((1024u - (smem_u32(raw) & 1023u)) & 1023u);
+    uint64_t *full = reinterpret_cast<uint64_t *>(smem + S * kStride), *empty = full + S;
+    const int wg = threadIdx.x >> 7;
+    if (threadIdx.x == 0)
+        for (int s = 0; s < S; s++) mbar_init(&full[s], 1), mbar_init(&empty[s], 256);
+    asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+    __syncthreads();
+    const int MT = p.M / kBM, NT = p.N / kBN, tiles = p.E * MT * NT, G = p.G;
+    if (wg == 0) {
+        asm volatile("setmaxnreg.dec.sync.aligned.u32 40;\n");
+        if (threadIdx.x == 0) {
+            int it = 0;
+            for (int t = blockIdx.x; t < tiles; t += gridDim.x) {
+                const int e = t / (MT * NT), rem = t - e * MT * NT, nt = rem / MT, mt = rem - nt * MT;
+                for (int g = 0; g < G; g++, it++) {
+                    const int s = it % S;
+                    if (it >= S) mbar_wait(&empty[s], (uint32_t)((it / S) - 1) & 1u);
+                    uint8_t *st = smem + s * kStride;
+                    mbar_expect_tx(&full[s], kOpBytes + kInt4Bytes + 1024);
+                    tma_load_2d(st, &ta, g * kBK, e * p.M + mt * kBM, &full[s]);
+                    bulk_copy(st + kOpBytes, p.qw + (((size_t)e * NT + nt) * G + g) * kInt4Bytes, kInt4Bytes, &full[s]);
+                    bulk_copy(st + kOpBytes + kInt4Bytes, p.sa + ((size_t)e * G + g) * p.M + mt * kBM, 512, &full[s]);
+                    bulk_copy(st + kOpBytes + kInt4Bytes + 512, p.sw + ((size_t)e * G + g) * p.N + nt * kBN, 512, &full[s]);
+                }
+            }
+        }
+        return;
+    }
+    asm volatile("setmaxnreg.inc.sync.aligned.u32 232;\n");
+    const int h = wg - 1, lt = (int)threadIdx.x - 128, lane = threadIdx.x & 31, wi = (threadIdx.x >> 5) & 3;
+    int it = 0;
+    auto stage = [&](int i) { return smem + (i % S) * kStride; };
+    /* this thread's fragments of the stage's group -> the 4 k-steps' A registers */
+    auto convert = [&](const uint8_t *st, uint32_t(&a)[4][4]) {
+        const uint4 q0 = reinterpret_cast<const uint4 *>(st + kOpBytes)[lt], q1 = reinterpret_cast<const uint4 *>(st + kOpBytes)[256 + lt];
+        const uint32_t q[8] = {q0.x, q0.y, q0.z, q0.w, q1.x, q1.y, q1.z, q1.w};
+#pragma unroll
+        for (int ks = 0; ks < 4; ks++) {
+            a[ks][0] = w4_word_to_fp8(q[2 * ks], 0, 1), a[ks][1] = w4_word_to_fp8(q[2 * ks], 1, 1);
+            a[ks][2] = w4_word_to_fp8(q[2 * ks + 1], 0, 1), a[ks][3] = w4_word_to_fp8(q[2 * ks + 1], 1, 1);
+#pragma unroll
+            for (int r = 0; r < 4; r++) reg_fence(a[ks][r]);
+        }
+    };
+    /* acc[j*4 + q]: weight row 16 * wi + lane / 4 + 8 * (q / 2) of the half, token j * 8 + 2 * (lane % 4) + q % 2 */
+    const int r0 = h * 64 + wi * 16 + (lane >> 2);
+    auto promote_rs = [&](const uint8_t *st, float(&part)[64], float(&acc)[64]) {
+#pragma unroll
+        for (int i = 0; i < 64; i++) reg_fence(part[i]);
+        const float *sa = reinterpret_cast<const float *>(st + kOpBytes + kInt4Bytes), *sw = sa + kBM;
+        const float w0 = sw[r0], w1 = sw[r0 + 8];
+#pragma unroll
+        for (int j = 0; j < 16; j++) {
+            const float2 a = kGroupA ? *reinterpret_cast<const float2 *>(sa + j * 8 + 2 * (lane & 3)) : make_float2(1.0f, 1.0f);
+            float x0 = part[j * 4], x1 = part[j * 4 + 1], x2 = part[j * 4 + 2], x3 = part[j * 4 + 3];
+            if (kGroupA) x0 = __fmul_rn(x0, a.x), x1 = __fmul_rn(x1, a.y), x2 = __fmul_rn(x2, a.x), x3 = __fmul_rn(x3, a.y);
+            acc[j * 4] = fmaf(x0, w0, acc[j * 4]);
+            acc[j * 4 + 1] = fmaf(x1, w0, acc[j * 4 + 1]);
+            acc[j * 4 + 2] = fmaf(x2, w1, acc[j * 4 + 2]);
+            acc[j * 4 + 3] = fmaf(x3, w1, acc[j * 4 + 3]);
+        }
+    };
+    for (int t = blockIdx.x; t < tiles; t += gridDim.x) {
+        const int e = t / (MT * NT), rem = t - e * MT * NT, nt = rem / MT, mt = rem - nt * MT;
+        float acc[64], p0[64], p1[64];
+        uint32_t f0[4][4], f1[4][4];
+#pragma unroll
+        for (int i = 0; i < 64; i++) acc[i] = 0.0f;
+        for (int g = 0; g < G; g += kU) {
+#pragma unroll
+            for (int u = 0; u < kU; u++) {
+                float(&cur)[64] = (u & 1) ? p1 : p0;
+                float(&prev)[64] = (u & 1) ? p0 : p1;
+                uint32_t(&fc)[4][4] = (u & 1) ? f1 : f0;
+                mbar_wait(&full[it % S], (uint32_t)(it / S) & 1u);
+                const uint8_t *st = stage(it);
+                convert(st, fc);
+#pragma unroll
+                for (int i = 0; i < 64; i++) reg_fence(cur[i]);
+                wgmma_fence();
+                const uint32_t lb = sw128_desc_lo(st);
+#pragma unroll
+                for (int ks = 0; ks < 4; ks++) wgmma_rs<128>(cur, fc[ks], sw128_desc(lb + 2 * ks), ks);
+                wgmma_commit();
+                if (u > 0) {
+                    wgmma_wait<1>();
+                    promote_rs(stage(it - 1), prev, acc);
+                    mbar_arrive(&empty[(it - 1) % S]);
+                }
+                it++;
+            }
+            wgmma_wait<0>();
+            promote_rs(stage(it - 1), (kU & 1) ? p0 : p1, acc);
+            mbar_arrive(&empty[(it - 1) % S]);
+        }
+        /* bf16 out [e][m][n]: the tile's weight rows are n, its tokens m */
+        uint16_t *o = p.out + ((size_t)e * p.M + mt * kBM + 2 * (lane & 3)) * p.N + nt * kBN + r0;
+#pragma unroll
+        for (int j = 0; j < 16; j++) {
+            const uint32_t lo = bf16x2(acc[j * 4], acc[j * 4 + 2]), hi = bf16x2(acc[j * 4 + 1], acc[j * 4 + 3]);
+            o[(size_t)(j * 8) * p.N] = (uint16_t)lo, o[(size_t)(j * 8) * p.N + 8] = (uint16_t)(lo >> 16);
+            o[(size_t)(j * 8 + 1) * p.N] = (uint16_t)hi, o[(size_t)(j * 8 + 1) * p.N + 8] = (uint16_t)(hi >> 16);
+        }
+    }
+}
+
 CUtensorMap tensor_map(const uint8_t *base, int K, int64_t rows) {
     static PFN_cuTensorMapEncodeTiled_v12000 encode = nullptr;
     if (!encode) {
@@ -305,17 +421,40 @@ __global__ void fill_int4_kernel(uint32_t *q, int E, int N, int K) {
     }
 }
 
+/* The field of library-layout word wi (w4_locate's inverse): value slot (hi, b) holds weight (n, k)
+** of tile (e, nt, g); returns the flat (e * N + n) * K + k. */
+__host__ __device__ inline size_t lib_weight(size_t wi, int hi, int b, int N, int K) {
+    const int G = K / 128, NT = N / 128;
+    const size_t blk = wi / 2048; /* (e * NT + nt) * G + g */
+    const int rem = (int)(wi % 2048), half = rem / 1024, tid = (rem % 1024) / 4, word = rem % 4;
+    const int g = (int)(blk % G), nt = (int)((blk / G) % NT), e = (int)(blk / ((size_t)G * NT));
+    const int lane = tid % 32, r = (tid / 128) * 64 + ((tid % 128) / 32) * 16 + lane / 4 + 8 * hi;
+    const int kk = (2 * half + word / 2) * 32 + (word % 2) * 16 + (lane % 4) * 4 + b;
+    return ((size_t)e * N + nt * 128 + r) * K + g * 128 + kk;
+}
+/* int4 weights (fill_kernel's values) in the library's repacked layout */
+__global__ void fill_lib_kernel(uint32_t *q, int E, int N, int K) {
+    const size_t words = (size_t)E * N * K / 8;
+    for (size_t wi = blockIdx.x * (size_t)blockDim.x + threadIdx.x; wi < words; wi += (size_t)gridDim.x * blockDim.x) {
+        uint32_t v = 0;
+        for (int hi = 0; hi < 2; hi++)
+            for (int b = 0; b < 4; b++) v = w4_word_set(v, hi, b, (int)(hash(lib_weight(wi, hi, b, N, K), 3) & 15u) - 8, 1);
+        q[wi] = v;
+    }
+}
+
 struct Run {
     int E, M, N, K;
-    bool int4;
+    int wmode;
     uint8_t *a, *w, *q;
     float *sa, *sw;
     uint16_t *out;
     CUtensorMap ta, tb;
 };
 
-Run make(int E, int M, int N, int K, bool int4) {
-    Run r{E, M, N, K, int4};
+Run make(int E, int M, int N, int K, int wmode) {
+    Run r{E, M, N, K, wmode};
+    const bool int4 = wmode != kFp8;
     const size_t na = (size_t)E * M * K, nw = int4 ? 0 : (size_t)E * N * K, nsa = (size_t)E * (K / 128) * M,
                  nsw = (size_t)E * (K / 128) * N;
     CU(cudaMalloc(&r.a, na));
@@ -326,7 +465,8 @@ Run make(int E, int M, int N, int K, bool int4) {
     CU(cudaMalloc(&r.sw, nsw * 4));
     CU(cudaMalloc(&r.out, (size_t)E * M * N * 2));
     fill_kernel<<<1024, 256>>>(r.a, na, r.w, nw, r.sa, nsa, r.sw, nsw, int4 ? W4_SCALE_FOLD : 1.0f);
-    if (int4) fill_int4_kernel<<<1024, 256>>>(reinterpret_cast<uint32_t *>(r.q), E, N, K);
+    if (wmode == kInt4Smem) fill_int4_kernel<<<1024, 256>>>(reinterpret_cast<uint32_t *>(r.q), E, N, K);
+    if (wmode == kInt4Reg) fill_lib_kernel<<<1024, 256>>>(reinterpret_cast<uint32_t *>(r.q), E, N, K);
     CU(cudaGetLastError());
     r.ta = tensor_map(r.a, K, (int64_t)E * M);
     r.tb = int4 ? r.ta : tensor_map(r.w, K, (int64_t)E * N);
@@ -334,20 +474,23 @@ Run make(int E, int M, int N, int K, bool int4) {
 }
 void release(Run &r) { cudaFree(r.a), cudaFree(r.w), cudaFree(r.q), cudaFree(r.sa), cudaFree(r.sw), cudaFree(r.out); }
 
-template <int S, bool kGroupA, bool kInt4, int kU = 8> void launch(const Run &r, int sms) {
+template <int S, bool kGroupA, int kW, int kU = 8> void launch(const Run &r, int sms) {
     const Lab p{r.q, r.sa, r.sw, r.out, r.E, r.M, r.N, r.K, r.K / 128};
-    if (p.G % kU != 0 || r.M % kBM != 0 || r.N % kBN != 0 || r.int4 != kInt4) { /* the kernel's blocks of kU groups, whole tiles */
+    if (p.G % kU != 0 || r.M % kBM != 0 || r.N % kBN != 0 || r.wmode != kW) { /* the kernel's blocks of kU groups, whole tiles */
         printf("shape E %d M %d N %d K %d: needs K %% 1024, M and N %% 128\n", r.E, r.M, r.N, r.K);
         exit(2);
     }
-    const size_t smem = 1024 + (size_t)S * kStageStride<kInt4> + 3 * S * sizeof(uint64_t);
+    const size_t smem = 1024 + (size_t)S * kStageStride<kW> + 3 * S * sizeof(uint64_t);
+    const int tiles = r.E * (r.M / kBM) * (r.N / kBN), grid = tiles < sms ? tiles : sms;
     static bool set = false;
-    if (!set) {
-        CU(cudaFuncSetAttribute(prefill_kernel<S, kGroupA, kInt4, kU>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem));
-        set = true;
+    if constexpr (kW == kInt4Reg) {
+        if (!set) CU(cudaFuncSetAttribute(prefill_rs_kernel<S, kGroupA, kU>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem));
+        prefill_rs_kernel<S, kGroupA, kU><<<grid, kThreads, smem>>>(p, r.ta);
+    } else {
+        if (!set) CU(cudaFuncSetAttribute(prefill_kernel<S, kGroupA, kW == kInt4Smem, kU>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem));
+        prefill_kernel<S, kGroupA, kW == kInt4Smem, kU><<<grid, kThreads, smem>>>(p, r.ta, r.tb);
     }
-    const int tiles = r.E * (r.M / kBM) * (r.N / kBN);
-    prefill_kernel<S, kGroupA, kInt4, kU><<<tiles < sms ? tiles : sms, kThreads, smem>>>(p, r.ta, r.tb);
+    set = true;
 }
 
 double fp8_value(uint8_t b) {
@@ -363,17 +506,33 @@ double bf16_value(uint16_t h) {
 }
 
 /* every output of a small shape against fp64 */
-template <int S, bool kGroupA, bool kInt4> int check(int sms) {
-    Run r = make(2, 256, 256, 1024, kInt4);
+template <int S, bool kGroupA, int kW, int kU = 8> int check(int sms) {
+    constexpr bool kInt4 = kW != kFp8;
+    Run r = make(2, 256, 256, 1024, kW);
     const int E = r.E, M = r.M, N = r.N, K = r.K, G = K / 128;
     CU(cudaMemset(r.out, 0xFF, (size_t)E * M * N * 2)); /* poison: NaN bf16 */
-    launch<S, kGroupA, kInt4>(r, sms);
+    launch<S, kGroupA, kW, kU>(r, sms);
     CU(cudaDeviceSynchronize());
     std::vector<uint8_t> a((size_t)E * M * K), w((size_t)E * N * K);
     std::vector<float> sa((size_t)E * G * M), sw((size_t)E * G * N);
     std::vector<uint16_t> out((size_t)E * M * N);
     CU(cudaMemcpy(a.data(), r.a, a.size(), cudaMemcpyDeviceToHost));
-    if (kInt4) { /* the fp8 bytes the kernel converts to, at their (e, n, k) */
+    if (kW == kInt4Reg) {
+        for (int e = 0; e < E; e++) /* lib_weight inverts the library's w4_locate */
+            for (int n = 0; n < N; n += 7)
+                for (int k = 0; k < K; k += 3) {
+                    const w4_pos ps = w4_locate(N, K, e, n, k);
+                    if (lib_weight((size_t)(ps.word / 4), ps.hi, ps.b, N, K) != ((size_t)e * N + n) * K + k) {
+                        printf("lib_weight does not invert w4_locate at e %d n %d k %d\n", e, n, k);
+                        return 1;
+                    }
+                }
+        std::vector<uint32_t> q((size_t)E * N * K / 8);
+        CU(cudaMemcpy(q.data(), r.q, q.size() * 4, cudaMemcpyDeviceToHost));
+        for (size_t wi = 0; wi < q.size(); wi++)
+            for (int hi = 0; hi < 2; hi++)
+                for (int b = 0; b < 4; b++) w[lib_weight(wi, hi, b, N, K)] = (uint8_t)(w4_word_to_fp8(q[wi], hi, 1) >> (8 * b));
+    } else if (kInt4) { /* the fp8 bytes the kernel converts to, at their (e, n, k) */
         const int NT = N / 128;
         std::vector<uint32_t> q((size_t)E * N * K / 8);
         CU(cudaMemcpy(q.data(), r.q, q.size() * 4, cudaMemcpyDeviceToHost));
@@ -415,19 +574,19 @@ template <int S, bool kGroupA, bool kInt4> int check(int sms) {
                 }
                 if (mag > 0 && err / mag > worst) worst = err / mag;
             }
-    printf("check %s S=%d mode %s: %ld of %d outputs outside the bound, worst error %.2e of the magnitude sum\n",
-           kInt4 ? "int4" : "fp8 ", S, kGroupA ? "a" : "b", bad, E * M * N, worst);
+    printf("check %s S=%d U=%d mode %s: %ld of %d outputs outside the bound, worst error %.2e of the magnitude sum\n",
+           kW == kInt4Reg ? "int4 rs" : kInt4 ? "int4" : "fp8 ", S, kU, kGroupA ? "a" : "b", bad, E * M * N, worst);
     release(r);
     return bad != 0;
 }
 
-template <int S, bool kGroupA, bool kInt4, int kU = 8>
+template <int S, bool kGroupA, int kW, int kU = 8>
 void time_shape(const char *name, int E, int M, int N, int K, int sms, void *flush, int warm = 3, int reps = 10) {
-    Run r = make(E, M, N, K, kInt4);
+    Run r = make(E, M, N, K, kW);
     CU(cudaDeviceSynchronize());
-    const float us = lab_time_cold([&] { launch<S, kGroupA, kInt4, kU>(r, sms); }, flush, warm, reps);
+    const float us = lab_time_cold([&] { launch<S, kGroupA, kW, kU>(r, sms); }, flush, warm, reps);
     const double tf = 2.0 * E * M * (double)N * K / (us * 1e-6) / 1e12;
-    printf("%-4s E %d rows %4d N %d K %d  %s S=%d U=%d mode %s: %9.1f us  %7.1f TFLOP/s\n", name, E, M, N, K, kInt4 ? "int4" : "fp8 ", S,
+    printf("%-4s E %d rows %4d N %d K %d  %s S=%d U=%d mode %s: %9.1f us  %7.1f TFLOP/s\n", name, E, M, N, K, kW == kInt4Reg ? "rs  " : kW == kInt4Smem ? "int4" : "fp8 ", S,
            kU, kGroupA ? "a" : "b", us, tf);
     release(r);
 }
@@ -437,23 +596,29 @@ void time_shape(const char *name, int E, int M, int N, int K, int sms, void *flu
 int main(int argc, char **argv) {
     int sms;
     CU(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, 0));
-    if (argc > 1 && !strcmp(argv[1], "profile")) { /* two launches each, for a profiler: W13 at 1024 rows, fp8 and int4 weights */
-        void *flush;
-        CU(cudaMalloc(&flush, 256 << 20));
-        time_shape<6, true, false>("W13", 32, 1024, 4096, 7168, sms, flush, 1, 1);
-        time_shape<5, true, true>("W13", 32, 1024, 4096, 7168, sms, flush, 1, 1);
+    const bool profile = argc > 1 && !strcmp(argv[1], "profile"), rs_only = argc > 1 && !strcmp(argv[1], "rs");
+    void *flush;
+    CU(cudaMalloc(&flush, 256 << 20));
+    if (profile) { /* two launches each, for a profiler: W13 at 1024 rows */
+        time_shape<6, true, kFp8>("W13", 32, 1024, 4096, 7168, sms, flush, 1, 1);
+        time_shape<6, true, kInt4Reg, 2>("W13", 32, 1024, 4096, 7168, sms, flush, 1, 1);
         cudaFree(flush);
         return 0;
     }
-    int fails = check<6, true, false>(sms) + check<6, false, false>(sms) + check<5, true, true>(sms) + check<5, false, true>(sms);
-    void *flush;
-    CU(cudaMalloc(&flush, 256 << 20));
+    int fails = check<6, true, kInt4Reg, 2>(sms) + check<6, false, kInt4Reg, 2>(sms) + check<6, true, kInt4Reg>(sms);
+    if (!rs_only)
+        fails += check<6, true, kFp8>(sms) + check<6, false, kFp8>(sms) + check<5, true, kInt4Smem>(sms) + check<5, false, kInt4Smem>(sms);
     for (int rows : {128, 1024}) {
-        time_shape<6, true, false>("W13", 32, rows, 4096, 7168, sms, flush);
-        time_shape<5, true, true>("W13", 32, rows, 4096, 7168, sms, flush);
-        time_shape<5, false, true>("W13", 32, rows, 4096, 7168, sms, flush);
-        time_shape<5, true, true, 4>("W13", 32, rows, 4096, 7168, sms, flush);
-        time_shape<5, true, true>("W2", 32, rows, 7168, 2048, sms, flush);
+        time_shape<6, true, kFp8>("W13", 32, rows, 4096, 7168, sms, flush);
+        time_shape<6, true, kInt4Reg, 2>("W13", 32, rows, 4096, 7168, sms, flush);
+        time_shape<8, true, kInt4Reg, 2>("W13", 32, rows, 4096, 7168, sms, flush);
+        time_shape<6, false, kInt4Reg, 2>("W13", 32, rows, 4096, 7168, sms, flush);
+        time_shape<6, true, kInt4Reg, 4>("W13", 32, rows, 4096, 7168, sms, flush);
+        time_shape<6, true, kInt4Reg, 8>("W13", 32, rows, 4096, 7168, sms, flush);
+        time_shape<6, true, kInt4Reg, 2>("W2", 32, rows, 7168, 2048, sms, flush);
+        if (rs_only) continue;
+        time_shape<5, true, kInt4Smem>("W13", 32, rows, 4096, 7168, sms, flush);
+        time_shape<5, false, kInt4Smem>("W13", 32, rows, 4096, 7168, sms, flush);
     }
     cudaFree(flush);
     printf("w4a8_prefill_lab: %s\n", fails ? "FAIL" : "checks passed");

@@ -42,8 +42,8 @@ constexpr int kThreads = 256;
 #ifdef EPMOE_W4A8_TRACE
 constexpr int kTraceCtas = 4096;
 __device__ unsigned long long g_trace[kTraceCtas][5]; /* 4 stamps, then the CTA's SM */
-__device__ __forceinline__ void trace_point(int pt, int slot) {
-    if (threadIdx.x == 0 && slot < kTraceCtas) {
+__device__ __forceinline__ void trace_point(int pt, int slot, int lead) {
+    if ((int)threadIdx.x == lead && slot < kTraceCtas) {
         unsigned long long t;
         asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
         g_trace[slot][pt] = t;
@@ -55,8 +55,11 @@ __device__ __forceinline__ void trace_point(int pt, int slot) {
     }
 }
 /* a GEMM with N > K (an MLP's GEMM2) stamps the upper half: one MLP call leaves both */
-#define W4_TRACE(pt) trace_point(pt, (int)blockIdx.x + (p.N > p.K ? kTraceCtas / 2 : 0))
+/* stamped by thread `lead`: the first consumer thread for points 1 and 2 (T = 128 consumers start at 128) */
+#define W4_TRACE_BY(pt, lead) trace_point(pt, (int)blockIdx.x + (p.N > p.K ? kTraceCtas / 2 : 0), lead)
+#define W4_TRACE(pt) W4_TRACE_BY(pt, 0)
 #else
+#define W4_TRACE_BY(pt, lead) ((void)0)
 #define W4_TRACE(pt) ((void)0)
 #endif
 
@@ -75,18 +78,27 @@ template <int T> constexpr int kGroups = T <= kPairedT ? 2 : 1;
 ** thread's address updates and arrivals were a quarter of the kernel's issue slots (Nsight Compute,
 ** 2026-11-30). */
 constexpr int kProducerWarp = 0;
-/* Named barriers: 1 and 2 order the warpgroups' wgmma (one-group steps), kStageBar + s says every
-** warp is done with stage s (the other warps arrive, the producer warp syncs before refilling it:
+/* Named barriers: 1 is the consumer warpgroups' own barrier in the warp-specialized kernel
+** (kConsumerBar); in the other, kStageBar + s says every warp is done with stage s (the other warps arrive, the producer warp syncs before refilling it:
 ** one arrival per warp in hardware; an mbarrier took 32 arrivals per warp, or a __syncwarp and one
 ** lane's arrival that racecheck cannot follow). */
-constexpr int kStageBar = 3;
-/* The warpgroups take turns at the tensor cores at T = 128 (1 CTA/SM); at T = 64 two CTAs per SM
-** interleave already, and the turns measured 1.5% slower there. Splitting a step's tile into two
-** token halves in two commit groups, the first half promoted while the second's wgmma run
-** (wait_group 1), measured 5-6% slower at 128-1024 rows (the A fragments go to the tensor cores
-** twice), and so did two 128-row weight tiles per CTA sharing the activations at T = 32 (512
-** threads, 1 CTA/SM: 2-6% slower at 32 rows); H200, 2026-11-30, branches w4-halves and w4-w2. */
-template <int T> constexpr bool kPingPong = T >= 128;
+constexpr int kConsumerBar = 1, kStageBar = 3;
+/* T = 128 (prefill tiles, 1 CTA/SM) runs warp-specialized (w4a8_gemm_ws_kernel): a producer
+** warpgroup that gives its registers to the two consumer warpgroups (setmaxnreg 40 / 232), and each
+** consumer takes an item's steps in pairs into two partials, promoting the first while the second's
+** wgmma run. The 256-thread kernel there (warp 0 also the producer, one partial, the warpgroups
+** taking turns at the tensor cores) ran W13 at 1024 rows at 620-655 TFLOP/s in mode (a), 833 in mode
+** (b); the same schedule in dev/cuda/w4a8_prefill_lab.cu ran 745-771 and 981 (H200, 2026-12-01).
+** Pairs only: with four or eight groups in flight between full waits ptxas keeps every group's A
+** fragments live and spills 38-100 registers (the lab's U = 4 and 8: 643 and 623 TFLOP/s).
+** Splitting a step's tile into two token halves in two commit groups measured 5-6% slower (the A
+** fragments go to the tensor cores twice), and so did two 128-row weight tiles per CTA sharing the
+** activations at T = 32 (512 threads, 1 CTA/SM: 2-6% slower at 32 rows); H200, 2026-11-30,
+** branches w4-halves and w4-w2. */
+template <int T> constexpr bool kWarpSpecialized = T >= 128;
+constexpr int kWsThreads = 384; /* producer warpgroup + two consumer warpgroups */
+/* A consumer thread's index, 0..255: its fragments, weight rows and slot column. */
+template <int T> __device__ __forceinline__ int consumer_tid() { return (int)threadIdx.x - (kWarpSpecialized<T> ? 128 : 0); }
 
 /* One step's groups, [h] = group kGroups * s + h. A step with one group of two (K/128 odd, the
 ** item's last) leaves the [1] halves stale. */
@@ -257,7 +269,7 @@ template <int T, int kSa> struct Producer {
 /* Group h's weight fragments in the stage, converted to the fp8 A operand of its 4 wgmma. */
 template <int T, bool kFull>
 __device__ __forceinline__ void convert(const Stage<T> &s, int h, uint32_t (&a)[4][4]) {
-    const int tid = threadIdx.x;
+    const int tid = consumer_tid<T>();
     const uint4 h0 = *reinterpret_cast<const uint4 *>(&s.w[h][0][tid][0]);
     const uint4 h1 = *reinterpret_cast<const uint4 *>(&s.w[h][1][tid][0]);
     const uint32_t q[8] = {h0.x, h0.y, h0.z, h0.w, h1.x, h1.y, h1.z, h1.w};
@@ -291,7 +303,7 @@ template <int T, int kSa> struct GroupScales {
 /* Group g = 2s + h of the stage; UE8M0 words are in sa[0] for both (g & 3 picks the byte). */
 template <int T, int kSa>
 __device__ __forceinline__ GroupScales<T, kSa> load_scales(const Stage<T> &s, int h, int g) {
-    const int tid = threadIdx.x, lane = tid & 31, row = (tid >> 7) * 64 + ((tid >> 5) & 3) * 16 + (lane >> 2);
+    const int tid = consumer_tid<T>(), lane = tid & 31, row = (tid >> 7) * 64 + ((tid >> 5) & 3) * 16 + (lane >> 2);
     GroupScales<T, kSa> gs;
     gs.sw0 = fmt_bf16_to_float(s.sw[h][row]), gs.sw1 = fmt_bf16_to_float(s.sw[h][row + 8]); /* exact */
     if (kSa != 0)
@@ -305,24 +317,32 @@ __device__ __forceinline__ GroupScales<T, kSa> load_scales(const Stage<T> &s, in
     return gs;
 }
 
-/* acc += sw[row] * (sa[col] * part) (mode a) or sw[row] * part (mode b), for a finished group. */
-template <int T, int kSa>
-__device__ __forceinline__ void promote(const GroupScales<T, kSa> &gs, const float (&part)[T / 2], float (&acc)[T / 2]) {
+/* acc += sw[row] * (sa[col] * part) (mode a) or sw[row] * part (mode b), for a finished group;
+** sa_of(jj, c) gives the activation scale of column jj * 8 + 2 * (lane % 4) + c. */
+template <int T, int kSa, class SaOf>
+__device__ __forceinline__ void promote(float sw0, float sw1, SaOf sa_of, const float (&part)[T / 2], float (&acc)[T / 2]) {
 #pragma unroll
     for (int jj = 0; jj < T / 8; jj++)
 #pragma unroll
         for (int c = 0; c < 2; c++) {
             float x0 = part[jj * 4 + c], x1 = part[jj * 4 + 2 + c];
-            if (kSa != 0) x0 = __fmul_rn(x0, gs.sa[jj][c]), x1 = __fmul_rn(x1, gs.sa[jj][c]);
-            acc[jj * 4 + c] = fmaf(x0, gs.sw0, acc[jj * 4 + c]);
-            acc[jj * 4 + 2 + c] = fmaf(x1, gs.sw1, acc[jj * 4 + 2 + c]);
+            if (kSa != 0) {
+                const float sa = sa_of(jj, c);
+                x0 = __fmul_rn(x0, sa), x1 = __fmul_rn(x1, sa);
+            }
+            acc[jj * 4 + c] = fmaf(x0, sw0, acc[jj * 4 + c]);
+            acc[jj * 4 + 2 + c] = fmaf(x1, sw1, acc[jj * 4 + 2 + c]);
         }
+}
+template <int T, int kSa>
+__device__ __forceinline__ void promote(const GroupScales<T, kSa> &gs, const float (&part)[T / 2], float (&acc)[T / 2]) {
+    promote<T, kSa>(gs.sw0, gs.sw1, [&](int jj, int c) { return gs.sa[jj][c]; }, part, acc);
 }
 
 /* bf16 rows < masked_m of one finished item, then a fresh accumulator. */
 template <int T, int kSa>
 __device__ __forceinline__ void epilogue(const Problem &p, const Item &it, float (&acc)[T / 2]) {
-    const int tid = threadIdx.x, lane = tid & 31, row = (tid >> 7) * 64 + ((tid >> 5) & 3) * 16 + (lane >> 2);
+    const int tid = consumer_tid<T>(), lane = tid & 31, row = (tid >> 7) * 64 + ((tid >> 5) & 3) * 16 + (lane >> 2);
     const float ts = kSa != 0 ? 1.0f : __ldg(p.sa_tensor);
     uint16_t *out = p.out + (int64_t)it.e * p.expert_stride + (int64_t)it.nt * W4_TILE_N + row;
 #pragma unroll
@@ -337,6 +357,92 @@ __device__ __forceinline__ void epilogue(const Problem &p, const Item &it, float
             acc[jj * 4 + c] = 0.0f;
             acc[jj * 4 + 2 + c] = 0.0f;
         }
+}
+
+/* Stream-K, where a CTA's range meets its neighbours' (consumer threads; sync: a barrier of all of
+** them). The CTA's partial of an item that began in an earlier range goes to its slot, flagged with
+** the launch's epoch. */
+template <int T, class Sync>
+__device__ __forceinline__ void contribute_partial(const Problem &p, int r, uint32_t epoch, float (&acc)[T / 2], Sync sync) {
+    const int tid = consumer_tid<T>();
+    float *slot = p.slots + (int64_t)r * (T / 2) * kThreads;
+#pragma unroll
+    for (int i = 0; i < T / 2; i++) __stcg(slot + i * kThreads + tid, acc[i]), acc[i] = 0.0f;
+    __threadfence();
+    sync();
+    if (tid == 0) asm volatile("st.release.gpu.global.u32 [%0], %1;" ::"l"(p.flags + r), "r"(epoch + 1u) : "memory");
+}
+/* The range ends inside an item (cg != 0): contribute if the whole range lies inside it, else add
+** the later ranges' partials in range order (deterministic) and finish the item. */
+template <int T, int kSa, class Sync>
+__device__ __forceinline__ void finish_range(const Problem &p, const int *prefix, const Range &rg, int r, int grid, int P, int steps,
+                                             float (&acc)[T / 2], Sync sync) {
+    const int tid = consumer_tid<T>();
+    const int64_t item = step_item<T>(rg, r, grid, P, steps - 1);
+    const int dp = kDataParallel<T> ? rg.dp : 0;
+    if (rg.off != 0 && steps - 1 >= dp && rg.off + steps - 1 - dp < P) { /* the range's first tail item */
+        contribute_partial<T>(p, r, rg.epoch, acc, sync);
+        return;
+    }
+    const int64_t end = (item - rg.tail0 + 1) * P, total = rg.total;
+    for (int q = r + 1; q < grid && total * q / grid < end; q++) {
+        if (total * (q + 1) / grid == total * q / grid) continue; /* owns no step */
+        if (tid == 0) {
+            uint32_t f;
+            do asm volatile("ld.acquire.gpu.global.u32 %0, [%1];" : "=r"(f) : "l"(p.flags + q) : "memory");
+            while (f != rg.epoch + 1u);
+        }
+        sync();
+        const float *slot = p.slots + (int64_t)q * (T / 2) * kThreads;
+#pragma unroll
+        for (int i = 0; i < T / 2; i++) acc[i] += __ldcg(slot + i * kThreads + tid);
+    }
+    epilogue<T, kSa>(p, find_item<T>(p, prefix, item), acc);
+}
+/* After a CTA barrier at the kernel's end: the last CTA out moves the epoch on, so the next launch's
+** flags cannot match this one's. */
+__device__ __forceinline__ void end_launch(const Problem &p, int grid) {
+    if (threadIdx.x == 0 && atomicAdd(p.sync + 1, 1u) == (uint32_t)grid - 1u) {
+        p.sync[1] = 0;
+        __threadfence();
+        atomicAdd(p.sync, 1u);
+    }
+}
+
+/* Warp 0, at entry: m-tiles before each expert (prefix[E + 1], a warp scan of masked_m) and this
+** CTA's range of the step sequence (see the kernel's note on stream-K). */
+template <int T>
+__device__ __forceinline__ void plan(const Problem &p, Range &rg, int *prefix, int r, int grid, int P) {
+    const int lane = threadIdx.x & 31;
+    int carry = 0;
+    for (int base = 0; base < p.E; base += 32) {
+        const int e = base + lane;
+        int v = 0;
+        if (e < p.E) {
+            int rows = __ldg(p.masked_m + e);
+            rows = rows < 0 ? 0 : (rows > p.M ? (int)p.M : rows);
+            v = (rows + T - 1) / T;
+        }
+#pragma unroll
+        for (int off = 1; off < 32; off <<= 1) {
+            const int y = __shfl_up_sync(0xFFFFFFFFu, v, off);
+            if (lane >= off) v += y;
+        }
+        if (e < p.E) prefix[e + 1] = carry + v;
+        carry += __shfl_sync(0xFFFFFFFFu, v, 31);
+    }
+    if (lane == 0) { /* carry: all m-tiles */
+        const int64_t items = (int64_t)carry * p.NT;
+        const int64_t waves = kDataParallel<T> && items / grid > 1 ? items / grid - 1 : 0; /* the tail: >= grid items */
+        const int64_t total = (items - waves * grid) * P, s0 = total * r / grid;
+        prefix[0] = 0;
+        rg.total = total;
+        rg.tail0 = waves * grid;
+        rg.first = rg.tail0 + s0 / P, rg.off = (int)(s0 % P);
+        rg.dp = (int)(waves * P);
+        rg.steps = rg.dp + (int)(total * (r + 1) / grid - s0);
+        rg.epoch = *reinterpret_cast<volatile uint32_t *>(p.sync);
+    }
 }
 
 /* Per step j: wait for stage j's loads, convert the weights, issue the wgmma of step j; warp 0
@@ -354,8 +460,9 @@ __device__ __forceinline__ void epilogue(const Problem &p, const Item &it, float
 ** (the item's index, whether it began in an earlier range, the stream-K epoch and total) is not
 ** kept in registers: the range is in shared memory and the item comes from the step index. */
 template <int T, int kSa, bool kFull, int S>
-__global__ void __launch_bounds__(kThreads, T >= 128 ? 1 : (T <= 8 ? 3 : 2)) /* T = 8: at most 80 registers */
+__global__ void __launch_bounds__(kThreads, T <= 8 ? 3 : 2) /* T = 8: at most 80 registers */
 w4a8_gemm_kernel(const __grid_constant__ Problem p, const __grid_constant__ CUtensorMap tm) {
+    static_assert(!kWarpSpecialized<T>, "T = 128 runs w4a8_gemm_ws_kernel");
     W4_TRACE(0);
     extern __shared__ __align__(128) uint8_t smem_raw[];
     /* the swizzle is of address bits: every stage on a 1024-byte boundary (launch adds the slack) */
@@ -364,7 +471,7 @@ w4a8_gemm_kernel(const __grid_constant__ Problem p, const __grid_constant__ CUte
     uint64_t *full = reinterpret_cast<uint64_t *>(smem + S * sizeof(Stage<T>)); /* stage j landed */
     Range &rg = *reinterpret_cast<Range *>(full + S);
     int *prefix = reinterpret_cast<int *>(&rg + 1); /* m-tiles before expert e */
-    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    const int tid = threadIdx.x, warp = tid >> 5;
     constexpr int kG = kGroups<T>;
     const int P = (p.G + kG - 1) / kG; /* steps per item (two a step: the last alone if G is odd) */
 
@@ -379,37 +486,7 @@ w4a8_gemm_kernel(const __grid_constant__ Problem p, const __grid_constant__ CUte
     const int grid = gridDim.x, r = grid - 1 - (int)blockIdx.x;
     if (tid < S) mbar_init(&full[tid], 32 + 1); /* the producer warp's cp.async + the copies' expect_tx */
     fence_proxy_async();
-    if (warp == 0) {
-        int carry = 0;
-        for (int base = 0; base < p.E; base += 32) {
-            const int e = base + lane;
-            int v = 0;
-            if (e < p.E) {
-                int rows = __ldg(p.masked_m + e);
-                rows = rows < 0 ? 0 : (rows > p.M ? (int)p.M : rows);
-                v = (rows + T - 1) / T;
-            }
-#pragma unroll
-            for (int off = 1; off < 32; off <<= 1) {
-                const int y = __shfl_up_sync(0xFFFFFFFFu, v, off);
-                if (lane >= off) v += y;
-            }
-            if (e < p.E) prefix[e + 1] = carry + v;
-            carry += __shfl_sync(0xFFFFFFFFu, v, 31);
-        }
-        if (lane == 0) { /* carry: all m-tiles */
-            const int64_t items = (int64_t)carry * p.NT;
-            const int64_t waves = kDataParallel<T> && items / grid > 1 ? items / grid - 1 : 0; /* the tail: >= grid items */
-            const int64_t total = (items - waves * grid) * P, s0 = total * r / grid;
-            prefix[0] = 0;
-            rg.total = total;
-            rg.tail0 = waves * grid;
-            rg.first = rg.tail0 + s0 / P, rg.off = (int)(s0 % P);
-            rg.dp = (int)(waves * P);
-            rg.steps = rg.dp + (int)(total * (r + 1) / grid - s0);
-            rg.epoch = *reinterpret_cast<volatile uint32_t *>(p.sync);
-        }
-    }
+    if (warp == 0) plan<T>(p, rg, prefix, r, grid, P);
     __syncthreads();
     const int steps = rg.steps;
 
@@ -455,15 +532,8 @@ w4a8_gemm_kernel(const __grid_constant__ Problem p, const __grid_constant__ CUte
         auto item_of = [&](int j) { return step_item<T>(rg, r, grid, P, j); };
         const int dp = kDataParallel<T> ? rg.dp : 0;
         auto is_head = [&](int j) { return rg.off != 0 && j >= dp && rg.off + j - dp < P; };
-        auto contribute = [&]() {
-            float *slot = p.slots + (int64_t)r * (T / 2) * kThreads;
-#pragma unroll
-            for (int i = 0; i < T / 2; i++) __stcg(slot + i * kThreads + tid, acc[i]), acc[i] = 0.0f;
-            __threadfence();
-            __syncthreads();
-            if (tid == 0)
-                asm volatile("st.release.gpu.global.u32 [%0], %1;" ::"l"(p.flags + r), "r"(rg.epoch + 1u) : "memory");
-        };
+        auto sync = [] { __syncthreads(); };
+        auto contribute = [&]() { contribute_partial<T>(p, r, rg.epoch, acc, sync); };
 #pragma unroll 1
         for (int j = 0; j < steps; j++) {
             mbar_wait(&full[j % S], (uint32_t)(j / S) & 1u); /* TMA wrote the activations: no proxy fence */
@@ -498,15 +568,9 @@ w4a8_gemm_kernel(const __grid_constant__ Problem p, const __grid_constant__ CUte
                 convert<T, kFull>(s, 0, a);
 #pragma unroll
                 for (int i = 0; i < T / 2; i++) reg_fence(part[i]);
-                /* Ping-pong: the warpgroups issue their wgmma in turn (warpgroup 0 step j after 1's
-                ** step j - 1, 1 after 0's step j), so the tensor cores run one's while the other
-                ** promotes and converts. In lockstep both wait, then both promote at once. */
-                const int wg = warp >> 2;
-                if (kPingPong<T> && (wg == 1 || j > 0)) named_bar_sync(1 + wg, kThreads);
                 wgmma_fence();
                 mma_group<T>(s, 0, a, part);
                 wgmma_commit();
-                if (kPingPong<T> && (wg == 0 || j + 1 < steps)) named_bar_arrive(2 - wg, kThreads);
                 if (producer) refill(j);
                 wgmma_wait<0>();
 #pragma unroll
@@ -523,36 +587,119 @@ w4a8_gemm_kernel(const __grid_constant__ Problem p, const __grid_constant__ CUte
             }
         }
         W4_TRACE(2);
-        if (cg != 0) { /* the range ends inside an item */
-            if (is_head(steps - 1)) {
-                contribute(); /* the whole range lies inside one item */
-            } else { /* the item continues in the next ranges: add their partials, then finish */
-                const int64_t item = item_of(steps - 1), end = (item - rg.tail0 + 1) * P, total = rg.total;
-                const uint32_t epoch = rg.epoch;
-                for (int q = r + 1; q < grid && total * q / grid < end; q++) {
-                    if (total * (q + 1) / grid == total * q / grid) continue; /* owns no step */
-                    if (tid == 0) {
-                        uint32_t f;
-                        do asm volatile("ld.acquire.gpu.global.u32 %0, [%1];" : "=r"(f) : "l"(p.flags + q) : "memory");
-                        while (f != epoch + 1u);
-                    }
-                    __syncthreads();
-                    const float *slot = p.slots + (int64_t)q * (T / 2) * kThreads;
-#pragma unroll
-                    for (int i = 0; i < T / 2; i++) acc[i] += __ldcg(slot + i * kThreads + tid);
-                }
-                epilogue<T, kSa>(p, find_item<T>(p, prefix, item), acc);
-            }
-        }
+        if (cg != 0) finish_range<T, kSa>(p, prefix, rg, r, grid, P, steps, acc, sync);
         cp_async_wait<0>();
     }
-    /* the last CTA out moves the epoch on: the next launch's flags must not match this one's */
     __syncthreads();
-    if (tid == 0 && atomicAdd(p.sync + 1, 1u) == (uint32_t)grid - 1u) {
-        p.sync[1] = 0;
-        __threadfence();
-        atomicAdd(p.sync, 1u);
+    end_launch(p, grid);
+    W4_TRACE(3);
+}
+
+/* T = 128, warp-specialized (kWarpSpecialized): the same step sequence, stream-K ranges, stages,
+** conversion, promotion and epilogue as the kernel above, in another division of labour.
+** Warpgroup 0 produces: it hands its registers to the consumers (setmaxnreg), and warp 0 walks the
+** CTA's steps issuing each stage's loads once the consumers have released it (empty[], an
+** mbarrier of the 256 consumer threads). Warpgroups 1 and 2 consume, 64 weight rows each. A pair of
+** steps of one item goes out as two commit groups into two partials: the first is promoted while the
+** second's wgmma run (wgmma.wait_group 1), in group order, so the fp32 operations and their bits are
+** those of one group a step. A step with no partner in its item (the item's last when its range
+** has an odd count left) runs alone. */
+template <int kSa, bool kFull, int S>
+__global__ void __launch_bounds__(kWsThreads, 1) w4a8_gemm_ws_kernel(const __grid_constant__ Problem p, const __grid_constant__ CUtensorMap tm) {
+    constexpr int T = 128;
+    static_assert(kWarpSpecialized<T> && kGroups<T> == 1, "one group a step");
+    W4_TRACE(0);
+    extern __shared__ __align__(128) uint8_t smem_raw[];
+    uint8_t *smem = smem_raw + ((1024u - (smem_u32(smem_raw) & 1023u)) & 1023u);
+    Stage<T> *ring = reinterpret_cast<Stage<T> *>(smem);
+    uint64_t *full = reinterpret_cast<uint64_t *>(smem + S * sizeof(Stage<T>)), *empty = full + S;
+    Range &rg = *reinterpret_cast<Range *>(empty + S);
+    int *prefix = reinterpret_cast<int *>(&rg + 1);
+    const int warp = threadIdx.x >> 5, P = p.G;
+    const int grid = gridDim.x, r = grid - 1 - (int)blockIdx.x;
+    if (threadIdx.x < S) mbar_init(&full[threadIdx.x], 32 + 1), mbar_init(&empty[threadIdx.x], 2 * 128);
+    fence_proxy_async();
+    if (warp == 0) plan<T>(p, rg, prefix, r, grid, P);
+    __syncthreads();
+    const int steps = rg.steps;
+    if (threadIdx.x < 128) {
+        asm volatile("setmaxnreg.dec.sync.aligned.u32 40;\n");
+        if (warp == 0 && steps > 0) {
+            Producer<T, kSa> prod;
+            prod.start(p, prefix, step_item<T>(rg, r, grid, P, 0), step_off<T>(rg, 0));
+#pragma unroll 1
+            for (int i = 0; i < steps; i++) {
+                if (i >= S) {
+                    mbar_wait(&empty[i % S], (uint32_t)(i / S - 1) & 1u);
+                    fence_proxy_async(); /* the consumers' generic reads of the stage, then the TMA overwrite */
+                }
+                prod.issue(p, tm, ring[i % S], &full[i % S]);
+                prod.advance(p, prefix, rg, P, i + 1);
+            }
+            cp_async_wait<0>();
+        }
+    } else if (steps > 0) {
+        asm volatile("setmaxnreg.inc.sync.aligned.u32 232;\n");
+        float acc[T / 2];
+#pragma unroll
+        for (int i = 0; i < T / 2; i++) acc[i] = 0.0f;
+        int cg = step_off<T>(rg, 0);
+        const int dp = kDataParallel<T> ? rg.dp : 0;
+        auto sync = [] { named_bar_sync(kConsumerBar, 2 * 128); };
+        /* step i's 4 wgmma into part (one commit group); then, once waited for, its promotion */
+        auto issue = [&](int i, uint32_t(&a)[4][4], float(&part)[T / 2]) {
+            mbar_wait(&full[i % S], (uint32_t)(i / S) & 1u);
+            convert<T, kFull>(ring[i % S], 0, a);
+#pragma unroll
+            for (int q = 0; q < T / 2; q++) reg_fence(part[q]);
+            wgmma_fence();
+            mma_group<T>(ring[i % S], 0, a, part);
+            wgmma_commit();
+        };
+        /* the scales are read as the promotion uses them: loaded whole first (GroupScales), UE8M0's
+        ** 32 conversions held 32 more registers and spilled ~60 */
+        auto retire = [&](int i, int g, float(&part)[T / 2]) {
+#pragma unroll
+            for (int q = 0; q < T / 2; q++) reg_fence(part[q]);
+            const Stage<T> &st = ring[i % S];
+            const int tid = consumer_tid<T>(), lane = tid & 31, row = (tid >> 7) * 64 + ((tid >> 5) & 3) * 16 + (lane >> 2);
+            promote<T, kSa>(fmt_bf16_to_float(st.sw[0][row]), fmt_bf16_to_float(st.sw[0][row + 8]), [&](int jj, int c) {
+                const uint32_t wv = st.sa[0][jj * 8 + 2 * (lane & 3) + c];
+                return kSa == 2 ? fmt_ue8m0_to_float((uint8_t)(wv >> (8 * (g & 3)))) : __uint_as_float(wv);
+            }, part, acc);
+            mbar_arrive(&empty[i % S]); /* after the stage's last read */
+        };
+#pragma unroll 1
+        for (int j = 0; j < steps;) {
+            const bool two = j + 1 < steps && cg + 1 < p.G; /* a partner in the same item */
+            float part0[T / 2], part1[T / 2];
+            uint32_t a0[4][4], a1[4][4];
+            if (two) { /* straight-line: a branch between the commits and the waits makes ptxas add waits (C7517) */
+                issue(j, a0, part0);
+                issue(j + 1, a1, part1);
+                wgmma_wait<1>();
+                retire(j, cg, part0);
+                wgmma_wait<0>();
+                retire(j + 1, cg + 1, part1);
+            } else {
+                issue(j, a0, part0);
+                wgmma_wait<0>();
+                retire(j, cg, part0);
+            }
+            if (j == 0) W4_TRACE_BY(1, 128);
+            j += two ? 2 : 1;
+            if ((cg += two ? 2 : 1) >= p.G) { /* step j - 1 ended its item */
+                const int last = j - 1;
+                if (rg.off != 0 && last >= dp && rg.off + last - dp < P) contribute_partial<T>(p, r, rg.epoch, acc, sync);
+                else epilogue<T, kSa>(p, find_item<T>(p, prefix, step_item<T>(rg, r, grid, P, last)), acc);
+                cg = step_off<T>(rg, j);
+            }
+        }
+        W4_TRACE_BY(2, 128);
+        if (cg != 0) finish_range<T, kSa>(p, prefix, rg, r, grid, P, steps, acc, sync);
     }
+    __syncthreads();
+    end_launch(p, grid);
     W4_TRACE(3);
 }
 
@@ -587,19 +734,27 @@ epmoe_status act_tensor_map(const char *fn, const Problem &p, int T, CUtensorMap
     return EPMOE_OK;
 }
 
+template <int T, int kSa, bool kFull, int S> constexpr auto kernel_of() {
+    if constexpr (kWarpSpecialized<T>) return w4a8_gemm_ws_kernel<kSa, kFull, S>;
+    else return w4a8_gemm_kernel<T, kSa, kFull, S>;
+}
+
 template <int T, int kSa, bool kFull>
 epmoe_status launch(const char *fn, const Problem &p, int sms, cudaStream_t stream) {
     /* two groups a step: T = 8 3 stages, the bytes of 6 one-group stages (3 CTAs/SM, all the shared
     ** memory), 4 groups ahead of the consumer; T = 16 and 32 (2 CTAs/SM) 4 stages: 1% faster than 3 at
     ** 16 and 32 rows, 5 at T = 16 2% slower (DeepSeek-R1 W13 + W2, H200, 2026-11-30). One a step:
-    ** T = 64 5 stages (2 CTAs/SM; 6 measured the same), T = 128 4 (1) */
-    constexpr int S = kGroups<T> == 2 ? (T >= 16 ? 4 : 3) : T <= 64 ? 5 : 4;
-    auto kernel = w4a8_gemm_kernel<T, kSa, kFull, S>;
-    static_assert(kStageBar + S <= 16, "a named barrier per stage");
-    const size_t smem = 1024 + S * (sizeof(Stage<T>) + sizeof(uint64_t)) + sizeof(Range) + (size_t)(p.E + 1) * sizeof(int);
-    cudaError_t err = grow_smem_attr<w4a8_gemm_kernel<T, kSa, kFull, S>>(smem);
+    ** T = 64 5 stages (2 CTAs/SM; 6 measured the same); T = 128 (warp-specialized, 1 CTA/SM) 8: the
+    ** lab's schedule ran 3% faster at 1024 rows than with 6 (w4a8_prefill_lab, H200, 2026-12-01) */
+    constexpr bool kWs = kWarpSpecialized<T>;
+    constexpr int S = kGroups<T> == 2 ? (T >= 16 ? 4 : 3) : T <= 64 ? 5 : 8;
+    constexpr int threads = kWs ? kWsThreads : kThreads;
+    constexpr auto kernel = kernel_of<T, kSa, kFull, S>();
+    static_assert(kWs || kStageBar + S <= 16, "a named barrier per stage");
+    const size_t smem = 1024 + S * (sizeof(Stage<T>) + (kWs ? 2 : 1) * sizeof(uint64_t)) + sizeof(Range) + (size_t)(p.E + 1) * sizeof(int);
+    cudaError_t err = grow_smem_attr<kernel>(smem);
     int per_sm = 0;
-    if (err == cudaSuccess) err = blocks_per_sm<w4a8_gemm_kernel<T, kSa, kFull, S>>(kThreads, smem, &per_sm);
+    if (err == cudaSuccess) err = blocks_per_sm<kernel>(threads, smem, &per_sm);
     if (per_sm > kMaxCtasPerSm) per_sm = kMaxCtasPerSm;
     if (err != cudaSuccess) cudaGetLastError(); /* not a failure of the caller's next launch */
     if (err != cudaSuccess || per_sm < 1)
@@ -609,7 +764,7 @@ epmoe_status launch(const char *fn, const Problem &p, int sms, cudaStream_t stre
         return epmoe__fail(EPMOE_ERR_INTERNAL, "%s: stream-K slots for T = %d exceed the workspace", fn, T);
     CUtensorMap tm;
     EPMOE_CHECK(act_tensor_map(fn, p, T, &tm));
-    kernel<<<sms * per_sm, kThreads, smem, stream>>>(p, tm);
+    kernel<<<sms * per_sm, threads, smem, stream>>>(p, tm);
     return epmoe__launched(fn);
 }
 
