@@ -39,8 +39,18 @@
 ** Nsight Compute also counted 29% of the converter's store wavefronts as bank conflicts, and, in
 ** mode a, local-memory traffic: the consumers spill 12-92 bytes at 232 registers when the
 ** converter is compiled in.
-** Not yet tried: larger tiles (2-CTA clusters with TMA multicast), and a register-A (RS) version
-** with a producer warpgroup (two partials and two fragment sets do not fit in 232 registers).
+** Register A (RS, kInt4Reg; 2026-12-01, session 16): the library's orientation and conversion on this
+** schedule. Weights are A (64 rows a consumer, the library's repacked layout, converted in registers),
+** tokens B from shared memory (m64n128k32). With the groups in blocks of U = 2 (the second one's wgmma
+** run while the first is promoted, the second promoted alone) it has no spills; with U = 4 or 8 ptxas
+** keeps every in-flight group's A fragments live to the block's wait_group 0 and spills 152 / 400
+** bytes. W13 TFLOP/s at 128 / 1024 rows (one H200, the fp8 SS kernel beside it at 829 / 983):
+**   U = 2, 6 stages, mode a    780 / 745      mode b 935 / 981
+**   U = 2, 8 stages, mode a    776 / 771
+**   U = 4 / U = 8, mode a      662 / 644,  614 / 623
+** The library's T = 128 kernel took this schedule (w4a8_gemm_ws_kernel): W13 mode a 830-836 TFLOP/s at
+** 1024 rows in bench_w4a8 (the lab's cold timing and single-wave tile order give less).
+** Not yet tried: larger tiles (2-CTA clusters with TMA multicast).
 */
 #include <cuda.h>
 #include <cudaTypedefs.h>

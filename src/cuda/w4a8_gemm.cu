@@ -16,7 +16,9 @@
 ** DRAM ~65% busy at one group a step. Each step's stage is filled by warp 0 (kProducerWarp): bulk
 ** copies (the 16 KB weight tiles of both groups, contiguous in the repacked layout; the 128 bf16
 ** scales of each), TMA tensor copies (T rows x 128 activation bytes per group, in wgmma's swizzle) and
-** cp.async (the activation scales), completing on one mbarrier; S stages in flight.
+** cp.async (the activation scales), completing on one mbarrier; S stages in flight. To T = 64
+** warp 0 also computes; T = 128 (prefill) has a producer warpgroup of its own and takes steps in
+** pairs into two partials (kWarpSpecialized, w4a8_gemm_ws_kernel).
 **
 ** Work: persistent CTAs. Each reads masked_m on the device (CUDA-graph safe) and counts m-tiles
 ** per expert with a warp scan; items (expert, n-tile, m-tile; empty experts have none) x K steps
