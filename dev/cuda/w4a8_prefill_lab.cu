@@ -134,6 +134,22 @@ __device__ __forceinline__ uint32_t bf16x2(float a, float b) {
 __device__ __forceinline__ uint32_t w4_lo(uint32_t q) { return w4_word_to_fp8(q, 0, 1); }
 __device__ __forceinline__ uint32_t w4_hi(uint32_t q) { return w4_word_to_fp8(q, 1, 1); }
 
+/* The producer thread's walk: every (tile, group) of this CTA in order, each into the next stage once
+** the consumers released it; issue(stage, s, e, nt, mt, g) starts its copies. */
+template <int S, class Issue>
+__device__ __forceinline__ void produce(const Lab &p, uint8_t *smem, int stride, uint64_t *empty, Issue issue) {
+    const int MT = p.M / kBM, NT = p.N / kBN, tiles = p.E * MT * NT;
+    int it = 0;
+    for (int t = blockIdx.x; t < tiles; t += gridDim.x) {
+        const int e = t / (MT * NT), rem = t - e * MT * NT, nt = rem / MT, mt = rem - nt * MT;
+        for (int g = 0; g < p.G; g++, it++) {
+            const int s = it % S;
+            if (it >= S) mbar_wait(&empty[s], (uint32_t)((it / S) - 1) & 1u);
+            issue(smem + s * stride, s, e, nt, mt, g);
+        }
+    }
+}
+
 template <int S, bool kGroupA, bool kInt4, int kU>
 __global__ void __launch_bounds__(kThreads, 1) prefill_kernel(const __grid_constant__ Lab p, const __grid_constant__ CUtensorMap ta,
                                                             const __grid_constant__ CUtensorMap tb) {
@@ -152,24 +168,17 @@ __global__ void __launch_bounds__(kThreads, 1) prefill_kernel(const __grid_const
     if (wg == 0) { /* thread 0 issues every stage's copies; with int4 weights warps 1-3 convert them */
         asm volatile("setmaxnreg.dec.sync.aligned.u32 40;\n");
         if (threadIdx.x == 0) {
-            int it = 0;
-            for (int t = blockIdx.x; t < tiles; t += gridDim.x) {
-                const int e = t / (MT * NT), rem = t - e * MT * NT, nt = rem / MT, mt = rem - nt * MT;
-                for (int g = 0; g < G; g++, it++) {
-                    const int s = it % S;
-                    if (it >= S) mbar_wait(&empty[s], (uint32_t)((it / S) - 1) & 1u);
-                    uint8_t *st = smem + s * kStride;
-                    uint64_t *bar = kInt4 ? &landed_bar[s] : &full[s];
-                    mbar_expect_tx(bar, (kInt4 ? kOpBytes + kInt4Bytes : 2 * kOpBytes) + 1024);
-                    tma_load_2d(st, &ta, g * kBK, e * p.M + mt * kBM, bar);
-                    if (kInt4)
-                        bulk_copy(st + 2 * kOpBytes + 1024, p.qw + (((size_t)e * NT + nt) * G + g) * kInt4Bytes, kInt4Bytes, bar);
-                    else
-                        tma_load_2d(st + kOpBytes, &tb, g * kBK, e * p.N + nt * kBN, bar);
-                    bulk_copy(st + 2 * kOpBytes, p.sa + ((size_t)e * G + g) * p.M + mt * kBM, 512, bar);
-                    bulk_copy(st + 2 * kOpBytes + 512, p.sw + ((size_t)e * G + g) * p.N + nt * kBN, 512, bar);
-                }
-            }
+            produce<S>(p, smem, kStride, empty, [&](uint8_t *st, int s, int e, int nt, int mt, int g) {
+                uint64_t *bar = kInt4 ? &landed_bar[s] : &full[s];
+                mbar_expect_tx(bar, (kInt4 ? kOpBytes + kInt4Bytes : 2 * kOpBytes) + 1024);
+                tma_load_2d(st, &ta, g * kBK, e * p.M + mt * kBM, bar);
+                if (kInt4)
+                    bulk_copy(st + 2 * kOpBytes + 1024, p.qw + (((size_t)e * NT + nt) * G + g) * kInt4Bytes, kInt4Bytes, bar);
+                else
+                    tma_load_2d(st + kOpBytes, &tb, g * kBK, e * p.N + nt * kBN, bar);
+                bulk_copy(st + 2 * kOpBytes, p.sa + ((size_t)e * G + g) * p.M + mt * kBM, 512, bar);
+                bulk_copy(st + 2 * kOpBytes + 512, p.sw + ((size_t)e * G + g) * p.N + nt * kBN, 512, bar);
+            });
         } else if (kInt4 && threadIdx.x >= 32) {
             const int c0 = threadIdx.x - 32, steps = ((tiles - (int)blockIdx.x + (int)gridDim.x - 1) / (int)gridDim.x) * G;
             for (int it = 0; it < steps; it++) {
@@ -270,22 +279,14 @@ __global__ void __launch_bounds__(kThreads, 1) prefill_rs_kernel(const __grid_co
     const int MT = p.M / kBM, NT = p.N / kBN, tiles = p.E * MT * NT, G = p.G;
     if (wg == 0) {
         asm volatile("setmaxnreg.dec.sync.aligned.u32 40;\n");
-        if (threadIdx.x == 0) {
-            int it = 0;
-            for (int t = blockIdx.x; t < tiles; t += gridDim.x) {
-                const int e = t / (MT * NT), rem = t - e * MT * NT, nt = rem / MT, mt = rem - nt * MT;
-                for (int g = 0; g < G; g++, it++) {
-                    const int s = it % S;
-                    if (it >= S) mbar_wait(&empty[s], (uint32_t)((it / S) - 1) & 1u);
-                    uint8_t *st = smem + s * kStride;
-                    mbar_expect_tx(&full[s], kOpBytes + kInt4Bytes + 1024);
-                    tma_load_2d(st, &ta, g * kBK, e * p.M + mt * kBM, &full[s]);
-                    bulk_copy(st + kOpBytes, p.qw + (((size_t)e * NT + nt) * G + g) * kInt4Bytes, kInt4Bytes, &full[s]);
-                    bulk_copy(st + kOpBytes + kInt4Bytes, p.sa + ((size_t)e * G + g) * p.M + mt * kBM, 512, &full[s]);
-                    bulk_copy(st + kOpBytes + kInt4Bytes + 512, p.sw + ((size_t)e * G + g) * p.N + nt * kBN, 512, &full[s]);
-                }
-            }
-        }
+        if (threadIdx.x == 0)
+            produce<S>(p, smem, kStride, empty, [&](uint8_t *st, int s, int e, int nt, int mt, int g) {
+                mbar_expect_tx(&full[s], kOpBytes + kInt4Bytes + 1024);
+                tma_load_2d(st, &ta, g * kBK, e * p.M + mt * kBM, &full[s]);
+                bulk_copy(st + kOpBytes, p.qw + (((size_t)e * NT + nt) * G + g) * kInt4Bytes, kInt4Bytes, &full[s]);
+                bulk_copy(st + kOpBytes + kInt4Bytes, p.sa + ((size_t)e * G + g) * p.M + mt * kBM, 512, &full[s]);
+                bulk_copy(st + kOpBytes + kInt4Bytes + 512, p.sw + ((size_t)e * G + g) * p.N + nt * kBN, 512, &full[s]);
+            });
         return;
     }
     asm volatile("setmaxnreg.inc.sync.aligned.u32 232;\n");
