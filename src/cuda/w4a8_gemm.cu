@@ -16,8 +16,8 @@
 ** DRAM ~65% busy at one group a step. Each step's stage is filled by warp 0 (kProducerWarp): bulk
 ** copies (the 16 KB weight tiles of both groups, contiguous in the repacked layout; the 128 bf16
 ** scales of each), TMA tensor copies (T rows x 128 activation bytes per group, in wgmma's swizzle) and
-** cp.async (the activation scales), completing on one mbarrier; S stages in flight. To T = 64
-** warp 0 also computes; T = 128 (prefill) has a producer warpgroup of its own and takes steps in
+** cp.async (the activation scales), completing on one mbarrier; S stages in flight. To T = 32
+** warp 0 also computes; T = 64 and 128 have a producer warpgroup of their own and take steps in
 ** pairs into two partials (kWarpSpecialized, w4a8_gemm_ws_kernel).
 **
 ** Work: persistent CTAs. Each reads masked_m on the device (CUDA-graph safe) and counts m-tiles
@@ -57,7 +57,7 @@ __device__ __forceinline__ void trace_point(int pt, int slot, int lead) {
     }
 }
 /* a GEMM with N > K (an MLP's GEMM2) stamps the upper half: one MLP call leaves both */
-/* stamped by thread `lead`: the first consumer thread for points 1 and 2 (T = 128 consumers start at 128) */
+/* stamped by thread `lead`: the first consumer thread for points 1 and 2 (warp-specialized consumers start at 128) */
 #define W4_TRACE_BY(pt, lead) trace_point(pt, (int)blockIdx.x + (p.N > p.K ? kTraceCtas / 2 : 0), lead)
 #define W4_TRACE(pt) W4_TRACE_BY(pt, 0)
 #else
@@ -66,10 +66,11 @@ __device__ __forceinline__ void trace_point(int pt, int slot, int lead) {
 #endif
 
 /* K groups per pipeline step: two to kPairedT tokens, both groups' 8 wgmma in flight into two
-** partials, one commit, one wait. Larger tiles take one group a step: there a second partial and
-** 16 more fragment registers spill (T = 64 at its 128 registers, T = 128 at 255), and two groups
-** run one after the other measured 3-8% slower at 128-1024 rows (fewer stages in the same bytes;
-** bench_w4a8, H200, 2026-11-30). Registers with pairs (ptxas -v, CUDA 13.0): T = 8 71-79, 16
+** partials, one commit, one wait. Larger tiles take one group a step (the warp-specialized kernel
+** pairs steps instead): in the 256-thread kernel a second partial and 16 more fragment registers
+** spilled (T = 64 at its 128 registers, T = 128 at 255), and two groups one after the other
+** measured 3-8% slower at 128-1024 rows (fewer stages in the same bytes; bench_w4a8, H200,
+** 2026-11-30). Registers with pairs (ptxas -v, CUDA 13.0): T = 8 71-79, 16
 ** 92-98, 32 117-128. kPairedT = 8 (T = 16 one group a step, 6 stages at 3 CTAs/SM, 58-62
 ** registers) measured slower at 16 rows: 249 against 224 us (DeepSeek-R1 W13 + W2, 2026-11-30). */
 constexpr int kPairedT = 32;
@@ -85,19 +86,20 @@ constexpr int kProducerWarp = 0;
 ** one arrival per warp in hardware; an mbarrier took 32 arrivals per warp, or a __syncwarp and one
 ** lane's arrival that racecheck cannot follow). */
 constexpr int kConsumerBar = 1, kStageBar = 3;
-/* T = 128 (prefill tiles, 1 CTA/SM) runs warp-specialized (w4a8_gemm_ws_kernel): a producer
-** warpgroup that gives its registers to the two consumer warpgroups (setmaxnreg 40 / 232), and each
-** consumer takes an item's steps in pairs into two partials, promoting the first while the second's
-** wgmma run. The 256-thread kernel there (warp 0 also the producer, one partial, the warpgroups
-** taking turns at the tensor cores) ran W13 at 1024 rows at 620-655 TFLOP/s in mode (a), 833 in mode
-** (b); the same schedule in dev/cuda/w4a8_prefill_lab.cu ran 745-771 and 981 (H200, 2026-12-01).
+/* T = 64 and 128 (1 CTA/SM) run warp-specialized (w4a8_gemm_ws_kernel): a producer warpgroup that
+** gives its registers to the two consumer warpgroups (setmaxnreg 40 / 232), and each consumer takes
+** an item's steps in pairs into two partials, promoting the first while the second's wgmma run. The
+** 256-thread kernel at T = 128 (warp 0 also the producer, one partial, the warpgroups taking turns
+** at the tensor cores) ran W13 at 1024 rows at 620-655 TFLOP/s in mode (a), 833 in mode (b), this
+** one 828-836 and 1062-1092; at T = 64 (2 CTAs/SM there) W13 + W2 at 40 and 64 rows went 351-356
+** -> 328-332 us (bench_w4a8, DeepSeek-R1, H200, 2026-12-01).
 ** Pairs only: with four or eight groups in flight between full waits ptxas keeps every group's A
 ** fragments live and spills 38-100 registers (the lab's U = 4 and 8: 643 and 623 TFLOP/s).
 ** Splitting a step's tile into two token halves in two commit groups measured 5-6% slower (the A
 ** fragments go to the tensor cores twice), and so did two 128-row weight tiles per CTA sharing the
 ** activations at T = 32 (512 threads, 1 CTA/SM: 2-6% slower at 32 rows); H200, 2026-11-30,
 ** branches w4-halves and w4-w2. */
-template <int T> constexpr bool kWarpSpecialized = T >= 128;
+template <int T> constexpr bool kWarpSpecialized = T >= 64;
 constexpr int kWsThreads = 384; /* producer warpgroup + two consumer warpgroups */
 /* A consumer thread's index, 0..255: its fragments, weight rows and slot column. */
 template <int T> __device__ __forceinline__ int consumer_tid() { return (int)threadIdx.x - (kWarpSpecialized<T> ? 128 : 0); }
@@ -453,7 +455,7 @@ __device__ __forceinline__ void plan(const Problem &p, Range &rg, int *prefix, i
 ** producer); wait, release the stage, promote group 2s then 2s + 1: the fp32 operations and their
 ** order are those of one group a step, so the bits are too. Each warpgroup waits on its own wgmma:
 ** the tensor cores stay busy through the other warpgroups on the SM (2 per CTA, 2-3 CTAs per SM at
-** decode tiles; at T = 128 the two take turns, kPingPong). (Two commit groups with
+** decode tiles). (Two commit groups with
 ** wgmma.wait_group 1, promoting part0 while part1 runs, would overlap more within a warpgroup, but
 ** ptxas then serializes every wgmma: C7514.)
 **
@@ -464,7 +466,7 @@ __device__ __forceinline__ void plan(const Problem &p, Range &rg, int *prefix, i
 template <int T, int kSa, bool kFull, int S>
 __global__ void __launch_bounds__(kThreads, T <= 8 ? 3 : 2) /* T = 8: at most 80 registers */
 w4a8_gemm_kernel(const __grid_constant__ Problem p, const __grid_constant__ CUtensorMap tm) {
-    static_assert(!kWarpSpecialized<T>, "T = 128 runs w4a8_gemm_ws_kernel");
+    static_assert(!kWarpSpecialized<T> && kGroups<T> == 2, "T <= 32: two groups a step; larger tiles run w4a8_gemm_ws_kernel");
     W4_TRACE(0);
     extern __shared__ __align__(128) uint8_t smem_raw[];
     /* the swizzle is of address bits: every stage on a 1024-byte boundary (launch adds the slack) */
@@ -541,47 +543,28 @@ w4a8_gemm_kernel(const __grid_constant__ Problem p, const __grid_constant__ CUte
             mbar_wait(&full[j % S], (uint32_t)(j / S) & 1u); /* TMA wrote the activations: no proxy fence */
             if (j == 0) W4_TRACE(1);
             const Stage<T> &s = ring[j % S];
-            const bool two = kG == 2 && cg + 1 < p.G; /* else one a step, or the item's last step with G odd */
-            if constexpr (kG == 2) {
-                float part0[T / 2], part1[T / 2]; /* fresh per step: the first wgmma of each overwrites */
-                uint32_t a0[4][4], a1[4][4];
-                convert<T, kFull>(s, 0, a0);
-                convert<T, kFull>(s, 1, a1);
+            const bool two = cg + 1 < p.G; /* else the item's last step with G odd */
+            float part0[T / 2], part1[T / 2]; /* fresh per step: the first wgmma of each overwrites */
+            uint32_t a0[4][4], a1[4][4];
+            convert<T, kFull>(s, 0, a0);
+            convert<T, kFull>(s, 1, a1);
 #pragma unroll
-                for (int i = 0; i < T / 2; i++) reg_fence(part0[i]), reg_fence(part1[i]);
-                wgmma_fence();
-                mma_group<T>(s, 0, a0, part0);
-                /* also when the step has one group (stale stage bytes, the partial unused): a
-                ** branch here makes ptxas inject a warpgroup.arrive (C7519) */
-                mma_group<T>(s, 1, a1, part1);
-                wgmma_commit();
-                if (producer) refill(j);
-                /* the scales while the wgmma run */
-                const GroupScales<T, kSa> gs0 = load_scales<T, kSa>(s, 0, cg), gs1 = load_scales<T, kSa>(s, 1, cg + 1);
-                wgmma_wait<0>();
-                release(j);
+            for (int i = 0; i < T / 2; i++) reg_fence(part0[i]), reg_fence(part1[i]);
+            wgmma_fence();
+            mma_group<T>(s, 0, a0, part0);
+            /* also when the step has one group (stale stage bytes, the partial unused): a
+            ** branch here makes ptxas inject a warpgroup.arrive (C7519) */
+            mma_group<T>(s, 1, a1, part1);
+            wgmma_commit();
+            if (producer) refill(j);
+            /* the scales while the wgmma run */
+            const GroupScales<T, kSa> gs0 = load_scales<T, kSa>(s, 0, cg), gs1 = load_scales<T, kSa>(s, 1, cg + 1);
+            wgmma_wait<0>();
+            release(j);
 #pragma unroll
-                for (int i = 0; i < T / 2; i++) reg_fence(part0[i]), reg_fence(part1[i]);
-                promote<T, kSa>(gs0, part0, acc);
-                if (two) promote<T, kSa>(gs1, part1, acc);
-            } else {
-                float part[T / 2];
-                uint32_t a[4][4];
-                convert<T, kFull>(s, 0, a);
-#pragma unroll
-                for (int i = 0; i < T / 2; i++) reg_fence(part[i]);
-                wgmma_fence();
-                mma_group<T>(s, 0, a, part);
-                wgmma_commit();
-                if (producer) refill(j);
-                wgmma_wait<0>();
-#pragma unroll
-                for (int i = 0; i < T / 2; i++) reg_fence(part[i]);
-                /* the scales after the wait: read during the wgmma, T = 64 spills */
-                const GroupScales<T, kSa> gs = load_scales<T, kSa>(s, 0, cg);
-                release(j);
-                promote<T, kSa>(gs, part, acc);
-            }
+            for (int i = 0; i < T / 2; i++) reg_fence(part0[i]), reg_fence(part1[i]);
+            promote<T, kSa>(gs0, part0, acc);
+            if (two) promote<T, kSa>(gs1, part1, acc);
             if ((cg += kG) >= p.G) { /* step j ended its item */
                 if (is_head(j)) contribute();
                 else epilogue<T, kSa>(p, find_item<T>(p, prefix, item_of(j)), acc);
@@ -597,7 +580,7 @@ w4a8_gemm_kernel(const __grid_constant__ Problem p, const __grid_constant__ CUte
     W4_TRACE(3);
 }
 
-/* T = 128, warp-specialized (kWarpSpecialized): the same step sequence, stream-K ranges, stages,
+/* T = 64 and 128, warp-specialized (kWarpSpecialized): the same step sequence, stream-K ranges, stages,
 ** conversion, promotion and epilogue as the kernel above, in another division of labour.
 ** Warpgroup 0 produces: it hands its registers to the consumers (setmaxnreg), and warp 0 walks the
 ** CTA's steps issuing each stage's loads once the consumers have released it (empty[], an
@@ -606,9 +589,8 @@ w4a8_gemm_kernel(const __grid_constant__ Problem p, const __grid_constant__ CUte
 ** second's wgmma run (wgmma.wait_group 1), in group order, so the fp32 operations and their bits are
 ** those of one group a step. A step with no partner in its item (the item's last when its range
 ** has an odd count left) runs alone. */
-template <int kSa, bool kFull, int S>
+template <int T, int kSa, bool kFull, int S>
 __global__ void __launch_bounds__(kWsThreads, 1) w4a8_gemm_ws_kernel(const __grid_constant__ Problem p, const __grid_constant__ CUtensorMap tm) {
-    constexpr int T = 128;
     static_assert(kWarpSpecialized<T> && kGroups<T> == 1, "one group a step");
     W4_TRACE(0);
     extern __shared__ __align__(128) uint8_t smem_raw[];
@@ -707,7 +689,7 @@ __global__ void __launch_bounds__(kWsThreads, 1) w4a8_gemm_ws_kernel(const __gri
 
 /* Workspace: [sync: 2 words, 256 B][flags: one word per CTA][slots: (T/2) x 256 floats per CTA].
 ** Bounds over every tile: at most kMaxCtasPerSm CTAs per SM and 64 KB of slots per SM (T = 128 at
-** 1 CTA/SM, T = 64 at 2: (T/2) * 256 * 4 bytes each). */
+** 1 CTA/SM: (T/2) * 256 * 4 bytes each). */
 constexpr int kMaxCtasPerSm = 8;
 constexpr size_t kSlotBytesPerSm = 64 * 1024;
 size_t flags_bytes(int sms) { return ((size_t)sms * kMaxCtasPerSm * 4 + 255) / 256 * 256; }
@@ -737,7 +719,7 @@ epmoe_status act_tensor_map(const char *fn, const Problem &p, int T, CUtensorMap
 }
 
 template <int T, int kSa, bool kFull, int S> constexpr auto kernel_of() {
-    if constexpr (kWarpSpecialized<T>) return w4a8_gemm_ws_kernel<kSa, kFull, S>;
+    if constexpr (kWarpSpecialized<T>) return w4a8_gemm_ws_kernel<T, kSa, kFull, S>;
     else return w4a8_gemm_kernel<T, kSa, kFull, S>;
 }
 
@@ -745,11 +727,11 @@ template <int T, int kSa, bool kFull>
 epmoe_status launch(const char *fn, const Problem &p, int sms, cudaStream_t stream) {
     /* two groups a step: T = 8 3 stages, the bytes of 6 one-group stages (3 CTAs/SM, all the shared
     ** memory), 4 groups ahead of the consumer; T = 16 and 32 (2 CTAs/SM) 4 stages: 1% faster than 3 at
-    ** 16 and 32 rows, 5 at T = 16 2% slower (DeepSeek-R1 W13 + W2, H200, 2026-11-30). One a step:
-    ** T = 64 5 stages (2 CTAs/SM; 6 measured the same); T = 128 (warp-specialized, 1 CTA/SM) 8: the
-    ** lab's schedule ran 3% faster at 1024 rows than with 6 (w4a8_prefill_lab, H200, 2026-12-01) */
+    ** 16 and 32 rows, 5 at T = 16 2% slower (DeepSeek-R1 W13 + W2, H200, 2026-11-30). Warp-specialized
+    ** (T = 64, 128; 1 CTA/SM) 8: the lab's schedule ran 3% faster at 1024 rows than with 6
+    ** (w4a8_prefill_lab), and T = 64 1-2% faster than with 12 at 40 and 64 rows (H200, 2026-12-01) */
     constexpr bool kWs = kWarpSpecialized<T>;
-    constexpr int S = kGroups<T> == 2 ? (T >= 16 ? 4 : 3) : T <= 64 ? 5 : 8;
+    constexpr int S = kGroups<T> == 2 ? (T >= 16 ? 4 : 3) : 8;
     constexpr int threads = kWs ? kWsThreads : kThreads;
     constexpr auto kernel = kernel_of<T, kSa, kFull, S>();
     static_assert(kWs || kStageBar + S <= 16, "a named barrier per stage");
