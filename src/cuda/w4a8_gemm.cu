@@ -4,7 +4,7 @@
 **
 ** Swap-AB: weights are wgmma's A operand (64 rows per warpgroup, converted in registers: 3
 ** integer ops per 8 weights), the tokens of one expert are N (tile T = 8..128, from expected_m).
-** A CTA of two warpgroups owns 128 weight rows x T tokens and walks K in 128-wide groups, two
+** Two (computing) warpgroups of a CTA own 128 weight rows x T tokens and walk K in 128-wide groups, two
 ** per pipeline step to T = 32 (groups 2s and 2s + 1; the last step of an item has one when K/128
 ** is odd), one for larger tiles (kGroups).
 ** After the 4 wgmma of a group it promotes the group's fp32 partial with the scales, in group order:
@@ -101,6 +101,10 @@ constexpr int kConsumerBar = 1, kStageBar = 3;
 ** branches w4-halves and w4-w2. */
 template <int T> constexpr bool kWarpSpecialized = T >= 64;
 constexpr int kWsThreads = 384; /* producer warpgroup + two consumer warpgroups */
+/* setmaxnreg: what the producer warpgroup keeps and each consumer thread gets. They must fit in what
+** the CTA was given at launch (launch() checks ptxas's count: 384 x 168 = 128 x 40 + 256 x 232), or
+** the consumers' setmaxnreg.inc would wait forever. */
+constexpr int kWsProducerRegs = 40, kWsConsumerRegs = 232;
 /* A consumer thread's index, 0..255: its fragments, weight rows and slot column. */
 template <int T> __device__ __forceinline__ int consumer_tid() { return (int)threadIdx.x - (kWarpSpecialized<T> ? 128 : 0); }
 
@@ -607,7 +611,7 @@ __global__ void __launch_bounds__(kWsThreads, 1) w4a8_gemm_ws_kernel(const __gri
     __syncthreads();
     const int steps = rg.steps;
     if (threadIdx.x < 128) {
-        asm volatile("setmaxnreg.dec.sync.aligned.u32 40;\n");
+        asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(kWsProducerRegs));
         if (warp == 0 && steps > 0) {
             Producer<T, kSa> prod;
             prod.start(p, prefix, step_item<T>(rg, r, grid, P, 0), step_off<T>(rg, 0));
@@ -620,10 +624,11 @@ __global__ void __launch_bounds__(kWsThreads, 1) w4a8_gemm_ws_kernel(const __gri
                 prod.issue(p, tm, ring[i % S], &full[i % S]);
                 prod.advance(p, prefix, rg, P, i + 1);
             }
-            cp_async_wait<0>();
+            /* no wait for the copies here: each completes on its full[] (cp.async through its noinc
+            ** arrival), and the consumers wait for every full[] before the final barrier */
         }
     } else if (steps > 0) {
-        asm volatile("setmaxnreg.inc.sync.aligned.u32 232;\n");
+        asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(kWsConsumerRegs));
         float acc[T / 2];
 #pragma unroll
         for (int i = 0; i < T / 2; i++) acc[i] = 0.0f;
@@ -633,6 +638,7 @@ __global__ void __launch_bounds__(kWsThreads, 1) w4a8_gemm_ws_kernel(const __gri
         /* step i's 4 wgmma into part (one commit group); then, once waited for, its promotion */
         auto issue = [&](int i, uint32_t(&a)[4][4], float(&part)[T / 2]) {
             mbar_wait(&full[i % S], (uint32_t)(i / S) & 1u);
+            if (i == 0) W4_TRACE_BY(1, 128);
             convert<T, kFull>(ring[i % S], 0, a);
 #pragma unroll
             for (int q = 0; q < T / 2; q++) reg_fence(part[q]);
@@ -670,7 +676,6 @@ __global__ void __launch_bounds__(kWsThreads, 1) w4a8_gemm_ws_kernel(const __gri
                 wgmma_wait<0>();
                 retire(j, cg, part0);
             }
-            if (j == 0) W4_TRACE_BY(1, 128);
             j += two ? 2 : 1;
             if ((cg += two ? 2 : 1) >= p.G) { /* step j - 1 ended its item */
                 const int last = j - 1;
@@ -739,6 +744,14 @@ epmoe_status launch(const char *fn, const Problem &p, int sms, cudaStream_t stre
     cudaError_t err = grow_smem_attr<kernel>(smem);
     int per_sm = 0;
     if (err == cudaSuccess) err = blocks_per_sm<kernel>(threads, smem, &per_sm);
+    if constexpr (kWs) {
+        static const int regs = [] {
+            cudaFuncAttributes fa;
+            return cudaFuncGetAttributes(&fa, kernel) == cudaSuccess ? fa.numRegs : -1;
+        }();
+        if (regs < 0 || 128 * kWsProducerRegs + 256 * kWsConsumerRegs > kWsThreads * regs)
+            return epmoe__fail(EPMOE_ERR_INTERNAL, "%s: the T = %d kernel was built with %d registers a thread, fewer than its setmaxnreg split needs", fn, T, regs);
+    }
     if (per_sm > kMaxCtasPerSm) per_sm = kMaxCtasPerSm;
     if (err != cudaSuccess) cudaGetLastError(); /* not a failure of the caller's next launch */
     if (err != cudaSuccess || per_sm < 1)
