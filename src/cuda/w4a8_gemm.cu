@@ -107,6 +107,11 @@ constexpr int kWsThreads = 384; /* producer warpgroup + two consumer warpgroups 
 constexpr int kWsProducerRegs = 40, kWsConsumerRegs = 232;
 /* A consumer thread's index, 0..255: its fragments, weight rows and slot column. */
 template <int T> __device__ __forceinline__ int consumer_tid() { return (int)threadIdx.x - (kWarpSpecialized<T> ? 128 : 0); }
+/* The tile's weight row of the thread's accumulator rows 0 and 1 (row + 8 holds 2 and 3). */
+template <int T> __device__ __forceinline__ int acc_row() {
+    const int tid = consumer_tid<T>();
+    return (tid >> 7) * 64 + ((tid >> 5) & 3) * 16 + ((tid & 31) >> 2);
+}
 
 /* One step's groups, [h] = group kGroups * s + h. A step with one group of two (K/128 odd, the
 ** item's last) leaves the [1] halves stale. */
@@ -311,7 +316,7 @@ template <int T, int kSa> struct GroupScales {
 /* Group g = 2s + h of the stage; UE8M0 words are in sa[0] for both (g & 3 picks the byte). */
 template <int T, int kSa>
 __device__ __forceinline__ GroupScales<T, kSa> load_scales(const Stage<T> &s, int h, int g) {
-    const int tid = consumer_tid<T>(), lane = tid & 31, row = (tid >> 7) * 64 + ((tid >> 5) & 3) * 16 + (lane >> 2);
+    const int lane = threadIdx.x & 31, row = acc_row<T>();
     GroupScales<T, kSa> gs;
     gs.sw0 = fmt_bf16_to_float(s.sw[h][row]), gs.sw1 = fmt_bf16_to_float(s.sw[h][row + 8]); /* exact */
     if (kSa != 0)
@@ -350,7 +355,7 @@ __device__ __forceinline__ void promote(const GroupScales<T, kSa> &gs, const flo
 /* bf16 rows < masked_m of one finished item, then a fresh accumulator. */
 template <int T, int kSa>
 __device__ __forceinline__ void epilogue(const Problem &p, const Item &it, float (&acc)[T / 2]) {
-    const int tid = consumer_tid<T>(), lane = tid & 31, row = (tid >> 7) * 64 + ((tid >> 5) & 3) * 16 + (lane >> 2);
+    const int lane = threadIdx.x & 31, row = acc_row<T>();
     const float ts = kSa != 0 ? 1.0f : __ldg(p.sa_tensor);
     uint16_t *out = p.out + (int64_t)it.e * p.expert_stride + (int64_t)it.nt * W4_TILE_N + row;
 #pragma unroll
@@ -365,6 +370,13 @@ __device__ __forceinline__ void epilogue(const Problem &p, const Item &it, float
             acc[jj * 4 + c] = 0.0f;
             acc[jj * 4 + 2 + c] = 0.0f;
         }
+}
+
+/* Whether step j of the CTA is in its first tail item and that item began in an earlier range
+** (then the CTA contributes its partial instead of finishing the item). */
+template <int T> __device__ __forceinline__ bool is_head(const Range &rg, int j, int P) {
+    const int dp = kDataParallel<T> ? rg.dp : 0;
+    return rg.off != 0 && j >= dp && rg.off + j - dp < P;
 }
 
 /* Stream-K, where a CTA's range meets its neighbours' (consumer threads; sync: a barrier of all of
@@ -387,8 +399,7 @@ __device__ __forceinline__ void finish_range(const Problem &p, const int *prefix
                                              float (&acc)[T / 2], Sync sync) {
     const int tid = consumer_tid<T>();
     const int64_t item = step_item<T>(rg, r, grid, P, steps - 1);
-    const int dp = kDataParallel<T> ? rg.dp : 0;
-    if (rg.off != 0 && steps - 1 >= dp && rg.off + steps - 1 - dp < P) { /* the range's first tail item */
+    if (is_head<T>(rg, steps - 1, P)) { /* the whole range lies inside one item */
         contribute_partial<T>(p, r, rg.epoch, acc, sync);
         return;
     }
@@ -535,11 +546,8 @@ w4a8_gemm_kernel(const __grid_constant__ Problem p, const __grid_constant__ CUte
 #pragma unroll
         for (int i = 0; i < T / 2; i++) acc[i] = 0.0f;
         int cg = kG * step_off<T>(rg, 0); /* the step's first group */
-        /* The item of the CTA's step j, and whether that is the CTA's first tail item and began in
-        ** an earlier range (then the CTA contributes its partial instead of finishing it). */
+        /* The item of the CTA's step j. */
         auto item_of = [&](int j) { return step_item<T>(rg, r, grid, P, j); };
-        const int dp = kDataParallel<T> ? rg.dp : 0;
-        auto is_head = [&](int j) { return rg.off != 0 && j >= dp && rg.off + j - dp < P; };
         auto sync = [] { __syncthreads(); };
         auto contribute = [&]() { contribute_partial<T>(p, r, rg.epoch, acc, sync); };
 #pragma unroll 1
@@ -570,7 +578,7 @@ w4a8_gemm_kernel(const __grid_constant__ Problem p, const __grid_constant__ CUte
             promote<T, kSa>(gs0, part0, acc);
             if (two) promote<T, kSa>(gs1, part1, acc);
             if ((cg += kG) >= p.G) { /* step j ended its item */
-                if (is_head(j)) contribute();
+                if (is_head<T>(rg, j, P)) contribute();
                 else epilogue<T, kSa>(p, find_item<T>(p, prefix, item_of(j)), acc);
                 cg = kG * step_off<T>(rg, j + 1);
             }
@@ -633,7 +641,6 @@ __global__ void __launch_bounds__(kWsThreads, 1) w4a8_gemm_ws_kernel(const __gri
 #pragma unroll
         for (int i = 0; i < T / 2; i++) acc[i] = 0.0f;
         int cg = step_off<T>(rg, 0);
-        const int dp = kDataParallel<T> ? rg.dp : 0;
         auto sync = [] { named_bar_sync(kConsumerBar, 2 * 128); };
         /* step i's 4 wgmma into part (one commit group); then, once waited for, its promotion */
         auto issue = [&](int i, uint32_t(&a)[4][4], float(&part)[T / 2]) {
@@ -652,7 +659,7 @@ __global__ void __launch_bounds__(kWsThreads, 1) w4a8_gemm_ws_kernel(const __gri
 #pragma unroll
             for (int q = 0; q < T / 2; q++) reg_fence(part[q]);
             const Stage<T> &st = ring[i % S];
-            const int tid = consumer_tid<T>(), lane = tid & 31, row = (tid >> 7) * 64 + ((tid >> 5) & 3) * 16 + (lane >> 2);
+            const int lane = threadIdx.x & 31, row = acc_row<T>();
             promote<T, kSa>(fmt_bf16_to_float(st.sw[0][row]), fmt_bf16_to_float(st.sw[0][row + 8]), [&](int jj, int c) {
                 const uint32_t wv = st.sa[0][jj * 8 + 2 * (lane & 3) + c];
                 return kSa == 2 ? fmt_ue8m0_to_float((uint8_t)(wv >> (8 * (g & 3)))) : __uint_as_float(wv);
@@ -679,7 +686,7 @@ __global__ void __launch_bounds__(kWsThreads, 1) w4a8_gemm_ws_kernel(const __gri
             j += two ? 2 : 1;
             if ((cg += two ? 2 : 1) >= p.G) { /* step j - 1 ended its item */
                 const int last = j - 1;
-                if (rg.off != 0 && last >= dp && rg.off + last - dp < P) contribute_partial<T>(p, r, rg.epoch, acc, sync);
+                if (is_head<T>(rg, last, P)) contribute_partial<T>(p, r, rg.epoch, acc, sync);
                 else epilogue<T, kSa>(p, find_item<T>(p, prefix, step_item<T>(rg, r, grid, P, last)), acc);
                 cg = step_off<T>(rg, j);
             }
