@@ -5,19 +5,19 @@
 ** Swap-AB: weights are wgmma's A operand (64 rows per warpgroup, converted in registers: 3
 ** integer ops per 8 weights), the tokens of one expert are N (tile T = 8..128, from expected_m).
 ** Two (computing) warpgroups of a CTA own 128 weight rows x T tokens and walk K in 128-wide groups, two
-** per pipeline step to T = 32 (groups 2s and 2s + 1; the last step of an item has one when K/128
+** per pipeline step to T = 16 (groups 2s and 2s + 1; the last step of an item has one when K/128
 ** is odd), one for larger tiles (kGroups).
 ** After the 4 wgmma of a group it promotes the group's fp32 partial with the scales, in group order:
 **   acc += sw[n, g] * (sa[m, g] * partial)       (mode a, per-token 1x128 activation scales)
 **   acc += sw[n, g] * partial, x sa at the end   (mode b, one per-tensor activation scale)
 ** so every product is exact and nothing is rounded twice. Two groups a step halve the step's fixed
-** cost per weight byte (barriers, the producer's issue; to T = 32 also the wgmma commit and wait:
+** cost per weight byte (barriers, the producer's issue; to T = 16 also the wgmma commit and wait:
 ** both groups' 8 wgmma in flight together, kPairedT): decode (T = 8) was latency/issue bound with
 ** DRAM ~65% busy at one group a step. Each step's stage is filled by warp 0 (kProducerWarp): bulk
 ** copies (the 16 KB weight tiles of both groups, contiguous in the repacked layout; the 128 bf16
 ** scales of each), TMA tensor copies (T rows x 128 activation bytes per group, in wgmma's swizzle) and
-** cp.async (the activation scales), completing on one mbarrier; S stages in flight. To T = 32
-** warp 0 also computes; T = 64 and 128 have a producer warpgroup of their own and take steps in
+** cp.async (the activation scales), completing on one mbarrier; S stages in flight. To T = 16
+** warp 0 also computes; T = 32, 64 and 128 have a producer warpgroup of their own and take steps in
 ** pairs into two partials (kWarpSpecialized, w4a8_gemm_ws_kernel).
 **
 ** Work: persistent CTAs. Each reads masked_m on the device (CUDA-graph safe) and counts m-tiles
@@ -72,8 +72,9 @@ __device__ __forceinline__ void trace_point(int pt, int slot, int lead) {
 ** measured 3-8% slower at 128-1024 rows (fewer stages in the same bytes; bench_w4a8, H200,
 ** 2026-11-30). Registers with pairs (ptxas -v, CUDA 13.0): T = 8 71-79, 16
 ** 92-98, 32 117-128. kPairedT = 8 (T = 16 one group a step, 6 stages at 3 CTAs/SM, 58-62
-** registers) measured slower at 16 rows: 249 against 224 us (DeepSeek-R1 W13 + W2, 2026-11-30). */
-constexpr int kPairedT = 32;
+** registers) measured slower at 16 rows: 249 against 224 us (DeepSeek-R1 W13 + W2, 2026-11-30).
+** T = 32 runs warp-specialized since 2026-12-01 (see kWarpSpecialized), one group a step. */
+constexpr int kPairedT = 16;
 template <int T> constexpr int kGroups = T <= kPairedT ? 2 : 1;
 /* Warp 0 issues every stage's loads, after its own wgmma of the step are in flight: lane 0 the
 ** bulk copies and the activations' tensor copies (TMA, in wgmma's swizzle), the lanes the activation
@@ -86,25 +87,34 @@ constexpr int kProducerWarp = 0;
 ** one arrival per warp in hardware; an mbarrier took 32 arrivals per warp, or a __syncwarp and one
 ** lane's arrival that racecheck cannot follow). */
 constexpr int kConsumerBar = 1, kStageBar = 3;
-/* T = 64 and 128 (1 CTA/SM) run warp-specialized (w4a8_gemm_ws_kernel): a producer warpgroup that
-** gives its registers to the two consumer warpgroups (setmaxnreg 40 / 232), and each consumer takes
+/* T = 32, 64 and 128 run warp-specialized (w4a8_gemm_ws_kernel): a producer warpgroup that
+** gives its registers to the two consumer warpgroups (setmaxnreg), and each consumer takes
 ** an item's steps in pairs into two partials, promoting the first while the second's wgmma run. The
 ** 256-thread kernel at T = 128 (warp 0 also the producer, one partial, the warpgroups taking turns
 ** at the tensor cores) ran W13 at 1024 rows at 620-655 TFLOP/s in mode (a), 833 in mode (b), this
 ** one 828-836 and 1062-1092; at T = 64 (2 CTAs/SM there) W13 + W2 at 40 and 64 rows went 351-356
 ** -> 328-332 us (bench_w4a8, DeepSeek-R1, H200, 2026-12-01).
+** T = 32 runs it at 2 CTAs/SM (kWsCtas: 80 registers a thread at launch, 32 / 104 after setmaxnreg,
+** 8 one-group stages a CTA), so an SM keeps four computing warpgroups, as the 256-thread kernel
+** did: W13 + W2 at 20 and 32 rows 228-231 -> 218-224 us against that kernel (2 CTAs/SM, two groups a
+** step, warp 0 also computing). At 1 CTA/SM (16 or 12 stages) it had been 6-9% slower, and T = 16
+** warp-specialized at 2 CTAs/SM measured the same as the 256-thread kernel (204 us at 16 rows), which
+** it keeps (bench_w4a8, DeepSeek-R1, H200, 2026-12-01).
 ** Pairs only: with four or eight groups in flight between full waits ptxas keeps every group's A
 ** fragments live and spills 38-100 registers (the lab's U = 4 and 8: 643 and 623 TFLOP/s).
 ** Splitting a step's tile into two token halves in two commit groups measured 5-6% slower (the A
 ** fragments go to the tensor cores twice), and so did two 128-row weight tiles per CTA sharing the
 ** activations at T = 32 (512 threads, 1 CTA/SM: 2-6% slower at 32 rows); H200, 2026-11-30,
 ** branches w4-halves and w4-w2. */
-template <int T> constexpr bool kWarpSpecialized = T >= 64;
+template <int T> constexpr bool kWarpSpecialized = T >= 32;
+template <int T> constexpr int kWsCtas = T <= 32 ? 2 : 1;
 constexpr int kWsThreads = 384; /* producer warpgroup + two consumer warpgroups */
 /* setmaxnreg: what the producer warpgroup keeps and each consumer thread gets. They must fit in what
-** the CTA was given at launch (launch() checks ptxas's count: 384 x 168 = 128 x 40 + 256 x 232), or
-** the consumers' setmaxnreg.inc would wait forever. */
-constexpr int kWsProducerRegs = 40, kWsConsumerRegs = 232;
+** the CTA was given at launch (launch() checks ptxas's count: 1 CTA/SM 384 x 168 = 128 x 40 +
+** 256 x 232; T = 32 at 2 CTAs/SM 384 x 80 = 128 x 32 + 256 x 104), or the consumers'
+** setmaxnreg.inc would wait forever. */
+template <int T> constexpr int kWsProducerRegs = T <= 32 ? 32 : 40;
+template <int T> constexpr int kWsConsumerRegs = T <= 32 ? 104 : 232;
 /* A consumer thread's index, 0..255: its fragments, weight rows and slot column. */
 template <int T> __device__ __forceinline__ int consumer_tid() { return (int)threadIdx.x - (kWarpSpecialized<T> ? 128 : 0); }
 /* The tile's weight row of the thread's accumulator rows 0 and 1 (row + 8 holds 2 and 3). */
@@ -481,7 +491,7 @@ __device__ __forceinline__ void plan(const Problem &p, Range &rg, int *prefix, i
 template <int T, int kSa, bool kFull, int S>
 __global__ void __launch_bounds__(kThreads, T <= 8 ? 3 : 2) /* T = 8: at most 80 registers */
 w4a8_gemm_kernel(const __grid_constant__ Problem p, const __grid_constant__ CUtensorMap tm) {
-    static_assert(!kWarpSpecialized<T> && kGroups<T> == 2, "T <= 32: two groups a step; larger tiles run w4a8_gemm_ws_kernel");
+    static_assert(!kWarpSpecialized<T> && kGroups<T> == 2, "T <= 16: two groups a step; larger tiles run w4a8_gemm_ws_kernel");
     W4_TRACE(0);
     extern __shared__ __align__(128) uint8_t smem_raw[];
     /* the swizzle is of address bits: every stage on a 1024-byte boundary (launch adds the slack) */
@@ -592,7 +602,7 @@ w4a8_gemm_kernel(const __grid_constant__ Problem p, const __grid_constant__ CUte
     W4_TRACE(3);
 }
 
-/* T = 64 and 128, warp-specialized (kWarpSpecialized): the same step sequence, stream-K ranges, stages,
+/* T = 32, 64 and 128, warp-specialized (kWarpSpecialized): the same step sequence, stream-K ranges, stages,
 ** conversion, promotion and epilogue as the kernel above, in another division of labour.
 ** Warpgroup 0 produces: it hands its registers to the consumers (setmaxnreg), and warp 0 walks the
 ** CTA's steps issuing each stage's loads once the consumers have released it (empty[], an
@@ -602,7 +612,7 @@ w4a8_gemm_kernel(const __grid_constant__ Problem p, const __grid_constant__ CUte
 ** those of one group a step. A step with no partner in its item (the item's last when its range
 ** has an odd count left) runs alone. */
 template <int T, int kSa, bool kFull, int S>
-__global__ void __launch_bounds__(kWsThreads, 1) w4a8_gemm_ws_kernel(const __grid_constant__ Problem p, const __grid_constant__ CUtensorMap tm) {
+__global__ void __launch_bounds__(kWsThreads, kWsCtas<T>) w4a8_gemm_ws_kernel(const __grid_constant__ Problem p, const __grid_constant__ CUtensorMap tm) {
     static_assert(kWarpSpecialized<T> && kGroups<T> == 1, "one group a step");
     W4_TRACE(0);
     extern __shared__ __align__(128) uint8_t smem_raw[];
@@ -619,7 +629,7 @@ __global__ void __launch_bounds__(kWsThreads, 1) w4a8_gemm_ws_kernel(const __gri
     __syncthreads();
     const int steps = rg.steps;
     if (threadIdx.x < 128) {
-        asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(kWsProducerRegs));
+        asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(kWsProducerRegs<T>));
         if (warp == 0 && steps > 0) {
             Producer<T, kSa> prod;
             prod.start(p, prefix, step_item<T>(rg, r, grid, P, 0), step_off<T>(rg, 0));
@@ -636,7 +646,7 @@ __global__ void __launch_bounds__(kWsThreads, 1) w4a8_gemm_ws_kernel(const __gri
             ** arrival), and the consumers wait for every full[] before the final barrier */
         }
     } else if (steps > 0) {
-        asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(kWsConsumerRegs));
+        asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(kWsConsumerRegs<T>));
         float acc[T / 2];
 #pragma unroll
         for (int i = 0; i < T / 2; i++) acc[i] = 0.0f;
@@ -738,9 +748,9 @@ template <int T, int kSa, bool kFull, int S> constexpr auto kernel_of() {
 template <int T, int kSa, bool kFull>
 epmoe_status launch(const char *fn, const Problem &p, int sms, cudaStream_t stream) {
     /* two groups a step: T = 8 3 stages, the bytes of 6 one-group stages (3 CTAs/SM, all the shared
-    ** memory), 4 groups ahead of the consumer; T = 16 and 32 (2 CTAs/SM) 4 stages: 1% faster than 3 at
-    ** 16 and 32 rows, 5 at T = 16 2% slower (DeepSeek-R1 W13 + W2, H200, 2026-11-30). Warp-specialized
-    ** (T = 64, 128; 1 CTA/SM) 8: the lab's schedule ran 3% faster at 1024 rows than with 6
+    ** memory), 4 groups ahead of the consumer; T = 16 (2 CTAs/SM) 4 stages: 1% faster than 3 at
+    ** 16 rows, 5 2% slower (DeepSeek-R1 W13 + W2, H200, 2026-11-30). Warp-specialized 8 (T = 32: the
+    ** bytes of the 4 two-group stages it had, 2 CTAs/SM; T = 64, 128; 1 CTA/SM): the lab's schedule ran 3% faster at 1024 rows than with 6
     ** (w4a8_prefill_lab), and T = 64 1-2% faster than with 12 at 40 and 64 rows (H200, 2026-12-01) */
     constexpr bool kWs = kWarpSpecialized<T>;
     constexpr int S = kGroups<T> == 2 ? (T >= 16 ? 4 : 3) : 8;
@@ -756,7 +766,7 @@ epmoe_status launch(const char *fn, const Problem &p, int sms, cudaStream_t stre
             cudaFuncAttributes fa;
             return cudaFuncGetAttributes(&fa, kernel) == cudaSuccess ? fa.numRegs : -1;
         }();
-        if (regs < 0 || 128 * kWsProducerRegs + 256 * kWsConsumerRegs > kWsThreads * regs)
+        if (regs < 0 || 128 * kWsProducerRegs<T> + 256 * kWsConsumerRegs<T> > kWsThreads * regs)
             return epmoe__fail(EPMOE_ERR_INTERNAL, "%s: the T = %d kernel was built with %d registers a thread, fewer than its setmaxnreg split needs", fn, T, regs);
     }
     if (per_sm > kMaxCtasPerSm) per_sm = kMaxCtasPerSm;

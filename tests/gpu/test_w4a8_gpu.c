@@ -165,19 +165,22 @@ static void test_gemm_cases(test_rng *r) {
         {16, 1024, 128, 512, 4, 0, 0, 128, 0},
     };
     for (size_t i = 0; i < sizeof waves / sizeof waves[0]; i++) run_case(r, &waves[i]);
-    /* T = 128 and 64 (the warp-specialized kernel) with several steps a CTA: its steps go in pairs
+    /* T = 128, 64 and 32 (the warp-specialized kernel) with several steps a CTA: its steps go in pairs
     ** within an item, a step without a partner alone, and stream-K ranges begin and end inside items
     ** at odd and even offsets; {5, 2048, 256, 512} takes a whole wave of items first. 18, 9 and 2
     ** groups an item; every scale format and per-tensor. The cases above have at most one step a
-    ** CTA at T = 128, and two groups an item at T = 64. */
+    ** CTA at T = 128, and two groups an item at T = 64. T = 32 runs 2 CTAs/SM (264 on an H200):
+    ** 6.5, 2.2 and 1.6 steps a CTA below. */
     const gcase pairs[] = {
         {2, 512, 2304, 256, 5, 1, 0, 128, 0},  {2, 512, 2304, 200, 4, 3, 1, 128, 0},
         {3, 1024, 1152, 256, 5, 0, 1, 128, 0}, {3, 1024, 1152, 130, 5, 2, 0, 128, 0},
         {2, 1536, 1152, 256, 5, 4, 0, 128, 0}, {5, 2048, 256, 512, 5, 1, 0, 128, 0},
         {2, 512, 2304, 192, 5, 1, 0, 64, 0},   {3, 1024, 1152, 100, 4, 2, 1, 64, 0},
+        {3, 2048, 2304, 64, 5, 1, 0, 32, 0},   {4, 1024, 1152, 40, 4, 2, 1, 32, 0},
+        {2, 1536, 2304, 32, 5, 4, 0, 32, 0},
     };
     for (size_t i = 0; i < sizeof pairs / sizeof pairs[0]; i++)
-        if (!quick || i < 2 || i == 6) run_case(r, &pairs[i]);
+        if (!quick || i < 2 || i == 6 || i == 8) run_case(r, &pairs[i]);
     /* max tokens: T=128 tiles over a large masked slab */
     if (!quick) {
         gcase c = {2, 256, 256, 1024, 5, 1, 0, 0, 0};
