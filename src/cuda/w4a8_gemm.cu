@@ -749,9 +749,10 @@ template <int T, int kSa, bool kFull>
 epmoe_status launch(const char *fn, const Problem &p, int sms, cudaStream_t stream) {
     /* two groups a step: T = 8 3 stages, the bytes of 6 one-group stages (3 CTAs/SM, all the shared
     ** memory), 4 groups ahead of the consumer; T = 16 (2 CTAs/SM) 4 stages: 1% faster than 3 at
-    ** 16 rows, 5 2% slower (DeepSeek-R1 W13 + W2, H200, 2026-11-30). Warp-specialized 8 (T = 32: the
-    ** bytes of the 4 two-group stages it had, 2 CTAs/SM; T = 64, 128; 1 CTA/SM): the lab's schedule ran 3% faster at 1024 rows than with 6
-    ** (w4a8_prefill_lab), and T = 64 1-2% faster than with 12 at 40 and 64 rows (H200, 2026-12-01) */
+    ** 16 rows, 5 2% slower (DeepSeek-R1 W13 + W2, H200, 2026-11-30). Warp-specialized 8: at T = 32
+    ** (2 CTAs/SM) the bytes of the 4 two-group stages it had; at T = 64 and 128 (1 CTA/SM) the lab's
+    ** schedule ran 3% faster at 1024 rows than with 6 (w4a8_prefill_lab), and T = 64 1-2% faster than
+    ** with 12 at 40 and 64 rows (H200, 2026-12-01) */
     constexpr bool kWs = kWarpSpecialized<T>;
     constexpr int S = kGroups<T> == 2 ? (T >= 16 ? 4 : 3) : 8;
     constexpr int threads = kWs ? kWsThreads : kThreads;
