@@ -4,7 +4,9 @@
 **     group-scale layouts, both weight encodings; masked_m patterns {all 0, all 1, 3, 32, skewed,
 **     full M}; M not a multiple of any tile; N, K multiples of 128 other than DeepSeek's; NaN/Inf
 **     tokens; outputs poisoned, rows past masked_m and columns past N checked untouched.
-**  2. CUDA graph: the GEMM captured once, replayed with new masked_m and activations.
+**  2. CUDA graph: the GEMM captured once, replayed with new masked_m and activations; the decode
+**     tiles (T = 8, 16, 32: stream-K ranges that end inside items) replayed 100 times, bitwise
+**     equal to one launch.
 **  3. MLP against epmoe_w4a8_mlp_ref, modes (a) and (b).
 **  4. Accuracy on the W13 shape (K = 7168, N = 4096, 256 bf16 tokens): NMSE of mode (a), per-token
 **     group scales, against mode (b), per-tensor after the requant op, on gaussian and outlier
@@ -181,6 +183,15 @@ static void test_gemm_cases(test_rng *r) {
     };
     for (size_t i = 0; i < sizeof pairs / sizeof pairs[0]; i++)
         if (!quick || i < 2 || i == 6 || i == 8) run_case(r, &pairs[i]);
+    /* T = 8, 16 and 32 with items of 18, 9 and 5 groups (two groups a step at T = 8 and 16, so an
+    ** item's last step has one when G is odd; pairs of steps and a single one at T = 32), skewed rows,
+    ** and, last, 8 m-tiles an expert: 1024 items of 18 groups over the CTAs' stream-K ranges. */
+    const gcase decode[] = {
+        {4, 1024, 2304, 8, 5, 1, 0, 1, 0},   {4, 1024, 1152, 19, 4, 2, 1, 16, 0}, {3, 1024, 1152, 40, 5, 3, 0, 32, 0},
+        {2, 512, 640, 7, 5, 4, 1, 1, 0},     {8, 2048, 2304, 64, 5, 1, 0, 1, 0},
+    };
+    for (size_t i = 0; i < sizeof decode / sizeof decode[0]; i++)
+        if (!quick || i < 2) run_case(r, &decode[i]);
     /* max tokens: T=128 tiles over a large masked slab */
     if (!quick) {
         gcase c = {2, 256, 256, 1024, 5, 1, 0, 0, 0};
@@ -252,6 +263,60 @@ static void test_graph(test_rng *r) {
     cudaGraphExecDestroy(exec), cudaGraphDestroy(graph);
     cudaFree(da), cudaFree(dsa), cudaFree(dm), cudaFree(dout);
     dev_weights_free(&dw);
+    w4_mat_free(&w);
+}
+
+/* The decode tiles' result does not depend on when each CTA ran: stream-K partials are added in
+** range order, whatever order the CTAs finish in. One launch, then a graph of the same GEMM
+** replayed, every output bitwise equal to the first (and the first checked against the oracle). The
+** launch counter in the workspace moves on each launch, so a replay that read an earlier launch's
+** flags would add a stale partial. */
+static void test_replay_bits(test_rng *r) {
+    const int64_t E = 6, N = 1024, K = 2304, M = quick ? 8 : 24, reps = quick ? 5 : 100;
+    w4_mat w;
+    w4_mat_make(r, &w, E, N, K, 0, 0.01, EPMOE_W4_AUTO);
+    w4_acts A;
+    w4_acts_make(r, &A, E, M, K, EPMOE_SCALE_F32_ROW, 2);
+    int32_t masked[6];
+    make_masked(r, 5, E, M, masked);
+    masked[1] = 0, masked[4] = (int32_t)(M / 2 + 1);
+    dev_w4 dw = dev_weights(&w);
+    uint8_t *da = dev_copy(A.a, (size_t)(E * M * K));
+    void *dsa = dev_copy(A.sa, A.slab * (size_t)E);
+    int32_t *dm = dev_copy(masked, sizeof masked);
+    const int64_t rs = N, es = M * N, n = E * es;
+    uint16_t *dout = dev_poisoned16(n), *poison = dev_poisoned16(n), *first = malloc((size_t)n * 2), *again = malloc((size_t)n * 2);
+    const int64_t ems[] = {1, 16, 32}; /* T = 8, 16, 32 */
+    for (int t = 0; t < 3; t++) {
+        const int64_t em = ems[t];
+        epmoe_w4a8_gemm_args g = {dw.w, da, M, dm, dsa, EPMOE_SCALE_F32_ROW, NULL, dout, rs, es, em, gws, gws_bytes};
+        CHECK_STATUS(epmoe_w4a8_gemm_cuda(&g, stream), EPMOE_OK);
+        CUDA_OK(cudaStreamSynchronize(stream));
+        char what[64];
+        snprintf(what, sizeof what, "replayed bits em%lld", (long long)em);
+        check_out(what, &w, &A, masked, 0.0, dout, rs, es);
+        CUDA_OK(cudaMemcpy(first, dout, (size_t)n * 2, cudaMemcpyDeviceToHost));
+        cudaGraph_t graph;
+        cudaGraphExec_t exec;
+        CUDA_OK(cudaStreamBeginCapture(stream, cudaStreamCaptureModeThreadLocal));
+        CHECK_STATUS(epmoe_w4a8_gemm_cuda(&g, stream), EPMOE_OK);
+        CUDA_OK(cudaStreamEndCapture(stream, &graph));
+        CUDA_OK(cudaGraphInstantiate(&exec, graph, 0));
+        long bad = 0;
+        for (int rep = 0; rep < reps; rep++) {
+            CUDA_OK(cudaMemcpyAsync(dout, poison, (size_t)n * 2, cudaMemcpyDeviceToDevice, stream));
+            CUDA_OK(cudaGraphLaunch(exec, stream));
+            CUDA_OK(cudaStreamSynchronize(stream));
+            CUDA_OK(cudaMemcpy(again, dout, (size_t)n * 2, cudaMemcpyDeviceToHost));
+            bad += memcmp(first, again, (size_t)n * 2) != 0;
+        }
+        CHECK(bad == 0, "%s: %ld of %lld replays differ from the first launch", what, bad, (long long)reps);
+        cudaGraphExecDestroy(exec), cudaGraphDestroy(graph);
+    }
+    free(first), free(again);
+    cudaFree(da), cudaFree(dsa), cudaFree(dm), cudaFree(dout), cudaFree(poison);
+    dev_weights_free(&dw);
+    w4_acts_free(&A);
     w4_mat_free(&w);
 }
 
@@ -455,6 +520,7 @@ int main(void) {
     test_workspace_args(&r);
     test_gemm_cases(&r);
     test_graph(&r);
+    test_replay_bits(&r);
     test_mlp(&r);
     if (!quick) test_accuracy(&r);
     return test_report("test_w4a8_gpu");
