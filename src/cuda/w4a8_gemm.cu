@@ -149,7 +149,7 @@ struct Problem {
     int E, NT, G, fmt;
     float *slots;    /* stream-K: one fp32 partial tile per CTA, [cta][T/2][256] */
     uint32_t *flags; /* flag[cta] = epoch + 1 once its partial tile is in slots */
-    uint32_t *sync;  /* [0] epoch (+1 per launch), [1] CTAs done in this launch */
+    uint32_t *sync;  /* [0, 1]: the launch counter, 64 bits (launch_epoch) */
     size_t slots_bytes;
 };
 
@@ -174,7 +174,7 @@ struct Range {
     int64_t first;   /* the item of the CTA's first tail step */
     int off, steps;  /* that step's index within its item; the CTA's steps (whole items and tail) */
     int dp;          /* the CTA's steps of whole items */
-    uint32_t epoch;  /* p.sync[0] at entry */
+    uint32_t epoch;  /* the launch's number (launch_epoch) */
 };
 
 /* The item of a CTA's step j, and the first group of its first step in that item (the stream-K
@@ -428,15 +428,26 @@ __device__ __forceinline__ void finish_range(const Problem &p, const int *prefix
     }
     epilogue<T, kSa>(p, find_item<T>(p, prefix, item), acc);
 }
-/* After a CTA barrier at the kernel's end: the last CTA out moves the epoch on, so the next launch's
-** flags cannot match this one's. */
-__device__ __forceinline__ void end_launch(const Problem &p, int grid) {
-    if (threadIdx.x == 0 && atomicAdd(p.sync + 1, 1u) == (uint32_t)grid - 1u) {
-        p.sync[1] = 0;
-        __threadfence();
-        atomicAdd(p.sync, 1u);
-    }
+/* The launch counter (a 64-bit word at p.sync): every CTA adds its share of kLaunchUnit at entry
+** (the shares of one launch sum to it, whatever the grid) and reads what was there, so every CTA
+** of the L-th launch reads L * kLaunchUnit plus the shares of the CTAs of its own launch that came
+** first (less than kLaunchUnit): the launch's epoch, with nothing to do at the kernel's end. That
+** end had been an atomic, and for the last CTA out a store, a fence and a second atomic, after a CTA
+** barrier: the last CTA's steps ended 2.5 (W13) and 2.7 us (W2) before its exit at decode (the
+** trace, H200, 2026-12-01). Launches that overlap on the GPU (other streams, graph branches)
+** must not share a workspace (epmoe.h). */
+constexpr unsigned long long kLaunchUnit = 1ull << 20; /* > any grid */
+__device__ __forceinline__ uint32_t launch_epoch(const Problem &p, int grid) {
+    const unsigned long long share = kLaunchUnit / grid + (blockIdx.x == 0 ? kLaunchUnit % grid : 0);
+    return (uint32_t)(atomicAdd(reinterpret_cast<unsigned long long *>(p.sync), share) / kLaunchUnit);
 }
+/* Trace builds stamp a CTA's exit after all its warps are done (warp 0 is the producer in the
+** warp-specialized kernel); other builds let each warp leave when it is done. */
+#ifdef EPMOE_W4A8_TRACE
+#define W4_TRACE_EXIT() (__syncthreads(), W4_TRACE(3))
+#else
+#define W4_TRACE_EXIT() ((void)0)
+#endif
 
 /* Warp 0, at entry: m-tiles before each expert (prefix[E + 1], a warp scan of masked_m) and this
 ** CTA's range of the step sequence (see the kernel's note on stream-K). */
@@ -470,7 +481,7 @@ __device__ __forceinline__ void plan(const Problem &p, Range &rg, int *prefix, i
         rg.first = rg.tail0 + s0 / P, rg.off = (int)(s0 % P);
         rg.dp = (int)(waves * P);
         rg.steps = rg.dp + (int)(total * (r + 1) / grid - s0);
-        rg.epoch = *reinterpret_cast<volatile uint32_t *>(p.sync);
+        rg.epoch = launch_epoch(p, grid);
     }
 }
 
@@ -597,9 +608,7 @@ w4a8_gemm_kernel(const __grid_constant__ Problem p, const __grid_constant__ CUte
         if (cg != 0) finish_range<T, kSa>(p, prefix, rg, r, grid, P, steps, acc, sync);
         cp_async_wait<0>();
     }
-    __syncthreads();
-    end_launch(p, grid);
-    W4_TRACE(3);
+    W4_TRACE_EXIT();
 }
 
 /* T = 32, 64 and 128, warp-specialized (kWarpSpecialized): the same step sequence, stream-K ranges, stages,
@@ -642,8 +651,9 @@ __global__ void __launch_bounds__(kWsThreads, kWsCtas<T>) w4a8_gemm_ws_kernel(co
                 prod.issue(p, tm, ring[i % S], &full[i % S]);
                 prod.advance(p, prefix, rg, P, i + 1);
             }
-            /* no wait for the copies here: each completes on its full[] (cp.async through its noinc
-            ** arrival), and the consumers wait for every full[] before the final barrier */
+            /* the copies complete on their full[] (cp.async through its noinc arrival), which the
+            ** consumers wait for; the lanes' own cp.async are waited for before they leave */
+            cp_async_wait<0>();
         }
     } else if (steps > 0) {
         asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(kWsConsumerRegs<T>));
@@ -704,12 +714,10 @@ __global__ void __launch_bounds__(kWsThreads, kWsCtas<T>) w4a8_gemm_ws_kernel(co
         W4_TRACE_BY(2, 128);
         if (cg != 0) finish_range<T, kSa>(p, prefix, rg, r, grid, P, steps, acc, sync);
     }
-    __syncthreads();
-    end_launch(p, grid);
-    W4_TRACE(3);
+    W4_TRACE_EXIT();
 }
 
-/* Workspace: [sync: 2 words, 256 B][flags: one word per CTA][slots: (T/2) x 256 floats per CTA].
+/* Workspace: [launch counter: 8 bytes, in 256 B][flags: one word per CTA][slots: (T/2) x 256 floats per CTA].
 ** Bounds over every tile: at most kMaxCtasPerSm CTAs per SM and 64 KB of slots per SM (T = 128 at
 ** 1 CTA/SM: (T/2) * 256 * 4 bytes each). */
 constexpr int kMaxCtasPerSm = 8;
