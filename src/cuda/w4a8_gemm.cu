@@ -432,22 +432,15 @@ __device__ __forceinline__ void finish_range(const Problem &p, const int *prefix
 ** (the shares of one launch sum to it, whatever the grid) and reads what was there, so every CTA
 ** of the L-th launch reads L * kLaunchUnit plus the shares of the CTAs of its own launch that came
 ** first (less than kLaunchUnit): the launch's epoch, with nothing to do at the kernel's end. That
-** end had been an atomic, and for the last CTA out a store, a fence and a second atomic, after a CTA
-** barrier: the last CTA's steps ended 2.5 (W13) and 2.7 us (W2) before its exit at decode (the
-** trace, H200, 2026-12-01). Launches that overlap on the GPU (other streams, graph branches)
+** end had been an atomic, and for the last CTA out a store, a fence and a second atomic: the last
+** CTA's steps ended 2.5 (W13) and 2.7 us (W2) before its exit at decode (the trace, H200,
+** 2026-12-01). Launches that overlap on the GPU (other streams, graph branches)
 ** must not share a workspace (epmoe.h). */
 constexpr unsigned long long kLaunchUnit = 1ull << 20; /* > any grid */
 __device__ __forceinline__ uint32_t launch_epoch(const Problem &p, int grid) {
     const unsigned long long share = kLaunchUnit / grid + (blockIdx.x == 0 ? kLaunchUnit % grid : 0);
     return (uint32_t)(atomicAdd(reinterpret_cast<unsigned long long *>(p.sync), share) / kLaunchUnit);
 }
-/* Trace builds stamp a CTA's exit after all its warps are done (warp 0 is the producer in the
-** warp-specialized kernel); other builds let each warp leave when it is done. */
-#ifdef EPMOE_W4A8_TRACE
-#define W4_TRACE_EXIT() (__syncthreads(), W4_TRACE(3))
-#else
-#define W4_TRACE_EXIT() ((void)0)
-#endif
 
 /* Warp 0, at entry: m-tiles before each expert (prefix[E + 1], a warp scan of masked_m) and this
 ** CTA's range of the step sequence (see the kernel's note on stream-K). */
@@ -608,7 +601,8 @@ w4a8_gemm_kernel(const __grid_constant__ Problem p, const __grid_constant__ CUte
         if (cg != 0) finish_range<T, kSa>(p, prefix, rg, r, grid, P, steps, acc, sync);
         cp_async_wait<0>();
     }
-    W4_TRACE_EXIT();
+    __syncthreads(); /* without it ptxas spills in the T = 128 consumers (16-184 bytes) */
+    W4_TRACE(3);
 }
 
 /* T = 32, 64 and 128, warp-specialized (kWarpSpecialized): the same step sequence, stream-K ranges, stages,
@@ -651,9 +645,8 @@ __global__ void __launch_bounds__(kWsThreads, kWsCtas<T>) w4a8_gemm_ws_kernel(co
                 prod.issue(p, tm, ring[i % S], &full[i % S]);
                 prod.advance(p, prefix, rg, P, i + 1);
             }
-            /* the copies complete on their full[] (cp.async through its noinc arrival), which the
-            ** consumers wait for; the lanes' own cp.async are waited for before they leave */
-            cp_async_wait<0>();
+            /* no wait for the copies here: each completes on its full[] (cp.async through its noinc
+            ** arrival), and the consumers wait for every full[] before the final barrier */
         }
     } else if (steps > 0) {
         asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(kWsConsumerRegs<T>));
@@ -714,7 +707,8 @@ __global__ void __launch_bounds__(kWsThreads, kWsCtas<T>) w4a8_gemm_ws_kernel(co
         W4_TRACE_BY(2, 128);
         if (cg != 0) finish_range<T, kSa>(p, prefix, rg, r, grid, P, steps, acc, sync);
     }
-    W4_TRACE_EXIT();
+    __syncthreads(); /* without it ptxas spills in the T = 128 consumers (16-184 bytes) */
+    W4_TRACE(3);
 }
 
 /* Workspace: [launch counter: 8 bytes, in 256 B][flags: one word per CTA][slots: (T/2) x 256 floats per CTA].
