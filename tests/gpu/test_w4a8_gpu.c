@@ -219,6 +219,16 @@ static void test_workspace_args(test_rng *r) {
     w4_mat_free(&w);
 }
 
+/* One GEMM call captured into a graph on the test's stream, instantiated. */
+static cudaGraphExec_t capture_gemm(const epmoe_w4a8_gemm_args *g, cudaGraph_t *graph) {
+    cudaGraphExec_t exec;
+    CUDA_OK(cudaStreamBeginCapture(stream, cudaStreamCaptureModeThreadLocal));
+    CHECK_STATUS(epmoe_w4a8_gemm_cuda(g, stream), EPMOE_OK);
+    CUDA_OK(cudaStreamEndCapture(stream, graph));
+    CUDA_OK(cudaGraphInstantiate(&exec, *graph, 0));
+    return exec;
+}
+
 /* Captured once; masked_m and the activations change on the device between replays. */
 static void test_graph(test_rng *r) {
     const int64_t E = 4, N = 256, K = 256, M = 48;
@@ -236,11 +246,7 @@ static void test_graph(test_rng *r) {
     uint16_t *dout = dev_poisoned16(E * es);
     epmoe_w4a8_gemm_args g = {dw.w, da, M, dm, dsa, EPMOE_SCALE_F32_MMAJOR, NULL, dout, rs, es, 32, gws, gws_bytes};
     cudaGraph_t graph;
-    cudaGraphExec_t exec;
-    CUDA_OK(cudaStreamBeginCapture(stream, cudaStreamCaptureModeThreadLocal));
-    CHECK_STATUS(epmoe_w4a8_gemm_cuda(&g, stream), EPMOE_OK);
-    CUDA_OK(cudaStreamEndCapture(stream, &graph));
-    CUDA_OK(cudaGraphInstantiate(&exec, graph, 0));
+    cudaGraphExec_t exec = capture_gemm(&g, &graph);
     for (int rep = 0; rep < (quick ? 2 : 6); rep++) {
         w4_acts A;
         w4_acts_make(r, &A, E, M, K, EPMOE_SCALE_F32_MMAJOR, rep & 1);
@@ -297,11 +303,7 @@ static void test_replay_bits(test_rng *r) {
         check_out(what, &w, &A, masked, 0.0, dout, rs, es);
         CUDA_OK(cudaMemcpy(first, dout, (size_t)n * 2, cudaMemcpyDeviceToHost));
         cudaGraph_t graph;
-        cudaGraphExec_t exec;
-        CUDA_OK(cudaStreamBeginCapture(stream, cudaStreamCaptureModeThreadLocal));
-        CHECK_STATUS(epmoe_w4a8_gemm_cuda(&g, stream), EPMOE_OK);
-        CUDA_OK(cudaStreamEndCapture(stream, &graph));
-        CUDA_OK(cudaGraphInstantiate(&exec, graph, 0));
+        cudaGraphExec_t exec = capture_gemm(&g, &graph);
         long bad = 0;
         for (int rep = 0; rep < reps; rep++) {
             CUDA_OK(cudaMemcpyAsync(dout, poison, (size_t)n * 2, cudaMemcpyDeviceToDevice, stream));
