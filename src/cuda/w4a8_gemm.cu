@@ -149,7 +149,7 @@ struct Problem {
     int E, NT, G, fmt;
     float *slots;    /* stream-K: one fp32 partial tile per CTA, [cta][T/2][256] */
     uint32_t *flags; /* flag[cta] = epoch + 1 once its partial tile is in slots */
-    uint32_t *sync;  /* [0, 1]: the launch counter, 64 bits (launch_epoch) */
+    unsigned long long *sync; /* the launch counter (launch_epoch) */
     size_t slots_bytes;
 };
 
@@ -434,12 +434,13 @@ __device__ __forceinline__ void finish_range(const Problem &p, const int *prefix
 ** first (less than kLaunchUnit): the launch's epoch, with nothing to do at the kernel's end. That
 ** end had been an atomic, and for the last CTA out a store, a fence and a second atomic: the last
 ** CTA's steps ended 2.5 (W13) and 2.7 us (W2) before its exit at decode (the trace, H200,
-** 2026-12-01). Launches that overlap on the GPU (other streams, graph branches)
-** must not share a workspace (epmoe.h). */
-constexpr unsigned long long kLaunchUnit = 1ull << 20; /* > any grid */
+** 2026-12-01). Launches that overlap on the GPU (other streams, graph branches) must not share a
+** workspace (epmoe.h); a programmatic dependent would have to add after griddepcontrol.wait. The
+** epoch is taken modulo 2^32 - 1, so a flag (epoch + 1) is never 0, the value of one never written. */
+constexpr unsigned long long kLaunchUnit = 1ull << 20; /* > any grid: launch() checks */
 __device__ __forceinline__ uint32_t launch_epoch(const Problem &p, int grid) {
     const unsigned long long share = kLaunchUnit / grid + (blockIdx.x == 0 ? kLaunchUnit % grid : 0);
-    return (uint32_t)(atomicAdd(reinterpret_cast<unsigned long long *>(p.sync), share) / kLaunchUnit);
+    return (uint32_t)(atomicAdd(p.sync, share) / kLaunchUnit % 0xFFFFFFFFull);
 }
 
 /* Warp 0, at entry: m-tiles before each expert (prefix[E + 1], a warp scan of masked_m) and this
@@ -777,8 +778,8 @@ epmoe_status launch(const char *fn, const Problem &p, int sms, cudaStream_t stre
     if (err != cudaSuccess || per_sm < 1)
         return epmoe__fail(EPMOE_ERR_CUDA, "%s: cannot fit the T = %d kernel (%zu bytes of shared memory): %s", fn, T,
                            smem, cudaGetErrorString(err));
-    if ((size_t)sms * per_sm * (T / 2) * kThreads * sizeof(float) > p.slots_bytes)
-        return epmoe__fail(EPMOE_ERR_INTERNAL, "%s: stream-K slots for T = %d exceed the workspace", fn, T);
+    if ((unsigned long long)sms * per_sm > kLaunchUnit || (size_t)sms * per_sm * (T / 2) * kThreads * sizeof(float) > p.slots_bytes)
+        return epmoe__fail(EPMOE_ERR_INTERNAL, "%s: the T = %d grid exceeds the launch counter's unit or its stream-K slots the workspace", fn, T);
     CUtensorMap tm;
     EPMOE_CHECK(act_tensor_map(fn, p, T, &tm));
     kernel<<<sms * per_sm, threads, smem, stream>>>(p, tm);
@@ -826,7 +827,7 @@ extern "C" epmoe_status epmoe_w4a8_gemm_cuda(const epmoe_w4a8_gemm_args *g, epmo
         return epmoe__fail(EPMOE_ERR_INVALID_ARG, "%s: workspace_bytes = %zu, need epmoe_w4a8_gemm_workspace() = %zu", fn,
                            g->workspace_bytes, ws);
     Problem p;
-    p.sync = static_cast<uint32_t *>(g->workspace);
+    p.sync = static_cast<unsigned long long *>(g->workspace);
     p.flags = reinterpret_cast<uint32_t *>(static_cast<uint8_t *>(g->workspace) + 256);
     p.slots = reinterpret_cast<float *>(static_cast<uint8_t *>(g->workspace) + 256 + flags_bytes(sms));
     p.slots_bytes = ws - 256 - flags_bytes(sms);

@@ -5,8 +5,8 @@
 **     full M}; M not a multiple of any tile; N, K multiples of 128 other than DeepSeek's; NaN/Inf
 **     tokens; outputs poisoned, rows past masked_m and columns past N checked untouched.
 **  2. CUDA graph: the GEMM captured once, replayed with new masked_m and activations; the decode
-**     tiles (T = 8, 16, 32: stream-K ranges that end inside items) replayed 100 times, bitwise
-**     equal to one launch.
+**     tiles (T = 8, 16, 32: stream-K ranges that end inside items) replayed 100 times on two sets
+**     of activations in turn, bitwise equal to each set's own launch.
 **  3. MLP against epmoe_w4a8_mlp_ref, modes (a) and (b).
 **  4. Accuracy on the W13 shape (K = 7168, N = 4096, 256 bf16 tokens): NMSE of mode (a), per-token
 **     group scales, against mode (b), per-tensor after the requant op, on gaussian and outlier
@@ -273,52 +273,64 @@ static void test_graph(test_rng *r) {
 }
 
 /* The decode tiles' result does not depend on when each CTA ran: stream-K partials are added in
-** range order, whatever order the CTAs finish in. One launch, then a graph of the same GEMM
-** replayed, every output bitwise equal to the first (and the first checked against the oracle). The
-** launch counter in the workspace moves on each launch, so a replay that read an earlier launch's
-** flags would add a stale partial. */
+** range order, whatever order the CTAs finish in. Two sets of activations, each launched once
+** (checked against the oracle), then a graph of the same GEMM replayed 100 times on them in turn,
+** every output bitwise equal to that set's launch. The launch counter in the workspace gives each
+** launch its own flags, so a replay that took the previous launch's partial (the other inputs')
+** would differ. */
 static void test_replay_bits(test_rng *r) {
-    const int64_t E = 6, N = 1024, K = 2304, M = quick ? 8 : 24, reps = quick ? 5 : 100;
+    const int64_t E = 6, N = 1024, K = 2304, M = quick ? 8 : 24, reps = quick ? 6 : 100;
     w4_mat w;
     w4_mat_make(r, &w, E, N, K, 0, 0.01, EPMOE_W4_AUTO);
-    w4_acts A;
-    w4_acts_make(r, &A, E, M, K, EPMOE_SCALE_F32_ROW, 2);
+    w4_acts A[2];
+    w4_acts_make(r, &A[0], E, M, K, EPMOE_SCALE_F32_ROW, 2);
+    w4_acts_make(r, &A[1], E, M, K, EPMOE_SCALE_F32_ROW, 0);
     int32_t masked[6];
     make_masked(r, 5, E, M, masked);
     masked[1] = 0, masked[4] = (int32_t)(M / 2 + 1);
     dev_w4 dw = dev_weights(&w);
-    uint8_t *da = dev_copy(A.a, (size_t)(E * M * K));
-    void *dsa = dev_copy(A.sa, A.slab * (size_t)E);
+    const size_t ab = (size_t)(E * M * K), sb = A[0].slab * (size_t)E;
+    uint8_t *da = dev_copy(A[0].a, ab), *dset[2] = {dev_copy(A[0].a, ab), dev_copy(A[1].a, ab)};
+    void *dsa = dev_copy(A[0].sa, sb), *dsset[2] = {dev_copy(A[0].sa, sb), dev_copy(A[1].sa, sb)};
     int32_t *dm = dev_copy(masked, sizeof masked);
     const int64_t rs = N, es = M * N, n = E * es;
-    uint16_t *dout = dev_poisoned16(n), *poison = dev_poisoned16(n), *first = malloc((size_t)n * 2), *again = malloc((size_t)n * 2);
+    uint16_t *dout = dev_poisoned16(n), *poison = dev_poisoned16(n), *again = malloc((size_t)n * 2);
+    uint16_t *first[2] = {malloc((size_t)n * 2), malloc((size_t)n * 2)};
     const int64_t ems[] = {1, 16, 32}; /* T = 8, 16, 32 */
     for (int t = 0; t < 3; t++) {
         const int64_t em = ems[t];
         epmoe_w4a8_gemm_args g = {dw.w, da, M, dm, dsa, EPMOE_SCALE_F32_ROW, NULL, dout, rs, es, em, gws, gws_bytes};
-        CHECK_STATUS(epmoe_w4a8_gemm_cuda(&g, stream), EPMOE_OK);
-        CUDA_OK(cudaStreamSynchronize(stream));
         char what[64];
         snprintf(what, sizeof what, "replayed bits em%lld", (long long)em);
-        check_out(what, &w, &A, masked, 0.0, dout, rs, es);
-        CUDA_OK(cudaMemcpy(first, dout, (size_t)n * 2, cudaMemcpyDeviceToHost));
+        for (int i = 0; i < 2; i++) {
+            CUDA_OK(cudaMemcpyAsync(da, dset[i], ab, cudaMemcpyDeviceToDevice, stream));
+            CUDA_OK(cudaMemcpyAsync(dsa, dsset[i], sb, cudaMemcpyDeviceToDevice, stream));
+            CUDA_OK(cudaMemcpyAsync(dout, poison, (size_t)n * 2, cudaMemcpyDeviceToDevice, stream));
+            CHECK_STATUS(epmoe_w4a8_gemm_cuda(&g, stream), EPMOE_OK);
+            CUDA_OK(cudaStreamSynchronize(stream));
+            check_out(what, &w, &A[i], masked, 0.0, dout, rs, es);
+            CUDA_OK(cudaMemcpy(first[i], dout, (size_t)n * 2, cudaMemcpyDeviceToHost));
+        }
         cudaGraph_t graph;
         cudaGraphExec_t exec = capture_gemm(&g, &graph);
         long bad = 0;
         for (int rep = 0; rep < reps; rep++) {
+            const int i = rep & 1;
+            CUDA_OK(cudaMemcpyAsync(da, dset[i], ab, cudaMemcpyDeviceToDevice, stream));
+            CUDA_OK(cudaMemcpyAsync(dsa, dsset[i], sb, cudaMemcpyDeviceToDevice, stream));
             CUDA_OK(cudaMemcpyAsync(dout, poison, (size_t)n * 2, cudaMemcpyDeviceToDevice, stream));
             CUDA_OK(cudaGraphLaunch(exec, stream));
             CUDA_OK(cudaStreamSynchronize(stream));
             CUDA_OK(cudaMemcpy(again, dout, (size_t)n * 2, cudaMemcpyDeviceToHost));
-            bad += memcmp(first, again, (size_t)n * 2) != 0;
+            bad += memcmp(first[i], again, (size_t)n * 2) != 0;
         }
-        CHECK(bad == 0, "%s: %ld of %lld replays differ from the first launch", what, bad, (long long)reps);
+        CHECK(bad == 0, "%s: %ld of %lld replays differ from their inputs' launch", what, bad, (long long)reps);
         cudaGraphExecDestroy(exec), cudaGraphDestroy(graph);
     }
-    free(first), free(again);
+    free(first[0]), free(first[1]), free(again);
     cudaFree(da), cudaFree(dsa), cudaFree(dm), cudaFree(dout), cudaFree(poison);
+    for (int i = 0; i < 2; i++) cudaFree(dset[i]), cudaFree(dsset[i]), w4_acts_free(&A[i]);
     dev_weights_free(&dw);
-    w4_acts_free(&A);
     w4_mat_free(&w);
 }
 
