@@ -432,9 +432,9 @@ __device__ __forceinline__ void finish_range(const Problem &p, const int *prefix
 ** (the shares of one launch sum to it, whatever the grid) and reads what was there, so every CTA
 ** of the L-th launch reads L * kLaunchUnit plus the shares of the CTAs of its own launch that came
 ** first (less than kLaunchUnit): the launch's epoch, with nothing to do at the kernel's end. That
-** end had been an atomic, and for the last CTA out a store, a fence and a second atomic: the last
-** CTA's steps ended 2.5 (W13) and 2.7 us (W2) before its exit at decode (the trace, H200,
-** 2026-12-01). Launches that overlap on the GPU (other streams, graph branches) must not share a
+** end had been an atomic, and for the last CTA out a store, a fence and a second atomic (the last
+** CTA's steps ended 2.5 and 2.7 us before its exit at decode, W13 and W2; without them W13 + W2 at
+** 1 and 8 rows is 0.3-0.7% faster: bench_w4a8, H200, 2026-12-01). Launches that overlap on the GPU (other streams, graph branches) must not share a
 ** workspace (epmoe.h); a programmatic dependent would have to add after griddepcontrol.wait. The
 ** epoch is taken modulo 2^32 - 1, so a flag (epoch + 1) is never 0, the value of one never written. */
 constexpr unsigned long long kLaunchUnit = 1ull << 20; /* > any grid: launch() checks */
@@ -602,7 +602,7 @@ w4a8_gemm_kernel(const __grid_constant__ Problem p, const __grid_constant__ CUte
         if (cg != 0) finish_range<T, kSa>(p, prefix, rg, r, grid, P, steps, acc, sync);
         cp_async_wait<0>();
     }
-    __syncthreads(); /* without it ptxas spills in the T = 128 consumers (16-184 bytes) */
+    __syncthreads(); /* no longer needed for the launch counter; removed only together with the warp-specialized kernel's, which then spilled */
     W4_TRACE(3);
 }
 
