@@ -295,8 +295,10 @@ typedef struct epmoe_expert_weights {
 **   FP8_BLOCK  out[e, m, n] = sum_g sa(e, m, g) * sw[e, n/128, g] * sum_{k in g} a[e, m, k] * w[e, n, k]
 **   INT4       out[e, m, n] = sum_g sw[e, n, g] * sum_{k in g} a[e, m, k] * w[e, n, k]
 ** The GPU accumulates each group's partial sum in fp32 and scales it before adding it up; the
-** reference accumulates in fp64; both round once to bf16. Rows m >= masked_m[e] of out are not
-** written. */
+** reference accumulates in fp64; both round once to bf16. FP8_BLOCK runs on Hopper's fp8 wgmma
+** (as DeepGEMM does): its tensor-core sum over a group keeps ~14 bits of alignment (DeepSeek-V3
+** §3.3) before the fp32 promotion, so its error is that of the W4A8 GEMM, not of an fp32 sum.
+** Rows m >= masked_m[e] of out are not written. */
 typedef struct epmoe_expert_gemm_args {
     epmoe_expert_weights w;
     const void *a;               /* [E, M, K]: bf16 (BF16, INT4 weights) or fp8 (FP8_BLOCK), 16-byte aligned */

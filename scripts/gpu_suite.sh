@@ -4,7 +4,7 @@
 # line (and the exit status). Logs and JSON go to $OUT (or build/gpu-out). Build first here
 # (make gpu-build) and carry build/ along; set EPMOE_SUITE="tests memcheck bench" to pick steps.
 # "tests" is "kernels python ep" (ep: the EP transports and the launch helpers); "memcheck-w4a8"
-# is the W4A8 GEMM's part of "memcheck" alone.
+# is the wgmma GEMM's part of "memcheck" alone (W4A8, and the expert GEMMs with fp8-block's).
 set -u
 cd "$(dirname "$0")/.."
 OUT=${OUT:-build/gpu-out}
@@ -87,10 +87,14 @@ for s in $steps; do
         python_tests ;;
     ep)
         ep_tests ;;
-    memcheck-w4a8) # the W4A8 GEMM alone under the sanitizers (after a change to it)
+    memcheck-w4a8) # the wgmma GEMM alone under the sanitizers (after a change to it): W4A8, and fp8-block
+                   # through test_experts_gpu (which also runs the bf16 and w4a16 kernels)
         EPMOE_TEST_QUICK=1 run memcheck_w4a8 compute-sanitizer --tool memcheck --error-exitcode 3 ./build/tests/gpu/test_w4a8_gpu
         EPMOE_TEST_QUICK=1 run racecheck_w4a8 compute-sanitizer --tool racecheck --error-exitcode 3 ./build/tests/gpu/test_w4a8_gpu
-        EPMOE_TEST_QUICK=1 run synccheck_w4a8 compute-sanitizer --tool synccheck --error-exitcode 3 ./build/tests/gpu/test_w4a8_gpu ;;
+        EPMOE_TEST_QUICK=1 run synccheck_w4a8 compute-sanitizer --tool synccheck --error-exitcode 3 ./build/tests/gpu/test_w4a8_gpu
+        EPMOE_TEST_QUICK=1 run memcheck_experts compute-sanitizer --tool memcheck --error-exitcode 3 ./build/tests/gpu/test_experts_gpu
+        EPMOE_TEST_QUICK=1 run racecheck_experts compute-sanitizer --tool racecheck --error-exitcode 3 ./build/tests/gpu/test_experts_gpu
+        EPMOE_TEST_QUICK=1 run synccheck_experts compute-sanitizer --tool synccheck --error-exitcode 3 ./build/tests/gpu/test_experts_gpu ;;
     memcheck)
         EPMOE_TEST_QUICK=1 run memcheck_quant compute-sanitizer --tool memcheck --error-exitcode 3 ./build/tests/gpu/test_quant_gpu
         EPMOE_TEST_QUICK=1 run racecheck_quant compute-sanitizer --tool racecheck --error-exitcode 3 ./build/tests/gpu/test_quant_gpu
@@ -98,7 +102,8 @@ for s in $steps; do
         EPMOE_TEST_QUICK=1 run racecheck_w4a8 compute-sanitizer --tool racecheck --error-exitcode 3 ./build/tests/gpu/test_w4a8_gpu
         EPMOE_TEST_QUICK=1 run synccheck_w4a8 compute-sanitizer --tool synccheck --error-exitcode 3 ./build/tests/gpu/test_w4a8_gpu
         EPMOE_TEST_QUICK=1 run memcheck_experts compute-sanitizer --tool memcheck --error-exitcode 3 ./build/tests/gpu/test_experts_gpu
-        EPMOE_TEST_QUICK=1 run racecheck_experts compute-sanitizer --tool racecheck --error-exitcode 3 ./build/tests/gpu/test_experts_gpu ;;
+        EPMOE_TEST_QUICK=1 run racecheck_experts compute-sanitizer --tool racecheck --error-exitcode 3 ./build/tests/gpu/test_experts_gpu
+        EPMOE_TEST_QUICK=1 run synccheck_experts compute-sanitizer --tool synccheck --error-exitcode 3 ./build/tests/gpu/test_experts_gpu ;;
     bench)
         [ -x build/bench/bench_ep ] && run bench_ep timeout 300 ./build/bench/bench_ep --json "$OUT/bench_ep.json"
         run bench_quant python3 bench/bench_quant.py

@@ -1,16 +1,18 @@
 /*
-** expert_gemm.cu — masked grouped GEMM of the bf16, w8a8-fp8-block and w4a16 schemes, weights
-** read in their checkpoint layout. Spec: epmoe_expert_gemm_ref.
+** expert_gemm.cu — masked grouped GEMM of the bf16 and w4a16 schemes, weights read in their
+** checkpoint layout, and the one place every scheme's expert GEMM picks its kernel (the
+** w8a8-fp8-block scheme's runs on wgmma in w4a8_gemm.cu). Spec: epmoe_expert_gemm_ref.
 **
 ** Swap-AB on mma.sync m16n8k16 (fp32 accumulation): weights are the A operand (16 rows per warp),
 ** the tokens of one expert are N (8 per n-tile). Operand types, per weight format:
 **   BF16       bf16 x bf16, straight from shared memory
 **   INT4       int4 -> bf16 in registers (exact: 128 + u magic, minus 136) x bf16
-**   FP8_BLOCK  e4m3 -> f16 on both sides (cvt.f16x2.e4m3x2, exact for every e4m3 value) x f16
 ** A CTA of kWarps warps owns kWarps*16 weight rows of one expert and walks K in 128-wide stages
 ** (cp.async, kStages in flight), then the expert's next 64-token tile. Grouped formats keep an
 ** fp32 partial per group (32 or 128 along K) and promote it: acc += partial * scale, so every
-** product is exact and only fp32 sums round.
+** product is exact and only fp32 sums round. (Until 2026-12-01 FP8_BLOCK ran here too, both
+** operands converted to f16: at decode 565 us for DeepSeek-R1's W13 + W2, 1130 at 32 rows and 3138
+** at 128, against 342, 365 and 518 on wgmma; bench_w4a8, H200.)
 **
 ** K order inside a stage: a thread's fragment slots hold 8 consecutive k of each 32-wide chunk
 ** (not the mma's natural interleave). The dot product does not care which slot holds which k as
@@ -19,7 +21,6 @@
 ** (or 16, 32) lanes of one access phase hit distinct banks.
 */
 #include <cuda_bf16.h>
-#include <cuda_fp16.h>
 
 #include "common.cuh"
 
@@ -28,16 +29,20 @@ namespace {
 constexpr int kWarps = 4, kThreads = kWarps * 32, kBN = kWarps * 16, kBK = 128;
 
 /* kBT: tokens per tile, 16 (decode: small stages, many in flight) or 64 (more rows per expert).
-** As many stages as fit in ~100 KB: the weight bytes in flight are what the bandwidth needs. */
-template <int F, int kBT> struct Traits {
-    static constexpr bool kFp8 = F == EPMOE_WEIGHT_FP8_BLOCK;
-    static constexpr int kWRow = F == EPMOE_WEIGHT_BF16 ? 256 : F == EPMOE_WEIGHT_FP8_BLOCK ? 128 : 64; /* bytes */
-    static constexpr int kARow = kFp8 ? 128 : 256;
-    /* a stage: weight tile, token tile, weight scales ([kBN][4]: up to 4 groups of 32), token scale words */
-    static constexpr int kWsOff = kBN * kWRow + kBT * kARow, kAsOff = kWsOff + kBN * 16;
-    static constexpr int kStageBytes = kAsOff + kBT * 4;
+** As many stages as fit in ~100 KB: the weight bytes in flight are what the bandwidth needs. But
+** int4's 16-token tiles are bound by their conversion, not their bytes: fewer stages put more CTAs
+** on an SM. W13 + W2 at 1 / 8 rows (DeepSeek-R1, bench_w4a8, H200, 2026-12-01): group 128 at 8 stages
+** (3 CTAs/SM) 387-393 us, 5 (4 CTAs) 367-371, 4 (5 CTAs) 380-386, 3 (6 CTAs) 369-373; group 32 at 8
+** stages 499-506, 5 455-460, 4 464-471, 3 (5 CTAs/SM: 90 registers) 429-435. */
+template <int F, int kGroup, int kBT> struct Traits {
+    static constexpr int kWRow = F == EPMOE_WEIGHT_BF16 ? 256 : 64; /* bytes */
+    static constexpr int kARow = 256;
+    /* a stage: weight tile, token tile, weight scales ([kBN][4]: up to 4 groups of 32) */
+    static constexpr int kWsOff = kBN * kWRow + kBT * kARow;
+    static constexpr int kStageBytes = kWsOff + kBN * 16;
     static constexpr int kFit = 100 * 1024 / kStageBytes;
-    static constexpr int kStages = kFit < 2 ? 2 : kFit > 8 ? 8 : kFit;
+    static constexpr int kStages = F == EPMOE_WEIGHT_INT4 && kBT == 16 ? (kGroup == 32 ? 3 : 5)
+                                                                       : kFit < 2 ? 2 : kFit > 8 ? 8 : kFit;
 };
 
 /* Chunk q (16 bytes) of row r lands at q ^ swz(r): the lanes of one shared-memory phase read
@@ -61,23 +66,11 @@ __device__ __forceinline__ void cp_commit() { asm volatile("cp.async.commit_grou
 template <int N> __device__ __forceinline__ void cp_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N)); }
 
 /* not volatile: independent mmas must stay free to interleave */
-template <bool kF16> __device__ __forceinline__ void mma(float *c, const uint32_t *a, uint32_t b0, uint32_t b1) {
-    if (kF16)
-        asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-                     "{%0,%1,%2,%3};\n"
-                     : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-                     : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-    else
-        asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-                     "{%0,%1,%2,%3};\n"
-                     : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-                     : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-}
-
-/* Two e4m3 (low 16 bits of w) -> f16x2, exact. */
-__device__ __forceinline__ uint32_t f16x2_from_fp8x2(uint32_t w) {
-    const __half2_raw h = __nv_cvt_fp8x2_to_halfraw2((__nv_fp8x2_storage_t)(w & 0xFFFFu), __NV_E4M3);
-    return (uint32_t)h.x | ((uint32_t)h.y << 16);
+__device__ __forceinline__ void mma(float *c, const uint32_t *a, uint32_t b0, uint32_t b1) {
+    asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+                 "{%0,%1,%2,%3};\n"
+                 : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
 
 /* Byte b of the nibble words lo/hi (nibbles already offset by +8) -> bf16x2 (lo nibble, hi
@@ -94,16 +87,14 @@ struct Args {
     const uint8_t *w;
     const float *ws;
     const uint8_t *a;
-    const uint8_t *sa;
     const int32_t *masked_m;
     uint16_t *out;
-    int64_t N, K, M, row_stride, expert_stride, sa_slab;
-    int fmt;
+    int64_t N, K, M, row_stride, expert_stride;
 };
 
 template <int F, int kGroup, int kBT>
 __global__ void __launch_bounds__(kThreads) expert_gemm_kernel(Args p) {
-    using Tr = Traits<F, kBT>;
+    using Tr = Traits<F, kGroup, kBT>;
     constexpr bool kGrouped = F != EPMOE_WEIGHT_BF16;
     constexpr int kJ = kBT / 8;
     extern __shared__ __align__(128) uint8_t smem[];
@@ -113,8 +104,7 @@ __global__ void __launch_bounds__(kThreads) expert_gemm_kernel(Args p) {
     if (rows == 0) return;
     const int64_t n0 = (int64_t)blockIdx.x * kBN;
     const int KT = (int)(p.K / kBK), mtiles = (rows + kBT - 1) / kBT, steps = mtiles * KT;
-    const int64_t wrow_bytes = F == EPMOE_WEIGHT_BF16 ? p.K * 2 : F == EPMOE_WEIGHT_FP8_BLOCK ? p.K : p.K / 2;
-    const int64_t arow_bytes = Tr::kFp8 ? p.K : p.K * 2;
+    const int64_t wrow_bytes = F == EPMOE_WEIGHT_BF16 ? p.K * 2 : p.K / 2, arow_bytes = p.K * 2;
     const uint8_t *wbase = p.w + ((int64_t)e * p.N + n0) * wrow_bytes;
     const uint8_t *abase = p.a + (int64_t)e * p.M * arow_bytes;
 
@@ -143,10 +133,8 @@ __global__ void __launch_bounds__(kThreads) expert_gemm_kernel(Args p) {
 #pragma unroll
     for (int u = 0; u < kSCopies; u++) {
         const int c = threadIdx.x + u * kThreads;
-        ssrc[u] = F == EPMOE_WEIGHT_INT4 ? p.ws + (e * p.N + n0 + c / per) * (p.K / kGroup) + c % per
-                                         : p.ws + ((int64_t)e * (p.N / 128) + n0 / 128) * (p.K / 128);
+        ssrc[u] = p.ws + (e * p.N + n0 + c / per) * (p.K / kGroup) + c % per; /* INT4 only */
     }
-    const uint8_t *slab = Tr::kFp8 ? p.sa + e * p.sa_slab : nullptr;
     int l_step = 0, l_kt = 0, l_m0 = 0, l_stage = 0;
     auto load = [&]() { /* the next step's loads into its stage (a commit group each, empty past the end) */
         if (l_step < steps) {
@@ -166,12 +154,6 @@ __global__ void __launch_bounds__(kThreads) expert_gemm_kernel(Args p) {
                     const int c = threadIdx.x + u * kThreads;
                     if (c < kBN * per) cp_async4(ws + (c / per) * 4 + c % per, ssrc[u] + l_kt * per);
                 }
-            } else if (F == EPMOE_WEIGHT_FP8_BLOCK) {
-                if (threadIdx.x == kThreads - 1) cp_async4(ws, ssrc[0] + l_kt);
-                /* the 4-byte word holding each token's scale (a UE8M0 byte is picked out at use) */
-                if (threadIdx.x < nr)
-                    cp_async4(st + Tr::kAsOff + threadIdx.x * 4,
-                              slab + (fmt_scale_offset(p.fmt, p.M, p.K / 128, l_m0 + threadIdx.x, l_kt) & ~(int64_t)3));
             }
             if (++l_kt == KT) l_kt = 0, l_m0 += kBT;
             if (++l_stage == Tr::kStages) l_stage = 0;
@@ -189,7 +171,6 @@ __global__ void __launch_bounds__(kThreads) expert_gemm_kernel(Args p) {
 #pragma unroll
     for (int i = 0; i < Tr::kStages - 1; i++) load();
     const int64_t nrow0 = n0 + warp * 16 + g; /* this thread's weight rows: nrow0, nrow0 + 8 */
-    const int64_t G = p.K / 128;
 
     int kt = 0, m0 = 0, stage = 0;
     for (int i = 0; i < steps; i++) {
@@ -202,22 +183,10 @@ __global__ void __launch_bounds__(kThreads) expert_gemm_kernel(Args p) {
 
         /* this stage's scales, from shared memory */
         const float *ws = reinterpret_cast<const float *>(st + Tr::kWsOff);
-        float wsc[4][2] = {}, asc[kJ][2] = {};
+        float wsc[4][2] = {};
         if (F == EPMOE_WEIGHT_INT4) {
 #pragma unroll
             for (int c = 0; c < kBK / kGroup; c++) wsc[c][0] = ws[(warp * 16 + g) * 4 + c], wsc[c][1] = ws[(warp * 16 + g + 8) * 4 + c];
-        } else if (F == EPMOE_WEIGHT_FP8_BLOCK) {
-            const float s_w = ws[0];
-            const uint32_t *aw = reinterpret_cast<const uint32_t *>(st + Tr::kAsOff);
-            const int byte = fmt_scale_is_ue8m0(p.fmt) ? (int)(fmt_scale_offset(p.fmt, p.M, G, 0, kt) & 3) : 0;
-#pragma unroll
-            for (int j = 0; j < kJ; j++)
-#pragma unroll
-                for (int h = 0; h < 2; h++) {
-                    const uint32_t v = aw[min(j * 8 + 2 * t + h, kBT - 1)]; /* past the valid rows: unused */
-                    asc[j][h] = s_w * (fmt_scale_is_ue8m0(p.fmt) ? fmt_ue8m0_to_float((uint8_t)(v >> (8 * byte)))
-                                                                  : __uint_as_float(v));
-                }
         }
 
 #pragma unroll
@@ -230,10 +199,6 @@ __global__ void __launch_bounds__(kThreads) expert_gemm_kernel(Args p) {
                 if (F == EPMOE_WEIGHT_BF16) {
                     const uint4 v = *reinterpret_cast<const uint4 *>(sw + sm_off<Tr::kWRow>(r, 64 * c + 16 * t));
                     wr[h][0] = v.x, wr[h][1] = v.y, wr[h][2] = v.z, wr[h][3] = v.w;
-                } else if (F == EPMOE_WEIGHT_FP8_BLOCK) {
-                    const uint2 v = *reinterpret_cast<const uint2 *>(sw + sm_off<Tr::kWRow>(r, 32 * c + 8 * t));
-                    wr[h][0] = f16x2_from_fp8x2(v.x), wr[h][1] = f16x2_from_fp8x2(v.x >> 16);
-                    wr[h][2] = f16x2_from_fp8x2(v.y), wr[h][3] = f16x2_from_fp8x2(v.y >> 16);
                 } else {
                     const uint32_t q = *reinterpret_cast<const uint32_t *>(sw + sm_off<Tr::kWRow>(r, 16 * c + 4 * t)) ^
                                        0x88888888u;
@@ -246,15 +211,8 @@ __global__ void __launch_bounds__(kThreads) expert_gemm_kernel(Args p) {
 #pragma unroll
             for (int j = 0; j < kJ; j++) {
                 if (j >= nj) continue;
-                const int r = 8 * j + g;
-                if (Tr::kFp8) {
-                    const uint2 v = *reinterpret_cast<const uint2 *>(sa + sm_off<Tr::kARow>(r, 32 * c + 8 * t));
-                    b[j][0] = f16x2_from_fp8x2(v.x), b[j][1] = f16x2_from_fp8x2(v.x >> 16);
-                    b[j][2] = f16x2_from_fp8x2(v.y), b[j][3] = f16x2_from_fp8x2(v.y >> 16);
-                } else {
-                    const uint4 v = *reinterpret_cast<const uint4 *>(sa + sm_off<Tr::kARow>(r, 64 * c + 16 * t));
-                    b[j][0] = v.x, b[j][1] = v.y, b[j][2] = v.z, b[j][3] = v.w;
-                }
+                const uint4 v = *reinterpret_cast<const uint4 *>(sa + sm_off<Tr::kARow>(8 * j + g, 64 * c + 16 * t));
+                b[j][0] = v.x, b[j][1] = v.y, b[j][2] = v.z, b[j][3] = v.w;
             }
 #pragma unroll
             for (int s = 0; s < 2; s++) {
@@ -262,7 +220,7 @@ __global__ void __launch_bounds__(kThreads) expert_gemm_kernel(Args p) {
                 const uint32_t a[4] = {wr[0][2 * s], wr[1][2 * s], wr[0][2 * s + 1], wr[1][2 * s + 1]};
 #pragma unroll
                 for (int j = 0; j < kJ; j++)
-                    if (j < nj) mma<Tr::kFp8>(kGrouped ? part[j] : acc[j], a, b[j][2 * s], b[j][2 * s + 1]);
+                    if (j < nj) mma(kGrouped ? part[j] : acc[j], a, b[j][2 * s], b[j][2 * s + 1]);
             }
             if (F == EPMOE_WEIGHT_INT4 && (c * 32 + 32) % kGroup == 0) { /* a group ends: promote */
                 const int gc = c * 32 / kGroup;
@@ -274,17 +232,6 @@ __global__ void __launch_bounds__(kThreads) expert_gemm_kernel(Args p) {
                         acc[j][v] = fmaf(part[j][v], wsc[gc][v >> 1], acc[j][v]);
                         part[j][v] = 0.0f;
                     }
-                }
-            }
-        }
-        if (F == EPMOE_WEIGHT_FP8_BLOCK) {
-#pragma unroll
-            for (int j = 0; j < kJ; j++) {
-                if (j >= nj) break;
-#pragma unroll
-                for (int v = 0; v < 4; v++) {
-                    acc[j][v] = fmaf(part[j][v], asc[j][v & 1], acc[j][v]);
-                    part[j][v] = 0.0f;
                 }
             }
         }
@@ -309,7 +256,7 @@ __global__ void __launch_bounds__(kThreads) expert_gemm_kernel(Args p) {
 }
 
 template <int F, int kGroup, int kBT> epmoe_status launch_tile(const Args &p, int64_t E, cudaStream_t s) {
-    using Tr = Traits<F, kBT>;
+    using Tr = Traits<F, kGroup, kBT>;
     const int smem = Tr::kStages * Tr::kStageBytes;
     const cudaError_t e = grow_smem_attr<expert_gemm_kernel<F, kGroup, kBT>>((size_t)smem);
     if (e != cudaSuccess)
@@ -324,23 +271,23 @@ template <int F, int kGroup = 128> epmoe_status launch(const Args &p, int64_t E,
 
 } // namespace
 
+extern "C" epmoe_status epmoe__fp8_block_gemm_launch(const epmoe_expert_gemm_args *g, epmoe_stream_t stream);
+
 /* The one place the format picks the kernel. */
 extern "C" epmoe_status epmoe__expert_gemm_launch(const epmoe_expert_gemm_args *g, epmoe_stream_t stream) {
     const epmoe_expert_weights &w = g->w;
     if (w.E == 0 || g->M == 0) return EPMOE_OK;
     Args p;
     p.w = static_cast<const uint8_t *>(w.data), p.ws = w.scales;
-    p.a = static_cast<const uint8_t *>(g->a), p.sa = static_cast<const uint8_t *>(g->a_scales);
+    p.a = static_cast<const uint8_t *>(g->a);
     p.masked_m = g->masked_m, p.out = g->out;
     p.N = w.N, p.K = w.K, p.M = g->M;
     p.row_stride = g->out_row_stride, p.expert_stride = g->out_expert_stride;
-    p.fmt = (int)g->a_scale_fmt;
-    p.sa_slab = w.format == EPMOE_WEIGHT_FP8_BLOCK ? fmt_scale_slab_bytes(p.fmt, g->M, w.K / 128) : 0;
     cudaStream_t s = reinterpret_cast<cudaStream_t>(stream);
     const int64_t x = g->expected_m > 0 ? g->expected_m : g->M;
     switch (w.format) {
     case EPMOE_WEIGHT_BF16: return launch<EPMOE_WEIGHT_BF16>(p, w.E, x, s);
-    case EPMOE_WEIGHT_FP8_BLOCK: return launch<EPMOE_WEIGHT_FP8_BLOCK>(p, w.E, x, s);
+    case EPMOE_WEIGHT_FP8_BLOCK: return epmoe__fp8_block_gemm_launch(g, stream); /* wgmma: w4a8_gemm.cu */
     default:
         return w.group == 32 ? launch<EPMOE_WEIGHT_INT4, 32>(p, w.E, x, s) : launch<EPMOE_WEIGHT_INT4, 128>(p, w.E, x, s);
     }

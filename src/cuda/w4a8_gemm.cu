@@ -123,14 +123,26 @@ template <int T> __device__ __forceinline__ int acc_row() {
     return (tid >> 7) * 64 + ((tid >> 5) & 3) * 16 + ((tid & 31) >> 2);
 }
 
+/* The weights (kWt): int4 in the repacked layout, converted to the fp8 A operand in registers (the
+** offset or the full encoding, w4a8_layout.h); or fp8 in the fp8-block scheme's checkpoint layout
+** ([E, N, K] bytes, one fp32 scale per 128 x 128 block), a 128 x 128 TMA box a group in wgmma's
+** 128-byte swizzle, read by the tensor cores straight from shared memory (wgmma SS). Before, the
+** fp8-block expert GEMM ran mma.sync with both operands converted to f16 (expert_gemm.cu).
+** fp8 weights run the warp-specialized kernel only (T >= 32: at decode the bytes, not the tile's
+** tokens, set the time). */
+constexpr int kWtInt4 = 0, kWtInt4Full = 1, kWtFp8 = 2;
+template <int kWt> constexpr int kWGroupBytes = kWt == kWtFp8 ? W4_TILE_N * W4_GROUP : W4_TILE_BYTES;
+
 /* One step's groups, [h] = group kGroups * s + h. A step with one group of two (K/128 odd, the
 ** item's last) leaves the [1] halves stale. */
-template <int T> struct alignas(1024) Stage {
-    uint8_t w[kGroups<T>][2][kThreads][16]; /* the threads' fragments, [group][half][thread] (w4a8_layout.h) */
+template <int T, int kWt> struct alignas(1024) Stage {
+    uint8_t w[kGroups<T>][kWGroupBytes<kWt>]; /* int4: the threads' fragments, [half][thread][16] (w4a8_layout.h);
+                                                 fp8: 128 rows x 128 bytes in the 128-byte swizzle */
     uint8_t a[kGroups<T>][T][128];          /* activations: token t's 128 bytes of the group, 16-byte chunk c
                                                at (c ^ t % 8) * 16 (the 128-byte swizzle of TMA and wgmma) */
     uint16_t sw[kGroups<T>][W4_TILE_N];     /* weight scales of the tile's rows, bf16 (2^9 folded in); 256
-                                               bytes a group, after a: bulk-copy destinations 16-byte aligned */
+                                               bytes a group, after a: bulk-copy destinations 16-byte aligned.
+                                               fp8: the block's fp32 scale in the first 4 bytes */
     uint32_t sa[kGroups<T>][T];             /* activation scale words: fp32 bits, or the UE8M0 word ([0]
                                                only: a step's two groups share it, see Producer) */
 };
@@ -138,6 +150,7 @@ template <int T> struct alignas(1024) Stage {
 struct Problem {
     const uint8_t *qw;
     const uint16_t *sw; /* bf16 */
+    const float *bs;    /* fp8 weights: the block scales [E, N/128, G] */
     const uint8_t *a;
     const uint8_t *sa;
     const float *sa_tensor;
@@ -215,10 +228,13 @@ __device__ __forceinline__ Item find_item(const Problem &p, const int *prefix, i
 ** by a constant per step, so a step costs a few adds; only an item change recomputes them. Each
 ** pointer is group 2s's; group 2s + 1 is a constant further (weights W4_TILE_BYTES, scales N
 ** bf16, activations one 128-byte column of the tensor map, activation scales sa_step). */
-template <int T, int kSa> struct Producer {
+template <int T, int kSa, int kWt> struct Producer {
+    using St = Stage<T, kWt>;
     static constexpr int kTok = (T + 31) / 32; /* activation-scale tokens per lane */
     const uint8_t *w;
     const uint16_t *sw;
+    const float *bs;   /* fp8: the block scale of (tile, g) */
+    int wrow;          /* fp8: the tile's first row in the weights' tensor map: e * N + nt * 128 */
     const uint8_t *sa; /* the 4-byte word holding scale (lane's token, g) */
     int g;             /* the step's first group (even) */
     int row;           /* the tile's first activation row in the tensor map: e * M + mt * T */
@@ -228,8 +244,13 @@ template <int T, int kSa> struct Producer {
         const int lane = threadIdx.x & 31;
         g = g0;
         const Item it = find_item<T>(p, prefix, item);
-        w = p.qw + (((int64_t)it.e * p.NT + it.nt) * p.G + g0) * W4_TILE_BYTES;
-        sw = p.sw + ((int64_t)it.e * p.G + g0) * p.N + it.nt * W4_TILE_N;
+        if (kWt == kWtFp8) {
+            wrow = it.e * (int)p.N + it.nt * W4_TILE_N; /* < 2^31: epmoe__fp8_block_gemm_launch */
+            bs = p.bs + ((int64_t)it.e * p.NT + it.nt) * p.G + g0;
+        } else {
+            w = p.qw + (((int64_t)it.e * p.NT + it.nt) * p.G + g0) * W4_TILE_BYTES;
+            sw = p.sw + ((int64_t)it.e * p.G + g0) * p.N + it.nt * W4_TILE_N;
+        }
         row = it.e * (int)p.M + it.mt * T; /* < 2^31: epmoe__check_w4a8_gemm */
         live = it.rows - it.mt * T;
         /* fmt_scale_offset(m, g0) & ~3, with strides from the host: a runtime format switch here
@@ -240,16 +261,22 @@ template <int T, int kSa> struct Producer {
 
     /* The loads of group g, and of g + 1 when steps take two (not when g is the last group: G odd). */
     static constexpr int kG = kGroups<T>;
-    __device__ void issue(const Problem &p, const CUtensorMap &tm, Stage<T> &s, uint64_t *full) {
+    __device__ void issue(const Problem &p, const CUtensorMap &tm, const CUtensorMap &tmw, Stage<T, kWt> &s, uint64_t *full) {
         const int lane = threadIdx.x & 31;
         const bool two = kG == 2 && g + 1 < p.G;
-        if (lane == 0) { /* the weight tiles (adjacent in the repacked layout: one copy), 128 bf16 scales
+        if (kWt == kWtFp8 && lane == 0) { /* one group: the weight box, the activation rows; the block scale by cp.async */
+            static_assert(kWt != kWtFp8 || (kG == 1 && offsetof(St, a) % 1024 == 0), "fp8: one group a step; boxes on the swizzle's 1024 bytes");
+            mbar_expect_tx(full, W4_TILE_N * W4_GROUP + T * W4_GROUP);
+            tma_load_2d(&s.w[0][0], &tmw, g * W4_GROUP, wrow, full);
+            tma_load_2d(&s.a[0][0][0], &tm, g * W4_GROUP, row, full);
+            cp_async4(&s.sw[0][0], bs, 4);
+        } else if (kWt != kWtFp8 && lane == 0) { /* the weight tiles (adjacent in the repacked layout: one copy), 128 bf16 scales
                             each, T activation rows of 128 bytes each: every byte on one expect_tx */
-            constexpr uint32_t kScaleBytes = sizeof(Stage<T>::sw[0]); /* W4_TILE_N bf16 = 256 */
-            static_assert(kScaleBytes % 16 == 0 && offsetof(Stage<T>, sw) % 16 == 0 && offsetof(Stage<T>, a) % 1024 == 0,
+            constexpr uint32_t kScaleBytes = sizeof(St::sw[0]); /* W4_TILE_N bf16 = 256 */
+            static_assert(kScaleBytes % 16 == 0 && offsetof(St, sw) % 16 == 0 && offsetof(St, a) % 1024 == 0,
                           "bulk copies: 16-byte aligned multiples of 16; the activations on the swizzle's 1024 bytes");
             mbar_expect_tx(full, (two ? 2 : 1) * (W4_TILE_BYTES + kScaleBytes + T * W4_GROUP));
-            bulk_copy(&s.w[0][0][0][0], w, (two ? 2 : 1) * W4_TILE_BYTES, full);
+            bulk_copy(&s.w[0][0], w, (two ? 2 : 1) * W4_TILE_BYTES, full);
             bulk_copy(s.sw[0], sw, kScaleBytes, full);
             tma_load_2d(&s.a[0][0][0], &tm, g * W4_GROUP, row, full);
             if (two) {
@@ -274,8 +301,8 @@ template <int T, int kSa> struct Producer {
     /* To the CTA's step `next` (counted from its first); on an item change the item comes from
     ** that and the range in shared memory, not from a register kept for it. */
     __device__ void advance(const Problem &p, const int *prefix, const Range &rg, int P, int next) {
-        w += kG * W4_TILE_BYTES;
-        sw += kG * p.N;
+        if (kWt == kWtFp8) bs += kG;
+        else w += kG * W4_TILE_BYTES, sw += kG * p.N;
         /* UE8M0: the next step's group(s) are in the next word when this step ends one (g + kG - 1
         ** is 3 mod 4; two a step: g % 4 == 2) */
         if (kSa != 0 && (kSa != 2 || ((g + kG - 1) & 3) == 3)) sa += kSa == 2 ? p.sa_step : kG * p.sa_step;
@@ -290,11 +317,13 @@ template <int T, int kSa> struct Producer {
 };
 
 /* Group h's weight fragments in the stage, converted to the fp8 A operand of its 4 wgmma. */
-template <int T, bool kFull>
-__device__ __forceinline__ void convert(const Stage<T> &s, int h, uint32_t (&a)[4][4]) {
+template <int T, int kWt>
+__device__ __forceinline__ void convert(const Stage<T, kWt> &s, int h, uint32_t (&a)[4][4]) {
+    if (kWt == kWtFp8) return; /* the tensor cores read the fp8 tile itself */
+    constexpr bool kFull = kWt == kWtInt4Full;
     const int tid = consumer_tid<T>();
-    const uint4 h0 = *reinterpret_cast<const uint4 *>(&s.w[h][0][tid][0]);
-    const uint4 h1 = *reinterpret_cast<const uint4 *>(&s.w[h][1][tid][0]);
+    const uint4 h0 = *reinterpret_cast<const uint4 *>(&s.w[h][tid * 16]);
+    const uint4 h1 = *reinterpret_cast<const uint4 *>(&s.w[h][(kThreads + tid) * 16]);
     const uint32_t q[8] = {h0.x, h0.y, h0.z, h0.w, h1.x, h1.y, h1.z, h1.w};
 #pragma unroll
     for (int ks = 0; ks < 4; ks++) {
@@ -308,11 +337,17 @@ __device__ __forceinline__ void convert(const Stage<T> &s, int h, uint32_t (&a)[
 }
 
 /* The 4 wgmma of group h: part = (the group's weights) x (its activations), 64 rows x T per warpgroup. */
-template <int T>
-__device__ __forceinline__ void mma_group(const Stage<T> &s, int h, const uint32_t (&a)[4][4], float (&part)[T / 2]) {
+template <int T, int kWt>
+__device__ __forceinline__ void mma_group(const Stage<T, kWt> &s, int h, const uint32_t (&a)[4][4], float (&part)[T / 2]) {
     const uint32_t lo = sw128_desc_lo(&s.a[h][0][0]);
+    if constexpr (kWt == kWtFp8) { /* the warpgroup's 64 rows: 8 KB into the tile, whole swizzle atoms */
+        const uint32_t alo = sw128_desc_lo(&s.w[h][(consumer_tid<T>() >> 7) * 64 * W4_GROUP]);
 #pragma unroll
-    for (int ks = 0; ks < 4; ks++) wgmma_rs<T>(part, a[ks], sw128_desc(lo + 2 * ks), ks);
+        for (int ks = 0; ks < 4; ks++) wgmma_ss<T>(part, sw128_desc(alo + 2 * ks), sw128_desc(lo + 2 * ks), ks);
+    } else {
+#pragma unroll
+        for (int ks = 0; ks < 4; ks++) wgmma_rs<T>(part, a[ks], sw128_desc(lo + 2 * ks), ks);
+    }
 }
 
 /* A group's scales for this thread: its two weight rows, and (mode a) the activation scales of
@@ -324,8 +359,8 @@ template <int T, int kSa> struct GroupScales {
 };
 
 /* Group g = 2s + h of the stage; UE8M0 words are in sa[0] for both (g & 3 picks the byte). */
-template <int T, int kSa>
-__device__ __forceinline__ GroupScales<T, kSa> load_scales(const Stage<T> &s, int h, int g) {
+template <int T, int kSa, class St>
+__device__ __forceinline__ GroupScales<T, kSa> load_scales(const St &s, int h, int g) {
     const int lane = threadIdx.x & 31, row = acc_row<T>();
     GroupScales<T, kSa> gs;
     gs.sw0 = fmt_bf16_to_float(s.sw[h][row]), gs.sw1 = fmt_bf16_to_float(s.sw[h][row + 8]); /* exact */
@@ -468,14 +503,18 @@ __device__ __forceinline__ void plan(const Problem &p, Range &rg, int *prefix, i
     if (lane == 0) { /* carry: all m-tiles */
         const int64_t items = (int64_t)carry * p.NT;
         const int64_t waves = kDataParallel<T> && items / grid > 1 ? items / grid - 1 : 0; /* the tail: >= grid items */
-        const int64_t total = (items - waves * grid) * P, s0 = total * r / grid;
+        const int64_t tail = items - waves * grid, total = tail * P;
+        /* no workspace (slots NULL): the ranges end on item boundaries, so no CTA leaves a partial */
+        const bool whole = p.slots == nullptr;
+        const int64_t s0 = whole ? tail * r / grid * P : total * r / grid;
+        const int64_t s1 = whole ? tail * (r + 1) / grid * P : total * (r + 1) / grid;
         prefix[0] = 0;
         rg.total = total;
         rg.tail0 = waves * grid;
         rg.first = rg.tail0 + s0 / P, rg.off = (int)(s0 % P);
         rg.dp = (int)(waves * P);
-        rg.steps = rg.dp + (int)(total * (r + 1) / grid - s0);
-        rg.epoch = launch_epoch(p, grid);
+        rg.steps = rg.dp + (int)(s1 - s0);
+        rg.epoch = whole ? 0u : launch_epoch(p, grid);
     }
 }
 
@@ -493,16 +532,17 @@ __device__ __forceinline__ void plan(const Problem &p, Range &rg, int *prefix, i
 ** take 32 and the partials 8 while the wgmma run. So what the loop only needs at an item's end
 ** (the item's index, whether it began in an earlier range, the stream-K epoch and total) is not
 ** kept in registers: the range is in shared memory and the item comes from the step index. */
-template <int T, int kSa, bool kFull, int S>
+template <int T, int kSa, int kWt, int S>
 __global__ void __launch_bounds__(kThreads, T <= 8 ? 3 : 2) /* T = 8: at most 80 registers */
-w4a8_gemm_kernel(const __grid_constant__ Problem p, const __grid_constant__ CUtensorMap tm) {
-    static_assert(!kWarpSpecialized<T> && kGroups<T> == 2, "T <= 16: two groups a step; larger tiles run w4a8_gemm_ws_kernel");
+w4a8_gemm_kernel(const __grid_constant__ Problem p, const __grid_constant__ CUtensorMap tm, const __grid_constant__ CUtensorMap tmw) {
+    static_assert(!kWarpSpecialized<T> && kGroups<T> == 2 && kWt != kWtFp8,
+                  "T <= 16: two groups a step, int4; larger tiles and fp8 run w4a8_gemm_ws_kernel");
     W4_TRACE(0);
     extern __shared__ __align__(128) uint8_t smem_raw[];
     /* the swizzle is of address bits: every stage on a 1024-byte boundary (launch adds the slack) */
     uint8_t *smem = smem_raw + ((1024u - (smem_u32(smem_raw) & 1023u)) & 1023u);
-    Stage<T> *ring = reinterpret_cast<Stage<T> *>(smem);
-    uint64_t *full = reinterpret_cast<uint64_t *>(smem + S * sizeof(Stage<T>)); /* stage j landed */
+    Stage<T, kWt> *ring = reinterpret_cast<Stage<T, kWt> *>(smem);
+    uint64_t *full = reinterpret_cast<uint64_t *>(smem + S * sizeof(Stage<T, kWt>)); /* stage j landed */
     Range &rg = *reinterpret_cast<Range *>(full + S);
     int *prefix = reinterpret_cast<int *>(&rg + 1); /* m-tiles before expert e */
     const int tid = threadIdx.x, warp = tid >> 5;
@@ -526,12 +566,12 @@ w4a8_gemm_kernel(const __grid_constant__ Problem p, const __grid_constant__ CUte
 
     if (steps > 0) {
         const bool producer = warp == kProducerWarp;
-        Producer<T, kSa> prod;
+        Producer<T, kSa, kWt> prod;
         if (producer) {
             prod.start(p, prefix, step_item<T>(rg, r, grid, P, 0), kG * step_off<T>(rg, 0));
 #pragma unroll 1
             for (int i = 0; i < S - 1 && i < steps; i++) {
-                prod.issue(p, tm, ring[i], &full[i]);
+                prod.issue(p, tm, tmw, ring[i], &full[i]);
                 prod.advance(p, prefix, rg, P, i + 1);
             }
         }
@@ -553,7 +593,7 @@ w4a8_gemm_kernel(const __grid_constant__ Problem p, const __grid_constant__ CUte
             if (i >= S) named_bar_sync(kStageBar + i % S, kThreads); /* counts as warp 0's own release */
             /* the stage's generic reads (fragments, scales) by every thread, then the TMA overwrite */
             fence_proxy_async();
-            prod.issue(p, tm, ring[i % S], &full[i % S]);
+            prod.issue(p, tm, tmw, ring[i % S], &full[i % S]);
             prod.advance(p, prefix, rg, P, i + 1);
         };
 
@@ -569,19 +609,19 @@ w4a8_gemm_kernel(const __grid_constant__ Problem p, const __grid_constant__ CUte
         for (int j = 0; j < steps; j++) {
             mbar_wait(&full[j % S], (uint32_t)(j / S) & 1u); /* TMA wrote the activations: no proxy fence */
             if (j == 0) W4_TRACE(1);
-            const Stage<T> &s = ring[j % S];
+            const Stage<T, kWt> &s = ring[j % S];
             const bool two = cg + 1 < p.G; /* else the item's last step with G odd */
             float part0[T / 2], part1[T / 2]; /* fresh per step: the first wgmma of each overwrites */
             uint32_t a0[4][4], a1[4][4];
-            convert<T, kFull>(s, 0, a0);
-            convert<T, kFull>(s, 1, a1);
+            convert<T, kWt>(s, 0, a0);
+            convert<T, kWt>(s, 1, a1);
 #pragma unroll
             for (int i = 0; i < T / 2; i++) reg_fence(part0[i]), reg_fence(part1[i]);
             wgmma_fence();
-            mma_group<T>(s, 0, a0, part0);
+            mma_group<T, kWt>(s, 0, a0, part0);
             /* also when the step has one group (stale stage bytes, the partial unused): a
             ** branch here makes ptxas inject a warpgroup.arrive (C7519) */
-            mma_group<T>(s, 1, a1, part1);
+            mma_group<T, kWt>(s, 1, a1, part1);
             wgmma_commit();
             if (producer) refill(j);
             /* the scales while the wgmma run */
@@ -615,14 +655,15 @@ w4a8_gemm_kernel(const __grid_constant__ Problem p, const __grid_constant__ CUte
 ** second's wgmma run (wgmma.wait_group 1), in group order, so the fp32 operations and their bits are
 ** those of one group a step. A step with no partner in its item (the item's last when its range
 ** has an odd count left) runs alone. */
-template <int T, int kSa, bool kFull, int S>
-__global__ void __launch_bounds__(kWsThreads, kWsCtas<T>) w4a8_gemm_ws_kernel(const __grid_constant__ Problem p, const __grid_constant__ CUtensorMap tm) {
+template <int T, int kSa, int kWt, int S>
+__global__ void __launch_bounds__(kWsThreads, kWsCtas<T>)
+w4a8_gemm_ws_kernel(const __grid_constant__ Problem p, const __grid_constant__ CUtensorMap tm, const __grid_constant__ CUtensorMap tmw) {
     static_assert(kWarpSpecialized<T> && kGroups<T> == 1, "one group a step");
     W4_TRACE(0);
     extern __shared__ __align__(128) uint8_t smem_raw[];
     uint8_t *smem = smem_raw + ((1024u - (smem_u32(smem_raw) & 1023u)) & 1023u);
-    Stage<T> *ring = reinterpret_cast<Stage<T> *>(smem);
-    uint64_t *full = reinterpret_cast<uint64_t *>(smem + S * sizeof(Stage<T>)), *empty = full + S;
+    Stage<T, kWt> *ring = reinterpret_cast<Stage<T, kWt> *>(smem);
+    uint64_t *full = reinterpret_cast<uint64_t *>(smem + S * sizeof(Stage<T, kWt>)), *empty = full + S;
     Range &rg = *reinterpret_cast<Range *>(empty + S);
     int *prefix = reinterpret_cast<int *>(&rg + 1);
     const int warp = threadIdx.x >> 5, P = p.G;
@@ -635,7 +676,7 @@ __global__ void __launch_bounds__(kWsThreads, kWsCtas<T>) w4a8_gemm_ws_kernel(co
     if (threadIdx.x < 128) {
         asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(kWsProducerRegs<T>));
         if (warp == 0 && steps > 0) {
-            Producer<T, kSa> prod;
+            Producer<T, kSa, kWt> prod;
             prod.start(p, prefix, step_item<T>(rg, r, grid, P, 0), step_off<T>(rg, 0));
 #pragma unroll 1
             for (int i = 0; i < steps; i++) {
@@ -643,7 +684,7 @@ __global__ void __launch_bounds__(kWsThreads, kWsCtas<T>) w4a8_gemm_ws_kernel(co
                     mbar_wait(&empty[i % S], (uint32_t)(i / S - 1) & 1u);
                     fence_proxy_async(); /* the consumers' generic reads of the stage, then the TMA overwrite */
                 }
-                prod.issue(p, tm, ring[i % S], &full[i % S]);
+                prod.issue(p, tm, tmw, ring[i % S], &full[i % S]);
                 prod.advance(p, prefix, rg, P, i + 1);
             }
             /* no wait for the copies here: each completes on its full[] (cp.async through its noinc
@@ -660,11 +701,11 @@ __global__ void __launch_bounds__(kWsThreads, kWsCtas<T>) w4a8_gemm_ws_kernel(co
         auto issue = [&](int i, uint32_t(&a)[4][4], float(&part)[T / 2]) {
             mbar_wait(&full[i % S], (uint32_t)(i / S) & 1u);
             if (i == 0) W4_TRACE_BY(1, 128);
-            convert<T, kFull>(ring[i % S], 0, a);
+            convert<T, kWt>(ring[i % S], 0, a);
 #pragma unroll
             for (int q = 0; q < T / 2; q++) reg_fence(part[q]);
             wgmma_fence();
-            mma_group<T>(ring[i % S], 0, a, part);
+            mma_group<T, kWt>(ring[i % S], 0, a, part);
             wgmma_commit();
         };
         /* the scales are read as the promotion uses them: loaded whole first (GroupScales), UE8M0's
@@ -672,9 +713,12 @@ __global__ void __launch_bounds__(kWsThreads, kWsCtas<T>) w4a8_gemm_ws_kernel(co
         auto retire = [&](int i, int g, float(&part)[T / 2]) {
 #pragma unroll
             for (int q = 0; q < T / 2; q++) reg_fence(part[q]);
-            const Stage<T> &st = ring[i % S];
+            const Stage<T, kWt> &st = ring[i % S];
             const int lane = threadIdx.x & 31, row = acc_row<T>();
-            promote<T, kSa>(fmt_bf16_to_float(st.sw[0][row]), fmt_bf16_to_float(st.sw[0][row + 8]), [&](int jj, int c) {
+            /* fp8: one block scale for all the tile's rows (a 128-row tile is one block) */
+            const float sw0 = kWt == kWtFp8 ? *reinterpret_cast<const float *>(&st.sw[0][0]) : fmt_bf16_to_float(st.sw[0][row]);
+            const float sw1 = kWt == kWtFp8 ? sw0 : fmt_bf16_to_float(st.sw[0][row + 8]);
+            promote<T, kSa>(sw0, sw1, [&](int jj, int c) {
                 const uint32_t wv = st.sa[0][jj * 8 + 2 * (lane & 3) + c];
                 return kSa == 2 ? fmt_ue8m0_to_float((uint8_t)(wv >> (8 * (g & 3)))) : __uint_as_float(wv);
             }, part, acc);
@@ -719,10 +763,11 @@ constexpr int kMaxCtasPerSm = 8;
 constexpr size_t kSlotBytesPerSm = 64 * 1024;
 size_t flags_bytes(int sms) { return ((size_t)sms * kMaxCtasPerSm * 4 + 255) / 256 * 256; }
 
-/* The activations [E * M rows, K bytes] as a TMA tensor: T x 128-byte boxes in the 128-byte
-** swizzle, zero past the last row. cuTensorMapEncodeTiled is a driver entry point: taken through
-** the runtime, so the library links no libcuda. */
-epmoe_status act_tensor_map(const char *fn, const Problem &p, int T, CUtensorMap *tm) {
+/* A [rows, K bytes] matrix as a TMA tensor: box_rows x 128-byte boxes in the 128-byte swizzle, zero
+** past the last row. The activations [E * M, K] (T-row boxes) and fp8 weights [E * N, K] (128-row
+** boxes). cuTensorMapEncodeTiled is a driver entry point: taken through the runtime, so the library
+** links no libcuda. */
+epmoe_status tensor_map(const char *fn, const void *base, int64_t K, int64_t rows, int box_rows, CUtensorMap *tm) {
     static const PFN_cuTensorMapEncodeTiled_v12000 encode = [] {
         void *f = nullptr;
         cudaDriverEntryPointQueryResult q;
@@ -734,21 +779,21 @@ epmoe_status act_tensor_map(const char *fn, const Problem &p, int T, CUtensorMap
         return reinterpret_cast<PFN_cuTensorMapEncodeTiled_v12000>(f);
     }();
     if (!encode) return epmoe__fail(EPMOE_ERR_CUDA, "%s: the driver has no cuTensorMapEncodeTiled", fn);
-    const cuuint64_t dim[2] = {(cuuint64_t)p.K, (cuuint64_t)p.E * (cuuint64_t)p.M}, stride[1] = {(cuuint64_t)p.K};
-    const cuuint32_t box[2] = {W4_GROUP, (cuuint32_t)T}, estride[2] = {1, 1};
-    const CUresult rc = encode(tm, CU_TENSOR_MAP_DATA_TYPE_UINT8, 2, const_cast<uint8_t *>(p.a), dim, stride, box, estride,
+    const cuuint64_t dim[2] = {(cuuint64_t)K, (cuuint64_t)rows}, stride[1] = {(cuuint64_t)K};
+    const cuuint32_t box[2] = {W4_GROUP, (cuuint32_t)box_rows}, estride[2] = {1, 1};
+    const CUresult rc = encode(tm, CU_TENSOR_MAP_DATA_TYPE_UINT8, 2, const_cast<void *>(base), dim, stride, box, estride,
                                CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
                                CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
     if (rc != CUDA_SUCCESS) return epmoe__fail(EPMOE_ERR_CUDA, "%s: cuTensorMapEncodeTiled failed (%d)", fn, (int)rc);
     return EPMOE_OK;
 }
 
-template <int T, int kSa, bool kFull, int S> constexpr auto kernel_of() {
-    if constexpr (kWarpSpecialized<T>) return w4a8_gemm_ws_kernel<T, kSa, kFull, S>;
-    else return w4a8_gemm_kernel<T, kSa, kFull, S>;
+template <int T, int kSa, int kWt, int S> constexpr auto kernel_of() {
+    if constexpr (kWarpSpecialized<T>) return w4a8_gemm_ws_kernel<T, kSa, kWt, S>;
+    else return w4a8_gemm_kernel<T, kSa, kWt, S>;
 }
 
-template <int T, int kSa, bool kFull>
+template <int T, int kSa, int kWt>
 epmoe_status launch(const char *fn, const Problem &p, int sms, cudaStream_t stream) {
     /* two groups a step: T = 8 3 stages, the bytes of 6 one-group stages (3 CTAs/SM, all the shared
     ** memory), 4 groups ahead of the consumer; T = 16 (2 CTAs/SM) 4 stages: 1% faster than 3 at
@@ -757,11 +802,12 @@ epmoe_status launch(const char *fn, const Problem &p, int sms, cudaStream_t stre
     ** schedule ran 3% faster at 1024 rows than with 6 (w4a8_prefill_lab), and T = 64 1-2% faster than
     ** with 12 at 40 and 64 rows (H200, 2026-12-01) */
     constexpr bool kWs = kWarpSpecialized<T>;
-    constexpr int S = kGroups<T> == 2 ? (T >= 16 ? 4 : 3) : 8;
+    /* fp8 weights: twice the bytes a stage; T = 32 5 stages (2 CTAs/SM), 128 6 (not yet tuned) */
+    constexpr int S = kWt == kWtFp8 ? (T == 64 ? 8 : T == 32 ? 5 : 6) : kGroups<T> == 2 ? (T >= 16 ? 4 : 3) : 8;
     constexpr int threads = kWs ? kWsThreads : kThreads;
-    constexpr auto kernel = kernel_of<T, kSa, kFull, S>();
+    constexpr auto kernel = kernel_of<T, kSa, kWt, S>();
     static_assert(kWs || kStageBar + S <= 16, "a named barrier per stage");
-    const size_t smem = 1024 + S * (sizeof(Stage<T>) + (kWs ? 2 : 1) * sizeof(uint64_t)) + sizeof(Range) + (size_t)(p.E + 1) * sizeof(int);
+    const size_t smem = 1024 + S * (sizeof(Stage<T, kWt>) + (kWs ? 2 : 1) * sizeof(uint64_t)) + sizeof(Range) + (size_t)(p.E + 1) * sizeof(int);
     cudaError_t err = grow_smem_attr<kernel>(smem);
     int per_sm = 0;
     if (err == cudaSuccess) err = blocks_per_sm<kernel>(threads, smem, &per_sm);
@@ -778,21 +824,36 @@ epmoe_status launch(const char *fn, const Problem &p, int sms, cudaStream_t stre
     if (err != cudaSuccess || per_sm < 1)
         return epmoe__fail(EPMOE_ERR_CUDA, "%s: cannot fit the T = %d kernel (%zu bytes of shared memory): %s", fn, T,
                            smem, cudaGetErrorString(err));
-    if ((unsigned long long)sms * per_sm > kLaunchUnit || (size_t)sms * per_sm * (T / 2) * kThreads * sizeof(float) > p.slots_bytes)
+    if ((unsigned long long)sms * per_sm > kLaunchUnit ||
+        (p.slots && (size_t)sms * per_sm * (T / 2) * kThreads * sizeof(float) > p.slots_bytes))
         return epmoe__fail(EPMOE_ERR_INTERNAL, "%s: the T = %d grid exceeds the launch counter's unit or its stream-K slots the workspace", fn, T);
-    CUtensorMap tm;
-    EPMOE_CHECK(act_tensor_map(fn, p, T, &tm));
-    kernel<<<sms * per_sm, threads, smem, stream>>>(p, tm);
+    CUtensorMap tm, tmw = {};
+    EPMOE_CHECK(tensor_map(fn, p.a, p.K, (int64_t)p.E * p.M, T, &tm));
+    if (kWt == kWtFp8) EPMOE_CHECK(tensor_map(fn, p.qw, p.K, (int64_t)p.E * p.N, W4_TILE_N, &tmw));
+    kernel<<<sms * per_sm, threads, smem, stream>>>(p, tm, tmw);
     return epmoe__launched(fn);
 }
 
 /* kSa: 0 per-tensor activation scale, 1 fp32 group scales, 2 UE8M0 group scales. */
 template <int T>
 epmoe_status pick_mode(const char *fn, const Problem &p, bool group, bool full, int sms, cudaStream_t stream) {
-    if (!group) return full ? launch<T, 0, true>(fn, p, sms, stream) : launch<T, 0, false>(fn, p, sms, stream);
+    if (!group) return full ? launch<T, 0, kWtInt4Full>(fn, p, sms, stream) : launch<T, 0, kWtInt4>(fn, p, sms, stream);
     if (fmt_scale_is_ue8m0(p.fmt))
-        return full ? launch<T, 2, true>(fn, p, sms, stream) : launch<T, 2, false>(fn, p, sms, stream);
-    return full ? launch<T, 1, true>(fn, p, sms, stream) : launch<T, 1, false>(fn, p, sms, stream);
+        return full ? launch<T, 2, kWtInt4Full>(fn, p, sms, stream) : launch<T, 2, kWtInt4>(fn, p, sms, stream);
+    return full ? launch<T, 1, kWtInt4Full>(fn, p, sms, stream) : launch<T, 1, kWtInt4>(fn, p, sms, stream);
+}
+template <int T> epmoe_status launch_fp8(const char *fn, const Problem &p, int sms, cudaStream_t stream) {
+    return fmt_scale_is_ue8m0(p.fmt) ? launch<T, 2, kWtFp8>(fn, p, sms, stream) : launch<T, 1, kWtFp8>(fn, p, sms, stream);
+}
+
+/* The activation side of the Problem: fp8 rows [E, M, K], and their 1x128 scales if any. */
+void set_acts(Problem &p, const void *a, const void *sa, int fmt) {
+    p.a = static_cast<const uint8_t *>(a);
+    p.sa = static_cast<const uint8_t *>(sa);
+    p.fmt = sa ? fmt : 0;
+    p.sa_slab = sa ? fmt_scale_slab_bytes(p.fmt, p.M, p.G) : 0;
+    p.sa_tok = fmt_scale_offset(p.fmt, p.M, p.G, 1, 0) - fmt_scale_offset(p.fmt, p.M, p.G, 0, 0);
+    p.sa_step = fmt_scale_offset(p.fmt, p.M, p.G, 0, fmt_scale_is_ue8m0(p.fmt) ? 4 : 1) - fmt_scale_offset(p.fmt, p.M, p.G, 0, 0);
 }
 
 } // namespace
@@ -833,19 +894,14 @@ extern "C" epmoe_status epmoe_w4a8_gemm_cuda(const epmoe_w4a8_gemm_args *g, epmo
     p.slots_bytes = ws - 256 - flags_bytes(sms);
     p.qw = static_cast<const uint8_t *>(g->w.qweight);
     p.sw = g->w.scales;
-    p.a = g->a;
-    p.sa = static_cast<const uint8_t *>(g->a_scales);
+    p.bs = nullptr;
     p.sa_tensor = g->a_tensor_scale;
     p.masked_m = g->masked_m;
     p.out = g->out;
     p.N = g->w.N, p.K = g->w.K, p.M = g->M;
     p.row_stride = g->out_row_stride, p.expert_stride = g->out_expert_stride;
     p.E = (int)g->w.E, p.NT = (int)(g->w.N / W4_TILE_N), p.G = (int)(g->w.K / W4_GROUP);
-    p.fmt = g->a_scales ? (int)g->a_scale_fmt : 0;
-    p.sa_slab = g->a_scales ? fmt_scale_slab_bytes(p.fmt, p.M, p.G) : 0;
-    p.sa_tok = fmt_scale_offset(p.fmt, p.M, p.G, 1, 0) - fmt_scale_offset(p.fmt, p.M, p.G, 0, 0);
-    p.sa_step = fmt_scale_offset(p.fmt, p.M, p.G, 0, fmt_scale_is_ue8m0(p.fmt) ? 4 : 1) -
-                fmt_scale_offset(p.fmt, p.M, p.G, 0, 0);
+    set_acts(p, g->a, g->a_scales, (int)g->a_scale_fmt);
     const bool group = g->a_scales != nullptr, full = g->w.encoding == EPMOE_W4_FULL;
     /* The one place the token tile is chosen: the smallest that covers the expected rows. */
     const int64_t em = g->expected_m > 0 ? g->expected_m : g->M;
@@ -855,4 +911,35 @@ extern "C" epmoe_status epmoe_w4a8_gemm_cuda(const epmoe_w4a8_gemm_args *g, epmo
     if (em <= 32) return pick_mode<32>(fn, p, group, full, sms, s);
     if (em <= 64) return pick_mode<64>(fn, p, group, full, sms, s);
     return pick_mode<128>(fn, p, group, full, sms, s);
+}
+
+/* The fp8-block scheme's expert GEMM (epmoe_expert_gemm_cuda with FP8_BLOCK weights, checked by the
+** caller): fp8 weights in the checkpoint layout with their 128 x 128 block scales, fp8 activations
+** with 1x128 scales, no workspace (whole items per CTA, so no stream-K partials). */
+extern "C" epmoe_status epmoe__fp8_block_gemm_launch(const epmoe_expert_gemm_args *g, epmoe_stream_t stream) {
+    static const char fn[] = "epmoe_expert_gemm_cuda";
+    int sms;
+    EPMOE_CHECK(epmoe__need_device(fn, &sms));
+    /* the TMA coordinates are 32-bit signed (activation rows E * M, weight rows E * N), and the work
+    ** items (expert, 128 weight rows, 32 or more tokens) counted in 32 bits (find_item) */
+    const double E = (double)g->w.E;
+    if (E * (double)g->M >= 2147483648.0 || E * (double)g->w.N >= 2147483648.0 ||
+        E * (double)((g->M + 31) / 32) * (double)(g->w.N / W4_TILE_N) >= 2147483648.0)
+        return epmoe__fail(EPMOE_ERR_INVALID_ARG,
+                           "%s: E = %lld with M = %lld and N = %lld: rows or work items >= 2^31 (the GPU kernel's limit)", fn,
+                           (long long)g->w.E, (long long)g->M, (long long)g->w.N);
+    Problem p = {};
+    p.qw = static_cast<const uint8_t *>(g->w.data);
+    p.bs = g->w.scales;
+    p.masked_m = g->masked_m;
+    p.out = g->out;
+    p.N = g->w.N, p.K = g->w.K, p.M = g->M;
+    p.row_stride = g->out_row_stride, p.expert_stride = g->out_expert_stride;
+    p.E = (int)g->w.E, p.NT = (int)(g->w.N / W4_TILE_N), p.G = (int)(g->w.K / W4_GROUP);
+    set_acts(p, g->a, g->a_scales, (int)g->a_scale_fmt);
+    const int64_t em = g->expected_m > 0 ? g->expected_m : g->M;
+    cudaStream_t s = reinterpret_cast<cudaStream_t>(stream);
+    if (em <= 32) return launch_fp8<32>(fn, p, sms, s);
+    if (em <= 64) return launch_fp8<64>(fn, p, sms, s);
+    return launch_fp8<128>(fn, p, sms, s);
 }

@@ -3,7 +3,8 @@
 ** the GPU against the CPU references (epmoe_expert_gemm_ref / epmoe_expert_mlp_ref).
 **  1. GEMM: BF16, FP8_BLOCK in all four activation-scale layouts, INT4 group 32 and 128;
 **     masked_m patterns {all 0, all 1, 3, full M, skewed, < 0 and > M}; M = 1, 3, 9, 64, 65, 129;
-**     E = 1; N, K multiples of 128 other than powers of two, and K = 7168; a NaN token; outputs
+**     E = 1; N, K multiples of 128 other than powers of two, and K = 7168; more work items than
+**     CTAs; a NaN token; outputs
 **     poisoned, rows past masked_m, columns past N and the gap between experts checked untouched.
 **  2. CUDA graph: the GEMM captured once, replayed with masked_m and activations changed on the device.
 **  3. MLP, per stage: GEMM1's bf16 output (in the workspace) against the reference GEMM, GEMM2's
@@ -18,6 +19,10 @@
 ** one ulp apart, and an ulp is up to 2^-7 of the value (at the bottom of a binade). TOL_SUM = 2^-12: the fp32 sums,
 ** K/16 <= 512 mma accumulations of at most 2^-22 relative each (2^-13), with 2x margin. A wrong
 ** fragment slot, scale or row moves an element by O(|a||w|), far outside.
+** FP8_BLOCK runs the W4A8 kernel's fp8 wgmma (w4a8_gemm.cu), whose tensor-core sum aligns and
+** truncates (~14 bits kept, DeepSeek-V3 §3.3) before each group's fp32 promotion: its TOL_SUM is
+** W4A8's, TOL_SUM_WGMMA = 2^-8, with W4A8's rare tail (w4a8_common.h: at most one element per
+** million, at least one, between 1x and 2x the bound, none beyond).
 */
 #include "cuda_check.h"
 #include <time.h>
@@ -26,6 +31,7 @@
 
 #define TOL_BF16 (1.0 / 128)
 #define TOL_SUM (1.0 / 4096)
+#define TOL_SUM_WGMMA (1.0 / 256)
 #define POISON16 0x7FBFu /* a bf16 NaN no computation here produces */
 /* MLP end to end: the intermediate may round differently by one step (silu's expf differs by an
 ** ulp between libm and CUDA): a bf16 step is 2^-8, an fp8 step 2^-3 of an element; averaged over
@@ -172,7 +178,9 @@ static int64_t rows_of(const int32_t *masked, int64_t e, int64_t M) {
 ** layout) with the error model above; elements past masked_m or N must hold the poison. */
 static void check_gemm_out(const char *what, const epmoe_expert_weights *w, const acts *A, const int32_t *masked,
                            const uint16_t *got, const uint16_t *want, int64_t rs, int64_t es) {
-    long bad = 0, touched = 0, checked = 0;
+    const int wgmma = w->format == EPMOE_WEIGHT_FP8_BLOCK;
+    const double tol_sum = wgmma ? TOL_SUM_WGMMA : TOL_SUM;
+    long bad = 0, far = 0, touched = 0, checked = 0;
     double worst = 0;
     for (int64_t e = 0; e < w->E; e++)
         for (int64_t i = e * es + A->M * rs; i < (e + 1) * es; i++) touched += got[i] != POISON16; /* gap between experts */
@@ -187,20 +195,23 @@ static void check_gemm_out(const char *what, const epmoe_expert_weights *w, cons
                 const double g = epmoe_bf16_to_float(got[i]), t = epmoe_bf16_to_float(want[i]);
                 checked++;
                 if (isnan(t) || isnan(g)) {
-                    bad += !(isnan(t) && isnan(g));
+                    if (!(isnan(t) && isnan(g))) bad++, far++; /* never in the tail */
                     continue;
                 }
                 double mag = 0;
                 for (int64_t k = 0; k < w->K; k++) mag += fabs(a_at(A, e, m, k) * w_at(w, e, n, k));
-                const double err = fabs(g - t), lim = TOL_BF16 * fabs(t) + TOL_SUM * mag;
+                const double err = fabs(g - t), lim = TOL_BF16 * fabs(t) + tol_sum * mag;
                 if (lim > 0 && err / lim > worst) worst = err / lim;
                 if (err > lim) {
+                    far += !wgmma || err > 2 * lim;
                     if (++bad <= 3)
                         printf("    %s: e %lld m %lld n %lld: got %.6g want %.6g (limit %.3g)\n", what, (long long)e,
                                (long long)m, (long long)n, g, t, lim);
                 }
             }
-    CHECK(bad == 0, "%s: %ld of %ld elements outside the error model", what, bad, checked);
+    const long tail = wgmma ? (checked / 1000000 > 1 ? checked / 1000000 : 1) : 0;
+    CHECK(far == 0 && bad <= tail, "%s: %ld of %ld elements outside the error model (%ld beyond the tail's 2x; %ld allowed in it)",
+          what, bad, checked, far, tail);
     CHECK(touched == 0, "%s: %ld elements past masked_m or N were written", what, touched);
     if (!quick) printf("    %-44s %7ld elements, worst %.2f of the bound\n", what, checked, worst);
 }
@@ -421,6 +432,22 @@ int main(void) {
                 run_gemm(&r, &cases[i]);
             }
         }
+        /* More work items (expert, 128 weight rows, token tile) than the persistent grid has CTAs
+        ** (132 SMs: 264 at 32-token tiles, 132 at 128): each CTA walks several, and at 128 whole
+        ** waves go round-robin before the rest */
+        const gcase many[] = {{f, gr, EPMOE_SCALE_F32_ROW, 6, 6144, 256, 40, 4, 0, 8},
+                              {f, gr, EPMOE_SCALE_UE8M0_MMAJOR, 8, 4096, 256, 200, 3, 0, 0}};
+        for (size_t i = 0; i < sizeof many / sizeof many[0] && !quick; i++) run_gemm(&r, &many[i]);
+    }
+    printf("  limits\n");
+    { /* the fp8-block kernel's 32-bit TMA row coordinates: E * N >= 2^31 is refused before anything
+      ** is read (the pointers are aligned but never dereferenced) */
+        uint8_t *fake = (uint8_t *)(uintptr_t)0x100000;
+        int32_t *masked = (int32_t *)(uintptr_t)0x100000;
+        const epmoe_expert_weights w = {EPMOE_WEIGHT_FP8_BLOCK, 4096, INT64_C(1) << 20, 128, 0, fake, (float *)fake};
+        epmoe_expert_gemm_args g = {w, fake, 1, masked, fake, EPMOE_SCALE_F32_ROW, (uint16_t *)fake, w.N, w.N, 0};
+        CHECK_STATUS(epmoe_expert_gemm_cuda(&g, stream), EPMOE_ERR_INVALID_ARG);
+        CHECK(strstr(epmoe_last_error(), "2^31") != NULL, "the limit's message names it: %s", epmoe_last_error());
     }
     printf("  CUDA graph\n");
     for (int fi = 0; fi < 4; fi++) run_graph(&r, fmts[fi].f, fmts[fi].group);
