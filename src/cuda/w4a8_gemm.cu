@@ -715,13 +715,25 @@ w4a8_gemm_ws_kernel(const __grid_constant__ Problem p, const __grid_constant__ C
             for (int q = 0; q < T / 2; q++) reg_fence(part[q]);
             const Stage<T, kWt> &st = ring[i % S];
             const int lane = threadIdx.x & 31, row = acc_row<T>();
-            /* fp8: one block scale for all the tile's rows (a 128-row tile is one block) */
-            const float sw0 = kWt == kWtFp8 ? *reinterpret_cast<const float *>(&st.sw[0][0]) : fmt_bf16_to_float(st.sw[0][row]);
-            const float sw1 = kWt == kWtFp8 ? sw0 : fmt_bf16_to_float(st.sw[0][row + 8]);
-            promote<T, kSa>(sw0, sw1, [&](int jj, int c) {
+            auto sa_of = [&](int jj, int c) {
                 const uint32_t wv = st.sa[0][jj * 8 + 2 * (lane & 3) + c];
                 return kSa == 2 ? fmt_ue8m0_to_float((uint8_t)(wv >> (8 * (g & 3)))) : __uint_as_float(wv);
-            }, part, acc);
+            };
+            if constexpr (kWt == kWtFp8) {
+                /* one block scale for all the tile's rows (a 128-row tile is one block): the column's
+                ** sw * sa once, then one FMA an element where int4's per-row scales take two */
+                const float sw = *reinterpret_cast<const float *>(&st.sw[0][0]);
+#pragma unroll
+                for (int jj = 0; jj < T / 8; jj++)
+#pragma unroll
+                    for (int c = 0; c < 2; c++) {
+                        const float s = __fmul_rn(sw, sa_of(jj, c));
+                        acc[jj * 4 + c] = fmaf(part[jj * 4 + c], s, acc[jj * 4 + c]);
+                        acc[jj * 4 + 2 + c] = fmaf(part[jj * 4 + 2 + c], s, acc[jj * 4 + 2 + c]);
+                    }
+            } else {
+                promote<T, kSa>(fmt_bf16_to_float(st.sw[0][row]), fmt_bf16_to_float(st.sw[0][row + 8]), sa_of, part, acc);
+            }
             mbar_arrive(&empty[i % S]); /* after the stage's last read */
         };
 #pragma unroll 1
