@@ -1,6 +1,8 @@
 /*
 ** w4a8_gemm.cu — masked grouped GEMM, int4 weights x fp8 activations -> bf16, on Hopper wgmma.
-** Spec: epmoe_w4a8_gemm_ref. Weight layout and conversion: w4a8_layout.h.
+** Spec: epmoe_w4a8_gemm_ref. Weight layout and conversion: w4a8_layout.h. The same kernels run
+** the fp8-block scheme's expert GEMM (fp8 weights with 128 x 128 block scales, read by the tensor
+** cores from shared memory: kWt; spec epmoe_expert_gemm_ref).
 **
 ** Swap-AB: weights are wgmma's A operand (64 rows per warpgroup, converted in registers: 3
 ** integer ops per 8 weights), the tokens of one expert are N (tile T = 8..128, from expected_m).
@@ -23,7 +25,8 @@
 ** Work: persistent CTAs. Each reads masked_m on the device (CUDA-graph safe) and counts m-tiles
 ** per expert with a warp scan; items (expert, n-tile, m-tile; empty experts have none) x K steps
 ** form one step sequence. T >= 64 deals whole waves of items round-robin first (L2 reuse,
-** kDataParallel); the rest is split into equal ranges per CTA (stream-K, see the kernel).
+** kDataParallel); the rest is split into equal ranges per CTA (stream-K, see the kernel), or,
+** with no workspace for the partials (the fp8-block entry), into ranges of whole items.
 */
 #include <cstddef> /* offsetof */
 #include <cuda.h>   /* CUtensorMap */
@@ -858,8 +861,15 @@ template <int T> epmoe_status launch_fp8(const char *fn, const Problem &p, int s
     return fmt_scale_is_ue8m0(p.fmt) ? launch<T, 2, kWtFp8>(fn, p, sms, stream) : launch<T, 1, kWtFp8>(fn, p, sms, stream);
 }
 
-/* The activation side of the Problem: fp8 rows [E, M, K], and their 1x128 scales if any. */
-void set_acts(Problem &p, const void *a, const void *sa, int fmt) {
+/* What both entry points set alike: the shapes, the output, the fp8 activation rows [E, M, K] and
+** their 1x128 scales if any. */
+void set_common(Problem &p, int64_t E, int64_t N, int64_t K, int64_t M, const int32_t *masked_m, uint16_t *out,
+                int64_t row_stride, int64_t expert_stride, const void *a, const void *sa, int fmt) {
+    p.masked_m = masked_m;
+    p.out = out;
+    p.N = N, p.K = K, p.M = M;
+    p.row_stride = row_stride, p.expert_stride = expert_stride;
+    p.E = (int)E, p.NT = (int)(N / W4_TILE_N), p.G = (int)(K / W4_GROUP);
     p.a = static_cast<const uint8_t *>(a);
     p.sa = static_cast<const uint8_t *>(sa);
     p.fmt = sa ? fmt : 0;
@@ -908,12 +918,8 @@ extern "C" epmoe_status epmoe_w4a8_gemm_cuda(const epmoe_w4a8_gemm_args *g, epmo
     p.sw = g->w.scales;
     p.bs = nullptr;
     p.sa_tensor = g->a_tensor_scale;
-    p.masked_m = g->masked_m;
-    p.out = g->out;
-    p.N = g->w.N, p.K = g->w.K, p.M = g->M;
-    p.row_stride = g->out_row_stride, p.expert_stride = g->out_expert_stride;
-    p.E = (int)g->w.E, p.NT = (int)(g->w.N / W4_TILE_N), p.G = (int)(g->w.K / W4_GROUP);
-    set_acts(p, g->a, g->a_scales, (int)g->a_scale_fmt);
+    set_common(p, g->w.E, g->w.N, g->w.K, g->M, g->masked_m, g->out, g->out_row_stride, g->out_expert_stride, g->a, g->a_scales,
+               (int)g->a_scale_fmt);
     const bool group = g->a_scales != nullptr, full = g->w.encoding == EPMOE_W4_FULL;
     /* The one place the token tile is chosen: the smallest that covers the expected rows. */
     const int64_t em = g->expected_m > 0 ? g->expected_m : g->M;
@@ -943,12 +949,8 @@ extern "C" epmoe_status epmoe__fp8_block_gemm_launch(const epmoe_expert_gemm_arg
     Problem p = {};
     p.qw = static_cast<const uint8_t *>(g->w.data);
     p.bs = g->w.scales;
-    p.masked_m = g->masked_m;
-    p.out = g->out;
-    p.N = g->w.N, p.K = g->w.K, p.M = g->M;
-    p.row_stride = g->out_row_stride, p.expert_stride = g->out_expert_stride;
-    p.E = (int)g->w.E, p.NT = (int)(g->w.N / W4_TILE_N), p.G = (int)(g->w.K / W4_GROUP);
-    set_acts(p, g->a, g->a_scales, (int)g->a_scale_fmt);
+    set_common(p, g->w.E, g->w.N, g->w.K, g->M, g->masked_m, g->out, g->out_row_stride, g->out_expert_stride, g->a, g->a_scales,
+               (int)g->a_scale_fmt);
     const int64_t em = g->expected_m > 0 ? g->expected_m : g->M;
     cudaStream_t s = reinterpret_cast<cudaStream_t>(stream);
     if (em <= 32) return launch_fp8<32>(fn, p, sms, s);
