@@ -340,6 +340,18 @@ static void test_gemm_bad_args(void) {
     CHECK_STATUS(epmoe_expert_gemm_cuda(&good, NULL), EPMOE_ERR_UNSUPPORTED);
 #endif
     epmoe_expert_gemm_args g;
+    /* fp8-block on the GPU: 32-bit TMA rows E * N and E * M, refused by the checks (the pointers are
+    ** never read); bf16 has no such limit */
+    g = good, g.w.E = 4096, g.w.N = INT64_C(1) << 20, g.out_row_stride = g.w.N, g.out_expert_stride = 4 * g.w.N;
+    CHECK_STATUS(epmoe_expert_gemm_cuda(&g, NULL), EPMOE_ERR_INVALID_ARG);
+    CHECK(strstr(epmoe_last_error(), "2^31") != NULL, "the limit named: %s", epmoe_last_error());
+#if !EPMOE_HAVE_CUDA
+    g.w.format = EPMOE_WEIGHT_BF16;
+    CHECK_STATUS(epmoe_expert_gemm_cuda(&g, NULL), EPMOE_ERR_UNSUPPORTED);
+#endif
+    g = good, g.w.E = 4096, g.M = INT64_C(1) << 19, g.out_expert_stride = g.M * 256;
+    CHECK_STATUS(epmoe_expert_gemm_cuda(&g, NULL), EPMOE_ERR_INVALID_ARG);
+    CHECK(strstr(epmoe_last_error(), "2^31") != NULL, "the limit named: %s", epmoe_last_error());
 #define BAD(field, value, want) BAD_FIELD(epmoe_expert_gemm, g, good, field, value, want)
     BAD(w.format, (epmoe_weight_format)9, EPMOE_ERR_INVALID_ARG);
     BAD(w.format, (epmoe_weight_format)-1, EPMOE_ERR_INVALID_ARG);
@@ -476,6 +488,13 @@ static void test_mlp_bad_args(void) {
     BOTH(epmoe_expert_mlp_ref(&m), epmoe_expert_mlp_cuda(&m, NULL), EPMOE_ERR_INVALID_ARG);
     m = fp8, m.w2.group = 32; /* ignored outside INT4 */
     CHECK_STATUS(epmoe_expert_mlp_ref(&m), EPMOE_OK);
+    /* the GPU kernel's 32-bit limits, found by the checks before GEMM1 launches: w2's rows E * H >= 2^31
+    ** (nothing is read: the checks come first) */
+    m = fp8, m.w13.E = m.w2.E = 4096, m.w13.K = m.w2.N = INT64_C(1) << 20;
+    m.out_row_stride = INT64_C(1) << 20, m.out_expert_stride = INT64_C(4) << 20;
+    CHECK_STATUS(epmoe_expert_mlp_cuda(&m, NULL), EPMOE_ERR_INVALID_ARG);
+    CHECK(strstr(epmoe_last_error(), "w2 E = 4096") && strstr(epmoe_last_error(), "2^31"), "the limit named: %s",
+          epmoe_last_error());
 
     /* nothing to do: E = 0 or M = 0, pointers NULL */
     m = good, m.w13.E = m.w2.E = 0, m.w13.data = m.w2.data = NULL, m.w13.scales = m.w2.scales = NULL;

@@ -931,21 +931,16 @@ extern "C" epmoe_status epmoe_w4a8_gemm_cuda(const epmoe_w4a8_gemm_args *g, epmo
     return pick_mode<128>(fn, p, group, full, sms, s);
 }
 
-/* The fp8-block scheme's expert GEMM (epmoe_expert_gemm_cuda with FP8_BLOCK weights, checked by the
-** caller): fp8 weights in the checkpoint layout with their 128 x 128 block scales, fp8 activations
-** with 1x128 scales, no workspace (whole items per CTA, so no stream-K partials). */
+/* The fp8-block scheme's expert GEMM (epmoe_expert_gemm_cuda with FP8_BLOCK weights, checked by
+** the caller, its limits included): fp8 weights in the checkpoint layout with their 128 x 128 block
+** scales, fp8 activations with 1x128 scales, no workspace (whole items per CTA, so no stream-K
+** partials). */
 extern "C" epmoe_status epmoe__fp8_block_gemm_launch(const epmoe_expert_gemm_args *g, epmoe_stream_t stream) {
     static const char fn[] = "epmoe_expert_gemm_cuda";
     int sms;
     EPMOE_CHECK(epmoe__need_device(fn, &sms));
-    /* the TMA coordinates are 32-bit signed (activation rows E * M, weight rows E * N), and the work
-    ** items (expert, 128 weight rows, 32 or more tokens) counted in 32 bits (find_item) */
-    const double E = (double)g->w.E;
-    if (E * (double)g->M >= 2147483648.0 || E * (double)g->w.N >= 2147483648.0 ||
-        E * (double)((g->M + 31) / 32) * (double)(g->w.N / W4_TILE_N) >= 2147483648.0)
-        return epmoe__fail(EPMOE_ERR_INVALID_ARG,
-                           "%s: E = %lld with M = %lld and N = %lld: rows or work items >= 2^31 (the GPU kernel's limit)", fn,
-                           (long long)g->w.E, (long long)g->M, (long long)g->w.N);
+    /* the 32-bit TMA coordinates (rows E * M, E * N) and item counts: checked with the arguments
+    ** (experts.c, check_gpu_limits) */
     Problem p = {};
     p.qw = static_cast<const uint8_t *>(g->w.data);
     p.bs = g->w.scales;
