@@ -33,7 +33,8 @@ constexpr int kWarps = 4, kThreads = kWarps * 32, kBN = kWarps * 16, kBK = 128;
 ** int4's 16-token tiles are bound by their conversion, not their bytes: fewer stages put more CTAs
 ** on an SM. W13 + W2 at 1 / 8 rows (DeepSeek-R1, bench_w4a8, H200, 2026-12-01): group 128 at 8 stages
 ** (3 CTAs/SM) 387-393 us, 5 (4 CTAs) 367-371, 4 (5 CTAs) 380-386, 3 (6 CTAs) 369-373; group 32 at 8
-** stages 499-506, 5 455-460, 4 464-471, 3 (5 CTAs/SM: 90 registers) 429-435. */
+** stages 499-506, 5 455-460, 4 464-471, 3 (5 CTAs/SM: 90 registers) 429-435. Without the fp8 code
+** that was here, group 32 takes 80 registers (6 CTAs/SM at 3 stages): 432-437. */
 template <int F, int kGroup, int kBT> struct Traits {
     static constexpr int kWRow = F == EPMOE_WEIGHT_BF16 ? 256 : 64; /* bytes */
     static constexpr int kARow = 256;
