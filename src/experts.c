@@ -81,18 +81,11 @@ static epmoe_status check_out(const char *fn, int64_t E, int64_t M, int64_t N, c
     return epmoe__need(fn, out, "out", 16);
 }
 
-/* The GPU kernels' 32-bit limits (the references have none). fp8-block runs the wgmma GEMM
-** (w4a8_gemm.cu): TMA row coordinates E * M and E * N, and work items (expert, 128 weight rows, 32
-** or more tokens) counted in 32 bits. Checked with the arguments, so an MLP fails before it launches
-** anything. */
-static epmoe_status check_gpu_limits(const char *fn, const char *what, const epmoe_expert_weights *w, int64_t M) {
-    if (w->format != EPMOE_WEIGHT_FP8_BLOCK) return EPMOE_OK;
-    const double E = (double)w->E, lim = 2147483648.0;
-    if (E * (double)M >= lim || E * (double)w->N >= lim || E * (double)((M + 31) / 32) * (double)(w->N / EPMOE_GROUP) >= lim)
-        return epmoe__fail(EPMOE_ERR_INVALID_ARG,
-                           "%s: %s E = %lld with M = %lld and N = %lld: rows or work items >= 2^31 (the GPU kernel's limit)", fn,
-                           what, (long long)w->E, (long long)M, (long long)w->N);
-    return EPMOE_OK;
+/* fp8-block runs the wgmma GEMM (w4a8_gemm.cu, tiles of 32 tokens and more, weights by TMA): its
+** 32-bit limits, checked with the arguments so that an MLP fails before it launches anything. The
+** mma.sync kernel of bf16 and int4 and the references have none. */
+static epmoe_status check_gpu_limits(const char *fn, const epmoe_expert_weights *w, int64_t M) {
+    return w->format == EPMOE_WEIGHT_FP8_BLOCK ? epmoe__check_wgmma_limits(fn, w->E, M, w->N, 32, 1) : EPMOE_OK;
 }
 
 epmoe_status epmoe__check_expert_gemm(const char *fn, const epmoe_expert_gemm_args *g, int device) {
@@ -100,7 +93,7 @@ epmoe_status epmoe__check_expert_gemm(const char *fn, const epmoe_expert_gemm_ar
     EPMOE_CHECK(epmoe__check_expert_weights(fn, "w", &g->w, device));
     EPMOE_CHECK(check_acts(fn, &g->w, g->M, g->a, g->masked_m, g->a_scales, g->a_scale_fmt, device));
     EPMOE_CHECK(check_out(fn, g->w.E, g->M, g->w.N, g->out, g->out_row_stride, g->out_expert_stride, g->expected_m, device));
-    return device ? check_gpu_limits(fn, "w", &g->w, g->M) : EPMOE_OK;
+    return device ? check_gpu_limits(fn, &g->w, g->M) : EPMOE_OK;
 }
 
 epmoe_status epmoe__check_expert_mlp(const char *fn, const epmoe_expert_mlp_args *m, int device) {
@@ -121,8 +114,8 @@ epmoe_status epmoe__check_expert_mlp(const char *fn, const epmoe_expert_mlp_args
     EPMOE_CHECK(check_acts(fn, w13, m->M, m->a, m->masked_m, m->a_scales, m->a_scale_fmt, device));
     EPMOE_CHECK(check_out(fn, E, m->M, H, m->out, m->out_row_stride, m->out_expert_stride, m->expected_m, device));
     if (device) {
-        EPMOE_CHECK(check_gpu_limits(fn, "w13", w13, m->M));
-        EPMOE_CHECK(check_gpu_limits(fn, "w2", w2, m->M));
+        EPMOE_CHECK(check_gpu_limits(fn, w13, m->M));
+        EPMOE_CHECK(check_gpu_limits(fn, w2, m->M));
     }
     if (E == 0 || m->M == 0) return EPMOE_OK;
     const size_t ws = epmoe_expert_mlp_workspace(w13->format, E, m->M, H, I);

@@ -54,6 +54,10 @@ EPMOE_HIDDEN epmoe_status epmoe__check_dims(const char *fn, const char *what, in
 EPMOE_HIDDEN epmoe_status epmoe__check_out(const char *fn, int64_t E, int64_t M, int64_t N, const uint16_t *out,
                                            int64_t row_stride, int64_t expert_stride);
 EPMOE_HIDDEN void epmoe__silu_mul_row(const uint16_t *gate_up, int64_t I, uint16_t *y);
+/* The wgmma GEMM's 32-bit limits (w4a8.c): work items at tiles of min_tile tokens and more, TMA
+** rows of the activations and, with tma_weights, of the weights. GPU entries only. */
+EPMOE_HIDDEN epmoe_status epmoe__check_wgmma_limits(const char *fn, int64_t E, int64_t M, int64_t N, int min_tile,
+                                                    int tma_weights);
 static inline size_t epmoe__align256(size_t x) { return (x + 255u) & ~(size_t)255u; }
 
 /* W4A8 GEMM and MLP argument checks (w4a8.c) and the MLP workspace layout: byte offsets of

@@ -182,17 +182,21 @@ static epmoe_status check_acts(const char *fn, int64_t E, int64_t M, int64_t K, 
     return EPMOE_OK;
 }
 
-/* The GPU kernel counts its work items (expert, 128-row weight tile, token tile of 8 or more) in 32
-** bits: a 64-bit division at each item change cost 1-3% (w4a8_gemm.cu, find_item; H200 2026-11-30). */
-static epmoe_status check_work_items(const char *fn, int64_t E, int64_t M, int64_t N) {
-    if ((double)E * (double)((M + 7) / 8) * (double)(N / W4_TILE_N) >= 2147483648.0)
+/* The wgmma GEMM (w4a8_gemm.cu) counts its work items (expert, 128-row weight tile, token tile of
+** min_tile or more) in 32 bits: a 64-bit division at each item change cost 1-3% (find_item; H200
+** 2026-11-30). Its TMA tensor maps address rows with 32-bit signed coordinates: the activations'
+** E * M, and with tma_weights (fp8-block's checkpoint weights) the weights' E * N. */
+epmoe_status epmoe__check_wgmma_limits(const char *fn, int64_t E, int64_t M, int64_t N, int min_tile, int tma_weights) {
+    if ((double)E * (double)((M + min_tile - 1) / min_tile) * (double)(N / W4_TILE_N) >= 2147483648.0)
         return epmoe__fail(EPMOE_ERR_INVALID_ARG,
-                           "%s: E = %lld x ceil(M = %lld / 8) x N = %lld / 128 work items >= 2^31 (the GPU kernel's limit)",
-                           fn, (long long)E, (long long)M, (long long)N);
-    /* the activations' TMA tensor map addresses rows with 32-bit signed coordinates */
+                           "%s: E = %lld x ceil(M = %lld / %d) x N = %lld / 128 work items >= 2^31 (the GPU kernel's limit)",
+                           fn, (long long)E, (long long)M, min_tile, (long long)N);
     if ((double)E * (double)M >= 2147483648.0)
         return epmoe__fail(EPMOE_ERR_INVALID_ARG, "%s: E = %lld x M = %lld activation rows >= 2^31 (the GPU kernel's limit)", fn,
                            (long long)E, (long long)M);
+    if (tma_weights && (double)E * (double)N >= 2147483648.0)
+        return epmoe__fail(EPMOE_ERR_INVALID_ARG, "%s: E = %lld x N = %lld weight rows >= 2^31 (the GPU kernel's limit)", fn,
+                           (long long)E, (long long)N);
     return EPMOE_OK;
 }
 
@@ -203,7 +207,7 @@ epmoe_status epmoe__check_w4a8_gemm(const char *fn, const epmoe_w4a8_gemm_args *
     EPMOE_CHECK(epmoe__check_out(fn, g->w.E, g->M, g->w.N, g->out, g->out_row_stride, g->out_expert_stride));
     if (g->expected_m < 0)
         return epmoe__fail(EPMOE_ERR_INVALID_ARG, "%s: expected_m = %lld must be >= 0", fn, (long long)g->expected_m);
-    if (device) EPMOE_CHECK(check_work_items(fn, g->w.E, g->M, g->w.N));
+    if (device) EPMOE_CHECK(epmoe__check_wgmma_limits(fn, g->w.E, g->M, g->w.N, 8, 0));
     return EPMOE_OK;
 }
 
@@ -247,7 +251,7 @@ epmoe_status epmoe__check_w4a8_mlp(const char *fn, const epmoe_w4a8_mlp_args *m,
     EPMOE_CHECK(epmoe__check_out(fn, E, m->M, H, m->out, m->out_row_stride, m->out_expert_stride));
     if (m->expected_m < 0)
         return epmoe__fail(EPMOE_ERR_INVALID_ARG, "%s: expected_m = %lld must be >= 0", fn, (long long)m->expected_m);
-    if (device) EPMOE_CHECK(check_work_items(fn, E, m->M, H > 2 * I ? H : 2 * I));
+    if (device) EPMOE_CHECK(epmoe__check_wgmma_limits(fn, E, m->M, H > 2 * I ? H : 2 * I, 8, 0));
     if (E == 0 || m->M == 0) return EPMOE_OK;
     const size_t ws = epmoe_w4a8_mlp_workspace(E, m->M, H, I);
     EPMOE_CHECK(epmoe__need(fn, m->workspace, "workspace", device ? 256 : 16));

@@ -248,7 +248,7 @@ template <int T, int kSa, int kWt> struct Producer {
         g = g0;
         const Item it = find_item<T>(p, prefix, item);
         if (kWt == kWtFp8) {
-            wrow = it.e * (int)p.N + it.nt * W4_TILE_N; /* < 2^31: epmoe__fp8_block_gemm_launch */
+            wrow = it.e * (int)p.N + it.nt * W4_TILE_N; /* < 2^31: epmoe__check_wgmma_limits */
             bs = p.bs + ((int64_t)it.e * p.NT + it.nt) * p.G + g0;
         } else {
             w = p.qw + (((int64_t)it.e * p.NT + it.nt) * p.G + g0) * W4_TILE_BYTES;
@@ -921,7 +921,7 @@ extern "C" epmoe_status epmoe_w4a8_gemm_cuda(const epmoe_w4a8_gemm_args *g, epmo
     set_common(p, g->w.E, g->w.N, g->w.K, g->M, g->masked_m, g->out, g->out_row_stride, g->out_expert_stride, g->a, g->a_scales,
                (int)g->a_scale_fmt);
     const bool group = g->a_scales != nullptr, full = g->w.encoding == EPMOE_W4_FULL;
-    /* The one place the token tile is chosen: the smallest that covers the expected rows. */
+    /* The token tile: the smallest that covers the expected rows (fp8-block's entry below, from 32). */
     const int64_t em = g->expected_m > 0 ? g->expected_m : g->M;
     cudaStream_t s = reinterpret_cast<cudaStream_t>(stream);
     if (em <= 8) return pick_mode<8>(fn, p, group, full, sms, s);
@@ -940,7 +940,7 @@ extern "C" epmoe_status epmoe__fp8_block_gemm_launch(const epmoe_expert_gemm_arg
     int sms;
     EPMOE_CHECK(epmoe__need_device(fn, &sms));
     /* the 32-bit TMA coordinates (rows E * M, E * N) and item counts: checked with the arguments
-    ** (experts.c, check_gpu_limits) */
+    ** (epmoe__check_wgmma_limits) */
     Problem p = {};
     p.qw = static_cast<const uint8_t *>(g->w.data);
     p.bs = g->w.scales;
