@@ -81,11 +81,11 @@ static epmoe_status check_out(const char *fn, int64_t E, int64_t M, int64_t N, c
     return epmoe__need(fn, out, "out", 16);
 }
 
-/* fp8-block runs the wgmma GEMM (w4a8_gemm.cu, tiles of 32 tokens and more, weights by TMA): its
-** 32-bit limits, checked with the arguments so that an MLP fails before it launches anything. The
-** mma.sync kernel of bf16 and int4 and the references have none. */
+/* fp8-block and bf16 run the wgmma GEMM (w4a8_gemm.cu, tiles of 32 tokens and more, weights by
+** TMA): its 32-bit limits, checked with the arguments so that an MLP fails before it launches
+** anything. The mma.sync kernel of int4 and the references have none. */
 static epmoe_status check_gpu_limits(const char *fn, const epmoe_expert_weights *w, int64_t M) {
-    return w->format == EPMOE_WEIGHT_FP8_BLOCK ? epmoe__check_wgmma_limits(fn, w->E, M, w->N, 32, 1) : EPMOE_OK;
+    return w->format != EPMOE_WEIGHT_INT4 ? epmoe__check_wgmma_limits(fn, w->E, M, w->N, 32, 1) : EPMOE_OK;
 }
 
 epmoe_status epmoe__check_expert_gemm(const char *fn, const epmoe_expert_gemm_args *g, int device) {

@@ -340,13 +340,13 @@ static void test_gemm_bad_args(void) {
     CHECK_STATUS(epmoe_expert_gemm_cuda(&good, NULL), EPMOE_ERR_UNSUPPORTED);
 #endif
     epmoe_expert_gemm_args g;
-    /* fp8-block on the GPU: 32-bit TMA rows E * N and E * M, refused by the checks (the pointers are
-    ** never read); bf16 has no such limit */
+    /* fp8-block (and bf16) on the GPU: 32-bit TMA rows E * N and E * M, refused by the checks (the
+    ** pointers are never read); int4's mma.sync kernel has no such limit */
     g = good, g.w.E = 4096, g.w.N = INT64_C(1) << 20, g.out_row_stride = g.w.N, g.out_expert_stride = 4 * g.w.N;
     CHECK_STATUS(epmoe_expert_gemm_cuda(&g, NULL), EPMOE_ERR_INVALID_ARG);
     CHECK(strstr(epmoe_last_error(), "2^31") != NULL, "the limit named: %s", epmoe_last_error());
 #if !EPMOE_HAVE_CUDA
-    g.w.format = EPMOE_WEIGHT_BF16;
+    g.w.format = EPMOE_WEIGHT_INT4, g.w.group = 128;
     CHECK_STATUS(epmoe_expert_gemm_cuda(&g, NULL), EPMOE_ERR_UNSUPPORTED);
 #endif
     g = good, g.w.E = 4096, g.M = INT64_C(1) << 19, g.out_expert_stride = g.M * 256;

@@ -273,6 +273,7 @@ template <int F, int kGroup = 128> epmoe_status launch(const Args &p, int64_t E,
 } // namespace
 
 extern "C" epmoe_status epmoe__fp8_block_gemm_launch(const epmoe_expert_gemm_args *g, epmoe_stream_t stream);
+extern "C" epmoe_status epmoe__bf16_gemm_launch(const epmoe_expert_gemm_args *g, epmoe_stream_t stream);
 
 /* The one place the format picks the kernel. */
 extern "C" epmoe_status epmoe__expert_gemm_launch(const epmoe_expert_gemm_args *g, epmoe_stream_t stream) {
@@ -287,7 +288,7 @@ extern "C" epmoe_status epmoe__expert_gemm_launch(const epmoe_expert_gemm_args *
     cudaStream_t s = reinterpret_cast<cudaStream_t>(stream);
     const int64_t x = g->expected_m > 0 ? g->expected_m : g->M;
     switch (w.format) {
-    case EPMOE_WEIGHT_BF16: return launch<EPMOE_WEIGHT_BF16>(p, w.E, x, s);
+    case EPMOE_WEIGHT_BF16: return epmoe__bf16_gemm_launch(g, stream); /* wgmma: w4a8_gemm.cu */
     case EPMOE_WEIGHT_FP8_BLOCK: return epmoe__fp8_block_gemm_launch(g, stream); /* wgmma: w4a8_gemm.cu */
     default:
         return w.group == 32 ? launch<EPMOE_WEIGHT_INT4, 32>(p, w.E, x, s) : launch<EPMOE_WEIGHT_INT4, 128>(p, w.E, x, s);

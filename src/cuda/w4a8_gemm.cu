@@ -132,9 +132,11 @@ template <int T> __device__ __forceinline__ int acc_row() {
 ** 128-byte swizzle, read by the tensor cores straight from shared memory (wgmma SS). Before, the
 ** fp8-block expert GEMM ran mma.sync with both operands converted to f16 (expert_gemm.cu).
 ** fp8 weights run the warp-specialized kernel only (T >= 32: at decode the bytes, not the tile's
-** tokens, set the time). */
-constexpr int kWtInt4 = 0, kWtInt4Full = 1, kWtFp8 = 2;
-template <int kWt> constexpr int kWGroupBytes = kWt == kWtFp8 ? W4_TILE_N * W4_GROUP : W4_TILE_BYTES;
+** tokens, set the time). bf16 weights (the bf16 scheme, kWtBf16) the same way, with bf16 tokens
+** and no scales: a "group" is then 128 bytes of K (64 elements) and K is counted in bytes. */
+constexpr int kWtInt4 = 0, kWtInt4Full = 1, kWtFp8 = 2, kWtBf16 = 3;
+template <int kWt> constexpr bool kWtTma = kWt >= kWtFp8; /* weights by TMA box, read by wgmma SS */
+template <int kWt> constexpr int kWGroupBytes = kWtTma<kWt> ? W4_TILE_N * W4_GROUP : W4_TILE_BYTES;
 
 /* One step's groups, [h] = group kGroups * s + h. A step with one group of two (K/128 odd, the
 ** item's last) leaves the [1] halves stale. */
@@ -247,9 +249,9 @@ template <int T, int kSa, int kWt> struct Producer {
         const int lane = threadIdx.x & 31;
         g = g0;
         const Item it = find_item<T>(p, prefix, item);
-        if (kWt == kWtFp8) {
+        if (kWtTma<kWt>) {
             wrow = it.e * (int)p.N + it.nt * W4_TILE_N; /* < 2^31: epmoe__check_wgmma_limits */
-            bs = p.bs + ((int64_t)it.e * p.NT + it.nt) * p.G + g0;
+            if (kWt == kWtFp8) bs = p.bs + ((int64_t)it.e * p.NT + it.nt) * p.G + g0;
         } else {
             w = p.qw + (((int64_t)it.e * p.NT + it.nt) * p.G + g0) * W4_TILE_BYTES;
             sw = p.sw + ((int64_t)it.e * p.G + g0) * p.N + it.nt * W4_TILE_N;
@@ -267,13 +269,13 @@ template <int T, int kSa, int kWt> struct Producer {
     __device__ void issue(const Problem &p, const CUtensorMap &tm, const CUtensorMap &tmw, Stage<T, kWt> &s, uint64_t *full) {
         const int lane = threadIdx.x & 31;
         const bool two = kG == 2 && g + 1 < p.G;
-        if (kWt == kWtFp8 && lane == 0) { /* one group: the weight box, the activation rows; the block scale by cp.async */
-            static_assert(kWt != kWtFp8 || (kG == 1 && offsetof(St, a) % 1024 == 0), "fp8: one group a step; boxes on the swizzle's 1024 bytes");
+        if (kWtTma<kWt> && lane == 0) { /* one group: the weight box, the activation rows; fp8's block scale by cp.async */
+            static_assert(!kWtTma<kWt> || (kG == 1 && offsetof(St, a) % 1024 == 0), "fp8, bf16: one group a step; boxes on the swizzle's 1024 bytes");
             mbar_expect_tx(full, W4_TILE_N * W4_GROUP + T * W4_GROUP);
             tma_load_2d(&s.w[0][0], &tmw, g * W4_GROUP, wrow, full);
             tma_load_2d(&s.a[0][0][0], &tm, g * W4_GROUP, row, full);
-            cp_async4(&s.sw[0][0], bs, 4);
-        } else if (kWt != kWtFp8 && lane == 0) { /* the weight tiles (adjacent in the repacked layout: one copy), 128 bf16 scales
+            if (kWt == kWtFp8) cp_async4(&s.sw[0][0], bs, 4);
+        } else if (!kWtTma<kWt> && lane == 0) { /* the weight tiles (adjacent in the repacked layout: one copy), 128 bf16 scales
                             each, T activation rows of 128 bytes each: every byte on one expect_tx */
             constexpr uint32_t kScaleBytes = sizeof(St::sw[0]); /* W4_TILE_N bf16 = 256 */
             static_assert(kScaleBytes % 16 == 0 && offsetof(St, sw) % 16 == 0 && offsetof(St, a) % 1024 == 0,
@@ -305,7 +307,7 @@ template <int T, int kSa, int kWt> struct Producer {
     ** that and the range in shared memory, not from a register kept for it. */
     __device__ void advance(const Problem &p, const int *prefix, const Range &rg, int P, int next) {
         if (kWt == kWtFp8) bs += kG;
-        else w += kG * W4_TILE_BYTES, sw += kG * p.N;
+        else if (!kWtTma<kWt>) w += kG * W4_TILE_BYTES, sw += kG * p.N;
         /* UE8M0: the next step's group(s) are in the next word when this step ends one (g + kG - 1
         ** is 3 mod 4; two a step: g % 4 == 2) */
         if (kSa != 0 && (kSa != 2 || ((g + kG - 1) & 3) == 3)) sa += kSa == 2 ? p.sa_step : kG * p.sa_step;
@@ -322,7 +324,7 @@ template <int T, int kSa, int kWt> struct Producer {
 /* Group h's weight fragments in the stage, converted to the fp8 A operand of its 4 wgmma. */
 template <int T, int kWt>
 __device__ __forceinline__ void convert(const Stage<T, kWt> &s, int h, uint32_t (&a)[4][4]) {
-    if (kWt == kWtFp8) return; /* the tensor cores read the fp8 tile itself */
+    if (kWtTma<kWt>) return; /* the tensor cores read the fp8 or bf16 tile itself */
     constexpr bool kFull = kWt == kWtInt4Full;
     const int tid = consumer_tid<T>();
     const uint4 h0 = *reinterpret_cast<const uint4 *>(&s.w[h][tid * 16]);
@@ -343,10 +345,13 @@ __device__ __forceinline__ void convert(const Stage<T, kWt> &s, int h, uint32_t 
 template <int T, int kWt>
 __device__ __forceinline__ void mma_group(const Stage<T, kWt> &s, int h, const uint32_t (&a)[4][4], float (&part)[T / 2]) {
     const uint32_t lo = sw128_desc_lo(&s.a[h][0][0]);
-    if constexpr (kWt == kWtFp8) { /* the warpgroup's 64 rows: 8 KB into the tile, whole swizzle atoms */
+    if constexpr (kWtTma<kWt>) { /* the warpgroup's 64 rows: 8 KB into the tile, whole swizzle atoms */
         const uint32_t alo = sw128_desc_lo(&s.w[h][(consumer_tid<T>() >> 7) * 64 * W4_GROUP]);
 #pragma unroll
-        for (int ks = 0; ks < 4; ks++) wgmma_ss<T>(part, sw128_desc(alo + 2 * ks), sw128_desc(lo + 2 * ks), ks);
+        for (int ks = 0; ks < 4; ks++) {
+            if constexpr (kWt == kWtFp8) wgmma_ss<T>(part, sw128_desc(alo + 2 * ks), sw128_desc(lo + 2 * ks), ks);
+            else wgmma_ss_bf16<T>(part, sw128_desc(alo + 2 * ks), sw128_desc(lo + 2 * ks), ks);
+        }
     } else {
 #pragma unroll
         for (int ks = 0; ks < 4; ks++) wgmma_rs<T>(part, a[ks], sw128_desc(lo + 2 * ks), ks);
@@ -404,7 +409,7 @@ __device__ __forceinline__ void promote(const GroupScales<T, kSa> &gs, const flo
 template <int T, int kSa>
 __device__ __forceinline__ void epilogue(const Problem &p, const Item &it, float (&acc)[T / 2]) {
     const int lane = threadIdx.x & 31, row = acc_row<T>();
-    const float ts = kSa != 0 ? 1.0f : __ldg(p.sa_tensor);
+    const float ts = kSa != 0 || !p.sa_tensor ? 1.0f : __ldg(p.sa_tensor); /* bf16 weights: no scale at all */
     uint16_t *out = p.out + (int64_t)it.e * p.expert_stride + (int64_t)it.nt * W4_TILE_N + row;
 #pragma unroll
     for (int jj = 0; jj < T / 8; jj++)
@@ -538,8 +543,8 @@ __device__ __forceinline__ void plan(const Problem &p, Range &rg, int *prefix, i
 template <int T, int kSa, int kWt, int S>
 __global__ void __launch_bounds__(kThreads, T <= 8 ? 3 : 2) /* T = 8: at most 80 registers */
 w4a8_gemm_kernel(const __grid_constant__ Problem p, const __grid_constant__ CUtensorMap tm, const __grid_constant__ CUtensorMap tmw) {
-    static_assert(!kWarpSpecialized<T> && kGroups<T> == 2 && kWt != kWtFp8,
-                  "T <= 16: two groups a step, int4; larger tiles and fp8 run w4a8_gemm_ws_kernel");
+    static_assert(!kWarpSpecialized<T> && kGroups<T> == 2 && !kWtTma<kWt>,
+                  "T <= 16: two groups a step, int4; larger tiles, fp8 and bf16 run w4a8_gemm_ws_kernel");
     W4_TRACE(0);
     extern __shared__ __align__(128) uint8_t smem_raw[];
     /* the swizzle is of address bits: every stage on a 1024-byte boundary (launch adds the slack) */
@@ -734,6 +739,8 @@ w4a8_gemm_ws_kernel(const __grid_constant__ Problem p, const __grid_constant__ C
                         acc[jj * 4 + c] = fmaf(part[jj * 4 + c], s, acc[jj * 4 + c]);
                         acc[jj * 4 + 2 + c] = fmaf(part[jj * 4 + 2 + c], s, acc[jj * 4 + 2 + c]);
                     }
+            } else if constexpr (kWt == kWtBf16) {
+                promote<T, 0>(1.0f, 1.0f, sa_of, part, acc); /* no scales: acc += part */
             } else {
                 promote<T, kSa>(fmt_bf16_to_float(st.sw[0][row]), fmt_bf16_to_float(st.sw[0][row + 8]), sa_of, part, acc);
             }
@@ -818,7 +825,7 @@ epmoe_status launch(const char *fn, const Problem &p, int sms, cudaStream_t stre
     ** with 12 at 40 and 64 rows (H200, 2026-12-01) */
     constexpr bool kWs = kWarpSpecialized<T>;
     /* fp8 weights: twice the bytes a stage; T = 32 5 stages (2 CTAs/SM), 128 6 (not yet tuned) */
-    constexpr int S = kWt == kWtFp8 ? (T == 64 ? 8 : T == 32 ? 5 : 6) : kGroups<T> == 2 ? (T >= 16 ? 4 : 3) : 8;
+    constexpr int S = kWtTma<kWt> ? (T == 64 ? 8 : T == 32 ? 5 : 6) : kGroups<T> == 2 ? (T >= 16 ? 4 : 3) : 8;
     constexpr int threads = kWs ? kWsThreads : kThreads;
     constexpr auto kernel = kernel_of<T, kSa, kWt, S>();
     static_assert(kWs || kStageBar + S <= 16, "a named barrier per stage");
@@ -844,7 +851,7 @@ epmoe_status launch(const char *fn, const Problem &p, int sms, cudaStream_t stre
         return epmoe__fail(EPMOE_ERR_INTERNAL, "%s: the T = %d grid exceeds the launch counter's unit or its stream-K slots the workspace", fn, T);
     CUtensorMap tm, tmw = {};
     EPMOE_CHECK(tensor_map(fn, p.a, p.K, (int64_t)p.E * p.M, T, &tm));
-    if (kWt == kWtFp8) EPMOE_CHECK(tensor_map(fn, p.qw, p.K, (int64_t)p.E * p.N, W4_TILE_N, &tmw));
+    if (kWtTma<kWt>) EPMOE_CHECK(tensor_map(fn, p.qw, p.K, (int64_t)p.E * p.N, W4_TILE_N, &tmw));
     kernel<<<sms * per_sm, threads, smem, stream>>>(p, tm, tmw);
     return epmoe__launched(fn);
 }
@@ -951,4 +958,21 @@ extern "C" epmoe_status epmoe__fp8_block_gemm_launch(const epmoe_expert_gemm_arg
     if (em <= 32) return launch_fp8<32>(fn, p, sms, s);
     if (em <= 64) return launch_fp8<64>(fn, p, sms, s);
     return launch_fp8<128>(fn, p, sms, s);
+}
+
+/* The bf16 scheme's expert GEMM (epmoe_expert_gemm_cuda with BF16 weights, checked by the caller,
+** its limits included): bf16 weights [E, N, K] and tokens [E, M, K], both seen as rows of 2K bytes,
+** so a step is 64 elements of K; no scales, no workspace (whole items per CTA). */
+extern "C" epmoe_status epmoe__bf16_gemm_launch(const epmoe_expert_gemm_args *g, epmoe_stream_t stream) {
+    static const char fn[] = "epmoe_expert_gemm_cuda";
+    int sms;
+    EPMOE_CHECK(epmoe__need_device(fn, &sms));
+    Problem p = {};
+    p.qw = static_cast<const uint8_t *>(g->w.data);
+    set_common(p, g->w.E, g->w.N, 2 * g->w.K, g->M, g->masked_m, g->out, g->out_row_stride, g->out_expert_stride, g->a, nullptr, 0);
+    const int64_t em = g->expected_m > 0 ? g->expected_m : g->M;
+    cudaStream_t s = reinterpret_cast<cudaStream_t>(stream);
+    if (em <= 32) return launch<32, 0, kWtBf16>(fn, p, sms, s);
+    if (em <= 64) return launch<64, 0, kWtBf16>(fn, p, sms, s);
+    return launch<128, 0, kWtBf16>(fn, p, sms, s);
 }
