@@ -1,7 +1,8 @@
 /*
 ** expert_gemm.cu — masked grouped GEMM of the bf16 and w4a16 schemes, weights read in their
 ** checkpoint layout, and the one place every scheme's expert GEMM picks its kernel (the
-** w8a8-fp8-block scheme's runs on wgmma in w4a8_gemm.cu). Spec: epmoe_expert_gemm_ref.
+** w8a8-fp8-block scheme's runs on wgmma in w4a8_gemm.cu, and so does bf16 from 33 expected rows).
+** Spec: epmoe_expert_gemm_ref.
 **
 ** Swap-AB on mma.sync m16n8k16 (fp32 accumulation): weights are the A operand (16 rows per warp),
 ** the tokens of one expert are N (8 per n-tile). Operand types, per weight format:
@@ -272,6 +273,13 @@ template <int F, int kGroup = 128> epmoe_status launch(const Args &p, int64_t E,
 
 } // namespace
 
+/* bf16 from 33 expected rows runs the W4A8 kernels' wgmma (w4a8_gemm.cu: TMA boxes, SS bf16 k16).
+** DeepSeek-R1 W13 + W2, us, this kernel / wgmma / cuBLAS BF16 strided-batched (bench_w4a8, one
+** H200, 2026-12-01, two runs each): 1 row 632 / 662 / 680; 8 rows 643 / 672 / 690; 32 rows 707 /
+** 703-704 / 705; 128 rows 1693-1802 / 797-803 / 750; 1024 rows 15188-15387 / 5877-5941 / 4104. At
+** decode this kernel streams at 4460 GB/s, 4.5% ahead; from 128 rows wgmma is 2.1-2.6x faster. */
+constexpr int64_t kBf16WgmmaFrom = 33;
+
 extern "C" epmoe_status epmoe__fp8_block_gemm_launch(const epmoe_expert_gemm_args *g, epmoe_stream_t stream);
 extern "C" epmoe_status epmoe__bf16_gemm_launch(const epmoe_expert_gemm_args *g, epmoe_stream_t stream);
 
@@ -288,7 +296,8 @@ extern "C" epmoe_status epmoe__expert_gemm_launch(const epmoe_expert_gemm_args *
     cudaStream_t s = reinterpret_cast<cudaStream_t>(stream);
     const int64_t x = g->expected_m > 0 ? g->expected_m : g->M;
     switch (w.format) {
-    case EPMOE_WEIGHT_BF16: return epmoe__bf16_gemm_launch(g, stream); /* wgmma: w4a8_gemm.cu */
+    case EPMOE_WEIGHT_BF16: /* to 32 rows here, beyond on wgmma (kBf16WgmmaFrom) */
+        return x < kBf16WgmmaFrom ? launch<EPMOE_WEIGHT_BF16>(p, w.E, x, s) : epmoe__bf16_gemm_launch(g, stream);
     case EPMOE_WEIGHT_FP8_BLOCK: return epmoe__fp8_block_gemm_launch(g, stream); /* wgmma: w4a8_gemm.cu */
     default:
         return w.group == 32 ? launch<EPMOE_WEIGHT_INT4, 32>(p, w.E, x, s) : launch<EPMOE_WEIGHT_INT4, 128>(p, w.E, x, s);

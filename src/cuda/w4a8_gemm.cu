@@ -406,10 +406,10 @@ __device__ __forceinline__ void promote(const GroupScales<T, kSa> &gs, const flo
 }
 
 /* bf16 rows < masked_m of one finished item, then a fresh accumulator. */
-template <int T, int kSa>
+template <int T, int kSa, int kWt>
 __device__ __forceinline__ void epilogue(const Problem &p, const Item &it, float (&acc)[T / 2]) {
     const int lane = threadIdx.x & 31, row = acc_row<T>();
-    const float ts = kSa != 0 || !p.sa_tensor ? 1.0f : __ldg(p.sa_tensor); /* bf16 weights: no scale at all */
+    const float ts = kSa != 0 || kWt == kWtBf16 ? 1.0f : __ldg(p.sa_tensor); /* bf16 weights: no scale at all */
     uint16_t *out = p.out + (int64_t)it.e * p.expert_stride + (int64_t)it.nt * W4_TILE_N + row;
 #pragma unroll
     for (int jj = 0; jj < T / 8; jj++)
@@ -447,7 +447,7 @@ __device__ __forceinline__ void contribute_partial(const Problem &p, int r, uint
 }
 /* The range ends inside an item (cg != 0): contribute if the whole range lies inside it, else add
 ** the later ranges' partials in range order (deterministic) and finish the item. */
-template <int T, int kSa, class Sync>
+template <int T, int kSa, int kWt, class Sync>
 __device__ __forceinline__ void finish_range(const Problem &p, const int *prefix, const Range &rg, int r, int grid, int P, int steps,
                                              float (&acc)[T / 2], Sync sync) {
     const int tid = consumer_tid<T>();
@@ -469,7 +469,7 @@ __device__ __forceinline__ void finish_range(const Problem &p, const int *prefix
 #pragma unroll
         for (int i = 0; i < T / 2; i++) acc[i] += __ldcg(slot + i * kThreads + tid);
     }
-    epilogue<T, kSa>(p, find_item<T>(p, prefix, item), acc);
+    epilogue<T, kSa, kWt>(p, find_item<T>(p, prefix, item), acc);
 }
 /* The launch counter (a 64-bit word at p.sync): every CTA adds its share of kLaunchUnit at entry
 ** (the shares of one launch sum to it, whatever the grid) and reads what was there, so every CTA
@@ -642,12 +642,12 @@ w4a8_gemm_kernel(const __grid_constant__ Problem p, const __grid_constant__ CUte
             if (two) promote<T, kSa>(gs1, part1, acc);
             if ((cg += kG) >= p.G) { /* step j ended its item */
                 if (is_head<T>(rg, j, P)) contribute();
-                else epilogue<T, kSa>(p, find_item<T>(p, prefix, item_of(j)), acc);
+                else epilogue<T, kSa, kWt>(p, find_item<T>(p, prefix, item_of(j)), acc);
                 cg = kG * step_off<T>(rg, j + 1);
             }
         }
         W4_TRACE(2);
-        if (cg != 0) finish_range<T, kSa>(p, prefix, rg, r, grid, P, steps, acc, sync);
+        if (cg != 0) finish_range<T, kSa, kWt>(p, prefix, rg, r, grid, P, steps, acc, sync);
         cp_async_wait<0>();
     }
     __syncthreads(); /* no longer needed for the launch counter; removed only together with the warp-specialized kernel's, which then spilled */
@@ -767,12 +767,12 @@ w4a8_gemm_ws_kernel(const __grid_constant__ Problem p, const __grid_constant__ C
             if ((cg += two ? 2 : 1) >= p.G) { /* step j - 1 ended its item */
                 const int last = j - 1;
                 if (is_head<T>(rg, last, P)) contribute_partial<T>(p, r, rg.epoch, acc, sync);
-                else epilogue<T, kSa>(p, find_item<T>(p, prefix, step_item<T>(rg, r, grid, P, last)), acc);
+                else epilogue<T, kSa, kWt>(p, find_item<T>(p, prefix, step_item<T>(rg, r, grid, P, last)), acc);
                 cg = step_off<T>(rg, j);
             }
         }
         W4_TRACE_BY(2, 128);
-        if (cg != 0) finish_range<T, kSa>(p, prefix, rg, r, grid, P, steps, acc, sync);
+        if (cg != 0) finish_range<T, kSa, kWt>(p, prefix, rg, r, grid, P, steps, acc, sync);
     }
     __syncthreads(); /* without it ptxas spills in the T = 128 consumers (16-184 bytes) */
     W4_TRACE(3);
@@ -972,7 +972,6 @@ extern "C" epmoe_status epmoe__bf16_gemm_launch(const epmoe_expert_gemm_args *g,
     set_common(p, g->w.E, g->w.N, 2 * g->w.K, g->M, g->masked_m, g->out, g->out_row_stride, g->out_expert_stride, g->a, nullptr, 0);
     const int64_t em = g->expected_m > 0 ? g->expected_m : g->M;
     cudaStream_t s = reinterpret_cast<cudaStream_t>(stream);
-    if (em <= 32) return launch<32, 0, kWtBf16>(fn, p, sms, s);
-    if (em <= 64) return launch<64, 0, kWtBf16>(fn, p, sms, s);
+    if (em <= 64) return launch<64, 0, kWtBf16>(fn, p, sms, s); /* from 33 rows: expert_gemm.cu keeps fewer */
     return launch<128, 0, kWtBf16>(fn, p, sms, s);
 }
