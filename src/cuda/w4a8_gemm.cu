@@ -19,8 +19,8 @@
 ** copies (the 16 KB weight tiles of both groups, contiguous in the repacked layout; the 128 bf16
 ** scales of each), TMA tensor copies (T rows x 128 activation bytes per group, in wgmma's swizzle) and
 ** cp.async (the activation scales), completing on one mbarrier; S stages in flight. To T = 16
-** warp 0 also computes; T = 32, 64 and 128 have a producer warpgroup of their own and take steps in
-** pairs into two partials (kWarpSpecialized, w4a8_gemm_ws_kernel).
+** warp 0 also computes; T = 32, 64 and 128 have a producer warpgroup of their own, and T = 32 and
+** 128 take steps in pairs into two partials (kWarpSpecialized, kPairs, w4a8_gemm_ws_kernel).
 **
 ** Work: persistent CTAs. Each reads masked_m on the device (CUDA-graph safe) and counts m-tiles
 ** per expert with a warp scan; items (expert, n-tile, m-tile; empty experts have none) x K steps
@@ -103,6 +103,11 @@ constexpr int kConsumerBar = 1, kStageBar = 3;
 ** step, warp 0 also computing). At 1 CTA/SM (16 or 12 stages) it had been 6-9% slower, and T = 16
 ** warp-specialized at 2 CTAs/SM measured the same as the 256-thread kernel (204 us at 16 rows), which
 ** it keeps (bench_w4a8, DeepSeek-R1, H200, 2026-12-01).
+** T = 64 runs at 2 CTAs/SM too, one step at a time (kPairs): its accumulator, one partial and one
+** step's fragments fit the 104 registers where a pair's second partial and fragments would not.
+** Four computing warpgroups an SM, each waiting on its own step, beat two that pair their steps:
+** W13 + W2 at 40 and 64 rows 330-331 / 332 -> 298-299 / 303 us (1 CTA/SM with pairs; bench_w4a8,
+** DeepSeek-R1, H200, 2026-12-01). fp8-block and bf16 measured the same either way at T = 64.
 ** Pairs only: with four or eight groups in flight between full waits ptxas keeps every group's A
 ** fragments live and spills 38-100 registers (the lab's U = 4 and 8: 643 and 623 TFLOP/s).
 ** Splitting a step's tile into two token halves in two commit groups measured 5-6% slower (the A
@@ -110,14 +115,15 @@ constexpr int kConsumerBar = 1, kStageBar = 3;
 ** activations at T = 32 (512 threads, 1 CTA/SM: 2-6% slower at 32 rows); H200, 2026-11-30,
 ** branches w4-halves and w4-w2. */
 template <int T> constexpr bool kWarpSpecialized = T >= 32;
-template <int T> constexpr int kWsCtas = T <= 32 ? 2 : 1;
+template <int T> constexpr int kWsCtas = T <= 64 ? 2 : 1;
+template <int T> constexpr bool kPairs = T != 64; /* steps in pairs into two partials (see above) */
 constexpr int kWsThreads = 384; /* producer warpgroup + two consumer warpgroups */
 /* setmaxnreg: what the producer warpgroup keeps and each consumer thread gets. They must fit in what
 ** the CTA was given at launch (launch() checks ptxas's count: 1 CTA/SM 384 x 168 = 128 x 40 +
-** 256 x 232; T = 32 at 2 CTAs/SM 384 x 80 = 128 x 32 + 256 x 104), or the consumers'
+** 256 x 232; T = 32 and 64 at 2 CTAs/SM 384 x 80 = 128 x 32 + 256 x 104), or the consumers'
 ** setmaxnreg.inc would wait forever. */
-template <int T> constexpr int kWsProducerRegs = T <= 32 ? 32 : 40;
-template <int T> constexpr int kWsConsumerRegs = T <= 32 ? 104 : 232;
+template <int T> constexpr int kWsProducerRegs = kWsCtas<T> == 2 ? 32 : 40;
+template <int T> constexpr int kWsConsumerRegs = kWsCtas<T> == 2 ? 104 : 232;
 /* A consumer thread's index, 0..255: its fragments, weight rows and slot column. */
 template <int T> __device__ __forceinline__ int consumer_tid() { return (int)threadIdx.x - (kWarpSpecialized<T> ? 128 : 0); }
 /* The tile's weight row of the thread's accumulator rows 0 and 1 (row + 8 holds 2 and 3). */
@@ -662,7 +668,7 @@ w4a8_gemm_kernel(const __grid_constant__ Problem p, const __grid_constant__ CUte
 ** steps of one item goes out as two commit groups into two partials: the first is promoted while the
 ** second's wgmma run (wgmma.wait_group 1), in group order, so the fp32 operations and their bits are
 ** those of one group a step. A step with no partner in its item (the item's last when its range
-** has an odd count left) runs alone. */
+** has an odd count left) runs alone, and so does every step at T = 64 (kPairs). */
 template <int T, int kSa, int kWt, int S>
 __global__ void __launch_bounds__(kWsThreads, kWsCtas<T>)
 w4a8_gemm_ws_kernel(const __grid_constant__ Problem p, const __grid_constant__ CUtensorMap tm, const __grid_constant__ CUtensorMap tmw) {
@@ -748,7 +754,7 @@ w4a8_gemm_ws_kernel(const __grid_constant__ Problem p, const __grid_constant__ C
         };
 #pragma unroll 1
         for (int j = 0; j < steps;) {
-            const bool two = j + 1 < steps && cg + 1 < p.G; /* a partner in the same item */
+            const bool two = kPairs<T> && j + 1 < steps && cg + 1 < p.G; /* a partner in the same item */
             float part0[T / 2], part1[T / 2];
             uint32_t a0[4][4], a1[4][4];
             if (two) { /* straight-line: a branch between the commits and the waits makes ptxas add waits (C7517) */
@@ -820,12 +826,12 @@ epmoe_status launch(const char *fn, const Problem &p, int sms, cudaStream_t stre
     /* two groups a step: T = 8 3 stages, the bytes of 6 one-group stages (3 CTAs/SM, all the shared
     ** memory), 4 groups ahead of the consumer; T = 16 (2 CTAs/SM) 4 stages: 1% faster than 3 at
     ** 16 rows, 5 2% slower (DeepSeek-R1 W13 + W2, H200, 2026-11-30). Warp-specialized 8: at T = 32
-    ** (2 CTAs/SM) the bytes of the 4 two-group stages it had; at T = 64 and 128 (1 CTA/SM) the lab's
-    ** schedule ran 3% faster at 1024 rows than with 6 (w4a8_prefill_lab), and T = 64 1-2% faster than
-    ** with 12 at 40 and 64 rows (H200, 2026-12-01) */
+    ** (2 CTAs/SM) the bytes of the 4 two-group stages it had; at T = 128 (1 CTA/SM) the lab's
+    ** schedule ran 3% faster at 1024 rows than with 6 (w4a8_prefill_lab). T = 64 at 2 CTAs/SM: 6,
+    ** what fits (H200, 2026-12-01) */
     constexpr bool kWs = kWarpSpecialized<T>;
-    /* fp8 weights: twice the bytes a stage; T = 32 5 stages (2 CTAs/SM), 128 6 (not yet tuned) */
-    constexpr int S = kWtTma<kWt> ? (T == 64 ? 8 : T == 32 ? 5 : 6) : kGroups<T> == 2 ? (T >= 16 ? 4 : 3) : 8;
+    /* fp8 and bf16 weights: twice the bytes a stage; T = 32 5 stages and 64 3 (2 CTAs/SM), 128 6 */
+    constexpr int S = kWtTma<kWt> ? (T == 64 ? 3 : T == 32 ? 5 : 6) : kGroups<T> == 2 ? (T >= 16 ? 4 : 3) : T == 64 ? 6 : 8;
     constexpr int threads = kWs ? kWsThreads : kThreads;
     constexpr auto kernel = kernel_of<T, kSa, kWt, S>();
     static_assert(kWs || kStageBar + S <= 16, "a named barrier per stage");
