@@ -825,14 +825,15 @@ template <int T, int kSa, int kWt>
 epmoe_status launch(const char *fn, const Problem &p, int sms, cudaStream_t stream) {
     /* two groups a step: T = 8 3 stages, the bytes of 6 one-group stages (3 CTAs/SM, all the shared
     ** memory), 4 groups ahead of the consumer; T = 16 (2 CTAs/SM) 4 stages: 1% faster than 3 at
-    ** 16 rows, 5 2% slower (DeepSeek-R1 W13 + W2, H200, 2026-11-30). Warp-specialized 8: at T = 32
-    ** (2 CTAs/SM) the bytes of the 4 two-group stages it had; at T = 128 (1 CTA/SM) the lab's
-    ** schedule ran 3% faster at 1024 rows than with 6 (w4a8_prefill_lab). T = 64 at 2 CTAs/SM: 4,
-    ** 1.5% faster than 6 (what fits) at 40 and 64 rows (H200, 2026-12-01) */
+    ** 16 rows, 5 2% slower (DeepSeek-R1 W13 + W2, H200, 2026-11-30). Warp-specialized, one group a
+    ** stage: T = 32 (2 CTAs/SM) 5, 1.5-2.5% faster at 20 and 32 rows than the 8 it had, 4 and 6 the
+    ** same as 5; T = 64 (2 CTAs/SM) 4, 1.5% faster at 40 and 64 rows than 6 (what fits) and than 3;
+    ** T = 128 (1 CTA/SM) 8: the lab's schedule ran 3% faster at 1024 rows than with 6
+    ** (w4a8_prefill_lab; H200, 2026-12-01) */
     constexpr bool kWs = kWarpSpecialized<T>;
     /* fp8 and bf16 weights: twice the bytes a stage; T = 32 5 stages and 64 3 (2 CTAs/SM), 128 6 (4
     ** at T = 64 and 5 at 128 measured the same or 0.5% slower, 2026-12-01) */
-    constexpr int S = kWtTma<kWt> ? (T == 64 ? 3 : T == 32 ? 5 : 6) : kGroups<T> == 2 ? (T >= 16 ? 4 : 3) : T == 64 ? 4 : 8;
+    constexpr int S = kWtTma<kWt> ? (T == 64 ? 3 : T == 32 ? 5 : 6) : kGroups<T> == 2 ? (T >= 16 ? 4 : 3) : T == 64 ? 4 : T == 32 ? 5 : 8;
     constexpr int threads = kWs ? kWsThreads : kThreads;
     constexpr auto kernel = kernel_of<T, kSa, kWt, S>();
     static_assert(kWs || kStageBar + S <= 16, "a named barrier per stage");
