@@ -2,7 +2,8 @@
 ** w4a8_gemm.cu — masked grouped GEMM, int4 weights x fp8 activations -> bf16, on Hopper wgmma.
 ** Spec: epmoe_w4a8_gemm_ref. Weight layout and conversion: w4a8_layout.h. The same kernels run
 ** the fp8-block scheme's expert GEMM (fp8 weights with 128 x 128 block scales, read by the tensor
-** cores from shared memory: kWt; spec epmoe_expert_gemm_ref).
+** cores from shared memory: kWt; spec epmoe_expert_gemm_ref), and the bf16 scheme's from 33 rows
+** (bf16 weights and tokens, no scales).
 **
 ** Swap-AB: weights are wgmma's A operand (64 rows per warpgroup, converted in registers: 3
 ** integer ops per 8 weights), the tokens of one expert are N (tile T = 8..128, from expected_m).
