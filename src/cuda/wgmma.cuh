@@ -2,7 +2,8 @@
 ** wgmma.cuh — the Hopper (sm_90a) asynchronous tensor-core instructions the W4A8 GEMM uses:
 ** the async-proxy fence, mbarrier bulk and tensor (TMA) copies, named barriers, shared-memory
 ** matrix descriptors, and wgmma m64nNk32 e4m3 with the A operand in registers (RS form), one
-** specialization per token tile N; the SS form (both operands in shared memory) for fp8 weights.
+** specialization per token tile N; the SS form (both operands in shared memory) for fp8 and bf16
+** weights.
 **
 ** Descriptor: K-major B operand in the 128-byte swizzle (sw128_desc).
 */
@@ -146,15 +147,10 @@ template <> __device__ __forceinline__ void wgmma_ss<128>(float (&d)[64], uint64
 }
 
 /* bf16 x bf16 (k16: the same 32 bytes of K a k-step as fp8's k32), both operands by descriptor,
-** K-major (imm-trans-a = imm-trans-b = 0): bf16 weights straight from their TMA tile. */
+** K-major (imm-trans-a = imm-trans-b = 0): bf16 weights straight from their TMA tile. Tiles of 64
+** and 128 tokens: to 32 rows bf16 runs the mma.sync kernel (expert_gemm.cu). */
 template <int N>
 __device__ __forceinline__ void wgmma_ss_bf16(float (&d)[N / 2], uint64_t adesc, uint64_t bdesc, int scale_d);
-template <> __device__ __forceinline__ void wgmma_ss_bf16<32>(float (&d)[16], uint64_t adesc, uint64_t bdesc, int scale_d) {
-    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %18, 0;\n"
-                 "wgmma.mma_async.sync.aligned.m64n32k16.f32.bf16.bf16 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15}, %16, %17, p, 1, 1, 0, 0;\n}\n"
-                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15])
-                 : "l"(adesc), "l"(bdesc), "r"(scale_d));
-}
 template <> __device__ __forceinline__ void wgmma_ss_bf16<64>(float (&d)[32], uint64_t adesc, uint64_t bdesc, int scale_d) {
     asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"
                  "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, %32, %33, p, 1, 1, 0, 0;\n}\n"
