@@ -168,11 +168,11 @@ static void test_gemm_cases(test_rng *r) {
     };
     for (size_t i = 0; i < sizeof waves / sizeof waves[0]; i++) run_case(r, &waves[i]);
     /* T = 128, 64 and 32 (the warp-specialized kernel) with several steps a CTA: its steps go in pairs
-    ** within an item, a step without a partner alone, and stream-K ranges begin and end inside items
-    ** at odd and even offsets; {5, 2048, 256, 512} takes a whole wave of items first. 18, 9 and 2
-    ** groups an item; every scale format and per-tensor. The cases above have at most one step a
-    ** CTA at T = 128, and two groups an item at T = 64. T = 32 runs 2 CTAs/SM (264 on an H200):
-    ** 6.5, 2.2 and 1.6 steps a CTA below. */
+    ** within an item (T = 64: one at a time), a step without a partner alone, and stream-K ranges
+    ** begin and end inside items at odd and even offsets; {5, 2048, 256, 512} takes a whole wave of
+    ** items first. 18, 9 and 2 groups an item; every scale format and per-tensor. The cases above
+    ** have at most one step a CTA at T = 128, and two groups an item at T = 64. T = 32 and 64 run 2
+    ** CTAs/SM (264 on an H200): 6.5, 2.2 and 1.6 steps a CTA below at T = 32. */
     const gcase pairs[] = {
         {2, 512, 2304, 256, 5, 1, 0, 128, 0},  {2, 512, 2304, 200, 4, 3, 1, 128, 0},
         {3, 1024, 1152, 256, 5, 0, 1, 128, 0}, {3, 1024, 1152, 130, 5, 2, 0, 128, 0},
