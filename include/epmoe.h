@@ -224,7 +224,9 @@ typedef struct epmoe_w4a8_gemm_args {
     uint16_t *out;               /* bf16: (e, m, n) at out[e * out_expert_stride + m * out_row_stride + n] */
     int64_t out_row_stride;      /* elements, >= N */
     int64_t out_expert_stride;   /* elements, >= (M - 1) * out_row_stride + N (experts must not overlap) */
-    int64_t expected_m;          /* hint: typical rows per expert (0: derive from M); picks the tile */
+    int64_t expected_m;          /* hint: typical rows per expert (0: derive from M); picks the tile.
+                                    Results are deterministic for a given hint and device; another
+                                    tile (or SM count) may round the last bit differently */
     void *workspace;             /* _cuda: epmoe_w4a8_gemm_workspace() bytes on the same device, 256-byte
                                  ** aligned, zeroed once after allocation (it keeps a launch counter and
                                  ** flags between calls; nothing else may write it). One GEMM at a time per
@@ -310,7 +312,10 @@ typedef struct epmoe_expert_gemm_args {
                                     16-byte aligned for _cuda */
     int64_t out_row_stride;      /* elements, >= N, a multiple of 8 */
     int64_t out_expert_stride;   /* elements, >= (M - 1) * out_row_stride + N, a multiple of 8 */
-    int64_t expected_m;          /* hint: typical rows per expert (0: M); picks the token tile */
+    int64_t expected_m;          /* hint: typical rows per expert (0: M); picks the token tile, and for
+                                    BF16 the kernel (mma.sync to 32, wgmma beyond): as in
+                                    epmoe_w4a8_gemm_args, another tile may round the last bit
+                                    differently, within the same bound */
 } epmoe_expert_gemm_args;
 EPMOE_API epmoe_status epmoe_expert_gemm_cuda(const epmoe_expert_gemm_args *args, epmoe_stream_t stream);
 EPMOE_API epmoe_status epmoe_expert_gemm_ref(const epmoe_expert_gemm_args *args);

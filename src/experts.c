@@ -83,7 +83,9 @@ static epmoe_status check_out(const char *fn, int64_t E, int64_t M, int64_t N, c
 
 /* fp8-block and bf16 run the wgmma GEMM (w4a8_gemm.cu, tiles of 32 tokens and more, weights by
 ** TMA): its 32-bit limits, checked with the arguments so that an MLP fails before it launches
-** anything. The mma.sync kernel of int4 and the references have none. */
+** anything. bf16 is checked whichever kernel its expected rows pick (mma.sync to 32 rows, which has
+** no such limit): reaching them takes operands of 512 GB or more. The mma.sync kernel of int4 and
+** the references have none. */
 static epmoe_status check_gpu_limits(const char *fn, const epmoe_expert_weights *w, int64_t M) {
     return w->format != EPMOE_WEIGHT_INT4 ? epmoe__check_wgmma_limits(fn, w->E, M, w->N, 32, 1) : EPMOE_OK;
 }

@@ -185,7 +185,7 @@ static epmoe_status check_acts(const char *fn, int64_t E, int64_t M, int64_t K, 
 /* The wgmma GEMM (w4a8_gemm.cu) counts its work items (expert, 128-row weight tile, token tile of
 ** min_tile or more) in 32 bits: a 64-bit division at each item change cost 1-3% (find_item; H200
 ** 2026-11-30). Its TMA tensor maps address rows with 32-bit signed coordinates: the activations'
-** E * M, and with tma_weights (fp8-block's checkpoint weights) the weights' E * N. */
+** E * M, and with tma_weights (fp8-block's and bf16's checkpoint weights) the weights' E * N. */
 epmoe_status epmoe__check_wgmma_limits(const char *fn, int64_t E, int64_t M, int64_t N, int min_tile, int tma_weights) {
     if ((double)E * (double)((M + min_tile - 1) / min_tile) * (double)(N / W4_TILE_N) >= 2147483648.0)
         return epmoe__fail(EPMOE_ERR_INVALID_ARG,

@@ -27,7 +27,7 @@
 ** per expert with a warp scan; items (expert, n-tile, m-tile; empty experts have none) x K steps
 ** form one step sequence. T >= 64 deals whole waves of items round-robin first (L2 reuse,
 ** kDataParallel); the rest is split into equal ranges per CTA (stream-K, see the kernel), or,
-** with no workspace for the partials (the fp8-block entry), into ranges of whole items.
+** with no workspace for the partials (the fp8-block and bf16 entries), into ranges of whole items.
 */
 #include <cstddef> /* offsetof */
 #include <cuda.h>   /* CUtensorMap */
@@ -71,7 +71,7 @@ __device__ __forceinline__ void trace_point(int pt, int slot, int lead) {
 
 /* K groups per pipeline step: two to kPairedT tokens, both groups' 8 wgmma in flight into two
 ** partials, one commit, one wait. Larger tiles take one group a step (the warp-specialized kernel
-** pairs steps instead): in the 256-thread kernel a second partial and 16 more fragment registers
+** pairs steps instead, at T = 32 and 128): in the 256-thread kernel a second partial and 16 more fragment registers
 ** spilled (T = 64 at its 128 registers, T = 128 at 255), and two groups one after the other
 ** measured 3-8% slower at 128-1024 rows (fewer stages in the same bytes; bench_w4a8, H200,
 ** 2026-11-30). Registers with pairs (ptxas -v, CUDA 13.0): T = 8 71-79, 16
@@ -92,15 +92,15 @@ constexpr int kProducerWarp = 0;
 ** lane's arrival that racecheck cannot follow). */
 constexpr int kConsumerBar = 1, kStageBar = 3;
 /* T = 32, 64 and 128 run warp-specialized (w4a8_gemm_ws_kernel): a producer warpgroup that
-** gives its registers to the two consumer warpgroups (setmaxnreg), and each consumer takes
-** an item's steps in pairs into two partials, promoting the first while the second's wgmma run. The
-** 256-thread kernel at T = 128 (warp 0 also the producer, one partial, the warpgroups taking turns
+** gives its registers to the two consumer warpgroups (setmaxnreg), and at T = 32 and 128 each
+** consumer takes an item's steps in pairs into two partials (kPairs), promoting the first while the
+** second's wgmma run. The 256-thread kernel at T = 128 (warp 0 also the producer, one partial, the warpgroups taking turns
 ** at the tensor cores) ran W13 at 1024 rows at 620-655 TFLOP/s in mode (a), 833 in mode (b), this
 ** one 828-836 and 1062-1092; at T = 64 (2 CTAs/SM there) W13 + W2 at 40 and 64 rows went 351-356
 ** -> 328-332 us (bench_w4a8, DeepSeek-R1, H200, 2026-12-01).
-** T = 32 runs it at 2 CTAs/SM (kWsCtas: 80 registers a thread at launch, 32 / 104 after setmaxnreg,
-** 8 one-group stages a CTA), so an SM keeps four computing warpgroups, as the 256-thread kernel
-** did: W13 + W2 at 20 and 32 rows 228-231 -> 218-224 us against that kernel (2 CTAs/SM, two groups a
+** T = 32 runs it at 2 CTAs/SM (kWsCtas: 80 registers a thread at launch, 32 / 104 after setmaxnreg;
+** 8 one-group stages a CTA then, 5 since), so an SM keeps four computing warpgroups, as the
+** 256-thread kernel did: W13 + W2 at 20 and 32 rows 228-231 -> 218-224 us against that kernel (2 CTAs/SM, two groups a
 ** step, warp 0 also computing). At 1 CTA/SM (16 or 12 stages) it had been 6-9% slower, and T = 16
 ** warp-specialized at 2 CTAs/SM measured the same as the 256-thread kernel (204 us at 16 rows), which
 ** it keeps (bench_w4a8, DeepSeek-R1, H200, 2026-12-01).
@@ -149,7 +149,7 @@ template <int kWt> constexpr int kWGroupBytes = kWtTma<kWt> ? W4_TILE_N * W4_GRO
 ** item's last) leaves the [1] halves stale. */
 template <int T, int kWt> struct alignas(1024) Stage {
     uint8_t w[kGroups<T>][kWGroupBytes<kWt>]; /* int4: the threads' fragments, [half][thread][16] (w4a8_layout.h);
-                                                 fp8: 128 rows x 128 bytes in the 128-byte swizzle */
+                                                 fp8, bf16: 128 rows x 128 bytes in the 128-byte swizzle */
     uint8_t a[kGroups<T>][T][128];          /* activations: token t's 128 bytes of the group, 16-byte chunk c
                                                at (c ^ t % 8) * 16 (the 128-byte swizzle of TMA and wgmma) */
     uint16_t sw[kGroups<T>][W4_TILE_N];     /* weight scales of the tile's rows, bf16 (2^9 folded in); 256
@@ -246,7 +246,7 @@ template <int T, int kSa, int kWt> struct Producer {
     const uint8_t *w;
     const uint16_t *sw;
     const float *bs;   /* fp8: the block scale of (tile, g) */
-    int wrow;          /* fp8: the tile's first row in the weights' tensor map: e * N + nt * 128 */
+    int wrow;          /* fp8, bf16: the tile's first row in the weights' tensor map: e * N + nt * 128 */
     const uint8_t *sa; /* the 4-byte word holding scale (lane's token, g) */
     int g;             /* the step's first group (even) */
     int row;           /* the tile's first activation row in the tensor map: e * M + mt * T */
@@ -787,13 +787,13 @@ w4a8_gemm_ws_kernel(const __grid_constant__ Problem p, const __grid_constant__ C
 
 /* Workspace: [launch counter: 8 bytes, in 256 B][flags: one word per CTA][slots: (T/2) x 256 floats per CTA].
 ** Bounds over every tile: at most kMaxCtasPerSm CTAs per SM and 64 KB of slots per SM (T = 128 at
-** 1 CTA/SM: (T/2) * 256 * 4 bytes each). */
+** 1 CTA/SM, T = 64 at 2: (T/2) * 256 * 4 bytes each; launch() asserts it). */
 constexpr int kMaxCtasPerSm = 8;
 constexpr size_t kSlotBytesPerSm = 64 * 1024;
 size_t flags_bytes(int sms) { return ((size_t)sms * kMaxCtasPerSm * 4 + 255) / 256 * 256; }
 
 /* A [rows, K bytes] matrix as a TMA tensor: box_rows x 128-byte boxes in the 128-byte swizzle, zero
-** past the last row. The activations [E * M, K] (T-row boxes) and fp8 weights [E * N, K] (128-row
+** past the last row. The activations [E * M, K] (T-row boxes) and fp8 or bf16 weights [E * N, K] (128-row
 ** boxes). cuTensorMapEncodeTiled is a driver entry point: taken through the runtime, so the library
 ** links no libcuda. */
 epmoe_status tensor_map(const char *fn, const void *base, int64_t K, int64_t rows, int box_rows, CUtensorMap *tm) {
@@ -838,6 +838,8 @@ epmoe_status launch(const char *fn, const Problem &p, int sms, cudaStream_t stre
     constexpr int threads = kWs ? kWsThreads : kThreads;
     constexpr auto kernel = kernel_of<T, kSa, kWt, S>();
     static_assert(kWs || kStageBar + S <= 16, "a named barrier per stage");
+    static_assert((size_t)(kWs ? kWsCtas<T> : T <= 8 ? 3 : 2) * (T / 2) * kThreads * sizeof(float) <= kSlotBytesPerSm,
+                  "the stream-K slots of an SM's CTAs (at the designed occupancy) fit the workspace's share");
     const size_t smem = 1024 + S * (sizeof(Stage<T, kWt>) + (kWs ? 2 : 1) * sizeof(uint64_t)) + sizeof(Range) + (size_t)(p.E + 1) * sizeof(int);
     cudaError_t err = grow_smem_attr<kernel>(smem);
     int per_sm = 0;

@@ -433,11 +433,14 @@ int main(void) {
             }
         }
         /* More work items (expert, 128 weight rows, token tile) than the persistent grid has CTAs
-        ** (132 SMs: 264 at 32-token tiles, 132 at 64 and 128): each CTA walks several, and from 64
-        ** whole waves go round-robin before the rest. Expected rows 8, 48 and 200 take every tile of
-        ** the wgmma kernels (fp8-block 32, 64, 128; bf16 its mma.sync decode tile, 64, 128) */
+        ** (132 SMs: 264 at 32- and 64-token tiles, 132 at 128): each CTA walks several, and from 64
+        ** tokens, with more than two items a CTA, whole waves go round-robin before the rest. Expected
+        ** rows 8, 48 and 200 take every tile of the wgmma kernels (fp8-block 32, 64, 128; bf16 its
+        ** mma.sync decode tile, 64, 128): 288 items at 48 (one a CTA, then whole-item ranges), 576 at
+        ** 48 with E = 12 (a wave first) */
         const gcase many[] = {{f, gr, EPMOE_SCALE_F32_ROW, 6, 6144, 256, 40, 4, 0, 8},
                               {f, gr, EPMOE_SCALE_F32_ROW, 6, 6144, 256, 40, 3, 0, 48},
+                              {f, gr, EPMOE_SCALE_UE8M0_ROW, 12, 6144, 256, 40, 3, 0, 48},
                               {f, gr, EPMOE_SCALE_UE8M0_MMAJOR, 8, 4096, 256, 200, 3, 0, 0}};
         for (size_t i = 0; i < sizeof many / sizeof many[0] && !quick; i++) run_gemm(&r, &many[i]);
     }
