@@ -20,8 +20,8 @@
 ** copies (the 16 KB weight tiles of both groups, contiguous in the repacked layout; the 128 bf16
 ** scales of each), TMA tensor copies (T rows x 128 activation bytes per group, in wgmma's swizzle) and
 ** cp.async (the activation scales), completing on one mbarrier; S stages in flight. To T = 16
-** warp 0 also computes; T = 32, 64 and 128 have a producer warpgroup of their own, and T = 32 and
-** 128 take steps in pairs into two partials (kWarpSpecialized, kPairs, w4a8_gemm_ws_kernel).
+** warp 0 also computes; T = 32, 40, 48, 56, 64 and 128 have a producer warpgroup of their own, and
+** T = 32 and 128 take steps in pairs into two partials (kWarpSpecialized, kPairs, w4a8_gemm_ws_kernel).
 **
 ** Work: persistent CTAs. Each reads masked_m on the device (CUDA-graph safe) and counts m-tiles
 ** per expert with a warp scan; items (expert, n-tile, m-tile; empty experts have none) x K steps
@@ -109,6 +109,11 @@ constexpr int kConsumerBar = 1, kStageBar = 3;
 ** Four computing warpgroups an SM, each waiting on its own step, beat two that pair their steps:
 ** W13 + W2 at 40 and 64 rows 330-331 / 332 -> 298-299 / 303 us (1 CTA/SM with pairs; bench_w4a8,
 ** DeepSeek-R1, H200, 2026-12-01). fp8-block and bf16 measured the same either way at T = 64.
+** T = 40, 48 and 56 (int4 only: 33-40, 41-48, 49-56 rows) run as T = 64 does (2 CTAs/SM, one step at
+** a time, 4 stages, whole waves first: kDataParallel), with 5/8, 3/4 and 7/8 of its tensor and
+** promotion work, which bound these sizes: W13 + W2 at 33-40 rows 286-287 -> 234-236 us, 48 rows
+** 289 -> 250-251, 56 rows 291-292 -> 273 (DeepSeek-R1, H200, 2026-12-01). T = 48 measured 1% slower
+** without the whole waves first and 2-3% slower at 6 stages.
 ** Pairs only: with four or eight groups in flight between full waits ptxas keeps every group's A
 ** fragments live and spills 38-100 registers (the lab's U = 4 and 8: 643 and 623 TFLOP/s).
 ** Splitting a step's tile into two token halves in two commit groups measured 5-6% slower (the A
@@ -117,7 +122,7 @@ constexpr int kConsumerBar = 1, kStageBar = 3;
 ** branches w4-halves and w4-w2. */
 template <int T> constexpr bool kWarpSpecialized = T >= 32;
 template <int T> constexpr int kWsCtas = T <= 64 ? 2 : 1;
-template <int T> constexpr bool kPairs = T != 64; /* steps in pairs into two partials (see above) */
+template <int T> constexpr bool kPairs = T == 32 || T == 128; /* steps in pairs into two partials (see above) */
 constexpr int kWsThreads = 384; /* producer warpgroup + two consumer warpgroups */
 /* setmaxnreg: what the producer warpgroup keeps and each consumer thread gets. They must fit in what
 ** the CTA was given at launch (launch() checks ptxas's count: 1 CTA/SM 384 x 168 = 128 x 40 +
@@ -189,7 +194,7 @@ struct Item {
 ** 95% (Nsight Compute, W13 DeepSeek-R1, H200 2026-11-30). In a wave the 132 CTAs share weight tiles
 ** and activation tiles through L2: L2 hit rate 90%, DRAM 7% busy; W13 + W2 at 1024 rows 5030 ->
 ** 4660 us. Decode tiles read each weight once either way. */
-template <int T> constexpr bool kDataParallel = T >= 64;
+template <int T> constexpr bool kDataParallel = T >= 40;
 
 /* A CTA's work, in shared memory (see the kernel's note on registers): dp steps of whole items
 ** (waves x P: items w * grid + r), then its stream-K range of the tail items. */
@@ -833,8 +838,9 @@ epmoe_status launch(const char *fn, const Problem &p, int sms, cudaStream_t stre
     ** (w4a8_prefill_lab; H200, 2026-12-01) */
     constexpr bool kWs = kWarpSpecialized<T>;
     /* fp8 and bf16 weights: twice the bytes a stage; T = 32 5 stages and 64 3 (2 CTAs/SM), 128 6 (4
-    ** at T = 64 and 5 at 128 measured the same or 0.5% slower, 2026-12-01) */
-    constexpr int S = kWtTma<kWt> ? (T == 64 ? 3 : T == 32 ? 5 : 6) : kGroups<T> == 2 ? (T >= 16 ? 4 : 3) : T == 64 ? 4 : T == 32 ? 5 : 8;
+    ** at T = 64 and 5 at 128 measured the same or 0.5% slower, 2026-12-01). int4 at T = 40-64: 4 (see
+    ** kWsCtas). */
+    constexpr int S = kWtTma<kWt> ? (T == 64 ? 3 : T == 32 ? 5 : 6) : kGroups<T> == 2 ? (T >= 16 ? 4 : 3) : T > 32 && T <= 64 ? 4 : T == 32 ? 5 : 8;
     constexpr int threads = kWs ? kWsThreads : kThreads;
     constexpr auto kernel = kernel_of<T, kSa, kWt, S>();
     static_assert(kWs || kStageBar + S <= 16, "a named barrier per stage");
@@ -945,6 +951,9 @@ extern "C" epmoe_status epmoe_w4a8_gemm_cuda(const epmoe_w4a8_gemm_args *g, epmo
     if (em <= 8) return pick_mode<8>(fn, p, group, full, sms, s);
     if (em <= 16) return pick_mode<16>(fn, p, group, full, sms, s);
     if (em <= 32) return pick_mode<32>(fn, p, group, full, sms, s);
+    if (em <= 40) return pick_mode<40>(fn, p, group, full, sms, s);
+    if (em <= 48) return pick_mode<48>(fn, p, group, full, sms, s); /* (see kWsCtas: T = 40-56 measured) */
+    if (em <= 56) return pick_mode<56>(fn, p, group, full, sms, s);
     if (em <= 64) return pick_mode<64>(fn, p, group, full, sms, s);
     return pick_mode<128>(fn, p, group, full, sms, s);
 }

@@ -142,8 +142,8 @@ static void run_case(test_rng *r, const gcase *c) {
 
 static void test_gemm_cases(test_rng *r) {
     /* every tile instance x mode x encoding on one small shape */
-    const int64_t ems[] = {1, 16, 32, 64, 128};
-    for (int t = 0; t < 5; t++)
+    const int64_t ems[] = {1, 16, 32, 40, 48, 56, 64, 128};
+    for (int t = 0; t < 8; t++)
         for (int mode = 0; mode < 5; mode++) {
             gcase c = {3, 256, 384, quick ? 40 : 150, 4, mode, (t + mode) & 1, ems[t], 0};
             run_case(r, &c);
@@ -159,11 +159,13 @@ static void test_gemm_cases(test_rng *r) {
         if (quick && more[i].K > 1024) continue;
         run_case(r, &more[i]);
     }
-    /* T = 64 and 128 with more than two waves of items: whole waves round-robin, then the
-    ** stream-K tail (kDataParallel in w4a8_gemm.cu); skewed rows leave empty experts in the waves */
+    /* T = 40, 64 and 128 with more than two waves of items: whole waves round-robin, then the
+    ** stream-K tail (kDataParallel in w4a8_gemm.cu); skewed rows leave empty experts in the waves.
+    ** T = 40: 8 x 16 x 5 = 640 items, the last m-tile part-filled (190 rows) */
     const gcase waves[] = {
         {8, 2048, 128, 640, 5, 1, 0, 128, 0},
         {8, 2048, 256, 320, 5, 2, 1, 64, 0},
+        {8, 2048, 256, 190, 5, 3, 0, 40, 0},
         {16, 1024, 128, 512, 4, 0, 0, 128, 0},
     };
     for (size_t i = 0; i < sizeof waves / sizeof waves[0]; i++) run_case(r, &waves[i]);
@@ -171,18 +173,20 @@ static void test_gemm_cases(test_rng *r) {
     ** within an item (T = 64: one at a time), a step without a partner alone, and stream-K ranges
     ** begin and end inside items at odd and even offsets; {5, 2048, 256, 512} takes a whole wave of
     ** items first. 18, 9 and 2 groups an item; every scale format and per-tensor. The cases above
-    ** have at most one step a CTA at T = 128, and two groups an item at T = 64. T = 32 and 64 run 2
-    ** CTAs/SM (264 on an H200): 6.5, 2.2 and 1.6 steps a CTA below at T = 32. */
+    ** have at most one step a CTA at T = 128, and two groups an item at T = 64. T = 32 to 64 run 2
+    ** CTAs/SM (264 on an H200): 6.5, 2.2 and 1.6 steps a CTA below at T = 32; at 40, 48 and 56 (one
+    ** step at a time, as at 64) up to 3.3, with part-filled last m-tiles (79 and 111 rows). */
     const gcase pairs[] = {
         {2, 512, 2304, 256, 5, 1, 0, 128, 0},  {2, 512, 2304, 200, 4, 3, 1, 128, 0},
         {3, 1024, 1152, 256, 5, 0, 1, 128, 0}, {3, 1024, 1152, 130, 5, 2, 0, 128, 0},
         {2, 1536, 1152, 256, 5, 4, 0, 128, 0}, {5, 2048, 256, 512, 5, 1, 0, 128, 0},
         {2, 512, 2304, 192, 5, 1, 0, 64, 0},   {3, 1024, 1152, 100, 4, 2, 1, 64, 0},
         {3, 2048, 2304, 64, 5, 1, 0, 32, 0},   {4, 1024, 1152, 40, 4, 2, 1, 32, 0},
-        {2, 1536, 2304, 32, 5, 4, 0, 32, 0},
+        {2, 1536, 2304, 32, 5, 4, 0, 32, 0},   {3, 2048, 1152, 96, 4, 2, 1, 48, 0},
+        {3, 2048, 1152, 79, 5, 1, 0, 40, 0},   {2, 1536, 2304, 111, 4, 0, 1, 56, 0},
     };
     for (size_t i = 0; i < sizeof pairs / sizeof pairs[0]; i++)
-        if (!quick || i < 2 || i == 6 || i == 8) run_case(r, &pairs[i]);
+        if (!quick || i < 2 || i == 6 || i == 8 || i >= 11) run_case(r, &pairs[i]);
     /* T = 8, 16 and 32 with items of 18, 9 and 5 groups (two groups a step at T = 8 and 16, so an
     ** item's last step has one when G is odd; pairs of steps and a single one at T = 32), skewed rows,
     ** and, last, 8 m-tiles an expert: 1024 items of 18 groups over the CTAs' stream-K ranges. */
