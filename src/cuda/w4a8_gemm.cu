@@ -7,6 +7,7 @@
 **
 ** Swap-AB: weights are wgmma's A operand (64 rows per warpgroup, converted in registers: 3
 ** integer ops per 8 weights), the tokens of one expert are N (tile T = 8..128, from expected_m).
+** (fp8 weights at T = 128 the other way round: tokens as M, kTokM.)
 ** Two (computing) warpgroups of a CTA own 128 weight rows x T tokens and walk K in 128-wide groups, two
 ** per pipeline step to T = 16 (groups 2s and 2s + 1; the last step of an item has one when K/128
 ** is odd), one for larger tiles (kGroups).
@@ -132,7 +133,8 @@ template <int T> constexpr int kWsProducerRegs = kWsCtas<T> == 2 ? 32 : 40;
 template <int T> constexpr int kWsConsumerRegs = kWsCtas<T> == 2 ? 104 : 232;
 /* A consumer thread's index, 0..255: its fragments, weight rows and slot column. */
 template <int T> __device__ __forceinline__ int consumer_tid() { return (int)threadIdx.x - (kWarpSpecialized<T> ? 128 : 0); }
-/* The tile's weight row of the thread's accumulator rows 0 and 1 (row + 8 holds 2 and 3). */
+/* The tile's weight row of the thread's accumulator rows 0 and 1 (row + 8 holds 2 and 3); with
+** tokens as M (kTokM) the tile's token. */
 template <int T> __device__ __forceinline__ int acc_row() {
     const int tid = consumer_tid<T>();
     return (tid >> 7) * 64 + ((tid >> 5) & 3) * 16 + ((tid & 31) >> 2);
@@ -149,6 +151,16 @@ template <int T> __device__ __forceinline__ int acc_row() {
 constexpr int kWtInt4 = 0, kWtInt4Full = 1, kWtFp8 = 2, kWtBf16 = 3;
 template <int kWt> constexpr bool kWtTma = kWt >= kWtFp8; /* weights by TMA box, read by wgmma SS */
 template <int kWt> constexpr int kWGroupBytes = kWtTma<kWt> ? W4_TILE_N * W4_GROUP : W4_TILE_BYTES;
+/* Tokens as wgmma's M (kTokM): at T = 128 the fp8 weights need no registers, so either operand can
+** be A. With the tile's 128 tokens as M (64 per warpgroup) and its 128 weight rows as N, a thread's
+** accumulator holds 2 tokens x 32 weight rows instead of 2 weight rows x 32 tokens: the promotion
+** needs 2 activation scales a group instead of T / 4 (one FMA an element either way), and the
+** epilogue writes pairs of adjacent bf16. (The DeepGEMM layout; the same shared-memory reads.)
+** fp8-block W13 + W2 at 128 / 256 / 1024 rows: 464-467 / 969-976 / 3455-3471 -> 430 / 872-877 /
+** 3177-3217 us. bf16 weights (no promotion) measured 1-3% slower this way, so they keep weights as M
+** (DeepSeek-R1, H200, same call, 2026-12-01). */
+template <int T, int kWt> constexpr bool kTokM = kWt == kWtFp8 && T == 128;
+static_assert(W4_TILE_N == 128, "kTokM: the weight tile is wgmma's N = 128 = T, so part[T / 2] and wgmma_ss<T> hold");
 
 /* One step's groups, [h] = group kGroups * s + h. A step with one group of two (K/128 odd, the
 ** item's last) leaves the [1] halves stale. */
@@ -357,7 +369,11 @@ __device__ __forceinline__ void convert(const Stage<T, kWt> &s, int h, uint32_t 
 template <int T, int kWt>
 __device__ __forceinline__ void mma_group(const Stage<T, kWt> &s, int h, const uint32_t (&a)[4][4], float (&part)[T / 2]) {
     const uint32_t lo = sw128_desc_lo(&s.a[h][0][0]);
-    if constexpr (kWtTma<kWt>) { /* the warpgroup's 64 rows: 8 KB into the tile, whole swizzle atoms */
+    if constexpr (kTokM<T, kWt>) { /* A: the warpgroup's 64 tokens (8 KB into the activations), B: the 128 weight rows */
+        const uint32_t alo = sw128_desc_lo(&s.a[h][(consumer_tid<T>() >> 7) * 64][0]), blo = sw128_desc_lo(&s.w[h][0]);
+#pragma unroll
+        for (int ks = 0; ks < 4; ks++) wgmma_ss<T>(part, sw128_desc(alo + 2 * ks), sw128_desc(blo + 2 * ks), ks);
+    } else if constexpr (kWtTma<kWt>) { /* the warpgroup's 64 rows: 8 KB into the tile, whole swizzle atoms */
         const uint32_t alo = sw128_desc_lo(&s.w[h][(consumer_tid<T>() >> 7) * 64 * W4_GROUP]);
 #pragma unroll
         for (int ks = 0; ks < 4; ks++) {
@@ -422,6 +438,23 @@ template <int T, int kSa, int kWt>
 __device__ __forceinline__ void epilogue(const Problem &p, const Item &it, float (&acc)[T / 2]) {
     const int lane = threadIdx.x & 31, row = acc_row<T>();
     const float ts = kSa != 0 || kWt == kWtBf16 ? 1.0f : __ldg(p.sa_tensor); /* bf16 weights: no scale at all */
+    if constexpr (kTokM<T, kWt>) { /* the thread's tokens row and row + 8, weight rows jj * 8 + 2 * (lane % 4) + 0, 1 */
+#pragma unroll
+        for (int q = 0; q < 2; q++) {
+            const int m = it.mt * T + row + 8 * q;
+            if (m < it.rows) { /* n even and strides multiples of 8: 4-byte aligned pairs */
+                uint32_t *out = reinterpret_cast<uint32_t *>(p.out + (int64_t)it.e * p.expert_stride + (int64_t)m * p.row_stride +
+                                                             (int64_t)it.nt * W4_TILE_N + 2 * (lane & 3));
+#pragma unroll
+                for (int jj = 0; jj < T / 8; jj++)
+                    out[jj * 4] = (uint32_t)fmt_bf16_from_float(__fmul_rn(acc[jj * 4 + 2 * q], ts)) |
+                                  (uint32_t)fmt_bf16_from_float(__fmul_rn(acc[jj * 4 + 2 * q + 1], ts)) << 16;
+            }
+        }
+#pragma unroll
+        for (int i = 0; i < T / 2; i++) acc[i] = 0.0f;
+        return;
+    }
     uint16_t *out = p.out + (int64_t)it.e * p.expert_stride + (int64_t)it.nt * W4_TILE_N + row;
 #pragma unroll
     for (int jj = 0; jj < T / 8; jj++)
@@ -739,7 +772,22 @@ w4a8_gemm_ws_kernel(const __grid_constant__ Problem p, const __grid_constant__ C
                 const uint32_t wv = st.sa[0][jj * 8 + 2 * (lane & 3) + c];
                 return kSa == 2 ? fmt_ue8m0_to_float((uint8_t)(wv >> (8 * (g & 3)))) : __uint_as_float(wv);
             };
-            if constexpr (kWt == kWtFp8) {
+            if constexpr (kTokM<T, kWt>) {
+                /* tokens as M: the thread's two tokens' sw * sa, then one FMA an element */
+                const float sw = *reinterpret_cast<const float *>(&st.sw[0][0]);
+                auto sa_tok = [&](int t) {
+                    const uint32_t wv = st.sa[0][t];
+                    return kSa == 2 ? fmt_ue8m0_to_float((uint8_t)(wv >> (8 * (g & 3)))) : __uint_as_float(wv);
+                };
+                const float s0 = __fmul_rn(sw, sa_tok(row)), s1 = __fmul_rn(sw, sa_tok(row + 8));
+#pragma unroll
+                for (int jj = 0; jj < T / 8; jj++)
+#pragma unroll
+                    for (int c = 0; c < 2; c++) {
+                        acc[jj * 4 + c] = fmaf(part[jj * 4 + c], s0, acc[jj * 4 + c]);
+                        acc[jj * 4 + 2 + c] = fmaf(part[jj * 4 + 2 + c], s1, acc[jj * 4 + 2 + c]);
+                    }
+            } else if constexpr (kWt == kWtFp8) {
                 /* one block scale for all the tile's rows (a 128-row tile is one block): the column's
                 ** sw * sa once, then one FMA an element where int4's per-row scales take two */
                 const float sw = *reinterpret_cast<const float *>(&st.sw[0][0]);
