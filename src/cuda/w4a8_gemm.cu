@@ -21,8 +21,9 @@
 ** copies (the 16 KB weight tiles of both groups, contiguous in the repacked layout; the 128 bf16
 ** scales of each), TMA tensor copies (T rows x 128 activation bytes per group, in wgmma's swizzle) and
 ** cp.async (the activation scales), completing on one mbarrier; S stages in flight. To T = 16
-** warp 0 also computes; T = 32, 40, 48, 56, 64 and 128 have a producer warpgroup of their own, and
-** T = 32 and 128 take steps in pairs into two partials (kWarpSpecialized, kPairs, w4a8_gemm_ws_kernel).
+** warp 0 also computes; T = 24 to 64 (in eights) and 128 have a producer warpgroup of their own, and
+** T = 24, 32 and 128 take steps in pairs into two partials (kWarpSpecialized, kPairs,
+** w4a8_gemm_ws_kernel).
 **
 ** Work: persistent CTAs. Each reads masked_m on the device (CUDA-graph safe) and counts m-tiles
 ** per expert with a warp scan; items (expert, n-tile, m-tile; empty experts have none) x K steps
@@ -114,16 +115,17 @@ constexpr int kConsumerBar = 1, kStageBar = 3;
 ** a time, 4 stages, whole waves first: kDataParallel), with 5/8, 3/4 and 7/8 of its tensor and
 ** promotion work, which bound these sizes: W13 + W2 at 33-40 rows 286-287 -> 234-236 us, 48 rows
 ** 289 -> 250-251, 56 rows 291-292 -> 273 (DeepSeek-R1, H200, 2026-12-01). T = 48 measured 1% slower
-** without the whole waves first and 2-3% slower at 6 stages.
+** without the whole waves first and 2-3% slower at 6 stages. T = 24 (int4, 17-24 rows) runs as T = 32
+** (pairs, 5 stages): 17-24 rows 214-215 -> 204-207 us.
 ** Pairs only: with four or eight groups in flight between full waits ptxas keeps every group's A
 ** fragments live and spills 38-100 registers (the lab's U = 4 and 8: 643 and 623 TFLOP/s).
 ** Splitting a step's tile into two token halves in two commit groups measured 5-6% slower (the A
 ** fragments go to the tensor cores twice), and so did two 128-row weight tiles per CTA sharing the
 ** activations at T = 32 (512 threads, 1 CTA/SM: 2-6% slower at 32 rows); H200, 2026-11-30,
 ** branches w4-halves and w4-w2. */
-template <int T> constexpr bool kWarpSpecialized = T >= 32;
+template <int T> constexpr bool kWarpSpecialized = T >= 24;
 template <int T> constexpr int kWsCtas = T <= 64 ? 2 : 1;
-template <int T> constexpr bool kPairs = T == 32 || T == 128; /* steps in pairs into two partials (see above) */
+template <int T> constexpr bool kPairs = T == 24 || T == 32 || T == 128; /* steps in pairs into two partials (see above) */
 constexpr int kWsThreads = 384; /* producer warpgroup + two consumer warpgroups */
 /* setmaxnreg: what the producer warpgroup keeps and each consumer thread gets. They must fit in what
 ** the CTA was given at launch (launch() checks ptxas's count: 1 CTA/SM 384 x 168 = 128 x 40 +
@@ -888,7 +890,7 @@ epmoe_status launch(const char *fn, const Problem &p, int sms, cudaStream_t stre
     /* fp8 and bf16 weights: twice the bytes a stage; T = 32 5 stages and 64 3 (2 CTAs/SM), 128 6 (4
     ** at T = 64 and 5 at 128 measured the same or 0.5% slower, 2026-12-01). int4 at T = 40-64: 4 (see
     ** kWsCtas). */
-    constexpr int S = kWtTma<kWt> ? (T == 64 ? 3 : T == 32 ? 5 : 6) : kGroups<T> == 2 ? (T >= 16 ? 4 : 3) : T > 32 && T <= 64 ? 4 : T == 32 ? 5 : 8;
+    constexpr int S = kWtTma<kWt> ? (T == 64 ? 3 : T == 32 ? 5 : 6) : kGroups<T> == 2 ? (T >= 16 ? 4 : 3) : T > 32 && T <= 64 ? 4 : T == 32 || T == 24 ? 5 : 8;
     constexpr int threads = kWs ? kWsThreads : kThreads;
     constexpr auto kernel = kernel_of<T, kSa, kWt, S>();
     static_assert(kWs || kStageBar + S <= 16, "a named barrier per stage");
@@ -998,6 +1000,7 @@ extern "C" epmoe_status epmoe_w4a8_gemm_cuda(const epmoe_w4a8_gemm_args *g, epmo
     cudaStream_t s = reinterpret_cast<cudaStream_t>(stream);
     if (em <= 8) return pick_mode<8>(fn, p, group, full, sms, s);
     if (em <= 16) return pick_mode<16>(fn, p, group, full, sms, s);
+    if (em <= 24) return pick_mode<24>(fn, p, group, full, sms, s);
     if (em <= 32) return pick_mode<32>(fn, p, group, full, sms, s);
     if (em <= 40) return pick_mode<40>(fn, p, group, full, sms, s);
     if (em <= 48) return pick_mode<48>(fn, p, group, full, sms, s); /* (see kWsCtas: T = 40-56 measured) */
