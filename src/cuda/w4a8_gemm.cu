@@ -21,9 +21,9 @@
 ** copies (the 16 KB weight tiles of both groups, contiguous in the repacked layout; the 128 bf16
 ** scales of each), TMA tensor copies (T rows x 128 activation bytes per group, in wgmma's swizzle) and
 ** cp.async (the activation scales), completing on one mbarrier; S stages in flight. To T = 16
-** warp 0 also computes; T = 24 to 64 (in eights) and 128 have a producer warpgroup of their own, and
-** T = 24, 32 and 128 take steps in pairs into two partials (kWarpSpecialized, kPairs,
-** w4a8_gemm_ws_kernel).
+** warp 0 also computes; T = 24 to 64 (in eights), 80, 96, 112 and 128 have a producer warpgroup of
+** their own, and T = 24, 32 and 80 to 128 take steps in pairs into two partials (kWarpSpecialized,
+** kPairs, w4a8_gemm_ws_kernel).
 **
 ** Work: persistent CTAs. Each reads masked_m on the device (CUDA-graph safe) and counts m-tiles
 ** per expert with a warp scan; items (expert, n-tile, m-tile; empty experts have none) x K steps
@@ -116,7 +116,9 @@ constexpr int kConsumerBar = 1, kStageBar = 3;
 ** promotion work, which bound these sizes: W13 + W2 at 33-40 rows 286-287 -> 234-236 us, 48 rows
 ** 289 -> 250-251, 56 rows 291-292 -> 273 (DeepSeek-R1, H200, 2026-12-01). T = 48 measured 1% slower
 ** without the whole waves first and 2-3% slower at 6 stages. T = 24 (int4, 17-24 rows) runs as T = 32
-** (pairs, 5 stages): 17-24 rows 214-215 -> 204-207 us.
+** (pairs, 5 stages): 17-24 rows 214-215 -> 204-207 us. T = 80, 96 and 112 (int4, 65-112 rows) run
+** as T = 128 (1 CTA/SM, pairs, 8 stages): 65-80 rows 470-476 -> 374-379 us, 96 rows 478-480 -> 413-414,
+** 112 rows 490-501 -> 454-455 (the same bench and day).
 ** Pairs only: with four or eight groups in flight between full waits ptxas keeps every group's A
 ** fragments live and spills 38-100 registers (the lab's U = 4 and 8: 643 and 623 TFLOP/s).
 ** Splitting a step's tile into two token halves in two commit groups measured 5-6% slower (the A
@@ -125,7 +127,7 @@ constexpr int kConsumerBar = 1, kStageBar = 3;
 ** branches w4-halves and w4-w2. */
 template <int T> constexpr bool kWarpSpecialized = T >= 24;
 template <int T> constexpr int kWsCtas = T <= 64 ? 2 : 1;
-template <int T> constexpr bool kPairs = T == 24 || T == 32 || T == 128; /* steps in pairs into two partials (see above) */
+template <int T> constexpr bool kPairs = T == 24 || T == 32 || T > 64; /* steps in pairs into two partials (see above) */
 constexpr int kWsThreads = 384; /* producer warpgroup + two consumer warpgroups */
 /* setmaxnreg: what the producer warpgroup keeps and each consumer thread gets. They must fit in what
 ** the CTA was given at launch (launch() checks ptxas's count: 1 CTA/SM 384 x 168 = 128 x 40 +
@@ -1006,6 +1008,9 @@ extern "C" epmoe_status epmoe_w4a8_gemm_cuda(const epmoe_w4a8_gemm_args *g, epmo
     if (em <= 48) return pick_mode<48>(fn, p, group, full, sms, s); /* (see kWsCtas: T = 40-56 measured) */
     if (em <= 56) return pick_mode<56>(fn, p, group, full, sms, s);
     if (em <= 64) return pick_mode<64>(fn, p, group, full, sms, s);
+    if (em <= 80) return pick_mode<80>(fn, p, group, full, sms, s);
+    if (em <= 96) return pick_mode<96>(fn, p, group, full, sms, s);
+    if (em <= 112) return pick_mode<112>(fn, p, group, full, sms, s);
     return pick_mode<128>(fn, p, group, full, sms, s);
 }
 
