@@ -27,7 +27,7 @@
 **
 ** Work: persistent CTAs. Each reads masked_m on the device (CUDA-graph safe) and counts m-tiles
 ** per expert with a warp scan; items (expert, n-tile, m-tile; empty experts have none) x K steps
-** form one step sequence. T >= 64 deals whole waves of items round-robin first (L2 reuse,
+** form one step sequence. T >= 40 deals whole waves of items round-robin first (L2 reuse,
 ** kDataParallel); the rest is split into equal ranges per CTA (stream-K, see the kernel), or,
 ** with no workspace for the partials (the fp8-block and bf16 entries), into ranges of whole items.
 */
@@ -73,7 +73,7 @@ __device__ __forceinline__ void trace_point(int pt, int slot, int lead) {
 
 /* K groups per pipeline step: two to kPairedT tokens, both groups' 8 wgmma in flight into two
 ** partials, one commit, one wait. Larger tiles take one group a step (the warp-specialized kernel
-** pairs steps instead, at T = 32 and 128): in the 256-thread kernel a second partial and 16 more fragment registers
+** pairs steps instead, at T = 24, 32 and 80-128): in the 256-thread kernel a second partial and 16 more fragment registers
 ** spilled (T = 64 at its 128 registers, T = 128 at 255), and two groups one after the other
 ** measured 3-8% slower at 128-1024 rows (fewer stages in the same bytes; bench_w4a8, H200,
 ** 2026-11-30). Registers with pairs (ptxas -v, CUDA 13.0): T = 8 71-79, 16
@@ -84,7 +84,7 @@ constexpr int kPairedT = 16;
 template <int T> constexpr int kGroups = T <= kPairedT ? 2 : 1;
 /* Warp 0 issues every stage's loads, after its own wgmma of the step are in flight: lane 0 the
 ** bulk copies and the activations' tensor copies (TMA, in wgmma's swizzle), the lanes the activation
-** scales (cp.async, T / 32 tokens each). The other warps run no producer code: at T = 8 every
+** scales (cp.async, up to kTok = ceil(T / 32) tokens each). The other warps run no producer code: at T = 8 every
 ** thread's address updates and arrivals were a quarter of the kernel's issue slots (Nsight Compute,
 ** 2026-11-30). */
 constexpr int kProducerWarp = 0;
@@ -93,8 +93,8 @@ constexpr int kProducerWarp = 0;
 ** one arrival per warp in hardware; an mbarrier took 32 arrivals per warp, or a __syncwarp and one
 ** lane's arrival that racecheck cannot follow). */
 constexpr int kConsumerBar = 1, kStageBar = 3;
-/* T = 32, 64 and 128 run warp-specialized (w4a8_gemm_ws_kernel): a producer warpgroup that
-** gives its registers to the two consumer warpgroups (setmaxnreg), and at T = 32 and 128 each
+/* T = 24 and up run warp-specialized (w4a8_gemm_ws_kernel): a producer warpgroup that
+** gives its registers to the two consumer warpgroups (setmaxnreg), and at T = 24, 32 and 80-128 each
 ** consumer takes an item's steps in pairs into two partials (kPairs), promoting the first while the
 ** second's wgmma run. The 256-thread kernel at T = 128 (warp 0 also the producer, one partial, the warpgroups taking turns
 ** at the tensor cores) ran W13 at 1024 rows at 620-655 TFLOP/s in mode (a), 833 in mode (b), this
@@ -131,7 +131,7 @@ template <int T> constexpr bool kPairs = T == 24 || T == 32 || T > 64; /* steps 
 constexpr int kWsThreads = 384; /* producer warpgroup + two consumer warpgroups */
 /* setmaxnreg: what the producer warpgroup keeps and each consumer thread gets. They must fit in what
 ** the CTA was given at launch (launch() checks ptxas's count: 1 CTA/SM 384 x 168 = 128 x 40 +
-** 256 x 232; T = 32 and 64 at 2 CTAs/SM 384 x 80 = 128 x 32 + 256 x 104), or the consumers'
+** 256 x 232; T = 24 to 64 at 2 CTAs/SM 384 x 80 = 128 x 32 + 256 x 104), or the consumers'
 ** setmaxnreg.inc would wait forever. */
 template <int T> constexpr int kWsProducerRegs = kWsCtas<T> == 2 ? 32 : 40;
 template <int T> constexpr int kWsConsumerRegs = kWsCtas<T> == 2 ? 104 : 232;
@@ -703,7 +703,7 @@ w4a8_gemm_kernel(const __grid_constant__ Problem p, const __grid_constant__ CUte
     W4_TRACE(3);
 }
 
-/* T = 32, 64 and 128, warp-specialized (kWarpSpecialized): the same step sequence, stream-K ranges, stages,
+/* T = 24 to 128, warp-specialized (kWarpSpecialized): the same step sequence, stream-K ranges, stages,
 ** conversion, promotion and epilogue as the kernel above, in another division of labour.
 ** Warpgroup 0 produces: it hands its registers to the consumers (setmaxnreg), and warp 0 walks the
 ** CTA's steps issuing each stage's loads once the consumers have released it (empty[], an
@@ -711,7 +711,7 @@ w4a8_gemm_kernel(const __grid_constant__ Problem p, const __grid_constant__ CUte
 ** steps of one item goes out as two commit groups into two partials: the first is promoted while the
 ** second's wgmma run (wgmma.wait_group 1), in group order, so the fp32 operations and their bits are
 ** those of one group a step. A step with no partner in its item (the item's last when its range
-** has an odd count left) runs alone, and so does every step at T = 64 (kPairs). */
+** has an odd count left) runs alone, and so does every step at T = 40 to 64 (kPairs). */
 template <int T, int kSa, int kWt, int S>
 __global__ void __launch_bounds__(kWsThreads, kWsCtas<T>)
 w4a8_gemm_ws_kernel(const __grid_constant__ Problem p, const __grid_constant__ CUtensorMap tm, const __grid_constant__ CUtensorMap tmw) {
@@ -887,11 +887,13 @@ epmoe_status launch(const char *fn, const Problem &p, int sms, cudaStream_t stre
     ** stage: T = 32 (2 CTAs/SM) 5, 1.5-2.5% faster at 20 and 32 rows than the 8 it had, 4 and 6 the
     ** same as 5; T = 64 (2 CTAs/SM) 4, 1.5% faster at 40 and 64 rows than 6 (what fits) and than 3;
     ** T = 128 (1 CTA/SM) 8: the lab's schedule ran 3% faster at 1024 rows than with 6
-    ** (w4a8_prefill_lab; H200, 2026-12-01) */
+    ** (w4a8_prefill_lab; H200, 2026-12-01). The tiles between take their neighbour's: T = 24 5, 40-56
+    ** 4 (T = 48: 2-3% slower at 6), 80-112 8. */
     constexpr bool kWs = kWarpSpecialized<T>;
     /* fp8 and bf16 weights: twice the bytes a stage; T = 32 5 stages and 64 3 (2 CTAs/SM), 128 6 (4
-    ** at T = 64 and 5 at 128 measured the same or 0.5% slower, 2026-12-01). int4 at T = 40-64: 4 (see
-    ** kWsCtas). */
+    ** at T = 64 and 5 at 128 measured the same or 0.5% slower, 2026-12-01); only those three tiles
+    ** were measured for them (their entry points below pick no other) */
+    static_assert(!kWtTma<kWt> || T == 32 || T == 64 || T == 128, "fp8 and bf16 weights: a measured tile");
     constexpr int S = kWtTma<kWt> ? (T == 64 ? 3 : T == 32 ? 5 : 6) : kGroups<T> == 2 ? (T >= 16 ? 4 : 3) : T > 32 && T <= 64 ? 4 : T == 32 || T == 24 ? 5 : 8;
     constexpr int threads = kWs ? kWsThreads : kThreads;
     constexpr auto kernel = kernel_of<T, kSa, kWt, S>();

@@ -169,15 +169,16 @@ static void test_gemm_cases(test_rng *r) {
         {16, 1024, 128, 512, 4, 0, 0, 128, 0},
     };
     for (size_t i = 0; i < sizeof waves / sizeof waves[0]; i++) run_case(r, &waves[i]);
-    /* T = 128, 64 and 32 (the warp-specialized kernel) with several steps a CTA: its steps go in pairs
-    ** within an item (T = 64: one at a time), a step without a partner alone, and stream-K ranges
+    /* T = 24 to 128 (the warp-specialized kernel) with several steps a CTA: its steps go in pairs
+    ** within an item (T = 40 to 64: one at a time), a step without a partner alone, and stream-K ranges
     ** begin and end inside items at odd and even offsets; {5, 2048, 256, 512} takes a whole wave of
     ** items first. 18, 9 and 2 groups an item; every scale format and per-tensor. The cases above
-    ** have at most one step a CTA at T = 128, and two groups an item at T = 64. T = 32 to 64 run 2
-    ** CTAs/SM (264 on an H200): 6.5, 2.2 and 1.6 steps a CTA below at T = 32; at 40, 48 and 56 (one
-    ** step at a time, as at 64) up to 3.3, with part-filled last m-tiles (79 and 111 rows); at T = 24
-    ** (pairs, as at 32) 6.5, 47 rows in two m-tiles; at T = 80, 96 and 112 (1 CTA/SM, pairs, as at
-    ** 128) up to 2.2-4.4, with 150, 170 (skewed) and 224 rows (two whole m-tiles). */
+    ** have at most one step a CTA at T = 128, and two groups an item at T = 64. T = 24 to 64 run 2
+    ** CTAs/SM (264 on an H200): 6.5, 1.1-1.6 and up to 1.6 steps a CTA below at T = 32; at 40, 48
+    ** and 56 (one step at a time, as at 64) up to 3.3, with part-filled last m-tiles (79 and 111
+    ** rows); at T = 24 (pairs, as at 32) 6.5, 47 rows in two m-tiles; at T = 80, 96 and 112 (1
+    ** CTA/SM, pairs, as at 128) 4.4, up to 2.2 and 2.2, with 150, 170 (skewed) and 224 rows (two
+    ** whole m-tiles). */
     const gcase pairs[] = {
         {2, 512, 2304, 256, 5, 1, 0, 128, 0},  {2, 512, 2304, 200, 4, 3, 1, 128, 0},
         {3, 1024, 1152, 256, 5, 0, 1, 128, 0}, {3, 1024, 1152, 130, 5, 2, 0, 128, 0},
@@ -280,8 +281,8 @@ static void test_graph(test_rng *r) {
     w4_mat_free(&w);
 }
 
-/* The decode tiles' result does not depend on when each CTA ran: stream-K partials are added in
-** range order, whatever order the CTAs finish in. Two sets of activations, each launched once
+/* A tile's result does not depend on when each CTA ran: stream-K partials are added in range
+** order, whatever order the CTAs finish in (here every item is in the stream-K tail). Two sets of activations, each launched once
 ** (checked against the oracle), then a graph of the same GEMM replayed 100 times on them in turn,
 ** every output bitwise equal to that set's launch. The launch counter in the workspace gives each
 ** launch its own flags, so a replay that took the previous launch's partial (the other inputs')
@@ -304,8 +305,9 @@ static void test_replay_bits(test_rng *r) {
     const int64_t rs = N, es = M * N, n = E * es;
     uint16_t *dout = dev_poisoned16(n), *poison = dev_poisoned16(n), *again = malloc((size_t)n * 2);
     uint16_t *first[2] = {malloc((size_t)n * 2), malloc((size_t)n * 2)};
-    const int64_t ems[] = {1, 16, 32}; /* T = 8, 16, 32 */
-    for (int t = 0; t < 3; t++) {
+    /* T = 8, 16, 24, 32, 40 (one step at a time) and 96 (1 CTA/SM) */
+    const int64_t ems[] = {1, 16, 24, 32, 40, 96};
+    for (int t = 0; t < 6; t++) {
         const int64_t em = ems[t];
         epmoe_w4a8_gemm_args g = {dw.w, da, M, dm, dsa, EPMOE_SCALE_F32_ROW, NULL, dout, rs, es, em, gws, gws_bytes};
         char what[64];
