@@ -999,7 +999,9 @@ extern "C" epmoe_status epmoe_w4a8_gemm_cuda(const epmoe_w4a8_gemm_args *g, epmo
     set_common(p, g->w.E, g->w.N, g->w.K, g->M, g->masked_m, g->out, g->out_row_stride, g->out_expert_stride, g->a, g->a_scales,
                (int)g->a_scale_fmt);
     const bool group = g->a_scales != nullptr, full = g->w.encoding == EPMOE_W4_FULL;
-    /* The token tile: the smallest that covers the expected rows (fp8-block's entry below, from 32). */
+    /* The token tile: the smallest that covers the expected rows (fp8-block's entry below, from 32).
+    ** Tiles every 8 tokens to 64 and every 16 to 128: a larger tile's tensor and promotion work bound
+    ** these sizes (see kWsCtas). */
     const int64_t em = g->expected_m > 0 ? g->expected_m : g->M;
     cudaStream_t s = reinterpret_cast<cudaStream_t>(stream);
     if (em <= 8) return pick_mode<8>(fn, p, group, full, sms, s);
@@ -1007,7 +1009,7 @@ extern "C" epmoe_status epmoe_w4a8_gemm_cuda(const epmoe_w4a8_gemm_args *g, epmo
     if (em <= 24) return pick_mode<24>(fn, p, group, full, sms, s);
     if (em <= 32) return pick_mode<32>(fn, p, group, full, sms, s);
     if (em <= 40) return pick_mode<40>(fn, p, group, full, sms, s);
-    if (em <= 48) return pick_mode<48>(fn, p, group, full, sms, s); /* (see kWsCtas: T = 40-56 measured) */
+    if (em <= 48) return pick_mode<48>(fn, p, group, full, sms, s);
     if (em <= 56) return pick_mode<56>(fn, p, group, full, sms, s);
     if (em <= 64) return pick_mode<64>(fn, p, group, full, sms, s);
     if (em <= 80) return pick_mode<80>(fn, p, group, full, sms, s);
