@@ -126,8 +126,8 @@ constexpr int kConsumerBar = 1, kStageBar = 3;
 ** activations at T = 32 (512 threads, 1 CTA/SM: 2-6% slower at 32 rows); H200, 2026-11-30,
 ** branches w4-halves and w4-w2. */
 template <int T> constexpr bool kWarpSpecialized = T >= 24;
-template <int T> constexpr int kWsCtas = T <= 64 ? 2 : 1;
-template <int T> constexpr bool kPairs = T == 24 || T == 32 || T > 64; /* steps in pairs into two partials (see above) */
+template <int T> constexpr int kWsCtas = T <= 80 ? 2 : 1; /* T = 72, 80 at 2: experiment, not yet run */
+template <int T> constexpr bool kPairs = T == 24 || T == 32 || T > 80; /* steps in pairs into two partials (see above) */
 constexpr int kWsThreads = 384; /* producer warpgroup + two consumer warpgroups */
 /* setmaxnreg: what the producer warpgroup keeps and each consumer thread gets. They must fit in what
 ** the CTA was given at launch (launch() checks ptxas's count: 1 CTA/SM 384 x 168 = 128 x 40 +
@@ -846,7 +846,7 @@ w4a8_gemm_ws_kernel(const __grid_constant__ Problem p, const __grid_constant__ C
 ** Bounds over every tile: at most kMaxCtasPerSm CTAs per SM and 64 KB of slots per SM (T = 128 at
 ** 1 CTA/SM, T = 64 at 2: (T/2) * 256 * 4 bytes each; launch() asserts it). */
 constexpr int kMaxCtasPerSm = 8;
-constexpr size_t kSlotBytesPerSm = 64 * 1024;
+constexpr size_t kSlotBytesPerSm = 80 * 1024; /* T = 80 at 2 CTAs/SM: 2 x 40 floats x 256 threads */
 size_t flags_bytes(int sms) { return ((size_t)sms * kMaxCtasPerSm * 4 + 255) / 256 * 256; }
 
 /* A [rows, K bytes] matrix as a TMA tensor: box_rows x 128-byte boxes in the 128-byte swizzle, zero
@@ -894,7 +894,7 @@ epmoe_status launch(const char *fn, const Problem &p, int sms, cudaStream_t stre
     ** at T = 64 and 5 at 128 measured the same or 0.5% slower, 2026-12-01); only those three tiles
     ** were measured for them (their entry points below pick no other) */
     static_assert(!kWtTma<kWt> || T == 32 || T == 64 || T == 128, "fp8 and bf16 weights: a measured tile");
-    constexpr int S = kWtTma<kWt> ? (T == 64 ? 3 : T == 32 ? 5 : 6) : kGroups<T> == 2 ? (T >= 16 ? 4 : 3) : T > 32 && T <= 64 ? 4 : T == 32 || T == 24 ? 5 : 8;
+    constexpr int S = kWtTma<kWt> ? (T == 64 ? 3 : T == 32 ? 5 : 6) : kGroups<T> == 2 ? (T >= 16 ? 4 : 3) : T > 32 && T <= 80 ? 4 : T == 32 || T == 24 ? 5 : 8;
     constexpr int threads = kWs ? kWsThreads : kThreads;
     constexpr auto kernel = kernel_of<T, kSa, kWt, S>();
     static_assert(kWs || kStageBar + S <= 16, "a named barrier per stage");
@@ -1012,6 +1012,7 @@ extern "C" epmoe_status epmoe_w4a8_gemm_cuda(const epmoe_w4a8_gemm_args *g, epmo
     if (em <= 48) return pick_mode<48>(fn, p, group, full, sms, s);
     if (em <= 56) return pick_mode<56>(fn, p, group, full, sms, s);
     if (em <= 64) return pick_mode<64>(fn, p, group, full, sms, s);
+    if (em <= 72) return pick_mode<72>(fn, p, group, full, sms, s);
     if (em <= 80) return pick_mode<80>(fn, p, group, full, sms, s);
     if (em <= 96) return pick_mode<96>(fn, p, group, full, sms, s);
     if (em <= 112) return pick_mode<112>(fn, p, group, full, sms, s);

@@ -142,8 +142,8 @@ static void run_case(test_rng *r, const gcase *c) {
 
 static void test_gemm_cases(test_rng *r) {
     /* every tile instance x mode x encoding on one small shape */
-    const int64_t ems[] = {1, 16, 24, 32, 40, 48, 56, 64, 80, 96, 112, 128};
-    for (int t = 0; t < 12; t++)
+    const int64_t ems[] = {1, 16, 24, 32, 40, 48, 56, 64, 72, 80, 96, 112, 128};
+    for (int t = 0; t < 13; t++)
         for (int mode = 0; mode < 5; mode++) {
             gcase c = {3, 256, 384, quick ? 40 : 150, 4, mode, (t + mode) & 1, ems[t], 0};
             run_case(r, &c);
@@ -178,7 +178,7 @@ static void test_gemm_cases(test_rng *r) {
     ** and 56 (one step at a time, as at 64) up to 3.3, with part-filled last m-tiles (79 and 111
     ** rows); at T = 24 (pairs, as at 32) 6.5, 47 rows in two m-tiles; at T = 80, 96 and 112 (1
     ** CTA/SM, pairs, as at 128) 4.4, up to 2.2 and 2.2, with 150, 170 (skewed) and 224 rows (two
-    ** whole m-tiles). */
+    ** whole m-tiles); at T = 72 (2 CTAs/SM, one step at a time) 3.3, 137 rows in two m-tiles. */
     const gcase pairs[] = {
         {2, 512, 2304, 256, 5, 1, 0, 128, 0},  {2, 512, 2304, 200, 4, 3, 1, 128, 0},
         {3, 1024, 1152, 256, 5, 0, 1, 128, 0}, {3, 1024, 1152, 130, 5, 2, 0, 128, 0},
@@ -189,6 +189,7 @@ static void test_gemm_cases(test_rng *r) {
         {3, 2048, 1152, 79, 5, 1, 0, 40, 0},   {2, 1536, 2304, 111, 4, 0, 1, 56, 0},
         {3, 2048, 2304, 47, 5, 3, 1, 24, 0},   {2, 1024, 2304, 150, 5, 2, 0, 80, 0},
         {3, 512, 2304, 170, 4, 4, 1, 96, 0},   {2, 1024, 1152, 224, 5, 1, 1, 112, 0},
+        {3, 2048, 1152, 137, 5, 0, 0, 72, 0},
     };
     for (size_t i = 0; i < sizeof pairs / sizeof pairs[0]; i++)
         if (!quick || i < 2 || i == 6 || i == 8 || i >= 11) run_case(r, &pairs[i]);
@@ -305,9 +306,9 @@ static void test_replay_bits(test_rng *r) {
     const int64_t rs = N, es = M * N, n = E * es;
     uint16_t *dout = dev_poisoned16(n), *poison = dev_poisoned16(n), *again = malloc((size_t)n * 2);
     uint16_t *first[2] = {malloc((size_t)n * 2), malloc((size_t)n * 2)};
-    /* T = 8, 16, 24, 32, 40 (one step at a time) and 96 (1 CTA/SM) */
-    const int64_t ems[] = {1, 16, 24, 32, 40, 96};
-    for (int t = 0; t < 6; t++) {
+    /* T = 8, 16, 24, 32, 40 and 80 (one step at a time), 96 (1 CTA/SM) */
+    const int64_t ems[] = {1, 16, 24, 32, 40, 80, 96};
+    for (int t = 0; t < 7; t++) {
         const int64_t em = ems[t];
         epmoe_w4a8_gemm_args g = {dw.w, da, M, dm, dsa, EPMOE_SCALE_F32_ROW, NULL, dout, rs, es, em, gws, gws_bytes};
         char what[64];
