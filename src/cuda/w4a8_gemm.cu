@@ -252,8 +252,7 @@ __device__ __forceinline__ Item find_item(const Problem &p, const int *prefix, i
     const uint32_t local = wi - (uint32_t)prefix[lo] * (uint32_t)p.NT;
     it.nt = (int)(local / (uint32_t)max(tiles, 1)); /* (item == all items: the producer's look past the end) */
     it.mt = (int)local - it.nt * tiles;
-    int r = __ldg(p.masked_m + lo);
-    it.rows = r < 0 ? 0 : (r > p.M ? (int)p.M : r);
+    it.rows = prefix[p.E + 1 + lo]; /* plan's clamped masked_m: no global round trip before a stage's first copy */
     return it;
 }
 
@@ -535,20 +534,41 @@ __device__ __forceinline__ uint32_t launch_epoch(const Problem &p, int grid) {
     return (uint32_t)(atomicAdd(p.sync, share) / kLaunchUnit % 0xFFFFFFFFull);
 }
 
-/* Warp 0, at entry: m-tiles before each expert (prefix[E + 1], a warp scan of masked_m) and this
+/* Lane 0 of warp 1, at entry: the launch's epoch for the stream-K flags (none without the workspace:
+** whole items). Its atomic is a round trip every CTA makes to one word; on warp 0, after the plan,
+** it stood between masked_m's load and the first stage's copies. */
+__device__ __forceinline__ uint32_t start_epoch(const Problem &p, int grid) {
+    return p.slots == nullptr ? 0u : launch_epoch(p, grid);
+}
+
+/* floor(n * r / grid) for 0 <= r <= grid < 2^20: one division of n (32-bit when n < 2^32), the rest in
+** 32 bits. Each 64-bit division is a called subroutine in the SASS, and the plan sits between every
+** CTA's entry and its first copies. */
+__device__ __forceinline__ int64_t share(int64_t n, int r, int grid) {
+    const int64_t q = n < (1ll << 32) ? (int64_t)((uint32_t)n / (uint32_t)grid) : n / grid;
+    const uint64_t x = (uint64_t)(n - q * grid) * (uint32_t)r; /* remainder (< grid) x r */
+    return q * r + (int64_t)(x < (1ull << 32) ? (uint64_t)((uint32_t)x / (uint32_t)grid) : x / (uint32_t)grid);
+}
+
+/* Warp 0, at entry: m-tiles before each expert (prefix[E + 1], a warp scan of masked_m), then each
+** expert's rows clamped to [0, M] (prefix[E + 1 + e], what find_item reports), and this
 ** CTA's range of the step sequence (see the kernel's note on stream-K). */
 template <int T>
 __device__ __forceinline__ void plan(const Problem &p, Range &rg, int *prefix, int r, int grid, int P) {
     const int lane = threadIdx.x & 31;
+    int *rows_of = prefix + p.E + 1;
+    /* every load first, unrolled so several are in flight (one round trip per 32 experts, each
+    ** waited for before the next, was the layer's 128-256 experts' ramp) */
+#pragma unroll 4
+    for (int e = lane; e < p.E; e += 32) {
+        const int rows = __ldg(p.masked_m + e);
+        rows_of[e] = rows < 0 ? 0 : (rows > p.M ? (int)p.M : rows);
+    }
+    __syncwarp();
     int carry = 0;
     for (int base = 0; base < p.E; base += 32) {
         const int e = base + lane;
-        int v = 0;
-        if (e < p.E) {
-            int rows = __ldg(p.masked_m + e);
-            rows = rows < 0 ? 0 : (rows > p.M ? (int)p.M : rows);
-            v = (rows + T - 1) / T;
-        }
+        int v = e < p.E ? (rows_of[e] + T - 1) / T : 0;
 #pragma unroll
         for (int off = 1; off < 32; off <<= 1) {
             const int y = __shfl_up_sync(0xFFFFFFFFu, v, off);
@@ -559,19 +579,20 @@ __device__ __forceinline__ void plan(const Problem &p, Range &rg, int *prefix, i
     }
     if (lane == 0) { /* carry: all m-tiles */
         const int64_t items = (int64_t)carry * p.NT;
-        const int64_t waves = kDataParallel<T> && items / grid > 1 ? items / grid - 1 : 0; /* the tail: >= grid items */
+        const int64_t per = (uint32_t)items / (uint32_t)grid; /* items < 2^31 (epmoe__check_w4a8_gemm) */
+        const int64_t waves = kDataParallel<T> && per > 1 ? per - 1 : 0; /* the tail: >= grid items */
         const int64_t tail = items - waves * grid, total = tail * P;
         /* no workspace (slots NULL): the ranges end on item boundaries, so no CTA leaves a partial */
         const bool whole = p.slots == nullptr;
-        const int64_t s0 = whole ? tail * r / grid * P : total * r / grid;
-        const int64_t s1 = whole ? tail * (r + 1) / grid * P : total * (r + 1) / grid;
+        const int64_t s0 = whole ? share(tail, r, grid) * P : share(total, r, grid);
+        const int64_t s1 = whole ? share(tail, r + 1, grid) * P : share(total, r + 1, grid);
         prefix[0] = 0;
         rg.total = total;
         rg.tail0 = waves * grid;
-        rg.first = rg.tail0 + s0 / P, rg.off = (int)(s0 % P);
+        const int64_t q = s0 < (1ll << 32) ? (int64_t)((uint32_t)s0 / (uint32_t)P) : s0 / P;
+        rg.first = rg.tail0 + q, rg.off = (int)(s0 - q * P);
         rg.dp = (int)(waves * P);
         rg.steps = rg.dp + (int)(s1 - s0);
-        rg.epoch = whole ? 0u : launch_epoch(p, grid);
     }
 }
 
@@ -601,7 +622,7 @@ w4a8_gemm_kernel(const __grid_constant__ Problem p, const __grid_constant__ CUte
     Stage<T, kWt> *ring = reinterpret_cast<Stage<T, kWt> *>(smem);
     uint64_t *full = reinterpret_cast<uint64_t *>(smem + S * sizeof(Stage<T, kWt>)); /* stage j landed */
     Range &rg = *reinterpret_cast<Range *>(full + S);
-    int *prefix = reinterpret_cast<int *>(&rg + 1); /* m-tiles before expert e */
+    int *prefix = reinterpret_cast<int *>(&rg + 1); /* m-tiles before expert e, then rows of e (plan) */
     const int tid = threadIdx.x, warp = tid >> 5;
     constexpr int kG = kGroups<T>;
     const int P = (p.G + kG - 1) / kG; /* steps per item (two a step: the last alone if G is odd) */
@@ -618,6 +639,7 @@ w4a8_gemm_kernel(const __grid_constant__ Problem p, const __grid_constant__ CUte
     if (tid < S) mbar_init(&full[tid], 32 + 1); /* the producer warp's cp.async + the copies' expect_tx */
     fence_proxy_async();
     if (warp == 0) plan<T>(p, rg, prefix, r, grid, P);
+    if (warp == 1 && (tid & 31) == 0) rg.epoch = start_epoch(p, grid);
     __syncthreads();
     const int steps = rg.steps;
 
@@ -728,6 +750,7 @@ w4a8_gemm_ws_kernel(const __grid_constant__ Problem p, const __grid_constant__ C
     if (threadIdx.x < S) mbar_init(&full[threadIdx.x], 32 + 1), mbar_init(&empty[threadIdx.x], 2 * 128);
     fence_proxy_async();
     if (warp == 0) plan<T>(p, rg, prefix, r, grid, P);
+    if (warp == 1 && (threadIdx.x & 31) == 0) rg.epoch = start_epoch(p, grid);
     __syncthreads();
     const int steps = rg.steps;
     if (threadIdx.x < 128) {
@@ -900,7 +923,7 @@ epmoe_status launch(const char *fn, const Problem &p, int sms, cudaStream_t stre
     static_assert(kWs || kStageBar + S <= 16, "a named barrier per stage");
     static_assert((size_t)(kWs ? kWsCtas<T> : T <= 8 ? 3 : 2) * (T / 2) * kThreads * sizeof(float) <= kSlotBytesPerSm,
                   "the stream-K slots of an SM's CTAs (at the designed occupancy) fit the workspace's share");
-    const size_t smem = 1024 + S * (sizeof(Stage<T, kWt>) + (kWs ? 2 : 1) * sizeof(uint64_t)) + sizeof(Range) + (size_t)(p.E + 1) * sizeof(int);
+    const size_t smem = 1024 + S * (sizeof(Stage<T, kWt>) + (kWs ? 2 : 1) * sizeof(uint64_t)) + sizeof(Range) + (size_t)(2 * p.E + 1) * sizeof(int);
     cudaError_t err = grow_smem_attr<kernel>(smem);
     int per_sm = 0;
     if (err == cudaSuccess) err = blocks_per_sm<kernel>(threads, smem, &per_sm);
