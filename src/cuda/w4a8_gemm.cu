@@ -21,8 +21,8 @@
 ** copies (the 16 KB weight tiles of both groups, contiguous in the repacked layout; the 128 bf16
 ** scales of each), TMA tensor copies (T rows x 128 activation bytes per group, in wgmma's swizzle) and
 ** cp.async (the activation scales), completing on one mbarrier; S stages in flight. To T = 16
-** warp 0 also computes; T = 24 to 64 (in eights), 80, 96, 112 and 128 have a producer warpgroup of
-** their own, and T = 24, 32 and 80 to 128 take steps in pairs into two partials (kWarpSpecialized,
+** warp 0 also computes; T = 24 to 80 (in eights), 96, 112 and 128 have a producer warpgroup of
+** their own, and T = 24, 32 and 96 to 128 take steps in pairs into two partials (kWarpSpecialized,
 ** kPairs, w4a8_gemm_ws_kernel).
 **
 ** Work: persistent CTAs. Each reads masked_m on the device (CUDA-graph safe) and counts m-tiles
@@ -94,7 +94,7 @@ constexpr int kProducerWarp = 0;
 ** lane's arrival that racecheck cannot follow). */
 constexpr int kConsumerBar = 1, kStageBar = 3;
 /* T = 24 and up run warp-specialized (w4a8_gemm_ws_kernel): a producer warpgroup that
-** gives its registers to the two consumer warpgroups (setmaxnreg), and at T = 24, 32 and 80-128 each
+** gives its registers to the two consumer warpgroups (setmaxnreg), and at T = 24, 32 and 96-128 each
 ** consumer takes an item's steps in pairs into two partials (kPairs), promoting the first while the
 ** second's wgmma run. The 256-thread kernel at T = 128 (warp 0 also the producer, one partial, the warpgroups taking turns
 ** at the tensor cores) ran W13 at 1024 rows at 620-655 TFLOP/s in mode (a), 833 in mode (b), this
@@ -116,9 +116,12 @@ constexpr int kConsumerBar = 1, kStageBar = 3;
 ** promotion work, which bound these sizes: W13 + W2 at 33-40 rows 286-287 -> 234-236 us, 48 rows
 ** 289 -> 250-251, 56 rows 291-292 -> 273 (DeepSeek-R1, H200, 2026-12-01). T = 48 measured 1% slower
 ** without the whole waves first and 2-3% slower at 6 stages. T = 24 (int4, 17-24 rows) runs as T = 32
-** (pairs, 5 stages): 17-24 rows 214-215 -> 204-207 us. T = 80, 96 and 112 (int4, 65-112 rows) run
-** as T = 128 (1 CTA/SM, pairs, 8 stages): 65-80 rows 470-476 -> 374-379 us, 96 rows 478-480 -> 413-414,
-** 112 rows 490-501 -> 454-455 (the same bench and day).
+** (pairs, 5 stages): 17-24 rows 214-215 -> 204-207 us. T = 96 and 112 (int4, 81-112 rows) run as
+** T = 128 (1 CTA/SM, pairs, 8 stages): 96 rows 478-480 -> 413-414, 112 rows 490-501 -> 454-455 (the
+** same bench and day). T = 72 and 80 (int4, 65-80 rows) run as T = 64 (2 CTAs/SM, one step at a
+** time, 4 stages): at 72 / 80 rows 370.9 / 373.2 -> 315.7 / 330.6 us against T = 80 as T = 128 runs
+** (bench_w4a8, DeepSeek-R1, H200, 2026-12-01; their stream-K slots grew the workspace's share to
+** 80 KB an SM, kSlotBytesPerSm).
 ** Pairs only: with four or eight groups in flight between full waits ptxas keeps every group's A
 ** fragments live and spills 38-100 registers (the lab's U = 4 and 8: 643 and 623 TFLOP/s).
 ** Splitting a step's tile into two token halves in two commit groups measured 5-6% slower (the A
@@ -126,12 +129,12 @@ constexpr int kConsumerBar = 1, kStageBar = 3;
 ** activations at T = 32 (512 threads, 1 CTA/SM: 2-6% slower at 32 rows); H200, 2026-11-30,
 ** branches w4-halves and w4-w2. */
 template <int T> constexpr bool kWarpSpecialized = T >= 24;
-template <int T> constexpr int kWsCtas = T <= 80 ? 2 : 1; /* T = 72, 80 at 2: experiment, not yet run */
+template <int T> constexpr int kWsCtas = T <= 80 ? 2 : 1;
 template <int T> constexpr bool kPairs = T == 24 || T == 32 || T > 80; /* steps in pairs into two partials (see above) */
 constexpr int kWsThreads = 384; /* producer warpgroup + two consumer warpgroups */
 /* setmaxnreg: what the producer warpgroup keeps and each consumer thread gets. They must fit in what
 ** the CTA was given at launch (launch() checks ptxas's count: 1 CTA/SM 384 x 168 = 128 x 40 +
-** 256 x 232; T = 24 to 64 at 2 CTAs/SM 384 x 80 = 128 x 32 + 256 x 104), or the consumers'
+** 256 x 232; T = 24 to 80 at 2 CTAs/SM 384 x 80 = 128 x 32 + 256 x 104), or the consumers'
 ** setmaxnreg.inc would wait forever. */
 template <int T> constexpr int kWsProducerRegs = kWsCtas<T> == 2 ? 32 : 40;
 template <int T> constexpr int kWsConsumerRegs = kWsCtas<T> == 2 ? 104 : 232;
@@ -866,10 +869,10 @@ w4a8_gemm_ws_kernel(const __grid_constant__ Problem p, const __grid_constant__ C
 }
 
 /* Workspace: [launch counter: 8 bytes, in 256 B][flags: one word per CTA][slots: (T/2) x 256 floats per CTA].
-** Bounds over every tile: at most kMaxCtasPerSm CTAs per SM and 64 KB of slots per SM (T = 128 at
-** 1 CTA/SM, T = 64 at 2: (T/2) * 256 * 4 bytes each; launch() asserts it). */
+** Bounds over every tile: at most kMaxCtasPerSm CTAs per SM and 80 KB of slots per SM (T = 80 at
+** 2 CTAs/SM: (T/2) * 256 * 4 bytes each; T = 128 at 1 CTA/SM takes 64; launch() asserts it). */
 constexpr int kMaxCtasPerSm = 8;
-constexpr size_t kSlotBytesPerSm = 80 * 1024; /* T = 80 at 2 CTAs/SM: 2 x 40 floats x 256 threads */
+constexpr size_t kSlotBytesPerSm = 80 * 1024;
 size_t flags_bytes(int sms) { return ((size_t)sms * kMaxCtasPerSm * 4 + 255) / 256 * 256; }
 
 /* A [rows, K bytes] matrix as a TMA tensor: box_rows x 128-byte boxes in the 128-byte swizzle, zero
@@ -911,7 +914,7 @@ epmoe_status launch(const char *fn, const Problem &p, int sms, cudaStream_t stre
     ** same as 5; T = 64 (2 CTAs/SM) 4, 1.5% faster at 40 and 64 rows than 6 (what fits) and than 3;
     ** T = 128 (1 CTA/SM) 8: the lab's schedule ran 3% faster at 1024 rows than with 6
     ** (w4a8_prefill_lab; H200, 2026-12-01). The tiles between take their neighbour's: T = 24 5, 40-56
-    ** 4 (T = 48: 2-3% slower at 6), 80-112 8. */
+    ** 4 (T = 48: 2-3% slower at 6), 72 and 80 4 (as 64, not measured apart), 96-112 8. */
     constexpr bool kWs = kWarpSpecialized<T>;
     /* fp8 and bf16 weights: twice the bytes a stage; T = 32 5 stages and 64 3 (2 CTAs/SM), 128 6 (4
     ** at T = 64 and 5 at 128 measured the same or 0.5% slower, 2026-12-01); only those three tiles
