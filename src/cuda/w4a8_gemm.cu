@@ -169,6 +169,19 @@ template <int kWt> constexpr int kWGroupBytes = kWtTma<kWt> ? W4_TILE_N * W4_GRO
 template <int T, int kWt> constexpr bool kTokM = kWt == kWtFp8 && T == 128;
 static_assert(W4_TILE_N == 128, "kTokM: the weight tile is wgmma's N = 128 = T, so part[T / 2] and wgmma_ss<T> hold");
 
+/* Tiles to T = 32 copy their weights evict-first in L2. Their CTAs walk stream-K ranges only, so the
+** ~12 CTAs that share an expert's activations read each group of them at different times over the
+** whole launch; streamed in at the normal priority, the weights (read once) pushed those rows out
+** between the reads, and every miss went back to DRAM. Evict-first, W13 + W2 at 1 / 8 / 32 rows went
+** 187.8-188.1 -> 178.7-179.3, 193.6-193.8 -> 182.2-182.5, 218.7-218.9 -> 214.6-215.8 us (DeepSeek-R1;
+** Kimi-K2 in another call 275.1 -> 262.8-263.8, 286.8-287.8 -> 271.2-273.3, 334.9-335.3 ->
+** 323.5-324.0), fp8-block at 1-32 rows 1-1.5% faster, bf16 the same. Tiles from T = 40 deal whole
+** waves first (the CTAs
+** that share an expert's activations read them together): there evict-first bought nothing (W4A8
+** at 64 rows 300 us either way) and cost fp8-block and bf16 7% at 64 rows (378 -> 405, 709 -> 761
+** us), and at T = 128 it cost W4A8 3-4% at 1024 rows (bench_w4a8, H200, the same call, 2026-12-01). */
+template <int T> constexpr bool kWeightsOnce = T <= 32;
+
 /* One step's groups, [h] = group kGroups * s + h. A step with one group of two (K/128 odd, the
 ** item's last) leaves the [1] halves stale. */
 template <int T, int kWt> struct alignas(1024) Stage {
@@ -302,7 +315,8 @@ template <int T, int kSa, int kWt> struct Producer {
         if (kWtTma<kWt> && lane == 0) { /* one group: the weight box, the activation rows; fp8's block scale by cp.async */
             static_assert(!kWtTma<kWt> || (kG == 1 && offsetof(St, a) % 1024 == 0), "fp8, bf16: one group a step; boxes on the swizzle's 1024 bytes");
             mbar_expect_tx(full, W4_TILE_N * W4_GROUP + T * W4_GROUP);
-            tma_load_2d(&s.w[0][0], &tmw, g * W4_GROUP, wrow, full);
+            if (kWeightsOnce<T>) tma_load_2d_hint(&s.w[0][0], &tmw, g * W4_GROUP, wrow, full, l2_evict_first());
+            else tma_load_2d(&s.w[0][0], &tmw, g * W4_GROUP, wrow, full);
             tma_load_2d(&s.a[0][0][0], &tm, g * W4_GROUP, row, full);
             if (kWt == kWtFp8) cp_async4(&s.sw[0][0], bs, 4);
         } else if (!kWtTma<kWt> && lane == 0) { /* the weight tiles (adjacent in the repacked layout: one copy), 128 bf16 scales
@@ -311,7 +325,8 @@ template <int T, int kSa, int kWt> struct Producer {
             static_assert(kScaleBytes % 16 == 0 && offsetof(St, sw) % 16 == 0 && offsetof(St, a) % 1024 == 0,
                           "bulk copies: 16-byte aligned multiples of 16; the activations on the swizzle's 1024 bytes");
             mbar_expect_tx(full, (two ? 2 : 1) * (W4_TILE_BYTES + kScaleBytes + T * W4_GROUP));
-            bulk_copy(&s.w[0][0], w, (two ? 2 : 1) * W4_TILE_BYTES, full);
+            if (kWeightsOnce<T>) bulk_copy_hint(&s.w[0][0], w, (two ? 2 : 1) * W4_TILE_BYTES, full, l2_evict_first());
+            else bulk_copy(&s.w[0][0], w, (two ? 2 : 1) * W4_TILE_BYTES, full);
             bulk_copy(s.sw[0], sw, kScaleBytes, full);
             tma_load_2d(&s.a[0][0][0], &tm, g * W4_GROUP, row, full);
             if (two) {
