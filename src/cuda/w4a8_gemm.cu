@@ -167,6 +167,11 @@ template <int kWt> constexpr int kWGroupBytes = kWtTma<kWt> ? W4_TILE_N * W4_GRO
 ** 3177-3217 us. bf16 weights (no promotion) measured 1-3% slower this way, so they keep weights as M
 ** (DeepSeek-R1, H200, same call, 2026-12-01). */
 template <int T, int kWt> constexpr bool kTokM = kWt == kWtFp8 && T == 128;
+/* bf16 weights: no scales, so their wgmma accumulate straight into the accumulator (scale-d = 1): no
+** partial, no fp32 add a step, and 64 registers fewer at T = 128. W13 + W2 at 128 / 256 / 1024 rows
+** 786-807 -> 767, 1582-1601 -> 1268-1275, 5825-5876 -> 5031-5068 us (DeepSeek-R1, bench_w4a8, H200,
+** the same call, 2026-12-01); the sums' order changed, not their bound. */
+template <int kWt> constexpr bool kAccDirect = kWt == kWtBf16;
 static_assert(W4_TILE_N == 128, "kTokM: the weight tile is wgmma's N = 128 = T, so part[T / 2] and wgmma_ss<T> hold");
 
 /* Tiles to T = 32 copy their weights evict-first in L2. Their CTAs walk stream-K ranges only, so the
@@ -386,8 +391,9 @@ __device__ __forceinline__ void convert(const Stage<T, kWt> &s, int h, uint32_t 
     }
 }
 
-/* The 4 wgmma of group h: part = (the group's weights) x (its activations), 64 rows x T per warpgroup. */
-template <int T, int kWt>
+/* The 4 wgmma of group h: part = (the group's weights) x (its activations), 64 rows x T per warpgroup;
+** with kAdd, part += that (kAccDirect). */
+template <int T, int kWt, bool kAdd = false>
 __device__ __forceinline__ void mma_group(const Stage<T, kWt> &s, int h, const uint32_t (&a)[4][4], float (&part)[T / 2]) {
     const uint32_t lo = sw128_desc_lo(&s.a[h][0][0]);
     if constexpr (kTokM<T, kWt>) { /* A: the warpgroup's 64 tokens (8 KB into the activations), B: the 128 weight rows */
@@ -399,7 +405,7 @@ __device__ __forceinline__ void mma_group(const Stage<T, kWt> &s, int h, const u
 #pragma unroll
         for (int ks = 0; ks < 4; ks++) {
             if constexpr (kWt == kWtFp8) wgmma_ss<T>(part, sw128_desc(alo + 2 * ks), sw128_desc(lo + 2 * ks), ks);
-            else wgmma_ss_bf16<T>(part, sw128_desc(alo + 2 * ks), sw128_desc(lo + 2 * ks), ks);
+            else wgmma_ss_bf16<T>(part, sw128_desc(alo + 2 * ks), sw128_desc(lo + 2 * ks), kAdd ? 1 : ks);
         }
     } else {
 #pragma unroll
@@ -795,15 +801,23 @@ w4a8_gemm_ws_kernel(const __grid_constant__ Problem p, const __grid_constant__ C
         for (int i = 0; i < T / 2; i++) acc[i] = 0.0f;
         int cg = step_off<T>(rg, 0);
         auto sync = [] { named_bar_sync(kConsumerBar, 2 * 128); };
-        /* step i's 4 wgmma into part (one commit group); then, once waited for, its promotion */
+        /* step i's 4 wgmma into part (one commit group); then, once waited for, its promotion. bf16
+        ** weights have no scales to apply, so their wgmma accumulate into acc itself (kAccDirect) */
         auto issue = [&](int i, uint32_t(&a)[4][4], float(&part)[T / 2]) {
             mbar_wait(&full[i % S], (uint32_t)(i / S) & 1u);
             if (i == 0) W4_TRACE_BY(1, 128);
             convert<T, kWt>(ring[i % S], 0, a);
+            if constexpr (kAccDirect<kWt>) {
 #pragma unroll
-            for (int q = 0; q < T / 2; q++) reg_fence(part[q]);
-            wgmma_fence();
-            mma_group<T, kWt>(ring[i % S], 0, a, part);
+                for (int q = 0; q < T / 2; q++) reg_fence(acc[q]);
+                wgmma_fence();
+                mma_group<T, kWt, true>(ring[i % S], 0, a, acc);
+            } else {
+#pragma unroll
+                for (int q = 0; q < T / 2; q++) reg_fence(part[q]);
+                wgmma_fence();
+                mma_group<T, kWt>(ring[i % S], 0, a, part);
+            }
             wgmma_commit();
         };
         /* the scales are read as the promotion uses them: loaded whole first (GroupScales), UE8M0's
@@ -844,8 +858,8 @@ w4a8_gemm_ws_kernel(const __grid_constant__ Problem p, const __grid_constant__ C
                         acc[jj * 4 + c] = fmaf(part[jj * 4 + c], s, acc[jj * 4 + c]);
                         acc[jj * 4 + 2 + c] = fmaf(part[jj * 4 + 2 + c], s, acc[jj * 4 + 2 + c]);
                     }
-            } else if constexpr (kWt == kWtBf16) {
-                promote<T, 0>(1.0f, 1.0f, sa_of, part, acc); /* no scales: acc += part */
+            } else if constexpr (kAccDirect<kWt>) {
+                /* accumulated by the wgmma themselves (issue); acc is touched only after the last wait */
             } else {
                 promote<T, kSa>(fmt_bf16_to_float(st.sw[0][row]), fmt_bf16_to_float(st.sw[0][row + 8]), sa_of, part, acc);
             }
@@ -867,6 +881,10 @@ w4a8_gemm_ws_kernel(const __grid_constant__ Problem p, const __grid_constant__ C
                 issue(j, a0, part0);
                 wgmma_wait<0>();
                 retire(j, cg, part0);
+            }
+            if constexpr (kAccDirect<kWt>) {
+#pragma unroll
+                for (int q = 0; q < T / 2; q++) reg_fence(acc[q]); /* every wgmma into it waited for */
             }
             j += two ? 2 : 1;
             if ((cg += two ? 2 : 1) >= p.G) { /* step j - 1 ended its item */
