@@ -154,7 +154,12 @@ template <int T> __device__ __forceinline__ int acc_row() {
 ** fp8-block expert GEMM ran mma.sync with both operands converted to f16 (expert_gemm.cu).
 ** fp8 weights run the warp-specialized kernel only (T >= 32: at decode the bytes, not the tile's
 ** tokens, set the time). bf16 weights (the bf16 scheme, kWtBf16) the same way, with bf16 tokens
-** and no scales: a "group" is then 128 bytes of K (64 elements) and K is counted in bytes. */
+** and no scales: a "group" is then 128 bytes of K (64 elements) and K is counted in bytes. bf16 also
+** takes a 256-token tile from 129 expected rows (its accumulator, kAccDirect, is all it holds: 128
+** registers): W13 + W2 at 129 / 192 / 256 / 512 / 1024 rows 1380 / 1277-1304 / 1264-1347 /
+** 2545-2589 / 5017-5038 -> 1060-1124 / 1106-1110 / 1184 / 2259-2392 / 4612-4633 us (each weight
+** tile read once for 256 tokens instead of 128, where L2 was 86% busy; DeepSeek-R1, bench_w4a8,
+** H200, the same call, 2026-12-01). */
 constexpr int kWtInt4 = 0, kWtInt4Full = 1, kWtFp8 = 2, kWtBf16 = 3;
 template <int kWt> constexpr bool kWtTma = kWt >= kWtFp8; /* weights by TMA box, read by wgmma SS */
 template <int kWt> constexpr int kWGroupBytes = kWtTma<kWt> ? W4_TILE_N * W4_GROUP : W4_TILE_BYTES;
@@ -950,14 +955,14 @@ epmoe_status launch(const char *fn, const Problem &p, int sms, cudaStream_t stre
     ** 4 (T = 48: 2-3% slower at 6), 72 and 80 4 (as 64, not measured apart), 96-112 8. */
     constexpr bool kWs = kWarpSpecialized<T>;
     /* fp8 and bf16 weights: twice the bytes a stage; T = 32 5 stages and 64 3 (2 CTAs/SM), 128 6 (4
-    ** at T = 64 and 5 at 128 measured the same or 0.5% slower, 2026-12-01); only those three tiles
-    ** were measured for them (their entry points below pick no other) */
-    static_assert(!kWtTma<kWt> || T == 32 || T == 64 || T == 128, "fp8 and bf16 weights: a measured tile");
-    constexpr int S = kWtTma<kWt> ? (T == 64 ? 3 : T == 32 ? 5 : 6) : kGroups<T> == 2 ? (T >= 16 ? 4 : 3) : T > 32 && T <= 80 ? 4 : T == 32 || T == 24 ? 5 : 8;
+    ** at T = 64 and 5 at 128 measured the same or 0.5% slower, 2026-12-01), bf16's 256 4 (what fits);
+    ** only those tiles were measured for them (their entry points below pick no other) */
+    static_assert(!kWtTma<kWt> || T == 32 || T == 64 || T == 128 || (T == 256 && kWt == kWtBf16), "fp8 and bf16 weights: a measured tile");
+    constexpr int S = kWtTma<kWt> ? (T == 256 ? 4 : T == 64 ? 3 : T == 32 ? 5 : 6) : kGroups<T> == 2 ? (T >= 16 ? 4 : 3) : T > 32 && T <= 80 ? 4 : T == 32 || T == 24 ? 5 : 8;
     constexpr int threads = kWs ? kWsThreads : kThreads;
     constexpr auto kernel = kernel_of<T, kSa, kWt, S>();
     static_assert(kWs || kStageBar + S <= 16, "a named barrier per stage");
-    static_assert((size_t)(kWs ? kWsCtas<T> : T <= 8 ? 3 : 2) * (T / 2) * kThreads * sizeof(float) <= kSlotBytesPerSm,
+    static_assert(kWtTma<kWt> || (size_t)(kWs ? kWsCtas<T> : T <= 8 ? 3 : 2) * (T / 2) * kThreads * sizeof(float) <= kSlotBytesPerSm,
                   "the stream-K slots of an SM's CTAs (at the designed occupancy) fit the workspace's share");
     const size_t smem = 1024 + S * (sizeof(Stage<T, kWt>) + (kWs ? 2 : 1) * sizeof(uint64_t)) + sizeof(Range) + (size_t)(2 * p.E + 1) * sizeof(int);
     cudaError_t err = grow_smem_attr<kernel>(smem);
@@ -1113,5 +1118,6 @@ extern "C" epmoe_status epmoe__bf16_gemm_launch(const epmoe_expert_gemm_args *g,
     const int64_t em = g->expected_m > 0 ? g->expected_m : g->M;
     cudaStream_t s = reinterpret_cast<cudaStream_t>(stream);
     if (em <= 64) return launch<64, 0, kWtBf16>(fn, p, sms, s); /* from 33 rows: expert_gemm.cu keeps fewer */
-    return launch<128, 0, kWtBf16>(fn, p, sms, s);
+    if (em <= 128) return launch<128, 0, kWtBf16>(fn, p, sms, s);
+    return launch<256, 0, kWtBf16>(fn, p, sms, s); /* 4 stages: what fits */
 }

@@ -421,27 +421,29 @@ int main(void) {
             const epmoe_scale_fmt sfm = (epmoe_scale_fmt)sf;
             const gcase cases[] = {
                 {f, gr, sfm, 3, 128, 128, 1, 1, 0, 0},   {f, gr, sfm, 3, 384, 640, 3, 2, 0, 0},
-                {f, gr, sfm, 4, 256, 384, 64, 3, 1, 0},  {f, gr, sfm, 5, 128, 256, 65, 4, 0, 0},
+                {f, gr, sfm, 4, 256, 384, 64, 3, 1, 0},  {f, gr, sfm, 2, 256, 128, 300, 3, 0, 0},
+                {f, gr, sfm, 5, 128, 256, 65, 4, 0, 0},
                 {f, gr, sfm, 3, 640, 128, 129, 3, 0, 0}, {f, gr, sfm, 4, 128, 384, 20, 0, 0, 0},
                 {f, gr, sfm, 4, 256, 256, 70, 3, 0, 8},  {f, gr, sfm, 3, 128, 384, 40, 4, 1, 200},
                 {f, gr, sfm, 5, 128, 256, 24, 5, 0, 0},  /* masked_m < 0 and > M */
                 {f, gr, sfm, 1, 256, 7168, 9, 3, 0, 0},  /* E = 1, DeepSeek's K */
             };
             for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
-                if (quick && i > 2) break;
+                if (quick && i > 3) break; /* (i = 3: bf16's 256-token tile, several m-tiles) */
                 run_gemm(&r, &cases[i]);
             }
         }
         /* More work items (expert, 128 weight rows, token tile) than the persistent grid has CTAs
-        ** (132 SMs: 264 at 32- and 64-token tiles, 132 at 128): each CTA walks several, and from 64
-        ** tokens, with more than two items a CTA, whole waves go round-robin before the rest. Expected
-        ** rows 8, 48 and 200 take every tile of the wgmma kernels (fp8-block 32, 64, 128; bf16 its
-        ** mma.sync decode tile, 64, 128): 288 items at 48 (one a CTA, then whole-item ranges), 576 at
-        ** 48 with E = 12 (a wave first) */
+        ** (132 SMs: 264 at 32- and 64-token tiles, 132 at 128 and 256): each CTA walks several, and
+        ** from 64 tokens, with more than two items a CTA, whole waves go round-robin before the rest.
+        ** Expected rows 8, 48 and 200 take every tile of the wgmma kernels (fp8-block 32, 64, 128; bf16
+        ** its mma.sync decode tile, 64, 256): 288 items at 48 (one a CTA, then whole-item ranges), 576
+        ** at 48 with E = 12 (a wave first); 600 rows: 3 m-tiles of 256 (bf16), the last part-filled */
         const gcase many[] = {{f, gr, EPMOE_SCALE_F32_ROW, 6, 6144, 256, 40, 4, 0, 8},
                               {f, gr, EPMOE_SCALE_F32_ROW, 6, 6144, 256, 40, 3, 0, 48},
                               {f, gr, EPMOE_SCALE_UE8M0_ROW, 12, 6144, 256, 40, 3, 0, 48},
-                              {f, gr, EPMOE_SCALE_UE8M0_MMAJOR, 8, 4096, 256, 200, 3, 0, 0}};
+                              {f, gr, EPMOE_SCALE_UE8M0_MMAJOR, 8, 4096, 256, 200, 3, 0, 0},
+                              {f, gr, EPMOE_SCALE_F32_ROW, 3, 1024, 256, 600, 3, 0, 0}};
         for (size_t i = 0; i < sizeof many / sizeof many[0] && !quick; i++) run_gemm(&r, &many[i]);
     }
     printf("  limits\n");
