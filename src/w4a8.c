@@ -185,8 +185,16 @@ static epmoe_status check_acts(const char *fn, int64_t E, int64_t M, int64_t K, 
 /* The wgmma GEMM (w4a8_gemm.cu) counts its work items (expert, 128-row weight tile, token tile of
 ** min_tile or more) in 32 bits: a 64-bit division at each item change cost 1-3% (find_item; H200
 ** 2026-11-30). Its TMA tensor maps address rows with 32-bit signed coordinates: the activations'
-** E * M, and with tma_weights (fp8-block's and bf16's checkpoint weights) the weights' E * N. */
+** E * M, and with tma_weights (fp8-block's and bf16's checkpoint weights) the weights' E * N. Each
+** CTA keeps 2E + 1 ints (m-tiles before each expert, each expert's rows) in shared memory beside its
+** stage ring: with the largest rings (int4 at 128 tokens 8 x 25 KB, bf16 at 256 4 x 50 KB) that fits
+** the 227 KB a block may have to E = 3306, so the GPU entries take E <= 3072. */
+#define EPMOE__MAX_WGMMA_EXPERTS 3072
 epmoe_status epmoe__check_wgmma_limits(const char *fn, int64_t E, int64_t M, int64_t N, int min_tile, int tma_weights) {
+    if (E > EPMOE__MAX_WGMMA_EXPERTS)
+        return epmoe__fail(EPMOE_ERR_INVALID_ARG,
+                           "%s: E = %lld experts > %d (the GPU kernel keeps 2E + 1 ints in shared memory beside its stages)", fn,
+                           (long long)E, EPMOE__MAX_WGMMA_EXPERTS);
     if ((double)E * (double)((M + min_tile - 1) / min_tile) * (double)(N / W4_TILE_N) >= 2147483648.0)
         return epmoe__fail(EPMOE_ERR_INVALID_ARG,
                            "%s: E = %lld x ceil(M = %lld / %d) x N = %lld / 128 work items >= 2^31 (the GPU kernel's limit)",
