@@ -185,11 +185,11 @@ static_assert(W4_TILE_N == 128, "kTokM: the weight tile is wgmma's N = 128 = T, 
 ** between the reads, and every miss went back to DRAM. Evict-first, W13 + W2 at 1 / 8 / 32 rows went
 ** 187.8-188.1 -> 178.7-179.3, 193.6-193.8 -> 182.2-182.5, 218.7-218.9 -> 214.6-215.8 us (DeepSeek-R1;
 ** Kimi-K2 in another call 275.1 -> 262.8-263.8, 286.8-287.8 -> 271.2-273.3, 334.9-335.3 ->
-** 323.5-324.0), fp8-block at 1-32 rows 1-1.5% faster, bf16 the same. Tiles from T = 40 deal whole
-** waves first (the CTAs
-** that share an expert's activations read them together): there evict-first bought nothing (W4A8
-** at 64 rows 300 us either way) and cost fp8-block and bf16 7% at 64 rows (378 -> 405, 709 -> 761
-** us), and at T = 128 it cost W4A8 3-4% at 1024 rows (bench_w4a8, H200, the same call, 2026-12-01). */
+** 323.5-324.0), fp8-block at 1-32 rows 1-3% faster (bf16 runs mma.sync there). Tiles from T = 40
+** deal whole waves first (the CTAs that share an expert's activations read them together): there
+** evict-first bought nothing (W4A8 at 64 rows 300 us either way) and cost fp8-block and bf16 7% at 64
+** rows (378 -> 405, 709 -> 761 us), and at T = 128 it cost W4A8 3-4% at 1024 rows (bench_w4a8, H200,
+** 2026-12-01). */
 template <int T> constexpr bool kWeightsOnce = T <= 32;
 
 /* One step's groups, [h] = group kGroups * s + h. A step with one group of two (K/128 odd, the

@@ -438,7 +438,8 @@ int main(void) {
         ** from 64 tokens, with more than two items a CTA, whole waves go round-robin before the rest.
         ** Expected rows 8, 48 and 200 take every tile of the wgmma kernels (fp8-block 32, 64, 128; bf16
         ** its mma.sync decode tile, 64, 256): 288 items at 48 (one a CTA, then whole-item ranges), 576
-        ** at 48 with E = 12 (a wave first); 600 rows: 3 m-tiles of 256 (bf16), the last part-filled */
+        ** at 48 with E = 12 (a wave first); and 600 rows: bf16's 256-token tile with 3 m-tiles an
+        ** expert, the last part-filled (72 items: fewer than CTAs) */
         const gcase many[] = {{f, gr, EPMOE_SCALE_F32_ROW, 6, 6144, 256, 40, 4, 0, 8},
                               {f, gr, EPMOE_SCALE_F32_ROW, 6, 6144, 256, 40, 3, 0, 48},
                               {f, gr, EPMOE_SCALE_UE8M0_ROW, 12, 6144, 256, 40, 3, 0, 48},

@@ -176,9 +176,10 @@ static void test_gemm_cases(test_rng *r) {
     ** have at most one step a CTA at T = 128, and two groups an item at T = 64. T = 24 to 64 run 2
     ** CTAs/SM (264 on an H200): 6.5, 1.1-1.6 and up to 1.6 steps a CTA below at T = 32; at 40, 48
     ** and 56 (one step at a time, as at 64) up to 3.3, with part-filled last m-tiles (79 and 111
-    ** rows); at T = 24 (pairs, as at 32) 6.5, 47 rows in two m-tiles; at T = 80, 96 and 112 (1
-    ** CTA/SM, pairs, as at 128) 4.4, up to 2.2 and 2.2, with 150, 170 (skewed) and 224 rows (two
-    ** whole m-tiles); at T = 72 (2 CTAs/SM, one step at a time) 3.3, 137 rows in two m-tiles. */
+    ** rows); at T = 24 (pairs, as at 32) 6.5, 47 rows in two m-tiles; at T = 96 and 112 (1 CTA/SM,
+    ** pairs, as at 128) up to 2.2 and 2.2, with 170 (skewed) and 224 rows (two whole m-tiles); at
+    ** T = 72 and 80 (2 CTAs/SM, one step at a time, as at 64) 3.3 and 2.2, with 137 and 150 rows in
+    ** two m-tiles. */
     const gcase pairs[] = {
         {2, 512, 2304, 256, 5, 1, 0, 128, 0},  {2, 512, 2304, 200, 4, 3, 1, 128, 0},
         {3, 1024, 1152, 256, 5, 0, 1, 128, 0}, {3, 1024, 1152, 130, 5, 2, 0, 128, 0},
