@@ -438,13 +438,19 @@ int main(void) {
         ** from 64 tokens, with more than two items a CTA, whole waves go round-robin before the rest.
         ** Expected rows 8, 48 and 200 take every tile of the wgmma kernels (fp8-block 32, 64, 128; bf16
         ** its mma.sync decode tile, 64, 256): 288 items at 48 (one a CTA, then whole-item ranges), 576
-        ** at 48 with E = 12 (a wave first); and 600 rows: bf16's 256-token tile with 3 m-tiles an
-        ** expert, the last part-filled (72 items: fewer than CTAs) */
+        ** at 48 with E = 12 (a wave first); 600 rows: bf16's 256-token tile with 3 m-tiles an
+        ** expert, the last part-filled (72 items: fewer than CTAs); 100 and 300 rows: bf16 at 128 and
+        ** 256 tokens with a wave of items first (384 items each; bf16 accumulates in place); and
+        ** DeepSeek's K = 7168 on the wgmma kernels (200 rows, skewed), where the in-place bf16 sum
+        ** runs over the whole K in the tensor cores */
         const gcase many[] = {{f, gr, EPMOE_SCALE_F32_ROW, 6, 6144, 256, 40, 4, 0, 8},
                               {f, gr, EPMOE_SCALE_F32_ROW, 6, 6144, 256, 40, 3, 0, 48},
                               {f, gr, EPMOE_SCALE_UE8M0_ROW, 12, 6144, 256, 40, 3, 0, 48},
                               {f, gr, EPMOE_SCALE_UE8M0_MMAJOR, 8, 4096, 256, 200, 3, 0, 0},
-                              {f, gr, EPMOE_SCALE_F32_ROW, 3, 1024, 256, 600, 3, 0, 0}};
+                              {f, gr, EPMOE_SCALE_F32_ROW, 3, 1024, 256, 600, 3, 0, 0},
+                              {f, gr, EPMOE_SCALE_F32_ROW, 12, 4096, 128, 100, 3, 0, 0},
+                              {f, gr, EPMOE_SCALE_F32_ROW, 6, 4096, 128, 300, 3, 0, 0},
+                              {f, gr, EPMOE_SCALE_UE8M0_ROW, 2, 256, 7168, 200, 4, 0, 0}};
         for (size_t i = 0; i < sizeof many / sizeof many[0] && !quick; i++) run_gemm(&r, &many[i]);
     }
     printf("  limits\n");
