@@ -812,17 +812,11 @@ w4a8_gemm_ws_kernel(const __grid_constant__ Problem p, const __grid_constant__ C
             mbar_wait(&full[i % S], (uint32_t)(i / S) & 1u);
             if (i == 0) W4_TRACE_BY(1, 128);
             convert<T, kWt>(ring[i % S], 0, a);
-            if constexpr (kAccDirect<kWt>) {
+            float(&d)[T / 2] = kAccDirect<kWt> ? acc : part;
 #pragma unroll
-                for (int q = 0; q < T / 2; q++) reg_fence(acc[q]);
-                wgmma_fence();
-                mma_group<T, kWt, true>(ring[i % S], 0, a, acc);
-            } else {
-#pragma unroll
-                for (int q = 0; q < T / 2; q++) reg_fence(part[q]);
-                wgmma_fence();
-                mma_group<T, kWt>(ring[i % S], 0, a, part);
-            }
+            for (int q = 0; q < T / 2; q++) reg_fence(d[q]);
+            wgmma_fence();
+            mma_group<T, kWt, kAccDirect<kWt>>(ring[i % S], 0, a, d);
             wgmma_commit();
         };
         /* the scales are read as the promotion uses them: loaded whole first (GroupScales), UE8M0's
