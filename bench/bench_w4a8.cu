@@ -318,6 +318,7 @@ static void trace_gemm(const char *model, const char *what, int rows, const epmo
     std::vector<std::vector<double>> v(16); /* [13..15]: launch-to-launch, from the second launch */
     std::vector<double> prev_sm, prev_cta;
     std::vector<unsigned long long> prev_smid;
+    std::vector<double> rank_t[8], blk_t[8];
     /* Pearson over the entries >= 0 in both */
     auto pearson = [](const std::vector<double> &x, const std::vector<double> &y) {
         double sx = 0, sy = 0, sxx = 0, syy = 0, sxy = 0, k = 0;
@@ -371,6 +372,29 @@ static void trace_gemm(const char *model, const char *what, int rows, const epmo
             v[15].push_back(seen ? 100.0 * moved / seen : 0.0);
         }
         prev_sm = cur, prev_cta = cta, prev_smid = smid;
+        /* steps-done time by the CTA's rank of entry on its SM and by blockIdx / (CTAs per SM slot) */
+        {
+            std::vector<std::vector<std::pair<double, int>>> on(1024);
+            for (int c = 0; c < n; c++)
+                if (h[c * F] && h[c * F + 2] && h[c * F + 4] < 1024) on[h[c * F + 4]].push_back({(h[c * F] - t0) / 1e3, c});
+            int nsm = 0;
+            for (auto &o : on) nsm += !o.empty();
+            double rs[8] = {0}, bs[8] = {0};
+            int rc[8] = {0}, bc[8] = {0};
+            for (auto &o : on) {
+                std::sort(o.begin(), o.end());
+                for (size_t k = 0; k < o.size() && k < 8; k++) {
+                    const int c = o[k].second;
+                    const double t = (h[c * F + 2] - t0) / 1e3;
+                    rs[k] += t, rc[k]++;
+                    const int b = nsm ? (c % (n / 2)) / nsm : 0; /* W2 stamps the upper half */
+                    if (b < 8) bs[b] += t, bc[b]++;
+                }
+            }
+            for (int k = 0; k < 8; k++) {
+                rank_t[k].push_back(rc[k] ? rs[k] / rc[k] : 0), blk_t[k].push_back(bc[k] ? bs[k] / bc[k] : 0);
+            }
+        }
         if (sm_t.empty()) continue;
         std::sort(sm_t.begin(), sm_t.end());
         const double vals[13] = {pt[0].back(), med(pt[1]), pt[2].empty() ? 0 : pt[2].front(), med(pt[2]),
@@ -386,6 +410,17 @@ static void trace_gemm(const char *model, const char *what, int rows, const epmo
     printf("%-12s trace %-26s rows %-5d per SM steps done %.1f / %.1f / %.1f us | spread within an SM %.1f us"
            " | launch to launch: correlation per SM %.2f, per CTA %.2f, CTAs on another SM %.0f%%\n", model, what, rows,
            m[9], m[10], m[11], m[12], m[13], m[14], m[15]);
+    printf("%-12s trace %-26s rows %-5d steps done by entry rank on the SM:", model, what, rows);
+    for (int k = 0; k < 8; k++) {
+        std::sort(rank_t[k].begin(), rank_t[k].end());
+        if (!rank_t[k].empty() && rank_t[k][rank_t[k].size() / 2] > 0) printf(" %.1f", rank_t[k][rank_t[k].size() / 2]);
+    }
+    printf(" | by blockIdx / SMs:");
+    for (int k = 0; k < 8; k++) {
+        std::sort(blk_t[k].begin(), blk_t[k].end());
+        if (!blk_t[k].empty() && blk_t[k][blk_t[k].size() / 2] > 0) printf(" %.1f", blk_t[k][blk_t[k].size() / 2]);
+    }
+    printf(" us\n");
 }
 #endif
 
