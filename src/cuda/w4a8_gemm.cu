@@ -426,43 +426,60 @@ template <int T, int kSa> struct GroupScales {
     float sa[kSa != 0 ? T / 8 : 1][2];
 };
 
+/* The activation-scale words of the thread's token columns jj * 8 + 2 * (lane % 4) + 0 and 1. They
+** are adjacent, so with kPair one 8-byte load (a row starts on 8 bytes: Stage's sizes are multiples
+** of 8). Taken where it was measured: fp32 scales (UE8M0 words stay one load each, not timed as
+** pairs) in the int4 tiles to T = 80, at 2-3 CTAs/SM. There W13 at 64 rows went 183.4-184.1 ->
+** 178.4-178.9 us (W13 + W2 295.1-296.3 -> 288.2-288.8, Kimi-K2 428.0 -> 418.2) and 1-32 rows
+** measured the same; at T = 128 (1 CTA/SM) it was 0.7-0.9% slower at 128 and 1024 rows
+** (DeepSeek-R1, bench_w4a8, H200, the same call, 2026-12-01). */
+template <bool kPair> __device__ __forceinline__ uint2 sa_words(const uint32_t *row, int jj) {
+    const uint32_t *w = &row[jj * 8 + 2 * (threadIdx.x & 3)];
+    if (kPair) return *reinterpret_cast<const uint2 *>(w);
+    return make_uint2(w[0], w[1]);
+}
+/* A word as the scale of group g: fp32 bits, or UE8M0's byte g & 3. */
+template <int kSa> __device__ __forceinline__ float sa_value(uint32_t wv, int g) {
+    return kSa == 2 ? fmt_ue8m0_to_float((uint8_t)(wv >> (8 * (g & 3)))) : __uint_as_float(wv);
+}
+
 /* Group g = 2s + h of the stage; UE8M0 words are in sa[0] for both (g & 3 picks the byte). */
 template <int T, int kSa, class St>
 __device__ __forceinline__ GroupScales<T, kSa> load_scales(const St &s, int h, int g) {
-    const int lane = threadIdx.x & 31, row = acc_row<T>();
+    const int row = acc_row<T>();
     GroupScales<T, kSa> gs;
     gs.sw0 = fmt_bf16_to_float(s.sw[h][row]), gs.sw1 = fmt_bf16_to_float(s.sw[h][row + 8]); /* exact */
     if (kSa != 0)
 #pragma unroll
-        for (int jj = 0; jj < T / 8; jj++)
-#pragma unroll
-            for (int c = 0; c < 2; c++) {
-                const uint32_t wv = s.sa[kSa == 2 ? 0 : h][jj * 8 + 2 * (lane & 3) + c];
-                gs.sa[jj][c] = kSa == 2 ? fmt_ue8m0_to_float((uint8_t)(wv >> (8 * (g & 3)))) : __uint_as_float(wv);
-            }
+        for (int jj = 0; jj < T / 8; jj++) {
+            const uint2 wv = sa_words<kSa == 1>(s.sa[kSa == 2 ? 0 : h], jj);
+            gs.sa[jj][0] = sa_value<kSa>(wv.x, g), gs.sa[jj][1] = sa_value<kSa>(wv.y, g);
+        }
     return gs;
 }
 
 /* acc += sw[row] * (sa[col] * part) (mode a) or sw[row] * part (mode b), for a finished group;
-** sa_of(jj, c) gives the activation scale of column jj * 8 + 2 * (lane % 4) + c. */
-template <int T, int kSa, class SaOf>
-__device__ __forceinline__ void promote(float sw0, float sw1, SaOf sa_of, const float (&part)[T / 2], float (&acc)[T / 2]) {
+** sa2_of(jj) gives the activation scales of columns jj * 8 + 2 * (lane % 4) + 0 and 1. */
+template <int T, int kSa, class Sa2Of>
+__device__ __forceinline__ void promote(float sw0, float sw1, Sa2Of sa2_of, const float (&part)[T / 2], float (&acc)[T / 2]) {
 #pragma unroll
-    for (int jj = 0; jj < T / 8; jj++)
+    for (int jj = 0; jj < T / 8; jj++) {
+        const float2 sa2 = kSa != 0 ? sa2_of(jj) : make_float2(1.0f, 1.0f);
 #pragma unroll
         for (int c = 0; c < 2; c++) {
             float x0 = part[jj * 4 + c], x1 = part[jj * 4 + 2 + c];
             if (kSa != 0) {
-                const float sa = sa_of(jj, c);
+                const float sa = c ? sa2.y : sa2.x;
                 x0 = __fmul_rn(x0, sa), x1 = __fmul_rn(x1, sa);
             }
             acc[jj * 4 + c] = fmaf(x0, sw0, acc[jj * 4 + c]);
             acc[jj * 4 + 2 + c] = fmaf(x1, sw1, acc[jj * 4 + 2 + c]);
         }
+    }
 }
 template <int T, int kSa>
 __device__ __forceinline__ void promote(const GroupScales<T, kSa> &gs, const float (&part)[T / 2], float (&acc)[T / 2]) {
-    promote<T, kSa>(gs.sw0, gs.sw1, [&](int jj, int c) { return gs.sa[jj][c]; }, part, acc);
+    promote<T, kSa>(gs.sw0, gs.sw1, [&](int jj) { return make_float2(gs.sa[jj][0], gs.sa[jj][1]); }, part, acc);
 }
 
 /* bf16 rows < masked_m of one finished item, then a fresh accumulator. */
@@ -825,10 +842,10 @@ w4a8_gemm_ws_kernel(const __grid_constant__ Problem p, const __grid_constant__ C
 #pragma unroll
             for (int q = 0; q < T / 2; q++) reg_fence(part[q]);
             const Stage<T, kWt> &st = ring[i % S];
-            const int lane = threadIdx.x & 31, row = acc_row<T>();
-            auto sa_of = [&](int jj, int c) {
-                const uint32_t wv = st.sa[0][jj * 8 + 2 * (lane & 3) + c];
-                return kSa == 2 ? fmt_ue8m0_to_float((uint8_t)(wv >> (8 * (g & 3)))) : __uint_as_float(wv);
+            const int row = acc_row<T>();
+            auto sa2_of = [&](int jj) {
+                const uint2 wv = sa_words<kSa == 1 && T <= 80 && !kWtTma<kWt>>(st.sa[0], jj);
+                return make_float2(sa_value<kSa>(wv.x, g), sa_value<kSa>(wv.y, g));
             };
             if constexpr (kTokM<T, kWt>) {
                 /* tokens as M: the thread's two tokens' sw * sa, then one FMA an element */
@@ -850,17 +867,19 @@ w4a8_gemm_ws_kernel(const __grid_constant__ Problem p, const __grid_constant__ C
                 ** sw * sa once, then one FMA an element where int4's per-row scales take two */
                 const float sw = *reinterpret_cast<const float *>(&st.sw[0][0]);
 #pragma unroll
-                for (int jj = 0; jj < T / 8; jj++)
+                for (int jj = 0; jj < T / 8; jj++) {
+                    const float2 sa2 = sa2_of(jj);
 #pragma unroll
                     for (int c = 0; c < 2; c++) {
-                        const float s = __fmul_rn(sw, sa_of(jj, c));
+                        const float s = __fmul_rn(sw, c ? sa2.y : sa2.x);
                         acc[jj * 4 + c] = fmaf(part[jj * 4 + c], s, acc[jj * 4 + c]);
                         acc[jj * 4 + 2 + c] = fmaf(part[jj * 4 + 2 + c], s, acc[jj * 4 + 2 + c]);
                     }
+                }
             } else if constexpr (kAccDirect<kWt>) {
                 /* accumulated by the wgmma themselves (issue); acc is touched only after the last wait */
             } else {
-                promote<T, kSa>(fmt_bf16_to_float(st.sw[0][row]), fmt_bf16_to_float(st.sw[0][row + 8]), sa_of, part, acc);
+                promote<T, kSa>(fmt_bf16_to_float(st.sw[0][row]), fmt_bf16_to_float(st.sw[0][row + 8]), sa2_of, part, acc);
             }
             mbar_arrive(&empty[i % S]); /* after the stage's last read */
         };
