@@ -372,7 +372,8 @@ static void trace_gemm(const char *model, const char *what, int rows, const epmo
             v[15].push_back(seen ? 100.0 * moved / seen : 0.0);
         }
         prev_sm = cur, prev_cta = cta, prev_smid = smid;
-        /* steps-done time by the CTA's rank of entry on its SM and by blockIdx / (CTAs per SM slot) */
+        /* steps-done time by the CTA's rank of entry on its SM and by blockIdx / (the SMs that ran a CTA);
+        ** CTAs with no steps leave no steps-done stamp and are not ranked */
         {
             std::vector<std::vector<std::pair<double, int>>> on(1024);
             for (int c = 0; c < n; c++)
@@ -391,8 +392,9 @@ static void trace_gemm(const char *model, const char *what, int rows, const epmo
                     if (b < 8) bs[b] += t, bc[b]++;
                 }
             }
-            for (int k = 0; k < 8; k++) {
-                rank_t[k].push_back(rc[k] ? rs[k] / rc[k] : 0), blk_t[k].push_back(bc[k] ? bs[k] / bc[k] : 0);
+            for (int k = 0; k < 8; k++) { /* only ranks present in this launch (no zeros in the medians) */
+                if (rc[k]) rank_t[k].push_back(rs[k] / rc[k]);
+                if (bc[k]) blk_t[k].push_back(bs[k] / bc[k]);
             }
         }
         if (sm_t.empty()) continue;

@@ -427,12 +427,14 @@ template <int T, int kSa> struct GroupScales {
 };
 
 /* The activation-scale words of the thread's token columns jj * 8 + 2 * (lane % 4) + 0 and 1. They
-** are adjacent, so with kPair one 8-byte load (a row starts on 8 bytes: Stage's sizes are multiples
-** of 8). Taken where it was measured: fp32 scales (UE8M0 words stay one load each, not timed as
-** pairs) in the int4 tiles to T = 80, at 2-3 CTAs/SM. There W13 at 64 rows went 183.4-184.1 ->
-** 178.4-178.9 us (W13 + W2 295.1-296.3 -> 288.2-288.8, Kimi-K2 428.0 -> 418.2) and 1-32 rows
-** measured the same; at T = 128 (1 CTA/SM) it was 0.7-0.9% slower at 128 and 1024 rows
-** (DeepSeek-R1, bench_w4a8, H200, the same call, 2026-12-01). */
+** are adjacent, so with kPair one 8-byte load (a row starts on 8 bytes: Stage asserts it). Taken
+** (kSaPair) for fp32 scales in the int4 tiles to T = 80, at 2-3 CTAs/SM; UE8M0 words stay one load
+** each (not timed as pairs). Measured with pairs at every tile, beside main: W13 at 64 rows
+** 183.4-184.1 -> 178.4-178.9 us (W13 + W2 295.1-296.3 -> 288.2-288.8, Kimi-K2 428.0 -> 418.2); 1, 8,
+** 16 and 32 rows the same; at T = 128 (1 CTA/SM) 0.8-0.9% slower at 128 and 1024 rows, so T = 96-128
+** keep single loads (DeepSeek-R1, bench_w4a8, H200, the same call, 2026-12-01). T = 24, 40-56, 72 and
+** 80 take them as their measured neighbours do. */
+template <int T, int kSa, int kWt> constexpr bool kSaPair = kSa == 1 && T <= 80 && !kWtTma<kWt>;
 template <bool kPair> __device__ __forceinline__ uint2 sa_words(const uint32_t *row, int jj) {
     const uint32_t *w = &row[jj * 8 + 2 * (threadIdx.x & 3)];
     if (kPair) return *reinterpret_cast<const uint2 *>(w);
@@ -446,13 +448,14 @@ template <int kSa> __device__ __forceinline__ float sa_value(uint32_t wv, int g)
 /* Group g = 2s + h of the stage; UE8M0 words are in sa[0] for both (g & 3 picks the byte). */
 template <int T, int kSa, class St>
 __device__ __forceinline__ GroupScales<T, kSa> load_scales(const St &s, int h, int g) {
+    static_assert(offsetof(St, sa) % 8 == 0 && T % 8 == 0, "sa_words: 8-byte pairs");
     const int row = acc_row<T>();
     GroupScales<T, kSa> gs;
     gs.sw0 = fmt_bf16_to_float(s.sw[h][row]), gs.sw1 = fmt_bf16_to_float(s.sw[h][row + 8]); /* exact */
     if (kSa != 0)
 #pragma unroll
         for (int jj = 0; jj < T / 8; jj++) {
-            const uint2 wv = sa_words<kSa == 1>(s.sa[kSa == 2 ? 0 : h], jj);
+            const uint2 wv = sa_words<kSaPair<T, kSa, kWtInt4>>(s.sa[kSa == 2 ? 0 : h], jj); /* int4 only: T <= 16 */
             gs.sa[jj][0] = sa_value<kSa>(wv.x, g), gs.sa[jj][1] = sa_value<kSa>(wv.y, g);
         }
     return gs;
@@ -842,9 +845,11 @@ w4a8_gemm_ws_kernel(const __grid_constant__ Problem p, const __grid_constant__ C
 #pragma unroll
             for (int q = 0; q < T / 2; q++) reg_fence(part[q]);
             const Stage<T, kWt> &st = ring[i % S];
+            using St = Stage<T, kWt>;
+            static_assert(offsetof(St, sa) % 8 == 0 && T % 8 == 0, "sa_words: 8-byte pairs");
             const int row = acc_row<T>();
             auto sa2_of = [&](int jj) {
-                const uint2 wv = sa_words<kSa == 1 && T <= 80 && !kWtTma<kWt>>(st.sa[0], jj);
+                const uint2 wv = sa_words<kSaPair<T, kSa, kWt>>(st.sa[0], jj);
                 return make_float2(sa_value<kSa>(wv.x, g), sa_value<kSa>(wv.y, g));
             };
             if constexpr (kTokM<T, kWt>) {
