@@ -427,7 +427,7 @@ template <int T, int kSa> struct GroupScales {
 };
 
 /* The activation-scale words of the thread's token columns jj * 8 + 2 * (lane % 4) + 0 and 1. They
-** are adjacent, so with kPair one 8-byte load (a row starts on 8 bytes: Stage asserts it). Taken
+** are adjacent, so with kPair one 8-byte load (a row starts on 8 bytes: the callers assert it). Taken
 ** (kSaPair) for fp32 scales in the int4 tiles to T = 80, at 2-3 CTAs/SM; UE8M0 words stay one load
 ** each (not timed as pairs). Measured with pairs at every tile, beside main: W13 at 64 rows
 ** 183.4-184.1 -> 178.4-178.9 us (W13 + W2 295.1-296.3 -> 288.2-288.8, Kimi-K2 428.0 -> 418.2); 1, 8,
