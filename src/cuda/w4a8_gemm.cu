@@ -122,6 +122,11 @@ constexpr int kConsumerBar = 1, kStageBar = 3;
 ** time, 4 stages): at 72 / 80 rows 370.9 / 373.2 -> 315.7 / 330.6 us against T = 80 as T = 128 runs
 ** (bench_w4a8, DeepSeek-R1, H200, 2026-12-01; their stream-K slots grew the workspace's share to
 ** 80 KB an SM, kSlotBytesPerSm).
+** At T = 24 and 32 the pairs are what pays: one step at a time measured 1.5-5% slower at 17-32 rows,
+** at 2 CTAs/SM and at 3 (72 registers a consumer: six computing warpgroups an SM, no faster than
+** four); so did clusters of two CTAs sharing the activation tile by TMA multicast, 6-7% slower at
+** 28-32 rows, the two CTAs waiting for each other every stage (bench_w4a8, DeepSeek-R1, H200,
+** 2026-12-01).
 ** Pairs only: with four or eight groups in flight between full waits ptxas keeps every group's A
 ** fragments live and spills 38-100 registers (the lab's U = 4 and 8: 643 and 623 TFLOP/s).
 ** Splitting a step's tile into two token halves in two commit groups measured 5-6% slower (the A
@@ -170,7 +175,10 @@ template <int kWt> constexpr int kWGroupBytes = kWtTma<kWt> ? W4_TILE_N * W4_GRO
 ** epilogue writes pairs of adjacent bf16. (The DeepGEMM layout; the same shared-memory reads.)
 ** fp8-block W13 + W2 at 128 / 256 / 1024 rows: 464-467 / 969-976 / 3455-3471 -> 430 / 872-877 /
 ** 3177-3217 us. bf16 weights (no promotion) measured 1-3% slower this way, so they keep weights as M
-** (DeepSeek-R1, H200, same call, 2026-12-01). */
+** (DeepSeek-R1, H200, same call, 2026-12-01). A 256-token tile (two m64 halves a warpgroup, the
+** accumulator rescaled in place by s_prev / s_new to leave no partial) measured the same at 256-1024
+** rows with L2 59% busy instead of 80%: the tensor pipe stays at 55-57%, each warpgroup waiting for
+** its own group's wgmma (Nsight Compute, W13 at 1024 rows, H200, 2026-12-01). */
 template <int T, int kWt> constexpr bool kTokM = kWt == kWtFp8 && T == 128;
 /* bf16 weights: no scales, so their wgmma accumulate straight into the accumulator (scale-d = 1): no
 ** partial, no fp32 add a step, and 64 registers fewer at T = 128. W13 + W2 at 128 / 256 / 1024 rows
