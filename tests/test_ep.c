@@ -264,6 +264,22 @@ static void test_bad_args(void) {
     idx[3] = -2;
     CHECK_STATUS(epmoe_dispatch(ep, &a, EPMOE_PHASE_BOTH, &h, NULL), EPMOE_ERR_INVALID_ARG);
     idx[3] = 3;
+    /* misaligned arrays (their element's alignment on the CPU backend): refused before anything is
+    ** sent, and the ep stays usable (the calls below) */
+    _Alignas(16) uint8_t raw[64] = {0};
+    bad = a, bad.topk_weights = (const float *)(void *)(raw + 1);
+    CHECK_STATUS(epmoe_dispatch(ep, &bad, EPMOE_PHASE_BOTH, &h, NULL), EPMOE_ERR_MISALIGNED);
+    CHECK(strstr(epmoe_last_error(), "topk_weights") != NULL, "message: %s", epmoe_last_error());
+    bad = a, bad.topk_idx = raw + 2;
+    CHECK_STATUS(epmoe_dispatch(ep, &bad, EPMOE_PHASE_BOTH, &h, NULL), EPMOE_ERR_MISALIGNED);
+    bad = a, bad.x = (const uint16_t *)(void *)(raw + 1);
+    CHECK_STATUS(epmoe_dispatch(ep, &bad, EPMOE_PHASE_BOTH, &h, NULL), EPMOE_ERR_MISALIGNED);
+    bad = a, bad.masked_m = (int32_t *)(void *)(raw + 2);
+    CHECK_STATUS(epmoe_dispatch(ep, &bad, EPMOE_PHASE_BOTH, &h, NULL), EPMOE_ERR_MISALIGNED);
+    bad = a, bad.recv_src_info = (int32_t *)(void *)(raw + 1);
+    CHECK_STATUS(epmoe_dispatch(ep, &bad, EPMOE_PHASE_BOTH, &h, NULL), EPMOE_ERR_MISALIGNED);
+    bad = a, bad.recv_scales = raw + 3;
+    CHECK_STATUS(epmoe_dispatch(ep, &bad, EPMOE_PHASE_BOTH, &h, NULL), EPMOE_ERR_MISALIGNED);
     uint16_t eo[4 * 4 * 128] = {0}, out[4 * 128];
     epmoe_combine_args ca = {eo, wt, out};
     CHECK_STATUS(epmoe_combine(ep, 1, &ca, EPMOE_PHASE_BOTH, NULL), EPMOE_ERR_INVALID_ARG); /* no dispatch yet */
@@ -291,6 +307,29 @@ static void test_bad_args(void) {
     CHECK_STATUS(epmoe_dispatch(ep, &a, EPMOE_PHASE_BOTH, &h2, NULL), EPMOE_OK);
     CHECK_STATUS(epmoe_dispatch(ep, &a, EPMOE_PHASE_BOTH, &h3, NULL), EPMOE_OK);
     CHECK_STATUS(epmoe_combine(ep, h, &ca, EPMOE_PHASE_BOTH, NULL), EPMOE_ERR_INVALID_ARG); /* stale handle */
+    /* a dispatch the backend rejects (an id out of range, found while sending) takes nothing from
+    ** the slot it would have used: h2, in that slot, still combines, to what h3 (the same inputs) gives */
+    for (int i = 0; i < 10; i++) eo[i * 37 % (4 * 4 * 128)] = epmoe_bf16_from_float((float)(i + 1));
+    epmoe_combine_args cx = ca;
+    cx.out = (uint16_t[4 * 128]){0};
+    int32_t idx2[10] = {3, 2, 1, 0, 3, 2, 1, 4, 0, 0}; /* id 7 (token 3, slot 1) = E: found while sending */
+    bad = a, bad.topk_idx = idx2;
+    CHECK_STATUS(epmoe_dispatch(ep, &bad, EPMOE_PHASE_BOTH, &h, NULL), EPMOE_ERR_INVALID_ARG);
+    bad = a, bad.x = (const uint16_t *)(void *)(raw + 1); /* found before */
+    CHECK_STATUS(epmoe_dispatch(ep, &bad, EPMOE_PHASE_BOTH, &h, NULL), EPMOE_ERR_MISALIGNED);
+    CHECK_STATUS(epmoe_combine(ep, h2, &ca, EPMOE_PHASE_BOTH, NULL), EPMOE_OK);
+    CHECK_STATUS(epmoe_combine(ep, h3, &cx, EPMOE_PHASE_BOTH, NULL), EPMOE_OK);
+    CHECK(memcmp(ca.out, cx.out, sizeof out) == 0, "h2 after a rejected dispatch combines as h3 does");
+    CHECK(epmoe_bf16_to_float(out[0]) != 0.0f || epmoe_bf16_to_float(out[37]) != 0.0f, "the comparison saw data");
+    CHECK_STATUS(epmoe_dispatch(ep, &a, EPMOE_PHASE_BOTH, &h, NULL), EPMOE_OK);
+    cx.out = (uint16_t *)(void *)(raw + 1);
+    CHECK_STATUS(epmoe_combine(ep, h, &cx, EPMOE_PHASE_BOTH, NULL), EPMOE_ERR_MISALIGNED);
+    cx.out = out, cx.topk_weights = (const float *)(void *)(raw + 2);
+    CHECK_STATUS(epmoe_combine(ep, h, &cx, EPMOE_PHASE_BOTH, NULL), EPMOE_ERR_MISALIGNED);
+    cx.expert_out = (const uint16_t *)(void *)(raw + 1), cx.topk_weights = wt;
+    CHECK_STATUS(epmoe_combine(ep, h, &cx, EPMOE_PHASE_BOTH, NULL), EPMOE_ERR_MISALIGNED);
+    CHECK_STATUS(epmoe_combine(ep, h, &ca, EPMOE_PHASE_BOTH, NULL), EPMOE_OK); /* nothing was sent by those */
+    CHECK(epmoe_ep_backend(ep) == EPMOE_BACKEND_CPU && epmoe_ep_backend(NULL) == (epmoe_backend)-1, "epmoe_ep_backend");
     int act[1] = {0};
     CHECK_STATUS(epmoe_ep_set_active_ranks(ep, act), EPMOE_ERR_INVALID_ARG);
     act[0] = 1;
@@ -329,8 +368,86 @@ static void test_bad_args(void) {
     CHECK_STATUS(epmoe_cpu_world_create(0, &w), EPMOE_ERR_INVALID_ARG);
 }
 
+/* The references check what the backends check, before writing anything. */
+static void test_ref_args(void) {
+    epmoe_ep_config c = EPMOE_EP_CONFIG_INIT;
+    c.max_tokens = 4, c.hidden = 128, c.num_experts = 4, c.top_k = 2; /* one rank, FP8 wire */
+    uint16_t x[4 * 128] = {0}, eo[4 * 4 * 128] = {0}, out[4 * 128];
+    int32_t idx[8] = {0, 1, 2, 3, 0, 1, 2, 3}, masked[4], info[4 * 4];
+    float wt[8] = {1, 1, 1, 1, 1, 1, 1, 1};
+    uint8_t recv[4 * 4 * 128], sc[4 * 4 * 4];
+    const uint16_t *xs[1] = {x}, *eos[1] = {eo};
+    const int32_t *ids[1] = {idx};
+    const float *wts[1] = {wt};
+    void *rx[1] = {recv}, *rs[1] = {sc};
+    int32_t *mm[1] = {masked}, *si[1] = {info};
+    uint16_t *outs[1] = {out};
+    int T[1] = {4};
+    CHECK_STATUS(epmoe_ep_dispatch_ref(&c, xs, ids, T, NULL, rx, rs, mm, si), EPMOE_OK);
+    CHECK_STATUS(epmoe_ep_combine_ref(&c, eos, ids, wts, T, NULL, outs), EPMOE_OK);
+    T[0] = 5; /* > max_tokens */
+    CHECK_STATUS(epmoe_ep_dispatch_ref(&c, xs, ids, T, NULL, rx, rs, mm, si), EPMOE_ERR_INVALID_ARG);
+    CHECK_STATUS(epmoe_ep_combine_ref(&c, eos, ids, wts, T, NULL, outs), EPMOE_ERR_INVALID_ARG);
+    T[0] = -1;
+    CHECK_STATUS(epmoe_ep_dispatch_ref(&c, xs, ids, T, NULL, rx, rs, mm, si), EPMOE_ERR_INVALID_ARG);
+    CHECK_STATUS(epmoe_ep_combine_ref(&c, eos, ids, wts, T, NULL, outs), EPMOE_ERR_INVALID_ARG);
+    T[0] = 4, idx[5] = 4; /* == E */
+    CHECK_STATUS(epmoe_ep_dispatch_ref(&c, xs, ids, T, NULL, rx, rs, mm, si), EPMOE_ERR_INVALID_ARG);
+    CHECK(strstr(epmoe_last_error(), "topk_idx[0][5] = 4") != NULL, "message: %s", epmoe_last_error());
+    CHECK_STATUS(epmoe_ep_combine_ref(&c, eos, ids, wts, T, NULL, outs), EPMOE_ERR_INVALID_ARG);
+    idx[5] = -2;
+    CHECK_STATUS(epmoe_ep_combine_ref(&c, eos, ids, wts, T, NULL, outs), EPMOE_ERR_INVALID_ARG);
+    idx[5] = 1;
+    CHECK_STATUS(epmoe_ep_dispatch_ref(&c, xs, ids, T, NULL, rx, NULL, mm, si), EPMOE_ERR_NULL_POINTER); /* FP8: scales */
+    rs[0] = NULL;
+    CHECK_STATUS(epmoe_ep_dispatch_ref(&c, xs, ids, T, NULL, rx, rs, mm, si), EPMOE_ERR_NULL_POINTER);
+    rs[0] = sc, xs[0] = NULL;
+    CHECK_STATUS(epmoe_ep_dispatch_ref(&c, xs, ids, T, NULL, rx, rs, mm, si), EPMOE_ERR_NULL_POINTER);
+    T[0] = 0; /* no tokens: no rows needed */
+    CHECK_STATUS(epmoe_ep_dispatch_ref(&c, xs, ids, T, NULL, rx, rs, mm, si), EPMOE_OK);
+    CHECK(masked[0] == 0 && masked[3] == 0, "no tokens, no rows");
+    T[0] = 4, xs[0] = x, wts[0] = NULL;
+    CHECK_STATUS(epmoe_ep_combine_ref(&c, eos, ids, wts, T, NULL, outs), EPMOE_ERR_NULL_POINTER);
+}
+
+/* A healthy group whose peer never comes to the teardown: destroy waits timeout_ms, frees the ep
+** and says EPMOE_ERR_TIMEOUT (it used to say OK). */
+typedef struct {
+    epmoe_cpu_world *w;
+    epmoe_ep_config cfg;
+    epmoe_ep *ep;
+    epmoe_status st;
+} keep_job;
+static void *create_keep(void *arg) {
+    keep_job *j = arg;
+    j->st = epmoe_ep_create_cpu(j->w, &j->cfg, &j->ep);
+    return NULL;
+}
+static void test_destroy_timeout(void) {
+    epmoe_cpu_world *w;
+    CHECK_STATUS(epmoe_cpu_world_create(2, &w), EPMOE_OK);
+    keep_job j[2];
+    pthread_t th[2];
+    for (int r = 0; r < 2; r++) {
+        epmoe_ep_config c = EPMOE_EP_CONFIG_INIT;
+        c.num_ranks = 2, c.rank = r, c.max_tokens = 4, c.hidden = 128, c.num_experts = 4, c.top_k = 2, c.timeout_ms = 150;
+        j[r].w = w, j[r].cfg = c, j[r].ep = NULL;
+        pthread_create(&th[r], NULL, create_keep, &j[r]);
+    }
+    for (int r = 0; r < 2; r++) pthread_join(th[r], NULL);
+    CHECK(j[0].st == EPMOE_OK && j[1].st == EPMOE_OK, "create: %d %d", j[0].st, j[1].st);
+    if (j[0].st == EPMOE_OK) {
+        CHECK_STATUS(epmoe_ep_destroy(j[0].ep), EPMOE_ERR_TIMEOUT); /* rank 1 is not tearing down */
+        CHECK(strstr(epmoe_last_error(), "epmoe_ep_destroy") != NULL, "message: %s", epmoe_last_error());
+    }
+    if (j[1].st == EPMOE_OK) CHECK_STATUS(epmoe_ep_destroy(j[1].ep), EPMOE_ERR_TIMEOUT); /* rank 0 has left */
+    epmoe_cpu_world_destroy(w);
+}
+
 int main(void) {
     test_bad_args();
+    test_ref_args();
+    test_destroy_timeout();
     test_matrix();
     test_special_routes();
     test_masked_rank();

@@ -125,6 +125,7 @@ epmoe_status epmoe__ep_alloc(const epmoe_ep_config *cfg, epmoe_backend b, epmoe_
     dims_of(cfg, &ep->d);
     ep_window_layout(&ep->d, &ep->w);
     ep->active = malloc(sizeof(int) * (size_t)cfg->num_ranks);
+    ep->spare_active = malloc(sizeof(int) * (size_t)cfg->num_ranks);
     for (int i = 0; i < 2; i++) {
         ep->calls[i].topk = malloc(sizeof(int32_t) * (size_t)ep->d.N * (size_t)ep->d.k);
         ep->calls[i].begin = malloc(sizeof(int32_t) * (size_t)ep->d.L * (size_t)ep->d.R);
@@ -132,7 +133,7 @@ epmoe_status epmoe__ep_alloc(const epmoe_ep_config *cfg, epmoe_backend b, epmoe_
         ep->calls[i].hdrs = malloc((size_t)(ep->d.R * ep->d.slots * ep->d.header_bytes));
         ep->calls[i].active = malloc(sizeof(int) * (size_t)ep->d.R);
     }
-    if (!ep->active || !ep->calls[0].topk || !ep->calls[1].topk || !ep->calls[0].begin || !ep->calls[1].begin ||
+    if (!ep->active || !ep->spare_active || !ep->calls[0].topk || !ep->calls[1].topk || !ep->calls[0].begin || !ep->calls[1].begin ||
         !ep->calls[0].n_msgs || !ep->calls[1].n_msgs || !ep->calls[0].hdrs || !ep->calls[1].hdrs ||
         !ep->calls[0].active || !ep->calls[1].active) {
         epmoe__ep_free(ep);
@@ -148,19 +149,23 @@ void epmoe__ep_free(epmoe_ep *ep) {
     for (int i = 0; i < 2; i++)
         free(ep->calls[i].topk), free(ep->calls[i].begin), free(ep->calls[i].n_msgs), free(ep->calls[i].hdrs),
             free(ep->calls[i].active);
-    free(ep->active);
+    free(ep->active), free(ep->spare_active);
     free(ep);
 }
 
 epmoe_status epmoe_ep_destroy(epmoe_ep *ep) {
     if (!ep) return EPMOE_OK;
+    /* a healthy group whose teardown found a peer missing (the backend marks it failed, with the
+    ** message) reports it; a group that had failed before tears down quietly */
+    const int failed_before = ep->failed;
     if (ep->ops && ep->ops->destroy) ep->ops->destroy(ep);
+    const epmoe_status st = ep->failed && !failed_before ? EPMOE_ERR_TIMEOUT : EPMOE_OK;
     if (ep->owned_comm) epmoe__ep_release_comm(ep); /* after the backend: its teardown uses the comm */
     epmoe__ep_free(ep);
-    return EPMOE_OK;
+    return st;
 }
 
-epmoe_backend epmoe_ep_backend(const epmoe_ep *ep) { return ep->backend; }
+epmoe_backend epmoe_ep_backend(const epmoe_ep *ep) { return ep ? ep->backend : (epmoe_backend)-1; }
 
 epmoe_status epmoe_ep_set_active_ranks(epmoe_ep *ep, const int *active) {
     if (!ep || !active) return epmoe__fail(EPMOE_ERR_NULL_POINTER, "epmoe_ep_set_active_ranks: NULL argument");
@@ -195,6 +200,16 @@ static epmoe_status usable(const char *fn, epmoe_ep *ep, epmoe_phase phase) {
     return EPMOE_OK;
 }
 
+/* A pointer's alignment: its element type's on every backend, 16 bytes for the row arrays the GPU
+** backends move in 16-byte chunks. Checked with the other arguments, before anything is sent (a
+** half sent without its other half would leave the peers waiting). */
+static epmoe_status check_align(const char *fn, const void *p, unsigned bytes, const char *what) {
+    if (p && (uintptr_t)p % bytes)
+        return epmoe__fail(EPMOE_ERR_MISALIGNED, "%s: %s is not %u-byte aligned", fn, what, bytes);
+    return EPMOE_OK;
+}
+static unsigned row_align(const epmoe_ep *ep, unsigned elem) { return ep->backend == EPMOE_BACKEND_CPU ? elem : 16; }
+
 static epmoe_status check_dispatch_args(const char *fn, const epmoe_ep *ep, const epmoe_dispatch_args *a, int send, int recv) {
     if (!a) return epmoe__fail(EPMOE_ERR_NULL_POINTER, "%s: args is NULL", fn);
     const epmoe_ep_config *c = &ep->cfg;
@@ -208,6 +223,11 @@ static epmoe_status check_dispatch_args(const char *fn, const epmoe_ep *ep, cons
             return epmoe__fail(EPMOE_ERR_NULL_POINTER, "%s: x and topk_idx are required when num_tokens > 0", fn);
         if (a->num_tokens && c->combine_mode == EPMOE_COMBINE_REDUCE_AT_EXPERT && !a->topk_weights)
             return epmoe__fail(EPMOE_ERR_NULL_POINTER, "%s: REDUCE_AT_EXPERT needs topk_weights at dispatch", fn);
+        if (a->num_tokens) {
+            EPMOE_CHECK(check_align(fn, a->x, row_align(ep, 2), "x"));
+            EPMOE_CHECK(check_align(fn, a->topk_idx, (unsigned)a->topk_idx_bits / 8, "topk_idx"));
+            EPMOE_CHECK(check_align(fn, a->topk_weights, 4, "topk_weights"));
+        }
     }
     if (recv) {
         if (!a->recv_x || !a->masked_m)
@@ -216,6 +236,11 @@ static epmoe_status check_dispatch_args(const char *fn, const epmoe_ep *ep, cons
             return epmoe__fail(EPMOE_ERR_NULL_POINTER, "%s: FP8 wire needs recv_scales (or a requant_scale)", fn);
         if (c->wire == EPMOE_WIRE_BF16 && a->requant_scale)
             return epmoe__fail(EPMOE_ERR_INVALID_ARG, "%s: requant_scale needs the FP8 wire", fn);
+        EPMOE_CHECK(check_align(fn, a->recv_x, row_align(ep, c->wire == EPMOE_WIRE_FP8 ? 1 : 2), "recv_x"));
+        EPMOE_CHECK(check_align(fn, a->recv_scales, 4, "recv_scales"));
+        EPMOE_CHECK(check_align(fn, a->masked_m, 4, "masked_m"));
+        EPMOE_CHECK(check_align(fn, a->recv_src_info, 4, "recv_src_info"));
+        EPMOE_CHECK(check_align(fn, a->requant_scale, 4, "requant_scale"));
     }
     return EPMOE_OK;
 }
@@ -236,14 +261,20 @@ epmoe_status epmoe_dispatch(epmoe_ep *ep, const epmoe_dispatch_args *a, epmoe_ph
         if (c->seq && ((c->sent && !c->received) || (c->comb_sent && !c->comb_received)))
             return epmoe__fail(EPMOE_ERR_INVALID_ARG, "%s: dispatch %u is still in flight (a half without its other "
                                "half); a third call would overwrite its buffers", fn, c->seq);
+        const ep_call old = *c; /* the slot's dispatch two back, restored if the backend rejects this one */
         memset(c, 0, offsetof(ep_call, topk));
         c->seq = ++ep->seq;
         c->T = a->num_tokens;
+        int *const mine = ep->spare_active;
+        ep->spare_active = c->active, c->active = mine;
         memcpy(c->active, ep->active, sizeof(int) * (size_t)ep->d.R);
         epmoe_status st = ep->ops->dispatch_send(ep, a, c, stream);
         if (st != EPMOE_OK) {
-            if (!ep->failed) /* rejected before anything was sent: the call never happened */
-                c->seq = 0, ep->seq--;
+            if (!ep->failed) { /* rejected before anything was sent: the call never happened */
+                ep->spare_active = mine;
+                *c = old;
+                ep->seq--;
+            }
             return st;
         }
         c->sent = 1;
@@ -279,6 +310,7 @@ epmoe_status epmoe_combine(epmoe_ep *ep, uint32_t handle, const epmoe_combine_ar
     if (send) {
         if (c->comb_sent) return epmoe__fail(EPMOE_ERR_INVALID_ARG, "%s: dispatch %u was already combined", fn, handle);
         if (!a->expert_out) return epmoe__fail(EPMOE_ERR_NULL_POINTER, "%s: expert_out is NULL", fn);
+        EPMOE_CHECK(check_align(fn, a->expert_out, row_align(ep, 2), "expert_out"));
     } else if (!c->comb_sent || c->comb_received) {
         return epmoe__fail(EPMOE_ERR_INVALID_ARG, "%s: handle %u has no combine send awaiting its receive", fn, handle);
     }
@@ -286,6 +318,10 @@ epmoe_status epmoe_combine(epmoe_ep *ep, uint32_t handle, const epmoe_combine_ar
         if (c->T && !a->out) return epmoe__fail(EPMOE_ERR_NULL_POINTER, "%s: out is NULL", fn);
         if (c->T && ep->cfg.combine_mode == EPMOE_COMBINE_REDUCE_AT_OWNER && !a->topk_weights)
             return epmoe__fail(EPMOE_ERR_NULL_POINTER, "%s: REDUCE_AT_OWNER needs topk_weights at combine", fn);
+        if (c->T) {
+            EPMOE_CHECK(check_align(fn, a->out, row_align(ep, 2), "out"));
+            EPMOE_CHECK(check_align(fn, a->topk_weights, 4, "topk_weights"));
+        }
     }
     c->joined = send && recv;
     if (send) {

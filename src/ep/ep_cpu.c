@@ -114,11 +114,14 @@ static epmoe_status cpu_dispatch_send(epmoe_ep *ep, const epmoe_dispatch_args *a
     const ep_dims *d = &ep->d;
     cpu_impl *im = ep->impl;
     const int me = d->rank, T = a->num_tokens, k = d->k, p = (int)(c->seq & 1);
-    for (int64_t i = 0; i < (int64_t)T * k; i++) {
-        int64_t e = ep_topk_at(a->topk_idx, a->topk_idx_bits, i);
+    for (int64_t i = 0; i < (int64_t)T * k; i++) { /* all checked before the slot is written (a rejected call never happened) */
+        const int64_t e = ep_topk_at(a->topk_idx, a->topk_idx_bits, i);
         if (e < -1 || e >= d->E)
             return epmoe__fail(EPMOE_ERR_INVALID_ARG, "epmoe_dispatch: topk_idx[%lld][%lld] = %lld is outside [-1, %d)",
                                (long long)(i / k), (long long)(i % k), (long long)e, d->E);
+    }
+    for (int64_t i = 0; i < (int64_t)T * k; i++) {
+        const int64_t e = ep_topk_at(a->topk_idx, a->topk_idx_bits, i);
         c->topk[i] = (int32_t)(e >= 0 && c->active[e / d->L] ? e : -1);
     }
     if (c->seq > 2) /* the receivers must be done with the slots this parity last carried */
@@ -331,7 +334,8 @@ static void cpu_destroy(epmoe_ep *ep) {
     cpu_impl *im = ep->impl;
     if (!im) return;
     /* A healthy group leaves together, so no peer is still writing; a failed one does not wait. */
-    if (!ep->failed) world_barrier(im->world, ep->cfg.rank, ep->cfg.timeout_ms, "epmoe_ep_destroy");
+    if (!ep->failed && world_barrier(im->world, ep->cfg.rank, ep->cfg.timeout_ms, "epmoe_ep_destroy") != EPMOE_OK)
+        ep->failed = 1; /* epmoe_ep_destroy reports it */
     free(im->payload), free(im->pairs), free(im->msgs), free(im->acc), free(im);
     ep->impl = NULL;
 }

@@ -50,6 +50,8 @@ struct epmoe_ep {
     ep_call calls[2];
     struct ncclComm *owned_comm; /* made by a launch helper: destroyed with the ep */
     void *impl;       /* backend-private */
+    int *spare_active; /* [R]: a send takes it as its slot's active set and gives the slot's back if
+                       ** the backend rejects the call, so the dispatch two back stays combinable */
 };
 
 /* Validation of a config (also used by the layout query). Accepts the size of this header's
