@@ -47,8 +47,11 @@ epmoe_status epmoe_int4_unpack(const uint8_t *packed, int64_t n, int8_t *vals) {
     return EPMOE_OK;
 }
 
+/* M x K within the quantization ops' bound (2^46 elements), so no size below wraps */
 static int scale_args_ok(epmoe_scale_fmt fmt, int64_t M, int64_t K) {
-    return (unsigned)fmt <= EPMOE_SCALE_UE8M0_MMAJOR && M >= 0 && K > 0 && K % FMT_GROUP == 0;
+    const int64_t max_elems = INT64_C(1) << 46;
+    return (unsigned)fmt <= EPMOE_SCALE_UE8M0_MMAJOR && M >= 0 && K > 0 && K % FMT_GROUP == 0 && K <= max_elems &&
+           M <= max_elems / K;
 }
 
 size_t epmoe_scale_bytes(epmoe_scale_fmt fmt, int64_t M, int64_t K) {
@@ -57,6 +60,8 @@ size_t epmoe_scale_bytes(epmoe_scale_fmt fmt, int64_t M, int64_t K) {
 }
 
 size_t epmoe_scale_offset(epmoe_scale_fmt fmt, int64_t M, int64_t K, int64_t t, int64_t g) {
-    if (!scale_args_ok(fmt, M, K)) return 0;
-    return (size_t)fmt_scale_offset((int)fmt, M, K / FMT_GROUP, t, g);
+    if (!scale_args_ok(fmt, M, K)) return SIZE_MAX;
+    const int64_t G = K / FMT_GROUP, groups = fmt_scale_is_ue8m0((int)fmt) ? (G + 3) / 4 * 4 : G; /* UE8M0: its padding too */
+    if (t < 0 || t >= M || g < 0 || g >= groups) return SIZE_MAX;
+    return (size_t)fmt_scale_offset((int)fmt, M, G, t, g);
 }

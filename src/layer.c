@@ -21,13 +21,17 @@ struct epmoe_layer {
     size_t ws_bytes, bytes;
 };
 
+static int scheme_known(epmoe_scheme s) { return (unsigned)s <= (unsigned)EPMOE_SCHEME_W4A16; }
+
 epmoe_wire epmoe_scheme_default_wire(epmoe_scheme scheme) {
+    if (!scheme_known(scheme)) return (epmoe_wire)-1;
     return scheme == EPMOE_SCHEME_W4AFP8 || scheme == EPMOE_SCHEME_W8A8_FP8_BLOCK ? EPMOE_WIRE_FP8 : EPMOE_WIRE_BF16;
 }
 
 /* fp8 schemes quantize after receive when the wire is BF16; bf16-activation schemes must never
 ** see an FP8 wire (it would quantize what their experts read in bf16: SGLang PR #22316's bug). */
 int epmoe_scheme_accepts_wire(epmoe_scheme scheme, epmoe_wire wire) {
+    if (!scheme_known(scheme)) return 0;
     if (wire == EPMOE_WIRE_BF16) return 1;
     return wire == EPMOE_WIRE_FP8 && epmoe_scheme_default_wire(scheme) == EPMOE_WIRE_FP8;
 }
@@ -108,9 +112,15 @@ static epmoe_status check_layer(const char *fn, const epmoe_ep_config *ec, const
     return EPMOE_OK;
 }
 
+/* a * b for positive a, b, at most kRowsCap */
+static const int64_t kRowsCap = INT64_C(1) << 40;
+static int64_t mul_capped(int64_t a, int64_t b) { return a > kRowsCap / b ? kRowsCap : a * b; }
+
 int64_t epmoe_expected_rows(int64_t tokens_per_rank, int ranks, int top_k, int experts) {
     if (tokens_per_rank <= 0 || ranks <= 0 || top_k <= 0 || experts <= 0) return 1;
-    const int64_t m = tokens_per_rank * ranks * top_k / experts;
+    /* the product capped at 2^40 rows (a hint: any value past the largest tile picks the same), so
+    ** the bisection below stays within int64 */
+    const int64_t m = mul_capped(mul_capped(tokens_per_rank, ranks), top_k) / experts;
     /* ceil(2.5 sqrt(m)) = the least s with 4 s^2 >= 25 m, in integers (no libm), by bisection */
     int64_t lo = 0, hi = 1;
     while (4 * hi * hi < 25 * m) hi *= 2;

@@ -86,7 +86,10 @@ epmoe_status epmoe_w4a8_repack(const int8_t *ckpt_w, const void *ckpt_scales, ep
     EPMOE_CHECK(epmoe__need(fn, encoding, "encoding", 1));
     if (*encoding != EPMOE_W4_AUTO && *encoding != EPMOE_W4_SYM7 && *encoding != EPMOE_W4_FULL)
         return epmoe__fail(EPMOE_ERR_INVALID_ARG, "%s: encoding %d is not an epmoe_w4_encoding", fn, *encoding);
-    if (E == 0) return EPMOE_OK;
+    if (E == 0) { /* no weights, no -8: AUTO resolves as it would for any set without one */
+        if (*encoding == EPMOE_W4_AUTO) *encoding = EPMOE_W4_SYM7;
+        return EPMOE_OK;
+    }
     EPMOE_CHECK(epmoe__need(fn, ckpt_w, "ckpt_w", 1));
     EPMOE_CHECK(epmoe__need(fn, ckpt_scales, "ckpt_scales", 1));
     EPMOE_CHECK(epmoe__need(fn, qweight, "qweight", 1));
@@ -238,7 +241,7 @@ size_t epmoe__mlp_layout(int64_t E, int64_t M, int64_t H, int64_t I, size_t *gat
 
 size_t epmoe_w4a8_mlp_workspace(int64_t E, int64_t M, int64_t H, int64_t I) {
     if (E < 0 || M < 0 || H <= 0 || I <= 0 || E > EPMOE__MAX_EXPERTS || M > EPMOE__MAX_DIM || I > EPMOE__MAX_DIM ||
-        H > EPMOE__MAX_DIM)
+        H > EPMOE__MAX_DIM || H % W4_GROUP || I % W4_GROUP) /* the MLP's K (H, then I): multiples of 128 */
         return 0;
     size_t a, b, c, d;
     return epmoe__mlp_layout(E, M, H, I, &a, &b, &c, &d);

@@ -215,6 +215,19 @@ static void test_scale_layouts(void) {
     CHECK(epmoe_scale_offset(EPMOE_SCALE_UE8M0_MMAJOR, M, K, 1, 2) == 1 * 4 + 2, "ue8m0 mmajor (1,2)");
     CHECK(epmoe_scale_bytes((epmoe_scale_fmt)7, M, K) == 0 && epmoe_scale_bytes(EPMOE_SCALE_F32_ROW, M, 100) == 0,
           "invalid layout queries give 0");
+    /* sizes whose byte counts would wrap: 0, not a small number (M * K past 2^46) */
+    CHECK(epmoe_scale_bytes(EPMOE_SCALE_F32_ROW, (INT64_C(1) << 62) + 1, 128) == 0, "huge M, row");
+    CHECK(epmoe_scale_bytes(EPMOE_SCALE_F32_MMAJOR, (INT64_C(1) << 61) + 3, 256) == 0, "huge M, m-major");
+    CHECK(epmoe_scale_bytes(EPMOE_SCALE_UE8M0_ROW, (INT64_C(1) << 39) + 1, 128) == 0, "M * K = 2^46 + 128: past the bound");
+    CHECK(epmoe_scale_bytes(EPMOE_SCALE_F32_ROW, INT64_C(1) << 39, 128) == (size_t)4 << 39, "M * K = 2^46: at the bound");
+    /* (t, g) outside the slab: SIZE_MAX, not an offset into someone else's bytes */
+    CHECK(epmoe_scale_offset(EPMOE_SCALE_F32_ROW, M, K, 3, 0) == SIZE_MAX, "t = M");
+    CHECK(epmoe_scale_offset(EPMOE_SCALE_F32_ROW, M, K, -1, 0) == SIZE_MAX, "t < 0");
+    CHECK(epmoe_scale_offset(EPMOE_SCALE_F32_MMAJOR, M, K, 0, 5) == SIZE_MAX, "g = G");
+    CHECK(epmoe_scale_offset(EPMOE_SCALE_F32_MMAJOR, M, K, 0, -1) == SIZE_MAX, "g < 0");
+    CHECK(epmoe_scale_offset((epmoe_scale_fmt)7, M, K, 0, 0) == SIZE_MAX, "invalid fmt");
+    CHECK(epmoe_scale_offset(EPMOE_SCALE_UE8M0_ROW, M, K, 2, 7) == 2 * 8 + 7, "UE8M0 padding byte (2,7)");
+    CHECK(epmoe_scale_offset(EPMOE_SCALE_UE8M0_ROW, M, K, 2, 8) == SIZE_MAX, "past UE8M0's padding");
     /* Every (t, g) of every format maps to a distinct byte range inside the slab. */
     for (int fmt = 0; fmt < 4; fmt++) {
         size_t bytes = epmoe_scale_bytes((epmoe_scale_fmt)fmt, M, K), w = fmt >= 2 ? 1 : 4;

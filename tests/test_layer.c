@@ -218,6 +218,9 @@ static void test_schemes_and_args(void) {
     CHECK(!epmoe_scheme_accepts_wire(EPMOE_SCHEME_W4A16, EPMOE_WIRE_FP8), "w4a16 experts must not see the FP8 wire");
     CHECK(epmoe_scheme_accepts_wire(EPMOE_SCHEME_W4AFP8, EPMOE_WIRE_BF16), "w4afp8 can cast after a BF16 wire");
     CHECK(epmoe_scheme_accepts_wire(EPMOE_SCHEME_W8A8_FP8_BLOCK, EPMOE_WIRE_BF16), "fp8_block can cast after a BF16 wire");
+    CHECK(epmoe_scheme_default_wire((epmoe_scheme)99) == (epmoe_wire)-1 && !epmoe_scheme_accepts_wire((epmoe_scheme)99, EPMOE_WIRE_BF16) &&
+              !epmoe_scheme_accepts_wire((epmoe_scheme)-1, EPMOE_WIRE_FP8),
+          "an unknown scheme has no wire");
     /* the default tile hint: mean m = N R k / E plus ceil(2.5 sqrt(m)), at least 1 */
     const struct { int64_t n; int r, k, e; int64_t want; } rows[] = {
         {128, 2, 8, 256, 16},  /* m = 8: 8 + 8 (the DeepSeek-R1 decode layer: T = 16) */
@@ -226,6 +229,11 @@ static void test_schemes_and_args(void) {
         {1, 1, 1, 256, 1},     /* m = 0 */
         {4096, 8, 8, 256, 1024 + 80}, /* m = 1024: 2.5 * 32 exactly */
         {0, 2, 8, 256, 1},     {128, 0, 8, 256, 1}, {128, 2, -1, 256, 1}, {128, 2, 8, 0, 1},
+        /* products past 2^40 count as 2^40: 2^40 + 2.5 * 2^20 (these used to loop or wrap) */
+        {INT64_C(1) << 58, 1, 1, 1, (INT64_C(1) << 40) + 2621440},
+        {INT64_C(1) << 62, 1, 1, 1, (INT64_C(1) << 40) + 2621440},
+        {INT64_MAX, 2, 2, 1, (INT64_C(1) << 40) + 2621440},
+        {INT64_C(1) << 40, 2147483647, 2147483647, 2147483647, 512 + 57}, /* 2^40 / (2^31 - 1) = 512 */
     };
     for (size_t i = 0; i < sizeof rows / sizeof rows[0]; i++) {
         const int64_t got = epmoe_expected_rows(rows[i].n, rows[i].r, rows[i].k, rows[i].e);

@@ -96,6 +96,15 @@ static void test_repack_roundtrip(void) {
     float s;
     epmoe_w4a8_unpack(&pw, 0, 77, 5, &v, &s);
     CHECK(v == 1 && s == epmoe_bf16_to_float(cs[77]), "bf16 scale: v %d s %g", v, s);
+    /* no experts: AUTO still resolves (as for weights without a -8), so the GEMMs take the result */
+    enc = EPMOE_W4_AUTO;
+    CHECK_STATUS(epmoe_w4a8_repack(NULL, NULL, EPMOE_F32, 128, 0, 128, 128, NULL, NULL, &enc), EPMOE_OK);
+    CHECK(enc == EPMOE_W4_SYM7, "E = 0: encoding %d, want SYM7", enc);
+    /* the MLP's workspace: K of both GEMMs (H, I) must be multiples of 128, as the MLP requires */
+    CHECK(epmoe_w4a8_mlp_workspace(1, 1, 128, 128) > 0, "a valid MLP has a workspace");
+    CHECK(epmoe_w4a8_mlp_workspace(1, 1, 100, 100) == 0 && epmoe_w4a8_mlp_workspace(1, 1, 128, 100) == 0 &&
+              epmoe_w4a8_mlp_workspace(1, 1, 100, 128) == 0,
+          "H or I not a multiple of 128: no workspace");
 }
 
 /* Zero weights [1, 128, 128] with these 128 checkpoint scales: repacked scale n is sw[n]. */

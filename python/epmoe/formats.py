@@ -10,6 +10,8 @@ caller's `out=` tensors. numpy has no bfloat16 or float8 type: those show as uin
 bit patterns; torch outputs carry torch.bfloat16 / torch.float8_e4m3fn. Inputs of those kinds
 may be either.
 """
+import ctypes
+
 import numpy as np
 
 from ._lib import check, lib
@@ -119,13 +121,18 @@ def int4_unpack(packed, out=None):
 
 # ---- scale layouts -------------------------------------------------------------------------------
 def scale_bytes(scale_fmt, M, K):
-    """Bytes of one [M, K] slab's group scales (0 for an invalid format, M < 0 or K % 128 != 0)."""
+    """Bytes of one [M, K] slab's group scales (0 for an invalid format, M < 0, K % 128 != 0 or
+    M * K past 2^46)."""
     return int(lib.epmoe_scale_bytes(_fmt(scale_fmt), int(M), int(K)))
 
 
 def scale_offset(scale_fmt, M, K, t, g):
-    """Byte offset of scale (row t, group g) inside one slab."""
-    return int(lib.epmoe_scale_offset(_fmt(scale_fmt), int(M), int(K), int(t), int(g)))
+    """Byte offset of scale (row t, group g) inside one slab; ValueError where the library says
+    SIZE_MAX (an invalid layout, or (t, g) outside the slab)."""
+    off = int(lib.epmoe_scale_offset(_fmt(scale_fmt), int(M), int(K), int(t), int(g)))
+    if off == (1 << (8 * ctypes.sizeof(ctypes.c_size_t))) - 1:
+        raise ValueError(f"scale_offset: ({t}, {g}) is outside an [{M}, {K}] slab, or the layout is invalid")
+    return off
 
 
 def scale_shape(scale_fmt, M, K):

@@ -98,6 +98,8 @@ def test_cast_group_every_scale_format(fmt, M, K):
         assert s.reshape(-1).view(np.uint8)[off:off + 4].view(np.float32)[0] == ws[t, g]
     else:
         assert s.reshape(-1).view(np.uint8)[off] == epmoe.ue8m0_from_float(ws[t, g])
+    with pytest.raises(ValueError):
+        epmoe.scale_offset(fmt, M, K, M, 0)  # past the last row
 
 
 def test_cast_group_writes_into_callers_buffers_without_copies():
