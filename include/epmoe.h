@@ -72,7 +72,8 @@ EPMOE_API uint8_t epmoe_fp8_e4m3_from_float(float x);
 EPMOE_API float epmoe_fp8_e4m3_to_float(uint8_t v);
 EPMOE_API uint16_t epmoe_bf16_from_float(float x);
 EPMOE_API float epmoe_bf16_to_float(uint16_t v);
-/* Row conversions (CPU): n elements each. */
+/* Row conversions (CPU): n elements each; x and y must hold n elements (they return no status, so
+** like memcpy they do not check their pointers). */
 EPMOE_API void epmoe_fp8_e4m3_from_float_row(const float *x, uint8_t *y, size_t n);
 EPMOE_API void epmoe_fp8_e4m3_to_float_row(const uint8_t *x, float *y, size_t n);
 EPMOE_API void epmoe_bf16_from_float_row(const float *x, uint16_t *y, size_t n);
@@ -103,9 +104,12 @@ typedef enum epmoe_scale_fmt {
     EPMOE_SCALE_UE8M0_MMAJOR = 3
 } epmoe_scale_fmt;
 
-/* Bytes of one [M, K] slab's scales in `fmt`; 0 for an invalid fmt, M < 0 or K % 128 != 0. */
+/* Bytes of one [M, K] slab's scales in `fmt`; 0 for an invalid fmt, M < 0, K % 128 != 0 or M * K
+** past 2^46 (the quantization ops' bound). */
 EPMOE_API size_t epmoe_scale_bytes(epmoe_scale_fmt fmt, int64_t M, int64_t K);
-/* Byte offset of scale (t, g) inside one slab (the one layout function of scale buffers). */
+/* Byte offset of scale (t, g) inside one slab (the one layout function of scale buffers); SIZE_MAX
+** where epmoe_scale_bytes is 0, or for t outside [0, M) or g outside [0, K/128) (UE8M0: up to its
+** padding, 4 * ceil(K/512)). */
 EPMOE_API size_t epmoe_scale_offset(epmoe_scale_fmt fmt, int64_t M, int64_t K, int64_t t, int64_t g);
 
 /* ---- quantization ops -------------------------------------------------------------------
@@ -210,7 +214,11 @@ EPMOE_API epmoe_status epmoe_w4a8_unpack(const epmoe_w4a8_weights *w, int64_t e,
 **   (a) a_scales != NULL: per-token 1x128 group scales, E slabs of a_scale_fmt (what dispatch
 **       delivers; no requant pass); each group's fp32 partial sum is scaled, then accumulated;
 **   (b) a_scales == NULL: one per-tensor scale, *a_tensor_scale (fp32 on the device).
-** Rows m >= masked_m[e] of out are not written. */
+** Rows m >= masked_m[e] of out are not written.
+** Non-finite inputs are not checked; they propagate as IEEE arithmetic does, alike on CPU and GPU:
+** an fp8 NaN code (0x7F, 0xFF) in a row, a UE8M0 scale of 0xFF or a NaN/Inf activation scale make
+** that token's outputs NaN or +-Inf (those of every weight row). Weight scales are checked finite at
+** repack. */
 typedef struct epmoe_w4a8_gemm_args {
     epmoe_w4a8_weights w;
     const uint8_t *a;            /* fp8 [E, M, K], 16-byte aligned; the GPU reads whole token tiles
@@ -261,6 +269,7 @@ typedef struct epmoe_w4a8_mlp_args {
     int64_t out_row_stride, out_expert_stride;
     int64_t expected_m;
 } epmoe_w4a8_mlp_args;
+/* 0 for negative or out-of-range sizes, or H or I not a multiple of 128. */
 EPMOE_API size_t epmoe_w4a8_mlp_workspace(int64_t E, int64_t M, int64_t H, int64_t I);
 EPMOE_API epmoe_status epmoe_w4a8_mlp_cuda(const epmoe_w4a8_mlp_args *args, epmoe_stream_t stream);
 EPMOE_API epmoe_status epmoe_w4a8_mlp_ref(const epmoe_w4a8_mlp_args *args);
@@ -513,8 +522,11 @@ EPMOE_API epmoe_status epmoe_ep_create_nccl_env(const epmoe_ep_config *cfg, epmo
 EPMOE_API epmoe_status epmoe_ep_create_nccl_local(const epmoe_ep_config *cfg, int num_gpus, const int *devices,
                                                   epmoe_ep **eps);
 
-/* Collective teardown; a failed ep (timeout) tears down without waiting for dead peers. */
+/* Collective teardown; a failed ep (timeout) tears down without waiting for dead peers. The ep is
+** freed either way; EPMOE_ERR_TIMEOUT when a healthy group's teardown found a peer missing (it
+** waited timeout_ms), EPMOE_OK otherwise. */
 EPMOE_API epmoe_status epmoe_ep_destroy(epmoe_ep *ep);
+/* (epmoe_backend)-1 for NULL. */
 EPMOE_API epmoe_backend epmoe_ep_backend(const epmoe_ep *ep);
 /* Mark ranks inactive (active[r] = 0) from the next dispatch on; must be the same on every live
 ** rank, and no call may be in flight (the GPU backend copies the set to the device). Masking is
@@ -528,6 +540,10 @@ EPMOE_API epmoe_status epmoe_ep_set_active_ranks(epmoe_ep *ep, const int *active
 ** host instead: its dispatch rejects them before sending anything. EPMOE_OK otherwise. */
 EPMOE_API epmoe_status epmoe_ep_poll(epmoe_ep *ep);
 
+/* Pointers in the dispatch and combine args are aligned to their element (4 bytes for int32 and
+** fp32 arrays, 8 for int64 ids, 2 for bf16 rows); on the GPU backends x, recv_x, expert_out and out
+** to 16 bytes. EPMOE_ERR_MISALIGNED otherwise, before anything is sent. A NaN or Inf in topk_weights
+** (or in a row) is not checked: it makes that token's combined row NaN or +-Inf. */
 typedef struct epmoe_dispatch_args {
     const uint16_t *x;          /* bf16 [T, H] */
     const void *topk_idx;       /* [T, k] int32 or int64; -1 = no expert */
@@ -560,7 +576,9 @@ EPMOE_API epmoe_status epmoe_combine(epmoe_ep *ep, uint32_t handle, const epmoe_
                                      epmoe_stream_t stream);
 
 /* Single-process reference of dispatch + combine over all ranks (the tests' oracle).
-** x[r], topk_idx[r] (int32), weights[r], T[r] per rank r; outputs per rank as in the args. */
+** x[r], topk_idx[r] (int32), weights[r], T[r] per rank r; outputs per rank as in the args. Checked
+** as the backends check: 0 <= T[r] <= N, ids in [-1, E) and the arrays of the active ranks present
+** (recv_scales on the FP8 wire), else an error before anything is written. */
 EPMOE_API epmoe_status epmoe_ep_dispatch_ref(const epmoe_ep_config *cfg, const uint16_t *const *x,
                                              const int32_t *const *topk_idx, const int *num_tokens, const int *active,
                                              void *const *recv_x, void *const *recv_scales, int32_t *const *masked_m,
@@ -616,10 +634,12 @@ typedef struct epmoe_layer_weights {
 /* The expected_m hint for experts fed by dispatch: the mean rows per expert under uniform routing,
 ** m = tokens_per_rank * ranks * top_k / experts, plus 2.5 sqrt(m) for the spread (Poisson: at m = 8
 ** an expert gets more than 16 rows with probability 0.4%); at least 1. A tile of the mean alone
-** (m = 8: T = 8) reads the weights of every expert above it twice. */
+** (m = 8: T = 8) reads the weights of every expert above it twice. Products past 2^40 rows count as
+** 2^40 (a hint: every tile choice saturates long before); 1 for a non-positive argument. */
 EPMOE_API int64_t epmoe_expected_rows(int64_t tokens_per_rank, int ranks, int top_k, int experts);
 
-/* The wire a scheme dispatches by default, and whether it can consume `wire` at all. */
+/* The wire a scheme dispatches by default, and whether it can consume `wire` at all; for a value
+** outside epmoe_scheme, (epmoe_wire)-1 and 0. */
 EPMOE_API epmoe_wire epmoe_scheme_default_wire(epmoe_scheme scheme);
 EPMOE_API int epmoe_scheme_accepts_wire(epmoe_scheme scheme, epmoe_wire wire);
 /* Create on a group (not collective; allocates the buffers: epmoe_layer_bytes() reports them).
