@@ -529,7 +529,8 @@ EPMOE_API epmoe_status epmoe_ep_destroy(epmoe_ep *ep);
 /* (epmoe_backend)-1 for NULL. */
 EPMOE_API epmoe_backend epmoe_ep_backend(const epmoe_ep *ep);
 /* Mark ranks inactive (active[r] = 0) from the next dispatch on; must be the same on every live
-** rank, and no call may be in flight (the GPU backend copies the set to the device). Masking is
+** rank, and no call may be in flight (the GPU backend copies the set to the device; a send half
+** whose receive half has not been called is refused, EPMOE_ERR_INVALID_ARG). Masking is
 ** final: a masked rank cannot be made active again in this group (EPMOE_ERR_UNSUPPORTED). */
 EPMOE_API epmoe_status epmoe_ep_set_active_ranks(epmoe_ep *ep, const int *active);
 /* Errors the GPU kernels record without a host sync surface here once the stream has run the

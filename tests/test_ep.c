@@ -334,6 +334,15 @@ static void test_bad_args(void) {
     CHECK_STATUS(epmoe_ep_set_active_ranks(ep, act), EPMOE_ERR_INVALID_ARG);
     act[0] = 1;
     CHECK_STATUS(epmoe_ep_set_active_ranks(ep, act), EPMOE_OK); /* no change */
+    /* not while a call is half done: a sent dispatch or combine awaiting its receive */
+    CHECK_STATUS(epmoe_dispatch(ep, &a, EPMOE_PHASE_SEND, &h, NULL), EPMOE_OK);
+    CHECK_STATUS(epmoe_ep_set_active_ranks(ep, act), EPMOE_ERR_INVALID_ARG);
+    CHECK(strstr(epmoe_last_error(), "in flight") != NULL, "message: %s", epmoe_last_error());
+    CHECK_STATUS(epmoe_dispatch(ep, &a, EPMOE_PHASE_RECV, &h, NULL), EPMOE_OK);
+    CHECK_STATUS(epmoe_combine(ep, h, &ca, EPMOE_PHASE_SEND, NULL), EPMOE_OK);
+    CHECK_STATUS(epmoe_ep_set_active_ranks(ep, act), EPMOE_ERR_INVALID_ARG);
+    CHECK_STATUS(epmoe_combine(ep, h, &ca, EPMOE_PHASE_RECV, NULL), EPMOE_OK);
+    CHECK_STATUS(epmoe_ep_set_active_ranks(ep, act), EPMOE_OK);
     CHECK_STATUS(epmoe_ep_destroy(ep), EPMOE_OK);
     CHECK_STATUS(epmoe_ep_create_nccl(NULL, &c, &ep), EPMOE_HAVE_NCCL ? EPMOE_ERR_NULL_POINTER : EPMOE_ERR_UNSUPPORTED);
     epmoe_cpu_world_destroy(w);

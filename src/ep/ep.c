@@ -171,6 +171,13 @@ epmoe_status epmoe_ep_set_active_ranks(epmoe_ep *ep, const int *active) {
     if (!ep || !active) return epmoe__fail(EPMOE_ERR_NULL_POINTER, "epmoe_ep_set_active_ranks: NULL argument");
     if (!active[ep->cfg.rank])
         return epmoe__fail(EPMOE_ERR_INVALID_ARG, "epmoe_ep_set_active_ranks: rank %d cannot mask itself out", ep->cfg.rank);
+    /* what the host can see of "no call in flight": a send half whose receive half has not been called */
+    for (int i = 0; i < 2; i++) {
+        const ep_call *c = &ep->calls[i];
+        if (c->seq && ((c->sent && !c->received) || (c->comb_sent && !c->comb_received)))
+            return epmoe__fail(EPMOE_ERR_INVALID_ARG, "epmoe_ep_set_active_ranks: dispatch %u is still in flight (a send "
+                               "half without its receive half)", c->seq);
+    }
     /* Acknowledgements go to active ranks only (both backends), so after a call without it a masked
     ** rank and its peers disagree on which buffer slots are free: a rejoin would wait for acks that
     ** never come (EPMOE_ERR_TIMEOUT). Refused here instead. */
