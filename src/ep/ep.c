@@ -212,7 +212,7 @@ static epmoe_status usable(const char *fn, epmoe_ep *ep, epmoe_phase phase) {
 ** half sent without its other half would leave the peers waiting). */
 static epmoe_status check_align(const char *fn, const void *p, unsigned bytes, const char *what) {
     if (p && (uintptr_t)p % bytes)
-        return epmoe__fail(EPMOE_ERR_MISALIGNED, "%s: %s is not %u-byte aligned", fn, what, bytes);
+        return epmoe__fail(EPMOE_ERR_MISALIGNED, "%s: %s = %p is not %u-byte aligned", fn, what, p, bytes);
     return EPMOE_OK;
 }
 static unsigned row_align(const epmoe_ep *ep, unsigned elem) { return ep->backend == EPMOE_BACKEND_CPU ? elem : 16; }
