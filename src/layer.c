@@ -112,15 +112,14 @@ static epmoe_status check_layer(const char *fn, const epmoe_ep_config *ec, const
     return EPMOE_OK;
 }
 
-/* a * b for positive a, b, at most kRowsCap */
 static const int64_t kRowsCap = INT64_C(1) << 40;
-static int64_t mul_capped(int64_t a, int64_t b) { return a > kRowsCap / b ? kRowsCap : a * b; }
 
 int64_t epmoe_expected_rows(int64_t tokens_per_rank, int ranks, int top_k, int experts) {
     if (tokens_per_rank <= 0 || ranks <= 0 || top_k <= 0 || experts <= 0) return 1;
-    /* the product capped at 2^40 rows (a hint: any value past the largest tile picks the same), so
-    ** the bisection below stays within int64 */
-    const int64_t m = mul_capped(mul_capped(tokens_per_rank, ranks), top_k) / experts;
+    /* the mean exactly (the product < 2^125 in 128 bits), capped at 2^40 rows (a hint: any value past
+    ** the largest tile picks the same), so the bisection below stays within int64 */
+    const unsigned __int128 q = (unsigned __int128)tokens_per_rank * (unsigned)ranks * (unsigned)top_k / (unsigned)experts;
+    const int64_t m = q > (unsigned __int128)kRowsCap ? kRowsCap : (int64_t)q;
     /* ceil(2.5 sqrt(m)) = the least s with 4 s^2 >= 25 m, in integers (no libm), by bisection */
     int64_t lo = 0, hi = 1;
     while (4 * hi * hi < 25 * m) hi *= 2;
@@ -274,8 +273,8 @@ epmoe_status epmoe_layer_forward_phase(epmoe_layer *y, const uint16_t *x, const 
         return epmoe__fail(EPMOE_ERR_NULL_POINTER, "%s: topk_weights is NULL", fn);
     if (num_tokens > 0 && (phases & EPMOE_LAYER_RECV)) {
         if (!out) return epmoe__fail(EPMOE_ERR_NULL_POINTER, "%s: out is NULL", fn);
-        if (y->gpu && ((uintptr_t)out & 15u))
-            return epmoe__fail(EPMOE_ERR_MISALIGNED, "%s: out = %p is not 16-byte aligned", fn, (void *)out);
+        if ((uintptr_t)out & (y->gpu ? 15u : 1u))
+            return epmoe__fail(EPMOE_ERR_MISALIGNED, "%s: out = %p is not %d-byte aligned", fn, (void *)out, y->gpu ? 16 : 2);
     }
     const int requant = ec->wire == EPMOE_WIRE_FP8 && y->cfg.per_tensor_act;
     /* Per-tensor compat on the FP8 wire: dispatch itself requantizes at receive (no extra pass). */

@@ -312,7 +312,9 @@ static void test_bad_args(void) {
     for (int i = 0; i < 10; i++) eo[i * 37 % (4 * 4 * 128)] = epmoe_bf16_from_float((float)(i + 1));
     epmoe_combine_args cx = ca;
     cx.out = (uint16_t[4 * 128]){0};
-    int32_t idx2[10] = {3, 2, 1, 0, 3, 2, 1, 4, 0, 0}; /* id 7 (token 3, slot 1) = E: found while sending */
+    /* id 7 (token 3, slot 1) = E, found while sending; the -1 before it would drop token 0's second
+    ** row from h2's combine had the rejected call written h2's ids */
+    int32_t idx2[10] = {3, -1, 1, 0, 3, 2, 1, 4, 0, 0};
     bad = a, bad.topk_idx = idx2;
     CHECK_STATUS(epmoe_dispatch(ep, &bad, EPMOE_PHASE_BOTH, &h, NULL), EPMOE_ERR_INVALID_ARG);
     bad = a, bad.x = (const uint16_t *)(void *)(raw + 1); /* found before */

@@ -235,7 +235,7 @@ static void test_scale_layouts(void) {
         for (int64_t t = 0; t < M; t++)
             for (int64_t g = 0; g < K / 128; g++) {
                 size_t o = epmoe_scale_offset((epmoe_scale_fmt)fmt, M, K, t, g);
-                CHECK(o + w <= bytes, "fmt %d (%lld,%lld) inside", fmt, (long long)t, (long long)g);
+                CHECK(o != SIZE_MAX && o + w <= bytes, "fmt %d (%lld,%lld) inside", fmt, (long long)t, (long long)g);
                 for (size_t i = 0; i < w && o + i < sizeof seen; i++) seen[o + i]++;
             }
         for (size_t i = 0; i < bytes; i++) CHECK(seen[i] <= 1, "fmt %d byte %zu used twice", fmt, i);

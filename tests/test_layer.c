@@ -233,7 +233,9 @@ static void test_schemes_and_args(void) {
         {INT64_C(1) << 58, 1, 1, 1, (INT64_C(1) << 40) + 2621440},
         {INT64_C(1) << 62, 1, 1, 1, (INT64_C(1) << 40) + 2621440},
         {INT64_MAX, 2, 2, 1, (INT64_C(1) << 40) + 2621440},
-        {INT64_C(1) << 40, 2147483647, 2147483647, 2147483647, 512 + 57}, /* 2^40 / (2^31 - 1) = 512 */
+        {INT64_C(1) << 40, 2147483647, 2147483647, 2147483647, (INT64_C(1) << 40) + 2621440}, /* m ~ 2^71: capped */
+        {INT64_C(1) << 40, 2147483647, 1, 2147483647, (INT64_C(1) << 40) + 2621440}, /* m = 2^40 exactly */
+        {(INT64_C(1) << 40) - 1, 3, 1, 3, (INT64_C(1) << 40) - 1 + 2621440}, /* just under the cap: exact */
     };
     for (size_t i = 0; i < sizeof rows / sizeof rows[0]; i++) {
         const int64_t got = epmoe_expected_rows(rows[i].n, rows[i].r, rows[i].k, rows[i].e);

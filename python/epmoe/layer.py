@@ -78,7 +78,11 @@ def _wire(wire):
 
 def scheme_default_wire(scheme):
     """The wire ("fp8" or "bf16") a scheme dispatches by default (epmoe_scheme_default_wire)."""
-    return _WIRE_NAMES[lib.epmoe_scheme_default_wire(_scheme(scheme))]
+    code = _scheme(scheme)
+    wire = lib.epmoe_scheme_default_wire(code)
+    if wire not in _WIRE_NAMES:  # (epmoe_wire)-1: not an epmoe_scheme
+        raise ValueError(f"scheme {scheme!r} is not an epmoe scheme")
+    return _WIRE_NAMES[wire]
 
 
 def expected_rows(tokens_per_rank, ranks, top_k, experts):

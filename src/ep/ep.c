@@ -159,7 +159,12 @@ epmoe_status epmoe_ep_destroy(epmoe_ep *ep) {
     ** message) reports it; a group that had failed before tears down quietly */
     const int failed_before = ep->failed;
     if (ep->ops && ep->ops->destroy) ep->ops->destroy(ep);
-    const epmoe_status st = ep->failed && !failed_before ? EPMOE_ERR_TIMEOUT : EPMOE_OK;
+    const epmoe_status st = ep->failed && !failed_before
+                                ? ep->backend == EPMOE_BACKEND_CPU /* its barrier said which rank waited */
+                                      ? EPMOE_ERR_TIMEOUT
+                                      : epmoe__fail(EPMOE_ERR_TIMEOUT, "epmoe_ep_destroy: rank %d: a peer did not answer at "
+                                                    "teardown (the ep is freed)", ep->cfg.rank)
+                                : EPMOE_OK;
     if (ep->owned_comm) epmoe__ep_release_comm(ep); /* after the backend: its teardown uses the comm */
     epmoe__ep_free(ep);
     return st;
@@ -244,7 +249,9 @@ static epmoe_status check_dispatch_args(const char *fn, const epmoe_ep *ep, cons
         if (c->wire == EPMOE_WIRE_BF16 && a->requant_scale)
             return epmoe__fail(EPMOE_ERR_INVALID_ARG, "%s: requant_scale needs the FP8 wire", fn);
         EPMOE_CHECK(check_align(fn, a->recv_x, row_align(ep, c->wire == EPMOE_WIRE_FP8 ? 1 : 2), "recv_x"));
-        EPMOE_CHECK(check_align(fn, a->recv_scales, 4, "recv_scales"));
+        /* UE8M0_ROW is a byte layout on the CPU; the GPU backends store whole words */
+        EPMOE_CHECK(check_align(fn, a->recv_scales,
+                                ep->backend == EPMOE_BACKEND_CPU && c->scale_fmt == EPMOE_SCALE_UE8M0_ROW ? 1 : 4, "recv_scales"));
         EPMOE_CHECK(check_align(fn, a->masked_m, 4, "masked_m"));
         EPMOE_CHECK(check_align(fn, a->recv_src_info, 4, "recv_src_info"));
         EPMOE_CHECK(check_align(fn, a->requant_scale, 4, "requant_scale"));
