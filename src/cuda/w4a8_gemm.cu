@@ -178,7 +178,8 @@ template <int kWt> constexpr int kWGroupBytes = kWtTma<kWt> ? W4_TILE_N * W4_GRO
 ** (DeepSeek-R1, H200, same call, 2026-12-01). A 256-token tile (two m64 halves a warpgroup, the
 ** accumulator rescaled in place by s_prev / s_new to leave no partial) measured the same at 256-1024
 ** rows with L2 59% busy instead of 80%: the tensor pipe stays at 55-57%, each warpgroup waiting for
-** its own group's wgmma (Nsight Compute, W13 at 1024 rows, H200, 2026-12-01). */
+** its own group's wgmma (Nsight Compute, W13 at 1024 rows, H200, 2026-12-01). In place it would also
+** lose the promotion: the fp8 tensor core keeps ~14 bits of the running sum (see epmoe.h). */
 template <int T, int kWt> constexpr bool kTokM = kWt == kWtFp8 && T == 128;
 /* bf16 weights: no scales, so their wgmma accumulate straight into the accumulator (scale-d = 1): no
 ** partial, no fp32 add a step, and 64 registers fewer at T = 128. W13 + W2 at 128 / 256 / 1024 rows
