@@ -523,8 +523,8 @@ EPMOE_API epmoe_status epmoe_ep_create_nccl_local(const epmoe_ep_config *cfg, in
                                                   epmoe_ep **eps);
 
 /* Collective teardown; a failed ep (timeout) tears down without waiting for dead peers. The ep is
-** freed either way; EPMOE_ERR_TIMEOUT when a healthy group's teardown found a peer missing (it
-** waited timeout_ms), EPMOE_OK otherwise. */
+** freed either way; EPMOE_ERR_TIMEOUT when the teardown of a group with every rank active found a
+** peer missing (it waited timeout_ms), EPMOE_OK otherwise (a masked rank's absence is expected). */
 EPMOE_API epmoe_status epmoe_ep_destroy(epmoe_ep *ep);
 /* (epmoe_backend)-1 for NULL. */
 EPMOE_API epmoe_backend epmoe_ep_backend(const epmoe_ep *ep);
@@ -542,8 +542,8 @@ EPMOE_API epmoe_status epmoe_ep_set_active_ranks(epmoe_ep *ep, const int *active
 EPMOE_API epmoe_status epmoe_ep_poll(epmoe_ep *ep);
 
 /* Pointers in the dispatch and combine args are aligned to their element (4 bytes for int32 and
-** fp32 arrays, 8 for int64 ids, 2 for bf16 rows); on the GPU backends x, recv_x, expert_out and out
-** to 16 bytes. EPMOE_ERR_MISALIGNED otherwise, before anything is sent. A NaN or Inf in topk_weights
+** fp32 arrays and scale words, 8 for int64 ids, 2 for bf16 rows); on the GPU backends x, recv_x,
+** expert_out and out to 16 bytes and recv_scales to 4 in every layout. EPMOE_ERR_MISALIGNED otherwise, before anything is sent. A NaN or Inf in topk_weights
 ** (or in a row) is not checked: it makes that token's combined row NaN or +-Inf. */
 typedef struct epmoe_dispatch_args {
     const uint16_t *x;          /* bf16 [T, H] */
@@ -635,7 +635,7 @@ typedef struct epmoe_layer_weights {
 /* The expected_m hint for experts fed by dispatch: the mean rows per expert under uniform routing,
 ** m = tokens_per_rank * ranks * top_k / experts, plus 2.5 sqrt(m) for the spread (Poisson: at m = 8
 ** an expert gets more than 16 rows with probability 0.4%); at least 1. A tile of the mean alone
-** (m = 8: T = 8) reads the weights of every expert above it twice. Products past 2^40 rows count as
+** (m = 8: T = 8) reads the weights of every expert above it twice. A mean past 2^40 rows counts as
 ** 2^40 (a hint: every tile choice saturates long before); 1 for a non-positive argument. */
 EPMOE_API int64_t epmoe_expected_rows(int64_t tokens_per_rank, int ranks, int top_k, int experts);
 
