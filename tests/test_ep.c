@@ -453,6 +453,23 @@ static void test_destroy_timeout(void) {
     }
     if (j[1].st == EPMOE_OK) CHECK_STATUS(epmoe_ep_destroy(j[1].ep), EPMOE_ERR_TIMEOUT); /* rank 0 has left */
     epmoe_cpu_world_destroy(w);
+
+    /* the same with rank 1 masked out by rank 0 (a failed rank): its absence is expected, so rank 0's
+    ** teardown waits timeout_ms and says OK; rank 1, which masked nobody, still reports it */
+    CHECK_STATUS(epmoe_cpu_world_create(2, &w), EPMOE_OK);
+    for (int r = 0; r < 2; r++) {
+        j[r].w = w, j[r].ep = NULL;
+        pthread_create(&th[r], NULL, create_keep, &j[r]);
+    }
+    for (int r = 0; r < 2; r++) pthread_join(th[r], NULL);
+    CHECK(j[0].st == EPMOE_OK && j[1].st == EPMOE_OK, "create: %d %d", j[0].st, j[1].st);
+    if (j[0].st == EPMOE_OK) {
+        const int act[2] = {1, 0};
+        CHECK_STATUS(epmoe_ep_set_active_ranks(j[0].ep, act), EPMOE_OK);
+        CHECK_STATUS(epmoe_ep_destroy(j[0].ep), EPMOE_OK);
+    }
+    if (j[1].st == EPMOE_OK) CHECK_STATUS(epmoe_ep_destroy(j[1].ep), EPMOE_ERR_TIMEOUT);
+    epmoe_cpu_world_destroy(w);
 }
 
 int main(void) {
