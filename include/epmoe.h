@@ -543,8 +543,9 @@ EPMOE_API epmoe_status epmoe_ep_poll(epmoe_ep *ep);
 
 /* Pointers in the dispatch and combine args are aligned to their element (4 bytes for int32 and
 ** fp32 arrays and scale words, 8 for int64 ids, 2 for bf16 rows); on the GPU backends x, recv_x,
-** expert_out and out to 16 bytes and recv_scales to 4 in every layout. EPMOE_ERR_MISALIGNED otherwise, before anything is sent. A NaN or Inf in topk_weights
-** (or in a row) is not checked: it makes that token's combined row NaN or +-Inf. */
+** expert_out and out to 16 bytes and recv_scales to 4 in every layout. EPMOE_ERR_MISALIGNED
+** otherwise, before anything is sent. A NaN or Inf in topk_weights (or in a row) is not checked: it
+** makes that token's combined row NaN or +-Inf. */
 typedef struct epmoe_dispatch_args {
     const uint16_t *x;          /* bf16 [T, H] */
     const void *topk_idx;       /* [T, k] int32 or int64; -1 = no expert */

@@ -47,11 +47,10 @@ epmoe_status epmoe_int4_unpack(const uint8_t *packed, int64_t n, int8_t *vals) {
     return EPMOE_OK;
 }
 
-/* M x K within the quantization ops' bound (2^46 elements), so no size below wraps */
+/* M x K within the quantization ops' bound, so no size below wraps */
 static int scale_args_ok(epmoe_scale_fmt fmt, int64_t M, int64_t K) {
-    const int64_t max_elems = INT64_C(1) << 46;
-    return (unsigned)fmt <= EPMOE_SCALE_UE8M0_MMAJOR && M >= 0 && K > 0 && K % FMT_GROUP == 0 && K <= max_elems &&
-           M <= max_elems / K;
+    return (unsigned)fmt <= EPMOE_SCALE_UE8M0_MMAJOR && M >= 0 && K > 0 && K % FMT_GROUP == 0 && K <= EPMOE__MAX_ELEMS &&
+           M <= EPMOE__MAX_ELEMS / K;
 }
 
 size_t epmoe_scale_bytes(epmoe_scale_fmt fmt, int64_t M, int64_t K) {

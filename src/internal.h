@@ -49,6 +49,9 @@ EPMOE_HIDDEN epmoe_status epmoe__check_rescale(const char *fn, int requant, cons
 ** fp32, rounded to bf16: the one expression of every MLP reference. */
 #define EPMOE__MAX_DIM (INT64_C(1) << 24)
 #define EPMOE__MAX_EXPERTS 4096
+/* The quantization ops' bound on a tensor's elements (quant_args.c) and so on a scale layout's
+** M * K (format.c): every index then fits comfortably in int64 arithmetic, byte offsets included. */
+#define EPMOE__MAX_ELEMS (INT64_C(1) << 46)
 EPMOE_HIDDEN epmoe_status epmoe__need(const char *fn, const void *p, const char *name, unsigned align);
 EPMOE_HIDDEN epmoe_status epmoe__check_dims(const char *fn, const char *what, int64_t E, int64_t N, int64_t K);
 EPMOE_HIDDEN epmoe_status epmoe__check_out(const char *fn, int64_t E, int64_t M, int64_t N, const uint16_t *out,

@@ -5,9 +5,6 @@
 #include "format.h"
 #include "internal.h"
 
-/* Sizes above this are rejected: every index then fits comfortably in int64 arithmetic,
-** including the byte offsets of [E, M, K] tensors and their scale slabs. */
-#define MAX_ELEMS (INT64_C(1) << 46)
 
 static int misaligned(const void *p, unsigned a) { return ((uintptr_t)p & (uintptr_t)(a - 1)) != 0; }
 
@@ -32,7 +29,7 @@ static epmoe_status check_shape(const char *fn, int64_t E, int64_t M, int64_t K)
     if (E < 0 || M < 0) return epmoe__fail(EPMOE_ERR_INVALID_ARG, "%s: E = %lld and M = %lld must be >= 0", fn, (long long)E, (long long)M);
     if (K <= 0 || K % FMT_GROUP)
         return epmoe__fail(EPMOE_ERR_INVALID_ARG, "%s: K = %lld must be a positive multiple of %d", fn, (long long)K, FMT_GROUP);
-    if (K > MAX_ELEMS || M > MAX_ELEMS / K || E > (M ? MAX_ELEMS / (M * K) : MAX_ELEMS))
+    if (K > EPMOE__MAX_ELEMS || M > EPMOE__MAX_ELEMS / K || E > (M ? EPMOE__MAX_ELEMS / (M * K) : EPMOE__MAX_ELEMS))
         return epmoe__fail(EPMOE_ERR_INVALID_ARG, "%s: E*M*K = %lld*%lld*%lld is too large", fn, (long long)E,
                            (long long)M, (long long)K);
     return EPMOE_OK;
@@ -56,7 +53,7 @@ epmoe_status epmoe__check_cast_group(const char *fn, const void *x, int64_t M, i
 
 epmoe_status epmoe__check_cast_tensor(const char *fn, const void *x, int64_t n, const float *scale, const void *q,
                                       int device) {
-    if (n < 0 || n > MAX_ELEMS) return epmoe__fail(EPMOE_ERR_INVALID_ARG, "%s: n = %lld is out of range", fn, (long long)n);
+    if (n < 0 || n > EPMOE__MAX_ELEMS) return epmoe__fail(EPMOE_ERR_INVALID_ARG, "%s: n = %lld is out of range", fn, (long long)n);
     if (n == 0) return EPMOE_OK;
     EPMOE_CHECK(need_ptr(fn, x, "x"));
     EPMOE_CHECK(need_ptr(fn, q, "q"));

@@ -115,9 +115,7 @@ epmoe_status epmoe_ep_combine_ref(const epmoe_ep_config *cfg, const uint16_t *co
             }
             const int32_t e = topk_idx[src][i];
             const int j = (int)(i % k), f = ep_first_slot(topk_idx[src] + (i - j), j);
-            row[src][i] = e < 0 || !owner_active(active, src) || !owner_active(active, e / L) ? -1
-                          : f < j                                                           ? row[src][i - j + f]
-                                                                                            : next[e]++;
+            row[src][i] = e < 0 || !owner_active(active, e / L) ? -1 : f < j ? row[src][i - j + f] : next[e]++;
         }
     for (int src = 0; st == EPMOE_OK && src < R; src++) {
         if (!owner_active(active, src)) continue;
