@@ -177,8 +177,8 @@ template <int kWt> constexpr int kWGroupBytes = kWtTma<kWt> ? W4_TILE_N * W4_GRO
 ** 3177-3217 us. bf16 weights (no promotion) measured 1-3% slower this way, so they keep weights as M
 ** (DeepSeek-R1, H200, same call, 2026-12-01). A 256-token tile (two m64 halves a warpgroup, the
 ** accumulator rescaled in place by s_prev / s_new to leave no partial) measured the same at 256-1024
-** rows with L2 59% busy instead of 80%: the tensor pipe stays at 55-57%, each warpgroup waiting for
-** its own group's wgmma (Nsight Compute, W13 at 1024 rows, H200, 2026-12-01). In place it would also
+** rows with L2 59% busy instead of 80%: the busiest SM pipe (the tensor cores') stays at 55-57%
+** (Nsight Compute, W13 at 1024 rows, H200, 2026-12-01). In place it would also
 ** lose the promotion: the fp8 tensor core keeps ~14 bits of the running sum (see epmoe.h). */
 template <int T, int kWt> constexpr bool kTokM = kWt == kWtFp8 && T == 128;
 /* bf16 weights: no scales, so their wgmma accumulate straight into the accumulator (scale-d = 1): no
