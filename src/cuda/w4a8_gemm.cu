@@ -93,6 +93,16 @@ constexpr int kProducerWarp = 0;
 ** one arrival per warp in hardware; an mbarrier took 32 arrivals per warp, or a __syncwarp and one
 ** lane's arrival that racecheck cannot follow). */
 constexpr int kConsumerBar = 1, kStageBar = 3;
+/* The warp-specialized kernel's consumer warpgroups take turns at issuing their wgmma (kTurnBar + w
+** is warpgroup w's turn; that kernel uses no kStageBar). Both read the same stages, so without turns
+** they ran in step: both issued, both waited, and both promoted their last partial while the tensor
+** cores idled (Nsight Compute, fp8-block W13 at 1024 rows: a wgmma wait or a stage wait in a quarter
+** of the stall samples outside the producer's idle warps, the tensor pipe 57% busy). With turns, one
+** promotes while the other's wgmma run. W13 + W2, DeepSeek-R1, medians of three interleaved runs
+** each (bench_w4a8, H200, 2026-12-01): W4A8 mode (a) 32 rows 220.8 -> 218.3 us, 64 296.6 -> 289.9,
+** 128 495.5 -> 471.0, 256 907.2 -> 891.6, 1024 3740.5 -> 3672.3; fp8-block 128 477.2 -> 454.0, 256
+** 955.5 -> 928.6, 1024 3300.1 -> 3201.3; 80 rows and bf16 the same (docs/PERFORMANCE.md, session 25). */
+constexpr int kTurnBar = 2;
 /* T = 24 and up run warp-specialized (w4a8_gemm_ws_kernel): a producer warpgroup that
 ** gives its registers to the two consumer warpgroups (setmaxnreg), and at T = 24, 32 and 96-128 each
 ** consumer takes an item's steps in pairs into two partials (kPairs), promoting the first while the
@@ -787,11 +797,12 @@ w4a8_gemm_kernel(const __grid_constant__ Problem p, const __grid_constant__ CUte
 ** conversion, promotion and epilogue as the kernel above, in another division of labour.
 ** Warpgroup 0 produces: it hands its registers to the consumers (setmaxnreg), and warp 0 walks the
 ** CTA's steps issuing each stage's loads once the consumers have released it (empty[], an
-** mbarrier of the 256 consumer threads). Warpgroups 1 and 2 consume, 64 weight rows each. A pair of
-** steps of one item goes out as two commit groups into two partials: the first is promoted while the
-** second's wgmma run (wgmma.wait_group 1), in group order, so the fp32 operations and their bits are
-** those of one group a step. A step with no partner in its item (the item's last when its range
-** has an odd count left) runs alone, and so does every step at T = 40 to 64 (kPairs). */
+** mbarrier of the 256 consumer threads). Warpgroups 1 and 2 consume, 64 weight rows each, and take
+** turns at issuing (kTurnBar). A pair of steps of one item goes out as two commit groups into two
+** partials: the first is promoted while the second's wgmma run (wgmma.wait_group 1), in group order,
+** so the fp32 operations and their bits are those of one group a step. A step with no partner in its
+** item (the item's last when its range has an odd count left) runs alone, and so does every step at
+** T = 40 to 64 (kPairs). */
 template <int T, int kSa, int kWt, int S>
 __global__ void __launch_bounds__(kWsThreads, kWsCtas<T>)
 w4a8_gemm_ws_kernel(const __grid_constant__ Problem p, const __grid_constant__ CUtensorMap tm, const __grid_constant__ CUtensorMap tmw) {
@@ -835,6 +846,11 @@ w4a8_gemm_ws_kernel(const __grid_constant__ Problem p, const __grid_constant__ C
         for (int i = 0; i < T / 2; i++) acc[i] = 0.0f;
         int cg = step_off<T>(rg, 0);
         auto sync = [] { named_bar_sync(kConsumerBar, 2 * 128); };
+        /* the turns' barrier ids (kTurnBar): from threadIdx at each use, since an id held in a register
+        ** across the loop spilled in the int4 tiles at T = 128 */
+        auto my_turn = [] { return kTurnBar - 1 + (int)(threadIdx.x >> 7); };
+        auto your_turn = [] { return kTurnBar + 2 - (int)(threadIdx.x >> 7); };
+        if (my_turn() == kTurnBar + 1) named_bar_arrive(kTurnBar, 2 * 128); /* warpgroup 0 issues first */
         /* step i's 4 wgmma into part (one commit group); then, once waited for, its promotion. bf16
         ** weights have no scales to apply, so their wgmma accumulate into acc itself (kAccDirect) */
         auto issue = [&](int i, uint32_t(&a)[4][4], float(&part)[T / 2]) {
@@ -902,15 +918,18 @@ w4a8_gemm_ws_kernel(const __grid_constant__ Problem p, const __grid_constant__ C
             const bool two = kPairs<T> && j + 1 < steps && cg + 1 < p.G; /* a partner in the same item */
             float part0[T / 2], part1[T / 2];
             uint32_t a0[4][4], a1[4][4];
+            named_bar_sync(my_turn(), 2 * 128); /* each round of issues (a pair or one step) is one turn */
             if (two) { /* straight-line: a branch between the commits and the waits makes ptxas add waits (C7517) */
                 issue(j, a0, part0);
                 issue(j + 1, a1, part1);
+                named_bar_arrive(your_turn(), 2 * 128);
                 wgmma_wait<1>();
                 retire(j, cg, part0);
                 wgmma_wait<0>();
                 retire(j + 1, cg + 1, part1);
             } else {
                 issue(j, a0, part0);
+                named_bar_arrive(your_turn(), 2 * 128);
                 wgmma_wait<0>();
                 retire(j, cg, part0);
             }
@@ -926,6 +945,9 @@ w4a8_gemm_ws_kernel(const __grid_constant__ Problem p, const __grid_constant__ C
                 cg = step_off<T>(rg, j);
             }
         }
+        /* both warpgroups run the same rounds; warpgroup 1's last pass is taken here, so no barrier is
+        ** left with a pending arrival */
+        if (my_turn() == kTurnBar) named_bar_sync(kTurnBar, 2 * 128);
         W4_TRACE_BY(2, 128);
         if (cg != 0) finish_range<T, kSa, kWt>(p, prefix, rg, r, grid, P, steps, acc, sync);
     }
