@@ -9,6 +9,7 @@ set -u
 cd "$(dirname "$0")/.."
 OUT=${OUT:-build/gpu-out}
 mkdir -p "$OUT"
+: >"$OUT/summary.txt"
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 export EPMOE_LIB=$PWD/build/libepmoe.so PYTHONUNBUFFERED=1
 # NCCL's device API must run against the libnccl it was compiled with (2.28.9, the CUDA toolkit's
@@ -31,6 +32,8 @@ run() { # name, command...
     # a failed check's own line and the run's seed (EPMOE_SEED=n repeats it), which the tail may miss
     [ $rc = 0 ] || grep -E 'FAIL|seed' "$OUT/$name.log" | head -n 6 | sed "s/^/  [$name] /"
     summary+=("$(printf '%-26s %-5s %6.1fs  %s' "$name" "$([ $rc = 0 ] && echo PASS || echo FAIL)" "$dt" "$(grep -E 'checks|mismatches|ERROR SUMMARY' "$OUT/$name.log" | tail -n 1 | cut -c1-70)")")
+    # also as each step ends: a call cut by the device's time limit keeps the steps that finished
+    printf '%s\n' "${summary[-1]}" >>"$OUT/summary.txt"
     [ $rc = 0 ] || failed=$((failed + 1))
     return $rc
 }
