@@ -485,7 +485,8 @@ EPMOE_API epmoe_status epmoe_cpu_world_create(int num_ranks, epmoe_cpu_world **w
 EPMOE_API void epmoe_cpu_world_destroy(epmoe_cpu_world *world);
 EPMOE_API epmoe_status epmoe_ep_create_cpu(epmoe_cpu_world *world, const epmoe_ep_config *cfg, epmoe_ep **ep);
 /* NCCL backend on the caller's communicator (one GPU per rank; collective); cfg->transport
-** picks the device API or the padded all-to-all (epmoe_transport). The ep does not own comm. */
+** picks the device API or the padded all-to-all (epmoe_transport). The ep does not own comm.
+** Creation waits for every rank without a bound (see epmoe_ep_create_nccl_rank). */
 EPMOE_API epmoe_status epmoe_ep_create_nccl(struct ncclComm *comm, const epmoe_ep_config *cfg, epmoe_ep **ep);
 
 /* ---- launching: one process per GPU (or one process driving every GPU, for tests) --------
@@ -496,7 +497,10 @@ EPMOE_API epmoe_status epmoe_ep_create_nccl(struct ncclComm *comm, const epmoe_e
 EPMOE_API epmoe_status epmoe_nccl_unique_id(void *out);
 /* Rank `rank` of `size` on CUDA device `device`, which becomes current on the calling thread:
 ** ncclCommInitRank with the 128-byte unique id, then epmoe_ep_create_nccl (both collective).
-** cfg->rank and cfg->num_ranks are replaced by rank and size. */
+** cfg->rank and cfg->num_ranks are replaced by rank and size. Known limit: creation waits for
+** every rank without a bound (NCCL's communicator init and the ep's collective setup), so a rank
+** that never starts hangs it; timeout_ms bounds the calls after creation. Bound a launch from
+** outside (the launcher's own timeout) until this is fixed (dev/patches/README.md). */
 EPMOE_API epmoe_status epmoe_ep_create_nccl_rank(const epmoe_ep_config *cfg, int rank, int size, const void *unique_id,
                                                  int device, epmoe_ep **ep);
 /* This process's place in a launch, from the first of these sets that is present: torchrun's
