@@ -497,10 +497,12 @@ EPMOE_API epmoe_status epmoe_ep_create_nccl(struct ncclComm *comm, const epmoe_e
 EPMOE_API epmoe_status epmoe_nccl_unique_id(void *out);
 /* Rank `rank` of `size` on CUDA device `device`, which becomes current on the calling thread:
 ** ncclCommInitRank with the 128-byte unique id, then epmoe_ep_create_nccl (both collective).
-** cfg->rank and cfg->num_ranks are replaced by rank and size. Known limit: creation waits for
-** every rank without a bound (NCCL's communicator init and the ep's collective setup), so a rank
-** that never starts hangs it; timeout_ms bounds the calls after creation. Bound a launch from
-** outside (the launcher's own timeout) until this is fixed (dev/patches/README.md). */
+** cfg->rank and cfg->num_ranks are replaced by rank and size. With NCCL 2.18 or later the
+** communicator's creation waits at most max(timeout_ms, 120 s) for the other ranks (processes
+** start slowly), then gives EPMOE_ERR_TIMEOUT: it runs on a non-blocking communicator, and the
+** ep uses a blocking one split off it (NCCL_COMM_BLOCKING=1 in the environment removes the
+** bound). The ep's setup after it, which every rank that joined goes on to at once, is not
+** bounded; timeout_ms bounds the calls after creation. */
 EPMOE_API epmoe_status epmoe_ep_create_nccl_rank(const epmoe_ep_config *cfg, int rank, int size, const void *unique_id,
                                                  int device, epmoe_ep **ep);
 /* This process's place in a launch, from the first of these sets that is present: torchrun's
@@ -513,7 +515,8 @@ EPMOE_API epmoe_status epmoe_launch_env(int *rank, int *size, int *local_rank);
 ** device (the local rank), then epmoe_ep_create_nccl_rank. The unique id travels through a file,
 ** since C has no TCP store: rank 0 writes it to $EPMOE_BOOTSTRAP_FILE (atomically; it fails if
 ** the file exists, e.g. left by a crashed run) and deletes it once the communicator is up; the
-** other ranks poll for it (up to max(timeout_ms, 120 s)). The path must be visible to every rank
+** other ranks poll for it (up to max(timeout_ms, 120 s), as long as the communicator's creation
+** then waits for them; see epmoe_ep_create_nccl_rank). The path must be visible to every rank
 ** (a shared filesystem across nodes) and fresh for each job; tools/epmoe-launch sets it. The
 ** i-th call in a process uses "<path>.<i>" for i > 0, so a job may create several groups.
 ** Without EPMOE_BOOTSTRAP_FILE, NCCL_COMM_ID=<host>:<port> (NCCL's own rendezvous, the same id

@@ -104,12 +104,13 @@ epmoe_status epmoe_nccl_unique_id(void *out) {
     return no_nccl(__func__);
 }
 
-epmoe_status epmoe_ep_create_nccl_rank(const epmoe_ep_config *cfg_in, int rank, int size, const void *unique_id, int device,
-                                       epmoe_ep **ep) {
+epmoe_status epmoe__ep_create_nccl_rank_wait(const epmoe_ep_config *cfg_in, int rank, int size, const void *unique_id,
+                                             int device, int wait_ms, epmoe_ep **ep) {
+    static const char fn[] = "epmoe_ep_create_nccl_rank";
     epmoe_ep_config cfg;
-    (void)device;
-    EPMOE_CHECK(epmoe__ep_rank_args(__func__, cfg_in, rank, size, unique_id, ep, &cfg));
-    return no_nccl(__func__);
+    (void)device, (void)wait_ms;
+    EPMOE_CHECK(epmoe__ep_rank_args(fn, cfg_in, rank, size, unique_id, ep, &cfg));
+    return no_nccl(fn);
 }
 
 void epmoe__ep_release_comm(epmoe_ep *ep) { (void)ep; } /* never reached: only NCCL eps own a comm */

@@ -65,6 +65,10 @@ EPMOE_HIDDEN epmoe_status epmoe__ep_transport(const char *fn, const epmoe_ep_con
 ** *cfg becomes the caller's config with rank and num_ranks replaced by rank and size. */
 EPMOE_HIDDEN epmoe_status epmoe__ep_rank_args(const char *fn, const epmoe_ep_config *in, int rank, int size,
                                               const void *unique_id, epmoe_ep **ep, epmoe_ep_config *cfg);
+/* epmoe_ep_create_nccl_rank, its communicator's creation waiting at most wait_ms for the other
+** ranks (ep_nccl.cu; without NCCL, cuda_none.c's EPMOE_ERR_UNSUPPORTED after the argument checks). */
+EPMOE_HIDDEN epmoe_status epmoe__ep_create_nccl_rank_wait(const epmoe_ep_config *cfg, int rank, int size,
+                                                          const void *unique_id, int device, int wait_ms, epmoe_ep **ep);
 /* Destroy (a failed group: abort) the communicator the ep owns (ep_nccl.cu). */
 EPMOE_HIDDEN void epmoe__ep_release_comm(epmoe_ep *ep);
 /* The unique-id file of epmoe_ep_create_nccl_env (ep_launch.c): publish writes it atomically

@@ -3,7 +3,7 @@
 ** launch environment (torchrun, Open MPI, MPICH), the unique-id file that stands in for a TCP
 ** store, the env-driven creation, and one process driving every local GPU (a thread per GPU).
 ** Plain C with no CUDA or NCCL headers, so all of it but the final creation runs in CPU CI
-** (tests/test_launch.c); the NCCL calls are epmoe_nccl_unique_id and epmoe_ep_create_nccl_rank.
+** (tests/test_launch.c); the NCCL calls are epmoe_nccl_unique_id and epmoe__ep_create_nccl_rank_wait.
 */
 #define _POSIX_C_SOURCE 200809L
 #include <errno.h>
@@ -149,6 +149,15 @@ epmoe_status epmoe__ep_rank_args(const char *fn, const epmoe_ep_config *in, int 
     return epmoe__ep_check_config(fn, cfg); /* e.g. num_experts must divide by the new size */
 }
 
+/* How long a launched rank waits for the others (the unique-id file, the communicator): processes
+** start slowly (an interpreter, a framework's imports, a model's load), so at least 120 s. */
+static int slow_start_ms(const epmoe_ep_config *cfg) { return cfg->timeout_ms > 120000 ? cfg->timeout_ms : 120000; }
+
+epmoe_status epmoe_ep_create_nccl_rank(const epmoe_ep_config *cfg, int rank, int size, const void *unique_id, int device,
+                                       epmoe_ep **ep) {
+    return epmoe__ep_create_nccl_rank_wait(cfg, rank, size, unique_id, device, cfg ? slow_start_ms(cfg) : 0, ep);
+}
+
 epmoe_status epmoe_ep_create_nccl_env(const epmoe_ep_config *cfg, epmoe_ep **ep) {
     static const char fn[] = "epmoe_ep_create_nccl_env";
     static atomic_int calls; /* the i-th call of a process uses the i-th file: calls are collective */
@@ -168,8 +177,7 @@ epmoe_status epmoe_ep_create_nccl_env(const epmoe_ep_config *cfg, epmoe_ep **ep)
             EPMOE_CHECK(epmoe_nccl_unique_id(id));
             EPMOE_CHECK(epmoe__bootstrap_publish(path, id, size));
         } else {
-            const int wait_ms = cfg->timeout_ms > 120000 ? cfg->timeout_ms : 120000; /* processes start slowly */
-            EPMOE_CHECK(epmoe__bootstrap_fetch(path, id, size, wait_ms));
+            EPMOE_CHECK(epmoe__bootstrap_fetch(path, id, size, slow_start_ms(cfg)));
         }
     } else if (size == 1 || getenv("NCCL_COMM_ID")) {
         /* with NCCL_COMM_ID, NCCL builds the same id on every rank from the address */

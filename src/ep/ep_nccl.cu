@@ -709,8 +709,68 @@ extern "C" epmoe_status epmoe_nccl_unique_id(void *out) {
     return EPMOE_OK;
 }
 
-extern "C" epmoe_status epmoe_ep_create_nccl_rank(const epmoe_ep_config *cfg_in, int rank, int size, const void *unique_id,
-                                                  int device, epmoe_ep **out) {
+/* A non-blocking communicator's pending work (its init, a split off it, its finalize): the
+** result, or ncclInProgress once timeout_ms have passed. */
+ncclResult_t nccl_wait(ncclComm_t comm, int timeout_ms) {
+    const double end = epmoe__now_ms() + timeout_ms;
+    ncclResult_t r = ncclInternalError;
+    while (ncclCommGetAsyncError(comm, &r) == ncclSuccess && r == ncclInProgress) {
+        if (epmoe__now_ms() > end) return ncclInProgress;
+        std::this_thread::sleep_for(std::chrono::microseconds(500));
+    }
+    return r;
+}
+
+/* The launch helpers' communicator. NCCL's init waits for every rank without a bound, so with NCCL
+** 2.18 or later it runs on a non-blocking communicator, which can be polled and aborted; the ep
+** then gets a blocking child split off it (the same ranks), so nothing after creation differs from
+** a caller's blocking communicator (on a non-blocking one every NCCL call would have to be polled,
+** and every group end starts a thread in NCCL). A rank that never joins gives EPMOE_ERR_TIMEOUT
+** after wait_ms. NCCL_COMM_BLOCKING=1 in the environment makes the first one blocking too: then
+** nothing is bounded. */
+epmoe_status owned_comm(const char *fn, int rank, int size, const ncclUniqueId &id, int wait_ms, ncclComm_t *out) {
+    int v = 0;
+    ncclGetVersion(&v);
+    ncclResult_t r;
+    if (v < 21800) { /* no split with a config before 2.18: the unbounded init */
+        r = ncclCommInitRank(out, size, id, rank);
+        if (r != ncclSuccess)
+            return epmoe__fail(EPMOE_ERR_NCCL, "%s: rank %d of %d: ncclCommInitRank failed: %s", fn, rank, size,
+                               ncclGetErrorString(r));
+        return EPMOE_OK;
+    }
+    ncclConfig_t nonblocking = NCCL_CONFIG_INITIALIZER, blocking = NCCL_CONFIG_INITIALIZER;
+    nonblocking.blocking = 0, blocking.blocking = 1;
+    ncclComm_t parent = nullptr, child = nullptr;
+    const char *step = "ncclCommInitRankConfig";
+    r = ncclCommInitRankConfig(&parent, size, id, rank, &nonblocking); /* sets parent at once */
+    if (r == ncclSuccess || r == ncclInProgress) r = nccl_wait(parent, wait_ms);
+    if (r == ncclSuccess) {
+        step = "ncclCommSplit";
+        r = ncclCommSplit(parent, 0, rank, &child, &blocking); /* runs in the parent's non-blocking group */
+        if (r == ncclSuccess || r == ncclInProgress) r = nccl_wait(parent, wait_ms);
+        if (r == ncclSuccess && !child) r = ncclInternalError;
+    }
+    if (r != ncclSuccess) {
+        /* the abort stops a pending init or split (the child's init watches the parent's abort) */
+        if (parent) ncclCommAbort(parent);
+        if (child) ncclCommAbort(child); /* a split that failed still hands out its communicator */
+        if (r == ncclInProgress)
+            return epmoe__fail(EPMOE_ERR_TIMEOUT, "%s: rank %d of %d: creating the communicator (%s) waited %d ms for the "
+                               "other ranks", fn, rank, size, step, wait_ms);
+        return epmoe__fail(EPMOE_ERR_NCCL, "%s: rank %d of %d: %s failed: %s", fn, rank, size, step, ncclGetErrorString(r));
+    }
+    /* the parent's part is done: finalize it (collective in NCCL's flush, bounded here), then free */
+    r = ncclCommFinalize(parent);
+    if (r == ncclSuccess || r == ncclInProgress) r = nccl_wait(parent, wait_ms);
+    if (r == ncclSuccess) ncclCommDestroy(parent);
+    else ncclCommAbort(parent);
+    *out = child;
+    return EPMOE_OK;
+}
+
+extern "C" epmoe_status epmoe__ep_create_nccl_rank_wait(const epmoe_ep_config *cfg_in, int rank, int size,
+                                                      const void *unique_id, int device, int wait_ms, epmoe_ep **out) {
     static const char fn[] = "epmoe_ep_create_nccl_rank";
     epmoe_ep_config cfg;
     EPMOE_CHECK(epmoe__ep_rank_args(fn, cfg_in, rank, size, unique_id, out, &cfg));
@@ -720,9 +780,7 @@ extern "C" epmoe_status epmoe_ep_create_nccl_rank(const epmoe_ep_config *cfg_in,
     ncclUniqueId id;
     std::memcpy(&id, unique_id, sizeof id);
     ncclComm_t comm;
-    const ncclResult_t r = ncclCommInitRank(&comm, size, id, rank);
-    if (r != ncclSuccess)
-        return epmoe__fail(EPMOE_ERR_NCCL, "%s: rank %d of %d: ncclCommInitRank failed: %s", fn, rank, size, ncclGetErrorString(r));
+    EPMOE_CHECK(owned_comm(fn, rank, size, id, wait_ms, &comm));
     const epmoe_status st = epmoe_ep_create_nccl(comm, &cfg, out);
     if (st != EPMOE_OK) {
         ncclCommAbort(comm); /* the peers may be gone or failing too: never wait for them */

@@ -20,8 +20,10 @@
 #include <nccl.h>
 #include <pthread.h>
 #include <time.h>
+#include <unistd.h>
 
 #include "../ep_common.h"
+#include "ep/ep_internal.h" /* epmoe__ep_create_nccl_rank_wait: the helper with a short init wait */
 
 static epmoe_transport g_transport = EPMOE_TRANSPORT_DEVICE;
 
@@ -353,6 +355,39 @@ static void run_gpu(const scenario *sc_in, const char *name, int bad_expert, epm
     io_free(sc, io, R);
 }
 
+/* The launch helpers' communicator gives up on a rank that never joins (NCCL 2.18 and later):
+** rank 0 of 2 alone must return EPMOE_ERR_TIMEOUT after about its wait, write no ep, and leave
+** the process working (the graph replays run after it). The public helpers wait at least 120 s
+** (slow-starting processes); the internal entry takes the wait, so this takes 1.5 s. A hang is
+** ended by the alarm (the process dies: a failure, not a stuck suite). */
+static void test_create_timeout(void) {
+    int v = 0;
+    ncclGetVersion(&v);
+    if (v < 21800) {
+        printf("  creation timeout: not tested (NCCL %d: no non-blocking init and split)\n", v);
+        return;
+    }
+    uint8_t id[EPMOE_NCCL_UNIQUE_ID_BYTES];
+    CHECK_STATUS(epmoe_nccl_unique_id(id), EPMOE_OK);
+    epmoe_ep_config cfg = base(2, 8, 128, 4, 2, EPMOE_WIRE_BF16).cfg;
+    cfg.transport = g_transport;
+    epmoe_ep *ep = NULL;
+    struct timespec t0, t1;
+    clock_gettime(CLOCK_MONOTONIC, &t0);
+    alarm(60);
+    const epmoe_status st = epmoe__ep_create_nccl_rank_wait(&cfg, 0, 2, id, 0, 1500, &ep);
+    alarm(0);
+    clock_gettime(CLOCK_MONOTONIC, &t1);
+    const double ms = (double)(t1.tv_sec - t0.tv_sec) * 1e3 + (double)(t1.tv_nsec - t0.tv_nsec) / 1e6;
+    CHECK(st == EPMOE_ERR_TIMEOUT, "rank 0 of 2 alone: %s (%s), want EPMOE_ERR_TIMEOUT", epmoe_status_str(st),
+          epmoe_last_error());
+    CHECK(ep == NULL, "a failed creation wrote an ep");
+    CHECK(ms >= 1400 && ms < 20000, "rank 0 of 2 alone gave up after %.0f ms (wait 1500 ms)", ms);
+    CHECK(strstr(epmoe_last_error(), "waited 1500 ms") != NULL, "the message says how long it waited: %s",
+          epmoe_last_error());
+    printf("  creation, rank 0 of 2 alone: %s after %.0f ms\n", epmoe_status_str(st), ms);
+}
+
 /* ---- through the launch helpers: --local (one process, every GPU) and --launched (one rank
 ** per process). A few scenarios of different shapes, each on a new group. */
 static int scenario_count(void) { return 3; }
@@ -600,7 +635,8 @@ int main(int argc, char **argv) {
         /* device API: the kernels' timed waits; all-to-all: the watchdog aborts the ep's communicator */
         run_gpu(&sc, "gpu R=2 peer never dispatches", 0, EPMOE_ERR_TIMEOUT);
     }
-    test_graph_replay(1);
+    test_create_timeout();
+    test_graph_replay(1); /* after the timeout: the process and the GPU still work */
     if (ngpu >= 2) test_graph_replay(2);
     return test_report("test_ep_gpu");
 }
