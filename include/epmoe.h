@@ -486,7 +486,8 @@ EPMOE_API void epmoe_cpu_world_destroy(epmoe_cpu_world *world);
 EPMOE_API epmoe_status epmoe_ep_create_cpu(epmoe_cpu_world *world, const epmoe_ep_config *cfg, epmoe_ep **ep);
 /* NCCL backend on the caller's communicator (one GPU per rank; collective); cfg->transport
 ** picks the device API or the padded all-to-all (epmoe_transport). The ep does not own comm.
-** Creation waits for every rank without a bound (see epmoe_ep_create_nccl_rank). */
+** Creation waits for every rank of comm without a bound: a caller's communicator is already up;
+** the launch helpers bound their own communicator's creation (epmoe_ep_create_nccl_rank). */
 EPMOE_API epmoe_status epmoe_ep_create_nccl(struct ncclComm *comm, const epmoe_ep_config *cfg, epmoe_ep **ep);
 
 /* ---- launching: one process per GPU (or one process driving every GPU, for tests) --------
