@@ -504,6 +504,25 @@ __device__ __forceinline__ void promote(const GroupScales<T, kSa> &gs, const flo
     promote<T, kSa>(gs.sw0, gs.sw1, [&](int jj) { return make_float2(gs.sa[jj][0], gs.sa[jj][1]); }, part, acc);
 }
 
+/* bf16 by the hardware's round-to-nearest-even (cvt.rn): the bits of fmt_bf16_from_float but a NaN's
+** payload (the tests match NaN to NaN), in one instruction where the portable bit arithmetic took ~6
+** an element (T = 128: 768 fewer instructions in the kernel). W13 + W2 at 32 / 64 / 128 rows
+** 213.7-214.1 / 284.4-285.3 / 464.0-470.9 -> 211.0-211.2 / 281.8-282.8 / 453.7-454.5 us, 1024 rows
+** the same (DeepSeek-R1, H200, one call, 2026-12-01). An epilogue with no stores at all (results
+** wrong) had run 5% / 9-10% / 10% faster at 32 / 128 / 1024 rows: most of its cost is the stores
+** while both warpgroups wait, not the rounding; staging them through shared memory (stmatrix,
+** 16-byte stores) measured slower (docs/PERFORMANCE.md, W4A8, session 26). */
+__device__ __forceinline__ uint16_t bf16_rn(float f) {
+    uint16_t r;
+    asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(r) : "f"(f));
+    return r;
+}
+__device__ __forceinline__ uint32_t bf16x2_rn(float lo, float hi) {
+    uint32_t r;
+    asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
+    return r;
+}
+
 /* bf16 rows < masked_m of one finished item, then a fresh accumulator. */
 template <int T, int kSa, int kWt>
 __device__ __forceinline__ void epilogue(const Problem &p, const Item &it, float (&acc)[T / 2]) {
@@ -518,8 +537,7 @@ __device__ __forceinline__ void epilogue(const Problem &p, const Item &it, float
                                                              (int64_t)it.nt * W4_TILE_N + 2 * (lane & 3));
 #pragma unroll
                 for (int jj = 0; jj < T / 8; jj++)
-                    out[jj * 4] = (uint32_t)fmt_bf16_from_float(__fmul_rn(acc[jj * 4 + 2 * q], ts)) |
-                                  (uint32_t)fmt_bf16_from_float(__fmul_rn(acc[jj * 4 + 2 * q + 1], ts)) << 16;
+                    out[jj * 4] = bf16x2_rn(__fmul_rn(acc[jj * 4 + 2 * q], ts), __fmul_rn(acc[jj * 4 + 2 * q + 1], ts));
             }
         }
 #pragma unroll
@@ -533,8 +551,8 @@ __device__ __forceinline__ void epilogue(const Problem &p, const Item &it, float
         for (int c = 0; c < 2; c++) {
             const int m = it.mt * T + jj * 8 + 2 * (lane & 3) + c;
             if (m < it.rows) {
-                out[m * p.row_stride] = fmt_bf16_from_float(__fmul_rn(acc[jj * 4 + c], ts));
-                out[m * p.row_stride + 8] = fmt_bf16_from_float(__fmul_rn(acc[jj * 4 + 2 + c], ts));
+                out[m * p.row_stride] = bf16_rn(__fmul_rn(acc[jj * 4 + c], ts));
+                out[m * p.row_stride + 8] = bf16_rn(__fmul_rn(acc[jj * 4 + 2 + c], ts));
             }
             acc[jj * 4 + c] = 0.0f;
             acc[jj * 4 + 2 + c] = 0.0f;

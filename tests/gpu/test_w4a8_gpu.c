@@ -3,7 +3,8 @@
 **  1. GEMM: every token tile (T = 8..128 via expected_m), both activation-scale modes, all four
 **     group-scale layouts, both weight encodings; masked_m patterns {all 0, all 1, 3, 32, skewed,
 **     full M}; M not a multiple of any tile; N, K multiples of 128 other than DeepSeek's; NaN/Inf
-**     tokens; outputs poisoned, rows past masked_m and columns past N checked untouched.
+**     tokens; outputs poisoned, rows past masked_m and columns past N checked untouched; outputs at
+**     odd strides 2 bytes past 16-byte alignment.
 **  2. CUDA graph: the GEMM captured once, replayed with new masked_m and activations; the decode
 **     tiles (T = 8, 16, 32: stream-K ranges that end inside items) replayed 100 times on two sets
 **     of activations in turn, bitwise equal to each set's own launch.
@@ -81,6 +82,7 @@ typedef struct gcase {
     int m8;      /* weights with -8 (FULL encoding) */
     int64_t expected_m;
     int nan_token;
+    int odd_out; /* out 2 bytes past 16-byte alignment, odd strides */
 } gcase;
 
 static void make_masked(test_rng *r, int pattern, int64_t E, int64_t M, int32_t *masked) {
@@ -122,18 +124,18 @@ static void run_case(test_rng *r, const gcase *c) {
     void *dsa = dev_copy(A.sa, A.slab * (size_t)c->E);
     int32_t *dm = dev_copy(masked, (size_t)c->E * 4);
     float *dts = dev_copy(&tsf, 4);
-    const int64_t rs = c->N + 24, es = c->M * rs + 40;
-    uint16_t *dout = dev_poisoned16(c->E * es);
+    const int64_t rs = c->N + (c->odd_out ? 3 : 24), es = c->M * rs + (c->odd_out ? 5 : 40);
+    uint16_t *dbase = dev_poisoned16(c->E * es + 1), *dout = dbase + (c->odd_out ? 1 : 0);
     epmoe_w4a8_gemm_args g = {dw.w, da, c->M, dm, c->mode == 4 ? NULL : dsa, fmt, dts, dout, rs, es, c->expected_m,
                               gws, gws_bytes};
     CHECK_STATUS(epmoe_w4a8_gemm_cuda(&g, stream), EPMOE_OK);
     CUDA_OK(cudaStreamSynchronize(stream));
     char what[160];
-    snprintf(what, sizeof what, "E%lld N%lld K%lld M%lld pat%d mode%d enc%d em%lld%s", (long long)c->E, (long long)c->N,
+    snprintf(what, sizeof what, "E%lld N%lld K%lld M%lld pat%d mode%d enc%d em%lld%s%s", (long long)c->E, (long long)c->N,
              (long long)c->K, (long long)c->M, c->pattern, c->mode, w.enc, (long long)c->expected_m,
-             c->nan_token ? " nan" : "");
+             c->nan_token ? " nan" : "", c->odd_out ? " odd-out" : "");
     check_out(what, &w, &A, masked, ts, dout, rs, es);
-    cudaFree(da), cudaFree(dsa), cudaFree(dm), cudaFree(dts), cudaFree(dout);
+    cudaFree(da), cudaFree(dsa), cudaFree(dm), cudaFree(dts), cudaFree(dbase);
     dev_weights_free(&dw);
     free(masked);
     w4_acts_free(&A);
@@ -148,6 +150,12 @@ static void test_gemm_cases(test_rng *r) {
             gcase c = {3, 256, 384, quick ? 40 : 150, 4, mode, (t + mode) & 1, ems[t], 0};
             run_case(r, &c);
         }
+    /* every tile writing to an output 2 bytes past 16-byte alignment with odd strides (the API asks
+    ** only for 2-byte alignment and strides >= N) */
+    for (int t = 0; t < 13; t += quick ? 3 : 1) {
+        gcase c = {3, 256, 384, quick ? 40 : 150, 4, t % 5, t & 1, ems[t], 0, 1};
+        run_case(r, &c);
+    }
     /* masked_m patterns, awkward M, other N/K, NaN */
     const gcase more[] = {
         {4, 128, 128, 1, 0, 0, 0, 0, 0},     {4, 128, 128, 1, 1, 1, 1, 0, 0},   {5, 384, 256, 3, 2, 2, 0, 0, 0},
