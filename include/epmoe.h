@@ -64,7 +64,8 @@ EPMOE_API int epmoe_cuda_device_count(void);
 ** FP8 e4m3fn (OCP): bias 7, max ±448, no infinities, NaN = 0x7F/0xFF. Encoding rounds to
 ** nearest even and saturates: finite |x| ≥ 448 and ±inf give ±448, NaN gives 0x7F. This is
 ** what `cvt.rn.satfinite.e4m3x2.f32` does on Hopper, and the GPU kernels use that instruction.
-** bf16: round to nearest even; NaN stays NaN (quiet, sign and top payload bits kept). */
+** bf16: round to nearest even; NaN stays NaN (quiet, sign and top payload bits kept; the wgmma
+** GEMMs' bf16 outputs round in hardware, where a NaN's sign and payload are not kept). */
 #define EPMOE_FP8_E4M3_MAX 448.0f
 #define EPMOE_GROUP 128 /* channels per activation scale group (DeepSeek's 1x128) */
 
