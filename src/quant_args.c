@@ -5,7 +5,6 @@
 #include "format.h"
 #include "internal.h"
 
-
 static int misaligned(const void *p, unsigned a) { return ((uintptr_t)p & (uintptr_t)(a - 1)) != 0; }
 
 static epmoe_status need_ptr(const char *fn, const void *p, const char *name) {

@@ -73,6 +73,19 @@ static __device__ __forceinline__ float bf16_hi(uint32_t w) { return __uint_as_f
 static __device__ __forceinline__ uint32_t bf16x2_from_float(float a, float b) {
     return (uint32_t)fmt_bf16_from_float(a) | ((uint32_t)fmt_bf16_from_float(b) << 16);
 }
+/* The same rounding by the hardware (cvt.rn): format.h's bits but a NaN's sign and payload (the
+** canonical NaN), one instruction where the bit arithmetic takes ~6 an element. The wgmma GEMMs'
+** outputs use it (w4a8_gemm.cu; epmoe.h says so). */
+static __device__ __forceinline__ uint16_t bf16_rn(float f) {
+    uint16_t r;
+    asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(r) : "f"(f));
+    return r;
+}
+static __device__ __forceinline__ uint32_t bf16x2_rn(float lo, float hi) {
+    uint32_t r;
+    asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
+    return r;
+}
 
 /* Eight bf16 (one 16-byte chunk) -> eight fp8, DeepEP's per-128-group cast. The 16 lanes of a
 ** half-warp hold one group and must call this together (half_mask names them); every lane gets

@@ -504,26 +504,14 @@ __device__ __forceinline__ void promote(const GroupScales<T, kSa> &gs, const flo
     promote<T, kSa>(gs.sw0, gs.sw1, [&](int jj) { return make_float2(gs.sa[jj][0], gs.sa[jj][1]); }, part, acc);
 }
 
-/* bf16 by the hardware's round-to-nearest-even (cvt.rn): the bits of fmt_bf16_from_float but a NaN's
-** payload (the tests match NaN to NaN), in one instruction where the portable bit arithmetic took ~6
-** an element (T = 128: 768 fewer instructions in the kernel). W13 + W2 at 32 / 64 / 128 rows
-** 213.7-214.1 / 284.4-285.3 / 464.0-470.9 -> 211.0-211.2 / 281.8-282.8 / 453.7-454.5 us, 1024 rows
-** the same (DeepSeek-R1, H200, one call, 2026-12-01). An epilogue with no stores at all (results
-** wrong) had run 5% / 9-10% / 10% faster at 32 / 128 / 1024 rows: most of its cost is the stores
-** while both warpgroups wait, not the rounding; staging them through shared memory (stmatrix,
-** 16-byte stores) measured slower (docs/PERFORMANCE.md, W4A8, session 26). */
-__device__ __forceinline__ uint16_t bf16_rn(float f) {
-    uint16_t r;
-    asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(r) : "f"(f));
-    return r;
-}
-__device__ __forceinline__ uint32_t bf16x2_rn(float lo, float hi) {
-    uint32_t r;
-    asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
-    return r;
-}
-
-/* bf16 rows < masked_m of one finished item, then a fresh accumulator. */
+/* bf16 rows < masked_m of one finished item, then a fresh accumulator. It rounds by the hardware
+** (bf16_rn, common.cuh; the tests match NaN to NaN): 768 fewer instructions in the T = 128 kernel
+** than the portable bit arithmetic. W13 + W2 at 32 / 64 / 128 rows 213.7-214.1 / 284.4-285.3 /
+** 464.0-470.9 -> 211.0-211.2 / 281.8-282.8 / 453.7-454.5 us, 1024 rows the same (DeepSeek-R1, H200,
+** one call, 2026-12-01). An epilogue with no stores at all (results wrong) had run 5% / 9-10% / 10%
+** faster at 32 / 128 / 1024 rows: most of its cost is the stores while both warpgroups wait, not
+** the rounding; staging them through shared memory (stmatrix, 16-byte stores) measured slower
+** (docs/PERFORMANCE.md, W4A8, session 26). */
 template <int T, int kSa, int kWt>
 __device__ __forceinline__ void epilogue(const Problem &p, const Item &it, float (&acc)[T / 2]) {
     const int lane = threadIdx.x & 31, row = acc_row<T>();
