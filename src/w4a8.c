@@ -190,9 +190,10 @@ static epmoe_status check_acts(const char *fn, int64_t E, int64_t M, int64_t K, 
 ** 2026-11-30). Its TMA tensor maps address rows with 32-bit signed coordinates: the activations'
 ** E * M, and with tma_weights (fp8-block's and bf16's checkpoint weights) the weights' E * N. Each
 ** CTA keeps 2E + 1 ints (m-tiles before each expert, each expert's rows) in shared memory beside its
-** stage ring: with the largest rings (int4 at 128 tokens 8 x 25 KB, bf16 at 256 4 x 50 KB) that fits
-** the 227 KB a block may have to E = 3306, so the GPU entries take E <= 3072. */
-#define EPMOE__MAX_WGMMA_EXPERTS 3072
+** stage ring: with the largest (int4 at 128 tokens: 7 x 25 KB and the 32 KB tile its storer warps
+** store) that fits the 227 KB a block may have to E = 2404, so the GPU entries take E <= 2048 (T = 80
+** keeps 2 CTAs an SM to E = 2026). */
+#define EPMOE__MAX_WGMMA_EXPERTS 2048
 epmoe_status epmoe__check_wgmma_limits(const char *fn, int64_t E, int64_t M, int64_t N, int min_tile, int tma_weights) {
     if (E > EPMOE__MAX_WGMMA_EXPERTS)
         return epmoe__fail(EPMOE_ERR_INVALID_ARG,

@@ -342,20 +342,20 @@ static void test_gemm_bad_args(void) {
     epmoe_expert_gemm_args g;
     /* fp8-block (and bf16) on the GPU: 32-bit TMA rows E * N and E * M, refused by the checks (the
     ** pointers are never read); int4's mma.sync kernel has no such limit */
-    g = good, g.w.E = 3000, g.w.N = INT64_C(1) << 20, g.out_row_stride = g.w.N, g.out_expert_stride = 4 * g.w.N;
+    g = good, g.w.E = 2048, g.w.N = INT64_C(1) << 20, g.out_row_stride = g.w.N, g.out_expert_stride = 4 * g.w.N;
     CHECK_STATUS(epmoe_expert_gemm_cuda(&g, NULL), EPMOE_ERR_INVALID_ARG);
     CHECK(strstr(epmoe_last_error(), "2^31") != NULL, "the limit named: %s", epmoe_last_error());
 #if !EPMOE_HAVE_CUDA
     g.w.format = EPMOE_WEIGHT_INT4, g.w.group = 128;
     CHECK_STATUS(epmoe_expert_gemm_cuda(&g, NULL), EPMOE_ERR_UNSUPPORTED);
 #endif
-    g = good, g.w.E = 3000, g.M = INT64_C(1) << 20, g.out_expert_stride = g.M * 256;
+    g = good, g.w.E = 1100, g.M = INT64_C(1) << 21, g.out_expert_stride = g.M * 256;
     CHECK_STATUS(epmoe_expert_gemm_cuda(&g, NULL), EPMOE_ERR_INVALID_ARG);
     CHECK(strstr(epmoe_last_error(), "2^31") != NULL, "the limit named: %s", epmoe_last_error());
-    /* and its shared memory: more than 3072 experts are refused on the GPU (the reference takes them) */
-    g = good, g.w.E = 3073, g.out_expert_stride = 4 * 256;
+    /* and its shared memory: more than 2048 experts are refused on the GPU (the reference takes them) */
+    g = good, g.w.E = 2049, g.out_expert_stride = 4 * 256;
     CHECK_STATUS(epmoe_expert_gemm_cuda(&g, NULL), EPMOE_ERR_INVALID_ARG);
-    CHECK(strstr(epmoe_last_error(), "3072") && strstr(epmoe_last_error(), "shared memory"), "the limit named: %s",
+    CHECK(strstr(epmoe_last_error(), "2048") && strstr(epmoe_last_error(), "shared memory"), "the limit named: %s",
           epmoe_last_error());
 #define BAD(field, value, want) BAD_FIELD(epmoe_expert_gemm, g, good, field, value, want)
     BAD(w.format, (epmoe_weight_format)9, EPMOE_ERR_INVALID_ARG);
@@ -495,7 +495,7 @@ static void test_mlp_bad_args(void) {
     CHECK_STATUS(epmoe_expert_mlp_ref(&m), EPMOE_OK);
     /* the GPU kernel's 32-bit limits, found by the checks before GEMM1 launches: w2's rows E * H >= 2^31
     ** (nothing is read: the checks come first) */
-    m = fp8, m.w13.E = m.w2.E = 3000, m.w13.K = m.w2.N = INT64_C(1) << 20;
+    m = fp8, m.w13.E = m.w2.E = 2048, m.w13.K = m.w2.N = INT64_C(1) << 20;
     m.out_row_stride = INT64_C(1) << 20, m.out_expert_stride = INT64_C(4) << 20;
     CHECK_STATUS(epmoe_expert_mlp_cuda(&m, NULL), EPMOE_ERR_INVALID_ARG);
     CHECK(strstr(epmoe_last_error(), "N = 1048576 weight rows") && strstr(epmoe_last_error(), "2^31"), "the limit named: %s",

@@ -349,17 +349,17 @@ static void test_bad_args(void) {
     g = good;
     g.w.E = 1 << 16, g.M = 1 << 17, g.out_expert_stride = g.M * 256;
     CHECK_STATUS(epmoe_w4a8_gemm_cuda(&g, NULL), EPMOE_ERR_INVALID_ARG);
-    /* and addresses activation rows (E x M) with 32-bit signed TMA coordinates: 3000 experts x 2^20
-    ** rows (7.9e8 work items) is refused too */
+    /* and addresses activation rows (E x M) with 32-bit signed TMA coordinates: 1100 experts x 2^21
+    ** rows (2.3e9) is refused too */
     g = good;
-    g.w.E = 3000, g.M = 1 << 20, g.out_expert_stride = g.M * 256;
+    g.w.E = 1100, g.M = 1 << 21, g.out_expert_stride = g.M * 256;
     CHECK_STATUS(epmoe_w4a8_gemm_cuda(&g, NULL), EPMOE_ERR_INVALID_ARG);
     CHECK(strstr(epmoe_last_error(), "activation rows") != NULL, "the limit named: %s", epmoe_last_error());
-    /* and keeps 2E + 1 ints a CTA in shared memory: more than 3072 experts are refused on the GPU */
+    /* and keeps 2E + 1 ints a CTA in shared memory: more than 2048 experts are refused on the GPU */
     g = good;
-    g.w.E = 3073, g.out_expert_stride = 4 * 256;
+    g.w.E = 2049, g.out_expert_stride = 4 * 256;
     CHECK_STATUS(epmoe_w4a8_gemm_cuda(&g, NULL), EPMOE_ERR_INVALID_ARG);
-    CHECK(strstr(epmoe_last_error(), "3072") != NULL, "the limit named: %s", epmoe_last_error());
+    CHECK(strstr(epmoe_last_error(), "2048") != NULL, "the limit named: %s", epmoe_last_error());
     /* nothing to do is fine: no experts, or M = 0 */
     g = good;
     g.w.E = 0;

@@ -547,6 +547,102 @@ __device__ __forceinline__ void epilogue(const Problem &p, const Item &it, float
         }
 }
 
+/* The warp-specialized int4 tiles hand each finished tile to the producer warpgroup's three idle
+** warps (kEpiWarps), which store it while the consumers go on. At an item's end both consumer
+** warpgroups had stored their tiles themselves (T / 2 two-byte stores a thread) while no wgmma of
+** the CTA ran: a build with no epilogue stores at all (results wrong) ran W13 + W2 at 32 / 128 /
+** 1024 rows 5 / 9-10 / 10% faster (DeepSeek-R1, H200, 2026-12-01). Now each consumer warpgroup
+** rounds its tile to bf16, writes it transposed by stmatrix into its half of the buffer (a token's
+** 64 weight rows, 128 bytes, in a row; 16-byte chunks XOR-swizzled by the token, so a matrix's 8
+** rows hit 8 bank groups) with the item beside it, and arrives on full[g]; the storer warps wait on
+** it, store rows < the item's rows in 16-byte runs (2-byte stores when the output is not laid out
+** in them), and arrive on empty[g], which the warpgroup waits for before its next tile (items take
+** 16 or more steps, so it has long been done). Both warpgroups finish the same items in the same
+** order, so the storers take their tiles in turn. A tile with rows = -1 ends it. The buffer (2T x
+** 128 bytes) takes a stage at T = 112 and 128 (7 stages). */
+template <int T, int kWt> constexpr bool kEpiWarps = kWarpSpecialized<T> && !kWtTma<kWt>;
+template <int T, int kWt> constexpr size_t kEpiBytes = kEpiWarps<T, kWt> ? 2 * (size_t)T * 128 : 0;
+constexpr int kStorers = 96; /* warps 1-3 */
+struct EpiHand {
+    uint64_t full[2], empty[2];
+    Item it[2];
+};
+__device__ __forceinline__ bool out_in_runs(const Problem &p) {
+    return ((uintptr_t)p.out & 15) == 0 && (p.row_stride & 7) == 0 && (p.expert_stride & 7) == 0;
+}
+/* Consumer side: wait until the storers have the previous tile out of the buffer (k > 0), hand over
+** this one (or, with it == nullptr, the end), count it. */
+template <int T, int kSa, int kWt>
+__device__ __forceinline__ void hand_over(const Problem &p, const Item *it, float (&acc)[T / 2], uint8_t *buf, EpiHand &eh, uint32_t &k) {
+    const int tid = consumer_tid<T>(), lane = tid & 31, w = (tid >> 5) & 3, g = tid >> 7;
+    if (k > 0) mbar_wait(&eh.empty[g], (k - 1) & 1);
+    if (it) {
+        const float ts = kSa != 0 ? 1.0f : __ldg(p.sa_tensor);
+        const uint32_t base = smem_u32(buf) + (uint32_t)(g * T * 128);
+        /* stmatrix.trans: matrix q of an x4 is (jj + q / 2, weight rows h = q % 2 of the warp's 16);
+        ** thread t gives the address of row t % 8 (token 8 jj' + t % 8) of matrix t / 8 */
+        const int q = lane >> 3, i = lane & 7;
+#pragma unroll
+        for (int jj = 0; jj < T / 8; jj += 2) {
+            const int jq = jj + (q >> 1) < T / 8 ? jj + (q >> 1) : jj, h = q & 1;
+            const uint32_t addr = base + (uint32_t)((jq * 8 + i) * 128 + (((2 * w + h) ^ i) << 4));
+            const uint32_t r0 = bf16x2_rn(__fmul_rn(acc[jj * 4], ts), __fmul_rn(acc[jj * 4 + 1], ts));
+            const uint32_t r1 = bf16x2_rn(__fmul_rn(acc[jj * 4 + 2], ts), __fmul_rn(acc[jj * 4 + 3], ts));
+            if (jj + 1 < T / 8) {
+                const uint32_t r2 = bf16x2_rn(__fmul_rn(acc[jj * 4 + 4], ts), __fmul_rn(acc[jj * 4 + 5], ts));
+                const uint32_t r3 = bf16x2_rn(__fmul_rn(acc[jj * 4 + 6], ts), __fmul_rn(acc[jj * 4 + 7], ts));
+                asm volatile("stmatrix.sync.aligned.m8n8.x4.trans.shared.b16 [%0], {%1, %2, %3, %4};\n" ::"r"(addr), "r"(r0),
+                             "r"(r1), "r"(r2), "r"(r3) : "memory");
+            } else { /* T / 8 odd: the last jj alone (threads 0-15 give the addresses) */
+                asm volatile("stmatrix.sync.aligned.m8n8.x2.trans.shared.b16 [%0], {%1, %2};\n" ::"r"(addr), "r"(r0), "r"(r1)
+                             : "memory");
+            }
+        }
+#pragma unroll
+        for (int c = 0; c < T / 2; c++) acc[c] = 0.0f;
+    }
+    if ((tid & 127) == 0) {
+        Item v = {0, 0, 0, -1};
+        eh.it[g] = it ? *it : v;
+    }
+    mbar_arrive(&eh.full[g]); /* release: the tile and the item, to the storers' wait */
+    k++;
+}
+/* Storer side (warps 1-3 of the producer warpgroup): the tiles in the order they come, warpgroup 0's
+** then 1's, until the end. */
+template <int T>
+__device__ __forceinline__ void store_tiles(const Problem &p, const uint8_t *buf, EpiHand &eh) {
+    const int st = (int)threadIdx.x - 32;
+    const bool runs = out_in_runs(p);
+#pragma unroll 1
+    for (uint32_t k = 0;; k++)
+#pragma unroll 1
+        for (int g = 0; g < 2; g++) {
+            mbar_wait(&eh.full[g], k & 1);
+            const Item it = eh.it[g];
+            if (it.rows < 0) return;
+            const uint8_t *b = buf + g * T * 128;
+            uint16_t *out = p.out + (int64_t)it.e * p.expert_stride + (int64_t)it.nt * W4_TILE_N + g * 64;
+#pragma unroll 1
+            for (int job = st; job < T * 8; job += kStorers) {
+                const int mr = job >> 3, ch = job & 7, m = it.mt * T + mr;
+                if (m < it.rows) {
+                    const uint4 v = *reinterpret_cast<const uint4 *>(b + mr * 128 + ((ch ^ (mr & 7)) << 4));
+                    uint16_t *dst = out + (int64_t)m * p.row_stride + ch * 8;
+                    if (runs) { /* one 16-byte store (a uint4 assignment compiled to four 4-byte ones) */
+                        asm volatile("st.global.v4.b32 [%0], {%1, %2, %3, %4};\n" ::"l"(dst), "r"(v.x), "r"(v.y), "r"(v.z), "r"(v.w)
+                                     : "memory");
+                    } else {
+                        const uint32_t wv[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+                        for (int c = 0; c < 4; c++) dst[2 * c] = (uint16_t)wv[c], dst[2 * c + 1] = (uint16_t)(wv[c] >> 16);
+                    }
+                }
+            }
+            mbar_arrive(&eh.empty[g]); /* after this thread's last read of the buffer */
+        }
+}
+
 /* Whether step j of the CTA is in its first tail item and that item began in an earlier range
 ** (then the CTA contributes its partial instead of finishing the item). */
 template <int T> __device__ __forceinline__ bool is_head(const Range &rg, int j, int P) {
@@ -569,9 +665,9 @@ __device__ __forceinline__ void contribute_partial(const Problem &p, int r, uint
 }
 /* The range ends inside an item (cg != 0): contribute if the whole range lies inside it, else add
 ** the later ranges' partials in range order (deterministic) and finish the item. */
-template <int T, int kSa, int kWt, class Sync>
+template <int T, class Sync, class Epi>
 __device__ __forceinline__ void finish_range(const Problem &p, const int *prefix, const Range &rg, int r, int grid, int P, int steps,
-                                             float (&acc)[T / 2], Sync sync) {
+                                             float (&acc)[T / 2], Sync sync, Epi epi) {
     const int tid = consumer_tid<T>();
     const int64_t item = step_item<T>(rg, r, grid, P, steps - 1);
     if (is_head<T>(rg, steps - 1, P)) { /* the whole range lies inside one item */
@@ -591,7 +687,7 @@ __device__ __forceinline__ void finish_range(const Problem &p, const int *prefix
 #pragma unroll
         for (int i = 0; i < T / 2; i++) acc[i] += __ldcg(slot + i * kThreads + tid);
     }
-    epilogue<T, kSa, kWt>(p, find_item<T>(p, prefix, item), acc);
+    epi(find_item<T>(p, prefix, item));
 }
 /* The launch counter (a 64-bit word at p.sync): every CTA adds its share of kLaunchUnit at entry
 ** (the shares of one launch sum to it, whatever the grid) and reads what was there, so every CTA
@@ -792,7 +888,8 @@ w4a8_gemm_kernel(const __grid_constant__ Problem p, const __grid_constant__ CUte
             }
         }
         W4_TRACE(2);
-        if (cg != 0) finish_range<T, kSa, kWt>(p, prefix, rg, r, grid, P, steps, acc, sync);
+        if (cg != 0)
+            finish_range<T>(p, prefix, rg, r, grid, P, steps, acc, sync, [&](const Item &it) { epilogue<T, kSa, kWt>(p, it, acc); });
         cp_async_wait<0>();
     }
     __syncthreads(); /* no longer needed for the launch counter; removed only together with the warp-specialized kernel's, which then spilled */
@@ -817,12 +914,16 @@ w4a8_gemm_ws_kernel(const __grid_constant__ Problem p, const __grid_constant__ C
     extern __shared__ __align__(128) uint8_t smem_raw[];
     uint8_t *smem = smem_raw + ((1024u - (smem_u32(smem_raw) & 1023u)) & 1023u);
     Stage<T, kWt> *ring = reinterpret_cast<Stage<T, kWt> *>(smem);
-    uint64_t *full = reinterpret_cast<uint64_t *>(smem + S * sizeof(Stage<T, kWt>)), *empty = full + S;
-    Range &rg = *reinterpret_cast<Range *>(empty + S);
+    uint8_t *epi_buf = smem + S * sizeof(Stage<T, kWt>); /* kEpiBytes: the tiles handed to the storer warps */
+    uint64_t *full = reinterpret_cast<uint64_t *>(epi_buf + kEpiBytes<T, kWt>), *empty = full + S;
+    EpiHand &eh = *reinterpret_cast<EpiHand *>(empty + S);
+    Range &rg = *reinterpret_cast<Range *>(&eh + 1);
     int *prefix = reinterpret_cast<int *>(&rg + 1);
     const int warp = threadIdx.x >> 5, P = p.G;
     const int grid = gridDim.x, r = grid - 1 - (int)blockIdx.x;
     if (threadIdx.x < S) mbar_init(&full[threadIdx.x], 32 + 1), mbar_init(&empty[threadIdx.x], 2 * 128);
+    if (kEpiWarps<T, kWt> && threadIdx.x < 2)
+        mbar_init(&eh.full[threadIdx.x], 128), mbar_init(&eh.empty[threadIdx.x], kStorers);
     fence_proxy_async();
     if (warp == 0) plan<T>(p, rg, prefix, r, grid, P);
     if (warp == 1 && (threadIdx.x & 31) == 0) rg.epoch = start_epoch(p, grid);
@@ -844,6 +945,8 @@ w4a8_gemm_ws_kernel(const __grid_constant__ Problem p, const __grid_constant__ C
             }
             /* no wait for the copies here: each completes on its full[] (cp.async through its noinc
             ** arrival), and the consumers wait for every full[] before the final barrier */
+        } else if (kEpiWarps<T, kWt> && steps > 0) {
+            store_tiles<T>(p, epi_buf, eh);
         }
     } else if (steps > 0) {
         asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(kWsConsumerRegs<T>));
@@ -852,6 +955,11 @@ w4a8_gemm_ws_kernel(const __grid_constant__ Problem p, const __grid_constant__ C
         for (int i = 0; i < T / 2; i++) acc[i] = 0.0f;
         int cg = step_off<T>(rg, 0);
         auto sync = [] { named_bar_sync(kConsumerBar, 2 * 128); };
+        uint32_t handed = 0; /* tiles handed to the storer warps (kEpiWarps) */
+        auto epi = [&](const Item &it) {
+            if constexpr (kEpiWarps<T, kWt>) hand_over<T, kSa, kWt>(p, &it, acc, epi_buf, eh, handed);
+            else epilogue<T, kSa, kWt>(p, it, acc);
+        };
         /* the turns' barrier ids (kTurnBar): from threadIdx at each use, since an id held in a register
         ** across the loop spilled in the int4 tiles at T = 128 */
         auto my_turn = [] { return kTurnBar - 1 + (int)(threadIdx.x >> 7); };
@@ -947,7 +1055,7 @@ w4a8_gemm_ws_kernel(const __grid_constant__ Problem p, const __grid_constant__ C
             if ((cg += two ? 2 : 1) >= p.G) { /* step j - 1 ended its item */
                 const int last = j - 1;
                 if (is_head<T>(rg, last, P)) contribute_partial<T>(p, r, rg.epoch, acc, sync);
-                else epilogue<T, kSa, kWt>(p, find_item<T>(p, prefix, step_item<T>(rg, r, grid, P, last)), acc);
+                else epi(find_item<T>(p, prefix, step_item<T>(rg, r, grid, P, last)));
                 cg = step_off<T>(rg, j);
             }
         }
@@ -955,7 +1063,8 @@ w4a8_gemm_ws_kernel(const __grid_constant__ Problem p, const __grid_constant__ C
         ** left with a pending arrival */
         if (my_turn() == kTurnBar) named_bar_sync(kTurnBar, 2 * 128);
         W4_TRACE_BY(2, 128);
-        if (cg != 0) finish_range<T, kSa, kWt>(p, prefix, rg, r, grid, P, steps, acc, sync);
+        if (cg != 0) finish_range<T>(p, prefix, rg, r, grid, P, steps, acc, sync, epi);
+        if constexpr (kEpiWarps<T, kWt>) hand_over<T, kSa, kWt>(p, nullptr, acc, epi_buf, eh, handed); /* the end */
     }
     __syncthreads(); /* without it ptxas spills in the T = 128 consumers (16-184 bytes) */
     W4_TRACE(3);
@@ -1007,19 +1116,21 @@ epmoe_status launch(const char *fn, const Problem &p, int sms, cudaStream_t stre
     ** same as 5; T = 64 (2 CTAs/SM) 4, 1.5% faster at 40 and 64 rows than 6 (what fits) and than 3;
     ** T = 128 (1 CTA/SM) 8: the lab's schedule ran 3% faster at 1024 rows than with 6
     ** (w4a8_prefill_lab; H200, 2026-12-01). The tiles between take their neighbour's: T = 24 5, 40-56
-    ** 4 (T = 48: 2-3% slower at 6), 72 and 80 4 (as 64, not measured apart), 96-112 8. */
+    ** 4 (T = 48: 2-3% slower at 6), 72 and 80 4 (as 64, not measured apart), 96 8. T = 112 and 128
+    ** give a stage to the storer warps' tile (kEpiWarps): 7. */
     constexpr bool kWs = kWarpSpecialized<T>;
     /* fp8 and bf16 weights: twice the bytes a stage; T = 32 5 stages and 64 3 (2 CTAs/SM), 128 6 (4
     ** at T = 64 and 5 at 128 measured the same or 0.5% slower, 2026-12-01), bf16's 256 4 (what fits);
     ** only those tiles were measured for them (their entry points below pick no other) */
     static_assert(!kWtTma<kWt> || T == 32 || T == 64 || T == 128 || (T == 256 && kWt == kWtBf16), "fp8 and bf16 weights: a measured tile");
-    constexpr int S = kWtTma<kWt> ? (T == 256 ? 4 : T == 64 ? 3 : T == 32 ? 5 : 6) : kGroups<T> == 2 ? (T >= 16 ? 4 : 3) : T > 32 && T <= 80 ? 4 : T == 32 || T == 24 ? 5 : 8;
+    constexpr int S = kWtTma<kWt> ? (T == 256 ? 4 : T == 64 ? 3 : T == 32 ? 5 : 6) : kGroups<T> == 2 ? (T >= 16 ? 4 : 3) : T > 32 && T <= 80 ? 4 : T == 32 || T == 24 ? 5 : T >= 112 ? 7 : 8;
     constexpr int threads = kWs ? kWsThreads : kThreads;
     constexpr auto kernel = kernel_of<T, kSa, kWt, S>();
     static_assert(kWs || kStageBar + S <= 16, "a named barrier per stage");
     static_assert(kWtTma<kWt> || (size_t)(kWs ? kWsCtas<T> : T <= 8 ? 3 : 2) * (T / 2) * kThreads * sizeof(float) <= kSlotBytesPerSm,
                   "the stream-K slots of an SM's CTAs (at the designed occupancy) fit the workspace's share");
-    const size_t smem = 1024 + S * (sizeof(Stage<T, kWt>) + (kWs ? 2 : 1) * sizeof(uint64_t)) + sizeof(Range) + (size_t)(2 * p.E + 1) * sizeof(int);
+    const size_t smem = 1024 + S * (sizeof(Stage<T, kWt>) + (kWs ? 2 : 1) * sizeof(uint64_t)) + kEpiBytes<T, kWt> +
+                        (kWs ? sizeof(EpiHand) : 0) + sizeof(Range) + (size_t)(2 * p.E + 1) * sizeof(int);
     cudaError_t err = grow_smem_attr<kernel>(smem);
     int per_sm = 0;
     if (err == cudaSuccess) err = blocks_per_sm<kernel>(threads, smem, &per_sm);

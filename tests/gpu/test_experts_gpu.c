@@ -456,7 +456,7 @@ int main(void) {
     printf("  limits\n");
     { /* the fp8-block kernel's 32-bit TMA row coordinates: E * N >= 2^31 is refused before anything
       ** is read (the pointers are aligned but never dereferenced); E = 2048 is within the experts'
-      ** own limit (3072), so this is the check that refuses it */
+      ** own limit (2048), so this is the check that refuses it */
         uint8_t *fake = (uint8_t *)(uintptr_t)0x100000;
         int32_t *masked = (int32_t *)(uintptr_t)0x100000;
         const epmoe_expert_weights w = {EPMOE_WEIGHT_FP8_BLOCK, 2048, INT64_C(1) << 20, 128, 0, fake, (float *)fake};
