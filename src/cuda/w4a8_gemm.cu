@@ -561,9 +561,17 @@ __device__ __forceinline__ void epilogue(const Problem &p, const Item &it, float
 ** order, so the storers take their tiles in turn. A tile with rows = -1 ends it. The buffer (2T x
 ** 128 bytes) takes a stage at T = 112 and 128 (7 stages). Measured beside the plain epilogue: W13 +
 ** W2 0.8-1.6% faster at 32-64 rows, 2.4-5.0% at 72-1024 (W2 6-13% from 72 rows; W13 0.4-2.5% slower
-** at 112-1024, the lost stage); DeepSeek-R1, H200, 2026-12-01. */
-template <int T, int kWt> constexpr bool kEpiWarps = kWarpSpecialized<T> && !kWtTma<kWt>;
+** at 112-1024, the lost stage); DeepSeek-R1, H200, 2026-12-01.
+** The fp8 and bf16 weights' tiles at T = 64 and 128 do the same (T = 128 at 5 stages); with tokens
+** as M (kTokM) a warpgroup's tile is its 64 tokens' rows of 128 weight rows (256 bytes, 16 chunks),
+** written by stmatrix without .trans. Not at T = 32 (2 CTAs/SM: the buffer does not fit beside 5
+** stages) nor bf16's 256 (its buffer would be 64 KB). */
+template <int T, int kWt> constexpr bool kEpiWarps = kWarpSpecialized<T> && (!kWtTma<kWt> || T == 64 || T == 128);
 template <int T, int kWt> constexpr size_t kEpiBytes = kEpiWarps<T, kWt> ? 2 * (size_t)T * 128 : 0;
+/* A warpgroup's tile in the buffer: kEpiRows rows of kEpiChunks 16-byte chunks (T tokens x 64 weight
+** rows, or with tokens as M 64 tokens x 128 weight rows); the same T x 128 bytes either way. */
+template <int T, int kWt> constexpr int kEpiChunks = kTokM<T, kWt> ? 16 : 8;
+template <int T, int kWt> constexpr int kEpiRows = T * 8 / kEpiChunks<T, kWt>;
 constexpr int kStorers = 96; /* warps 1-3 */
 struct EpiHand {
     uint64_t full[2], empty[2];
@@ -578,8 +586,30 @@ template <int T, int kSa, int kWt>
 __device__ __forceinline__ void hand_over(const Problem &p, const Item *it, float (&acc)[T / 2], uint8_t *buf, EpiHand &eh, uint32_t &k) {
     const int tid = consumer_tid<T>(), lane = tid & 31, w = (tid >> 5) & 3, g = tid >> 7;
     if (k > 0) mbar_wait(&eh.empty[g], (k - 1) & 1);
-    if (it) {
-        const float ts = kSa != 0 ? 1.0f : __ldg(p.sa_tensor);
+    if constexpr (kTokM<T, kWt>) {
+        if (it) {
+            const float ts = kSa != 0 ? 1.0f : __ldg(p.sa_tensor);
+            const uint32_t base = smem_u32(buf) + (uint32_t)(g * T * 128);
+            /* stmatrix: matrix q of an x4 is (jj + q / 2, tokens 8 * (q % 2) of the warp's 16), thread t's
+            ** pair its (token t / 4, weight rows 2 (t % 4) + 0, 1) as in the accumulator; thread t gives
+            ** the address of token 16 w + 8 (q % 2) + t % 8 of matrix q = t / 8 */
+            const int q = lane >> 3, i = lane & 7;
+#pragma unroll
+            for (int jj = 0; jj < T / 8; jj += 2) {
+                const int tok = 16 * w + 8 * (q & 1) + i, jq = jj + (q >> 1);
+                const uint32_t addr = base + (uint32_t)(tok * 256 + ((jq ^ i) << 4));
+                uint32_t r[4];
+#pragma unroll
+                for (int m = 0; m < 4; m++)
+                    r[m] = bf16x2_rn(__fmul_rn(acc[(jj + m / 2) * 4 + 2 * (m & 1)], ts), __fmul_rn(acc[(jj + m / 2) * 4 + 2 * (m & 1) + 1], ts));
+                asm volatile("stmatrix.sync.aligned.m8n8.x4.shared.b16 [%0], {%1, %2, %3, %4};\n" ::"r"(addr), "r"(r[0]), "r"(r[1]),
+                             "r"(r[2]), "r"(r[3]) : "memory");
+            }
+#pragma unroll
+            for (int c = 0; c < T / 2; c++) acc[c] = 0.0f;
+        }
+    } else if (it) {
+        const float ts = kSa != 0 || kWt == kWtBf16 ? 1.0f : __ldg(p.sa_tensor); /* bf16 weights: no scale at all */
         const uint32_t base = smem_u32(buf) + (uint32_t)(g * T * 128);
         /* stmatrix.trans: matrix q of an x4 is (jj + q / 2, weight rows h = q % 2 of the warp's 16);
         ** thread t gives the address of row t % 8 (token 8 jj' + t % 8) of matrix t / 8 */
@@ -612,8 +642,10 @@ __device__ __forceinline__ void hand_over(const Problem &p, const Item *it, floa
 }
 /* Storer side (warps 1-3 of the producer warpgroup): the tiles in the order they come, warpgroup 0's
 ** then 1's, until the end. */
-template <int T>
+template <int T, int kWt>
 __device__ __forceinline__ void store_tiles(const Problem &p, const uint8_t *buf, EpiHand &eh) {
+    constexpr int kC = kEpiChunks<T, kWt>, kR = kEpiRows<T, kWt>;
+    constexpr bool kTm = kTokM<T, kWt>;
     const int st = (int)threadIdx.x - 32;
     const bool runs = out_in_runs(p);
 #pragma unroll 1
@@ -624,12 +656,12 @@ __device__ __forceinline__ void store_tiles(const Problem &p, const uint8_t *buf
             const Item it = eh.it[g];
             if (it.rows < 0) return;
             const uint8_t *b = buf + g * T * 128;
-            uint16_t *out = p.out + (int64_t)it.e * p.expert_stride + (int64_t)it.nt * W4_TILE_N + g * 64;
+            uint16_t *out = p.out + (int64_t)it.e * p.expert_stride + (int64_t)it.nt * W4_TILE_N + (kTm ? 0 : g * 64);
 #pragma unroll 1
             for (int job = st; job < T * 8; job += kStorers) {
-                const int mr = job >> 3, ch = job & 7, m = it.mt * T + mr;
+                const int mr = job >> (kTm ? 4 : 3), ch = job & (kC - 1), m = it.mt * T + (kTm ? g * kR : 0) + mr;
                 if (m < it.rows) {
-                    const uint4 v = *reinterpret_cast<const uint4 *>(b + mr * 128 + ((ch ^ (mr & 7)) << 4));
+                    const uint4 v = *reinterpret_cast<const uint4 *>(b + mr * (kC * 16) + ((ch ^ (mr & 7)) << 4));
                     uint16_t *dst = out + (int64_t)m * p.row_stride + ch * 8;
                     if (runs) { /* one 16-byte store (a uint4 assignment compiled to four 4-byte ones) */
                         asm volatile("st.global.v4.b32 [%0], {%1, %2, %3, %4};\n" ::"l"(dst), "r"(v.x), "r"(v.y), "r"(v.z), "r"(v.w)
@@ -948,7 +980,7 @@ w4a8_gemm_ws_kernel(const __grid_constant__ Problem p, const __grid_constant__ C
             /* no wait for the copies here: each completes on its full[] (cp.async through its noinc
             ** arrival), and the consumers wait for every full[] before the final barrier */
         } else if (kEpiWarps<T, kWt> && steps > 0) {
-            store_tiles<T>(p, epi_buf, eh);
+            store_tiles<T, kWt>(p, epi_buf, eh);
         }
     } else if (steps > 0) {
         asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(kWsConsumerRegs<T>));
@@ -1121,11 +1153,12 @@ epmoe_status launch(const char *fn, const Problem &p, int sms, cudaStream_t stre
     ** 4 (T = 48: 2-3% slower at 6), 72 and 80 4 (as 64, not measured apart), 96 8. T = 112 and 128
     ** give a stage to the storer warps' tile (kEpiWarps): 7. */
     constexpr bool kWs = kWarpSpecialized<T>;
-    /* fp8 and bf16 weights: twice the bytes a stage; T = 32 5 stages and 64 3 (2 CTAs/SM), 128 6 (4
-    ** at T = 64 and 5 at 128 measured the same or 0.5% slower, 2026-12-01), bf16's 256 4 (what fits);
-    ** only those tiles were measured for them (their entry points below pick no other) */
+    /* fp8 and bf16 weights: twice the bytes a stage; T = 32 5 stages and 64 3 (2 CTAs/SM), 128 5 (6
+    ** before the storer warps' tile took one: 4 at T = 64 and 5 at 128 had measured the same or 0.5%
+    ** slower, 2026-12-01), bf16's 256 4 (what fits); only those tiles were measured for them (their
+    ** entry points below pick no other) */
     static_assert(!kWtTma<kWt> || T == 32 || T == 64 || T == 128 || (T == 256 && kWt == kWtBf16), "fp8 and bf16 weights: a measured tile");
-    constexpr int S = kWtTma<kWt> ? (T == 256 ? 4 : T == 64 ? 3 : T == 32 ? 5 : 6) : kGroups<T> == 2 ? (T >= 16 ? 4 : 3) : T > 32 && T <= 80 ? 4 : T == 32 || T == 24 ? 5 : T >= 112 ? 7 : 8;
+    constexpr int S = kWtTma<kWt> ? (T == 256 ? 4 : T == 64 ? 3 : 5) : kGroups<T> == 2 ? (T >= 16 ? 4 : 3) : T > 32 && T <= 80 ? 4 : T == 32 || T == 24 ? 5 : T >= 112 ? 7 : 8;
     constexpr int threads = kWs ? kWsThreads : kThreads;
     constexpr auto kernel = kernel_of<T, kSa, kWt, S>();
     static_assert(kWs || kStageBar + S <= 16, "a named barrier per stage");
