@@ -565,7 +565,9 @@ __device__ __forceinline__ void epilogue(const Problem &p, const Item &it, float
 ** The fp8 and bf16 weights' tiles at T = 64 and 128 do the same (T = 128 at 5 stages); with tokens
 ** as M (kTokM) a warpgroup's tile is its 64 tokens' rows of 128 weight rows (256 bytes, 16 chunks),
 ** written by stmatrix without .trans. Not at T = 32 (2 CTAs/SM: the buffer does not fit beside 5
-** stages) nor bf16's 256 (its buffer would be 64 KB). */
+** stages) nor bf16's 256 (its buffer would be 64 KB). fp8-block W13 + W2 at 64 / 128 / 1024 rows
+** 382-383 / 430-449 / 3125-3248 -> 377 / 416-418 / 2844-2918 us, bf16 at 128 rows 769-771 -> 751-755
+** (DeepSeek-R1, H200, the same call, 2026-12-01). */
 template <int T, int kWt> constexpr bool kEpiWarps = kWarpSpecialized<T> && (!kWtTma<kWt> || T == 64 || T == 128);
 template <int T, int kWt> constexpr size_t kEpiBytes = kEpiWarps<T, kWt> ? 2 * (size_t)T * 128 : 0;
 /* A warpgroup's tile in the buffer: kEpiRows rows of kEpiChunks 16-byte chunks (T tokens x 64 weight
