@@ -245,6 +245,11 @@ typedef struct epmoe_w4a8_gemm_args {
 } epmoe_w4a8_gemm_args;
 /* Workspace of the GPU GEMM on the current device (stream-K partial tiles); 0 without CUDA. */
 EPMOE_API size_t epmoe_w4a8_gemm_workspace(void);
+/* GPU limits (EPMOE_ERR_INVALID_ARG beyond them, the references have none): E <= 2048 experts (each
+** CTA keeps 2E + 1 ints in shared memory), E * M < 2^31 activation rows and fewer than 2^31 work
+** items (E x token tiles x N / 128). The same hold for epmoe_w4a8_mlp_cuda, and for
+** epmoe_expert_gemm_cuda and epmoe_expert_mlp_cuda with FP8_BLOCK or BF16 weights, which also need
+** E * N < 2^31 weight rows (their INT4 weights run another kernel, without these limits). */
 EPMOE_API epmoe_status epmoe_w4a8_gemm_cuda(const epmoe_w4a8_gemm_args *args, epmoe_stream_t stream);
 /* fp64 accumulation over the dequantized operands, rounded once to bf16 (the tests' oracle). */
 EPMOE_API epmoe_status epmoe_w4a8_gemm_ref(const epmoe_w4a8_gemm_args *args);
