@@ -182,7 +182,8 @@ template <int kWt> constexpr int kWGroupBytes = kWtTma<kWt> ? W4_TILE_N * W4_GRO
 ** be A. With the tile's 128 tokens as M (64 per warpgroup) and its 128 weight rows as N, a thread's
 ** accumulator holds 2 tokens x 32 weight rows instead of 2 weight rows x 32 tokens: the promotion
 ** needs 2 activation scales a group instead of T / 4 (one FMA an element either way), and the
-** epilogue writes pairs of adjacent bf16. (The DeepGEMM layout; the same shared-memory reads.)
+** tile goes to the storer warps as token rows, by stmatrix without .trans (hand_over). (The DeepGEMM
+** layout; the same shared-memory reads.)
 ** fp8-block W13 + W2 at 128 / 256 / 1024 rows: 464-467 / 969-976 / 3455-3471 -> 430 / 872-877 /
 ** 3177-3217 us. bf16 weights (no promotion) measured 1-3% slower this way, so they keep weights as M
 ** (DeepSeek-R1, H200, same call, 2026-12-01). A 256-token tile (two m64 halves a warpgroup, the
@@ -516,22 +517,7 @@ template <int T, int kSa, int kWt>
 __device__ __forceinline__ void epilogue(const Problem &p, const Item &it, float (&acc)[T / 2]) {
     const int lane = threadIdx.x & 31, row = acc_row<T>();
     const float ts = kSa != 0 || kWt == kWtBf16 ? 1.0f : __ldg(p.sa_tensor); /* bf16 weights: no scale at all */
-    if constexpr (kTokM<T, kWt>) { /* the thread's tokens row and row + 8, weight rows jj * 8 + 2 * (lane % 4) + 0, 1 */
-#pragma unroll
-        for (int q = 0; q < 2; q++) {
-            const int m = it.mt * T + row + 8 * q;
-            if (m < it.rows) { /* n even and strides multiples of 8: 4-byte aligned pairs */
-                uint32_t *out = reinterpret_cast<uint32_t *>(p.out + (int64_t)it.e * p.expert_stride + (int64_t)m * p.row_stride +
-                                                             (int64_t)it.nt * W4_TILE_N + 2 * (lane & 3));
-#pragma unroll
-                for (int jj = 0; jj < T / 8; jj++)
-                    out[jj * 4] = bf16x2_rn(__fmul_rn(acc[jj * 4 + 2 * q], ts), __fmul_rn(acc[jj * 4 + 2 * q + 1], ts));
-            }
-        }
-#pragma unroll
-        for (int i = 0; i < T / 2; i++) acc[i] = 0.0f;
-        return;
-    }
+    static_assert(!kTokM<T, kWt>, "tokens as M: the storer warps store the tile (hand_over)");
     uint16_t *out = p.out + (int64_t)it.e * p.expert_stride + (int64_t)it.nt * W4_TILE_N + row;
 #pragma unroll
     for (int jj = 0; jj < T / 8; jj++)
@@ -570,10 +556,9 @@ __device__ __forceinline__ void epilogue(const Problem &p, const Item &it, float
 ** (DeepSeek-R1, H200, the same call, 2026-12-01). */
 template <int T, int kWt> constexpr bool kEpiWarps = kWarpSpecialized<T> && (!kWtTma<kWt> || T == 64 || T == 128);
 template <int T, int kWt> constexpr size_t kEpiBytes = kEpiWarps<T, kWt> ? 2 * (size_t)T * 128 : 0;
-/* A warpgroup's tile in the buffer: kEpiRows rows of kEpiChunks 16-byte chunks (T tokens x 64 weight
-** rows, or with tokens as M 64 tokens x 128 weight rows); the same T x 128 bytes either way. */
+/* A warpgroup's tile in the buffer: rows of kEpiChunks 16-byte chunks (T tokens x 64 weight rows, or
+** with tokens as M its 64 tokens x 128 weight rows); the same T x 128 bytes either way. */
 template <int T, int kWt> constexpr int kEpiChunks = kTokM<T, kWt> ? 16 : 8;
-template <int T, int kWt> constexpr int kEpiRows = T * 8 / kEpiChunks<T, kWt>;
 constexpr int kStorers = 96; /* warps 1-3 */
 struct EpiHand {
     uint64_t full[2], empty[2];
@@ -646,7 +631,7 @@ __device__ __forceinline__ void hand_over(const Problem &p, const Item *it, floa
 ** then 1's, until the end. */
 template <int T, int kWt>
 __device__ __forceinline__ void store_tiles(const Problem &p, const uint8_t *buf, EpiHand &eh) {
-    constexpr int kC = kEpiChunks<T, kWt>, kR = kEpiRows<T, kWt>;
+    constexpr int kC = kEpiChunks<T, kWt>;
     constexpr bool kTm = kTokM<T, kWt>;
     const int st = (int)threadIdx.x - 32;
     const bool runs = out_in_runs(p);
@@ -661,7 +646,7 @@ __device__ __forceinline__ void store_tiles(const Problem &p, const uint8_t *buf
             uint16_t *out = p.out + (int64_t)it.e * p.expert_stride + (int64_t)it.nt * W4_TILE_N + (kTm ? 0 : g * 64);
 #pragma unroll 1
             for (int job = st; job < T * 8; job += kStorers) {
-                const int mr = job >> (kTm ? 4 : 3), ch = job & (kC - 1), m = it.mt * T + (kTm ? g * kR : 0) + mr;
+                const int mr = job >> (kTm ? 4 : 3), ch = job & (kC - 1), m = it.mt * T + (kTm ? g * 64 : 0) + mr;
                 if (m < it.rows) {
                     const uint4 v = *reinterpret_cast<const uint4 *>(b + mr * (kC * 16) + ((ch ^ (mr & 7)) << 4));
                     uint16_t *dst = out + (int64_t)m * p.row_stride + ch * 8;
