@@ -8,27 +8,26 @@
 
 namespace {
 
-/* One warp per row and two 128-groups of it (one per half-warp): blockIdx.z picks the pair. A warp
-** looping over a row's groups waited a load round trip per pair, 8 in a row at I = 2048: the
+/* One warp per row and four 128-groups of it (8 lanes a group, two 16-byte chunks a lane, 64
+** channels apart so each load instruction reads whole 128-byte lines): blockIdx.z picks the four.
+** A warp looping over a row's groups waited a load round trip per step, 8 in a row at I = 2048: the
 ** DeepSeek-R1 W4A8 MLP at 1-8 rows per expert took 7 us more (201.8 against 194.6 us at 1 row; the
-** dev trace had put 13 us between GEMM1's last CTA out and GEMM2's first in; H200, 2026-11-30). */
-constexpr int kRowsPerBlock = 8;
+** dev trace had put 13 us between GEMM1's last CTA out and GEMM2's first in; H200, 2026-11-30).
+** Sixteen channels a lane rather than eight halve the per-lane work of indexing, the group max and
+** its scale. */
+constexpr int kRowsPerBlock = 8, kChunks = 2, kGroupLanes = 16 / kChunks, kGroupsPerWarp = 32 / kGroupLanes;
 
-/* silu(g) * u of 8 channels, rounded to bf16 like the reference (same expression, IEEE ops). */
+/* silu(g) * u of 8 channels, rounded to bf16 like the reference (same expression, IEEE ops; the
+** rounding by cvt.rn gives format.h's bits, a NaN canonical: fp8_exhaustive). */
 __device__ __forceinline__ uint4 silu_mul8(uint4 gv, uint4 uv) {
     const uint32_t gw[4] = {gv.x, gv.y, gv.z, gv.w}, uw[4] = {uv.x, uv.y, uv.z, uv.w};
+    float g[8], s[8];
+#pragma unroll
+    for (int i = 0; i < 4; i++) g[2 * i] = bf16_lo(gw[i]), g[2 * i + 1] = bf16_hi(gw[i]);
+    silu8(g, s);
     uint32_t o[4];
 #pragma unroll
-    for (int i = 0; i < 4; i++) {
-        float y[2];
-        const float gg[2] = {bf16_lo(gw[i]), bf16_hi(gw[i])}, uu[2] = {bf16_lo(uw[i]), bf16_hi(uw[i])};
-#pragma unroll
-        for (int h = 0; h < 2; h++) {
-            const float s = __fdiv_rn(gg[h], __fadd_rn(1.0f, expf(-gg[h])));
-            y[h] = __fmul_rn(s, uu[h]);
-        }
-        o[i] = bf16x2_from_float(y[0], y[1]);
-    }
+    for (int i = 0; i < 4; i++) o[i] = bf16x2_rn(__fmul_rn(s[2 * i], bf16_lo(uw[i])), __fmul_rn(s[2 * i + 1], bf16_hi(uw[i])));
     return make_uint4(o[0], o[1], o[2], o[3]);
 }
 
@@ -42,32 +41,39 @@ __global__ void __launch_bounds__(kRowsPerBlock * 32)
     rows = rows < 0 ? 0 : (rows > M ? M : rows);
     if (m >= rows) return;
     const int64_t row = (int64_t)e * M + m, G = I / FMT_GROUP;
+    /* cast_chunks' shuffles stay within a group's lanes, so a group past the row may leave */
+    const int64_t g = (int64_t)blockIdx.z * kGroupsPerWarp + lane / kGroupLanes;
+    if (g >= G) return;
     const uint16_t *gu = gate_up + row * 2 * I;
-    const unsigned half_mask = 0xFFFFu << (lane & 16);
-    const float inv = kOut == EPMOE_SILU_FP8_TENSOR ? 1.0f / __ldg(tensor_scale) : 0.0f;
-    /* A half-warp per 128-group (cast_chunk8's shuffles stay within a half, so one half may leave) */
-    const int64_t g = 2 * (int64_t)blockIdx.z + (lane >> 4);
-    if (g < G) {
-        const int64_t c = g * FMT_GROUP + (lane & 15) * 8;
-        const uint4 y = silu_mul8(*reinterpret_cast<const uint4 *>(gu + c), *reinterpret_cast<const uint4 *>(gu + I + c));
-        if (kOut == EPMOE_SILU_BF16) {
-            *reinterpret_cast<uint4 *>(static_cast<uint16_t *>(inter_v) + row * I + c) = y;
-            return;
-        }
-        uint2 q;
-        if (kOut == EPMOE_SILU_FP8_GROUP) {
-            float s;
-            q = cast_chunk8(y, 0, half_mask, &s);
-            if ((lane & 15) == 0) scales[row * G + g] = s;
-        } else {
-            const uint32_t w[4] = {y.x, y.y, y.z, y.w};
+    const int64_t c = g * FMT_GROUP + (lane % kGroupLanes) * 8; /* chunk k at c + 64 k */
+    uint4 y[kChunks];
+#pragma unroll
+    for (int k = 0; k < kChunks; k++)
+        y[k] = silu_mul8(*reinterpret_cast<const uint4 *>(gu + c + 64 * k), *reinterpret_cast<const uint4 *>(gu + I + c + 64 * k));
+    if (kOut == EPMOE_SILU_BF16) {
+#pragma unroll
+        for (int k = 0; k < kChunks; k++) *reinterpret_cast<uint4 *>(static_cast<uint16_t *>(inter_v) + row * I + c + 64 * k) = y[k];
+        return;
+    }
+    uint2 q[kChunks];
+    if (kOut == EPMOE_SILU_FP8_GROUP) {
+        float s;
+        const unsigned group_mask = ((1u << kGroupLanes) - 1) << (lane & ~(kGroupLanes - 1));
+        cast_chunks<kChunks>(y, 0, group_mask, q, &s);
+        if (lane % kGroupLanes == 0) scales[row * G + g] = s;
+    } else {
+        const float inv = 1.0f / __ldg(tensor_scale);
+#pragma unroll
+        for (int k = 0; k < kChunks; k++) {
+            const uint32_t w[4] = {y[k].x, y[k].y, y[k].z, y[k].w};
             uint32_t b[4];
 #pragma unroll
             for (int i = 0; i < 4; i++) b[i] = fp8x2_from_float(__fmul_rn(bf16_lo(w[i]), inv), __fmul_rn(bf16_hi(w[i]), inv));
-            q = make_uint2(b[0] | (b[1] << 16), b[2] | (b[3] << 16));
+            q[k] = make_uint2(b[0] | (b[1] << 16), b[2] | (b[3] << 16));
         }
-        *reinterpret_cast<uint2 *>(static_cast<uint8_t *>(inter_v) + row * I + c) = q;
     }
+#pragma unroll
+    for (int k = 0; k < kChunks; k++) *reinterpret_cast<uint2 *>(static_cast<uint8_t *>(inter_v) + row * I + c + 64 * k) = q[k];
 }
 
 } // namespace
@@ -75,7 +81,7 @@ __global__ void __launch_bounds__(kRowsPerBlock * 32)
 epmoe_status epmoe__silu_mul_launch(int out_kind, const uint16_t *gate_up, const int32_t *masked_m, int64_t E,
                                     int64_t M, int64_t I, void *inter, float *scales, const float *tensor_scale,
                                     cudaStream_t s) {
-    const dim3 grid((unsigned)((M + kRowsPerBlock - 1) / kRowsPerBlock), (unsigned)E, (unsigned)((I / FMT_GROUP + 1) / 2));
+    const dim3 grid((unsigned)((M + kRowsPerBlock - 1) / kRowsPerBlock), (unsigned)E, (unsigned)((I / FMT_GROUP + kGroupsPerWarp - 1) / kGroupsPerWarp));
     switch (out_kind) {
     case EPMOE_SILU_BF16:
         silu_mul_kernel<EPMOE_SILU_BF16><<<grid, kRowsPerBlock * 32, 0, s>>>(gate_up, masked_m, M, I, inter, scales,

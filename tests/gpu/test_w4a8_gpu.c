@@ -362,6 +362,7 @@ static void test_replay_bits(test_rng *r) {
 ** - GEMM1's gate_up (bf16, in the workspace) per element against the oracle of the inputs, under
 **   the GEMM's error model (w4a8_common.h);
 ** - the intermediate fp8 bytes: at most MLP_BYTES_DIFF of them differ from epmoe_w4a8_mlp_ref's;
+** - silu_mul alone: the intermediate against the host's steps from the GPU's own gate_up;
 ** - GEMM2's output per element against the oracle of the GPU's own intermediate bytes and
 **   scales (the workspace), under the same model.
 ** An end-to-end bound on the output against the reference cannot be tight: which bytes flip, and
@@ -369,8 +370,45 @@ static void test_replay_bits(test_rng *r) {
 ** moved the relative L2 error to 1.4x a 2^-3 * sqrt(share) estimate; seed 1796068467), so the
 ** end-to-end error is printed, not checked. */
 #define MLP_BYTES_DIFF 0.05
+
+/* silu_mul alone: the GPU's intermediate against the host's steps from the GPU's own gate_up
+** (silu(g) * u in fp32 with libm's expf, rounded to bf16, cast by the reference). Only expf
+** differs (CUDA's within 2 ulp, libm's within 1; fp8_exhaustive proves the kernel's silu equal to
+** the IEEE expression with CUDA's expf), so a silu value moves by a few fp32 ulps, which flips the
+** bf16 rounding of y = silu * u with probability ~2^-14 at most, by one bf16 step: so few bytes
+** differ (SILU_DIFF bounds the share) and a differing group scale is within one step (2^-7). */
+#define SILU_DIFF 1e-3
+static void check_silu_mul(int mode, int64_t E, int64_t M, int64_t I, const int32_t *masked, const float *tensor_scale,
+                           const uint16_t *gate_up, const uint8_t *inter, const float *scales) {
+    uint16_t *y = malloc((size_t)I * 2);
+    uint8_t *q = malloc((size_t)I);
+    float *qs = malloc((size_t)(I / 128) * 4);
+    long bytes = 0, bdiff = 0, groups = 0, sdiff = 0, sfar = 0;
+    for (int64_t e = 0; e < E; e++)
+        for (int64_t t = 0; t < masked[e]; t++) {
+            const int64_t row = e * M + t;
+            const uint16_t *gu = gate_up + row * 2 * I;
+            for (int64_t j = 0; j < I; j++) {
+                const float g = epmoe_bf16_to_float(gu[j]);
+                y[j] = epmoe_bf16_from_float(g / (1.0f + expf(-g)) * epmoe_bf16_to_float(gu[I + j]));
+            }
+            CHECK_STATUS(mode ? epmoe_cast_tensor_fp8_ref(y, I, tensor_scale, q)
+                              : epmoe_cast_group_fp8_ref(y, 1, I, q, qs, EPMOE_SCALE_F32_ROW, 0), EPMOE_OK);
+            for (int64_t j = 0; j < I; j++) bdiff += inter[row * I + j] != q[j];
+            bytes += I;
+            for (int64_t g = 0; !mode && g < I / 128; g++, groups++) {
+                const float got = scales[row * (I / 128) + g];
+                sdiff += got != qs[g], sfar += !(fabs((double)got - qs[g]) <= 0x1p-7 * qs[g]);
+            }
+        }
+    printf("  MLP mode %c silu_mul from the GPU's gate_up: %ld of %ld bytes, %ld of %ld scales differ from the host's\n",
+           mode ? 'b' : 'a', bdiff, bytes, sdiff, groups);
+    CHECK(bdiff <= SILU_DIFF * bytes && sdiff <= SILU_DIFF * groups + 1 && sfar == 0,
+          "MLP mode %c silu_mul: %ld bytes and %ld scales differ (%ld by more than 2^-7)", mode ? 'b' : 'a', bdiff, sdiff, sfar);
+    free(y), free(q), free(qs);
+}
 static void test_mlp(test_rng *r) {
-    const int64_t E = 4, M = quick ? 24 : 72, H = quick ? 256 : 512, I = 256;
+    const int64_t E = 4, M = quick ? 24 : 72, H = quick ? 256 : 512, I = quick ? 256 : 640; /* 640: 5 groups a row */
     w4_mat w13, w2;
     w4_mat_make(r, &w13, E, 2 * I, H, 0, 0.02, EPMOE_W4_AUTO);
     w4_mat_make(r, &w2, E, H, I, 1, 0.02, EPMOE_W4_AUTO);
@@ -429,6 +467,7 @@ static void test_mlp(test_rng *r) {
         printf("  MLP mode %c: %ld of %ld intermediate fp8 bytes differ from the reference, output rel. L2 %.2e\n",
                mode ? 'b' : 'a', diff, total, sqrt(num / (den > 0 ? den : 1)));
         CHECK(diff <= MLP_BYTES_DIFF * total, "MLP mode %d: %ld intermediate bytes differ", mode, diff);
+        check_silu_mul(mode, E, M, I, masked, &s2, (const uint16_t *)(gwsh + o_gu), gwsh + o_in, (const float *)(gwsh + o_sc));
         /* GEMM2's input as the GPU left it: its fp8 bytes and (mode a) its f32 row-major scales */
         w4_acts inter = {E, M, I, EPMOE_SCALE_F32_ROW, NULL, gwsh + o_in, gwsh + o_sc,
                          epmoe_scale_bytes(EPMOE_SCALE_F32_ROW, M, I)};
