@@ -214,8 +214,8 @@ static void test_hand_int4(void) {
 
 /* ---- the MLP reference against its steps --------------------------------------------------- */
 
-/* The steps by hand: GEMM1 (reference), silu(gate) * up written out here in fp32 and rounded to
-** bf16, the fp8 cast (FP8_BLOCK: the library's, F32_ROW, no rounding of scales), GEMM2 (reference).
+/* The steps by hand: GEMM1 (reference), silu(gate) * up in fp32 rounded to bf16 (w4_silu_mul),
+** the fp8 cast (FP8_BLOCK: the library's, F32_ROW, no rounding of scales), GEMM2 (reference).
 ** The MLP must equal them bit for bit, and its workspace must hold them where the layout says. */
 static void check_mlp(const variant *v, int64_t E, int64_t M, int64_t H, int64_t I, const int32_t *masked, uint64_t seed) {
     test_rng r = {seed};
@@ -249,12 +249,7 @@ static void check_mlp(const variant *v, int64_t E, int64_t M, int64_t H, int64_t
         for (int64_t t = 0; t < masked[e] && t < M; t++) {
             const int64_t row = e * M + t;
             for (int64_t j = 0; j < 2 * I; j++) bad_gu += ws_gu[row * 2 * I + j] != gu[row * 2 * I + j];
-            for (int64_t j = 0; j < I; j++) {
-                const float gt = epmoe_bf16_to_float(gu[row * 2 * I + j]);
-                const float up = epmoe_bf16_to_float(gu[row * 2 * I + I + j]);
-                const float s = gt / (1.0f + expf(-gt));
-                y[row * I + j] = epmoe_bf16_from_float(s * up);
-            }
+            for (int64_t j = 0; j < I; j++) y[row * I + j] = w4_silu_mul(gu[row * 2 * I + j], gu[row * 2 * I + I + j]);
             if (fp8) {
                 epmoe_cast_group_fp8_ref(y + row * I, 1, I, q + row * I, qs + row * (I / 128), EPMOE_SCALE_F32_ROW, 0);
                 bad_inter += memcmp(work + o_inter + row * I, q + row * I, (size_t)I) != 0;

@@ -252,10 +252,9 @@ static void test_mlp_ref(void) {
         for (int64_t t = 0; t < masked[e]; t++) {
             for (int64_t j = 0; j < I; j++) {
                 double mag;
-                const float gt = epmoe_bf16_to_float(epmoe_bf16_from_float((float)w4_oracle(&w13, &A, 0, e, t, j, &mag)));
-                const float up = epmoe_bf16_to_float(epmoe_bf16_from_float((float)w4_oracle(&w13, &A, 0, e, t, I + j, &mag)));
-                const float s = gt / (1.0f + expf(-gt));
-                Y.x[(e * M + t) * I + j] = epmoe_bf16_from_float(s * up);
+                const uint16_t gt = epmoe_bf16_from_float((float)w4_oracle(&w13, &A, 0, e, t, j, &mag));
+                const uint16_t up = epmoe_bf16_from_float((float)w4_oracle(&w13, &A, 0, e, t, I + j, &mag));
+                Y.x[(e * M + t) * I + j] = w4_silu_mul(gt, up);
             }
             epmoe_cast_group_fp8_ref(Y.x + (e * M + t) * I, 1, I, Y.a + (e * M + t) * I,
                                      Y.sa + Y.slab * (size_t)e + (size_t)t * (I / 128) * 4, EPMOE_SCALE_F32_ROW, 0);

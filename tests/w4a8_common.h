@@ -140,6 +140,13 @@ static inline double w4_oracle(const w4_mat *w, const w4_acts *A, double tensor_
     return acc;
 }
 
+/* silu(gate) * up of two bf16 values in fp32, rounded to bf16: the MLP's middle step by hand (the
+** library's expression; the GPU's expf may differ from libm's by an ulp). */
+static inline uint16_t w4_silu_mul(uint16_t gate, uint16_t up) {
+    const float g = epmoe_bf16_to_float(gate);
+    return epmoe_bf16_from_float(g / (1.0f + expf(-g)) * epmoe_bf16_to_float(up));
+}
+
 /* Compare one output element with the oracle under the error model; NaN must match NaN. */
 static inline double w4_bound(double want, double mag) { return W4_TOL_BF16 * fabs(want) + W4_TOL_SUM * mag; }
 static inline int w4_close(double got, double want, double mag) {

@@ -388,10 +388,7 @@ static void check_silu_mul(int mode, int64_t E, int64_t M, int64_t I, const int3
         for (int64_t t = 0; t < masked[e]; t++) {
             const int64_t row = e * M + t;
             const uint16_t *gu = gate_up + row * 2 * I;
-            for (int64_t j = 0; j < I; j++) {
-                const float g = epmoe_bf16_to_float(gu[j]);
-                y[j] = epmoe_bf16_from_float(g / (1.0f + expf(-g)) * epmoe_bf16_to_float(gu[I + j]));
-            }
+            for (int64_t j = 0; j < I; j++) y[j] = w4_silu_mul(gu[j], gu[I + j]);
             CHECK_STATUS(mode ? epmoe_cast_tensor_fp8_ref(y, I, tensor_scale, q)
                               : epmoe_cast_group_fp8_ref(y, 1, I, q, qs, EPMOE_SCALE_F32_ROW, 0), EPMOE_OK);
             for (int64_t j = 0; j < I; j++) bdiff += inter[row * I + j] != q[j];
