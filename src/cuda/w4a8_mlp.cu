@@ -26,8 +26,10 @@ extern "C" epmoe_status epmoe_w4a8_mlp_cuda(const epmoe_w4a8_mlp_args *m, epmoe_
     ** the last entered 70-75 us after the first), so a persistent grid's last ranges ran after its
     ** first. GEMM2 alone as a dependent of a plain silu_mul saved 1-2 us in bench_w4a8 (32 experts,
     ** M = rows), but the layer's MLP (128 experts, M = 256, ~8 rows each: silu_mul's grid is
-    ** mostly empty blocks) then measured 863 us against 840 on another machine the same day; not
-    ** A/B'd in that shape yet, so not kept (H200, 2026-11-30, branches w4-pdl2, w4-pdl-g2). */
+    ** mostly empty blocks) then measured 863 us against 840 on another machine the same day (H200,
+    ** 2026-11-30, branches w4-pdl2, w4-pdl-g2). A/B'd in the layer (R = 1: 256 experts, M = 128),
+    ** GEMM2's first weights prefetched into L2 before its wait: MLP the same at 1-8 rows, 1% faster
+    ** at 32, the layer 0.5% slower (H200, 2026-12-02, docs/PERFORMANCE.md W4A8 session 29). */
     EPMOE_CHECK(epmoe_w4a8_gemm_cuda(&g1, stream));
     EPMOE_CHECK(epmoe__silu_mul_launch(m->a_scales ? EPMOE_SILU_FP8_GROUP : EPMOE_SILU_FP8_TENSOR, gate_up, m->masked_m,
                                        E, M, I, inter, inter_scales, m->a2_tensor_scale,
