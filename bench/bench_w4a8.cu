@@ -432,7 +432,7 @@ static void trace_gemm(const char *model, const char *what, int rows, const epmo
 ** 1x128 group cast into q with f32 M-major scales, one slab an expert. (Random bytes masked to
 ** small positive values, the fill until 2026-12-01, ran W13 + W2 1.5-4.5% faster at 32-1024
 ** rows than these, and cuBLASLt FP8 up to 2% faster at 1024; the same at 1-8 rows. H200,
-** 2026-12-02.) */
+** 2026-12-02: most likely the tensor cores' power, the clock not measured.) */
 static void quantize_rows(const __nv_bfloat16 *x, int E, int64_t M, int64_t K, uint8_t *q, float *sa) {
     const size_t slab = epmoe_scale_bytes(EPMOE_SCALE_F32_MMAJOR, M, K);
     for (int e = 0; e < E; e++)
