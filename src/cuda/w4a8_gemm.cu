@@ -455,6 +455,17 @@ template <int T, int kSa> struct GroupScales {
 ** keep single loads (DeepSeek-R1, bench_w4a8, H200, the same call, 2026-12-01). T = 24, 40-56, 72 and
 ** 80 take them as their measured neighbours do. */
 template <int T, int kSa, int kWt> constexpr bool kSaPair = kSa == 1 && T <= 80 && !kWtTma<kWt>;
+/* The tiles that run one step at a time at 2 CTAs/SM (T = 40-64, int4, fp32 scales) load a step's
+** activation-scale words into registers right after its wgmma are issued (kSaPre), so the promotion
+** after the wait finds them there. W13 + W2 at 40 / 48 / 56 / 64 rows 231.2-233.3 / 251.6-252.3 /
+** 266.4-266.8 / 285.2 -> 229.8-230.1 / 243.1 / 262.1-262.7 / 278.1 us, 32 rows the same (this build
+** against main's, one call). Also at T = 32 (steps in pairs: twice the registers) ptxas spilled 4
+** bytes and 32 rows ran 1.5% slower; the two weight scales loaded early as well cost 2-9% at 32-64
+** rows (another call; DeepSeek-R1, bench_w4a8, H200, 2026-12-02). A probe with no scale loads at all
+** (results wrong) had run 64 rows 3.5% and 1024 rows 4.5% faster (docs/PERFORMANCE.md, W4A8,
+** session 30). */
+template <int T, int kSa, int kWt> constexpr bool kSaPre = kSa == 1 && !kWtTma<kWt> && T >= 40 && T <= 64;
+template <int T, int kSa, int kWt> constexpr int kSaPreN = kSaPre<T, kSa, kWt> ? T / 8 : 1;
 template <bool kPair> __device__ __forceinline__ uint2 sa_words(const uint32_t *row, int jj) {
     const uint32_t *w = &row[jj * 8 + 2 * (threadIdx.x & 3)];
     if (kPair) return *reinterpret_cast<const uint2 *>(w);
@@ -988,7 +999,7 @@ w4a8_gemm_ws_kernel(const __grid_constant__ Problem p, const __grid_constant__ C
         if (my_turn() == kTurnBar + 1) named_bar_arrive(kTurnBar, 2 * 128); /* warpgroup 0 issues first */
         /* step i's 4 wgmma into part (one commit group); then, once waited for, its promotion. bf16
         ** weights have no scales to apply, so their wgmma accumulate into acc itself (kAccDirect) */
-        auto issue = [&](int i, uint32_t(&a)[4][4], float(&part)[T / 2]) {
+        auto issue = [&](int i, uint32_t(&a)[4][4], float(&part)[T / 2], uint2(&pre)[kSaPreN<T, kSa, kWt>]) {
             mbar_wait(&full[i % S], (uint32_t)(i / S) & 1u);
             if (i == 0) W4_TRACE_BY(1, 128);
             convert<T, kWt>(ring[i % S], 0, a);
@@ -998,10 +1009,13 @@ w4a8_gemm_ws_kernel(const __grid_constant__ Problem p, const __grid_constant__ C
             wgmma_fence();
             mma_group<T, kWt, kAccDirect<kWt>>(ring[i % S], 0, a, d);
             wgmma_commit();
+            if constexpr (kSaPre<T, kSa, kWt>)
+#pragma unroll
+                for (int jj = 0; jj < T / 8; jj++) pre[jj] = sa_words<true>(ring[i % S].sa[0], jj);
         };
-        /* the scales are read as the promotion uses them: loaded whole first (GroupScales), UE8M0's
-        ** 32 conversions held 32 more registers and spilled ~60 */
-        auto retire = [&](int i, int g, float(&part)[T / 2]) {
+        /* the scales are read as the promotion uses them (but kSaPre's words, read in issue): loaded
+        ** whole first (GroupScales), UE8M0's 32 conversions held 32 more registers and spilled ~60 */
+        auto retire = [&](int i, int g, float(&part)[T / 2], const uint2(&pre)[kSaPreN<T, kSa, kWt>]) {
 #pragma unroll
             for (int q = 0; q < T / 2; q++) reg_fence(part[q]);
             const Stage<T, kWt> &st = ring[i % S];
@@ -1009,7 +1023,9 @@ w4a8_gemm_ws_kernel(const __grid_constant__ Problem p, const __grid_constant__ C
             static_assert(offsetof(St, sa) % 8 == 0 && T % 8 == 0, "sa_words: 8-byte pairs");
             const int row = acc_row<T>();
             auto sa2_of = [&](int jj) {
-                const uint2 wv = sa_words<kSaPair<T, kSa, kWt>>(st.sa[0], jj);
+                uint2 wv;
+                if constexpr (kSaPre<T, kSa, kWt>) wv = pre[jj];
+                else wv = sa_words<kSaPair<T, kSa, kWt>>(st.sa[0], jj);
                 return make_float2(sa_value<kSa>(wv.x, g), sa_value<kSa>(wv.y, g));
             };
             if constexpr (kTokM<T, kWt>) {
@@ -1053,20 +1069,21 @@ w4a8_gemm_ws_kernel(const __grid_constant__ Problem p, const __grid_constant__ C
             const bool two = kPairs<T> && j + 1 < steps && cg + 1 < p.G; /* a partner in the same item */
             float part0[T / 2], part1[T / 2];
             uint32_t a0[4][4], a1[4][4];
+            uint2 pre0[kSaPreN<T, kSa, kWt>], pre1[kSaPreN<T, kSa, kWt>];
             named_bar_sync(my_turn(), 2 * 128); /* each round of issues (a pair or one step) is one turn */
             if (two) { /* straight-line: a branch between the commits and the waits makes ptxas add waits (C7517) */
-                issue(j, a0, part0);
-                issue(j + 1, a1, part1);
+                issue(j, a0, part0, pre0);
+                issue(j + 1, a1, part1, pre1);
                 named_bar_arrive(your_turn(), 2 * 128);
                 wgmma_wait<1>();
-                retire(j, cg, part0);
+                retire(j, cg, part0, pre0);
                 wgmma_wait<0>();
-                retire(j + 1, cg + 1, part1);
+                retire(j + 1, cg + 1, part1, pre1);
             } else {
-                issue(j, a0, part0);
+                issue(j, a0, part0, pre0);
                 named_bar_arrive(your_turn(), 2 * 128);
                 wgmma_wait<0>();
-                retire(j, cg, part0);
+                retire(j, cg, part0, pre0);
             }
             if constexpr (kAccDirect<kWt>) {
 #pragma unroll
