@@ -112,8 +112,9 @@ def same_device(tensors, what):
     return dev
 
 
-def empty(shape, dt, like, *, zero=False):
-    """A new output: numpy for host memory, torch on the GPU. Returns (object for the caller, Tensor)."""
+def empty(shape, dt, like, *, zero=False, stream=None):
+    """A new output: numpy for host memory, torch on the GPU (made on torch's current stream; `stream`
+    is the one the call will use it on). Returns (object for the caller, Tensor)."""
     dt = dtype(dt)
     if like.is_host:
         arr = (np.zeros if zero else np.empty)(shape, dtype=dt.storage)
@@ -125,14 +126,18 @@ def empty(shape, dt, like, *, zero=False):
                          "pass out= tensors")
     tt = (torch.zeros if zero else torch.empty)(shape, dtype=getattr(torch, dt.name),
                                                  device=f"cuda:{like.device[1]}")
-    return tt, as_tensor(tt)
+    # a stream for DLPack's handshake: without one torch orders its current stream before the legacy
+    # default stream, which a CUDA graph capture forbids (cudaErrorStreamCaptureInvalidated)
+    if stream is None:
+        stream = torch.cuda.current_stream(tt.device).cuda_stream
+    return tt, as_tensor(tt, stream=stream)
 
 
 def output(out, name, shape, dtypes, like, *, stream=None, zero=False):
     """The caller's `out` checked against what the call writes, or a new tensor.
     Returns (object to hand back, Tensor)."""
     if out is None:
-        return empty(shape, dtypes[0], like, zero=zero)
+        return empty(shape, dtypes[0], like, zero=zero, stream=stream)
     t = arg(out, name, dtypes, stream=stream)
     if t.shape != tuple(shape):
         raise ValueError(f"{name}: expected shape {tuple(shape)}, got {t.shape}")
@@ -147,7 +152,7 @@ def raw_output(out, name, nbytes, like, *, stream=None, shape=None, dt=None, zer
     """A buffer whose layout the library defines (scale slabs): the caller's may be any contiguous
     tensor of at least nbytes; a new one gets `shape` and `dt`."""
     if out is None:
-        return empty(shape, dt, like, zero=zero)
+        return empty(shape, dt, like, zero=zero, stream=stream)
     t = arg(out, name, (), stream=stream)
     if t.nbytes < nbytes:
         raise ValueError(f"{name}: {t.nbytes} bytes, the call writes {nbytes}")

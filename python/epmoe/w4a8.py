@@ -330,7 +330,7 @@ def _acts(a, w, name, s):
 def _masked_m(masked_m, E, M, like, s):
     """int32 [E] row counts; None means every row (made where the call runs)."""
     if masked_m is None:
-        obj, t = empty((E,), "int32", like)
+        obj, t = empty((E,), "int32", like, stream=s)
         if like.is_host:
             obj[...] = M
         else:
