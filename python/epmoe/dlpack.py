@@ -17,6 +17,7 @@ name for (bfloat16, float8_e4m3fn) the type code in that capsule's DLTensor is s
 DLPack code before it is handed over. The pointer, shape and strides are untouched.
 """
 import ctypes
+import sys
 
 import numpy as np
 
@@ -373,6 +374,28 @@ def _stream_for_producer(stream):
     return 1 if s == 0 else s
 
 
+def _torch_cuda_view(obj, stream):
+    """A Tensor over a torch CUDA tensor read from its attributes, where DLPack's exchange would
+    only describe it: used on torch's current stream of its device (the handshake orders nothing
+    then), strided, no autograd or lazy conjugate/negative bits (which torch refuses to export).
+    The exchange's Python (capsule, structs, torch's stream checks) took ~0.3 ms of a dispatch +
+    combine pair's ~0.55 ms of host time (cProfile, H200, 2026-12-02). None: take the exchange."""
+    torch = sys.modules.get("torch")
+    if stream is None or torch is None or not isinstance(obj, torch.Tensor) or not obj.is_cuda:
+        return None
+    if obj.requires_grad or obj.layout is not torch.strided or obj.is_conj() or obj.is_neg():
+        return None
+    dt = _BY_NAME.get(str(obj.dtype)[len("torch."):])
+    if dt is None:
+        return None
+    dev = obj.device.index
+    raw = getattr(torch._C, "_cuda_getCurrentRawStream", None)  # the int torch.cuda.current_stream wraps
+    cur = raw(dev) if raw is not None else torch.cuda.current_stream(dev).cuda_stream
+    if int(stream) != cur:
+        return None
+    return Tensor(obj.data_ptr(), obj.shape, dt, (CUDA, dev), obj.stride(), False, obj, obj)
+
+
 def from_dlpack(obj, *, stream=None):
     """A Tensor over the memory of `obj`, without copying.
 
@@ -382,6 +405,9 @@ def from_dlpack(obj, *, stream=None):
     """
     if isinstance(obj, Tensor):
         return obj
+    fast = _torch_cuda_view(obj, stream)
+    if fast is not None:
+        return fast
     if _is_capsule(obj):
         return _consume(obj)
     if not hasattr(obj, "__dlpack__"):
