@@ -35,7 +35,7 @@ from .dlpack import CUDA
 from .ep import EpConfig, EpGroup, _config
 
 __all__ = ["get_unique_id", "unique_id_from_process_group", "NcclComm", "create_group",
-           "create_group_from_unique_id", "has_nccl_backend", "nccl_version", "UNIQUE_ID_BYTES"]
+           "create_group_from_unique_id", "create_group_on_comm", "has_nccl_backend", "nccl_version", "UNIQUE_ID_BYTES"]
 
 UNIQUE_ID_BYTES = 128  # sizeof(ncclUniqueId): NCCL_UNIQUE_ID_BYTES in nccl.h
 
@@ -196,19 +196,36 @@ def _require_backend():
                            "API headers at build time); only the CPU backend is available")
 
 
+def create_group_on_comm(comm, config=None, **overrides):
+    """This rank's EpGroup on an existing NcclComm (collective over its ranks; num_ranks and rank
+    come from it). Several groups may share one communicator (each registers its own window). The
+    group does not own it: close every group made on it before comm.close()."""
+    _require_backend()
+    if not isinstance(comm, NcclComm):
+        raise TypeError(f"create_group_on_comm: comm must be an epmoe.nccl.NcclComm, got {type(comm).__name__}")
+    if not comm.handle:
+        raise _lib.error(_lib.ERR_INVALID_ARG, "create_group_on_comm: the communicator is closed")
+    cfg = _config(config, dict(overrides, num_ranks=comm.num_ranks, rank=comm.rank))
+    _set_device(comm.device)
+    c, ep = cfg._c(), ctypes.c_void_p()
+    check(lib.epmoe_ep_create_nccl(comm.handle, ctypes.byref(c), ctypes.byref(ep)))
+    g = EpGroup(ep.value, cfg, device=(CUDA, comm.device))
+    g._comm_ref = comm  # alive while the group is (the library uses it until the group is destroyed)
+    return g
+
+
 def create_group_from_unique_id(unique_id, num_ranks, rank, config=None, *, device=None, **overrides):
     """This rank's EpGroup on a new NCCL communicator (collective). The group owns the
     communicator and destroys it when it is closed."""
     _require_backend()
     comm = NcclComm(unique_id, num_ranks, rank, device)
     try:
-        cfg = _config(config, dict(overrides, num_ranks=int(num_ranks), rank=int(rank)))
-        c, ep = cfg._c(), ctypes.c_void_p()
-        check(lib.epmoe_ep_create_nccl(comm.handle, ctypes.byref(c), ctypes.byref(ep)))
+        g = create_group_on_comm(comm, config, **overrides)
     except BaseException:
         comm.close()
         raise
-    return EpGroup(ep.value, cfg, comm=comm, device=(CUDA, comm.device))
+    g._comm = comm  # closed after the group (EpGroup.close)
+    return g
 
 
 def create_group(config=None, *, process_group=None, device=None, **overrides):
