@@ -48,6 +48,27 @@ def test_torch_noncontiguous_is_refused():
         epmoe.bf16_to_float(torch.zeros(8, 8, dtype=torch.bfloat16).t())
 
 
+@gpu
+def test_cuda_tensors_on_the_current_stream_skip_the_dlpack_exchange():
+    """dlpack._torch_cuda_view: the same description as the exchange gives, taken only where the
+    exchange would order nothing (torch's current stream); elsewhere the exchange runs."""
+    x = torch.arange(24, dtype=torch.float32, device="cuda:0").reshape(2, 3, 4)[:, 1:]  # strided view
+    cur = torch.cuda.current_stream(0).cuda_stream
+    fast = epmoe.from_dlpack(x, stream=cur)
+    assert fast._owner is x  # no capsule consumed
+    side = torch.cuda.Stream(0)
+    slow = epmoe.from_dlpack(x, stream=side.cuda_stream)
+    assert isinstance(slow._owner, epmoe.dlpack._Imported)
+    for t in (fast, slow):
+        assert (t.data_ptr, t.shape, t.strides, t.dtype.name, t.device) == \
+            (x.data_ptr(), (2, 2, 4), (12, 4, 1), "float32", (epmoe.dlpack.CUDA, 0))
+    assert torch.from_dlpack(fast).data_ptr() == x.data_ptr()  # exports again through torch
+    for t in (torch.zeros(3, device="cuda:0", requires_grad=True), torch.zeros(3, dtype=torch.complex64, device="cuda:0").conj()):
+        assert epmoe.dlpack._torch_cuda_view(t, cur) is None
+    q = torch.zeros(4, device="cuda:0").to(torch.float8_e4m3fn)
+    assert epmoe.from_dlpack(q, stream=cur).dtype.name == "float8_e4m3fn"
+
+
 # ---- GPU kernels vs references ------------------------------------------------------------------
 @gpu
 @pytest.mark.parametrize("fmt", [0, 1, 2, 3])
@@ -102,16 +123,17 @@ def test_cuda_outputs_in_place_on_the_current_stream():
 
 # ---- EP over NCCL (one process per GPU) -----------------------------------------------------------
 @gpu
-def test_ep_over_nccl_with_torchrun():
+@pytest.mark.parametrize("job", ["nccl_ep_job"])
+def test_ep_over_nccl_with_torchrun(job):
     if not epmoe.nccl.has_nccl_backend():
         pytest.skip("libepmoe built without the NCCL EP backend")
     n = min(torch.cuda.device_count(), 2)
     env = dict(os.environ, NCCL_NVLS_ENABLE="0", PYTHONPATH=os.pathsep.join([os.path.join(HERE, ".."), HERE]))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}",
-           os.path.join(HERE, "nccl_ep_job.py")]
+           os.path.join(HERE, f"{job}.py")]
     p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stdout[-4000:] + p.stderr[-4000:]
-    assert p.stdout.count("nccl_ep_job: ok") == n, p.stdout[-4000:]
+    assert p.stdout.count(f"{job}: ok") == n, p.stdout[-4000:]
 
 
 def test_nccl_without_distributed_says_so():
