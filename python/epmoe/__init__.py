@@ -9,7 +9,8 @@
 Modules: `formats` (fp8/bf16/UE8M0/int4, quant ops), `w4a8` (weight repack, the W4A8 expert GEMM
 and MLP), `experts` (the bf16, fp8-block and int4 weights of the other schemes), `ep` (EpConfig, CpuWorld, EpGroup), `layer` (the MoE layer on an EP group: EpGroup.layer,
 its forward whole or in phases, layer_ref),
-`nccl` (communicators from torch.distributed), `dlpack` (the DLPack bridge). Failed calls raise
+`nccl` (communicators from torch.distributed), `deep_ep` (DeepEP's low-latency Buffer API on
+an EP group), `dlpack` (the DLPack bridge). Failed calls raise
 epmoe.Error subclasses carrying the library's message (epmoe_last_error()).
 
 The library is found through $EPMOE_LIB, next to this package (installed wheels), or in the
@@ -33,6 +34,7 @@ from .layer import (LAYER_ALL, LAYER_EXPERTS, LAYER_RECV, LAYER_SEND, Layer, Lay
                     expected_rows, scheme_accepts_wire, scheme_default_wire)
 from . import layer  # noqa: E402
 from . import nccl  # noqa: E402  (imports torch only when its functions are called)
+from . import deep_ep  # noqa: E402  (DeepEP's low-latency Buffer on epmoe)
 
 __version__ = lib.epmoe_version_string().decode()
 
@@ -52,7 +54,7 @@ __all__ = [
     "ue8m0_from_float", "ue8m0_to_float", "int4_pack", "int4_unpack", "scale_bytes", "scale_offset", "scale_shape",
     "cast_group_fp8", "cast_tensor_fp8", "requant_fp8", "dequant_fp8",
     "EpConfig", "EpLayout", "EpGroup", "Dispatch", "CpuWorld", "layout_query", "dispatch_ref", "combine_ref",
-    "WIRE_BF16", "WIRE_FP8", "REDUCE_AT_OWNER", "REDUCE_AT_EXPERT", "nccl",
+    "WIRE_BF16", "WIRE_FP8", "REDUCE_AT_OWNER", "REDUCE_AT_EXPERT", "nccl", "deep_ep",
     "w4a8", "W4A8Weights", "experts", "ExpertWeights", "layer", "Layer", "layer_ref", "scheme_default_wire", "scheme_accepts_wire",
     "expected_rows",
     "LayerForward", "LAYER_SEND", "LAYER_EXPERTS", "LAYER_RECV", "LAYER_ALL",

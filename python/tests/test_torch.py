@@ -123,7 +123,7 @@ def test_cuda_outputs_in_place_on_the_current_stream():
 
 # ---- EP over NCCL (one process per GPU) -----------------------------------------------------------
 @gpu
-@pytest.mark.parametrize("job", ["nccl_ep_job"])
+@pytest.mark.parametrize("job", ["nccl_ep_job", "deep_ep_job"])  # EpGroup; deep_ep.Buffer on it
 def test_ep_over_nccl_with_torchrun(job):
     if not epmoe.nccl.has_nccl_backend():
         pytest.skip("libepmoe built without the NCCL EP backend")

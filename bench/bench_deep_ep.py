@@ -1,0 +1,102 @@
+"""epmoe.deep_ep.Buffer's cost over the C entry points (run with torchrun, one process per GPU):
+    python3 -m torch.distributed.run --standalone --nproc_per_node=1 bench/bench_deep_ep.py
+DeepSeek-R1 decode (128 tokens a rank, H 7168, 256 experts, top-8, FP8 dispatch, BF16 combine) through
+the DeepEP-style calls and through EpGroup directly (the ctypes layer under them), each:
+- host: Python time per dispatch + combine pair, the GPU kept busy behind a sleep kernel (median of 200);
+- GPU: CUDA events around the pair with its launches queued behind a 1 ms sleep (median of 200);
+- graph: the pair captured once in a CUDA graph and replayed (median of 200 replays, events around each).
+The slower rank's medians are printed, one line each."""
+import os
+import statistics
+import time
+
+import torch
+import torch.distributed as dist
+
+import epmoe
+from epmoe import deep_ep
+
+N, H, E, K, ITERS, WARM = 128, 7168, 256, 8, 200, 30
+
+
+def median_of(xs):
+    t = torch.tensor([statistics.median(xs)], device="cuda")
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t.item()
+
+
+def measure(step):
+    """(host us, GPU us, graph us) of step(), a dispatch + combine pair."""
+    for _ in range(WARM):
+        step()
+    torch.cuda.synchronize()
+    host, gpu = [], []
+    for _ in range(ITERS):
+        dist.barrier()
+        torch.cuda._sleep(2000000)  # ~1 ms at H200 clocks: the launches queue behind it
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        t0 = time.perf_counter()
+        a.record()
+        step()
+        b.record()
+        host.append((time.perf_counter() - t0) * 1e6)
+        b.synchronize()
+        gpu.append(a.elapsed_time(b) * 1e3)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        step()
+    for _ in range(WARM):
+        g.replay()
+    torch.cuda.synchronize()
+    rep = []
+    for _ in range(ITERS):
+        dist.barrier()
+        torch.cuda._sleep(2000000)
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        g.replay()
+        b.record()
+        b.synchronize()
+        rep.append(a.elapsed_time(b) * 1e3)
+    return median_of(host), median_of(gpu), median_of(rep)
+
+
+def main():
+    dist.init_process_group("nccl")
+    dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    torch.cuda.set_device(dev)
+    R, me = dist.get_world_size(), dist.get_rank()
+    gen = torch.Generator(device=dev).manual_seed(me)
+    x = torch.randn(N, H, device=dev, generator=gen).bfloat16()
+    idx = torch.rand(N, E, device=dev, generator=gen).topk(K, dim=1).indices  # k distinct experts, int64
+    w = torch.rand(N, K, device=dev, generator=gen)
+    y = torch.randn(E // R, R * N, H, device=dev, generator=gen).bfloat16()  # the experts' outputs
+
+    buf = deep_ep.Buffer(dist.group.WORLD, 0, deep_ep.Buffer.get_low_latency_rdma_size_hint(N, H, R, E),
+                         low_latency_mode=True, num_qps_per_rank=E // R)
+
+    def compat():
+        _, _, h, _, _ = buf.low_latency_dispatch(x, idx, N, E, use_fp8=True)
+        buf.low_latency_combine(y, idx, w, h)
+
+    rows = [("deep_ep.Buffer", compat)]
+    cfg = epmoe.EpConfig(max_tokens=N, hidden=H, num_experts=E, top_k=K, combine_mode="reduce_at_owner")
+    g = epmoe.nccl.create_group(cfg)
+
+    def direct():
+        d = g.dispatch(x, idx)
+        g.combine(d, y, w)
+
+    rows.append(("EpGroup", direct))
+    for name, step in rows:
+        host, gpu, graph = measure(step)
+        if me == 0:
+            print(f"bench_deep_ep R={R} {name:15s} dispatch+combine: host {host:7.1f} us | GPU {gpu:6.1f} us | "
+                  f"graph {graph:6.1f} us", flush=True)
+    g.close()
+    buf.destroy()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,350 @@
+"""DeepEP's low-latency Buffer on epmoe: for engines written against `deep_ep.Buffer`.
+
+    from epmoe import deep_ep                       # instead of `import deep_ep`
+    buf = deep_ep.Buffer(group, 0, deep_ep.Buffer.get_low_latency_rdma_size_hint(N, H, R, E),
+                         low_latency_mode=True, num_qps_per_rank=E // R)
+    (x_fp8, scales), count, handle, event, hook = buf.low_latency_dispatch(x, topk_idx, N, E, use_fp8=True)
+    ...                                             # experts on rows [0, count[le]) of x_fp8[le]
+    out, event, hook = buf.low_latency_combine(y, topk_idx, topk_weights, handle)
+
+The calls, arguments and outputs are those of DeepEP V1's low-latency mode (its legacy `Buffer`;
+the fields are listed in shared/reference/deepep.md, section 1): bf16 x [T, H] and int64 (or
+int32) topk_idx [T, k] with -1 for none; recv_x [L, R*N, H] as fp8 e4m3 with fp32 scales [L, R*N,
+H/128] in the M-major strides (R*N*H/128, 1, R*N), or int32 UE8M0 words [L, R*N, H/512] with
+use_ue8m0, or bf16; recv_count = masked_m int32 [L]; combine sums w[t, j] * y in fp32 in top-k
+order and writes bf16 [T, H], zeros for a token with every slot -1. DeepEP's checks hold (T <= N,
+E % R == 0, use_ue8m0 needs round_scale, async_finish excludes return_recv_hook) and the library's
+own reject bad shapes, expert ids and dtypes with a clear epmoe.Error.
+
+What differs, on purpose:
+- Rows of an expert come in (source rank, token, top-k slot) order, the same on every run; DeepEP's
+  depend on atomics. The handle also indexes like DeepEP's tuple (src_info, layout_range, N, hidden,
+  num_experts); layout_range is computed from src_info when first read.
+- Every call runs on the caller's current stream, so the returned events have nothing to wait for
+  (`current_stream_wait()` does nothing) and async_finish changes nothing.
+- The buffer's memory is sized per configuration (epmoe_ep_layout), not by num_rdma_bytes, which is
+  accepted and ignored, as are num_qps_per_rank, allow_nvlink_for_low_latency_mode and allow_mnnvl
+  (the transport is NCCL's device API over NVLink where every rank can use it, else an all-to-all;
+  `transport=` chooses). An EP group is made for each (N, H, E, top-k, wire, scale format) at its
+  first call, collectively: make the first call of each before capturing a CUDA graph.
+- combine_mode="reduce_at_owner" (the default here) sums each token's rows where it lives, like
+  DeepEP, and matches a sequential fp32 sum bit for bit. "reduce_at_expert" sums a token's rows on
+  each expert rank first and moves a quarter of the bytes at R = 2; it needs topk_weights at
+  dispatch (a keyword DeepEP does not have), and combine must then get that same tensor.
+- Not supported, each raising epmoe.Unsupported: normal (high-throughput) mode, LogFMT combine, the
+  wait-time statistics tensors, enable_shrink (a peer that times out fails the group with
+  epmoe.Timeout; ranks known to have failed can be masked with low_latency_update_mask_buffer).
+
+Without GPUs the same Buffer runs on the CPU backend: Buffer(world=epmoe.CpuWorld(R), rank=r) in
+each rank's thread, numpy arrays in and out (bf16 as uint16 bits, fp8 as uint8).
+"""
+import warnings
+
+import numpy as np
+
+from . import _lib
+from ._util import empty
+from .ep import REDUCE_AT_EXPERT, EpConfig, layout_query
+from .formats import SCALE_F32_MMAJOR, SCALE_UE8M0_MMAJOR
+
+__all__ = ["Buffer", "EventOverlap", "LowLatencyHandle"]
+
+
+def _unsupported(what):
+    return _lib.error(_lib.ERR_UNSUPPORTED, f"epmoe.deep_ep: {what}")
+
+
+class EventOverlap:
+    """DeepEP's EventOverlap. epmoe's calls run on the caller's stream, so what they wrote is
+    ordered before whatever that stream runs next: there is nothing to wait for."""
+
+    def __init__(self, event=None):
+        self.event = event
+
+    def current_stream_wait(self):
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        pass
+
+
+def _layout_range(src_info, masked_m, N, R):
+    """DeepEP's layout_range [L, R] int64: (begin << 32) | count, the rows of each local expert that
+    came from each rank. Rows come in source-rank order, so each rank's are one run."""
+    L, M = src_info.shape
+    if isinstance(src_info, np.ndarray):
+        valid = np.arange(M)[None, :] < np.asarray(masked_m)[:, None]
+        src = np.where(valid, src_info // N, R)
+        count = np.stack([np.bincount(src[le], minlength=R + 1)[:R] for le in range(L)]).astype(np.int64)
+    else:  # torch on the GPU: no host sync
+        import torch
+        valid = torch.arange(M, device=src_info.device)[None, :] < masked_m[:, None]
+        src = torch.where(valid, torch.div(src_info, N, rounding_mode="floor"), R).long()
+        count = torch.zeros(L, R + 1, dtype=torch.int64, device=src_info.device)
+        count = count.scatter_add_(1, src, torch.ones_like(src))[:, :R]
+    begin = count.cumsum(1) - count
+    return (begin << 32) | count
+
+
+class LowLatencyHandle:
+    """What low_latency_dispatch hands to low_latency_combine. Indexes like DeepEP's handle tuple
+    (src_info, layout_range, num_max_dispatch_tokens_per_rank, hidden, num_experts); src_info holds
+    source rank * N + token index for each valid row."""
+
+    def __init__(self, buffer, group, dispatch, N, hidden, num_experts, parity):
+        self._buffer, self._group, self.dispatch = buffer, group, dispatch
+        self.num_max_dispatch_tokens_per_rank, self.hidden, self.num_experts = N, hidden, num_experts
+        self._parity = parity
+        self._layout = None
+
+    @property
+    def src_info(self):
+        return self.dispatch.src_info
+
+    @property
+    def layout_range(self):
+        if self._layout is None:
+            if not self.dispatch.received:
+                raise _lib.error(_lib.ERR_INVALID_ARG, "layout_range: call the dispatch's receive hook first")
+            self._layout = _layout_range(self.dispatch.src_info, self.dispatch.masked_m,
+                                         self.num_max_dispatch_tokens_per_rank, self._group.num_ranks)
+        return self._layout
+
+    def __len__(self):
+        return 5
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return tuple(self[j] for j in range(*i.indices(5)))
+        return (lambda: self.src_info, lambda: self.layout_range, lambda: self.num_max_dispatch_tokens_per_rank,
+                lambda: self.hidden, lambda: self.num_experts)[i]()
+
+    def __iter__(self):
+        return (self[i] for i in range(5))
+
+    def __repr__(self):
+        return (f"<epmoe.deep_ep.LowLatencyHandle N={self.num_max_dispatch_tokens_per_rank} hidden={self.hidden} "
+                f"experts={self.num_experts} {self.dispatch!r}>")
+
+
+class Buffer:
+    """DeepEP's Buffer, low-latency mode. On GPUs: `group` is a torch.distributed process group
+    (default WORLD), one GPU per rank (torch's current device); construction is collective. On the
+    CPU backend: world=epmoe.CpuWorld(R) and this thread's rank. The keywords after DeepEP's own:
+    combine_mode ("reduce_at_owner" or "reduce_at_expert", see the module), timeout_ms (a peer that
+    never answers raises epmoe.Timeout after it) and transport (epmoe.EpConfig.transport)."""
+
+    def __init__(self, group=None, num_nvl_bytes=0, num_rdma_bytes=0, low_latency_mode=False, num_qps_per_rank=24,
+                 allow_nvlink_for_low_latency_mode=True, allow_mnnvl=False, explicitly_destroy=False,
+                 enable_shrink=False, comm=None, *, world=None, rank=None, combine_mode="reduce_at_owner",
+                 timeout_ms=10000, transport="auto"):
+        if not low_latency_mode:
+            raise _unsupported("only DeepEP's low-latency mode is implemented: pass low_latency_mode=True")
+        if enable_shrink:
+            raise _unsupported("enable_shrink: a peer that times out fails the group (epmoe.Timeout); mask ranks known "
+                               "to have failed with low_latency_update_mask_buffer")
+        if comm is not None:
+            raise _unsupported("comm (an mpi4py communicator): pass a torch.distributed process group")
+        self._base = EpConfig(combine_mode=combine_mode, timeout_ms=int(timeout_ms), transport=transport)
+        self._base.combine_code  # noqa: B018 - a bad combine_mode fails here, not at the first dispatch
+        self._base.transport_code  # noqa: B018
+        self.explicitly_destroy = bool(explicitly_destroy)
+        self._groups = {}       # (N, H, E, k, fp8, round_scale, ue8m0) -> EpGroup
+        self._zero_copy = {}    # EpGroup -> the two combine buffers get_next_low_latency_combine_buffer hands out
+        self._calls = {}        # EpGroup -> dispatches so far (which of the two is next)
+        self._nccl = None
+        if world is not None:
+            if rank is None or not 0 <= int(rank) < world.num_ranks:
+                raise ValueError(f"Buffer(world=...): rank must be in [0, {world.num_ranks}), got {rank}")
+            self.rank, self.group_size = int(rank), world.num_ranks
+            # the factories hold no reference to self: with no cycle the buffer goes before what it holds
+            me = self.rank
+            self._make = lambda cfg: world.create_group(me, cfg)
+        else:
+            from . import nccl
+            nccl._require_backend()
+            torch, dist = nccl._torch_dist()
+            self.rank, self.group_size = dist.get_rank(group), dist.get_world_size(group)
+            uid = nccl.unique_id_from_process_group(group)
+            comm = self._nccl = nccl.NcclComm(uid, self.group_size, self.rank, torch.cuda.current_device())
+            self._make = lambda cfg: nccl.create_group_on_comm(comm, cfg)
+        self._active = [1] * self.group_size
+
+    # -- sizes
+    @staticmethod
+    def get_low_latency_rdma_size_hint(num_max_dispatch_tokens_per_rank, hidden, num_ranks, num_experts, top_k=8):
+        """The bytes of one rank's window for this configuration on the BF16 wire (the larger), what
+        DeepEP's hint sizes its buffer for. epmoe allocates it itself; the value is for accounting."""
+        return layout_query(num_ranks=num_ranks, max_tokens=num_max_dispatch_tokens_per_rank, hidden=hidden,
+                            num_experts=num_experts, top_k=top_k, wire="bf16").window_bytes
+
+    @property
+    def library_bytes(self):
+        """Window and private state of every EP group made so far (device memory on GPUs)."""
+        return sum(g.layout.library_bytes for g in self._groups.values())
+
+    # -- groups
+    def _group(self, N, H, E, k, fp8, round_scale, ue8m0):
+        key = (int(N), int(H), int(E), int(k), bool(fp8), bool(round_scale), bool(ue8m0))
+        g = self._groups.get(key)
+        if g is None:
+            if self._make is None:
+                raise _lib.error(_lib.ERR_INVALID_ARG, "this Buffer was destroyed")
+            cfg = self._base.replace(max_tokens=key[0], hidden=key[1], num_experts=key[2], top_k=key[3],
+                                     wire="fp8" if fp8 else "bf16", round_scale=bool(round_scale),
+                                     scale_fmt=SCALE_UE8M0_MMAJOR if ue8m0 else SCALE_F32_MMAJOR)
+            g = self._make(cfg)
+            if not all(self._active):
+                g.set_active_ranks(self._active)
+            self._groups[key], self._calls[g] = g, 0
+        return g
+
+    # -- dispatch
+    def low_latency_dispatch(self, x, topk_idx, num_max_dispatch_tokens_per_rank, num_experts,
+                             cumulative_local_expert_recv_stats=None, dispatch_wait_recv_cost_stats=None,
+                             use_fp8=True, round_scale=False, use_ue8m0=False, async_finish=False,
+                             return_recv_hook=False, *, topk_weights=None):
+        """Returns (recv_x, recv_count, handle, event, hook): recv_x is (fp8 [L, R*N, H], scales)
+        with use_fp8, else bf16 [L, R*N, H]; hook is None unless return_recv_hook, when only the
+        send half has run and hook() runs the receive (recv_x and recv_count are valid after it).
+        topk_weights (epmoe's keyword): fp32 [T, k], needed under combine_mode="reduce_at_expert"."""
+        if dispatch_wait_recv_cost_stats is not None:
+            raise _unsupported("dispatch_wait_recv_cost_stats is not collected")
+        if async_finish and return_recv_hook:
+            raise ValueError("low_latency_dispatch: async_finish and return_recv_hook exclude each other")
+        if use_fp8 and use_ue8m0 and not round_scale:
+            raise ValueError("low_latency_dispatch: use_ue8m0 needs round_scale=True")
+        H, k = int(x.shape[-1]), int(topk_idx.shape[-1])
+        g = self._group(num_max_dispatch_tokens_per_rank, H, num_experts, k, use_fp8, round_scale,
+                        use_fp8 and use_ue8m0)
+        if g.config.combine_code == REDUCE_AT_EXPERT and topk_weights is None:
+            raise ValueError("low_latency_dispatch: combine_mode reduce_at_expert takes topk_weights here")
+        stats = cumulative_local_expert_recv_stats
+
+        def count(d):  # DeepEP adds the received counts as the receive ends
+            if stats is not None:
+                stats[...] += d.masked_m
+
+        parity = self._calls[g] & 1
+        self._calls[g] += 1
+        hook = None
+        if return_recv_hook:
+            d = g.dispatch_send(x, topk_idx, topk_weights)
+
+            def hook():
+                count(g.dispatch_recv(d))
+        else:
+            d = g.dispatch(x, topk_idx, topk_weights)
+            count(d)
+        recv_x = (d.recv_x, d.recv_scales.swapaxes(1, 2)) if use_fp8 else d.recv_x
+        handle = LowLatencyHandle(self, g, d, int(num_max_dispatch_tokens_per_rank), H, int(num_experts), parity)
+        return recv_x, d.masked_m, handle, EventOverlap(), hook
+
+    # -- combine
+    def _own(self, handle):
+        if not isinstance(handle, LowLatencyHandle) or handle._buffer is not self:
+            raise _lib.error(_lib.ERR_INVALID_ARG, "low_latency_combine: the handle is not one of this Buffer's dispatches")
+        return handle._group, handle.dispatch
+
+    def get_next_low_latency_combine_buffer(self, handle):
+        """bf16 [L, R*N, H] for the experts to write into, then low_latency_combine(..., zero_copy=True).
+        Two per configuration, taken in turn by its dispatches (as DeepEP's two buffers are)."""
+        g, _ = self._own(handle)
+        bufs = self._zero_copy.get(g)
+        if bufs is None:
+            cfg = g.config
+            shape = (cfg.local_experts, cfg.rows, cfg.hidden)
+            bufs = self._zero_copy[g] = [empty(shape, "bfloat16", g._like(), zero=True)[0] for _ in range(2)]
+        return bufs[handle._parity]
+
+    def low_latency_combine(self, x, topk_idx, topk_weights, handle, use_logfmt=False, zero_copy=False,
+                            async_finish=False, return_recv_hook=False, out=None, combine_wait_recv_cost_stats=None):
+        """Returns (combined_x bf16 [T, H], event, hook); with return_recv_hook only the send half has
+        run and hook() completes combined_x."""
+        if use_logfmt:
+            raise _unsupported("use_logfmt (LogFMT combine)")
+        if combine_wait_recv_cost_stats is not None:
+            raise _unsupported("combine_wait_recv_cost_stats is not collected")
+        if async_finish and return_recv_hook:
+            raise ValueError("low_latency_combine: async_finish and return_recv_hook exclude each other")
+        g, d = self._own(handle)
+        if tuple(topk_idx.shape) != (d.num_tokens, g.config.top_k):
+            raise ValueError(f"low_latency_combine: topk_idx is {tuple(topk_idx.shape)}, the dispatch had "
+                             f"[{d.num_tokens}, {g.config.top_k}]")
+        w = topk_weights
+        if g.config.combine_code == REDUCE_AT_EXPERT:
+            if topk_weights is not d._weights:
+                raise ValueError("low_latency_combine: under reduce_at_expert the expert ranks applied the weights given "
+                                 "to low_latency_dispatch; pass that same topk_weights tensor")
+            w = None
+        y = x
+        if zero_copy:
+            if g not in self._zero_copy:
+                raise _lib.error(_lib.ERR_INVALID_ARG, "low_latency_combine(zero_copy=True): write the expert outputs into "
+                                 "get_next_low_latency_combine_buffer(handle) first")
+            y = self._zero_copy[g][handle._parity]
+        if return_recv_hook:
+            g.combine_send(d, y, w, out=out)
+
+            def hook():
+                g.combine_recv(d)
+            return d.out, EventOverlap(), hook
+        return g.combine(d, y, w, out=out), EventOverlap(), None
+
+    # -- housekeeping DeepEP needs and epmoe does not
+    def clean_low_latency_buffer(self, num_max_dispatch_tokens_per_rank=None, hidden=None, num_experts=None):
+        """Nothing to clean: epmoe's signals carry the call's number, so no buffer needs zeroing."""
+
+    def _set_active(self, active):
+        for g in self._groups.values():
+            g.set_active_ranks(active)
+        self._active = active
+
+    def low_latency_update_mask_buffer(self, rank_to_mask, mask=False):
+        """Mask rank_to_mask out (mask=True) from the next dispatch on; every live rank must make the
+        same updates (epmoe.EpGroup.set_active_ranks). A rank masked out of a group that exists cannot
+        rejoin it: unmasking it raises epmoe.Unsupported (DeepEP's elastic rejoin is not implemented)."""
+        if not 0 <= int(rank_to_mask) < self.group_size:
+            raise ValueError(f"low_latency_update_mask_buffer: rank {rank_to_mask} is not in [0, {self.group_size})")
+        active = list(self._active)
+        active[int(rank_to_mask)] = 0 if mask else 1
+        self._set_active(active)
+
+    def low_latency_query_mask_buffer(self, mask_status):
+        """mask_status int32 [R]: 1 for the masked ranks (written in place, numpy or torch)."""
+        for r, a in enumerate(self._active):
+            mask_status[r] = 0 if a else 1
+
+    def low_latency_clean_mask_buffer(self):
+        """Every rank back in (see low_latency_update_mask_buffer)."""
+        self._set_active([1] * self.group_size)
+
+    # -- lifetime
+    def destroy(self):
+        """Collective: closes every EP group, then the communicator."""
+        groups, self._groups, self._zero_copy, self._make = self._groups, {}, {}, None
+        try:
+            for g in groups.values():
+                g.close()
+        finally:
+            if self._nccl is not None:
+                self._nccl.close()
+                self._nccl = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.destroy()
+
+    def __del__(self):
+        if getattr(self, "_groups", None) or getattr(self, "_nccl", None) is not None:
+            # collective, like EpGroup.close: from a garbage collector it may wait for peers
+            warnings.warn(f"epmoe.deep_ep.Buffer rank {self.rank} was not destroyed", ResourceWarning, stacklevel=1)
+            try:
+                self.destroy()
+            except Exception:
+                pass
