@@ -6,7 +6,7 @@ import sys
 import numpy as np
 
 from . import _lib
-from .dlpack import CPU, CUDA, DLPackError, Tensor, as_tensor, dtype, require_contiguous
+from .dlpack import CPU, CUDA, DLPackError, Tensor, as_tensor, current_raw_stream, dtype, require_contiguous
 
 
 def torch_or_none():
@@ -113,8 +113,8 @@ def same_device(tensors, what):
 
 
 def empty(shape, dt, like, *, zero=False, stream=None):
-    """A new output: numpy for host memory, torch on the GPU (made on torch's current stream; `stream`
-    is the one the call will use it on). Returns (object for the caller, Tensor)."""
+    """A new output: numpy for host memory, torch on the GPU (made on torch's current stream;
+    `stream`: the one the call uses it on). Returns (object for the caller, Tensor)."""
     dt = dtype(dt)
     if like.is_host:
         arr = (np.zeros if zero else np.empty)(shape, dtype=dt.storage)
@@ -126,11 +126,13 @@ def empty(shape, dt, like, *, zero=False, stream=None):
                          "pass out= tensors")
     tt = (torch.zeros if zero else torch.empty)(shape, dtype=getattr(torch, dt.name),
                                                  device=f"cuda:{like.device[1]}")
-    # a stream for DLPack's handshake: without one torch orders its current stream before the legacy
-    # default stream, which a CUDA graph capture forbids (cudaErrorStreamCaptureInvalidated)
-    if stream is None:
-        stream = torch.cuda.current_stream(tt.device).cuda_stream
-    return tt, as_tensor(tt, stream=stream)
+    # torch made it (and zeroed it) on its current stream. A call on another stream goes through
+    # DLPack's exchange, which orders that stream after torch's; on the current stream it is
+    # described directly. (The exchange without a stream ordered torch's current stream before the
+    # legacy default one, which a CUDA graph capture forbids: cudaErrorStreamCaptureInvalidated.)
+    if stream is not None and stream != current_raw_stream(torch, like.device[1]):
+        return tt, as_tensor(tt, stream=stream)
+    return tt, Tensor(tt.data_ptr(), shape, dt, (CUDA, like.device[1]), None, False, tt, tt)
 
 
 def output(out, name, shape, dtypes, like, *, stream=None, zero=False):

@@ -201,9 +201,9 @@ class Tensor:
     def __init__(self, data_ptr, shape, dtype_, device=(CPU, 0), strides=None, readonly=False, owner=None,
                  source=None):
         self.data_ptr = int(data_ptr or 0)
-        self.shape = tuple(int(n) for n in shape)
-        self.dtype = dtype(dtype_)
-        self.strides = None if strides is None else tuple(int(s) for s in strides)
+        self.shape = tuple(map(int, shape))
+        self.dtype = dtype_ if type(dtype_) is DType else dtype(dtype_)
+        self.strides = None if strides is None else tuple(map(int, strides))
         self.device = (int(device[0]), int(device[1]))
         self.readonly = bool(readonly)
         self._owner = owner    # keeps the memory alive (an _Imported, a numpy array, a torch tensor)
@@ -374,6 +374,12 @@ def _stream_for_producer(stream):
     return 1 if s == 0 else s
 
 
+def current_raw_stream(torch, device):
+    """torch's current stream on a CUDA device, as the int cudaStream_t."""
+    raw = getattr(torch._C, "_cuda_getCurrentRawStream", None)  # what torch.cuda.current_stream wraps
+    return raw(device) if raw is not None else torch.cuda.current_stream(device).cuda_stream
+
+
 def _torch_cuda_view(obj, stream):
     """A Tensor over a torch CUDA tensor read from its attributes, where DLPack's exchange would
     only describe it: used on torch's current stream of its device (the handshake orders nothing
@@ -389,9 +395,7 @@ def _torch_cuda_view(obj, stream):
     if dt is None:
         return None
     dev = obj.device.index
-    raw = getattr(torch._C, "_cuda_getCurrentRawStream", None)  # the int torch.cuda.current_stream wraps
-    cur = raw(dev) if raw is not None else torch.cuda.current_stream(dev).cuda_stream
-    if int(stream) != cur:
+    if int(stream) != current_raw_stream(torch, dev):
         return None
     return Tensor(obj.data_ptr(), obj.shape, dt, (CUDA, dev), obj.stride(), False, obj, obj)
 
