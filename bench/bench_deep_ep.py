@@ -1,11 +1,14 @@
 """epmoe.deep_ep.Buffer's cost over the C entry points (run with torchrun, one process per GPU):
     python3 -m torch.distributed.run --standalone --nproc_per_node=1 bench/bench_deep_ep.py
 DeepSeek-R1 decode (128 tokens a rank, H 7168, 256 experts, top-8, FP8 dispatch, BF16 combine) through
-the DeepEP-style calls and through EpGroup directly (the ctypes layer under them), each:
+the DeepEP-style calls (reduce at owner as DeepEP; then reduce at expert, weights at dispatch) and through
+EpGroup directly (the ctypes layer under them, reduce at owner; then the same with every tensor through
+DLPack's exchange, the shortcuts for torch CUDA tensors turned off), each:
 - host: Python time per dispatch + combine pair, the GPU kept busy behind a sleep kernel (median of 200);
 - GPU: CUDA events around the pair with its launches queued behind a 1 ms sleep (median of 200);
 - graph: the pair captured once in a CUDA graph and replayed (median of 200 replays, events around each).
 The slower rank's medians are printed, one line each."""
+import contextlib
 import os
 import statistics
 import time
@@ -61,6 +64,20 @@ def measure(step):
     return median_of(host), median_of(gpu), median_of(rep)
 
 
+@contextlib.contextmanager
+def exchange_only(on):
+    """Turn off the shortcuts that describe torch CUDA tensors without DLPack's exchange (inputs on
+    torch's current stream, new outputs), for their cost side by side in one process."""
+    view, cur = epmoe.dlpack._torch_cuda_view, epmoe._util.current_raw_stream
+    if on:
+        epmoe.dlpack._torch_cuda_view = lambda obj, stream: None
+        epmoe._util.current_raw_stream = lambda torch, device: -1  # never the call's stream
+    try:
+        yield
+    finally:
+        epmoe.dlpack._torch_cuda_view, epmoe._util.current_raw_stream = view, cur
+
+
 def main():
     dist.init_process_group("nccl")
     dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
@@ -79,7 +96,13 @@ def main():
         _, _, h, _, _ = buf.low_latency_dispatch(x, idx, N, E, use_fp8=True)
         buf.low_latency_combine(y, idx, w, h)
 
-    rows = [("deep_ep.Buffer", compat)]
+    buf_x = deep_ep.Buffer(dist.group.WORLD, low_latency_mode=True, combine_mode="reduce_at_expert")
+
+    def compat_x():  # epmoe's faster combine: weights at dispatch, each expert rank sums first
+        _, _, h, _, _ = buf_x.low_latency_dispatch(x, idx, N, E, use_fp8=True, topk_weights=w)
+        buf_x.low_latency_combine(y, idx, w, h)
+
+    rows = [("deep_ep.Buffer", compat), ("  at expert", compat_x)]
     cfg = epmoe.EpConfig(max_tokens=N, hidden=H, num_experts=E, top_k=K, combine_mode="reduce_at_owner")
     g = epmoe.nccl.create_group(cfg)
 
@@ -88,12 +111,15 @@ def main():
         g.combine(d, y, w)
 
     rows.append(("EpGroup", direct))
+    rows.append(("  via DLPack", direct))  # the same, every tensor through DLPack's exchange (no shortcut)
     for name, step in rows:
-        host, gpu, graph = measure(step)
+        with exchange_only(name == "  via DLPack"):
+            host, gpu, graph = measure(step)
         if me == 0:
             print(f"bench_deep_ep R={R} {name:15s} dispatch+combine: host {host:7.1f} us | GPU {gpu:6.1f} us | "
                   f"graph {graph:6.1f} us", flush=True)
     g.close()
+    buf_x.destroy()
     buf.destroy()
     dist.destroy_process_group()
 

@@ -110,6 +110,9 @@ for s in $steps; do
     bench)
         [ -x build/bench/bench_ep ] && run bench_ep timeout 300 ./build/bench/bench_ep --json "$OUT/bench_ep.json"
         run bench_quant python3 bench/bench_quant.py
+        # the Python layers' host time over the same kernels (DeepEP's API, EpGroup), one process a GPU
+        run bench_deep_ep env PYTHONPATH=$PWD/python timeout 200 python3 -m torch.distributed.run --standalone \
+            --nproc_per_node=$((ngpu < 2 ? 1 : 2)) bench/bench_deep_ep.py
         run bench_w4a8 ./build/bench/bench_w4a8 --json "$OUT/bench_w4a8.json"
         run bench_layer timeout 300 ./build/epmoe bench --json "$OUT/bench_layer.json"
         for sc in bf16 w8a8_fp8_block w4a16; do
@@ -123,6 +126,7 @@ for s in $steps; do
         done
         [ -f "$OUT/bench_ep.log" ] && cat "$OUT/bench_ep.log"
         cat "$OUT/bench_quant.log"
+        grep bench_deep_ep "$OUT/bench_deep_ep.log"
         cat "$OUT/bench_w4a8.log"
         cat "$OUT/bench_layer.log" "$OUT"/bench_layer_*.log "$OUT/check_layer.log" "$OUT"/check_layer_*.log ;;
     esac
