@@ -4,7 +4,6 @@ over the global routing table (every rank makes every rank's inputs from one see
 wires on one Buffer (two EP groups on one communicator), the receive hooks, zero-copy combine, the
 statistics tensor, DeepEP's layout_range checks, and dispatch + fake expert + combine captured in a
 CUDA graph and replayed with new inputs."""
-import os
 import sys
 
 import numpy as np
@@ -14,7 +13,7 @@ import torch.distributed as dist
 import epmoe
 import models as mdl
 from epmoe import deep_ep
-from nccl_ep_job import inputs, model_expert_out
+from nccl_ep_job import inputs, model_expert_out, run_job
 
 N, H, K = 16, 512, 3
 
@@ -116,11 +115,7 @@ def check_graph(buf, R, E, me, dev):
         check_combine(cfg, mdl.ep_routing(cfg, idxs), idxs, ws, xs, me, out)
 
 
-def main():
-    dist.init_process_group("nccl")
-    local = int(os.environ.get("LOCAL_RANK", 0))
-    dev = torch.device("cuda", local)
-    torch.cuda.set_device(dev)
+def job(dev):
     R, me = dist.get_world_size(), dist.get_rank()
     E = 4 * R
     hint = deep_ep.Buffer.get_low_latency_rdma_size_hint(N, H, R, E)
@@ -134,10 +129,7 @@ def main():
     check_graph(buf, R, E, me, dev)
     assert all(grp.backend == "nccl_lsa" for grp in buf._groups.values())
     buf.destroy()
-    dist.barrier()
-    print(f"deep_ep_job: ok (rank {me} of {R})", flush=True)
-    dist.destroy_process_group()
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_job("deep_ep_job", job))

@@ -80,11 +80,19 @@ def check(g, cfg, seed, dev, split=False):
     assert (got == want).all(), f"combine: {np.count_nonzero(got != want)} of {got.size} differ"
 
 
-def main():
+def run_job(name, body):
+    """One torchrun process: the NCCL process group on this rank's GPU, body(dev) (it may return
+    words for the last line), a barrier, and the line test_torch.py counts."""
     dist.init_process_group("nccl")
-    local = int(os.environ.get("LOCAL_RANK", 0))
-    dev = torch.device("cuda", local)
+    dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
     torch.cuda.set_device(dev)
+    extra = body(dev) or ""
+    dist.barrier()
+    print(f"{name}: ok (rank {dist.get_rank()} of {dist.get_world_size()}{extra})", flush=True)
+    dist.destroy_process_group()
+
+
+def job(dev):
     R = dist.get_world_size()
     for i, wire in enumerate(("bf16", "fp8")):
         cfg = epmoe.EpConfig(num_ranks=R, max_tokens=16, hidden=512, num_experts=4 * R, top_k=3, wire=wire,
@@ -97,10 +105,8 @@ def main():
         with torch.cuda.stream(side):  # split halves on a stream of the caller's
             check(g, g.config, seed=100 * i + 50, dev=dev, split=True)
         g.close()
-    dist.barrier()
-    print(f"nccl_ep_job: ok (rank {dist.get_rank()} of {R}, nccl {epmoe.nccl.nccl_version()})", flush=True)
-    dist.destroy_process_group()
+    return f", nccl {epmoe.nccl.nccl_version()}"
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_job("nccl_ep_job", job))
