@@ -330,12 +330,13 @@ def _acts(a, w, name, s):
 def _masked_m(masked_m, E, M, like, s):
     """int32 [E] row counts; None means every row (made where the call runs)."""
     if masked_m is None:
-        obj, t = empty((E,), "int32", like, stream=s)
         if like.is_host:
+            obj, t = empty((E,), "int32", like)
             obj[...] = M
-        else:
-            obj.fill_(M)
-        return obj, t
+            return obj, t
+        # filled on torch's current stream, then imported for the call's: the exchange orders the fill first
+        obj = torch_or_none().full((E,), M, dtype=torch_or_none().int32, device=f"cuda:{like.device[1]}")
+        return obj, arg(obj, "masked_m", ("int32",), stream=s)
     t = arg(masked_m, "masked_m", ("int32",), stream=s)
     if t.size != E:
         raise ValueError(f"masked_m: needs {E} int32 counts (one per expert), got shape {t.shape}")

@@ -48,6 +48,25 @@ def test_gemm_kernel_within_error_model_and_workspace_kept(fmt):
 
 
 @gpu
+def test_gemm_without_masked_m_on_a_side_stream():
+    """masked_m=None: the library makes the counts on torch's current stream; a call on another
+    stream (stream=) must still see them (all M rows), the output equal to explicit counts."""
+    rng = np.random.default_rng(321)
+    E, N, K, M = 2, 128, 256, 5
+    cw, cs, _ = make_ckpt(rng, E, N, K, m8=True)
+    wg = w4a8.repack(cw, cs).to("cuda")
+    a, slabs, _ = make_acts(rng, E, M, K, epmoe.SCALE_F32_MMAJOR)
+    ag, sg = torch.from_numpy(a).cuda(), torch.from_numpy(slabs).cuda()
+    want = w4a8.gemm(wg, ag, torch.full((E,), M, dtype=torch.int32, device="cuda"), sg, epmoe.SCALE_F32_MMAJOR)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    torch.cuda._sleep(20_000_000)  # keeps the current stream busy: an unordered fill would land late
+    got = w4a8.gemm(wg, ag, None, sg, epmoe.SCALE_F32_MMAJOR, stream=side)
+    torch.cuda.synchronize()
+    assert (bits(got) == bits(want)).all()
+
+
+@gpu
 def test_mlp_kernel_close_to_reference():
     rng = np.random.default_rng(300)
     E, M, H, I = 2, 9, 256, 256
