@@ -26,8 +26,8 @@ import numpy as np
 from . import _lib
 from ._lib import check, lib
 from ._util import arg, copy_to, empty, launch_stream, on_device, output, ptr, same_device, torch_or_none
-from .dlpack import DLPackError
-from .formats import BF16, F32, GROUP, _fmt, _scalar_scale, scale_bytes
+from .dlpack import DLPackError, Tensor, as_tensor
+from .formats import BF16, F32, GROUP, SCALE_F32_MMAJOR, SCALE_UE8M0_MMAJOR, _fmt, _scalar_scale, scale_bytes
 
 __all__ = ["W4A8Weights", "repack", "repack_size", "unpack", "gemm", "mlp", "gemm_workspace_bytes",
            "mlp_workspace_bytes", "release_workspaces", "ENC_AUTO", "ENC_SYM7", "ENC_FULL"]
@@ -343,9 +343,24 @@ def _masked_m(masked_m, E, M, like, s):
     return masked_m, t
 
 
+def _deepep_mmajor(a_scales, fmt, E, M, K, s):
+    """DeepEP's low-latency scales, [E, M, G] with strides (G*M, 1, M) (float32 G = K/128, or int32
+    UE8M0 words G = ceil(K/512)): the M-major slabs of SCALE_F32_MMAJOR / SCALE_UE8M0_MMAJOR seen
+    transposed. The slabs themselves as a Tensor, or None when a_scales is not that view."""
+    if fmt not in (SCALE_F32_MMAJOR, SCALE_UE8M0_MMAJOR) or a_scales is None or not hasattr(a_scales, "__dlpack__"):
+        return None
+    t = as_tensor(a_scales, stream=s)
+    G = K // GROUP if fmt == SCALE_F32_MMAJOR else (K // GROUP + 3) // 4
+    if t.shape != (E, M, G) or t.strides != (G * M, 1, M) or t.dtype.name != ("float32" if fmt == SCALE_F32_MMAJOR else "int32"):
+        return None
+    return Tensor(t.data_ptr, (E, G, M), t.dtype, t.device, None, t.readonly, t._owner)
+
+
 def _group_scales(a_scales, scale_fmt, E, M, K, like, s):
     fmt = _fmt(scale_fmt)
-    t = arg(a_scales, "a_scales", (), stream=s)
+    t = _deepep_mmajor(a_scales, fmt, E, M, K, s) if M > 1 else None  # (M = 1: every stride fits, nothing to do)
+    if t is None:
+        t = arg(a_scales, "a_scales", (), stream=s)
     need = E * scale_bytes(fmt, M, K)
     if t.nbytes < need:
         raise ValueError(f"a_scales: {t.nbytes} bytes; {E} slab(s) of scale format {fmt} for [{M}, {K}] need {need}")
@@ -359,8 +374,9 @@ def gemm(w, a, masked_m=None, a_scales=None, scale_fmt="f32_row", *, a_tensor_sc
     for m < masked_m[e] (int32 [E], None = all M rows), bf16 [E, M, N].
 
     a: fp8 [E, M, K] (uint8 bits or float8_e4m3fn). Scales: mode (a) `a_scales` in `scale_fmt`
-    (SCALE_* or "f32_row", "f32_mmajor", "ue8m0_row", "ue8m0_mmajor"), or mode (b)
-    `a_tensor_scale`. Rows past masked_m are not written (zeros in a new `out`).
+    (SCALE_* or "f32_row", "f32_mmajor", "ue8m0_row", "ue8m0_mmajor"; DeepEP's low-latency scale
+    tensors, [E, M, K/128] float32 or [E, M, K/512] int32 in its transposed strides, pass as they are
+    with "f32_mmajor" / "ue8m0_mmajor"), or mode (b) `a_tensor_scale`. Rows past masked_m are not written (zeros in a new `out`).
 
     On the GPU the kernel needs a workspace (epmoe_w4a8_gemm_workspace() bytes, zeroed once: it
     holds a launch counter). By default one buffer per device is allocated at the first call and

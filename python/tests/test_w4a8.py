@@ -242,6 +242,30 @@ def test_mlp_ref_equals_its_steps(fmt):
     check_gemm(out, want, masked)
 
 
+@pytest.mark.parametrize("fmt", [epmoe.SCALE_F32_MMAJOR, epmoe.SCALE_UE8M0_MMAJOR])
+def test_gemm_and_mlp_take_deepeps_scale_tensors(fmt):
+    """DeepEP's low-latency scales ([E, M, G] in strides (G*M, 1, M): the M-major slabs transposed,
+    as deep_ep.Buffer and DeepEP hand them out) pass as they are, with the same results."""
+    rng = np.random.default_rng(60 + fmt)
+    E, M, H, I = 2, 6, 640, 128  # H = 5 groups: UE8M0 words padded
+    cw13, cs13, _ = make_ckpt(rng, E, 2 * I, H, m8=False)
+    cw2, cs2, _ = make_ckpt(rng, E, H, I, m8=True)
+    w13, w2 = w4a8.repack(cw13, cs13), w4a8.repack(cw2, cs2)
+    a, slabs, _ = make_acts(rng, E, M, H, fmt)
+    G = H // 128 if fmt == epmoe.SCALE_F32_MMAJOR else (H // 128 + 3) // 4
+    words = slabs.view(np.float32 if fmt == epmoe.SCALE_F32_MMAJOR else np.int32).reshape(E, G, M)
+    deepep = words.swapaxes(1, 2)
+    assert deepep.shape == (E, M, G) and deepep.strides == (G * M * 4, 4, M * 4)
+    masked = np.array([6, 4], np.int32)
+    assert (w4a8.gemm(w13, a, masked, deepep, fmt) == w4a8.gemm(w13, a, masked, slabs, fmt)).all()
+    assert (w4a8.mlp(w13, w2, a, masked, deepep, fmt) == w4a8.mlp(w13, w2, a, masked, slabs, fmt)).all()
+    wide = np.concatenate([words, words], axis=2).swapaxes(1, 2)[:, :M]  # strides (2GM, 1, 2M): not DeepEP's
+    with pytest.raises(epmoe.DLPackError, match="contiguous"):
+        w4a8.gemm(w13, a, masked, wide, fmt)
+    with pytest.raises(epmoe.DLPackError, match="contiguous"):  # the view with a row-major format
+        w4a8.gemm(w13, a, masked, deepep, "f32_row")
+
+
 def test_mlp_ref_per_tensor_scales():
     rng = np.random.default_rng(47)
     E, M, H, I = 2, 3, 256, 128

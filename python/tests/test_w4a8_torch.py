@@ -50,7 +50,8 @@ def test_gemm_kernel_within_error_model_and_workspace_kept(fmt):
 @gpu
 def test_gemm_without_masked_m_on_a_side_stream():
     """masked_m=None: the library makes the counts on torch's current stream; a call on another
-    stream (stream=) must still see them (all M rows), the output equal to explicit counts."""
+    stream (stream=) must still see them (all M rows), the output equal to explicit counts. Then
+    the scales as DeepEP's transposed view."""
     rng = np.random.default_rng(321)
     E, N, K, M = 2, 128, 256, 5
     cw, cs, _ = make_ckpt(rng, E, N, K, m8=True)
@@ -62,6 +63,12 @@ def test_gemm_without_masked_m_on_a_side_stream():
     side.wait_stream(torch.cuda.current_stream())
     torch.cuda._sleep(20_000_000)  # keeps the current stream busy: an unordered fill would land late
     got = w4a8.gemm(wg, ag, None, sg, epmoe.SCALE_F32_MMAJOR, stream=side)
+    torch.cuda.synchronize()
+    assert (bits(got) == bits(want)).all()
+    # DeepEP's scale tensor (the M-major slabs transposed) passes as it is
+    deepep = sg.view(torch.float32).reshape(E, K // 128, M).transpose(1, 2)
+    assert deepep.stride() == (K // 128 * M, 1, M)
+    got = w4a8.gemm(wg, ag, torch.full((E,), M, dtype=torch.int32, device="cuda"), deepep, epmoe.SCALE_F32_MMAJOR)
     torch.cuda.synchronize()
     assert (bits(got) == bits(want)).all()
 
