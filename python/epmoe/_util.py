@@ -81,8 +81,9 @@ def on_device(t):
         yield
 
 
-def arg(obj, name, dtypes, *, ndim=None, stream=None, allow_none=False):
-    """Import one tensor argument and check what the C function needs: dtype, rank, contiguity."""
+def arg(obj, name, dtypes, *, ndim=None, stream=None, allow_none=False, contiguous=True):
+    """Import one tensor argument and check what the C function needs: dtype, rank, contiguity
+    (contiguous=False: the caller checks the layout)."""
     if obj is None:
         if allow_none:
             return None
@@ -97,7 +98,8 @@ def arg(obj, name, dtypes, *, ndim=None, stream=None, allow_none=False):
                         f"{' or '.join(d.name for d in allowed)}")
     if ndim is not None and t.ndim not in (ndim if isinstance(ndim, tuple) else (ndim,)):
         raise ValueError(f"{name}: expected {ndim} dimensions, got shape {t.shape}")
-    require_contiguous(t, name)
+    if contiguous:
+        require_contiguous(t, name)
     return t
 
 

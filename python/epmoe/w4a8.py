@@ -26,7 +26,7 @@ import numpy as np
 from . import _lib
 from ._lib import check, lib
 from ._util import arg, copy_to, empty, launch_stream, on_device, output, ptr, same_device, torch_or_none
-from .dlpack import DLPackError, Tensor, as_tensor
+from .dlpack import DLPackError, Tensor, require_contiguous
 from .formats import BF16, F32, GROUP, SCALE_F32_MMAJOR, SCALE_UE8M0_MMAJOR, _fmt, _scalar_scale, scale_bytes
 
 __all__ = ["W4A8Weights", "repack", "repack_size", "unpack", "gemm", "mlp", "gemm_workspace_bytes",
@@ -343,13 +343,12 @@ def _masked_m(masked_m, E, M, like, s):
     return masked_m, t
 
 
-def _deepep_mmajor(a_scales, fmt, E, M, K, s):
+def _deepep_mmajor(t, fmt, E, M, K):
     """DeepEP's low-latency scales, [E, M, G] with strides (G*M, 1, M) (float32 G = K/128, or int32
     UE8M0 words G = ceil(K/512)): the M-major slabs of SCALE_F32_MMAJOR / SCALE_UE8M0_MMAJOR seen
-    transposed. The slabs themselves as a Tensor, or None when a_scales is not that view."""
-    if fmt not in (SCALE_F32_MMAJOR, SCALE_UE8M0_MMAJOR) or a_scales is None or not hasattr(a_scales, "__dlpack__"):
+    transposed. The slabs themselves as a Tensor, or None when t is not that view."""
+    if fmt not in (SCALE_F32_MMAJOR, SCALE_UE8M0_MMAJOR):
         return None
-    t = as_tensor(a_scales, stream=s)
     G = K // GROUP if fmt == SCALE_F32_MMAJOR else (K // GROUP + 3) // 4
     if t.shape != (E, M, G) or t.strides != (G * M, 1, M) or t.dtype.name != ("float32" if fmt == SCALE_F32_MMAJOR else "int32"):
         return None
@@ -358,9 +357,12 @@ def _deepep_mmajor(a_scales, fmt, E, M, K, s):
 
 def _group_scales(a_scales, scale_fmt, E, M, K, like, s):
     fmt = _fmt(scale_fmt)
-    t = _deepep_mmajor(a_scales, fmt, E, M, K, s) if M > 1 else None  # (M = 1: every stride fits, nothing to do)
-    if t is None:
-        t = arg(a_scales, "a_scales", (), stream=s)
+    t = arg(a_scales, "a_scales", (), stream=s, contiguous=False)
+    if not t.is_contiguous():  # DeepEP's view, or refused
+        view = _deepep_mmajor(t, fmt, E, M, K)
+        if view is None:
+            require_contiguous(t, "a_scales")
+        t = view
     need = E * scale_bytes(fmt, M, K)
     if t.nbytes < need:
         raise ValueError(f"a_scales: {t.nbytes} bytes; {E} slab(s) of scale format {fmt} for [{M}, {K}] need {need}")
