@@ -486,7 +486,10 @@ typedef struct epmoe_ep_layout {
 EPMOE_API epmoe_status epmoe_ep_layout_query(const epmoe_ep_config *cfg, epmoe_ep_layout *out);
 
 /* CPU backend: a world of num_ranks ranks in this process; each rank's thread then calls
-** epmoe_ep_create_cpu with its rank (collective: all ranks must call it). */
+** epmoe_ep_create_cpu with its rank (collective: all ranks must call it). A world holds any number
+** of groups, as a communicator does: creating and destroying them is collective, in the same
+** order on every rank. Each group's windows stay allocated until the world is freed. Destroying
+** the world with groups still open is allowed: it is freed when the last of them is destroyed. */
 EPMOE_API epmoe_status epmoe_cpu_world_create(int num_ranks, epmoe_cpu_world **world);
 EPMOE_API void epmoe_cpu_world_destroy(epmoe_cpu_world *world);
 EPMOE_API epmoe_status epmoe_ep_create_cpu(epmoe_cpu_world *world, const epmoe_ep_config *cfg, epmoe_ep **ep);

@@ -232,6 +232,9 @@ static void test_bad_args(void) {
     b = c, b.rank = 1;
     CHECK_STATUS(epmoe_ep_layout_query(&b, &lay), EPMOE_ERR_INVALID_ARG);
     CHECK_STATUS(epmoe_ep_layout_query(NULL, &lay), EPMOE_ERR_NULL_POINTER);
+    b = c, b.num_ranks = b.num_experts = 32767, b.max_tokens = b.hidden = 65536; /* R*N*H: 2^47 elements an expert */
+    CHECK_STATUS(epmoe_ep_layout_query(&b, &lay), EPMOE_ERR_INVALID_ARG);
+    CHECK(strstr(epmoe_last_error(), "num_ranks * max_tokens * hidden") != NULL, "message: %s", epmoe_last_error());
 
     /* per-call arguments on a 1-rank group */
     epmoe_cpu_world *w;
@@ -472,10 +475,69 @@ static void test_destroy_timeout(void) {
     epmoe_cpu_world_destroy(w);
 }
 
+/* One world, two groups on every rank (a BF16 wire at H = 128 and at H = 256), used in turn, with the
+** world destroyed before the groups: each group's rows land in its own windows, and the world lives on
+** until its last group is destroyed (ASan: no use after free, no leak). Identity experts with weights
+** 0.5 + 0.5 give every token back exactly. */
+typedef struct {
+    epmoe_cpu_world *w;
+    int rank, ok;
+    char err[256];
+} groups_job;
+enum { GJ_R = 2, GJ_N = 2, GJ_E = 4, GJ_K = 2 };
+static int gj_round(epmoe_ep *ep, int H, int rank, int salt) {
+    uint16_t x[GJ_N * 256], out[GJ_N * 256], recv[GJ_E / GJ_R * GJ_R * GJ_N * 256];
+    int32_t idx[GJ_N * GJ_K], masked[GJ_E / GJ_R];
+    float wts[GJ_N * GJ_K];
+    for (int t = 0; t < GJ_N; t++) {
+        for (int h = 0; h < H; h++) x[t * H + h] = epmoe_bf16_from_float((float)(rank * 1000 + t * 100 + h % 50 + salt));
+        idx[t * GJ_K] = (rank + t) % GJ_E, idx[t * GJ_K + 1] = (rank + t + 1) % GJ_E; /* both ranks' experts */
+        wts[t * GJ_K] = wts[t * GJ_K + 1] = 0.5f;
+    }
+    epmoe_dispatch_args a = {x, idx, 32, wts, GJ_N, recv, NULL, masked, NULL, NULL};
+    uint32_t hd;
+    epmoe_combine_args c = {recv, wts, out};
+    if (epmoe_dispatch(ep, &a, EPMOE_PHASE_BOTH, &hd, NULL) != EPMOE_OK || epmoe_combine(ep, hd, &c, EPMOE_PHASE_BOTH, NULL) != EPMOE_OK)
+        return 0;
+    return memcmp(out, x, sizeof(uint16_t) * GJ_N * (size_t)H) == 0;
+}
+static void *groups_rank(void *arg) {
+    groups_job *j = arg;
+    epmoe_ep *ep[2] = {NULL, NULL};
+    for (int g = 0; g < 2; g++) {
+        epmoe_ep_config c = EPMOE_EP_CONFIG_INIT;
+        c.num_ranks = GJ_R, c.rank = j->rank, c.max_tokens = GJ_N, c.hidden = 128 * (g + 1), c.num_experts = GJ_E,
+        c.top_k = GJ_K, c.wire = EPMOE_WIRE_BF16, c.combine_mode = EPMOE_COMBINE_REDUCE_AT_OWNER, c.timeout_ms = 5000;
+        if (epmoe_ep_create_cpu(j->w, &c, &ep[g]) != EPMOE_OK) {
+            snprintf(j->err, sizeof j->err, "create %d: %s", g, epmoe_last_error());
+            return NULL;
+        }
+    }
+    j->ok = gj_round(ep[0], 128, j->rank, 1) && gj_round(ep[1], 256, j->rank, 2);
+    if (j->rank == 0) epmoe_cpu_world_destroy(j->w); /* groups still open on both ranks */
+    j->ok = j->ok && gj_round(ep[0], 128, j->rank, 3) && gj_round(ep[1], 256, j->rank, 4);
+    if (!j->ok) snprintf(j->err, sizeof j->err, "%s", epmoe_last_error());
+    for (int g = 0; g < 2; g++) j->ok &= epmoe_ep_destroy(ep[g]) == EPMOE_OK;
+    return NULL;
+}
+static void test_world_groups(void) {
+    epmoe_cpu_world *w;
+    CHECK_STATUS(epmoe_cpu_world_create(GJ_R, &w), EPMOE_OK);
+    groups_job j[GJ_R];
+    pthread_t th[GJ_R];
+    for (int r = 0; r < GJ_R; r++) {
+        j[r] = (groups_job){w, r, 0, ""};
+        pthread_create(&th[r], NULL, groups_rank, &j[r]);
+    }
+    for (int r = 0; r < GJ_R; r++) pthread_join(th[r], NULL);
+    for (int r = 0; r < GJ_R; r++) CHECK(j[r].ok, "rank %d: two groups on one world: %s", r, j[r].err);
+}
+
 int main(void) {
     test_bad_args();
     test_ref_args();
     test_destroy_timeout();
+    test_world_groups();
     test_matrix();
     test_special_routes();
     test_masked_rank();

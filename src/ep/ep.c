@@ -36,6 +36,10 @@ epmoe_status epmoe__ep_check_config(const char *fn, const epmoe_ep_config *c) {
     if (c->num_experts < c->num_ranks || c->num_experts % c->num_ranks || c->num_experts > 32767)
         return epmoe__fail(EPMOE_ERR_INVALID_ARG, "%s: num_experts = %d must be a multiple of num_ranks = %d (at most 32767)",
                            fn, c->num_experts, c->num_ranks);
+    /* one expert's receive slab [R*N, H] is a matrix of the format functions (and its scale slab) */
+    if ((int64_t)c->num_ranks * c->max_tokens > EPMOE__MAX_ELEMS / c->hidden)
+        return epmoe__fail(EPMOE_ERR_INVALID_ARG, "%s: num_ranks * max_tokens * hidden = %d * %d * %d is above %lld elements "
+                           "an expert", fn, c->num_ranks, c->max_tokens, c->hidden, (long long)EPMOE__MAX_ELEMS);
     if (c->top_k < 1 || c->top_k > EPMOE_MAX_TOPK)
         return epmoe__fail(EPMOE_ERR_INVALID_ARG, "%s: top_k = %d must be in [1, %d]", fn, c->top_k, EPMOE_MAX_TOPK);
     if (c->wire != EPMOE_WIRE_BF16 && c->wire != EPMOE_WIRE_FP8)

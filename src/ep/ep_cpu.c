@@ -15,18 +15,32 @@
 
 #include "ep_internal.h"
 
+/* The windows and configs of one group of the world: rank r's k-th group is slot k. Owned by the
+** world and freed with it, so a failed rank's peers never write freed memory. */
+typedef struct cpu_slot {
+    uint8_t **windows;     /* [R] */
+    epmoe_ep_config *cfgs; /* [R]: what each rank asked for, compared at creation */
+} cpu_slot;
+
+/* Groups are created and destroyed collectively, in the same order on every rank (as on an NCCL
+** communicator), so rank r's k-th creation meets its peers' k-th in slot k. The world counts its live
+** groups: destroyed with groups still open, it is freed by the last group's destroy. */
 struct epmoe_cpu_world {
     int R;
     pthread_mutex_t mu;
     pthread_cond_t cv;
     int arrived;
     unsigned generation;
-    uint8_t **windows;     /* [R]: owned by the world, so a failed rank's peers never write freed memory */
-    epmoe_ep_config *cfgs; /* [R]: what each rank asked for, compared at creation */
+    cpu_slot **slots; /* [nslots]: a slot never moves (peers read it without the lock) */
+    int nslots;
+    int *created;     /* [R]: groups each rank has created */
+    int live;         /* groups created and not yet destroyed */
+    int destroyed;    /* epmoe_cpu_world_destroy was called */
 };
 
 typedef struct cpu_impl {
     epmoe_cpu_world *world;
+    cpu_slot *slot;   /* this group's windows */
     uint8_t *payload; /* one message payload (the token cast once) */
     int32_t *pairs;   /* [E] rows sent per expert in this call */
     int32_t *msgs;    /* [R] messages sent per destination in this call (without dedup) */
@@ -38,26 +52,53 @@ epmoe_status epmoe_cpu_world_create(int num_ranks, epmoe_cpu_world **world) {
     if (num_ranks < 1 || num_ranks > 1024)
         return epmoe__fail(EPMOE_ERR_INVALID_ARG, "epmoe_cpu_world_create: num_ranks = %d must be in [1, 1024]", num_ranks);
     epmoe_cpu_world *w = calloc(1, sizeof *w);
-    if (!w) return epmoe__fail(EPMOE_ERR_OUT_OF_MEMORY, "epmoe_cpu_world_create: out of memory");
-    w->R = num_ranks;
-    w->windows = calloc((size_t)num_ranks, sizeof *w->windows);
-    w->cfgs = calloc((size_t)num_ranks, sizeof *w->cfgs);
-    if (!w->windows || !w->cfgs) {
-        free(w->windows), free(w->cfgs), free(w);
+    if (!w || !(w->created = calloc((size_t)num_ranks, sizeof *w->created))) {
+        free(w);
         return epmoe__fail(EPMOE_ERR_OUT_OF_MEMORY, "epmoe_cpu_world_create: out of memory");
     }
+    w->R = num_ranks;
     pthread_mutex_init(&w->mu, NULL);
     pthread_cond_init(&w->cv, NULL);
     *world = w;
     return EPMOE_OK;
 }
 
-void epmoe_cpu_world_destroy(epmoe_cpu_world *w) {
-    if (!w) return;
-    for (int r = 0; r < w->R; r++) free(w->windows[r]);
+static void world_free(epmoe_cpu_world *w) {
+    for (int k = 0; k < w->nslots; k++) {
+        for (int r = 0; r < w->R; r++) free(w->slots[k]->windows[r]);
+        free(w->slots[k]->windows), free(w->slots[k]->cfgs), free(w->slots[k]);
+    }
     pthread_mutex_destroy(&w->mu);
     pthread_cond_destroy(&w->cv);
-    free(w->windows), free(w->cfgs), free(w);
+    free(w->slots), free(w->created), free(w);
+}
+
+void epmoe_cpu_world_destroy(epmoe_cpu_world *w) {
+    if (!w) return;
+    pthread_mutex_lock(&w->mu);
+    w->destroyed = 1;
+    const int now = w->live == 0;
+    pthread_mutex_unlock(&w->mu);
+    if (now) world_free(w);
+}
+
+/* Rank r's next slot, made by whichever rank gets there first (under w->mu). NULL: out of memory. */
+static cpu_slot *next_slot(epmoe_cpu_world *w, int r) {
+    const int k = w->created[r];
+    if (k == w->nslots) {
+        cpu_slot **grown = realloc(w->slots, sizeof *grown * (size_t)(k + 1));
+        if (!grown) return NULL;
+        w->slots = grown;
+        cpu_slot *s = calloc(1, sizeof *s);
+        if (s && (!(s->windows = calloc((size_t)w->R, sizeof *s->windows)) || !(s->cfgs = calloc((size_t)w->R, sizeof *s->cfgs)))) {
+            free(s->windows), free(s);
+            s = NULL;
+        }
+        if (!s) return NULL;
+        w->slots[w->nslots++] = s;
+    }
+    w->created[r]++;
+    return w->slots[k];
 }
 
 /* A barrier of all ranks that gives up after timeout_ms (a rank that never comes). */
@@ -86,7 +127,7 @@ static epmoe_status world_barrier(epmoe_cpu_world *w, int rank, int timeout_ms, 
     return EPMOE_OK;
 }
 
-static uint8_t *win(epmoe_ep *ep, int r) { return ((cpu_impl *)ep->impl)->world->windows[r]; }
+static uint8_t *win(epmoe_ep *ep, int r) { return ((cpu_impl *)ep->impl)->slot->windows[r]; }
 
 /* Spin until *flag >= want (acquire), or fail the ep after its timeout. */
 static epmoe_status wait_flag(epmoe_ep *ep, uint64_t *flag, uint64_t want, const char *what, int peer) {
@@ -341,8 +382,13 @@ static void cpu_destroy(epmoe_ep *ep) {
     if (!ep->failed && world_barrier(im->world, ep->cfg.rank, ep->cfg.timeout_ms, "epmoe_ep_destroy") != EPMOE_OK &&
         all_active)
         ep->failed = 1;
+    epmoe_cpu_world *w = im->world;
     free(im->payload), free(im->pairs), free(im->msgs), free(im->acc), free(im);
     ep->impl = NULL;
+    pthread_mutex_lock(&w->mu);
+    const int last = --w->live == 0 && w->destroyed;
+    pthread_mutex_unlock(&w->mu);
+    if (last) world_free(w);
 }
 
 static const ep_backend_ops cpu_ops = {cpu_dispatch_send, cpu_dispatch_recv, cpu_combine_send, cpu_combine_recv,
@@ -372,22 +418,29 @@ epmoe_status epmoe_ep_create_cpu(epmoe_cpu_world *w, const epmoe_ep_config *cfg,
         return epmoe__fail(EPMOE_ERR_OUT_OF_MEMORY, "%s: out of memory for a %zu-byte window", fn, (size_t)ep->w.total);
     }
     memset(window, 0, (size_t)ep->w.total);
+    pthread_mutex_lock(&w->mu);
+    cpu_slot *slot = w->destroyed ? NULL : next_slot(w, cfg->rank);
+    if (slot) slot->windows[cfg->rank] = window, epmoe__ep_config_copy(cfg, &slot->cfgs[cfg->rank]), w->live++;
+    const int destroyed = w->destroyed;
+    pthread_mutex_unlock(&w->mu);
+    if (!slot) {
+        free(im->payload), free(im->pairs), free(im->msgs), free(im->acc), free(im);
+        free(window);
+        epmoe__ep_free(ep);
+        return destroyed ? epmoe__fail(EPMOE_ERR_INVALID_ARG, "%s: the world was destroyed", fn)
+                         : epmoe__fail(EPMOE_ERR_OUT_OF_MEMORY, "%s: out of memory", fn);
+    }
+    im->slot = slot;
     ep->impl = im;
     ep->ops = &cpu_ops;
-    pthread_mutex_lock(&w->mu);
-    int taken = w->windows[cfg->rank] != NULL;
-    if (!taken) w->windows[cfg->rank] = window, epmoe__ep_config_copy(cfg, &w->cfgs[cfg->rank]);
-    pthread_mutex_unlock(&w->mu);
-    epmoe_status st = taken ? epmoe__fail(EPMOE_ERR_INVALID_ARG, "%s: rank %d was already created in this world", fn, cfg->rank)
-                            : world_barrier(w, cfg->rank, cfg->timeout_ms, fn);
+    epmoe_status st = world_barrier(w, cfg->rank, cfg->timeout_ms, fn);
     for (int r = 0; st == EPMOE_OK && r < w->R; r++) /* every rank sees every config after the barrier */
-        if (!epmoe__ep_same_shape(&w->cfgs[r], cfg))
+        if (!epmoe__ep_same_shape(&slot->cfgs[r], cfg))
             st = epmoe__fail(EPMOE_ERR_INVALID_ARG, "%s: rank %d's config differs from rank %d's (max_tokens %d vs %d, "
                              "hidden %d vs %d, experts %d vs %d, top_k %d vs %d, or the wire/mode fields)", fn, r, cfg->rank,
-                             w->cfgs[r].max_tokens, cfg->max_tokens, w->cfgs[r].hidden, cfg->hidden,
-                             w->cfgs[r].num_experts, cfg->num_experts, w->cfgs[r].top_k, cfg->top_k);
+                             slot->cfgs[r].max_tokens, cfg->max_tokens, slot->cfgs[r].hidden, cfg->hidden,
+                             slot->cfgs[r].num_experts, cfg->num_experts, slot->cfgs[r].top_k, cfg->top_k);
     if (st != EPMOE_OK) {
-        if (taken) free(window);
         ep->failed = 1; /* no teardown barrier: the group never formed */
         epmoe_ep_destroy(ep);
         return st;
