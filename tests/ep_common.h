@@ -163,7 +163,7 @@ static void check_scenario(const scenario *sc, const epmoe_ep_layout *lay_, rank
                 const size_t rb = (size_t)H * recv_elem_size(c);
                 const uint8_t *got = (uint8_t *)io[d].recv_x[round] + (size_t)le * M * rb, *want = (uint8_t *)rx[d] + (size_t)le * M * rb;
                 if (sc->requant) { /* expected: the reference's group-scaled rows requantized */
-                    uint8_t *rq = malloc((size_t)m * H + 1);
+                    uint8_t *rq = malloc((size_t)M * H); /* y is [E, M, K] for the op, though it writes only m rows */
                     const size_t slab = epmoe_scale_bytes(c->scale_fmt, M, H);
                     int32_t mm = (int32_t)m;
                     float osc = 0.05f;

@@ -287,6 +287,12 @@ static void test_bad_args(void) {
     BOTH_CAST_GROUP(EPMOE_ERR_INVALID_ARG, x, INT64_MAX / 64, 256, q, s, F, 0);
     BOTH_CAST_GROUP(EPMOE_ERR_INVALID_ARG, x, 1, 128, q, s, (epmoe_scale_fmt)9, 0);
     BOTH_CAST_GROUP(EPMOE_ERR_INVALID_ARG, x, 1, 128, q, s, EPMOE_SCALE_UE8M0_ROW, 0);
+    /* outputs that share bytes with an input or with each other: refused before any write */
+    BOTH_CAST_GROUP(EPMOE_ERR_INVALID_ARG, x, 1, 128, (uint8_t *)x + 128, s, F, 0);
+    CHECK(strstr(epmoe_last_error(), "q overlaps x") != NULL, "message: %s", epmoe_last_error());
+    BOTH_CAST_GROUP(EPMOE_ERR_INVALID_ARG, x, 1, 128, q, (float *)(void *)(q + 124), F, 0);
+    CHECK(strstr(epmoe_last_error(), "scales overlaps q") != NULL, "message: %s", epmoe_last_error());
+    BOTH_CAST_GROUP(EPMOE_ERR_INVALID_ARG, x, 1, 128, q, (float *)(void *)x, F, 0);
     CHECK_STATUS(epmoe_cast_group_fp8_ref(NULL, 0, 128, NULL, NULL, F, 0), EPMOE_OK);
     CHECK_STATUS(epmoe_cast_group_fp8_cuda(NULL, 0, 128, NULL, NULL, F, 0, NULL), EMPTY_OK);
     CHECK_STATUS(epmoe_cast_group_fp8_cuda((const uint16_t *)((char *)x + 2), 1, 128, q, s, F, 0, NULL), EPMOE_ERR_MISALIGNED);
@@ -298,6 +304,8 @@ static void test_bad_args(void) {
     CHECK_STATUS(epmoe_cast_tensor_fp8_ref(x, -4, s, q), EPMOE_ERR_INVALID_ARG);
     CHECK_STATUS(epmoe_cast_tensor_fp8_cuda(x, 4, s, NULL, NULL), EPMOE_ERR_NULL_POINTER);
     CHECK_STATUS(epmoe_cast_tensor_fp8_cuda(x, 4, s, q + 3, NULL), EPMOE_ERR_MISALIGNED);
+    CHECK_STATUS(epmoe_cast_tensor_fp8_ref(x, 4, s, (uint8_t *)x + 7), EPMOE_ERR_INVALID_ARG); /* q inside x */
+    CHECK_STATUS(epmoe_cast_tensor_fp8_cuda(x, 16, s, (uint8_t *)x, NULL), EPMOE_ERR_INVALID_ARG);
     CHECK_STATUS(epmoe_cast_tensor_fp8_ref(NULL, 0, NULL, NULL), EPMOE_OK);
     CHECK_STATUS(epmoe_cast_tensor_fp8_cuda(NULL, 0, NULL, NULL, NULL), EMPTY_OK);
 
@@ -326,6 +334,9 @@ static void test_bad_args(void) {
     BOTH_DEQUANT(EPMOE_ERR_INVALID_ARG, q, s, F, NULL, 1, 1, 128, (epmoe_dtype)7, yf);
     BOTH_DEQUANT(EPMOE_ERR_NULL_POINTER, q, s, F, NULL, 1, 1, 128, EPMOE_F32, NULL);
     BOTH_DEQUANT(EPMOE_ERR_INVALID_ARG, q, s, F, NULL, 1, -3, 128, EPMOE_F32, yf);
+    BOTH_DEQUANT(EPMOE_ERR_INVALID_ARG, q, yf + 120, F, NULL, 1, 1, 128, EPMOE_F32, yf); /* y over its own scales */
+    CHECK(strstr(epmoe_last_error(), "y overlaps scales") != NULL, "message: %s", epmoe_last_error());
+    BOTH_REQUANT(EPMOE_ERR_INVALID_ARG, q, (float *)(void *)(y + 200), F, m, 2, 1, 128, s, y);
 
     /* Valid arguments on a machine without a usable GPU: a clear status, never a crash. */
     if (epmoe_cuda_device_count() == 0) {
