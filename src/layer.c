@@ -102,9 +102,9 @@ static epmoe_status check_layer(const char *fn, const epmoe_ep_config *ec, const
     if (cfg->per_tensor_act && cfg->scheme != EPMOE_SCHEME_W4AFP8)
         return epmoe__fail(EPMOE_ERR_INVALID_ARG, "%s: per_tensor_act is w4afp8's compat mode; scheme %s has no static "
                            "per-tensor activation scales", fn, scheme_name(cfg->scheme));
-    if (cfg->intermediate <= 0 || cfg->intermediate % 128)
-        return epmoe__fail(EPMOE_ERR_INVALID_ARG, "%s: intermediate = %lld must be a positive multiple of 128", fn,
-                           (long long)cfg->intermediate);
+    if (cfg->intermediate <= 0 || cfg->intermediate % 128 || cfg->intermediate > EPMOE__MAX_DIM)
+        return epmoe__fail(EPMOE_ERR_INVALID_ARG, "%s: intermediate = %lld must be a positive multiple of 128, at most %lld",
+                           fn, (long long)cfg->intermediate, (long long)EPMOE__MAX_DIM);
     if (cfg->expected_m < 0) return epmoe__fail(EPMOE_ERR_INVALID_ARG, "%s: expected_m must be >= 0", fn);
     EPMOE_CHECK(check_weights(fn, ec, cfg, w, device));
     if (cfg->per_tensor_act && (!w->a1_scale || !w->a2_scale))

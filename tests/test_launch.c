@@ -154,6 +154,13 @@ static void test_bootstrap_file(const char *dir) {
     CHECK(strstr(epmoe_last_error(), "not an epmoe bootstrap file") != NULL, "message: %s", epmoe_last_error());
     write_file(junk, "epmoe-bootstrap 1 ranks 2\nshort", 31);
     CHECK_STATUS(epmoe__bootstrap_fetch(junk, got, 2, 100), EPMOE_ERR_INVALID_ARG);
+    /* an empty count, then digits to the end of what is read and no zero byte: the count is parsed
+    ** from the first line alone (sscanf had run on past the read buffer: ASan) */
+    char digits[64 + EPMOE_NCCL_UNIQUE_ID_BYTES];
+    memcpy(digits, "epmoe-bootstrap 1 ranks \n", 25);
+    memset(digits + 25, '7', sizeof digits - 25);
+    write_file(junk, digits, sizeof digits);
+    CHECK_STATUS(epmoe__bootstrap_fetch(junk, got, 2, 100), EPMOE_ERR_INVALID_ARG);
     unlink(junk);
     /* rank 0 never comes */
     char missing[512];

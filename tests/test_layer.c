@@ -256,6 +256,9 @@ static void test_schemes_and_args(void) {
     lc = c.lc;
     lc.intermediate = 256; /* the weights are for I = 128 */
     CHECK_STATUS(epmoe_layer_create(ep, &lc, &c.hw[0], &layer), EPMOE_ERR_INVALID_ARG);
+    lc.intermediate = INT64_MAX - 127; /* a multiple of 128 whose 2 * I overflows (UBSan) */
+    CHECK_STATUS(epmoe_layer_create(ep, &lc, &c.hw[0], &layer), EPMOE_ERR_INVALID_ARG);
+    CHECK(strstr(epmoe_last_error(), "at most") != NULL, "message: %s", epmoe_last_error());
     lc = c.lc;
     lc.size = 8;
     CHECK_STATUS(epmoe_layer_create(ep, &lc, &c.hw[0], &layer), EPMOE_ERR_INVALID_ARG);

@@ -114,10 +114,10 @@ epmoe_status epmoe__bootstrap_fetch(const char *path, void *id, int size, int ti
             ssize_t got;
             while (n < sizeof buf && (got = read(fd, buf + n, sizeof buf - n)) > 0) n += (size_t)got;
             close(fd);
-            char *nl = memchr(buf, '\n', n < 64 ? n : 64);
+            char *nl = memchr(buf, '\n', n < 64 ? n : 64), line[65] = {0};
+            if (nl) memcpy(line, buf, (size_t)(nl - (char *)buf)); /* the text line alone, terminated: sscanf runs strlen */
             int ranks = -1;
-            if (!nl || strncmp((char *)buf, BOOT_MAGIC, sizeof BOOT_MAGIC - 1) ||
-                sscanf((char *)buf + sizeof BOOT_MAGIC - 1, "%d", &ranks) != 1 ||
+            if (!nl || strncmp(line, BOOT_MAGIC, sizeof BOOT_MAGIC - 1) || sscanf(line + sizeof BOOT_MAGIC - 1, "%d", &ranks) != 1 ||
                 n != (size_t)(nl + 1 - (char *)buf) + EPMOE_NCCL_UNIQUE_ID_BYTES)
                 return epmoe__fail(EPMOE_ERR_INVALID_ARG, "EPMOE_BOOTSTRAP_FILE %s is not an epmoe bootstrap file", path);
             if (ranks != size)
