@@ -1,12 +1,33 @@
 """What every wrapper needs: checked tensor arguments, outputs (numpy on the host, torch on the
 GPU, or the caller's `out=`), the CUDA stream and device of a call, and torch only when present."""
 import contextlib
+import ctypes
+import operator
 import sys
 
 import numpy as np
 
 from . import _lib
 from .dlpack import CPU, CUDA, DLPackError, Tensor, as_tensor, current_raw_stream, dtype, require_contiguous
+
+
+def cint(value, name, ctype=ctypes.c_int):
+    """value as a Python int that fits the C integer type `ctype`, for a ctypes argument or struct
+    field: ctypes keeps only the low bits of a larger one (2**32 + 1 reaches an int as 1)."""
+    try:
+        v = operator.index(value)
+    except TypeError:
+        raise TypeError(f"{name}: expected an integer, got {type(value).__name__}") from None
+    bits = 8 * ctypes.sizeof(ctype)
+    lo, hi = (0, (1 << bits) - 1) if ctype(-1).value > 0 else (-(1 << (bits - 1)), (1 << (bits - 1)) - 1)
+    if not lo <= v <= hi:
+        raise ValueError(f"{name} = {v} is outside the range of its C type ({lo}..{hi})")
+    return v
+
+
+def i64s(**values):
+    """int64_t arguments (int() of each, as the callers always took them), in order, range-checked."""
+    return [cint(int(v), n, ctypes.c_int64) for n, v in values.items()]
 
 
 def torch_or_none():
@@ -90,8 +111,11 @@ def arg(obj, name, dtypes, *, ndim=None, stream=None, allow_none=False, contiguo
         raise TypeError(f"{name} is required")
     try:
         t = as_tensor(obj, stream=stream)
-    except DLPackError as e:
+    except BufferError as e:  # ours, or the producer's refusal (numpy: str and object arrays)
         raise DLPackError(f"{name}: {e}") from None
+    if not (t.is_host or t.is_cuda):  # the library has host (_ref) and CUDA (_cuda) entry points only
+        raise DLPackError(f"{name}: is on {t.device_name} (DLPack device type {t.device[0]}); epmoe takes host "
+                          "(CPU) memory or CUDA devices")
     allowed = [dtype(d) for d in dtypes]
     if allowed and t.dtype not in allowed:
         raise TypeError(f"{name}: dtype {t.dtype.name} is not accepted here; expected "
@@ -145,10 +169,7 @@ def output(out, name, shape, dtypes, like, *, stream=None, zero=False):
     t = arg(out, name, dtypes, stream=stream)
     if t.shape != tuple(shape):
         raise ValueError(f"{name}: expected shape {tuple(shape)}, got {t.shape}")
-    if t.readonly:
-        raise DLPackError(f"{name}: the tensor is read-only")
-    if t.device != like.device and not (t.is_host and like.is_host):
-        raise DLPackError(f"{name}: is on {t.device_name}, the inputs on {like.device_name}")
+    writable(t, name, like)
     return out, t
 
 
@@ -160,11 +181,17 @@ def raw_output(out, name, nbytes, like, *, stream=None, shape=None, dt=None, zer
     t = arg(out, name, (), stream=stream)
     if t.nbytes < nbytes:
         raise ValueError(f"{name}: {t.nbytes} bytes, the call writes {nbytes}")
+    writable(t, name, like)
+    return out, t
+
+
+def writable(t, name, like):
+    """A caller's buffer the library writes: not read-only (a memmap opened "r", bytes) and where
+    the inputs are."""
     if t.readonly:
         raise DLPackError(f"{name}: the tensor is read-only")
     if t.device != like.device and not (t.is_host and like.is_host):
         raise DLPackError(f"{name}: is on {t.device_name}, the inputs on {like.device_name}")
-    return out, t
 
 
 def ptr(t):

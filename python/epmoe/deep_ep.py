@@ -32,8 +32,9 @@ What differs, on purpose:
   each expert rank first and moves a quarter of the bytes at R = 2; it needs topk_weights at
   dispatch (a keyword DeepEP does not have), and combine must then get that same tensor.
 - Not supported, each raising epmoe.Unsupported: normal (high-throughput) mode, LogFMT combine, the
-  wait-time statistics tensors, enable_shrink (a peer that times out fails the group with
-  epmoe.Timeout; ranks known to have failed can be masked with low_latency_update_mask_buffer).
+  wait-time statistics tensors, use_fabric=True (NCCL allocates the buffers), enable_shrink (a peer
+  that times out fails the group with epmoe.Timeout; ranks known to have failed can be masked with
+  low_latency_update_mask_buffer).
 
 Without GPUs the same Buffer runs on the CPU backend: Buffer(world=epmoe.CpuWorld(R), rank=r) in
 each rank's thread, numpy arrays in and out (bf16 as uint16 bits, fp8 as uint8).
@@ -43,7 +44,7 @@ import warnings
 import numpy as np
 
 from . import _lib
-from ._util import empty
+from ._util import arg, cint, empty, launch_stream, output
 from .ep import REDUCE_AT_EXPERT, EpConfig, layout_query
 from .formats import SCALE_F32_MMAJOR, SCALE_UE8M0_MMAJOR
 
@@ -133,16 +134,22 @@ class LowLatencyHandle:
 class Buffer:
     """DeepEP's Buffer, low-latency mode. On GPUs: `group` is a torch.distributed process group
     (default WORLD), one GPU per rank (torch's current device); construction is collective. On the
-    CPU backend: world=epmoe.CpuWorld(R) and this thread's rank. The keywords after DeepEP's own:
-    combine_mode ("reduce_at_owner" or "reduce_at_expert", see the module), timeout_ms (a peer that
-    never answers raises epmoe.Timeout after it) and transport (epmoe.EpConfig.transport)."""
+    CPU backend: world=epmoe.CpuWorld(R) and this thread's rank. DeepEP's arguments come in its
+    order; use_fabric=True (DeepEP: allocate with CUDA fabric handles, for multi-node NVLink) raises
+    epmoe.Unsupported, since epmoe's buffers come from NCCL and never from fabric handles. The
+    keywords after DeepEP's own: combine_mode ("reduce_at_owner" or "reduce_at_expert", see the
+    module), timeout_ms (a peer that never answers raises epmoe.Timeout after it) and transport
+    (epmoe.EpConfig.transport)."""
 
     def __init__(self, group=None, num_nvl_bytes=0, num_rdma_bytes=0, low_latency_mode=False, num_qps_per_rank=24,
-                 allow_nvlink_for_low_latency_mode=True, allow_mnnvl=False, explicitly_destroy=False,
+                 allow_nvlink_for_low_latency_mode=True, allow_mnnvl=False, use_fabric=False, explicitly_destroy=False,
                  enable_shrink=False, comm=None, *, world=None, rank=None, combine_mode="reduce_at_owner",
                  timeout_ms=10000, transport="auto"):
         if not low_latency_mode:
             raise _unsupported("only DeepEP's low-latency mode is implemented: pass low_latency_mode=True")
+        if use_fabric:
+            raise _unsupported("use_fabric: epmoe's buffers come from NCCL, not from CUDA fabric memory handles; "
+                               "drop the flag (NCCL reaches the peers over NVLink where it can)")
         if enable_shrink:
             raise _unsupported("enable_shrink: a peer that times out fails the group (epmoe.Timeout); mask ranks known "
                                "to have failed with low_latency_update_mask_buffer")
@@ -217,12 +224,28 @@ class Buffer:
             raise ValueError("low_latency_dispatch: async_finish and return_recv_hook exclude each other")
         if use_fp8 and use_ue8m0 and not round_scale:
             raise ValueError("low_latency_dispatch: use_ue8m0 needs round_scale=True")
-        H, k = int(x.shape[-1]), int(topk_idx.shape[-1])
-        g = self._group(num_max_dispatch_tokens_per_rank, H, num_experts, k, use_fp8, round_scale,
-                        use_fp8 and use_ue8m0)
-        if g.config.combine_code == REDUCE_AT_EXPERT and topk_weights is None:
+        # Every argument is checked before _group: making a group is collective, and shapes read off
+        # a wrong argument would make one for a configuration nobody asked for.
+        N = cint(num_max_dispatch_tokens_per_rank, "low_latency_dispatch: num_max_dispatch_tokens_per_rank")
+        E = cint(num_experts, "low_latency_dispatch: num_experts")
+        if E <= 0 or E % self.group_size:
+            raise _lib.error(_lib.ERR_INVALID_ARG, f"low_latency_dispatch: num_experts = {E} must be a positive "
+                             f"multiple of the {self.group_size} ranks")
+        s = launch_stream((x, topk_idx), None)  # torch's current stream: the one the group's calls use
+        xt = arg(x, "x", ("uint16", "bfloat16"), ndim=2, stream=s)
+        it = arg(topk_idx, "topk_idx", ("int64", "int32"), ndim=2, stream=s)
+        T, H, k = xt.shape[0], xt.shape[1], it.shape[1]
+        if it.shape[0] != T:
+            raise ValueError(f"low_latency_dispatch: topk_idx is {it.shape}, x has {T} tokens")
+        if T > N:
+            raise _lib.error(_lib.ERR_INVALID_ARG, f"low_latency_dispatch: x has {T} tokens, more than "
+                             f"num_max_dispatch_tokens_per_rank = {N}")
+        if self._base.combine_code == REDUCE_AT_EXPERT and topk_weights is None:
             raise ValueError("low_latency_dispatch: combine_mode reduce_at_expert takes topk_weights here")
         stats = cumulative_local_expert_recv_stats
+        if stats is not None:  # DeepEP's int32 [L], added to in place
+            output(stats, "cumulative_local_expert_recv_stats", (E // self.group_size,), ("int32",), xt, stream=s)
+        g = self._group(N, H, E, k, use_fp8, round_scale, use_fp8 and use_ue8m0)
 
         def count(d):  # DeepEP adds the received counts as the receive ends
             if stats is not None:
@@ -232,15 +255,15 @@ class Buffer:
         self._calls[g] += 1
         hook = None
         if return_recv_hook:
-            d = g.dispatch_send(x, topk_idx, topk_weights)
+            d = g.dispatch_send(xt, it, topk_weights)
 
             def hook():
                 count(g.dispatch_recv(d))
         else:
-            d = g.dispatch(x, topk_idx, topk_weights)
+            d = g.dispatch(xt, it, topk_weights)
             count(d)
         recv_x = (d.recv_x, d.recv_scales.swapaxes(1, 2)) if use_fp8 else d.recv_x
-        handle = LowLatencyHandle(self, g, d, int(num_max_dispatch_tokens_per_rank), H, int(num_experts), parity)
+        handle = LowLatencyHandle(self, g, d, N, H, E, parity)
         return recv_x, d.masked_m, handle, EventOverlap(), hook
 
     # -- combine
@@ -271,8 +294,8 @@ class Buffer:
         if async_finish and return_recv_hook:
             raise ValueError("low_latency_combine: async_finish and return_recv_hook exclude each other")
         g, d = self._own(handle)
-        if tuple(topk_idx.shape) != (d.num_tokens, g.config.top_k):
-            raise ValueError(f"low_latency_combine: topk_idx is {tuple(topk_idx.shape)}, the dispatch had "
+        if tuple(np.shape(topk_idx)) != (d.num_tokens, g.config.top_k):  # np.shape: lists too
+            raise ValueError(f"low_latency_combine: topk_idx is {tuple(np.shape(topk_idx))}, the dispatch had "
                              f"[{d.num_tokens}, {g.config.top_k}]")
         w = topk_weights
         if g.config.combine_code == REDUCE_AT_EXPERT:

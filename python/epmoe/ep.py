@@ -20,7 +20,7 @@ import numpy as np
 
 from . import _lib
 from ._lib import check, lib
-from ._util import arg, on_device, output, ptr, raw_output, same_device, stream_handle
+from ._util import arg, cint, on_device, output, ptr, raw_output, same_device, stream_handle
 from .dlpack import CPU, DLPackError, Tensor
 from .formats import SCALE_F32_MMAJOR, _fmt, scale_shape
 
@@ -126,8 +126,8 @@ class EpConfig:
     def _c(self):
         c = _ConfigC()
         c.size = ctypes.sizeof(_ConfigC)
-        c.num_ranks, c.rank, c.max_tokens, c.hidden = self.num_ranks, self.rank, self.max_tokens, self.hidden
-        c.num_experts, c.top_k, c.timeout_ms = self.num_experts, self.top_k, self.timeout_ms
+        for f in ("num_ranks", "rank", "max_tokens", "hidden", "num_experts", "top_k", "timeout_ms"):
+            setattr(c, f, cint(getattr(self, f), f"EpConfig.{f}"))
         c.wire, c.scale_fmt, c.combine_mode = self.wire_code, _fmt(self.scale_fmt), self.combine_code
         c.round_scale, c.dedup = int(bool(self.round_scale)), int(bool(self.dedup))
         c.transport = self.transport_code
@@ -140,7 +140,7 @@ def _code(v, names, what):
             return names[v.lower()]
         except KeyError:
             raise ValueError(f"{what} {v!r}: expected one of {', '.join(names)}") from None
-    return int(v)
+    return cint(int(v), what)
 
 
 def _config(config, overrides):
@@ -261,7 +261,7 @@ class EpGroup:
     def close(self):
         """Collective teardown (all ranks call it). A group that timed out leaves without waiting."""
         for layer in list(self._layers):
-            layer.close()
+            layer._destroy()  # even with a forward in flight: the ep goes too, nothing reaches its buffers after
         with self._lock:
             ep, self._ep = self._ep, ctypes.c_void_p(0)
         if ep.value:
@@ -304,10 +304,7 @@ class EpGroup:
     def set_active_ranks(self, active):
         """Mask ranks out (active[r] = 0) from the next dispatch on: same list on every live rank."""
         self._live()
-        if len(active) != self.num_ranks:
-            raise ValueError(f"set_active_ranks: needs {self.num_ranks} flags, got {len(active)}")
-        a = (ctypes.c_int * self.num_ranks)(*[int(bool(v)) for v in active])
-        check(lib.epmoe_ep_set_active_ranks(self._ep, a))
+        check(lib.epmoe_ep_set_active_ranks(self._ep, _active_flags(active, self.num_ranks, "set_active_ranks")))
 
     def poll(self):
         """Raise the error the GPU kernels recorded without a host sync: a peer timed out (the group
@@ -374,7 +371,7 @@ class EpGroup:
         self._receive_buffers(d, buffers, src_info, requant_scale is not None, s)
         a = d._args
         a.x, a.topk_idx, a.topk_idx_bits = ptr(xt), ptr(it), it.dtype.bits
-        a.topk_weights, a.num_tokens, a.requant_scale = ptr(wt), T, ptr(rq)
+        a.topk_weights, a.num_tokens, a.requant_scale = ptr(wt), cint(T, "dispatch: x's token count"), ptr(rq)
         d.num_tokens, d._weights = T, topk_weights
         d._keep.update(x=xt, topk_idx=it, topk_weights=wt, requant_scale=rq)
         handle = ctypes.c_uint32(0)
@@ -490,10 +487,12 @@ class EpGroup:
 # ---- the CPU world --------------------------------------------------------------------------------
 class CpuWorld:
     """R ranks as threads of this process (epmoe_cpu_world). Each rank's thread calls
-    create_group(rank) — collectively — and then dispatch/combine; run(fn) does all of that."""
+    create_group(rank) — collectively — and then dispatch/combine; run(fn) does all of that. A world
+    holds any number of groups, as a communicator does (made and closed in the same order on every
+    rank); closing it while groups are open is allowed: it goes when the last of them is closed."""
 
     def __init__(self, num_ranks):
-        self.num_ranks = int(num_ranks)
+        self.num_ranks = cint(int(num_ranks), "num_ranks")
         w = ctypes.c_void_p()
         check(lib.epmoe_cpu_world_create(self.num_ranks, ctypes.byref(w)))
         self._w = w
@@ -565,17 +564,36 @@ class CpuWorld:
 
 # ---- the single-process reference ----------------------------------------------------------------
 def _per_rank(items, n, name, dtypes, shape_of):
+    """One host tensor per rank; shape_of(r) is rank r's shape, None where any size goes (the tokens
+    of the first list, which sets them for the others)."""
     if len(items) != n:
         raise ValueError(f"{name}: needs one entry per rank ({n}), got {len(items)}")
     ts = []
     for r, obj in enumerate(items):
-        t = arg(obj, f"{name}[{r}]", dtypes)
+        want = shape_of(r)
+        t = arg(obj, f"{name}[{r}]", dtypes, ndim=len(want))
         if not t.is_host:
             raise DLPackError(f"{name}[{r}]: the reference runs on the host")
-        if t.shape != shape_of(r):
-            raise ValueError(f"{name}[{r}]: shape {t.shape}, expected {shape_of(r)}")
+        if any(w is not None and w != d for w, d in zip(want, t.shape)):
+            shown = ", ".join("T" if w is None else str(w) for w in want)
+            raise ValueError(f"{name}[{r}]: shape {t.shape}, expected [{shown}]")
         ts.append(t)
     return ts
+
+
+def _tokens(ts, name):
+    """The per-rank token counts (int num_tokens[R]) of the tensors that set them."""
+    counts = [cint(t.shape[0], f"{name}[{r}]: the token count") for r, t in enumerate(ts)]
+    return counts, (ctypes.c_int * len(counts))(*counts)
+
+
+def _active_flags(active, n, what):
+    """int active[n] (1 = in) from a list of n flags; None stays None (every rank in)."""
+    if active is None:
+        return None
+    if len(active) != n:
+        raise ValueError(f"{what}: active needs one flag per rank ({n}), got {len(active)}")
+    return (ctypes.c_int * n)(*[int(bool(v)) for v in active])
 
 
 def _ptr_array(ts):
@@ -588,9 +606,10 @@ def dispatch_ref(config, xs, topk_idxs, *, active=None):
     recv_scales (FP8 wire), masked_m and src_info, laid out as EpGroup.dispatch gives them."""
     cfg = config
     R, L, M, H, k = cfg.num_ranks, cfg.local_experts, cfg.rows, cfg.hidden, cfg.top_k
-    Ts = [int(np.shape(x)[0]) for x in xs]
-    xt = _per_rank(xs, R, "xs", ("uint16", "bfloat16"), lambda r: (Ts[r], H))
+    xt = _per_rank(xs, R, "xs", ("uint16", "bfloat16"), lambda r: (None, H))
+    Ts, n_tok = _tokens(xt, "xs")
     it = _per_rank(topk_idxs, R, "topk_idxs", ("int32",), lambda r: (Ts[r], k))
+    act = _active_flags(active, R, "dispatch_ref")
     lay = layout_query(cfg)
     outs = []
     for _ in range(R):
@@ -602,9 +621,8 @@ def dispatch_ref(config, xs, topk_idxs, *, active=None):
             assert o["recv_scales"].nbytes >= lay.recv_scales_bytes
         outs.append(o)
     arrs = {key: [arg(o[key], key, ()) for o in outs] for key in outs[0]}
-    act = None if active is None else (ctypes.c_int * R)(*[int(bool(a)) for a in active])
     c = cfg._c()
-    check(lib.epmoe_ep_dispatch_ref(ctypes.byref(c), _ptr_array(xt), _ptr_array(it), (ctypes.c_int * R)(*Ts), act,
+    check(lib.epmoe_ep_dispatch_ref(ctypes.byref(c), _ptr_array(xt), _ptr_array(it), n_tok, act,
                                     _ptr_array(arrs["recv_x"]),
                                     _ptr_array(arrs["recv_scales"]) if cfg.fp8 else _ptr_array([None] * R),
                                     _ptr_array(arrs["masked_m"]), _ptr_array(arrs["src_info"])))
@@ -616,15 +634,15 @@ def combine_ref(config, expert_outs, topk_idxs, topk_weights, *, active=None):
     fp32 in top-k order, bf16 out (uint16 bits) — one [T_r, H] array per rank."""
     cfg = config
     R, L, M, H, k = cfg.num_ranks, cfg.local_experts, cfg.rows, cfg.hidden, cfg.top_k
-    Ts = [int(np.shape(i)[0]) for i in topk_idxs]
     et = _per_rank(expert_outs, R, "expert_outs", ("uint16", "bfloat16"), lambda r: (L, M, H))
-    it = _per_rank(topk_idxs, R, "topk_idxs", ("int32",), lambda r: (Ts[r], k))
+    it = _per_rank(topk_idxs, R, "topk_idxs", ("int32",), lambda r: (None, k))
+    Ts, n_tok = _tokens(it, "topk_idxs")
     wt = _per_rank(topk_weights, R, "topk_weights", ("float32",), lambda r: (Ts[r], k))
+    act = _active_flags(active, R, "combine_ref")
     outs = [np.zeros((Ts[r], H), np.uint16) for r in range(R)]
     ot = [arg(o, "out", ()) for o in outs]
-    act = None if active is None else (ctypes.c_int * R)(*[int(bool(a)) for a in active])
     c = cfg._c()
-    check(lib.epmoe_ep_combine_ref(ctypes.byref(c), _ptr_array(et), _ptr_array(it), _ptr_array(wt),
-                                   (ctypes.c_int * R)(*Ts), act, _ptr_array(ot)))
+    check(lib.epmoe_ep_combine_ref(ctypes.byref(c), _ptr_array(et), _ptr_array(it), _ptr_array(wt), n_tok, act,
+                                   _ptr_array(ot)))
     return outs
 

@@ -15,8 +15,8 @@ import ctypes
 import numpy as np
 
 from ._lib import check, lib
-from ._util import arg, launch_stream, on_device, output, ptr, raw_output, same_device, torch_or_none
-from .dlpack import DLPackError
+from ._util import arg, cint, i64s, launch_stream, on_device, output, ptr, raw_output, same_device, torch_or_none
+from .dlpack import DLPackError, dtype
 
 __all__ = ["SCALE_F32_ROW", "SCALE_F32_MMAJOR", "SCALE_UE8M0_ROW", "SCALE_UE8M0_MMAJOR", "F32", "BF16", "FP8_E4M3",
            "GROUP", "FP8_E4M3_MAX", "cuda_available",
@@ -47,7 +47,7 @@ def _fmt(scale_fmt):
             return _SCALE_FMTS[scale_fmt.lower()]
         except KeyError:
             raise ValueError(f"scale_fmt {scale_fmt!r}: expected one of {', '.join(_SCALE_FMTS)}") from None
-    return int(scale_fmt)
+    return cint(int(scale_fmt), "scale_fmt")
 
 
 # ---- element conversions (host) -----------------------------------------------------------------
@@ -93,7 +93,7 @@ def ue8m0_from_float(pow2_scale):
 
 def ue8m0_to_float(b):
     """A UE8M0 byte -> 2^(b-127); 0xFF is NaN."""
-    return float(lib.epmoe_ue8m0_to_float(int(b)))
+    return float(lib.epmoe_ue8m0_to_float(cint(int(b), "ue8m0_to_float: b", ctypes.c_uint8)))
 
 
 def int4_pack(vals, out=None):
@@ -123,13 +123,13 @@ def int4_unpack(packed, out=None):
 def scale_bytes(scale_fmt, M, K):
     """Bytes of one [M, K] slab's group scales (0 for an invalid format, M < 0, K % 128 != 0 or
     M * K past 2^46)."""
-    return int(lib.epmoe_scale_bytes(_fmt(scale_fmt), int(M), int(K)))
+    return int(lib.epmoe_scale_bytes(_fmt(scale_fmt), *i64s(M=M, K=K)))
 
 
 def scale_offset(scale_fmt, M, K, t, g):
     """Byte offset of scale (row t, group g) inside one slab; ValueError where the library says
     SIZE_MAX (an invalid layout, or (t, g) outside the slab)."""
-    off = int(lib.epmoe_scale_offset(_fmt(scale_fmt), int(M), int(K), int(t), int(g)))
+    off = int(lib.epmoe_scale_offset(_fmt(scale_fmt), *i64s(M=M, K=K, t=t, g=g)))
     if off == (1 << (8 * ctypes.sizeof(ctypes.c_size_t))) - 1:
         raise ValueError(f"scale_offset: ({t}, {g}) is outside an [{M}, {K}] slab, or the layout is invalid")
     return off
@@ -269,14 +269,24 @@ def requant_fp8(q, scales, scale_fmt, masked_m, out_scale, *, out=None, stream=N
     return y
 
 
+def _dequant_dtype(out_dtype):
+    """F32 or BF16 from a code or any dtype-like: "float32", np.float32, torch.bfloat16, "bf16"."""
+    if isinstance(out_dtype, int) and out_dtype in (F32, BF16):
+        return out_dtype
+    try:
+        name = "bfloat16" if isinstance(out_dtype, str) and out_dtype == "bf16" else dtype(out_dtype).name
+    except TypeError:
+        name = None
+    if name not in ("float32", "bfloat16"):
+        raise ValueError(f"dequant_fp8: out_dtype {out_dtype!r} must be float32 or bfloat16")
+    return F32 if name == "float32" else BF16
+
+
 def dequant_fp8(q, scales, scale_fmt, masked_m=None, out_dtype="float32", *, out=None, stream=None):
     """y[e, t, k] = fp8(q[e, t, k]) * s[e](t, k/128) in fp32, stored as float32 or bfloat16.
     masked_m (int32 [E]) limits the rows; None converts every row."""
     fmt = _fmt(scale_fmt)
-    odt = {"float32": F32, "bfloat16": BF16, "bf16": BF16, F32: F32, BF16: BF16}.get(
-        out_dtype if isinstance(out_dtype, int) else str(out_dtype).replace("torch.", ""))
-    if odt is None:
-        raise ValueError(f"dequant_fp8: out_dtype {out_dtype!r} must be float32 or bfloat16")
+    odt = _dequant_dtype(out_dtype)
     s = launch_stream((q, scales, masked_m), stream)
     qt = arg(q, "q", _FP8, stream=s)
     E, M, K = _ekm(qt, "dequant_fp8")

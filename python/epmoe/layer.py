@@ -33,9 +33,9 @@ import numpy as np
 
 from . import _lib
 from ._lib import check, lib
-from ._util import arg, on_device, output, ptr
+from ._util import arg, cint, i64s, on_device, output, ptr
 from .dlpack import DLPackError
-from .ep import WIRE_BF16, WIRE_FP8, _per_rank, _ptr_array
+from .ep import WIRE_BF16, WIRE_FP8, _per_rank, _ptr_array, _tokens
 from .formats import _scalar_scale
 from .experts import ExpertWeights, _ExpertWeightsC
 from .w4a8 import W4A8Weights, _WeightsC
@@ -68,7 +68,7 @@ def _scheme(scheme):
             return SCHEMES[scheme.lower()]
         except KeyError:
             raise ValueError(f"scheme {scheme!r}: expected one of {', '.join(SCHEMES)}") from None
-    return int(scheme)  # a number outside the enum is the library's to refuse
+    return cint(int(scheme), "scheme")  # a number outside the enum is the library's to refuse
 
 
 def _wire(wire):
@@ -88,7 +88,9 @@ def scheme_default_wire(scheme):
 def expected_rows(tokens_per_rank, ranks, top_k, experts):
     """The expected_m hint for experts fed by dispatch (epmoe_expected_rows): the mean rows per expert
     under uniform routing plus 2.5 sqrt of it, at least 1."""
-    return int(lib.epmoe_expected_rows(int(tokens_per_rank), int(ranks), int(top_k), int(experts)))
+    n, = i64s(tokens_per_rank=tokens_per_rank)
+    return int(lib.epmoe_expected_rows(n, cint(int(ranks), "ranks"), cint(int(top_k), "top_k"),
+                                       cint(int(experts), "experts")))
 
 
 def scheme_accepts_wire(scheme, wire):
@@ -127,8 +129,8 @@ def _phase_names(code):
 
 
 def _config_c(code, intermediate, per_tensor_act, expected_m):
-    return _LayerConfigC(ctypes.sizeof(_LayerConfigC), code, int(intermediate or 0), int(bool(per_tensor_act)),
-                         int(expected_m))
+    intermediate, expected_m = i64s(intermediate=intermediate or 0, expected_m=expected_m)
+    return _LayerConfigC(ctypes.sizeof(_LayerConfigC), code, intermediate, int(bool(per_tensor_act)), expected_m)
 
 
 def _weights_pair(weights):
@@ -224,7 +226,7 @@ class Layer:
         """x, topk_idx, topk_weights and out checked for this layer's group (forward's arguments)."""
         g, cfg = self.group, self.group.config
         xt = arg(x, "x", ("uint16", "bfloat16"), ndim=2, stream=s)
-        T = xt.shape[0]
+        T = cint(xt.shape[0], f"{what}: x's token count")  # num_tokens is an int
         if xt.shape[1] != cfg.hidden:
             raise ValueError(f"{what}: x is {xt.shape}, the group's hidden size is {cfg.hidden}")
         it = arg(topk_idx, "topk_idx", ("int32", "int64"), ndim=2, stream=s)
@@ -350,7 +352,20 @@ class Layer:
         return f
 
     def close(self):
-        """Free the layer's buffers (not collective). Closing its group closes it too."""
+        """Free the layer's buffers (not collective). Refused (InvalidArgument, the layer stays usable)
+        while one of its forwards is sent and not received: its remaining phases are collective, the
+        peers wait for them, and they use these buffers; epmoe_layer_destroy cannot finish or cancel
+        them. Closing its group closes it in any case."""
+        pending = [f for f in self.group._forwards if f.layer is self] if self._h.value else []
+        if pending:
+            f = pending[0]
+            todo = "forward_recv" if f.phases & LAYER_EXPERTS else "forward_experts, then forward_recv"
+            more = f"; {len(pending) - 1} more after it" if len(pending) > 1 else ""
+            raise _lib.error(_lib.ERR_INVALID_ARG, f"close: forward {f.handle} of this layer is in flight (it ran "
+                             f"{_phase_names(f.phases)}){more}; finish it on every rank first: {todo}")
+        self._destroy()
+
+    def _destroy(self):
         h, self._h = self._h, ctypes.c_void_p(0)
         if h.value:
             with on_device(self.group._like()):  # its GPU buffers are freed on the group's device
@@ -360,8 +375,14 @@ class Layer:
     def __enter__(self):
         return self
 
-    def __exit__(self, *exc):
-        self.close()
+    def __exit__(self, exc_type, *exc):
+        try:
+            self.close()
+        except _lib.InvalidArgument:
+            if exc_type is None:
+                raise
+            # the block's own exception is the one to see; the layer, with its forward in flight,
+            # stays open and goes with its group
 
     def __del__(self):
         if getattr(self, "_h", None) is not None and self._h.value:
@@ -443,10 +464,8 @@ def layer_ref(config, weights, xs, topk_idxs, topk_weights, *, scheme="w4afp8", 
     a1s, a2s = per_rank_scale(a1_scale, "a1_scale"), per_rank_scale(a2_scale, "a2_scale")
     a1t = [None if v is None else arg(v, "a1_scale", ("float32",)) for v in a1s]
     a2t = [None if v is None else arg(v, "a2_scale", ("float32",)) for v in a2s]
-    Ts = [int(np.shape(x)[0]) for x in xs]
-    if len(Ts) != R:
-        raise ValueError(f"xs: needs one entry per rank ({R}), got {len(Ts)}")
-    xt = _per_rank(xs, R, "xs", ("uint16", "bfloat16"), lambda r: (Ts[r], H))
+    xt = _per_rank(xs, R, "xs", ("uint16", "bfloat16"), lambda r: (None, H))
+    Ts, n_tok = _tokens(xt, "xs")
     it = _per_rank(topk_idxs, R, "topk_idxs", ("int32",), lambda r: (Ts[r], k))
     wt = _per_rank(topk_weights, R, "topk_weights", ("float32",), lambda r: (Ts[r], k))
     outs = [np.zeros((Ts[r], H), np.uint16) for r in range(R)]
@@ -455,5 +474,5 @@ def layer_ref(config, weights, xs, topk_idxs, topk_weights, *, scheme="w4afp8", 
     lc = _config_c(code, intermediate, per_tensor_act, expected_m)
     c = cfg._c()
     check(lib.epmoe_layer_ref(ctypes.byref(c), ctypes.byref(lc), wc, _ptr_array(xt), _ptr_array(it), _ptr_array(wt),
-                              (ctypes.c_int * R)(*Ts), _ptr_array(ot)))
+                              n_tok, _ptr_array(ot)))
     return outs

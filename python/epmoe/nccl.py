@@ -31,6 +31,7 @@ import os
 
 from . import _lib
 from ._lib import check, lib
+from ._util import cint
 from .dlpack import CUDA
 from .ep import EpConfig, EpGroup, _config
 
@@ -163,15 +164,16 @@ class NcclComm:
     def __init__(self, unique_id, num_ranks, rank, device=None):
         if len(unique_id) != UNIQUE_ID_BYTES:
             raise ValueError(f"an NCCL unique id has {UNIQUE_ID_BYTES} bytes, got {len(unique_id)}")
+        num_ranks, rank = cint(int(num_ranks), "num_ranks"), cint(int(rank), "rank")  # ncclCommInitRank's ints
         nccl = _load_nccl()
         self.device = _device_index(device)
         _set_device(self.device)
         uid = _UniqueId()
         ctypes.memmove(ctypes.addressof(uid), bytes(unique_id), UNIQUE_ID_BYTES)
         comm = ctypes.c_void_p()
-        _nccl_check(nccl.ncclCommInitRank(ctypes.byref(comm), int(num_ranks), uid, int(rank)),
+        _nccl_check(nccl.ncclCommInitRank(ctypes.byref(comm), num_ranks, uid, rank),
                     f"ncclCommInitRank(rank {rank} of {num_ranks})")
-        self._comm, self.num_ranks, self.rank = comm, int(num_ranks), int(rank)
+        self._comm, self.num_ranks, self.rank = comm, num_ranks, rank
 
     @property
     def handle(self):

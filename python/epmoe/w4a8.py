@@ -25,7 +25,8 @@ import numpy as np
 
 from . import _lib
 from ._lib import check, lib
-from ._util import arg, copy_to, empty, launch_stream, on_device, output, ptr, same_device, torch_or_none
+from ._util import (arg, copy_to, empty, i64s, launch_stream, on_device, output, ptr, same_device, torch_or_none,
+                    writable)
 from .dlpack import DLPackError, Tensor, require_contiguous
 from .formats import BF16, F32, GROUP, SCALE_F32_MMAJOR, SCALE_UE8M0_MMAJOR, _fmt, _scalar_scale, scale_bytes
 
@@ -87,7 +88,7 @@ def _host_buffer(nbytes, dt, shape, align=256):
 def repack_size(E, N, K):
     """(qweight bytes, scale bytes) of a repacked [E, N, K] matrix (N, K multiples of 128)."""
     qb, sb = ctypes.c_size_t(), ctypes.c_size_t()
-    check(lib.epmoe_w4a8_repack_size(int(E), int(N), int(K), ctypes.byref(qb), ctypes.byref(sb)))
+    check(lib.epmoe_w4a8_repack_size(*i64s(E=E, N=N, K=K), ctypes.byref(qb), ctypes.byref(sb)))
     return qb.value, sb.value
 
 
@@ -110,14 +111,16 @@ class W4A8Weights:
     def __init__(self, qweight, scales, E, N, K, encoding):
         self.E, self.N, self.K = int(E), int(N), int(K)
         self.encoding = _encoding(encoding, allow_auto=False)
-        qb, sb = repack_size(self.E, self.N, self.K)
+        qb, _ = repack_size(self.E, self.N, self.K)
         qt = arg(qweight, "qweight", ("uint8", "int8"))
         st = arg(scales, "scales", _BF16_HOST)
         if qt.nbytes != qb:
             raise ValueError(f"qweight: {qt.nbytes} bytes, a repacked [{E}, {N}, {K}] matrix has {qb}")
-        if st.nbytes != sb:
-            raise ValueError(f"scales: {st.size} bf16 values, a repacked [{E}, {N}, {K}] matrix has "
-                             f"[{E}, {K // GROUP}, {N}]")
+        # the shape, not only the size: checkpoint-order [E, N, K/128] scales have the same bytes
+        if st.shape != (self.E, self.K // GROUP, self.N):
+            raise ValueError(f"scales: shape {st.shape}; a repacked [{E}, {N}, {K}] matrix has bf16 scales "
+                             f"[E, K/128, N] = [{E}, {K // GROUP}, {N}], as repack() makes them (checkpoint-order "
+                             "[E, N, K/128] scales go to repack(ckpt_w, ckpt_scales))")
         same_device([("qweight", qt), ("scales", st)], "W4A8Weights")
         self.qweight, self.scales = qweight, scales
         self._qt, self._st = qt, st
@@ -166,7 +169,7 @@ class W4A8Weights:
         """(int4 value, its scale as repacked) of weight (e, n, k): epmoe_w4a8_unpack (host arrays)."""
         _need_host(self, "value")
         c, v, s = self._c(), ctypes.c_int(), ctypes.c_float()
-        check(lib.epmoe_w4a8_unpack(ctypes.byref(c), int(e), int(n), int(k), ctypes.byref(v), ctypes.byref(s)))
+        check(lib.epmoe_w4a8_unpack(ctypes.byref(c), *i64s(e=e, n=n, k=k), ctypes.byref(v), ctypes.byref(s)))
         return v.value, s.value
 
 
@@ -210,6 +213,7 @@ def unpack(w):
     """The checkpoint values back from repacked host weights: (int8 values [E, N, K], float32 scales
     [E, N, K/128] as repacked, bf16(s * 512) / 512). One epmoe_w4a8_unpack call per weight, so it is
     meant for tests and tools on small matrices; int4_pack(values) gives the checkpoint's packed bytes."""
+    _weights_type(w, "w")
     _need_host(w, "unpack")
     E, N, K = w.shape
     values = np.empty((E, N, K), np.int8)
@@ -246,7 +250,7 @@ def gemm_workspace_bytes(device=None):
 def mlp_workspace_bytes(E, M, H, I, device=None):
     """epmoe_w4a8_mlp_workspace(E, M, H, I) on a CUDA device (the host references need it too)."""
     with _current(device):
-        return int(lib.epmoe_w4a8_mlp_workspace(int(E), int(M), int(H), int(I)))
+        return int(lib.epmoe_w4a8_mlp_workspace(*i64s(E=E, M=M, H=H, I=I)))
 
 
 def _current(device):
@@ -292,8 +296,7 @@ def _workspace(workspace, nbytes, like, stream):
     """(keep-alive object, Tensor) of the workspace of a call, or (None, None) when none is needed."""
     if workspace is not None:
         t = arg(workspace, "workspace", (), stream=stream)
-        if t.device != like.device and not (t.is_host and like.is_host):
-            raise DLPackError(f"workspace: is on {t.device_name}, the inputs on {like.device_name}")
+        writable(t, "workspace", like)
         return workspace, t
     if nbytes == 0:
         return None, None
@@ -399,8 +402,8 @@ def gemm(w, a, masked_m=None, a_scales=None, scale_fmt="f32_row", *, a_tensor_sc
     res, ot = output(out, "out", (E, M, w.N) if at.ndim == 3 else (M, w.N), _BF16_HOST if at.is_host else _BF16_GPU,
                      at, stream=s, zero=True)
     same_device([("a", at), ("a_scales", st), ("a_tensor_scale", tt), ("masked_m", mt), ("out", ot)], "gemm")
-    g = _GemmArgsC(w._c(), ptr(at), M, ptr(mt), ptr(st), fmt, ptr(tt), ptr(ot), w.N, M * w.N, int(expected_m),
-                   None, 0)
+    g = _GemmArgsC(w._c(), ptr(at), M, ptr(mt), ptr(st), fmt, ptr(tt), ptr(ot), w.N, M * w.N,
+                   *i64s(expected_m=expected_m), None, 0)
     if at.is_host:  # the reference needs no workspace
         check(lib.epmoe_w4a8_gemm_ref(ctypes.byref(g)))
         return res
@@ -445,7 +448,7 @@ def mlp(w13, w2, a, masked_m=None, a_scales=None, scale_fmt="f32_row", *, a_tens
     with on_device(at):
         _, wst = _workspace(workspace, int(lib.epmoe_w4a8_mlp_workspace(E, M, H, I)), at, s)
         m = _MlpArgsC(w13._c(), w2._c(), ptr(at), M, ptr(mt), ptr(st), fmt, ptr(tt), ptr(t2), ptr(wst),
-                      wst.nbytes if wst is not None else 0, ptr(ot), w2.N, M * w2.N, int(expected_m))
+                      wst.nbytes if wst is not None else 0, ptr(ot), w2.N, M * w2.N, *i64s(expected_m=expected_m))
         if at.is_host:
             check(lib.epmoe_w4a8_mlp_ref(ctypes.byref(m)))
         else:

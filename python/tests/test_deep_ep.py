@@ -255,3 +255,96 @@ def test_unsupported_and_bad_arguments_raise():
         with pytest.raises(epmoe.InvalidArgument, match="closed|destroyed"):
             buf.low_latency_dispatch(x, i, N, E)
     run_ranks(1, rank)
+
+
+def test_use_fabric_in_deepeps_position():
+    """DeepEP V1: (group, num_nvl_bytes, num_rdma_bytes, low_latency_mode, num_qps_per_rank,
+    allow_nvlink_for_low_latency_mode, allow_mnnvl, use_fabric, explicitly_destroy, enable_shrink, comm)."""
+    with pytest.raises(epmoe.Unsupported, match="use_fabric"):
+        deep_ep.Buffer(None, 0, 0, True, 24, True, False, True)
+    with pytest.raises(epmoe.Unsupported, match="enable_shrink"):  # the 10th positional argument
+        deep_ep.Buffer(None, 0, 0, True, 24, True, False, False, False, True)
+    with pytest.raises(epmoe.Unsupported, match="use_fabric"):
+        deep_ep.Buffer(world=None, low_latency_mode=True, use_fabric=True)
+
+    def rank(world, r):
+        with deep_ep.Buffer(world=world, rank=r, low_latency_mode=True, use_fabric=False,
+                            explicitly_destroy=True) as buf:
+            return buf.explicitly_destroy
+    assert run_ranks(1, rank) == [True]
+
+
+def test_bad_dispatch_arguments_raise_before_any_group_is_made():
+    """Making an EP group is collective: a call whose arguments are wrong (shapes read off them would
+    make a group for a configuration nobody asked for) or whose statistics tensor is not DeepEP's
+    int32 [L] must raise first. Then the right call works, on the one group it needs."""
+    N, H, E, k = 4, 128, 2, 2
+    cfg = cfg_of(1, N, H, E, k, True)
+    xs, idxs, _ = make_inputs(cfg, [4], seed=17)
+    x, i = xs[0], idxs[0].astype(np.int64)
+
+    def rank(world, r):
+        with deep_ep.Buffer(world=world, rank=r, low_latency_mode=True) as buf:
+            frozen = np.zeros(E, np.int32)
+            frozen.flags.writeable = False
+            bad = [(TypeError, r"x: dtype int64 is not accepted", dict(x=x.tolist())),
+                   (TypeError, r"x: dtype float32", dict(x=x.astype(np.float32))),
+                   (ValueError, r"x: expected 2 dimensions", dict(x=x[0])),
+                   (ValueError, r"topk_idx: expected 2 dimensions", dict(topk_idx=i[:, 0].copy())),
+                   (TypeError, r"topk_idx: dtype float32", dict(topk_idx=i.astype(np.float32))),
+                   (ValueError, r"topk_idx is \(3, 2\), x has 4 tokens", dict(topk_idx=i[:3])),
+                   (TypeError, r"num_max_dispatch_tokens_per_rank: expected an integer", dict(N=4.7)),
+                   (ValueError, r"num_max_dispatch_tokens_per_rank = 4294967300 is outside", dict(N=2 ** 32 + 4)),
+                   (epmoe.InvalidArgument, r"x has 4 tokens, more than num_max_dispatch_tokens_per_rank = 3",
+                    dict(N=3)),
+                   (epmoe.InvalidArgument, r"num_experts = 0 must be a positive multiple", dict(E=0)),
+                   (TypeError, r"cumulative_local_expert_recv_stats: dtype float64",
+                    dict(stats=np.zeros(E))),
+                   (ValueError, r"cumulative_local_expert_recv_stats: expected shape \(2,\), got \(3,\)",
+                    dict(stats=np.zeros(3, np.int32))),
+                   (ValueError, r"cumulative_local_expert_recv_stats: expected shape \(2,\), got \(1, 2\)",
+                    dict(stats=np.zeros((1, 2), np.int32))),
+                   (epmoe.DLPackError, r"cumulative_local_expert_recv_stats: the tensor is read-only",
+                    dict(stats=frozen))]
+            for exc, msg, kw in bad:
+                a = dict(x=x, topk_idx=i, N=N, E=E, stats=None)
+                a.update(kw)
+                with pytest.raises(exc, match=msg):
+                    buf.low_latency_dispatch(a["x"], a["topk_idx"], a["N"], a["E"],
+                                             cumulative_local_expert_recv_stats=a["stats"])
+                assert buf._groups == {} and buf.library_bytes == 0, (msg, list(buf._groups))
+            stats = np.zeros(E, np.int32)
+            for _ in range(2):
+                _, count, h, _, _ = buf.low_latency_dispatch(x, i, N, E, cumulative_local_expert_recv_stats=stats)
+                y = np.zeros((E, N, H), np.uint16)
+                with pytest.raises(ValueError, match=r"topk_idx is \(4,\)"):  # a list's shape, not AttributeError
+                    buf.low_latency_combine(y, i[:, 0].tolist(), np.ones((4, k), np.float32), h)
+                buf.low_latency_combine(y, i, np.ones((4, k), np.float32), h)
+            assert len(buf._groups) == 1 and (stats == 2 * count).all() and count.sum() > 0
+    run_ranks(1, rank)
+
+
+def test_both_wires_on_one_cpu_world():
+    """A Buffer makes a group per configuration, and on the CPU backend each is a group of the same
+    world (creation collective, in the same order on every rank): FP8 then BF16 then FP8 again, each
+    against the model."""
+    R, N, H, E, k = 2, 4, 128, 4, 2
+    cfgs = {fp8: cfg_of(R, N, H, E, k, fp8) for fp8 in (True, False)}
+    xs, idxs, ws = make_inputs(cfgs[True], [4, 3], seed=23)
+
+    def rank(world, r):
+        outs = []
+        with deep_ep.Buffer(world=world, rank=r, low_latency_mode=True) as buf:
+            for fp8 in (True, False, True):
+                recv, count, h, _, _ = buf.low_latency_dispatch(xs[r], idxs[r].astype(np.int64), N, E, use_fp8=fp8)
+                x, s = recv if fp8 else (recv, None)
+                cfg = buf._group(N, H, E, k, fp8, False, False).config
+                y = expert_fn(cfg, x, None if s is None else s.swapaxes(1, 2), count)
+                out, _, _ = buf.low_latency_combine(y, idxs[r], ws[r], h)
+                outs.append(dict(recv_x=x, recv_scales=None if s is None else s.swapaxes(1, 2), masked_m=count.copy(),
+                                 src_info=h.src_info, expert_out=y, out=out.copy()))
+            assert len(buf._groups) == 2
+        return outs
+    res = run_ranks(R, rank)
+    for i, fp8 in enumerate((True, False, True)):
+        check_against_model(cfgs[fp8], xs, idxs, ws, [res[r][i] for r in range(R)])

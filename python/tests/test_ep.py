@@ -50,8 +50,9 @@ def expert_fn(cfg, recv_x, recv_scales, masked):
     return y
 
 
-def run_ep(cfg, xs, idxs, ws, *, split=False, active=None, rounds=1):
-    """Every rank: dispatch, fake expert, combine; returns per rank (outputs of the last round)."""
+def run_ep(cfg, xs, idxs, ws, *, split=False, active=None, rounds=1, world=None):
+    """Every rank: dispatch, fake expert, combine; returns per rank (outputs of the last round). On
+    a new CpuWorld, or on `world` (one more group a rank there)."""
     def rank(g):
         r = g.rank
         if active is not None:
@@ -75,6 +76,8 @@ def run_ep(cfg, xs, idxs, ws, *, split=False, active=None, rounds=1):
                        expert_out=y, out=out, thread=threading.get_ident())
         return got
 
+    if world is not None:
+        return world.run(rank, cfg)
     with epmoe.CpuWorld(cfg.num_ranks) as world:
         return world.run(rank, cfg)
 
@@ -166,6 +169,42 @@ def test_matches_the_library_reference_too():
         assert (outs[r] == res[r]["out"]).all()
 
 
+def test_references_check_active_and_each_ranks_entry():
+    cfg = epmoe.EpConfig(num_ranks=2, max_tokens=4, hidden=128, num_experts=4, top_k=2, wire="fp8",
+                         combine_mode="reduce_at_owner")
+    xs, idxs, ws = make_inputs(cfg, [4, 3], seed=6)
+    ys = [np.zeros((cfg.local_experts, cfg.rows, cfg.hidden), np.uint16)] * 2
+    for active in ([1], [1, 1, 1]):  # one flag per rank, as set_active_ranks takes them
+        msg = f"active needs one flag per rank \\(2\\), got {len(active)}"
+        with pytest.raises(ValueError, match="dispatch_ref: " + msg):
+            epmoe.dispatch_ref(cfg, xs, idxs, active=active)
+        with pytest.raises(ValueError, match="combine_ref: " + msg):
+            epmoe.combine_ref(cfg, ys, idxs, ws, active=active)
+    masked = epmoe.dispatch_ref(cfg, xs, idxs, active=[1, 0])
+    assert all(not (d["src_info"] // cfg.max_tokens == 1).any() for d in masked)  # rank 1's tokens stay home
+    with pytest.raises(ValueError, match=r"xs\[0\]: expected 2 dimensions, got shape \(\)"):
+        epmoe.dispatch_ref(cfg, [np.uint16(1), xs[1]], idxs)
+    with pytest.raises(ValueError, match=r"topk_idxs\[1\]: expected 2 dimensions"):
+        epmoe.combine_ref(cfg, ys, [idxs[0], np.int32(1)], ws)
+    with pytest.raises(ValueError, match=r"topk_idxs\[1\]: shape \(4, 2\), expected \[3, 2\]"):
+        epmoe.dispatch_ref(cfg, xs, [idxs[0], idxs[0]])
+
+
+def test_integers_outside_the_c_int_are_refused():
+    # ctypes keeps the low 32 bits: hidden = 2**32 + 128 was the layout of hidden = 128
+    with pytest.raises(ValueError, match="EpConfig.hidden = 4294967424 is outside the range of its C type"):
+        epmoe.layout_query(max_tokens=4, hidden=2 ** 32 + 128, num_experts=2, top_k=2)
+    with pytest.raises(ValueError, match="EpConfig.timeout_ms"):
+        epmoe.layout_query(timeout_ms=2 ** 31)
+    with pytest.raises(ValueError, match="wire = 4294967297"):
+        epmoe.layout_query(wire=2 ** 32 + 1)
+    with pytest.raises(TypeError, match="EpConfig.max_tokens: expected an integer, got float"):
+        epmoe.layout_query(max_tokens=4.5)
+    with pytest.raises(ValueError, match="num_ranks = 4294967297 is outside"):  # was a world of 1 rank
+        epmoe.CpuWorld(2 ** 32 + 1)
+    assert epmoe.layout_query(max_tokens=np.int64(4), hidden=128, num_experts=2, top_k=2).out_bytes == 4 * 128 * 2
+
+
 def test_zero_tokens_everywhere():
     cfg = epmoe.EpConfig(num_ranks=2, max_tokens=4, hidden=128, num_experts=2, top_k=2, timeout_ms=5000)
     xs, idxs, ws = make_inputs(cfg, [0, 0], seed=1)
@@ -185,6 +224,42 @@ def test_every_slot_minus_one_and_everything_to_one_expert():
     res = run_ep(cfg, xs, idxs, ws, rounds=3)  # several rounds: the window parities wrap
     check_against_model(cfg, xs, idxs, ws, res)
     assert res[1]["masked_m"].tolist() == [0, 7]
+
+
+def test_world_closed_before_its_groups_and_two_groups_a_rank():
+    """A CpuWorld closed while its groups are open lives on until they close (the block's end
+    closes the world, not the groups); and a world takes any number of groups, made collectively in
+    the same order on every rank, as a communicator does."""
+    cfg = epmoe.EpConfig(num_ranks=2, max_tokens=4, hidden=128, num_experts=4, top_k=2, wire="bf16",
+                         combine_mode="reduce_at_owner", timeout_ms=5000)
+    xs, idxs, ws = make_inputs(cfg, [4, 3], seed=9)
+    groups = [None, None]
+    with epmoe.CpuWorld(2) as world:
+        def make(r):
+            groups[r] = world.create_group(r, cfg)
+        ts = [threading.Thread(target=make, args=(r,)) for r in range(2)]
+        for t in ts:
+            t.start()
+        for t in ts:
+            t.join(30)
+    res = [None, None]
+
+    def rank(r):
+        d = groups[r].dispatch(xs[r], idxs[r], ws[r])
+        y = expert_fn(cfg, d.recv_x, None, d.masked_m)
+        res[r] = dict(recv_x=d.recv_x, recv_scales=None, masked_m=d.masked_m, src_info=d.src_info, expert_out=y,
+                      out=groups[r].combine(d, y))
+        groups[r].close()
+    ts = [threading.Thread(target=rank, args=(r,)) for r in range(2)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join(30)
+    check_against_model(cfg, xs, idxs, ws, res)
+    with epmoe.CpuWorld(2) as world:  # the same world, three times over: one group a run, a rank
+        for seed in (10, 11, 12):
+            xs, idxs, ws = make_inputs(cfg, [4, 3], seed=seed)
+            check_against_model(cfg, xs, idxs, ws, run_ep(cfg, xs, idxs, ws, world=world))
 
 
 def test_masked_rank_is_skipped():

@@ -216,3 +216,74 @@ def test_cuda_entry_point_without_gpu_reports_the_library_error():
         assert "no CUDA GPU/driver available" in info.value.message or "no CUDA-capable device" in info.value.message, \
             info.value.message
     del x, q, s
+
+
+def test_integers_outside_their_c_type_are_refused():
+    # ctypes keeps the low bits: 300 reached epmoe_ue8m0_to_float as byte 44 (2^-83)
+    for bad in (300, -1):
+        with pytest.raises(ValueError, match=f"ue8m0_to_float: b = {bad} is outside the range of its C type \\(0..255"):
+            epmoe.ue8m0_to_float(bad)
+    assert epmoe.ue8m0_to_float(np.uint8(127)) == 1.0
+    with pytest.raises(ValueError, match="M = 18446744073709551620 is outside"):  # would be M = 4
+        epmoe.scale_bytes(epmoe.SCALE_F32_ROW, 2 ** 64 + 4, 128)
+    with pytest.raises(ValueError, match="scale_fmt = 4294967296 is outside"):  # would be F32_ROW
+        epmoe.cast_group_fp8(np.zeros((1, 128), np.uint16), 2 ** 32)
+
+
+def test_dequant_out_dtype_takes_dtype_likes():
+    q = epmoe.fp8_from_float(np.linspace(-4, 4, 2 * 128, dtype=np.float32).reshape(2, 128))
+    s = np.array([0.5, 2.0], np.float32)
+    want = epmoe.dequant_fp8(q, s, "f32_row", out_dtype="float32")
+    for od in (np.float32, np.dtype("float32"), epmoe.F32, epmoe.dtype("float32")):
+        got = epmoe.dequant_fp8(q, s, "f32_row", out_dtype=od)
+        assert got.dtype == np.float32 and (got == want).all()
+    bf = epmoe.dequant_fp8(q, s, "f32_row", out_dtype="bfloat16")
+    for od in (ml_dtypes.bfloat16, "bf16", epmoe.BF16):
+        assert (epmoe.dequant_fp8(q, s, "f32_row", out_dtype=od) == bf).all()
+    for od in (np.float64, "float16", "fp4", 7):
+        with pytest.raises(ValueError, match="must be float32 or bfloat16"):
+            epmoe.dequant_fp8(q, s, "f32_row", out_dtype=od)
+
+
+def test_arrays_without_a_dlpack_dtype_name_the_argument():
+    with pytest.raises(epmoe.DLPackError, match="^x: DLPack only supports"):  # numpy's BufferError, named
+        epmoe.fp8_from_float(np.array(["a", "b"]))
+    q = np.zeros((1, 2, 128), np.uint8)
+    with pytest.raises(epmoe.DLPackError, match="^scales: "):
+        epmoe.requant_fp8(q, np.array([object()] * 2), 0, np.array([2], np.int32), 1.0)
+
+
+def test_a_device_that_is_neither_host_nor_cuda_is_refused():
+    """ROCm (DLPack device type 10) memory went to the _cuda entry points, which test 'not host'."""
+    from test_dlpack import Crafted
+    rocm = (10, 0)
+    made = [Crafted(np.zeros((2, 128), np.uint16), (2, 128), 1, 16, versioned=False, device=rocm),
+            Crafted(np.zeros((2, 128), np.uint8), (2, 128), 1, 8, versioned=False, device=rocm),
+            Crafted(np.zeros(8, np.float32), (8,), 2, 32, versioned=False, device=rocm)]
+    x, q, s = (epmoe.from_dlpack(c.capsule()) for c in made)
+    with pytest.raises(epmoe.DLPackError, match=r"x: is on rocm:0 \(DLPack device type 10\).*host \(CPU\).*CUDA"):
+        epmoe.cast_group_fp8(x, out=q, scales=s)
+    with pytest.raises(epmoe.DLPackError, match=r"q: is on rocm:0 \(DLPack device type 10\)"):
+        epmoe.dequant_fp8(q, s, 0)
+    del x, q, s
+
+
+def test_outputs_overlapping_an_input_are_refused():
+    """The kernels read and write in different orders, so an output sharing bytes with an input is
+    garbage, not an in-place op: the library refuses it before writing anything."""
+    rng = np.random.default_rng(5)
+    x = epmoe.bf16_from_float(rng.standard_normal((2, 4, 256)).astype(np.float32))
+    q, s = epmoe.cast_group_fp8(x.reshape(8, 256))
+    q, s = q.reshape(2, 4, 256), s.reshape(2, 4, 2)
+    m = np.array([4, 4], np.int32)
+    with pytest.raises(epmoe.InvalidArgument, match="y overlaps q"):
+        epmoe.requant_fp8(q, s, "f32_row", m, 0.01, out=q)
+    buf = np.zeros(2 * 4 * 256, np.float32)  # dequant's out, whose first floats hold the scales
+    buf[:s.size] = s.ravel()
+    with pytest.raises(epmoe.InvalidArgument, match="y overlaps scales"):
+        epmoe.dequant_fp8(q, buf[:s.size].reshape(s.shape), "f32_row", out=buf.reshape(2, 4, 256))
+    assert (buf[:s.size] == s.ravel()).all() and not buf[s.size:].any()  # untouched
+    qbuf = np.zeros(8 * 256 + 64, np.uint8)  # cast_group's scales inside its own q
+    with pytest.raises(epmoe.InvalidArgument, match="scales overlaps q"):
+        epmoe.cast_group_fp8(x.reshape(8, 256), out=qbuf[:8 * 256].reshape(8, 256),
+                             scales=qbuf[8 * 256 - 64:])

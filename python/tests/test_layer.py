@@ -484,3 +484,41 @@ def test_phase_order_the_library_refuses(one_rank):
     cfg = g.config
     g.combine(d, np.zeros((cfg.local_experts, cfg.rows, H), np.uint16))
     assert (layer.forward_recv(layer.forward_experts(f)) == ref).all()
+
+
+def test_close_with_a_forward_in_flight_is_refused(one_rank):
+    """epmoe_layer_destroy cannot finish or cancel a sent forward (its remaining phases are collective
+    and write the layer's buffers): close() names it and leaves the layer usable; the group's close,
+    which destroys the ep too, closes the layer regardless."""
+    g, w, x, idx, tw = one_rank
+    ref = epmoe.layer_ref(g.config, [w], [x], [idx], [tw])[0]
+    layer = g.layer(weights=w)
+    f = layer.forward_send(x, idx, tw)
+    with pytest.raises(epmoe.InvalidArgument, match="close: forward 1 of this layer is in flight.*forward_experts, "
+                                                   "then forward_recv"):
+        layer.close()
+    layer.forward_experts(f)
+    with pytest.raises(epmoe.InvalidArgument, match=r"close: forward 1 .* ran SEND\|EXPERTS\).*: forward_recv$"):
+        layer.close()
+    assert not layer.closed and (layer.forward_recv(f) == ref).all()
+    layer.close()
+    assert layer.closed
+    with pytest.raises(RuntimeError, match="boom"):  # leaving a with block by an exception keeps that exception
+        with g.layer(weights=w) as other:
+            other.forward_send(x, idx, tw)
+            raise RuntimeError("boom")
+    assert not other.closed
+    g.close()
+    assert other.closed
+
+
+def test_layer_integers_outside_their_c_type_are_refused(one_rank):
+    g, w, x, idx, tw = one_rank
+    with pytest.raises(ValueError, match="scheme = 4294967298 is outside"):  # would be scheme 2, w4afp8
+        g.layer(weights=w, scheme=2 ** 32 + 2)
+    with pytest.raises(ValueError, match="expected_m = 18446744073709551616 is outside"):
+        g.layer(weights=w, expected_m=2 ** 64)
+    with pytest.raises(ValueError, match="ranks = 4294967297 is outside"):
+        epmoe.expected_rows(128, 2 ** 32 + 1, 8, 256)
+    with pytest.raises(ValueError, match=r"xs\[0\]: expected 2 dimensions"):
+        epmoe.layer_ref(g.config, [w], [np.uint16(1)], [idx], [tw])

@@ -296,3 +296,68 @@ def test_mlp_errors():
     with pytest.raises(epmoe.InvalidArgument, match="workspace_bytes"):
         w4a8.mlp(w13, w2, a, a_scales=slabs, workspace=np.zeros(64, np.uint8))
     assert w4a8.mlp_workspace_bytes(E, M, H, I) >= E * M * (2 * I * 2 + I + I // 128 * 4)
+
+
+# ---- argument checks -------------------------------------------------------------------------------
+def test_weights_refuse_checkpoint_order_scales():
+    """W4A8Weights takes repack()'s [E, K/128, N] scales: checkpoint-order [E, N, K/128] ones have the
+    same bytes and would silently give another GEMM."""
+    rng = np.random.default_rng(12)
+    w = w4a8.repack(*make_ckpt(rng, 1, 128, 256, m8=False)[:2])
+    assert w.scales.shape == (1, 2, 128)
+    ckpt_order = np.ascontiguousarray(w.scales.transpose(0, 2, 1))
+    with pytest.raises(ValueError, match=r"shape \(1, 128, 2\).*\[1, 2, 128\].*repack\(ckpt_w, ckpt_scales\)"):
+        w4a8.W4A8Weights(w.qweight, ckpt_order, 1, 128, 256, w.encoding)
+    with pytest.raises(ValueError, match=r"\[1, 2, 128\]"):  # nor flattened
+        w4a8.W4A8Weights(w.qweight, w.scales.reshape(-1), 1, 128, 256, w.encoding)
+    again = w4a8.W4A8Weights(w.qweight, w.scales, 1, 128, 256, w.encoding)  # repack's arrays as they are
+    assert again.value(0, 5, 200) == w.value(0, 5, 200)
+
+
+def test_read_only_workspace_is_refused():
+    rng = np.random.default_rng(13)
+    E, M, H, I = 1, 2, 128, 128
+    w13 = w4a8.repack(*make_ckpt(rng, E, 2 * I, H, m8=False)[:2])
+    w2 = w4a8.repack(*make_ckpt(rng, E, H, I, m8=False)[:2])
+    a, slabs, _ = make_acts(rng, E, M, H, epmoe.SCALE_F32_ROW)
+    n = w4a8.mlp_workspace_bytes(E, M, H, I) + 256
+    frozen = np.zeros(n, np.uint8)
+    frozen.flags.writeable = False
+    immutable = bytes(n)
+    for ws in (frozen, np.frombuffer(immutable, np.uint8)):
+        with pytest.raises(epmoe.DLPackError, match="workspace: the tensor is read-only"):
+            w4a8.mlp(w13, w2, a, a_scales=slabs, workspace=ws)
+    assert not frozen.any() and immutable == bytes(n)  # nothing was written
+    ws = np.zeros(n, np.uint8)  # a writable one is taken
+    assert (w4a8.mlp(w13, w2, a, a_scales=slabs, workspace=ws) == w4a8.mlp(w13, w2, a, a_scales=slabs)).all()
+
+
+def test_opaque_arguments_get_clear_errors():
+    rng = np.random.default_rng(14)
+    w = w4a8.repack(*make_ckpt(rng, 1, 128, 128, m8=False)[:2])
+    with pytest.raises(TypeError, match="w must be W4A8Weights"):
+        w4a8.unpack("x")
+    # integers past int64_t are refused, not wrapped (2**64 would reach the library as 0)
+    with pytest.raises(ValueError, match=r"e = 18446744073709551616 is outside the range"):
+        w.value(2 ** 64, 0, 0)
+    with pytest.raises(ValueError, match="E = 18446744073709551617 is outside the range"):
+        w4a8.repack_size(2 ** 64 + 1, 128, 128)
+    with pytest.raises(ValueError, match="expected_m"):
+        w4a8.gemm(w, np.zeros((1, 2, 128), np.uint8), a_tensor_scale=1.0, expected_m=2 ** 64)
+
+
+def test_weights_on_a_device_that_is_not_cuda_are_refused():
+    from test_dlpack import Crafted
+    rng = np.random.default_rng(15)
+    w = w4a8.repack(*make_ckpt(rng, 1, 128, 128, m8=False)[:2])
+    rocm = (10, 0)  # DLPack kDLROCM: no epmoe entry point reads it (it went to the _cuda ones)
+    made = [Crafted(w.qweight, w.qweight.shape, 1, 8, versioned=False, device=rocm),
+            Crafted(w.scales, w.scales.shape, 1, 16, versioned=False, device=rocm)]
+    q, s = (epmoe.from_dlpack(c.capsule()) for c in made)
+    with pytest.raises(epmoe.DLPackError, match=r"qweight: is on rocm:0 \(DLPack device type 10\)"):
+        w4a8.W4A8Weights(q, s, 1, 128, 128, w.encoding)
+    a = Crafted(np.zeros((1, 2, 128), np.uint8), (1, 2, 128), 1, 8, versioned=False, device=rocm)
+    at = epmoe.from_dlpack(a.capsule())
+    with pytest.raises(epmoe.DLPackError, match=r"a: is on rocm:0 \(DLPack device type 10\)"):
+        w4a8.gemm(w, at, a_tensor_scale=1.0)
+    del q, s, at
