@@ -47,40 +47,62 @@ __device__ __forceinline__ void convert(const Stage &s, int tid, uint32_t (&a)[4
     }
 }
 
+/* kProbe takes one part out (timing only; the results are wrong): 1 no promotion, 2 no conversion
+** (the loaded words go to the wgmma as they are), 3 no weight loads either (the registers of the
+** last load), 4 no wgmma (the promotion works on the converted words). */
+template <int kProbe>
 __device__ __forceinline__ void issue(const Stage &s, int tid, uint32_t (&a)[4][4], float (&part)[T / 2]) {
-    convert(s, tid, a);
+    if (kProbe == 2) {
+        const uint4 h0 = *reinterpret_cast<const uint4 *>(&s.w[tid * 16]), h1 = *reinterpret_cast<const uint4 *>(&s.w[(128 + tid) * 16]);
+        const uint32_t q[8] = {h0.x, h0.y, h0.z, h0.w, h1.x, h1.y, h1.z, h1.w};
 #pragma unroll
-    for (int q = 0; q < T / 2; q++) reg_fence(part[q]);
-    wgmma_fence();
-    const uint32_t lo = sw128_desc_lo(s.b);
+        for (int ks = 0; ks < 4; ks++)
 #pragma unroll
-    for (int ks = 0; ks < 4; ks++) wgmma_rs<T>(part, a[ks], sw128_desc(lo + 2 * ks), ks);
-    wgmma_commit();
+            for (int r = 0; r < 4; r++) a[ks][r] = q[(2 * ks + r / 2) & 7], reg_fence(a[ks][r]);
+    } else if (kProbe != 3) {
+        convert(s, tid, a);
+    }
+    if constexpr (kProbe == 4) {
+#pragma unroll
+        for (int q = 0; q < T / 2; q++) part[q] = __uint_as_float(a[q / 4][q % 4] & 0x3f7fffffu);
+    } else {
+#pragma unroll
+        for (int q = 0; q < T / 2; q++) reg_fence(part[q]);
+        wgmma_fence();
+        const uint32_t lo = sw128_desc_lo(s.b);
+#pragma unroll
+        for (int ks = 0; ks < 4; ks++) wgmma_rs<T>(part, a[ks], sw128_desc(lo + 2 * ks), ks);
+        wgmma_commit();
+    }
 }
 
-template <bool kSa> __device__ __forceinline__ void promote(const Stage &s, int tid, float (&part)[T / 2], float (&acc)[T / 2]) {
+template <bool kSa, int kProbe> __device__ __forceinline__ void promote(const Stage &s, int tid, float (&part)[T / 2], float (&acc)[T / 2]) {
+    if constexpr (kProbe == 1) { /* one add keeps the wgmma (ptxas drops one whose results are all unused) */
+        acc[0] += part[0];
+    } else {
 #pragma unroll
-    for (int q = 0; q < T / 2; q++) reg_fence(part[q]);
-    const int row = ((tid >> 5) & 3) * 16 + ((tid & 31) >> 2);
-    const float sw0 = __uint_as_float((uint32_t)s.sw[row] << 16), sw1 = __uint_as_float((uint32_t)s.sw[row + 8] << 16);
+        for (int q = 0; q < T / 2; q++) reg_fence(part[q]);
+        const int row = ((tid >> 5) & 3) * 16 + ((tid & 31) >> 2);
+        const float sw0 = __uint_as_float((uint32_t)s.sw[row] << 16), sw1 = __uint_as_float((uint32_t)s.sw[row + 8] << 16);
 #pragma unroll
-    for (int jj = 0; jj < T / 8; jj++) {
-        const uint2 wv = *reinterpret_cast<const uint2 *>(&s.sa[jj * 8 + 2 * (tid & 3)]);
+        for (int jj = 0; jj < T / 8; jj++) {
+            const uint2 wv = *reinterpret_cast<const uint2 *>(&s.sa[jj * 8 + 2 * (tid & 3)]);
 #pragma unroll
-        for (int c = 0; c < 2; c++) {
-            float x0 = part[jj * 4 + c], x1 = part[jj * 4 + 2 + c];
-            if (kSa) {
-                const float sa = __uint_as_float(c ? wv.y : wv.x);
-                x0 = __fmul_rn(x0, sa), x1 = __fmul_rn(x1, sa);
+            for (int c = 0; c < 2; c++) {
+                float x0 = part[jj * 4 + c], x1 = part[jj * 4 + 2 + c];
+                if (kSa) {
+                    const float sa = __uint_as_float(c ? wv.y : wv.x);
+                    x0 = __fmul_rn(x0, sa), x1 = __fmul_rn(x1, sa);
+                }
+                acc[jj * 4 + c] = fmaf(x0, sw0, acc[jj * 4 + c]);
+                acc[jj * 4 + 2 + c] = fmaf(x1, sw1, acc[jj * 4 + 2 + c]);
             }
-            acc[jj * 4 + c] = fmaf(x0, sw0, acc[jj * 4 + c]);
-            acc[jj * 4 + 2 + c] = fmaf(x1, sw1, acc[jj * 4 + 2 + c]);
         }
     }
 }
 
 /* kWg warpgroups a CTA; with kWg = 2 they take turns at issuing (bar 1 / 2), as the GEMM's consumers. */
-template <bool kPairs, bool kSa, int kWg>
+template <bool kPairs, bool kSa, int kWg, int kProbe = 0>
 __global__ void __launch_bounds__(128 * kWg) chain_kernel(float *out, unsigned long long *stamps, int sink) {
     extern __shared__ __align__(1024) uint8_t smem_raw[];
     Stage *ring = reinterpret_cast<Stage *>(smem_raw + ((1024u - (smem_u32(smem_raw) & 1023u)) & 1023u)) + 0;
@@ -98,27 +120,28 @@ __global__ void __launch_bounds__(128 * kWg) chain_kernel(float *out, unsigned l
     float acc[T / 2];
 #pragma unroll
     for (int i = 0; i < T / 2; i++) acc[i] = 0.0f;
+    uint32_t a0[4][4], a1[4][4]; /* kProbe 3: the first load's words throughout */
+    convert(ring[0], tid, a0), convert(ring[1], tid, a1);
     const int mine = 1 + wg, yours = 2 - wg;
     if (kWg == 2 && wg == 1) named_bar_arrive(1, 256); /* warpgroup 0 issues first */
 #pragma unroll 1
     for (int g = 0; g < kGroups;) {
         float part0[T / 2], part1[T / 2];
-        uint32_t a0[4][4], a1[4][4];
         if (kWg == 2) named_bar_sync(mine, 256);
         if (kPairs) {
-            issue(ring[g % kStages], tid, a0, part0);
-            issue(ring[(g + 1) % kStages], tid, a1, part1);
+            issue<kProbe>(ring[g % kStages], tid, a0, part0);
+            issue<kProbe>(ring[(g + 1) % kStages], tid, a1, part1);
             if (kWg == 2) named_bar_arrive(yours, 256);
             wgmma_wait<1>();
-            promote<kSa>(ring[g % kStages], tid, part0, acc);
+            promote<kSa, kProbe>(ring[g % kStages], tid, part0, acc);
             wgmma_wait<0>();
-            promote<kSa>(ring[(g + 1) % kStages], tid, part1, acc);
+            promote<kSa, kProbe>(ring[(g + 1) % kStages], tid, part1, acc);
             g += 2;
         } else {
-            issue(ring[g % kStages], tid, a0, part0);
+            issue<kProbe>(ring[g % kStages], tid, a0, part0);
             if (kWg == 2) named_bar_arrive(yours, 256);
             wgmma_wait<0>();
-            promote<kSa>(ring[g % kStages], tid, part0, acc);
+            promote<kSa, kProbe>(ring[g % kStages], tid, part0, acc);
             g += 1;
         }
     }
@@ -130,9 +153,10 @@ __global__ void __launch_bounds__(128 * kWg) chain_kernel(float *out, unsigned l
         for (int i = 0; i < T / 2; i++) out[threadIdx.x * (T / 2) + i] = acc[i];
 }
 
-template <bool kPairs, bool kSa, int kWg> static void run(int sms, int ctas, float *out, unsigned long long *st) {
+template <bool kPairs, bool kSa, int kWg, int kProbe = 0> static void run(int sms, int ctas, float *out, unsigned long long *st) {
+    static const char *probes[] = {"", " no promotion", " no conversion", " no weight loads", " no wgmma"};
     const size_t smem = kWg * kStages * sizeof(Stage) + 1024;
-    auto k = chain_kernel<kPairs, kSa, kWg>;
+    auto k = chain_kernel<kPairs, kSa, kWg, kProbe>;
     CU(cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem));
     int fit = 0;
     CU(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&fit, k, 128 * kWg, smem));
@@ -170,8 +194,8 @@ template <bool kPairs, bool kSa, int kWg> static void run(int sms, int ctas, flo
     const double t = lab_median(us);
     const double steps = (double)kGroups * kWg * ctas; /* warpgroup group-steps an SM */
     const double cyc = t * mhz / steps;
-    printf("%-6s %s %d WG/CTA x %d CTAs/SM (%3d regs) | %7.1f us | %4.0f MHz | %6.1f cycles a step an SM | W13 + W2 at 32 rows: %6.1f us\n",
-           kPairs ? "pairs" : "single", kSa ? "(a)" : "(b)", kWg, ctas, fa.numRegs, t, mhz, cyc, kSteps32 * cyc / mhz);
+    printf("%-6s %s %d WG/CTA x %d CTAs/SM (%3d regs) | %7.1f us | %4.0f MHz | %6.1f cycles a step an SM | W13 + W2 at 32 rows: %6.1f us%s\n",
+           kPairs ? "pairs" : "single", kSa ? "(a)" : "(b)", kWg, ctas, fa.numRegs, t, mhz, cyc, kSteps32 * cyc / mhz, probes[kProbe]);
 }
 
 int main() {
@@ -195,6 +219,13 @@ int main() {
         run<true, true, 2>(sms, c, out, st);
     }
     run<true, false, 2>(sms, 2, out, st);
+    /* the GEMM's shape with one part taken out at a time (timing probes) */
+    run<true, true, 2, 1>(sms, 2, out, st);
+    run<true, true, 2, 2>(sms, 2, out, st);
+    run<true, true, 2, 3>(sms, 2, out, st);
+    run<true, true, 2, 4>(sms, 2, out, st);
+    run<true, true, 1, 1>(sms, 4, out, st);
+    run<true, true, 1, 4>(sms, 4, out, st);
     CU(cudaFree(out));
     CU(cudaFree(st));
     return 0;
