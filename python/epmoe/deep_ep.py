@@ -338,6 +338,9 @@ class Buffer:
 
     def low_latency_query_mask_buffer(self, mask_status):
         """mask_status int32 [R]: 1 for the masked ranks (written in place, numpy or torch)."""
+        if tuple(np.shape(mask_status)) != (self.group_size,):
+            raise ValueError(f"low_latency_query_mask_buffer: mask_status is {tuple(np.shape(mask_status))}, "
+                             f"expected ({self.group_size},)")
         for r, a in enumerate(self._active):
             mask_status[r] = 0 if a else 1
 

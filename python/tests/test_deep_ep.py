@@ -176,6 +176,8 @@ def test_masked_rank_and_the_mask_queries():
             st = np.zeros(R, np.int32)
             buf.low_latency_query_mask_buffer(st)
             assert st.tolist() == [0, 0, 0]
+            with pytest.raises(ValueError, match=r"mask_status is \(2,\), expected \(3,\)"):
+                buf.low_latency_query_mask_buffer(np.zeros(R - 1, np.int32))
             if not active[r]:
                 return None  # it "fails": the others mask it out
             buf.low_latency_update_mask_buffer(2, True)
