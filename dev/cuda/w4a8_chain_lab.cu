@@ -167,31 +167,9 @@ template <bool kPairs, bool kSa, int kWg, int kProbe = 0> static void run(int sm
                kSa ? "(a)" : "(b)", kWg, ctas, fit, fa.numRegs);
         return;
     }
-    const int grid = sms * ctas;
-    auto launch = [&] { k<<<grid, 128 * kWg, smem>>>(out, st, 0); };
-    launch();
-    CU(cudaDeviceSynchronize());
-    std::vector<float> us;
-    double mhz = 0;
-    cudaEvent_t e0, e1;
-    CU(cudaEventCreate(&e0));
-    CU(cudaEventCreate(&e1));
-    for (int rep = 0; rep < 5; rep++) {
-        CU(cudaMemset(st, 0, 2 * sizeof *st));
-        CU(cudaEventRecord(e0));
-        launch();
-        CU(cudaEventRecord(e1));
-        CU(cudaEventSynchronize(e1));
-        float ms;
-        CU(cudaEventElapsedTime(&ms, e0, e1));
-        us.push_back(ms * 1000.0f);
-        unsigned long long h[2];
-        CU(cudaMemcpy(h, st, sizeof h, cudaMemcpyDeviceToHost));
-        mhz += (double)h[0] / (double)h[1] * 1000.0 / 5;
-    }
-    cudaEvent_t evs[2] = {e0, e1};
-    for (cudaEvent_t e : evs) cudaEventDestroy(e);
-    const double t = lab_median(us);
+    double ghz;
+    const double t = lab_time_clocked([&] { k<<<sms * ctas, 128 * kWg, smem>>>(out, st, 0); }, st, 5, &ghz);
+    const double mhz = ghz * 1e3;
     const double steps = (double)kGroups * kWg * ctas; /* warpgroup group-steps an SM */
     const double cyc = t * mhz / steps;
     printf("%-6s %s %d WG/CTA x %d CTAs/SM (%3d regs) | %7.1f us | %4.0f MHz | %6.1f cycles a step an SM | W13 + W2 at 32 rows: %6.1f us%s\n",
@@ -199,12 +177,9 @@ template <bool kPairs, bool kSa, int kWg, int kProbe = 0> static void run(int sm
 }
 
 int main() {
-    int dev = 0, sms = 0;
-    CU(cudaGetDevice(&dev));
-    CU(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
-    cudaDeviceProp prop;
-    CU(cudaGetDeviceProperties(&prop, dev));
-    printf("%s, %d SMs; T = 32 consumer chain, %d groups a warpgroup, %d stages filled once\n", prop.name, sms, kGroups, kStages);
+    char title[160];
+    snprintf(title, sizeof title, "T = 32 consumer chain, %d groups a warpgroup, %d stages filled once", kGroups, kStages);
+    const int sms = lab_sms(title);
     float *out;
     unsigned long long *st;
     CU(cudaMalloc(&out, 256 * T / 2 * sizeof(float)));

@@ -60,30 +60,8 @@ __global__ void __launch_bounds__(128) rate_kernel(float *out, unsigned long lon
 }
 
 template <int N, bool kSS, int G, int F> static void run(int sms, int C, float *out, unsigned long long *st) {
-    const int grid = sms * C;
-    auto launch = [&] { rate_kernel<N, kSS, G, F><<<grid, 128>>>(out, st, 0); };
-    launch();
-    CU(cudaDeviceSynchronize());
-    cudaEvent_t e0, e1;
-    CU(cudaEventCreate(&e0));
-    CU(cudaEventCreate(&e1));
-    std::vector<float> us;
-    double ghz = 0;
-    for (int rep = 0; rep < 5; rep++) {
-        CU(cudaMemset(st, 0, 2 * sizeof *st));
-        CU(cudaEventRecord(e0));
-        launch();
-        CU(cudaEventRecord(e1));
-        CU(cudaEventSynchronize(e1));
-        float ms;
-        CU(cudaEventElapsedTime(&ms, e0, e1));
-        us.push_back(ms * 1000.0f);
-        unsigned long long h[2];
-        CU(cudaMemcpy(h, st, sizeof h, cudaMemcpyDeviceToHost));
-        ghz += (double)h[0] / (double)h[1] / 5;
-    }
-    cudaEventDestroy(e0), cudaEventDestroy(e1);
-    const double t = lab_median(us);
+    double ghz;
+    const double t = lab_time_clocked([&] { rate_kernel<N, kSS, G, F><<<sms * C, 128>>>(out, st, 0); }, st, 5, &ghz);
     const double per_sm = (double)kRounds * G * C; /* wgmma an SM */
     const double flops = 2.0 * 64 * N * 32 * per_sm * sms;
     printf("%-3s N=%-4d G=%d F=%d CTAs/SM=%d | %8.1f us | clock %.2f GHz | %6.1f cycles/wgmma/SM | %6.0f TFLOP/s\n", kSS ? "SS" : "RS", N,
@@ -91,12 +69,9 @@ template <int N, bool kSS, int G, int F> static void run(int sms, int C, float *
 }
 
 int main() {
-    int dev = 0, sms = 0;
-    CU(cudaGetDevice(&dev));
-    CU(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
-    cudaDeviceProp prop;
-    CU(cudaGetDeviceProperties(&prop, dev));
-    printf("%s, %d SMs; wgmma m64nNk32 e4m3, %d rounds of G wgmma a warpgroup\n", prop.name, sms, kRounds);
+    char title[160];
+    snprintf(title, sizeof title, "wgmma m64nNk32 e4m3, %d rounds of G wgmma a warpgroup", kRounds);
+    const int sms = lab_sms(title);
     float *out;
     unsigned long long *cyc;
     CU(cudaMalloc(&out, 128 * 64 * sizeof(float)));

@@ -38,6 +38,15 @@ def make_acts(rng, E, M, K, fmt):
     return a, np.concatenate(slabs), sa
 
 
+def small_mlp(rng, E, M, H, I, *, m8_w2=False):
+    """Repacked w13 [E, 2I, H] and w2 [E, H, I] (w2 with a -8 when m8_w2), fp8 activations [E, M, H]
+    and their row-major 1x128 scale slabs: an MLP case for the argument checks."""
+    w13 = w4a8.repack(*make_ckpt(rng, E, 2 * I, H, m8=False)[:2])
+    w2 = w4a8.repack(*make_ckpt(rng, E, H, I, m8=m8_w2)[:2])
+    a, slabs, _ = make_acts(rng, E, M, H, epmoe.SCALE_F32_ROW)
+    return w13, w2, a, slabs
+
+
 # ---- repack / unpack ------------------------------------------------------------------------------
 @pytest.mark.parametrize("m8", [False, True])
 @pytest.mark.parametrize("bf16_scales", [False, True])
@@ -284,9 +293,7 @@ def test_mlp_ref_per_tensor_scales():
 def test_mlp_errors():
     rng = np.random.default_rng(9)
     E, M, H, I = 1, 2, 256, 128
-    w13 = w4a8.repack(*make_ckpt(rng, E, 2 * I, H, m8=False)[:2])
-    w2 = w4a8.repack(*make_ckpt(rng, E, H, I, m8=False)[:2])
-    a, slabs, _ = make_acts(rng, E, M, H, epmoe.SCALE_F32_ROW)
+    w13, w2, a, slabs = small_mlp(rng, E, M, H, I)
     with pytest.raises(epmoe.InvalidArgument, match="must be \\[E, 2I, H\\]"):  # w2 and w13 swapped
         w4a8.mlp(w2, w13, np.ascontiguousarray(a[:, :, :128]), a_scales=slabs)
     with pytest.raises(epmoe.NullPointer, match="a2_tensor_scale"):  # mode (b) needs both scales
@@ -317,9 +324,7 @@ def test_weights_refuse_checkpoint_order_scales():
 def test_read_only_workspace_is_refused():
     rng = np.random.default_rng(13)
     E, M, H, I = 1, 2, 128, 128
-    w13 = w4a8.repack(*make_ckpt(rng, E, 2 * I, H, m8=False)[:2])
-    w2 = w4a8.repack(*make_ckpt(rng, E, H, I, m8=False)[:2])
-    a, slabs, _ = make_acts(rng, E, M, H, epmoe.SCALE_F32_ROW)
+    w13, w2, a, slabs = small_mlp(rng, E, M, H, I)
     n = w4a8.mlp_workspace_bytes(E, M, H, I) + 256
     frozen = np.zeros(n, np.uint8)
     frozen.flags.writeable = False

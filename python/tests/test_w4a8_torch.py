@@ -8,7 +8,7 @@ import pytest
 import epmoe
 import models as mdl
 from epmoe import w4a8
-from test_w4a8 import make_acts, make_ckpt
+from test_w4a8 import make_acts, make_ckpt, small_mlp
 
 torch = pytest.importorskip("torch")
 gpu = pytest.mark.skipif(not (torch.cuda.is_available() and epmoe.cuda_available()),
@@ -77,9 +77,7 @@ def test_gemm_without_masked_m_on_a_side_stream():
 def test_mlp_kernel_close_to_reference():
     rng = np.random.default_rng(300)
     E, M, H, I = 2, 9, 256, 256
-    w13 = w4a8.repack(*make_ckpt(rng, E, 2 * I, H, m8=False)[:2])
-    w2 = w4a8.repack(*make_ckpt(rng, E, H, I, m8=True)[:2])
-    a, slabs, _ = make_acts(rng, E, M, H, epmoe.SCALE_F32_ROW)
+    w13, w2, a, slabs = small_mlp(rng, E, M, H, I, m8_w2=True)
     masked = np.array([9, 4], np.int32)
     ref = w4a8.mlp(w13, w2, a, masked, slabs)
     got = w4a8.mlp(w13.to("cuda"), w2.to("cuda"), torch.from_numpy(a).cuda(), torch.from_numpy(masked).cuda(),
