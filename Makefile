@@ -28,7 +28,7 @@ WARN := -Wall -Wextra -Wshadow -Wstrict-prototypes -Wmissing-prototypes -Wconver
 CFLAGS ?= -O2 -g
 CFLAGS += -std=c11 $(WARN) -fPIC -fvisibility=hidden -ffp-contract=off -Iinclude -Isrc -DEPMOE_HAVE_CUDA=$(CUDA) -DEPMOE_HAVE_NCCL=$(NCCL)
 NVFLAGS ?= -O3 -lineinfo
-NVFLAGS += -std=c++17 $(CUDA_ARCH) -Xcompiler -fPIC,-fvisibility=hidden -Iinclude -Isrc -DEPMOE_HAVE_CUDA=1 \
+NVFLAGS += -std=c++17 $(CUDA_ARCH) -Xcompiler -fPIC,-fvisibility=hidden,-fvisibility-inlines-hidden -Iinclude -Isrc -DEPMOE_HAVE_CUDA=1 \
 	-DEPMOE_HAVE_NCCL=$(NCCL)
 LDLIBS := -lm -lpthread
 ifeq ($(CUDA),1)
@@ -128,7 +128,7 @@ check-header:
 	c++ -std=c++11 -pedantic -Wall -Wextra -Werror -Iinclude -fsyntax-only -x c++ tests/header_only.c
 
 check-symbols: $(BUILD)/libepmoe.so
-	@bad=$$(nm -D --defined-only $(BUILD)/libepmoe.so | awk '$$2 ~ /[TDBR]/ {print $$3}' | grep -v '^epmoe_' || true); \
+	@bad=$$(nm -D --defined-only $(BUILD)/libepmoe.so | awk '$$2 ~ /[TDBRWVu]/ {print $$3}' | grep -v '^epmoe_' || true); \
 	if [ -n "$$bad" ]; then echo "exported non-epmoe_ symbols:"; echo "$$bad"; exit 1; fi; \
 	echo "check-symbols: only epmoe_* exported ($$(nm -D --defined-only $(BUILD)/libepmoe.so | grep -c ' T epmoe_') functions)"
 

@@ -41,6 +41,11 @@ static const char *scheme_name(int s) {
     return s >= 0 && s < 4 ? names[s] : "?";
 }
 
+static const char *format_name(int f) { /* epmoe_weight_format */
+    static const char *names[] = {"EPMOE_WEIGHT_BF16", "EPMOE_WEIGHT_FP8_BLOCK", "EPMOE_WEIGHT_INT4"};
+    return f >= 0 && f < 3 ? names[f] : "an unknown format";
+}
+
 /* The expert weight format of each scheme; -1: the repacked W4A8 weights (w13, w2). */
 static int scheme_format(int s) {
     static const int formats[] = {[EPMOE_SCHEME_BF16] = EPMOE_WEIGHT_BF16,
@@ -76,9 +81,9 @@ static epmoe_status check_weights(const char *fn, const epmoe_ep_config *ec, con
         return epmoe__check_w4a8_weights(fn, "w2", &w->w2, device);
     }
     if ((int)w->e13.format != fmt || (int)w->e2.format != fmt)
-        return epmoe__fail(EPMOE_ERR_INVALID_ARG, "%s: scheme %s takes weights of format %d (epmoe_weight_format), "
-                           "e13 has %d and e2 %d", fn, scheme_name(cfg->scheme), fmt, (int)w->e13.format,
-                           (int)w->e2.format);
+        return epmoe__fail(EPMOE_ERR_INVALID_ARG, "%s: scheme %s takes %s weights; e13 has %s and e2 %s", fn,
+                           scheme_name(cfg->scheme), format_name(fmt), format_name((int)w->e13.format),
+                           format_name((int)w->e2.format));
     EPMOE_CHECK(epmoe__check_expert_weights(fn, "e13", &w->e13, device));
     EPMOE_CHECK(epmoe__check_expert_weights(fn, "e2", &w->e2, device));
     if (fmt == EPMOE_WEIGHT_INT4 && w->e13.group != w->e2.group)

@@ -10,6 +10,9 @@ expect() { # want_rc, description, command...
     if [ "$rc" != "$want" ]; then echo "  FAIL $what: exit $rc, want $want"; echo "$out" | tail -3; fail=1; fi
 }
 expect 0 "--help" "$EPMOE" --help
+for c in demo check bench; do expect 0 "$c --help" "$EPMOE" $c --help; expect 0 "$c -h" "$EPMOE" $c -h; done
+msg=$("$EPMOE" check --help 2>&1)
+case "$msg" in *"usage: epmoe"*) ;; *) echo "  FAIL: check --help prints no usage: $msg"; fail=1 ;; esac
 expect 2 "no command" "$EPMOE"
 expect 2 "unknown command" "$EPMOE" frobnicate
 expect 2 "unknown model" "$EPMOE" bench --model gpt5

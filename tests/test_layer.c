@@ -297,7 +297,8 @@ static void test_schemes_and_args(void) {
     CHECK_STATUS(epmoe_ep_create_cpu(wb, &b.ec, &eb), EPMOE_OK);
     lc = b.lc;
     CHECK_STATUS(epmoe_layer_create(eb, &lc, &i4.hw[0], &layer), EPMOE_ERR_INVALID_ARG); /* bf16 given INT4 */
-    CHECK(strstr(epmoe_last_error(), "format") != NULL, "wrong format: %s", epmoe_last_error());
+    CHECK(strstr(epmoe_last_error(), "takes EPMOE_WEIGHT_BF16 weights; e13 has EPMOE_WEIGHT_INT4") != NULL,
+          "wrong format, named: %s", epmoe_last_error());
     CHECK_STATUS(epmoe_layer_create(eb, &lc, &c.hw[0], &layer), EPMOE_ERR_INVALID_ARG); /* bf16 given only W4A8 weights */
     w = b.hw[0];
     w.e2 = f8.hw[0].e2; /* e13 bf16, e2 fp8 */

@@ -63,16 +63,18 @@ int demo_w4a8(int use_gpu) {
     double t0 = tool_wall_us();
     if (epmoe_w4a8_mlp_ref(&m) != EPMOE_OK) return fprintf(stderr, "epmoe demo: %s\n", epmoe_last_error()), 1;
     const double ref_us = tool_wall_us() - t0;
-    printf("epmoe demo: W4A8 expert MLP, DeepSeek-R1 shapes (H %lld, I %lld), %lld experts x %lld rows, 1x128 "
-           "activation scales\n",
-           (long long)H, (long long)I, (long long)E, (long long)M);
-    if (!use_gpu) {
-        printf("  CPU reference, %lld rows of expert 0: %.0f ms (run on a GPU for the kernel)\n", (long long)CHECK_ROWS,
-               ref_us / 1e3);
+    const double wmb = (double)E * (double)(2 * I * H + H * I) * (0.5 + 2.0 / 128) / 1e6; /* int4 + bf16 scales */
+    if (!use_gpu) { /* the kernel needs a GPU: the reference alone, on the rows it can do quickly */
+        printf("epmoe demo: W4A8 expert MLP, DeepSeek-R1 shapes (H %lld, I %lld), 1x128 activation scales: the CPU "
+               "reference on %lld rows of 1 expert (%.1f MB of int4 weights): %.0f ms\n",
+               (long long)H, (long long)I, (long long)CHECK_ROWS, wmb, ref_us / 1e3);
         return 0;
     }
+    printf("epmoe demo: W4A8 expert MLP, DeepSeek-R1 shapes (H %lld, I %lld), %lld experts x %lld rows, 1x128 "
+           "activation scales, %.1f MB of int4 weights\n",
+           (long long)H, (long long)I, (long long)E, (long long)M, wmb);
 #if EPMOE_HAVE_CUDA
-    const double wbytes = (double)E * (double)(2 * I * H + H * I) * (0.5 + 2.0 / 128); /* int4 + bf16 scales */
+    const double wbytes = wmb * 1e6;
     uint16_t *got = malloc((size_t)(E * M * H) * 2);
     void *d13q, *d2q, *dws, *da, *dsa, *dout;
     uint16_t *d13s, *d2s;

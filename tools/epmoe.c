@@ -35,9 +35,10 @@ static int usage(FILE *f) {
                "  check [--model M] [--scheme S] [--group 32|128] [--experts E] [--tokens N] [--wire fp8|bf16|both]\n"
                "        [--cpu] [--json F]\n"
                "                             the MoE layer's error against an fp64 model of the dequantized\n"
-               "                             weights, on gaussian and outlier tokens: w4afp8 FP8 vs BF16 wire x\n"
-               "                             1x128 vs per-tensor activation scales; w8a8_fp8_block FP8 vs BF16\n"
-               "                             wire (1x128 scales); bf16 and w4a16 their BF16 wire\n"
+               "                             weights (4 experts a rank unless --experts), on gaussian and outlier\n"
+               "                             tokens: w4afp8 FP8 vs BF16 wire x 1x128 vs per-tensor activation\n"
+               "                             scales; w8a8_fp8_block FP8 vs BF16 wire (1x128 scales); bf16 and\n"
+               "                             w4a16 their BF16 wire\n"
                "  bench [--model M] [--scheme S] [--group 32|128] [--experts E] [--tokens N] [--wire fp8|bf16|both]\n"
                "        [--iters N] [--cpu] [--json F]\n"
                "                             the layer and each stage alone (dispatch, expert MLP, combine):\n"
@@ -199,6 +200,9 @@ static int demo(int argc, char **argv) {
     const double in_mb = (double)n * 2 / 1e6, out_mb = (double)n / 1e6 + (double)(M * K / 128) * 4 / 1e6;
     printf("epmoe %s demo: DeepSeek-R1 EP receive batch, %lld rows x H %lld, backend %s\n", epmoe_version_string(),
            (long long)M, (long long)K, t.backend);
+    if (strncmp(t.backend, "CPU", 3) == 0) /* what runs where, and why */
+        printf("  (the CPU backend: %s)\n", force_cpu ? "--cpu" : !EPMOE_HAVE_CUDA ? "a build without CUDA (CUDA=0 or no nvcc)"
+                                                                              : "no usable CUDA GPU found");
     printf("  %-36s %9s %9s %10s %12s\n", "step", "MB in", "MB out", "time us", "NMSE vs x");
     printf("  %-36s %9.2f %9.2f %10.1f %12.3e\n", "cast bf16 -> fp8 + 1x128 scales", in_mb, out_mb, t.cast_us, e_group);
     printf("  %-36s %9.2f %9.2f %10.1f %12.3e\n", "requant 1x128 -> per-tensor (#22316)", out_mb, (double)n / 1e6,
@@ -229,6 +233,8 @@ static int demo(int argc, char **argv) {
 
 int main(int argc, char **argv) {
     if (argc < 2) return usage(stderr);
+    for (int i = 2; i < argc; i++) /* `epmoe check --help`: the one usage text covers every command */
+        if (!strcmp(argv[i], "--help") || !strcmp(argv[i], "-h")) return usage(stdout);
     if (!strcmp(argv[1], "demo")) return demo(argc - 2, argv + 2);
     if (!strcmp(argv[1], "check")) return cmd_check(argc - 2, argv + 2);
     if (!strcmp(argv[1], "bench")) return cmd_bench(argc - 2, argv + 2);

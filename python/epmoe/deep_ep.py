@@ -183,10 +183,12 @@ class Buffer:
     # -- sizes
     @staticmethod
     def get_low_latency_rdma_size_hint(num_max_dispatch_tokens_per_rank, hidden, num_ranks, num_experts, top_k=8):
-        """The bytes of one rank's window for this configuration on the BF16 wire (the larger), what
-        DeepEP's hint sizes its buffer for. epmoe allocates it itself; the value is for accounting."""
-        return layout_query(num_ranks=num_ranks, max_tokens=num_max_dispatch_tokens_per_rank, hidden=hidden,
-                            num_experts=num_experts, top_k=top_k, wire="bf16").window_bytes
+        """The most one configuration of a Buffer allocates a rank (its window and private state,
+        library_bytes): the BF16 wire, the larger, under either combine mode. DeepEP's hint sizes its
+        buffer; epmoe allocates its own, so the value is for accounting."""
+        return max(layout_query(num_ranks=num_ranks, max_tokens=num_max_dispatch_tokens_per_rank, hidden=hidden,
+                                num_experts=num_experts, top_k=top_k, wire=w, combine_mode=m).library_bytes
+                   for w in ("bf16", "fp8") for m in ("reduce_at_owner", "reduce_at_expert"))
 
     @property
     def library_bytes(self):

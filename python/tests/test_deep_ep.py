@@ -206,9 +206,22 @@ def test_memory_hint_is_far_below_deepeps():
     assert deepep == 1908410368  # the reference's number for E = 256, N = 128, H = 7168
     for R in (2, 8):
         ours = deep_ep.Buffer.get_low_latency_rdma_size_hint(N, H, R, E)
-        assert ours == epmoe.layout_query(num_ranks=R, max_tokens=N, hidden=H, num_experts=E, top_k=8,
-                                          wire="bf16").window_bytes
-        assert 0 < ours < deepep / 20, (R, ours)
+        owner_bf16 = epmoe.layout_query(num_ranks=R, max_tokens=N, hidden=H, num_experts=E, top_k=8, wire="bf16",
+                                        combine_mode="reduce_at_owner").library_bytes  # a default Buffer's largest
+        assert ours == owner_bf16 and 0 < ours < deepep / 20, (R, ours)
+    cfg = cfg_of(2, 4, 128, 4, 2, True)  # and it is what a Buffer holds: one group of each wire, reduce at owner
+    xs, idxs, _ = make_inputs(cfg, [4, 3], seed=31)
+
+    def rank(world, r):
+        with deep_ep.Buffer(world=world, rank=r, low_latency_mode=True) as buf:
+            held = []
+            for fp8 in (True, False):
+                buf.low_latency_dispatch(xs[r], idxs[r].astype(np.int64), 4, 4, use_fp8=fp8)
+                held.append(buf.library_bytes)
+            hint = deep_ep.Buffer.get_low_latency_rdma_size_hint(4, 128, 2, 4, top_k=2)
+            return held[0], held[1] - held[0], hint
+    for fp8_bytes, bf16_bytes, hint in run_ranks(2, rank):
+        assert hint == max(fp8_bytes, bf16_bytes) == bf16_bytes, (fp8_bytes, bf16_bytes, hint)
 
 
 def test_unsupported_and_bad_arguments_raise():

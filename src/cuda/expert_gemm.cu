@@ -306,5 +306,8 @@ extern "C" epmoe_status epmoe__expert_gemm_launch(const epmoe_expert_gemm_args *
 
 extern "C" epmoe_status epmoe_expert_gemm_cuda(const epmoe_expert_gemm_args *g, epmoe_stream_t stream) {
     EPMOE_CHECK(epmoe__check_expert_gemm("epmoe_expert_gemm_cuda", g, 1));
+    if (g->w.E == 0 || g->M == 0) return EPMOE_OK;
+    int sms; /* no GPU: say so, before a kernel attribute fails with the driver's words */
+    EPMOE_CHECK(epmoe__need_device("epmoe_expert_gemm_cuda", &sms));
     return epmoe__expert_gemm_launch(g, stream);
 }

@@ -11,6 +11,8 @@ extern "C" epmoe_status epmoe_expert_mlp_cuda(const epmoe_expert_mlp_args *m, ep
     EPMOE_CHECK(epmoe__check_expert_mlp("epmoe_expert_mlp_cuda", m, 1));
     const int64_t E = m->w13.E, M = m->M, H = m->w13.K, I = m->w2.K;
     if (E == 0 || M == 0) return EPMOE_OK;
+    int sms; /* no GPU: said in this entry point's name, not its first GEMM's */
+    EPMOE_CHECK(epmoe__need_device("epmoe_expert_mlp_cuda", &sms));
     const int fp8 = m->w13.format == EPMOE_WEIGHT_FP8_BLOCK;
     size_t o_gu, o_in, o_sc;
     epmoe__expert_mlp_layout(m->w13.format, E, M, H, I, &o_gu, &o_in, &o_sc);

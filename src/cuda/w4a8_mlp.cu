@@ -10,6 +10,8 @@ extern "C" epmoe_status epmoe_w4a8_mlp_cuda(const epmoe_w4a8_mlp_args *m, epmoe_
     EPMOE_CHECK(epmoe__check_w4a8_mlp(fn, m, 1));
     const int64_t E = m->w13.E, M = m->M, H = m->w13.K, I = m->w2.K;
     if (E == 0 || M == 0) return EPMOE_OK;
+    int sms; /* no GPU: said in this entry point's name, not its first GEMM's */
+    EPMOE_CHECK(epmoe__need_device(fn, &sms));
     size_t o_gu, o_in, o_sc, o_gemm;
     epmoe__mlp_layout(E, M, H, I, &o_gu, &o_in, &o_sc, &o_gemm);
     void *gemm_ws = static_cast<uint8_t *>(m->workspace) + o_gemm;
