@@ -223,7 +223,7 @@ def test_expert_weights_errors():
     g64 = tuple(epmoe.ExpertWeights("int4", e.data, np.repeat(e.scales, 2, axis=2)) for e in weights[0])
     with pytest.raises(epmoe.InvalidArgument, match="group"):  # the library allows 32 and 128
         epmoe.layer_ref(cfg, [g64], xs, idxs, ws, scheme="w4a16")
-    with pytest.raises(epmoe.InvalidArgument, match="format"):  # int4 weights for the bf16 scheme
+    with pytest.raises(epmoe.InvalidArgument, match="takes EPMOE_WEIGHT_BF16 weights; e13 has EPMOE_WEIGHT_INT4"):
         epmoe.layer_ref(cfg, weights, xs, idxs, ws, scheme="bf16")
     with pytest.raises(epmoe.InvalidArgument, match="weights w13"):  # w4afp8 reads W4A8Weights
         epmoe.layer_ref(cfg.replace(wire="fp8"), weights, xs, idxs, ws, scheme="w4afp8")
