@@ -136,42 +136,65 @@ typedef struct xw_stats {
     double worst; /* GPU rule: the largest |got - want| / bound */
 } xw_stats;
 
+/* The oracle over a block of rows [m0, m0 + rows) x [0, N) of expert e (par_for's body). */
+typedef struct xw_block {
+    const double *Wd, *Ad;
+    int64_t M, N, K, e, m0;
+    double *want, *mag;
+} xw_block;
+static void xw_block_rows(void *p, int64_t begin, int64_t end) {
+    const xw_block *b = (const xw_block *)p;
+    for (int64_t i = begin; i < end; i++) {
+        const int64_t m = b->m0 + i / b->N, n = i % b->N;
+        b->want[i] = xw_dot(b->Ad + (b->e * b->M + m) * b->K, b->Wd + (b->e * b->N + n) * b->K, b->K, &b->mag[i]);
+    }
+}
+
 /* Compare out (e, m, n) at out[e * es + m * rs + n] with the oracle (Wd [E, N, K], Ad [E, M, K]);
-** elements past masked_m or N must still hold XW_POISON16. Rule: see the top of this file. */
+** elements past masked_m or N must still hold XW_POISON16. Rule: see the top of this file. The
+** oracle runs on every core a block of rows at a time (par.h); the comparison is serial, in order. */
 static inline xw_stats xw_check_out(const char *what, const double *Wd, const double *Ad, int64_t E, int64_t M,
                                     int64_t N, int64_t K, const int32_t *masked, const uint16_t *out, int64_t rs,
                                     int64_t es, double tol_bf16, double tol_sum) {
     xw_stats s = {0, 0, 0, 0, 0.0};
     const int exact_rule = tol_bf16 == 0 && tol_sum == 0;
-    for (int64_t e = 0; e < E; e++) {
+    const int64_t blk = par_block_rows(N);
+    double *want = malloc((size_t)(blk * N) * sizeof(double)), *mags = malloc((size_t)(blk * N) * sizeof(double));
+    CHECK(want && mags, "%s: no memory for the oracle's block", what);
+    for (int64_t e = 0; e < E && want && mags; e++) {
         const int64_t rows = masked[e] < 0 ? 0 : (masked[e] > M ? M : masked[e]);
-        for (int64_t m = 0; m < M; m++)
-            for (int64_t n = 0; n < rs; n++) {
-                const uint16_t bits = out[e * es + m * rs + n];
-                if (m >= rows || n >= N) {
-                    s.touched += bits != XW_POISON16;
-                    continue;
+        for (int64_t m0 = 0; m0 < M; m0 += blk) {
+            const int64_t in = rows - m0 < 0 ? 0 : rows - m0 < blk ? rows - m0 : blk; /* rows of the block to check */
+            xw_block b = {Wd, Ad, M, N, K, e, m0, want, mags};
+            par_for(in * N, 1 + 65536 / K, xw_block_rows, &b);
+            for (int64_t m = m0; m < M && m < m0 + blk; m++)
+                for (int64_t n = 0; n < rs; n++) {
+                    const uint16_t bits = out[e * es + m * rs + n];
+                    if (m >= rows || n >= N) {
+                        s.touched += bits != XW_POISON16;
+                        continue;
+                    }
+                    const double wv = want[(m - m0) * N + n], mag = mags[(m - m0) * N + n];
+                    const float got = epmoe_bf16_to_float(bits);
+                    int ok;
+                    s.checked++;
+                    if (exact_rule) {
+                        const double slack = XW_REF_SLACK(K) * XW_FP64_U * mag;
+                        const float lo = xw_round(wv - slack), hi = xw_round(wv + slack);
+                        s.slack_used += lo != hi;
+                        ok = got >= lo && got <= hi;
+                    } else {
+                        const double bound = tol_bf16 * fabs(wv) + tol_sum * mag, err = fabs((double)got - wv);
+                        ok = err <= bound;
+                        if (bound > 0 && err / bound > s.worst) s.worst = err / bound;
+                    }
+                    if (!ok && ++s.bad <= 4)
+                        printf("    %s: (e %lld, m %lld, n %lld) got %.9g want %.17g (bf16 %.9g, mag %g)\n", what,
+                               (long long)e, (long long)m, (long long)n, got, wv, xw_round(wv), mag);
                 }
-                double mag;
-                const double want = xw_dot(Ad + (e * M + m) * K, Wd + (e * N + n) * K, K, &mag);
-                const float got = epmoe_bf16_to_float(bits);
-                int ok;
-                s.checked++;
-                if (exact_rule) {
-                    const double slack = XW_REF_SLACK(K) * XW_FP64_U * mag;
-                    const float lo = xw_round(want - slack), hi = xw_round(want + slack);
-                    s.slack_used += lo != hi;
-                    ok = got >= lo && got <= hi;
-                } else {
-                    const double bound = tol_bf16 * fabs(want) + tol_sum * mag, err = fabs((double)got - want);
-                    ok = err <= bound;
-                    if (bound > 0 && err / bound > s.worst) s.worst = err / bound;
-                }
-                if (!ok && ++s.bad <= 4)
-                    printf("    %s: (e %lld, m %lld, n %lld) got %.9g want %.17g (bf16 %.9g, mag %g)\n", what,
-                           (long long)e, (long long)m, (long long)n, got, want, xw_round(want), mag);
-            }
+        }
     }
+    free(want), free(mags);
     CHECK(s.bad == 0, "%s: %ld of %ld elements outside the error model", what, s.bad, s.checked);
     CHECK(s.touched == 0, "%s: %ld elements past masked_m or N were written", what, s.touched);
     return s;

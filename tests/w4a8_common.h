@@ -27,6 +27,7 @@
 #ifndef EPMOE_W4A8_COMMON_H
 #define EPMOE_W4A8_COMMON_H
 
+#include "par.h"
 #include "test.h"
 
 #define W4_TOL_BF16 (1.0 / 256)
@@ -154,36 +155,62 @@ static inline int w4_close(double got, double want, double mag) {
     return fabs(got - want) <= w4_bound(want, mag);
 }
 
+/* The oracle over a block of rows [m0, m0 + rows) x [0, N) of expert e, into want / mag (row-major):
+** par_for's body. */
+typedef struct w4_block {
+    const w4_mat *w;
+    const w4_acts *A;
+    double ts;
+    int64_t e, m0;
+    double *want, *mag;
+} w4_block;
+static void w4_block_rows(void *p, int64_t begin, int64_t end) {
+    const w4_block *b = (const w4_block *)p;
+    const int64_t N = b->w->N;
+    for (int64_t i = begin; i < end; i++) b->want[i] = w4_oracle(b->w, b->A, b->ts, b->e, b->m0 + i / N, i % N, &b->mag[i]);
+}
+
+/* Rows of an oracle block: ~2M elements (32 MB of want and mag). */
+static inline int64_t par_block_rows(int64_t N) { return N >= (1 << 21) ? 1 : (1 << 21) / N; }
+
 /* Compare a host copy of an output [E, M, rs] (expert stride es) with the oracle; elements past
-** masked_m or N must still hold W4_POISON16, the bf16 NaN no computation here produces. */
+** masked_m or N must still hold W4_POISON16, the bf16 NaN no computation here produces. The oracle
+** runs on every core a block of rows at a time (par.h); the comparison is serial, in order. */
 #define W4_POISON16 0x7FBFu
 static inline void w4_check_out(const char *what, const w4_mat *w, const w4_acts *A, const int32_t *masked, double ts,
                          const uint16_t *out, int64_t rs, int64_t es) {
-    const int64_t E = w->E, N = w->N, M = A->M;
+    const int64_t E = w->E, N = w->N, M = A->M, blk = par_block_rows(N);
     long bad = 0, far = 0, touched = 0, checked = 0;
     double worst = 0.0; /* the largest |got - want| / bound */
-    for (int64_t e = 0; e < E; e++) {
+    double *want = malloc((size_t)(blk * N) * sizeof(double)), *mags = malloc((size_t)(blk * N) * sizeof(double));
+    CHECK(want && mags, "%s: no memory for the oracle's block", what);
+    for (int64_t e = 0; e < E && want && mags; e++) {
         const int64_t rows = masked[e] < 0 ? 0 : (masked[e] > M ? M : masked[e]);
-        for (int64_t m = 0; m < M; m++)
-            for (int64_t n = 0; n < rs; n++) {
-                const uint16_t got = out[e * es + m * rs + n];
-                if (m >= rows || n >= N) {
-                    touched += got != W4_POISON16;
-                    continue;
+        for (int64_t m0 = 0; m0 < M; m0 += blk) {
+            const int64_t in = rows - m0 < 0 ? 0 : rows - m0 < blk ? rows - m0 : blk; /* rows of the block to check */
+            w4_block b = {w, A, ts, e, m0, want, mags};
+            par_for(in * N, 1 + 65536 / w->K, w4_block_rows, &b);
+            for (int64_t m = m0; m < M && m < m0 + blk; m++)
+                for (int64_t n = 0; n < rs; n++) {
+                    const uint16_t got = out[e * es + m * rs + n];
+                    if (m >= rows || n >= N) {
+                        touched += got != W4_POISON16;
+                        continue;
+                    }
+                    const double wv = want[(m - m0) * N + n], mag = mags[(m - m0) * N + n];
+                    checked++;
+                    const double g = epmoe_bf16_to_float(got);
+                    if (w4_close(g, wv, mag)) continue;
+                    const double ratio = isnan(g) || isnan(wv) ? INFINITY : fabs(g - wv) / w4_bound(wv, mag);
+                    worst = ratio > worst ? ratio : worst;
+                    far += ratio > 2.0;
+                    if (++bad <= 4)
+                        printf("    %s: (e %lld, m %lld, n %lld) got %g want %g (mag %g): %.2fx the bound\n", what,
+                               (long long)e, (long long)m, (long long)n, g, wv, mag, ratio);
                 }
-                double mag;
-                const double want = w4_oracle(w, A, ts, e, m, n, &mag);
-                checked++;
-                const double g = epmoe_bf16_to_float(got);
-                if (w4_close(g, want, mag)) continue;
-                const double ratio = isnan(g) || isnan(want) ? INFINITY : fabs(g - want) / w4_bound(want, mag);
-                worst = ratio > worst ? ratio : worst;
-                far += ratio > 2.0;
-                if (++bad <= 4)
-                    printf("    %s: (e %lld, m %lld, n %lld) got %g want %g (mag %g): %.2fx the bound\n", what, (long long)e,
-                           (long long)m, (long long)n, g, want, mag, ratio);
-            }
+        }
     }
+    free(want), free(mags);
     const long tail = checked / 1000000 > 1 ? checked / 1000000 : 1; /* the truncation's tail (top) */
     CHECK(far == 0 && bad <= tail, "%s: %ld of %ld elements outside the error model (%ld beyond 2x; allowed: %ld within "
           "2x), worst %.2fx", what, bad, checked, far, tail, worst);
