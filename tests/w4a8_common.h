@@ -170,9 +170,6 @@ static void w4_block_rows(void *p, int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; i++) b->want[i] = w4_oracle(b->w, b->A, b->ts, b->e, b->m0 + i / N, i % N, &b->mag[i]);
 }
 
-/* Rows of an oracle block: ~2M elements (32 MB of want and mag). */
-static inline int64_t par_block_rows(int64_t N) { return N >= (1 << 21) ? 1 : (1 << 21) / N; }
-
 /* Compare a host copy of an output [E, M, rs] (expert stride es) with the oracle; elements past
 ** masked_m or N must still hold W4_POISON16, the bf16 NaN no computation here produces. The oracle
 ** runs on every core a block of rows at a time (par.h); the comparison is serial, in order. */
