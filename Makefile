@@ -104,12 +104,12 @@ demo: lib $(BUILD)/epmoe
 	LD_LIBRARY_PATH=$(NCCL_RUNTIME_DIR)$${LD_LIBRARY_PATH:+:$$LD_LIBRARY_PATH} NCCL_NVLS_ENABLE=0 ./$(BUILD)/epmoe demo
 
 # ---- CPU tests -------------------------------------------------------------------------------
-$(BUILD)/tests/%: tests/%.c tests/test.h tests/ep_common.h tests/w4a8_common.h tests/experts_common.h tests/layer_common.h tests/par.h $(BUILD)/libepmoe.a
+$(BUILD)/tests/%: tests/%.c tests/test.h tests/ep_common.h tests/w4a8_common.h tests/experts_common.h tests/layer_common.h $(BUILD)/libepmoe.a
 	@mkdir -p $(dir $@)
 	$(CC) $(CFLAGS) -Wno-conversion -o $@ $< $(BUILD)/libepmoe.a $(LDLIBS)
 
 # The sanitized build is CPU-only (ASan and the CUDA runtime do not mix) and its own tree.
-$(ASAN)/tests/%: tests/%.c tests/test.h tests/ep_common.h tests/w4a8_common.h tests/experts_common.h tests/layer_common.h tests/par.h $(LIB_C) $(HEADERS)
+$(ASAN)/tests/%: tests/%.c tests/test.h tests/ep_common.h tests/w4a8_common.h tests/experts_common.h tests/layer_common.h $(LIB_C) $(HEADERS)
 	@mkdir -p $(dir $@)
 	$(CC) $(filter-out -DEPMOE_HAVE_CUDA=% -DEPMOE_HAVE_NCCL=%,$(CFLAGS)) -DEPMOE_HAVE_CUDA=0 -DEPMOE_HAVE_NCCL=0 \
 		-Wno-conversion $(SANFLAGS) -O1 \
@@ -145,7 +145,7 @@ test: lib check-header check-symbols $(COMPILE_GPU) test-c test-asan test-python
 
 # ---- GPU (H200): tests, benchmarks, the whole suite in one call ------------------------------
 GPU_TESTS := test_quant_gpu test_w4a8_gpu test_experts_gpu $(if $(filter 1,$(NCCL)),test_ep_gpu test_layer_gpu)
-$(BUILD)/tests/gpu/%: tests/gpu/%.c tests/test.h tests/ep_common.h tests/w4a8_common.h tests/experts_common.h tests/layer_common.h tests/par.h tests/gpu/cuda_check.h $(BUILD)/libepmoe.a
+$(BUILD)/tests/gpu/%: tests/gpu/%.c tests/test.h tests/ep_common.h tests/w4a8_common.h tests/experts_common.h tests/layer_common.h tests/gpu/cuda_check.h $(BUILD)/libepmoe.a
 	@mkdir -p $(dir $@)
 	$(CC) $(CFLAGS) -Wno-conversion -isystem $(CUDA_HOME)/include -o $@ $< $(BUILD)/libepmoe.a $(LDLIBS)
 

@@ -251,7 +251,10 @@ EPMOE_API size_t epmoe_w4a8_gemm_workspace(void);
 ** epmoe_expert_gemm_cuda and epmoe_expert_mlp_cuda with FP8_BLOCK or BF16 weights, which also need
 ** E * N < 2^31 weight rows (their INT4 weights run another kernel, without these limits). */
 EPMOE_API epmoe_status epmoe_w4a8_gemm_cuda(const epmoe_w4a8_gemm_args *args, epmoe_stream_t stream);
-/* fp64 accumulation over the dequantized operands, rounded once to bf16 (the tests' oracle). */
+/* fp64 accumulation over the dequantized operands, rounded once to bf16 (the tests' oracle). Runs
+** on up to EPMOE_CPU_THREADS threads (environment; default the online CPUs, at most 64), output rows
+** split among them: each element is computed alone, in one order, so the bits do not depend on the
+** count. The same holds for epmoe_expert_gemm_ref and the MLP references built on the two. */
 EPMOE_API epmoe_status epmoe_w4a8_gemm_ref(const epmoe_w4a8_gemm_args *args);
 
 /* Expert MLP: out = W2 · fp8q(silu(gate) * up), [gate | up] = W13 · a, per expert, masked rows.
@@ -333,6 +336,7 @@ typedef struct epmoe_expert_gemm_args {
                                     differently, within the same bound */
 } epmoe_expert_gemm_args;
 EPMOE_API epmoe_status epmoe_expert_gemm_cuda(const epmoe_expert_gemm_args *args, epmoe_stream_t stream);
+/* As epmoe_w4a8_gemm_ref: fp64 over the dequantized operands, on up to EPMOE_CPU_THREADS threads. */
 EPMOE_API epmoe_status epmoe_expert_gemm_ref(const epmoe_expert_gemm_args *args);
 
 /* Expert MLP: out = W2 · act(silu(gate) * up), [gate | up] = W13 · a, per expert, masked rows.

@@ -10,6 +10,7 @@
 
 #include "format.h"
 #include "internal.h"
+#include "par_for.h"
 
 /* What each weight format is: its name, bits per weight, bytes per activation element (also the
 ** MLP's intermediate), and whether weights (and, for FP8_BLOCK, activations) carry scales. */
@@ -175,22 +176,55 @@ static void weight_row(const epmoe_expert_weights *w, int64_t e, int64_t n, floa
     }
 }
 
+/* Output rows n in [begin, end) of one expert: par_for's body (each element alone, in a fixed order). */
+typedef struct gemm_rows {
+    const epmoe_expert_gemm_args *g;
+    int64_t e, rows;
+    const float *av;  /* the expert's activations, dequantized to fp32 [rows, K] (exact) */
+    const double *sa; /* their 1x128 scales [rows, K/128] (FP8_BLOCK) */
+    int oom;          /* set by a range that could not allocate its weight row */
+} gemm_rows;
+
+static void expert_gemm_rows(void *p, int64_t begin, int64_t end) {
+    gemm_rows *j = (gemm_rows *)p;
+    const epmoe_expert_gemm_args *g = j->g;
+    const epmoe_expert_weights *w = &g->w;
+    const int64_t K = w->K, ks = k_per_scale(w), G = K / ks, GA = K / EPMOE_GROUP, e = j->e;
+    const int fp8 = formats[w->format].act_scales;
+    float *wrow = malloc((size_t)K * sizeof(float));
+    double *sw = malloc((size_t)G * sizeof(double));
+    if (!wrow || !sw) {
+        __atomic_store_n(&j->oom, 1, __ATOMIC_RELAXED);
+        free(wrow), free(sw);
+        return;
+    }
+    for (int64_t n = begin; n < end; n++) {
+        weight_row(w, e, n, wrow, sw);
+        for (int64_t m = 0; m < j->rows; m++) {
+            double acc = 0.0;
+            for (int64_t jg = 0; jg < G; jg++) {
+                double part = 0.0;
+                for (int64_t k = jg * ks; k < (jg + 1) * ks; k++) part += (double)j->av[m * K + k] * wrow[k];
+                acc += (fp8 ? j->sa[m * GA + jg] * sw[jg] : sw[jg]) * part; /* FP8_BLOCK: ks = 128, so jg is a's group */
+            }
+            g->out[e * g->out_expert_stride + m * g->out_row_stride + n] = fmt_bf16_from_float((float)acc);
+        }
+    }
+    free(wrow), free(sw);
+}
+
 epmoe_status epmoe_expert_gemm_ref(const epmoe_expert_gemm_args *g) {
     static const char fn[] = "epmoe_expert_gemm_ref";
     EPMOE_CHECK(epmoe__check_expert_gemm(fn, g, 0));
     const epmoe_expert_weights *w = &g->w;
-    const int64_t E = w->E, N = w->N, K = w->K, M = g->M, ks = k_per_scale(w), G = K / ks, GA = K / EPMOE_GROUP;
+    const int64_t E = w->E, N = w->N, K = w->K, M = g->M, GA = K / EPMOE_GROUP;
     if (E == 0 || M == 0) return EPMOE_OK;
     const int fp8 = formats[w->format].act_scales;
-    float *wrow = malloc((size_t)K * sizeof(float)), *av = malloc((size_t)(M * K) * sizeof(float));
-    double *sw = malloc((size_t)G * sizeof(double)), *sa = malloc((size_t)(M * GA) * sizeof(double));
-    if (!wrow || !av || !sw || !sa) {
-        free(wrow), free(av), free(sw), free(sa);
-        return epmoe__fail(EPMOE_ERR_OUT_OF_MEMORY, "%s: no memory for %lld x %lld activations", fn, (long long)M,
-                           (long long)K);
-    }
+    float *av = malloc((size_t)(M * K) * sizeof(float));
+    double *sa = malloc((size_t)(M * GA) * sizeof(double));
+    gemm_rows job = {g, 0, 0, av, sa, 0};
     const size_t slab = fp8 ? (size_t)fmt_scale_slab_bytes(g->a_scale_fmt, M, GA) : 0;
-    for (int64_t e = 0; e < E; e++) {
+    for (int64_t e = 0; e < E && av && sa && !job.oom; e++) {
         const int64_t rows = epmoe__valid_rows(g->masked_m, e, M);
         for (int64_t i = 0; i < rows * K; i++)
             av[i] = fp8 ? fmt_fp8_to_float(((const uint8_t *)g->a)[e * M * K + i])
@@ -198,20 +232,14 @@ epmoe_status epmoe_expert_gemm_ref(const epmoe_expert_gemm_args *g) {
         const uint8_t *sa_slab = fp8 ? (const uint8_t *)g->a_scales + (size_t)e * slab : NULL;
         for (int64_t m = 0; fp8 && m < rows; m++)
             for (int64_t j = 0; j < GA; j++) sa[m * GA + j] = fmt_scale_load(sa_slab, g->a_scale_fmt, M, GA, m, j);
-        for (int64_t n = 0; n < N && rows > 0; n++) {
-            weight_row(w, e, n, wrow, sw);
-            for (int64_t m = 0; m < rows; m++) {
-                double acc = 0.0;
-                for (int64_t j = 0; j < G; j++) {
-                    double part = 0.0;
-                    for (int64_t k = j * ks; k < (j + 1) * ks; k++) part += (double)av[m * K + k] * wrow[k];
-                    acc += (fp8 ? sa[m * GA + j] * sw[j] : sw[j]) * part; /* FP8_BLOCK: ks = 128, so j is a's group */
-                }
-                g->out[e * g->out_expert_stride + m * g->out_row_stride + n] = fmt_bf16_from_float((float)acc);
-            }
-        }
+        job.e = e, job.rows = rows;
+        if (rows > 0) par_for(N, 1 + (1 << 18) / (rows * K), expert_gemm_rows, &job);
     }
-    free(wrow), free(av), free(sw), free(sa);
+    const int oom = !av || !sa || job.oom;
+    free(av), free(sa);
+    if (oom)
+        return epmoe__fail(EPMOE_ERR_OUT_OF_MEMORY, "%s: no memory for %lld x %lld activations", fn, (long long)M,
+                           (long long)K);
     return EPMOE_OK;
 }
 

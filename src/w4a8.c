@@ -8,6 +8,7 @@
 
 #include "format.h"
 #include "internal.h"
+#include "par_for.h"
 #include "w4a8_layout.h"
 
 /* The shared dimension check asks for multiples of 128: the W4A8 tile and scale group. */
@@ -282,46 +283,70 @@ static float act_scale(const epmoe_w4a8_gemm_args *g, int64_t e, int64_t m, int6
     return fmt_scale_load(slab, g->a_scale_fmt, g->M, G, m, grp);
 }
 
+/* Output rows n in [begin, end) of one expert: par_for's body (each element alone, in a fixed order). */
+typedef struct w4_rows {
+    const epmoe_w4a8_gemm_args *g;
+    int64_t e, rows;
+    const float *av;  /* the expert's fp8 activations as fp32 [rows, K] (exact) */
+    const double *sa; /* their scales [rows, K/128] (the per-tensor scale in every slot in mode b) */
+    int oom;          /* set by a range that could not allocate its weight row */
+} w4_rows;
+
+static void w4a8_gemm_rows(void *p, int64_t begin, int64_t end) {
+    w4_rows *j = (w4_rows *)p;
+    const epmoe_w4a8_gemm_args *g = j->g;
+    const int64_t N = g->w.N, K = g->w.K, G = K / W4_GROUP, e = j->e;
+    const int full = g->w.encoding == EPMOE_W4_FULL;
+    int8_t *wrow = malloc((size_t)K);
+    double *sw = malloc((size_t)G * sizeof(double));
+    if (!wrow || !sw) {
+        __atomic_store_n(&j->oom, 1, __ATOMIC_RELAXED);
+        free(wrow), free(sw);
+        return;
+    }
+    for (int64_t n = begin; n < end; n++) {
+        for (int64_t k = 0; k < K; k++) {
+            const w4_pos pos = w4_locate(N, K, e, n, k);
+            uint32_t q;
+            memcpy(&q, (const uint8_t *)g->w.qweight + pos.word, 4);
+            wrow[k] = (int8_t)w4_word_get(q, pos.hi, pos.b, full);
+        }
+        for (int64_t jg = 0; jg < G; jg++) sw[jg] = scale_at(&g->w, e, n, jg);
+        for (int64_t m = 0; m < j->rows; m++) {
+            double acc = 0.0;
+            for (int64_t jg = 0; jg < G; jg++) {
+                double part = 0.0;
+                for (int64_t k = jg * W4_GROUP; k < (jg + 1) * W4_GROUP; k++) part += (double)j->av[m * K + k] * wrow[k];
+                acc += j->sa[m * G + jg] * sw[jg] * part;
+            }
+            g->out[e * g->out_expert_stride + m * g->out_row_stride + n] = fmt_bf16_from_float((float)acc);
+        }
+    }
+    free(wrow), free(sw);
+}
+
 epmoe_status epmoe_w4a8_gemm_ref(const epmoe_w4a8_gemm_args *g) {
     static const char fn[] = "epmoe_w4a8_gemm_ref";
     EPMOE_CHECK(epmoe__check_w4a8_gemm(fn, g, 0));
     const int64_t E = g->w.E, N = g->w.N, K = g->w.K, M = g->M, G = K / W4_GROUP;
     if (E == 0 || M == 0) return EPMOE_OK;
-    int8_t *wrow = malloc((size_t)K);
-    double *sw = malloc((size_t)G * sizeof(double)), *sa = malloc((size_t)(M * G) * sizeof(double));
+    double *sa = malloc((size_t)(M * G) * sizeof(double));
     float *av = malloc((size_t)(M * K) * sizeof(float));
-    if (!wrow || !sw || !sa || !av) {
-        free(wrow), free(sw), free(sa), free(av);
-        return epmoe__fail(EPMOE_ERR_OUT_OF_MEMORY, "%s: no memory for %lld x %lld activations", fn, (long long)M, (long long)K);
-    }
-    const int full = g->w.encoding == EPMOE_W4_FULL;
-    for (int64_t e = 0; e < E; e++) {
+    w4_rows job = {g, 0, 0, av, sa, 0};
+    for (int64_t e = 0; e < E && av && sa && !job.oom; e++) {
         const int64_t rows = epmoe__valid_rows(g->masked_m, e, M);
         if (rows == 0) continue;
         for (int64_t m = 0; m < rows; m++)
             for (int64_t k = 0; k < K; k++) av[m * K + k] = fmt_fp8_to_float(g->a[(e * M + m) * K + k]);
         for (int64_t m = 0; m < rows; m++)
-            for (int64_t j = 0; j < G; j++) sa[m * G + j] = act_scale(g, e, m, j);
-        for (int64_t n = 0; n < N; n++) {
-            for (int64_t k = 0; k < K; k++) {
-                const w4_pos p = w4_locate(N, K, e, n, k);
-                uint32_t q;
-                memcpy(&q, (const uint8_t *)g->w.qweight + p.word, 4);
-                wrow[k] = (int8_t)w4_word_get(q, p.hi, p.b, full);
-            }
-            for (int64_t j = 0; j < G; j++) sw[j] = scale_at(&g->w, e, n, j);
-            for (int64_t m = 0; m < rows; m++) {
-                double acc = 0.0;
-                for (int64_t j = 0; j < G; j++) {
-                    double part = 0.0;
-                    for (int64_t k = j * W4_GROUP; k < (j + 1) * W4_GROUP; k++) part += (double)av[m * K + k] * wrow[k];
-                    acc += sa[m * G + j] * sw[j] * part;
-                }
-                g->out[e * g->out_expert_stride + m * g->out_row_stride + n] = fmt_bf16_from_float((float)acc);
-            }
-        }
+            for (int64_t jg = 0; jg < G; jg++) sa[m * G + jg] = act_scale(g, e, m, jg);
+        job.e = e, job.rows = rows;
+        par_for(N, 1 + (1 << 18) / (rows * K), w4a8_gemm_rows, &job);
     }
-    free(wrow), free(sw), free(sa), free(av);
+    const int oom = !av || !sa || job.oom;
+    free(sa), free(av);
+    if (oom)
+        return epmoe__fail(EPMOE_ERR_OUT_OF_MEMORY, "%s: no memory for %lld x %lld activations", fn, (long long)M, (long long)K);
     return EPMOE_OK;
 }
 

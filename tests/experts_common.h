@@ -152,7 +152,7 @@ static void xw_block_rows(void *p, int64_t begin, int64_t end) {
 
 /* Compare out (e, m, n) at out[e * es + m * rs + n] with the oracle (Wd [E, N, K], Ad [E, M, K]);
 ** elements past masked_m or N must still hold XW_POISON16. Rule: see the top of this file. The
-** oracle runs on every core a block of rows at a time (par.h); the comparison is serial, in order. */
+** oracle runs on every core a block of rows at a time (src/par_for.h); the comparison is serial, in order. */
 static inline xw_stats xw_check_out(const char *what, const double *Wd, const double *Ad, int64_t E, int64_t M,
                                     int64_t N, int64_t K, const int32_t *masked, const uint16_t *out, int64_t rs,
                                     int64_t es, double tol_bf16, double tol_sum) {

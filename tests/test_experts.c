@@ -8,6 +8,7 @@
 ** argument (_ref and _cuda; in a CPU-only build _cuda answers the check's status first, then
 ** EPMOE_ERR_UNSUPPORTED). EPMOE_TEST_QUICK=1 (the sanitizer run) skips the largest shapes.
 */
+#define _POSIX_C_SOURCE 200809L /* setenv: check_ref_threads */
 #include "experts_common.h"
 
 #define POISON16 XW_POISON16
@@ -66,6 +67,9 @@ static uint16_t *poisoned(int64_t n) {
 
 static long slack_total, checked_total;
 
+static epmoe_status run_ref(void *g) { return epmoe_expert_gemm_ref((const epmoe_expert_gemm_args *)g); }
+
+/* The reference against the oracle; the same bits on 1 and 3 threads. */
 static void check_gemm(const variant *v, int64_t E, int64_t N, int64_t K, int64_t M, const int32_t *masked,
                        uint64_t seed, const char *what) {
     test_rng r = {seed};
@@ -77,6 +81,8 @@ static void check_gemm(const variant *v, int64_t E, int64_t N, int64_t K, int64_
     uint16_t *out = poisoned(E * es);
     const epmoe_expert_gemm_args g = gemm_args(xw_weights(&w), xw_act_ptr(&A, v->f), M, masked, A.sa, v->fmt, out, rs, es);
     CHECK_STATUS(epmoe_expert_gemm_ref(&g), EPMOE_OK);
+    epmoe_expert_gemm_args g2 = g;
+    check_ref_threads(what, run_ref, &g2, &g2.out, out, (size_t)(E * es));
     double *Wd = xw_dequant_weights(&w), *Ad = xw_dequant_acts(&A, v->f);
     const xw_stats s = xw_check_out(what, Wd, Ad, E, M, N, K, masked, out, rs, es, 0, 0);
     slack_total += s.slack_used, checked_total += s.checked;

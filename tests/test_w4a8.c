@@ -6,6 +6,7 @@
 ** left untouched, awkward shapes), hand-computed cases, the MLP reference against its steps, and
 ** every bad argument (_ref and _cuda).
 */
+#define _POSIX_C_SOURCE 200809L /* setenv: check_ref_threads */
 #include "../src/w4a8_layout.h"
 #include "w4a8_common.h"
 
@@ -161,7 +162,10 @@ static void test_repack_scales(void) {
     CHECK_STATUS(repack_scales(cf, EPMOE_F32, sw), EPMOE_ERR_INVALID_ARG);
 }
 
-/* Run the reference GEMM and compare with the oracle; rows past masked_m must keep the poison. */
+static epmoe_status run_ref(void *g) { return epmoe_w4a8_gemm_ref((const epmoe_w4a8_gemm_args *)g); }
+
+/* Run the reference GEMM and compare with the oracle; rows past masked_m must keep the poison; the
+** same bits on 1 and 3 threads. */
 static void check_gemm(const char *what, const w4_mat *w, const w4_acts *A, const int32_t *masked, double tensor_scale) {
     const int64_t E = w->E, N = w->N, M = A->M;
     const int64_t rs = N + 8, es = M * rs + 16; /* strides wider than the data */
@@ -172,6 +176,7 @@ static void check_gemm(const char *what, const w4_mat *w, const w4_acts *A, cons
                               tensor_scale > 0 ? NULL : A->sa, A->fmt, &ts, out, rs, es, 0, NULL, 0};
     CHECK_STATUS(epmoe_w4a8_gemm_ref(&g), EPMOE_OK);
     w4_check_out(what, w, A, masked, tensor_scale, out, rs, es);
+    check_ref_threads(what, run_ref, &g, &g.out, out, (size_t)(E * es));
     free(out);
 }
 

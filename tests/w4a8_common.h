@@ -27,7 +27,7 @@
 #ifndef EPMOE_W4A8_COMMON_H
 #define EPMOE_W4A8_COMMON_H
 
-#include "par.h"
+#include "par_for.h"
 #include "test.h"
 
 #define W4_TOL_BF16 (1.0 / 256)
@@ -172,7 +172,7 @@ static void w4_block_rows(void *p, int64_t begin, int64_t end) {
 
 /* Compare a host copy of an output [E, M, rs] (expert stride es) with the oracle; elements past
 ** masked_m or N must still hold W4_POISON16, the bf16 NaN no computation here produces. The oracle
-** runs on every core a block of rows at a time (par.h); the comparison is serial, in order. */
+** runs on every core a block of rows at a time (src/par_for.h); the comparison is serial, in order. */
 #define W4_POISON16 0x7FBFu
 static inline void w4_check_out(const char *what, const w4_mat *w, const w4_acts *A, const int32_t *masked, double ts,
                          const uint16_t *out, int64_t rs, int64_t es) {
@@ -212,6 +212,28 @@ static inline void w4_check_out(const char *what, const w4_mat *w, const w4_acts
     CHECK(far == 0 && bad <= tail, "%s: %ld of %ld elements outside the error model (%ld beyond 2x; allowed: %ld within "
           "2x), worst %.2fx", what, bad, checked, far, tail, worst);
     CHECK(touched == 0, "%s: %ld elements past masked_m or N were written", what, touched);
+}
+
+/* A CPU reference's output must not depend on its thread count (src/par_for.h): runs call(args)
+** again with EPMOE_CPU_THREADS = 1 and 3, its output (*outp, n bf16) redirected to a poisoned
+** buffer, and checks each result equals `want` bit for bit. (setenv: the including test file
+** defines _POSIX_C_SOURCE.) */
+static inline void check_ref_threads(const char *what, epmoe_status (*call)(void *), void *args, uint16_t **outp,
+                                     const uint16_t *want, size_t n) {
+    static const char *const counts[] = {"1", "3"};
+    uint16_t *again = malloc(n * 2 + 2), *keep = *outp;
+    CHECK(again != NULL, "%s: no memory for the second output", what);
+    for (int i = 0; i < 2 && again; i++) {
+        for (size_t j = 0; j < n; j++) again[j] = W4_POISON16;
+        setenv("EPMOE_CPU_THREADS", counts[i], 1);
+        *outp = again;
+        CHECK_STATUS(call(args), EPMOE_OK);
+        CHECK(memcmp(want, again, n * 2) == 0, "%s: the reference on %s thread(s) differs from its default's", what,
+              counts[i]);
+    }
+    unsetenv("EPMOE_CPU_THREADS");
+    *outp = keep;
+    free(again);
 }
 
 #endif

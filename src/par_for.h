@@ -1,12 +1,14 @@
 /*
-** par.h — the tests' one parallel loop. The fp64 oracles are independent per output element and
-** took most of a big case's time (test_w4a8_gpu: 159 s on one core, 27 s on the GPU machine's 16),
-** so the checks compute them on every core (EPMOE_TEST_THREADS, default the online CPUs) a block of
-** rows at a time and then compare serially, in order: the same numbers, messages and counts whatever
-** the thread count.
+** par_for.h — the one parallel loop of the CPU references (experts.c, w4a8.c) and of the tests'
+** fp64 oracles (tests/w4a8_common.h, tests/experts_common.h). Both compute each output element
+** alone, in a fixed order, so handing ranges of elements to threads changes no bit: the results do
+** not depend on EPMOE_CPU_THREADS (the threads a loop may use; default the online CPUs, at most 64).
+** Why: the references are the CPU backend's expert compute and the GPU tests' truth, and on one
+** core the oracle took most of a big test (test_w4a8_gpu: 159 s on one core, 27 s on the GPU
+** machine's 16). Header-only (static inline), so the tests use it without the library's internals.
 */
-#ifndef EPMOE_TEST_PAR_H
-#define EPMOE_TEST_PAR_H
+#ifndef EPMOE_PAR_FOR_H
+#define EPMOE_PAR_FOR_H
 
 #include <pthread.h>
 #include <stdint.h>
@@ -22,14 +24,14 @@ typedef struct par_job {
     int64_t begin, end;
 } par_job;
 
-static void *par_run(void *p) {
+static inline void *par_run(void *p) {
     const par_job *j = (const par_job *)p;
     j->fn(j->ctx, j->begin, j->end);
     return NULL;
 }
 
 static inline int par_threads(void) {
-    const char *s = getenv("EPMOE_TEST_THREADS");
+    const char *s = getenv("EPMOE_CPU_THREADS");
     const long n = s && *s ? strtol(s, NULL, 10) : sysconf(_SC_NPROCESSORS_ONLN);
     return n < 1 ? 1 : n > PAR_MAX_THREADS ? PAR_MAX_THREADS : (int)n;
 }
