@@ -16,6 +16,7 @@
 **     rounding alone is ~6%).
 ** EPMOE_TEST_QUICK=1 (memcheck) runs smaller cases; EPMOE_SEED=n repeats a run.
 */
+#define _POSIX_C_SOURCE 200809L /* w4a8_common.h's check_ref_threads uses setenv */
 #include "cuda_check.h"
 #include <time.h>
 
