@@ -191,13 +191,9 @@ static void expert_gemm_rows(void *p, int64_t begin, int64_t end) {
     const epmoe_expert_weights *w = &g->w;
     const int64_t K = w->K, ks = k_per_scale(w), G = K / ks, GA = K / EPMOE_GROUP, e = j->e;
     const int fp8 = formats[w->format].act_scales;
-    float *wrow = malloc((size_t)K * sizeof(float));
-    double *sw = malloc((size_t)G * sizeof(double));
-    if (!wrow || !sw) {
-        __atomic_store_n(&j->oom, 1, __ATOMIC_RELAXED);
-        free(wrow), free(sw);
-        return;
-    }
+    double *sw = par_scratch((size_t)G * sizeof(double) + (size_t)K * sizeof(float), &j->oom);
+    if (!sw) return;
+    float *wrow = (float *)(sw + G);
     for (int64_t n = begin; n < end; n++) {
         weight_row(w, e, n, wrow, sw);
         for (int64_t m = 0; m < j->rows; m++) {
@@ -210,7 +206,7 @@ static void expert_gemm_rows(void *p, int64_t begin, int64_t end) {
             g->out[e * g->out_expert_stride + m * g->out_row_stride + n] = fmt_bf16_from_float((float)acc);
         }
     }
-    free(wrow), free(sw);
+    free(sw);
 }
 
 epmoe_status epmoe_expert_gemm_ref(const epmoe_expert_gemm_args *g) {

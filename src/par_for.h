@@ -58,6 +58,14 @@ static inline void par_for(int64_t n, int64_t grain, par_body fn, void *ctx) {
     }
 }
 
+/* A range's scratch memory: malloc(bytes), or NULL with *failed set (atomically: ranges run at once;
+** the caller reads it after par_for returns). */
+static inline void *par_scratch(size_t bytes, int *failed) {
+    void *p = malloc(bytes);
+    if (!p) __atomic_store_n(failed, 1, __ATOMIC_RELAXED);
+    return p;
+}
+
 /* Rows of an N-wide output in one oracle block: ~2M elements (32 MB of values and magnitudes). */
 static inline int64_t par_block_rows(int64_t N) { return N < 1 ? 1 : N >= (1 << 21) ? 1 : (1 << 21) / N; }
 

@@ -297,13 +297,9 @@ static void w4a8_gemm_rows(void *p, int64_t begin, int64_t end) {
     const epmoe_w4a8_gemm_args *g = j->g;
     const int64_t N = g->w.N, K = g->w.K, G = K / W4_GROUP, e = j->e;
     const int full = g->w.encoding == EPMOE_W4_FULL;
-    int8_t *wrow = malloc((size_t)K);
-    double *sw = malloc((size_t)G * sizeof(double));
-    if (!wrow || !sw) {
-        __atomic_store_n(&j->oom, 1, __ATOMIC_RELAXED);
-        free(wrow), free(sw);
-        return;
-    }
+    double *sw = par_scratch((size_t)G * sizeof(double) + (size_t)K, &j->oom);
+    if (!sw) return;
+    int8_t *wrow = (int8_t *)(sw + G);
     for (int64_t n = begin; n < end; n++) {
         for (int64_t k = 0; k < K; k++) {
             const w4_pos pos = w4_locate(N, K, e, n, k);
@@ -322,7 +318,7 @@ static void w4a8_gemm_rows(void *p, int64_t begin, int64_t end) {
             g->out[e * g->out_expert_stride + m * g->out_row_stride + n] = fmt_bf16_from_float((float)acc);
         }
     }
-    free(wrow), free(sw);
+    free(sw);
 }
 
 epmoe_status epmoe_w4a8_gemm_ref(const epmoe_w4a8_gemm_args *g) {
