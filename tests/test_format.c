@@ -1,13 +1,11 @@
 /*
 ** test_format.c — the number formats of format.h against independent oracles:
-**   fp8 e4m3fn encoder over all 2^32 float bit patterns (threads; EPMOE_TEST_QUICK=1 strides
+**   fp8 e4m3fn encoder over all 2^32 float bit patterns (par_for; EPMOE_TEST_QUICK=1 strides
 **   through them instead, for the sanitizer builds), the decoder over all 256 codes, bf16,
 **   UE8M0, int4 packing, group scales and the scale layouts.
 */
-#include <pthread.h>
-#include <unistd.h>
-
 #include "../src/format.h"
+#include "par_for.h"
 #include "test.h"
 
 /* ---- independent fp8 oracle: nearest of the 127 finite non-negative values, ties to even code */
@@ -41,43 +39,36 @@ static uint8_t oracle_fp8(uint32_t bits) {
     return sign | (uint8_t)c;
 }
 
+/* The sweep over patterns i * step, i in [begin, end): par_for's body; ranges add their counts and
+** lower the first mismatch atomically (they run at once). */
 typedef struct {
-    uint64_t begin, end, step, mismatches, first_bad;
-} fp8_job;
+    uint64_t step, mismatches, first_bad;
+} fp8_sweep_ctx;
 
-static void *fp8_sweep(void *arg) {
-    fp8_job *j = arg;
-    j->first_bad = UINT64_MAX;
-    for (uint64_t b = j->begin; b < j->end; b += j->step) {
+static void fp8_sweep(void *p, int64_t begin, int64_t end) {
+    fp8_sweep_ctx *c = p;
+    uint64_t bad = 0, first = UINT64_MAX;
+    for (int64_t i = begin; i < end; i++) {
+        const uint32_t u = (uint32_t)((uint64_t)i * c->step);
         float f;
-        uint32_t u = (uint32_t)b;
         memcpy(&f, &u, sizeof f);
         if (fmt_fp8_from_float(f) != oracle_fp8(u)) {
-            if (!j->mismatches) j->first_bad = b;
-            j->mismatches++;
+            if (!bad) first = u;
+            bad++;
         }
     }
-    return NULL;
+    __atomic_fetch_add(&c->mismatches, bad, __ATOMIC_RELAXED);
+    uint64_t cur = __atomic_load_n(&c->first_bad, __ATOMIC_RELAXED);
+    while (first < cur && !__atomic_compare_exchange_n(&c->first_bad, &cur, first, 0, __ATOMIC_RELAXED, __ATOMIC_RELAXED)) {
+    }
 }
 
 static void test_fp8_encoder_all_floats(int quick) {
-    long ncpu = sysconf(_SC_NPROCESSORS_ONLN);
-    int nthreads = ncpu < 1 ? 1 : ncpu > 16 ? 16 : (int)ncpu;
-    uint64_t step = quick ? 4099 : 1; /* 4099 is prime: the sample walks every exponent and mantissa pattern */
-    pthread_t th[16];
-    fp8_job jobs[16];
-    uint64_t span = ((UINT64_C(1) << 32) / (uint64_t)nthreads / step + 1) * step;
-    for (int i = 0; i < nthreads; i++) {
-        uint64_t b = span * (uint64_t)i, e = b + span;
-        jobs[i] = (fp8_job){b, e > (UINT64_C(1) << 32) ? (UINT64_C(1) << 32) : e, step, 0, 0};
-        pthread_create(&th[i], NULL, fp8_sweep, &jobs[i]);
-    }
-    uint64_t bad = 0, first = UINT64_MAX;
-    for (int i = 0; i < nthreads; i++) {
-        pthread_join(th[i], NULL);
-        bad += jobs[i].mismatches;
-        if (jobs[i].first_bad < first) first = jobs[i].first_bad;
-    }
+    /* 4099 is prime: the sample walks every exponent and mantissa pattern */
+    fp8_sweep_ctx c = {quick ? 4099 : 1, 0, UINT64_MAX};
+    const int64_t n = (int64_t)(((UINT64_C(1) << 32) + c.step - 1) / c.step);
+    par_for(n, 1 << 20, fp8_sweep, &c);
+    const uint64_t bad = c.mismatches, first = c.first_bad;
     CHECK(bad == 0, "%llu of the float patterns encode differently from the oracle; first 0x%08llx",
           (unsigned long long)bad, (unsigned long long)first);
     printf("  fp8 encoder vs oracle: %s float patterns, %llu mismatches\n", quick ? "2^32/4099" : "all 2^32",
