@@ -234,7 +234,7 @@ epmoe_status epmoe_expert_gemm_ref(const epmoe_expert_gemm_args *g) {
     const int oom = !av || !sa || job.oom;
     free(av), free(sa);
     if (oom)
-        return epmoe__fail(EPMOE_ERR_OUT_OF_MEMORY, "%s: no memory for %lld x %lld activations", fn, (long long)M,
+        return epmoe__fail(EPMOE_ERR_OUT_OF_MEMORY, "%s: no memory for %lld x %lld activations and a weight row a thread", fn, (long long)M,
                            (long long)K);
     return EPMOE_OK;
 }

@@ -342,7 +342,7 @@ epmoe_status epmoe_w4a8_gemm_ref(const epmoe_w4a8_gemm_args *g) {
     const int oom = !av || !sa || job.oom;
     free(sa), free(av);
     if (oom)
-        return epmoe__fail(EPMOE_ERR_OUT_OF_MEMORY, "%s: no memory for %lld x %lld activations", fn, (long long)M, (long long)K);
+        return epmoe__fail(EPMOE_ERR_OUT_OF_MEMORY, "%s: no memory for %lld x %lld activations and a weight row a thread", fn, (long long)M, (long long)K);
     return EPMOE_OK;
 }
 
