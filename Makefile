@@ -145,7 +145,7 @@ test: lib check-header check-symbols $(COMPILE_GPU) test-c test-asan test-python
 
 # ---- GPU (H200): tests, benchmarks, the whole suite in one call ------------------------------
 GPU_TESTS := test_quant_gpu test_w4a8_gpu test_experts_gpu $(if $(filter 1,$(NCCL)),test_ep_gpu test_layer_gpu)
-$(BUILD)/tests/gpu/%: tests/gpu/%.c tests/test.h tests/ep_common.h tests/w4a8_common.h tests/experts_common.h tests/layer_common.h tests/gpu/cuda_check.h $(BUILD)/libepmoe.a
+$(BUILD)/tests/gpu/%: tests/gpu/%.c tests/test.h src/par_for.h tests/ep_common.h tests/w4a8_common.h tests/experts_common.h tests/layer_common.h tests/gpu/cuda_check.h $(BUILD)/libepmoe.a
 	@mkdir -p $(dir $@)
 	$(CC) $(CFLAGS) -Wno-conversion -isystem $(CUDA_HOME)/include -o $@ $< $(BUILD)/libepmoe.a $(LDLIBS)
 

@@ -28,6 +28,7 @@
 #include <time.h>
 
 #include "../test.h"
+#include "par_for.h"
 
 #define TOL_BF16 (1.0 / 128)
 #define TOL_SUM (1.0 / 4096)
@@ -176,39 +177,71 @@ static int64_t rows_of(const int32_t *masked, int64_t e, int64_t M) {
 
 /* out (host copy, [E, M, rs], expert stride es) against want (the reference's output, same
 ** layout) with the error model above; elements past masked_m or N must hold the poison. */
+/* The error bound's sum_k |a_k w_k| over a block of rows [m0, m0 + rows) x [0, N) of expert e
+** (par_for's body: a_at and w_at only read). */
+typedef struct mag_block {
+    const epmoe_expert_weights *w;
+    const acts *A;
+    int64_t e, m0;
+    double *mag;
+} mag_block;
+static void mag_block_rows(void *p, int64_t begin, int64_t end) {
+    const mag_block *b = (const mag_block *)p;
+    const int64_t N = b->w->N;
+    for (int64_t i = begin; i < end; i++) {
+        const int64_t m = b->m0 + i / N, n = i % N;
+        double mag = 0;
+        for (int64_t k = 0; k < b->w->K; k++) mag += fabs(a_at(b->A, b->e, m, k) * w_at(b->w, b->e, n, k));
+        b->mag[i] = mag;
+    }
+}
+
+/* got against the reference's want. The bounds' magnitudes are computed on every core a block of
+** rows at a time (src/par_for.h); the comparison is serial, in order, so the output does not depend
+** on EPMOE_CPU_THREADS. */
 static void check_gemm_out(const char *what, const epmoe_expert_weights *w, const acts *A, const int32_t *masked,
                            const uint16_t *got, const uint16_t *want, int64_t rs, int64_t es) {
     const int wgmma = w->format == EPMOE_WEIGHT_FP8_BLOCK;
     const double tol_sum = wgmma ? TOL_SUM_WGMMA : TOL_SUM;
+    const int64_t N = w->N, blk = par_block_rows(N);
     long bad = 0, far = 0, touched = 0, checked = 0;
     double worst = 0;
+    double *mags = malloc((size_t)(blk * N) * sizeof(double));
+    CHECK(mags != NULL, "%s: no memory for the bounds' block", what);
     for (int64_t e = 0; e < w->E; e++)
         for (int64_t i = e * es + A->M * rs; i < (e + 1) * es; i++) touched += got[i] != POISON16; /* gap between experts */
-    for (int64_t e = 0; e < w->E; e++)
-        for (int64_t m = 0; m < A->M; m++)
-            for (int64_t n = 0; n < rs; n++) {
-                const int64_t i = e * es + m * rs + n;
-                if (m >= rows_of(masked, e, A->M) || n >= w->N) {
-                    touched += got[i] != POISON16;
-                    continue;
+    for (int64_t e = 0; e < w->E && mags; e++) {
+        const int64_t rows = rows_of(masked, e, A->M);
+        for (int64_t m0 = 0; m0 < A->M; m0 += blk) {
+            const int64_t in = rows - m0 < 0 ? 0 : rows - m0 < blk ? rows - m0 : blk; /* rows of the block to check */
+            mag_block b = {w, A, e, m0, mags};
+            par_for(in * N, 1 + 65536 / w->K, mag_block_rows, &b);
+            for (int64_t m = m0; m < A->M && m < m0 + blk; m++)
+                for (int64_t n = 0; n < rs; n++) {
+                    const int64_t i = e * es + m * rs + n;
+                    if (m >= rows || n >= N) {
+                        touched += got[i] != POISON16;
+                        continue;
+                    }
+                    const double g = epmoe_bf16_to_float(got[i]), t = epmoe_bf16_to_float(want[i]);
+                    checked++;
+                    if (isnan(t) || isnan(g)) {
+                        if (!(isnan(t) && isnan(g))) bad++, far++; /* never in the tail */
+                        continue;
+                    }
+                    const double mag = mags[(m - m0) * N + n];
+                    const double err = fabs(g - t), lim = TOL_BF16 * fabs(t) + tol_sum * mag;
+                    if (lim > 0 && err / lim > worst) worst = err / lim;
+                    if (err > lim) {
+                        far += !wgmma || err > 2 * lim;
+                        if (++bad <= 3)
+                            printf("    %s: e %lld m %lld n %lld: got %.6g want %.6g (limit %.3g)\n", what, (long long)e,
+                                   (long long)m, (long long)n, g, t, lim);
+                    }
                 }
-                const double g = epmoe_bf16_to_float(got[i]), t = epmoe_bf16_to_float(want[i]);
-                checked++;
-                if (isnan(t) || isnan(g)) {
-                    if (!(isnan(t) && isnan(g))) bad++, far++; /* never in the tail */
-                    continue;
-                }
-                double mag = 0;
-                for (int64_t k = 0; k < w->K; k++) mag += fabs(a_at(A, e, m, k) * w_at(w, e, n, k));
-                const double err = fabs(g - t), lim = TOL_BF16 * fabs(t) + tol_sum * mag;
-                if (lim > 0 && err / lim > worst) worst = err / lim;
-                if (err > lim) {
-                    far += !wgmma || err > 2 * lim;
-                    if (++bad <= 3)
-                        printf("    %s: e %lld m %lld n %lld: got %.6g want %.6g (limit %.3g)\n", what, (long long)e,
-                               (long long)m, (long long)n, g, t, lim);
-                }
-            }
+        }
+    }
+    free(mags);
     const long tail = wgmma ? (checked / 1000000 > 1 ? checked / 1000000 : 1) : 0;
     CHECK(far == 0 && bad <= tail, "%s: %ld of %ld elements outside the error model (%ld beyond the tail's 2x; %ld allowed in it)",
           what, bad, checked, far, tail);
