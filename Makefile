@@ -50,7 +50,7 @@ ASAN := $(BUILD)/asan
 SANFLAGS := -fsanitize=address,undefined -fno-sanitize-recover=all -fno-omit-frame-pointer
 
 .DELETE_ON_ERROR:
-.PHONY: FORCE dev-labs dev-trace gpu-build all lib demo test test-c test-asan test-python test-cli check-header check-symbols test-gpu bench-gpu gpu-suite clean info
+.PHONY: FORCE dev-labs dev-trace gpu-build all lib demo install uninstall test-install test test-c test-asan test-python test-cli check-header check-symbols test-gpu bench-gpu gpu-suite clean info
 all: lib $(BUILD)/epmoe
 
 info:
@@ -103,6 +103,44 @@ NCCL_RUNTIME_DIR ?= $(firstword $(wildcard /opt/torch/.venv/lib/python3.*/site-p
 demo: lib $(BUILD)/epmoe
 	LD_LIBRARY_PATH=$(NCCL_RUNTIME_DIR)$${LD_LIBRARY_PATH:+:$$LD_LIBRARY_PATH} NCCL_NVLS_ENABLE=0 ./$(BUILD)/epmoe demo
 
+# ---- install: the header, both libraries, the CLI and launcher, pkg-config and CMake files -----
+# make install [PREFIX=/usr/local] [DESTDIR=staging]; make uninstall with the same arguments.
+# The shared library goes in as libepmoe.so.$(VERSION) with the soname link and the dev link.
+PREFIX ?= /usr/local
+VERSION_MAJOR := $(word 1,$(subst ., ,$(VERSION)))
+VERSION_MINOR := $(word 2,$(subst ., ,$(VERSION)))
+INSTALLED := include/epmoe.h lib/libepmoe.a lib/libepmoe.so.$(VERSION) lib/libepmoe.so.$(SONAME_ABI) lib/libepmoe.so \
+	bin/epmoe bin/epmoe-launch lib/pkgconfig/epmoe.pc lib/cmake/epmoe/epmoeConfig.cmake \
+	lib/cmake/epmoe/epmoeConfigVersion.cmake
+PKG_SED = sed -e 's|@PREFIX@|$(PREFIX)|g' -e 's|@VERSION@|$(VERSION)|g' -e 's|@SONAME_ABI@|$(SONAME_ABI)|g' \
+	-e 's|@VERSION_MAJOR@|$(VERSION_MAJOR)|g' -e 's|@VERSION_MINOR@|$(VERSION_MINOR)|g' -e 's|@CUDA@|$(CUDA)|g' \
+	-e 's|@NCCL@|$(NCCL)|g' -e 's|@LIBS_PRIVATE@|$(strip $(LDLIBS))|g' \
+	-e 's|@LIBS_PRIVATE_CMAKE@|$(subst $(space),;,$(strip $(LDLIBS)))|g'
+space := $(subst ,, )
+$(BUILD)/pkg/%: pkg/%.in $(BUILD)/build-config include/epmoe.h FORCE
+	@mkdir -p $(dir $@)
+	@$(PKG_SED) $< > $@.tmp && (cmp -s $@.tmp $@ && rm $@.tmp || mv $@.tmp $@)
+
+install: lib $(BUILD)/epmoe $(BUILD)/pkg/epmoe.pc $(BUILD)/pkg/epmoeConfig.cmake $(BUILD)/pkg/epmoeConfigVersion.cmake
+	install -d $(DESTDIR)$(PREFIX)/include $(DESTDIR)$(PREFIX)/lib/pkgconfig $(DESTDIR)$(PREFIX)/lib/cmake/epmoe \
+		$(DESTDIR)$(PREFIX)/bin
+	install -m 644 include/epmoe.h $(DESTDIR)$(PREFIX)/include/
+	install -m 644 $(BUILD)/libepmoe.a $(DESTDIR)$(PREFIX)/lib/
+	install -m 755 $(BUILD)/libepmoe.so $(DESTDIR)$(PREFIX)/lib/libepmoe.so.$(VERSION)
+	ln -sf libepmoe.so.$(VERSION) $(DESTDIR)$(PREFIX)/lib/libepmoe.so.$(SONAME_ABI)
+	ln -sf libepmoe.so.$(SONAME_ABI) $(DESTDIR)$(PREFIX)/lib/libepmoe.so
+	install -m 755 $(BUILD)/epmoe tools/epmoe-launch $(DESTDIR)$(PREFIX)/bin/
+	install -m 644 $(BUILD)/pkg/epmoe.pc $(DESTDIR)$(PREFIX)/lib/pkgconfig/
+	install -m 644 $(BUILD)/pkg/epmoeConfig.cmake $(BUILD)/pkg/epmoeConfigVersion.cmake $(DESTDIR)$(PREFIX)/lib/cmake/epmoe/
+
+uninstall:
+	rm -f $(INSTALLED:%=$(DESTDIR)$(PREFIX)/%)
+	-rmdir $(DESTDIR)$(PREFIX)/lib/cmake/epmoe 2>/dev/null
+
+# A consumer built against an install in a temporary prefix, through pkg-config and through CMake.
+test-install: lib $(BUILD)/epmoe
+	MAKE="$(MAKE)" CC="$(CC)" bash tests/test_install.sh $(BUILD)
+
 # ---- CPU tests -------------------------------------------------------------------------------
 $(BUILD)/tests/%: tests/%.c tests/test.h tests/ep_common.h tests/w4a8_common.h tests/experts_common.h tests/layer_common.h $(BUILD)/libepmoe.a
 	@mkdir -p $(dir $@)
@@ -140,7 +178,7 @@ test-python: $(BUILD)/libepmoe.so
 
 # CI has nvcc but no GPU: every .cu (library, GPU tests, labs, benchmarks) is compiled, none is run.
 COMPILE_GPU := $(if $(filter 1,$(CUDA)),gpu-build)
-test: lib check-header check-symbols $(COMPILE_GPU) test-c test-asan test-python test-cli
+test: lib check-header check-symbols $(COMPILE_GPU) test-c test-asan test-python test-cli test-install
 	@echo "make test: all CPU suites passed$(if $(COMPILE_GPU), (and every CUDA source compiled))"
 
 # ---- GPU (H200): tests, benchmarks, the whole suite in one call ------------------------------
