@@ -175,8 +175,6 @@ static int64_t rows_of(const int32_t *masked, int64_t e, int64_t M) {
     return masked[e] < 0 ? 0 : masked[e] > M ? M : masked[e];
 }
 
-/* out (host copy, [E, M, rs], expert stride es) against want (the reference's output, same
-** layout) with the error model above; elements past masked_m or N must hold the poison. */
 /* The error bound's sum_k |a_k w_k| over a block of rows [m0, m0 + rows) x [0, N) of expert e
 ** (par_for's body: a_at and w_at only read). */
 typedef struct mag_block {
@@ -196,9 +194,10 @@ static void mag_block_rows(void *p, int64_t begin, int64_t end) {
     }
 }
 
-/* got against the reference's want. The bounds' magnitudes are computed on every core a block of
-** rows at a time (src/par_for.h); the comparison is serial, in order, so the output does not depend
-** on EPMOE_CPU_THREADS. */
+/* got (host copy, [E, M, rs], expert stride es) against want (the reference's output, same layout)
+** with the error model above; elements past masked_m or N must hold the poison. The bounds'
+** magnitudes are computed on every core a block of rows at a time (src/par_for.h); the comparison is
+** serial, in order, so the output does not depend on EPMOE_CPU_THREADS. */
 static void check_gemm_out(const char *what, const epmoe_expert_weights *w, const acts *A, const int32_t *masked,
                            const uint16_t *got, const uint16_t *want, int64_t rs, int64_t es) {
     const int wgmma = w->format == EPMOE_WEIGHT_FP8_BLOCK;
