@@ -43,6 +43,8 @@ LIB_C := src/status.c src/format.c src/quant_args.c src/ref/quant_ref.c src/w4a8
 	src/ep/ep.c src/ep/ep_cpu.c src/ep/ep_ref.c src/ep/ep_launch.c
 LIB_CU := $(if $(filter 1,$(CUDA)),$(wildcard src/cuda/*.cu)) $(if $(filter 1,$(NCCL)),$(wildcard src/ep/*.cu))
 LIB_OBJ := $(LIB_C:%.c=$(BUILD)/obj/%.o) $(LIB_CU:%.cu=$(BUILD)/obj/%.o)
+# what make install adds beside the libraries (pkg/*.in, filled in by the build)
+PKG_FILES := epmoe.pc epmoeConfig.cmake epmoeConfigVersion.cmake
 HEADERS := include/epmoe.h $(wildcard src/*.h src/ep/*.h src/ep/*.cuh src/cuda/*.cuh)
 
 CPU_TESTS := test_format test_quant test_ep test_w4a8 test_experts test_launch test_layer
@@ -65,7 +67,7 @@ else
 	@echo "✗ NCCL device API not found (or NCCL=0): EP runs on the CPU backend only"
 endif
 
-lib: info $(BUILD)/libepmoe.a $(BUILD)/libepmoe.so
+lib: info $(BUILD)/libepmoe.a $(BUILD)/libepmoe.so $(PKG_FILES:%=$(BUILD)/pkg/%)
 
 # What the objects were built with, rewritten only when it changes: switching CUDA=0/1 (or the
 # flags) rebuilds them, instead of linking a CUDA build's objects into a CPU-only library.
@@ -104,42 +106,46 @@ demo: lib $(BUILD)/epmoe
 	LD_LIBRARY_PATH=$(NCCL_RUNTIME_DIR)$${LD_LIBRARY_PATH:+:$$LD_LIBRARY_PATH} NCCL_NVLS_ENABLE=0 ./$(BUILD)/epmoe demo
 
 # ---- install: the header, both libraries, the CLI and launcher, pkg-config and CMake files -----
-# make install [PREFIX=/usr/local] [DESTDIR=staging]; make uninstall with the same arguments.
-# The shared library goes in as libepmoe.so.$(VERSION) with the soname link and the dev link.
+# make && make install [PREFIX=/usr/local] [DESTDIR=staging]; make uninstall with the same arguments.
+# install only copies what the build made (it never builds: under sudo nvcc may be off the PATH, and
+# a rebuild would then install a CPU-only library); the package files' link flags are the build's,
+# written with it. The shared library goes in as libepmoe.so.$(VERSION) with the soname and dev links.
 PREFIX ?= /usr/local
 VERSION_MAJOR := $(word 1,$(subst ., ,$(VERSION)))
 VERSION_MINOR := $(word 2,$(subst ., ,$(VERSION)))
 INSTALLED := include/epmoe.h lib/libepmoe.a lib/libepmoe.so.$(VERSION) lib/libepmoe.so.$(SONAME_ABI) lib/libepmoe.so \
 	bin/epmoe bin/epmoe-launch lib/pkgconfig/epmoe.pc lib/cmake/epmoe/epmoeConfig.cmake \
 	lib/cmake/epmoe/epmoeConfigVersion.cmake
-PKG_SED = sed -e 's|@PREFIX@|$(PREFIX)|g' -e 's|@VERSION@|$(VERSION)|g' -e 's|@SONAME_ABI@|$(SONAME_ABI)|g' \
-	-e 's|@VERSION_MAJOR@|$(VERSION_MAJOR)|g' -e 's|@VERSION_MINOR@|$(VERSION_MINOR)|g' -e 's|@CUDA@|$(CUDA)|g' \
-	-e 's|@NCCL@|$(NCCL)|g' -e 's|@LIBS_PRIVATE@|$(strip $(LDLIBS))|g' \
-	-e 's|@LIBS_PRIVATE_CMAKE@|$(subst $(space),;,$(strip $(LDLIBS)))|g'
 space := $(subst ,, )
-$(BUILD)/pkg/%: pkg/%.in $(BUILD)/build-config include/epmoe.h FORCE
+sed_escape = $(subst |,\|,$(subst &,\&,$(subst \,\\,$(1))))
+# everything but @PREFIX@, which install fills in
+$(BUILD)/pkg/%: pkg/%.in $(BUILD)/build-config include/epmoe.h Makefile
 	@mkdir -p $(dir $@)
-	@$(PKG_SED) $< > $@.tmp && (cmp -s $@.tmp $@ && rm $@.tmp || mv $@.tmp $@)
-
-install: lib $(BUILD)/epmoe $(BUILD)/pkg/epmoe.pc $(BUILD)/pkg/epmoeConfig.cmake $(BUILD)/pkg/epmoeConfigVersion.cmake
-	install -d $(DESTDIR)$(PREFIX)/include $(DESTDIR)$(PREFIX)/lib/pkgconfig $(DESTDIR)$(PREFIX)/lib/cmake/epmoe \
-		$(DESTDIR)$(PREFIX)/bin
-	install -m 644 include/epmoe.h $(DESTDIR)$(PREFIX)/include/
-	install -m 644 $(BUILD)/libepmoe.a $(DESTDIR)$(PREFIX)/lib/
-	install -m 755 $(BUILD)/libepmoe.so $(DESTDIR)$(PREFIX)/lib/libepmoe.so.$(VERSION)
-	ln -sf libepmoe.so.$(VERSION) $(DESTDIR)$(PREFIX)/lib/libepmoe.so.$(SONAME_ABI)
-	ln -sf libepmoe.so.$(SONAME_ABI) $(DESTDIR)$(PREFIX)/lib/libepmoe.so
-	install -m 755 $(BUILD)/epmoe tools/epmoe-launch $(DESTDIR)$(PREFIX)/bin/
-	install -m 644 $(BUILD)/pkg/epmoe.pc $(DESTDIR)$(PREFIX)/lib/pkgconfig/
-	install -m 644 $(BUILD)/pkg/epmoeConfig.cmake $(BUILD)/pkg/epmoeConfigVersion.cmake $(DESTDIR)$(PREFIX)/lib/cmake/epmoe/
+	@sed -e 's|@VERSION@|$(VERSION)|g' -e 's|@SONAME_ABI@|$(SONAME_ABI)|g' -e 's|@VERSION_MAJOR@|$(VERSION_MAJOR)|g' \
+		-e 's|@VERSION_MINOR@|$(VERSION_MINOR)|g' -e 's|@CUDA@|$(CUDA)|g' -e 's|@NCCL@|$(NCCL)|g' \
+		-e 's|@LIBS_PRIVATE@|$(strip $(LDLIBS))|g' -e 's|@LIBS_PRIVATE_CMAKE@|$(subst $(space),;,$(strip $(LDLIBS)))|g' $< > $@
+D := $(DESTDIR)$(PREFIX)
+install:
+	@for f in libepmoe.a libepmoe.so epmoe $(PKG_FILES:%=pkg/%); do [ -e "$(BUILD)/$$f" ] || \
+		{ echo "make install: $(BUILD)/$$f is missing: run make first (install only copies the build)"; exit 1; }; done
+	install -d "$(D)/include" "$(D)/lib/pkgconfig" "$(D)/lib/cmake/epmoe" "$(D)/bin"
+	install -m 644 include/epmoe.h "$(D)/include/"
+	install -m 644 "$(BUILD)/libepmoe.a" "$(D)/lib/"
+	install -m 755 "$(BUILD)/libepmoe.so" "$(D)/lib/libepmoe.so.$(VERSION)"
+	ln -sf libepmoe.so.$(VERSION) "$(D)/lib/libepmoe.so.$(SONAME_ABI)"
+	ln -sf libepmoe.so.$(SONAME_ABI) "$(D)/lib/libepmoe.so"
+	install -m 755 "$(BUILD)/epmoe" tools/epmoe-launch "$(D)/bin/"
+	sed 's|@PREFIX@|$(call sed_escape,$(PREFIX))|g' "$(BUILD)/pkg/epmoe.pc" > "$(D)/lib/pkgconfig/epmoe.pc"
+	install -m 644 "$(BUILD)/pkg/epmoeConfig.cmake" "$(BUILD)/pkg/epmoeConfigVersion.cmake" "$(D)/lib/cmake/epmoe/"
 
 uninstall:
-	rm -f $(INSTALLED:%=$(DESTDIR)$(PREFIX)/%)
-	-rmdir $(DESTDIR)$(PREFIX)/lib/cmake/epmoe 2>/dev/null
+	for f in $(INSTALLED); do rm -f "$(D)/$$f"; done
+	rmdir "$(D)/lib/cmake/epmoe" 2>/dev/null || true
 
-# A consumer built against an install in a temporary prefix, through pkg-config and through CMake.
+# A consumer built against an install in a temporary prefix, through pkg-config and through CMake
+# (the script's make inherits this one's variables: BUILD, CUDA, ...).
 test-install: lib $(BUILD)/epmoe
-	MAKE="$(MAKE)" CC="$(CC)" bash tests/test_install.sh $(BUILD)
+	CC="$(CC)" bash tests/test_install.sh $(BUILD)
 
 # ---- CPU tests -------------------------------------------------------------------------------
 $(BUILD)/tests/%: tests/%.c tests/test.h tests/ep_common.h tests/w4a8_common.h tests/experts_common.h tests/layer_common.h $(BUILD)/libepmoe.a
