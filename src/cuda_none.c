@@ -95,7 +95,8 @@ static epmoe_status no_nccl(const char *fn) {
 }
 
 epmoe_status epmoe_ep_create_nccl(struct ncclComm *comm, const epmoe_ep_config *cfg, epmoe_ep **ep) {
-    (void)comm, (void)cfg, (void)ep;
+    if (!comm || !ep) return epmoe__fail(EPMOE_ERR_NULL_POINTER, "%s: comm and ep must not be NULL", __func__);
+    EPMOE_CHECK(epmoe__ep_check_config(__func__, cfg));
     return no_nccl(__func__);
 }
 

@@ -239,6 +239,14 @@ static void test_bad_args(void) {
     /* per-call arguments on a 1-rank group */
     epmoe_cpu_world *w;
     epmoe_cpu_world_create(1, &w);
+    /* a valid config whose window (~2^47 bytes) cannot be allocated: a clean OUT_OF_MEMORY (the
+    ** message read the freed ep once; under ASan, with allocator_may_return_null=1 from make test-asan) */
+    b = c, b.max_tokens = b.hidden = 65536, b.num_experts = 32767, b.top_k = 16, b.dedup = 0;
+    b.combine_mode = EPMOE_COMBINE_REDUCE_AT_OWNER;
+    CHECK_STATUS(epmoe_ep_layout_query(&b, &lay), EPMOE_OK);
+    epmoe_ep *huge = NULL;
+    CHECK_STATUS(epmoe_ep_create_cpu(w, &b, &huge), EPMOE_ERR_OUT_OF_MEMORY);
+    CHECK(strstr(epmoe_last_error(), "window") != NULL && huge == NULL, "message: %s", epmoe_last_error());
     c.max_tokens = 4, c.hidden = 128, c.num_experts = 4, c.top_k = 2;
     epmoe_ep *ep;
     CHECK_STATUS(epmoe_ep_create_cpu(w, &c, &ep), EPMOE_OK);
@@ -349,7 +357,15 @@ static void test_bad_args(void) {
     CHECK_STATUS(epmoe_combine(ep, h, &ca, EPMOE_PHASE_RECV, NULL), EPMOE_OK);
     CHECK_STATUS(epmoe_ep_set_active_ranks(ep, act), EPMOE_OK);
     CHECK_STATUS(epmoe_ep_destroy(ep), EPMOE_OK);
-    CHECK_STATUS(epmoe_ep_create_nccl(NULL, &c, &ep), EPMOE_HAVE_NCCL ? EPMOE_ERR_NULL_POINTER : EPMOE_ERR_UNSUPPORTED);
+    CHECK_STATUS(epmoe_ep_create_nccl(NULL, &c, &ep), EPMOE_ERR_NULL_POINTER);
+    if (!EPMOE_HAVE_NCCL) { /* the stub: the real one's argument checks, then UNSUPPORTED (never touches comm) */
+        struct ncclComm *fake = (struct ncclComm *)(void *)raw;
+        CHECK_STATUS(epmoe_ep_create_nccl(fake, &c, NULL), EPMOE_ERR_NULL_POINTER);
+        epmoe_ep_config bc = c;
+        bc.top_k = 0;
+        CHECK_STATUS(epmoe_ep_create_nccl(fake, &bc, &ep), EPMOE_ERR_INVALID_ARG);
+        CHECK_STATUS(epmoe_ep_create_nccl(fake, &c, &ep), EPMOE_ERR_UNSUPPORTED);
+    }
     epmoe_cpu_world_destroy(w);
 
     /* mismatched configs across ranks */

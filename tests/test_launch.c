@@ -221,6 +221,13 @@ static void test_create_checks(const char *dir) {
     snprintf(file2, sizeof file2, "%s/job.2", dir);
     setenv("EPMOE_BOOTSTRAP_FILE", file, 1);
     setenv("WORLD_SIZE", "2", 1);
+    if (!EPMOE_HAVE_NCCL) { /* rank 1 must not wait for a file rank 0 (UNSUPPORTED too) never writes */
+        const time_t t0 = time(NULL);
+        CHECK_STATUS(epmoe_ep_create_nccl_env(&c, &ep), EPMOE_ERR_UNSUPPORTED);
+        CHECK(time(NULL) - t0 < 5, "no NCCL: rank 1 waited %lld s for the bootstrap file", (long long)(time(NULL) - t0));
+        clear_env();
+        return;
+    }
     CHECK_STATUS(epmoe__bootstrap_publish(file, id, 4), EPMOE_OK);
     CHECK_STATUS(epmoe__bootstrap_publish(file1, id, 3), EPMOE_OK);
     CHECK_STATUS(epmoe__bootstrap_publish(file2, id, 2), EPMOE_OK);

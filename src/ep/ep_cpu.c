@@ -403,7 +403,8 @@ epmoe_status epmoe_ep_create_cpu(epmoe_cpu_world *w, const epmoe_ep_config *cfg,
     epmoe_ep *ep;
     EPMOE_CHECK(epmoe__ep_alloc(cfg, EPMOE_BACKEND_CPU, &ep));
     cpu_impl *im = calloc(1, sizeof *im);
-    uint8_t *window = aligned_alloc(4096, (size_t)ep->w.total);
+    const size_t total = (size_t)ep->w.total; /* read before any free below */
+    uint8_t *window = aligned_alloc(4096, (total + 4095) / 4096 * 4096); /* C11: a multiple of the alignment */
     if (im) {
         im->world = w;
         im->payload = malloc((size_t)ep->d.payload_bytes);
@@ -415,9 +416,9 @@ epmoe_status epmoe_ep_create_cpu(epmoe_cpu_world *w, const epmoe_ep_config *cfg,
         if (im) free(im->payload), free(im->pairs), free(im->msgs), free(im->acc), free(im);
         free(window);
         epmoe__ep_free(ep);
-        return epmoe__fail(EPMOE_ERR_OUT_OF_MEMORY, "%s: out of memory for a %zu-byte window", fn, (size_t)ep->w.total);
+        return epmoe__fail(EPMOE_ERR_OUT_OF_MEMORY, "%s: out of memory for a %zu-byte window", fn, total);
     }
-    memset(window, 0, (size_t)ep->w.total);
+    memset(window, 0, total);
     pthread_mutex_lock(&w->mu);
     cpu_slot *slot = w->destroyed ? NULL : next_slot(w, cfg->rank);
     if (slot) slot->windows[cfg->rank] = window, epmoe__ep_config_copy(cfg, &slot->cfgs[cfg->rank]), w->live++;

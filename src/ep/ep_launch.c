@@ -166,6 +166,13 @@ epmoe_status epmoe_ep_create_nccl_env(const epmoe_ep_config *cfg, epmoe_ep **ep)
     int rank, size, local;
     EPMOE_CHECK(epmoe_launch_env(&rank, &size, &local));
     const char *file = getenv("EPMOE_BOOTSTRAP_FILE");
+    if (!(file && *file) && size > 1 && !getenv("NCCL_COMM_ID"))
+        return epmoe__fail(EPMOE_ERR_INVALID_ARG, "%s: rank %d of %d: set EPMOE_BOOTSTRAP_FILE to a fresh path every rank can "
+                           "see (tools/epmoe-launch does), or NCCL_COMM_ID=<host>:<port>", fn, rank, size);
+#if !EPMOE_HAVE_NCCL
+    /* before the bootstrap: rank 0 fails so too and never writes the file the others would await */
+    return epmoe__fail(EPMOE_ERR_UNSUPPORTED, "%s: this libepmoe was built without the NCCL backend", fn);
+#endif
     uint8_t id[EPMOE_NCCL_UNIQUE_ID_BYTES];
     char path[PATH_MAX];
     path[0] = 0;
@@ -179,12 +186,8 @@ epmoe_status epmoe_ep_create_nccl_env(const epmoe_ep_config *cfg, epmoe_ep **ep)
         } else {
             EPMOE_CHECK(epmoe__bootstrap_fetch(path, id, size, slow_start_ms(cfg)));
         }
-    } else if (size == 1 || getenv("NCCL_COMM_ID")) {
-        /* with NCCL_COMM_ID, NCCL builds the same id on every rank from the address */
+    } else { /* one rank, or NCCL_COMM_ID: NCCL builds the same id on every rank from the address */
         EPMOE_CHECK(epmoe_nccl_unique_id(id));
-    } else {
-        return epmoe__fail(EPMOE_ERR_INVALID_ARG, "%s: rank %d of %d: set EPMOE_BOOTSTRAP_FILE to a fresh path every rank can "
-                           "see (tools/epmoe-launch does), or NCCL_COMM_ID=<host>:<port>", fn, rank, size);
     }
     const epmoe_status st = epmoe_ep_create_nccl_rank(cfg, rank, size, id, local, ep);
     /* Initialization is collective, so every rank has read the file once it returns; remove
