@@ -91,12 +91,25 @@ static epmoe_status check_gpu_limits(const char *fn, const epmoe_expert_weights 
     return w->format != EPMOE_WEIGHT_INT4 ? epmoe__check_wgmma_limits(fn, w->E, M, w->N, 32, 1) : EPMOE_OK;
 }
 
+/* An output region [o, o + on) apart from the activations, their scales and masked_m (checked). */
+static epmoe_status acts_apart(const char *fn, const void *o, size_t on, const char *o_name, const epmoe_expert_weights *w,
+                               int64_t M, const void *a, const int32_t *masked_m, const void *a_scales, int a_fmt) {
+    if (on == 0) return EPMOE_OK;
+    const struct expert_format *f = &formats[w->format];
+    EPMOE_CHECK(epmoe__need_apart(fn, o, on, o_name, a, (size_t)(w->E * M * w->K) * (size_t)f->act_bytes, "a"));
+    EPMOE_CHECK(epmoe__need_apart(fn, o, on, o_name, masked_m, (size_t)w->E * 4, "masked_m"));
+    const size_t sn = f->act_scales ? (size_t)w->E * epmoe_scale_bytes((epmoe_scale_fmt)a_fmt, M, w->K) : 0;
+    return epmoe__need_apart(fn, o, on, o_name, a_scales, sn, "a_scales");
+}
+
 epmoe_status epmoe__check_expert_gemm(const char *fn, const epmoe_expert_gemm_args *g, int device) {
     EPMOE_CHECK(epmoe__need(fn, g, "args", 1));
     EPMOE_CHECK(epmoe__check_expert_weights(fn, "w", &g->w, device));
     EPMOE_CHECK(check_acts(fn, &g->w, g->M, g->a, g->masked_m, g->a_scales, g->a_scale_fmt, device));
     EPMOE_CHECK(check_out(fn, g->w.E, g->M, g->w.N, g->out, g->out_row_stride, g->out_expert_stride, g->expected_m, device));
-    return device ? check_gpu_limits(fn, &g->w, g->M) : EPMOE_OK;
+    if (device) EPMOE_CHECK(check_gpu_limits(fn, &g->w, g->M));
+    const size_t on = epmoe__out_span(g->w.E, g->M, g->w.N, g->out_row_stride, g->out_expert_stride);
+    return acts_apart(fn, g->out, on, "out", &g->w, g->M, g->a, g->masked_m, g->a_scales, g->a_scale_fmt);
 }
 
 epmoe_status epmoe__check_expert_mlp(const char *fn, const epmoe_expert_mlp_args *m, int device) {
@@ -126,7 +139,10 @@ epmoe_status epmoe__check_expert_mlp(const char *fn, const epmoe_expert_mlp_args
     if (m->workspace_bytes < ws)
         return epmoe__fail(EPMOE_ERR_INVALID_ARG, "%s: workspace_bytes = %zu, need epmoe_expert_mlp_workspace() = %zu", fn,
                            m->workspace_bytes, ws);
-    return EPMOE_OK;
+    const size_t on = epmoe__out_span(E, m->M, H, m->out_row_stride, m->out_expert_stride);
+    EPMOE_CHECK(acts_apart(fn, m->out, on, "out", w13, m->M, m->a, m->masked_m, m->a_scales, m->a_scale_fmt));
+    EPMOE_CHECK(acts_apart(fn, m->workspace, ws, "workspace", w13, m->M, m->a, m->masked_m, m->a_scales, m->a_scale_fmt));
+    return epmoe__need_apart(fn, m->out, on, "out", m->workspace, ws, "workspace");
 }
 
 /* ---- MLP workspace: the one layout function of the buffer ------------------------------ */

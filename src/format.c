@@ -22,10 +22,11 @@ void epmoe_bf16_to_float_row(const uint16_t *x, float *y, size_t n) {
     for (size_t i = 0; i < n; i++) y[i] = fmt_bf16_to_float(x[i]);
 }
 
-static epmoe_status int4_check(const char *fn, const void *a, const void *b, int64_t n) {
+/* vals [n] and packed [n / 2]: the loops read one while writing the other, so they must not overlap */
+static epmoe_status int4_check(const char *fn, const int8_t *vals, const uint8_t *packed, int64_t n) {
     if (n < 0 || n % 2) return epmoe__fail(EPMOE_ERR_INVALID_ARG, "%s: n = %lld must be even and >= 0", fn, (long long)n);
-    if (n && (!a || !b)) return epmoe__fail(EPMOE_ERR_NULL_POINTER, "%s: NULL buffer", fn);
-    return EPMOE_OK;
+    if (n && (!vals || !packed)) return epmoe__fail(EPMOE_ERR_NULL_POINTER, "%s: NULL buffer", fn);
+    return epmoe__need_apart(fn, vals, (size_t)n, "vals", packed, (size_t)n / 2, "packed");
 }
 
 epmoe_status epmoe_int4_pack(const int8_t *vals, int64_t n, uint8_t *packed) {
@@ -39,7 +40,7 @@ epmoe_status epmoe_int4_pack(const int8_t *vals, int64_t n, uint8_t *packed) {
 }
 
 epmoe_status epmoe_int4_unpack(const uint8_t *packed, int64_t n, int8_t *vals) {
-    EPMOE_CHECK(int4_check("epmoe_int4_unpack", packed, vals, n));
+    EPMOE_CHECK(int4_check("epmoe_int4_unpack", vals, packed, n));
     for (int64_t j = 0; j < n / 2; j++) {
         vals[2 * j] = fmt_int4_lo(packed[j]);
         vals[2 * j + 1] = fmt_int4_hi(packed[j]);

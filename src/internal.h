@@ -53,6 +53,11 @@ EPMOE_HIDDEN epmoe_status epmoe__check_rescale(const char *fn, int requant, cons
 ** M * K (format.c): every index then fits comfortably in int64 arithmetic, byte offsets included. */
 #define EPMOE__MAX_ELEMS (INT64_C(1) << 46)
 EPMOE_HIDDEN epmoe_status epmoe__need(const char *fn, const void *p, const char *name, unsigned align);
+/* need_apart: [a, a + an) and [b, b + bn) share no byte. out_span: the bytes a bf16 output [E, M, N]
+** at checked strides spans (0 if E or M is 0). */
+EPMOE_HIDDEN epmoe_status epmoe__need_apart(const char *fn, const void *a, size_t an, const char *a_name, const void *b,
+                                            size_t bn, const char *b_name);
+EPMOE_HIDDEN size_t epmoe__out_span(int64_t E, int64_t M, int64_t N, int64_t row_stride, int64_t expert_stride);
 EPMOE_HIDDEN epmoe_status epmoe__check_dims(const char *fn, const char *what, int64_t E, int64_t N, int64_t K);
 EPMOE_HIDDEN epmoe_status epmoe__check_out(const char *fn, int64_t E, int64_t M, int64_t N, const uint16_t *out,
                                            int64_t row_stride, int64_t expert_stride);

@@ -112,8 +112,12 @@ static epmoe_status check_layer(const char *fn, const epmoe_ep_config *ec, const
                            fn, (long long)cfg->intermediate, (long long)EPMOE__MAX_DIM);
     if (cfg->expected_m < 0) return epmoe__fail(EPMOE_ERR_INVALID_ARG, "%s: expected_m must be >= 0", fn);
     EPMOE_CHECK(check_weights(fn, ec, cfg, w, device));
-    if (cfg->per_tensor_act && (!w->a1_scale || !w->a2_scale))
-        return epmoe__fail(EPMOE_ERR_NULL_POINTER, "%s: per_tensor_act needs a1_scale and a2_scale", fn);
+    if (cfg->per_tensor_act) {
+        if (!w->a1_scale || !w->a2_scale)
+            return epmoe__fail(EPMOE_ERR_NULL_POINTER, "%s: per_tensor_act needs a1_scale and a2_scale", fn);
+        EPMOE_CHECK(epmoe__need(fn, w->a1_scale, "a1_scale", 4));
+        EPMOE_CHECK(epmoe__need(fn, w->a2_scale, "a2_scale", 4));
+    }
     return EPMOE_OK;
 }
 

@@ -25,6 +25,18 @@ epmoe_status epmoe__need(const char *fn, const void *p, const char *name, unsign
     return EPMOE_OK;
 }
 
+/* An output must not share a byte with an input or another output: the kernels read and write them
+** in different orders, so an overlap is garbage, not an in-place op. */
+epmoe_status epmoe__need_apart(const char *fn, const void *a, size_t an, const char *a_name, const void *b, size_t bn,
+                               const char *b_name) {
+    const uintptr_t x = (uintptr_t)a, y = (uintptr_t)b;
+    return x < y + bn && y < x + an ? epmoe__fail(EPMOE_ERR_INVALID_ARG, "%s: %s overlaps %s", fn, a_name, b_name) : EPMOE_OK;
+}
+
+size_t epmoe__out_span(int64_t E, int64_t M, int64_t N, int64_t row_stride, int64_t expert_stride) {
+    return E == 0 || M == 0 ? 0 : (size_t)((E - 1) * expert_stride + (M - 1) * row_stride + N) * 2;
+}
+
 epmoe_status epmoe__check_dims(const char *fn, const char *what, int64_t E, int64_t N, int64_t K) {
     if (E < 0 || E > EPMOE__MAX_EXPERTS)
         return epmoe__fail(EPMOE_ERR_INVALID_ARG, "%s: %s E = %lld must be in [0, %d]", fn, what, (long long)E,
@@ -80,6 +92,7 @@ epmoe_status epmoe_w4a8_repack(const int8_t *ckpt_w, const void *ckpt_scales, ep
                                int64_t E, int64_t N, int64_t K, void *qweight, uint16_t *scales, int *encoding) {
     static const char fn[] = "epmoe_w4a8_repack";
     EPMOE_CHECK(epmoe__check_dims(fn, "weights", E, N, K));
+    if (group <= 0) return epmoe__fail(EPMOE_ERR_INVALID_ARG, "%s: group size %lld must be positive", fn, (long long)group);
     if (group != W4_GROUP)
         return epmoe__fail(EPMOE_ERR_UNSUPPORTED, "%s: group size %lld (only %d is supported)", fn, (long long)group, W4_GROUP);
     if (scale_dtype != EPMOE_F32 && scale_dtype != EPMOE_BF16)
@@ -106,8 +119,13 @@ epmoe_status epmoe_w4a8_repack(const int8_t *ckpt_w, const void *ckpt_scales, ep
 
     for (int64_t i = 0; i < E * N * G; i++) {
         float s;
-        if (scale_dtype == EPMOE_F32) memcpy(&s, (const uint8_t *)ckpt_scales + 4 * i, 4);
-        else s = fmt_bf16_to_float(((const uint16_t *)ckpt_scales)[i]);
+        if (scale_dtype == EPMOE_F32) { /* memcpy: the checkpoint's array may sit at any address */
+            memcpy(&s, (const uint8_t *)ckpt_scales + 4 * i, 4);
+        } else {
+            uint16_t h;
+            memcpy(&h, (const uint8_t *)ckpt_scales + 2 * i, 2);
+            s = fmt_bf16_to_float(h);
+        }
         /* s * 2^9 is exact (an fp32 overflow becomes inf); one rounding, to bf16: none from bf16
         ** checkpoints. Past (2 - 2^-8) * 2^127 it rounds to inf, so the bound on s is that / 2^9. */
         const uint16_t b = fmt_bf16_from_float(s * W4_SCALE_FOLD + 0.0f); /* + 0: -0 stored as +0 */
@@ -186,6 +204,16 @@ static epmoe_status check_acts(const char *fn, int64_t E, int64_t M, int64_t K, 
     return EPMOE_OK;
 }
 
+/* An output region [o, o + on) apart from the activations, their scales and masked_m (checked). */
+static epmoe_status acts_apart(const char *fn, const void *o, size_t on, const char *o_name, int64_t E, int64_t M,
+                               int64_t K, const uint8_t *a, const int32_t *masked_m, const void *a_scales, int fmt) {
+    if (on == 0) return EPMOE_OK;
+    EPMOE_CHECK(epmoe__need_apart(fn, o, on, o_name, a, (size_t)(E * M * K), "a"));
+    EPMOE_CHECK(epmoe__need_apart(fn, o, on, o_name, masked_m, (size_t)E * 4, "masked_m"));
+    const size_t sn = a_scales ? (size_t)E * epmoe_scale_bytes((epmoe_scale_fmt)fmt, M, K) : 0;
+    return epmoe__need_apart(fn, o, on, o_name, a_scales, sn, "a_scales");
+}
+
 /* The wgmma GEMM (w4a8_gemm.cu) counts its work items (expert, 128-row weight tile, token tile of
 ** min_tile or more) in 32 bits: a 64-bit division at each item change cost 1-3% (find_item; H200
 ** 2026-11-30). Its TMA tensor maps address rows with 32-bit signed coordinates: the activations'
@@ -221,7 +249,8 @@ epmoe_status epmoe__check_w4a8_gemm(const char *fn, const epmoe_w4a8_gemm_args *
     if (g->expected_m < 0)
         return epmoe__fail(EPMOE_ERR_INVALID_ARG, "%s: expected_m = %lld must be >= 0", fn, (long long)g->expected_m);
     if (device) EPMOE_CHECK(epmoe__check_wgmma_limits(fn, g->w.E, g->M, g->w.N, 8, 0));
-    return EPMOE_OK;
+    const size_t on = epmoe__out_span(g->w.E, g->M, g->w.N, g->out_row_stride, g->out_expert_stride);
+    return acts_apart(fn, g->out, on, "out", g->w.E, g->M, g->w.K, g->a, g->masked_m, g->a_scales, g->a_scale_fmt);
 }
 
 /* ---- MLP workspace: the one layout function of the buffer ------------------------------ */
@@ -271,7 +300,10 @@ epmoe_status epmoe__check_w4a8_mlp(const char *fn, const epmoe_w4a8_mlp_args *m,
     if (m->workspace_bytes < ws)
         return epmoe__fail(EPMOE_ERR_INVALID_ARG, "%s: workspace_bytes = %zu, need epmoe_w4a8_mlp_workspace() = %zu", fn,
                            m->workspace_bytes, ws);
-    return EPMOE_OK;
+    const size_t on = epmoe__out_span(E, m->M, H, m->out_row_stride, m->out_expert_stride);
+    EPMOE_CHECK(acts_apart(fn, m->out, on, "out", E, m->M, H, m->a, m->masked_m, m->a_scales, m->a_scale_fmt));
+    EPMOE_CHECK(acts_apart(fn, m->workspace, ws, "workspace", E, m->M, H, m->a, m->masked_m, m->a_scales, m->a_scale_fmt));
+    return epmoe__need_apart(fn, m->out, on, "out", m->workspace, ws, "workspace");
 }
 
 /* ---- references ------------------------------------------------------------------------ */

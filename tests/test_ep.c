@@ -194,6 +194,7 @@ typedef struct {
     epmoe_status st;
     epmoe_status mask_st, rejoin_st; /* rejoin: each rank masks the other, then tries to unmask it */
     int rejoin;
+    char err[256]; /* create_dup: the thread's last error */
 } create_job;
 static void *create_one(void *arg) {
     create_job *j = arg;
@@ -207,6 +208,14 @@ static void *create_one(void *arg) {
         j->rejoin_st = epmoe_ep_set_active_ranks(ep, act);
     }
     if (j->st == EPMOE_OK) epmoe_ep_destroy(ep);
+    return NULL;
+}
+
+/* create_one, keeping the thread's error message (epmoe_last_error() is per thread) */
+static void *create_dup(void *arg) {
+    create_job *j = arg;
+    create_one(j);
+    snprintf(j->err, sizeof j->err, "%s", epmoe_last_error());
     return NULL;
 }
 
@@ -380,6 +389,20 @@ static void test_bad_args(void) {
     for (int r = 0; r < 2; r++) pthread_create(&th[r], NULL, create_one, &j[r]);
     for (int r = 0; r < 2; r++) pthread_join(th[r], NULL);
     CHECK(j[0].st == EPMOE_ERR_INVALID_ARG && j[1].st == EPMOE_ERR_INVALID_ARG, "mismatched N: %d %d", j[0].st, j[1].st);
+    epmoe_cpu_world_destroy(w);
+
+    /* two threads that both pass rank 0: refused, and the message says so */
+    epmoe_cpu_world_create(2, &w);
+    for (int r = 0; r < 2; r++) {
+        memset(&j[r], 0, sizeof j[r]);
+        j[r].w = w, j[r].cfg = c, j[r].cfg.num_ranks = 2, j[r].cfg.rank = 0, j[r].cfg.num_experts = 4;
+        j[r].cfg.timeout_ms = 2000;
+    }
+    for (int r = 0; r < 2; r++) pthread_create(&th[r], NULL, create_dup, &j[r]);
+    for (int r = 0; r < 2; r++) pthread_join(th[r], NULL);
+    for (int r = 0; r < 2; r++)
+        CHECK(j[r].st == EPMOE_ERR_INVALID_ARG && strstr(j[r].err, "rank 1 never joined") != NULL,
+              "rank 0 twice, thread %d: %d, %s", r, j[r].st, j[r].err);
     epmoe_cpu_world_destroy(w);
 
     /* masking is final: a masked rank cannot be made active again (its acks stopped) */

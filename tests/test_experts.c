@@ -348,6 +348,7 @@ static void test_gemm_bad_args(void) {
     CHECK(strstr(epmoe_last_error(), "2^31") != NULL, "the limit named: %s", epmoe_last_error());
 #if !EPMOE_HAVE_CUDA
     g.w.format = EPMOE_WEIGHT_INT4, g.w.group = 128;
+    g.out = (uint16_t *)(uintptr_t)(UINT64_C(1) << 46); /* never read; its 16 GB span must not overlap a */
     CHECK_STATUS(epmoe_expert_gemm_cuda(&g, NULL), EPMOE_ERR_UNSUPPORTED);
 #endif
     g = good, g.w.E = 1100, g.M = INT64_C(1) << 21, g.out_expert_stride = g.M * 256;
@@ -369,6 +370,10 @@ static void test_gemm_bad_args(void) {
     BAD(w.E, -1, EPMOE_ERR_INVALID_ARG);
     BAD(w.E, 4097, EPMOE_ERR_INVALID_ARG);
     BAD(w.data, NULL, EPMOE_ERR_NULL_POINTER);
+    BAD(out, (uint16_t *)(void *)adata, EPMOE_ERR_INVALID_ARG); /* the output over an input */
+    CHECK(strstr(epmoe_last_error(), "out overlaps a") != NULL, "message: %s", epmoe_last_error());
+    BAD(a_scales, obuf + 8, EPMOE_ERR_INVALID_ARG);
+    CHECK(strstr(epmoe_last_error(), "out overlaps a_scales") != NULL, "message: %s", epmoe_last_error());
     BAD(w.scales, NULL, EPMOE_ERR_NULL_POINTER);
     BAD(w.scales, (const float *)((const uint8_t *)wscales + 2), EPMOE_ERR_MISALIGNED); /* 4 bytes, host too */
     BAD(a, NULL, EPMOE_ERR_NULL_POINTER);
@@ -473,6 +478,10 @@ static void test_mlp_bad_args(void) {
     BAD(out_expert_stride, 1020, EPMOE_ERR_INVALID_ARG);
     BAD(workspace, NULL, EPMOE_ERR_NULL_POINTER);
     BAD(workspace_bytes, 4096, EPMOE_ERR_INVALID_ARG);
+    BAD(out, (uint16_t *)(void *)(ws_buf + 1024), EPMOE_ERR_INVALID_ARG); /* inside the part the MLP uses */
+    CHECK(strstr(epmoe_last_error(), "out overlaps workspace") != NULL, "message: %s", epmoe_last_error());
+    BAD(a, ws_buf + 4096, EPMOE_ERR_INVALID_ARG);
+    CHECK(strstr(epmoe_last_error(), "workspace overlaps a") != NULL, "message: %s", epmoe_last_error());
     BAD(workspace, ws_buf + 8, EPMOE_ERR_MISALIGNED); /* 16 bytes on the host, 256 on the GPU */
     m = good, m.workspace = ws_buf + 16, m.workspace_bytes = sizeof ws_buf - 16;
     CHECK_STATUS(epmoe_expert_mlp_ref(&m), EPMOE_OK);

@@ -188,6 +188,12 @@ static void test_int4(void) {
     CHECK_STATUS(epmoe_int4_pack(v, 3, p), EPMOE_ERR_INVALID_ARG);
     CHECK_STATUS(epmoe_int4_pack(v, -2, p), EPMOE_ERR_INVALID_ARG);
     CHECK_STATUS(epmoe_int4_pack(NULL, 2, p), EPMOE_ERR_NULL_POINTER);
+    /* in place would read bytes it already wrote: refused */
+    uint8_t both[4] = {0x21, 0x43, 0, 0};
+    CHECK_STATUS(epmoe_int4_unpack(both, 4, (int8_t *)both), EPMOE_ERR_INVALID_ARG);
+    CHECK(strstr(epmoe_last_error(), "overlaps") != NULL && both[0] == 0x21, "unpack in place: %s", epmoe_last_error());
+    CHECK_STATUS(epmoe_int4_pack((const int8_t *)both, 4, both + 1), EPMOE_ERR_INVALID_ARG);
+    CHECK_STATUS(epmoe_int4_unpack(both, 2, (int8_t *)both + 2), EPMOE_OK); /* adjacent, not overlapping */
     CHECK_STATUS(epmoe_int4_unpack(p, 2, NULL), EPMOE_ERR_NULL_POINTER);
     CHECK_STATUS(epmoe_int4_pack(NULL, 0, NULL), EPMOE_OK);
 }

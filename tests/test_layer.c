@@ -267,6 +267,15 @@ static void test_schemes_and_args(void) {
     epmoe_layer_weights w = c.hw[0];
     w.a1_scale = NULL;
     CHECK_STATUS(epmoe_layer_create(ep, &lc, &w, &layer), EPMOE_ERR_NULL_POINTER);
+    /* misaligned static scales: found here, not by every forward after its collective dispatch */
+    _Alignas(4) uint8_t sbytes[8] = {0};
+    w.a1_scale = (const float *)(void *)(sbytes + 1);
+    CHECK_STATUS(epmoe_layer_create(ep, &lc, &w, &layer), EPMOE_ERR_MISALIGNED);
+    CHECK(strstr(epmoe_last_error(), "a1_scale") != NULL, "message: %s", epmoe_last_error());
+    w = c.hw[0], w.a2_scale = (const float *)(void *)(sbytes + 2);
+    CHECK_STATUS(epmoe_layer_create(ep, &lc, &w, &layer), EPMOE_ERR_MISALIGNED);
+    CHECK(strstr(epmoe_last_error(), "a2_scale") != NULL, "message: %s", epmoe_last_error());
+    w = c.hw[0];
     w = c.hw[0];
     w.w13.encoding = 9; /* would fail only inside the forward, after the collective dispatch */
     CHECK_STATUS(epmoe_layer_create(ep, &c.lc, &w, &layer), EPMOE_ERR_INVALID_ARG);

@@ -333,6 +333,10 @@ static void test_bad_args(void) {
     BOTH_DEQUANT(EPMOE_ERR_INVALID_ARG, q, s, F, NULL, 1, 1, 128, EPMOE_FP8_E4M3, yf);
     BOTH_DEQUANT(EPMOE_ERR_INVALID_ARG, q, s, F, NULL, 1, 1, 128, (epmoe_dtype)7, yf);
     BOTH_DEQUANT(EPMOE_ERR_NULL_POINTER, q, s, F, NULL, 1, 1, 128, EPMOE_F32, NULL);
+    /* the reference stores y as its type: an element-misaligned y is refused there too */
+    BOTH_DEQUANT(EPMOE_ERR_MISALIGNED, q, s, F, NULL, 1, 1, 128, EPMOE_F32, (char *)yf + 2);
+    BOTH_DEQUANT(EPMOE_ERR_MISALIGNED, q, s, F, NULL, 1, 1, 128, EPMOE_BF16, (char *)yf + 1);
+    CHECK_STATUS(epmoe_dequant_fp8_ref(q, s, F, NULL, 1, 1, 128, EPMOE_BF16, (char *)yf + 2), EPMOE_OK);
     BOTH_DEQUANT(EPMOE_ERR_INVALID_ARG, q, s, F, NULL, 1, -3, 128, EPMOE_F32, yf);
     BOTH_DEQUANT(EPMOE_ERR_INVALID_ARG, q, yf + 120, F, NULL, 1, 1, 128, EPMOE_F32, yf); /* y over its own scales */
     CHECK(strstr(epmoe_last_error(), "y overlaps scales") != NULL, "message: %s", epmoe_last_error());

@@ -92,6 +92,15 @@ static void test_repack_roundtrip(void) {
     uint16_t sw[128];
     int enc = EPMOE_W4_AUTO;
     CHECK_STATUS(epmoe_w4a8_repack(cw, cs, EPMOE_BF16, 128, 1, 128, 128, qw, sw, &enc), EPMOE_OK);
+    { /* the checkpoint's bf16 array at an odd address (a byte buffer's slice): the same result */
+        static uint8_t odd[2 * 128 + 1];
+        uint8_t qw2[128 * 64];
+        uint16_t sw2[128];
+        int enc2 = EPMOE_W4_AUTO;
+        memcpy(odd + 1, cs, sizeof cs);
+        CHECK_STATUS(epmoe_w4a8_repack(cw, odd + 1, EPMOE_BF16, 128, 1, 128, 128, qw2, sw2, &enc2), EPMOE_OK);
+        CHECK(enc2 == enc && memcmp(qw2, qw, sizeof qw) == 0 && memcmp(sw2, sw, sizeof sw) == 0, "odd-address bf16 scales");
+    }
     epmoe_w4a8_weights pw = {1, 128, 128, enc, qw, sw};
     int v;
     float s;
@@ -338,6 +347,13 @@ static void test_bad_args(void) {
     BAD(expected_m, -1, EPMOE_ERR_INVALID_ARG);
     BAD(out_row_stride, INT64_MAX - 10, EPMOE_ERR_INVALID_ARG); /* must not overflow the overlap check */
     BAD(out_expert_stride, -1024, EPMOE_ERR_INVALID_ARG);
+    /* the output over an input: refused (the results would be garbage), by the reference too */
+    BAD(out, (uint16_t *)(void *)(a + 1024), EPMOE_ERR_INVALID_ARG);
+    CHECK(strstr(epmoe_last_error(), "out overlaps a") != NULL, "message: %s", epmoe_last_error());
+    BAD(a_scales, out + 8, EPMOE_ERR_INVALID_ARG);
+    CHECK(strstr(epmoe_last_error(), "out overlaps a_scales") != NULL, "message: %s", epmoe_last_error());
+    BAD(masked_m, (const int32_t *)(void *)(out + 2000), EPMOE_ERR_INVALID_ARG);
+    CHECK(strstr(epmoe_last_error(), "out overlaps masked_m") != NULL, "message: %s", epmoe_last_error());
     g = good;
     g.a = a + 1; /* the GPU path needs 16-byte rows */
     CHECK_STATUS(epmoe_w4a8_gemm_cuda(&g, NULL), EPMOE_ERR_MISALIGNED);
@@ -380,6 +396,8 @@ static void test_bad_args(void) {
     uint16_t rs[128];
     int enc = EPMOE_W4_AUTO;
     CHECK_STATUS(epmoe_w4a8_repack(cw, cs, EPMOE_F32, 64, 1, 128, 128, rq, rs, &enc), EPMOE_ERR_UNSUPPORTED);
+    CHECK_STATUS(epmoe_w4a8_repack(cw, cs, EPMOE_F32, 0, 1, 128, 128, rq, rs, &enc), EPMOE_ERR_INVALID_ARG);
+    CHECK_STATUS(epmoe_w4a8_repack(cw, cs, EPMOE_F32, -128, 1, 128, 128, rq, rs, &enc), EPMOE_ERR_INVALID_ARG);
     CHECK_STATUS(epmoe_w4a8_repack(cw, cs, EPMOE_FP8_E4M3, 128, 1, 128, 128, rq, rs, &enc), EPMOE_ERR_INVALID_ARG);
     CHECK_STATUS(epmoe_w4a8_repack(cw, cs, EPMOE_F32, 128, 1, 100, 128, rq, rs, &enc), EPMOE_ERR_INVALID_ARG);
     CHECK_STATUS(epmoe_w4a8_repack(NULL, cs, EPMOE_F32, 128, 1, 128, 128, rq, rs, &enc), EPMOE_ERR_NULL_POINTER);
@@ -416,6 +434,16 @@ static void test_bad_args(void) {
     m = mgood;
     m.workspace = ws + 16;
     CHECK_STATUS(epmoe_w4a8_mlp_cuda(&m, NULL), EPMOE_ERR_MISALIGNED);
+    /* the output, the workspace and the inputs apart */
+    m = mgood, m.out = (uint16_t *)(void *)(ws + 256); /* inside the part the MLP uses */
+    CHECK_STATUS(epmoe_w4a8_mlp_ref(&m), EPMOE_ERR_INVALID_ARG);
+    CHECK(strstr(epmoe_last_error(), "out overlaps workspace") != NULL, "message: %s", epmoe_last_error());
+    m = mgood, m.a = ws + 4096;
+    CHECK_STATUS(epmoe_w4a8_mlp_ref(&m), EPMOE_ERR_INVALID_ARG);
+    CHECK(strstr(epmoe_last_error(), "workspace overlaps a") != NULL, "message: %s", epmoe_last_error());
+    m = mgood, m.out = (uint16_t *)(void *)a;
+    CHECK_STATUS(epmoe_w4a8_mlp_ref(&m), EPMOE_ERR_INVALID_ARG);
+    CHECK_STATUS(epmoe_w4a8_mlp_cuda(&m, NULL), EPMOE_ERR_INVALID_ARG);
     CHECK(epmoe_w4a8_mlp_workspace(-1, 4, 256, 128) == 0, "negative E has no workspace");
 }
 

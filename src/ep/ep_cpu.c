@@ -436,7 +436,10 @@ epmoe_status epmoe_ep_create_cpu(epmoe_cpu_world *w, const epmoe_ep_config *cfg,
     ep->ops = &cpu_ops;
     epmoe_status st = world_barrier(w, cfg->rank, cfg->timeout_ms, fn);
     for (int r = 0; st == EPMOE_OK && r < w->R; r++) /* every rank sees every config after the barrier */
-        if (!epmoe__ep_same_shape(&slot->cfgs[r], cfg))
+        if (!slot->windows[r]) /* the barrier counted someone else: a rank claimed twice */
+            st = epmoe__fail(EPMOE_ERR_INVALID_ARG, "%s: rank %d never joined this group (did two threads pass the same "
+                             "config.rank?)", fn, r);
+        else if (!epmoe__ep_same_shape(&slot->cfgs[r], cfg))
             st = epmoe__fail(EPMOE_ERR_INVALID_ARG, "%s: rank %d's config differs from rank %d's (max_tokens %d vs %d, "
                              "hidden %d vs %d, experts %d vs %d, top_k %d vs %d, or the wire/mode fields)", fn, r, cfg->rank,
                              slot->cfgs[r].max_tokens, cfg->max_tokens, slot->cfgs[r].hidden, cfg->hidden,
