@@ -280,6 +280,13 @@ epmoe_status epmoe_layer_forward_phase(epmoe_layer *y, const uint16_t *x, const 
     /* checked before the collective dispatch: a failure after it would leave the peers waiting */
     if (num_tokens > 0 && !topk_weights && ((phases & EPMOE_LAYER_SEND) || (owner && (phases & EPMOE_LAYER_RECV))))
         return epmoe__fail(EPMOE_ERR_NULL_POINTER, "%s: topk_weights is NULL", fn);
+    if ((phases & EPMOE_LAYER_RECV) && !(phases & EPMOE_LAYER_SEND)) {
+        /* RECV writes the rows SEND dispatched: another count here would mean an out of another size */
+        const ep_call *c = &y->ep->calls[*handle & 1u];
+        if (c->seq == *handle && c->T != num_tokens)
+            return epmoe__fail(EPMOE_ERR_INVALID_ARG, "%s: RECV of forward %u with num_tokens = %d, but its SEND had %d "
+                               "(each phase takes the same arguments)", fn, *handle, num_tokens, c->T);
+    }
     if (num_tokens > 0 && (phases & EPMOE_LAYER_RECV)) {
         if (!out) return epmoe__fail(EPMOE_ERR_NULL_POINTER, "%s: out is NULL", fn);
         if ((uintptr_t)out & (y->gpu ? 15u : 1u))

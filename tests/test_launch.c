@@ -80,6 +80,8 @@ static void test_env(void) {
     env_case("MPICH", 2, 3, 0, NULL);
     setenv("MPI_LOCALRANKID", "a", 1);
     env_case("bad local rank", 0, 0, 0, "MPI_LOCALRANKID");
+    setenv("MPI_LOCALRANKID", "3", 1);
+    env_case("local rank == size", 0, 0, 0, "MPI_LOCALRANKID=3");
     clear_env();
     int r;
     CHECK_STATUS(epmoe_launch_env(&r, NULL, &r), EPMOE_ERR_NULL_POINTER);

@@ -379,7 +379,7 @@ typedef struct {
     epmoe_cpu_world *world;
     int rank;
     uint16_t *out[3];
-    epmoe_status st, refused[2]; /* refused: the out-of-order calls (checked by the main thread) */
+    epmoe_status st, refused[3]; /* refused: the out-of-order calls and a RECV with another num_tokens */
     char err[256];
 } phase_job;
 
@@ -420,6 +420,10 @@ static void *phase_rank(void *arg) {
     if (j->st == EPMOE_OK)
         j->st = epmoe_layer_forward_phase(y, c->x[q], c->topk[q], 32, c->tw[q], T, j->out[2],
                                           EPMOE_LAYER_SEND | EPMOE_LAYER_EXPERTS, &hc, NULL);
+    /* RECV writes SEND's T rows: another num_tokens (an out sized for it) is refused before anything */
+    if (j->st == EPMOE_OK)
+        j->refused[2] = epmoe_layer_forward_phase(y, c->x[q], c->topk[q], 32, c->tw[q], T + 1, j->out[2],
+                                                  EPMOE_LAYER_RECV, &hc, NULL);
     if (j->st == EPMOE_OK)
         j->st = epmoe_layer_forward_phase(y, c->x[q], c->topk[q], 32, c->tw[q], T, j->out[2], EPMOE_LAYER_RECV, &hc, NULL);
     if (j->st != EPMOE_OK) snprintf(j->err, sizeof j->err, "%s", epmoe_last_error());
@@ -456,9 +460,10 @@ static void test_phases(void) {
         const double tol = cs[i].mode == EPMOE_COMBINE_REDUCE_AT_EXPERT ? LAYER_PARTIAL_L2 : 0.0;
         for (int q = 0; q < R; q++) {
             CHECK(jobs[q].st == EPMOE_OK, "phased forward R=%d rank %d: %s", R, q, jobs[q].err);
-            CHECK(jobs[q].refused[0] == EPMOE_ERR_INVALID_ARG && jobs[q].refused[1] == EPMOE_ERR_INVALID_ARG,
-                  "phased forward R=%d rank %d: RECV before EXPERTS gave %d, SEND|RECV gave %d (want INVALID_ARG)", R, q,
-                  jobs[q].refused[0], jobs[q].refused[1]);
+            CHECK(jobs[q].refused[0] == EPMOE_ERR_INVALID_ARG && jobs[q].refused[1] == EPMOE_ERR_INVALID_ARG &&
+                      jobs[q].refused[2] == EPMOE_ERR_INVALID_ARG,
+                  "phased forward R=%d rank %d: RECV before EXPERTS gave %d, SEND|RECV gave %d, RECV with T + 1 gave %d "
+                  "(want INVALID_ARG)", R, q, jobs[q].refused[0], jobs[q].refused[1], jobs[q].refused[2]);
             for (int b = 0; b < 3 && jobs[q].st == EPMOE_OK; b++) {
                 snprintf(name, sizeof name, "phased forward R=%d %s, forward %c", R,
                          cs[i].scheme == EPMOE_SCHEME_W4AFP8 ? "w4afp8" : cs[i].scheme == EPMOE_SCHEME_W4A16 ? "w4a16"

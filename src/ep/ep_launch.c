@@ -59,6 +59,9 @@ epmoe_status epmoe_launch_env(int *rank, int *size, int *local_rank) {
                                rk, launch_vars[i].size, sz);
         lr = rk; /* one node: the local rank is the rank */
         if (l) EPMOE_CHECK(env_int(launch_vars[i].local, l, &lr));
+        if (lr >= sz) /* a node's ranks are some of the world's */
+            return epmoe__fail(EPMOE_ERR_INVALID_ARG, "epmoe_launch_env: %s=%d is not below %s=%d", launch_vars[i].local,
+                               lr, launch_vars[i].size, sz);
         *rank = rk, *size = sz, *local_rank = lr;
         return EPMOE_OK;
     }
