@@ -245,7 +245,9 @@ typedef struct epmoe_w4a8_gemm_args {
 } epmoe_w4a8_gemm_args;
 /* Workspace of the GPU GEMM on the current device (stream-K partial tiles); 0 without CUDA. */
 EPMOE_API size_t epmoe_w4a8_gemm_workspace(void);
-/* GPU limits (EPMOE_ERR_INVALID_ARG beyond them, the references have none): E <= 2048 experts (each
+/* Limits of every GEMM and MLP entry (EPMOE_ERR_INVALID_ARG beyond them): E <= 4096 experts; M, N and
+** K each at most 2^24. An output that overlaps an input or the workspace is refused too.
+** GPU limits (EPMOE_ERR_INVALID_ARG beyond them, the references have none): E <= 2048 experts (each
 ** CTA keeps 2E + 1 ints in shared memory), E * M < 2^31 activation rows and fewer than 2^31 work
 ** items (E x token tiles x N / 128). The same hold for epmoe_w4a8_mlp_cuda, and for
 ** epmoe_expert_gemm_cuda and epmoe_expert_mlp_cuda with FP8_BLOCK or BF16 weights, which also need
@@ -489,7 +491,7 @@ typedef struct epmoe_ep_layout {
 } epmoe_ep_layout;
 EPMOE_API epmoe_status epmoe_ep_layout_query(const epmoe_ep_config *cfg, epmoe_ep_layout *out);
 
-/* CPU backend: a world of num_ranks ranks in this process; each rank's thread then calls
+/* CPU backend: a world of num_ranks (1 to 1024) ranks in this process; each rank's thread then calls
 ** epmoe_ep_create_cpu with its rank (collective: all ranks must call it). A world holds any number
 ** of groups, as a communicator does: creating and destroying them is collective, in the same
 ** order on every rank. Each group's windows stay allocated until the world is freed. Destroying

@@ -283,7 +283,7 @@ epmoe_status epmoe_layer_forward_phase(epmoe_layer *y, const uint16_t *x, const 
     if ((phases & EPMOE_LAYER_RECV) && !(phases & EPMOE_LAYER_SEND)) {
         /* RECV writes the rows SEND dispatched: another count here would mean an out of another size */
         const ep_call *c = &y->ep->calls[*handle & 1u];
-        if (c->seq == *handle && c->T != num_tokens)
+        if (*handle && c->seq == *handle && c->T != num_tokens)
             return epmoe__fail(EPMOE_ERR_INVALID_ARG, "%s: RECV of forward %u with num_tokens = %d, but its SEND had %d "
                                "(each phase takes the same arguments)", fn, *handle, num_tokens, c->T);
     }

@@ -244,6 +244,26 @@ static void test_bad_args(void) {
     b = c, b.num_ranks = b.num_experts = 32767, b.max_tokens = b.hidden = 65536; /* R*N*H: 2^47 elements an expert */
     CHECK_STATUS(epmoe_ep_layout_query(&b, &lay), EPMOE_ERR_INVALID_ARG);
     CHECK(strstr(epmoe_last_error(), "num_ranks * max_tokens * hidden") != NULL, "message: %s", epmoe_last_error());
+    CHECK_STATUS(epmoe_ep_layout_query(&c, NULL), EPMOE_ERR_NULL_POINTER);
+    b = c, b.transport = (epmoe_transport)5;
+    CHECK_STATUS(epmoe_ep_layout_query(&b, &lay), EPMOE_ERR_INVALID_ARG);
+    CHECK(strstr(epmoe_last_error(), "transport") != NULL, "message: %s", epmoe_last_error());
+    b = c, b.transport = (epmoe_transport)-1;
+    CHECK_STATUS(epmoe_ep_layout_query(&b, &lay), EPMOE_ERR_INVALID_ARG);
+    b = c, b.wire = (epmoe_wire)2;
+    CHECK_STATUS(epmoe_ep_layout_query(&b, &lay), EPMOE_ERR_INVALID_ARG);
+    CHECK(strstr(epmoe_last_error(), "wire") != NULL, "message: %s", epmoe_last_error());
+    b = c, b.combine_mode = (epmoe_combine_mode)2;
+    CHECK_STATUS(epmoe_ep_layout_query(&b, &lay), EPMOE_ERR_INVALID_ARG);
+    CHECK(strstr(epmoe_last_error(), "combine_mode") != NULL, "message: %s", epmoe_last_error());
+    b = c, b.timeout_ms = 0;
+    CHECK_STATUS(epmoe_ep_layout_query(&b, &lay), EPMOE_ERR_INVALID_ARG);
+    CHECK(strstr(epmoe_last_error(), "timeout_ms") != NULL, "message: %s", epmoe_last_error());
+    b = c, b.max_tokens = 0;
+    CHECK_STATUS(epmoe_ep_layout_query(&b, &lay), EPMOE_ERR_INVALID_ARG);
+    CHECK(strstr(epmoe_last_error(), "max_tokens") != NULL, "message: %s", epmoe_last_error());
+    b = c, b.max_tokens = 65537;
+    CHECK_STATUS(epmoe_ep_layout_query(&b, &lay), EPMOE_ERR_INVALID_ARG);
 
     /* per-call arguments on a 1-rank group */
     epmoe_cpu_world *w;
@@ -258,7 +278,15 @@ static void test_bad_args(void) {
     CHECK(strstr(epmoe_last_error(), "window") != NULL && huge == NULL, "message: %s", epmoe_last_error());
     c.max_tokens = 4, c.hidden = 128, c.num_experts = 4, c.top_k = 2;
     epmoe_ep *ep;
+    CHECK_STATUS(epmoe_ep_create_cpu(NULL, &c, &ep), EPMOE_ERR_NULL_POINTER);
+    CHECK_STATUS(epmoe_ep_create_cpu(w, NULL, &ep), EPMOE_ERR_NULL_POINTER);
+    CHECK_STATUS(epmoe_ep_create_cpu(w, &c, NULL), EPMOE_ERR_NULL_POINTER);
+    b = c, b.num_ranks = 2; /* a valid config, for another world */
+    CHECK_STATUS(epmoe_ep_create_cpu(w, &b, &ep), EPMOE_ERR_INVALID_ARG);
+    CHECK(strstr(epmoe_last_error(), "the world has 1 ranks") != NULL, "message: %s", epmoe_last_error());
     CHECK_STATUS(epmoe_ep_create_cpu(w, &c, &ep), EPMOE_OK);
+    CHECK_STATUS(epmoe_ep_poll(NULL), EPMOE_ERR_NULL_POINTER);
+    CHECK_STATUS(epmoe_ep_poll(ep), EPMOE_OK); /* the CPU backend records nothing asynchronously */
     uint16_t x[5 * 128] = {0};
     int32_t idx[10] = {0, 1, 2, 3, 0, 1, 2, 3, 0, 1};
     float wt[10] = {1, 1, 1, 1, 1, 1, 1, 1, 1, 1};
@@ -300,8 +328,37 @@ static void test_bad_args(void) {
     CHECK_STATUS(epmoe_dispatch(ep, &bad, EPMOE_PHASE_BOTH, &h, NULL), EPMOE_ERR_MISALIGNED);
     bad = a, bad.recv_scales = raw + 3;
     CHECK_STATUS(epmoe_dispatch(ep, &bad, EPMOE_PHASE_BOTH, &h, NULL), EPMOE_ERR_MISALIGNED);
+    bad = a, bad.requant_scale = (const float *)(void *)(raw + 1);
+    CHECK_STATUS(epmoe_dispatch(ep, &bad, EPMOE_PHASE_BOTH, &h, NULL), EPMOE_ERR_MISALIGNED);
+    CHECK(strstr(epmoe_last_error(), "requant_scale") != NULL, "message: %s", epmoe_last_error());
+    /* NULL ep, args, handle, and the receive half's outputs */
+    CHECK_STATUS(epmoe_dispatch(NULL, &a, EPMOE_PHASE_BOTH, &h, NULL), EPMOE_ERR_NULL_POINTER);
+    CHECK_STATUS(epmoe_dispatch(ep, NULL, EPMOE_PHASE_BOTH, &h, NULL), EPMOE_ERR_NULL_POINTER);
+    CHECK_STATUS(epmoe_dispatch(ep, &a, EPMOE_PHASE_BOTH, NULL, NULL), EPMOE_ERR_NULL_POINTER);
+    bad = a, bad.recv_x = NULL;
+    CHECK_STATUS(epmoe_dispatch(ep, &bad, EPMOE_PHASE_BOTH, &h, NULL), EPMOE_ERR_NULL_POINTER);
+    bad = a, bad.masked_m = NULL;
+    CHECK_STATUS(epmoe_dispatch(ep, &bad, EPMOE_PHASE_BOTH, &h, NULL), EPMOE_ERR_NULL_POINTER);
+    /* 64-bit ids are checked as 64-bit values: 2^32 + 1 is not expert 1, INT64_MIN is not -1 */
+    int64_t idx64[10] = {0, 1, 2, 3, 0, 1, 2, 3, 0, 1};
+    bad = a, bad.topk_idx = idx64, bad.topk_idx_bits = 64;
+    idx64[3] = (INT64_C(1) << 32) + 1;
+    CHECK_STATUS(epmoe_dispatch(ep, &bad, EPMOE_PHASE_BOTH, &h, NULL), EPMOE_ERR_INVALID_ARG);
+    CHECK(strstr(epmoe_last_error(), "topk_idx[1][1] = 4294967297") != NULL, "message: %s", epmoe_last_error());
+    idx64[3] = (INT64_C(1) << 32);
+    CHECK_STATUS(epmoe_dispatch(ep, &bad, EPMOE_PHASE_BOTH, &h, NULL), EPMOE_ERR_INVALID_ARG);
+    idx64[3] = INT64_MIN;
+    CHECK_STATUS(epmoe_dispatch(ep, &bad, EPMOE_PHASE_BOTH, &h, NULL), EPMOE_ERR_INVALID_ARG);
+    CHECK(strstr(epmoe_last_error(), "topk_idx[1][1] = -9223372036854775808") != NULL, "message: %s", epmoe_last_error());
     uint16_t eo[4 * 4 * 128] = {0}, out[4 * 128];
     epmoe_combine_args ca = {eo, wt, out};
+    CHECK_STATUS(epmoe_combine(NULL, 1, &ca, EPMOE_PHASE_BOTH, NULL), EPMOE_ERR_NULL_POINTER);
+    CHECK_STATUS(epmoe_combine(ep, 1, NULL, EPMOE_PHASE_BOTH, NULL), EPMOE_ERR_NULL_POINTER);
+    CHECK_STATUS(epmoe_combine(ep, 0, &ca, EPMOE_PHASE_BOTH, NULL), EPMOE_ERR_INVALID_ARG); /* never a handle */
+    CHECK_STATUS(epmoe_combine(ep, 1, &ca, (epmoe_phase)0, NULL), EPMOE_ERR_INVALID_ARG);
+    CHECK(strstr(epmoe_last_error(), "phase 0") != NULL, "message: %s", epmoe_last_error());
+    CHECK_STATUS(epmoe_combine(ep, 1, &ca, (epmoe_phase)4, NULL), EPMOE_ERR_INVALID_ARG);
+    CHECK_STATUS(epmoe_combine(ep, 1, &ca, (epmoe_phase)-1, NULL), EPMOE_ERR_INVALID_ARG);
     CHECK_STATUS(epmoe_combine(ep, 1, &ca, EPMOE_PHASE_BOTH, NULL), EPMOE_ERR_INVALID_ARG); /* no dispatch yet */
     CHECK_STATUS(epmoe_dispatch(ep, &a, EPMOE_PHASE_SEND, &h, NULL), EPMOE_OK);
     uint32_t h2;
@@ -366,6 +423,20 @@ static void test_bad_args(void) {
     CHECK_STATUS(epmoe_combine(ep, h, &ca, EPMOE_PHASE_RECV, NULL), EPMOE_OK);
     CHECK_STATUS(epmoe_ep_set_active_ranks(ep, act), EPMOE_OK);
     CHECK_STATUS(epmoe_ep_destroy(ep), EPMOE_OK);
+    { /* a per-tensor requant scale is a receive option of the FP8 wire: refused on a BF16-wire group */
+        epmoe_ep_config cb16 = c;
+        cb16.wire = EPMOE_WIRE_BF16;
+        epmoe_ep *bf = NULL;
+        CHECK_STATUS(epmoe_ep_create_cpu(w, &cb16, &bf), EPMOE_OK);
+        static uint16_t recv16[4 * 4 * 128];
+        const float rq = 0.05f;
+        epmoe_dispatch_args a16 = {x, idx, 32, wt, 4, recv16, NULL, masked, NULL, &rq};
+        CHECK_STATUS(epmoe_dispatch(bf, &a16, EPMOE_PHASE_BOTH, &h, NULL), EPMOE_ERR_INVALID_ARG);
+        CHECK(strstr(epmoe_last_error(), "requant_scale needs the FP8 wire") != NULL, "message: %s", epmoe_last_error());
+        a16.requant_scale = (const float *)(void *)(raw + 1);
+        CHECK_STATUS(epmoe_dispatch(bf, &a16, EPMOE_PHASE_BOTH, &h, NULL), EPMOE_ERR_INVALID_ARG);
+        CHECK_STATUS(epmoe_ep_destroy(bf), EPMOE_OK);
+    }
     CHECK_STATUS(epmoe_ep_create_nccl(NULL, &c, &ep), EPMOE_ERR_NULL_POINTER);
     if (!EPMOE_HAVE_NCCL) { /* the stub: the real one's argument checks, then UNSUPPORTED (never touches comm) */
         struct ncclComm *fake = (struct ncclComm *)(void *)raw;
@@ -419,6 +490,9 @@ static void test_bad_args(void) {
               "rank %d: create %d, mask %d, rejoin %d (want 0, 0, unsupported)", r, j[r].st, j[r].mask_st, j[r].rejoin_st);
     epmoe_cpu_world_destroy(w);
     CHECK_STATUS(epmoe_cpu_world_create(0, &w), EPMOE_ERR_INVALID_ARG);
+    CHECK_STATUS(epmoe_cpu_world_create(1, NULL), EPMOE_ERR_NULL_POINTER);
+    CHECK_STATUS(epmoe_cpu_world_create(1025, &w), EPMOE_ERR_INVALID_ARG); /* at most 1024 threads-as-ranks */
+    CHECK(strstr(epmoe_last_error(), "1024") != NULL, "message: %s", epmoe_last_error());
 }
 
 /* The references check what the backends check, before writing anything. */
@@ -461,6 +535,23 @@ static void test_ref_args(void) {
     CHECK(masked[0] == 0 && masked[3] == 0, "no tokens, no rows");
     T[0] = 4, xs[0] = x, wts[0] = NULL;
     CHECK_STATUS(epmoe_ep_combine_ref(&c, eos, ids, wts, T, NULL, outs), EPMOE_ERR_NULL_POINTER);
+    wts[0] = wt;
+    /* NULL config, and NULL outer arrays (the per-rank pointer arrays themselves) */
+    CHECK_STATUS(epmoe_ep_dispatch_ref(NULL, xs, ids, T, NULL, rx, rs, mm, si), EPMOE_ERR_NULL_POINTER);
+    CHECK_STATUS(epmoe_ep_combine_ref(NULL, eos, ids, wts, T, NULL, outs), EPMOE_ERR_NULL_POINTER);
+    CHECK_STATUS(epmoe_ep_dispatch_ref(&c, NULL, ids, T, NULL, rx, rs, mm, si), EPMOE_ERR_NULL_POINTER);
+    CHECK_STATUS(epmoe_ep_dispatch_ref(&c, xs, NULL, T, NULL, rx, rs, mm, si), EPMOE_ERR_NULL_POINTER);
+    CHECK_STATUS(epmoe_ep_dispatch_ref(&c, xs, ids, NULL, NULL, rx, rs, mm, si), EPMOE_ERR_NULL_POINTER);
+    CHECK_STATUS(epmoe_ep_dispatch_ref(&c, xs, ids, T, NULL, NULL, rs, mm, si), EPMOE_ERR_NULL_POINTER);
+    CHECK_STATUS(epmoe_ep_dispatch_ref(&c, xs, ids, T, NULL, rx, rs, NULL, si), EPMOE_ERR_NULL_POINTER);
+    CHECK_STATUS(epmoe_ep_combine_ref(&c, NULL, ids, wts, T, NULL, outs), EPMOE_ERR_NULL_POINTER);
+    CHECK_STATUS(epmoe_ep_combine_ref(&c, eos, NULL, wts, T, NULL, outs), EPMOE_ERR_NULL_POINTER);
+    CHECK_STATUS(epmoe_ep_combine_ref(&c, eos, ids, NULL, T, NULL, outs), EPMOE_ERR_NULL_POINTER);
+    CHECK_STATUS(epmoe_ep_combine_ref(&c, eos, ids, wts, NULL, NULL, outs), EPMOE_ERR_NULL_POINTER);
+    CHECK_STATUS(epmoe_ep_combine_ref(&c, eos, ids, wts, T, NULL, NULL), EPMOE_ERR_NULL_POINTER);
+    /* the valid call still works after all that */
+    CHECK_STATUS(epmoe_ep_dispatch_ref(&c, xs, ids, T, NULL, rx, rs, mm, si), EPMOE_OK);
+    CHECK_STATUS(epmoe_ep_combine_ref(&c, eos, ids, wts, T, NULL, outs), EPMOE_OK);
 }
 
 /* A healthy group whose peer never comes to the teardown: destroy waits timeout_ms, frees the ep

@@ -195,6 +195,9 @@ static void test_int4(void) {
     CHECK_STATUS(epmoe_int4_pack((const int8_t *)both, 4, both + 1), EPMOE_ERR_INVALID_ARG);
     CHECK_STATUS(epmoe_int4_unpack(both, 2, (int8_t *)both + 2), EPMOE_OK); /* adjacent, not overlapping */
     CHECK_STATUS(epmoe_int4_unpack(p, 2, NULL), EPMOE_ERR_NULL_POINTER);
+    CHECK_STATUS(epmoe_int4_unpack(NULL, 2, back), EPMOE_ERR_NULL_POINTER);
+    CHECK_STATUS(epmoe_int4_unpack(p, 3, back), EPMOE_ERR_INVALID_ARG); /* odd n: half a byte */
+    CHECK(strstr(epmoe_last_error(), "even") != NULL, "message: %s", epmoe_last_error());
     CHECK_STATUS(epmoe_int4_pack(NULL, 0, NULL), EPMOE_OK);
 }
 

@@ -283,6 +283,13 @@ static void test_schemes_and_args(void) {
     w.w2.qweight = NULL;
     CHECK_STATUS(epmoe_layer_create(ep, &c.lc, &w, &layer), EPMOE_ERR_NULL_POINTER);
     CHECK_STATUS(epmoe_layer_create(NULL, &c.lc, &c.hw[0], &layer), EPMOE_ERR_NULL_POINTER);
+    CHECK_STATUS(epmoe_layer_create(ep, NULL, &c.hw[0], &layer), EPMOE_ERR_NULL_POINTER);
+    CHECK_STATUS(epmoe_layer_create(ep, &c.lc, NULL, &layer), EPMOE_ERR_NULL_POINTER);
+    CHECK_STATUS(epmoe_layer_create(ep, &c.lc, &c.hw[0], NULL), EPMOE_ERR_NULL_POINTER);
+    lc = c.lc;
+    lc.expected_m = -1;
+    CHECK_STATUS(epmoe_layer_create(ep, &lc, &c.hw[0], &layer), EPMOE_ERR_INVALID_ARG);
+    CHECK(strstr(epmoe_last_error(), "expected_m") != NULL, "message: %s", epmoe_last_error());
     CHECK(layer == NULL, "a failed create leaves *layer NULL");
 
     /* bf16 and w4a16 experts on an FP8-wire group: refused, whatever their weights */
@@ -354,6 +361,45 @@ static void test_schemes_and_args(void) {
     CHECK_STATUS(epmoe_layer_create(ep, &c.lc, &c.hw[0], &layer), EPMOE_OK);
     CHECK(epmoe_layer_bytes(layer) > 0, "the layer reports its buffers");
     uint16_t out[9 * 256];
+    { /* the phased forward's own checks, all before anything is sent */
+        uint32_t h = 0;
+        const uint16_t *x0 = c.x[0];
+        const int32_t *i0 = c.topk[0];
+        const float *w0 = c.tw[0];
+        /* EXPERTS or RECV of a forward whose SEND never ran */
+        CHECK_STATUS(epmoe_layer_forward_phase(layer, x0, i0, 32, w0, 3, out, EPMOE_LAYER_EXPERTS, &h, NULL),
+                     EPMOE_ERR_INVALID_ARG);
+        CHECK_STATUS(epmoe_layer_forward_phase(layer, x0, i0, 32, w0, 3, out, EPMOE_LAYER_RECV, &h, NULL),
+                     EPMOE_ERR_INVALID_ARG);
+        CHECK(strstr(epmoe_last_error(), "SEND had") == NULL, "no SEND to compare with: %s", epmoe_last_error());
+        CHECK_STATUS(epmoe_layer_forward_phase(layer, x0, i0, 32, w0, 0, out, EPMOE_LAYER_RECV, &h, NULL),
+                     EPMOE_ERR_INVALID_ARG);
+        CHECK_STATUS(epmoe_layer_forward_phase(layer, x0, i0, 32, w0, 3, out, EPMOE_LAYER_EXPERTS | EPMOE_LAYER_RECV, &h,
+                                               NULL),
+                     EPMOE_ERR_INVALID_ARG);
+        CHECK_STATUS(epmoe_layer_forward_phase(NULL, x0, i0, 32, w0, 3, out, EPMOE_LAYER_ALL, &h, NULL),
+                     EPMOE_ERR_NULL_POINTER);
+        CHECK_STATUS(epmoe_layer_forward_phase(layer, x0, i0, 32, w0, 3, out, EPMOE_LAYER_ALL, NULL, NULL),
+                     EPMOE_ERR_NULL_POINTER);
+        const int bad_phases[3] = {0, 8, -1};
+        for (int i = 0; i < 3; i++) {
+            CHECK_STATUS(epmoe_layer_forward_phase(layer, x0, i0, 32, w0, 3, out, bad_phases[i], &h, NULL),
+                         EPMOE_ERR_INVALID_ARG);
+            CHECK(strstr(epmoe_last_error(), "phases") != NULL, "phases %d: %s", bad_phases[i], epmoe_last_error());
+        }
+        CHECK_STATUS(epmoe_layer_forward_phase(layer, x0, i0, 32, w0, -1, out, EPMOE_LAYER_ALL, &h, NULL),
+                     EPMOE_ERR_INVALID_ARG);
+        CHECK_STATUS(epmoe_layer_forward_phase(layer, x0, i0, 16, w0, 3, out, EPMOE_LAYER_ALL, &h, NULL),
+                     EPMOE_ERR_INVALID_ARG);
+        CHECK_STATUS(epmoe_layer_forward_phase(layer, (const uint16_t *)(const void *)((const char *)x0 + 1), i0, 32, w0,
+                                               3, out, EPMOE_LAYER_ALL, &h, NULL),
+                     EPMOE_ERR_MISALIGNED);
+        CHECK(strstr(epmoe_last_error(), "x =") != NULL, "message: %s", epmoe_last_error());
+        CHECK_STATUS(epmoe_layer_forward_phase(layer, x0, i0, 32, w0, 3, (uint16_t *)(void *)((char *)out + 1),
+                                               EPMOE_LAYER_ALL, &h, NULL),
+                     EPMOE_ERR_MISALIGNED);
+        CHECK(strstr(epmoe_last_error(), "out =") != NULL, "message: %s", epmoe_last_error());
+    }
     CHECK_STATUS(epmoe_layer_forward(layer, c.x[0], c.topk[0], 32, NULL, 3, out, NULL), EPMOE_ERR_NULL_POINTER);
     CHECK_STATUS(epmoe_layer_forward(layer, c.x[0], c.topk[0], 32, c.tw[0], 3, NULL, NULL), EPMOE_ERR_NULL_POINTER);
     /* those were refused before the dispatch: the group still works, also with an empty batch */
@@ -366,6 +412,42 @@ static void test_schemes_and_args(void) {
     epmoe_layer_destroy(NULL);
     epmoe_ep_destroy(ep);
     epmoe_cpu_world_destroy(world);
+
+    /* the reference: NULL arguments, and what the layer and the group would refuse */
+    {
+        const uint16_t *xs[1] = {c.x[0]};
+        const int32_t *ids[1] = {c.topk[0]};
+        const float *ws[1] = {c.tw[0]};
+        uint16_t *outs[1] = {out};
+        CHECK_STATUS(epmoe_layer_ref(&c.ec, &c.lc, c.hw, xs, ids, ws, c.T, outs), EPMOE_OK);
+        CHECK_STATUS(epmoe_layer_ref(NULL, &c.lc, c.hw, xs, ids, ws, c.T, outs), EPMOE_ERR_NULL_POINTER);
+        CHECK_STATUS(epmoe_layer_ref(&c.ec, NULL, c.hw, xs, ids, ws, c.T, outs), EPMOE_ERR_NULL_POINTER);
+        CHECK_STATUS(epmoe_layer_ref(&c.ec, &c.lc, NULL, xs, ids, ws, c.T, outs), EPMOE_ERR_NULL_POINTER);
+        CHECK_STATUS(epmoe_layer_ref(&c.ec, &c.lc, c.hw, NULL, ids, ws, c.T, outs), EPMOE_ERR_NULL_POINTER);
+        CHECK_STATUS(epmoe_layer_ref(&c.ec, &c.lc, c.hw, xs, NULL, ws, c.T, outs), EPMOE_ERR_NULL_POINTER);
+        CHECK_STATUS(epmoe_layer_ref(&c.ec, &c.lc, c.hw, xs, ids, NULL, c.T, outs), EPMOE_ERR_NULL_POINTER);
+        CHECK_STATUS(epmoe_layer_ref(&c.ec, &c.lc, c.hw, xs, ids, ws, NULL, outs), EPMOE_ERR_NULL_POINTER);
+        CHECK_STATUS(epmoe_layer_ref(&c.ec, &c.lc, c.hw, xs, ids, ws, c.T, NULL), EPMOE_ERR_NULL_POINTER);
+        epmoe_ep_config ec = c.ec;
+        ec.hidden = 100; /* not a multiple of 128 */
+        CHECK_STATUS(epmoe_layer_ref(&ec, &c.lc, c.hw, xs, ids, ws, c.T, outs), EPMOE_ERR_INVALID_ARG);
+        ec = c.ec, ec.num_experts = 8; /* the weights hold 4 local experts */
+        CHECK_STATUS(epmoe_layer_ref(&ec, &c.lc, c.hw, xs, ids, ws, c.T, outs), EPMOE_ERR_INVALID_ARG);
+        ec = c.ec, ec.size = 8; /* a config of another ABI */
+        CHECK_STATUS(epmoe_layer_ref(&ec, &c.lc, c.hw, xs, ids, ws, c.T, outs), EPMOE_ERR_INVALID_ARG);
+        lc = c.lc, lc.intermediate = 256; /* the weights are for I = 128 */
+        CHECK_STATUS(epmoe_layer_ref(&c.ec, &lc, c.hw, xs, ids, ws, c.T, outs), EPMOE_ERR_INVALID_ARG);
+        lc = c.lc, lc.expected_m = -1;
+        CHECK_STATUS(epmoe_layer_ref(&c.ec, &lc, c.hw, xs, ids, ws, c.T, outs), EPMOE_ERR_INVALID_ARG);
+        int T[1] = {c.ec.max_tokens + 1};
+        CHECK_STATUS(epmoe_layer_ref(&c.ec, &c.lc, c.hw, xs, ids, ws, T, outs), EPMOE_ERR_INVALID_ARG);
+        T[0] = -1;
+        CHECK_STATUS(epmoe_layer_ref(&c.ec, &c.lc, c.hw, xs, ids, ws, T, outs), EPMOE_ERR_INVALID_ARG);
+        const int32_t bad_ids[3] = {0, 4, 1}; /* 4 == E */
+        const int32_t *bids[1] = {bad_ids};
+        T[0] = 1;
+        CHECK_STATUS(epmoe_layer_ref(&c.ec, &c.lc, c.hw, xs, bids, ws, T, outs), EPMOE_ERR_INVALID_ARG);
+    }
     layer_case_free(&c);
 }
 

@@ -269,9 +269,9 @@ static void test_requant_dequant(void) {
 #define EMPTY_OK (EPMOE_HAVE_CUDA ? EPMOE_OK : EPMOE_ERR_UNSUPPORTED)
 
 static void test_bad_args(void) {
-    uint16_t x[256] = {0};
-    uint8_t q[256], y[256];
-    float s[4] = {1, 1, 1, 1};
+    _Alignas(16) uint16_t x[256] = {0}; /* 16-byte aligned: the misaligned cases below name the pointer they break */
+    _Alignas(16) uint8_t q[256], y[256];
+    _Alignas(16) float s[4] = {1, 1, 1, 1};
     int32_t m[2] = {1, 1};
     const epmoe_scale_fmt F = EPMOE_SCALE_F32_ROW;
     /* Each case runs against the reference and the GPU entry (which checks before any GPU work). */
@@ -308,6 +308,14 @@ static void test_bad_args(void) {
     CHECK_STATUS(epmoe_cast_tensor_fp8_cuda(x, 16, s, (uint8_t *)x, NULL), EPMOE_ERR_INVALID_ARG);
     CHECK_STATUS(epmoe_cast_tensor_fp8_ref(NULL, 0, NULL, NULL), EPMOE_OK);
     CHECK_STATUS(epmoe_cast_tensor_fp8_cuda(NULL, 0, NULL, NULL, NULL), EMPTY_OK);
+    CHECK_STATUS(epmoe_cast_tensor_fp8_ref(x, 4, s, NULL), EPMOE_ERR_NULL_POINTER);
+    CHECK(strstr(epmoe_last_error(), "q is NULL") != NULL, "message: %s", epmoe_last_error());
+    CHECK_STATUS(epmoe_cast_tensor_fp8_ref(x, (INT64_C(1) << 46) + 1, s, q), EPMOE_ERR_INVALID_ARG); /* past the bound */
+    CHECK_STATUS(epmoe_cast_tensor_fp8_cuda(x, (INT64_C(1) << 46) + 1, s, q, NULL), EPMOE_ERR_INVALID_ARG);
+    CHECK_STATUS(epmoe_cast_tensor_fp8_cuda((const uint16_t *)((char *)x + 2), 4, s, q, NULL), EPMOE_ERR_MISALIGNED);
+    CHECK(strstr(epmoe_last_error(), "x =") != NULL, "message: %s", epmoe_last_error());
+    CHECK_STATUS(epmoe_cast_tensor_fp8_cuda(x, 4, (const float *)(void *)((char *)s + 2), q, NULL), EPMOE_ERR_MISALIGNED);
+    CHECK(strstr(epmoe_last_error(), "scale =") != NULL, "message: %s", epmoe_last_error());
 
 #define BOTH_REQUANT(want, ...)                                                                                        \
     CHECK_STATUS(epmoe_requant_fp8_ref(__VA_ARGS__), want);                                                            \
@@ -325,6 +333,16 @@ static void test_bad_args(void) {
     CHECK_STATUS(epmoe_requant_fp8_cuda(NULL, NULL, F, NULL, 0, 1, 128, NULL, NULL, NULL), EMPTY_OK);
     CHECK_STATUS(epmoe_requant_fp8_cuda(q, s, F, m, 2, 1, 128, s, y + 8, NULL), EPMOE_ERR_MISALIGNED);
     CHECK_STATUS(epmoe_requant_fp8_cuda(q, s, F, (const int32_t *)((char *)m + 2), 2, 1, 128, s, y, NULL), EPMOE_ERR_MISALIGNED);
+    BOTH_REQUANT(EPMOE_ERR_NULL_POINTER, q, s, F, m, 2, 1, 128, s, NULL);
+    CHECK(strstr(epmoe_last_error(), "y is NULL") != NULL, "message: %s", epmoe_last_error());
+    BOTH_REQUANT(EPMOE_ERR_INVALID_ARG, q, s, F, m, 2, -1, 128, s, y);
+    CHECK_STATUS(epmoe_requant_fp8_cuda(q + 8, s, F, m, 1, 1, 128, s, y, NULL), EPMOE_ERR_MISALIGNED);
+    CHECK(strstr(epmoe_last_error(), "q =") != NULL, "message: %s", epmoe_last_error());
+    CHECK_STATUS(epmoe_requant_fp8_cuda(q, (char *)s + 2, F, m, 2, 1, 128, s, y, NULL), EPMOE_ERR_MISALIGNED);
+    CHECK(strstr(epmoe_last_error(), "scales =") != NULL, "message: %s", epmoe_last_error());
+    CHECK_STATUS(epmoe_requant_fp8_cuda(q, s, F, m, 2, 1, 128, (const float *)(void *)((char *)s + 1), y, NULL),
+                 EPMOE_ERR_MISALIGNED);
+    CHECK(strstr(epmoe_last_error(), "out_scale =") != NULL, "message: %s", epmoe_last_error());
 
 #define BOTH_DEQUANT(want, ...)                                                                                        \
     CHECK_STATUS(epmoe_dequant_fp8_ref(__VA_ARGS__), want);                                                            \
@@ -333,6 +351,14 @@ static void test_bad_args(void) {
     BOTH_DEQUANT(EPMOE_ERR_INVALID_ARG, q, s, F, NULL, 1, 1, 128, EPMOE_FP8_E4M3, yf);
     BOTH_DEQUANT(EPMOE_ERR_INVALID_ARG, q, s, F, NULL, 1, 1, 128, (epmoe_dtype)7, yf);
     BOTH_DEQUANT(EPMOE_ERR_NULL_POINTER, q, s, F, NULL, 1, 1, 128, EPMOE_F32, NULL);
+    BOTH_DEQUANT(EPMOE_ERR_NULL_POINTER, NULL, s, F, NULL, 1, 1, 128, EPMOE_F32, yf);
+    CHECK(strstr(epmoe_last_error(), "q is NULL") != NULL, "message: %s", epmoe_last_error());
+    BOTH_DEQUANT(EPMOE_ERR_NULL_POINTER, q, NULL, F, NULL, 1, 1, 128, EPMOE_F32, yf);
+    CHECK(strstr(epmoe_last_error(), "scales is NULL") != NULL, "message: %s", epmoe_last_error());
+    BOTH_DEQUANT(EPMOE_ERR_INVALID_ARG, q, s, F, NULL, 1, 1, 100, EPMOE_F32, yf);
+    BOTH_DEQUANT(EPMOE_ERR_INVALID_ARG, q, s, F, NULL, 1, 1, 0, EPMOE_F32, yf);
+    BOTH_DEQUANT(EPMOE_ERR_INVALID_ARG, q, s, (epmoe_scale_fmt)4, NULL, 1, 1, 128, EPMOE_F32, yf);
+    BOTH_DEQUANT(EPMOE_ERR_INVALID_ARG, q, s, F, NULL, -1, 1, 128, EPMOE_F32, yf);
     /* the reference stores y as its type: an element-misaligned y is refused there too */
     BOTH_DEQUANT(EPMOE_ERR_MISALIGNED, q, s, F, NULL, 1, 1, 128, EPMOE_F32, (char *)yf + 2);
     BOTH_DEQUANT(EPMOE_ERR_MISALIGNED, q, s, F, NULL, 1, 1, 128, EPMOE_BF16, (char *)yf + 1);

@@ -364,6 +364,26 @@ static void test_bad_args(void) {
     g.a_scales = (const uint8_t *)sa + 2;
     CHECK_STATUS(epmoe_w4a8_gemm_cuda(&g, NULL), EPMOE_ERR_MISALIGNED);
     CHECK_STATUS(epmoe_w4a8_gemm_ref(NULL), EPMOE_ERR_NULL_POINTER);
+    CHECK_STATUS(epmoe_w4a8_gemm_cuda(NULL, NULL), EPMOE_ERR_NULL_POINTER);
+    /* pointers read as their types, on the host too: 4-byte scalars and counts, 2-byte bf16 */
+    g = good;
+    g.a_scales = NULL, g.a_tensor_scale = (const float *)(const void *)((const char *)sa + 2); /* mode (b) */
+    CHECK_STATUS(epmoe_w4a8_gemm_ref(&g), EPMOE_ERR_MISALIGNED);
+    CHECK_STATUS(epmoe_w4a8_gemm_cuda(&g, NULL), EPMOE_ERR_MISALIGNED);
+    CHECK(strstr(epmoe_last_error(), "a_tensor_scale") != NULL, "message: %s", epmoe_last_error());
+    BAD(w.scales, (const uint16_t *)(const void *)((const char *)sw + 1), EPMOE_ERR_MISALIGNED);
+    CHECK(strstr(epmoe_last_error(), "scales =") != NULL, "message: %s", epmoe_last_error());
+    g = good;
+    g.w.scales = sw + 1; /* the GPU reads 16-byte vectors of them */
+    CHECK_STATUS(epmoe_w4a8_gemm_cuda(&g, NULL), EPMOE_ERR_MISALIGNED);
+    BAD(masked_m, (const int32_t *)(const void *)((const char *)masked + 2), EPMOE_ERR_MISALIGNED);
+    CHECK(strstr(epmoe_last_error(), "masked_m") != NULL, "message: %s", epmoe_last_error());
+    BAD(out, (uint16_t *)(void *)((char *)out + 1), EPMOE_ERR_MISALIGNED);
+    CHECK(strstr(epmoe_last_error(), "out =") != NULL, "message: %s", epmoe_last_error());
+    /* shapes past the per-expert bounds (E <= 4096, M <= 2^24) are refused by the reference too */
+    BAD(w.E, 4097, EPMOE_ERR_INVALID_ARG);
+    CHECK(strstr(epmoe_last_error(), "4096") != NULL, "the limit named: %s", epmoe_last_error());
+    BAD(M, (INT64_C(1) << 24) + 1, EPMOE_ERR_INVALID_ARG);
     /* the GPU kernel counts work items (expert x 128-row weight tile x 8-token tile) in 32 bits: 2^16
     ** experts x 2^14 token tiles x 2 weight tiles is refused before anything is read */
     g = good;
@@ -414,6 +434,48 @@ static void test_bad_args(void) {
     CHECK_STATUS(epmoe_w4a8_repack_size(2, 256, 384, &qb, &sb), EPMOE_OK);
     CHECK(qb == 2 * 256 * 384 / 2 && sb == 2 * 256 * 3 * 2, "repack_size %zu %zu", qb, sb); /* bf16 scales */
     CHECK_STATUS(epmoe_w4a8_repack_size(2, 256, 380, &qb, &sb), EPMOE_ERR_INVALID_ARG);
+    CHECK_STATUS(epmoe_w4a8_repack_size(2, 256, 384, NULL, &sb), EPMOE_ERR_NULL_POINTER);
+    CHECK_STATUS(epmoe_w4a8_repack_size(2, 256, 384, &qb, NULL), EPMOE_ERR_NULL_POINTER);
+    CHECK(strstr(epmoe_last_error(), "scale_bytes") != NULL, "message: %s", epmoe_last_error());
+    enc = EPMOE_W4_AUTO;
+    CHECK_STATUS(epmoe_w4a8_repack(cw, NULL, EPMOE_F32, 128, 1, 128, 128, rq, rs, &enc), EPMOE_ERR_NULL_POINTER);
+    CHECK(strstr(epmoe_last_error(), "ckpt_scales") != NULL, "message: %s", epmoe_last_error());
+    CHECK_STATUS(epmoe_w4a8_repack(cw, cs, EPMOE_F32, 128, 1, 128, 128, NULL, rs, &enc), EPMOE_ERR_NULL_POINTER);
+    CHECK(strstr(epmoe_last_error(), "qweight") != NULL, "message: %s", epmoe_last_error());
+    CHECK_STATUS(epmoe_w4a8_repack(cw, cs, EPMOE_F32, 128, 1, 128, 128, rq, NULL, &enc), EPMOE_ERR_NULL_POINTER);
+    CHECK(strstr(epmoe_last_error(), "scales is NULL") != NULL, "message: %s", epmoe_last_error());
+    CHECK_STATUS(epmoe_w4a8_repack(cw, cs, EPMOE_F32, 128, 1, 128, 128, rq, rs, NULL), EPMOE_ERR_NULL_POINTER);
+    CHECK(strstr(epmoe_last_error(), "encoding") != NULL, "message: %s", epmoe_last_error());
+    CHECK_STATUS(epmoe_w4a8_repack(cw, cs, EPMOE_F32, 128, -1, 128, 128, rq, rs, &enc), EPMOE_ERR_INVALID_ARG);
+
+    /* unpack: the weights as the GEMM checks them, then an index inside [E, N, K] */
+    const epmoe_w4a8_weights ugood = {2, 256, 256, EPMOE_W4_SYM7, qw, sw};
+    epmoe_w4a8_weights uw = ugood;
+    int uv;
+    float us;
+    CHECK_STATUS(epmoe_w4a8_unpack(&uw, 1, 255, 255, &uv, &us), EPMOE_OK);
+    CHECK_STATUS(epmoe_w4a8_unpack(NULL, 0, 0, 0, &uv, &us), EPMOE_ERR_NULL_POINTER);
+    CHECK_STATUS(epmoe_w4a8_unpack(&uw, 0, 0, 0, NULL, &us), EPMOE_ERR_NULL_POINTER);
+    CHECK(strstr(epmoe_last_error(), "value") != NULL, "message: %s", epmoe_last_error());
+    CHECK_STATUS(epmoe_w4a8_unpack(&uw, 0, 0, 0, &uv, NULL), EPMOE_ERR_NULL_POINTER);
+    CHECK(strstr(epmoe_last_error(), "scale is NULL") != NULL, "message: %s", epmoe_last_error());
+    uw.qweight = NULL;
+    CHECK_STATUS(epmoe_w4a8_unpack(&uw, 0, 0, 0, &uv, &us), EPMOE_ERR_NULL_POINTER);
+    uw = ugood, uw.scales = NULL;
+    CHECK_STATUS(epmoe_w4a8_unpack(&uw, 0, 0, 0, &uv, &us), EPMOE_ERR_NULL_POINTER);
+    uw = ugood;
+    CHECK_STATUS(epmoe_w4a8_unpack(&uw, 2, 0, 0, &uv, &us), EPMOE_ERR_INVALID_ARG);
+    CHECK(strstr(epmoe_last_error(), "outside") != NULL, "message: %s", epmoe_last_error());
+    CHECK_STATUS(epmoe_w4a8_unpack(&uw, -1, 0, 0, &uv, &us), EPMOE_ERR_INVALID_ARG);
+    CHECK_STATUS(epmoe_w4a8_unpack(&uw, 0, 256, 0, &uv, &us), EPMOE_ERR_INVALID_ARG);
+    CHECK_STATUS(epmoe_w4a8_unpack(&uw, 0, -1, 0, &uv, &us), EPMOE_ERR_INVALID_ARG);
+    CHECK_STATUS(epmoe_w4a8_unpack(&uw, 0, 0, 256, &uv, &us), EPMOE_ERR_INVALID_ARG);
+    CHECK_STATUS(epmoe_w4a8_unpack(&uw, 0, 0, -1, &uv, &us), EPMOE_ERR_INVALID_ARG);
+    uw.encoding = EPMOE_W4_AUTO; /* a repack input, never a stored encoding */
+    CHECK_STATUS(epmoe_w4a8_unpack(&uw, 0, 0, 0, &uv, &us), EPMOE_ERR_INVALID_ARG);
+    CHECK(strstr(epmoe_last_error(), "encoding") != NULL, "message: %s", epmoe_last_error());
+    uw = ugood, uw.E = 0; /* no experts: no index is inside */
+    CHECK_STATUS(epmoe_w4a8_unpack(&uw, 0, 0, 0, &uv, &us), EPMOE_ERR_INVALID_ARG);
 
     /* MLP: shape mismatch, workspace, mode (b) without the second scale */
     static _Alignas(256) uint8_t ws[1 << 16];
@@ -445,6 +507,33 @@ static void test_bad_args(void) {
     CHECK_STATUS(epmoe_w4a8_mlp_ref(&m), EPMOE_ERR_INVALID_ARG);
     CHECK_STATUS(epmoe_w4a8_mlp_cuda(&m, NULL), EPMOE_ERR_INVALID_ARG);
     CHECK(epmoe_w4a8_mlp_workspace(-1, 4, 256, 128) == 0, "negative E has no workspace");
+#define BAD_MLP(field, value, want)                                                                                    \
+    do {                                                                                                               \
+        m = mgood;                                                                                                     \
+        m.field = value;                                                                                               \
+        CHECK_STATUS(epmoe_w4a8_mlp_ref(&m), want);                                                                    \
+        CHECK_STATUS(epmoe_w4a8_mlp_cuda(&m, NULL), want);                                                             \
+    } while (0)
+    CHECK_STATUS(epmoe_w4a8_mlp_ref(NULL), EPMOE_ERR_NULL_POINTER);
+    CHECK_STATUS(epmoe_w4a8_mlp_cuda(NULL, NULL), EPMOE_ERR_NULL_POINTER);
+    BAD_MLP(a, NULL, EPMOE_ERR_NULL_POINTER);
+    BAD_MLP(masked_m, NULL, EPMOE_ERR_NULL_POINTER);
+    BAD_MLP(out, NULL, EPMOE_ERR_NULL_POINTER);
+    BAD_MLP(workspace, NULL, EPMOE_ERR_NULL_POINTER);
+    CHECK(strstr(epmoe_last_error(), "workspace is NULL") != NULL, "message: %s", epmoe_last_error());
+    BAD_MLP(M, -1, EPMOE_ERR_INVALID_ARG);
+    BAD_MLP(expected_m, -1, EPMOE_ERR_INVALID_ARG);
+    BAD_MLP(w13.encoding, EPMOE_W4_AUTO, EPMOE_ERR_INVALID_ARG);
+    BAD_MLP(w2.encoding, 2, EPMOE_ERR_INVALID_ARG);
+    CHECK(strstr(epmoe_last_error(), "w2 encoding") != NULL, "message: %s", epmoe_last_error());
+    BAD_MLP(a_scale_fmt, (epmoe_scale_fmt)4, EPMOE_ERR_INVALID_ARG);
+    /* per-tensor mode: the second scale is read as a float too */
+    m = mgood;
+    m.a_scales = NULL, m.a_tensor_scale = &one, m.a2_tensor_scale = (const float *)(const void *)((const char *)sa + 2);
+    CHECK_STATUS(epmoe_w4a8_mlp_ref(&m), EPMOE_ERR_MISALIGNED);
+    CHECK_STATUS(epmoe_w4a8_mlp_cuda(&m, NULL), EPMOE_ERR_MISALIGNED);
+    CHECK(strstr(epmoe_last_error(), "a2_tensor_scale") != NULL, "message: %s", epmoe_last_error());
+#undef BAD_MLP
 }
 
 int main(void) {
