@@ -322,13 +322,15 @@ static void test_bad_args(void) {
                                        NULL, out, 256, 1024, 0, NULL, 0};
     CHECK_STATUS(epmoe_w4a8_gemm_ref(&good), EPMOE_OK);
     epmoe_w4a8_gemm_args g;
-#define BAD(field, value, want)                                                                                        \
+/* var = good with one field changed, refused by fn##_ref and fn##_cuda with `want` */
+#define BAD_FIELD(fn, var, good, field, value, want)                                                                   \
     do {                                                                                                               \
-        g = good;                                                                                                      \
-        g.field = value;                                                                                               \
-        CHECK_STATUS(epmoe_w4a8_gemm_ref(&g), want);                                                                   \
-        CHECK_STATUS(epmoe_w4a8_gemm_cuda(&g, NULL), want);                                                            \
+        var = good;                                                                                                    \
+        var.field = value;                                                                                             \
+        CHECK_STATUS(fn##_ref(&var), want);                                                                            \
+        CHECK_STATUS(fn##_cuda(&var, NULL), want);                                                                     \
     } while (0)
+#define BAD(field, value, want) BAD_FIELD(epmoe_w4a8_gemm, g, good, field, value, want)
     BAD(w.N, 200, EPMOE_ERR_INVALID_ARG);
     BAD(w.N, 0, EPMOE_ERR_INVALID_ARG);
     BAD(w.K, 100, EPMOE_ERR_INVALID_ARG);
@@ -507,13 +509,7 @@ static void test_bad_args(void) {
     CHECK_STATUS(epmoe_w4a8_mlp_ref(&m), EPMOE_ERR_INVALID_ARG);
     CHECK_STATUS(epmoe_w4a8_mlp_cuda(&m, NULL), EPMOE_ERR_INVALID_ARG);
     CHECK(epmoe_w4a8_mlp_workspace(-1, 4, 256, 128) == 0, "negative E has no workspace");
-#define BAD_MLP(field, value, want)                                                                                    \
-    do {                                                                                                               \
-        m = mgood;                                                                                                     \
-        m.field = value;                                                                                               \
-        CHECK_STATUS(epmoe_w4a8_mlp_ref(&m), want);                                                                    \
-        CHECK_STATUS(epmoe_w4a8_mlp_cuda(&m, NULL), want);                                                             \
-    } while (0)
+#define BAD_MLP(field, value, want) BAD_FIELD(epmoe_w4a8_mlp, m, mgood, field, value, want)
     CHECK_STATUS(epmoe_w4a8_mlp_ref(NULL), EPMOE_ERR_NULL_POINTER);
     CHECK_STATUS(epmoe_w4a8_mlp_cuda(NULL, NULL), EPMOE_ERR_NULL_POINTER);
     BAD_MLP(a, NULL, EPMOE_ERR_NULL_POINTER);
@@ -534,6 +530,7 @@ static void test_bad_args(void) {
     CHECK_STATUS(epmoe_w4a8_mlp_cuda(&m, NULL), EPMOE_ERR_MISALIGNED);
     CHECK(strstr(epmoe_last_error(), "a2_tensor_scale") != NULL, "message: %s", epmoe_last_error());
 #undef BAD_MLP
+#undef BAD_FIELD
 }
 
 int main(void) {
