@@ -290,7 +290,7 @@ static void test_bad_args(void) {
     uint16_t x[5 * 128] = {0};
     int32_t idx[10] = {0, 1, 2, 3, 0, 1, 2, 3, 0, 1};
     float wt[10] = {1, 1, 1, 1, 1, 1, 1, 1, 1, 1};
-    uint8_t recv[4 * 4 * 128], sc[4 * 4 * 4];
+    _Alignas(16) uint8_t recv[4 * 4 * 128], sc[4 * 4 * 4];
     int32_t masked[4];
     uint32_t h = 0;
     epmoe_dispatch_args a = {x, idx, 32, wt, 4, recv, sc, masked, NULL, NULL};
@@ -328,6 +328,17 @@ static void test_bad_args(void) {
     CHECK_STATUS(epmoe_dispatch(ep, &bad, EPMOE_PHASE_BOTH, &h, NULL), EPMOE_ERR_MISALIGNED);
     bad = a, bad.recv_scales = raw + 3;
     CHECK_STATUS(epmoe_dispatch(ep, &bad, EPMOE_PHASE_BOTH, &h, NULL), EPMOE_ERR_MISALIGNED);
+    /* the receive buffers apart from each other and from the tokens: refused before anything is sent */
+    bad = a, bad.masked_m = (int32_t *)(void *)(recv + 256);
+    CHECK_STATUS(epmoe_dispatch(ep, &bad, EPMOE_PHASE_BOTH, &h, NULL), EPMOE_ERR_INVALID_ARG);
+    CHECK(strstr(epmoe_last_error(), "recv_x overlaps masked_m") != NULL, "message: %s", epmoe_last_error());
+    bad = a, bad.recv_scales = recv + 64;
+    CHECK_STATUS(epmoe_dispatch(ep, &bad, EPMOE_PHASE_BOTH, &h, NULL), EPMOE_ERR_INVALID_ARG);
+    bad = a, bad.x = (const uint16_t *)(void *)recv;
+    CHECK_STATUS(epmoe_dispatch(ep, &bad, EPMOE_PHASE_BOTH, &h, NULL), EPMOE_ERR_INVALID_ARG);
+    CHECK(strstr(epmoe_last_error(), "recv_x overlaps x") != NULL, "message: %s", epmoe_last_error());
+    bad = a, bad.recv_src_info = masked;
+    CHECK_STATUS(epmoe_dispatch(ep, &bad, EPMOE_PHASE_BOTH, &h, NULL), EPMOE_ERR_INVALID_ARG);
     bad = a, bad.requant_scale = (const float *)(void *)(raw + 1);
     CHECK_STATUS(epmoe_dispatch(ep, &bad, EPMOE_PHASE_BOTH, &h, NULL), EPMOE_ERR_MISALIGNED);
     CHECK(strstr(epmoe_last_error(), "requant_scale") != NULL, "message: %s", epmoe_last_error());

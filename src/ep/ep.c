@@ -259,6 +259,19 @@ static epmoe_status check_dispatch_args(const char *fn, const epmoe_ep *ep, cons
         EPMOE_CHECK(check_align(fn, a->masked_m, 4, "masked_m"));
         EPMOE_CHECK(check_align(fn, a->recv_src_info, 4, "recv_src_info"));
         EPMOE_CHECK(check_align(fn, a->requant_scale, 4, "requant_scale"));
+        /* the receive half writes all four: no byte of one may be another's (or the tokens' it reads) */
+        const ep_dims *d = &ep->d;
+        const size_t rows = (size_t)d->L * (size_t)d->R * (size_t)d->N;
+        const struct { const void *p; size_t n; const char *name; } o[4] = {
+            {a->recv_x, rows * (size_t)d->H * (d->fp8 ? 1u : 2u), "recv_x"},
+            {a->recv_scales, d->fp8 && !a->requant_scale ? (size_t)d->L * epmoe_scale_bytes(c->scale_fmt, (int64_t)d->R * d->N, d->H) : 0,
+             "recv_scales"},
+            {a->masked_m, (size_t)d->L * 4, "masked_m"},
+            {a->recv_src_info, a->recv_src_info ? rows * 4 : 0, "recv_src_info"}};
+        for (int i = 0; i < 4; i++) {
+            for (int j = i + 1; j < 4; j++) EPMOE_CHECK(epmoe__need_apart(fn, o[i].p, o[i].n, o[i].name, o[j].p, o[j].n, o[j].name));
+            if (send) EPMOE_CHECK(epmoe__need_apart(fn, o[i].p, o[i].n, o[i].name, a->x, (size_t)a->num_tokens * (size_t)d->H * 2, "x"));
+        }
     }
     return EPMOE_OK;
 }
