@@ -183,7 +183,8 @@ typedef enum epmoe_w4_encoding {
 ** _cuda, on the host for _ref. */
 typedef struct epmoe_w4a8_weights {
     int64_t E, N, K;
-    int encoding;          /* EPMOE_W4_SYM7 or EPMOE_W4_FULL, as returned by the repack */
+    int encoding;          /* EPMOE_W4_SYM7 or EPMOE_W4_FULL, as returned by the repack (trusted: another
+                              value than the repack's gives wrong results, not an error) */
     const void *qweight;   /* epmoe_w4a8_repack_size() qweight_bytes, 16-byte aligned */
     const uint16_t *scales; /* bf16 bits [E, K/128, N] = bf16(checkpoint scale * 512), round to nearest
                                even, 16-byte aligned. Exact for bf16 checkpoints (512 is a power of two);

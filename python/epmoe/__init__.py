@@ -25,7 +25,8 @@ from .ep import (REDUCE_AT_EXPERT, REDUCE_AT_OWNER, WIRE_BF16, WIRE_FP8, CpuWorl
 from .formats import (BF16, F32, FP8_E4M3, FP8_E4M3_MAX, GROUP, SCALE_F32_MMAJOR, SCALE_F32_ROW, SCALE_UE8M0_MMAJOR,
                       SCALE_UE8M0_ROW, bf16_from_float, bf16_to_float, cast_group_fp8, cast_tensor_fp8,
                       cuda_available, dequant_fp8, fp8_from_float, fp8_to_float, int4_pack, int4_unpack,
-                      requant_fp8, scale_bytes, scale_offset, scale_shape, ue8m0_from_float, ue8m0_to_float)
+                      requant_fp8, scale_bytes, scale_dtypes, scale_offset, scale_shape, ue8m0_from_float,
+                      ue8m0_to_float)
 from . import w4a8  # noqa: E402
 from .w4a8 import W4A8Weights  # noqa: E402
 from . import experts  # noqa: E402
@@ -52,6 +53,7 @@ __all__ = [
     "SCALE_F32_ROW", "SCALE_F32_MMAJOR", "SCALE_UE8M0_ROW", "SCALE_UE8M0_MMAJOR", "F32", "BF16", "FP8_E4M3", "GROUP",
     "FP8_E4M3_MAX", "cuda_available", "fp8_from_float", "fp8_to_float", "bf16_from_float", "bf16_to_float",
     "ue8m0_from_float", "ue8m0_to_float", "int4_pack", "int4_unpack", "scale_bytes", "scale_offset", "scale_shape",
+    "scale_dtypes",
     "cast_group_fp8", "cast_tensor_fp8", "requant_fp8", "dequant_fp8",
     "EpConfig", "EpLayout", "EpGroup", "Dispatch", "CpuWorld", "layout_query", "dispatch_ref", "combine_ref",
     "WIRE_BF16", "WIRE_FP8", "REDUCE_AT_OWNER", "REDUCE_AT_EXPERT", "nccl", "deep_ep",

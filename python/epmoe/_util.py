@@ -4,11 +4,12 @@ import contextlib
 import ctypes
 import operator
 import sys
+import threading
 
 import numpy as np
 
 from . import _lib
-from .dlpack import CPU, CUDA, DLPackError, Tensor, as_tensor, current_raw_stream, dtype, require_contiguous
+from .dlpack import CPU, CUDA, DLPackError, Tensor, _is_capsule, as_tensor, current_raw_stream, dtype, require_contiguous
 
 
 def cint(value, name, ctype=ctypes.c_int):
@@ -26,8 +27,43 @@ def cint(value, name, ctype=ctypes.c_int):
 
 
 def i64s(**values):
-    """int64_t arguments (int() of each, as the callers always took them), in order, range-checked."""
-    return [cint(int(v), n, ctypes.c_int64) for n, v in values.items()]
+    """int64_t arguments, in order: integers (a float such as 4.7 is refused, not truncated), range-checked."""
+    return [cint(v, n, ctypes.c_int64) for n, v in values.items()]
+
+
+class InUse:
+    """The calls of several threads into the library on one object (an EP group, a layer), so that
+    close() from one thread never frees what another's call still uses: call() counts a call in (and
+    refuses one on a closed object), close() marks the object closed and waits for the calls inside
+    to return. A collective call waiting for peers returns at its timeout at the latest."""
+
+    def __init__(self, what):
+        self._what = what
+        self._cv = threading.Condition()
+        self._inside = 0
+        self._closed = False
+
+    @contextlib.contextmanager
+    def call(self):
+        with self._cv:
+            if self._closed:
+                raise _lib.error(_lib.ERR_INVALID_ARG, f"{self._what} is closed")
+            self._inside += 1
+        try:
+            yield
+        finally:
+            with self._cv:
+                self._inside -= 1
+                if not self._inside:
+                    self._cv.notify_all()
+
+    def close(self):
+        """Refuse new calls, wait for the ones inside; True the first time."""
+        with self._cv:
+            first, self._closed = not self._closed, True
+            while self._inside:
+                self._cv.wait()
+        return first
 
 
 def torch_or_none():
@@ -124,6 +160,8 @@ def arg(obj, name, dtypes, *, ndim=None, stream=None, allow_none=False, contiguo
         raise ValueError(f"{name}: expected {ndim} dimensions, got shape {t.shape}")
     if contiguous:
         require_contiguous(t, name)
+    if t.size and not t.data_ptr:  # a producer's malformed tensor: the library would dereference NULL
+        raise DLPackError(f"{name}: {t.size} elements at a NULL data pointer")
     return t
 
 
@@ -161,11 +199,20 @@ def empty(shape, dt, like, *, zero=False, stream=None):
     return tt, Tensor(tt.data_ptr(), shape, dt, (CUDA, like.device[1]), None, False, tt, tt)
 
 
+def _caller_buffer(out, name):
+    """A caller's output must share memory with what the call writes: a tensor (DLPack), never a list
+    or scalar that would first be copied into a temporary array (the results would be lost in it)."""
+    if not (isinstance(out, Tensor) or hasattr(out, "__dlpack__") or _is_capsule(out)):
+        raise TypeError(f"{name}: must be a tensor the call can write into (numpy array, torch tensor, any "
+                        f"DLPack object), got {type(out).__name__}")
+
+
 def output(out, name, shape, dtypes, like, *, stream=None, zero=False):
     """The caller's `out` checked against what the call writes, or a new tensor.
     Returns (object to hand back, Tensor)."""
     if out is None:
         return empty(shape, dtypes[0], like, zero=zero, stream=stream)
+    _caller_buffer(out, name)
     t = arg(out, name, dtypes, stream=stream)
     if t.shape != tuple(shape):
         raise ValueError(f"{name}: expected shape {tuple(shape)}, got {t.shape}")
@@ -173,12 +220,13 @@ def output(out, name, shape, dtypes, like, *, stream=None, zero=False):
     return out, t
 
 
-def raw_output(out, name, nbytes, like, *, stream=None, shape=None, dt=None, zero=False):
+def raw_output(out, name, nbytes, like, *, stream=None, shape=None, dt=None, zero=False, dtypes=()):
     """A buffer whose layout the library defines (scale slabs): the caller's may be any contiguous
-    tensor of at least nbytes; a new one gets `shape` and `dt`."""
+    tensor of at least nbytes (of `dtypes`, where given); a new one gets `shape` and `dt`."""
     if out is None:
         return empty(shape, dt, like, zero=zero, stream=stream)
-    t = arg(out, name, (), stream=stream)
+    _caller_buffer(out, name)
+    t = arg(out, name, dtypes, stream=stream)
     if t.nbytes < nbytes:
         raise ValueError(f"{name}: {t.nbytes} bytes, the call writes {nbytes}")
     writable(t, name, like)

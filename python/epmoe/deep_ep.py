@@ -288,7 +288,8 @@ class Buffer:
     def low_latency_combine(self, x, topk_idx, topk_weights, handle, use_logfmt=False, zero_copy=False,
                             async_finish=False, return_recv_hook=False, out=None, combine_wait_recv_cost_stats=None):
         """Returns (combined_x bf16 [T, H], event, hook); with return_recv_hook only the send half has
-        run and hook() completes combined_x."""
+        run and hook() completes combined_x. The routing is the dispatch's (the handle keeps it):
+        topk_idx is checked for its shape only, its values are not read again."""
         if use_logfmt:
             raise _unsupported("use_logfmt (LogFMT combine)")
         if combine_wait_recv_cost_stats is not None:

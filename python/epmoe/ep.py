@@ -20,9 +20,9 @@ import numpy as np
 
 from . import _lib
 from ._lib import check, lib
-from ._util import arg, cint, on_device, output, ptr, raw_output, same_device, stream_handle
+from ._util import InUse, arg, cint, on_device, output, ptr, raw_output, same_device, stream_handle
 from .dlpack import CPU, DLPackError, Tensor
-from .formats import SCALE_F32_MMAJOR, _fmt, scale_shape
+from .formats import SCALE_F32_MMAJOR, _fmt, scale_dtypes, scale_shape
 
 __all__ = ["EpConfig", "EpLayout", "EpGroup", "Dispatch", "CpuWorld", "layout_query", "dispatch_ref", "combine_ref",
            "WIRE_BF16", "WIRE_FP8", "REDUCE_AT_OWNER", "REDUCE_AT_EXPERT", "MAX_TOPK"]
@@ -218,6 +218,7 @@ class EpGroup:
 
     def __init__(self, handle, config, *, world=None, comm=None, device=(CPU, 0)):
         self._ep = ctypes.c_void_p(handle)
+        self._use = InUse("this EP group")  # close() waits for the calls of other threads to return
         self.config = config
         self.layout = layout_query(config)
         self.device = device
@@ -242,8 +243,8 @@ class EpGroup:
     @property
     def backend(self):
         """"cpu" or "nccl_lsa"."""
-        self._live()
-        return _BACKENDS.get(lib.epmoe_ep_backend(self._ep), "unknown")
+        with self._use.call():
+            return _BACKENDS.get(lib.epmoe_ep_backend(self._ep), "unknown")
 
     @property
     def closed(self):
@@ -259,7 +260,10 @@ class EpGroup:
 
     # -- lifetime
     def close(self):
-        """Collective teardown (all ranks call it). A group that timed out leaves without waiting."""
+        """Collective teardown (all ranks call it). A group that timed out leaves without waiting.
+        A call of another thread still inside the library on this group (a dispatch waiting for its
+        peers, a layer's forward) is waited for first: its memory goes with the group."""
+        self._use.close()
         for layer in list(self._layers):
             layer._destroy()  # even with a forward in flight: the ep goes too, nothing reaches its buffers after
         with self._lock:
@@ -303,15 +307,16 @@ class EpGroup:
     # -- control
     def set_active_ranks(self, active):
         """Mask ranks out (active[r] = 0) from the next dispatch on: same list on every live rank."""
-        self._live()
-        check(lib.epmoe_ep_set_active_ranks(self._ep, _active_flags(active, self.num_ranks, "set_active_ranks")))
+        flags = _active_flags(active, self.num_ranks, "set_active_ranks")
+        with self._use.call():
+            check(lib.epmoe_ep_set_active_ranks(self._ep, flags))
 
     def poll(self):
         """Raise the error the GPU kernels recorded without a host sync: a peer timed out (the group
         is failed; every later call raises it too), or an expert id outside [-1, E) in an earlier
         dispatch (raised here once; its slots went out as -1 and every rank's calls completed)."""
-        self._live()
-        check(lib.epmoe_ep_poll(self._ep))
+        with self._use.call():
+            check(lib.epmoe_ep_poll(self._ep))
 
     # -- checks shared by the calls
     def _inputs_on_device(self, tensors, what):
@@ -375,7 +380,7 @@ class EpGroup:
         d.num_tokens, d._weights = T, topk_weights
         d._keep.update(x=xt, topk_idx=it, topk_weights=wt, requant_scale=rq)
         handle = ctypes.c_uint32(0)
-        with on_device(self._like()):
+        with self._use.call(), on_device(self._like()):
             check(lib.epmoe_dispatch(self._ep, ctypes.byref(a), int(phase), ctypes.byref(handle), s))
         d.handle = handle.value
         d.received = bool(int(phase) & PHASE_RECV)
@@ -393,7 +398,7 @@ class EpGroup:
             raise _lib.error(_lib.ERR_INVALID_ARG, f"dispatch {d.handle} was already received")
         s = self._stream(stream)
         handle = ctypes.c_uint32(d.handle)
-        with on_device(self._like()):
+        with self._use.call(), on_device(self._like()):
             check(lib.epmoe_dispatch(self._ep, ctypes.byref(d._args), PHASE_RECV, ctypes.byref(handle), s))
         d.received = True
         return d
@@ -418,7 +423,7 @@ class EpGroup:
         if cfg.fp8 and not requant:
             shape, dt = scale_shape(cfg.scale_fmt, M, H)
             d.recv_scales, rs = raw_output(buffers.get("recv_scales"), "recv_scales", lay.recv_scales_bytes, like,
-                                           stream=s, shape=(L,) + shape, dt=dt)
+                                           stream=s, shape=(L,) + shape, dt=dt, dtypes=scale_dtypes(cfg.scale_fmt))
         d.masked_m, mm = output(buffers.get("masked_m"), "masked_m", (L,), ("int32",), like, stream=s)
         si = None
         if want_src or buffers.get("src_info") is not None:
@@ -461,7 +466,7 @@ class EpGroup:
         ca = _CombineArgsC(ptr(et), ptr(wt), ptr(ot))
         d._combine = (ca, et, wt, ot)  # the library reads/writes these until the receive half is done
         d.out = o
-        with on_device(like):
+        with self._use.call(), on_device(like):
             check(lib.epmoe_combine(self._ep, d.handle, ctypes.byref(ca), int(phase), s))
         if int(phase) & PHASE_RECV:
             d.combined = True
@@ -478,7 +483,7 @@ class EpGroup:
         if d._combine is None:
             raise _lib.error(_lib.ERR_INVALID_ARG, f"combine_recv: dispatch {d.handle} has no combine send")
         s = self._stream(stream)
-        with on_device(self._like()):
+        with self._use.call(), on_device(self._like()):
             check(lib.epmoe_combine(self._ep, d.handle, ctypes.byref(d._combine[0]), PHASE_RECV, s))
         d.combined = True
         return d.out
@@ -492,7 +497,7 @@ class CpuWorld:
     rank); closing it while groups are open is allowed: it goes when the last of them is closed."""
 
     def __init__(self, num_ranks):
-        self.num_ranks = cint(int(num_ranks), "num_ranks")
+        self.num_ranks = cint(num_ranks, "num_ranks")
         w = ctypes.c_void_p()
         check(lib.epmoe_cpu_world_create(self.num_ranks, ctypes.byref(w)))
         self._w = w
@@ -502,7 +507,7 @@ class CpuWorld:
         filled in from the world and `rank`."""
         if not self._w.value:
             raise _lib.error(_lib.ERR_INVALID_ARG, "this CpuWorld is closed")
-        cfg = _config(config, dict(overrides, num_ranks=self.num_ranks, rank=int(rank)))
+        cfg = _config(config, dict(overrides, num_ranks=self.num_ranks, rank=cint(rank, "rank")))
         c, ep = cfg._c(), ctypes.c_void_p()
         check(lib.epmoe_ep_create_cpu(self._w, ctypes.byref(c), ctypes.byref(ep)))
         return EpGroup(ep.value, cfg, world=self)
@@ -563,9 +568,18 @@ class CpuWorld:
 
 
 # ---- the single-process reference ----------------------------------------------------------------
+def _ref_config(config):
+    """A reference's config: given, and an EpConfig (there is no default group to check against)."""
+    if not isinstance(config, EpConfig):
+        raise TypeError(f"config must be an EpConfig, got {type(config).__name__}")
+    return config
+
+
 def _per_rank(items, n, name, dtypes, shape_of):
     """One host tensor per rank; shape_of(r) is rank r's shape, None where any size goes (the tokens
     of the first list, which sets them for the others)."""
+    if items is None or not hasattr(items, "__len__"):
+        raise TypeError(f"{name}: needs a sequence of one entry per rank ({n}), got {type(items).__name__}")
     if len(items) != n:
         raise ValueError(f"{name}: needs one entry per rank ({n}), got {len(items)}")
     ts = []
@@ -604,7 +618,7 @@ def dispatch_ref(config, xs, topk_idxs, *, active=None):
     """epmoe_ep_dispatch_ref: dispatch over all ranks in one call (the tests' oracle).
     xs[r] bf16 [T_r, H], topk_idxs[r] int32 [T_r, k]; returns one dict per rank with recv_x,
     recv_scales (FP8 wire), masked_m and src_info, laid out as EpGroup.dispatch gives them."""
-    cfg = config
+    cfg = _ref_config(config)
     R, L, M, H, k = cfg.num_ranks, cfg.local_experts, cfg.rows, cfg.hidden, cfg.top_k
     xt = _per_rank(xs, R, "xs", ("uint16", "bfloat16"), lambda r: (None, H))
     Ts, n_tok = _tokens(xt, "xs")
@@ -632,7 +646,7 @@ def dispatch_ref(config, xs, topk_idxs, *, active=None):
 def combine_ref(config, expert_outs, topk_idxs, topk_weights, *, active=None):
     """epmoe_ep_combine_ref: out[r][t] = sum_j w[r][t, j] * expert_out[owner][le][row(r, t, j)],
     fp32 in top-k order, bf16 out (uint16 bits) — one [T_r, H] array per rank."""
-    cfg = config
+    cfg = _ref_config(config)
     R, L, M, H, k = cfg.num_ranks, cfg.local_experts, cfg.rows, cfg.hidden, cfg.top_k
     et = _per_rank(expert_outs, R, "expert_outs", ("uint16", "bfloat16"), lambda r: (L, M, H))
     it = _per_rank(topk_idxs, R, "topk_idxs", ("int32",), lambda r: (None, k))

@@ -11,9 +11,11 @@ bit patterns; torch outputs carry torch.bfloat16 / torch.float8_e4m3fn. Inputs o
 may be either.
 """
 import ctypes
+import math
 
 import numpy as np
 
+from . import _lib
 from ._lib import check, lib
 from ._util import arg, cint, i64s, launch_stream, on_device, output, ptr, raw_output, same_device, torch_or_none
 from .dlpack import DLPackError, dtype
@@ -21,7 +23,7 @@ from .dlpack import DLPackError, dtype
 __all__ = ["SCALE_F32_ROW", "SCALE_F32_MMAJOR", "SCALE_UE8M0_ROW", "SCALE_UE8M0_MMAJOR", "F32", "BF16", "FP8_E4M3",
            "GROUP", "FP8_E4M3_MAX", "cuda_available",
            "fp8_from_float", "fp8_to_float", "bf16_from_float", "bf16_to_float", "ue8m0_from_float", "ue8m0_to_float",
-           "int4_pack", "int4_unpack", "scale_bytes", "scale_offset", "scale_shape",
+           "int4_pack", "int4_unpack", "scale_bytes", "scale_offset", "scale_shape", "scale_dtypes",
            "cast_group_fp8", "cast_tensor_fp8", "requant_fp8", "dequant_fp8"]
 
 SCALE_F32_ROW, SCALE_F32_MMAJOR, SCALE_UE8M0_ROW, SCALE_UE8M0_MMAJOR = 0, 1, 2, 3
@@ -57,11 +59,18 @@ def _host_only(t, what):
 
 
 def _convert(fn, x, out, in_dtypes, out_dtypes, what):
+    if x is None:
+        raise TypeError(f"{what}: x is required")
     if not hasattr(x, "__dlpack__") and not isinstance(x, np.ndarray):
         x = np.asarray(x, dtype=np.dtype(in_dtypes[0]))  # lists and scalars
     xt = arg(x, "x", in_dtypes)
     _host_only(xt, what)
     res, yt = output(out, "out", xt.shape, out_dtypes, xt)
+    # the row functions check nothing (they are the library's scalar primitives): in place would
+    # read what they already wrote
+    xa, ya = xt.data_ptr or 0, yt.data_ptr or 0
+    if xt.size and xa < ya + yt.nbytes and ya < xa + xt.nbytes:
+        raise _lib.error(_lib.ERR_INVALID_ARG, f"{what}: out overlaps x")
     fn(ptr(xt), ptr(yt), xt.size)
     return res
 
@@ -87,13 +96,17 @@ def bf16_to_float(x, out=None):
 
 
 def ue8m0_from_float(pow2_scale):
-    """A power-of-two scale -> its UE8M0 byte (the exponent field, as DeepEP stores it)."""
-    return int(lib.epmoe_ue8m0_from_float(float(pow2_scale)))
+    """A power-of-two scale -> its UE8M0 byte (the exponent field, as DeepEP stores it). Anything
+    else (3.0, 0, a negative) is refused: the C primitive would return the exponent field of it."""
+    v = float(pow2_scale)
+    if not math.isnan(v) and not (2.0 ** -127 <= v <= 2.0 ** 127 and math.frexp(v)[0] == 0.5):
+        raise ValueError(f"ue8m0_from_float: {pow2_scale!r} is not a power of two in [2^-127, 2^127] (or NaN)")
+    return int(lib.epmoe_ue8m0_from_float(v))
 
 
 def ue8m0_to_float(b):
     """A UE8M0 byte -> 2^(b-127); 0xFF is NaN."""
-    return float(lib.epmoe_ue8m0_to_float(cint(int(b), "ue8m0_to_float: b", ctypes.c_uint8)))
+    return float(lib.epmoe_ue8m0_to_float(cint(b, "ue8m0_to_float: b", ctypes.c_uint8)))
 
 
 def int4_pack(vals, out=None):
@@ -149,14 +162,28 @@ def scale_shape(scale_fmt, M, K):
     return shapes[fmt]
 
 
+def scale_dtypes(scale_fmt):
+    """The element types a buffer of scale_fmt's scales may have: float32 for the fp32 layouts; for
+    UE8M0, whose layouts are bytes, any 8- or 32-bit integer type (DeepEP's int32 words among them);
+    and uint8 for every layout, as the raw bytes of a slab. Anything else (float64 values, say)
+    would be read or written as other bits: refused."""
+    fmt = _fmt(scale_fmt)
+    if fmt in (SCALE_F32_ROW, SCALE_F32_MMAJOR):
+        return ("float32", "uint8")
+    if fmt in (SCALE_UE8M0_ROW, SCALE_UE8M0_MMAJOR):
+        return ("uint8", "int8", "int32", "uint32")
+    return ()  # not a format: the library's own check says so
+
+
 def _scales_out(scales, fmt, E, M, K, like, stream, *, batched):
     shape, dt = scale_shape(fmt, M, K)
     need = E * scale_bytes(fmt, M, K)
-    return raw_output(scales, "scales", need, like, stream=stream, shape=((E,) + shape) if batched else shape, dt=dt)
+    return raw_output(scales, "scales", need, like, stream=stream, shape=((E,) + shape) if batched else shape, dt=dt,
+                      dtypes=scale_dtypes(fmt))
 
 
 def _scales_in(scales, fmt, E, M, K, like, stream):
-    st = arg(scales, "scales", (), stream=stream)
+    st = arg(scales, "scales", scale_dtypes(fmt), stream=stream)
     need = E * scale_bytes(fmt, M, K)
     if st.nbytes < need:
         raise ValueError(f"scales: {st.nbytes} bytes, {E} slab(s) of format {fmt} for [{M}, {K}] need {need}")

@@ -27,15 +27,16 @@ flight on a group (micro-batches: S(a) S(b) X(a) X(b) R(a) R(b)):
 The LayerForward keeps x, topk_idx, topk_weights and out for the later phases (and alive while
 the library may read them); forward_phase(x or forward, ..., phases=...) runs any run of phases.
 """
+import contextlib
 import ctypes
 
 import numpy as np
 
 from . import _lib
 from ._lib import check, lib
-from ._util import arg, cint, i64s, on_device, output, ptr
+from ._util import InUse, arg, cint, i64s, on_device, output, ptr
 from .dlpack import DLPackError
-from .ep import WIRE_BF16, WIRE_FP8, _per_rank, _ptr_array, _tokens
+from .ep import WIRE_BF16, WIRE_FP8, _per_rank, _ptr_array, _ref_config, _tokens
 from .formats import _scalar_scale
 from .experts import ExpertWeights, _ExpertWeightsC
 from .w4a8 import W4A8Weights, _WeightsC
@@ -172,6 +173,7 @@ class Layer:
         group._live()
         self.group = group
         self._h = ctypes.c_void_p()
+        self._use = InUse("this layer")  # close() waits for the calls of other threads to return
         code = _scheme(scheme)
         _check_wire(code, group.config.wire_code)
         w13, w2 = _weights_pair(weights)
@@ -202,7 +204,7 @@ class Layer:
         self._w = _weights_c(w13, w2, a1, a2)
         # the library keeps these pointers: the objects live as long as the layer
         self._keep = (w13, w2, a1_scale, a2_scale, a1, a2)
-        with on_device(like):
+        with group._use.call(), on_device(like):
             check(lib.epmoe_layer_create(group._ep, ctypes.byref(self._cfg), ctypes.byref(self._w),
                                          ctypes.byref(self._h)))
         group._layers.add(self)
@@ -214,13 +216,20 @@ class Layer:
     @property
     def bytes(self):
         """Bytes of the buffers the layer allocated (epmoe_layer_bytes)."""
-        self._live()
-        return int(lib.epmoe_layer_bytes(self._h))
+        with self._calls():
+            return int(lib.epmoe_layer_bytes(self._h))
 
     def _live(self):
         if not self._h.value:
             raise _lib.error(_lib.ERR_INVALID_ARG, "this layer is closed")
         self.group._live()
+
+    @contextlib.contextmanager
+    def _calls(self):
+        """A call into the library on this layer: counted in by its group (whose ep it uses) and by
+        the layer, so that closing either from another thread waits for it."""
+        with self.group._use.call(), self._use.call():
+            yield
 
     def _args(self, x, topk_idx, topk_weights, out, s, what):
         """x, topk_idx, topk_weights and out checked for this layer's group (forward's arguments)."""
@@ -263,7 +272,7 @@ class Layer:
         s = self.group._stream(stream)
         xt, it, wt, o, ot = self._args(x, topk_idx, topk_weights, out, s, "forward")
         self._receive_order(None, "forward")
-        with on_device(self.group._like()):
+        with self._calls(), on_device(self.group._like()):
             check(lib.epmoe_layer_forward(self._h, ptr(xt), ptr(it), it.dtype.bits, ptr(wt), xt.shape[0], ptr(ot), s))
         return o
 
@@ -327,7 +336,7 @@ class Layer:
             self._receive_order(f, what)
         xt, it, wt, ot = f._tensors
         h = ctypes.c_uint32(f.handle)
-        with on_device(g._like()):
+        with self._calls(), on_device(g._like()):
             st = lib.epmoe_layer_forward_phase(self._h, ptr(xt), ptr(it), it.dtype.bits, ptr(wt), xt.shape[0], ptr(ot),
                                                code, ctypes.byref(h), s)
             failed = None
@@ -366,6 +375,7 @@ class Layer:
         self._destroy()
 
     def _destroy(self):
+        self._use.close()
         h, self._h = self._h, ctypes.c_void_p(0)
         if h.value:
             with on_device(self.group._like()):  # its GPU buffers are freed on the group's device
@@ -436,9 +446,11 @@ def layer_ref(config, weights, xs, topk_idxs, topk_weights, *, scheme="w4afp8", 
     weights[r] = (w13, w2) of rank r's local experts; xs[r] bf16 [T_r, H]; topk_idxs[r] int32
     [T_r, k]; topk_weights[r] float32 [T_r, k]; a1_scale / a2_scale (per_tensor_act): one float
     for every rank or one per rank. Returns bf16 [T_r, H] per rank (uint16 bits)."""
-    cfg = config
+    cfg = _ref_config(config)
     R, H, k = cfg.num_ranks, cfg.hidden, cfg.top_k
     code = _scheme(scheme)
+    if weights is None or not hasattr(weights, "__len__"):
+        raise TypeError(f"weights: needs a sequence of one (w13, w2) pair per rank ({R}), got {type(weights).__name__}")
     _check_wire(code, cfg.wire_code)
     if len(weights) != R:
         raise ValueError(f"weights: needs one (w13, w2) pair per rank ({R}), got {len(weights)}")

@@ -28,7 +28,7 @@ from ._lib import check, lib
 from ._util import (arg, copy_to, empty, i64s, launch_stream, on_device, output, ptr, same_device, torch_or_none,
                     writable)
 from .dlpack import DLPackError, Tensor, require_contiguous
-from .formats import BF16, F32, GROUP, SCALE_F32_MMAJOR, SCALE_UE8M0_MMAJOR, _fmt, _scalar_scale, scale_bytes
+from .formats import BF16, F32, GROUP, SCALE_F32_MMAJOR, SCALE_UE8M0_MMAJOR, _fmt, _scalar_scale, scale_bytes, scale_dtypes
 
 __all__ = ["W4A8Weights", "repack", "repack_size", "unpack", "gemm", "mlp", "gemm_workspace_bytes",
            "mlp_workspace_bytes", "release_workspaces", "ENC_AUTO", "ENC_SYM7", "ENC_FULL"]
@@ -101,7 +101,8 @@ class W4A8Weights:
               scales transposed, multiplied by a power of two the kernel folds in and rounded to
               bf16 (nearest even: exact from bf16 checkpoints, within 2^-8 from float32 ones);
               `unpack` gives them back in checkpoint units
-    encoding  ENC_SYM7 (int4 in -7..7) or ENC_FULL (-8..7), as the repack chose
+    encoding  ENC_SYM7 (int4 in -7..7) or ENC_FULL (-8..7), as the repack chose (trusted: another
+              value gives wrong results, not an error)
 
     Both arrays live where the calls that read them run: numpy for the CPU references and the CPU
     backend, device tensors (`to("cuda")`, needs torch) for the kernels and NCCL groups. Built by
@@ -366,6 +367,9 @@ def _group_scales(a_scales, scale_fmt, E, M, K, like, s):
         if view is None:
             require_contiguous(t, "a_scales")
         t = view
+    if scale_dtypes(fmt) and t.dtype.name not in scale_dtypes(fmt):
+        raise TypeError(f"a_scales: dtype {t.dtype.name} is not accepted for scale format {fmt}; expected "
+                        f"{' or '.join(scale_dtypes(fmt))}")
     need = E * scale_bytes(fmt, M, K)
     if t.nbytes < need:
         raise ValueError(f"a_scales: {t.nbytes} bytes; {E} slab(s) of scale format {fmt} for [{M}, {K}] need {need}")

@@ -475,3 +475,81 @@ def test_python_defaults_mirror_the_header():
     assert len(names) == len(fields) - 1, "the ctypes struct mirrors every field of epmoe_ep_config"
     for name, f in zip(names, fields[1:]):
         assert getattr(c, name) == (values[f] if f in values else int(f)), name
+
+
+def _groups(world, cfg):
+    """Every rank's group of a CpuWorld, created collectively from one thread per rank."""
+    groups = [None] * cfg.num_ranks
+
+    def make(r):
+        groups[r] = world.create_group(r, cfg)
+
+    ts = [threading.Thread(target=make, args=(r,)) for r in range(cfg.num_ranks)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join()
+    return groups
+
+
+@pytest.mark.parametrize("what", ["group", "layer"])
+def test_close_from_another_thread_waits_for_the_call_inside(what):
+    """close() on one thread while another's dispatch (or layer forward) waits in the library for a
+    peer that never comes: close waits for it to time out, then frees (it had freed the memory under
+    the call: a use-after-free, segfaults)."""
+    import time
+    from epmoe import w4a8
+
+    cfg = epmoe.EpConfig(num_ranks=2, max_tokens=4, hidden=128, num_experts=2, top_k=1, wire="fp8",
+                         combine_mode="reduce_at_owner", timeout_ms=800)
+    xs, idxs, ws = make_inputs(cfg, [4, 4], seed=11)
+    with epmoe.CpuWorld(2) as world:
+        g0, g1 = _groups(world, cfg)
+        if what == "layer":
+            w13 = w4a8.repack(np.zeros((1, 256, 64), np.int8), np.full((1, 256, 1), 0.01, np.float32))
+            w2 = w4a8.repack(np.zeros((1, 128, 64), np.int8), np.full((1, 128, 1), 0.01, np.float32))
+            obj = g0.layer(weights=(w13, w2), intermediate=128)
+            call = lambda: obj.forward(xs[0], idxs[0], ws[0])  # noqa: E731
+        else:
+            obj, call = g0, lambda: g0.dispatch(xs[0], idxs[0], ws[0])  # noqa: E731
+        got = {}
+
+        def run():
+            try:
+                call()
+                got["st"] = "returned"
+            except epmoe.Error as e:
+                got["st"] = type(e).__name__
+
+        t = threading.Thread(target=run)
+        t.start()
+        time.sleep(0.3)  # the call is inside, waiting for rank 1
+        t0 = time.monotonic()
+        obj.close()
+        waited = time.monotonic() - t0
+        t.join()
+        assert got["st"] == "Timeout" and obj.closed
+        assert waited > 0.2, "close returned while the call was still inside the library"
+        with pytest.raises(epmoe.InvalidArgument, match="closed"):
+            call()
+        g0.close()  # timed out: it leaves without the collective teardown
+        with pytest.raises(epmoe.Timeout):
+            g1.close()  # so rank 1's teardown waits timeout_ms for it, and says so
+        assert g1.closed
+
+
+def test_references_name_their_bad_arguments():
+    cfg = epmoe.EpConfig(num_ranks=1, max_tokens=4, hidden=128, num_experts=2, top_k=1, wire="bf16")
+    xs, idxs, ws = make_inputs(cfg, [4], seed=12)
+    with pytest.raises(TypeError, match="config must be an EpConfig, got NoneType"):
+        epmoe.dispatch_ref(None, xs, idxs)
+    with pytest.raises(TypeError, match="config must be an EpConfig"):
+        epmoe.combine_ref(None, [None], idxs, ws)
+    with pytest.raises(TypeError, match="xs: needs a sequence"):
+        epmoe.dispatch_ref(cfg, None, idxs)
+    with pytest.raises(TypeError, match="config must be an EpConfig"):
+        epmoe.layer_ref(None, [None], xs, idxs, ws)
+    with pytest.raises(TypeError, match="weights: needs a sequence"):
+        epmoe.layer_ref(cfg, None, xs, idxs, ws)
+    with pytest.raises(TypeError, match="num_ranks: expected an integer"):
+        epmoe.CpuWorld(2.9)

@@ -287,3 +287,43 @@ def test_outputs_overlapping_an_input_are_refused():
     with pytest.raises(epmoe.InvalidArgument, match="scales overlaps q"):
         epmoe.cast_group_fp8(x.reshape(8, 256), out=qbuf[:8 * 256].reshape(8, 256),
                              scales=qbuf[8 * 256 - 64:])
+
+
+def test_bad_inputs_get_clear_errors_not_crashes_or_lost_results():
+    x = np.arange(8, dtype=np.float32)
+    # a malformed tensor (elements at a NULL data pointer): refused, the row functions would crash
+    with pytest.raises(epmoe.DLPackError, match="NULL data pointer"):
+        epmoe.bf16_from_float(epmoe.Tensor(0, (4,), "float32"))
+    with pytest.raises(epmoe.DLPackError, match="NULL data pointer"):
+        epmoe.bf16_from_float(x[:4], out=epmoe.Tensor(0, (4,), "uint16"))
+    # an output the call cannot write into (a list would be copied into a temporary, results lost)
+    with pytest.raises(TypeError, match="out: must be a tensor"):
+        epmoe.bf16_from_float(x, out=[0] * 8)
+    q = np.zeros((1, 4, 128), np.uint8)
+    with pytest.raises(TypeError, match="scales: must be a tensor"):
+        epmoe.cast_group_fp8(np.zeros((4, 128), np.uint16), scales=[0.0] * 4)
+    # None is not a value
+    with pytest.raises(TypeError, match="x is required"):
+        epmoe.bf16_from_float(None)
+    # out over x: the row functions would read what they already wrote
+    buf = np.zeros(16, np.float32)
+    with pytest.raises(epmoe.InvalidArgument, match="out overlaps x"):
+        epmoe.bf16_to_float(buf.view(np.uint16)[:8], out=buf[:8])
+    # scales of another type would be read (or written) as other bits
+    s64 = np.ones(4, np.float64)
+    with pytest.raises(TypeError, match="scales: dtype float64"):
+        epmoe.requant_fp8(q, s64, "f32_row", np.full(1, 4, np.int32), 0.01)
+    with pytest.raises(TypeError, match="scales: dtype float64"):
+        epmoe.cast_group_fp8(np.zeros((4, 128), np.uint16), scales=np.zeros(4, np.float64))
+    ok = epmoe.requant_fp8(q, np.ones(4, np.float32).view(np.uint8), "f32_row", np.full(1, 4, np.int32), 0.01)
+    assert ok is not None  # the raw bytes of a slab (uint8) are still taken
+    # sizes are integers: 4.7 is refused, not truncated to 4
+    with pytest.raises(TypeError, match="M: expected an integer"):
+        epmoe.scale_bytes(0, 4.7, 256)
+    assert epmoe.scale_bytes(0, np.int64(4), 256) == 4 * 2 * 4
+    # a UE8M0 byte holds a power of two: 3.0 or -1.0 had come back as the exponent field of it
+    for bad in (3.0, -1.0, 0.0, 2.0 ** -130):
+        with pytest.raises(ValueError, match="not a power of two"):
+            epmoe.ue8m0_from_float(bad)
+    assert epmoe.ue8m0_from_float(2.0 ** -127) == 0 and epmoe.ue8m0_from_float(2.0 ** 127) == 254
+    assert epmoe.ue8m0_from_float(float("nan")) == 255
