@@ -164,7 +164,7 @@ test-c: $(CPU_TESTS:%=$(BUILD)/tests/%)
 
 # allocator_may_return_null: the out-of-memory paths are tested (a huge allocation gets NULL, not an abort)
 test-asan: $(CPU_TESTS:%=$(ASAN)/tests/%)
-	@for t in $(CPU_TESTS); do echo "== $$t (ASan+UBSan, quick sweep)"; EPMOE_TEST_QUICK=1 ASAN_OPTIONS=allocator_may_return_null=1 ./$(ASAN)/tests/$$t || exit 1; done
+	@for t in $(CPU_TESTS); do echo "== $$t (ASan+UBSan, quick sweep)"; EPMOE_TEST_QUICK=1 ASAN_OPTIONS=allocator_may_return_null=1$${ASAN_OPTIONS:+:$$ASAN_OPTIONS} ./$(ASAN)/tests/$$t || exit 1; done
 
 check-header:
 	@mkdir -p $(BUILD)

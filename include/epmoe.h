@@ -87,7 +87,9 @@ EPMOE_API float epmoe_ue8m0_to_float(uint8_t b);
 
 /* int4 as shipped by W4AFP8 checkpoints: int8 [.., K/2], signed two's-complement nibbles,
 ** element 2j in the low nibble of byte j and element 2j+1 in the high nibble.
-** pack: n values in [-8, 7] (n even) -> n/2 bytes; unpack: n/2 bytes -> n values. */
+** pack: n values in [-8, 7] (n even) -> n/2 bytes; unpack: n/2 bytes -> n values. The two buffers
+** must not overlap (EPMOE_ERR_INVALID_ARG), except pack in place (packed == vals): byte j is written
+** after values 2j and 2j + 1 are read. */
 EPMOE_API epmoe_status epmoe_int4_pack(const int8_t *vals, int64_t n, uint8_t *packed);
 EPMOE_API epmoe_status epmoe_int4_unpack(const uint8_t *packed, int64_t n, int8_t *vals);
 
@@ -183,8 +185,8 @@ typedef enum epmoe_w4_encoding {
 ** _cuda, on the host for _ref. */
 typedef struct epmoe_w4a8_weights {
     int64_t E, N, K;
-    int encoding;          /* EPMOE_W4_SYM7 or EPMOE_W4_FULL, as returned by the repack (trusted: another
-                              value than the repack's gives wrong results, not an error) */
+    int encoding;          /* EPMOE_W4_SYM7 or EPMOE_W4_FULL, as returned by the repack (trusted: the
+                              other one of the two gives wrong results, not an error) */
     const void *qweight;   /* epmoe_w4a8_repack_size() qweight_bytes, 16-byte aligned */
     const uint16_t *scales; /* bf16 bits [E, K/128, N] = bf16(checkpoint scale * 512), round to nearest
                                even, 16-byte aligned. Exact for bf16 checkpoints (512 is a power of two);
@@ -247,7 +249,8 @@ typedef struct epmoe_w4a8_gemm_args {
 /* Workspace of the GPU GEMM on the current device (stream-K partial tiles); 0 without CUDA. */
 EPMOE_API size_t epmoe_w4a8_gemm_workspace(void);
 /* Limits of every GEMM and MLP entry (EPMOE_ERR_INVALID_ARG beyond them): E <= 4096 experts; M, N and
-** K each at most 2^24. An output that overlaps an input or the workspace is refused too.
+** K each at most 2^24. An output (and an MLP's workspace) that overlaps the activations, their scales,
+** masked_m or (MLP) the workspace (resp. the output) is refused too; the weights are not checked.
 ** GPU limits (EPMOE_ERR_INVALID_ARG beyond them, the references have none): E <= 2048 experts (each
 ** CTA keeps 2E + 1 ints in shared memory), E * M < 2^31 activation rows and fewer than 2^31 work
 ** items (E x token tiles x N / 128). The same hold for epmoe_w4a8_mlp_cuda, and for

@@ -22,15 +22,17 @@ void epmoe_bf16_to_float_row(const uint16_t *x, float *y, size_t n) {
     for (size_t i = 0; i < n; i++) y[i] = fmt_bf16_to_float(x[i]);
 }
 
-/* vals [n] and packed [n / 2]: the loops read one while writing the other, so they must not overlap */
-static epmoe_status int4_check(const char *fn, const int8_t *vals, const uint8_t *packed, int64_t n) {
+/* vals [n] and packed [n / 2]: the loops read one while writing the other, so they must not overlap;
+** but pack may run in place (in_place: packed == vals), writing byte j after reading bytes 2j, 2j + 1 */
+static epmoe_status int4_check(const char *fn, const int8_t *vals, const uint8_t *packed, int64_t n, int in_place) {
     if (n < 0 || n % 2) return epmoe__fail(EPMOE_ERR_INVALID_ARG, "%s: n = %lld must be even and >= 0", fn, (long long)n);
     if (n && (!vals || !packed)) return epmoe__fail(EPMOE_ERR_NULL_POINTER, "%s: NULL buffer", fn);
+    if (in_place && (const void *)vals == (const void *)packed) return EPMOE_OK;
     return epmoe__need_apart(fn, vals, (size_t)n, "vals", packed, (size_t)n / 2, "packed");
 }
 
 epmoe_status epmoe_int4_pack(const int8_t *vals, int64_t n, uint8_t *packed) {
-    EPMOE_CHECK(int4_check("epmoe_int4_pack", vals, packed, n));
+    EPMOE_CHECK(int4_check("epmoe_int4_pack", vals, packed, n, 1));
     for (int64_t i = 0; i < n; i++)
         if (vals[i] < -8 || vals[i] > 7)
             return epmoe__fail(EPMOE_ERR_INVALID_ARG, "epmoe_int4_pack: vals[%lld] = %d is outside [-8, 7]",
@@ -40,7 +42,7 @@ epmoe_status epmoe_int4_pack(const int8_t *vals, int64_t n, uint8_t *packed) {
 }
 
 epmoe_status epmoe_int4_unpack(const uint8_t *packed, int64_t n, int8_t *vals) {
-    EPMOE_CHECK(int4_check("epmoe_int4_unpack", vals, packed, n));
+    EPMOE_CHECK(int4_check("epmoe_int4_unpack", vals, packed, n, 0));
     for (int64_t j = 0; j < n / 2; j++) {
         vals[2 * j] = fmt_int4_lo(packed[j]);
         vals[2 * j + 1] = fmt_int4_hi(packed[j]);

@@ -193,6 +193,10 @@ static void test_int4(void) {
     CHECK_STATUS(epmoe_int4_unpack(both, 4, (int8_t *)both), EPMOE_ERR_INVALID_ARG);
     CHECK(strstr(epmoe_last_error(), "overlaps") != NULL && both[0] == 0x21, "unpack in place: %s", epmoe_last_error());
     CHECK_STATUS(epmoe_int4_pack((const int8_t *)both, 4, both + 1), EPMOE_ERR_INVALID_ARG);
+    int8_t inplace[4] = {1, 2, -3, 4}; /* pack in place is defined: byte j after values 2j, 2j + 1 */
+    CHECK_STATUS(epmoe_int4_pack(inplace, 4, (uint8_t *)inplace), EPMOE_OK);
+    CHECK((uint8_t)inplace[0] == 0x21 && (uint8_t)inplace[1] == 0x4D, "pack in place: 0x%02x 0x%02x",
+          (uint8_t)inplace[0], (uint8_t)inplace[1]);
     CHECK_STATUS(epmoe_int4_unpack(both, 2, (int8_t *)both + 2), EPMOE_OK); /* adjacent, not overlapping */
     CHECK_STATUS(epmoe_int4_unpack(p, 2, NULL), EPMOE_ERR_NULL_POINTER);
     CHECK_STATUS(epmoe_int4_unpack(NULL, 2, back), EPMOE_ERR_NULL_POINTER);

@@ -276,7 +276,6 @@ static void test_schemes_and_args(void) {
     CHECK_STATUS(epmoe_layer_create(ep, &lc, &w, &layer), EPMOE_ERR_MISALIGNED);
     CHECK(strstr(epmoe_last_error(), "a2_scale") != NULL, "message: %s", epmoe_last_error());
     w = c.hw[0];
-    w = c.hw[0];
     w.w13.encoding = 9; /* would fail only inside the forward, after the collective dispatch */
     CHECK_STATUS(epmoe_layer_create(ep, &c.lc, &w, &layer), EPMOE_ERR_INVALID_ARG);
     w = c.hw[0];

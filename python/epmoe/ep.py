@@ -254,9 +254,14 @@ class EpGroup:
         if not self._ep.value:
             raise _lib.error(_lib.ERR_INVALID_ARG, "this EP group is closed")
 
+    def _state(self):
+        try:
+            return "closed" if self.closed else self.backend
+        except _lib.InvalidArgument:  # closing on another thread
+            return "closing"
+
     def __repr__(self):
-        state = "closed" if self.closed else self.backend
-        return f"<epmoe.EpGroup rank {self.rank}/{self.num_ranks} {state}>"
+        return f"<epmoe.EpGroup rank {self.rank}/{self.num_ranks} {self._state()}>"
 
     # -- lifetime
     def close(self):
@@ -264,7 +269,9 @@ class EpGroup:
         A call of another thread still inside the library on this group (a dispatch waiting for its
         peers, a layer's forward) is waited for first: its memory goes with the group."""
         self._use.close()
-        for layer in list(self._layers):
+        with self._lock:  # a snapshot: a layer closing on another thread takes itself out of the set
+            layers = list(self._layers)
+        for layer in layers:
             layer._destroy()  # even with a forward in flight: the ep goes too, nothing reaches its buffers after
         with self._lock:
             ep, self._ep = self._ep, ctypes.c_void_p(0)

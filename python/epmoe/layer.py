@@ -29,6 +29,7 @@ the library may read them); forward_phase(x or forward, ..., phases=...) runs an
 """
 import contextlib
 import ctypes
+import threading
 
 import numpy as np
 
@@ -174,6 +175,7 @@ class Layer:
         self.group = group
         self._h = ctypes.c_void_p()
         self._use = InUse("this layer")  # close() waits for the calls of other threads to return
+        self._lock = threading.Lock()  # one destroy, when a layer close and its group's close race
         code = _scheme(scheme)
         _check_wire(code, group.config.wire_code)
         w13, w2 = _weights_pair(weights)
@@ -207,7 +209,8 @@ class Layer:
         with group._use.call(), on_device(like):
             check(lib.epmoe_layer_create(group._ep, ctypes.byref(self._cfg), ctypes.byref(self._w),
                                          ctypes.byref(self._h)))
-        group._layers.add(self)
+            with group._lock:  # inside the call: a group closing now waits for it, then destroys this layer
+                group._layers.add(self)
 
     @property
     def closed(self):
@@ -376,11 +379,13 @@ class Layer:
 
     def _destroy(self):
         self._use.close()
-        h, self._h = self._h, ctypes.c_void_p(0)
-        if h.value:
-            with on_device(self.group._like()):  # its GPU buffers are freed on the group's device
-                lib.epmoe_layer_destroy(h)
-            self.group._layers.discard(self)
+        with self._lock:  # a second closer waits here until the first has freed the layer
+            h, self._h = self._h, ctypes.c_void_p(0)
+            if h.value:
+                with on_device(self.group._like()):  # its GPU buffers are freed on the group's device
+                    lib.epmoe_layer_destroy(h)
+                with self.group._lock:
+                    self.group._layers.discard(self)
 
     def __enter__(self):
         return self
@@ -402,7 +407,7 @@ class Layer:
                 pass
 
     def __repr__(self):
-        state = "closed" if self.closed else f"{self.group.backend}"
+        state = "closed" if self.closed else self.group._state()
         return (f"<epmoe.Layer {self.scheme} I={self.intermediate} rank {self.group.rank}/{self.group.num_ranks} "
                 f"{state}>")
 

@@ -101,8 +101,8 @@ class W4A8Weights:
               scales transposed, multiplied by a power of two the kernel folds in and rounded to
               bf16 (nearest even: exact from bf16 checkpoints, within 2^-8 from float32 ones);
               `unpack` gives them back in checkpoint units
-    encoding  ENC_SYM7 (int4 in -7..7) or ENC_FULL (-8..7), as the repack chose (trusted: another
-              value gives wrong results, not an error)
+    encoding  ENC_SYM7 (int4 in -7..7) or ENC_FULL (-8..7), as the repack chose (trusted: the other
+              one of the two gives wrong results, not an error)
 
     Both arrays live where the calls that read them run: numpy for the CPU references and the CPU
     backend, device tensors (`to("cuda")`, needs torch) for the kernels and NCCL groups. Built by

@@ -522,3 +522,30 @@ def test_layer_integers_outside_their_c_type_are_refused(one_rank):
         epmoe.expected_rows(128, 2 ** 32 + 1, 8, 256)
     with pytest.raises(ValueError, match=r"xs\[0\]: expected 2 dimensions"):
         epmoe.layer_ref(g.config, [w], [np.uint16(1)], [idx], [tw])
+
+
+def test_a_layer_and_its_group_closed_at_once_from_two_threads():
+    """Layer.close on one thread and EpGroup.close (which closes the group's layers) on another, at
+    the same moment: one of them frees the layer, once (both had freed it: double free, abort)."""
+    import sys
+    import threading
+    cfg = epmoe.EpConfig(num_ranks=1, max_tokens=4, hidden=128, num_experts=1, top_k=1, wire="fp8")
+    w13 = w4a8.repack(np.zeros((1, 256, 64), np.int8), np.full((1, 256, 1), 0.01, np.float32))
+    w2 = w4a8.repack(np.zeros((1, 128, 64), np.int8), np.full((1, 128, 1), 0.01, np.float32))
+    old = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # thread switches anywhere, so the two closes interleave
+    try:
+        with epmoe.CpuWorld(1) as world:
+            for _ in range(2000):
+                g = world.create_group(0, cfg)
+                lay = g.layer(weights=(w13, w2), intermediate=128)
+                b = threading.Barrier(2)
+                ts = [threading.Thread(target=lambda: (b.wait(), lay.close())),
+                      threading.Thread(target=lambda: (b.wait(), g.close()))]
+                for t in ts:
+                    t.start()
+                for t in ts:
+                    t.join()
+                assert lay.closed and g.closed
+    finally:
+        sys.setswitchinterval(old)

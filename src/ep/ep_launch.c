@@ -168,14 +168,14 @@ epmoe_status epmoe_ep_create_nccl_env(const epmoe_ep_config *cfg, epmoe_ep **ep)
     EPMOE_CHECK(epmoe__ep_check_config(fn, cfg));
     int rank, size, local;
     EPMOE_CHECK(epmoe_launch_env(&rank, &size, &local));
-    const char *file = getenv("EPMOE_BOOTSTRAP_FILE");
-    if (!(file && *file) && size > 1 && !getenv("NCCL_COMM_ID"))
-        return epmoe__fail(EPMOE_ERR_INVALID_ARG, "%s: rank %d of %d: set EPMOE_BOOTSTRAP_FILE to a fresh path every rank can "
-                           "see (tools/epmoe-launch does), or NCCL_COMM_ID=<host>:<port>", fn, rank, size);
 #if !EPMOE_HAVE_NCCL
     /* before the bootstrap: rank 0 fails so too and never writes the file the others would await */
     return epmoe__fail(EPMOE_ERR_UNSUPPORTED, "%s: this libepmoe was built without the NCCL backend", fn);
 #endif
+    const char *file = getenv("EPMOE_BOOTSTRAP_FILE");
+    if (!(file && *file) && size > 1 && !getenv("NCCL_COMM_ID"))
+        return epmoe__fail(EPMOE_ERR_INVALID_ARG, "%s: rank %d of %d: set EPMOE_BOOTSTRAP_FILE to a fresh path every rank can "
+                           "see (tools/epmoe-launch does), or NCCL_COMM_ID=<host>:<port>", fn, rank, size);
     uint8_t id[EPMOE_NCCL_UNIQUE_ID_BYTES];
     char path[PATH_MAX];
     path[0] = 0;
