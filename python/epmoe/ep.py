@@ -140,7 +140,7 @@ def _code(v, names, what):
             return names[v.lower()]
         except KeyError:
             raise ValueError(f"{what} {v!r}: expected one of {', '.join(names)}") from None
-    return cint(int(v), what)
+    return cint(v, what)
 
 
 def _config(config, overrides):

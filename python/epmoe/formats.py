@@ -49,7 +49,7 @@ def _fmt(scale_fmt):
             return _SCALE_FMTS[scale_fmt.lower()]
         except KeyError:
             raise ValueError(f"scale_fmt {scale_fmt!r}: expected one of {', '.join(_SCALE_FMTS)}") from None
-    return cint(int(scale_fmt), "scale_fmt")
+    return cint(scale_fmt, "scale_fmt")
 
 
 # ---- element conversions (host) -----------------------------------------------------------------

@@ -70,7 +70,7 @@ def _scheme(scheme):
             return SCHEMES[scheme.lower()]
         except KeyError:
             raise ValueError(f"scheme {scheme!r}: expected one of {', '.join(SCHEMES)}") from None
-    return cint(int(scheme), "scheme")  # a number outside the enum is the library's to refuse
+    return cint(scheme, "scheme")  # a number outside the enum is the library's to refuse
 
 
 def _wire(wire):
@@ -92,7 +92,7 @@ def expected_rows(tokens_per_rank, ranks, top_k, experts):
     under uniform routing plus 2.5 sqrt of it, at least 1."""
     n, = i64s(tokens_per_rank=tokens_per_rank)
     return int(lib.epmoe_expected_rows(n, cint(int(ranks), "ranks"), cint(int(top_k), "top_k"),
-                                       cint(int(experts), "experts")))
+                                       cint(experts, "experts")))
 
 
 def scheme_accepts_wire(scheme, wire):

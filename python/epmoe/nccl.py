@@ -164,7 +164,7 @@ class NcclComm:
     def __init__(self, unique_id, num_ranks, rank, device=None):
         if len(unique_id) != UNIQUE_ID_BYTES:
             raise ValueError(f"an NCCL unique id has {UNIQUE_ID_BYTES} bytes, got {len(unique_id)}")
-        num_ranks, rank = cint(int(num_ranks), "num_ranks"), cint(int(rank), "rank")  # ncclCommInitRank's ints
+        num_ranks, rank = cint(num_ranks, "num_ranks"), cint(rank, "rank")  # ncclCommInitRank's ints
         nccl = _load_nccl()
         self.device = _device_index(device)
         _set_device(self.device)

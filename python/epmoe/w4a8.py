@@ -25,7 +25,7 @@ import numpy as np
 
 from . import _lib
 from ._lib import check, lib
-from ._util import (arg, copy_to, empty, i64s, launch_stream, on_device, output, ptr, same_device, torch_or_none,
+from ._util import (arg, cint, copy_to, empty, i64s, launch_stream, on_device, output, ptr, same_device, torch_or_none,
                     writable)
 from .dlpack import DLPackError, Tensor, require_contiguous
 from .formats import BF16, F32, GROUP, SCALE_F32_MMAJOR, SCALE_UE8M0_MMAJOR, _fmt, _scalar_scale, scale_bytes, scale_dtypes
@@ -70,7 +70,7 @@ def _encoding(enc, *, allow_auto):
         except KeyError:
             raise ValueError(f"encoding {enc!r}: expected one of {', '.join(_ENCODINGS)}") from None
     else:
-        code = int(enc)
+        code = cint(enc, "encoding")
     allowed = (ENC_AUTO, ENC_SYM7, ENC_FULL) if allow_auto else (ENC_SYM7, ENC_FULL)
     if code not in allowed:
         raise ValueError(f"encoding {enc!r}: expected {' or '.join(n for n, c in _ENCODINGS.items() if c in allowed)}")
@@ -110,7 +110,7 @@ class W4A8Weights:
     """
 
     def __init__(self, qweight, scales, E, N, K, encoding):
-        self.E, self.N, self.K = int(E), int(N), int(K)
+        self.E, self.N, self.K = (cint(v, n, ctypes.c_int64) for v, n in ((E, "E"), (N, "N"), (K, "K")))
         self.encoding = _encoding(encoding, allow_auto=False)
         qb, _ = repack_size(self.E, self.N, self.K)
         qt = arg(qweight, "qweight", ("uint8", "int8"))

@@ -327,3 +327,15 @@ def test_bad_inputs_get_clear_errors_not_crashes_or_lost_results():
             epmoe.ue8m0_from_float(bad)
     assert epmoe.ue8m0_from_float(2.0 ** -127) == 0 and epmoe.ue8m0_from_float(2.0 ** 127) == 254
     assert epmoe.ue8m0_from_float(float("nan")) == 255
+
+
+def test_enum_and_size_arguments_name_themselves():
+    q = np.zeros((1, 4, 128), np.uint8)
+    with pytest.raises(TypeError, match="scale_fmt: expected an integer, got NoneType"):
+        epmoe.requant_fp8(q, np.ones(4, np.float32), None, np.full(1, 4, np.int32), 0.01)
+    with pytest.raises(TypeError, match="encoding: expected an integer"):
+        epmoe.W4A8Weights(np.zeros(64, np.uint8), np.zeros(2, np.uint16), 1, 128, 128, None)
+    with pytest.raises(TypeError, match="E: expected an integer, got str"):
+        epmoe.W4A8Weights(np.zeros(64, np.uint8), np.zeros(2, np.uint16), "x", 128, 128, "sym7")
+    with pytest.raises(TypeError, match="scheme: expected an integer"):
+        epmoe.scheme_accepts_wire(None, "fp8")
