@@ -91,15 +91,14 @@ static epmoe_status check_gpu_limits(const char *fn, const epmoe_expert_weights 
     return w->format != EPMOE_WEIGHT_INT4 ? epmoe__check_wgmma_limits(fn, w->E, M, w->N, 32, 1) : EPMOE_OK;
 }
 
-/* An output region [o, o + on) apart from the activations, their scales and masked_m (checked). */
+/* An output region [o, o + on) apart from the activations (in the format's type), their scales and
+** masked_m (all checked before). */
 static epmoe_status acts_apart(const char *fn, const void *o, size_t on, const char *o_name, const epmoe_expert_weights *w,
                                int64_t M, const void *a, const int32_t *masked_m, const void *a_scales, int a_fmt) {
-    if (on == 0) return EPMOE_OK;
     const struct expert_format *f = &formats[w->format];
-    EPMOE_CHECK(epmoe__need_apart(fn, o, on, o_name, a, (size_t)(w->E * M * w->K) * (size_t)f->act_bytes, "a"));
-    EPMOE_CHECK(epmoe__need_apart(fn, o, on, o_name, masked_m, (size_t)w->E * 4, "masked_m"));
     const size_t sn = f->act_scales ? (size_t)w->E * epmoe_scale_bytes((epmoe_scale_fmt)a_fmt, M, w->K) : 0;
-    return epmoe__need_apart(fn, o, on, o_name, a_scales, sn, "a_scales");
+    return epmoe__acts_apart(fn, o, on, o_name, a, (size_t)(w->E * M * w->K) * (size_t)f->act_bytes, masked_m, w->E,
+                             a_scales, sn);
 }
 
 epmoe_status epmoe__check_expert_gemm(const char *fn, const epmoe_expert_gemm_args *g, int device) {

@@ -37,6 +37,14 @@ size_t epmoe__out_span(int64_t E, int64_t M, int64_t N, int64_t row_stride, int6
     return E == 0 || M == 0 ? 0 : (size_t)((E - 1) * expert_stride + (M - 1) * row_stride + N) * 2;
 }
 
+epmoe_status epmoe__acts_apart(const char *fn, const void *o, size_t on, const char *o_name, const void *a, size_t an,
+                               const int32_t *masked_m, int64_t E, const void *a_scales, size_t sn) {
+    if (on == 0) return EPMOE_OK;
+    EPMOE_CHECK(epmoe__need_apart(fn, o, on, o_name, a, an, "a"));
+    EPMOE_CHECK(epmoe__need_apart(fn, o, on, o_name, masked_m, (size_t)E * 4, "masked_m"));
+    return epmoe__need_apart(fn, o, on, o_name, a_scales, sn, "a_scales");
+}
+
 epmoe_status epmoe__check_dims(const char *fn, const char *what, int64_t E, int64_t N, int64_t K) {
     if (E < 0 || E > EPMOE__MAX_EXPERTS)
         return epmoe__fail(EPMOE_ERR_INVALID_ARG, "%s: %s E = %lld must be in [0, %d]", fn, what, (long long)E,
@@ -204,14 +212,9 @@ static epmoe_status check_acts(const char *fn, int64_t E, int64_t M, int64_t K, 
     return EPMOE_OK;
 }
 
-/* An output region [o, o + on) apart from the activations, their scales and masked_m (checked). */
-static epmoe_status acts_apart(const char *fn, const void *o, size_t on, const char *o_name, int64_t E, int64_t M,
-                               int64_t K, const uint8_t *a, const int32_t *masked_m, const void *a_scales, int fmt) {
-    if (on == 0) return EPMOE_OK;
-    EPMOE_CHECK(epmoe__need_apart(fn, o, on, o_name, a, (size_t)(E * M * K), "a"));
-    EPMOE_CHECK(epmoe__need_apart(fn, o, on, o_name, masked_m, (size_t)E * 4, "masked_m"));
-    const size_t sn = a_scales ? (size_t)E * epmoe_scale_bytes((epmoe_scale_fmt)fmt, M, K) : 0;
-    return epmoe__need_apart(fn, o, on, o_name, a_scales, sn, "a_scales");
+/* Bytes of the activations' group scales (0 in mode b: none). */
+static size_t a_scale_bytes(const void *a_scales, int fmt, int64_t E, int64_t M, int64_t K) {
+    return a_scales ? (size_t)E * epmoe_scale_bytes((epmoe_scale_fmt)fmt, M, K) : 0;
 }
 
 /* The wgmma GEMM (w4a8_gemm.cu) counts its work items (expert, 128-row weight tile, token tile of
@@ -249,8 +252,10 @@ epmoe_status epmoe__check_w4a8_gemm(const char *fn, const epmoe_w4a8_gemm_args *
     if (g->expected_m < 0)
         return epmoe__fail(EPMOE_ERR_INVALID_ARG, "%s: expected_m = %lld must be >= 0", fn, (long long)g->expected_m);
     if (device) EPMOE_CHECK(epmoe__check_wgmma_limits(fn, g->w.E, g->M, g->w.N, 8, 0));
-    const size_t on = epmoe__out_span(g->w.E, g->M, g->w.N, g->out_row_stride, g->out_expert_stride);
-    return acts_apart(fn, g->out, on, "out", g->w.E, g->M, g->w.K, g->a, g->masked_m, g->a_scales, g->a_scale_fmt);
+    const int64_t E = g->w.E, M = g->M, K = g->w.K;
+    return epmoe__acts_apart(fn, g->out, epmoe__out_span(E, M, g->w.N, g->out_row_stride, g->out_expert_stride), "out",
+                             g->a, (size_t)(E * M * K), g->masked_m, E, g->a_scales,
+                             a_scale_bytes(g->a_scales, g->a_scale_fmt, E, M, K));
 }
 
 /* ---- MLP workspace: the one layout function of the buffer ------------------------------ */
@@ -300,9 +305,10 @@ epmoe_status epmoe__check_w4a8_mlp(const char *fn, const epmoe_w4a8_mlp_args *m,
     if (m->workspace_bytes < ws)
         return epmoe__fail(EPMOE_ERR_INVALID_ARG, "%s: workspace_bytes = %zu, need epmoe_w4a8_mlp_workspace() = %zu", fn,
                            m->workspace_bytes, ws);
-    const size_t on = epmoe__out_span(E, m->M, H, m->out_row_stride, m->out_expert_stride);
-    EPMOE_CHECK(acts_apart(fn, m->out, on, "out", E, m->M, H, m->a, m->masked_m, m->a_scales, m->a_scale_fmt));
-    EPMOE_CHECK(acts_apart(fn, m->workspace, ws, "workspace", E, m->M, H, m->a, m->masked_m, m->a_scales, m->a_scale_fmt));
+    const size_t on = epmoe__out_span(E, m->M, H, m->out_row_stride, m->out_expert_stride), an = (size_t)(E * m->M * H);
+    const size_t sn = a_scale_bytes(m->a_scales, m->a_scale_fmt, E, m->M, H);
+    EPMOE_CHECK(epmoe__acts_apart(fn, m->out, on, "out", m->a, an, m->masked_m, E, m->a_scales, sn));
+    EPMOE_CHECK(epmoe__acts_apart(fn, m->workspace, ws, "workspace", m->a, an, m->masked_m, E, m->a_scales, sn));
     return epmoe__need_apart(fn, m->out, on, "out", m->workspace, ws, "workspace");
 }
 
