@@ -74,7 +74,8 @@ kernel_tests() {
 }
 # the Python package's GPU paths through torch (DLPack in and out, workspaces, layers)
 python_tests() {
-    run pytest_gpu python3 -m pytest -q python/tests/test_torch.py python/tests/test_w4a8_torch.py
+    run pytest_gpu python3 -m pytest -q python/tests/test_torch.py python/tests/test_w4a8_torch.py \
+        python/tests/test_experts_torch.py
 }
 
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm,clocks.mem,temperature.gpu --format=csv,noheader | sed 's/^/gpu: /'

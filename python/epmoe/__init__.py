@@ -7,7 +7,7 @@
     g = epmoe.nccl.create_group(cfg)                    # GPUs, next to torch.distributed
 
 Modules: `formats` (fp8/bf16/UE8M0/int4, quant ops), `w4a8` (weight repack, the W4A8 expert GEMM
-and MLP), `experts` (the bf16, fp8-block and int4 weights of the other schemes), `ep` (EpConfig, CpuWorld, EpGroup), `layer` (the MoE layer on an EP group: EpGroup.layer,
+and MLP), `experts` (the bf16, fp8-block and int4 weights of the other schemes, their expert GEMM and MLP), `ep` (EpConfig, CpuWorld, EpGroup), `layer` (the MoE layer on an EP group: EpGroup.layer,
 its forward whole or in phases, layer_ref),
 `nccl` (communicators from torch.distributed), `deep_ep` (DeepEP's low-latency Buffer API on
 an EP group), `dlpack` (the DLPack bridge). Failed calls raise

@@ -97,6 +97,12 @@ _SIGNATURES = {
     "epmoe_w4a8_mlp_workspace": (_sz, [_i64, _i64, _i64, _i64]),
     "epmoe_w4a8_mlp_ref": (_int, [_p]),
     "epmoe_w4a8_mlp_cuda": (_int, [_p, _p]),
+    # the other schemes' expert GEMM and MLP (experts.py defines the argument structs)
+    "epmoe_expert_gemm_ref": (_int, [_p]),
+    "epmoe_expert_gemm_cuda": (_int, [_p, _p]),
+    "epmoe_expert_mlp_workspace": (_sz, [_int, _i64, _i64, _i64, _i64]),
+    "epmoe_expert_mlp_ref": (_int, [_p]),
+    "epmoe_expert_mlp_cuda": (_int, [_p, _p]),
     # expert parallelism (struct arguments are passed by pointer; ep.py defines the structs)
     "epmoe_ep_layout_query": (_int, [_p, _p]),
     "epmoe_cpu_world_create": (_int, [_int, _p]),

@@ -17,18 +17,15 @@ Activation scales, one of two modes, as in the C API:
   (b) `a_tensor_scale` (and for the MLP `a2_tensor_scale`): static per-tensor scales, a float or
       a one-element float32 tensor where the call runs (the GPU for _cuda: graph-capturable).
 """
-import contextlib
 import ctypes
-import threading
 
 import numpy as np
 
-from . import _lib
+from . import _gemm
 from ._lib import check, lib
-from ._util import (arg, cint, copy_to, empty, i64s, launch_stream, on_device, output, ptr, same_device, torch_or_none,
-                    writable)
-from .dlpack import DLPackError, Tensor, require_contiguous
-from .formats import BF16, F32, GROUP, SCALE_F32_MMAJOR, SCALE_UE8M0_MMAJOR, _fmt, _scalar_scale, scale_bytes, scale_dtypes
+from ._util import arg, cint, copy_to, i64s, launch_stream, on_device, output, ptr, same_device
+from .dlpack import DLPackError
+from .formats import BF16, F32, GROUP, _scalar_scale
 
 __all__ = ["W4A8Weights", "repack", "repack_size", "unpack", "gemm", "mlp", "gemm_workspace_bytes",
            "mlp_workspace_bytes", "release_workspaces", "ENC_AUTO", "ENC_SYM7", "ENC_FULL"]
@@ -37,8 +34,7 @@ ENC_AUTO, ENC_SYM7, ENC_FULL = -1, 0, 1
 _ENCODINGS = {"auto": ENC_AUTO, "sym7": ENC_SYM7, "full": ENC_FULL}
 _ENC_NAMES = {ENC_SYM7: "sym7", ENC_FULL: "full"}
 
-_BF16_HOST, _BF16_GPU = ("uint16", "bfloat16"), ("bfloat16", "uint16")
-_FP8 = ("uint8", "float8_e4m3fn")
+_BF16_HOST, _BF16_GPU, _FP8 = _gemm.BF16_HOST, _gemm.BF16_GPU, _gemm.FP8
 
 
 # ---- C structs (mirrors of include/epmoe.h) ---------------------------------------------------------
@@ -75,14 +71,6 @@ def _encoding(enc, *, allow_auto):
     if code not in allowed:
         raise ValueError(f"encoding {enc!r}: expected {' or '.join(n for n, c in _ENCODINGS.items() if c in allowed)}")
     return code
-
-
-def _host_buffer(nbytes, dt, shape, align=256):
-    """Zeroed host memory at an `align`-byte boundary: the library asks 16 bytes of weights and 256
-    of workspaces, more than numpy promises. The view keeps the larger block alive."""
-    raw = np.zeros(nbytes + align, np.uint8)
-    off = (-raw.ctypes.data) % align
-    return raw[off:off + nbytes].view(dt).reshape(shape)
 
 
 def repack_size(E, N, K):
@@ -201,8 +189,8 @@ def repack(ckpt_w, ckpt_scales, encoding="auto"):
     if st.shape[:2] != (E, N) or G == 0 or K % G:
         raise ValueError(f"ckpt_scales: shape {st.shape} does not fit ckpt_w {wt.shape}: expected [{E}, {N}, K/group] "
                          f"with K = {K}")
-    qweight = _host_buffer(qb, np.uint8, (qb,))
-    scales = _host_buffer(E * (K // GROUP) * N * 2, np.uint16, (E, K // GROUP, N))  # bf16 bits
+    qweight = _gemm.host_buffer(qb, np.uint8, (qb,))
+    scales = _gemm.host_buffer(E * (K // GROUP) * N * 2, np.uint16, (E, K // GROUP, N))  # bf16 bits
     c_enc = ctypes.c_int(enc)
     check(lib.epmoe_w4a8_repack(ptr(wt), ptr(st), F32 if st.dtype.name == "float32" else BF16, K // G, E, N, K,
                                 ptr(arg(qweight, "qweight", ())), ptr(arg(scales, "scales", ())),
@@ -235,145 +223,32 @@ def unpack(w):
 
 
 # ---- workspaces ------------------------------------------------------------------------------------
-# One buffer per GPU, shared by gemm and mlp: the MLP workspace starts with the GEMM's (its launch
-# counter sits at offset 0 in both), so the largest request serves every smaller one, and the
-# counter stays valid across calls because the buffer is zeroed only when it is allocated.
-_ws_lock = threading.Lock()
-_ws_cache = {}
+# One buffer per GPU, shared by gemm and mlp (_gemm.workspace, kind "w4a8"): zeroed once, it keeps
+# the GEMM's launch counter.
+_ws_cache = _gemm.ws_cache["w4a8"]
 
 
 def gemm_workspace_bytes(device=None):
     """epmoe_w4a8_gemm_workspace() on a CUDA device (0 without CUDA)."""
-    with _current(device):
+    with _gemm.current(device):
         return int(lib.epmoe_w4a8_gemm_workspace())
 
 
 def mlp_workspace_bytes(E, M, H, I, device=None):
     """epmoe_w4a8_mlp_workspace(E, M, H, I) on a CUDA device (the host references need it too)."""
-    with _current(device):
+    with _gemm.current(device):
         return int(lib.epmoe_w4a8_mlp_workspace(*i64s(E=E, M=M, H=H, I=I)))
 
 
-def _current(device):
-    """The GPU whose SM count sizes a workspace; the current one when None or without torch."""
-    torch = torch_or_none() if device is not None else None
-    if torch is None:
-        return contextlib.nullcontext()
-    return torch.cuda.device(torch.device(device))
-
-
 def release_workspaces():
-    """Drop the cached GPU workspaces (the next call on each device allocates and zeroes again)."""
-    with _ws_lock:
-        _ws_cache.clear()
+    """Drop the cached GPU workspaces, of epmoe.experts too (the next call on each device allocates
+    and zeroes again)."""
+    _gemm.release_workspaces()
 
 
-def _device_workspace(like, nbytes, stream):
-    torch = torch_or_none()
-    if torch is None:
-        raise _lib.error(_lib.ERR_UNSUPPORTED, f"a GPU call without torch cannot allocate its workspace; pass "
-                         f"workspace= ({nbytes} bytes, 256-byte aligned, zeroed once)")
-    dev = like.device[1]
-    with _ws_lock:
-        buf = _ws_cache.get(dev)
-        if buf is not None and buf.numel() >= nbytes:
-            return buf
-        cur = torch.cuda.current_stream(dev)
-        if torch.cuda.is_current_stream_capturing():
-            raise _lib.error(_lib.ERR_INVALID_ARG, "the W4A8 workspace would be allocated inside CUDA graph capture; "
-                             "make one call at the largest shape before capturing (or pass workspace=)")
-        if buf is not None:
-            # A kernel on any stream may still use the old buffer: let it finish before torch may
-            # hand the memory to someone else. Growth happens a few times per process at most.
-            torch.cuda.synchronize(dev)
-        buf = torch.zeros(max(int(nbytes), 256), dtype=torch.uint8, device=f"cuda:{dev}")
-        if stream is not None and stream != cur.cuda_stream:
-            cur.synchronize()  # the zeros were written on torch's stream; the kernel runs on another
-        _ws_cache[dev] = buf
-        return buf
-
-
-def _workspace(workspace, nbytes, like, stream):
-    """(keep-alive object, Tensor) of the workspace of a call, or (None, None) when none is needed."""
-    if workspace is not None:
-        t = arg(workspace, "workspace", (), stream=stream)
-        writable(t, "workspace", like)
-        return workspace, t
-    if nbytes == 0:
-        return None, None
-    if like.is_host:
-        buf = _host_buffer(nbytes, np.uint8, (nbytes,))
-        return buf, arg(buf, "workspace", ())
-    buf = _device_workspace(like, nbytes, stream)
-    return buf, arg(buf, "workspace", (), stream=stream)
-
-
-# ---- argument checks shared by gemm and mlp ---------------------------------------------------------
 def _weights_type(w, name):
     if not isinstance(w, W4A8Weights):
         raise TypeError(f"{name} must be W4A8Weights (from epmoe.w4a8.repack), got {type(w).__name__}")
-
-
-def _weights_arg(w, name, like):
-    if w.device != like.device and not (w.is_host and like.is_host):
-        hint = f"w.to('cuda:{like.device[1]}')" if like.is_cuda else "w.to('cpu')"
-        raise DLPackError(f"{name}: the weights are on {w._qt.device_name}, the activations on {like.device_name}; "
-                          f"copy them once with {hint}")
-
-
-def _acts(a, w, name, s):
-    """(Tensor, E, M) of activations fp8 [E, M, K] ([M, K] when E = 1) for weights w."""
-    at = arg(a, name, _FP8, ndim=(2, 3), stream=s)
-    E, M, K = (1,) + at.shape if at.ndim == 2 else at.shape
-    if (E, K) != (w.E, w.K):
-        raise ValueError(f"{name}: shape {at.shape} does not fit weights [E={w.E}, N={w.N}, K={w.K}]: expected "
-                         f"[{w.E}, M, {w.K}]")
-    return at, E, M
-
-
-def _masked_m(masked_m, E, M, like, s):
-    """int32 [E] row counts; None means every row (made where the call runs)."""
-    if masked_m is None:
-        if like.is_host:
-            obj, t = empty((E,), "int32", like)
-            obj[...] = M
-            return obj, t
-        # filled on torch's current stream, then imported for the call's: the exchange orders the fill first
-        obj = torch_or_none().full((E,), M, dtype=torch_or_none().int32, device=f"cuda:{like.device[1]}")
-        return obj, arg(obj, "masked_m", ("int32",), stream=s)
-    t = arg(masked_m, "masked_m", ("int32",), stream=s)
-    if t.size != E:
-        raise ValueError(f"masked_m: needs {E} int32 counts (one per expert), got shape {t.shape}")
-    return masked_m, t
-
-
-def _deepep_mmajor(t, fmt, E, M, K):
-    """DeepEP's low-latency scales, [E, M, G] with strides (G*M, 1, M) (float32 G = K/128, or int32
-    UE8M0 words G = ceil(K/512)): the M-major slabs of SCALE_F32_MMAJOR / SCALE_UE8M0_MMAJOR seen
-    transposed. The slabs themselves as a Tensor, or None when t is not that view."""
-    if fmt not in (SCALE_F32_MMAJOR, SCALE_UE8M0_MMAJOR):
-        return None
-    G = K // GROUP if fmt == SCALE_F32_MMAJOR else (K // GROUP + 3) // 4
-    if t.shape != (E, M, G) or t.strides != (G * M, 1, M) or t.dtype.name != ("float32" if fmt == SCALE_F32_MMAJOR else "int32"):
-        return None
-    return Tensor(t.data_ptr, (E, G, M), t.dtype, t.device, None, t.readonly, t._owner)
-
-
-def _group_scales(a_scales, scale_fmt, E, M, K, like, s):
-    fmt = _fmt(scale_fmt)
-    t = arg(a_scales, "a_scales", (), stream=s, contiguous=False)
-    if not t.is_contiguous():  # DeepEP's view, or refused
-        view = _deepep_mmajor(t, fmt, E, M, K)
-        if view is None:
-            require_contiguous(t, "a_scales")
-        t = view
-    if scale_dtypes(fmt) and t.dtype.name not in scale_dtypes(fmt):
-        raise TypeError(f"a_scales: dtype {t.dtype.name} is not accepted for scale format {fmt}; expected "
-                        f"{' or '.join(scale_dtypes(fmt))}")
-    need = E * scale_bytes(fmt, M, K)
-    if t.nbytes < need:
-        raise ValueError(f"a_scales: {t.nbytes} bytes; {E} slab(s) of scale format {fmt} for [{M}, {K}] need {need}")
-    return fmt, t
 
 
 # ---- the GEMM and the MLP ------------------------------------------------------------------------
@@ -393,16 +268,16 @@ def gemm(w, a, masked_m=None, a_scales=None, scale_fmt="f32_row", *, a_tensor_sc
     pass their own `workspace=` (256-byte aligned, zeroed once by the caller)."""
     _weights_type(w, "w")
     s = launch_stream((a, a_scales, masked_m, a_tensor_scale), stream)
-    at, E, M = _acts(a, w, "a", s)
-    _weights_arg(w, "w", at)
+    at, E, M = _gemm.acts(a, w, "a", s, _FP8)
+    _gemm.weights_place(w, w._qt, "w", at)
     st, fmt, tt = None, 0, None
     if a_scales is not None and a_tensor_scale is not None:
         raise ValueError("gemm: give a_scales (mode a) or a_tensor_scale (mode b), not both")
     if a_scales is not None:
-        fmt, st = _group_scales(a_scales, scale_fmt, E, M, w.K, at, s)
+        fmt, st = _gemm.group_scales(a_scales, scale_fmt, E, M, w.K, s)
     elif a_tensor_scale is not None:
         a_tensor_scale, tt = _scalar_scale(a_tensor_scale, "a_tensor_scale", at, s)
-    mm, mt = _masked_m(masked_m, E, M, at, s)
+    mm, mt = _gemm.masked_m(masked_m, E, M, at, s)
     res, ot = output(out, "out", (E, M, w.N) if at.ndim == 3 else (M, w.N), _BF16_HOST if at.is_host else _BF16_GPU,
                      at, stream=s, zero=True)
     same_device([("a", at), ("a_scales", st), ("a_tensor_scale", tt), ("masked_m", mt), ("out", ot)], "gemm")
@@ -412,7 +287,7 @@ def gemm(w, a, masked_m=None, a_scales=None, scale_fmt="f32_row", *, a_tensor_sc
         check(lib.epmoe_w4a8_gemm_ref(ctypes.byref(g)))
         return res
     with on_device(at):
-        _, wst = _workspace(workspace, int(lib.epmoe_w4a8_gemm_workspace()), at, s)
+        _, wst = _gemm.workspace("w4a8", workspace, int(lib.epmoe_w4a8_gemm_workspace()), at, s)
         g.workspace, g.workspace_bytes = ptr(wst), wst.nbytes if wst is not None else 0
         check(lib.epmoe_w4a8_gemm_cuda(ctypes.byref(g), s))
     return res
@@ -431,26 +306,26 @@ def mlp(w13, w2, a, masked_m=None, a_scales=None, scale_fmt="f32_row", *, a_tens
     _weights_type(w13, "w13")
     _weights_type(w2, "w2")
     s = launch_stream((a, a_scales, masked_m, a_tensor_scale, a2_tensor_scale), stream)
-    at, E, M = _acts(a, w13, "a", s)
-    _weights_arg(w13, "w13", at)
-    _weights_arg(w2, "w2", at)
+    at, E, M = _gemm.acts(a, w13, "a", s, _FP8)
+    _gemm.weights_place(w13, w13._qt, "w13", at)
+    _gemm.weights_place(w2, w2._qt, "w2", at)
     H, I = w13.K, w2.K
     st, fmt, tt, t2 = None, 0, None, None
     if a_scales is not None and (a_tensor_scale is not None or a2_tensor_scale is not None):
         raise ValueError("mlp: give a_scales (mode a) or a_tensor_scale and a2_tensor_scale (mode b), not both")
     if a_scales is not None:
-        fmt, st = _group_scales(a_scales, scale_fmt, E, M, H, at, s)
+        fmt, st = _gemm.group_scales(a_scales, scale_fmt, E, M, H, s)
     if a_tensor_scale is not None:
         a_tensor_scale, tt = _scalar_scale(a_tensor_scale, "a_tensor_scale", at, s)
     if a2_tensor_scale is not None:
         a2_tensor_scale, t2 = _scalar_scale(a2_tensor_scale, "a2_tensor_scale", at, s)
-    mm, mt = _masked_m(masked_m, E, M, at, s)
+    mm, mt = _gemm.masked_m(masked_m, E, M, at, s)
     res, ot = output(out, "out", (E, M, w2.N) if at.ndim == 3 else (M, w2.N), _BF16_HOST if at.is_host else _BF16_GPU,
                      at, stream=s, zero=True)
     same_device([("a", at), ("a_scales", st), ("a_tensor_scale", tt), ("a2_tensor_scale", t2), ("masked_m", mt),
                  ("out", ot)], "mlp")
     with on_device(at):
-        _, wst = _workspace(workspace, int(lib.epmoe_w4a8_mlp_workspace(E, M, H, I)), at, s)
+        _, wst = _gemm.workspace("w4a8", workspace, int(lib.epmoe_w4a8_mlp_workspace(E, M, H, I)), at, s)
         m = _MlpArgsC(w13._c(), w2._c(), ptr(at), M, ptr(mt), ptr(st), fmt, ptr(tt), ptr(t2), ptr(wst),
                       wst.nbytes if wst is not None else 0, ptr(ot), w2.N, M * w2.N, *i64s(expected_m=expected_m))
         if at.is_host:
