@@ -2,11 +2,13 @@
 and 1x128 scale arguments, the weights' place, and the workspaces (host buffers per call, one
 cached buffer per GPU and kind)."""
 import contextlib
+import ctypes
 import threading
 
 import numpy as np
 
 from . import _lib
+from ._lib import check
 from ._util import arg, empty, torch_or_none, writable
 from .dlpack import DLPackError, Tensor, require_contiguous
 from .formats import GROUP, SCALE_F32_MMAJOR, SCALE_UE8M0_MMAJOR, _fmt, scale_bytes, scale_dtypes
@@ -152,3 +154,11 @@ def group_scales(a_scales, scale_fmt, E, M, K, s):
     if t.nbytes < need:
         raise ValueError(f"a_scales: {t.nbytes} bytes; {E} slab(s) of scale format {fmt} for [{M}, {K}] need {need}")
     return fmt, t
+
+
+def run(like, ref, cuda, args, stream):
+    """The call of args (a ctypes struct): its reference on host arrays, its kernel on CUDA tensors."""
+    if like.is_host:
+        check(ref(ctypes.byref(args)))
+    else:
+        check(cuda(ctypes.byref(args), stream))

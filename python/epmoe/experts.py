@@ -21,7 +21,7 @@ import ctypes
 import numbers
 
 from . import _gemm
-from ._lib import check, lib
+from ._lib import lib
 from ._util import arg, copy_to, i64s, launch_stream, on_device, output, ptr, same_device
 
 __all__ = ["ExpertWeights", "FORMATS", "gemm", "mlp", "mlp_workspace_bytes", "release_workspaces"]
@@ -166,11 +166,8 @@ def gemm(w, a, masked_m=None, a_scales=None, scale_fmt="f32_row", *, out=None, e
                      _gemm.BF16_HOST if at.is_host else _gemm.BF16_GPU, at, stream=s, zero=True)
     same_device([("a", at), ("a_scales", st), ("masked_m", mt), ("out", ot)], "gemm")
     g = _GemmArgsC(w._c(), ptr(at), M, ptr(mt), ptr(st), fmt, ptr(ot), w.N, M * w.N, *i64s(expected_m=expected_m))
-    if at.is_host:
-        check(lib.epmoe_expert_gemm_ref(ctypes.byref(g)))
-    else:
-        with on_device(at):
-            check(lib.epmoe_expert_gemm_cuda(ctypes.byref(g), s))
+    with on_device(at):
+        _gemm.run(at, lib.epmoe_expert_gemm_ref, lib.epmoe_expert_gemm_cuda, g, s)
     return res
 
 
@@ -198,8 +195,5 @@ def mlp(w13, w2, a, masked_m=None, a_scales=None, scale_fmt="f32_row", *, out=No
         _, wst = _gemm.workspace("experts", workspace, nbytes, at, s)
         m = _MlpArgsC(w13._c(), w2._c(), ptr(at), M, ptr(mt), ptr(st), fmt, ptr(wst),
                       wst.nbytes if wst is not None else 0, ptr(ot), w2.N, M * w2.N, *i64s(expected_m=expected_m))
-        if at.is_host:
-            check(lib.epmoe_expert_mlp_ref(ctypes.byref(m)))
-        else:
-            check(lib.epmoe_expert_mlp_cuda(ctypes.byref(m), s))
+        _gemm.run(at, lib.epmoe_expert_mlp_ref, lib.epmoe_expert_mlp_cuda, m, s)
     return res

@@ -328,8 +328,5 @@ def mlp(w13, w2, a, masked_m=None, a_scales=None, scale_fmt="f32_row", *, a_tens
         _, wst = _gemm.workspace("w4a8", workspace, int(lib.epmoe_w4a8_mlp_workspace(E, M, H, I)), at, s)
         m = _MlpArgsC(w13._c(), w2._c(), ptr(at), M, ptr(mt), ptr(st), fmt, ptr(tt), ptr(t2), ptr(wst),
                       wst.nbytes if wst is not None else 0, ptr(ot), w2.N, M * w2.N, *i64s(expected_m=expected_m))
-        if at.is_host:
-            check(lib.epmoe_w4a8_mlp_ref(ctypes.byref(m)))
-        else:
-            check(lib.epmoe_w4a8_mlp_cuda(ctypes.byref(m), s))
+        _gemm.run(at, lib.epmoe_w4a8_mlp_ref, lib.epmoe_w4a8_mlp_cuda, m, s)
     return res

@@ -211,3 +211,15 @@ def silu_mul(gate_up_bits, I):
     ex = np.exp(-gate.astype(np.float64)).astype(np.float32)
     s = (gate / (np.float32(1.0) + ex)).astype(np.float32)
     return bf16_bits((s * up).astype(np.float32))
+
+
+def mlp_intermediates(gate_up, masked_m, I):
+    """GEMM1's output of an MLP (fp64 [E, M, 2I], NaN past masked_m) to the intermediate's rows:
+    (expert, rows, silu(gate) * up as bf16 bits [rows, I]) for each expert with rows, the fp64 sums
+    rounded to fp32 and then to bf16 on the way, as the library's GEMM1 writes them."""
+    M = gate_up.shape[1]
+    for e in range(gate_up.shape[0]):
+        rows = int(min(max(masked_m[e], 0), M))
+        if rows:
+            with np.errstate(over="ignore"):
+                yield e, rows, silu_mul(bf16_bits(gate_up[e, :rows].astype(np.float32)), I)

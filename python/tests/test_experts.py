@@ -102,12 +102,7 @@ def mlp_model(w13, w2, av, sa, masked):
     gate_up = gemm_model(w13, av, sa, masked)
     inter = np.zeros((E, M, I))
     isa = np.zeros((E, M, I // 128)) if fp8 else None
-    for e in range(E):
-        rows = int(min(max(masked[e], 0), M))
-        if rows == 0:
-            continue
-        with np.errstate(over="ignore"):
-            y = mdl.silu_mul(mdl.bf16_bits(gate_up[e, :rows].astype(np.float32)), I)
+    for e, rows, y in mdl.mlp_intermediates(gate_up, masked, I):
         if fp8:
             q, s = mdl.group_cast(y)
             inter[e, :rows], isa[e, :rows] = mdl.fp8_value(q), s
@@ -116,13 +111,18 @@ def mlp_model(w13, w2, av, sa, masked):
     return gemm_model(w2, inter, isa, masked)
 
 
-@pytest.mark.parametrize("fmt,group", FORMATS)
-def test_mlp_ref_equals_its_steps(fmt, group):
-    rng = np.random.default_rng(70 + group + len(fmt))
-    E, M, H, I = 3, 4, 256, 384
+def mlp_case(seed, fmt, group, E, M, H, I, scale_fmt):
+    """Host weights w13 [E, 2I, H] and w2 [E, H, I] of one format, and make_inputs' activations."""
+    rng = np.random.default_rng(seed)
     w13 = expert_weights(rng, fmt, E, 2 * I, H, group or 128)
     w2 = expert_weights(rng, fmt, E, H, I, group or 128)
-    a, slabs, sa, av = make_inputs(rng, fmt, E, M, H, epmoe.SCALE_F32_MMAJOR)
+    return (w13, w2) + make_inputs(rng, fmt, E, M, H, scale_fmt)
+
+
+@pytest.mark.parametrize("fmt,group", FORMATS)
+def test_mlp_ref_equals_its_steps(fmt, group):
+    E, M, H, I = 3, 4, 256, 384
+    w13, w2, a, slabs, sa, av = mlp_case(70 + group + len(fmt), fmt, group, E, M, H, I, epmoe.SCALE_F32_MMAJOR)
     masked = np.array([4, 0, 1], np.int32)
     out = np.full((E, M, H), POISON, np.uint16)
     assert experts.mlp(w13, w2, a, masked, slabs, epmoe.SCALE_F32_MMAJOR, out=out) is out

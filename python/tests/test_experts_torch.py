@@ -14,7 +14,7 @@ import pytest
 import epmoe
 import models as mdl
 from epmoe import experts
-from test_experts import FORMATS, make_inputs
+from test_experts import FORMATS, make_inputs, mlp_case
 from test_layer import dequant, expert_weights
 
 torch = pytest.importorskip("torch")
@@ -78,11 +78,8 @@ def test_gemm_kernel_within_error_model(fmt, group, E, N, K, M, masked, expected
 @gpu
 @pytest.mark.parametrize("fmt,group", FORMATS)
 def test_mlp_kernel_close_to_reference(fmt, group):
-    rng = np.random.default_rng(600 + group + len(fmt))
     E, M, H, I = 2, 7, 256, 384
-    w13 = expert_weights(rng, fmt, E, 2 * I, H, group or 128)
-    w2 = expert_weights(rng, fmt, E, H, I, group or 128)
-    a, slabs, _, _ = make_inputs(rng, fmt, E, M, H, epmoe.SCALE_F32_ROW)
+    w13, w2, a, slabs, _, _ = mlp_case(600 + group + len(fmt), fmt, group, E, M, H, I, epmoe.SCALE_F32_ROW)
     masked = np.array([7, 2], np.int32)
     ref = experts.mlp(w13, w2, a, masked, slabs)
     got = experts.mlp(w13.to("cuda"), w2.to("cuda"), dev(a), dev(masked), dev(slabs) if slabs is not None else None)

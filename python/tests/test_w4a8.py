@@ -221,12 +221,7 @@ def mlp_model(vals13, s13, vals2, s2, a, sa, masked, I, *, tensor_scales=None):
     gate_up, _ = mdl.w4a8_gemm(vals13, s13, a, sa, masked)
     inter = np.zeros((E, M, I), np.uint8)
     isa = np.zeros((E, M, I // 128), np.float32)
-    for e in range(E):
-        rows = int(min(max(masked[e], 0), M))
-        if rows == 0:
-            continue
-        with np.errstate(over="ignore"):
-            y = mdl.silu_mul(mdl.bf16_bits(gate_up[e, :rows].astype(np.float32)), I)
+    for e, rows, y in mdl.mlp_intermediates(gate_up, masked, I):
         if tensor_scales is None:
             inter[e, :rows], isa[e, :rows] = epmoe.cast_group_fp8(y, epmoe.SCALE_F32_ROW)
         else:
