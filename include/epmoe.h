@@ -250,7 +250,8 @@ typedef struct epmoe_w4a8_gemm_args {
 EPMOE_API size_t epmoe_w4a8_gemm_workspace(void);
 /* Limits of every GEMM and MLP entry (EPMOE_ERR_INVALID_ARG beyond them): E <= 4096 experts; M, N and
 ** K each at most 2^24. An output (and an MLP's workspace) that overlaps the activations, their scales,
-** masked_m or (MLP) the workspace (resp. the output) is refused too; the weights are not checked.
+** masked_m, the weights (data and scales), the per-tensor scales of mode (b) or (MLP) the workspace
+** (resp. the output) is refused too.
 ** GPU limits (EPMOE_ERR_INVALID_ARG beyond them, the references have none): E <= 2048 experts (each
 ** CTA keeps 2E + 1 ints in shared memory), E * M < 2^31 activation rows and fewer than 2^31 work
 ** items (E x token tiles x N / 128). The same hold for epmoe_w4a8_mlp_cuda, and for

@@ -101,6 +101,16 @@ static epmoe_status acts_apart(const char *fn, const void *o, size_t on, const c
                              a_scales, sn);
 }
 
+/* An output region [o, o + on) apart from a weight matrix (checked before): its data and its scales. */
+static epmoe_status weights_apart(const char *fn, const void *o, size_t on, const char *o_name, const char *w_name,
+                                  const epmoe_expert_weights *w) {
+    const struct expert_format *f = &formats[w->format];
+    const size_t dn = (size_t)(w->E * w->N * w->K) * (size_t)f->weight_bits / 8;
+    const int64_t scale_rows = w->format == EPMOE_WEIGHT_FP8_BLOCK ? w->N / EPMOE_GROUP : w->N; /* 128x128 blocks */
+    const size_t sn = f->weight_scales ? (size_t)(w->E * scale_rows * (w->K / k_per_scale(w))) * sizeof(float) : 0;
+    return epmoe__weights_apart(fn, o, on, o_name, w_name, w->data, dn, f->weight_scales ? w->scales : NULL, sn);
+}
+
 epmoe_status epmoe__check_expert_gemm(const char *fn, const epmoe_expert_gemm_args *g, int device) {
     EPMOE_CHECK(epmoe__need(fn, g, "args", 1));
     EPMOE_CHECK(epmoe__check_expert_weights(fn, "w", &g->w, device));
@@ -108,7 +118,8 @@ epmoe_status epmoe__check_expert_gemm(const char *fn, const epmoe_expert_gemm_ar
     EPMOE_CHECK(check_out(fn, g->w.E, g->M, g->w.N, g->out, g->out_row_stride, g->out_expert_stride, g->expected_m, device));
     if (device) EPMOE_CHECK(check_gpu_limits(fn, &g->w, g->M));
     const size_t on = epmoe__out_span(g->w.E, g->M, g->w.N, g->out_row_stride, g->out_expert_stride);
-    return acts_apart(fn, g->out, on, "out", &g->w, g->M, g->a, g->masked_m, g->a_scales, g->a_scale_fmt);
+    EPMOE_CHECK(acts_apart(fn, g->out, on, "out", &g->w, g->M, g->a, g->masked_m, g->a_scales, g->a_scale_fmt));
+    return weights_apart(fn, g->out, on, "out", "w", &g->w);
 }
 
 epmoe_status epmoe__check_expert_mlp(const char *fn, const epmoe_expert_mlp_args *m, int device) {
@@ -141,6 +152,10 @@ epmoe_status epmoe__check_expert_mlp(const char *fn, const epmoe_expert_mlp_args
     const size_t on = epmoe__out_span(E, m->M, H, m->out_row_stride, m->out_expert_stride);
     EPMOE_CHECK(acts_apart(fn, m->out, on, "out", w13, m->M, m->a, m->masked_m, m->a_scales, m->a_scale_fmt));
     EPMOE_CHECK(acts_apart(fn, m->workspace, ws, "workspace", w13, m->M, m->a, m->masked_m, m->a_scales, m->a_scale_fmt));
+    EPMOE_CHECK(weights_apart(fn, m->out, on, "out", "w13", w13));
+    EPMOE_CHECK(weights_apart(fn, m->out, on, "out", "w2", w2));
+    EPMOE_CHECK(weights_apart(fn, m->workspace, ws, "workspace", "w13", w13));
+    EPMOE_CHECK(weights_apart(fn, m->workspace, ws, "workspace", "w2", w2));
     return epmoe__need_apart(fn, m->out, on, "out", m->workspace, ws, "workspace");
 }
 

@@ -45,6 +45,27 @@ epmoe_status epmoe__acts_apart(const char *fn, const void *o, size_t on, const c
     return epmoe__need_apart(fn, o, on, o_name, a_scales, sn, "a_scales");
 }
 
+epmoe_status epmoe__weights_apart(const char *fn, const void *o, size_t on, const char *o_name, const char *w_name,
+                                  const void *data, size_t dn, const void *scales, size_t sn) {
+    if (on == 0) return EPMOE_OK;
+    EPMOE_CHECK(epmoe__need_apart(fn, o, on, o_name, data, dn, w_name));
+    return epmoe__need_apart(fn, o, on, o_name, scales, sn, w_name);
+}
+
+/* An output (or workspace) of a W4A8 GEMM or MLP apart from a repacked weight matrix
+** (epmoe_w4a8_repack_size's bytes, checked dimensions) and from the per-tensor scales of mode (b). */
+static epmoe_status w4_weights_apart(const char *fn, const void *o, size_t on, const char *o_name, const char *w_name,
+                                     const epmoe_w4a8_weights *w) {
+    const size_t qb = (size_t)(w->E * w->N * w->K / 2), sb = (size_t)(w->E * w->N * (w->K / W4_GROUP)) * sizeof(uint16_t);
+    return epmoe__weights_apart(fn, o, on, o_name, w_name, w->qweight, qb, w->scales, sb);
+}
+static epmoe_status tensor_scales_apart(const char *fn, const void *o, size_t on, const char *o_name, const float *s1,
+                                        const float *s2) {
+    if (on == 0) return EPMOE_OK;
+    EPMOE_CHECK(epmoe__need_apart(fn, o, on, o_name, s1, s1 ? 4 : 0, "a_tensor_scale"));
+    return epmoe__need_apart(fn, o, on, o_name, s2, s2 ? 4 : 0, "a2_tensor_scale");
+}
+
 epmoe_status epmoe__check_dims(const char *fn, const char *what, int64_t E, int64_t N, int64_t K) {
     if (E < 0 || E > EPMOE__MAX_EXPERTS)
         return epmoe__fail(EPMOE_ERR_INVALID_ARG, "%s: %s E = %lld must be in [0, %d]", fn, what, (long long)E,
@@ -253,9 +274,11 @@ epmoe_status epmoe__check_w4a8_gemm(const char *fn, const epmoe_w4a8_gemm_args *
         return epmoe__fail(EPMOE_ERR_INVALID_ARG, "%s: expected_m = %lld must be >= 0", fn, (long long)g->expected_m);
     if (device) EPMOE_CHECK(epmoe__check_wgmma_limits(fn, g->w.E, g->M, g->w.N, 8, 0));
     const int64_t E = g->w.E, M = g->M, K = g->w.K;
-    return epmoe__acts_apart(fn, g->out, epmoe__out_span(E, M, g->w.N, g->out_row_stride, g->out_expert_stride), "out",
-                             g->a, (size_t)(E * M * K), g->masked_m, E, g->a_scales,
-                             a_scale_bytes(g->a_scales, g->a_scale_fmt, E, M, K));
+    const size_t on = epmoe__out_span(E, M, g->w.N, g->out_row_stride, g->out_expert_stride);
+    EPMOE_CHECK(epmoe__acts_apart(fn, g->out, on, "out", g->a, (size_t)(E * M * K), g->masked_m, E, g->a_scales,
+                                  a_scale_bytes(g->a_scales, g->a_scale_fmt, E, M, K)));
+    EPMOE_CHECK(w4_weights_apart(fn, g->out, on, "out", "w", &g->w));
+    return tensor_scales_apart(fn, g->out, on, "out", g->a_scales ? NULL : g->a_tensor_scale, NULL);
 }
 
 /* ---- MLP workspace: the one layout function of the buffer ------------------------------ */
@@ -309,6 +332,15 @@ epmoe_status epmoe__check_w4a8_mlp(const char *fn, const epmoe_w4a8_mlp_args *m,
     const size_t sn = a_scale_bytes(m->a_scales, m->a_scale_fmt, E, m->M, H);
     EPMOE_CHECK(epmoe__acts_apart(fn, m->out, on, "out", m->a, an, m->masked_m, E, m->a_scales, sn));
     EPMOE_CHECK(epmoe__acts_apart(fn, m->workspace, ws, "workspace", m->a, an, m->masked_m, E, m->a_scales, sn));
+    const float *s1 = m->a_scales ? NULL : m->a_tensor_scale, *s2 = m->a_scales ? NULL : m->a2_tensor_scale;
+    for (int i = 0; i < 2; i++) { /* the output, then the workspace */
+        const void *o = i ? m->workspace : (const void *)m->out;
+        const size_t n = i ? ws : on;
+        const char *name = i ? "workspace" : "out";
+        EPMOE_CHECK(w4_weights_apart(fn, o, n, name, "w13", &m->w13));
+        EPMOE_CHECK(w4_weights_apart(fn, o, n, name, "w2", &m->w2));
+        EPMOE_CHECK(tensor_scales_apart(fn, o, n, name, s1, s2));
+    }
     return epmoe__need_apart(fn, m->out, on, "out", m->workspace, ws, "workspace");
 }
 

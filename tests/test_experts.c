@@ -374,6 +374,12 @@ static void test_gemm_bad_args(void) {
     CHECK(strstr(epmoe_last_error(), "out overlaps a") != NULL, "message: %s", epmoe_last_error());
     BAD(a_scales, obuf + 8, EPMOE_ERR_INVALID_ARG);
     CHECK(strstr(epmoe_last_error(), "out overlaps a_scales") != NULL, "message: %s", epmoe_last_error());
+    BAD(w.data, (const void *)(obuf + 512), EPMOE_ERR_INVALID_ARG); /* the output over the weights */
+    CHECK(strstr(epmoe_last_error(), "out overlaps w") != NULL, "message: %s", epmoe_last_error());
+    BAD(w.scales, (const float *)(const void *)(obuf + 2000), EPMOE_ERR_INVALID_ARG); /* their block scales (16 bytes) */
+    CHECK(strstr(epmoe_last_error(), "out overlaps w") != NULL, "message: %s", epmoe_last_error());
+    g = good, g.w.scales = (const float *)(const void *)(obuf + 2 * 4 * 256); /* just past the output: apart */
+    CHECK_STATUS(epmoe_expert_gemm_ref(&g), EPMOE_OK);
     BAD(w.scales, NULL, EPMOE_ERR_NULL_POINTER);
     BAD(w.scales, (const float *)((const uint8_t *)wscales + 2), EPMOE_ERR_MISALIGNED); /* 4 bytes, host too */
     BAD(a, NULL, EPMOE_ERR_NULL_POINTER);
@@ -482,6 +488,10 @@ static void test_mlp_bad_args(void) {
     CHECK(strstr(epmoe_last_error(), "out overlaps workspace") != NULL, "message: %s", epmoe_last_error());
     BAD(a, ws_buf + 4096, EPMOE_ERR_INVALID_ARG);
     CHECK(strstr(epmoe_last_error(), "workspace overlaps a") != NULL, "message: %s", epmoe_last_error());
+    BAD(w2.data, (const void *)(obuf + 256), EPMOE_ERR_INVALID_ARG); /* the output over w2's nibbles */
+    CHECK(strstr(epmoe_last_error(), "out overlaps w2") != NULL, "message: %s", epmoe_last_error());
+    BAD(w13.scales, (const float *)(const void *)(ws_buf + 2048), EPMOE_ERR_INVALID_ARG); /* the workspace over them */
+    CHECK(strstr(epmoe_last_error(), "workspace overlaps w13") != NULL, "message: %s", epmoe_last_error());
     BAD(workspace, ws_buf + 8, EPMOE_ERR_MISALIGNED); /* 16 bytes on the host, 256 on the GPU */
     m = good, m.workspace = ws_buf + 16, m.workspace_bytes = sizeof ws_buf - 16;
     CHECK_STATUS(epmoe_expert_mlp_ref(&m), EPMOE_OK);

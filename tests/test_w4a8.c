@@ -316,7 +316,7 @@ static void test_bad_args(void) {
     static uint16_t sw[2 * 256 * 2];
     static uint8_t a[2 * 4 * 256];
     static float sa[2 * 4 * 2];
-    static uint16_t out[2 * 4 * 256];
+    static _Alignas(16) uint16_t out[2 * 4 * 256];
     int32_t masked[2] = {4, 4};
     const epmoe_w4a8_gemm_args good = {{2, 256, 256, EPMOE_W4_SYM7, qw, sw}, a, 4, masked, sa, EPMOE_SCALE_F32_ROW,
                                        NULL, out, 256, 1024, 0, NULL, 0};
@@ -356,6 +356,15 @@ static void test_bad_args(void) {
     CHECK(strstr(epmoe_last_error(), "out overlaps a_scales") != NULL, "message: %s", epmoe_last_error());
     BAD(masked_m, (const int32_t *)(void *)(out + 2000), EPMOE_ERR_INVALID_ARG);
     CHECK(strstr(epmoe_last_error(), "out overlaps masked_m") != NULL, "message: %s", epmoe_last_error());
+    BAD(w.qweight, (const void *)(out + 1024), EPMOE_ERR_INVALID_ARG); /* the output over the weights */
+    CHECK(strstr(epmoe_last_error(), "out overlaps w") != NULL, "message: %s", epmoe_last_error());
+    BAD(w.scales, out + 1024, EPMOE_ERR_INVALID_ARG);
+    CHECK(strstr(epmoe_last_error(), "out overlaps w") != NULL, "message: %s", epmoe_last_error());
+    g = good, g.a_scales = NULL, g.a_tensor_scale = (const float *)(const void *)(out + 8); /* mode (b)'s scale */
+    CHECK_STATUS(epmoe_w4a8_gemm_ref(&g), EPMOE_ERR_INVALID_ARG);
+    CHECK(strstr(epmoe_last_error(), "out overlaps a_tensor_scale") != NULL, "message: %s", epmoe_last_error());
+    g.a_scales = sa; /* mode (a): the tensor scale is not read, so not checked */
+    CHECK_STATUS(epmoe_w4a8_gemm_ref(&g), EPMOE_OK);
     g = good;
     g.a = a + 1; /* the GPU path needs 16-byte rows */
     CHECK_STATUS(epmoe_w4a8_gemm_cuda(&g, NULL), EPMOE_ERR_MISALIGNED);
@@ -505,6 +514,15 @@ static void test_bad_args(void) {
     m = mgood, m.a = ws + 4096;
     CHECK_STATUS(epmoe_w4a8_mlp_ref(&m), EPMOE_ERR_INVALID_ARG);
     CHECK(strstr(epmoe_last_error(), "workspace overlaps a") != NULL, "message: %s", epmoe_last_error());
+    m = mgood, m.w2.qweight = out + 512; /* the output over w2 */
+    CHECK_STATUS(epmoe_w4a8_mlp_ref(&m), EPMOE_ERR_INVALID_ARG);
+    CHECK(strstr(epmoe_last_error(), "out overlaps w2") != NULL, "message: %s", epmoe_last_error());
+    m = mgood, m.w13.scales = (const uint16_t *)(const void *)(ws + 1024); /* the workspace over w13's scales */
+    CHECK_STATUS(epmoe_w4a8_mlp_ref(&m), EPMOE_ERR_INVALID_ARG);
+    CHECK(strstr(epmoe_last_error(), "workspace overlaps w13") != NULL, "message: %s", epmoe_last_error());
+    m = mgood, m.a_scales = NULL, m.a_tensor_scale = &one, m.a2_tensor_scale = (const float *)(const void *)(ws + 512);
+    CHECK_STATUS(epmoe_w4a8_mlp_ref(&m), EPMOE_ERR_INVALID_ARG); /* mode (b): GEMM2's scale inside the workspace */
+    CHECK(strstr(epmoe_last_error(), "workspace overlaps a2_tensor_scale") != NULL, "message: %s", epmoe_last_error());
     m = mgood, m.out = (uint16_t *)(void *)a;
     CHECK_STATUS(epmoe_w4a8_mlp_ref(&m), EPMOE_ERR_INVALID_ARG);
     CHECK_STATUS(epmoe_w4a8_mlp_cuda(&m, NULL), EPMOE_ERR_INVALID_ARG);
