@@ -7,9 +7,13 @@ DLPack's exchange, the shortcuts for torch CUDA tensors turned off), each:
 - host: Python time per dispatch + combine pair, the GPU kept busy behind a sleep kernel (median of 200);
 - GPU: CUDA events around the pair with its launches queued behind a 1 ms sleep (median of 200);
 - graph: the pair captured once in a CUDA graph and replayed (median of 200 replays, events around each).
-The slower rank's medians are printed, one line each."""
+The slower rank's medians are printed, one line each. EPMOE_BENCH_PROFILE=n also prints rank 0's
+cProfile of n EpGroup pairs (the functions with the most time of their own, then by cumulative time):
+where the host time goes."""
 import contextlib
+import cProfile
 import os
+import pstats
 import statistics
 import time
 
@@ -110,6 +114,20 @@ def main():
         d = g.dispatch(x, idx)
         g.combine(d, y, w)
 
+    n_prof = int(os.environ.get("EPMOE_BENCH_PROFILE", "0"))
+    if n_prof and me == 0:
+        for _ in range(WARM):
+            direct()
+        torch.cuda.synchronize()
+        prof = cProfile.Profile()
+        prof.enable()
+        for _ in range(n_prof):
+            direct()
+        prof.disable()
+        torch.cuda.synchronize()
+        st = pstats.Stats(prof)
+        st.sort_stats("tottime").print_stats(30)
+        st.sort_stats("cumulative").print_stats(25)
     rows.append(("EpGroup", direct))
     rows.append(("  via DLPack", direct))  # the same, every tensor through DLPack's exchange (no shortcut)
     for name, step in rows:

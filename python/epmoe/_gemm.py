@@ -10,7 +10,7 @@ import numpy as np
 from . import _lib
 from ._lib import check
 from ._util import arg, empty, torch_or_none, writable
-from .dlpack import DLPackError, Tensor, require_contiguous
+from .dlpack import DLPackError, Tensor, current_raw_stream, require_contiguous
 from .formats import GROUP, SCALE_F32_MMAJOR, SCALE_UE8M0_MMAJOR, _fmt, scale_bytes, scale_dtypes
 
 BF16_HOST, BF16_GPU = ("uint16", "bfloat16"), ("bfloat16", "uint16")
@@ -118,8 +118,13 @@ def masked_m(counts, E, M, like, s):
             obj[...] = M
             return obj, t
         # filled on torch's current stream, then imported for the call's: the exchange orders the fill first
-        obj = torch_or_none().full((E,), M, dtype=torch_or_none().int32, device=f"cuda:{like.device[1]}")
-        return obj, arg(obj, "masked_m", ("int32",), stream=s)
+        torch, dev = torch_or_none(), like.device[1]
+        obj = torch.full((E,), M, dtype=torch.int32, device=f"cuda:{dev}")
+        t = arg(obj, "masked_m", ("int32",), stream=s)
+        if s is not None and s != current_raw_stream(torch, dev):
+            # freed when the call returns, while its kernel may still read it on another stream
+            obj.record_stream(torch.cuda.ExternalStream(s, device=f"cuda:{dev}"))
+        return obj, t
     t = arg(counts, "masked_m", ("int32",), stream=s)
     if t.size != E:
         raise ValueError(f"masked_m: needs {E} int32 counts (one per expert), got shape {t.shape}")
