@@ -43,19 +43,22 @@ class InUse:
         self._inside = 0
         self._closed = False
 
-    @contextlib.contextmanager
     def call(self):
+        """`with guard.call():` around a call into the library (the guard is its own context manager:
+        no generator a call, which a dispatch + combine pair paid four times)."""
+        return self
+
+    def __enter__(self):
         with self._cv:
             if self._closed:
                 raise _lib.error(_lib.ERR_INVALID_ARG, f"{self._what} is closed")
             self._inside += 1
-        try:
-            yield
-        finally:
-            with self._cv:
-                self._inside -= 1
-                if not self._inside:
-                    self._cv.notify_all()
+
+    def __exit__(self, *exc):
+        with self._cv:
+            self._inside -= 1
+            if not self._inside:
+                self._cv.notify_all()
 
     def close(self):
         """Refuse new calls, wait for the ones inside; True the first time."""
@@ -121,21 +124,22 @@ def launch_stream(objs, stream):
             continue
         torch = sys.modules.get("torch")
         if torch is not None and isinstance(obj, torch.Tensor):
-            return torch.cuda.current_stream(obj.device).cuda_stream
+            return current_raw_stream(torch, obj.device.index)
         return 0
     return None
 
 
-@contextlib.contextmanager
 def on_device(t):
     """Make t's GPU the current one while a _cuda entry point launches (they use the current device).
-    Needs torch to switch devices; without it the current device must already be t's."""
+    Needs torch to switch devices; without it the current device must already be t's. Nothing to do
+    (a null context) when it already is, the common case."""
     torch = torch_or_none() if t.is_cuda else None
-    if torch is None or not t.is_cuda:
-        yield
-        return
-    with torch.cuda.device(t.device[1]):
-        yield
+    if torch is None or torch.cuda.current_device() == t.device[1]:
+        return _NO_SWITCH
+    return torch.cuda.device(t.device[1])
+
+
+_NO_SWITCH = contextlib.nullcontext()
 
 
 def arg(obj, name, dtypes, *, ndim=None, stream=None, allow_none=False, contiguous=True):
@@ -152,7 +156,7 @@ def arg(obj, name, dtypes, *, ndim=None, stream=None, allow_none=False, contiguo
     if not (t.is_host or t.is_cuda):  # the library has host (_ref) and CUDA (_cuda) entry points only
         raise DLPackError(f"{name}: is on {t.device_name} (DLPack device type {t.device[0]}); epmoe takes host "
                           "(CPU) memory or CUDA devices")
-    allowed = [dtype(d) for d in dtypes]
+    allowed = _allowed(dtypes)
     if allowed and t.dtype not in allowed:
         raise TypeError(f"{name}: dtype {t.dtype.name} is not accepted here; expected "
                         f"{' or '.join(d.name for d in allowed)}")
@@ -163,6 +167,19 @@ def arg(obj, name, dtypes, *, ndim=None, stream=None, allow_none=False, contiguo
     if t.size and not t.data_ptr:  # a producer's malformed tensor: the library would dereference NULL
         raise DLPackError(f"{name}: {t.size} elements at a NULL data pointer")
     return t
+
+
+_ALLOWED = {}  # a call site's dtype names -> their DTypes
+
+
+def _allowed(dtypes):
+    try:
+        return _ALLOWED[dtypes]
+    except (KeyError, TypeError):  # TypeError: a list, not cached
+        v = tuple(dtype(d) for d in dtypes)
+        if isinstance(dtypes, tuple):
+            _ALLOWED[dtypes] = v
+        return v
 
 
 def same_device(tensors, what):
@@ -188,8 +205,7 @@ def empty(shape, dt, like, *, zero=False, stream=None):
     if torch is None or not like.is_cuda:
         raise _lib.error(_lib.ERR_UNSUPPORTED, f"cannot allocate an output on {like.device_name} without torch; "
                          "pass out= tensors")
-    tt = (torch.zeros if zero else torch.empty)(shape, dtype=getattr(torch, dt.name),
-                                                 device=f"cuda:{like.device[1]}")
+    tt = (torch.zeros if zero else torch.empty)(shape, dtype=getattr(torch, dt.name), device=like.device[1])
     # torch made it (and zeroed it) on its current stream. A call on another stream goes through
     # DLPack's exchange, which orders that stream after torch's; on the current stream it is
     # described directly. (The exchange without a stream ordered torch's current stream before the

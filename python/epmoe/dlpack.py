@@ -375,9 +375,21 @@ def _stream_for_producer(stream):
 
 
 def current_raw_stream(torch, device):
-    """torch's current stream on a CUDA device, as the int cudaStream_t."""
+    """torch's current stream on a CUDA device (an int index), as the int cudaStream_t."""
     raw = getattr(torch._C, "_cuda_getCurrentRawStream", None)  # what torch.cuda.current_stream wraps
     return raw(device) if raw is not None else torch.cuda.current_stream(device).cuda_stream
+
+
+_TORCH_DTYPES = {}  # torch dtype -> DType (None: none), filled as they are met
+
+
+def torch_dtype(torch, dt):
+    """The DType of a torch dtype, or None."""
+    try:
+        return _TORCH_DTYPES[dt]
+    except KeyError:
+        v = _TORCH_DTYPES[dt] = _BY_NAME.get(str(dt)[len("torch."):])
+        return v
 
 
 def _torch_cuda_view(obj, stream):
@@ -391,13 +403,15 @@ def _torch_cuda_view(obj, stream):
         return None
     if obj.requires_grad or obj.layout is not torch.strided or obj.is_conj() or obj.is_neg():
         return None
-    dt = _BY_NAME.get(str(obj.dtype)[len("torch."):])
+    dt = torch_dtype(torch, obj.dtype)
     if dt is None:
         return None
     dev = obj.device.index
     if int(stream) != current_raw_stream(torch, dev):
         return None
-    return Tensor(obj.data_ptr(), obj.shape, dt, (CUDA, dev), obj.stride(), False, obj, obj)
+    # strides only where they matter: a contiguous tensor's are implied (is_contiguous reads None so)
+    return Tensor(obj.data_ptr(), obj.shape, dt, (CUDA, dev), None if obj.is_contiguous() else obj.stride(), False,
+                  obj, obj)
 
 
 def from_dlpack(obj, *, stream=None):

@@ -21,7 +21,7 @@ import numpy as np
 from . import _lib
 from ._lib import check, lib
 from ._util import InUse, arg, cint, on_device, output, ptr, raw_output, same_device, stream_handle
-from .dlpack import CPU, DLPackError, Tensor
+from .dlpack import CPU, DLPackError, Tensor, current_raw_stream
 from .formats import SCALE_F32_MMAJOR, _fmt, scale_dtypes, scale_shape
 
 __all__ = ["EpConfig", "EpLayout", "EpGroup", "Dispatch", "CpuWorld", "layout_query", "dispatch_ref", "combine_ref",
@@ -345,7 +345,7 @@ class EpGroup:
         if stream is not None:
             return stream_handle(stream)
         torch = sys.modules.get("torch")
-        return torch.cuda.current_stream(self.device[1]).cuda_stream if torch is not None else 0
+        return current_raw_stream(torch, self.device[1]) if torch is not None else 0
 
     def _like(self):
         """A placeholder Tensor on the group's device, to allocate outputs there."""
