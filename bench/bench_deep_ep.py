@@ -3,7 +3,8 @@
 DeepSeek-R1 decode (128 tokens a rank, H 7168, 256 experts, top-8, FP8 dispatch, BF16 combine) through
 the DeepEP-style calls (reduce at owner as DeepEP; then reduce at expert, weights at dispatch) and through
 EpGroup directly (the ctypes layer under them, reduce at owner; then the same with every tensor through
-DLPack's exchange, the shortcuts for torch CUDA tensors turned off), each:
+DLPack's exchange, the shortcuts for torch CUDA tensors turned off; then the two C entry points alone on
+prepared arguments, the floor under the Python), each:
 - host: Python time per dispatch + combine pair, the GPU kept busy behind a sleep kernel (median of 200);
 - GPU: CUDA events around the pair with its launches queued behind a 1 ms sleep (median of 200);
 - graph: the pair captured once in a CUDA graph and replayed (median of 200 replays, events around each).
@@ -12,6 +13,7 @@ cProfile of n EpGroup pairs (the functions with the most time of their own, then
 where the host time goes."""
 import contextlib
 import cProfile
+import ctypes
 import os
 import pstats
 import statistics
@@ -130,6 +132,17 @@ def main():
         st.sort_stats("cumulative").print_stats(25)
     rows.append(("EpGroup", direct))
     rows.append(("  via DLPack", direct))  # the same, every tensor through DLPack's exchange (no shortcut)
+    # the C entry points alone through ctypes, on one dispatch's prepared arguments and buffers: the
+    # floor of the host time, what the library's own host code and its launches take
+    d0 = g.dispatch(x, idx)
+    g.combine(d0, y, w)
+    ca, h, s0 = d0._combine[0], ctypes.c_uint32(0), torch.cuda.current_stream().cuda_stream
+
+    def c_only():
+        epmoe.check(epmoe.lib.epmoe_dispatch(g._ep, ctypes.byref(d0._args), epmoe.ep.PHASE_BOTH, ctypes.byref(h), s0))
+        epmoe.check(epmoe.lib.epmoe_combine(g._ep, h.value, ctypes.byref(ca), epmoe.ep.PHASE_BOTH, s0))
+
+    rows.append(("  C calls only", c_only))
     for name, step in rows:
         with exchange_only(name == "  via DLPack"):
             host, gpu, graph = measure(step)

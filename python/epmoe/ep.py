@@ -348,8 +348,11 @@ class EpGroup:
         return current_raw_stream(torch, self.device[1]) if torch is not None else 0
 
     def _like(self):
-        """A placeholder Tensor on the group's device, to allocate outputs there."""
-        return Tensor(0, (0,), "uint8", self.device)
+        """A placeholder Tensor on the group's device, to allocate outputs there (made once)."""
+        like = self.__dict__.get("_like_t")
+        if like is None:
+            like = self._like_t = Tensor(0, (0,), "uint8", self.device)
+        return like
 
     # -- dispatch
     def dispatch(self, x, topk_idx, topk_weights=None, *, requant_scale=None, src_info=True, buffers=None,
