@@ -383,7 +383,7 @@ def current_raw_stream(torch, device):
 _TORCH_DTYPES = {}  # torch dtype -> DType (None: none), filled as they are met
 
 
-def torch_dtype(torch, dt):
+def torch_dtype(dt):
     """The DType of a torch dtype, or None."""
     try:
         return _TORCH_DTYPES[dt]
@@ -403,7 +403,7 @@ def _torch_cuda_view(obj, stream):
         return None
     if obj.requires_grad or obj.layout is not torch.strided or obj.is_conj() or obj.is_neg():
         return None
-    dt = torch_dtype(torch, obj.dtype)
+    dt = torch_dtype(obj.dtype)
     if dt is None:
         return None
     dev = obj.device.index
