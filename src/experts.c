@@ -105,10 +105,10 @@ static epmoe_status acts_apart(const char *fn, const void *o, size_t on, const c
 static epmoe_status weights_apart(const char *fn, const void *o, size_t on, const char *o_name, const char *w_name,
                                   const epmoe_expert_weights *w) {
     const struct expert_format *f = &formats[w->format];
-    const size_t dn = (size_t)(w->E * w->N * w->K) * (size_t)f->weight_bits / 8;
+    const size_t dn = (size_t)(w->E * w->N * w->K) / 8 * (size_t)f->weight_bits; /* K % 128 == 0: exact, no wrap */
     const int64_t scale_rows = w->format == EPMOE_WEIGHT_FP8_BLOCK ? w->N / EPMOE_GROUP : w->N; /* 128x128 blocks */
     const size_t sn = f->weight_scales ? (size_t)(w->E * scale_rows * (w->K / k_per_scale(w))) * sizeof(float) : 0;
-    return epmoe__weights_apart(fn, o, on, o_name, w_name, w->data, dn, f->weight_scales ? w->scales : NULL, sn);
+    return epmoe__weights_apart(fn, o, on, o_name, w_name, "data", w->data, dn, f->weight_scales ? w->scales : NULL, sn);
 }
 
 epmoe_status epmoe__check_expert_gemm(const char *fn, const epmoe_expert_gemm_args *g, int device) {

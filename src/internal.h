@@ -62,10 +62,14 @@ EPMOE_HIDDEN size_t epmoe__out_span(int64_t E, int64_t M, int64_t N, int64_t row
 ** bytes), masked_m [E] and the activation scales (sn bytes; 0 if none). Nothing to check if on is 0. */
 EPMOE_HIDDEN epmoe_status epmoe__acts_apart(const char *fn, const void *o, size_t on, const char *o_name, const void *a,
                                             size_t an, const int32_t *masked_m, int64_t E, const void *a_scales, size_t sn);
-/* weights_apart: an output (or workspace) [o, o + on) apart from a weight matrix w_name: its data (dn
-** bytes) and its scales (sn; 0 if none). Nothing to check if on is 0. */
+/* weights_apart: an output (or workspace) [o, o + on) apart from a weight matrix w_name: its data (field
+** data_field, dn bytes) and its scales (sn; 0 if none). Nothing to check if on is 0. */
 EPMOE_HIDDEN epmoe_status epmoe__weights_apart(const char *fn, const void *o, size_t on, const char *o_name, const char *w_name,
-                                               const void *data, size_t dn, const void *scales, size_t sn);
+                                               const char *data_field, const void *data, size_t dn, const void *scales,
+                                               size_t sn);
+/* w4a8_workspace_apart: the GPU GEMM's own workspace (its first ws bytes: launch counter, flags,
+** stream-K partials, which the kernel writes) apart from everything else the call reads or writes. */
+EPMOE_HIDDEN epmoe_status epmoe__w4a8_workspace_apart(const char *fn, const epmoe_w4a8_gemm_args *g, size_t ws);
 EPMOE_HIDDEN epmoe_status epmoe__check_dims(const char *fn, const char *what, int64_t E, int64_t N, int64_t K);
 EPMOE_HIDDEN epmoe_status epmoe__check_out(const char *fn, int64_t E, int64_t M, int64_t N, const uint16_t *out,
                                            int64_t row_stride, int64_t expert_stride);

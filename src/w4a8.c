@@ -4,6 +4,7 @@
 ** references of the GEMM and the MLP (fp64 accumulation over the dequantized operands).
 */
 #include <math.h>
+#include <stdio.h>
 #include <stdlib.h>
 
 #include "format.h"
@@ -46,10 +47,13 @@ epmoe_status epmoe__acts_apart(const char *fn, const void *o, size_t on, const c
 }
 
 epmoe_status epmoe__weights_apart(const char *fn, const void *o, size_t on, const char *o_name, const char *w_name,
-                                  const void *data, size_t dn, const void *scales, size_t sn) {
+                                  const char *data_field, const void *data, size_t dn, const void *scales, size_t sn) {
     if (on == 0) return EPMOE_OK;
-    EPMOE_CHECK(epmoe__need_apart(fn, o, on, o_name, data, dn, w_name));
-    return epmoe__need_apart(fn, o, on, o_name, scales, sn, w_name);
+    char name[48];
+    snprintf(name, sizeof name, "%s.%s", w_name, data_field);
+    EPMOE_CHECK(epmoe__need_apart(fn, o, on, o_name, data, dn, name));
+    snprintf(name, sizeof name, "%s.scales", w_name);
+    return epmoe__need_apart(fn, o, on, o_name, scales, sn, name);
 }
 
 /* An output (or workspace) of a W4A8 GEMM or MLP apart from a repacked weight matrix
@@ -57,7 +61,7 @@ epmoe_status epmoe__weights_apart(const char *fn, const void *o, size_t on, cons
 static epmoe_status w4_weights_apart(const char *fn, const void *o, size_t on, const char *o_name, const char *w_name,
                                      const epmoe_w4a8_weights *w) {
     const size_t qb = (size_t)(w->E * w->N * w->K / 2), sb = (size_t)(w->E * w->N * (w->K / W4_GROUP)) * sizeof(uint16_t);
-    return epmoe__weights_apart(fn, o, on, o_name, w_name, w->qweight, qb, w->scales, sb);
+    return epmoe__weights_apart(fn, o, on, o_name, w_name, "qweight", w->qweight, qb, w->scales, sb);
 }
 static epmoe_status tensor_scales_apart(const char *fn, const void *o, size_t on, const char *o_name, const float *s1,
                                         const float *s2) {
@@ -279,6 +283,16 @@ epmoe_status epmoe__check_w4a8_gemm(const char *fn, const epmoe_w4a8_gemm_args *
                                   a_scale_bytes(g->a_scales, g->a_scale_fmt, E, M, K)));
     EPMOE_CHECK(w4_weights_apart(fn, g->out, on, "out", "w", &g->w));
     return tensor_scales_apart(fn, g->out, on, "out", g->a_scales ? NULL : g->a_tensor_scale, NULL);
+}
+
+epmoe_status epmoe__w4a8_workspace_apart(const char *fn, const epmoe_w4a8_gemm_args *g, size_t ws) {
+    const int64_t E = g->w.E, M = g->M, K = g->w.K;
+    EPMOE_CHECK(epmoe__acts_apart(fn, g->workspace, ws, "workspace", g->a, (size_t)(E * M * K), g->masked_m, E,
+                                  g->a_scales, a_scale_bytes(g->a_scales, g->a_scale_fmt, E, M, K)));
+    EPMOE_CHECK(w4_weights_apart(fn, g->workspace, ws, "workspace", "w", &g->w));
+    EPMOE_CHECK(tensor_scales_apart(fn, g->workspace, ws, "workspace", g->a_scales ? NULL : g->a_tensor_scale, NULL));
+    return epmoe__need_apart(fn, g->out, epmoe__out_span(E, M, g->w.N, g->out_row_stride, g->out_expert_stride), "out",
+                             g->workspace, ws, "workspace");
 }
 
 /* ---- MLP workspace: the one layout function of the buffer ------------------------------ */

@@ -376,7 +376,7 @@ static void test_gemm_bad_args(void) {
     CHECK(strstr(epmoe_last_error(), "out overlaps a_scales") != NULL, "message: %s", epmoe_last_error());
     BAD(w.data, (const void *)(obuf + 512), EPMOE_ERR_INVALID_ARG); /* the output over the weights */
     CHECK(strstr(epmoe_last_error(), "out overlaps w") != NULL, "message: %s", epmoe_last_error());
-    BAD(w.scales, (const float *)(const void *)(obuf + 2000), EPMOE_ERR_INVALID_ARG); /* their block scales (16 bytes) */
+    BAD(w.scales, (const float *)(const void *)(obuf + 2000), EPMOE_ERR_INVALID_ARG); /* their block scales (32 bytes) */
     CHECK(strstr(epmoe_last_error(), "out overlaps w") != NULL, "message: %s", epmoe_last_error());
     g = good, g.w.scales = (const float *)(const void *)(obuf + 2 * 4 * 256); /* just past the output: apart */
     CHECK_STATUS(epmoe_expert_gemm_ref(&g), EPMOE_OK);

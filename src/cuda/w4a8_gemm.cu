@@ -1256,6 +1256,7 @@ extern "C" epmoe_status epmoe_w4a8_gemm_cuda(const epmoe_w4a8_gemm_args *g, epmo
     if (g->workspace_bytes < ws)
         return epmoe__fail(EPMOE_ERR_INVALID_ARG, "%s: workspace_bytes = %zu, need epmoe_w4a8_gemm_workspace() = %zu", fn,
                            g->workspace_bytes, ws);
+    EPMOE_CHECK(epmoe__w4a8_workspace_apart(fn, g, ws));
     Problem p;
     p.sync = static_cast<unsigned long long *>(g->workspace);
     p.flags = reinterpret_cast<uint32_t *>(static_cast<uint8_t *>(g->workspace) + 256);

@@ -234,6 +234,19 @@ static void test_workspace_args(test_rng *r) {
     CHECK_STATUS(epmoe_w4a8_gemm_cuda(&g, stream), EPMOE_ERR_MISALIGNED);
     g.workspace = gws, g.workspace_bytes = gws_bytes - 1;
     CHECK_STATUS(epmoe_w4a8_gemm_cuda(&g, stream), EPMOE_ERR_INVALID_ARG);
+    /* the kernel writes its workspace: it must share no byte with what the call reads or writes
+    ** (refused before anything launches) */
+    g.workspace_bytes = gws_bytes;
+    epmoe_w4a8_gemm_args b = g;
+    b.out = (uint16_t *)gws + 1024;
+    CHECK_STATUS(epmoe_w4a8_gemm_cuda(&b, stream), EPMOE_ERR_INVALID_ARG);
+    CHECK(strstr(epmoe_last_error(), "out overlaps workspace") != NULL, "message: %s", epmoe_last_error());
+    b = g, b.masked_m = (const int32_t *)((uint8_t *)gws + 512);
+    CHECK_STATUS(epmoe_w4a8_gemm_cuda(&b, stream), EPMOE_ERR_INVALID_ARG);
+    CHECK(strstr(epmoe_last_error(), "workspace overlaps masked_m") != NULL, "message: %s", epmoe_last_error());
+    b = g, b.w.scales = (const uint16_t *)((uint8_t *)gws + 256);
+    CHECK_STATUS(epmoe_w4a8_gemm_cuda(&b, stream), EPMOE_ERR_INVALID_ARG);
+    CHECK(strstr(epmoe_last_error(), "workspace overlaps w.scales") != NULL, "message: %s", epmoe_last_error());
     cudaFree(da), cudaFree(dm), cudaFree(dsa), cudaFree(dout);
     dev_weights_free(&dw);
     w4_mat_free(&w);
