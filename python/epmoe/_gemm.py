@@ -9,8 +9,8 @@ import numpy as np
 
 from . import _lib
 from ._lib import check
-from ._util import arg, empty, torch_or_none, writable
-from .dlpack import DLPackError, Tensor, current_raw_stream, require_contiguous
+from ._util import arg, empty, keep_for_stream, torch_or_none, writable
+from .dlpack import DLPackError, Tensor, require_contiguous
 from .formats import GROUP, SCALE_F32_MMAJOR, SCALE_UE8M0_MMAJOR, _fmt, scale_bytes, scale_dtypes
 
 BF16_HOST, BF16_GPU = ("uint16", "bfloat16"), ("bfloat16", "uint16")
@@ -33,6 +33,10 @@ def host_buffer(nbytes, dt, shape, align=256):
 # it would overwrite that counter).
 _ws_lock = threading.Lock()
 ws_cache = {"w4a8": {}, "experts": {}}
+# Buffers a larger request replaced: kept, since a CUDA graph captured with one replays into it (its
+# memory must never go to another tensor); growth happens a few times a process. Freed only by
+# release_workspaces().
+_retired = []
 
 
 def current(device):
@@ -44,10 +48,20 @@ def current(device):
 
 
 def release_workspaces():
-    """Drop every cached GPU workspace (the next call on each device allocates and zeroes again)."""
+    """Drop every cached GPU workspace, the replaced ones too (the next call on each device allocates
+    and zeroes again). No CUDA graph captured with one of them may replay after this."""
     with _ws_lock:
         for cache in ws_cache.values():
             cache.clear()
+        _retired.clear()
+
+
+def _capturing(torch, stream, dev):
+    """Whether the call's stream (torch's current one when None) is being captured into a graph."""
+    if stream is None or stream == torch.cuda.current_stream(dev).cuda_stream:
+        return torch.cuda.is_current_stream_capturing()
+    with torch.cuda.stream(torch.cuda.ExternalStream(stream, device=f"cuda:{dev}")):
+        return torch.cuda.is_current_stream_capturing()
 
 
 def _device_workspace(kind, like, nbytes, stream):
@@ -61,13 +75,11 @@ def _device_workspace(kind, like, nbytes, stream):
         if buf is not None and buf.numel() >= nbytes:
             return buf
         cur = torch.cuda.current_stream(dev)
-        if torch.cuda.is_current_stream_capturing():
+        if torch.cuda.is_current_stream_capturing() or _capturing(torch, stream, dev):
             raise _lib.error(_lib.ERR_INVALID_ARG, f"the {kind} workspace would be allocated inside CUDA graph "
                              "capture; make one call at the largest shape before capturing (or pass workspace=)")
         if buf is not None:
-            # A kernel on any stream may still use the old buffer: let it finish before torch may
-            # hand the memory to someone else. Growth happens a few times per process at most.
-            torch.cuda.synchronize(dev)
+            _retired.append(buf)  # graphs captured with it replay into it: never freed (see _retired)
         buf = torch.zeros(max(int(nbytes), 256), dtype=torch.uint8, device=f"cuda:{dev}")
         if stream is not None and stream != cur.cuda_stream:
             cur.synchronize()  # the zeros were written on torch's stream; the kernel runs on another
@@ -121,9 +133,7 @@ def masked_m(counts, E, M, like, s):
         torch, dev = torch_or_none(), like.device[1]
         obj = torch.full((E,), M, dtype=torch.int32, device=f"cuda:{dev}")
         t = arg(obj, "masked_m", ("int32",), stream=s)
-        if s is not None and s != current_raw_stream(torch, dev):
-            # freed when the call returns, while its kernel may still read it on another stream
-            obj.record_stream(torch.cuda.ExternalStream(s, device=f"cuda:{dev}"))
+        keep_for_stream(obj, s, dev)
         return obj, t
     t = arg(counts, "masked_m", ("int32",), stream=s)
     if t.size != E:

@@ -193,6 +193,15 @@ def same_device(tensors, what):
     return dev
 
 
+def keep_for_stream(obj, stream, device):
+    """A torch tensor made on torch's current stream for one call and dropped when the call returns:
+    when the call runs on another stream, its kernels may still read it then, so the allocator must
+    not hand the memory out before that stream's work is done."""
+    torch = torch_or_none()
+    if stream is not None and stream != current_raw_stream(torch, device):
+        obj.record_stream(torch.cuda.ExternalStream(stream, device=f"cuda:{device}"))
+
+
 def empty(shape, dt, like, *, zero=False, stream=None):
     """A new output: numpy for host memory, torch on the GPU (made on torch's current stream;
     `stream`: the one the call uses it on). Returns (object for the caller, Tensor)."""

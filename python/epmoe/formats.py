@@ -17,7 +17,8 @@ import numpy as np
 
 from . import _lib
 from ._lib import check, lib
-from ._util import arg, cint, i64s, launch_stream, on_device, output, ptr, raw_output, same_device, torch_or_none
+from ._util import (arg, cint, i64s, keep_for_stream, launch_stream, on_device, output, ptr, raw_output, same_device,
+                    torch_or_none)
 from .dlpack import DLPackError, dtype
 
 __all__ = ["SCALE_F32_ROW", "SCALE_F32_MMAJOR", "SCALE_UE8M0_ROW", "SCALE_UE8M0_MMAJOR", "F32", "BF16", "FP8_E4M3",
@@ -201,6 +202,7 @@ def _scalar_scale(s, name, like, stream):
             if torch is None:
                 raise TypeError(f"{name}: on the GPU pass a one-element float32 device tensor")
             s = torch.tensor([float(s)], dtype=torch.float32, device=f"cuda:{like.device[1]}")
+            keep_for_stream(s, stream, like.device[1])
     t = arg(s, name, ("float32",), stream=stream)
     if t.size < 1:
         raise ValueError(f"{name}: needs one float32 element")

@@ -144,7 +144,7 @@ def test_deepeps_scale_tensors_pass_as_they_are():
     """DeepEP's low-latency scales ([E, M, G] in strides (G*M, 1, M)) with fp8_block weights: the
     same results as the M-major slabs themselves."""
     rng = np.random.default_rng(90)
-    E, M, H, I = 2, 5, 384, 128
+    E, M, H, I = 2, 5, 640, 128  # UE8M0: two words a row (5 groups), so DeepEP's view is not contiguous
     w13 = expert_weights(rng, "fp8_block", E, 2 * I, H, 128)
     w2 = expert_weights(rng, "fp8_block", E, H, I, 128)
     for fmt in (epmoe.SCALE_F32_MMAJOR, epmoe.SCALE_UE8M0_MMAJOR):
@@ -152,6 +152,7 @@ def test_deepeps_scale_tensors_pass_as_they_are():
         G = H // 128 if fmt == epmoe.SCALE_F32_MMAJOR else (H // 128 + 3) // 4
         words = slabs.view(np.float32 if fmt == epmoe.SCALE_F32_MMAJOR else np.int32).reshape(E, G, M)
         deepep = words.swapaxes(1, 2)
+        assert not deepep.flags.c_contiguous  # the view itself, not slabs that happen to be contiguous
         masked = np.array([5, 3], np.int32)
         assert (experts.gemm(w13, a, masked, deepep, fmt) == experts.gemm(w13, a, masked, slabs, fmt)).all()
         assert (experts.mlp(w13, w2, a, masked, deepep, fmt) == experts.mlp(w13, w2, a, masked, slabs, fmt)).all()
@@ -215,3 +216,6 @@ def test_errors():
         epmoe.ExpertWeights(1.0, b13.data)
     with pytest.raises(epmoe.InvalidArgument, match="overlap"):  # out over the activations
         experts.gemm(epmoe.ExpertWeights("bf16", b13.data[:, :H]), a, out=a)
+    over_w = b13.data.reshape(-1)[:E * M * 2 * I].reshape(E, M, 2 * I)  # out in the weights' own memory
+    with pytest.raises(epmoe.InvalidArgument, match="out overlaps w.data"):
+        experts.gemm(b13, a, out=over_w)

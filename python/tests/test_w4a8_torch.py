@@ -65,6 +65,16 @@ def test_gemm_without_masked_m_on_a_side_stream():
     got = w4a8.gemm(wg, ag, None, sg, epmoe.SCALE_F32_MMAJOR, stream=side)
     torch.cuda.synchronize()
     assert (bits(got) == bits(want)).all()
+    # mode (b) with the scale a float: its one-element device tensor, made on the current stream and
+    # dropped at return, must live until the side stream has read it (new tensors then reuse freed
+    # blocks at once: without the guard they would take its memory while the GEMM still waits)
+    want_b = w4a8.gemm(wg, ag, None, a_tensor_scale=0.0375)
+    torch.cuda._sleep(20_000_000)
+    side.wait_stream(torch.cuda.current_stream())
+    got_b = w4a8.gemm(wg, ag, None, a_tensor_scale=0.0375, stream=side)
+    junk = [torch.full((1,), 1e30, device="cuda") for _ in range(64)]  # would take a freed scale's block
+    torch.cuda.synchronize()
+    assert len(junk) == 64 and (bits(got_b) == bits(want_b)).all()
     # DeepEP's scale tensor (the M-major slabs transposed) passes as it is
     deepep = sg.view(torch.float32).reshape(E, K // 128, M).transpose(1, 2)
     assert deepep.stride() == (K // 128 * M, 1, M)
