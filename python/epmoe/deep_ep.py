@@ -332,7 +332,10 @@ class Buffer:
     def low_latency_update_mask_buffer(self, rank_to_mask, mask=False):
         """Mask rank_to_mask out (mask=True) from the next dispatch on; every live rank must make the
         same updates (epmoe.EpGroup.set_active_ranks). A rank masked out of a group that exists cannot
-        rejoin it: unmasking it raises epmoe.Unsupported (DeepEP's elastic rejoin is not implemented)."""
+        rejoin it: unmasking it raises epmoe.Unsupported (DeepEP's elastic rejoin is not implemented).
+        The mask also applies to the groups made later, but making one (at a configuration's first
+        dispatch) is collective over every rank, masked ones included: a rank that has failed
+        stalls it. Make each configuration's first dispatch while every rank is alive."""
         if not 0 <= int(rank_to_mask) < self.group_size:
             raise ValueError(f"low_latency_update_mask_buffer: rank {rank_to_mask} is not in [0, {self.group_size})")
         active = list(self._active)
