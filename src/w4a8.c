@@ -242,6 +242,20 @@ static size_t a_scale_bytes(const void *a_scales, int fmt, int64_t E, int64_t M,
     return a_scales ? (size_t)E * epmoe_scale_bytes((epmoe_scale_fmt)fmt, M, K) : 0;
 }
 
+/* A region the GEMM writes, [o, o + on), apart from everything it reads: the activations, their
+** scales, masked_m, the weights and (mode b) the per-tensor scale. */
+static epmoe_status gemm_reads_apart(const char *fn, const epmoe_w4a8_gemm_args *g, const void *o, size_t on,
+                                     const char *o_name) {
+    const int64_t E = g->w.E, M = g->M, K = g->w.K;
+    EPMOE_CHECK(epmoe__acts_apart(fn, o, on, o_name, g->a, (size_t)(E * M * K), g->masked_m, E, g->a_scales,
+                                  a_scale_bytes(g->a_scales, g->a_scale_fmt, E, M, K)));
+    EPMOE_CHECK(w4_weights_apart(fn, o, on, o_name, "w", &g->w));
+    return tensor_scales_apart(fn, o, on, o_name, g->a_scales ? NULL : g->a_tensor_scale, NULL);
+}
+static size_t out_bytes(const epmoe_w4a8_gemm_args *g) {
+    return epmoe__out_span(g->w.E, g->M, g->w.N, g->out_row_stride, g->out_expert_stride);
+}
+
 /* The wgmma GEMM (w4a8_gemm.cu) counts its work items (expert, 128-row weight tile, token tile of
 ** min_tile or more) in 32 bits: a 64-bit division at each item change cost 1-3% (find_item; H200
 ** 2026-11-30). Its TMA tensor maps address rows with 32-bit signed coordinates: the activations'
@@ -277,22 +291,12 @@ epmoe_status epmoe__check_w4a8_gemm(const char *fn, const epmoe_w4a8_gemm_args *
     if (g->expected_m < 0)
         return epmoe__fail(EPMOE_ERR_INVALID_ARG, "%s: expected_m = %lld must be >= 0", fn, (long long)g->expected_m);
     if (device) EPMOE_CHECK(epmoe__check_wgmma_limits(fn, g->w.E, g->M, g->w.N, 8, 0));
-    const int64_t E = g->w.E, M = g->M, K = g->w.K;
-    const size_t on = epmoe__out_span(E, M, g->w.N, g->out_row_stride, g->out_expert_stride);
-    EPMOE_CHECK(epmoe__acts_apart(fn, g->out, on, "out", g->a, (size_t)(E * M * K), g->masked_m, E, g->a_scales,
-                                  a_scale_bytes(g->a_scales, g->a_scale_fmt, E, M, K)));
-    EPMOE_CHECK(w4_weights_apart(fn, g->out, on, "out", "w", &g->w));
-    return tensor_scales_apart(fn, g->out, on, "out", g->a_scales ? NULL : g->a_tensor_scale, NULL);
+    return gemm_reads_apart(fn, g, g->out, out_bytes(g), "out");
 }
 
 epmoe_status epmoe__w4a8_workspace_apart(const char *fn, const epmoe_w4a8_gemm_args *g, size_t ws) {
-    const int64_t E = g->w.E, M = g->M, K = g->w.K;
-    EPMOE_CHECK(epmoe__acts_apart(fn, g->workspace, ws, "workspace", g->a, (size_t)(E * M * K), g->masked_m, E,
-                                  g->a_scales, a_scale_bytes(g->a_scales, g->a_scale_fmt, E, M, K)));
-    EPMOE_CHECK(w4_weights_apart(fn, g->workspace, ws, "workspace", "w", &g->w));
-    EPMOE_CHECK(tensor_scales_apart(fn, g->workspace, ws, "workspace", g->a_scales ? NULL : g->a_tensor_scale, NULL));
-    return epmoe__need_apart(fn, g->out, epmoe__out_span(E, M, g->w.N, g->out_row_stride, g->out_expert_stride), "out",
-                             g->workspace, ws, "workspace");
+    EPMOE_CHECK(gemm_reads_apart(fn, g, g->workspace, ws, "workspace"));
+    return epmoe__need_apart(fn, g->out, out_bytes(g), "out", g->workspace, ws, "workspace");
 }
 
 /* ---- MLP workspace: the one layout function of the buffer ------------------------------ */
