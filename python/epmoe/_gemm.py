@@ -10,7 +10,7 @@ import numpy as np
 from . import _lib
 from ._lib import check
 from ._util import arg, empty, keep_for_stream, torch_or_none, writable
-from .dlpack import DLPackError, Tensor, require_contiguous
+from .dlpack import DLPackError, Tensor, current_raw_stream, require_contiguous
 from .formats import GROUP, SCALE_F32_MMAJOR, SCALE_UE8M0_MMAJOR, _fmt, scale_bytes, scale_dtypes
 
 BF16_HOST, BF16_GPU = ("uint16", "bfloat16"), ("bfloat16", "uint16")
@@ -57,9 +57,12 @@ def release_workspaces():
 
 
 def _capturing(torch, stream, dev):
-    """Whether the call's stream (torch's current one when None) is being captured into a graph."""
-    if stream is None or stream == torch.cuda.current_stream(dev).cuda_stream:
-        return torch.cuda.is_current_stream_capturing()
+    """Whether torch's current stream, where the buffer would be made, or the call's stream is being
+    captured into a graph."""
+    if torch.cuda.is_current_stream_capturing():
+        return True
+    if stream is None or stream == current_raw_stream(torch, dev):
+        return False
     with torch.cuda.stream(torch.cuda.ExternalStream(stream, device=f"cuda:{dev}")):
         return torch.cuda.is_current_stream_capturing()
 
@@ -75,7 +78,7 @@ def _device_workspace(kind, like, nbytes, stream):
         if buf is not None and buf.numel() >= nbytes:
             return buf
         cur = torch.cuda.current_stream(dev)
-        if torch.cuda.is_current_stream_capturing() or _capturing(torch, stream, dev):
+        if _capturing(torch, stream, dev):
             raise _lib.error(_lib.ERR_INVALID_ARG, f"the {kind} workspace would be allocated inside CUDA graph "
                              "capture; make one call at the largest shape before capturing (or pass workspace=)")
         if buf is not None:
@@ -104,11 +107,11 @@ def workspace(kind, given, nbytes, like, stream):
 
 
 # ---- arguments -------------------------------------------------------------------------------------
-def weights_place(w, t, name, like):
-    """Refuse weights (whose arrays t is a Tensor of) that are not where the activations are."""
+def weights_place(w, name, like):
+    """Refuse weights (W4A8Weights, ExpertWeights) that are not where the activations are."""
     if w.device != like.device and not (w.is_host and like.is_host):
         hint = f"{name}.to('cuda:{like.device[1]}')" if like.is_cuda else f"{name}.to('cpu')"
-        raise DLPackError(f"{name}: the weights are on {t.device_name}, the activations on {like.device_name}; "
+        raise DLPackError(f"{name}: the weights are on {w.device_name}, the activations on {like.device_name}; "
                           f"copy them once with {hint}")
 
 

@@ -222,6 +222,7 @@ class EpGroup:
         self.config = config
         self.layout = layout_query(config)
         self.device = device
+        self._like_t = Tensor(0, (0,), "uint8", device)  # where outputs are allocated (_like)
         self._world, self._comm = world, comm  # destroyed after this group, never before
         self._lock = threading.Lock()
         # layers made on this group: closed before it (a layer uses the ep); weak, so a layer
@@ -348,11 +349,8 @@ class EpGroup:
         return current_raw_stream(torch, self.device[1]) if torch is not None else 0
 
     def _like(self):
-        """A placeholder Tensor on the group's device, to allocate outputs there (made once)."""
-        like = self.__dict__.get("_like_t")
-        if like is None:
-            like = self._like_t = Tensor(0, (0,), "uint8", self.device)
-        return like
+        """A placeholder Tensor on the group's device, to allocate outputs there."""
+        return self._like_t
 
     # -- dispatch
     def dispatch(self, x, topk_idx, topk_weights=None, *, requant_scale=None, src_info=True, buffers=None,

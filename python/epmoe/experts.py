@@ -161,7 +161,7 @@ def gemm(w, a, masked_m=None, a_scales=None, scale_fmt="f32_row", *, out=None, e
     _weights(w, "w")
     s = launch_stream((a, a_scales, masked_m), stream)
     at, E, M, fmt, st, (_, mt) = _inputs(w, a, masked_m, a_scales, scale_fmt, s)
-    _gemm.weights_place(w, w._dt, "w", at)
+    _gemm.weights_place(w, "w", at)
     res, ot = output(out, "out", (E, M, w.N) if at.ndim == 3 else (M, w.N),
                      _gemm.BF16_HOST if at.is_host else _gemm.BF16_GPU, at, stream=s, zero=True)
     same_device([("a", at), ("a_scales", st), ("masked_m", mt), ("out", ot)], "gemm")
@@ -184,8 +184,8 @@ def mlp(w13, w2, a, masked_m=None, a_scales=None, scale_fmt="f32_row", *, out=No
     _weights(w2, "w2")
     s = launch_stream((a, a_scales, masked_m), stream)
     at, E, M, fmt, st, (_, mt) = _inputs(w13, a, masked_m, a_scales, scale_fmt, s)
-    _gemm.weights_place(w13, w13._dt, "w13", at)
-    _gemm.weights_place(w2, w2._dt, "w2", at)
+    _gemm.weights_place(w13, "w13", at)
+    _gemm.weights_place(w2, "w2", at)
     H, I = w13.K, w2.K
     res, ot = output(out, "out", (E, M, w2.N) if at.ndim == 3 else (M, w2.N),
                      _gemm.BF16_HOST if at.is_host else _gemm.BF16_GPU, at, stream=s, zero=True)

@@ -269,7 +269,7 @@ def gemm(w, a, masked_m=None, a_scales=None, scale_fmt="f32_row", *, a_tensor_sc
     _weights_type(w, "w")
     s = launch_stream((a, a_scales, masked_m, a_tensor_scale), stream)
     at, E, M = _gemm.acts(a, w, "a", s, _FP8)
-    _gemm.weights_place(w, w._qt, "w", at)
+    _gemm.weights_place(w, "w", at)
     st, fmt, tt = None, 0, None
     if a_scales is not None and a_tensor_scale is not None:
         raise ValueError("gemm: give a_scales (mode a) or a_tensor_scale (mode b), not both")
@@ -307,8 +307,8 @@ def mlp(w13, w2, a, masked_m=None, a_scales=None, scale_fmt="f32_row", *, a_tens
     _weights_type(w2, "w2")
     s = launch_stream((a, a_scales, masked_m, a_tensor_scale, a2_tensor_scale), stream)
     at, E, M = _gemm.acts(a, w13, "a", s, _FP8)
-    _gemm.weights_place(w13, w13._qt, "w13", at)
-    _gemm.weights_place(w2, w2._qt, "w2", at)
+    _gemm.weights_place(w13, "w13", at)
+    _gemm.weights_place(w2, "w2", at)
     H, I = w13.K, w2.K
     st, fmt, tt, t2 = None, 0, None, None
     if a_scales is not None and (a_tensor_scale is not None or a2_tensor_scale is not None):
