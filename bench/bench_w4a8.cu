@@ -43,7 +43,8 @@
 #include "bench_hold.cuh"
 
 
-static cudaStream_t stream;
+static cudaStream_t stream, stream2;
+static cudaEvent_t fork_ev, join_ev;
 static bool hold = true; /* spin before each timed launch (see the top) */
 
 /* Deterministic fill on the device: bytes with the given mask (the int4 weights: every byte). */
@@ -533,6 +534,23 @@ static void run_model(Blas &b, const char *model, int E, int H, int I, const std
         const double tm = time_us([&] { EP(epmoe_w4a8_mlp_cuda(&mlp, stream)); });
         /* the two GEMMs back to back in one timed call: W13 + W2 as a sequence, without silu_mul */
         const double tp = time_us([&] { EP(epmoe_w4a8_gemm_cuda(&g1, stream)); EP(epmoe_w4a8_gemm_cuda(&g2, stream)); });
+        /* the bound on overlapping the two GEMMs (a fused or pipelined MLP): W2 on independent inputs,
+        ** its own workspace and output, on a second stream forked from and joined to the timed one */
+        void *gws2;
+        CU(cudaMalloc(&gws2, gwsb));
+        CU(cudaMemset(gws2, 0, gwsb));
+        epmoe_w4a8_gemm_args g2c = g2;
+        g2c.workspace = gws2, g2c.out = reinterpret_cast<uint16_t *>(ob);
+        const double tc = time_us([&] {
+            CU(cudaEventRecord(fork_ev, stream));
+            CU(cudaStreamWaitEvent(stream2, fork_ev, 0));
+            EP(epmoe_w4a8_gemm_cuda(&g1, stream));
+            EP(epmoe_w4a8_gemm_cuda(&g2c, stream2));
+            CU(cudaEventRecord(join_ev, stream2));
+            CU(cudaStreamWaitEvent(stream, join_ev, 0));
+        });
+        CU(cudaStreamSynchronize(stream));
+        CU(cudaFree(gws2));
         CU(cudaMemsetAsync(masked, 0, E * 4, stream)); /* rows 0 for the host cost, then back */
         const double hg = host_us([&] { EP(epmoe_w4a8_gemm_cuda(&g1, stream)); });
         const double hmlp = host_us([&] { EP(epmoe_w4a8_mlp_cuda(&mlp, stream)); });
@@ -547,6 +565,7 @@ static void run_model(Blas &b, const char *model, int E, int H, int I, const std
         report(model, "w4a8 W2 (group scales)", E, rows, N2, K2, t2, wb2);
         report(model, "w4a8 W13+W2", E, rows, N1 + N2, 0, t1 + t2, wb13 + wb2);
         report(model, "w4a8 W13 then W2", E, rows, N1 + N2, 0, tp, wb13 + wb2);
+        report(model, "w4a8 W13 | W2 (2 streams)", E, rows, N1 + N2, 0, tc, wb13 + wb2);
         report(model, "w4a8 MLP (one call)", E, rows, N1 + N2, 0, tm, wb13 + wb2);
         printf("%-12s rows %-5d host us per call: GEMM %.1f, MLP %.1f\n", model, rows, hg, hmlp);
         /* the anchors in both forms: per expert in a graph ("cuBLASLt FP8 W13"), and one strided-batched
@@ -625,6 +644,9 @@ int main(int argc, char **argv) {
         if (*p) p++;
     }
     CU(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
+    CU(cudaStreamCreateWithFlags(&stream2, cudaStreamNonBlocking));
+    CU(cudaEventCreateWithFlags(&fork_ev, cudaEventDisableTiming));
+    CU(cudaEventCreateWithFlags(&join_ev, cudaEventDisableTiming));
     cudaDeviceProp prop;
     CU(cudaGetDeviceProperties(&prop, 0));
     const double ceiling = hbm_read_ceiling();
