@@ -118,7 +118,9 @@ EPMOE_API size_t epmoe_scale_offset(epmoe_scale_fmt fmt, int64_t M, int64_t K, i
 /* ---- quantization ops -------------------------------------------------------------------
 ** Shapes are given as sizes; tensors are dense row-major unless a scale layout says otherwise.
 ** bf16 tensors are uint16_t bit patterns, fp8 tensors uint8_t. Device pointers for _cuda,
-** host pointers for _ref. Alignment (_cuda): bf16/fp8 data 16 bytes, f32 scales 4, UE8M0 4.
+** host pointers for _ref. Alignment (_cuda): bf16/fp8 data 16 bytes, f32 scales 4, UE8M0 4; on the
+** host the references require the alignment of each pointer's element type (4 for int32 and f32)
+** (EPMOE_ERR_MISALIGNED otherwise, as on the GPU).
 ** M = 0 (or E = 0) is valid and does nothing; pointers may then be NULL.
 **
 ** Non-finite inputs (documented, identical on CPU and GPU): NaN elements are ignored by the
@@ -148,7 +150,8 @@ EPMOE_API epmoe_status epmoe_cast_tensor_fp8_cuda(const uint16_t *x, int64_t n, 
 ** t < min(masked_m[e], M): y[e, t, k] = satfinite((fp8(q[e, t, k]) * s[e](t, k/128)) * (1 / *out_scale)).
 ** q, y: [E, M, K] fp8; scales: E slabs in `fmt`; masked_m: int32 [E] (device memory for
 ** _cuda, read on the GPU, no host sync; negative counts as 0, above M as M). Rows at or past
-** masked_m[e] are never written. y may not alias q. */
+** masked_m[e] are never written. y may not alias q. The _cuda kernel takes E <= 8192, E * M < 2^31
+** and K < 2^31 (EPMOE_ERR_UNSUPPORTED beyond; the reference has only the 2^46 bound). */
 EPMOE_API epmoe_status epmoe_requant_fp8_ref(const uint8_t *q, const void *scales, epmoe_scale_fmt fmt,
                                              const int32_t *masked_m, int64_t E, int64_t M, int64_t K,
                                              const float *out_scale, uint8_t *y);
@@ -157,7 +160,7 @@ EPMOE_API epmoe_status epmoe_requant_fp8_cuda(const uint8_t *q, const void *scal
                                               const float *out_scale, uint8_t *y, epmoe_stream_t stream);
 
 /* Dequant: y[e, t, k] = fp8(q[e, t, k]) * s[e](t, k/128), in fp32, stored as fp32 or bf16.
-** Same shapes and masking as requant; masked_m may be NULL (every row). */
+** Same shapes, masking and GPU limits as requant; masked_m may be NULL (every row). */
 typedef enum epmoe_dtype { EPMOE_F32 = 0, EPMOE_BF16 = 1, EPMOE_FP8_E4M3 = 2 } epmoe_dtype;
 EPMOE_API epmoe_status epmoe_dequant_fp8_ref(const uint8_t *q, const void *scales, epmoe_scale_fmt fmt,
                                              const int32_t *masked_m, int64_t E, int64_t M, int64_t K,
@@ -187,7 +190,9 @@ typedef struct epmoe_w4a8_weights {
     int64_t E, N, K;
     int encoding;          /* EPMOE_W4_SYM7 or EPMOE_W4_FULL, as returned by the repack (trusted: the
                               other one of the two gives wrong results, not an error) */
-    const void *qweight;   /* epmoe_w4a8_repack_size() qweight_bytes, 16-byte aligned */
+    const void *qweight;   /* epmoe_w4a8_repack_size() qweight_bytes, 16-byte aligned (_cuda: so is every
+                              alignment asked of these weights and args below; the references ask
+                              only each pointer's element alignment, and 16 bytes of a workspace) */
     const uint16_t *scales; /* bf16 bits [E, K/128, N] = bf16(checkpoint scale * 512), round to nearest
                                even, 16-byte aligned. Exact for bf16 checkpoints (512 is a power of two);
                                an fp32 one moves by at most 2^-8 relative (bf16's unit roundoff; output
@@ -198,7 +203,7 @@ typedef struct epmoe_w4a8_weights {
 EPMOE_API epmoe_status epmoe_w4a8_repack_size(int64_t E, int64_t N, int64_t K, size_t *qweight_bytes,
                                               size_t *scale_bytes);
 /* Host to host. ckpt_w int8 [E, N, K/2]; ckpt_scales [E, N, K/group] of scale_dtype (EPMOE_F32 or
-** EPMOE_BF16); group must be 128. *encoding: in, EPMOE_W4_AUTO or the encoding wanted (SYM7
+** EPMOE_BF16); group must be 128 (another positive group: EPMOE_ERR_UNSUPPORTED). *encoding: in, EPMOE_W4_AUTO or the encoding wanted (SYM7
 ** with a -8 present is an error); out, the encoding used. scales gets bf16(ckpt scale * 512),
 ** rounded to nearest even: bit-exact from bf16 scales, within 2^-8 relative from fp32 ones.
 ** Non-finite or negative scales are rejected, and so are those too large for the bf16 (scale * 512
@@ -301,7 +306,8 @@ EPMOE_API epmoe_status epmoe_w4a8_mlp_ref(const epmoe_w4a8_mlp_args *args);
 ** BF16 and INT4 weights take bf16 activations; FP8_BLOCK takes fp8 activations with per-token
 ** 1x128 group scales in any epmoe_scale_fmt (what dispatch delivers). N and K: positive
 ** multiples of 128. Pointers on the device for _cuda, on the host for _ref; data 16-byte
-** aligned, scales 4-byte aligned. */
+** aligned, scales 4-byte aligned (_cuda; the references ask each pointer's element alignment only,
+** and 16 bytes of a workspace). */
 typedef enum epmoe_weight_format {
     EPMOE_WEIGHT_BF16 = 0,
     EPMOE_WEIGHT_FP8_BLOCK = 1,
@@ -400,7 +406,8 @@ EPMOE_API epmoe_status epmoe_expert_mlp_ref(const epmoe_expert_mlp_args *args);
 ** dispatch/combine (capture whole dispatch + combine pairs). The two most recent dispatches may be live at once (micro-batch
 ** overlap); an older handle is rejected. Send and receive halves may be issued separately.
 ** A peer that does not answer within timeout_ms gives EPMOE_ERR_TIMEOUT; the ep is then
-** failed (every later call fails fast) until it is destroyed. Ranks can be masked out (failed
+** failed until it is destroyed: every later call fails fast with that status (EPMOE_ERR_NCCL or
+** _CUDA when the transport failed the group instead). Ranks can be masked out (failed
 ** ranks): their experts count as -1 and nothing is sent to or awaited from them. */
 typedef struct epmoe_ep epmoe_ep;
 typedef struct epmoe_cpu_world epmoe_cpu_world;
@@ -458,16 +465,16 @@ typedef struct epmoe_ep_config {
     size_t size;        /* sizeof(epmoe_ep_config): lets the library check the caller's ABI */
     int num_ranks;      /* R */
     int rank;
-    int max_tokens;     /* N: tokens per rank per dispatch; the same on every rank */
-    int hidden;         /* H: a positive multiple of 128 */
-    int num_experts;    /* E: a multiple of R */
+    int max_tokens;     /* N: tokens per rank per dispatch, 1..65536; the same on every rank */
+    int hidden;         /* H: a positive multiple of 128 up to 65536; R * N * H at most 2^46 */
+    int num_experts;    /* E: a multiple of R, at most 32767 */
     int top_k;          /* 1..EPMOE_MAX_TOPK */
     epmoe_wire wire;
     epmoe_scale_fmt scale_fmt; /* FP8 wire: layout of the received group scales */
     int round_scale;    /* FP8 wire: power-of-two scales (required by UE8M0 formats) */
     int dedup;          /* 1: one message per (token, destination rank) */
-    epmoe_combine_mode combine_mode;
-    int timeout_ms;     /* how long to wait for a peer before EPMOE_ERR_TIMEOUT */
+    epmoe_combine_mode combine_mode; /* REDUCE_AT_EXPERT sums a token's share per rank: needs dedup = 1 */
+    int timeout_ms;     /* how long to wait for a peer before EPMOE_ERR_TIMEOUT; at least 1 */
     epmoe_transport transport; /* NCCL eps only (the CPU backend ignores it). A config of the
                                   size before this field existed (offsetof(epmoe_ep_config,
                                   transport)) is still accepted and means AUTO */
@@ -562,8 +569,8 @@ EPMOE_API epmoe_backend epmoe_ep_backend(const epmoe_ep *ep);
 ** final: a masked rank cannot be made active again in this group (EPMOE_ERR_UNSUPPORTED). */
 EPMOE_API epmoe_status epmoe_ep_set_active_ranks(epmoe_ep *ep, const int *active);
 /* Errors the GPU kernels record without a host sync surface here once the stream has run the
-** failing kernel. A peer that timed out (EPMOE_ERR_TIMEOUT) fails the group: every later call
-** reports it too. An expert id outside [-1, E) (EPMOE_ERR_INVALID_ARG, reported here once, with
+** failing kernel. A peer that timed out (EPMOE_ERR_TIMEOUT) or an error the communicator reports
+** (EPMOE_ERR_NCCL) fails the group: every later call reports the same status. An expert id outside [-1, E) (EPMOE_ERR_INVALID_ARG, reported here once, with
 ** the token) does not: its slots went out as -1 and every rank's calls completed, as they must
 ** (a call that stopped for it would leave the peers waiting). The CPU backend checks ids on the
 ** host instead: its dispatch rejects them before sending anything. EPMOE_OK otherwise. */
@@ -674,7 +681,9 @@ EPMOE_API epmoe_wire epmoe_scheme_default_wire(epmoe_scheme scheme);
 EPMOE_API int epmoe_scheme_accepts_wire(epmoe_scheme scheme, epmoe_wire wire);
 /* Create on a group (not collective; allocates the buffers: epmoe_layer_bytes() reports them).
 ** NCCL groups: call with the group's device current; the buffers are zeroed and the device
-** synchronized before this returns. The layer must outlive every CUDA graph that captured a forward. */
+** synchronized before this returns. The layer must outlive every CUDA graph that captured a forward.
+** A group whose received rows per expert (R * max_tokens) or whose intermediate size exceed the
+** expert MLP's limits (2^24) gets EPMOE_ERR_UNSUPPORTED. */
 EPMOE_API epmoe_status epmoe_layer_create(epmoe_ep *ep, const epmoe_layer_config *cfg, const epmoe_layer_weights *w,
                                           epmoe_layer **layer);
 EPMOE_API size_t epmoe_layer_bytes(const epmoe_layer *layer);
@@ -708,7 +717,8 @@ EPMOE_API epmoe_status epmoe_layer_forward_phase(epmoe_layer *layer, const uint1
                                                  int topk_idx_bits, const float *topk_weights, int num_tokens,
                                                  uint16_t *out, int phases, uint32_t *handle, epmoe_stream_t stream);
 /* Single-process reference of the layer over all ranks (host memory): dispatch_ref, the MLP
-** reference per local expert, combine in fp32 in top-k order. w[r]: rank r's local experts. */
+** reference per local expert, combine in fp32 in top-k order. w[r]: rank r's local experts. Up to
+** 64 ranks (EPMOE_ERR_UNSUPPORTED beyond). */
 EPMOE_API epmoe_status epmoe_layer_ref(const epmoe_ep_config *ep_cfg, const epmoe_layer_config *cfg,
                                        const epmoe_layer_weights *w, const uint16_t *const *x,
                                        const int32_t *const *topk_idx, const float *const *topk_weights,

@@ -338,6 +338,7 @@ epmoe_status epmoe_layer_ref(const epmoe_ep_config *ec, const epmoe_layer_config
         return epmoe__fail(EPMOE_ERR_NULL_POINTER, "%s: a required argument is NULL", fn);
     EPMOE_CHECK(epmoe__ep_check_config(fn, ec));
     const int R = ec->num_ranks;
+    if (R > 64) return epmoe__fail(EPMOE_ERR_UNSUPPORTED, "%s: the reference handles up to 64 ranks", fn); /* its arrays below */
     for (int r = 0; r < R; r++) EPMOE_CHECK(check_layer(fn, ec, cfg, &w[r], 0));
     layer_sizes z;
     EPMOE_CHECK(sizes_of(ec, cfg, &z));
@@ -352,7 +353,6 @@ epmoe_status epmoe_layer_ref(const epmoe_ep_config *ec, const epmoe_layer_config
         void *recv_x[64], *recv_scales[64];
         int32_t *masked[64];
         uint16_t *eout[64];
-        if (R > 64) st = epmoe__fail(EPMOE_ERR_UNSUPPORTED, "%s: the reference handles up to 64 ranks", fn);
         for (int r = 0; st == EPMOE_OK && r < R; r++) {
             void **b = bufs + r * 7;
             recv_x[r] = b[0], recv_scales[r] = b[1], masked[r] = b[2], eout[r] = b[5];

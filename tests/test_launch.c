@@ -192,10 +192,23 @@ static void test_create_checks(const char *dir) {
     epmoe_ep_config b = c;
     b.size = 12;
     CHECK_STATUS(epmoe_ep_create_nccl_rank(&b, 0, 1, id, 0, &ep), EPMOE_ERR_INVALID_ARG);
+    /* the caller's own rank and num_ranks are replaced, never read (epmoe.h): a config made for
+    ** another world is fine, and the result holds the given rank and size */
+    epmoe_ep_config other = c, got;
+    other.rank = 3, other.num_ranks = 1;
+    CHECK_STATUS(epmoe__ep_rank_args("t", &other, 1, 2, id, &ep, &got), EPMOE_OK);
+    CHECK(got.rank == 1 && got.num_ranks == 2 && got.num_experts == c.num_experts, "rank %d of %d", got.rank, got.num_ranks);
+    other.rank = 0, other.num_ranks = 512; /* 256 experts cannot split over 512 ranks, but over 2 they can */
+    CHECK_STATUS(epmoe__ep_rank_args("t", &other, 0, 2, id, &ep, &got), EPMOE_OK);
+    other.num_ranks = 0;
+    CHECK_STATUS(epmoe__ep_rank_args("t", &other, 1, 4, id, &ep, &got), EPMOE_OK);
+    CHECK_STATUS(epmoe__ep_rank_args("t", &other, 4, 4, id, &ep, &got), EPMOE_ERR_INVALID_ARG);
+    CHECK_STATUS(epmoe__ep_rank_args("t", NULL, 0, 1, id, &ep, &got), EPMOE_ERR_NULL_POINTER);
     CHECK_STATUS(epmoe_ep_create_nccl_local(&c, 2, NULL, NULL), EPMOE_ERR_NULL_POINTER);
     CHECK_STATUS(epmoe_ep_create_nccl_local(&c, 0, NULL, eps), EPMOE_ERR_INVALID_ARG);
     CHECK_STATUS(epmoe_ep_create_nccl_local(&c, 3, NULL, eps), EPMOE_ERR_INVALID_ARG);
     CHECK_STATUS(epmoe_ep_create_nccl_env(&c, NULL), EPMOE_ERR_NULL_POINTER);
+    CHECK_STATUS(epmoe_ep_create_nccl_env(NULL, &ep), EPMOE_ERR_NULL_POINTER);
     CHECK_STATUS(epmoe_nccl_unique_id(NULL), EPMOE_ERR_NULL_POINTER);
 
     uint8_t a[EPMOE_NCCL_UNIQUE_ID_BYTES], a2[EPMOE_NCCL_UNIQUE_ID_BYTES];
@@ -217,8 +230,14 @@ static void test_create_checks(const char *dir) {
     CHECK_STATUS(epmoe_ep_create_nccl_env(&c, &ep), no_way);
     CHECK(strstr(epmoe_last_error(), EPMOE_HAVE_NCCL ? "EPMOE_BOOTSTRAP_FILE" : "without the NCCL backend") != NULL,
           "message: %s", epmoe_last_error());
-    setenv("WORLD_SIZE", "3", 1);
-    CHECK_STATUS(epmoe_ep_create_nccl_env(&c, &ep), no_way); /* 256 experts over 3: before the file */
+    epmoe_ep_config stale = c; /* its own rank and size are not read: the environment's are */
+    stale.rank = 5, stale.num_ranks = 3;
+    CHECK_STATUS(epmoe_ep_create_nccl_env(&stale, &ep), no_way);
+    CHECK(strstr(epmoe_last_error(), EPMOE_HAVE_NCCL ? "EPMOE_BOOTSTRAP_FILE" : "without the NCCL backend") != NULL,
+          "message: %s", epmoe_last_error());
+    setenv("WORLD_SIZE", "3", 1); /* 256 experts over 3: refused before any file */
+    CHECK_STATUS(epmoe_ep_create_nccl_env(&c, &ep), EPMOE_ERR_INVALID_ARG);
+    CHECK(strstr(epmoe_last_error(), "num_experts") != NULL, "message: %s", epmoe_last_error());
     /* the i-th call of a process reads "<path>.<i>": files for other world sizes stop it early */
     char file[512], file1[512], file2[512];
     snprintf(file, sizeof file, "%s/job", dir);

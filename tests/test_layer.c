@@ -434,6 +434,8 @@ static void test_schemes_and_args(void) {
         CHECK_STATUS(epmoe_layer_ref(&ec, &c.lc, c.hw, xs, ids, ws, c.T, outs), EPMOE_ERR_INVALID_ARG);
         ec = c.ec, ec.size = 8; /* a config of another ABI */
         CHECK_STATUS(epmoe_layer_ref(&ec, &c.lc, c.hw, xs, ids, ws, c.T, outs), EPMOE_ERR_INVALID_ARG);
+        ec = c.ec, ec.num_ranks = 65, ec.num_experts = 65 * 4; /* past the reference's 64 ranks: before it reads w[64] */
+        CHECK_STATUS(epmoe_layer_ref(&ec, &c.lc, c.hw, xs, ids, ws, c.T, outs), EPMOE_ERR_UNSUPPORTED);
         lc = c.lc, lc.intermediate = 256; /* the weights are for I = 128 */
         CHECK_STATUS(epmoe_layer_ref(&c.ec, &lc, c.hw, xs, ids, ws, c.T, outs), EPMOE_ERR_INVALID_ARG);
         lc = c.lc, lc.expected_m = -1;

@@ -18,12 +18,18 @@ double epmoe__now_ms(void) {
 /* The config before `transport` was added: callers built against that header pass this size. */
 #define EP_CONFIG_SIZE_V0 offsetof(epmoe_ep_config, transport)
 
-epmoe_status epmoe__ep_check_config(const char *fn, const epmoe_ep_config *c) {
+/* The config pointer and its size: what must hold before any other field is read. */
+static epmoe_status check_config_size(const char *fn, const epmoe_ep_config *c) {
     if (!c) return epmoe__fail(EPMOE_ERR_NULL_POINTER, "%s: config is NULL", fn);
     if (c->size != sizeof(epmoe_ep_config) && c->size != EP_CONFIG_SIZE_V0)
         return epmoe__fail(EPMOE_ERR_INVALID_ARG, "%s: config.size = %zu, this library expects %zu (or %zu) (header/library "
                            "mismatch; initialize with EPMOE_EP_CONFIG_INIT)", fn, c->size, sizeof(epmoe_ep_config),
                            (size_t)EP_CONFIG_SIZE_V0);
+    return EPMOE_OK;
+}
+
+epmoe_status epmoe__ep_check_config(const char *fn, const epmoe_ep_config *c) {
+    EPMOE_CHECK(check_config_size(fn, c));
     /* fields past the caller's size are never read: they are not in its struct */
     if (c->size == sizeof(epmoe_ep_config) && (unsigned)c->transport > EPMOE_TRANSPORT_GIN)
         return epmoe__fail(EPMOE_ERR_INVALID_ARG, "%s: transport %d is not an epmoe_transport", fn, (int)c->transport);
@@ -62,6 +68,13 @@ void epmoe__ep_config_copy(const epmoe_ep_config *in, epmoe_ep_config *out) {
     memset(out, 0, sizeof *out); /* missing fields: 0 is their default (transport AUTO) */
     memcpy(out, in, in->size < sizeof *out ? in->size : sizeof *out);
     out->size = sizeof *out;
+}
+
+epmoe_status epmoe__ep_config_as(const char *fn, const epmoe_ep_config *in, int rank, int size, epmoe_ep_config *out) {
+    EPMOE_CHECK(check_config_size(fn, in));
+    epmoe__ep_config_copy(in, out);
+    out->rank = rank, out->num_ranks = size;
+    return epmoe__ep_check_config(fn, out);
 }
 
 /* Read at every creation rather than cached once: creation is rare, and tests change it. */
@@ -161,7 +174,7 @@ epmoe_status epmoe_ep_destroy(epmoe_ep *ep) {
     if (!ep) return EPMOE_OK;
     /* a healthy group whose teardown found a peer missing (the backend marks it failed, with the
     ** message) reports it; a group that had failed before tears down quietly */
-    const int failed_before = ep->failed;
+    const epmoe_status failed_before = ep->failed;
     if (ep->ops && ep->ops->destroy) ep->ops->destroy(ep);
     const epmoe_status st = ep->failed && !failed_before
                                 ? ep->backend == EPMOE_BACKEND_CPU /* its barrier said which rank waited */
@@ -198,10 +211,15 @@ epmoe_status epmoe_ep_set_active_ranks(epmoe_ep *ep, const int *active) {
     return ep->ops && ep->ops->set_active ? ep->ops->set_active(ep) : EPMOE_OK;
 }
 
+/* What failed a group, for the message of every later call (which returns the same status). */
+static const char *failure(const epmoe_ep *ep) {
+    return ep->failed == EPMOE_ERR_TIMEOUT ? "a peer timed out" : "the transport failed";
+}
+
 epmoe_status epmoe_ep_poll(epmoe_ep *ep) {
     if (!ep) return epmoe__fail(EPMOE_ERR_NULL_POINTER, "epmoe_ep_poll: ep is NULL");
     if (ep->failed)
-        return epmoe__fail(EPMOE_ERR_TIMEOUT, "epmoe_ep_poll: the group failed (a peer timed out or the transport failed)");
+        return epmoe__fail(ep->failed, "epmoe_ep_poll: the group failed earlier (%s)", failure(ep));
     return ep->ops && ep->ops->poll ? ep->ops->poll(ep) : EPMOE_OK;
 }
 
@@ -209,8 +227,7 @@ epmoe_status epmoe_ep_poll(epmoe_ep *ep) {
 static epmoe_status usable(const char *fn, epmoe_ep *ep, epmoe_phase phase) {
     if (!ep) return epmoe__fail(EPMOE_ERR_NULL_POINTER, "%s: ep is NULL", fn);
     if (ep->failed)
-        return epmoe__fail(EPMOE_ERR_TIMEOUT, "%s: this ep failed earlier (a peer timed out or the transport failed); "
-                           "destroy it and create a new group", fn);
+        return epmoe__fail(ep->failed, "%s: this ep failed earlier (%s); destroy it and create a new group", fn, failure(ep));
     if (phase != EPMOE_PHASE_BOTH && phase != EPMOE_PHASE_SEND && phase != EPMOE_PHASE_RECV)
         return epmoe__fail(EPMOE_ERR_INVALID_ARG, "%s: phase %d is not an epmoe_phase", fn, (int)phase);
     return EPMOE_OK;

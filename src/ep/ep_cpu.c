@@ -137,7 +137,7 @@ static epmoe_status wait_flag(epmoe_ep *ep, uint64_t *flag, uint64_t want, const
         if (spins < 64) continue;
         if (deadline == 0) deadline = epmoe__now_ms() + ep->cfg.timeout_ms;
         if (epmoe__now_ms() > deadline) {
-            ep->failed = 1;
+            ep->failed = EPMOE_ERR_TIMEOUT;
             return epmoe__fail(EPMOE_ERR_TIMEOUT, "rank %d: no %s %llu from rank %d after %d ms", ep->cfg.rank, what,
                                (unsigned long long)want, peer, ep->cfg.timeout_ms);
         }
@@ -381,7 +381,7 @@ static void cpu_destroy(epmoe_ep *ep) {
     for (int r = 0; r < ep->d.R; r++) all_active &= ep->active[r] != 0;
     if (!ep->failed && world_barrier(im->world, ep->cfg.rank, ep->cfg.timeout_ms, "epmoe_ep_destroy") != EPMOE_OK &&
         all_active)
-        ep->failed = 1;
+        ep->failed = EPMOE_ERR_TIMEOUT;
     epmoe_cpu_world *w = im->world;
     free(im->payload), free(im->pairs), free(im->msgs), free(im->acc), free(im);
     ep->impl = NULL;
@@ -445,7 +445,7 @@ epmoe_status epmoe_ep_create_cpu(epmoe_cpu_world *w, const epmoe_ep_config *cfg,
                              slot->cfgs[r].max_tokens, cfg->max_tokens, slot->cfgs[r].hidden, cfg->hidden,
                              slot->cfgs[r].num_experts, cfg->num_experts, slot->cfgs[r].top_k, cfg->top_k);
     if (st != EPMOE_OK) {
-        ep->failed = 1; /* no teardown barrier: the group never formed */
+        ep->failed = EPMOE_ERR_TIMEOUT; /* no teardown barrier: the group never formed */
         epmoe_ep_destroy(ep);
         return st;
     }

@@ -45,7 +45,8 @@ struct epmoe_ep {
     const ep_backend_ops *ops;
     uint32_t seq;      /* dispatches started */
     uint32_t recv_seq; /* dispatches received (in order) */
-    int failed;       /* a peer timed out or the transport failed: every later call fails fast */
+    epmoe_status failed; /* EPMOE_OK, or why the group failed (a peer timed out: EPMOE_ERR_TIMEOUT; the
+                            transport: _NCCL, _CUDA): every later call fails fast with it */
     int *active;      /* [R] */
     ep_call calls[2];
     struct ncclComm *owned_comm; /* made by a launch helper: destroyed with the ep */
@@ -59,6 +60,10 @@ struct epmoe_ep {
 EPMOE_HIDDEN epmoe_status epmoe__ep_check_config(const char *fn, const epmoe_ep_config *cfg);
 /* A checked config as this library's struct: the caller's `size` bytes, the rest defaulted. */
 EPMOE_HIDDEN void epmoe__ep_config_copy(const epmoe_ep_config *in, epmoe_ep_config *out);
+/* The creation helpers' config: the caller's, with rank and num_ranks replaced by rank and size
+** (the caller's own two are never read, as epmoe.h says), then checked whole. */
+EPMOE_HIDDEN epmoe_status epmoe__ep_config_as(const char *fn, const epmoe_ep_config *in, int rank, int size,
+                                              epmoe_ep_config *out);
 /* The transport a creation uses: cfg->transport, or under AUTO $EPMOE_EP_TRANSPORT. */
 EPMOE_HIDDEN epmoe_status epmoe__ep_transport(const char *fn, const epmoe_ep_config *cfg, epmoe_transport *out);
 /* The checks of epmoe_ep_create_nccl_rank, before anything touches NCCL or CUDA (ep_launch.c):

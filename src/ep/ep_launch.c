@@ -144,12 +144,7 @@ epmoe_status epmoe__bootstrap_fetch(const char *path, void *id, int size, int ti
 epmoe_status epmoe__ep_rank_args(const char *fn, const epmoe_ep_config *in, int rank, int size, const void *unique_id,
                                  epmoe_ep **ep, epmoe_ep_config *cfg) {
     if (!unique_id || !ep) return epmoe__fail(EPMOE_ERR_NULL_POINTER, "%s: unique_id and ep must not be NULL", fn);
-    EPMOE_CHECK(epmoe__ep_check_config(fn, in));
-    if (size < 1 || rank < 0 || rank >= size)
-        return epmoe__fail(EPMOE_ERR_INVALID_ARG, "%s: rank %d of %d ranks", fn, rank, size);
-    epmoe__ep_config_copy(in, cfg);
-    cfg->rank = rank, cfg->num_ranks = size;
-    return epmoe__ep_check_config(fn, cfg); /* e.g. num_experts must divide by the new size */
+    return epmoe__ep_config_as(fn, in, rank, size, cfg); /* e.g. num_experts must divide by size */
 }
 
 /* How long a launched rank waits for the others (the unique-id file, the communicator): processes
@@ -164,10 +159,13 @@ epmoe_status epmoe_ep_create_nccl_rank(const epmoe_ep_config *cfg, int rank, int
 epmoe_status epmoe_ep_create_nccl_env(const epmoe_ep_config *cfg, epmoe_ep **ep) {
     static const char fn[] = "epmoe_ep_create_nccl_env";
     static atomic_int calls; /* the i-th call of a process uses the i-th file: calls are collective */
-    if (!ep) return epmoe__fail(EPMOE_ERR_NULL_POINTER, "%s: ep is NULL", fn);
-    EPMOE_CHECK(epmoe__ep_check_config(fn, cfg));
+    if (!cfg || !ep) return epmoe__fail(EPMOE_ERR_NULL_POINTER, "%s: cfg and ep must not be NULL", fn);
     int rank, size, local;
     EPMOE_CHECK(epmoe_launch_env(&rank, &size, &local));
+    { /* the config as this rank will hold it, before a file is written or awaited */
+        epmoe_ep_config c;
+        EPMOE_CHECK(epmoe__ep_config_as(fn, cfg, rank, size, &c));
+    }
 #if !EPMOE_HAVE_NCCL
     /* before the bootstrap: rank 0 fails so too and never writes the file the others would await */
     return epmoe__fail(EPMOE_ERR_UNSUPPORTED, "%s: this libepmoe was built without the NCCL backend", fn);
@@ -240,7 +238,6 @@ static int on_threads(local_job *jobs, int n, void *(*fn)(void *)) {
 epmoe_status epmoe_ep_create_nccl_local(const epmoe_ep_config *cfg, int num_gpus, const int *devices, epmoe_ep **eps) {
     static const char fn[] = "epmoe_ep_create_nccl_local";
     if (!eps) return epmoe__fail(EPMOE_ERR_NULL_POINTER, "%s: eps is NULL", fn);
-    EPMOE_CHECK(epmoe__ep_check_config(fn, cfg));
     if (num_gpus < 1 || num_gpus > 1024) return epmoe__fail(EPMOE_ERR_INVALID_ARG, "%s: num_gpus = %d", fn, num_gpus);
     uint8_t id[EPMOE_NCCL_UNIQUE_ID_BYTES];
     { /* the whole config, with its final size, must be valid before any thread starts */

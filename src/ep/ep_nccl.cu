@@ -239,7 +239,7 @@ epmoe_status async_error(epmoe_ep *ep, bool with_bad_ids) {
                                     "combine receive", "the all-to-all exchange"};
     const char *kn = kernel <= kKernelExchange ? kernels[kernel] : "?";
     if (code == EPMOE_ERR_TIMEOUT) {
-        ep->failed = 1;
+        ep->failed = EPMOE_ERR_TIMEOUT;
         if (peer == 0xFFFF)
             return epmoe__fail(EPMOE_ERR_TIMEOUT, "rank %d: %s waited %d ms for a peer; the group is failed%s", ep->cfg.rank,
                                kn, ep->cfg.timeout_ms, ep->owned_comm || (im->watch && im->watch->aborted)
@@ -257,7 +257,7 @@ epmoe_status async_error(epmoe_ep *ep, bool with_bad_ids) {
 
 /* The watchdog fired: the timeout, even before its word reaches error_host. */
 epmoe_status timed_out(epmoe_ep *ep) {
-    ep->failed = 1;
+    ep->failed = EPMOE_ERR_TIMEOUT;
     const epmoe_status st = async_error(ep, false);
     if (st == EPMOE_ERR_TIMEOUT) return st;
     return epmoe__fail(EPMOE_ERR_TIMEOUT, "rank %d: the all-to-all exchange waited %d ms for a peer; the group is failed",
@@ -278,7 +278,7 @@ epmoe_status poll_errors(epmoe_ep *ep) {
     }
     ncclResult_t r = ncclSuccess;
     if (ncclCommGetAsyncError(im->comm, &r) == ncclSuccess && r != ncclSuccess && r != ncclInProgress) {
-        ep->failed = 1;
+        ep->failed = EPMOE_ERR_NCCL;
         return epmoe__fail(EPMOE_ERR_NCCL, "rank %d: the communicator reports %s (%s); the group is failed", ep->cfg.rank,
                            ncclGetErrorString(r), nccl_detail(im->comm));
     }
@@ -325,14 +325,14 @@ epmoe_status exchange(epmoe_ep *ep, const char *fn, uint8_t *out, uint8_t *in, i
     }
     if (r == ncclSuccess) {
         if (!im->watch || im->watch->end(slot, s)) return EPMOE_OK;
-        ep->failed = 1;
+        ep->failed = EPMOE_ERR_CUDA;
         return epmoe__fail(EPMOE_ERR_CUDA, "%s: rank %d: the exchange is enqueued but its watchdog event could not be "
                            "recorded (%s); the group is failed", fn, ep->cfg.rank, cudaGetErrorString(cudaGetLastError()));
     }
 fail:
     if (im->watch) im->watch->release(slot); /* nothing was enqueued to watch */
     if (im->watch && im->watch->fired) return timed_out(ep); /* an abort ended the call; the comm is gone */
-    ep->failed = 1;
+    ep->failed = EPMOE_ERR_NCCL;
     return epmoe__fail(EPMOE_ERR_NCCL, "%s: rank %d: the slab exchange failed: %s (%s); the group is failed", fn, ep->cfg.rank,
                        ncclGetErrorString(r), nccl_detail(im->comm));
 }
@@ -382,7 +382,7 @@ void nccl_destroy(epmoe_ep *ep) {
     cudaSetDevice(im->device); /* the ep's GPU, whichever thread tears it down */
     if (im->watch) { /* stopped first; a communicator it aborted is gone */
         im->watch->shutdown();
-        if (im->watch->fired) ep->failed = 1; /* NCCL's kernel may still wait: no device sync below */
+        if (im->watch->fired) ep->failed = EPMOE_ERR_TIMEOUT; /* NCCL's kernel may still wait: no device sync below */
         if (im->watch->aborted) ep->owned_comm = nullptr;
     }
     const bool aborted = im->watch && im->watch->aborted;
