@@ -27,7 +27,6 @@ flight on a group (micro-batches: S(a) S(b) X(a) X(b) R(a) R(b)):
 The LayerForward keeps x, topk_idx, topk_weights and out for the later phases (and alive while
 the library may read them); forward_phase(x or forward, ..., phases=...) runs any run of phases.
 """
-import contextlib
 import ctypes
 import threading
 
@@ -35,7 +34,7 @@ import numpy as np
 
 from . import _lib
 from ._lib import check, lib
-from ._util import InUse, arg, cint, i64s, on_device, output, ptr
+from ._util import Both, InUse, arg, cint, i64s, on_device, output, ptr
 from .dlpack import DLPackError
 from .ep import WIRE_BF16, WIRE_FP8, _per_rank, _ptr_array, _ref_config, _tokens
 from .formats import _scalar_scale
@@ -227,12 +226,10 @@ class Layer:
             raise _lib.error(_lib.ERR_INVALID_ARG, "this layer is closed")
         self.group._live()
 
-    @contextlib.contextmanager
     def _calls(self):
         """A call into the library on this layer: counted in by its group (whose ep it uses) and by
         the layer, so that closing either from another thread waits for it."""
-        with self.group._use.call(), self._use.call():
-            yield
+        return Both(self.group._use, self._use)
 
     def _args(self, x, topk_idx, topk_weights, out, s, what):
         """x, topk_idx, topk_weights and out checked for this layer's group (forward's arguments)."""

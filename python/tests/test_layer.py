@@ -512,6 +512,24 @@ def test_close_with_a_forward_in_flight_is_refused(one_rank):
     assert other.closed
 
 
+def test_a_call_on_a_closed_layer_leaves_its_group_closable(one_rank):
+    """The layer's guard refuses the call after the group's guard counted it in: the group's count
+    must be given back, or the group's close would wait for that call forever."""
+    import threading
+    g, w, x, idx, tw = one_rank
+    layer = g.layer(weights=w)
+    layer.close()
+    for _ in range(3):
+        with pytest.raises(epmoe.InvalidArgument, match="closed"):
+            layer.forward(x, idx, tw)
+        with pytest.raises(epmoe.InvalidArgument, match="closed"):
+            layer.bytes
+    t = threading.Thread(target=g.close, daemon=True)
+    t.start()
+    t.join(10)
+    assert not t.is_alive() and g.closed
+
+
 def test_layer_integers_outside_their_c_type_are_refused(one_rank):
     g, w, x, idx, tw = one_rank
     with pytest.raises(ValueError, match="scheme = 4294967298 is outside"):  # would be scheme 2, w4afp8
