@@ -18,8 +18,14 @@ own reject bad shapes, expert ids and dtypes with a clear epmoe.Error.
 
 What differs, on purpose:
 - Rows of an expert come in (source rank, token, top-k slot) order, the same on every run; DeepEP's
-  depend on atomics. The handle also indexes like DeepEP's tuple (src_info, layout_range, N, hidden,
-  num_experts); layout_range is computed from src_info when first read.
+  depend on atomics. The handle indexes like DeepEP's tuple (src_info: the token's index on its
+  source rank, int32 [L, R*N]; layout_range; N; hidden; num_experts); layout_range is computed when
+  first read.
+- low_latency_combine routes by the dispatch's topk_idx (the handle keeps it): its topk_idx argument
+  is checked for its shape, and its values are not read again. Pass the tensor given to the dispatch,
+  as engines do; a slot turned -1 between the two still gets its row (weight it 0 instead).
+- Two dispatches may be in flight, but their receive hooks run in dispatch order (epmoe.InvalidArgument
+  otherwise), as two-batch overlap calls them.
 - Every call runs on the caller's current stream, so the returned events have nothing to wait for
   (`current_stream_wait()` does nothing) and async_finish changes nothing.
 - The buffer's memory is sized per configuration (epmoe_ep_layout), not by num_rdma_bytes, which is
@@ -31,10 +37,14 @@ What differs, on purpose:
   DeepEP, and matches a sequential fp32 sum bit for bit. "reduce_at_expert" sums a token's rows on
   each expert rank first and moves a quarter of the bytes at R = 2; it needs topk_weights at
   dispatch (a keyword DeepEP does not have), and combine must then get that same tensor.
-- Not supported, each raising epmoe.Unsupported: normal (high-throughput) mode, LogFMT combine, the
-  wait-time statistics tensors, use_fabric=True (NCCL allocates the buffers), enable_shrink (a peer
-  that times out fails the group with epmoe.Timeout; ranks known to have failed can be masked with
-  low_latency_update_mask_buffer).
+- Not supported, each raising epmoe.Unsupported: normal (high-throughput) mode (Buffer(...,
+  low_latency_mode=False), get_dispatch_layout, dispatch, combine, internode_*), LogFMT combine, the
+  wait-time statistics tensors, get_local_buffer_tensor, use_fabric=True (NCCL allocates the buffers),
+  enable_shrink (a peer that times out fails the group with epmoe.Timeout; ranks known to have
+  failed can be masked with low_latency_update_mask_buffer). The names engines read while choosing
+  a mode are there: Config, topk_idx_t, Buffer.num_sms / set_num_sms / get_dispatch_config /
+  get_combine_config / is_sm90_compiled / capture, and the buffer's group, num_nvl_bytes,
+  num_rdma_bytes and low_latency_mode.
 
 Without GPUs the same Buffer runs on the CPU backend: Buffer(world=epmoe.CpuWorld(R), rank=r) in
 each rank's thread, numpy arrays in and out (bf16 as uint16 bits, fp8 as uint8).
@@ -48,28 +58,78 @@ from ._util import arg, cint, empty, launch_stream, output
 from .ep import REDUCE_AT_EXPERT, EpConfig, layout_query
 from .formats import SCALE_F32_MMAJOR, SCALE_UE8M0_MMAJOR
 
-__all__ = ["Buffer", "EventOverlap", "LowLatencyHandle"]
+__all__ = ["Buffer", "Config", "EventHandle", "EventOverlap", "LowLatencyHandle"]
+
+
+def __getattr__(name):
+    """topk_idx_t: the dtype of DeepEP's topk_idx (torch.int64), read from torch only when asked."""
+    if name == "topk_idx_t":
+        import torch
+        return torch.int64
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def _unsupported(what):
     return _lib.error(_lib.ERR_UNSUPPORTED, f"epmoe.deep_ep: {what}")
 
 
-class EventOverlap:
-    """DeepEP's EventOverlap. epmoe's calls run on the caller's stream, so what they wrote is
-    ordered before whatever that stream runs next: there is nothing to wait for."""
+class Config:
+    """DeepEP's Config (normal mode's SM and chunk sizes). Engines build and size with it while
+    choosing a mode; epmoe has no normal mode, so it only holds the values, and its buffer size
+    hints are 0 (epmoe sizes its own buffers)."""
 
-    def __init__(self, event=None):
-        self.event = event
+    def __init__(self, num_sms=20, num_max_nvl_chunked_send_tokens=6, num_max_nvl_chunked_recv_tokens=256,
+                 num_max_rdma_chunked_send_tokens=6, num_max_rdma_chunked_recv_tokens=256):
+        self.num_sms = num_sms
+        self.num_max_nvl_chunked_send_tokens = num_max_nvl_chunked_send_tokens
+        self.num_max_nvl_chunked_recv_tokens = num_max_nvl_chunked_recv_tokens
+        self.num_max_rdma_chunked_send_tokens = num_max_rdma_chunked_send_tokens
+        self.num_max_rdma_chunked_recv_tokens = num_max_rdma_chunked_recv_tokens
+
+    def get_nvl_buffer_size_hint(self, hidden_bytes, num_ranks):
+        return 0
+
+    def get_rdma_buffer_size_hint(self, hidden_bytes, num_ranks):
+        return 0
+
+
+class EventHandle:
+    """DeepEP's EventHandle (an event recorded on the current stream). epmoe's calls run on the
+    caller's stream, so there is nothing to record."""
 
     def current_stream_wait(self):
         pass
+
+
+class EventOverlap:
+    """DeepEP's EventOverlap. epmoe's calls run on the caller's stream, so what they wrote is
+    ordered before whatever that stream runs next: there is nothing to wait for. Hooks registered
+    to run after the wait run at current_stream_wait; extra_tensors are held, as DeepEP holds them."""
+
+    def __init__(self, event=None, extra_tensors=None):
+        self.event, self.extra_tensors = event, extra_tensors
+        self._hooks = []
+
+    def current_stream_wait(self, release_handle=False):
+        hooks, self._hooks = self._hooks, []
+        for h in hooks:
+            h()
+        if release_handle:
+            self.event = None
+
+    def register_hook_after_wait(self, hook_after_wait):
+        self._hooks.append(hook_after_wait)
+
+    def __call__(self, release_handle=False):
+        if release_handle:
+            self.event = None
+        return self
 
     def __enter__(self):
         return self
 
     def __exit__(self, *exc):
-        pass
+        self.current_stream_wait()
 
 
 def _layout_range(src_info, masked_m, N, R):
@@ -92,18 +152,23 @@ def _layout_range(src_info, masked_m, N, R):
 
 class LowLatencyHandle:
     """What low_latency_dispatch hands to low_latency_combine. Indexes like DeepEP's handle tuple
-    (src_info, layout_range, num_max_dispatch_tokens_per_rank, hidden, num_experts); src_info holds
-    source rank * N + token index for each valid row."""
+    (src_info, layout_range, num_max_dispatch_tokens_per_rank, hidden, num_experts); src_info holds,
+    as DeepEP's, each valid row's token index on its source rank (the dispatch's own src_info,
+    handle.dispatch.src_info, is source rank * N + that index)."""
 
     def __init__(self, buffer, group, dispatch, N, hidden, num_experts, parity):
         self._buffer, self._group, self.dispatch = buffer, group, dispatch
         self.num_max_dispatch_tokens_per_rank, self.hidden, self.num_experts = N, hidden, num_experts
         self._parity = parity
-        self._layout = None
+        self._layout = self._src = None
 
     @property
     def src_info(self):
-        return self.dispatch.src_info
+        if self._src is None:
+            if not self.dispatch.received:
+                raise _lib.error(_lib.ERR_INVALID_ARG, "src_info: call the dispatch's receive hook first")
+            self._src = self.dispatch.src_info % self.num_max_dispatch_tokens_per_rank
+        return self._src
 
     @property
     def layout_range(self):
@@ -135,16 +200,19 @@ class Buffer:
     """DeepEP's Buffer, low-latency mode. On GPUs: `group` is a torch.distributed process group
     (default WORLD), one GPU per rank (torch's current device); construction is collective. On the
     CPU backend: world=epmoe.CpuWorld(R) and this thread's rank. DeepEP's arguments come in its
-    order; use_fabric=True (DeepEP: allocate with CUDA fabric handles, for multi-node NVLink) raises
+    order (legacy.py of DeepEP 2.x, shared/reference/deepep.md 1.1); V1's use_fabric is a keyword,
+    and True (DeepEP: allocate with CUDA fabric handles, for multi-node NVLink) raises
     epmoe.Unsupported, since epmoe's buffers come from NCCL and never from fabric handles. The
     keywords after DeepEP's own: combine_mode ("reduce_at_owner" or "reduce_at_expert", see the
     module), timeout_ms (a peer that never answers raises epmoe.Timeout after it) and transport
     (epmoe.EpConfig.transport)."""
 
+    num_sms = 20  # DeepEP's: the SMs of its normal-mode kernels (Buffer.set_num_sms); unused here
+
     def __init__(self, group=None, num_nvl_bytes=0, num_rdma_bytes=0, low_latency_mode=False, num_qps_per_rank=24,
-                 allow_nvlink_for_low_latency_mode=True, allow_mnnvl=False, use_fabric=False, explicitly_destroy=False,
-                 enable_shrink=False, comm=None, *, world=None, rank=None, combine_mode="reduce_at_owner",
-                 timeout_ms=10000, transport="auto"):
+                 allow_nvlink_for_low_latency_mode=True, allow_mnnvl=False, explicitly_destroy=False,
+                 enable_shrink=False, comm=None, *, use_fabric=False, world=None, rank=None,
+                 combine_mode="reduce_at_owner", timeout_ms=10000, transport="auto"):
         if not low_latency_mode:
             raise _unsupported("only DeepEP's low-latency mode is implemented: pass low_latency_mode=True")
         if use_fabric:
@@ -159,6 +227,8 @@ class Buffer:
         self._base.combine_code  # noqa: B018 - a bad combine_mode fails here, not at the first dispatch
         self._base.transport_code  # noqa: B018
         self.explicitly_destroy = bool(explicitly_destroy)
+        self.group, self.num_nvl_bytes, self.num_rdma_bytes = group, num_nvl_bytes, num_rdma_bytes
+        self.low_latency_mode = True
         self._groups = {}       # (N, H, E, k, fp8, round_scale, ue8m0) -> EpGroup
         self._zero_copy = {}    # EpGroup -> the two combine buffers get_next_low_latency_combine_buffer hands out
         self._calls = {}        # EpGroup -> dispatches so far (which of the two is next)
@@ -179,6 +249,44 @@ class Buffer:
             comm = self._nccl = nccl.NcclComm(uid, self.group_size, self.rank, torch.cuda.current_device())
             self._make = lambda cfg: nccl.create_group_on_comm(comm, cfg)
         self._active = [1] * self.group_size
+
+    # -- DeepEP's static helpers (normal mode's settings: held, unused)
+    @staticmethod
+    def set_num_sms(new_num_sms):
+        if new_num_sms % 2:
+            raise ValueError("set_num_sms: the SM count must be even (as DeepEP asks)")
+        Buffer.num_sms = new_num_sms
+
+    @staticmethod
+    def is_sm90_compiled():
+        return True  # epmoe's GPU kernels are built for sm_90a only
+
+    @staticmethod
+    def capture():
+        """An event on the current stream: epmoe's calls are on it already, so nothing to wait for."""
+        return EventOverlap(EventHandle())
+
+    @staticmethod
+    def get_dispatch_config(num_ranks):
+        return Config(Buffer.num_sms)
+
+    @staticmethod
+    def get_combine_config(num_ranks):
+        return Config(Buffer.num_sms)
+
+    def get_comm_stream(self):
+        """epmoe has no communication stream of its own: its calls run on the caller's stream."""
+        import torch
+        return torch.cuda.current_stream()
+
+    def get_local_buffer_tensor(self, dtype, size=None, offset=0, use_rdma_buffer=False):
+        raise _unsupported("get_local_buffer_tensor: epmoe's buffers are the EP groups' windows, not one raw buffer")
+
+    def _normal_mode(self, *args, **kwargs):
+        raise _unsupported("normal (high-throughput) mode (get_dispatch_layout, dispatch, combine, internode_*) is "
+                           "not implemented: use the low-latency calls")
+
+    get_dispatch_layout = dispatch = combine = internode_dispatch = internode_combine = _normal_mode
 
     # -- sizes
     @staticmethod

@@ -54,6 +54,7 @@ def check(buf, R, E, me, dev, *, fp8, seed, hook=False, zero_copy=False):
     rows = mdl.ep_routing(cfg, idxs)
     L, M = cfg.local_experts, cfg.rows
     stats = torch.zeros(L, dtype=torch.int32, device=dev)
+    idx = idx.to(deep_ep.topk_idx_t)  # as DeepEP's own tests hand it over
     recv, count, handle, event, hk = buf.low_latency_dispatch(x, idx, N, E, cumulative_local_expert_recv_stats=stats,
                                                               use_fp8=fp8, return_recv_hook=hook)
     if hook:
@@ -67,15 +68,17 @@ def check(buf, R, E, me, dev, *, fp8, seed, hook=False, zero_copy=False):
     cnt = count.cpu().numpy()
     assert cnt.tolist() == [len(rows[me][le]) for le in range(L)] and (stats.cpu().numpy() == cnt).all()
     qn = q.view(torch.uint8 if fp8 else torch.int16).cpu().numpy()
-    src = handle[0].cpu().numpy()
+    assert handle[0].dtype == torch.int32 and handle[0].device == dev
+    src = handle[0].cpu().numpy()  # DeepEP's src_info: the token's index on its source rank
     lr = handle.layout_range.cpu().numpy()
     assert (cnt == (lr & 0xFFFFFFFF).sum(1)).all()
     for le, want in enumerate(rows[me]):
         m = len(want)
-        assert src[le, :m].tolist() == [r * N + t for r, t in want]
+        assert src[le, :m].tolist() == [t for _, t in want]
         for r in range(R):  # DeepEP's layout_range: rank r's rows are [begin, begin + count)
             b, c = int(lr[le, r] >> 32), int(lr[le, r] & 0xFFFFFFFF)
-            assert c == sum(1 for sr, _ in want if sr == r) and (src[le, b:b + c] // N == r).all()
+            assert c == sum(1 for sr, _ in want if sr == r)
+            assert src[le, b:b + c].tolist() == [t for sr, t in want if sr == r]
         if m:
             xr = np.stack([xs[r][t] for r, t in want])
             if fp8:

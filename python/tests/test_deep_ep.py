@@ -45,15 +45,15 @@ def cfg_of(R, N, H, E, k, fp8, *, ue8m0=False, mode="reduce_at_owner"):
 def deepep_checks(cfg, got, rows):
     """DeepEP's test_low_latency dispatch checks, on one rank's outputs in DeepEP's form."""
     N, R = cfg.max_tokens, cfg.num_ranks
-    count, lr, src = got["count"], got["layout_range"], got["src_info"]
+    count, lr, tok = got["count"], got["layout_range"], got["handle_src_info"]
     assert lr.dtype == np.int64 and lr.shape == (cfg.local_experts, R)
     assert (count == (lr & 0xFFFFFFFF).sum(1)).all()
+    assert tok.shape == (cfg.local_experts, R * N) and tok.dtype == np.int32
     for le in range(cfg.local_experts):
         assert count[le] == len(rows[le])
-        for r in range(R):  # rows [begin, begin + count) of expert le came from rank r
+        for r in range(R):  # rows [begin, begin + count) of expert le came from rank r: its tokens' indices
             b, c = int(lr[le, r] >> 32), int(lr[le, r] & 0xFFFFFFFF)
-            assert c == sum(1 for s, _ in rows[le] if s == r)
-            assert (src[le, b:b + c] // N == r).all()
+            assert tok[le, b:b + c].tolist() == [t for s, t in rows[le] if s == r]
 
 
 def dispatch_combine(world, r, xs, idxs, ws, *, N, E, fp8, ue8m0=False, hook=False, zero_copy=False, mode=None,
@@ -98,8 +98,9 @@ def dispatch_combine(world, r, xs, idxs, ws, *, N, E, fp8, ue8m0=False, hook=Fal
             assert got is out and (hk is not None) == hook
             if hook:
                 hk()
-        return dict(recv_x=x, recv_scales=ours, masked_m=count.copy(), src_info=src, expert_out=y, out=out.copy(),
-                    count=count.copy(), stats=stats, layout_range=handle.layout_range)
+        return dict(recv_x=x, recv_scales=ours, masked_m=count.copy(), src_info=handle.dispatch.src_info, expert_out=y,
+                    out=out.copy(), count=count.copy(), stats=stats, layout_range=handle.layout_range,
+                    handle_src_info=src.copy())
 
 
 @pytest.mark.parametrize("R", [1, 2, 3])
@@ -190,7 +191,8 @@ def test_masked_rank_and_the_mask_queries():
                 buf.low_latency_clean_mask_buffer()
             buf.low_latency_query_mask_buffer(st)
             assert st.tolist() == [0, 0, 1]  # unchanged by the refused update
-            return dict(recv_x=recv, recv_scales=None, masked_m=count, src_info=h.src_info, expert_out=y, out=out)
+            return dict(recv_x=recv, recv_scales=None, masked_m=count, src_info=h.dispatch.src_info, expert_out=y,
+                        out=out)
 
     res = run_ranks(R, rank)
     check_against_model(cfg, xs, idxs, ws, res, active)
@@ -272,20 +274,79 @@ def test_unsupported_and_bad_arguments_raise():
     run_ranks(1, rank)
 
 
-def test_use_fabric_in_deepeps_position():
-    """DeepEP V1: (group, num_nvl_bytes, num_rdma_bytes, low_latency_mode, num_qps_per_rank,
-    allow_nvlink_for_low_latency_mode, allow_mnnvl, use_fabric, explicitly_destroy, enable_shrink, comm)."""
-    with pytest.raises(epmoe.Unsupported, match="use_fabric"):
-        deep_ep.Buffer(None, 0, 0, True, 24, True, False, True)
-    with pytest.raises(epmoe.Unsupported, match="enable_shrink"):  # the 10th positional argument
-        deep_ep.Buffer(None, 0, 0, True, 24, True, False, False, False, True)
+def test_arguments_in_deepeps_positions():
+    """DeepEP 2.x's legacy Buffer (shared/reference/deepep.md 1.1): (group, num_nvl_bytes,
+    num_rdma_bytes, low_latency_mode, num_qps_per_rank, allow_nvlink_for_low_latency_mode, allow_mnnvl,
+    explicitly_destroy, enable_shrink, comm); V1's use_fabric by keyword."""
+    with pytest.raises(epmoe.Unsupported, match="enable_shrink"):  # the 9th positional argument
+        deep_ep.Buffer(None, 0, 0, True, 24, True, False, False, True)
     with pytest.raises(epmoe.Unsupported, match="use_fabric"):
         deep_ep.Buffer(world=None, low_latency_mode=True, use_fabric=True)
+    with pytest.raises(TypeError):  # no 11th positional
+        deep_ep.Buffer(None, 0, 0, True, 24, True, False, False, False, None, True)
 
     def rank(world, r):
-        with deep_ep.Buffer(world=world, rank=r, low_latency_mode=True, use_fabric=False,
-                            explicitly_destroy=True) as buf:
-            return buf.explicitly_destroy
+        with deep_ep.Buffer(None, 0, 1 << 20, True, 4, True, False, True, world=world, rank=r) as buf:
+            return buf.explicitly_destroy, buf.low_latency_mode, buf.num_rdma_bytes, buf.group
+    assert run_ranks(1, rank) == [(True, True, 1 << 20, None)]
+
+
+def test_the_names_engines_read_while_choosing_a_mode():
+    """SGLang imports `Buffer, Config` (an ImportError there reads as "DeepEP is not installed"), sizes
+    its buffers with Buffer.get_dispatch_config / get_combine_config and Config's hints, and reads
+    Buffer.num_sms; others call set_num_sms at import and wait on events. Normal mode raises
+    epmoe.Unsupported, never AttributeError."""
+    from epmoe.deep_ep import Buffer, Config, EventHandle, EventOverlap  # noqa: F401 - the imports are the test
+    assert Buffer.is_sm90_compiled() is True
+    before = Buffer.num_sms
+    try:
+        Buffer.set_num_sms(24)
+        assert Buffer.num_sms == 24
+        with pytest.raises(ValueError, match="even"):
+            Buffer.set_num_sms(23)
+        for cfg in (Buffer.get_dispatch_config(8), Buffer.get_combine_config(8)):
+            assert isinstance(cfg, Config) and cfg.num_sms == 24
+            assert cfg.get_nvl_buffer_size_hint(7168 * 2, 8) == 0 and cfg.get_rdma_buffer_size_hint(7168 * 2, 8) == 0
+    finally:
+        Buffer.set_num_sms(before)
+    try:  # DeepEP's topk_idx dtype; torch is not needed for the rest
+        import torch
+        assert deep_ep.topk_idx_t is torch.int64
+    except ImportError:
+        pass
+    with pytest.raises(AttributeError):
+        deep_ep.no_such_name  # noqa: B018
+
+    seen = []
+    ev = EventOverlap(EventHandle(), extra_tensors=(np.zeros(1),))
+    ev.register_hook_after_wait(lambda: seen.append(1))
+    assert ev(release_handle=False) is ev
+    ev.current_stream_wait(release_handle=True)
+    assert seen == [1] and ev.event is None
+    ev.current_stream_wait()
+    assert seen == [1]  # a hook runs once
+    with Buffer.capture() as cap:
+        assert isinstance(cap, EventOverlap)
+
+    N, H, E, k = 4, 128, 2, 2
+    xs, idxs, _ = make_inputs(cfg_of(1, N, H, E, k, True), [N], seed=7)
+
+    def rank(world, r):
+        with Buffer(world=world, rank=r, low_latency_mode=True) as buf:
+            for name in ("get_dispatch_layout", "dispatch", "combine", "internode_dispatch", "internode_combine"):
+                with pytest.raises(epmoe.Unsupported, match="normal"):
+                    getattr(buf, name)(xs[r], idxs[r])
+            with pytest.raises(epmoe.Unsupported, match="get_local_buffer_tensor"):
+                buf.get_local_buffer_tensor(np.uint8)
+            _, _, h, _, hook = buf.low_latency_dispatch(xs[r], idxs[r], N, E, return_recv_hook=True)
+            with pytest.raises(epmoe.InvalidArgument, match="receive hook first"):
+                h.src_info  # noqa: B018
+            hook()
+            m = h.dispatch.masked_m
+            for le in range(E):  # the token's index on its source rank, as DeepEP's
+                assert (h[0][le, :m[le]] == h.dispatch.src_info[le, :m[le]] % N).all()
+                assert (h[0][le, :m[le]] < N).all()
+            return True
     assert run_ranks(1, rank) == [True]
 
 
@@ -357,7 +418,8 @@ def test_both_wires_on_one_cpu_world():
                 y = expert_fn(cfg, x, None if s is None else s.swapaxes(1, 2), count)
                 out, _, _ = buf.low_latency_combine(y, idxs[r], ws[r], h)
                 outs.append(dict(recv_x=x, recv_scales=None if s is None else s.swapaxes(1, 2), masked_m=count.copy(),
-                                 src_info=h.src_info, expert_out=y, out=out.copy()))
+                                 src_info=h.dispatch.src_info, expert_out=y,
+                                 out=out.copy()))
             assert len(buf._groups) == 2
         return outs
     res = run_ranks(R, rank)
