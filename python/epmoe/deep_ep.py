@@ -58,7 +58,20 @@ from ._util import arg, cint, empty, launch_stream, output
 from .ep import REDUCE_AT_EXPERT, EpConfig, layout_query
 from .formats import SCALE_F32_MMAJOR, SCALE_UE8M0_MMAJOR
 
-__all__ = ["Buffer", "Config", "EventHandle", "EventOverlap", "LowLatencyHandle"]
+__all__ = ["Buffer", "Config", "EventHandle", "EventOverlap", "LowLatencyHandle", "install"]
+
+
+def install():
+    """Make `import deep_ep` (and importlib.util.find_spec("deep_ep"), which engines such as vLLM use
+    to tell whether DeepEP is there) give this module, for engines that import it in many places.
+    Call it before the engine's first import of deep_ep. Refused if a real deep_ep is loaded."""
+    import sys
+    mod = sys.modules[__name__]
+    have = sys.modules.get("deep_ep")
+    if have is not None and have is not mod:
+        raise _lib.error(_lib.ERR_INVALID_ARG, f"install: a deep_ep module is already imported ({have!r})")
+    sys.modules["deep_ep"] = mod
+    return mod
 
 
 def __getattr__(name):

@@ -350,6 +350,27 @@ def test_the_names_engines_read_while_choosing_a_mode():
     assert run_ranks(1, rank) == [True]
 
 
+def test_install_as_deep_ep():
+    """`import deep_ep` and find_spec("deep_ep") (vLLM's check) find this module after install()."""
+    import importlib
+    import importlib.util
+    import sys
+    saved = sys.modules.pop("deep_ep", None)
+    try:
+        assert deep_ep.install() is deep_ep
+        assert deep_ep.install() is deep_ep  # twice is fine
+        import deep_ep as d  # noqa: F401 - what engines write
+        assert d is deep_ep and importlib.util.find_spec("deep_ep") is not None
+        assert importlib.import_module("deep_ep").Buffer is deep_ep.Buffer
+        sys.modules["deep_ep"] = object()  # a real DeepEP already loaded: refused
+        with pytest.raises(epmoe.InvalidArgument, match="already imported"):
+            deep_ep.install()
+    finally:
+        sys.modules.pop("deep_ep", None)
+        if saved is not None:
+            sys.modules["deep_ep"] = saved
+
+
 def test_bad_dispatch_arguments_raise_before_any_group_is_made():
     """Making an EP group is collective: a call whose arguments are wrong (shapes read off them would
     make a group for a configuration nobody asked for) or whose statistics tensor is not DeepEP's
