@@ -203,9 +203,10 @@ typedef struct epmoe_w4a8_weights {
 EPMOE_API epmoe_status epmoe_w4a8_repack_size(int64_t E, int64_t N, int64_t K, size_t *qweight_bytes,
                                               size_t *scale_bytes);
 /* Host to host. ckpt_w int8 [E, N, K/2]; ckpt_scales [E, N, K/group] of scale_dtype (EPMOE_F32 or
-** EPMOE_BF16); group must be 128 (another positive group: EPMOE_ERR_UNSUPPORTED). *encoding: in, EPMOE_W4_AUTO or the encoding wanted (SYM7
-** with a -8 present is an error); out, the encoding used. scales gets bf16(ckpt scale * 512),
-** rounded to nearest even: bit-exact from bf16 scales, within 2^-8 relative from fp32 ones.
+** EPMOE_BF16); group must be 128 (another positive group: EPMOE_ERR_UNSUPPORTED). *encoding: in,
+** EPMOE_W4_AUTO or the encoding wanted (SYM7 with a -8 present is an error); out, the encoding
+** used. scales gets bf16(ckpt scale * 512), rounded to nearest even: bit-exact from bf16 scales,
+** within 2^-8 relative from fp32 ones.
 ** Non-finite or negative scales are rejected, and so are those too large for the bf16 (scale * 512
 ** rounding to inf: scale >= (2 - 2^-8) * 2^118, about 6.6e35). */
 EPMOE_API epmoe_status epmoe_w4a8_repack(const int8_t *ckpt_w, const void *ckpt_scales, epmoe_dtype scale_dtype,
@@ -570,9 +571,10 @@ EPMOE_API epmoe_backend epmoe_ep_backend(const epmoe_ep *ep);
 EPMOE_API epmoe_status epmoe_ep_set_active_ranks(epmoe_ep *ep, const int *active);
 /* Errors the GPU kernels record without a host sync surface here once the stream has run the
 ** failing kernel. A peer that timed out (EPMOE_ERR_TIMEOUT) or an error the communicator reports
-** (EPMOE_ERR_NCCL) fails the group: every later call reports the same status. An expert id outside [-1, E) (EPMOE_ERR_INVALID_ARG, reported here once, with
-** the token) does not: its slots went out as -1 and every rank's calls completed, as they must
-** (a call that stopped for it would leave the peers waiting). The CPU backend checks ids on the
+** (EPMOE_ERR_NCCL) fails the group: every later call reports the same status. An expert id
+** outside [-1, E) (EPMOE_ERR_INVALID_ARG, reported here once, with the token) does not: its
+** slots went out as -1 and every rank's calls completed, as they must (a call that stopped for
+** it would leave the peers waiting). The CPU backend checks ids on the
 ** host instead: its dispatch rejects them before sending anything. EPMOE_OK otherwise. */
 EPMOE_API epmoe_status epmoe_ep_poll(epmoe_ep *ep);
 

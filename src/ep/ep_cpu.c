@@ -445,7 +445,7 @@ epmoe_status epmoe_ep_create_cpu(epmoe_cpu_world *w, const epmoe_ep_config *cfg,
                              slot->cfgs[r].max_tokens, cfg->max_tokens, slot->cfgs[r].hidden, cfg->hidden,
                              slot->cfgs[r].num_experts, cfg->num_experts, slot->cfgs[r].top_k, cfg->top_k);
     if (st != EPMOE_OK) {
-        ep->failed = EPMOE_ERR_TIMEOUT; /* no teardown barrier: the group never formed */
+        ep->failed = st; /* no teardown barrier: the group never formed */
         epmoe_ep_destroy(ep);
         return st;
     }
