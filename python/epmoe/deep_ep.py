@@ -122,6 +122,7 @@ class EventOverlap:
     def __init__(self, event=None, extra_tensors=None):
         self.event, self.extra_tensors = event, extra_tensors
         self._hooks = []
+        self._release_on_exit = False
 
     def current_stream_wait(self, release_handle=False):
         hooks, self._hooks = self._hooks, []
@@ -134,15 +135,16 @@ class EventOverlap:
         self._hooks.append(hook_after_wait)
 
     def __call__(self, release_handle=False):
-        if release_handle:
-            self.event = None
+        """`with event(release_handle=True):` releases the event when the block ends, as DeepEP's."""
+        self._release_on_exit = release_handle
         return self
 
     def __enter__(self):
         return self
 
     def __exit__(self, *exc):
-        self.current_stream_wait()
+        self.current_stream_wait(release_handle=self._release_on_exit)
+        self._release_on_exit = False
 
 
 def _layout_range(src_info, masked_m, N, R):

@@ -320,11 +320,14 @@ def test_the_names_engines_read_while_choosing_a_mode():
     seen = []
     ev = EventOverlap(EventHandle(), extra_tensors=(np.zeros(1),))
     ev.register_hook_after_wait(lambda: seen.append(1))
-    assert ev(release_handle=False) is ev
-    ev.current_stream_wait(release_handle=True)
+    with ev(release_handle=True) as same:  # DeepEP's form: the event is let go when the block ends
+        assert same is ev and ev.event is not None and seen == []
     assert seen == [1] and ev.event is None
     ev.current_stream_wait()
     assert seen == [1]  # a hook runs once
+    with ev:
+        pass
+    ev.current_stream_wait(release_handle=True)
     with Buffer.capture() as cap:
         assert isinstance(cap, EventOverlap)
 
