@@ -396,6 +396,32 @@ static void test_transport(void) {
     free(old);
 }
 
+/* ---- a failed group keeps answering with the status that failed it ----------------------- */
+static void test_failed_status(void) {
+    epmoe_cpu_world *w = NULL;
+    CHECK_STATUS(epmoe_cpu_world_create(1, &w), EPMOE_OK);
+    epmoe_ep_config c = EPMOE_EP_CONFIG_INIT;
+    c.num_experts = 8, c.hidden = 128, c.max_tokens = 4, c.top_k = 2;
+    const epmoe_status why[] = {EPMOE_ERR_NCCL, EPMOE_ERR_CUDA, EPMOE_ERR_TIMEOUT};
+    for (int i = 0; i < 3; i++) {
+        epmoe_ep *ep = NULL;
+        CHECK_STATUS(epmoe_ep_create_cpu(w, &c, &ep), EPMOE_OK);
+        if (!ep) continue;
+        ep->failed = why[i]; /* as the NCCL backend marks it (ep_nccl.cu), here on the CPU backend */
+        CHECK_STATUS(epmoe_ep_poll(ep), why[i]);
+        CHECK(strstr(epmoe_last_error(), why[i] == EPMOE_ERR_TIMEOUT ? "a peer timed out" : "the transport failed") != NULL,
+              "message: %s", epmoe_last_error());
+        uint16_t x[4 * 128] = {0};
+        int32_t ids[8] = {0, 1, 2, 3, 4, 5, 6, 7};
+        float tw[8] = {0};
+        epmoe_dispatch_args a = {x, ids, 32, tw, 4, NULL, NULL, NULL, NULL, NULL};
+        uint32_t h;
+        CHECK_STATUS(epmoe_dispatch(ep, &a, EPMOE_PHASE_BOTH, &h, NULL), why[i]); /* before any argument is read */
+        CHECK_STATUS(epmoe_ep_destroy(ep), EPMOE_OK); /* failed before: torn down quietly */
+    }
+    epmoe_cpu_world_destroy(w);
+}
+
 int main(void) {
     char dir[] = "/tmp/epmoe-test-launch.XXXXXX";
     if (!mkdtemp(dir)) {
@@ -406,6 +432,7 @@ int main(void) {
     test_bootstrap_file(dir);
     test_create_checks(dir);
     test_transport();
+    test_failed_status();
     CHECK(count_entries(dir) == 0, "files left in %s", dir);
     rmdir(dir);
     return test_report("test_launch");

@@ -49,6 +49,7 @@ What differs, on purpose:
 Without GPUs the same Buffer runs on the CPU backend: Buffer(world=epmoe.CpuWorld(R), rank=r) in
 each rank's thread, numpy arrays in and out (bf16 as uint16 bits, fp8 as uint8).
 """
+import sys
 import warnings
 
 import numpy as np
@@ -64,8 +65,9 @@ __all__ = ["Buffer", "Config", "EventHandle", "EventOverlap", "LowLatencyHandle"
 def install():
     """Make `import deep_ep` (and importlib.util.find_spec("deep_ep"), which engines such as vLLM use
     to tell whether DeepEP is there) give this module, for engines that import it in many places.
-    Call it before the engine's first import of deep_ep. Refused if a real deep_ep is loaded."""
-    import sys
+    Call it before the engine's first import of deep_ep, in every process that imports it (worker
+    processes an engine spawns too, e.g. from a sitecustomize module). Refused if a real deep_ep is
+    loaded."""
     mod = sys.modules[__name__]
     have = sys.modules.get("deep_ep")
     if have is not None and have is not mod:
@@ -75,9 +77,13 @@ def install():
 
 
 def __getattr__(name):
-    """topk_idx_t: the dtype of DeepEP's topk_idx (torch.int64), read from torch only when asked."""
+    """topk_idx_t: the dtype of DeepEP's topk_idx (torch.int64), read from torch only when asked
+    (without torch the name is absent, so hasattr says False)."""
     if name == "topk_idx_t":
-        import torch
+        try:
+            import torch
+        except ImportError:
+            raise AttributeError(f"module {__name__!r} has no attribute 'topk_idx_t' without torch") from None
         return torch.int64
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
@@ -194,6 +200,15 @@ class LowLatencyHandle:
                                          self.num_max_dispatch_tokens_per_rank, self._group.num_ranks)
         return self._layout
 
+    def _received(self):
+        """Inside a CUDA graph capture, src_info and layout_range are computed as the receive ends,
+        so the graph holds their kernels and each replay refreshes them; read lazily after capture,
+        they would be computed once, from the capture's data."""
+        torch = sys.modules.get("torch")
+        if torch is not None and isinstance(self.dispatch.src_info, torch.Tensor) and torch.cuda.is_current_stream_capturing():
+            self._src = self._layout = None
+            self.src_info, self.layout_range  # noqa: B018 - computed for their kernels
+
     def __len__(self):
         return 5
 
@@ -274,7 +289,9 @@ class Buffer:
 
     @staticmethod
     def is_sm90_compiled():
-        return True  # epmoe's GPU kernels are built for sm_90a only
+        """Whether this libepmoe has its GPU kernels (built for sm_90a only) and sees a GPU."""
+        from .formats import cuda_available
+        return cuda_available()
 
     @staticmethod
     def capture():
@@ -384,11 +401,14 @@ class Buffer:
 
             def hook():
                 count(g.dispatch_recv(d))
+                handle._received()
         else:
             d = g.dispatch(xt, it, topk_weights)
             count(d)
         recv_x = (d.recv_x, d.recv_scales.swapaxes(1, 2)) if use_fp8 else d.recv_x
         handle = LowLatencyHandle(self, g, d, N, H, E, parity)
+        if not return_recv_hook:
+            handle._received()
         return recv_x, d.masked_m, handle, EventOverlap(), hook
 
     # -- combine

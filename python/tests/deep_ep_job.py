@@ -115,7 +115,13 @@ def check_graph(buf, R, E, me, dev):
         sx.copy_(x), si.copy_(idx), sw.copy_(w)
         g.replay()
         torch.cuda.synchronize()
-        check_combine(cfg, mdl.ep_routing(cfg, idxs), idxs, ws, xs, me, out)
+        rows = mdl.ep_routing(cfg, idxs)
+        check_combine(cfg, rows, idxs, ws, xs, me, out)
+        # the handle read after the capture follows each replay (its kernels are in the graph)
+        src, lr = handle[0].cpu().numpy(), handle.layout_range.cpu().numpy()
+        for le, want in enumerate(rows[me]):
+            assert src[le, :len(want)].tolist() == [t for _, t in want], f"src_info of expert {le}, seed {seed}"
+            assert [int(v & 0xFFFFFFFF) for v in lr[le]] == [sum(1 for sr, _ in want if sr == r) for r in range(R)]
 
 
 def job(dev):

@@ -519,11 +519,9 @@ def test_a_call_on_a_closed_layer_leaves_its_group_closable(one_rank):
     g, w, x, idx, tw = one_rank
     layer = g.layer(weights=w)
     layer.close()
-    for _ in range(3):
+    for _ in range(3):  # bytes goes through the two guards (forward is refused before them)
         with pytest.raises(epmoe.InvalidArgument, match="closed"):
-            layer.forward(x, idx, tw)
-        with pytest.raises(epmoe.InvalidArgument, match="closed"):
-            layer.bytes
+            layer.bytes  # noqa: B018
     t = threading.Thread(target=g.close, daemon=True)
     t.start()
     t.join(10)
