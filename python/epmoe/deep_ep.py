@@ -205,9 +205,9 @@ class LowLatencyHandle:
         so the graph holds their kernels and each replay refreshes them; read lazily after capture,
         they would be computed once, from the capture's data."""
         torch = sys.modules.get("torch")
-        if torch is not None and isinstance(self.dispatch.src_info, torch.Tensor) and torch.cuda.is_current_stream_capturing():
-            self._src = self._layout = None
-            self.src_info, self.layout_range  # noqa: B018 - computed for their kernels
+        on_gpu = torch is not None and isinstance(self.dispatch.src_info, torch.Tensor)
+        if on_gpu and torch.cuda.is_current_stream_capturing():
+            self.src_info, self.layout_range  # noqa: B018 - computed for their kernels (a new handle: neither yet)
 
     def __len__(self):
         return 5
